@@ -1,0 +1,494 @@
+"""``CaptionMixDataModule``: the one DataModule that the captioner, Recap-CLIP and Recap-DiT share.
+
+It reads img2dataset webdataset shards (``KEY.jpg``/``KEY.txt``/``KEY.json``), and for each sample picks one of
+several named caption sources -- the paper's p is ``p_original``, the probability of the ORIGINAL web caption
+(p=1: plain DataComp, p=0: recaptions only; paper §5.2). Images and text are transformed by the model that uses the
+module (see :class:`DataTransforms`), so CLIP, LLaVA and DiT each get their own preprocessing from one loader.
+
+Pipeline per loader worker (each stage in :mod:`datamodules.wds_stages`)::
+
+    ShardSchedule -> wds.tarfile_to_samples -> ExtractCaptions (+ per-shard sidecar join) -> wds.shuffle
+      -> ChooseCaption -> DecodeImage(+image transform) -> TransformText -> Batch (exact per-worker batch quota)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import webdataset as wds
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import Sampler
+
+from datamodules.wds_stages import (
+    Batch,
+    ChooseCaption,
+    CountingHandler,
+    DecodeImage,
+    ExtractCaptions,
+    ReadShards,
+    ShardSchedule,
+    SkipStats,
+    SourceSpec,
+    TransformText,
+    stable_int,
+)
+
+DEFAULT_SOURCES = {"original": "txt", "recaption": "sidecar:re_caption"}
+
+
+@dataclass
+class DataTransforms:
+    """What a LightningModule hands the DataModule: per-sample image and text transforms (picklable callables).
+
+    A module provides them by defining ``data_transforms(self, stage: str) -> DataTransforms`` with stage in
+    ``{"fit", "validate", "test", "predict"}``; explicit ``image_transform``/``text_transform`` arguments of the
+    DataModule take precedence.
+    """
+
+    image: Callable | None = None
+    text: Callable | None = None
+
+
+# ------------------------------------------------------------------------------------------------------------ shards
+def expand_urls(spec: str | Sequence[str]) -> list[str]:
+    """Expand shard specs: brace patterns, ``::``-separated lists (open_clip), globs, directories of ``*.tar``,
+    fsspec URLs and ``pipe:`` commands (passed through)."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        for part in str(item).split("::"):
+            for url in braceexpand(part):
+                if url.startswith("pipe:") or "://" in url:
+                    urls.append(url)
+                elif os.path.isdir(url):
+                    urls.extend(sorted(glob.glob(os.path.join(url, "*.tar"))))
+                elif any(c in url for c in "*?["):
+                    urls.extend(sorted(glob.glob(url)))
+                else:
+                    urls.append(url)
+    if not urls:
+        raise ValueError(f"no shards match {spec!r}")
+    return urls
+
+
+def _open_text(path: str) -> str:
+    import fsspec
+
+    with fsspec.open(path, "r") as f:
+        return f.read()
+
+
+def count_samples(urls: Sequence[str]) -> int:
+    """Number of usable samples in the shards, from img2dataset's ``NNNNN_stats.json`` (``successes``) or, failing
+    that, its ``NNNNN.parquet`` (rows with status ``success``). Raises naming the first shard with neither."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for url in urls:
+        if url.startswith("pipe:"):
+            raise ValueError(f"cannot count samples of {url!r} (a pipe: URL); set train_num_samples")
+        stem = url[: -len(".tar")] if url.endswith(".tar") else url
+        try:
+            total += int(json.loads(_open_text(stem + "_stats.json"))["successes"])
+            continue
+        except (FileNotFoundError, KeyError, ValueError, OSError):
+            pass
+        try:
+            table = pq.read_table(stem + ".parquet", columns=None)
+        except (FileNotFoundError, OSError) as exn:
+            raise ValueError(
+                f"cannot count samples of shard {url!r}: neither {stem}_stats.json nor {stem}.parquet (img2dataset "
+                f"writes both) is readable; set train_num_samples"
+            ) from exn
+        if "status" in table.column_names:
+            total += sum(1 for s in table.column("status").to_pylist() if s == "success")
+        else:
+            total += table.num_rows
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------- dataset
+class SharedEpoch:
+    """The epoch number, shared with (persistent) loader workers through shared memory (open_clip's idea)."""
+
+    def __init__(self, epoch: int = 0):
+        self._value = mp.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self._value.value = epoch
+
+    def get(self) -> int:
+        return self._value.value
+
+
+class CaptionMixStream(IterableDataset):
+    """An iterable of ready batches (dicts); see :class:`datamodules.wds_stages.Batch` for the fields.
+
+    ``batches_per_rank`` set: training -- the stream cycles its shards (or resamples) and every rank yields exactly
+    that many batches per epoch, split over loader workers as evenly as possible (so DDP never hangs on a rank that
+    ran out). ``None``: evaluation -- one pass over this rank's disjoint shard slice, last batch partial.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        sources: Sequence[SourceSpec],
+        weights: dict[str, float],
+        mix: str,
+        concat_separator: str,
+        fallback: bool,
+        sidecar_dir: str | None,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        batches_per_rank: int | None,
+        resampled: bool,
+        shuffle_buffer: int,
+        shuffle_initial: int,
+        image_transform: Callable | None,
+        text_transform: Callable | None,
+        max_image_pixels: int | None,
+        max_consecutive_drops: int | None = 10_000,
+        epoch: SharedEpoch | int = 0,
+    ):
+        super().__init__()
+        self.urls = list(urls)
+        self.sources, self.weights = list(sources), dict(weights)
+        self.mix, self.concat_separator, self.fallback = mix, concat_separator, fallback
+        self.sidecar_dir = sidecar_dir
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.batches_per_rank, self.resampled = batches_per_rank, resampled
+        self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
+        self.image_transform, self.text_transform = image_transform, text_transform
+        self.max_image_pixels = max_image_pixels
+        self.max_consecutive_drops = max_consecutive_drops
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.batches_per_rank is None:
+            raise TypeError("an evaluation stream has no length")
+        return self.batches_per_rank
+
+    def current_epoch(self) -> int:
+        return self.epoch.get() if isinstance(self.epoch, SharedEpoch) else int(self.epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.current_epoch()
+        training = self.batches_per_rank is not None
+        stats = SkipStats(max_consecutive_drops=self.max_consecutive_drops)
+        if training:
+            mode = "resample" if self.resampled else "cycle"
+            base, rem = divmod(self.batches_per_rank, num_workers)
+            limit: int | None = base + (1 if worker < rem else 0)
+        else:
+            mode, limit = "once", None
+        schedule = ShardSchedule(
+            self.urls, self.seed, epoch, self.rank, self.world_size, worker, num_workers, mode, True, stats
+        )
+        stream: Iterator = iter(schedule)
+        stream = ReadShards(CountingHandler(stats))(stream)
+        stream = ExtractCaptions(self.sources, self.sidecar_dir, stats)(stream)
+        if training and self.shuffle_buffer > 1:
+            rng = random.Random(stable_int("buffer", self.seed, epoch, self.rank, worker))
+            stream = wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng)(stream)
+        chooser = ChooseCaption(self.weights, self.seed, epoch, stats, self.mix, self.concat_separator, self.fallback)
+        stream = chooser(stream)
+        stream = DecodeImage(self.image_transform, stats, self.max_image_pixels)(stream)
+        stream = TransformText(self.text_transform)(stream)
+        yield from Batch(self.batch_size, stats, partial=not training, limit=limit)(stream)
+
+
+class _EpochSampler(Sampler):
+    """The (unused) sampler of an iterable-dataset DataLoader, given a ``set_epoch``.
+
+    Lightning calls ``dataloader.sampler.set_epoch(epoch)`` at the start of every epoch (also after a resume), which
+    is the one hook that reaches an iterable dataset's epoch; the value reaches workers through shared memory.
+    """
+
+    def __init__(self, shared: SharedEpoch):
+        self.shared = shared
+
+    def __iter__(self) -> Iterator[None]:
+        # what torch's default sampler for iterable datasets yields: one None per fetch, forever
+        while True:
+            yield None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.shared.set(epoch)
+
+
+class CaptionMixLoader(DataLoader):
+    """A plain ``DataLoader`` over a :class:`CaptionMixStream` (batches are made in the workers) with ``set_epoch``."""
+
+    def __init__(self, dataset: CaptionMixStream, **kwargs: Any):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        if isinstance(dataset.epoch, SharedEpoch):
+            # DataLoader forbids passing a sampler with an iterable dataset and setting one after __init__; the
+            # replacement keeps the default's behaviour (yield None forever) and only adds set_epoch.
+            object.__setattr__(self, "sampler", _EpochSampler(dataset.epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.dataset.epoch, SharedEpoch):
+            self.dataset.epoch.set(epoch)
+
+
+# ------------------------------------------------------------------------------------------------------- datamodule
+class CaptionMixDataModule(L.LightningDataModule):
+    """Webdataset image-caption shards with a per-sample choice among named caption sources.
+
+    Args:
+        train_shards: Training shards: path, brace pattern (``web/{00000..00019}.tar``), glob, directory, fsspec
+            URL, ``pipe:`` command, a ``::``-joined list of those, or a list.
+        batch_size: Per-device batch size.
+        p_original: The paper's p: probability of the ``original`` source; the other source gets ``1 - p``.
+            Requires exactly two sources, one named ``original``. Mutually exclusive with ``source_weights``.
+        source_weights: Probabilities over any number of sources (e.g. a third ``re_caption_condition_diverse_topk``
+            column), summing to 1. Sources with weight 0 are only used as fallbacks.
+        sources: Caption source name -> where it lives: ``"txt"`` (tar member), ``"json:FIELD"`` (field of the
+            ``.json`` member) or ``"sidecar:COLUMN"`` (column of the per-shard sidecar parquet in ``sidecar_dir``).
+            Default ``{"original": "txt", "recaption": "sidecar:re_caption"}``.
+        mix: ``"sample"`` (one source per sample per epoch) or ``"concat"`` (all available sources joined, in source
+            order, Table 3's "*concat").
+        concat_separator: Separator between captions in ``"concat"`` mode.
+        fallback: When the drawn source is missing or empty, use another available source (counted as
+            ``fallback:<from>-><to>``); if False, skip the sample.
+        sidecar_dir: Directory of per-shard sidecar parquets (``<shard stem>.parquet``, built by
+            ``python -m experiments sidecars``).
+        val_shards: Validation shards (one pass, disjoint per rank, fixed caption draws of epoch 0).
+        test_shards: Test shards (as validation).
+        train_num_samples: Samples per epoch; default: counted from img2dataset's ``*_stats.json``/``*.parquet``.
+        num_workers: Loader worker processes per rank.
+        resampled: Draw training shards with replacement (open_clip ``--dataset-resampled``).
+        shuffle_buffer: Sample shuffle buffer size per worker (samples held as encoded bytes).
+        shuffle_initial: Samples buffered before the first one is yielded.
+        seed: Seed of shard order, shuffle buffers and caption draws.
+        image_transform: Per-sample image transform (PIL -> tensor); default: the model's ``data_transforms``.
+        text_transform: Per-caption transform (e.g. a tokenizer); default: the model's ``data_transforms``.
+        max_image_pixels: Images with more pixels are skipped as ``oversized_image`` (pixel bombs).
+        max_consecutive_drops: Stop with an error after this many unusable samples in a row (broken or
+            misconfigured data would otherwise spin forever in a cycling stream); ``None`` never stops.
+        persistent_workers: Keep loader workers alive across epochs.
+        pin_memory: Pin batches (GPU training).
+        rank: Override the rank (simulating multi-process runs without a Trainer); default: from the Trainer.
+        world_size: Override the world size; default: from the Trainer.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        batch_size: int,
+        p_original: float | None = None,
+        source_weights: dict[str, float] | None = None,
+        sources: dict[str, str] | None = None,
+        mix: Literal["sample", "concat"] = "sample",
+        concat_separator: str = " ",
+        fallback: bool = True,
+        sidecar_dir: str | None = None,
+        val_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
+        train_num_samples: int | None = None,
+        num_workers: int = 2,
+        resampled: bool = False,
+        shuffle_buffer: int = 1000,
+        shuffle_initial: int = 100,
+        seed: int = 0,
+        image_transform: Callable | None = None,
+        text_transform: Callable | None = None,
+        max_image_pixels: int | None = 89_478_485,
+        max_consecutive_drops: int | None = 10_000,
+        persistent_workers: bool = True,
+        pin_memory: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["image_transform", "text_transform"])
+        self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.sources = [SourceSpec.parse(n, s) for n, s in (sources or DEFAULT_SOURCES).items()]
+        self.weights = resolve_weights([s.name for s in self.sources], p_original, source_weights, mix)
+        self.mix, self.concat_separator, self.fallback = mix, concat_separator, fallback
+        self.sidecar_dir = sidecar_dir
+        self.train_num_samples = train_num_samples
+        self.resampled, self.shuffle_buffer, self.shuffle_initial = resampled, shuffle_buffer, shuffle_initial
+        self.seed = seed
+        self.image_transform, self.text_transform = image_transform, text_transform
+        self.max_image_pixels = max_image_pixels
+        self.max_consecutive_drops = max_consecutive_drops
+        self.persistent_workers, self.pin_memory = persistent_workers, pin_memory
+        self._rank, self._world_size = rank, world_size
+        self.epoch = SharedEpoch(0)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        sidecar_sources = [s.name for s in self.sources if s.kind == "sidecar"]
+        if sidecar_sources and not sidecar_dir:
+            raise ValueError(f"caption sources {sidecar_sources} read 'sidecar:...' but sidecar_dir is not set")
+
+    # -------------------------------------------------------------------------------------------------- plumbing
+    def _rank_world(self) -> tuple[int, int]:
+        rank, world = self._rank, self._world_size
+        trainer = self._trainer_or_none()
+        if rank is None:
+            rank = trainer.global_rank if trainer is not None else 0
+        if world is None:
+            world = trainer.world_size if trainer is not None else 1
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside world_size {world}")
+        return rank, world
+
+    def _trainer_or_none(self):
+        return getattr(self, "trainer", None)
+
+    def _transforms(self, stage: str) -> DataTransforms:
+        found = DataTransforms()
+        trainer = self._trainer_or_none()
+        module = trainer.lightning_module if trainer is not None else None
+        provider = getattr(module, "data_transforms", None)
+        if callable(provider):
+            found = provider(stage)
+        return DataTransforms(
+            image=self.image_transform if self.image_transform is not None else found.image,
+            text=self.text_transform if self.text_transform is not None else found.text,
+        )
+
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer_or_none()
+        if trainer is not None and stage == "fit":
+            from datamodules.monitor import CaptionMixMonitor
+
+            # The realised caption-source fractions are part of what a run must prove, so the DataModule brings
+            # its monitor along instead of relying on every config to list it.
+            if not any(isinstance(cb, CaptionMixMonitor) for cb in trainer.callbacks):
+                trainer.callbacks.append(CaptionMixMonitor())
+
+    def _stream(self, shards: str | list[str], stage: str, training: bool) -> CaptionMixStream:
+        urls = expand_urls(shards)
+        rank, world = self._rank_world()
+        transforms = self._transforms(stage)
+        batches = None
+        if training:
+            n = self.train_num_samples if self.train_num_samples is not None else count_samples(urls)
+            batches = n // (self.batch_size * world)
+            if batches < 1:
+                raise ValueError(
+                    f"{n} training samples give no full batch of {self.batch_size} x {world} ranks; lower batch_size"
+                )
+            if not self.resampled and len(urls) < world * max(1, self.num_workers):
+                raise ValueError(
+                    f"{len(urls)} shards < {world} ranks x {max(1, self.num_workers)} workers: every worker needs a "
+                    f"shard; use fewer workers, more shards, or resampled=True"
+                )
+        return CaptionMixStream(
+            urls,
+            sources=self.sources,
+            weights=self.weights,
+            mix=self.mix,
+            concat_separator=self.concat_separator,
+            fallback=self.fallback,
+            sidecar_dir=self.sidecar_dir,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            batches_per_rank=batches,
+            resampled=self.resampled,
+            shuffle_buffer=self.shuffle_buffer,
+            shuffle_initial=self.shuffle_initial,
+            image_transform=transforms.image,
+            text_transform=transforms.text,
+            max_image_pixels=self.max_image_pixels,
+            max_consecutive_drops=self.max_consecutive_drops,
+            epoch=self.epoch if training else 0,
+        )
+
+    def _loader(self, stream: CaptionMixStream, persistent: bool) -> CaptionMixLoader:
+        return CaptionMixLoader(
+            stream,
+            num_workers=self.num_workers,
+            persistent_workers=persistent and self.persistent_workers and self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            prefetch_factor=2 if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> CaptionMixLoader:
+        return self._loader(self._stream(self.train_shards, "fit", training=True), persistent=True)
+
+    def val_dataloader(self) -> CaptionMixLoader | list:
+        if self.val_shards is None:
+            return []
+        return self._loader(self._stream(self.val_shards, "validate", training=False), persistent=False)
+
+    def test_dataloader(self) -> CaptionMixLoader | list:
+        if self.test_shards is None:
+            return []
+        return self._loader(self._stream(self.test_shards, "test", training=False), persistent=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """For plain training loops (Lightning calls the loader's sampler instead)."""
+        self.epoch.set(epoch)
+
+
+def resolve_weights(
+    names: list[str], p_original: float | None, source_weights: dict[str, float] | None, mix: str
+) -> dict[str, float]:
+    """Turn ``p_original`` / ``source_weights`` into validated probabilities over the named sources."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"caption source names must be unique, got {names}")
+    if p_original is not None and source_weights is not None:
+        raise ValueError("set either p_original or source_weights, not both")
+    if p_original is not None:
+        if not 0.0 <= p_original <= 1.0:
+            raise ValueError(f"p_original must be in [0, 1], got {p_original}")
+        if "original" not in names or len(names) != 2:
+            raise ValueError(
+                f"p_original needs exactly two caption sources, one named 'original'; got {names} "
+                f"(use source_weights for other layouts)"
+            )
+        other = next(n for n in names if n != "original")
+        return {n: (p_original if n == "original" else 1.0 - p_original) for n in names if n in ("original", other)}
+    if source_weights is not None:
+        unknown = sorted(set(source_weights) - set(names))
+        if unknown:
+            raise ValueError(f"source_weights name unknown caption sources {unknown}; sources are {names}")
+        if any(w < 0 for w in source_weights.values()):
+            raise ValueError(f"source_weights must be >= 0, got {source_weights}")
+        total = sum(source_weights.values())
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"source_weights must sum to 1, got {total} ({source_weights})")
+        return {n: float(source_weights.get(n, 0.0)) for n in names}
+    if len(names) == 1 or mix == "concat":
+        return {n: 1.0 / len(names) for n in names}
+    raise ValueError(f"{len(names)} caption sources {names}: set p_original (the paper's p) or source_weights")
+
+
+def summarize_sources(batches: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Realised fraction of each caption source over some batches (helper for tests and notebooks)."""
+    counts = Counter(s for b in batches for s in b["caption_source"])
+    total = sum(counts.values())
+    return {k: v / total for k, v in counts.items()} if total else {}
+
+
+__all__ = [
+    "CaptionMixDataModule",
+    "CaptionMixLoader",
+    "CaptionMixStream",
+    "DataTransforms",
+    "count_samples",
+    "expand_urls",
+    "resolve_weights",
+]

@@ -1,0 +1,48 @@
+"""Logs which caption source each training sample used and why samples were skipped.
+
+``train/caption_source/<name>`` is the realised fraction of each source since the start of the run (so a run proves
+the p it trained on), ``train/skipped/<reason>`` the cumulative count of each skip / fallback reason. The first
+occurrence of each reason is also reported once as a warning with the sample's shard and key.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+class CaptionMixMonitor(L.Callback):
+    """Accumulate ``batch["caption_source"]`` and ``batch["skipped"]`` and log them every ``log_every_n_steps``."""
+
+    def __init__(self) -> None:
+        self.sources: Counter = Counter()
+        self.skipped: Counter = Counter()
+        self._warned: set[str] = set()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not isinstance(batch, dict):
+            return
+        self.sources.update(batch.get("caption_source", ()))
+        skipped = batch.get("skipped") or {}
+        self.skipped.update(skipped.get("counts", {}))
+        for reason, where in skipped.get("examples", {}).items():
+            if reason not in self._warned:
+                self._warned.add(reason)
+                rank_zero_warn(f"caption-mix loader: skipped/fell back ({reason}), first at {where}")
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            total = sum(self.sources.values())
+            metrics = {f"train/caption_source/{k}": v / total for k, v in self.sources.items()}
+            metrics.update({f"train/skipped/{k}": float(v) for k, v in self.skipped.items()})
+            if metrics:
+                pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch["caption_source"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sources": dict(self.sources), "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sources = Counter(state_dict.get("sources", {}))
+        self.skipped = Counter(state_dict.get("skipped", {}))

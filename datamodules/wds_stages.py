@@ -1,0 +1,428 @@
+"""Picklable webdataset pipeline stages of the caption-mix loader.
+
+Every stage is a module-level class with ``__call__(iterator) -> iterator`` (open_clip's style), so the pipeline
+pickles under any worker start method. Stages never raise on one bad sample: they count a reason in a
+:class:`SkipStats` and move on. The counts travel to the main process inside each batch (``batch["skipped"]``).
+
+Determinism contract (the paper's p, made reproducible):
+    the caption source of a sample is a pure function of ``(seed, epoch, key)`` -- see :func:`uniform_from_key`.
+    It does not depend on worker count, rank count, shuffle buffer, or restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+
+
+# ----------------------------------------------------------------------------------------------------------- hashing
+def uniform_from_key(seed: int, epoch: int, key: str, salt: str = "caption") -> float:
+    """A uniform number in [0, 1) that depends only on ``(seed, epoch, key, salt)``.
+
+    blake2b rather than Python's ``hash`` (salted per process) or a stateful RNG (depends on sample order).
+    """
+    digest = hashlib.blake2b(f"{salt}/{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def stable_int(*parts: object) -> int:
+    """A 63-bit integer seed derived from ``parts`` (stable across processes and Python versions)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# ------------------------------------------------------------------------------------------------------------- stats
+@dataclass
+class SkipStats:
+    """Per-worker counters of skipped samples and caption fallbacks, drained into each batch."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    extracted: int = 0  # samples that got past extraction; lets a cycling shard schedule detect "all unusable"
+    max_consecutive_drops: int | None = 10_000
+    consecutive_drops: int = 0
+
+    def skip(self, reason: str, where: str = "") -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, where)
+        if reason.startswith(("fallback:", "sidecar_missing")):
+            return  # the sample (or shard) is still used
+        self.consecutive_drops += 1
+        if self.max_consecutive_drops is not None and self.consecutive_drops > self.max_consecutive_drops:
+            raise RuntimeError(
+                f"{self.consecutive_drops} samples in a row were unusable (last: {reason} at {where}); the data is "
+                f"broken or misconfigured. Skip counts: {dict(self.counts)}"
+            )
+
+    def used(self) -> None:
+        self.consecutive_drops = 0
+
+    def drain(self) -> dict[str, Any]:
+        """Return and reset the counts accumulated since the last call (so summing over batches gives totals)."""
+        out = {"counts": dict(self.counts), "examples": dict(self.examples)}
+        self.counts.clear()
+        self.examples.clear()
+        return out
+
+
+class CountingHandler:
+    """webdataset exception handler: count the error (broken tar, unreadable shard) and continue."""
+
+    def __init__(self, stats: SkipStats):
+        self.stats = stats
+
+    def __call__(self, exn: Exception) -> bool:
+        self.stats.skip(f"tar_error:{type(exn).__name__}", repr(exn)[:300])
+        return True
+
+
+# ------------------------------------------------------------------------------------------------------------ shards
+@dataclass
+class ShardSchedule:
+    """Which shards one (rank, worker) reads in one epoch.
+
+    ``mode``:
+      * ``"cycle"`` -- training without resampling: the shard list is shuffled by ``(seed, epoch)``, split into
+        disjoint slices by global worker index (``rank * num_workers + worker``), and each worker cycles through its
+        slice (reshuffled per round) until the caller stops it. Cycling is what lets every rank produce exactly the
+        same number of batches even when shard sizes differ.
+      * ``"resample"`` -- shards drawn with replacement from an RNG seeded by ``(seed, epoch, rank, worker)``.
+      * ``"once"`` -- evaluation: disjoint slices in file order, one pass.
+    """
+
+    urls: Sequence[str]
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    worker: int
+    num_workers: int
+    mode: str = "cycle"
+    shuffle: bool = True
+    stats: SkipStats | None = None
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        total = self.world_size * self.num_workers
+        gid = self.rank * self.num_workers + self.worker
+        if self.mode == "resample":
+            rng = random.Random(stable_int("resample", self.seed, self.epoch, self.rank, self.worker))
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        order = list(self.urls)
+        if self.shuffle and self.mode == "cycle":
+            random.Random(stable_int("shards", self.seed, self.epoch)).shuffle(order)
+        mine = order[gid::total]
+        if self.mode == "once":
+            yield from ({"url": u} for u in mine)
+            return
+        if not mine:
+            raise ValueError(
+                f"{len(self.urls)} shards cannot feed {total} loader workers ({self.world_size} ranks x "
+                f"{self.num_workers} workers): use fewer workers, more shards, or resampled=True"
+            )
+        last_extracted = -1
+        for round_ in range(1 << 62):
+            if self.stats is not None:
+                if self.stats.extracted == last_extracted:
+                    raise RuntimeError(
+                        f"a full pass over this worker's shards {mine[:3]}{'...' if len(mine) > 3 else ''} yielded no "
+                        f"usable sample; skip counts so far: {dict(self.stats.counts)}"
+                    )
+                last_extracted = self.stats.extracted
+            if round_ > 0 and self.shuffle:
+                random.Random(stable_int("round", self.seed, self.epoch, gid, round_)).shuffle(mine)
+            yield from ({"url": u} for u in mine)
+
+
+class ReadShards:
+    """Shard URLs -> raw samples via webdataset's tar reader, one shard visit at a time.
+
+    Each sample is tagged with ``__visit__`` (the index of this shard visit), so later stages can tell a new visit of
+    the same shard (a cycling worker with one shard) from a duplicate key inside one shard.
+    """
+
+    def __init__(self, handler: Callable[[Exception], bool]):
+        self.handler = handler
+
+    def __call__(self, sources: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
+        for visit, source in enumerate(sources):
+            for sample in wds.tarfile_to_samples(handler=self.handler)(iter([source])):
+                sample["__visit__"] = visit
+                yield sample
+
+
+# ----------------------------------------------------------------------------------------------- caption extraction
+def _text(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    value = value.strip()
+    return value or None
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where one named caption source lives in a sample.
+
+    Spec strings:
+      * ``"txt"`` (or any member extension such as ``"recap.txt"``): that tar member;
+      * ``"json:FIELD"``: a field of the ``.json`` member (img2dataset's ``--save_additional_columns``);
+      * ``"sidecar:COLUMN"``: a column of the per-shard sidecar parquet (Recap-DataComp-1B schema) joined by key.
+    """
+
+    name: str
+    kind: str
+    where: str
+
+    @classmethod
+    def parse(cls, name: str, spec: str) -> SourceSpec:
+        kind, sep, where = spec.partition(":")
+        if not sep:
+            return cls(name, "member", spec.lower())
+        if kind not in ("json", "sidecar", "member") or not where:
+            raise ValueError(
+                f"caption source {name!r}: bad spec {spec!r}; use 'txt' (a tar member), 'json:FIELD' or 'sidecar:COLUMN'"
+            )
+        return cls(name, kind, where)
+
+
+class ExtractCaptions:
+    """Raw tar sample -> ``{key, url, image_bytes, captions: {source: str | None}}``.
+
+    Runs before the shuffle buffer, so sidecars are loaded once per shard (samples still arrive shard by shard) and
+    the buffer holds encoded bytes, not decoded images.
+    """
+
+    def __init__(self, sources: Sequence[SourceSpec], sidecar_dir: str | None, stats: SkipStats):
+        self.sources = list(sources)
+        self.sidecar_dir = sidecar_dir
+        self.stats = stats
+        self.sidecar_columns = [s.where for s in self.sources if s.kind == "sidecar"]
+        if self.sidecar_columns and not sidecar_dir:
+            names = [s.name for s in self.sources if s.kind == "sidecar"]
+            raise ValueError(f"caption sources {names} read a sidecar parquet, but no sidecar_dir was given")
+        self._sidecar_url: str | None = None
+        self._sidecar: Mapping[str, Mapping[str, str | None]] = {}
+        self._visit: int | None = None
+        self._seen: set[str] = set()
+
+    def _load_sidecar(self, url: str) -> None:
+        from datamodules.sidecar import load_sidecar, sidecar_path
+
+        self._sidecar_url = url
+        path = sidecar_path(self.sidecar_dir, url)
+        try:
+            self._sidecar = load_sidecar(path, self.sidecar_columns)
+        except FileNotFoundError:
+            # A missing sidecar is a whole shard without recaptions: count it once, fall back per sample.
+            self.stats.skip("sidecar_missing", path)
+            self._sidecar = {}
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            key, url = sample.get("__key__"), sample.get("__url__", "")
+            if sample.get("__visit__") != self._visit:
+                self._visit, self._seen = sample.get("__visit__"), set()
+            if url != self._sidecar_url:
+                if self.sidecar_columns:
+                    self._load_sidecar(url)
+                else:
+                    self._sidecar_url = url
+            where = f"{url}:{key}"
+            if key in self._seen:
+                self.stats.skip("duplicate_key", where)
+                continue
+            self._seen.add(key)
+            image = next((sample[m] for m in IMAGE_MEMBERS if m in sample), None)
+            if image is None:
+                self.stats.skip("missing_image", where)
+                continue
+            meta: dict[str, Any] | None = None
+            captions: dict[str, str | None] = {}
+            for src in self.sources:
+                if src.kind == "member":
+                    captions[src.name] = _text(sample.get(src.where))
+                elif src.kind == "json":
+                    if meta is None:
+                        try:
+                            meta = json.loads(sample.get("json") or b"{}")
+                        except (json.JSONDecodeError, UnicodeDecodeError):
+                            self.stats.skip("bad_json", where)
+                            meta = {}
+                    value = meta.get(src.where) if isinstance(meta, dict) else None
+                    captions[src.name] = _text(value) if isinstance(value, str | bytes) else None
+                else:
+                    row = self._sidecar.get(key)
+                    captions[src.name] = _text(row.get(src.where)) if row is not None else None
+            self.stats.extracted += 1
+            yield {"key": key, "url": url, "image_bytes": image, "captions": captions}
+
+
+# --------------------------------------------------------------------------------------------------- caption choice
+class ChooseCaption:
+    """Pick one caption per sample: the paper's p made exact and reproducible.
+
+    ``weights`` maps source name -> probability (they sum to 1). With ``p_original`` = p the weights are
+    ``{original: p, recaption: 1 - p}``. The draw is ``u = uniform_from_key(seed, epoch, key)`` mapped through the
+    cumulative weights in source order, so it is the same under any number of workers, ranks or restarts, and
+    differs from epoch to epoch ("each sample encounters different captions across epochs", paper §5.2).
+
+    A sample whose drawn source is missing falls back to the available source with the highest weight (then any
+    other source), counted as ``fallback:<from>-><to>``; with ``fallback=False`` it is skipped instead.
+    ``mode="concat"`` joins every available source (in source order) with ``separator`` (Table 3's "*concat").
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, float],
+        seed: int,
+        epoch: int,
+        stats: SkipStats,
+        mode: str = "sample",
+        separator: str = " ",
+        fallback: bool = True,
+    ):
+        self.names = list(weights)
+        self.weights = [float(weights[n]) for n in self.names]
+        self.seed, self.epoch, self.stats = seed, epoch, stats
+        self.mode, self.separator, self.fallback = mode, separator, fallback
+        self._fallback_order = [n for _, n in sorted(zip(self.weights, self.names, strict=True), key=lambda t: -t[0])]
+
+    def choose(self, key: str, captions: Mapping[str, str | None]) -> tuple[str | None, str | None]:
+        """Return ``(caption, source_name)``; ``(None, None)`` when nothing usable exists."""
+        if self.mode == "concat":
+            parts = [captions[n] for n in self.names if captions.get(n)]
+            return (self.separator.join(parts), "concat") if parts else (None, None)
+        u = uniform_from_key(self.seed, self.epoch, key)
+        acc, chosen = 0.0, self.names[-1]
+        for name, w in zip(self.names, self.weights, strict=True):
+            acc += w
+            if u < acc:
+                chosen = name
+                break
+        # guard the float tail: never pick a zero-weight source because cumulative sums ended at 0.9999999
+        if self.weights[self.names.index(chosen)] == 0.0:
+            chosen = next(n for n, w in zip(reversed(self.names), reversed(self.weights), strict=True) if w > 0)
+        if captions.get(chosen):
+            return captions[chosen], chosen
+        if not self.fallback:
+            return None, None
+        for other in self._fallback_order + [n for n in captions if n not in self.names]:
+            if other != chosen and captions.get(other):
+                self.stats.skip(f"fallback:{chosen}->{other}", key)
+                return captions[other], other
+        return None, None
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            caption, source = self.choose(sample["key"], sample["captions"])
+            if caption is None:
+                self.stats.skip("no_caption", f"{sample['url']}:{sample['key']}")
+                continue
+            sample["caption"], sample["caption_source"] = caption, source
+            yield sample
+
+
+# ------------------------------------------------------------------------------------------------------------ images
+class DecodeImage:
+    """Decode the image bytes to RGB, refuse pixel bombs, apply the model's transform; count failures."""
+
+    def __init__(self, transform: Callable | None, stats: SkipStats, max_image_pixels: int | None = 89_478_485):
+        self.transform = transform
+        self.stats = stats
+        self.max_image_pixels = max_image_pixels
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            where = f"{sample['url']}:{sample['key']}"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    img = Image.open(io.BytesIO(sample.pop("image_bytes")))
+                    w, h = img.size
+                    if self.max_image_pixels and w * h > self.max_image_pixels:
+                        self.stats.skip("oversized_image", where)
+                        continue
+                    img = img.convert("RGB")  # also forces the full decode, so truncated files fail here
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                self.stats.skip("oversized_image", where)
+                continue
+            except Exception as exn:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
+                self.stats.skip("bad_image", f"{where}: {type(exn).__name__}: {exn}"[:300])
+                continue
+            sample["image"] = self.transform(img) if self.transform is not None else img
+            self.stats.used()
+            yield sample
+
+
+class TransformText:
+    """Apply the model's text transform (e.g. a tokenizer) to the chosen caption in the worker."""
+
+    def __init__(self, transform: Callable | None):
+        self.transform = transform
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            if self.transform is not None:
+                sample["text"] = self.transform(sample["caption"])
+            yield sample
+
+
+# ---------------------------------------------------------------------------------------------------------- batching
+def _stack(values: list[Any]) -> Any:
+    if values and isinstance(values[0], torch.Tensor) and all(v.shape == values[0].shape for v in values):
+        return torch.stack(values)
+    return values
+
+
+class Batch:
+    """Group samples into batch dicts and attach the skip counts accumulated since the previous batch.
+
+    Batch fields: ``image`` (stacked tensor when the transform yields equal-shaped tensors), ``text`` (when a text
+    transform is set), ``caption``, ``caption_source``, ``key``, ``url`` (lists), and ``skipped`` (counts).
+    """
+
+    def __init__(self, batch_size: int, stats: SkipStats, partial: bool, limit: int | None = None):
+        self.batch_size, self.stats, self.partial, self.limit = batch_size, stats, partial, limit
+
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {
+            "image": _stack([s["image"] for s in samples]),
+            "caption": [s["caption"] for s in samples],
+            "caption_source": [s["caption_source"] for s in samples],
+            "key": [s["key"] for s in samples],
+            "url": [s["url"] for s in samples],
+        }
+        if "text" in samples[0]:
+            batch["text"] = _stack([s["text"] for s in samples])
+        batch["skipped"] = self.stats.drain()
+        return batch
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        produced, buf = 0, []
+        if self.limit == 0:
+            return
+        for sample in samples:
+            buf.append(sample)
+            if len(buf) == self.batch_size:
+                yield self._collate(buf)
+                buf, produced = [], produced + 1
+                if self.limit is not None and produced >= self.limit:
+                    return
+        if buf and self.partial:
+            yield self._collate(buf)

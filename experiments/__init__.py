@@ -1,0 +1,1 @@
+"""recap-suite experiments: the CLI (``python -m experiments``), configs, sweeps and reports."""

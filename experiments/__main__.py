@@ -1,0 +1,61 @@
+"""``python -m experiments <command>``: Lightning's fit/validate/test/predict plus the suite's own commands."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a model (any LightningModule x DataModule pair from --config YAMLs)",
+    "validate": "run the validation loop of a model on a DataModule",
+    "test": "run the test/evaluation loop",
+    "predict": "run the predict loop (e.g. recaptioning, sampling)",
+}
+
+
+def _world(argv: Sequence[str]) -> None:
+    from experiments.world import main
+
+    main(list(argv))
+
+
+def _sidecars(argv: Sequence[str]) -> None:
+    from datamodules.sidecar import main
+
+    main(list(argv))
+
+
+SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
+    "world": (_world, "generate the tiny world: web shards, captioner data and evaluation sets (CPU, seeded)"),
+    "sidecars": (_sidecars, "join a Recap-DataComp-1B-schema parquet to image shards as per-shard sidecars"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m experiments <command> [options]    (python -m experiments <command> --help)", ""]
+    lines.append("Lightning commands (LightningCLI: --config A.yaml --config B.yaml, --print_config, dotted overrides):")
+    lines += [f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "Suite commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in SUITE_COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    command = argv[0]
+    if command in SUITE_COMMANDS:
+        SUITE_COMMANDS[command][0](argv[1:])
+        return
+    if command not in LIGHTNING_COMMANDS:
+        print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    from experiments.cli import cli_main
+
+    cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Plain ``nn.Module`` networks, losses and builders (no Lightning imports)."""

@@ -1,0 +1,108 @@
+"""Shared fixtures: an offline, quiet environment and small img2dataset-layout shards."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Fail fast instead of retrying a hub for ~50 s, and keep every cache out of $HOME. Set before heavy imports.
+_CACHE = Path(tempfile.mkdtemp(prefix="recap-suite-tests-"))
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "HF_HOME": str(_CACHE / "hf"),
+    "TORCH_HOME": str(_CACHE / "torch"),
+    "WANDB_DIR": str(_CACHE / "wandb"),
+    "WANDB_CACHE_DIR": str(_CACHE / "wandb-cache"),
+    "WANDB_CONFIG_DIR": str(_CACHE / "wandb-config"),
+    "MPLCONFIGDIR": str(_CACHE / "mpl"),
+    "XDG_CACHE_HOME": str(_CACHE / "xdg"),
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+os.environ.pop("WANDB_API_KEY", None)
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Tests must not leak a process group or a changed default dtype into the next test (litgpt's conftest)."""
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def jpeg_bytes(seed: int, size: int = 16) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def img2dataset_key(shard: int, index: int) -> str:
+    # img2dataset: f"{shard_id:0{oom_shard_count}d}{key_in_shard:0{oom_sample_per_shard}d}"
+    return f"{shard:05d}{index:04d}"
+
+
+def write_shards(
+    root: Path,
+    sizes: list[int],
+    *,
+    sidecar_dir: Path | None = None,
+    missing_recap: set[str] = frozenset(),
+    image_size: int = 16,
+) -> dict[str, dict[str, str]]:
+    """Write img2dataset-layout shards with source-tagged captions; return key -> {source: caption}.
+
+    ``KEY.txt`` = "orig KEY", ``KEY.json["org_caption"]`` = "json KEY", sidecar ``re_caption`` = "recap KEY".
+    """
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    truth: dict[str, dict[str, str]] = {}
+    for shard, n in enumerate(sizes):
+        rows = []
+        with wds.TarWriter(str(root / f"{shard:05d}.tar")) as sink:
+            for i in range(n):
+                key = img2dataset_key(shard, i)
+                img = jpeg_bytes(shard * 1000 + i, image_size)
+                meta = {"key": key, "url": f"https://x.invalid/{key}.jpg", "caption": f"orig {key}",
+                        "status": "success", "sha256": hashlib.sha256(img).hexdigest(), "org_caption": f"json {key}"}
+                sink.write({"__key__": key, "jpg": img, "txt": f"orig {key}", "json": json.dumps(meta)})
+                rows.append(meta)
+                truth[key] = {"original": f"orig {key}", "json": f"json {key}", "recaption": f"recap {key}"}
+        pq.write_table(pa.Table.from_pylist(rows), root / f"{shard:05d}.parquet")
+        (root / f"{shard:05d}_stats.json").write_text(json.dumps({"count": n, "successes": n}))
+        if sidecar_dir is not None:
+            sidecar_dir.mkdir(parents=True, exist_ok=True)
+            keys = [r["key"] for r in rows if r["key"] not in missing_recap]
+            pq.write_table(
+                pa.table({"key": keys, "re_caption": [f"recap {k}" for k in keys]}),
+                sidecar_dir / f"{shard:05d}.parquet",
+            )
+    for key in missing_recap:
+        truth[key].pop("recaption", None)
+    return truth
+
+
+@pytest.fixture
+def tiny_shards(tmp_path: Path):
+    """4 shards of uneven size (24, 16, 20, 12 samples) with a recaption sidecar for every key."""
+    truth = write_shards(tmp_path / "web", [24, 16, 20, 12], sidecar_dir=tmp_path / "sidecars")
+    return {"web": tmp_path / "web", "sidecars": tmp_path / "sidecars", "truth": truth}
