@@ -19,6 +19,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ from datamodules.wds_stages import (
     TransformText,
     stable_int,
 )
+
+# Lightning warns that an IterableDataset's __len__ "could be inaccurate" with several workers; ours is exact (each
+# worker has a fixed batch quota summing to the rank's length). An empty list is how a DataModule says "no val set".
+warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined.*")
+warnings.filterwarnings("ignore", message=r".*Total length of `list` across ranks is zero.*")
 
 DEFAULT_SOURCES = {"original": "txt", "recaption": "sidecar:re_caption"}
 

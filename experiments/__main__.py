@@ -41,6 +41,7 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2)
     from experiments.cli import cli_main
 
-    cli_main(argv)
+    cli_main(None if from_command_line else argv)  # LightningCLI reads sys.argv itself (and warns if given both)
 
 
 if __name__ == "__main__":

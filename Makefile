@@ -1,0 +1,40 @@
+# recap-suite: one-line entry points. Everything runs in a local venv (.venv) that `make install` creates.
+#   make tiny     -- set up, generate the tiny world, train a tiny CLIP on it (the main job on CPU)
+#   make test     -- set up and run the default test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORLD ?= data/world
+
+.PHONY: install test test-slow lint tiny world bench clean-venv
+
+# pip (not uv/poetry): the torch 2.14.1 / torchvision 0.29.1 wheels come from the machine's local wheel folder.
+# requirements/lock.txt is the exact tested set; pyproject.toml holds the ranges.
+$(VENV)/.installed: pyproject.toml requirements/lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -c requirements/lock.txt -e ".[dev]"
+	$(PY) -m pip install --no-deps -c requirements/lock.txt img2dataset
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest
+
+test-slow: install
+	$(PY) -m pytest -m "slow and not gpu"
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+world: install
+	$(PY) -m experiments world --out $(WORLD)
+
+tiny: world
+	$(PY) -m experiments fit --config experiments/configs/trainer/cpu.yaml --config experiments/configs/debug/tiny_clip.yaml
+
+bench: install
+	$(PY) -m benchmarks.loader --shards "$(WORLD)/web/{00000..00019}.tar"
+
+clean-venv:
+	rm -rf $(VENV)
