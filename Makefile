@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORLD ?= data/world
 
-.PHONY: install test test-slow lint tiny world bench clean-venv
+.PHONY: install test test-slow lint tiny world bench clean-venv lock
 
 # pip (not uv/poetry): the torch 2.14.1 / torchvision 0.29.1 wheels come from the machine's local wheel folder.
 # requirements/lock.txt is the exact tested set; pyproject.toml holds the ranges.
@@ -38,3 +38,10 @@ bench: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Re-resolve the dependency ranges in pyproject.toml into requirements/lock.txt (needs PyPI; takes ~2 min).
+lock:
+	rm -rf /tmp/recap-lock-venv && $(PYTHON) -m venv /tmp/recap-lock-venv
+	/tmp/recap-lock-venv/bin/pip install -e ".[dev]" && /tmp/recap-lock-venv/bin/pip install --no-deps img2dataset
+	{ head -3 requirements/lock.txt; /tmp/recap-lock-venv/bin/pip freeze --exclude-editable | grep -vi '^recap-suite'; } > requirements/lock.new
+	mv requirements/lock.new requirements/lock.txt

@@ -28,8 +28,7 @@ from typing import Any, Literal
 import lightning as L
 import webdataset as wds
 from braceexpand import braceexpand
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
 from datamodules.wds_stages import (
     Batch,

@@ -22,8 +22,9 @@ class CaptionMixMonitor(L.Callback):
         self.skipped: Counter = Counter()
         self._warned: set[str] = set()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not isinstance(batch, dict):
             return
         self.sources.update(batch.get("caption_source", ()))

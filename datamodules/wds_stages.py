@@ -196,7 +196,8 @@ class SourceSpec:
             return cls(name, "member", spec.lower())
         if kind not in ("json", "sidecar", "member") or not where:
             raise ValueError(
-                f"caption source {name!r}: bad spec {spec!r}; use 'txt' (a tar member), 'json:FIELD' or 'sidecar:COLUMN'"
+                f"caption source {name!r}: bad spec {spec!r}; "
+                "use 'txt' (a tar member), 'json:FIELD' or 'sidecar:COLUMN'"
             )
         return cls(name, kind, where)
 

@@ -33,7 +33,9 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
 
 def usage() -> str:
     lines = ["usage: python -m experiments <command> [options]    (python -m experiments <command> --help)", ""]
-    lines.append("Lightning commands (LightningCLI: --config A.yaml --config B.yaml, --print_config, dotted overrides):")
+    lines.append(
+        "Lightning commands (LightningCLI: --config A.yaml --config B.yaml, --print_config, dotted overrides):"
+    )
     lines += [f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items()]
     lines += ["", "Suite commands:"]
     lines += [f"  {name:<10} {text}" for name, (_, text) in SUITE_COMMANDS.items()]

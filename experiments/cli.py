@@ -14,12 +14,12 @@ from typing import Any
 import lightning as L
 import yaml
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 
 # Import the suite's modules so that short class names (``--model ClipModule``) resolve in subclass mode.
-import datamodules  # noqa: F401
+import datamodules.caption_mix  # noqa: F401
 import lightning_modules  # noqa: F401
 
 # Constructor docstrings become --help text (litgpt does the same).

@@ -22,8 +22,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of WorldConfig knobs")
     parser.add_argument("--out", required=True, help="output directory (must be empty unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace a world previously written to --out")
-    parser.add_argument("--preset", choices=["default", "tiny"], default="default",
-                        help="start from WorldConfig() or WorldConfig.tiny(); flags override either")
+    parser.add_argument(
+        "--preset",
+        choices=["default", "tiny"],
+        default="default",
+        help="start from WorldConfig() or WorldConfig.tiny(); flags override either",
+    )
     parser.add_class_arguments(WorldConfig, "world", sub_configs=True)
     return parser
 

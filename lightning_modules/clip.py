@@ -85,8 +85,9 @@ class ClipModule(L.LightningModule):
         out = self(batch["image"], batch["text"])
         logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
         labels = torch.arange(len(logits), device=logits.device)
-        loss = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T,
-                                                                                                      labels)) / 2
+        loss = (
+            torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
+        ) / 2
         bs = len(logits)
         self.log("val/loss", loss, batch_size=bs, sync_dist=True)
         self.log("val/i2t_in_batch_top1", (logits.argmax(1) == labels).float().mean(), batch_size=bs, sync_dist=True)

@@ -82,8 +82,14 @@ def write_shards(
             for i in range(n):
                 key = img2dataset_key(shard, i)
                 img = jpeg_bytes(shard * 1000 + i, image_size)
-                meta = {"key": key, "url": f"https://x.invalid/{key}.jpg", "caption": f"orig {key}",
-                        "status": "success", "sha256": hashlib.sha256(img).hexdigest(), "org_caption": f"json {key}"}
+                meta = {
+                    "key": key,
+                    "url": f"https://x.invalid/{key}.jpg",
+                    "caption": f"orig {key}",
+                    "status": "success",
+                    "sha256": hashlib.sha256(img).hexdigest(),
+                    "org_caption": f"json {key}",
+                }
                 sink.write({"__key__": key, "jpg": img, "txt": f"orig {key}", "json": json.dumps(meta)})
                 rows.append(meta)
                 truth[key] = {"original": f"orig {key}", "json": f"json {key}", "recaption": f"recap {key}"}

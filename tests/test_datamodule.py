@@ -95,7 +95,9 @@ def test_two_simulated_ranks_disjoint_equal_and_consistent(tiny_shards):
     assert len(make_dm(tiny_shards, p_original=0.5, rank=0, world_size=2).train_dataloader()) == 9
     # disjoint shards per rank (no resampling)
     shards = [{u for b in batches for u in b["url"]} for batches in ranks]
-    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    assert shards[0]
+    assert shards[1]
+    assert not shards[0] & shards[1]
     # the same key gets the same caption on any rank as in a single process
     for batches in ranks:
         for key, choice in choices(batches).items():
@@ -104,7 +106,9 @@ def test_two_simulated_ranks_disjoint_equal_and_consistent(tiny_shards):
     # ...but the two ranks do not replay the same sequence
     seq = [[s for b in batches for s in b["caption_source"]] for batches in ranks]
     keys = [[k for b in batches for k in b["key"]] for batches in ranks]
-    assert keys[0] != keys[1] and seq[0] and seq[1]
+    assert keys[0] != keys[1]
+    assert seq[0]
+    assert seq[1]
 
 
 def test_two_ranks_two_workers_equal_batches(tiny_shards):
@@ -124,7 +128,8 @@ def test_same_seed_same_order_and_epochs_differ(tiny_shards):
     c = [k for b in epoch_batches(make_dm(tiny_shards, p_original=0.5), epoch=1) for k in b["key"]]
     d = [k for b in epoch_batches(make_dm(tiny_shards, p_original=0.5, seed=8)) for k in b["key"]]
     assert a == b
-    assert a != c and a != d
+    assert a != c
+    assert a != d
 
 
 def test_resampled_draws_with_replacement(tiny_shards):
@@ -138,15 +143,19 @@ def test_resampled_draws_with_replacement(tiny_shards):
 # ------------------------------------------------------------------------------------------------- caption sources
 def test_json_field_and_concat_and_weights(tiny_shards):
     truth = tiny_shards["truth"]
-    dm = make_dm(tiny_shards, sources={"original": "json:org_caption", "recaption": "sidecar:re_caption"},
-                 p_original=1.0)
+    dm = make_dm(
+        tiny_shards, sources={"original": "json:org_caption", "recaption": "sidecar:re_caption"}, p_original=1.0
+    )
     for key, (caption, _) in choices(epoch_batches(dm)).items():
         assert caption == truth[key]["json"]
     dm = make_dm(tiny_shards, mix="concat", concat_separator=" | ")
     for key, (caption, source) in choices(epoch_batches(dm)).items():
         assert (caption, source) == (f"{truth[key]['original']} | {truth[key]['recaption']}", "concat")
-    dm = make_dm(tiny_shards, sources={"original": "txt", "recaption": "sidecar:re_caption", "alt": "json:org_caption"},
-                 source_weights={"original": 0.2, "recaption": 0.3, "alt": 0.5})
+    dm = make_dm(
+        tiny_shards,
+        sources={"original": "txt", "recaption": "sidecar:re_caption", "alt": "json:org_caption"},
+        source_weights={"original": 0.2, "recaption": 0.3, "alt": 0.5},
+    )
     got = Counter(s for b in epoch_batches(dm) for s in b["caption_source"])
     assert set(got) == {"original", "recaption", "alt"}
 
@@ -154,8 +163,14 @@ def test_json_field_and_concat_and_weights(tiny_shards):
 def test_missing_recaption_falls_back_and_is_counted(tmp_path):
     missing = {img2dataset_key(0, i) for i in range(6)}
     truth = write_shards(tmp_path / "web", [16, 16], sidecar_dir=tmp_path / "side", missing_recap=missing)
-    dm = CaptionMixDataModule(train_shards=str(tmp_path / "web"), sidecar_dir=str(tmp_path / "side"), batch_size=4,
-                              p_original=0.0, num_workers=0, shuffle_buffer=1)
+    dm = CaptionMixDataModule(
+        train_shards=str(tmp_path / "web"),
+        sidecar_dir=str(tmp_path / "side"),
+        batch_size=4,
+        p_original=0.0,
+        num_workers=0,
+        shuffle_buffer=1,
+    )
     batches = epoch_batches(dm)
     got = choices(batches)
     for key in missing & set(got):
@@ -164,9 +179,16 @@ def test_missing_recaption_falls_back_and_is_counted(tmp_path):
     for b in batches:
         skipped.update(b["skipped"]["counts"])
     assert skipped["fallback:recaption->original"] == len(missing & set(got))
-    no_fallback = CaptionMixDataModule(train_shards=str(tmp_path / "web"), sidecar_dir=str(tmp_path / "side"),
-                                       batch_size=4, p_original=0.0, num_workers=0, fallback=False,
-                                       train_num_samples=24, shuffle_buffer=1)
+    no_fallback = CaptionMixDataModule(
+        train_shards=str(tmp_path / "web"),
+        sidecar_dir=str(tmp_path / "side"),
+        batch_size=4,
+        p_original=0.0,
+        num_workers=0,
+        fallback=False,
+        train_num_samples=24,
+        shuffle_buffer=1,
+    )
     assert not set(choices(epoch_batches(no_fallback))) & missing
 
 
@@ -229,8 +251,15 @@ def test_malformed_samples_are_skipped_and_counted(tmp_path):
         cut = tar.getmembers()[6].offset_data + 300  # in the middle of the 4th image's bytes
     (web / "00001.tar").write_bytes(raw[:cut])
 
-    dm = CaptionMixDataModule(train_shards=str(web / "*.tar"), sources={"original": "txt"}, batch_size=2,
-                              num_workers=0, shuffle_buffer=1, train_num_samples=30, max_image_pixels=4_000_000)
+    dm = CaptionMixDataModule(
+        train_shards=str(web / "*.tar"),
+        sources={"original": "txt"},
+        batch_size=2,
+        num_workers=0,
+        shuffle_buffer=1,
+        train_num_samples=30,
+        max_image_pixels=4_000_000,
+    )
     loader = dm.train_dataloader()
     skipped = Counter()
     keys = []
@@ -255,8 +284,14 @@ def test_all_unusable_shards_fail_loudly_instead_of_spinning(tmp_path):
         for i in range(4):
             _add(tar, f"{img2dataset_key(0, i)}.jpg", b"garbage")
             _add(tar, f"{img2dataset_key(0, i)}.txt", b"x")
-    dm = CaptionMixDataModule(train_shards=str(web / "00000.tar"), sources={"original": "txt"}, batch_size=2,
-                              num_workers=0, train_num_samples=4, max_consecutive_drops=50)
+    dm = CaptionMixDataModule(
+        train_shards=str(web / "00000.tar"),
+        sources={"original": "txt"},
+        batch_size=2,
+        num_workers=0,
+        train_num_samples=4,
+        max_consecutive_drops=50,
+    )
     with pytest.raises(RuntimeError, match="unusable"):
         list(dm.train_dataloader())
     # a shard with no sample at all is caught at the end of the first pass
@@ -286,22 +321,42 @@ def test_reads_a_shard_written_by_img2datasets_own_writer(tmp_path):
     writer_spec.loader.exec_module(writer_module)
     WebDatasetSampleWriter = writer_module.WebDatasetSampleWriter
 
-    schema = pa.schema([pa.field("url", pa.string()), pa.field("caption", pa.string()),
-                        pa.field("org_caption", pa.string())])
+    schema = pa.schema(
+        [pa.field("url", pa.string()), pa.field("caption", pa.string()), pa.field("org_caption", pa.string())]
+    )
     out = tmp_path / "web"
     out.mkdir()
-    writer = WebDatasetSampleWriter(shard_id=3, output_folder=str(out), save_caption=True, oom_shard_count=5,
-                                    schema=schema, encode_format="jpg")
+    writer = WebDatasetSampleWriter(
+        shard_id=3, output_folder=str(out), save_caption=True, oom_shard_count=5, schema=schema, encode_format="jpg"
+    )
     for i in range(10):
         key = f"{3:05d}{i:04d}"
-        meta = {"url": f"https://x.invalid/{i}.jpg", "caption": f"alt {i}", "org_caption": f"org {i}",
-                "key": key, "status": "success", "error_message": None, "width": 16, "height": 16,
-                "original_width": 16, "original_height": 16, "exif": None, "sha256": None}
+        meta = {
+            "url": f"https://x.invalid/{i}.jpg",
+            "caption": f"alt {i}",
+            "org_caption": f"org {i}",
+            "key": key,
+            "status": "success",
+            "error_message": None,
+            "width": 16,
+            "height": 16,
+            "original_width": 16,
+            "original_height": 16,
+            "exif": None,
+            "sha256": None,
+        }
         writer.write(jpeg_bytes(i), key, f"alt {i}", meta)
     writer.close()
-    assert (out / "00003.tar").exists() and (out / "00003.parquet").exists()
-    dm = CaptionMixDataModule(train_shards=str(out / "00003.tar"), batch_size=5, num_workers=0, shuffle_buffer=1,
-                              sources={"original": "txt", "recaption": "json:org_caption"}, p_original=0.5)
+    assert (out / "00003.tar").exists()
+    assert (out / "00003.parquet").exists()
+    dm = CaptionMixDataModule(
+        train_shards=str(out / "00003.tar"),
+        batch_size=5,
+        num_workers=0,
+        shuffle_buffer=1,
+        sources={"original": "txt", "recaption": "json:org_caption"},
+        p_original=0.5,
+    )
     assert len(dm.train_dataloader()) == 2  # counted from img2dataset's own parquet
     got = choices(list(dm.train_dataloader()))
     assert len(got) == 10
@@ -323,18 +378,36 @@ def test_reads_a_recap_datacomp_parquet_through_sidecars(tmp_path):
     recap.mkdir()
     for part in range(2):
         ks = keys[part::2]
-        pq.write_table(pa.table({
-            "url": [f"https://x.invalid/{k}.jpg" for k in ks], "re_caption": [f"recap {k}" for k in ks],
-            "org_caption": [f"orig {k}" for k in ks], "sha256": ["0" * 64] * len(ks), "key": ks,
-            "re_clip_score": [None] * len(ks), "org_clip_score": [None] * len(ks),
-            "re_length": [2] * len(ks), "org_length": [2] * len(ks),
-            "re_gpt4v_score": [None] * len(ks), "org_gpt4v_score": [None] * len(ks),
-            "re_caption_condition_diverse_topk": ["later column"] * len(ks),
-        }), recap / f"train-{part:05d}-of-00002.parquet")
-    build_sidecars(str(recap), str(tmp_path / "web" / "{00000..00002}.tar"), tmp_path / "side", num_buckets=3,
-                   progress=False)
-    dm = CaptionMixDataModule(train_shards=str(tmp_path / "web"), sidecar_dir=str(tmp_path / "side"), batch_size=5,
-                              p_original=0.0, num_workers=0, shuffle_buffer=1)
+        pq.write_table(
+            pa.table(
+                {
+                    "url": [f"https://x.invalid/{k}.jpg" for k in ks],
+                    "re_caption": [f"recap {k}" for k in ks],
+                    "org_caption": [f"orig {k}" for k in ks],
+                    "sha256": ["0" * 64] * len(ks),
+                    "key": ks,
+                    "re_clip_score": [None] * len(ks),
+                    "org_clip_score": [None] * len(ks),
+                    "re_length": [2] * len(ks),
+                    "org_length": [2] * len(ks),
+                    "re_gpt4v_score": [None] * len(ks),
+                    "org_gpt4v_score": [None] * len(ks),
+                    "re_caption_condition_diverse_topk": ["later column"] * len(ks),
+                }
+            ),
+            recap / f"train-{part:05d}-of-00002.parquet",
+        )
+    build_sidecars(
+        str(recap), str(tmp_path / "web" / "{00000..00002}.tar"), tmp_path / "side", num_buckets=3, progress=False
+    )
+    dm = CaptionMixDataModule(
+        train_shards=str(tmp_path / "web"),
+        sidecar_dir=str(tmp_path / "side"),
+        batch_size=5,
+        p_original=0.0,
+        num_workers=0,
+        shuffle_buffer=1,
+    )
     got = choices(list(dm.train_dataloader()))
     assert len(got) == 30
     assert all(got[k] == (f"recap {k}", "recaption") for k in got)
@@ -344,9 +417,14 @@ def test_reads_a_recap_datacomp_parquet_through_sidecars(tmp_path):
 def test_model_transforms_are_used_in_workers(tiny_shards):
     import torchvision.transforms.v2 as T
 
-    dm = make_dm(tiny_shards, p_original=0.5, num_workers=1, persistent_workers=False,
-                 image_transform=T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Resize(8)]),
-                 text_transform=LengthOf())
+    dm = make_dm(
+        tiny_shards,
+        p_original=0.5,
+        num_workers=1,
+        persistent_workers=False,
+        image_transform=T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Resize(8)]),
+        text_transform=LengthOf(),
+    )
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 8, 8)
     assert batch["text"].tolist() == [len(c) for c in batch["caption"]]
@@ -360,8 +438,9 @@ class LengthOf:
 def test_stats_json_counts(tmp_path):
     write_shards(tmp_path / "web", [5, 7])
     (tmp_path / "web" / "00001_stats.json").write_text(json.dumps({"successes": 3}))
-    dm = CaptionMixDataModule(train_shards=str(tmp_path / "web"), sources={"original": "txt"}, batch_size=2,
-                              num_workers=0)
+    dm = CaptionMixDataModule(
+        train_shards=str(tmp_path / "web"), sources={"original": "txt"}, batch_size=2, num_workers=0
+    )
     assert len(dm.train_dataloader()) == (5 + 3) // 2
 
 

@@ -1,0 +1,567 @@
+"""Write a whole tiny world to disk in the layouts real data uses (see README.md in this folder).
+
+``generate_world(out_dir, cfg)`` renders every split in parallel (``cfg.workers`` processes). Every item is a pure
+function of ``(cfg.seed, split id, index)``, so the output does not depend on the number of processes or on the
+order tasks finish in; only wall-clock fields (``world.json`` timing, ``web/*_stats.json`` times) differ between runs.
+
+Run from the command line: ``python -m datamodules.tiny_world.writer OUT [--preset tiny] [--seed 0] [--workers 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import hashlib
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import tarfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .scene import (
+    CLASSNAMES,
+    COLOURS,
+    FINE_CLASSNAMES,
+    SHAPES,
+    Scene,
+    SceneConfig,
+    item_rng,
+    render_scene,
+    sample_scene,
+)
+from .text import (
+    INSTRUCT_KINDS,
+    AltTextNoise,
+    alt_text,
+    caption_pretrain_conversation,
+    detailed_description,
+    instruct_conversation,
+    karpathy_tokens,
+    long_caption,
+    short_caption,
+    short_captions,
+    vocab,
+)
+
+FORMAT_VERSION = 1
+SPLIT_IDS: dict[str, int] = {
+    "web": 0,
+    "caption_pretrain": 1,
+    "instruct": 2,
+    "classify": 3,
+    "retrieval": 4,
+    "long_retrieval": 5,
+    "t2i_prompts": 6,
+}
+# Two independent random streams per item: the image stream draws the scene, then (web only) the download failure,
+# then the pixel noise; the text stream draws every text. Changing a text knob never changes an image.
+STREAM_IMAGE, STREAM_TEXT = 0, 1
+TAR_MTIME = 1_704_067_200  # 2024-01-01T00:00:00Z: fixed member mtime so shards are byte-identical across runs
+CLASSIFY_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {c}.",
+    "a drawing of a {c}.",
+    "a picture of a {c}.",
+    "an illustration of a {c}.",
+    "a graphic of a {c}.",
+    "a rendering of a {c}.",
+    "a {c}.",
+)
+DOWNLOAD_ERRORS = ("HTTP Error 404: Not Found", "HTTP Error 403: Forbidden", "<urlopen error timed out>")
+_OUTPUTS = ("world.json", "web", "truth", "caption_pretrain", "instruct", "eval")
+
+
+def _default_start_method() -> str:
+    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+@dataclass
+class WorldConfig:
+    """Every knob of the tiny world. ``WorldConfig()`` is the default world; ``WorldConfig.tiny()`` a test world."""
+
+    seed: int = 0
+    """World seed; every item is a pure function of (seed, split, index)."""
+    n_web: int = 20_000
+    """Web (alt-text) images, written as img2dataset webdataset shards under ``web/``."""
+    shard_size: int = 1_000
+    """Samples per web shard (img2dataset ``number_sample_per_shard``)."""
+    oom_shard_count: int = 5
+    """Digits of the shard id in shard names and keys (img2dataset ``oom_shard_count``, default 5)."""
+    n_caption_pretrain: int = 5_000
+    """LCS-558K-style caption-pretraining samples."""
+    n_instruct: int = 5_000
+    """LLaVA-665K-style instruction conversations (some text-only)."""
+    n_classify: int = 2_000
+    """Zero-shot classification eval images, class-balanced (label = index % 48); 0 or >= 48."""
+    n_retrieval: int = 2_000
+    """Short-caption (COCO/Flickr-style, Karpathy json) retrieval eval images."""
+    n_long_retrieval: int = 2_000
+    """Long-caption (Urban1K-style) retrieval eval images."""
+    n_t2i: int = 2_000
+    """Text-to-image eval prompts with reference images (Recap-COCO-30K-style)."""
+    n_short_captions: int = 5
+    """Human captions per retrieval image."""
+    instruct_mix: tuple[float, float, float, float] = (0.35, 0.10, 0.45, 0.10)
+    """Instruct conversation kinds: detailed description, brief caption, Q/A (1..max turns), text-only."""
+    instruct_max_qa_turns: int = 4
+    """Maximum Q/A turns in one Q/A conversation."""
+    fail_rate: float = 0.0
+    """Fraction of web samples that 'failed to download' (parquet row with status failed_to_download, no tar member)."""
+    jpeg_quality: int = 95
+    """JPEG quality of every written image (img2dataset's default encode_quality is 95)."""
+    url_template: str = "https://tinyworld.invalid/img/{key}.jpg"
+    """URL recorded for web sample ``key`` (the .invalid TLD never resolves)."""
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    """Scene sampling and rendering knobs."""
+    alt: AltTextNoise = field(default_factory=AltTextNoise)
+    """Alt-text noise rates."""
+    workers: int = 2
+    """Processes used for generation (1 = in-process). Output does not depend on it."""
+    chunk_size: int = 500
+    """Items per task for the non-web splits (web tasks are whole shards)."""
+    start_method: str = field(default_factory=_default_start_method)
+    """multiprocessing start method for the workers ("fork" where available)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scene, dict):
+            self.scene = SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.scene.items()})
+        if isinstance(self.alt, dict):
+            self.alt = AltTextNoise(**self.alt)
+        self.instruct_mix = tuple(self.instruct_mix)
+        if len(self.instruct_mix) != len(INSTRUCT_KINDS) or not math.isclose(sum(self.instruct_mix), 1, abs_tol=1e-6):
+            raise ValueError(f"instruct_mix must be {len(INSTRUCT_KINDS)} probabilities summing to 1")
+        counts = (self.n_web, self.n_caption_pretrain, self.n_instruct, self.n_classify, self.n_retrieval,
+                  self.n_long_retrieval, self.n_t2i)  # fmt: skip
+        if min(counts) < 0 or self.shard_size < 1 or self.workers < 1 or self.chunk_size < 1:
+            raise ValueError("counts must be >= 0 and shard_size, workers, chunk_size >= 1")
+        if not 0.0 <= self.fail_rate < 1.0:
+            raise ValueError("fail_rate must be in [0, 1)")
+        if 0 < self.n_classify < len(CLASSNAMES):
+            raise ValueError(f"n_classify must be 0 or >= {len(CLASSNAMES)} (ImageFolder rejects empty class dirs)")
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> WorldConfig:
+        """A world small enough for unit tests (about 1-2 s on 2 CPU cores)."""
+        kw: dict[str, Any] = dict(n_web=200, shard_size=50, n_caption_pretrain=48, n_instruct=64, n_classify=96,
+                                  n_retrieval=48, n_long_retrieval=32, n_t2i=32, chunk_size=64)  # fmt: skip
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WorldConfig:
+        return cls(**d)
+
+    @classmethod
+    def from_world_json(cls, path: str | os.PathLike) -> WorldConfig:
+        """The config a world directory (or its ``world.json``) was generated with."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "world.json"
+        return cls.from_dict(json.loads(p.read_text())["config"])
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "web": self.n_web,
+            "caption_pretrain": self.n_caption_pretrain,
+            "instruct": self.n_instruct,
+            "classify": self.n_classify,
+            "retrieval": self.n_retrieval,
+            "long_retrieval": self.n_long_retrieval,
+            "t2i_prompts": self.n_t2i,
+        }
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_web / self.shard_size)
+
+    @property
+    def oom_sample_per_shard(self) -> int:
+        """img2dataset: ``math.ceil(math.log10(number_sample_per_shard))``."""
+        return math.ceil(math.log10(self.shard_size))
+
+
+def compute_key(idx: int, shard_id: int, oom_sample_per_shard: int, oom_shard_count: int) -> str:
+    """img2dataset's key rule (``img2dataset/downloader.py::compute_key``)."""
+    true_key = (10**oom_sample_per_shard) * shard_id + idx
+    return f"{true_key:0{oom_sample_per_shard + oom_shard_count}d}"
+
+
+def shard_name(shard_id: int, oom_shard_count: int = 5) -> str:
+    return f"{shard_id:0{oom_shard_count}d}"
+
+
+def _jpeg(img, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _scene_and_jpeg(cfg: WorldConfig, split: str, index: int, **pin: Any) -> tuple[Scene, bytes]:
+    sid = SPLIT_IDS[split]
+    rng = item_rng(cfg.seed, sid, index, STREAM_IMAGE)
+    scene = sample_scene(rng, cfg.scene, **pin)
+    img = render_scene(scene, rng, cfg.scene)
+    return scene, _jpeg(img, cfg.jpeg_quality)
+
+
+def _text_rng(cfg: WorldConfig, split: str, index: int) -> np.random.Generator:
+    return item_rng(cfg.seed, SPLIT_IDS[split], index, STREAM_TEXT)
+
+
+def _truth_row(scene: Scene) -> dict:
+    return {
+        "objects": scene.objects_json(),
+        "background": scene.background_json(),
+        "main_index": scene.main_index,
+        "content_key": scene.content_key(),
+        "label": scene.label,
+        "fine_label": scene.fine_label,
+    }
+
+
+# img2dataset parquet schema for `--input_format parquet --caption_col re_caption --save_additional_columns
+# '["org_caption"]'` (input columns first, in img2dataset's column_list order, then the downloader's columns).
+WEB_PARQUET_SCHEMA = pa.schema(
+    [
+        ("org_caption", pa.string()),
+        ("caption", pa.string()),
+        ("url", pa.string()),
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("exif", pa.string()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+def _tar_write(tar: tarfile.TarFile, sample: dict[str, str | bytes]) -> None:
+    """``webdataset.TarWriter.write`` as img2dataset uses it (sorted extensions, bigdata:bigdata, mode 0o444), with a
+    fixed mtime and without importing webdataset (which imports torch). tests/test_tiny_world.py checks the members
+    equal those img2dataset's own writer produces."""
+    key = sample["__key__"]
+    for ext in sorted(k for k in sample if not k.startswith("_")):
+        v = sample[ext]
+        data = v.encode("utf-8") if isinstance(v, str) else v
+        ti = tarfile.TarInfo(f"{key}.{ext}")
+        ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), TAR_MTIME, 0o444, "bigdata", "bigdata"
+        tar.addfile(ti, io.BytesIO(data))
+
+
+def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> dict:
+    start_time = time.time()
+    name = shard_name(shard_id, cfg.oom_shard_count)
+    web = out / "web"
+    lo, hi = shard_id * cfg.shard_size, min(cfg.n_web, (shard_id + 1) * cfg.shard_size)
+    metas, truth = [], []
+    status_dict: Counter = Counter()
+    size = cfg.scene.image_size
+    with open(web / f"{name}.tar", "wb") as fd, tarfile.open(fileobj=fd, mode="w|") as tar:
+        for j, g in enumerate(range(lo, hi)):
+            key = compute_key(j, shard_id, cfg.oom_sample_per_shard, cfg.oom_shard_count)
+            rng = item_rng(cfg.seed, SPLIT_IDS["web"], g, STREAM_IMAGE)
+            scene = sample_scene(rng, cfg.scene)
+            alt = alt_text(scene, _text_rng(cfg, "web", g), cfg.alt)
+            u_fail, u_err = rng.random(2).tolist()  # always drawn, so fail_rate never changes the pixels
+            failed = u_fail < cfg.fail_rate
+            meta: dict[str, Any] = {
+                "org_caption": alt.text,
+                "caption": alt.text,
+                "url": cfg.url_template.format(key=key),
+                "key": key,
+                "status": None,
+                "error_message": None,
+                "width": None,
+                "height": None,
+                "original_width": None,
+                "original_height": None,
+                "exif": None,
+                "sha256": None,
+            }
+            if failed:
+                err = DOWNLOAD_ERRORS[min(int(u_err * len(DOWNLOAD_ERRORS)), len(DOWNLOAD_ERRORS) - 1)]
+                meta.update(status="failed_to_download", error_message=err)
+                status_dict[err] += 1
+            else:
+                img = render_scene(scene, rng, cfg.scene)
+                jpg = _jpeg(img, cfg.jpeg_quality)
+                meta.update(status="success", width=size, height=size, original_width=size, original_height=size,
+                            sha256=hashlib.sha256(jpg).hexdigest())  # fmt: skip
+                status_dict["success"] += 1
+                _tar_write(tar, {"__key__": key, "jpg": jpg, "txt": alt.text, "json": json.dumps(meta, indent=4)})
+            metas.append(meta)
+            truth.append({"key": key, "shard": shard_id, "index": g, "status": meta["status"], **_truth_row(scene),
+                          "alt_kind": alt.kind, "alt_uses_shade": alt.uses_shade})  # fmt: skip
+    table = pa.Table.from_pylist(metas, schema=WEB_PARQUET_SCHEMA)
+    pq.write_table(table, web / f"{name}.parquet")
+    successes = status_dict["success"]
+    end_time = time.time()
+    stats = {
+        "count": hi - lo,
+        "successes": successes,
+        "failed_to_download": hi - lo - successes,
+        "failed_to_resize": 0,
+        "duration": end_time - start_time,
+        "start_time": start_time,
+        "end_time": end_time,
+        "status_dict": dict(status_dict),
+    }
+    (web / f"{name}_stats.json").write_text(json.dumps(stats, indent=4))
+    return {"truth": truth}
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> dict:
+    recs: list[dict] = []
+    for i in range(lo, hi):
+        rng = _text_rng(cfg, split, i)
+        if split == "caption_pretrain":
+            sid = f"{i:06d}"
+            scene, jpg = _scene_and_jpeg(cfg, split, i)
+            _write(out / split / "images" / f"{sid}.jpg", jpg)
+            recs.append({"id": sid, "image": f"images/{sid}.jpg",
+                         "conversations": caption_pretrain_conversation(scene, rng), "_truth": scene})  # fmt: skip
+        elif split == "instruct":
+            sid = f"{i:06d}"
+            kind = INSTRUCT_KINDS[int(rng.choice(len(INSTRUCT_KINDS), p=cfg.instruct_mix))]
+            if kind == "text":
+                recs.append({"id": sid, "conversations": instruct_conversation(None, rng, kind)})
+            else:
+                scene, jpg = _scene_and_jpeg(cfg, split, i)
+                _write(out / split / "images" / f"{sid}.jpg", jpg)
+                conv = instruct_conversation(scene, rng, kind, cfg.instruct_max_qa_turns)
+                recs.append({"id": sid, "image": f"images/{sid}.jpg", "conversations": conv, "_truth": scene})
+        elif split == "classify":
+            label = i % len(CLASSNAMES)
+            colour, shape = COLOURS[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
+            scene, jpg = _scene_and_jpeg(cfg, split, i, main_colour=colour, main_shape=shape)
+            rel = f"images/{label:03d}/{i:06d}.jpg"
+            _write(out / "eval" / "classify" / rel, jpg)
+            recs.append({"filename": rel, "label": label, "fine_label": scene.fine_label, "_truth": scene})
+        elif split == "retrieval":
+            scene, jpg = _scene_and_jpeg(cfg, split, i)
+            fn = f"{i:06d}.jpg"
+            _write(out / "eval" / "retrieval" / "images" / fn, jpg)
+            caps = short_captions(scene, rng, cfg.n_short_captions)
+            recs.append({"filename": fn, "captions": caps, "content_key": scene.content_key(), "_truth": scene})
+        elif split == "long_retrieval":
+            scene, jpg = _scene_and_jpeg(cfg, split, i)
+            _write(out / "eval" / "long_retrieval" / "image" / f"{i + 1}.jpg", jpg)
+            (out / "eval" / "long_retrieval" / "caption" / f"{i + 1}.txt").write_text(long_caption(scene, rng))
+            recs.append({"_truth": scene})
+        elif split == "t2i_prompts":
+            scene, jpg = _scene_and_jpeg(cfg, split, i)
+            _write(out / "eval" / "t2i_prompts" / "images" / f"{i}.jpg", jpg)
+            recs.append({"image_id": i, "file_name": f"images/{i}.jpg", "caption": short_caption(scene, rng),
+                         "recaption": detailed_description(scene, rng), "_truth": scene})  # fmt: skip
+        else:
+            raise ValueError(split)
+        recs[-1]["_index"] = i
+        if "_truth" in recs[-1]:  # scenes travel back as plain dicts (cheap to pickle)
+            recs[-1]["_truth"] = _truth_row(recs[-1]["_truth"])
+    return {"recs": recs}
+
+
+def _run_task(args: tuple) -> tuple[str, int, dict]:
+    cfg_dict, out, task = args
+    cfg = WorldConfig.from_dict(cfg_dict)
+    if task[0] == "web":
+        return task[0], task[1], _web_shard(cfg, Path(out), task[1])
+    split, lo, hi = task
+    return split, lo, _split_chunk(cfg, Path(out), split, lo, hi)
+
+
+def _tasks(cfg: WorldConfig) -> list[tuple]:
+    tasks: list[tuple] = [("web", s) for s in range(cfg.n_shards)]
+    for split, n in cfg.counts().items():
+        if split == "web":
+            continue
+        tasks += [(split, lo, min(n, lo + cfg.chunk_size)) for lo in range(0, n, cfg.chunk_size)]
+    return tasks
+
+
+def _prepare(out: Path, overwrite: bool, n_classify: int) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty (pass overwrite=True to replace a previous world)")
+        for name in _OUTPUTS:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    for sub in ("web", "truth", "caption_pretrain/images", "instruct/images", "eval/retrieval/images",
+                "eval/long_retrieval/image", "eval/long_retrieval/caption", "eval/t2i_prompts/images"):  # fmt: skip
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    (out / "eval" / "classify" / "images").mkdir(parents=True, exist_ok=True)
+    for label in range(min(n_classify, len(CLASSNAMES))):
+        (out / "eval" / "classify" / "images" / f"{label:03d}").mkdir(exist_ok=True)
+
+
+def _json_dump(path: Path, obj: Any, indent: int | None = None) -> None:
+    path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False))
+
+
+def _truth_table(rows: list[dict], id_col: str) -> pa.Table:
+    return pa.Table.from_pylist(rows) if rows else pa.table({id_col: pa.array([], pa.string())})
+
+
+def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *, overwrite: bool = False) -> dict:
+    """Generate the world described by ``cfg`` (default ``WorldConfig()``) under ``out_dir``; return a summary.
+
+    ``out_dir`` must be missing or empty unless ``overwrite=True`` (which deletes only this writer's outputs).
+    """
+    cfg = cfg or WorldConfig()
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    _prepare(out, overwrite, cfg.n_classify)
+    cfg_dict = cfg.to_dict()
+    jobs = [(cfg_dict, str(out), t) for t in _tasks(cfg)]
+    if cfg.workers == 1 or len(jobs) <= 1:
+        results = [_run_task(j) for j in jobs]
+    else:
+        with mp.get_context(cfg.start_method).Pool(min(cfg.workers, len(jobs))) as pool:
+            results = list(pool.imap(_run_task, jobs))
+    t_render = time.perf_counter() - t0
+
+    by_split: dict[str, list[dict]] = {s: [] for s in SPLIT_IDS}
+    web_truth: list[dict] = []
+    for split, _, res in results:  # imap keeps task order, so records are in index order
+        if split == "web":
+            web_truth += res["truth"]
+        else:
+            by_split[split] += res["recs"]
+
+    def truth_rows(split: str, id_of) -> list[dict]:
+        return [{"id": id_of(r), "index": r["_index"], **r["_truth"]} for r in by_split[split] if "_truth" in r]
+
+    pq.write_table(_truth_table(web_truth, "key"), out / "truth" / "web.parquet")
+
+    cp = [{k: v for k, v in r.items() if not k.startswith("_")} for r in by_split["caption_pretrain"]]
+    _json_dump(out / "caption_pretrain" / "chat.json", cp)
+    pq.write_table(_truth_table(truth_rows("caption_pretrain", lambda r: r["id"]), "id"),
+                   out / "truth" / "caption_pretrain.parquet")  # fmt: skip
+
+    ins = [{k: v for k, v in r.items() if not k.startswith("_")} for r in by_split["instruct"]]
+    _json_dump(out / "instruct" / "llava_instruct.json", ins)
+    pq.write_table(_truth_table(truth_rows("instruct", lambda r: r["id"]), "id"), out / "truth" / "instruct.parquet")
+
+    cls_dir = out / "eval" / "classify"
+    _json_dump(cls_dir / "classnames.json", list(CLASSNAMES), indent=1)
+    _json_dump(cls_dir / "fine_classnames.json", list(FINE_CLASSNAMES), indent=1)
+    _json_dump(cls_dir / "templates.json", list(CLASSIFY_TEMPLATES), indent=1)
+    with open(cls_dir / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["filename", "label", "fine_label"])
+        for r in by_split["classify"]:
+            w.writerow([r["filename"], r["label"], r["fine_label"]])
+    pq.write_table(_truth_table(truth_rows("classify", lambda r: r["filename"]), "id"),
+                   out / "truth" / "classify.parquet")  # fmt: skip
+
+    images, sentid = [], 0
+    for imgid, r in enumerate(by_split["retrieval"]):
+        sents = []
+        for cap in r["captions"]:
+            sents.append({"raw": cap, "tokens": karpathy_tokens(cap), "imgid": imgid, "sentid": sentid})
+            sentid += 1
+        images.append({"filename": r["filename"], "filepath": "images", "imgid": imgid, "split": "test",
+                       "sentids": [s["sentid"] for s in sents], "sentences": sents,
+                       "content_key": r["content_key"]})  # fmt: skip
+    _json_dump(out / "eval" / "retrieval" / "dataset.json", {"dataset": "tinyworld", "images": images})
+    pq.write_table(_truth_table(truth_rows("retrieval", lambda r: r["filename"]), "id"),
+                   out / "truth" / "retrieval.parquet")  # fmt: skip
+    pq.write_table(_truth_table(truth_rows("long_retrieval", lambda r: f"{r['_index'] + 1}"), "id"),
+                   out / "truth" / "long_retrieval.parquet")  # fmt: skip
+
+    t2i = by_split["t2i_prompts"]
+    t2i_table = pa.table(
+        {
+            "image_id": pa.array([r["image_id"] for r in t2i], pa.int64()),
+            "caption": pa.array([r["caption"] for r in t2i], pa.string()),
+            "recaption": pa.array([r["recaption"] for r in t2i], pa.string()),
+            "file_name": pa.array([r["file_name"] for r in t2i], pa.string()),
+            "objects": pa.array([r["_truth"]["objects"] for r in t2i], pa.string()),
+            "background": pa.array([r["_truth"]["background"] for r in t2i], pa.string()),
+            "content_key": pa.array([r["_truth"]["content_key"] for r in t2i], pa.string()),
+        }
+    )
+    pq.write_table(t2i_table, out / "eval" / "t2i_prompts" / "prompts.parquet")
+    pq.write_table(_truth_table(truth_rows("t2i_prompts", lambda r: str(r["image_id"])), "id"),
+                   out / "truth" / "t2i_prompts.parquet")  # fmt: skip
+
+    seconds = time.perf_counter() - t0
+    web_ok = sum(1 for r in web_truth if r["status"] == "success")
+    counts = cfg.counts()
+    summary = {
+        "out_dir": str(out),
+        "format_version": FORMAT_VERSION,
+        "seed": cfg.seed,
+        "counts": counts,
+        "web_successes": web_ok,
+        "web_shards": [f"web/{shard_name(s, cfg.oom_shard_count)}.tar" for s in range(cfg.n_shards)],
+        "instruct_text_only": sum(1 for r in by_split["instruct"] if "image" not in r),
+        "seconds": round(seconds, 3),
+        "render_seconds": round(t_render, 3),
+        "workers": cfg.workers,
+    }
+    world = {
+        "format_version": FORMAT_VERSION,
+        "name": "tinyworld",
+        "seed": cfg.seed,
+        "config": cfg_dict,
+        "counts": counts,
+        "web": {
+            "shards": cfg.n_shards,
+            "successes": web_ok,
+            "oom_shard_count": cfg.oom_shard_count,
+            "oom_sample_per_shard": cfg.oom_sample_per_shard,
+        },
+        "split_ids": SPLIT_IDS,
+        "vocab": vocab(),
+        "classnames": list(CLASSNAMES),
+        "generated_at": started,
+        "generation_seconds": round(seconds, 3),
+    }
+    _json_dump(out / "world.json", world, indent=2)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description="Generate the tiny world.")
+    ap.add_argument("out_dir")
+    ap.add_argument("--preset", choices=("default", "tiny"), default="default")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = (WorldConfig.tiny if a.preset == "tiny" else WorldConfig)(seed=a.seed, workers=a.workers)
+    summary = generate_world(a.out_dir, cfg, overwrite=a.overwrite)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
