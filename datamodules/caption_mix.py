@@ -125,16 +125,33 @@ def count_samples(urls: Sequence[str]) -> int:
 
 # ----------------------------------------------------------------------------------------------------------- dataset
 class SharedEpoch:
-    """The epoch number, shared with (persistent) loader workers through shared memory (open_clip's idea)."""
+    """The epoch number, shared with (persistent) loader workers through shared memory (open_clip's idea).
+
+    The shared value is created lazily and only travels when a process is being spawned (loader workers);
+    any other pickling (``ddp_spawn`` sending the DataModule to its ranks, deep copies) carries the plain number.
+    """
 
     def __init__(self, epoch: int = 0):
-        self._value = mp.Value("i", epoch)
+        self._epoch = epoch
+        self._value = None
+
+    def _shared(self):
+        if self._value is None:
+            self._value = mp.Value("i", self._epoch)
+        return self._value
 
     def set(self, epoch: int) -> None:
-        self._value.value = epoch
+        self._epoch = epoch
+        self._shared().value = epoch
 
     def get(self) -> int:
-        return self._value.value
+        return self._value.value if self._value is not None else self._epoch
+
+    def __getstate__(self) -> dict:
+        from multiprocessing.context import get_spawning_popen
+
+        spawning = get_spawning_popen() is not None
+        return {"_epoch": self.get(), "_value": self._value if spawning else None}
 
 
 class CaptionMixStream(IterableDataset):
@@ -431,6 +448,7 @@ class CaptionMixDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> CaptionMixLoader:
+        self.epoch._shared()  # create the shared value before workers start, so they all see set_epoch
         return self._loader(self._stream(self.train_shards, "fit", training=True), persistent=True)
 
     def val_dataloader(self) -> CaptionMixLoader | list:
