@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import img2dataset_key, jpeg_bytes, write_shards
+from conftest import img2dataset_key, jpeg_bytes, load_img2dataset_writer, write_shards
 
 from datamodules.caption_mix import CaptionMixDataModule, expand_urls, resolve_weights
 from datamodules.wds_stages import ChooseCaption, SkipStats, uniform_from_key
@@ -303,23 +302,9 @@ def test_all_unusable_shards_fail_loudly_instead_of_spinning(tmp_path):
 
 # ----------------------------------------------------------------------------------------- img2dataset compatibility
 def test_reads_a_shard_written_by_img2datasets_own_writer(tmp_path):
-    import importlib.util
-
     import pyarrow as pa
 
-    spec = importlib.util.find_spec("img2dataset")
-    if spec is None:
-        if os.environ.get("CI"):
-            pytest.fail("img2dataset must be installed in CI (`make install` does it)")
-        pytest.skip("img2dataset is not installed (`make install` adds it with --no-deps)")
-    # Load only img2dataset's writer module: the package __init__ imports its downloader (opencv, albumentations),
-    # which the suite does not need.
-    writer_spec = importlib.util.spec_from_file_location(
-        "img2dataset_writer", Path(spec.submodule_search_locations[0]) / "writer.py"
-    )
-    writer_module = importlib.util.module_from_spec(writer_spec)
-    writer_spec.loader.exec_module(writer_module)
-    WebDatasetSampleWriter = writer_module.WebDatasetSampleWriter
+    WebDatasetSampleWriter = load_img2dataset_writer().WebDatasetSampleWriter
 
     schema = pa.schema(
         [pa.field("url", pa.string()), pa.field("caption", pa.string()), pa.field("org_caption", pa.string())]

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import load_img2dataset_writer
 from PIL import Image
 
 from datamodules.tiny_world import (
@@ -175,7 +176,7 @@ def test_web_shards_follow_img2dataset_layout(world):
 
 def test_tar_matches_img2dataset_writer(world, tmp_path):
     """Write the same samples with img2dataset's own WebDatasetSampleWriter and compare member by member."""
-    writer_mod = pytest.importorskip("img2dataset.writer")
+    writer_mod = load_img2dataset_writer()
     # img2dataset's downloader schema: input columns (save_additional_columns + caption + url), then its own columns
     schema = pa.schema([("org_caption", pa.string()), ("caption", pa.string()), ("url", pa.string())])
     for name, typ in [("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
