@@ -146,11 +146,94 @@ class ShardSchedule:
             yield from ({"url": u} for u in mine)
 
 
-class ReadShards:
-    """Shard URLs -> raw samples via webdataset's tar reader, one shard visit at a time.
+class TarFormatError(ValueError):
+    """A tar stream that is truncated or corrupt (bad header checksum)."""
 
-    Each sample is tagged with ``__visit__`` (the index of this shard visit), so later stages can tell a new visit of
-    the same shard (a cycling worker with one shard) from a duplicate key inside one shard.
+
+_BLOCK = 512
+_POSIX_MAGIC = b"ustar\x0000"
+
+
+def _tar_number(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256 encoding of large sizes
+        return int.from_bytes(field[1:], "big", signed=field[:1] == b"\xff")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_path(data: bytes) -> str | None:
+    for record in data.decode("utf-8", "replace").split("\n"):
+        _, _, kv = record.partition(" ")
+        key, sep, value = kv.partition("=")
+        if sep and key == "path":
+            return value
+    return None
+
+
+def iter_tar_members(stream, where: str = "") -> Iterator[tuple[str, bytes]]:
+    """Yield ``(name, data)`` for the regular files of a tar stream, in order.
+
+    A lean streaming reader for the one tar shape webdataset shards have (many small regular files). Why not
+    ``tarfile``: its generic header machinery is ~30% of a worker's CPU on small images (profiled: 3.4 s of 11.4 s
+    per 6k 64-px samples), which this reader cuts to a fraction. It handles ustar/POSIX prefixes, GNU long names
+    (``L``), pax ``path`` records (``x``), GNU base-256 sizes, and verifies every header checksum; anything
+    truncated or corrupt raises :class:`TarFormatError` (the caller counts it and moves to the next shard).
+    """
+    read = stream.read
+    long_name: str | None = None
+    while True:
+        header = read(_BLOCK)
+        if not header:
+            return  # a stream ending without the end-of-archive blocks is accepted, as tarfile does
+        if len(header) < _BLOCK:
+            raise TarFormatError(f"truncated tar header in {where}")
+        if header.count(0) == _BLOCK:
+            return  # end-of-archive marker
+        stored = _tar_number(header[148:156])
+        if stored != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise TarFormatError(f"bad tar header checksum in {where}")
+        size = _tar_number(header[124:136])
+        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        data = read(padded)
+        if len(data) < padded:
+            raise TarFormatError(f"truncated tar member in {where}")
+        data = data[:size]
+        kind = header[156:157]
+        if kind in (b"L", b"x"):  # the name of the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace") if kind == b"L" else _pax_path(data)
+            continue
+        if kind == b"g":
+            continue
+        if kind not in (b"0", b"\0", b"7"):  # not a regular file (directory, link...)
+            long_name = None
+            continue
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if header[257:265] == _POSIX_MAGIC and header[345] != 0:
+                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        yield name, data
+
+
+def _split_key(name: str) -> tuple[str | None, str]:
+    """webdataset's ``base_plus_ext``: key = path up to the first dot of the basename, suffix = the rest."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot <= slash:
+        return None, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+class ReadShards:
+    """Shard URLs -> raw samples (``{"__key__", "__url__", "__visit__", <suffix>: bytes}``), shard by shard.
+
+    URLs are opened with webdataset's ``gopen`` (files, ``pipe:``, http/s3 through its handlers). Members are grouped
+    into samples by key as webdataset does; a suffix seen twice within one key starts a new sample, which the
+    extraction stage then reports as a duplicate key. Each sample carries ``__visit__`` (the index of this shard
+    visit), so later stages can tell a new visit of the same shard from a duplicate inside one shard. Metadata
+    members (``__*__``) are skipped, as webdataset does. A truncated or corrupt shard is reported to ``handler``
+    and the samples completed before the damage are kept.
     """
 
     def __init__(self, handler: Callable[[Exception], bool]):
@@ -160,9 +243,33 @@ class ReadShards:
         import webdataset as wds
 
         for visit, source in enumerate(sources):
-            for sample in wds.tarfile_to_samples(handler=self.handler)(iter([source])):
-                sample["__visit__"] = visit
-                yield sample
+            url = source["url"]
+            current: dict[str, Any] | None = None
+            try:
+                stream = wds.gopen(url, bufsize=1 << 20)
+            except Exception as exn:  # missing file, failed pipe: count and go on to the next shard
+                exn.args = (*exn.args, url)
+                if self.handler(exn):
+                    continue
+                return
+            try:
+                for name, data in iter_tar_members(stream, url):
+                    key, suffix = _split_key(name)
+                    if key is None or name.rsplit("/", 1)[-1].startswith("__"):
+                        continue
+                    if current is None or key != current["__key__"] or suffix in current:
+                        if current is not None:
+                            yield current
+                        current = {"__key__": key, "__url__": url, "__visit__": visit}
+                    current[suffix] = data
+                if current is not None:
+                    yield current
+            except Exception as exn:
+                exn.args = (*exn.args, url)
+                if not self.handler(exn):
+                    return
+            finally:
+                stream.close()
 
 
 # ----------------------------------------------------------------------------------------------- caption extraction
