@@ -27,8 +27,11 @@ test-slow: install
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-world: install
-	$(PY) -m experiments world --out $(WORLD)
+# world.json is written last, so its absence means "no world or an interrupted one": (re)generate then.
+$(WORLD)/world.json: | $(VENV)/.installed
+	$(PY) -m experiments world --out $(WORLD) --overwrite
+
+world: $(WORLD)/world.json
 
 tiny: world
 	$(PY) -m experiments fit --config experiments/configs/trainer/cpu.yaml --config experiments/configs/debug/tiny_clip.yaml
