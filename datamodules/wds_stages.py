@@ -225,10 +225,24 @@ def _split_key(name: str) -> tuple[str | None, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+def open_shard(url: str):
+    """Open a shard for streaming: webdataset's ``gopen`` for paths, ``pipe:`` and the schemes it knows (http, gs,
+    hf...); fsspec for every other scheme (s3://, az://, memory://...), as open_clip users expect."""
+    import webdataset as wds
+    from webdataset.gopen import gopen_schemes
+
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme and scheme not in gopen_schemes:
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return wds.gopen(url, bufsize=1 << 20)
+
+
 class ReadShards:
     """Shard URLs -> raw samples (``{"__key__", "__url__", "__visit__", <suffix>: bytes}``), shard by shard.
 
-    URLs are opened with webdataset's ``gopen`` (files, ``pipe:``, http/s3 through its handlers). Members are grouped
+    URLs are opened with :func:`open_shard` (files, ``pipe:``, webdataset's schemes, else fsspec). Members are grouped
     into samples by key as webdataset does; a suffix seen twice within one key starts a new sample, which the
     extraction stage then reports as a duplicate key. Each sample carries ``__visit__`` (the index of this shard
     visit), so later stages can tell a new visit of the same shard from a duplicate inside one shard. Metadata
@@ -240,13 +254,11 @@ class ReadShards:
         self.handler = handler
 
     def __call__(self, sources: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
-
         for visit, source in enumerate(sources):
             url = source["url"]
             current: dict[str, Any] | None = None
             try:
-                stream = wds.gopen(url, bufsize=1 << 20)
+                stream = open_shard(url)
             except Exception as exn:  # missing file, failed pipe: count and go on to the next shard
                 exn.args = (*exn.args, url)
                 if self.handler(exn):

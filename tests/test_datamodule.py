@@ -434,3 +434,31 @@ def test_directory_and_list_shard_specs(tiny_shards):
     assert expand_urls(str(web)) == sorted(str(p) for p in web.glob("*.tar"))
     assert expand_urls(f"{web}/00000.tar::{web}/00001.tar") == [f"{web}/00000.tar", f"{web}/00001.tar"]
     assert expand_urls("pipe:cat /x/{0..1}.tar") == ["pipe:cat /x/0.tar", "pipe:cat /x/1.tar"]
+
+
+def test_fsspec_and_pipe_urls(tiny_shards):
+    """Shards behind an fsspec URL (memory:// stands in for s3://) and a pipe: command read like local files."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json"):
+        fs.pipe(f"/web/{name}", (tiny_shards["web"] / name).read_bytes())
+    remote = CaptionMixDataModule(
+        train_shards="memory://web/{00000..00001}.tar",
+        sources={"original": "txt"},
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=1,
+    )
+    piped = CaptionMixDataModule(
+        train_shards=f"pipe:cat {tiny_shards['web']}/{{00000..00001}}.tar",
+        sources={"original": "txt"},
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=1,
+        train_num_samples=40,
+    )
+    for dm in (remote, piped):
+        got = choices(epoch_batches(dm))
+        assert len(got) == 40  # shards 0 and 1 hold 24 + 16 samples
+        assert all(caption == tiny_shards["truth"][key]["original"] for key, (caption, _) in got.items())
