@@ -1,0 +1,426 @@
+"""Loader throughput: our ``CaptionMixDataModule`` against open_clip's own webdataset training pipeline.
+
+Both loaders read the SAME img2dataset shards with the same number of workers, batch size, image transform
+(``open_clip.image_transform(size, is_train=True)``), tokenizer (open_clip's ``SimpleTokenizer``, context 77) and
+shuffle settings (open_clip's train pipeline: sample shuffle buffer 5000, initial 1000; shard order shuffled per
+epoch -- open_clip's 2000-slot shard buffer is a full permutation for <= 2000 shards, as is ours). Our side uses one
+caption source (``{"original": "txt"}``), i.e. the same text open_clip reads.
+
+Each run builds a fresh loader (fresh workers), takes the time to the first batch (worker start-up + filling the
+shuffle buffer's first 1000 samples), skips ``--warmup-batches`` more, then times ``--samples`` samples
+(``time.perf_counter``). Runs alternate between the two loaders (``ours, open_clip, open_clip, ours, ...``); the
+table shows the median and min/max samples/s over ``--repeats`` runs and the ratio ours / open_clip (goal >= 1).
+
+    python -m benchmarks.loader                            # generates a 20k-sample tiny world in a temp dir
+    python -m benchmarks.loader --shards 'data/world/web/{00000..00019}.tar' --workers 2 --batch-size 256
+    python -m benchmarks.loader --profile 4096             # cProfile both pipelines in-process (num_workers=0)
+
+Shards: ``--shards PATTERN`` (brace pattern, glob, ``::`` list or directory); by default the web split of the tiny
+world (``datamodules.tiny_world.generate_world``, 20 shards x 1000 samples of 64x64 JPEGs) is generated into a
+temporary directory (``--world-dir`` keeps/reuses it); if the tiny world is not importable, plain synthetic
+img2dataset-layout shards are written instead (:func:`write_shards`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import random
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+# open_clip_train/data.py's training-pipeline constants; our loader is given the same sample-buffer sizes.
+OPEN_CLIP_SAMPLE_SHUFFLE_SIZE = 5000
+OPEN_CLIP_SAMPLE_SHUFFLE_INITIAL = 1000
+LOADERS = ("ours", "open_clip")
+
+
+# ------------------------------------------------------------------------------------------------------------ shards
+def write_shards(
+    out_dir: str | os.PathLike, n_shards: int = 20, per_shard: int = 1000, image_size: int = 64, seed: int = 0
+) -> str:
+    """Write img2dataset-layout shards (``KEY.jpg``/``KEY.txt``/``KEY.json`` + ``NNNNN_stats.json``); return a
+    brace pattern. Images are ``image_size``-px JPEGs (quality 95) of a few random boxes plus pixel noise, so they
+    cost about what the tiny world's images cost to decode."""
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image, ImageDraw
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    words = ("red", "green", "blue", "yellow", "circle", "square", "star", "ring", "small", "large", "photo", "of",
+             "a", "on", "the", "left", "right", "top")  # fmt: skip
+    oom_sample = max(1, math.ceil(math.log10(max(per_shard, 2))))
+    for shard in range(n_shards):
+        with wds.TarWriter(str(out / f"{shard:05d}.tar")) as sink:
+            for i in range(per_shard):
+                key = f"{shard * 10**oom_sample + i:0{oom_sample + 5}d}"
+                img = Image.new("RGB", (image_size, image_size), tuple(rng.randrange(256) for _ in range(3)))
+                draw = ImageDraw.Draw(img)
+                for _ in range(rng.randint(1, 3)):
+                    x0, y0 = rng.randrange(image_size // 2), rng.randrange(image_size // 2)
+                    x1, y1 = x0 + rng.randint(4, image_size // 2), y0 + rng.randint(4, image_size // 2)
+                    draw.rectangle((x0, y0, x1, y1), fill=tuple(rng.randrange(256) for _ in range(3)))
+                arr = np.asarray(img, dtype=np.int16) + nrng.normal(0, 6, (image_size, image_size, 3)).astype(np.int16)
+                buf = io.BytesIO()
+                Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+                caption = " ".join(rng.choice(words) for _ in range(rng.randint(2, 8)))
+                meta = {"url": f"https://bench.invalid/{key}.jpg", "key": key, "status": "success",
+                        "caption": caption, "width": image_size, "height": image_size}  # fmt: skip
+                sink.write({"__key__": key, "jpg": buf.getvalue(), "txt": caption, "json": json.dumps(meta)})
+        (out / f"{shard:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
+    return str(out / f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+def _pattern_of(web_dir: Path) -> str:
+    tars = sorted(web_dir.glob("*.tar"))
+    if not tars:
+        raise FileNotFoundError(f"no *.tar in {web_dir}")
+    return str(web_dir / f"{{{tars[0].stem}..{tars[-1].stem}}}.tar")
+
+
+def default_shards(world_dir: Path, n_samples: int, shard_size: int, seed: int = 0) -> tuple[str, str]:
+    """Shards to benchmark on: the tiny world's web split under ``world_dir`` (reused if already there, generated
+    otherwise), or synthetic shards when ``datamodules.tiny_world.generate_world`` is unavailable.
+    Returns ``(pattern, how)``."""
+    web = world_dir / "web"
+    if web.is_dir() and any(web.glob("*.tar")):
+        return _pattern_of(web), f"reused {web}"
+    t0 = time.perf_counter()
+    try:
+        from datamodules.tiny_world import WorldConfig, generate_world
+    except ImportError:
+        pattern = write_shards(web, math.ceil(n_samples / shard_size), shard_size, seed=seed)
+        return pattern, f"synthetic shards (tiny world unavailable), written in {time.perf_counter() - t0:.1f} s"
+    cfg = WorldConfig(
+        seed=seed, n_web=n_samples, shard_size=shard_size, n_caption_pretrain=0, n_instruct=0, n_classify=0,
+        n_retrieval=0, n_long_retrieval=0, n_t2i=0, workers=max(1, min(4, os.cpu_count() or 1)),
+    )  # fmt: skip
+    generate_world(world_dir, cfg)
+    return _pattern_of(web), f"tiny world web split generated in {time.perf_counter() - t0:.1f} s"
+
+
+# ----------------------------------------------------------------------------------------------------------- loaders
+def _transforms(image_size: int) -> tuple[Callable, Callable]:
+    import open_clip
+
+    return open_clip.image_transform(image_size, is_train=True), open_clip.get_tokenizer("ViT-B-32")
+
+
+def build_ours(urls: Sequence[str], cfg: SimpleNamespace, epoch_samples: int, workers: int) -> Iterable:
+    """``CaptionMixDataModule.train_dataloader()`` with open_clip's transform, tokenizer and buffer sizes."""
+    from datamodules.caption_mix import CaptionMixDataModule
+    from lightning_modules.components.clip_model import TokenizeOne
+
+    image_tf, tokenizer = _transforms(cfg.image_size)
+    dm = CaptionMixDataModule(
+        train_shards=list(urls),
+        batch_size=cfg.batch_size,
+        sources={"original": "txt"},
+        num_workers=workers,
+        train_num_samples=epoch_samples,
+        shuffle_buffer=cfg.shuffle_buffer,
+        shuffle_initial=cfg.shuffle_initial,
+        seed=cfg.seed,
+        image_transform=image_tf,
+        text_transform=TokenizeOne(tokenizer),
+    )
+    loader = dm.train_dataloader()
+    loader.set_epoch(0)
+    return loader
+
+
+def tarfile_to_samples_nothrow_eof_none(src, handler=None):
+    """open_clip's ``tarfile_to_samples_nothrow`` with ``tar_file_expander(..., eof_value=None)``.
+
+    webdataset >= 0.2.96 (we pin 1.0.x) ends every shard with an EOF marker ``{}`` that open_clip_train 3.3's
+    ``group_by_keys_nothrow`` does not expect (``KeyError: 'fname'``; webdataset issue #384, open_clip issue #935,
+    fix suggested there: ``eof_value=None``). With ``eof_value=None`` the stream is exactly what open_clip was
+    written against; the work per sample is unchanged.
+    """
+    from open_clip_train import data as oc_data
+    from webdataset.tariterators import tar_file_expander, url_opener
+
+    handler = handler or oc_data.log_and_continue
+    streams = url_opener(src, handler=handler)
+    files = tar_file_expander(streams, handler=handler, eof_value=None)
+    return oc_data.group_by_keys_nothrow(files, handler=handler)
+
+
+def _open_clip_needs_eof_patch() -> bool:
+    import inspect
+
+    from open_clip_train import data as oc_data
+    from webdataset.tariterators import tar_file_expander
+
+    has_eof = "eof_value" in inspect.signature(tar_file_expander).parameters
+    return has_eof and "eof_value" not in inspect.getsource(oc_data.tarfile_to_samples_nothrow)
+
+
+def build_open_clip(urls: Sequence[str], cfg: SimpleNamespace, epoch_samples: int, workers: int) -> Iterable:
+    """``open_clip_train.data.get_wds_dataset(..., is_train=True).dataloader`` (its own shuffle constants)."""
+    from open_clip_train import data as oc_data
+
+    image_tf, tokenizer = _transforms(cfg.image_size)
+    args = SimpleNamespace(
+        train_data="::".join(urls),  # open_clip expands "::" lists and braces, not python lists
+        val_data=None,
+        train_num_samples=epoch_samples,
+        val_num_samples=None,
+        dataset_resampled=False,
+        train_data_upsampling_factors=None,
+        batch_size=cfg.batch_size,
+        workers=workers,
+        world_size=1,
+        seed=cfg.seed,
+    )
+    original = oc_data.tarfile_to_samples_nothrow
+    if _open_clip_needs_eof_patch():  # the pipeline list picks the function up when it is built, so patch briefly
+        oc_data.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow_eof_none
+    try:
+        info = oc_data.get_wds_dataset(args, image_tf, is_train=True, epoch=0, floor=False, tokenizer=tokenizer)
+    finally:
+        oc_data.tarfile_to_samples_nothrow = original
+    return info.dataloader
+
+
+def _import_both() -> None:
+    import open_clip  # noqa: F401
+    import open_clip_train.data  # noqa: F401
+
+    import datamodules.caption_mix  # noqa: F401
+    import lightning_modules.components.clip_model  # noqa: F401
+
+
+BUILDERS: dict[str, Callable[..., Iterable]] = {"ours": build_ours, "open_clip": build_open_clip}
+
+
+def _images_texts(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, dict):  # ours
+        return batch["image"], batch["text"]
+    return batch[0], batch[1]  # open_clip: (images, texts)
+
+
+def epoch_batches(cfg: SimpleNamespace) -> int:
+    """Batches per loader epoch: warm-up + timed batches, rounded up to a multiple of the worker count so that both
+    loaders' epoch arithmetic (ours: floor over workers, open_clip: ceil per worker) gives exactly this many."""
+    w = max(1, cfg.workers)
+    timed = math.ceil(cfg.samples / cfg.batch_size)
+    return math.ceil((1 + cfg.warmup_batches + timed) / w) * w
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its reaped children (loader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def time_loader(name: str, urls: Sequence[str], cfg: SimpleNamespace) -> dict[str, Any]:
+    """One run: build a fresh loader, time the first batch, skip the warm-up, time every remaining batch.
+
+    Also measures the CPU time of the whole run (main process + workers, reaped at the end) per delivered sample:
+    on a small shared machine this is steadier than wall-clock throughput.
+    """
+    n_batches = epoch_batches(cfg)
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    loader = BUILDERS[name](urls, cfg, n_batches * cfg.batch_size, cfg.workers)
+    it = iter(loader)
+    images, texts = _images_texts(next(it))
+    first_batch_s = time.perf_counter() - t0
+    shapes = {"image": list(images.shape), "text": list(texts.shape)}
+    delivered = len(images)
+    for _ in range(cfg.warmup_batches):
+        delivered += len(_images_texts(next(it))[0])
+    samples, t1 = 0, time.perf_counter()
+    for batch in it:
+        samples += len(_images_texts(batch)[0])
+    seconds = time.perf_counter() - t1
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()  # join (and so reap) the workers now, before the other loader starts and before reading rusage
+    del it, loader
+    gc.collect()
+    cpu = _cpu_seconds() - cpu0
+    delivered += samples
+    return {
+        "samples": samples,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds if seconds > 0 else float("inf"),
+        "first_batch_s": first_batch_s,
+        "batches": n_batches,
+        "cpu_s": cpu,
+        "cpu_ms_per_sample": 1000 * cpu / delivered,
+        "shapes": shapes,
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
+    rates = [r["samples_per_s"] for r in runs]
+    return {
+        "median": statistics.median(rates),
+        "min": min(rates),
+        "max": max(rates),
+        "first_batch_s": statistics.median(r["first_batch_s"] for r in runs),
+        "cpu_ms_per_sample": statistics.median(r["cpu_ms_per_sample"] for r in runs),
+        "timed_samples_per_run": runs[0]["samples"],
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    header = ("loader", "samples/s (median)", "min", "max", "first batch s", "CPU ms/sample")
+    rows = [header] + [
+        (name, f"{s['median']:.0f}", f"{s['min']:.0f}", f"{s['max']:.0f}", f"{s['first_batch_s']:.2f}",
+         f"{s['cpu_ms_per_sample']:.3f}")
+        for name, s in result["summary"].items()
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for row in rows:
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append(" | ".join(cells))
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    lines.append(f"ratio (ours/open_clip): {result['ratio']:.2f}")
+    if "paired_ratios" in result:
+        per_run = ", ".join(f"{r:.2f}" for r in result["paired_ratios"])
+        lines.append(f"paired ratio per repeat: {per_run} (median {result['paired_ratio_median']:.2f})")
+    if "cpu_ratio" in result:
+        lines.append(f"CPU per sample, open_clip/ours: {result['cpu_ratio']:.2f} (> 1: ours does less work)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------- profile
+def profile_loader(name: str, urls: Sequence[str], cfg: SimpleNamespace, samples: int, top: int = 25) -> str:
+    """cProfile one loader in-process (num_workers=0) over ``samples`` samples after its first batch."""
+    loader = BUILDERS[name](urls, cfg, (math.ceil(samples / cfg.batch_size) + 2) * cfg.batch_size, 0)
+    it = iter(loader)
+    next(it)
+    prof, n = cProfile.Profile(), 0
+    t0 = time.perf_counter()
+    prof.enable()
+    while n < samples:
+        n += len(_images_texts(next(it))[0])
+    prof.disable()
+    dt = time.perf_counter() - t0
+    out = io.StringIO()
+    out.write(f"== {name}: {n} samples in {dt:.2f} s under cProfile ({n / dt:.0f} samples/s, num_workers=0)\n")
+    st = pstats.Stats(prof, stream=out).strip_dirs()
+    st.sort_stats("tottime").print_stats(top)
+    st.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.loader", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shards", help="shard pattern to read (default: generate the tiny world's web split)")
+    p.add_argument("--workers", type=int, default=2, help="loader worker processes (both loaders)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=64, help="open_clip image_transform size (64 or 224)")
+    p.add_argument("--samples", type=int, default=40_000, help="timed samples per run (default: 2 passes over 20k)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per loader, alternating the two")
+    p.add_argument("--warmup-batches", type=int, default=None, help="batches after the first one left out of the "
+                   "timing (default: 2 x workers, at least 2)")  # fmt: skip
+    p.add_argument("--shuffle-buffer", type=int, default=OPEN_CLIP_SAMPLE_SHUFFLE_SIZE,
+                   help="our sample shuffle buffer (open_clip's is fixed at 5000)")  # fmt: skip
+    p.add_argument("--shuffle-initial", type=int, default=OPEN_CLIP_SAMPLE_SHUFFLE_INITIAL,
+                   help="our initial buffer fill (open_clip's is fixed at 1000)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world-dir", help="where the default shards are generated (reused when present); default: a "
+                   "temporary directory, deleted afterwards")  # fmt: skip
+    p.add_argument("--world-samples", type=int, default=20_000, help="web samples of the generated world")
+    p.add_argument("--shard-size", type=int, default=1_000, help="samples per generated shard")
+    p.add_argument("--json", help="write the full result (every run) to this file")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="instead of timing, cProfile N samples of each loader in-process (num_workers=0)")  # fmt: skip
+    a = p.parse_args(argv)
+    if a.warmup_batches is None:
+        a.warmup_batches = max(2, 2 * a.workers)
+    for k in ("batch_size", "samples", "repeats", "shuffle_buffer", "shuffle_initial"):
+        if getattr(a, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    if a.workers < 0 or a.warmup_batches < 0:
+        p.error("--workers and --warmup-batches must be >= 0")
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the table and return the result (``summary``, ``runs``, ``ratio``, settings)."""
+    a = parse_args(argv)
+    from datamodules.caption_mix import expand_urls
+
+    tmp: str | None = None
+    try:
+        if a.shards:
+            pattern, how = a.shards, "given"
+        else:
+            world = Path(a.world_dir) if a.world_dir else Path(tmp := tempfile.mkdtemp(prefix="bench-loader-"))
+            pattern, how = default_shards(world, a.world_samples, a.shard_size, a.seed)
+        urls = expand_urls(pattern)
+        cfg = SimpleNamespace(**{k: getattr(a, k) for k in ("workers", "batch_size", "image_size", "samples",
+                                                             "warmup_batches", "shuffle_buffer", "shuffle_initial",
+                                                             "seed")})  # fmt: skip
+        print(f"shards: {pattern} ({len(urls)} shards, {how})", flush=True)
+        if a.profile:
+            for name in LOADERS:
+                print(profile_loader(name, urls, cfg, a.profile), flush=True)
+            return {"profile": True, "shards": pattern}
+        print(
+            f"workers {a.workers} | batch {a.batch_size} | image {a.image_size}px | {a.samples} timed samples/run "
+            f"after {1 + a.warmup_batches} warm-up batches | {a.repeats} runs each | shuffle {a.shuffle_buffer}/"
+            f"{a.shuffle_initial} | {os.cpu_count()} CPUs",
+            flush=True,
+        )
+        _import_both()  # so neither side's first run pays for imports (lightning, open_clip_train)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in LOADERS}
+        for r in range(a.repeats):
+            for name in LOADERS if r % 2 == 0 else tuple(reversed(LOADERS)):
+                run = time_loader(name, urls, cfg)
+                runs[name].append(run)
+                print(f"  run {r + 1}/{a.repeats} {name:<9} {run['samples_per_s']:8.0f} samples/s "
+                      f"({run['samples']} in {run['seconds']:.2f} s, first batch {run['first_batch_s']:.2f} s, "
+                      f"{run['cpu_ms_per_sample']:.3f} CPU ms/sample)", flush=True)  # fmt: skip
+        summary = {name: summarize(runs[name]) for name in LOADERS}
+        # Runs r of both loaders are back to back, so their ratio cancels slow drifts of a shared machine.
+        paired = [o["samples_per_s"] / c["samples_per_s"] for o, c in zip(runs["ours"], runs["open_clip"], strict=True)]
+        result = {
+            "shards": pattern,
+            "num_shards": len(urls),
+            "settings": vars(cfg),
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
+            "runs": runs,
+            "summary": summary,
+            "ratio": summary["ours"]["median"] / summary["open_clip"]["median"],
+            "paired_ratios": paired,
+            "paired_ratio_median": statistics.median(paired),
+            "cpu_ratio": summary["open_clip"]["cpu_ms_per_sample"] / summary["ours"]["cpu_ms_per_sample"],
+        }
+        print(format_table(result), flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps(result, indent=2))
+        return result
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

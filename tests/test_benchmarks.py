@@ -1,0 +1,32 @@
+"""The loader benchmark runs end to end on tiny shards and reports both loaders (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.loader import format_table, main, write_shards
+
+
+def test_loader_benchmark_reports_both_loaders(tmp_path, capsys):
+    pattern = write_shards(tmp_path / "shards", n_shards=2, per_shard=64, image_size=32)
+    out_json = tmp_path / "bench.json"
+    argv = ["--shards", pattern, "--workers", "0", "--batch-size", "32", "--samples", "128", "--repeats", "1",
+            "--image-size", "64", "--json", str(out_json)]  # fmt: skip
+    result = main(argv)
+
+    printed = capsys.readouterr().out
+    assert "ratio (ours/open_clip):" in printed
+    for name in ("ours", "open_clip"):
+        assert name in printed
+        s = result["summary"][name]
+        assert s["median"] > 0
+        assert s["min"] <= s["median"] <= s["max"]
+        assert s["first_batch_s"] > 0
+        (run,) = result["runs"][name]
+        assert run["samples"] >= 128
+        # same transform and tokenizer on both sides: equal batch shapes
+        assert run["shapes"] == {"image": [32, 3, 64, 64], "text": [32, 77]}
+    assert result["runs"]["ours"][0]["samples"] == result["runs"]["open_clip"][0]["samples"]
+    assert result["ratio"] > 0
+    assert format_table(result).splitlines()[0].startswith("loader")
+    assert json.loads(out_json.read_text())["ratio"] == result["ratio"]
