@@ -13,11 +13,9 @@ Pipeline per loader worker (each stage in :mod:`datamodules.wds_stages`)::
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import multiprocessing as mp
-import os
 import random
 import warnings
 from collections import Counter
@@ -27,9 +25,9 @@ from typing import Any, Literal
 
 import lightning as L
 import webdataset as wds
-from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
+from datamodules.shards import expand_urls
 from datamodules.wds_stages import (
     Batch,
     ChooseCaption,
@@ -66,27 +64,6 @@ class DataTransforms:
 
 
 # ------------------------------------------------------------------------------------------------------------ shards
-def expand_urls(spec: str | Sequence[str]) -> list[str]:
-    """Expand shard specs: brace patterns, ``::``-separated lists (open_clip), globs, directories of ``*.tar``,
-    fsspec URLs and ``pipe:`` commands (passed through)."""
-    items = [spec] if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
-    for item in items:
-        for part in str(item).split("::"):
-            for url in braceexpand(part):
-                if url.startswith("pipe:") or "://" in url:
-                    urls.append(url)
-                elif os.path.isdir(url):
-                    urls.extend(sorted(glob.glob(os.path.join(url, "*.tar"))))
-                elif any(c in url for c in "*?["):
-                    urls.extend(sorted(glob.glob(url)))
-                else:
-                    urls.append(url)
-    if not urls:
-        raise ValueError(f"no shards match {spec!r}")
-    return urls
-
-
 def _open_text(path: str) -> str:
     import fsspec
 

@@ -72,12 +72,13 @@ from pathlib import Path
 from typing import IO, Any, Literal
 from urllib.parse import urlparse
 
-import braceexpand
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from datamodules.shards import expand_urls
 
 __all__ = [
     "JOIN_COLUMNS",
@@ -898,14 +899,8 @@ def _expand_recap(recap: str | Path | Sequence[str | Path]) -> list[str]:
 
 
 def _expand_shards(shards: str | Sequence[str]) -> list[str]:
-    items = [shards] if isinstance(shards, str | os.PathLike) else list(shards)
-    out: list[str] = []
-    for item in items:
-        for pattern in os.fspath(item).split("::"):
-            out.extend(braceexpand.braceexpand(pattern))
-    if not out:
-        raise ValueError("no shards given")
-    return list(dict.fromkeys(out))
+    # the same shard specs as the DataModule's train_shards (dirs and globs too), each shard once
+    return list(dict.fromkeys(expand_urls(shards)))
 
 
 def _strip_query(url: str) -> str:
