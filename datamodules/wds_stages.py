@@ -216,15 +216,6 @@ def iter_tar_members(stream, where: str = "") -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
-def _split_key(name: str) -> tuple[str | None, str]:
-    """webdataset's ``base_plus_ext``: key = path up to the first dot of the basename, suffix = the rest."""
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    if dot <= slash:
-        return None, ""
-    return name[:dot], name[dot + 1 :].lower()
-
-
 def open_shard(url: str):
     """Open a shard for streaming: webdataset's ``gopen`` for paths, ``pipe:`` and the schemes it knows (http, gs,
     hf...); fsspec for every other scheme (s3://, az://, memory://...), as open_clip users expect."""
@@ -254,6 +245,8 @@ class ReadShards:
         self.handler = handler
 
     def __call__(self, sources: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        from webdataset.tariterators import base_plus_ext  # webdataset's own key/suffix split
+
         for visit, source in enumerate(sources):
             url = source["url"]
             current: dict[str, Any] | None = None
@@ -266,9 +259,10 @@ class ReadShards:
                 return
             try:
                 for name, data in iter_tar_members(stream, url):
-                    key, suffix = _split_key(name)
+                    key, suffix = base_plus_ext(name)
                     if key is None or name.rsplit("/", 1)[-1].startswith("__"):
                         continue
+                    suffix = suffix.lower()  # as webdataset's group_by_keys(lcase=True)
                     if current is None or key != current["__key__"] or suffix in current:
                         if current is not None:
                             yield current
