@@ -17,8 +17,7 @@ table shows the median and min/max samples/s over ``--repeats`` runs and the rat
 
 Shards: ``--shards PATTERN`` (brace pattern, glob, ``::`` list or directory); by default the web split of the tiny
 world (``datamodules.tiny_world.generate_world``, 20 shards x 1000 samples of 64x64 JPEGs) is generated into a
-temporary directory (``--world-dir`` keeps/reuses it); if the tiny world is not importable, plain synthetic
-img2dataset-layout shards are written instead (:func:`write_shards`).
+temporary directory (``--world-dir`` keeps/reuses it).
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import math
 import os
 import platform
 import pstats
-import random
 import resource
 import shutil
 import statistics
@@ -51,44 +49,6 @@ LOADERS = ("ours", "open_clip")
 
 
 # ------------------------------------------------------------------------------------------------------------ shards
-def write_shards(
-    out_dir: str | os.PathLike, n_shards: int = 20, per_shard: int = 1000, image_size: int = 64, seed: int = 0
-) -> str:
-    """Write img2dataset-layout shards (``KEY.jpg``/``KEY.txt``/``KEY.json`` + ``NNNNN_stats.json``); return a
-    brace pattern. Images are ``image_size``-px JPEGs (quality 95) of a few random boxes plus pixel noise, so they
-    cost about what the tiny world's images cost to decode."""
-    import numpy as np
-    import webdataset as wds
-    from PIL import Image, ImageDraw
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    nrng = np.random.default_rng(seed)
-    words = ("red", "green", "blue", "yellow", "circle", "square", "star", "ring", "small", "large", "photo", "of",
-             "a", "on", "the", "left", "right", "top")  # fmt: skip
-    oom_sample = max(1, math.ceil(math.log10(max(per_shard, 2))))
-    for shard in range(n_shards):
-        with wds.TarWriter(str(out / f"{shard:05d}.tar")) as sink:
-            for i in range(per_shard):
-                key = f"{shard * 10**oom_sample + i:0{oom_sample + 5}d}"
-                img = Image.new("RGB", (image_size, image_size), tuple(rng.randrange(256) for _ in range(3)))
-                draw = ImageDraw.Draw(img)
-                for _ in range(rng.randint(1, 3)):
-                    x0, y0 = rng.randrange(image_size // 2), rng.randrange(image_size // 2)
-                    x1, y1 = x0 + rng.randint(4, image_size // 2), y0 + rng.randint(4, image_size // 2)
-                    draw.rectangle((x0, y0, x1, y1), fill=tuple(rng.randrange(256) for _ in range(3)))
-                arr = np.asarray(img, dtype=np.int16) + nrng.normal(0, 6, (image_size, image_size, 3)).astype(np.int16)
-                buf = io.BytesIO()
-                Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
-                caption = " ".join(rng.choice(words) for _ in range(rng.randint(2, 8)))
-                meta = {"url": f"https://bench.invalid/{key}.jpg", "key": key, "status": "success",
-                        "caption": caption, "width": image_size, "height": image_size}  # fmt: skip
-                sink.write({"__key__": key, "jpg": buf.getvalue(), "txt": caption, "json": json.dumps(meta)})
-        (out / f"{shard:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
-    return str(out / f"{{00000..{n_shards - 1:05d}}}.tar")
-
-
 def _pattern_of(web_dir: Path) -> str:
     tars = sorted(web_dir.glob("*.tar"))
     if not tars:
@@ -98,17 +58,13 @@ def _pattern_of(web_dir: Path) -> str:
 
 def default_shards(world_dir: Path, n_samples: int, shard_size: int, seed: int = 0) -> tuple[str, str]:
     """Shards to benchmark on: the tiny world's web split under ``world_dir`` (reused if already there, generated
-    otherwise), or synthetic shards when ``datamodules.tiny_world.generate_world`` is unavailable.
-    Returns ``(pattern, how)``."""
+    otherwise). Returns ``(pattern, how)``."""
     web = world_dir / "web"
     if web.is_dir() and any(web.glob("*.tar")):
         return _pattern_of(web), f"reused {web}"
+    from datamodules.tiny_world import WorldConfig, generate_world
+
     t0 = time.perf_counter()
-    try:
-        from datamodules.tiny_world import WorldConfig, generate_world
-    except ImportError:
-        pattern = write_shards(web, math.ceil(n_samples / shard_size), shard_size, seed=seed)
-        return pattern, f"synthetic shards (tiny world unavailable), written in {time.perf_counter() - t0:.1f} s"
     cfg = WorldConfig(
         seed=seed, n_web=n_samples, shard_size=shard_size, n_caption_pretrain=0, n_instruct=0, n_classify=0,
         n_retrieval=0, n_long_retrieval=0, n_t2i=0, workers=max(1, min(4, os.cpu_count() or 1)),

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.loader import format_table, main, write_shards
+from conftest import write_shards
+
+from benchmarks.loader import format_table, main
 
 
 def test_loader_benchmark_reports_both_loaders(tmp_path, capsys):
-    pattern = write_shards(tmp_path / "shards", n_shards=2, per_shard=64, image_size=32)
+    write_shards(tmp_path / "shards", [64, 64], image_size=32)
+    pattern = str(tmp_path / "shards" / "{00000..00001}.tar")
     out_json = tmp_path / "bench.json"
     argv = ["--shards", pattern, "--workers", "0", "--batch-size", "32", "--samples", "128", "--repeats", "1",
             "--image-size", "64", "--json", str(out_json)]  # fmt: skip
