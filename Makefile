@@ -36,8 +36,8 @@ world: $(WORLD)/world.json
 tiny: world
 	$(PY) -m experiments fit --config experiments/configs/trainer/cpu.yaml --config experiments/configs/debug/tiny_clip.yaml
 
-bench: install
-	$(PY) -m benchmarks.loader --shards "$(WORLD)/web/{00000..00019}.tar"
+bench: world
+	$(PY) -m benchmarks.loader --shards $(WORLD)/web
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,11 +1,12 @@
 """``python -m experiments world --out DIR``: generate the tiny world (see datamodules/tiny_world/README.md).
 
-Every ``WorldConfig`` knob is a flag (``--n_web 5000``, ``--alt.junk 0.3``, ``--scene.max_objects 2``...) or a
+Every ``WorldConfig`` knob is a flag (``--n_web 5000``, ``--alt.junk 0.3``, ``--scene.rgb_jitter 10``...) or a
 key of a ``--config world.yaml``; ``--preset tiny`` starts from the test-sized world.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -35,12 +36,14 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if "--preset" in argv and argv[argv.index("--preset") + 1 : argv.index("--preset") + 2] == ["tiny"]:
+    # The preset sets the defaults that the other flags override, so it is read first (both --preset X and =X).
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset", default="default")
+    if preset.parse_known_args(argv)[0].preset == "tiny":
         tiny = dataclasses.asdict(WorldConfig.tiny())
         parser.set_defaults({f"world.{k}": v for k, v in tiny.items() if not isinstance(v, dict)})
     args = parser.parse_args(_flatten_world_flags(argv))
-    world = args.world.as_dict() if hasattr(args.world, "as_dict") else dict(args.world)
-    cfg = WorldConfig(**world)
+    cfg = WorldConfig(**args.world.as_dict())
     t0 = time.perf_counter()
     summary = generate_world(args.out, cfg, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))

@@ -99,7 +99,7 @@ def test_scrub_secrets():
 
 def test_world_command_flags(tmp_path):
     summary = main_world(
-        ["--out", str(tmp_path / "w"), "--preset", "tiny", "--n_web", "60", "--shard_size", "20", "--seed", "3"]
+        ["--out", str(tmp_path / "w"), "--preset=tiny", "--n_web", "60", "--shard_size", "20", "--seed", "3"]
     )
     world = json.loads((tmp_path / "w" / "world.json").read_text())
     assert sorted(p.name for p in (tmp_path / "w" / "web").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
