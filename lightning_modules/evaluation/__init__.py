@@ -1,0 +1,33 @@
+"""CLIP evaluation harness in plain PyTorch: retrieval / classification metrics, evaluation tasks and their loop.
+
+Used by the CLIP LightningModule (in the loop and as ``test``), by the DiT module and by reports. No Lightning here.
+"""
+
+from .metrics import retrieval_metrics, retrieval_recall, token_lengths, topk_accuracy
+from .tasks import (
+    EvalTask,
+    LongRetrieval,
+    Retrieval,
+    ZeroShotClassification,
+    resolve_classnames,
+    resolve_templates,
+    run_tasks,
+    write_metrics_json,
+    zero_shot_classifier,
+)
+
+__all__ = [
+    "EvalTask",
+    "LongRetrieval",
+    "Retrieval",
+    "ZeroShotClassification",
+    "resolve_classnames",
+    "resolve_templates",
+    "retrieval_metrics",
+    "retrieval_recall",
+    "run_tasks",
+    "token_lengths",
+    "topk_accuracy",
+    "write_metrics_json",
+    "zero_shot_classifier",
+]

@@ -1,0 +1,405 @@
+"""CLIP evaluation tasks (zero-shot classification, Karpathy-split retrieval, long-caption retrieval) and their loop.
+
+The paper (§5, Evaluation) reports zero-shot ImageNet-1K top-1, COCO (Karpathy 5k test) and Flickr30K (Karpathy 1k
+test) retrieval R@1 in both directions, and Urban-1K long-caption retrieval. Each ``EvalTask`` owns its data layout:
+
+- ``image_dataset(transform)`` yields ``(image_tensor, index)`` for the task's images, index 0..n-1;
+- ``compute(image_features, encode_texts, tokenizer, context_length)`` turns the L2-normalised image features (rows in
+  index order) and a text encoder into metrics.
+
+``run_tasks`` is the standalone loop (any model given as two encoder callables); a LightningModule can instead feed
+its own ``test_step`` features to ``compute``. Texts are never truncated silently: retrieval tasks count the captions
+longer than the text tower's context (``n_texts_over_context``) and log a warning when there are any.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .metrics import retrieval_metrics, token_lengths, topk_accuracy
+
+__all__ = [
+    "EvalTask",
+    "LongRetrieval",
+    "Retrieval",
+    "ZeroShotClassification",
+    "resolve_classnames",
+    "resolve_templates",
+    "run_tasks",
+    "write_metrics_json",
+    "zero_shot_classifier",
+]
+
+log = logging.getLogger(__name__)
+
+PathLike = str | Path
+TextEncoder = Callable[[list[str]], torch.Tensor]
+Template = Callable[[str], str]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's set
+
+
+class EvalTask(abc.ABC):
+    """One evaluation set. ``name`` prefixes its metrics (``f"{name}/{metric}"``)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def image_dataset(self, transform: Callable[[Image.Image], torch.Tensor]) -> Dataset:
+        """The task's images as ``(transform(image), index)``, index 0..n-1."""
+
+    @abc.abstractmethod
+    def compute(
+        self, image_features: torch.Tensor, encode_texts: TextEncoder, tokenizer: Any, context_length: int
+    ) -> dict[str, float]:
+        """Metrics from L2-normalised image features ``[n, d]`` in index order and a normalised text encoder."""
+
+    def _check_features(self, image_features: torch.Tensor, n: int) -> None:
+        if image_features.ndim != 2 or image_features.shape[0] != n:
+            raise ValueError(f"{self.name}: expected image features [{n}, d], got {tuple(image_features.shape)}")
+
+
+class _ImageList(Dataset):
+    """RGB images from a list of paths, returned as ``(transform(image), index)``."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.paths[index]) as img:
+            return self.transform(img.convert("RGB")), index
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from e
+
+
+def _string_list(value: Any, source: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{source}: expected a non-empty list of strings")
+    return value
+
+
+def resolve_classnames(classnames: Sequence[str] | PathLike) -> list[str]:
+    """Class names from a list, a path to a JSON list, or ``"imagenet"`` (open_clip's ``IMAGENET_CLASSNAMES``)."""
+    if isinstance(classnames, str) and classnames == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        return list(IMAGENET_CLASSNAMES)
+    if isinstance(classnames, (str, os.PathLike)):
+        return _string_list(_read_json(Path(classnames), "classnames file"), str(classnames))
+    return _string_list(list(classnames), "classnames")
+
+
+def _format_template(template: str) -> Template:
+    """``"a photo of a {c}."`` (tiny world, CLIP_benchmark) or ``"a photo of a {}."`` as a callable."""
+    try:
+        if "\0" not in template.format("\0", c="\0"):
+            raise ValueError(f"template {template!r} has no class-name placeholder ({{c}} or {{}})")
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"template {template!r} has a placeholder other than {{c}} or {{}}") from e
+    return lambda c: template.format(c, c=c)
+
+
+def resolve_templates(templates: Sequence[str | Template] | PathLike) -> list[Template]:
+    """Prompt templates as callables ``classname -> text``.
+
+    Accepts a list of callables (open_clip's ``lambda c: f"..."``) and/or format strings with ``{c}`` or ``{}``, a
+    path to a JSON list of format strings, ``"openai"`` (the 80 CLIP prompts, ``OPENAI_IMAGENET_TEMPLATES``) or
+    ``"simple"`` (``SIMPLE_IMAGENET_TEMPLATES``).
+    """
+    if isinstance(templates, str) and templates in ("openai", "simple"):
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+        return list(OPENAI_IMAGENET_TEMPLATES if templates == "openai" else SIMPLE_IMAGENET_TEMPLATES)
+    if isinstance(templates, (str, os.PathLike)):
+        templates = _string_list(_read_json(Path(templates), "templates file"), str(templates))
+    templates = list(templates)
+    if not templates:
+        raise ValueError("templates: expected at least one template")
+    return [t if callable(t) else _format_template(t) for t in templates]
+
+
+def zero_shot_classifier(
+    classnames: Sequence[str], templates: Sequence[Template], encode_texts: TextEncoder
+) -> torch.Tensor:
+    """The CLIP zero-shot head ``[n_classes, d]``: per class, the mean of its normalised prompt features, renormalised.
+
+    Same recipe as ``open_clip.build_zero_shot_classifier``, which cannot be used here: it needs a model with
+    ``encode_text`` plus a tokenizer (tasks get a strings -> features callable) and formats string templates
+    positionally, which breaks ``{c}`` templates. All prompts go to ``encode_texts`` in one call; it batches.
+    """
+    texts = [template(c) for c in classnames for template in templates]
+    feats = encode_texts(texts).float()
+    feats = feats.reshape(len(classnames), len(templates), -1).mean(dim=1)
+    return F.normalize(feats, dim=-1)
+
+
+class ZeroShotClassification(EvalTask):
+    """Zero-shot classification over an ImageFolder (sorted class dirs = label order); reports ``top1``, ``top5``.
+
+    Args:
+        root: Dataset folder. Images are in ``root/split_dir``; without ``split_dir``, in ``root/images`` when that
+            exists (tiny world ``eval/classify``), else in ``root``.
+        classnames: See ``resolve_classnames``; default ``root/classnames.json``.
+        templates: See ``resolve_templates``; default ``root/templates.json`` if present, else ``"openai"`` (the CLIP
+            prompt ensemble, which CLIPA uses for ImageNet).
+        name: Metric prefix.
+        split_dir: Image folder relative to ``root``, e.g. ``"val"`` for ImageNet.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        classnames: Sequence[str] | PathLike | None = None,
+        templates: Sequence[str | Template] | PathLike | None = None,
+        name: str = "zeroshot",
+        split_dir: str | None = None,
+    ) -> None:
+        self.name = name
+        root = _require_dir(Path(root), "classification root")
+        if split_dir is not None:
+            image_root = _require_dir(root / split_dir, "classification image folder")
+        else:
+            image_root = root / "images" if (root / "images").is_dir() else root
+        if classnames is None:
+            if not (root / "classnames.json").is_file():
+                raise FileNotFoundError(f"no classnames given and {root / 'classnames.json'} does not exist")
+            classnames = root / "classnames.json"
+        if templates is None:
+            templates = root / "templates.json" if (root / "templates.json").is_file() else "openai"
+        self.classnames = resolve_classnames(classnames)
+        self.templates = resolve_templates(templates)
+
+        from torchvision.datasets.folder import find_classes, make_dataset
+
+        classes, class_to_idx = find_classes(str(image_root))
+        if len(classes) != len(self.classnames):
+            raise ValueError(
+                f"{image_root} has {len(classes)} class folders but there are {len(self.classnames)} class names"
+            )
+        try:
+            samples = make_dataset(str(image_root), class_to_idx, extensions=IMAGE_EXTENSIONS)
+        except FileNotFoundError as e:  # torchvision names the empty class folder but not where it is
+            raise FileNotFoundError(f"{image_root}: {e}") from e
+        self.paths = [Path(p) for p, _ in samples]
+        self.labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+
+    def image_dataset(self, transform: Callable[[Image.Image], torch.Tensor]) -> Dataset:
+        return _ImageList(self.paths, transform)
+
+    def compute(
+        self, image_features: torch.Tensor, encode_texts: TextEncoder, tokenizer: Any, context_length: int
+    ) -> dict[str, float]:
+        self._check_features(image_features, len(self.paths))
+        classifier = zero_shot_classifier(self.classnames, self.templates, encode_texts)
+        logits = image_features.float() @ classifier.to(image_features.device).T
+        return topk_accuracy(logits, self.labels, ks=(1, 5))
+
+
+class _RetrievalTask(EvalTask):
+    """Image <-> text retrieval over images and captions, each caption pointing at one image."""
+
+    def __init__(self, name: str, paths: list[Path], texts: list[str], text_to_image: list[int], source: Path) -> None:
+        if not paths or not texts:
+            raise ValueError(f"{source}: no images or no captions to evaluate")
+        self.name = name
+        self.paths = paths
+        self.texts = texts
+        self.text_to_image = torch.tensor(text_to_image, dtype=torch.long)
+
+    def image_dataset(self, transform: Callable[[Image.Image], torch.Tensor]) -> Dataset:
+        missing = [p for p in self.paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.name}: {len(missing)} image file(s) missing, e.g. {missing[0]}")
+        return _ImageList(self.paths, transform)
+
+    def compute(
+        self, image_features: torch.Tensor, encode_texts: TextEncoder, tokenizer: Any, context_length: int
+    ) -> dict[str, float]:
+        self._check_features(image_features, len(self.paths))
+        lengths = token_lengths(tokenizer, self.texts)
+        n_over = sum(n > context_length for n in lengths)
+        if n_over:
+            log.warning(
+                "%s: %d of %d texts (%.1f%%) exceed the context length %d (longest %d tokens); the tokenizer "
+                "truncates them",
+                self.name, n_over, len(lengths), 100 * n_over / len(lengths), context_length, max(lengths),
+            )  # fmt: skip
+        text_features = encode_texts(self.texts)
+        metrics = retrieval_metrics(image_features, text_features, self.text_to_image, ks=(1, 5, 10))
+        metrics.update(
+            n_images=float(len(self.paths)),
+            n_texts=float(len(self.texts)),
+            n_texts_over_context=float(n_over),
+            frac_texts_over_context=n_over / len(self.texts),
+        )
+        return metrics
+
+
+class Retrieval(_RetrievalTask):
+    """Retrieval on a Karpathy split JSON (``dataset_coco.json``, ``dataset_flickr30k.json``, tiny world).
+
+    The file is ``{"images": [{"filename", "split", "sentences": [{"raw"}, ...], "filepath"?}, ...]}``. An image is at
+    ``image_root / filepath / filename`` (COCO: ``filepath`` is ``val2014`` / ``train2014``), or at
+    ``image_root / filename`` when there is no ``filepath`` (Flickr30K). Only images of ``split`` are used; every raw
+    sentence of an image is one of its captions (usually 5).
+    """
+
+    def __init__(self, karpathy_json: PathLike, image_root: PathLike, split: str = "test", name: str = "retrieval"):
+        source, image_root = Path(karpathy_json), Path(image_root)
+        data = _read_json(source, "Karpathy split file")
+        entries = data.get("images") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError(f"{source}: expected an object with an 'images' list")
+        paths: list[Path] = []
+        texts: list[str] = []
+        text_to_image: list[int] = []
+        splits: set[str] = set()
+        for i, entry in enumerate(entries):
+            try:
+                splits.add(entry["split"])
+                if entry["split"] != split:
+                    continue
+                path = image_root / entry.get("filepath", "") / entry["filename"]
+                captions = [s["raw"] for s in entry["sentences"]]
+            except (KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{source}: images[{i}] lacks field {e} (needs filename, split, sentences[].raw)"
+                ) from e
+            if not captions:
+                raise ValueError(f"{source}: images[{i}] ({path.name}) has no sentences")
+            texts += captions
+            text_to_image += [len(paths)] * len(captions)
+            paths.append(path)
+        if not paths:
+            raise ValueError(f"{source}: no images in split {split!r} (splits present: {sorted(splits)})")
+        super().__init__(name, paths, texts, text_to_image, source)
+
+    @classmethod
+    def coco(cls, karpathy_json: PathLike, image_root: PathLike, split: str = "test", name: str = "coco") -> Retrieval:
+        """COCO Karpathy 5k test: ``dataset_coco.json`` and the folder holding ``val2014/``."""
+        return cls(karpathy_json, image_root, split=split, name=name)
+
+    @classmethod
+    def flickr30k(
+        cls, karpathy_json: PathLike, image_root: PathLike, split: str = "test", name: str = "flickr30k"
+    ) -> Retrieval:
+        """Flickr30K Karpathy 1k test: ``dataset_flickr30k.json`` and the folder holding the jpgs."""
+        return cls(karpathy_json, image_root, split=split, name=name)
+
+
+def _stem_order(stem: str) -> tuple[int, int, str]:
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
+
+
+class LongRetrieval(_RetrievalTask):
+    """Long-caption retrieval in the Urban1K layout: ``root/image/<i>.jpg`` and ``root/caption/<i>.txt``.
+
+    Images and captions are paired by file stem, one caption per image, ordered by stem (numerically when the stems
+    are numbers). Long captions usually exceed a 77-token context: ``n_texts_over_context`` says how many.
+    """
+
+    def __init__(self, root: PathLike, name: str = "long_retrieval") -> None:
+        root = Path(root)
+        image_dir = _require_dir(root / "image", "long-retrieval image folder")
+        caption_dir = _require_dir(root / "caption", "long-retrieval caption folder")
+        images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+        captions = {p.stem: p for p in caption_dir.glob("*.txt")}
+        orphans = sorted(captions.keys() - images.keys(), key=_stem_order)
+        if orphans:
+            stem = orphans[0]
+            raise FileNotFoundError(f"caption {captions[stem]} has no image {image_dir / stem}.<jpg|png|...>")
+        paths: list[Path] = []
+        texts: list[str] = []
+        for stem in sorted(images, key=_stem_order):
+            if stem not in captions:
+                raise FileNotFoundError(f"image {images[stem]} has no caption {caption_dir / f'{stem}.txt'}")
+            text = captions[stem].read_text(encoding="utf-8").strip()
+            if not text:
+                raise ValueError(f"empty caption: {captions[stem]}")
+            paths.append(images[stem])
+            texts.append(text)
+        super().__init__(name, paths, texts, list(range(len(paths))), root)
+
+
+def run_tasks(
+    tasks: Sequence[EvalTask],
+    encode_images: Callable[[torch.Tensor], torch.Tensor],
+    encode_texts: TextEncoder,
+    image_transform: Callable[[Image.Image], torch.Tensor],
+    tokenizer: Any,
+    context_length: int,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Encode each task's images, then score it; returns ``{f"{task.name}/{metric}": value}``.
+
+    ``encode_images`` and ``encode_texts`` return L2-normalised features. Features are placed by the dataset's index,
+    so the result does not depend on the loader's order.
+    """
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    metrics: dict[str, float] = {}
+    with torch.no_grad():
+        for task in tasks:
+            dataset = task.image_dataset(image_transform)
+            n = len(dataset)
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+            features: torch.Tensor | None = None
+            seen = torch.zeros(n, dtype=torch.bool)
+            for images, index in loader:
+                feats = encode_images(images.to(device)).float()
+                if features is None:
+                    features = feats.new_zeros(n, feats.shape[-1])
+                features[index.to(feats.device)] = feats
+                seen[index] = True
+            if features is None or not seen.all():
+                raise RuntimeError(f"{task.name}: encoded {int(seen.sum())} of {n} images")
+            result = task.compute(features, encode_texts, tokenizer, context_length)
+            log.info("%s: %s", task.name, ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+            metrics.update({f"{task.name}/{k}": float(v) for k, v in result.items()})
+    return metrics
+
+
+def write_metrics_json(metrics: Mapping[str, float], path: PathLike, **extra: Any) -> None:
+    """Atomically write ``{"metrics": metrics, **extra}`` (keys sorted) to ``path``, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps({"metrics": dict(metrics), **extra}, indent=2, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(payload + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
