@@ -5,6 +5,7 @@ Recap-COCO-30K parquet, an ImageFolder), so the whole suite trains and is tested
 README.md in this folder for the contents, every knob and the layout.
 """
 
+from .recaption import RECAP_SCHEMA, Perception, RecapNoise, perceive, recaption_scene, truth_recaptions
 from .scene import (
     BACKGROUND_COLOURS,
     BACKGROUND_KINDS,
@@ -67,6 +68,7 @@ __all__ = [
     "INSTRUCT_KINDS",
     "POSITIONS",
     "RECAPTION_PROMPT",
+    "RECAP_SCHEMA",
     "SHADES",
     "SHADE_TO_COLOUR",
     "SHAPES",
@@ -76,6 +78,8 @@ __all__ = [
     "AltText",
     "AltTextNoise",
     "Background",
+    "Perception",
+    "RecapNoise",
     "Scene",
     "SceneConfig",
     "SceneObject",
@@ -90,11 +94,14 @@ __all__ = [
     "karpathy_tokens",
     "long_caption",
     "mentions_shade",
+    "perceive",
     "qa_pairs",
+    "recaption_scene",
     "render_scene",
     "sample_scene",
     "shard_name",
     "short_caption",
     "short_captions",
     "text_only_qa",
+    "truth_recaptions",
 ]

@@ -1,0 +1,441 @@
+"""A "truth recaptioner" for the tiny world: an imperfect oracle that writes a Recap-DataComp-1B-schema table.
+
+Until a trained LLaVA captioner recaptions the web shards, CLIP experiments on the tiny world need a recaption
+source. :func:`truth_recaptions` reads the world's ground truth (``truth/web.parquet``) and the img2dataset
+per-shard parquets (``web/*.parquet``) and writes ``OUT/train-0000i-of-0000n.parquet`` with exactly the paper-era
+columns and dtypes of the released table (PAPER.md §7), in a row order unrelated to the shards. The table is meant to
+go through ``python -m experiments sidecars --recap OUT --shards WORLD/web --out SIDECARS`` like the real one.
+
+Each ``re_caption`` is the world's LLaVA "detailed caption" (:func:`text.detailed_description`) of a *perceived* copy
+of the scene: the imperfections of :class:`RecapNoise` (what the paper says LLaVA recaptions lose, and PROTOTYPE.md
+"Knobs to make a better miniature" #3) are applied to the objects' attributes first:
+
+* colour confusion: orange -> "red", pink -> "purple", cyan -> "blue";
+* shape coarsening: ring -> "circle", star and cross -> "shape";
+* omission of small objects (never the main object, so every caption still describes the largest shape).
+
+Shades are never named (the world keeps them out of every text but the alt-text). With all rates 0 the captioner is
+perfect. Everything is a pure function of ``(world seed, recap seed, key)``: the generators are
+``numpy.random.default_rng([TAG, world_seed, seed, sha256(key), stream, variant])``, so the output is byte-identical
+on rerun and one image's recaption does not depend on which other images are in the world.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .scene import COLOURS, SHAPES, Scene
+from .text import detailed_description, mentions_shade
+
+__all__ = [
+    "RECAP_SCHEMA",
+    "Perception",
+    "RecapNoise",
+    "main",
+    "perceive",
+    "recaption_scene",
+    "truth_recaptions",
+]
+
+RECAP_SCHEMA = pa.schema(
+    [
+        ("url", pa.string()),
+        ("re_caption", pa.string()),
+        ("org_caption", pa.string()),
+        ("sha256", pa.string()),
+        ("key", pa.string()),
+        ("re_clip_score", pa.float64()),
+        ("org_clip_score", pa.float64()),
+        ("re_length", pa.int64()),
+        ("org_length", pa.int64()),
+        ("re_gpt4v_score", pa.int64()),
+        ("org_gpt4v_score", pa.int64()),
+    ]
+)
+"""The paper-era Recap-DataComp-1B schema (PAPER.md §7), in the released column order."""
+
+SOURCE = "tiny-world truth recaptioner"
+CONFIG_NAME = "_recap_config.json"
+LENGTH_UNIT = "whitespace-separated words (len(text.split()))"
+
+_TAG = 0x72656361  # "reca": keeps these generators apart from the world's item_rng([seed, split, index, stream])
+_NOISE_STREAM, _TEXT_STREAM, _SHUFFLE_STREAM = 0, 1, 2
+_FILE_RE = re.compile(r"^train-\d{5}-of-\d{5}\.parquet$")
+
+
+@dataclass(frozen=True)
+class RecapNoise:
+    """How imperfect the truth recaptioner is. All rates 0 gives a perfect captioner.
+
+    Each rate is a per-object probability, drawn independently for every object of every image; see README.md
+    ("Truth recaptions") for why the defaults are what they are.
+    """
+
+    colour_confusion: float = 0.3
+    """An object whose colour is a key of ``colour_map`` is named with the mapped colour (orange -> "red")."""
+    shape_coarsen: float = 0.2
+    """An object whose shape is a key of ``shape_map`` is named with the coarser word (ring -> "circle")."""
+    drop_small: float = 0.2
+    """A small object that is not the main object is left out of the caption."""
+    n_variants: int = 1
+    """Recaptions per image. 1 writes exactly the released schema; more adds ``re_caption_1`` ... columns after it."""
+    independent_variants: bool = False
+    """With ``n_variants > 1``: False (default) = one perception per image shared by all variants (only the wording
+    differs, as sampling one captioner several times would); True = every variant draws its own imperfections."""
+    colour_map: tuple[tuple[str, str], ...] = (("orange", "red"), ("pink", "purple"), ("cyan", "blue"))
+    """(true colour, word used when confused)."""
+    shape_map: tuple[tuple[str, str], ...] = (("ring", "circle"), ("star", "shape"), ("cross", "shape"))
+    """(true shape, coarser word used when coarsened)."""
+
+    def __post_init__(self) -> None:
+        for name in ("colour_confusion", "shape_coarsen", "drop_small"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.n_variants < 1:
+            raise ValueError(f"n_variants must be >= 1, got {self.n_variants}")
+        # tuples (not lists) so the dataclass stays hashable and JSON round-trips compare equal
+        object.__setattr__(self, "colour_map", tuple(tuple(p) for p in self.colour_map))
+        object.__setattr__(self, "shape_map", tuple(tuple(p) for p in self.shape_map))
+        for what, pairs, vocab in (("colour_map", self.colour_map, COLOURS), ("shape_map", self.shape_map, SHAPES)):
+            for pair in pairs:
+                if len(pair) != 2 or pair[0] not in vocab:
+                    raise ValueError(f"{what} entries must be (one of {vocab}, word), got {pair!r}")
+                if mentions_shade(pair[1]):
+                    raise ValueError(f"{what} maps {pair[0]!r} to {pair[1]!r}, which names a shade")
+
+    @classmethod
+    def perfect(cls, n_variants: int = 1) -> RecapNoise:
+        """A captioner that gets every object right."""
+        return cls(colour_confusion=0.0, shape_coarsen=0.0, drop_small=0.0, n_variants=n_variants)
+
+
+@dataclass(frozen=True)
+class Perception:
+    """What the recaptioner "saw" in one image: the scene it describes and which imperfections hit which objects."""
+
+    scene: Scene
+    """The described scene: confused/coarsened words in ``colour``/``shape``, dropped objects removed."""
+    colour_confused: tuple[int, ...]
+    """Indices (into the true scene's objects) of objects named with a confused colour."""
+    shape_coarsened: tuple[int, ...]
+    """Indices of objects named with a coarser shape word."""
+    dropped: tuple[int, ...]
+    """Indices of objects left out."""
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+
+
+def _rng(world_seed: int, seed: int, key: str, stream: int, variant: int) -> np.random.Generator:
+    return np.random.default_rng([_TAG, int(world_seed), int(seed), _key_hash(key), stream, variant])
+
+
+def perceive(scene: Scene, noise: RecapNoise, rng: np.random.Generator) -> Perception:
+    """Apply ``noise`` to a copy of ``scene``.
+
+    Exactly three uniforms are drawn per object (colour, shape, drop), whatever the rates, so raising one rate only
+    adds imperfections to the same images and never reshuffles the others.
+    """
+    cmap, smap = dict(noise.colour_map), dict(noise.shape_map)
+    u = rng.random((len(scene.objects), 3))
+    kept, confused, coarsened, dropped = [], [], [], []
+    for i, o in enumerate(scene.objects):
+        if i != scene.main_index and o.size == "small" and u[i, 2] < noise.drop_small:
+            dropped.append(i)
+            continue
+        colour, shape = o.colour, o.shape
+        if colour in cmap and u[i, 0] < noise.colour_confusion:
+            colour = cmap[colour]
+            confused.append(i)
+        if shape in smap and u[i, 1] < noise.shape_coarsen:
+            shape = smap[shape]
+            coarsened.append(i)
+        kept.append(replace(o, colour=colour, shape=shape))
+    main = scene.main_index - sum(1 for d in dropped if d < scene.main_index)
+    seen = replace(scene, objects=tuple(kept), main_index=main)
+    return Perception(seen, tuple(confused), tuple(coarsened), tuple(dropped))
+
+
+def recaption_scene(
+    scene: Scene, key: str, *, world_seed: int, seed: int = 0, noise: RecapNoise | None = None
+) -> list[tuple[str, Perception]]:
+    """The ``noise.n_variants`` recaptions of one image, each with the perception it describes.
+
+    A pure function of ``(world_seed, seed, key)``, the scene and the knobs.
+    """
+    noise = noise or RecapNoise()
+    out = []
+    shared = None
+    for v in range(noise.n_variants):
+        if noise.independent_variants or shared is None:
+            p = perceive(scene, noise, _rng(world_seed, seed, key, _NOISE_STREAM, v))
+            shared = p
+        text = detailed_description(shared.scene, _rng(world_seed, seed, key, _TEXT_STREAM, v))
+        if mentions_shade(text):  # the world's invariant: only alt-text names a shade
+            raise RuntimeError(f"recaption of {key!r} names a shade: {text!r}")
+        out.append((text, shared))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- the table
+
+
+def _n_words(s: str | None) -> int:
+    return len(s.split()) if s else 0
+
+
+def _read_inputs(world: Path) -> tuple[dict, pa.Table, dict[str, dict]]:
+    world_json = world / "world.json"
+    truth_path = world / "truth" / "web.parquet"
+    web_dir = world / "web"
+    if not world_json.is_file():
+        raise FileNotFoundError(f"{world_json} does not exist (is {world} a tiny world? see generate_world)")
+    if not truth_path.is_file():
+        raise FileNotFoundError(f"{truth_path} does not exist (is {world} a tiny world? see generate_world)")
+    web_files = sorted(p for p in web_dir.glob("*.parquet") if not p.name.startswith((".", "_")))
+    if not web_files:
+        raise FileNotFoundError(f"no img2dataset shard parquets {web_dir}/*.parquet")
+    meta = json.loads(world_json.read_text())
+    cols = ["url", "key", "sha256", "caption", "status"]
+    web = pa.concat_tables([pq.read_table(p, columns=cols) for p in web_files])
+    web = web.filter(pc.equal(web.column("status"), "success"))
+    truth = pq.read_table(truth_path, columns=["key", "objects", "background", "main_index"]).to_pylist()
+    return meta, web, {r["key"]: r for r in truth}
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty (pass overwrite=True / --overwrite to replace a previous table)")
+        for p in out.iterdir():
+            if p.is_file() and (_FILE_RE.match(p.name) or p.name == CONFIG_NAME or ".tmp-" in p.name):
+                p.unlink()
+        left = sorted(p.name for p in out.iterdir())
+        if left:
+            raise FileExistsError(
+                f"{out} holds files this writer did not write ({left[:5]}); a recap directory is read whole by "
+                "the sidecar builder, so choose an empty out_dir"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_atomic_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_atomic_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _rate(num: int, den: int) -> float | None:
+    return round(num / den, 6) if den else None
+
+
+def truth_recaptions(
+    world_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    noise: RecapNoise | None = None,
+    seed: int = 0,
+    files: int = 4,
+    shuffle: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Write the tiny world's recaption table in the Recap-DataComp-1B schema.
+
+    Args:
+        world_dir: A tiny world (``generate_world`` output): ``world.json``, ``truth/web.parquet``, ``web/*.parquet``.
+        out_dir: Output directory, missing or empty; receives ``train-0000i-of-0000n.parquet`` and
+            ``_recap_config.json``.
+        noise: Imperfection knobs (default ``RecapNoise()``); ``RecapNoise.perfect()`` for an exact captioner.
+        seed: Recap seed (the noise and the wording); the world seed comes from ``world.json``.
+        files: Number of parquet files; rows are split evenly (a file may be empty if ``files`` > rows).
+        shuffle: Shuffle rows deterministically across files (the released table's order is unrelated to shards);
+            False keeps shard order.
+        overwrite: Replace a previous table in ``out_dir`` (deletes only this writer's files).
+
+    Returns:
+        Summary: ``rows``, ``files``, ``paths``, ``world_seed``, ``seed``, ``n_variants``, ``rates`` (realised rate
+        of each imperfection over all variants, plus ``main_object_misnamed``, the share of recaptions whose main
+        object's colour or shape word is wrong), ``counts`` (numerators and denominators), ``mean_re_length``,
+        ``mean_org_length``, ``elapsed_s``.
+
+    Raises:
+        FileNotFoundError: ``world.json``, ``truth/web.parquet`` or ``web/*.parquet`` missing (the path is named).
+        FileExistsError: ``out_dir`` not empty and ``overwrite`` not set.
+        ValueError: bad ``files``, or a successful web sample with no ground-truth row.
+    """
+    t0 = time.perf_counter()
+    noise = noise or RecapNoise()
+    if files < 1:
+        raise ValueError(f"files must be >= 1, got {files}")
+    world, out = Path(world_dir), Path(out_dir)
+    meta, web, truth = _read_inputs(world)
+    _prepare_out(out, overwrite)
+    world_seed = int(meta["seed"])
+    image_size = int(meta.get("config", {}).get("scene", {}).get("image_size", 64))
+
+    keys = web.column("key").to_pylist()
+    if len(set(keys)) != len(keys):
+        dup = next(k for k, c in Counter(keys).items() if c > 1)
+        raise ValueError(f"key {dup!r} appears more than once in {world / 'web'}/*.parquet")
+    org = web.column("caption").to_pylist()
+    n_var = noise.n_variants
+    captions: list[list[str]] = [[] for _ in range(n_var)]
+    cnt = Counter()
+    cmap, smap = dict(noise.colour_map), dict(noise.shape_map)
+    for key in keys:
+        row = truth.get(key)
+        if row is None:
+            raise ValueError(f"web sample {key!r} has no row in {world / 'truth' / 'web.parquet'}")
+        scene = Scene.from_json(row["objects"], row["background"], row["main_index"], image_size)
+        for v, (text, p) in enumerate(recaption_scene(scene, key, world_seed=world_seed, seed=seed, noise=noise)):
+            captions[v].append(text)
+            cnt["captions"] += 1
+            objs = scene.objects
+            dropped = set(p.dropped)
+            cnt["small_eligible"] += sum(1 for i, o in enumerate(objs) if i != scene.main_index and o.size == "small")
+            cnt["small_dropped"] += len(dropped)
+            kept = [i for i in range(len(objs)) if i not in dropped]
+            cnt["colour_eligible"] += sum(1 for i in kept if objs[i].colour in cmap)
+            cnt["colour_confused"] += len(p.colour_confused)
+            cnt["shape_eligible"] += sum(1 for i in kept if objs[i].shape in smap)
+            cnt["shape_coarsened"] += len(p.shape_coarsened)
+            cnt["main_misnamed"] += scene.main_index in p.colour_confused or scene.main_index in p.shape_coarsened
+
+    n = len(keys)
+    re_len = [_n_words(t) for t in captions[0]]
+    org_len = [_n_words(t) for t in org]
+    arrays = {
+        "url": web.column("url").combine_chunks().cast(pa.string()),
+        "re_caption": pa.array(captions[0], pa.string()),
+        "org_caption": pa.array(org, pa.string()),
+        "sha256": web.column("sha256").combine_chunks().cast(pa.string()),
+        "key": pa.array(keys, pa.string()),
+        "re_clip_score": pa.array(np.zeros(n, np.float64)),
+        "org_clip_score": pa.array(np.zeros(n, np.float64)),
+        "re_length": pa.array(re_len, pa.int64()),
+        "org_length": pa.array(org_len, pa.int64()),
+        "re_gpt4v_score": pa.array(np.zeros(n, np.int64)),
+        "org_gpt4v_score": pa.array(np.zeros(n, np.int64)),
+    }
+    schema = RECAP_SCHEMA
+    for v in range(1, n_var):
+        arrays[f"re_caption_{v}"] = pa.array(captions[v], pa.string())
+        schema = schema.append(pa.field(f"re_caption_{v}", pa.string()))
+    table = pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
+
+    order = np.arange(n)
+    if shuffle:
+        order = np.random.default_rng([_TAG, world_seed, int(seed), _SHUFFLE_STREAM]).permutation(n)
+    paths = []
+    for i, part in enumerate(np.array_split(order, files)):
+        path = out / f"train-{i:05d}-of-{files:05d}.parquet"
+        _write_atomic_parquet(table.take(pa.array(part, pa.int64())), path)
+        paths.append(str(path))
+
+    rates = {
+        "colour_confusion": _rate(cnt["colour_confused"], cnt["colour_eligible"]),
+        "shape_coarsen": _rate(cnt["shape_coarsened"], cnt["shape_eligible"]),
+        "drop_small": _rate(cnt["small_dropped"], cnt["small_eligible"]),
+        "main_object_misnamed": _rate(cnt["main_misnamed"], cnt["captions"]),
+    }
+    truth_sha = hashlib.sha256((world / "truth" / "web.parquet").read_bytes()).hexdigest()
+    config = {
+        "source": SOURCE,
+        "model": None,
+        "note": "re_caption is generated from the world's ground truth with RecapNoise imperfections, not by a model",
+        "noise": asdict(noise),
+        "seed": int(seed),
+        "world_seed": world_seed,
+        "world_dir": os.fspath(world_dir),
+        "world_format_version": meta.get("format_version"),
+        "world_truth_sha256": truth_sha,
+        "files": files,
+        "shuffle": shuffle,
+        "rows": n,
+        "columns": [f.name for f in schema],
+        "length_unit": LENGTH_UNIT,
+        "scores": "re/org clip and gpt4v scores are 0, as in the released train split",
+        "realised_rates": rates,
+        "counts": dict(sorted(cnt.items())),
+    }
+    _write_atomic_text(json.dumps(config, indent=1) + "\n", out / CONFIG_NAME)
+    return {
+        "out_dir": os.fspath(out),
+        "rows": n,
+        "files": files,
+        "paths": paths,
+        "world_seed": world_seed,
+        "seed": int(seed),
+        "n_variants": n_var,
+        "rates": rates,
+        "counts": dict(sorted(cnt.items())),
+        "mean_re_length": round(float(np.mean(re_len)), 3) if n else 0.0,
+        "mean_org_length": round(float(np.mean(org_len)), 3) if n else 0.0,
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m experiments truth-recaptions --world DIR --out DIR ...``; prints and returns the summary."""
+    d = RecapNoise()
+    ap = argparse.ArgumentParser(
+        prog="truth-recaptions",
+        description="Write a Recap-DataComp-1B-schema recaption table for a tiny world from its ground truth, "
+        "with LLaVA-like imperfections (an oracle, not a model).",
+    )
+    ap.add_argument("--world", required=True, help="tiny world directory (generate_world output)")
+    ap.add_argument("--out", required=True, help="output directory (missing or empty)")
+    ap.add_argument("--seed", type=int, default=0, help="recap seed (noise and wording)")
+    ap.add_argument("--files", type=int, default=4, help="number of train-*.parquet files")
+    ap.add_argument("--colour-confusion", type=float, default=d.colour_confusion, help="orange/pink/cyan misnamed")
+    ap.add_argument("--shape-coarsen", type=float, default=d.shape_coarsen, help="ring/star/cross coarsened")
+    ap.add_argument("--drop-small", type=float, default=d.drop_small, help="small non-main objects left out")
+    ap.add_argument("--n-variants", type=int, default=1, help="recaptions per image (>1 adds re_caption_1, ...)")
+    ap.add_argument("--independent-variants", action="store_true", help="each variant draws its own imperfections")
+    ap.add_argument("--no-shuffle", action="store_true", help="keep shard order instead of shuffling rows")
+    ap.add_argument("--overwrite", action="store_true", help="replace a previous table in --out")
+    a = ap.parse_args(argv)
+    noise = RecapNoise(
+        colour_confusion=a.colour_confusion,
+        shape_coarsen=a.shape_coarsen,
+        drop_small=a.drop_small,
+        n_variants=a.n_variants,
+        independent_variants=a.independent_variants,
+    )
+    summary = truth_recaptions(
+        a.world, a.out, noise, seed=a.seed, files=a.files, shuffle=not a.no_shuffle, overwrite=a.overwrite
+    )
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
