@@ -8,10 +8,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["CaptionMixDataModule", "DataTransforms"]
+_WHERE = {
+    "CaptionMixDataModule": "datamodules.caption_mix",
+    "DataTransforms": "datamodules.caption_mix",
+    "EvalDataModule": "datamodules.eval_sets",
+}
+__all__ = list(_WHERE)
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("datamodules.caption_mix"), name)
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'datamodules' has no attribute {name!r}")

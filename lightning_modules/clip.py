@@ -1,68 +1,152 @@
 """``ClipModule``: contrastive image-text training (Recap-CLIP) on the caption-mix DataModule.
 
-This is the foundation's first version: an open_clip model, open_clip's ``ClipLoss`` with the global batch gathered
-across ranks, AdamW with a linear warm-up + cosine schedule, and the model's own transforms handed to the DataModule.
-Named paper sizes, CLIPA two-stage resolution and the evaluation harness come on top of it.
+The network, the loss and the tokenizer are open_clip's; this module wires them to Lightning: the global-batch loss
+across ranks, AdamW with the CLIPA schedule (warm-up and length in *samples*, peak lr given per 256 samples and
+scaled by the global batch), CLIPA's two-stage resolution recipe (``init_from`` a stage-1 checkpoint, position
+embeddings interpolated), and the evaluation harness (``lightning_modules.evaluation``) in the loop and as ``test``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from open_clip import ClipLoss
 
 from datamodules.caption_mix import DataTransforms
-from lightning_modules.components.clip_model import TokenizeOne, build_clip
+from lightning_modules.components.clip_model import TokenizeOne, build_clip, load_clip_weights
+
+
+def make_clip_loss(rank: int = 0, world_size: int = 1) -> ClipLoss:
+    """The global-batch contrastive loss (open_clip's distributed recipe).
+
+    Every rank gathers all ranks' features *with* gradients and scores its local rows against all columns
+    (``local_loss``), which equals the single-process loss on the concatenated global batch.
+    """
+    return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` (CLIPA, open_clip)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class ClipModule(L.LightningModule):
     """Contrastive training of an open_clip model.
 
     Args:
-        model: open_clip model name, ``local-dir:PATH``, a JSON config path, or the config dict.
-        lr: Peak learning rate (AdamW).
-        weight_decay: AdamW weight decay, applied to matrices only (not to gains, biases, logit scale).
-        betas: AdamW betas.
-        warmup_steps: Linear warm-up steps before the cosine decay (decays to 0 at ``trainer.max_steps``).
-        context_length: Text context length (the paper uses 128); ``None`` keeps the model's.
+        model: open_clip model name, ``recap-clip:VISION:TEXT[:STYLE]`` (paper Table 2, e.g. ``recap-clip:B-16:base``),
+            ``local-dir:PATH`` (an open_clip folder with weights, e.g. the released Recap-CLIP), a JSON config path,
+            or the config dict.
+        lr: Absolute peak learning rate. Give exactly one of ``lr`` and ``lr_per_256``.
+        lr_per_256: The paper's "base lr": peak lr per 256 samples, scaled linearly by the global batch
+            (``batch_size * devices * num_nodes * accumulate_grad_batches``), as CLIPA does.
+        weight_decay: AdamW weight decay on matrices (not on gains, biases, norms or the temperature).
+        betas: AdamW betas (CLIPA: 0.9, 0.95).
+        eps: AdamW epsilon.
+        warmup_steps: Linear warm-up in optimizer steps (use this or ``warmup_samples``).
+        warmup_samples: Linear warm-up in samples (the paper's unit), converted with the global batch.
+        total_samples: Schedule length in samples (the cosine reaches 0 there); default ``trainer.max_steps``.
+        context_length: Text context (the paper: 128); ``None`` keeps the model config's.
+        image_size: Image side, overriding the config (CLIPA: 112 in stage 1, 224 in stage 2).
+        tokenizer: HF tokenizer name or folder replacing the config's (e.g. ``bert-base-uncased``).
+        augmentation: open_clip ``AugmentationCfg`` fields for training (CLIPA: ``scale: [0.4, 1.0]``).
+        train_augment: ``False`` trains on the eval transform (no random crop).
+        init_from: Checkpoint to start from (a Lightning ``.ckpt``, an open_clip ``.pt``/``.bin`` or ``.safetensors``):
+            CLIPA stage 2 names stage 1's checkpoint here. Position embeddings are interpolated to this model.
+        grad_checkpointing: Activation checkpointing in both towers (open_clip's ``set_grad_checkpointing``).
+        compile: ``torch.compile`` the model's forward (the module's parameters and state dict keys are unchanged).
+        evaluation: Evaluation tasks (``lightning_modules.evaluation``) run at the end of validation, on rank 0.
+        eval_every_n_validations: Run ``evaluation`` at every n-th validation; the final weights are always evaluated.
+        eval_batch_size: Batch size of the evaluation loops.
+        metrics_dir: Where evaluation metrics JSON go; default ``<log_dir>/metrics``.
     """
 
     def __init__(
         self,
         model: str | dict[str, Any],
-        lr: float,
-        weight_decay: float,
-        betas: tuple[float, float] = (0.9, 0.98),
+        lr: float | None = None,
+        lr_per_256: float | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
         warmup_steps: int = 0,
+        warmup_samples: int | None = None,
+        total_samples: int | None = None,
         context_length: int | None = None,
+        image_size: int | None = None,
+        tokenizer: str | None = None,
+        augmentation: dict[str, Any] | None = None,
+        train_augment: bool = True,
+        init_from: str | None = None,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        evaluation: Sequence[Any] | None = None,
+        eval_every_n_validations: int = 1,
+        eval_batch_size: int = 256,
+        metrics_dir: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        parts = build_clip(model, context_length)
+        if (lr is None) == (lr_per_256 is None):
+            raise ValueError("give exactly one of lr (absolute peak) and lr_per_256 (the paper's per-256 base lr)")
+        if warmup_steps and warmup_samples:
+            raise ValueError("give warm-up as warmup_steps or warmup_samples, not both")
+        # Evaluation tasks are objects (LightningCLI saves them in config.yaml); keep them out of the checkpoint's
+        # hparams so that checkpoints stay loadable with weights_only=True.
+        self.save_hyperparameters(ignore=["evaluation"])
+        parts = build_clip(model, context_length, image_size, tokenizer, augmentation, train_augment)
         self.model = parts.model
         self._parts = parts
-        self.loss_fn = ClipLoss()
+        if init_from:
+            load_clip_weights(self.model, init_from)
+            rank_zero_info(f"ClipModule: initialised from {init_from}")
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self._forward = torch.compile(self.model) if compile else self.model
+        self.evaluation = list(evaluation or [])
+        self.loss_fn = make_clip_loss()
+        self._validations = 0
+        self._last_eval_step = -1
         self._t0: float | None = None
+        self._test_features: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # ---------------------------------------------------------------------------------------------------- data
+    @property
+    def tokenizer(self) -> Any:
+        return self._parts.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self._parts.context_length
+
     def data_transforms(self, stage: str) -> DataTransforms:
         image = self._parts.preprocess_train if stage == "fit" else self._parts.preprocess_val
         return DataTransforms(image=image, text=TokenizeOne(self._parts.tokenizer))
 
     def setup(self, stage: str) -> None:
-        # Gather the whole global batch with gradients (open_clip's distributed recipe): every rank computes the
-        # loss of its local rows against all columns, which is the single-process loss on the concatenated batch.
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+        self.loss_fn = make_clip_loss(rank, world)
+        if stage == "fit" and self.hparams.total_samples and self.trainer.max_steps == -1:
+            # Length in samples (the paper's unit): the step count follows the global batch of this hardware.
+            self.trainer.fit_loop.epoch_loop.max_steps = math.ceil(
+                self.hparams.total_samples / self.global_batch_size()
+            )
 
     # ----------------------------------------------------------------------------------------------- training
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model(image, text)
+        return self._forward(image, text)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch["image"], batch["text"])
@@ -81,18 +165,143 @@ class ClipModule(L.LightningModule):
         with torch.no_grad():  # open_clip clamps the temperature at 100 after each step
             self.model.logit_scale.clamp_(0, math.log(100))
 
+    # --------------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self(batch["image"], batch["text"])
         logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
         labels = torch.arange(len(logits), device=logits.device)
-        loss = (
-            torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
-        ) / 2
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         bs = len(logits)
         self.log("val/loss", loss, batch_size=bs, sync_dist=True)
         self.log("val/i2t_in_batch_top1", (logits.argmax(1) == labels).float().mean(), batch_size=bs, sync_dist=True)
 
+    def on_validation_epoch_end(self) -> None:
+        if not self.evaluation or self.trainer.sanity_checking:
+            return
+        self._validations += 1
+        last = self.trainer.max_steps > 0 and self.global_step >= self.trainer.max_steps
+        if self._validations % self.hparams.eval_every_n_validations and not last:
+            return
+        metrics = self._evaluate_in_loop()
+        if metrics:
+            self.log_dict({f"eval/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
+
+    def on_train_end(self) -> None:
+        # The final weights are always evaluated, even when the last step is not a validation step.
+        if self.evaluation and self._last_eval_step != self.global_step:
+            metrics = self._evaluate_in_loop()
+            for logger in self.trainer.loggers:
+                logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=self.global_step)
+                logger.save()
+
+    def _evaluate_in_loop(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.trainer.is_global_zero:  # open_clip's convention: evaluation runs on the main process only
+            metrics = self.evaluate(self.evaluation)
+            self._save_metrics(metrics, f"step{self.global_step:08d}")
+        self._last_eval_step = self.global_step
+        self.trainer.strategy.barrier("clip_evaluation")
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(images), dim=-1)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
+        """L2-normalised text features of raw strings (tokenised with the model's own tokenizer)."""
+        batch_size = batch_size or self.hparams.eval_batch_size
+        feats = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
+            feats.append(F.normalize(self.model.encode_text(tokens), dim=-1))
+        return torch.cat(feats) if feats else torch.empty(0, self.model.text_projection.shape[-1])
+
+    @torch.no_grad()
+    def evaluate(self, tasks: Sequence[Any]) -> dict[str, float]:
+        """Run evaluation tasks with this model (eval mode, no grad) and return ``{"task/metric": value}``."""
+        from lightning_modules.evaluation import run_tasks
+
+        was_training = self.training
+        self.eval()
+        try:
+            ctx = self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
+            with ctx:
+                return run_tasks(
+                    tasks,
+                    encode_images=self.encode_images,
+                    encode_texts=self.encode_texts,
+                    image_transform=self._parts.preprocess_val,
+                    tokenizer=self.tokenizer,
+                    context_length=self.context_length,
+                    batch_size=self.hparams.eval_batch_size,
+                    device=self.device,
+                )
+        finally:
+            self.train(was_training)
+
+    # Standalone evaluation: ``python -m experiments test`` with ``datamodules.eval_sets.EvalDataModule``, whose
+    # test loaders are the tasks' image sets (split across ranks); features are gathered and scored on every rank.
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, index = batch
+        self._test_features.setdefault(dataloader_idx, []).append((index, self.encode_images(images)))
+
+    def on_test_epoch_end(self) -> None:
+        tasks = getattr(self.trainer.datamodule, "tasks", None)
+        if tasks is None:
+            raise ValueError("test needs a datamodule with evaluation `tasks` (datamodules.eval_sets.EvalDataModule)")
+        metrics: dict[str, float] = {}
+        for i, task in enumerate(tasks):
+            parts = self._test_features.get(i, [])
+            index = torch.cat([p[0] for p in parts]).to(self.device)
+            feats = torch.cat([p[1] for p in parts])
+            if self.trainer.world_size > 1:  # DistributedSampler pads with repeats: gather, then dedupe by index
+                index = self.all_gather(index).flatten()
+                feats = self.all_gather(feats).flatten(0, -2)
+            n = int(index.max()) + 1
+            ordered = torch.zeros(n, feats.shape[-1], dtype=feats.dtype, device=feats.device)
+            ordered[index] = feats
+            if torch.unique(index).numel() != n:
+                raise RuntimeError(f"{task.name}: test loaders returned {torch.unique(index).numel()} of {n} images")
+            with torch.no_grad():
+                result = task.compute(ordered.float(), self.encode_texts, self.tokenizer, self.context_length)
+            metrics.update({f"{task.name}/{k}": float(v) for k, v in result.items()})
+        self._test_features.clear()
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        if self.trainer.is_global_zero:
+            self._save_metrics(metrics, "test")
+
+    def _save_metrics(self, metrics: Mapping[str, float], tag: str) -> None:
+        from lightning_modules.evaluation import write_metrics_json
+
+        root = self.hparams.metrics_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "metrics"
+        extra = {"step": self.global_step, "tag": tag, "model": self.hparams.model, "init_from": self.hparams.init_from}
+        write_metrics_json(dict(metrics), Path(root) / f"{tag}.json", **extra)
+
+    # ------------------------------------------------------------------------------------------- optimizer
+    def global_batch_size(self) -> int:
+        dm = self.trainer.datamodule
+        per_device = getattr(dm, "batch_size", None)
+        if per_device is None:
+            raise ValueError("lr_per_256 / *_samples need the datamodule's batch_size to know the global batch")
+        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
     def configure_optimizers(self):
+        hp = self.hparams
+        uses_samples = hp.lr_per_256 is not None or hp.warmup_samples or hp.total_samples
+        global_batch = self.global_batch_size() if uses_samples else None
+        peak = hp.lr if hp.lr is not None else hp.lr_per_256 * global_batch / 256
+        if hp.total_samples:
+            total = math.ceil(hp.total_samples / global_batch)
+        elif self.trainer.max_steps and self.trainer.max_steps > 0:
+            total = self.trainer.max_steps
+        else:
+            total = self.trainer.estimated_stepping_batches
+        warmup = math.ceil(hp.warmup_samples / global_batch) if hp.warmup_samples else hp.warmup_steps
+        rank_zero_info(
+            f"ClipModule: peak lr {peak:.4g}"
+            + (f" (= {hp.lr_per_256:g} x {global_batch} / 256)" if hp.lr_per_256 is not None else "")
+            + f", warm-up {warmup} steps, cosine to 0 at step {total}"
+        )
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -100,20 +309,10 @@ class ClipModule(L.LightningModule):
             # open_clip's rule: no weight decay on gains, biases, norms, embeddings-as-scales and the temperature
             (no_decay if p.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name else decay).append(p)
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            betas=tuple(self.hparams.betas),
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=peak,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
         )
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
-        if total is None:
-            total = self.trainer.estimated_stepping_batches
-        warmup = self.hparams.warmup_steps
-
-        def lr_lambda(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_with_warmup(step, warmup, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,15 +1,29 @@
-"""Build an open_clip model, its tokenizer and its image transforms from a name, a local path or a config dict."""
+"""Build an open_clip model, its tokenizer and its image transforms from a name, a local path or a config dict.
+
+Everything goes through open_clip's own classes (``open_clip.CLIP`` / ``CustomTextCLIP``, ``SimpleTokenizer`` /
+``HFTokenizer``, ``image_transform``), so a model trained here is an ordinary open_clip model, and a released open_clip
+checkpoint (e.g. ``UCSC-VLAA/ViT-L-16-HTxt-Recap-CLIP`` downloaded to a folder) is evaluated by path:
+``model: local-dir:/path/to/ViT-L-16-HTxt-Recap-CLIP``. Nothing here downloads weights.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
+from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+# open_clip_config.json's preprocess keys that image_transform understands
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
 
 
 @dataclass
@@ -19,42 +33,154 @@ class ClipParts:
     preprocess_train: Any
     preprocess_val: Any
     context_length: int
+    model_cfg: dict[str, Any] | None  # None for ``local-dir:`` models (their config lives in the folder)
+    preprocess_cfg: dict[str, Any]
 
 
-def build_clip(model: str | dict[str, Any], context_length: int | None = None) -> ClipParts:
-    """``model`` is an open_clip model name (``"ViT-B-16"``), ``"local-dir:/path"`` (open_clip's own local format),
-    a path to a JSON model config, or the config dict itself (``{"embed_dim", "vision_cfg", "text_cfg"}``).
+def resolve_model_config(model: str | Mapping[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """``(model_cfg, preprocess_cfg)`` for a config dict, an ``open_clip_config.json``-style dict or path, a JSON
+    model config path, a ``recap-clip:VISION:TEXT[:STYLE]`` name (paper Table 2) or an open_clip model name.
+    ``(None, {})`` for ``local-dir:`` (open_clip reads that folder itself)."""
+    from lightning_modules.components.clip_sizes import parse_model_name
 
-    Never downloads: pretrained weights are loaded by the module from a checkpoint path, not by tag.
-    """
-    if isinstance(model, str) and model.endswith(".json"):
-        model = json.loads(Path(model).read_text())
-    if isinstance(model, str) and model.startswith("local-dir:"):
-        net = open_clip.create_model(model, output_dict=True)  # open_clip's own config + weights folder
-        ctx = net.context_length
-        tokenizer = open_clip.get_tokenizer(model, context_length=ctx)
-    else:
-        if isinstance(model, str):
+    if isinstance(model, str):
+        if model.startswith("local-dir:"):
+            return None, {}
+        if model.endswith(".json"):
+            path = Path(model)
+            if not path.is_file():
+                raise FileNotFoundError(f"CLIP model config not found: {path}")
+            try:
+                model = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"CLIP model config {path} is not valid JSON: {e}") from e
+        elif (named := parse_model_name(model)) is not None:
+            model = named
+        else:
             named = open_clip.get_model_config(model)
             if named is None:
-                raise ValueError(f"unknown open_clip model {model!r}; known: {open_clip.list_models()[:8]}...")
+                raise ValueError(
+                    f"unknown CLIP model {model!r}: give an open_clip name ({', '.join(open_clip.list_models()[:6])}, "
+                    "...), 'recap-clip:B-16:base', 'local-dir:/path', a .json config path or a config dict"
+                )
             model = named
-        cfg = json.loads(json.dumps(model))  # deep copy
+    cfg = json.loads(json.dumps(dict(model)))  # deep, plain copy (jsonargparse may hand us Namespace-like dicts)
+    preprocess = {}
+    if "model_cfg" in cfg:  # the open_clip_config.json layout
+        preprocess = cfg.get("preprocess_cfg", {}) or {}
+        cfg = cfg["model_cfg"]
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in cfg:
+            raise ValueError(f"CLIP model config lacks {key!r} (keys: {sorted(cfg)})")
+    return cfg, preprocess
+
+
+def make_tokenizer(text_cfg: Mapping[str, Any], context_length: int) -> Any:
+    """open_clip's tokenizer for a text config: ``HFTokenizer`` when ``hf_tokenizer_name`` is set (a hub name that is
+    already cached, or a local folder saved with ``save_pretrained``), else the bundled BPE ``SimpleTokenizer``."""
+    name = text_cfg.get("hf_tokenizer_name")
+    if name:
+        kwargs = dict(text_cfg.get("tokenizer_kwargs") or {})
+        return open_clip.tokenizer.HFTokenizer(name, context_length=context_length, **kwargs)
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+
+def build_clip(
+    model: str | Mapping[str, Any],
+    context_length: int | None = None,
+    image_size: int | None = None,
+    tokenizer: str | None = None,
+    augmentation: Mapping[str, Any] | None = None,
+    train_augment: bool = True,
+) -> ClipParts:
+    """``model`` is an open_clip model name (``"ViT-B-16"``), ``"recap-clip:B-16:base"`` (paper Table 2 sizes),
+    ``"local-dir:/path"`` (open_clip's own config + weights folder; weights are loaded), a JSON config path, or the
+    config dict itself (``{"embed_dim", "vision_cfg", "text_cfg"}``, optionally wrapped as
+    ``{"model_cfg", "preprocess_cfg"}``). Overrides: ``context_length`` and ``image_size`` (the CLIPA stages),
+    ``tokenizer`` (an HF tokenizer name or folder, replacing the config's), ``augmentation`` (open_clip
+    ``AugmentationCfg`` fields for the training transform; ``train_augment=False`` trains on the eval transform).
+    """
+    cfg, preprocess = resolve_model_config(model)
+    if cfg is None:
+        if image_size is not None or tokenizer is not None:
+            raise ValueError("image_size / tokenizer overrides need a config, not a 'local-dir:' model")
+        net = open_clip.create_model(model, output_dict=True)  # loads the folder's weights
+        ctx = net.context_length
+        if context_length is not None and context_length != ctx:
+            raise ValueError(f"{model} has context_length {ctx}; cannot override to {context_length}")
+        tok = open_clip.get_tokenizer(model, context_length=ctx)
+        preprocess = dict(getattr(net.visual, "preprocess_cfg", {}) or {})
+    else:
+        text_cfg = cfg.setdefault("text_cfg", {})
         if context_length is not None:
-            cfg.setdefault("text_cfg", {})["context_length"] = context_length
-        cls = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
+            text_cfg["context_length"] = context_length
+        if image_size is not None:
+            cfg["vision_cfg"]["image_size"] = image_size
+        if tokenizer is not None:
+            text_cfg["hf_tokenizer_name"] = tokenizer
+        custom = cfg.pop("custom_text", False) or "hf_model_name" in text_cfg
+        cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
         net = cls(**cfg, output_dict=True)
-        ctx = cfg.get("text_cfg", {}).get("context_length", 77)
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+        ctx = text_cfg.get("context_length", 77)
+        tok = make_tokenizer(text_cfg, ctx)
+        if custom:
+            cfg["custom_text"] = True
     size = net.visual.image_size
-    mean, std = getattr(net.visual, "image_mean", None), getattr(net.visual, "image_std", None)
+    pre = {k: preprocess[k] for k in _PREPROCESS_KEYS if preprocess.get(k) is not None}
     return ClipParts(
         model=net,
-        tokenizer=tokenizer,
-        preprocess_train=open_clip.image_transform(size, is_train=True, mean=mean, std=std),
-        preprocess_val=open_clip.image_transform(size, is_train=False, mean=mean, std=std),
+        tokenizer=tok,
+        preprocess_train=open_clip.image_transform(size, is_train=train_augment, aug_cfg=augmentation, **pre),
+        preprocess_val=open_clip.image_transform(size, is_train=False, **pre),
         context_length=ctx,
+        model_cfg=cfg,
+        preprocess_cfg={"size": size, **pre},
     )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The CLIP weights in a Lightning ``.ckpt`` (``model.``-prefixed), an open_clip checkpoint (``.pt``/``.bin``,
+    optionally under ``state_dict``, DDP ``module.`` prefixes) or a ``.safetensors`` file. Always safe loading
+    (``weights_only=True`` / safetensors): a checkpoint that needs arbitrary unpickling is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path), device="cpu")
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised with the path, whatever torch's unpickler raised
+            raise ValueError(f"cannot load {path} safely (weights_only=True): {e}") from e
+        sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(sd, Mapping) or not sd:
+        raise ValueError(f"{path} holds no state dict")
+    if any(k.startswith("model.") for k in sd):  # a Lightning checkpoint of ClipModule
+        sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def load_clip_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
+    """Load CLIP weights into ``model``, interpolating the vision position embeddings to the model's grid
+    (CLIPA stage 2: a 112 px stage-1 model fine-tuned at 224 px) and the text ones to its context length, with
+    open_clip's own ``resize_pos_embed`` / ``resize_text_pos_embed``."""
+    sd = read_state_dict(path)
+    old = sd.get("visual.positional_embedding")
+    try:
+        resize_pos_embed(sd, model)
+        resize_text_pos_embed(sd, model)
+        if old is not None and old.shape != sd["visual.positional_embedding"].shape:
+            new = tuple(model.visual.positional_embedding.shape)
+            log.info("interpolated vision position embeddings %s -> %s", tuple(old.shape), new)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except (AssertionError, RuntimeError) as e:  # open_clip asserts on width changes; torch raises on shapes
+        raise ValueError(f"{path} does not match the model's architecture: {e}") from e
+    if strict and (missing or unexpected):
+        raise ValueError(f"{path} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
 
 class TokenizeOne:

@@ -1,0 +1,56 @@
+"""``EvalDataModule``: the evaluation harness's tasks as Lightning test loaders.
+
+``python -m experiments test --config <model>.yaml --config experiments/configs/eval/<suite>.yaml --ckpt_path X``
+runs every task (zero-shot classification, retrieval, long-caption retrieval; ``lightning_modules.evaluation``) with
+the model's own eval transform. Each task's images are one test dataloader (split across ranks by Lightning's
+distributed sampler); the LightningModule encodes them in ``test_step`` and scores each task in
+``on_test_epoch_end`` with ``task.compute``, the same code the in-loop evaluation runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+
+class EvalDataModule(L.LightningDataModule):
+    """Evaluation tasks as test dataloaders.
+
+    Args:
+        tasks: Evaluation tasks (``lightning_modules.evaluation`` classes, e.g. ``ZeroShotClassification``).
+        batch_size: Images per batch.
+        num_workers: Loader worker processes per task.
+    """
+
+    def __init__(self, tasks: Sequence[Any], batch_size: int = 256, num_workers: int = 0):
+        super().__init__()
+        if not tasks:
+            raise ValueError("EvalDataModule needs at least one evaluation task")
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation task names must be unique (metrics are keyed by them): {names}")
+        self.tasks = list(tasks)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def _transform(self) -> Any:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or not hasattr(module, "data_transforms"):
+            raise ValueError("EvalDataModule takes its image transform from the LightningModule's data_transforms()")
+        return module.data_transforms("test").image
+
+    def test_dataloader(self) -> list[DataLoader]:
+        transform = self._transform()
+        return [
+            DataLoader(
+                task.image_dataset(transform),
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                shuffle=False,
+                persistent_workers=False,
+            )
+            for task in self.tasks
+        ]

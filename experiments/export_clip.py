@@ -1,0 +1,81 @@
+"""``python -m experiments export-clip --ckpt RUN/checkpoints/last.ckpt --out DIR``: a ClipModule checkpoint as a plain
+open_clip model folder.
+
+``DIR`` gets ``open_clip_config.json`` (``{"model_cfg", "preprocess_cfg"}``, open_clip's ``local-dir:`` / hub layout),
+``open_clip_model.safetensors`` and ``<name>.json`` (the bare model config). Then either
+
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:DIR")
+    tokenizer = open_clip.get_tokenizer("local-dir:DIR")
+
+or, with a registered name, ``open_clip.add_model_config("DIR/<name>.json")`` and
+``open_clip.create_model_and_transforms("<name>", pretrained="DIR/open_clip_model.safetensors")``.
+The checkpoint is read with ``weights_only=True``; the model is rebuilt from the hyperparameters saved in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_modules.components.clip_model import build_clip, read_state_dict
+
+
+def _hparams(ckpt_path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+        raise ValueError(f"cannot load {ckpt_path} safely (weights_only=True): {e}") from e
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hp or "model" not in hp:
+        raise ValueError(f"{ckpt_path} has no ClipModule hyper_parameters (is it a ClipModule Lightning checkpoint?)")
+    return dict(hp)
+
+
+def export_clip(ckpt: str | os.PathLike, out: str | os.PathLike, name: str = "recap-clip-export") -> Path:
+    """Write the open_clip folder for a ClipModule checkpoint and return its path."""
+    ckpt, out = Path(ckpt), Path(out)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    hp = _hparams(ckpt)
+    parts = build_clip(hp["model"], hp.get("context_length"), hp.get("image_size"), hp.get("tokenizer"))
+    model_cfg = parts.model_cfg
+    if model_cfg is None:  # a local-dir: model: its folder holds the config
+        folder = Path(str(hp["model"]).removeprefix("local-dir:"))
+        model_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+    state = read_state_dict(ckpt)
+    parts.model.load_state_dict(state, strict=True)  # proves the weights fit the rebuilt config
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in parts.model.state_dict().items()}
+    _atomic(out / "open_clip_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": parts.preprocess_cfg}
+    _atomic(out / "open_clip_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    _atomic(out / f"{name}.json", lambda p: p.write_text(json.dumps(model_cfg, indent=2)))
+    return out
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m experiments export-clip", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="ClipModule Lightning checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, help="output folder (open_clip local-dir layout)")
+    parser.add_argument("--name", default="recap-clip-export", help="model config name for add_model_config")
+    args = parser.parse_args(argv)
+    out = export_clip(args.ckpt, args.out, args.name)
+    print(f"exported {args.ckpt} -> {out} (open_clip.create_model_and_transforms('local-dir:{out}'))")
+    return out

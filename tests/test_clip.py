@@ -1,0 +1,212 @@
+"""ClipModule: the CLIPA schedule in samples, lr per 256 scaled by the global batch, stage-2 init with interpolated
+position embeddings, safe checkpoint loading, and the open_clip export round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import lightning as L
+import open_clip
+import pytest
+import torch
+from conftest import write_shards
+
+from datamodules.caption_mix import CaptionMixDataModule
+from experiments.export_clip import export_clip
+from lightning_modules.clip import ClipModule, cosine_with_warmup
+from lightning_modules.components.clip_model import build_clip, load_clip_weights, read_state_dict
+
+
+def tiny_cfg(image_size: int = 32, ctx: int = 16) -> dict:
+    return {
+        "embed_dim": 32,
+        "vision_cfg": {
+            "image_size": image_size,
+            "patch_size": 8,
+            "width": 32,
+            "layers": 1,
+            "head_width": 16,
+            "no_ln_pre": True,
+            "pool_type": "avg",
+            "final_ln_after_pool": True,
+        },
+        "text_cfg": {
+            "context_length": ctx,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+            "no_causal_mask": True,
+            "pool_type": "last",
+        },
+    }
+
+
+def fit(module: ClipModule, shards, batch_size: int, max_steps: int = -1, root=None) -> L.Trainer:
+    dm = CaptionMixDataModule(
+        train_shards=str(shards), batch_size=batch_size, sources={"original": "txt"}, num_workers=0, shuffle_buffer=1
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def test_cosine_with_warmup_shape():
+    lrs = [cosine_with_warmup(s, 10, 110) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # noqa: PT018 - one schedule
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.5)  # half-way through the cosine
+    assert lrs[110] == pytest.approx(0.0, abs=1e-12) and lrs[119] == pytest.approx(0.0, abs=1e-12)  # noqa: PT018
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+def test_lr_per_256_and_sample_schedule(tmp_path):
+    """Peak lr = lr_per_256 x global batch / 256; warm-up and length in samples become steps of this batch."""
+    write_shards(tmp_path / "web", [40, 40], image_size=32)
+    module = ClipModule(tiny_cfg(), lr_per_256=1e-3, weight_decay=0.2, warmup_samples=24, total_samples=64)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    dm = CaptionMixDataModule(
+        train_shards=str(tmp_path / "web"), batch_size=8, sources={"original": "txt"}, num_workers=0
+    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[Spy()], max_epochs=5)
+    trainer.fit(module, datamodule=dm)
+    peak = 1e-3 * 8 / 256
+    assert trainer.global_step == 8  # ceil(64 samples / 8), derived because max_steps was left at -1
+    assert len(seen) == 8
+    assert seen[2] == pytest.approx(peak)  # 24 samples = 3 warm-up steps; the third reaches the peak
+    assert seen[0] == pytest.approx(peak / 3)
+    assert seen[5] == pytest.approx(peak * cosine_with_warmup(5, 3, 8))
+    opt = trainer.optimizers[0]
+    assert opt.defaults["betas"] == (0.9, 0.999)
+    decay = {id(p) for p in opt.param_groups[0]["params"]}
+    assert id(module.model.text_projection) in decay  # matrices decay ...
+    assert id(module.model.logit_scale) not in decay  # ... the temperature and gains do not
+    assert opt.param_groups[0]["weight_decay"] == 0.2 and opt.param_groups[1]["weight_decay"] == 0.0  # noqa: PT018
+
+
+def test_lr_arguments_are_exclusive():
+    with pytest.raises(ValueError, match="exactly one of lr"):
+        ClipModule(tiny_cfg(), weight_decay=0.1)
+    with pytest.raises(ValueError, match="exactly one of lr"):
+        ClipModule(tiny_cfg(), lr=1e-3, lr_per_256=1e-3, weight_decay=0.1)
+
+
+def test_stage2_init_from_stage1_interpolates_position_embeddings(tmp_path):
+    """CLIPA: stage 2 (64 px) starts from stage 1's (32 px) Lightning checkpoint; every weight carries over and
+    the 4x4 position grid is resized to 8x8 with open_clip's bicubic interpolation."""
+    torch.manual_seed(0)
+    write_shards(tmp_path / "web", [24], image_size=32)
+    stage1 = ClipModule(tiny_cfg(32), image_size=32, lr=1e-3, weight_decay=0.1)
+    trainer = fit(stage1, tmp_path / "web", 8, max_steps=2)
+    ckpt = tmp_path / "stage1.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    stage2 = ClipModule(tiny_cfg(32), image_size=64, lr=1e-3, weight_decay=0.1, init_from=str(ckpt))
+    assert stage2.model.visual.image_size == (64, 64)
+    old, new = stage1.model.state_dict(), stage2.model.state_dict()
+    assert old["visual.positional_embedding"].shape == (1 + 16, 32)
+    assert new["visual.positional_embedding"].shape == (1 + 64, 32)
+    for k, v in old.items():
+        if k != "visual.positional_embedding":
+            torch.testing.assert_close(new[k], v, msg=k)
+    # the class-token row is kept, the grid is a smooth upsampling of the old one (its 2x2 means ~ the old grid)
+    torch.testing.assert_close(new["visual.positional_embedding"][0], old["visual.positional_embedding"][0])
+    grid_new = new["visual.positional_embedding"][1:].reshape(8, 8, 32)
+    grid_old = old["visual.positional_embedding"][1:].reshape(4, 4, 32)
+    pooled = grid_new.reshape(4, 2, 4, 2, 32).mean((1, 3))
+    assert torch.corrcoef(torch.stack([pooled.flatten(), grid_old.flatten()]))[0, 1] > 0.9
+    image = torch.randn(2, 3, 64, 64)
+    assert stage2.model.encode_image(image).shape == (2, 32)
+    # and a checkpoint of a different architecture is refused with the path in the message
+    other = tiny_cfg(32)
+    other["text_cfg"]["width"] = 48
+    with pytest.raises(ValueError, match="stage1.ckpt"):
+        ClipModule(other, lr=1e-3, weight_decay=0.1, init_from=str(ckpt))
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoints_are_loaded_safely(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"x": Evil()}}, f)
+    with pytest.raises(ValueError, match="weights_only"):
+        read_state_dict(path)
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        read_state_dict(tmp_path / "missing.ckpt")
+
+
+def test_open_clip_checkpoint_and_safetensors_load(tmp_path):
+    """init_from also takes plain open_clip checkpoints (state_dict, DDP 'module.' prefix) and safetensors."""
+    from safetensors.torch import save_file
+
+    src = build_clip(tiny_cfg()).model
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "oc.pt")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "oc.safetensors"))
+    for name in ("oc.pt", "oc.safetensors"):
+        dst = build_clip(tiny_cfg()).model
+        load_clip_weights(dst, tmp_path / name)
+        for k, v in src.state_dict().items():
+            torch.testing.assert_close(dst.state_dict()[k], v)
+
+
+def test_export_round_trip(tmp_path):
+    """export-clip writes a folder that open_clip itself loads, giving the LightningModule's embeddings."""
+    torch.manual_seed(0)
+    write_shards(tmp_path / "web", [24], image_size=32)
+    module = ClipModule(tiny_cfg(), context_length=16, lr=1e-3, weight_decay=0.1)
+    trainer = fit(module, tmp_path / "web", 8, max_steps=2)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    out = export_clip(ckpt, tmp_path / "export", name="tiny-recap-test")
+    assert json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]["context_length"] == 16
+
+    module.eval()
+    images = torch.randn(3, 3, 32, 32)
+    texts = ["a red star on the left", "two circles", "IMG_2031.jpg"]
+    with torch.no_grad():
+        want_img = module.encode_images(images)
+        want_txt = module.encode_texts(texts)
+
+    # 1) open_clip's local-dir loader (config + weights + tokenizer from the folder)
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    model.eval()
+    with torch.no_grad():
+        got_img = model.encode_image(images, normalize=True)
+        got_txt = model.encode_text(tokenizer(texts), normalize=True)
+    torch.testing.assert_close(got_img, want_img)
+    torch.testing.assert_close(got_txt, want_txt)
+    # 2) a registered config name + pretrained=PATH
+    open_clip.add_model_config(out / "tiny-recap-test.json")
+    model2, _, _ = open_clip.create_model_and_transforms(
+        "tiny-recap-test", pretrained=str(out / "open_clip_model.safetensors")
+    )
+    model2.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model2.encode_image(images, normalize=True), want_img)
+    assert math.isclose(float(model2.logit_scale), float(module.model.logit_scale))
+
+
+def test_export_refuses_a_non_clip_checkpoint(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match="no ClipModule hyper_parameters"):
+        export_clip(tmp_path / "x.ckpt", tmp_path / "out")
