@@ -25,9 +25,33 @@ def _sidecars(argv: Sequence[str]) -> None:
     main(list(argv))
 
 
+def _export_clip(argv: Sequence[str]) -> None:
+    from experiments.export_clip import main
+
+    main(list(argv))
+
+
+def _truth_recaptions(argv: Sequence[str]) -> None:
+    from datamodules.tiny_world.recaption import main
+
+    main(list(argv))
+
+
+def _clip_table(argv: Sequence[str]) -> None:
+    from experiments.run_table import main
+
+    main(list(argv))
+
+
 SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "world": (_world, "generate the tiny world: web shards, captioner data and evaluation sets (CPU, seeded)"),
     "sidecars": (_sidecars, "join a Recap-DataComp-1B-schema parquet to image shards as per-shard sidecars"),
+    "truth-recaptions": (
+        _truth_recaptions,
+        "tiny world only: recaptions from ground truth (an imperfect oracle) in the Recap-DataComp-1B schema",
+    ),
+    "clip-table": (_clip_table, "train + evaluate the rows of a paper CLIP table (stage 1 + 2), write the table"),
+    "export-clip": (_export_clip, "write a ClipModule checkpoint as an open_clip folder (config + safetensors)"),
 }
 
 
@@ -36,9 +60,9 @@ def usage() -> str:
     lines.append(
         "Lightning commands (LightningCLI: --config A.yaml --config B.yaml, --print_config, dotted overrides):"
     )
-    lines += [f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += [f"  {name:<17} {text}" for name, text in LIGHTNING_COMMANDS.items()]
     lines += ["", "Suite commands:"]
-    lines += [f"  {name:<10} {text}" for name, (_, text) in SUITE_COMMANDS.items()]
+    lines += [f"  {name:<17} {text}" for name, (_, text) in SUITE_COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -1,0 +1,127 @@
+"""``python -m experiments clip-table``: train and evaluate the rows of a paper CLIP table, then print the table.
+
+Each row runs CLIPA stage 1 then stage 2 (``experiments/configs/[tiny/]clip/stage{1,2}.yaml`` + the row's YAMLs from
+``experiments/paper_tables.py``) as separate ``python -m experiments fit`` processes, one after another. The result
+of a row is its last in-loop evaluation (``<run>/stage2/metrics/step*.json``). A rerun skips every stage whose
+metrics already exist, so an interrupted sweep resumes where it stopped. The table is written as Markdown and JSON
+next to the runs, with the paper's numbers for the same rows.
+
+    python -m experiments clip-table --table table3 --rows p0.0 p0.5 p0.8 p1.0 --tiny
+    python -m experiments clip-table --table table3 --tiny --collect-only   # only (re)build the table
+
+Multi-node sweeps go through the cluster launcher / W&B sweeps instead; this runner is for one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from experiments.paper_tables import CONFIG_ROOT, TABLES, Row, Table
+
+# Columns of the tiny-world table: the harness's metric keys, shown under short names.
+TINY_COLUMNS = {
+    "classify/top1": "cls top1",
+    "classify/top5": "cls top5",
+    "retrieval/image_to_text_R@1": "short i2t R@1",
+    "retrieval/text_to_image_R@1": "short t2i R@1",
+    "retrieval/image_to_text_R@5": "short i2t R@5",
+    "retrieval/text_to_image_R@5": "short t2i R@5",
+    "long_retrieval/image_to_text_R@1": "long i2t R@1",
+    "long_retrieval/text_to_image_R@1": "long t2i R@1",
+}
+
+
+def stage_configs(table: Table, row: Row, stage: int, tiny: bool) -> list[Path]:
+    base = CONFIG_ROOT / ("tiny/clip" if tiny else "clip")
+    stem = row.id if stage == 1 else f"{row.id}.stage2"
+    return [base / f"stage{stage}.yaml", base / table.name / f"{stem}.yaml"]
+
+
+def run_dir(configs: Sequence[Path]) -> Path:
+    """The run directory the configs resolve to (the row's logger save_dir/name/version)."""
+    logger = yaml.safe_load(configs[-1].read_text())["trainer"]["logger"]["init_args"]
+    return Path(logger["save_dir"]) / logger["name"] / logger["version"]
+
+
+def latest_metrics(run: Path) -> dict | None:
+    files = sorted((run / "metrics").glob("step*.json"))
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def run_stage(configs: Sequence[Path], extra: Sequence[str], log: Path) -> float:
+    cmd = [sys.executable, "-m", "experiments", "fit"] + [a for c in configs for a in ("--config", str(c))]
+    cmd += list(extra)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("+", " ".join(cmd), f"> {log}", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy())
+    if proc.returncode:
+        tail = log.read_text()[-2000:]
+        raise RuntimeError(f"stage failed (exit {proc.returncode}): {' '.join(cmd)}\n--- {log} (tail) ---\n{tail}")
+    return time.perf_counter() - t0
+
+
+def markdown(table: Table, rows: Sequence[Row], results: dict[str, dict], tiny: bool) -> str:
+    cols = list(TINY_COLUMNS) if tiny else sorted({k for r in results.values() for k in r.get("metrics", {})})
+    names = [TINY_COLUMNS.get(c, c) for c in cols]
+    lines = [
+        f"| row | p | {' | '.join(names)} | train min | paper ({', '.join(table.metrics)}) |",
+        "|" + "---|" * (len(cols) + 4),
+    ]
+    for row in rows:
+        res = results.get(row.id)
+        vals = [f"{res['metrics'][c]:.1f}" if res and c in res["metrics"] else "-" for c in cols]
+        p = "concat" if row.mix == "concat" else f"{row.p:.1f}"
+        minutes = f"{res['seconds'] / 60:.1f}" if res and res.get("seconds") else "-"
+        paper = " / ".join(f"{v:g}" for v in row.paper.values())
+        lines.append(f"| {row.id} | {p} | {' | '.join(vals)} | {minutes} | {paper} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m experiments clip-table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", required=True, choices=sorted(TABLES))
+    parser.add_argument("--rows", nargs="*", default=None, help="row ids (default: all rows of the table)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny-world configs (CPU)")
+    parser.add_argument("--collect-only", action="store_true", help="only collect finished rows into the table")
+    parser.add_argument("--out", default=None, help="table output stem (default: <save_dir>/clip/<table>/results)")
+    parser.add_argument("overrides", nargs="*", help="extra CLI overrides for every stage, after '--'")
+    args = parser.parse_args(argv)
+
+    table = TABLES[args.table]
+    by_id = {r.id: r for r in table.rows}
+    unknown = [r for r in args.rows or [] if r not in by_id]
+    if unknown:
+        parser.error(f"unknown rows {unknown} of {args.table}; known: {list(by_id)}")
+    rows = [by_id[r] for r in args.rows] if args.rows else list(table.rows)
+
+    results: dict[str, dict] = {}
+    for row in rows:
+        seconds = 0.0
+        for stage in (1, 2):
+            configs = stage_configs(table, row, stage, args.tiny)
+            run = run_dir(configs)
+            if latest_metrics(run) is None and not args.collect_only:
+                seconds += run_stage(configs, args.overrides, run.parent / f"stage{stage}.log")
+        final = latest_metrics(run_dir(stage_configs(table, row, 2, args.tiny)))
+        if final is not None:
+            results[row.id] = {"metrics": final["metrics"], "seconds": seconds or None, "p": row.p, "mix": row.mix}
+
+    save_dir = run_dir(stage_configs(table, rows[0], 1, args.tiny)).parents[2]
+    out = Path(args.out) if args.out else save_dir / args.table / "results"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = markdown(table, rows, results, args.tiny)
+    out.with_suffix(".md").write_text(f"{table.caption}\n\n{text}")
+    out.with_suffix(".json").write_text(json.dumps({"table": args.table, "tiny": args.tiny, "rows": results}, indent=2))
+    print(text)
+    return results

@@ -1,0 +1,135 @@
+"""Every YAML under experiments/configs parses (what ``--print_config`` does) in the stack it is documented with, and
+the generated paper-table rows are up to date with ``experiments/paper_tables.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments import paper_tables
+from experiments.cli import RecapCLI, cli_main
+
+CONFIGS = Path(paper_tables.CONFIG_ROOT)
+
+
+class _Parsed(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+class _ParserOnly(RecapCLI):
+    """Build the suite's LightningCLI parser once, without parsing or instantiating anything."""
+
+    def parse_arguments(self, parser, args):
+        raise _Parsed(parser)
+
+
+@pytest.fixture(scope="module")
+def parser():
+    try:
+        _ParserOnly(
+            __import__("lightning").LightningModule,
+            __import__("lightning").LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=[],
+        )
+    except _Parsed as p:
+        return p.parser
+    raise AssertionError("parser was not built")
+
+
+def stack_for(path: Path) -> tuple[str, list[Path]]:
+    """The subcommand and config stack a YAML is documented with (its header's command line)."""
+    rel = path.relative_to(CONFIGS)
+    parts = rel.parts
+    if parts[0] == "trainer":
+        return "fit", [path, CONFIGS / "debug/tiny_clip.yaml"]
+    if parts[0] == "debug":
+        return "fit", [CONFIGS / "trainer/cpu.yaml", path]
+    if parts[0] == "eval":
+        model = {"paper.yaml": "clip/stage2.yaml", "tiny_world.yaml": "tiny/clip/stage2.yaml"}.get(parts[1])
+        if model is None:  # a model-only eval config: layered on the paper's evaluation
+            return "test", [CONFIGS / "eval/paper.yaml", path]
+        return "test", [CONFIGS / model, path]
+    base = CONFIGS / ("tiny/clip" if parts[0] == "tiny" else "clip")
+    if path.parent == base:
+        return "fit", [path]
+    if path.name == "baselines.yaml":
+        return "test", [CONFIGS / "eval/paper.yaml", path]
+    stage = 2 if path.name.endswith(".stage2.yaml") else 1
+    return "fit", [base / f"stage{stage}.yaml", path]
+
+
+ALL = sorted(CONFIGS.rglob("*.yaml"))
+
+
+def test_generated_rows_are_current():
+    stale = paper_tables.write(check=True)
+    assert not stale, f"run `python -m experiments.paper_tables`: out of date: {stale[:5]}"
+
+
+def test_every_table_row_has_both_stages_at_both_scales():
+    for scale in ("clip", "tiny/clip"):
+        for name, table in paper_tables.TABLES.items():
+            stems = {p.name for p in (CONFIGS / scale / name).glob("*.yaml")}
+            for row in table.rows:
+                assert {f"{row.id}.yaml", f"{row.id}.stage2.yaml"} <= stems, (scale, name, row.id)
+
+
+@pytest.mark.parametrize("config", ALL, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_config_parses_in_its_stack(parser, config):
+    command, stack = stack_for(config)
+    args = [command] + [a for c in stack for a in ("--config", str(c))]
+    cfg = parser.parse_args(args)
+    dumped = yaml.safe_load(parser.dump(cfg))[command]
+    assert dumped["model"]["class_path"].startswith("lightning_modules.")
+    assert dumped["data"]["class_path"].startswith("datamodules.")
+    if "/table" in str(config) and config.name != "baselines.yaml":
+        row_cfg = yaml.safe_load(config.read_text())
+        # the row's own settings survive the stacking (last config wins)
+        assert dumped["data"]["init_args"]["p_original"] == row_cfg["data"]["init_args"]["p_original"]
+        assert dumped["trainer"]["logger"]["init_args"]["name"] == row_cfg["trainer"]["logger"]["init_args"]["name"]
+        if config.name.endswith(".stage2.yaml"):
+            init_from = dumped["model"]["init_args"]["init_from"]
+            assert init_from.endswith(
+                f"{row_cfg['trainer']['logger']['init_args']['name']}/stage1/checkpoints/last.ckpt"
+            )
+            stage1 = yaml.safe_load((config.parent / config.name.replace(".stage2", "")).read_text())
+            assert stage1["model"]["init_args"].get("init_from") is None
+
+
+def test_stage_recipes_follow_the_paper(parser):
+    """The real-scale stage configs carry PAPER.md §5's numbers: peak lr = base lr x global batch / 256."""
+    for stage, (samples, warmup, batch, base_lr, size, peak) in {
+        1: (2_560_000_000, 51_200_000, 32768, 8e-6, 112, 1.024e-3),
+        2: (128_000_000, 25_600_000, 16384, 4e-7, 224, 2.56e-5),
+    }.items():
+        cfg = yaml.safe_load((CONFIGS / f"clip/stage{stage}.yaml").read_text())
+        t, m, d = cfg["trainer"], cfg["model"]["init_args"], cfg["data"]["init_args"]
+        global_batch = d["batch_size"] * t["devices"] * t["num_nodes"]
+        assert global_batch == batch
+        assert (m["total_samples"], m["warmup_samples"], m["image_size"]) == (samples, warmup, size)
+        assert m["lr_per_256"] == base_lr
+        assert m["lr_per_256"] * global_batch / 256 == pytest.approx(peak)
+        assert (m["context_length"], m["weight_decay"], m["betas"]) == (128, 0.2, [0.9, 0.95])
+
+
+def test_cli_print_config_of_a_row(capsys):
+    """The full --print_config path once (the parametrized test above reuses one parser for speed)."""
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "clip/stage2.yaml"),
+        "--config",
+        str(CONFIGS / "clip/table5/p0.6.stage2.yaml"),
+    ]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args + ["--print_config"])
+    assert exc.value.code in (None, 0)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["model"] == "recap-clip:B-16:large"
+    assert printed["data"]["init_args"]["p_original"] == 0.6
+    assert printed["model"]["init_args"]["init_from"] == "runs/clip/table5/p0.6/stage1/checkpoints/last.ckpt"
