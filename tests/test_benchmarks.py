@@ -33,3 +33,32 @@ def test_loader_benchmark_reports_both_loaders(tmp_path, capsys):
     assert result["ratio"] > 0
     assert format_table(result).splitlines()[0].startswith("loader")
     assert json.loads(out_json.read_text())["ratio"] == result["ratio"]
+
+
+def test_clip_step_benchmark_reports_ratio(tmp_path, capsys):
+    """``benchmarks.clip_step``: both training loops run on the same batches, do the same work and give a ratio."""
+    import torch
+
+    from benchmarks import clip_step
+
+    threads = torch.get_num_threads()
+    out_json = tmp_path / "clip_step.json"
+    result = clip_step.main(["--steps", "3", "--batch-size", "8", "--repeats", "1", "--json", str(out_json)])
+
+    printed = capsys.readouterr().out
+    assert "ratio (ours/open_clip):" in printed
+    assert isinstance(result["ratio"], float)
+    assert result["ratio"] > 0
+    for name in clip_step.IMPLS:
+        (run,) = result["runs"][name]
+        assert run["steps"] == 3
+        assert run["timed_steps"] == 2  # default skip: min(10, steps // 3) = 1
+        assert run["ms_per_step"] > 0
+        assert run["threads_in_step"] == 1
+        assert run["forward_ms"] > 0
+        assert run["backward_ms"] > 0
+        assert run["update_ms"] > 0
+    # same model, batches, optimizer and schedule: the two loops end on (numerically) the same weights
+    assert result["weight_diffs"][0] < 1e-5 < result["weights_moved"][0]
+    assert json.loads(out_json.read_text())["ratio"] == result["ratio"]
+    assert torch.get_num_threads() == threads  # restored after the run

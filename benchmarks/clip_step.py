@@ -1,0 +1,484 @@
+"""Training-step time: ``ClipModule`` under a Lightning ``Trainer`` against open_clip's own training loop.
+
+Both sides train the SAME open_clip model (one seeded state dict loaded by both) on the SAME pre-built batches, in
+fp32 with the same intra-op thread count, with the same loss (open_clip ``ClipLoss``; one process, so no gather),
+the same AdamW param groups (no weight decay on gains, biases, norms and the temperature), the same warm-up + cosine
+schedule and the same temperature clamp after every step:
+
+* **ours**: ``lightning_modules.clip.ClipModule`` fitted by ``L.Trainer(accelerator="cpu", devices=1,
+  max_steps=N, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)``
+  on a ``DataLoader`` over the fixed batches (dicts ``{"image", "text"}``, ``batch_size=None``, no workers);
+* **open_clip**: ``open_clip_train.train.train_one_epoch`` with a minimal ``argparse.Namespace`` (``precision
+  fp32``, ``accum_freq 1``, ``log_every_n_steps 100`` as in open_clip's defaults), ``open_clip.ClipLoss()``,
+  ``open_clip_train.scheduler.cosine_lr`` and a data object whose ``.dataloader`` (the same tensors as
+  ``(images, texts)`` tuples) carries ``num_batches``/``num_samples`` as open_clip's own loaders do.
+
+Timing: a post-step hook on the optimizer (``Optimizer.register_step_post_hook``, the same on both sides) stamps
+``time.perf_counter()`` and the process CPU time after every optimizer step. The first ``--skip-steps`` steps
+(start-up, allocator and thread-pool warm-up) are left out: ms/step = (t[N] - t[skip]) / (N - skip), i.e. the whole
+loop per step in steady state -- data fetch, forward, loss, backward, optimizer step, scheduler, logging, clamp.
+Threads: ``--threads`` (default 1) is set for both sides. On a small machine shared with other jobs, 2 threads on 2
+cores collapse as soon as another process takes a core (OpenMP threads spin at every barrier while their partner is
+descheduled: 20x slower steps, seen here), which swamps any framework difference; 1 thread keeps the comparison
+stable. Runs alternate (``ours, open_clip, open_clip, ours, ...``) for ``--repeats`` rounds; the table gives medians and
+the ratio ours / open_clip (goal <= 1.05). As a check that both did the same work, the final weights of the two
+runs of a round are compared.
+
+    python -m benchmarks.clip_step                        # tiny CLIP, batch 64, 60 steps/run, 3 rounds
+    python -m benchmarks.clip_step --steps 100 --batch-size 128 --repeats 5 --threads 2 --json out.json
+    python -m benchmarks.clip_step --profile 40           # cProfile one run of each instead (where the time goes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import gc
+import io
+import json
+import logging
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+import warnings
+from argparse import Namespace
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+IMPLS = ("ours", "open_clip")
+# The suite's tiny CLIP (experiments/configs/debug/tiny_clip.yaml): ViT w64 L2 at 64 px + text w64 L2, ~3.4M params.
+TINY_CLIP: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+LR, WEIGHT_DECAY, BETAS = 1e-3, 0.1, (0.9, 0.98)  # the tiny config's optimizer
+
+
+# ------------------------------------------------------------------------------------------------------------ inputs
+def make_batches(cfg: dict[str, Any], batch_size: int, n_distinct: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """``n_distinct`` fixed (images, tokens) batches: normalised-image-like noise and EOT-terminated token rows."""
+    g = torch.Generator().manual_seed(seed)
+    size, ctx = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
+    vocab = cfg["text_cfg"]["vocab_size"]
+    batches = []
+    for _ in range(n_distinct):
+        images = torch.randn(batch_size, 3, size, size, generator=g)
+        lengths = torch.randint(4, ctx, (batch_size,), generator=g)
+        text = torch.randint(1, vocab - 2, (batch_size, ctx), generator=g)
+        text[:, 0] = vocab - 2  # SOT
+        text[torch.arange(batch_size), lengths] = vocab - 1  # EOT: the highest id, where the text tower pools
+        text[torch.arange(ctx)[None, :] > lengths[:, None]] = 0  # padding
+        batches.append((images, text))
+    return batches
+
+
+class FixedBatches(torch.utils.data.Dataset):
+    """``length`` items cycling over pre-built batches, as dicts (ours) or ``(images, texts)`` tuples (open_clip)."""
+
+    def __init__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], length: int, as_dict: bool):
+        self.batches, self.length, self.as_dict = list(batches), length, as_dict
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        images, text = self.batches[i % len(self.batches)]
+        return {"image": images, "text": text} if self.as_dict else (images, text)
+
+
+def _loader(batches, steps: int, as_dict: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(FixedBatches(batches, steps, as_dict), batch_size=None, shuffle=False)
+
+
+def reference_state(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    import open_clip
+
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in open_clip.CLIP(**cfg, output_dict=True).state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------------------ timing
+class StepClock:
+    """Optimizer post-step hook: wall and process-CPU time after every step, and where the step's time went.
+
+    Stamp 0 is the start of the run (``start()``), stamp ``s`` the end of optimizer step ``s``. While ``phases(model)``
+    is active, the time spent in the model's forward (its forward hooks), in ``Tensor.backward`` and in the AdamW
+    update (``torch.optim.adam.adam``, which AdamW's ``step`` calls after any closure) is summed; each stamp keeps
+    the running sums. Whatever is left of a step -- loss, data fetch, ``zero_grad``, scheduler, logging, the
+    temperature clamp, the framework's own Python -- is the **other** time, the part where the two loops can differ.
+    """
+
+    PHASES = ("forward", "backward", "update")
+
+    def __init__(self):
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.sums: list[tuple[float, ...]] = []
+        self._acc = dict.fromkeys(self.PHASES, 0.0)
+        self._fwd_t0 = 0.0
+        self.threads: int | None = None
+
+    def start(self) -> None:
+        self.wall, self.cpu = [time.perf_counter()], [time.process_time()]
+        self._acc = dict.fromkeys(self.PHASES, 0.0)
+        self.sums = [tuple(self._acc.values())]
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        self.sums.append(tuple(self._acc.values()))
+        if self.threads is None:
+            self.threads = torch.get_num_threads()
+
+    @contextlib.contextmanager
+    def phases(self, model: torch.nn.Module):
+        import torch.optim.adam as adam_mod
+
+        def fwd_pre(module, args):
+            self._fwd_t0 = time.perf_counter()
+
+        def fwd_post(module, args, out):
+            self._acc["forward"] += time.perf_counter() - self._fwd_t0
+
+        def timed(name, fn):
+            def wrapper(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self._acc[name] += time.perf_counter() - t0
+
+            return wrapper
+
+        handles = [model.register_forward_pre_hook(fwd_pre), model.register_forward_hook(fwd_post)]
+        backward, adam = torch.Tensor.backward, adam_mod.adam
+        torch.Tensor.backward, adam_mod.adam = timed("backward", backward), timed("update", adam)
+        try:
+            yield self
+        finally:
+            torch.Tensor.backward, adam_mod.adam = backward, adam
+            for h in handles:
+                h.remove()
+
+    def summary(self, t_end: float, skip: int) -> dict[str, Any]:
+        steps = len(self.wall) - 1
+        if steps <= skip:
+            raise RuntimeError(f"only {steps} optimizer steps ran; need more than --skip-steps {skip}")
+        timed = steps - skip
+        intervals = [b - a for a, b in zip(self.wall[skip:-1], self.wall[skip + 1 :], strict=True)]
+        ms_per_step = 1e3 * (self.wall[-1] - self.wall[skip]) / timed
+        phases = {
+            f"{name}_ms": 1e3 * (self.sums[-1][i] - self.sums[skip][i]) / timed for i, name in enumerate(self.PHASES)
+        }
+        return {
+            "steps": steps,
+            "timed_steps": timed,
+            "ms_per_step": ms_per_step,
+            "median_interval_ms": 1e3 * statistics.median(intervals),
+            "cpu_ms_per_step": 1e3 * (self.cpu[-1] - self.cpu[skip]) / timed,
+            **phases,
+            "other_ms": ms_per_step - sum(phases.values()),
+            "first_step_s": self.wall[1] - self.wall[0],
+            "total_s": t_end - self.wall[0],
+            "threads_in_step": self.threads,
+        }
+
+
+# ------------------------------------------------------------------------------------------------------------- ours
+@contextlib.contextmanager
+def bench_settings(threads: int):
+    """Intra-op threads (``threads > 0``) and quiet Lightning loggers for the benchmark; restored afterwards."""
+    import lightning  # noqa: F401  (its import sets the lightning.pytorch logger to INFO: lower it afterwards)
+
+    saved_threads = torch.get_num_threads()
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    saved_levels = [lg.level for lg in loggers]
+    if threads > 0:
+        torch.set_num_threads(threads)
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        for lg, level in zip(loggers, saved_levels, strict=True):
+            lg.setLevel(level)
+
+
+def run_ours(cfg, state, batches, steps: int, warmup: int, clock: StepClock) -> torch.nn.Module:
+    """``ClipModule`` fitted by a Lightning ``Trainer`` for ``steps`` steps; returns the trained open_clip model."""
+    import lightning as L
+
+    from lightning_modules.clip import ClipModule
+
+    class _Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            trainer.optimizers[0].register_step_post_hook(clock)
+
+    module = ClipModule(model=cfg, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, warmup_steps=warmup)
+    module.model.load_state_dict(state)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_Clock()],
+    )
+    with clock.phases(module.model):
+        trainer.fit(module, train_dataloaders=_loader(batches, steps, as_dict=True))
+    return module.model
+
+
+# -------------------------------------------------------------------------------------------------------- open_clip
+def open_clip_args(batch_size: int) -> Namespace:
+    """What ``train_one_epoch`` reads from open_clip's argparse namespace (open_clip_train.params defaults)."""
+    return Namespace(
+        device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=False, horovod=False,
+        grad_clip_norm=None, rank=0, local_rank=0, world_size=1, log_every_n_steps=100, batch_size=batch_size,
+        wandb=False, distributed=False,
+    )  # fmt: skip
+
+
+def open_clip_optimizer(model: torch.nn.Module, lr: float, wd: float, betas, eps: float) -> torch.optim.Optimizer:
+    """open_clip_train.main's AdamW param groups."""
+
+    def exclude(n, p):
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+    named = list(model.named_parameters())
+    gain_or_bias = [p for n, p in named if exclude(n, p) and p.requires_grad]
+    rest = [p for n, p in named if not exclude(n, p) and p.requires_grad]
+    groups = [{"params": gain_or_bias, "weight_decay": 0.0}, {"params": rest, "weight_decay": wd}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def run_open_clip(cfg, state, batches, steps: int, warmup: int, clock: StepClock, eps: float) -> torch.nn.Module:
+    """One epoch of ``open_clip_train.train.train_one_epoch`` over ``steps`` batches; returns the trained model."""
+    import open_clip
+    from open_clip_train.scheduler import cosine_lr
+    from open_clip_train.train import train_one_epoch
+
+    model = open_clip.CLIP(**cfg, output_dict=True)
+    model.load_state_dict(state)
+    optimizer = open_clip_optimizer(model, LR, WEIGHT_DECAY, BETAS, eps)
+    optimizer.register_step_post_hook(clock)
+    scheduler = cosine_lr(optimizer, LR, warmup, steps)
+    loader = _loader(batches, steps, as_dict=False)
+    loader.num_batches, loader.num_samples = steps, steps * len(batches[0][0])  # as open_clip_train.data sets them
+    data = {"train": SimpleNamespace(dataloader=loader, set_epoch=lambda epoch: None)}
+    args = open_clip_args(len(batches[0][0]))
+    with clock.phases(model):
+        train_one_epoch(model, data, open_clip.ClipLoss(), 0, optimizer, None, scheduler, None, args)
+    return model
+
+
+# -------------------------------------------------------------------------------------------------------------- runs
+def _ours_eps() -> float:
+    """ClipModule's AdamW eps (its default, if it has the argument; torch's otherwise), so that both sides match."""
+    import inspect
+
+    from lightning_modules.clip import ClipModule
+
+    p = inspect.signature(ClipModule.__init__).parameters.get("eps")
+    return p.default if p is not None and p.default is not inspect.Parameter.empty else 1e-8
+
+
+def time_run(impl: str, cfg, state, batches, steps: int, skip: int, eps: float) -> tuple[dict[str, Any], Any]:
+    clock = StepClock()
+    warmup = max(1, steps // 10)  # lr warm-up (10 %, as the tiny config): the same schedule on both sides
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's "no workers" / "no logger" advice
+        clock.start()
+        if impl == "ours":
+            model = run_ours(cfg, state, batches, steps, warmup, clock)
+        else:
+            model = run_open_clip(cfg, state, batches, steps, warmup, clock, eps)
+        t1 = time.perf_counter()
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return clock.summary(t1, skip), final
+
+
+def _max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    ms = [r["ms_per_step"] for r in runs]
+    return {
+        "median": statistics.median(ms),
+        "min": min(ms),
+        "max": max(ms),
+        "median_interval_ms": statistics.median(r["median_interval_ms"] for r in runs),
+        "cpu_ms_per_step": statistics.median(r["cpu_ms_per_step"] for r in runs),
+        **{k: statistics.median(r[k] for r in runs) for k in ("forward_ms", "backward_ms", "update_ms", "other_ms")},
+        "first_step_s": statistics.median(r["first_step_s"] for r in runs),
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        "impl      | ms/step (median) |    min |    max | median step | CPU ms/step | forward | backward | update "
+        "| other | first step s",
+        "----------+------------------+--------+--------+-------------+-------------+---------+----------+--------"
+        "+-------+-------------",
+    ]
+    for impl in IMPLS:
+        s = result["summary"][impl]
+        lines.append(
+            f"{impl:<9} | {s['median']:16.2f} | {s['min']:6.2f} | {s['max']:6.2f} | {s['median_interval_ms']:11.2f} "
+            f"| {s['cpu_ms_per_step']:11.2f} | {s['forward_ms']:7.2f} | {s['backward_ms']:8.2f} "
+            f"| {s['update_ms']:6.2f} | {s['other_ms']:5.2f} | {s['first_step_s']:12.2f}"
+        )
+    lines.append(f"ratio (ours/open_clip): {result['ratio']:.3f}")
+    lines.append(
+        f"other time (step minus model forward, backward and AdamW update), ours - open_clip: "
+        f"{result['other_ms_diff']:+.2f} ms/step (median of paired differences)"
+    )
+    paired = ", ".join(f"{r:.3f}" for r in result["paired_ratios"])
+    lines.append(f"paired ratio per round: {paired} (median {result['paired_ratio_median']:.3f})")
+    lines.append(
+        f"same work: max |weight difference| after {result['settings']['steps']} steps, ours vs open_clip: "
+        f"{max(result['weight_diffs']):.2e} (training moved them by up to {min(result['weights_moved']):.2e})"
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------- profile
+def _package(filename: str) -> str:
+    if filename.startswith("~") or filename.startswith("<"):
+        return "builtins (C calls, incl. torch ops)"
+    if "site-packages/" in filename:
+        return filename.split("site-packages/")[1].split("/")[0]
+    parts = Path(filename).parts
+    for top in ("lightning_modules", "benchmarks", "datamodules"):
+        if top in parts:
+            return top
+    return "python stdlib / other"
+
+
+def profile_run(impl: str, cfg, state, batches, steps: int, eps: float, top: int = 25) -> str:
+    """cProfile one run; own (tottime) seconds grouped by package, then the top functions by cumulative time."""
+    prof = cProfile.Profile()
+    prof.enable()
+    time_run(impl, cfg, state, batches, steps, 0, eps)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    by_pkg: dict[str, float] = {}
+    for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():
+        by_pkg[_package(filename)] = by_pkg.get(_package(filename), 0.0) + tottime
+    out = io.StringIO()
+    out.write(f"=== {impl}: {steps} steps, {stats.total_tt:.2f} s under cProfile; own time by package ===\n")
+    for pkg, t in sorted(by_pkg.items(), key=lambda kv: -kv[1])[:12]:
+        out.write(f"  {t:7.3f} s  {pkg}\n")
+    stats.stream = out
+    stats.sort_stats("cumulative").print_stats(top)
+    out.write(f"--- {impl}: the loop's own Python (lightning*, open_clip_train), by own time ---\n")
+    stats.sort_stats("tottime").print_stats(r"lightning|open_clip_train", 15)
+    return out.getvalue()
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.clip_step", description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
+    p.add_argument("--skip-steps", type=int, default=None,
+                   help="leading steps left out of the timing (default min(10, steps // 3))")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="rounds; each runs both sides (order alternates)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads, both sides (default 1, see the docstring; 0: torch default)")  # fmt: skip
+    p.add_argument("--distinct-batches", type=int, default=8, help="pre-built batches, cycled (default 8)")
+    p.add_argument("--model", default=None, help="JSON file with an open_clip config dict (default: the tiny CLIP)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write every run, the summary and the settings here")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="cProfile one run of each instead")
+    a = p.parse_args(argv)
+    if a.skip_steps is None:
+        a.skip_steps = min(10, a.steps // 3)
+    if not 0 <= a.skip_steps < a.steps:
+        p.error("need 0 <= --skip-steps < --steps")
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the table and return the result (``summary``, ``runs``, ``ratio``, settings)."""
+    a = parse_args(argv)
+    with bench_settings(a.threads):
+        return _run(a)
+
+
+def _run(a: argparse.Namespace) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    cfg = json.loads(Path(a.model).read_text()) if a.model else TINY_CLIP
+    state = reference_state(cfg, a.seed)
+    batches = make_batches(cfg, a.batch_size, a.distinct_batches, a.seed)
+    eps = _ours_eps()
+    n_params = sum(v.numel() for k, v in state.items() if k not in ("attn_mask",))
+    if a.profile:
+        for impl in IMPLS:
+            print(profile_run(impl, cfg, state, batches, a.profile, eps), flush=True)
+        return {"profile": True}
+    timed = f"steps {a.skip_steps + 1}..{a.steps}" if a.skip_steps else f"all {a.steps} steps"
+    print(
+        f"CLIP {n_params / 1e6:.2f}M params | batch {a.batch_size} | fp32 | {threads} threads | {a.steps} steps/run, "
+        f"timed {timed} (optimizer post-step timestamps) | {a.repeats} rounds | {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLS}
+    weight_diffs, moved = [], []
+    for r in range(a.repeats):
+        finals = {}
+        for impl in IMPLS if r % 2 == 0 else tuple(reversed(IMPLS)):
+            run, finals[impl] = time_run(impl, cfg, state, batches, a.steps, a.skip_steps, eps)
+            runs[impl].append(run)
+            print(f"  round {r + 1}/{a.repeats} {impl:<9} {run['ms_per_step']:7.2f} ms/step "
+                  f"(median step {run['median_interval_ms']:.2f} ms, {run['cpu_ms_per_step']:.1f} CPU ms/step, "
+                  f"other {run['other_ms']:.2f} ms, "
+                  f"first step {run['first_step_s']:.2f} s, run {run['total_s']:.2f} s, "
+                  f"{run['threads_in_step']} threads)", flush=True)  # fmt: skip
+        weight_diffs.append(_max_weight_diff(finals["ours"], finals["open_clip"]))
+        moved.append(_max_weight_diff(finals["ours"], state))
+    summary = {impl: summarize(runs[impl]) for impl in IMPLS}
+    paired = [o["ms_per_step"] / c["ms_per_step"] for o, c in zip(runs["ours"], runs["open_clip"], strict=True)]
+    result = {
+        "settings": {
+            "steps": a.steps, "skip_steps": a.skip_steps, "batch_size": a.batch_size, "repeats": a.repeats,
+            "threads": threads, "distinct_batches": a.distinct_batches, "seed": a.seed, "model": cfg,
+            "params": n_params,
+        },
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
+                    "platform": platform.platform()},
+        "runs": runs,
+        "summary": summary,
+        "ratio": summary["ours"]["median"] / summary["open_clip"]["median"],
+        "paired_ratios": paired,
+        "paired_ratio_median": statistics.median(paired),
+        "other_ms_diff": statistics.median(
+            o["other_ms"] - c["other_ms"] for o, c in zip(runs["ours"], runs["open_clip"], strict=True)
+        ),
+        "weight_diffs": weight_diffs,
+        "weights_moved": moved,
+    }  # fmt: skip
+    print(format_table(result), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
