@@ -1,12 +1,13 @@
 # recap-suite: one-line entry points. Everything runs in a local venv (.venv) that `make install` creates.
-#   make tiny     -- set up, generate the tiny world, train a tiny CLIP on it (the main job on CPU)
+#   make tiny     -- set up, generate the tiny world + recaptions, train and evaluate Recap-CLIP on it at the
+#                    paper's p = 0.8, CLIPA stage 1 + stage 2 (the main job on CPU, ~6 min on 2 cores)
 #   make test     -- set up and run the default test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORLD ?= data/world
 
-.PHONY: install test test-slow lint tiny world bench clean-venv lock
+.PHONY: install test test-slow lint tiny tiny-sweep world world-recap bench clean-venv lock
 
 # pip (not uv/poetry): the torch 2.14.1 / torchvision 0.29.1 wheels come from the machine's local wheel folder.
 # requirements/lock.txt is the exact tested set; pyproject.toml holds the ranges.
@@ -33,11 +34,25 @@ $(WORLD)/world.json: | $(VENV)/.installed
 
 world: $(WORLD)/world.json
 
-tiny: world
-	$(PY) -m experiments fit --config experiments/configs/trainer/cpu.yaml --config experiments/configs/debug/tiny_clip.yaml
+# Recaptions for the tiny world (an imperfect oracle until the captioner exists), joined to the shards as sidecars
+# through the same path as the real Recap-DataComp-1B table.
+$(WORLD)/sidecars/_manifest.json: $(WORLD)/world.json
+	$(PY) -m experiments truth-recaptions --world $(WORLD) --out $(WORLD)/recap --overwrite
+	$(PY) -m experiments sidecars --recap $(WORLD)/recap --shards '$(WORLD)/web/*.tar' --out $(WORLD)/sidecars --overwrite
+
+world-recap: $(WORLD)/sidecars/_manifest.json
+
+# The main job: paper Table 3's chosen row (p = 0.8) in miniature, both CLIPA stages, then its table.
+tiny: world-recap
+	$(PY) -m experiments clip-table --table table3 --rows p0.8 --tiny
+
+# The tiny-world p sweep reported in docs/clip.md (~25 min on 2 cores).
+tiny-sweep: world-recap
+	$(PY) -m experiments clip-table --table table3 --rows p0.0 p0.5 p0.8 p1.0 --tiny
 
 bench: world
 	$(PY) -m benchmarks.loader --shards $(WORLD)/web
+	$(PY) -m benchmarks.clip_step
 
 clean-venv:
 	rm -rf $(VENV)

@@ -72,20 +72,25 @@ def run_stage(configs: Sequence[Path], extra: Sequence[str], log: Path) -> float
 
 
 def markdown(table: Table, rows: Sequence[Row], results: dict[str, dict], tiny: bool) -> str:
+    """One line per row with its final (stage-2) metrics, then the same for the end of stage 1."""
     cols = list(TINY_COLUMNS) if tiny else sorted({k for r in results.values() for k in r.get("metrics", {})})
     names = [TINY_COLUMNS.get(c, c) for c in cols]
-    lines = [
-        f"| row | p | {' | '.join(names)} | train min | paper ({', '.join(table.metrics)}) |",
-        "|" + "---|" * (len(cols) + 4),
-    ]
-    for row in rows:
-        res = results.get(row.id)
-        vals = [f"{res['metrics'][c]:.1f}" if res and c in res["metrics"] else "-" for c in cols]
-        p = "concat" if row.mix == "concat" else f"{row.p:.1f}"
-        minutes = f"{res['seconds'] / 60:.1f}" if res and res.get("seconds") else "-"
-        paper = " / ".join(f"{v:g}" for v in row.paper.values())
-        lines.append(f"| {row.id} | {p} | {' | '.join(vals)} | {minutes} | {paper} |")
-    return "\n".join(lines) + "\n"
+    out = []
+    for stage, key in (("final (stage 2)", "metrics"), ("end of stage 1", "stage1_metrics")):
+        lines = [
+            f"| {stage} | p | {' | '.join(names)} | train min | paper ({', '.join(table.metrics)}) |",
+            "|" + "---|" * (len(cols) + 4),
+        ]
+        for row in rows:
+            res = (results.get(row.id) or {}).get(key) or {}
+            vals = [f"{res[c]:.1f}" if c in res else "-" for c in cols]
+            p = "concat" if row.mix == "concat" else f"{row.p:.1f}"
+            seconds = (results.get(row.id) or {}).get("seconds")
+            minutes = f"{seconds / 60:.1f}" if seconds and key == "metrics" else "-"
+            paper = " / ".join(f"{v:g}" for v in row.paper.values())
+            lines.append(f"| {row.id} | {p} | {' | '.join(vals)} | {minutes} | {paper} |")
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -115,7 +120,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 seconds += run_stage(configs, args.overrides, run.parent / f"stage{stage}.log")
         final = latest_metrics(run_dir(stage_configs(table, row, 2, args.tiny)))
         if final is not None:
-            results[row.id] = {"metrics": final["metrics"], "seconds": seconds or None, "p": row.p, "mix": row.mix}
+            first = latest_metrics(run_dir(stage_configs(table, row, 1, args.tiny)))
+            results[row.id] = {
+                "metrics": final["metrics"],
+                "stage1_metrics": first["metrics"] if first else None,
+                "seconds": seconds or None,
+                "p": row.p,
+                "mix": row.mix,
+            }
 
     save_dir = run_dir(stage_configs(table, rows[0], 1, args.tiny)).parents[2]
     out = Path(args.out) if args.out else save_dir / args.table / "results"

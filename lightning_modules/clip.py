@@ -113,7 +113,8 @@ class ClipModule(L.LightningModule):
             rank_zero_info(f"ClipModule: initialised from {init_from}")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self._forward = torch.compile(self.model) if compile else self.model
+        # Not registered as a submodule: checkpoints keep the plain ``model.*`` keys with or without compile.
+        object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
         self.evaluation = list(evaluation or [])
         self.loss_fn = make_clip_loss()
         self._validations = 0
@@ -205,7 +206,7 @@ class ClipModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ evaluation
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_image(images), dim=-1)
+        return F.normalize(self.model.encode_image(images).float(), dim=-1)  # fp32 scores even under bf16 autocast
 
     def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
         """L2-normalised text features of raw strings (tokenised with the model's own tokenizer)."""
@@ -213,7 +214,7 @@ class ClipModule(L.LightningModule):
         feats = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
-            feats.append(F.normalize(self.model.encode_text(tokens), dim=-1))
+            feats.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
         return torch.cat(feats) if feats else torch.empty(0, self.model.text_projection.shape[-1])
 
     @torch.no_grad()

@@ -210,3 +210,83 @@ def test_export_refuses_a_non_clip_checkpoint(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "x.ckpt")
     with pytest.raises(ValueError, match="no ClipModule hyper_parameters"):
         export_clip(tmp_path / "x.ckpt", tmp_path / "out")
+
+
+def _loss_and_grads(module: ClipModule, images: torch.Tensor, texts: torch.Tensor):
+    module.zero_grad()
+    out = module(images, texts)
+    loss = module.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    plain = ClipModule(tiny_cfg(), lr=1e-3)
+    ckpt = ClipModule(tiny_cfg(), lr=1e-3, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.model.visual.transformer.grad_checkpointing
+    assert ckpt.model.transformer.grad_checkpointing
+    assert not plain.model.visual.transformer.grad_checkpointing
+    images, texts = torch.randn(6, 3, 32, 32), torch.randint(1, 1000, (6, 16))
+    loss_a, grads_a = _loss_and_grads(plain, images, texts)
+    loss_b, grads_b = _loss_and_grads(ckpt, images, texts)
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    for k in grads_a:
+        torch.testing.assert_close(grads_a[k], grads_b[k], msg=k)
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    write_shards(tmp_path / "web", [32], image_size=32)
+    module = ClipModule(tiny_cfg(), lr=1e-3, weight_decay=0.1)
+    before = module.model.text_projection.detach().clone()
+    dm = CaptionMixDataModule(
+        train_shards=str(tmp_path / "web"), batch_size=8, sources={"original": "txt"}, num_workers=0
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", precision="bf16-mixed", max_steps=3, logger=False, enable_checkpointing=False
+    )
+    trainer.fit(module, datamodule=dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert module.model.text_projection.dtype == torch.float32  # mixed: fp32 master weights
+    assert not torch.equal(module.model.text_projection, before)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    """compile=True compiles the forward only: same outputs, same state-dict keys (checkpoints stay portable)."""
+    torch.manual_seed(0)
+    eager = ClipModule(tiny_cfg(), lr=1e-3)
+    compiled = ClipModule(tiny_cfg(), lr=1e-3, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    images, texts = torch.randn(4, 3, 32, 32), torch.randint(1, 1000, (4, 16))
+    with torch.no_grad():
+        a, b = eager(images, texts), compiled(images, texts)
+    torch.testing.assert_close(a["image_features"], b["image_features"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a["text_features"], b["text_features"], rtol=1e-4, atol=1e-5)
+
+
+def test_named_table2_size_with_a_bert_tokenizer_folder(tmp_path):
+    """model: recap-clip:S-16:small builds the paper's S/16 + small text (HTxt style, ctx 128, vocab 32,000); the BERT
+    tokenizer is a config choice: here a local folder, as a cached bert-base-uncased would be on a real run."""
+    from transformers import BertTokenizer
+
+    words = ["a", "red", "star", "on", "the", "left", "two", "blue", "circles"]
+    BertTokenizer(
+        vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    ).save_pretrained(tmp_path / "bert")
+    module = ClipModule("recap-clip:S-16:small", image_size=32, tokenizer=str(tmp_path / "bert"), lr=1e-3)
+    assert module.context_length == 128
+    assert module.model.token_embedding.num_embeddings == 32000
+    assert module.model.visual.pool_type == "avg"
+    assert module.model.attn_mask is None  # no_causal_mask: a bidirectional text tower
+    tokens = module.data_transforms("fit").text("a red star on the left")
+    assert tokens.shape == (128,)
+    assert tokens[:7].tolist() == [2, 5, 6, 7, 8, 9, 10]  # [CLS] a red star on the left; [SEP] stripped
+    assert int(tokens[7:].abs().sum()) == 0
+    with torch.no_grad():
+        feats = module.encode_texts(["two blue circles", "a red star"])
+        img = module.encode_images(torch.randn(2, 3, 32, 32))
+    assert feats.shape == img.shape == (2, 384)
