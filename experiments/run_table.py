@@ -110,28 +110,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(f"unknown rows {unknown} of {args.table}; known: {list(by_id)}")
     rows = [by_id[r] for r in args.rows] if args.rows else list(table.rows)
 
+    save_dir = run_dir(stage_configs(table, rows[0], 1, args.tiny)).parents[2]
+    out = Path(args.out) if args.out else save_dir / args.table / "results"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.with_suffix(".json").read_text())["rows"] if out.with_suffix(".json").is_file() else {}
+
     results: dict[str, dict] = {}
     for row in rows:
-        seconds = 0.0
+        # wall time per stage, kept from earlier invocations for the stages this one skips
+        stage_seconds = dict((previous.get(row.id) or {}).get("stage_seconds") or {})
         for stage in (1, 2):
             configs = stage_configs(table, row, stage, args.tiny)
             run = run_dir(configs)
             if latest_metrics(run) is None and not args.collect_only:
-                seconds += run_stage(configs, args.overrides, run.parent / f"stage{stage}.log")
+                stage_seconds[f"stage{stage}"] = run_stage(configs, args.overrides, run.parent / f"stage{stage}.log")
         final = latest_metrics(run_dir(stage_configs(table, row, 2, args.tiny)))
         if final is not None:
             first = latest_metrics(run_dir(stage_configs(table, row, 1, args.tiny)))
             results[row.id] = {
                 "metrics": final["metrics"],
                 "stage1_metrics": first["metrics"] if first else None,
-                "seconds": seconds or None,
+                "stage_seconds": stage_seconds,
+                "seconds": sum(stage_seconds.values()) if len(stage_seconds) == 2 else None,
                 "p": row.p,
                 "mix": row.mix,
             }
 
-    save_dir = run_dir(stage_configs(table, rows[0], 1, args.tiny)).parents[2]
-    out = Path(args.out) if args.out else save_dir / args.table / "results"
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(table, rows, results, args.tiny)
     out.with_suffix(".md").write_text(f"{table.caption}\n\n{text}")
     out.with_suffix(".json").write_text(json.dumps({"table": args.table, "tiny": args.tiny, "rows": results}, indent=2))

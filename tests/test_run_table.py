@@ -37,9 +37,12 @@ def test_runs_missing_stages_in_order_and_resumes(tmp_path, monkeypatch):
     table = (tmp_path / "runs/tiny/clip/table3/results.md").read_text()
     assert "| p0.0 | 0.0 | 40.0 |" in table  # final
     assert "| p0.5 | 0.5 | 25.0 |" in table  # end of stage 1
+    assert results["p0.0"]["seconds"] == 120.0
+    assert results["p0.5"]["seconds"] is None  # stage 1 ran in another invocation that recorded no time
     calls.clear()
-    run_table.main(["--table", "table3", "--rows", "p0.0", "p0.5", "--tiny"])
-    assert calls == []  # everything done: a rerun trains nothing
+    again = run_table.main(["--table", "table3", "--rows", "p0.0", "p0.5", "--tiny"])
+    assert calls == []  # everything done: a rerun trains nothing ...
+    assert again["p0.0"]["seconds"] == 120.0  # ... and keeps the wall times measured before
 
 
 def test_unknown_row_is_an_error(capsys):
