@@ -27,6 +27,7 @@ for _k, _v in {
     "MPLCONFIGDIR": str(_CACHE / "mpl"),
     "XDG_CACHE_HOME": str(_CACHE / "xdg"),
     "TOKENIZERS_PARALLELISM": "false",
+    "OMP_WAIT_POLICY": "PASSIVE",  # as experiments/__main__.py: no spinning OpenMP threads on a shared CPU
 }.items():
     os.environ.setdefault(_k, _v)
 os.environ.pop("WANDB_API_KEY", None)
