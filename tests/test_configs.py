@@ -90,7 +90,7 @@ def test_config_parses_in_its_stack(parser, config):
     if "/table" in str(config) and config.name != "baselines.yaml":
         row_cfg = yaml.safe_load(config.read_text())
         # the row's own settings survive the stacking (last config wins)
-        assert dumped["data"]["init_args"]["p_original"] == row_cfg["data"]["init_args"]["p_original"]
+        assert dumped["data"]["init_args"].get("p_original") == row_cfg["data"]["init_args"]["p_original"]
         assert dumped["trainer"]["logger"]["init_args"]["name"] == row_cfg["trainer"]["logger"]["init_args"]["name"]
         if config.name.endswith(".stage2.yaml"):
             init_from = dumped["model"]["init_args"]["init_from"]
