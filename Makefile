@@ -1,6 +1,6 @@
 # recap-suite: one-line entry points. Everything runs in a local venv (.venv) that `make install` creates.
 #   make tiny     -- set up, generate the tiny world + recaptions, train and evaluate Recap-CLIP on it at the
-#                    paper's p = 0.8, CLIPA stage 1 + stage 2 (the main job on CPU, ~6 min on 2 cores)
+#                    paper's p = 0.8, CLIPA stage 1 + stage 2 (the main job on CPU, ~7 min on 2 cores)
 #   make test     -- set up and run the default test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
