@@ -46,10 +46,35 @@ def stage_configs(table: Table, row: Row, stage: int, tiny: bool) -> list[Path]:
     return [base / f"stage{stage}.yaml", base / table.name / f"{stem}.yaml"]
 
 
-def run_dir(configs: Sequence[Path]) -> Path:
-    """The run directory the configs resolve to (the row's logger save_dir/name/version)."""
-    logger = yaml.safe_load(configs[-1].read_text())["trainer"]["logger"]["init_args"]
-    return Path(logger["save_dir"]) / logger["name"] / logger["version"]
+def _logger_args(configs: Sequence[Path]) -> dict:
+    return yaml.safe_load(configs[-1].read_text())["trainer"]["logger"]["init_args"]
+
+
+def save_dir_of(configs: Sequence[Path], seed: int | None = None) -> Path:
+    """The row's logger save_dir; a ``seed`` other than the configs' own runs in ``save_dir/seed<N>``."""
+    return Path(_logger_args(configs)["save_dir"]) / (f"seed{seed}" if seed is not None else "")
+
+
+def run_dir(configs: Sequence[Path], seed: int | None = None) -> Path:
+    """The run directory the configs resolve to: save_dir/name/version."""
+    logger = _logger_args(configs)
+    return save_dir_of(configs, seed) / logger["name"] / logger["version"]
+
+
+def seed_overrides(table: Table, row: Row, stage: int, tiny: bool, seed: int | None) -> list[str]:
+    """Overrides that rerun a row with another seed (model init, data order and caption draws) in its own folder."""
+    if seed is None:
+        return []
+    configs = stage_configs(table, row, stage, tiny)
+    out = [
+        f"--seed_everything={seed}",
+        f"--data.init_args.seed={seed}",
+        f"--trainer.logger.init_args.save_dir={save_dir_of(configs, seed)}",
+    ]
+    if stage == 2:
+        stage1 = run_dir(stage_configs(table, row, 1, tiny), seed)
+        out.append(f"--model.init_args.init_from={stage1}/checkpoints/last.ckpt")
+    return out
 
 
 def latest_metrics(run: Path) -> dict | None:
@@ -99,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--rows", nargs="*", default=None, help="row ids (default: all rows of the table)")
     parser.add_argument("--tiny", action="store_true", help="the tiny-world configs (CPU)")
     parser.add_argument("--collect-only", action="store_true", help="only collect finished rows into the table")
+    parser.add_argument("--seed", type=int, default=None, help="rerun the rows with this seed, in <save_dir>/seed<N>")
     parser.add_argument("--out", default=None, help="table output stem (default: <save_dir>/clip/<table>/results)")
     parser.add_argument("overrides", nargs="*", help="extra CLI overrides for every stage, after '--'")
     args = parser.parse_args(argv)
@@ -110,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(f"unknown rows {unknown} of {args.table}; known: {list(by_id)}")
     rows = [by_id[r] for r in args.rows] if args.rows else list(table.rows)
 
-    save_dir = run_dir(stage_configs(table, rows[0], 1, args.tiny)).parents[2]
+    save_dir = run_dir(stage_configs(table, rows[0], 1, args.tiny), args.seed).parents[2]
     out = Path(args.out) if args.out else save_dir / args.table / "results"
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.with_suffix(".json").read_text())["rows"] if out.with_suffix(".json").is_file() else {}
@@ -121,12 +147,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         stage_seconds = dict((previous.get(row.id) or {}).get("stage_seconds") or {})
         for stage in (1, 2):
             configs = stage_configs(table, row, stage, args.tiny)
-            run = run_dir(configs)
+            run = run_dir(configs, args.seed)
             if latest_metrics(run) is None and not args.collect_only:
-                stage_seconds[f"stage{stage}"] = run_stage(configs, args.overrides, run.parent / f"stage{stage}.log")
-        final = latest_metrics(run_dir(stage_configs(table, row, 2, args.tiny)))
+                extra = seed_overrides(table, row, stage, args.tiny, args.seed) + list(args.overrides)
+                stage_seconds[f"stage{stage}"] = run_stage(configs, extra, run.parent / f"stage{stage}.log")
+        final = latest_metrics(run_dir(stage_configs(table, row, 2, args.tiny), args.seed))
         if final is not None:
-            first = latest_metrics(run_dir(stage_configs(table, row, 1, args.tiny)))
+            first = latest_metrics(run_dir(stage_configs(table, row, 1, args.tiny), args.seed))
             results[row.id] = {
                 "metrics": final["metrics"],
                 "stage1_metrics": first["metrics"] if first else None,

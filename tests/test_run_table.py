@@ -51,3 +51,29 @@ def test_unknown_row_is_an_error(capsys):
     with pytest.raises(SystemExit):
         run_table.main(["--table", "table3", "--rows", "p0.45", "--tiny"])
     assert "unknown rows ['p0.45']" in capsys.readouterr().err
+
+
+def test_seed_reruns_go_to_their_own_folder_and_chain_stages(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_run_stage(configs, extra, log):
+        calls.append(extra)
+        save_dir = next(a.split("=", 1)[1] for a in extra if a.startswith("--trainer.logger.init_args.save_dir="))
+        name = "stage2" if "stage2" in configs[-1].name else "stage1"
+        _fake_metrics(Path(save_dir) / "clip/table3/p0.8" / name, 5, 1.0)
+        return 1.0
+
+    monkeypatch.setattr(run_table, "run_stage", fake_run_stage)
+    _fake_metrics(tmp_path / "runs/tiny/clip/table3/p0.8/stage1", 800, 25.0)  # the seed-0 run: not reused
+    _fake_metrics(tmp_path / "runs/tiny/clip/table3/p0.8/stage2", 160, 25.0)
+    results = run_table.main(["--table", "table3", "--rows", "p0.8", "--tiny", "--seed", "2"])
+    assert len(calls) == 2
+    assert calls[0][:3] == [
+        "--seed_everything=2",
+        "--data.init_args.seed=2",
+        "--trainer.logger.init_args.save_dir=runs/tiny/seed2",
+    ]
+    assert calls[1][-1] == "--model.init_args.init_from=runs/tiny/seed2/clip/table3/p0.8/stage1/checkpoints/last.ckpt"
+    assert results["p0.8"]["metrics"] == {"classify/top1": 1.0}
+    assert (tmp_path / "runs/tiny/seed2/clip/table3/results.md").is_file()
