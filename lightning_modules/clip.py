@@ -256,21 +256,20 @@ class ClipModule(L.LightningModule):
         tasks = getattr(self.trainer.datamodule, "tasks", None)
         if tasks is None:
             raise ValueError("test needs a datamodule with evaluation `tasks` (datamodules.eval_sets.EvalDataModule)")
+        from lightning_modules.evaluation import features_by_index
+
         metrics: dict[str, float] = {}
         for i, task in enumerate(tasks):
             parts = self._test_features.get(i, [])
             index = torch.cat([p[0] for p in parts]).to(self.device)
             feats = torch.cat([p[1] for p in parts])
-            if self.trainer.world_size > 1:  # DistributedSampler pads with repeats: gather, then dedupe by index
+            if self.trainer.world_size > 1:  # each rank holds a share (DistributedSampler pads with repeats)
                 index = self.all_gather(index).flatten()
                 feats = self.all_gather(feats).flatten(0, -2)
-            n = int(index.max()) + 1
-            ordered = torch.zeros(n, feats.shape[-1], dtype=feats.dtype, device=feats.device)
-            ordered[index] = feats
-            if torch.unique(index).numel() != n:
-                raise RuntimeError(f"{task.name}: test loaders returned {torch.unique(index).numel()} of {n} images")
+            n = len(self.trainer.test_dataloaders[i].dataset)
+            features = features_by_index(task.name, n, [(index, feats)])
             with torch.no_grad():
-                result = task.compute(ordered.float(), self.encode_texts, self.tokenizer, self.context_length)
+                result = task.compute(features, self.encode_texts, self.tokenizer, self.context_length)
             metrics.update({f"{task.name}/{k}": float(v) for k, v in result.items()})
         self._test_features.clear()
         self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=False)

@@ -35,6 +35,7 @@ __all__ = [
     "LongRetrieval",
     "Retrieval",
     "ZeroShotClassification",
+    "features_by_index",
     "resolve_classnames",
     "resolve_templates",
     "run_tasks",
@@ -349,6 +350,22 @@ class LongRetrieval(_RetrievalTask):
         super().__init__(name, paths, texts, list(range(len(paths))), root)
 
 
+def features_by_index(name: str, n: int, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``[n, d]`` features from ``(index, features)`` batches in any order, repeats allowed (a distributed sampler
+    pads with them); every index ``0..n-1`` must be present."""
+    if not parts:
+        raise RuntimeError(f"{name}: encoded 0 of {n} images")
+    index = torch.cat([i for i, _ in parts]).long()
+    feats = torch.cat([f for _, f in parts])
+    out = feats.new_zeros(n, feats.shape[-1])
+    out[index.to(feats.device)] = feats
+    seen = torch.zeros(n, dtype=torch.bool)
+    seen[index.cpu()] = True
+    if not seen.all():
+        raise RuntimeError(f"{name}: encoded {int(seen.sum())} of {n} images")
+    return out
+
+
 def run_tasks(
     tasks: Sequence[EvalTask],
     encode_images: Callable[[torch.Tensor], torch.Tensor],
@@ -374,16 +391,8 @@ def run_tasks(
             dataset = task.image_dataset(image_transform)
             n = len(dataset)
             loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-            features: torch.Tensor | None = None
-            seen = torch.zeros(n, dtype=torch.bool)
-            for images, index in loader:
-                feats = encode_images(images.to(device)).float()
-                if features is None:
-                    features = feats.new_zeros(n, feats.shape[-1])
-                features[index.to(feats.device)] = feats
-                seen[index] = True
-            if features is None or not seen.all():
-                raise RuntimeError(f"{task.name}: encoded {int(seen.sum())} of {n} images")
+            parts = [(index, encode_images(images.to(device)).float()) for images, index in loader]
+            features = features_by_index(task.name, n, parts)
             result = task.compute(features, encode_texts, tokenizer, context_length)
             log.info("%s: %s", task.name, ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
             metrics.update({f"{task.name}/{k}": float(v) for k, v in result.items()})
