@@ -21,18 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lightning_modules.components.clip_model import build_clip, read_state_dict
+from lightning_modules.components.clip_model import build_clip, clip_state_dict, load_checkpoint_file
 
 
-def _hparams(ckpt_path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise ValueError(f"cannot load {ckpt_path} safely (weights_only=True): {e}") from e
+def _hparams(ckpt: Any, ckpt_path: Path) -> dict[str, Any]:
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or "model" not in hp:
         raise ValueError(f"{ckpt_path} has no ClipModule hyper_parameters (is it a ClipModule Lightning checkpoint?)")
@@ -42,15 +34,14 @@ def _hparams(ckpt_path: Path) -> dict[str, Any]:
 def export_clip(ckpt: str | os.PathLike, out: str | os.PathLike, name: str = "recap-clip-export") -> Path:
     """Write the open_clip folder for a ClipModule checkpoint and return its path."""
     ckpt, out = Path(ckpt), Path(out)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    hp = _hparams(ckpt)
+    contents = load_checkpoint_file(ckpt)  # read once: hyperparameters and weights come from the same load
+    hp = _hparams(contents, ckpt)
     parts = build_clip(hp["model"], hp.get("context_length"), hp.get("image_size"), hp.get("tokenizer"))
     model_cfg = parts.model_cfg
     if model_cfg is None:  # a local-dir: model: its folder holds the config
         folder = Path(str(hp["model"]).removeprefix("local-dir:"))
         model_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
-    state = read_state_dict(ckpt)
+    state = clip_state_dict(contents, ckpt)
     parts.model.load_state_dict(state, strict=True)  # proves the weights fit the rebuilt config
 
     from safetensors.torch import save_file

@@ -138,23 +138,26 @@ def build_clip(
     )
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The CLIP weights in a Lightning ``.ckpt`` (``model.``-prefixed), an open_clip checkpoint (``.pt``/``.bin``,
-    optionally under ``state_dict``, DDP ``module.`` prefixes) or a ``.safetensors`` file. Always safe loading
-    (``weights_only=True`` / safetensors): a checkpoint that needs arbitrary unpickling is refused."""
+def load_checkpoint_file(path: str | Path) -> Any:
+    """A checkpoint file's contents, loaded safely: ``.safetensors`` with safetensors, anything else with
+    ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused with its path."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path), device="cpu")
-    else:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the path, whatever torch's unpickler raised
-            raise ValueError(f"cannot load {path} safely (weights_only=True): {e}") from e
-        sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+        return load_file(str(path), device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path, whatever torch's unpickler raised
+        raise ValueError(f"cannot load {path} safely (weights_only=True): {e}") from e
+
+
+def clip_state_dict(ckpt: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """The CLIP weights in loaded checkpoint contents: a Lightning checkpoint (``model.``-prefixed), an open_clip
+    checkpoint (optionally under ``state_dict``, DDP ``module.`` prefixes) or a bare state dict."""
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else ckpt
     if not isinstance(sd, Mapping) or not sd:
         raise ValueError(f"{path} holds no state dict")
     if any(k.startswith("model.") for k in sd):  # a Lightning checkpoint of ClipModule
@@ -162,6 +165,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return dict(sd)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The CLIP weights in a Lightning ``.ckpt``, an open_clip ``.pt``/``.bin`` or a ``.safetensors`` file (safe
+    loading only)."""
+    return clip_state_dict(load_checkpoint_file(path), path)
 
 
 def load_clip_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
