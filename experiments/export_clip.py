@@ -10,6 +10,9 @@ open_clip model folder.
 or, with a registered name, ``open_clip.add_model_config("DIR/<name>.json")`` and
 ``open_clip.create_model_and_transforms("<name>", pretrained="DIR/open_clip_model.safetensors")``.
 The checkpoint is read with ``weights_only=True``; the model is rebuilt from the hyperparameters saved in it.
+``--hf-vision HF_DIR`` also writes the image tower as a HuggingFace ``CLIPVisionModelWithProjection`` (plain
+``CLIPVisionModel`` weights where the pooled output has no exact HF equivalent) + ``CLIPImageProcessor`` folder, e.g.
+a LLaVA vision tower (``lightning_modules.components.hf_clip_vision``).
 """
 
 from __future__ import annotations
@@ -31,8 +34,14 @@ def _hparams(ckpt: Any, ckpt_path: Path) -> dict[str, Any]:
     return dict(hp)
 
 
-def export_clip(ckpt: str | os.PathLike, out: str | os.PathLike, name: str = "recap-clip-export") -> Path:
-    """Write the open_clip folder for a ClipModule checkpoint and return its path."""
+def export_clip(
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    name: str = "recap-clip-export",
+    hf_vision: str | os.PathLike | None = None,
+) -> Path:
+    """Write the open_clip folder for a ClipModule checkpoint and return its path; with ``hf_vision``, also the
+    HuggingFace CLIP vision folder converted from it."""
     ckpt, out = Path(ckpt), Path(out)
     contents = load_checkpoint_file(ckpt)  # read once: hyperparameters and weights come from the same load
     hp = _hparams(contents, ckpt)
@@ -52,6 +61,10 @@ def export_clip(ckpt: str | os.PathLike, out: str | os.PathLike, name: str = "re
     config = {"model_cfg": model_cfg, "preprocess_cfg": parts.preprocess_cfg}
     _atomic(out / "open_clip_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     _atomic(out / f"{name}.json", lambda p: p.write_text(json.dumps(model_cfg, indent=2)))
+    if hf_vision is not None:
+        from lightning_modules.components.hf_clip_vision import save_hf_vision
+
+        save_hf_vision(out, hf_vision, with_projection="auto")
     return out
 
 
@@ -66,7 +79,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--ckpt", required=True, help="ClipModule Lightning checkpoint (.ckpt)")
     parser.add_argument("--out", required=True, help="output folder (open_clip local-dir layout)")
     parser.add_argument("--name", default="recap-clip-export", help="model config name for add_model_config")
+    parser.add_argument("--hf-vision", metavar="OUT_DIR", help="also write the image tower as an HF CLIP vision folder")
     args = parser.parse_args(argv)
-    out = export_clip(args.ckpt, args.out, args.name)
+    out = export_clip(args.ckpt, args.out, args.name, hf_vision=args.hf_vision)
     print(f"exported {args.ckpt} -> {out} (open_clip.create_model_and_transforms('local-dir:{out}'))")
+    if args.hf_vision:
+        print(f"HF vision tower -> {args.hf_vision} (transformers.CLIPVisionModel.from_pretrained)")
     return out
