@@ -1,0 +1,457 @@
+"""Score generated captions of tiny-world images against the ground truth, attribute by attribute (plain Python).
+
+A captioner trained on the tiny world writes "detailed descriptions" like ``text.detailed_description``. This module
+reads such free text back into objects and compares them with the image's ``Scene``:
+
+* :func:`parse_caption` finds every object as ``(size, colour, shape, position)`` (unstated attributes are None),
+  the stated object count ("two shapes", "a single figure") and the background (kind and colours).
+* :func:`truth_objects` turns a ``truth/*.parquet`` ``objects`` value (JSON) into the same tuples.
+* :func:`score_captions` gives micro-averaged multiset precision / recall (in %) of colours, shapes, (colour, shape)
+  pairs, (colour, shape, position) triples and (size, colour, shape, position) quads, plus per-caption accuracies.
+* :func:`chance_scores` scores the same captions against a deranged truth: the chance baseline.
+
+The phrase inventory is the world's own (``datamodules/tiny_world/text.py``): the position phrases of the detailed
+descriptions, short captions and long captions (``_POS``, ``_SPOS``, ``_LPOS``: "on the left side", "in the
+middle", "up top", "down low", "near the upper edge", "right at the centre of the frame", ...), the size words
+(large/big/sizeable/largest, small/little/tiny/compact), the 8 colour names and the 16 shade names (mapped to their
+colour through ``SHADE_TO_COLOUR``), the 6 shapes and the generic word "shape" that the truth recaptioner uses for a
+coarsened star or cross. A few general forms are accepted too ("to the right", "at the top edge", "centered"), so
+a captioner's paraphrases still parse.
+
+How a caption is read:
+
+1. Relative phrases ("to the left of", "left of", "above", "over", "below", "under") become barriers: they never give
+   an object a position. Then absolute position phrases become markers.
+2. Every singular shape word starts an object mention. Size and colour words directly before it (over fillers such as
+   "coloured", "lone", "single") belong to it, and so do attributes right after it: "a star in red", "a star, big
+   and red,", "a star coloured red", "the red star is large and ...". "is/being a ..." after "largest one",
+   "biggest" or "most prominent figure" makes the object large. "shape" is an object only with a colour ("a small red
+   shape"); "a single shape" and "two shapes" are counts.
+3. An object takes the first free position marker after it, before the next object, a relative phrase or the end
+   of the sentence; one with none takes a free marker earlier in its sentence ("Near the left border, one can see a
+   little red star.").
+4. A definite mention ("the red star is large and on the left", "the most prominent figure is the star") refers
+   back to the first earlier object with the same shape and no conflicting attribute, and fills in what it states;
+   an indefinite one ("a", "an", none) is a new object. The world never has two objects of the same colour and shape.
+
+Scoring policy. An object counts as a prediction for a tuple metric only if the caption states every attribute of
+the tuple (a generic "shape" states no shape), so precision measures the claims made and recall penalises what is
+left out. Precision with no predictions at all is 0. The main object of a caption is the object it mentions first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from datamodules.tiny_world.scene import BACKGROUND_COLOURS, COLOURS, SHADE_TO_COLOUR, SHAPES
+from datamodules.tiny_world.text import _BIG, _LPOS, _POS, _SMALL, _SPOS, NUMBER_WORDS
+
+__all__ = [
+    "GENERIC_SHAPE",
+    "CaptionObject",
+    "ParsedBackground",
+    "ParsedCaption",
+    "chance_scores",
+    "parse_caption",
+    "score_captions",
+    "truth_background",
+    "truth_objects",
+]
+
+GENERIC_SHAPE = "shape"
+"""The shape of an object named only "shape" ("a small red shape"): it states no shape."""
+
+
+class CaptionObject(NamedTuple):
+    """One object as a caption states it (or as the truth has it). Unstated attributes are None."""
+
+    size: str | None
+    colour: str | None
+    shape: str
+    """One of ``SHAPES`` or ``GENERIC_SHAPE``."""
+    position: str | None
+
+
+@dataclass(frozen=True)
+class ParsedBackground:
+    kind: str | None
+    """"plain", "hstripes", "vstripes", "checker", or "stripes" when the orientation is not said."""
+    colours: tuple[str, ...]
+    """Background colour names in the order the caption gives them (the truth's order: colours[0] is at (0, 0))."""
+
+
+@dataclass(frozen=True)
+class ParsedCaption:
+    objects: tuple[CaptionObject, ...]
+    """Objects in order of first mention."""
+    count: int | None
+    """The stated number of objects ("two shapes", "a single figure"), if any."""
+    background: ParsedBackground | None
+
+    @property
+    def main(self) -> CaptionObject | None:
+        """The first-mentioned object (the world's descriptions name the main, i.e. largest, object first)."""
+        return self.objects[0] if self.objects else None
+
+
+# --------------------------------------------------------------------------------------------------- vocabulary
+
+_COLOUR_WORDS: dict[str, str] = {c: c for c in COLOURS} | dict(SHADE_TO_COLOUR)
+_SIZE_WORDS: dict[str, str] = {w: "large" for w in (*_BIG, "large", "big", "sizeable", "sizable", "huge")} | {
+    w: "small" for w in (*_SMALL, "small", "little", "tiny", "compact")
+}
+_SHAPE_WORDS: dict[str, str] = {s: s for s in SHAPES} | {GENERIC_SHAPE: GENERIC_SHAPE}
+_PLURALS = {("crosses" if s == "cross" else s + "s") for s in _SHAPE_WORDS}
+_FILLERS = {"coloured", "colored", "tinted", "painted", "lone", "single", "solid", "bright", "dark", "light", "pale",
+            "flat", "simple", "geometric", "filled", "outlined", "plain"}  # fmt: skip
+_DETERMINERS = {"a", "an", "the", "one", "another", "this", "that"}
+_POST_TRIGGERS = {"is", ",", "in", "coloured", "colored", "tinted", "painted"}
+_LARGEST_CUES = {"largest", "biggest", "prominent", "main", "dominant"}
+_SENTENCE_END = {".", "!", "?", ";"}
+_BG_COLOUR_WORDS: dict[str, str] = {c: c for c in BACKGROUND_COLOURS} | {"grey": "gray"}
+_COUNT_WORDS: dict[str, int] = {w: i for i, w in enumerate(NUMBER_WORDS)} | dict.fromkeys(
+    ("a single", "just one", "only one"), 1
+)
+
+
+def _phrase_table() -> dict[str, str]:
+    """Absolute position phrase -> position, from text.py's tables plus general forms."""
+    table = {p: pos for t in (_POS, _SPOS, _LPOS) for pos, phrases in t.items() for p in phrases}
+    for pos, words in {"left": ("left",), "right": ("right",), "top": ("top", "upper"), "bottom": ("bottom", "lower"),
+                       "center": ("center", "centre", "middle")}.items():  # fmt: skip
+        for w in words:
+            for pre in ("on", "at", "near", "by", "towards", "toward", "to", "in", "close to", "along"):
+                for very in ("", "very "):
+                    for tail in ("", " side", " border", " edge", " margin", " part", " half", " area"):
+                        table.setdefault(f"{pre} the {very}{w}{tail}", pos)
+    table |= {"up top": "top", "down low": "bottom", "centered": "center", "centred": "center"}
+    return table
+
+
+_POSITION_OF = _phrase_table()
+_POSITION_RE = re.compile(r"\b(" + "|".join(re.escape(p) for p in sorted(_POSITION_OF, key=len, reverse=True)) + r")\b")
+_RELATION_RE = re.compile(r"\bto the (?:left|right) of\b|(?<!the )\b(?:left|right) of\b|\b(?:above|over|below|under)\b")
+_TOKEN_RE = re.compile(r"__[a-z]+__|[a-z]+|\d+|[.,;:!?]")
+_COUNT_RE = re.compile(
+    r"\b(" + "|".join(sorted(map(re.escape, _COUNT_WORDS), key=len, reverse=True)) + r"|\d+) "
+    r"(?:(?:geometric|simple|flat|distinct|different|separate|coloured|colored|colourful|colorful) )?"
+    r"(?:shape|figure|form|motif|object|item)s?\b"
+)
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[-_/#]", " ", text.lower())
+
+
+# ------------------------------------------------------------------------------------------------------ parsing
+
+
+@dataclass
+class _Mention:
+    start: int
+    """Token index of the first word of the noun phrase."""
+    end: int
+    """Token index after the shape word and its post-modifiers."""
+    definite: bool
+    size: str | None
+    colour: str | None
+    shape: str
+    position: str | None = None
+
+
+def _tokens(text: str) -> list[str]:
+    t = _RELATION_RE.sub(" __rel__ ", _normalise(text))
+    t = _POSITION_RE.sub(lambda m: f" __pos{_POSITION_OF[m.group(1)]}__ ", t)
+    return _TOKEN_RE.findall(t)
+
+
+def _marker_position(tok: str) -> str | None:
+    return tok[5:-2] if tok.startswith("__pos") else None
+
+
+def _mentions(toks: list[str]) -> list[_Mention]:
+    out = []
+    n = len(toks)
+    for i, tok in enumerate(toks):
+        shape = _SHAPE_WORDS.get(tok)
+        if shape is None:
+            continue
+        colour = size = None
+        j = i - 1
+        while j >= 0 and (toks[j] in _COLOUR_WORDS or toks[j] in _SIZE_WORDS or toks[j] in _FILLERS):
+            if toks[j] in _COLOUR_WORDS and colour is None:
+                colour = _COLOUR_WORDS[toks[j]]
+            elif toks[j] in _SIZE_WORDS and size is None:
+                size = _SIZE_WORDS[toks[j]]
+            j -= 1
+        det = toks[j] if j >= 0 and toks[j] in _DETERMINERS else None
+        start = j if det is not None else j + 1
+        end = i + 1
+        if end < n and toks[end] in _POST_TRIGGERS:  # "a star in red", "a star, big and red,", "the star is large"
+            m = end + 1
+            while m < n and (toks[m] in _COLOUR_WORDS or toks[m] in _SIZE_WORDS or toks[m] in ("and", ",")):
+                m += 1
+            attrs = [t for t in toks[end + 1 : m] if t in _COLOUR_WORDS or t in _SIZE_WORDS]
+            next_is_noun = m < n and (toks[m] in _SHAPE_WORDS or toks[m] in _PLURALS)
+            if toks[end] == "in":
+                attrs = [t for t in attrs if t in _COLOUR_WORDS]
+            if attrs and not next_is_noun:
+                for t in attrs:
+                    if t in _COLOUR_WORDS and colour is None:
+                        colour = _COLOUR_WORDS[t]
+                    elif t in _SIZE_WORDS and size is None:
+                        size = _SIZE_WORDS[t]
+                end = m
+        if shape == GENERIC_SHAPE and colour is None:  # "a single shape", "star shape": not an object
+            continue
+        # "The largest one is a red star", "the biggest being a red star", "the most prominent figure is the star"
+        if (
+            det is not None
+            and j >= 1
+            and toks[j - 1] in ("is", "being")
+            and _LARGEST_CUES & set(toks[max(0, j - 5) : j - 1])
+        ):
+            size = size or "large"
+        out.append(_Mention(start, end, det == "the", size, colour, shape))
+    return out
+
+
+def _assign_positions(toks: list[str], mentions: list[_Mention]) -> None:
+    used: set[int] = set()
+    for k, m in enumerate(mentions):  # 1. the first free marker after the object, in its clause
+        stop = mentions[k + 1].start if k + 1 < len(mentions) else len(toks)
+        for i in range(m.end, stop):
+            if toks[i] == "__rel__" or toks[i] in _SENTENCE_END:
+                break
+            if (pos := _marker_position(toks[i])) is not None and i not in used:
+                m.position = pos
+                used.add(i)
+                break
+    for k, m in enumerate(mentions):  # 2. else a free marker earlier in its sentence ("Near the top, one can see ...")
+        if m.position is not None:
+            continue
+        stop = mentions[k - 1].end if k > 0 else 0
+        for i in range(m.start - 1, stop - 1, -1):
+            if toks[i] == "__rel__" or toks[i] in _SENTENCE_END:
+                break
+            if (pos := _marker_position(toks[i])) is not None and i not in used:
+                m.position = pos
+                used.add(i)
+                break
+
+
+def _compatible(a: CaptionObject, m: _Mention) -> bool:
+    return a.shape == m.shape and all(
+        x is None or y is None or x == y for x, y in ((a.colour, m.colour), (a.size, m.size), (a.position, m.position))
+    )
+
+
+def _resolve(mentions: list[_Mention]) -> list[CaptionObject]:
+    objects: list[CaptionObject] = []
+    for m in mentions:
+        if m.definite:
+            hit = next((k for k, o in enumerate(objects) if _compatible(o, m)), None)
+            if hit is not None:
+                o = objects[hit]
+                objects[hit] = CaptionObject(o.size or m.size, o.colour or m.colour, o.shape, o.position or m.position)
+                continue
+        objects.append(CaptionObject(m.size, m.colour, m.shape, m.position))
+    return objects
+
+
+def _background(t: str) -> ParsedBackground | None:
+    colours: list[str] = []
+    for w in re.findall(r"[a-z]+", t):
+        c = _BG_COLOUR_WORDS.get(w)
+        if c is not None and c not in colours:
+            colours.append(c)
+    if re.search(r"\b(?:checker|chequer|chessboard|checks\b)", t):
+        kind: str | None = "checker"
+    elif re.search(r"\bstripe|\bstriped\b", t):
+        horizontal, vertical = re.search(r"\bhorizontal", t), re.search(r"\bvertical", t)
+        kind = "hstripes" if horizontal and not vertical else "vstripes" if vertical and not horizontal else "stripes"
+    elif colours or re.search(r"\b(?:plain|solid|uniform) (?:\w+ )?(?:background|backdrop)\b", t):
+        kind = "plain"
+    else:
+        return None
+    return ParsedBackground(kind, tuple(colours))
+
+
+def parse_caption(text: str | None) -> ParsedCaption:
+    """Objects, stated count and background of one caption (see the module docstring for the rules)."""
+    if not text:
+        return ParsedCaption((), None, None)
+    toks = _tokens(text)
+    mentions = _mentions(toks)
+    _assign_positions(toks, mentions)
+    t = _normalise(text)
+    m = _COUNT_RE.search(t)
+    count = None if m is None else (int(m.group(1)) if m.group(1).isdigit() else _COUNT_WORDS[m.group(1)])
+    return ParsedCaption(tuple(_resolve(mentions)), count, _background(t))
+
+
+# -------------------------------------------------------------------------------------------------------- truth
+
+
+def truth_objects(objects: str | Sequence[Mapping[str, Any]] | Sequence[CaptionObject] | Any) -> list[CaptionObject]:
+    """Ground-truth objects (drawing order, main first) from a ``truth/*.parquet`` ``objects`` JSON value.
+
+    Also accepts the decoded list of dicts, a list of ``CaptionObject`` or ``SceneObject``, or a ``Scene``.
+    """
+    if hasattr(objects, "objects") and hasattr(objects, "background"):  # a Scene
+        objects = objects.objects
+    if isinstance(objects, str):
+        objects = json.loads(objects)
+    out = []
+    for o in objects:
+        if isinstance(o, CaptionObject):
+            out.append(o)
+        elif isinstance(o, Mapping):
+            out.append(CaptionObject(o["size"], o["colour"], o["shape"], o["position"]))
+        else:
+            out.append(CaptionObject(o.size, o.colour, o.shape, o.position))
+    return out
+
+
+def truth_background(background: str | Mapping[str, Any] | Any) -> ParsedBackground:
+    """A ``truth/*.parquet`` ``background`` JSON (or its dict, or a ``scene.Background``) as a ``ParsedBackground``."""
+    if isinstance(background, str):
+        background = json.loads(background)
+    if isinstance(background, Mapping):
+        return ParsedBackground(background["kind"], tuple(background["colours"]))
+    return ParsedBackground(background.kind, tuple(background.colours))
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+
+_TUPLES = {
+    "colour": lambda o: (o.colour,),
+    "shape": lambda o: (o.shape,),
+    "pair": lambda o: (o.colour, o.shape),
+    "triple": lambda o: (o.colour, o.shape, o.position),
+    "quad": lambda o: (o.size, o.colour, o.shape, o.position),
+}
+
+
+def _stated(key: tuple) -> bool:
+    return all(v is not None and v != GENERIC_SHAPE for v in key)
+
+
+def _per_index(value: int | Sequence[int], n: int) -> list[int]:
+    return [int(value)] * n if isinstance(value, (int, np.integer)) else [int(v) for v in value]
+
+
+def score_captions(
+    captions: Sequence[str | ParsedCaption],
+    truths: Sequence[Any],
+    backgrounds: Sequence[Any] | None = None,
+    main_index: int | Sequence[int] = 0,
+) -> dict[str, float]:
+    """Score ``captions`` against the ground truth of their images; every rate is in percent.
+
+    Args:
+        captions: generated captions (or already parsed ones), one per image.
+        truths: per image, the ``objects`` JSON of ``truth/*.parquet`` (or anything :func:`truth_objects` takes).
+        backgrounds: per image, the ``background`` JSON (or what :func:`truth_background` takes); None skips the
+            background metrics.
+        main_index: the main object's index (``truth/*.parquet`` ``main_index``; always 0 in the tiny world), one
+            int for all images or one per image.
+
+    Returns:
+        ``{colour,shape,pair,triple,quad}_{precision,recall}``: micro-averaged multiset precision and recall of the
+        stated attribute tuples (see the module docstring). Per-caption accuracies: ``count_acc`` (number of parsed
+        objects == true count), ``exact_objects_acc`` (the multiset of (colour, shape, position) equals the truth's),
+        ``main_object_acc`` (the first-mentioned object's colour and shape are the main object's),
+        ``stated_count_acc`` (over the ``n_stated_count`` captions that state a count), and with ``backgrounds``
+        ``background_acc`` (kind and ordered colours) and ``background_kind_acc``. ``n`` captions, ``n_unparsed``
+        of them with no object found.
+    """
+    if len(captions) != len(truths):
+        raise ValueError(f"{len(captions)} captions but {len(truths)} truths")
+    if backgrounds is not None and len(backgrounds) != len(captions):
+        raise ValueError(f"{len(captions)} captions but {len(backgrounds)} backgrounds")
+    n = len(captions)
+    mains = _per_index(main_index, n)
+    if len(mains) != n:
+        raise ValueError(f"{n} captions but {len(mains)} main indices")
+    tp, pred, true = Counter(), Counter(), Counter()
+    acc = Counter()
+    n_unparsed = n_stated = 0
+    for i, (cap, truth) in enumerate(zip(captions, truths, strict=True)):
+        parsed = cap if isinstance(cap, ParsedCaption) else parse_caption(cap)
+        objs, gold = list(parsed.objects), truth_objects(truth)
+        n_unparsed += not objs
+        for name, key in _TUPLES.items():
+            p = Counter(k for k in map(key, objs) if _stated(k))
+            g = Counter(map(key, gold))
+            tp[name] += sum((p & g).values())
+            pred[name] += sum(p.values())
+            true[name] += sum(g.values())
+        acc["count"] += len(objs) == len(gold)
+        acc["exact_objects"] += Counter(_TUPLES["triple"](o) for o in objs) == Counter(map(_TUPLES["triple"], gold))
+        main = gold[mains[i]]
+        acc["main_object"] += bool(objs) and (objs[0].colour, objs[0].shape) == (main.colour, main.shape)
+        if parsed.count is not None:
+            n_stated += 1
+            acc["stated_count"] += parsed.count == len(gold)
+        if backgrounds is not None:
+            bg, said = truth_background(backgrounds[i]), parsed.background
+            acc["background_kind"] += said is not None and said.kind == bg.kind
+            acc["background"] += said is not None and said == bg
+    out: dict[str, float] = {}
+    for name in _TUPLES:
+        out[f"{name}_precision"] = 100.0 * tp[name] / pred[name] if pred[name] else 0.0
+        out[f"{name}_recall"] = 100.0 * tp[name] / true[name] if true[name] else 0.0
+    rate = (lambda k: 100.0 * acc[k] / n) if n else (lambda k: 0.0)
+    out |= {f"{k}_acc": rate(k) for k in ("count", "exact_objects", "main_object")}
+    out["stated_count_acc"] = 100.0 * acc["stated_count"] / n_stated if n_stated else 0.0
+    if backgrounds is not None:
+        out |= {"background_acc": rate("background"), "background_kind_acc": rate("background_kind")}
+    out |= {"n": float(n), "n_unparsed": float(n_unparsed), "n_stated_count": float(n_stated)}
+    return out
+
+
+def derangement(n: int, seed: int = 0) -> np.ndarray:
+    """A uniformly random cyclic permutation of ``range(n)`` (Sattolo's algorithm): no index maps to itself."""
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 items, got {n}")
+    perm = np.arange(n)
+    rng = np.random.default_rng(seed)
+    for i in range(n - 1, 0, -1):
+        j = int(rng.integers(i))  # j < i: Sattolo, so the result is one n-cycle
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def chance_scores(
+    captions: Sequence[str | ParsedCaption],
+    truths: Sequence[Any],
+    seed: int = 0,
+    backgrounds: Sequence[Any] | None = None,
+    main_index: int | Sequence[int] = 0,
+) -> dict[str, float]:
+    """:func:`score_captions` against the truth of another image (a seeded derangement): the chance baseline.
+
+    It keeps the captions' own distribution of colours, shapes and positions, so it is the score of a captioner that
+    writes plausible descriptions without looking at the image.
+    """
+    perm = derangement(len(captions), seed)
+    mains = _per_index(main_index, len(captions))
+    return score_captions(
+        captions,
+        [truths[j] for j in perm],
+        None if backgrounds is None else [backgrounds[j] for j in perm],
+        [mains[j] for j in perm],
+    )
+
+
+def parse_captions(captions: Iterable[str]) -> list[ParsedCaption]:
+    """:func:`parse_caption` of each caption (parse once, score several times)."""
+    return [parse_caption(c) for c in captions]
