@@ -12,6 +12,7 @@ _WHERE = {
     "CaptionMixDataModule": "datamodules.caption_mix",
     "DataTransforms": "datamodules.caption_mix",
     "EvalDataModule": "datamodules.eval_sets",
+    "LlavaJsonDataModule": "datamodules.llava_json",
 }
 __all__ = list(_WHERE)
 

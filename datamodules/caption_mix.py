@@ -56,11 +56,13 @@ class DataTransforms:
 
     A module provides them by defining ``data_transforms(self, stage: str) -> DataTransforms`` with stage in
     ``{"fit", "validate", "test", "predict"}``; explicit ``image_transform``/``text_transform`` arguments of the
-    DataModule take precedence.
+    DataModule take precedence. ``conversation`` (chat messages -> encoded sample) is for conversation data such as
+    LLaVA's json formats (``datamodules.llava_json``); caption shards use ``text`` (caption -> encoded sample).
     """
 
     image: Callable | None = None
     text: Callable | None = None
+    conversation: Callable | None = None
 
 
 # ------------------------------------------------------------------------------------------------------------ shards

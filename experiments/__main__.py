@@ -49,6 +49,15 @@ def _clip_table(argv: Sequence[str]) -> None:
     main(list(argv))
 
 
+def _module_main(module: str) -> Callable[[Sequence[str]], None]:
+    def run(argv: Sequence[str]) -> None:
+        import importlib
+
+        importlib.import_module(module).main(list(argv))
+
+    return run
+
+
 SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "world": (_world, "generate the tiny world: web shards, captioner data and evaluation sets (CPU, seeded)"),
     "sidecars": (_sidecars, "join a Recap-DataComp-1B-schema parquet to image shards as per-shard sidecars"),
@@ -58,6 +67,22 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     ),
     "clip-table": (_clip_table, "train + evaluate the rows of a paper CLIP table (stage 1 + 2), write the table"),
     "export-clip": (_export_clip, "write a ClipModule checkpoint as an open_clip folder (config + safetensors)"),
+    "world-tokenizer": (
+        _module_main("datamodules.tiny_world.tokenizer"),
+        "tiny world only: train the captioner's BPE tokenizer (LLaMA-3 special tokens and chat template)",
+    ),
+    "tiny-llm": (
+        _module_main("experiments.tiny_llm"),
+        "tiny world only: text-pretrain the Llama that stands in for LLaMA-3",
+    ),
+    "caption-tune": (
+        _module_main("datamodules.tiny_world.caption_tune"),
+        "tiny world only: write the caption-tuning json (the paper's HQ-Edit step in miniature)",
+    ),
+    "export-captioner": (
+        _module_main("experiments.export_captioner"),
+        "write a CaptionerModule checkpoint as a llava-hf folder (LoRA merged; from_pretrained-ready)",
+    ),
 }
 
 

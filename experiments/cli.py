@@ -21,6 +21,8 @@ from lightning.pytorch.loggers import Logger
 # Import the suite's modules so that short class names (``--model ClipModule``) resolve in subclass mode.
 import datamodules.caption_mix  # noqa: F401
 import datamodules.eval_sets  # noqa: F401
+import datamodules.llava_json  # noqa: F401
+import lightning_modules.captioner  # noqa: F401
 import lightning_modules.clip  # noqa: F401
 
 # Constructor docstrings become --help text (litgpt does the same).

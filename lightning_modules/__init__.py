@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {"ClipModule": "lightning_modules.clip"}
+_WHERE = {"ClipModule": "lightning_modules.clip", "CaptionerModule": "lightning_modules.captioner"}
 __all__ = list(_WHERE)
 
 

@@ -1,8 +1,9 @@
-"""CLIP evaluation harness in plain PyTorch: retrieval / classification metrics, evaluation tasks and their loop.
+"""Evaluation harness in plain PyTorch: CLIP retrieval / classification tasks and their loop, caption attributes.
 
 Used by the CLIP LightningModule (in the loop and as ``test``), by the DiT module and by reports. No Lightning here.
 """
 
+from .captioning import CaptionAttributes
 from .metrics import retrieval_metrics, retrieval_recall, token_lengths, topk_accuracy
 from .tasks import (
     EvalTask,
@@ -18,6 +19,7 @@ from .tasks import (
 )
 
 __all__ = [
+    "CaptionAttributes",
     "EvalTask",
     "LongRetrieval",
     "Retrieval",

@@ -1,0 +1,206 @@
+"""``LlavaJsonDataModule``: LLaVA's instruction-data formats as a Lightning DataModule.
+
+Reads LLaVA-Pretrain (LCS-558K: ``{id, image, conversations}``) and LLaVA-665K (multi-turn, ``<image>`` once in a
+human turn, text-only samples without an ``image`` key) json files with their image folders. Each sample is turned into
+chat messages and encoded by the LightningModule's conversation transform (``DataTransforms.conversation``, the LLaMA-3
+template with assistant-only labels), and images by its image transform (LLaVA-1.5 pad-to-square + CLIP
+preprocessing). Batches are padded to their longest sample; ``group_by_length`` (LLaVA's ``--group_by_length``) sorts
+samples of similar length into the same batch so that little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from lightning_modules.components.chat import IMAGE_TOKEN, llava_to_messages, pad_sequences
+
+
+def load_llava_json(path: str) -> list[dict[str, Any]]:
+    """Read and check a LLaVA json (a list of records). Errors name the file and the record id."""
+    import fsspec
+
+    with fsspec.open(path, "r") as f:
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid json ({e})") from e
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a json list of samples, got {type(records).__name__}")
+    bad = []
+    for i, r in enumerate(records):
+        rid = r.get("id", i) if isinstance(r, dict) else i
+        if not isinstance(r, dict) or not isinstance(r.get("conversations"), list) or not r["conversations"]:
+            bad.append(f"record {i} (id {rid}): needs a non-empty 'conversations' list")
+            continue
+        n_placeholders = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in r["conversations"])
+        expected = 1 if r.get("image") else 0
+        if n_placeholders != expected:
+            bad.append(f"record {i} (id {rid}): {n_placeholders} '<image>' placeholders for {expected} image(s)")
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(f"{path}: {len(bad)} malformed records: " + "; ".join(bad[:5]) + more)
+    return records
+
+
+def approx_length(record: dict[str, Any], image_tokens: int) -> int:
+    """A cheap length for grouping (LLaVA's ``lengths``: words + image tokens); exact token counts are not needed."""
+    words = sum(len(str(t.get("value", "")).split()) for t in record["conversations"])
+    return words + (image_tokens if record.get("image") else 0)
+
+
+class LlavaJsonDataset(Dataset):
+    """One LLaVA json + image folder. Items: ``{"input_ids", "labels", "n_images", "truncated", "image"?, "id"}``."""
+
+    def __init__(
+        self,
+        json_path: str,
+        image_folder: str | None,
+        conversation: Callable,
+        image_transform: Callable | None,
+        max_samples: int | None = None,
+    ):
+        self.json_path, self.image_folder = json_path, image_folder
+        self.records = load_llava_json(json_path)[:max_samples]
+        if any(r.get("image") for r in self.records) and image_folder is None:
+            raise ValueError(f"{json_path} has image samples but image_folder is not set")
+        self.conversation, self.image_transform = conversation, image_transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.records[i]
+        where = f"{self.json_path} id {r.get('id', i)}"
+        item = self.conversation(llava_to_messages(r["conversations"], where), where=where)
+        item["id"] = str(r.get("id", i))
+        if r.get("image"):
+            path = os.path.join(self.image_folder, r["image"])
+            try:
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{where}: cannot read image {path}: {e}") from e
+            item["image"] = self.image_transform(image) if self.image_transform is not None else image
+        return item
+
+
+class LlavaCollate:
+    """Pad ids/labels, stack the images of the samples that have one (in order: LLaVA scatters image features into the
+    ``<image>`` positions of the batch in that order), and count truncated samples."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = pad_sequences(items, self.pad_id)
+        images = [x["image"] for x in items if "image" in x]
+        batch["pixel_values"] = torch.stack(images) if images else None
+        batch["n_truncated"] = sum(bool(x["truncated"]) for x in items)
+        batch["id"] = [x["id"] for x in items]
+        return batch
+
+
+class LlavaJsonDataModule(L.LightningDataModule):
+    """LLaVA-Pretrain / LLaVA-665K json files as train (and optional validation) loaders.
+
+    Args:
+        train_json: LLaVA json of training conversations (path or fsspec URL).
+        image_folder: Folder that the records' ``image`` paths are relative to.
+        batch_size: Per-device batch size.
+        val_json: Optional validation json (teacher-forced loss); defaults to its own ``val_image_folder``.
+        val_image_folder: Image folder of ``val_json`` (default: ``image_folder``).
+        num_workers: Loader workers per rank.
+        group_by_length: Batch samples of similar length together (LLaVA ``--group_by_length``); within a mega-batch
+            of 50 batches, as transformers' ``LengthGroupedSampler``.
+        max_samples: Use only the first N records of each json (debugging).
+        seed: Shuffle seed.
+        pin_memory: Pin batches (GPU training).
+    """
+
+    def __init__(
+        self,
+        train_json: str,
+        image_folder: str | None,
+        batch_size: int,
+        val_json: str | None = None,
+        val_image_folder: str | None = None,
+        num_workers: int = 2,
+        group_by_length: bool = True,
+        max_samples: int | None = None,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_dataset: LlavaJsonDataset | None = None
+        self.val_dataset: LlavaJsonDataset | None = None
+
+    def _transforms(self, stage: str) -> Any:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        provider = getattr(module, "data_transforms", None)
+        transforms = provider(stage) if callable(provider) else None
+        if transforms is None or getattr(transforms, "conversation", None) is None:
+            raise ValueError("LlavaJsonDataModule needs a LightningModule whose data_transforms() has a conversation")
+        return transforms
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage == "fit" and self.train_dataset is None:
+            t = self._transforms("fit")
+            self.train_dataset = LlavaJsonDataset(
+                hp.train_json, hp.image_folder, t.conversation, t.image, hp.max_samples
+            )
+        if stage in ("fit", "validate") and hp.val_json and self.val_dataset is None:
+            t = self._transforms("validate")
+            folder = hp.val_image_folder or hp.image_folder
+            self.val_dataset = LlavaJsonDataset(hp.val_json, folder, t.conversation, t.image, hp.max_samples)
+
+    def _collate(self, dataset: LlavaJsonDataset) -> LlavaCollate:
+        return LlavaCollate(dataset.conversation.pad_id)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.train_dataset
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        if self.hparams.group_by_length:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            n_tokens = ds.conversation.num_image_tokens
+            lengths = [approx_length(r, n_tokens) for r in ds.records]
+            world = self.trainer.world_size if self.trainer is not None else 1
+            # transformers groups by the global batch (batch x ranks); Lightning then splits the order across ranks
+            sampler = LengthGroupedSampler(self.batch_size * world, lengths=lengths, generator=generator)
+        else:
+            sampler = RandomSampler(ds, generator=generator)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self._collate(ds),
+            drop_last=True,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.batch_size,
+            sampler=SequentialSampler(self.val_dataset),
+            num_workers=self.num_workers,
+            collate_fn=self._collate(self.val_dataset),
+            pin_memory=self.hparams.pin_memory,
+        )

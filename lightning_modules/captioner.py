@@ -1,0 +1,403 @@
+"""``CaptionerModule``: LLaVA-1.5 (CLIP vision tower + 2-layer MLP projector + LLaMA-3) fine-tuning stages.
+
+The network is transformers' ``LlavaForConditionalGeneration`` (``components/llava.py``), LoRA is peft's, the chat
+template and the assistant-only labels are the tokenizer's (``components/chat.py``). This module wires them to
+Lightning: which parts train (stage 1: projector; stage 2: projector + LLM, fully or through LoRA; the vision tower
+stays frozen unless ``train_vision``), AdamW with the projector's own learning rate, LLaVA's warm-up ratio and cosine
+schedule, gradient checkpointing, token throughput logging, greedy captioning and in-loop caption evaluation.
+
+Data: LLaVA json conversations (``datamodules.llava_json``) or image-caption shards through the caption-mix
+DataModule at any p (each caption becomes a one-turn conversation, ``CaptionConversation``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from datamodules.caption_mix import DataTransforms
+from lightning_modules.clip import cosine_with_warmup
+from lightning_modules.components.chat import CaptionConversation, ConversationEncoder, pad_sequences
+from lightning_modules.components.llava import LlavaParts, build_llava, eos_token_ids, save_llava
+
+PAPER_RECAPTION_PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
+PROJECTOR = "multi_modal_projector"
+VISION = "vision_tower"
+# LLaVA's find_all_linear_names: every linear layer of the language model, not the projector, tower or lm_head.
+BUILD_ARGS = (
+    "pretrained",
+    "vision_tower",
+    "llm",
+    "tokenizer",
+    "chat_template",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+    "image_processor",
+    "dtype",
+    "attn_implementation",
+    "trust_remote_code",
+)
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class PixelTransform:
+    """PIL image -> pixel tensor (3, H, W) through the captioner's image processor (picklable)."""
+
+    def __init__(self, image_processor: Any):
+        self.image_processor = image_processor
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def set_trainable(model: torch.nn.Module, train_llm: bool, train_vision: bool, lora: bool) -> dict[str, int]:
+    """Freeze/unfreeze by part; with LoRA, peft has already frozen the LLM and marked its adapters trainable."""
+    counts = {"projector": 0, "llm": 0, "vision": 0}
+    for name, p in model.named_parameters():
+        if PROJECTOR in name:
+            p.requires_grad_(True)
+            part = "projector"
+        elif VISION in name:
+            p.requires_grad_(train_vision)
+            part = "vision"
+        else:
+            if not lora:
+                p.requires_grad_(train_llm)
+            part = "llm"
+        counts[part] += p.numel() if p.requires_grad else 0
+    return counts
+
+
+class CaptionerModule(L.LightningModule):
+    """LLaVA-1.5 captioner training.
+
+    The model arguments are flat (as LLaVA's ``--vision_tower`` / ``--model_name_or_path``), so stacked YAMLs
+    override one of them without restating the others.
+
+    Args:
+        lr: Peak learning rate (LLaVA-1.5: 1e-3 stage 1, 2e-5 full / 2e-4 LoRA stage 2).
+        train_llm: Train the language model (stage 2). Stage 1 trains the projector only.
+        train_vision: Unfreeze the vision tower (the paper keeps it frozen "all the time").
+        lora: peft ``LoraConfig`` arguments (e.g. ``{r: 128, lora_alpha: 256, lora_dropout: 0.05}``) to train the LLM
+            through adapters instead of fully; ``target_modules`` defaults to every linear layer of the LLM.
+        projector_lr: The projector's own learning rate (LLaVA ``mm_projector_lr``); default ``lr``.
+        weight_decay: AdamW weight decay on matrices (LLaVA-1.5: 0).
+        betas: AdamW betas.
+        warmup_ratio: Linear warm-up as a fraction of all optimizer steps, then cosine to 0 (LLaVA: 0.03).
+        max_length: Longest training sequence in tokens (image tokens included); longer ones are cut and counted.
+        grad_checkpointing: Recompute activations in backward (memory for compute).
+        init_from: A previous stage's Lightning checkpoint (its model weights are loaded, read with weights_only).
+        save_frozen: Keep frozen weights in checkpoints. Off: checkpoints hold only what trains (LLaVA saves only
+            ``mm_projector.bin`` in stage 1); frozen weights come back from ``model`` on load.
+        caption_prompts: User prompts paired with captions when training on image-caption shards.
+        caption_prompt: The prompt for generated captions (the paper's recaption prompt).
+        max_new_tokens: Greedy decoding length for captions (the paper: 128).
+        evaluation: Caption evaluation tasks (``lightning_modules.evaluation.CaptionAttributes``), run on rank 0.
+        eval_every_n_validations: Run them every n-th validation (and always at the end of training).
+        eval_batch_size: Images per generation batch in evaluation.
+        metrics_dir: Where evaluation metrics json goes (default ``<log_dir>/metrics``).
+        pretrained: A whole llava-hf checkpoint (name or folder); excludes ``vision_tower``/``llm``.
+        vision_tower: CLIP vision tower: hub name, ``save_pretrained`` folder, an ``export-clip`` folder of this suite,
+            or a ``CLIPVisionConfig`` dict (random init).
+        llm: Causal LM: hub name, folder, or a ``LlamaConfig`` dict (random init; then ``tokenizer`` is required).
+        tokenizer: Tokenizer folder/name (default: the LLM's or the checkpoint's).
+        chat_template: ``llama3`` (LLaMA-3's template with generation markers), ``null`` (the tokenizer's own), a
+            ``.jinja`` path or template text.
+        vision_feature_layer: Hidden state of the tower fed to the projector (LLaVA-1.5: -2).
+        vision_feature_select_strategy: ``default`` drops the class token (LLaVA-1.5 ``patch``), ``full`` keeps it.
+        image_processor: Overrides of the image processor (e.g. ``{do_pad: false}``).
+        dtype: Weights dtype of the loaded towers (``bfloat16`` for frozen ones; trainable weights stay fp32 under
+            ``bf16-mixed``). The projector is always created in it, too, unless it is ``null``.
+        attn_implementation: ``sdpa``, ``flash_attention_2``, ``eager`` (default: transformers' choice).
+        trust_remote_code: Allow model code from the checkpoint (off: only transformers' own classes run).
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        train_llm: bool = False,
+        train_vision: bool = False,
+        lora: dict[str, Any] | None = None,
+        projector_lr: float | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        max_length: int = 2048,
+        grad_checkpointing: bool = False,
+        init_from: str | None = None,
+        save_frozen: bool = False,
+        caption_prompts: list[str] | None = None,
+        caption_prompt: str = PAPER_RECAPTION_PROMPT,
+        max_new_tokens: int = 128,
+        evaluation: list[Any] | None = None,
+        eval_every_n_validations: int = 1,
+        eval_batch_size: int = 64,
+        metrics_dir: str | None = None,
+        pretrained: str | None = None,
+        vision_tower: str | dict[str, Any] | None = None,
+        llm: str | dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        chat_template: str | None = "llama3",
+        vision_feature_layer: int = -2,
+        vision_feature_select_strategy: str = "default",
+        image_processor: dict[str, Any] | None = None,
+        dtype: str | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["evaluation"])
+        if lora is not None and not train_llm:
+            raise ValueError("lora trains the LLM through adapters; set train_llm: true (stage 2) or drop lora")
+        self.evaluation = list(evaluation or [])
+        self.parts: LlavaParts | None = None
+        self.model: torch.nn.Module | None = None
+        self.strict_loading = save_frozen
+        self.n_truncated = 0
+        self._validations = 0
+        self._t_last: float | None = None
+
+    # ------------------------------------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        parts = build_llava(**{k: hp[k] for k in BUILD_ARGS})
+        model = parts.model
+        if hp.init_from:
+            self._load_init(model, hp.init_from)
+        if hp.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            cfg = {"target_modules": LORA_TARGETS, "task_type": None, **hp.lora}
+            model = get_peft_model(model, LoraConfig(**cfg))
+        counts = set_trainable(model, hp.train_llm, hp.train_vision, hp.lora is not None)
+        if hp.grad_checkpointing:
+            base = model.get_base_model() if hp.lora is not None else model
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        rank_zero_info(f"CaptionerModule: trainable parameters {counts}, {parts.num_image_tokens} image tokens")
+        self.parts, self.model = parts, model
+
+    @staticmethod
+    def _load_init(model: torch.nn.Module, path: str) -> None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"init_from {path}: no state_dict in the checkpoint")
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        if any(".base_model.model." in k or k.startswith("base_model.model.") for k in state):
+            raise ValueError(f"init_from {path} holds LoRA adapters; export it (merged) and use model.pretrained")
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"init_from {path}: keys not in this model: {result.unexpected_keys[:5]}")
+        rank_zero_info(f"CaptionerModule: loaded {len(state)} tensors from {path}")
+
+    @property
+    def llava(self) -> LlavaParts:
+        if self.parts is None:
+            self.configure_model()
+        return self.parts
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.llava.tokenizer
+
+    def encoder(self) -> ConversationEncoder:
+        return ConversationEncoder(self.tokenizer, self.llava.num_image_tokens, self.hparams.max_length)
+
+    def data_transforms(self, stage: str) -> DataTransforms:
+        encoder = self.encoder()
+        prompts = self.hparams.caption_prompts or [self.hparams.caption_prompt]
+        return DataTransforms(
+            image=PixelTransform(self.llava.processor.image_processor),
+            text=CaptionConversation(encoder, prompts),
+            conversation=encoder,
+        )
+
+    # --------------------------------------------------------------------------------------------------- steps
+    def _inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        if "input_ids" in batch:  # LLaVA json batches are collated already
+            inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
+            pixels = batch.get("pixel_values")
+            n_trunc = int(batch.get("n_truncated", 0))
+        else:  # caption-mix batches: image tensor + a list of encoded one-turn conversations
+            items = batch["text"]
+            inputs = pad_sequences(items, self.encoder().pad_id)
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            pixels = batch["image"]
+            n_trunc = sum(bool(x["truncated"]) for x in items)
+        if pixels is not None:
+            inputs["pixel_values"] = pixels.to(self.dtype_of_vision())
+        return {"inputs": inputs, "n_truncated": n_trunc}
+
+    def dtype_of_vision(self) -> torch.dtype:
+        return next(self.llava.model.model.vision_tower.parameters()).dtype
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        prepared = self._inputs(batch)
+        inputs = prepared["inputs"]
+        loss = self.model(**inputs).loss
+        self.n_truncated += prepared["n_truncated"]
+        n_tokens = int(inputs["attention_mask"].sum())
+        n_supervised = int((inputs["labels"] != -100).sum())
+        bs = inputs["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        if self._should_log_extras():
+            now = time.perf_counter()
+            if self._t_last is not None:
+                world = self.trainer.world_size
+                self.log("train/tokens_per_s", n_tokens * world / (now - self._t_last), batch_size=bs)
+            self.log("train/supervised_tokens", float(n_supervised), batch_size=bs)
+            self.log("train/truncated_samples", float(self.n_truncated), batch_size=bs)
+        self._t_last = time.perf_counter()
+        return loss
+
+    def _should_log_extras(self) -> bool:
+        t = self._trainer
+        return t is not None and (t.global_step + 1) % max(1, t.log_every_n_steps) == 0
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        inputs = self._inputs(batch)["inputs"]
+        loss = self.model(**inputs).loss
+        self.log("val/loss", loss, sync_dist=True, batch_size=inputs["input_ids"].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self.evaluation:
+            return
+        self._validations += 1
+        if self._validations % max(1, self.hparams.eval_every_n_validations) == 0:
+            self._evaluate_and_log(f"step{self.global_step}")
+
+    def on_train_end(self) -> None:
+        if self.evaluation:
+            self._evaluate_and_log(f"step{self.global_step}")
+
+    def _evaluate_and_log(self, tag: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        metrics = self.evaluate(self.evaluation)
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        from lightning_modules.evaluation import write_metrics_json
+
+        root = self.hparams.metrics_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "metrics"
+        write_metrics_json(metrics, Path(root) / f"{tag}.json", step=self.global_step, tag=tag)
+
+    def evaluate(self, tasks: Sequence[Any]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for task in tasks:
+            for k, v in task.run(self.caption, batch_size=self.hparams.eval_batch_size).items():
+                out[f"eval/{task.name}/{k}"] = v
+        return out
+
+    # ------------------------------------------------------------------------------------------------ captions
+    def prompt_text(self, prompt: str | None = None) -> str:
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": prompt or self.hparams.caption_prompt}],
+            }
+        ]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @torch.no_grad()
+    def caption(
+        self,
+        images: Sequence[Any],
+        prompt: str | None = None,
+        max_new_tokens: int | None = None,
+        batch_size: int | None = None,
+    ) -> list[str]:
+        """Greedy captions of PIL images (the paper's decoding: greedy, ``max_new_tokens`` 128)."""
+        parts, model = self.llava, self.model
+        was_training = model.training
+        model.eval()
+        text = self.prompt_text(prompt)
+        tok = parts.tokenizer
+        out: list[str] = []
+        bs = batch_size or len(images) or 1
+        dtypes = {p.dtype for p in model.parameters()}
+        autocast = (
+            torch.autocast(self.device.type, dtype=min(dtypes, key=lambda d: torch.finfo(d).bits))
+            if len(dtypes) > 1
+            else nullcontext()
+        )
+        try:
+            for i in range(0, len(images), bs):
+                chunk = list(images[i : i + bs])
+                inputs = parts.processor(
+                    images=chunk,
+                    text=[text] * len(chunk),
+                    add_special_tokens=False,  # the template wrote <|begin_of_text|>
+                    padding=True,
+                    padding_side="left",
+                    return_tensors="pt",
+                ).to(self.device)
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype_of_vision())
+                with autocast:
+                    ids = model.generate(
+                        **inputs,
+                        do_sample=False,
+                        max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
+                        eos_token_id=eos_token_ids(tok),
+                        pad_token_id=tok.pad_token_id,
+                    )
+                out += tok.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        finally:
+            model.train(was_training)
+        return [s.strip() for s in out]
+
+    # -------------------------------------------------------------------------------------------------- export
+    def merged_model(self, in_place: bool = False) -> torch.nn.Module:
+        """The plain ``LlavaForConditionalGeneration``: LoRA adapters merged into the LLM weights."""
+        if self.hparams.lora is None:
+            return self.model
+        model = self.model if in_place else copy.deepcopy(self.model)
+        return model.merge_and_unload()
+
+    def export_pretrained(self, out_dir: str | Path, in_place: bool = False) -> Path:
+        """``save_pretrained`` of the (merged) model and its processor: a llava-hf folder."""
+        parts = LlavaParts(self.merged_model(in_place), self.llava.processor, self.llava.num_image_tokens)
+        return save_llava(parts, out_dir)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.save_frozen:
+            return
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    # ------------------------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        hp = self.hparams
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = math.ceil(hp.warmup_ratio * total)
+        groups: dict[str, list] = {"decay": [], "no_decay": [], "projector_decay": [], "projector_no_decay": []}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            prefix = "projector_" if PROJECTOR in name else ""
+            groups[prefix + ("no_decay" if p.ndim < 2 or "bias" in name or "norm" in name else "decay")].append(p)
+        projector_lr = hp.projector_lr if hp.projector_lr is not None else hp.lr
+        param_groups = [
+            {"params": groups["decay"], "weight_decay": hp.weight_decay, "lr": hp.lr},
+            {"params": groups["no_decay"], "weight_decay": 0.0, "lr": hp.lr},
+            {"params": groups["projector_decay"], "weight_decay": hp.weight_decay, "lr": projector_lr},
+            {"params": groups["projector_no_decay"], "weight_decay": 0.0, "lr": projector_lr},
+        ]
+        param_groups = [g for g in param_groups if g["params"]]
+        rank_zero_info(
+            f"CaptionerModule: lr {hp.lr:g} (projector {projector_lr:g}), warm-up {warmup} of {total} steps, cosine"
+        )
+        opt = torch.optim.AdamW(param_groups, betas=tuple(hp.betas))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_with_warmup(step, warmup, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

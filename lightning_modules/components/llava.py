@@ -1,0 +1,247 @@
+"""Build a LLaVA-1.5 captioner as a transformers ``LlavaForConditionalGeneration`` (llava-hf layout).
+
+Three ways in, one model class out, so that checkpoints load in transformers, vLLM and SGLang unchanged:
+
+* ``pretrained``: a whole llava-hf checkpoint (name or folder), e.g. a previous export of this suite;
+* ``vision_tower`` + ``llm``: composed, as LLaVA-1.5 does, from a CLIP vision tower and a causal LM, each a hub name,
+  a local ``save_pretrained`` folder, or a config dict (random init: tiny worlds and tests). The vision tower may also
+  be an ``export-clip`` folder of this suite's Recap-CLIP (converted exactly to an HF ``CLIPVisionModel``), which is
+  how the tiny world's "web CLIP" becomes the captioner's eye;
+* the projector is LLaVA-1.5's ``mlp2x_gelu`` (``LlavaMultiModalProjector``: linear, GELU, linear).
+
+The processor pads images to a square with the mean colour (LLaVA-1.5's ``image_aspect_ratio: pad``) and then applies
+the tower's resize and normalisation (``LlavaImageProcessor(do_pad=True)``); the tokenizer carries the LLaMA-3 chat
+template with generation markers (``components/chat.py``) and an ``<image>`` special token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_modules.components.chat import IMAGE_TOKEN, LLAMA3_LLAVA_CHAT_TEMPLATE
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
+
+
+@dataclass
+class LlavaParts:
+    model: Any  # LlavaForConditionalGeneration
+    processor: Any  # LlavaProcessor (image processor + tokenizer + chat template)
+    num_image_tokens: int
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def resolve_chat_template(chat_template: str | None, tokenizer: Any) -> str:
+    """``"llama3"`` -> our LLaMA-3 template with generation markers; ``None`` -> the tokenizer's own; a path to a
+    ``.jinja`` file -> its text; anything else is taken as template text."""
+    if chat_template == "llama3":
+        return LLAMA3_LLAVA_CHAT_TEMPLATE
+    if chat_template is None:
+        if not tokenizer.chat_template:
+            raise ValueError("chat_template is None but the tokenizer has none; use chat_template: llama3")
+        return tokenizer.chat_template
+    if chat_template.endswith(".jinja"):
+        return Path(chat_template).read_text()
+    return chat_template
+
+
+def _is_open_clip_export(spec: Any) -> bool:
+    return isinstance(spec, str) and (Path(spec) / "open_clip_config.json").is_file()
+
+
+def _vision_tower(spec: str | dict, dtype: torch.dtype | None) -> tuple[Any, Any]:
+    """-> (CLIPVisionModel, CLIPImageProcessor or None)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    if isinstance(spec, dict):
+        return CLIPVisionModel(CLIPVisionConfig(**spec)), None
+    if _is_open_clip_export(spec):
+        from lightning_modules.components.hf_clip_vision import open_clip_export_to_hf_vision
+
+        model, image_processor = open_clip_export_to_hf_vision(spec, with_projection=False)
+        return (model.to(dtype) if dtype else model), image_processor
+    model = CLIPVisionModel.from_pretrained(spec, dtype=dtype)
+    try:
+        image_processor = CLIPImageProcessor.from_pretrained(spec)
+    except OSError:
+        image_processor = None
+    return model, image_processor
+
+
+def _llava_image_processor(base: Any, vision_config: Any, overrides: dict | None) -> Any:
+    from transformers.models.llava.image_processing_llava import LlavaImageProcessor
+
+    size = vision_config.image_size
+    kwargs: dict[str, Any] = {
+        "size": {"shortest_edge": size},
+        "crop_size": {"height": size, "width": size},
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+    }
+    if base is not None:
+        kwargs.update(
+            size=dict(base.size),
+            crop_size=dict(base.crop_size),
+            image_mean=list(base.image_mean),
+            image_std=list(base.image_std),
+            resample=base.resample,
+            do_center_crop=base.do_center_crop,
+        )
+    kwargs.update(overrides or {})
+    kwargs["do_pad"] = kwargs.get("do_pad", True)  # LLaVA-1.5 image_aspect_ratio: pad
+    return LlavaImageProcessor(**kwargs)
+
+
+def _prepare_tokenizer(tokenizer: Any, chat_template: str | None) -> Any:
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        pad = "<|finetune_right_pad_id|>"  # LLaMA-3.1's padding token; LLaMA-3 has none, so fall back to eos
+        tokenizer.pad_token = pad if pad in tokenizer.get_vocab() else tokenizer.eos_token
+    tokenizer.chat_template = resolve_chat_template(chat_template, tokenizer)
+    return tokenizer
+
+
+def num_image_tokens(vision_config: Any, strategy: str) -> int:
+    n = (vision_config.image_size // vision_config.patch_size) ** 2
+    return n + (1 if strategy == "full" else 0)
+
+
+def build_llava(
+    pretrained: str | None = None,
+    vision_tower: str | dict | None = None,
+    llm: str | dict | None = None,
+    tokenizer: str | None = None,
+    chat_template: str | None = "llama3",
+    vision_feature_layer: int = -2,
+    vision_feature_select_strategy: str = "default",
+    image_processor: dict | None = None,
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> LlavaParts:
+    """Build the captioner (see the module docstring). ``tokenizer`` defaults to the ``llm`` (or ``pretrained``)
+    folder; it is required when ``llm`` is a config dict. ``image_processor`` overrides the processor's settings."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoProcessor,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    torch_dtype = _dtype(dtype)
+    if pretrained is not None:
+        if vision_tower is not None or llm is not None:
+            raise ValueError("give either pretrained (a llava-hf checkpoint) or vision_tower + llm, not both")
+        model = LlavaForConditionalGeneration.from_pretrained(
+            pretrained, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+        processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        if tokenizer is not None:
+            processor.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+        _prepare_tokenizer(processor.tokenizer, chat_template)
+        processor.chat_template = processor.tokenizer.chat_template
+        cfg = model.config
+        n_tokens = num_image_tokens(cfg.vision_config, cfg.vision_feature_select_strategy)
+        return LlavaParts(model, processor, n_tokens)
+
+    if vision_tower is None or llm is None:
+        raise ValueError("model needs pretrained: <llava-hf checkpoint>, or both vision_tower and llm")
+    vision, base_processor = _vision_tower(vision_tower, torch_dtype)
+    if isinstance(llm, dict):
+        if tokenizer is None:
+            raise ValueError("llm is a config dict, so tokenizer must name a tokenizer folder")
+        lm = LlamaForCausalLM(LlamaConfig(**llm))
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(
+            llm, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+    tok = AutoTokenizer.from_pretrained(tokenizer or llm, trust_remote_code=trust_remote_code)
+    _prepare_tokenizer(tok, chat_template)
+    if len(tok) > lm.get_input_embeddings().num_embeddings:  # <image> (and pad) were added
+        lm.resize_token_embeddings(len(tok), pad_to_multiple_of=64, mean_resizing=False)
+
+    config = LlavaConfig(
+        vision_config=vision.config,
+        text_config=lm.config,
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        tie_word_embeddings=lm.config.tie_word_embeddings,
+    )
+    # Build the shell on the meta device and move the loaded towers in: an 8B LLM is never allocated twice.
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = lm.model
+    model.lm_head = lm.lm_head
+    # The projector is created in fp32 whatever ``dtype`` is: it is what stage 1 trains, and AdamW on bf16 weights
+    # has no fp32 master copy (LLaVA's bf16 runs keep one in DeepSpeed). Mixed dtypes need autocast (bf16-mixed).
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config)
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = _eos_ids(tok)
+    leftovers = [n for n, p in model.named_parameters() if p.is_meta] + [
+        n for n, b in model.named_buffers() if b.is_meta
+    ]
+    if leftovers:
+        raise RuntimeError(f"parameters left uninitialised after composing the model: {leftovers[:5]}")
+
+    ip = _llava_image_processor(base_processor, vision.config, image_processor)
+    processor = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=vision.config.patch_size,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        chat_template=tok.chat_template,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # CLIP's class token
+    )
+    return LlavaParts(model, processor, num_image_tokens(vision.config, vision_feature_select_strategy))
+
+
+def _eos_ids(tokenizer: Any) -> list[int]:
+    ids = [tokenizer.eos_token_id]
+    for t in ("<|eot_id|>", "<|end_of_text|>"):
+        i = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tokenizer.unk_token_id and i not in ids:
+            ids.append(i)
+    return [i for i in ids if i is not None]
+
+
+def eos_token_ids(tokenizer: Any) -> list[int]:
+    """End-of-turn ids that stop generation (LLaMA-3: ``<|eot_id|>`` and ``<|end_of_text|>``)."""
+    return _eos_ids(tokenizer)
+
+
+def save_llava(parts: LlavaParts, out_dir: str | Path) -> Path:
+    """``save_pretrained`` of model and processor (safetensors), loadable with ``from_pretrained``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts.model.save_pretrained(out, safe_serialization=True)
+    parts.processor.save_pretrained(out)
+    (out / "recap_suite.json").write_text(json.dumps({"num_image_tokens": parts.num_image_tokens}, indent=2))
+    return out

@@ -1,0 +1,384 @@
+"""The LLaVA captioner: chat-template masking, data formats, stages, LoRA, composition, export parity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.llava_json import LlavaCollate, LlavaJsonDataset, load_llava_json
+from datamodules.tiny_world import WorldConfig, generate_world
+from datamodules.tiny_world.tokenizer import train_world_tokenizer
+from lightning_modules.captioner import CaptionerModule
+from lightning_modules.components.chat import ConversationEncoder, llava_to_messages
+from lightning_modules.components.llava import build_llava
+
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
+)
+
+
+def llm_config(tok) -> dict:
+    return dict(
+        vocab_size=len(tok) + 8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, WorldConfig.tiny(seed=0, workers=1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok_dir(world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    train_world_tokenizer(world, out, vocab_size=600)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def module(tok_dir, tok, **kw) -> CaptionerModule:
+    torch.manual_seed(0)
+    args = dict(
+        vision_tower=VISION, llm=llm_config(tok), tokenizer=str(tok_dir), lr=1e-3, max_length=200, max_new_tokens=12
+    )
+    args.update(kw)
+    m = CaptionerModule(**args)
+    m.configure_model()
+    return m
+
+
+def all_records(world: Path) -> list[tuple[dict, Path]]:
+    out = []
+    for js, folder in (
+        ("caption_pretrain/chat.json", "caption_pretrain"),
+        ("instruct/llava_instruct.json", "instruct"),
+    ):
+        out += [(r, world / folder) for r in json.loads((world / js).read_text())]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ masking
+def test_assistant_tokens_decode_exactly_to_the_replies(world, tok):
+    """Single-turn, multi-turn, image-after-question and text-only samples: the loss covers the replies + eot only."""
+    enc = ConversationEncoder(tok, num_image_tokens=16, max_length=4096)
+    records = all_records(world)
+    kinds = {"multi_turn": 0, "text_only": 0, "image_last": 0}
+    for r, _ in records:
+        messages = llava_to_messages(r["conversations"])
+        out = enc(messages)
+        ids, labels = out["input_ids"], out["labels"]
+        supervised = labels != -100
+        assert supervised.any(), r["id"]  # no sample is silently zero-masked
+        assert torch.equal(labels[supervised], ids[supervised])
+        replies = "".join(m["content"].strip() + "<|eot_id|>" for m in messages if m["role"] == "assistant")
+        assert tok.decode(ids[supervised]) == replies, r["id"]
+        # prompt side: every user turn's text is present unmasked, and nothing of it is supervised
+        assert (ids == enc.image_token_id).sum() == (16 if r.get("image") else 0)
+        assert out["n_images"] == (1 if r.get("image") else 0)
+        kinds["multi_turn"] += sum(m["role"] == "assistant" for m in messages) > 1
+        kinds["text_only"] += not r.get("image")
+        kinds["image_last"] += messages[0]["content"].endswith("<image>")
+    assert all(v > 0 for v in kinds.values()), kinds  # the world exercises every layout
+
+
+def test_image_expansion_matches_the_processor(world, tok_dir, tok):
+    """Our token-level <image> expansion gives the ids LlavaProcessor gives (it expands in the text)."""
+    m = module(tok_dir, tok)
+    enc = m.encoder()
+    processor = m.llava.processor
+    checked = 0
+    for r, folder in all_records(world):
+        if not r.get("image") or checked >= 6:
+            continue
+        messages = llava_to_messages(r["conversations"])
+        with Image.open(folder / r["image"]) as im:
+            ref = processor.apply_chat_template(
+                messages, tokenize=True, return_dict=True, images=[im.convert("RGB")], return_assistant_tokens_mask=True
+            )
+        out = enc(messages)
+        assert out["input_ids"].tolist() == list(ref["input_ids"][0])
+        assert ((out["labels"] != -100).long().tolist()) == list(ref["assistant_masks"][0])
+        checked += 1
+    assert checked == 6
+
+
+def test_over_long_samples_are_truncated_and_counted(world, tok_dir, tok):
+    m = module(tok_dir, tok, max_length=40)
+    enc = m.encoder()
+    long = [{"role": "user", "content": "<image>\nDescribe."}, {"role": "assistant", "content": "a red circle " * 20}]
+    out = enc(long)
+    assert out["truncated"]
+    assert len(out["input_ids"]) == 40
+    short = enc([{"role": "user", "content": "<image>\nHi"}, {"role": "assistant", "content": "red"}])
+    assert not short["truncated"]
+    # the module counts them in training
+    batch = LlavaCollate(enc.pad_id)(
+        [dict(out, id="a", image=torch.zeros(3, 32, 32)), dict(short, id="b", image=torch.zeros(3, 32, 32))]
+    )
+    assert batch["n_truncated"] == 1
+    m.training_step(batch, 0)
+    assert m.n_truncated == 1
+    with pytest.raises(ValueError, match="cuts into the image tokens"):
+        ConversationEncoder(tok, num_image_tokens=64, max_length=40)(long)
+
+
+def test_template_without_generation_markers_is_refused(tok_dir):
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(tok_dir)
+    t.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="generation"):
+        ConversationEncoder(t, 16, 100)
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def test_llava_json_errors_name_the_file_and_record(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "ok",
+                    "image": "a.jpg",
+                    "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}],
+                },
+                {
+                    "id": "two",
+                    "image": "a.jpg",
+                    "conversations": [{"from": "human", "value": "<image>\n<image>\nQ"}, {"from": "gpt", "value": "A"}],
+                },
+                {"id": "none", "conversations": []},
+            ]
+        )
+    )
+    with pytest.raises(ValueError, match="malformed records") as e:
+        load_llava_json(str(bad))
+    msg = str(e.value)
+    assert str(bad) in msg
+    assert "id two" in msg
+    assert "id none" in msg
+    assert "2 malformed" in msg
+    with pytest.raises(ValueError, match="from"):
+        llava_to_messages([{"from": "robot", "value": "x"}], where="f.json id 3")
+
+
+def test_missing_image_names_the_path(world, tok_dir, tok, tmp_path):
+    m = module(tok_dir, tok)
+    t = m.data_transforms("fit")
+    ds = LlavaJsonDataset(str(world / "caption_pretrain/chat.json"), str(tmp_path), t.conversation, t.image)
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        ds[0]
+
+
+def test_mixed_batch_of_image_and_text_only_samples_trains(world, tok_dir, tok):
+    m = module(tok_dir, tok, train_llm=True)
+    t = m.data_transforms("fit")
+    ds = LlavaJsonDataset(str(world / "instruct/llava_instruct.json"), str(world / "instruct"), t.conversation, t.image)
+    items = [ds[i] for i in range(len(ds))]
+    with_img = [x for x in items if "image" in x][:3]
+    text_only = [x for x in items if "image" not in x][:2]
+    batch = LlavaCollate(t.conversation.pad_id)(with_img[:1] + text_only + with_img[1:])
+    assert batch["pixel_values"].shape[0] == 3
+    loss = m.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert m.model.model.multi_modal_projector.linear_1.weight.grad is not None
+
+
+def test_pad_to_square_uses_the_mean_colour(tok_dir, tok):
+    m = module(tok_dir, tok)
+    wide = Image.new("RGB", (64, 16), (255, 0, 0))
+    x = m.data_transforms("fit").image(wide)
+    assert x.shape == (3, 32, 32)
+    assert x[:, 0, :].abs().max() < 0.02  # padded rows: the normalised mean colour (~0)
+    assert x[0, 16, 16] > 1.5  # the red image itself
+    # LLaVA's expand2square: pad colour = tuple(int(255 * mean))
+    assert m.llava.processor.image_processor.do_pad
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+def _trainable(m) -> set[str]:
+    parts = set()
+    for n, p in m.model.named_parameters():
+        if p.requires_grad:
+            parts.add(
+                "lora"
+                if "lora_" in n
+                else "projector"
+                if "multi_modal_projector" in n
+                else "vision"
+                if "vision_tower" in n
+                else "llm"
+            )
+    return parts
+
+
+def test_stage_one_trains_the_projector_only(tok_dir, tok):
+    assert _trainable(module(tok_dir, tok)) == {"projector"}
+
+
+def test_stage_two_trains_projector_and_llm_with_its_own_lr(tok_dir, tok):
+    m = module(tok_dir, tok, train_llm=True, projector_lr=2e-5)
+    assert _trainable(m) == {"projector", "llm"}
+    m.trainer = type("T", (), {"estimated_stepping_batches": 100})()
+    opt = m.configure_optimizers()["optimizer"]
+    lrs = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}  # peak lrs (before warm-up)
+    assert lrs[id(m.model.model.multi_modal_projector.linear_1.weight)] == 2e-5
+    assert lrs[id(m.model.model.language_model.layers[0].mlp.up_proj.weight)] == 1e-3
+
+
+def test_lora_trains_adapters_and_projector(tok_dir, tok):
+    m = module(tok_dir, tok, train_llm=True, lora={"r": 4, "lora_alpha": 8})
+    assert _trainable(m) == {"lora", "projector"}
+    names = [n for n, p in m.model.named_parameters() if p.requires_grad and "lora_A" in n]
+    assert any("q_proj" in n for n in names)
+    assert any("down_proj" in n for n in names)
+    assert not any("vision_tower" in n or "multi_modal_projector" in n for n in names)
+    with pytest.raises(ValueError, match="train_llm"):
+        CaptionerModule(lr=1e-3, vision_tower=VISION, llm=llm_config(tok), tokenizer=str(tok_dir), lora={"r": 4})
+
+
+def test_checkpoints_hold_only_trainable_weights_and_init_from_restores_them(tok_dir, tok, tmp_path):
+    m = module(tok_dir, tok)
+    with torch.no_grad():
+        m.model.model.multi_modal_projector.linear_2.weight.add_(1.0)
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in m.model.state_dict().items()}}
+    m.on_save_checkpoint(ckpt)
+    assert ckpt["state_dict"]
+    assert all("multi_modal_projector" in k for k in ckpt["state_dict"])
+    torch.save(ckpt, tmp_path / "stage1.ckpt")
+    m2 = module(tok_dir, tok, train_llm=True, init_from=str(tmp_path / "stage1.ckpt"))
+    assert torch.equal(
+        m2.model.model.multi_modal_projector.linear_2.weight, m.model.model.multi_modal_projector.linear_2.weight
+    )
+    # a checkpoint of another model is refused, naming the file
+    torch.save({"state_dict": {"model.not_a_param": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="other.ckpt"):
+        module(tok_dir, tok, init_from=str(tmp_path / "other.ckpt"))
+
+
+# ------------------------------------------------------------------------------------------------ composition
+def test_compose_from_saved_tower_and_llm_folders(tok_dir, tok, tmp_path):
+    """Names/paths of a CLIP tower and an LLM go through from_pretrained, like the real 8B recipe."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    tower = CLIPVisionModel(CLIPVisionConfig(**VISION))
+    tower.save_pretrained(tmp_path / "tower")
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.25] * 3
+    ).save_pretrained(tmp_path / "tower")
+    lm = LlamaForCausalLM(LlamaConfig(**llm_config(tok)))
+    lm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    parts = build_llava(vision_tower=str(tmp_path / "tower"), llm=str(tmp_path / "llm"))
+    sd = parts.model.state_dict()
+    assert torch.equal(sd["model.vision_tower.encoder.layers.1.mlp.fc1.weight"], tower.encoder.layers[1].mlp.fc1.weight)
+    assert torch.equal(
+        sd["model.language_model.layers.1.self_attn.q_proj.weight"], lm.model.layers[1].self_attn.q_proj.weight
+    )
+    assert list(parts.processor.image_processor.image_mean) == [0.5] * 3
+    assert parts.processor.image_processor.do_pad
+    assert parts.model.config.vision_feature_layer == -2
+    assert parts.num_image_tokens == 16
+
+
+def test_vision_tower_from_a_recap_clip_export(tok_dir, tok, tmp_path):
+    """An export-clip folder (open_clip ViT) becomes the HF CLIPVisionModel tower."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 16, "heads": 1, "layers": 1},
+    }
+    clip = open_clip.CLIP(**cfg)
+    (tmp_path / "exp").mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "exp/open_clip_model.safetensors")
+    )
+    (tmp_path / "exp/open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    parts = build_llava(vision_tower=str(tmp_path / "exp"), llm=llm_config(tok), tokenizer=str(tok_dir))
+    x = torch.randn(2, 3, 32, 32)
+    feats = parts.model.model.get_image_features(pixel_values=x)
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    assert torch.cat(list(feats)).shape[-1] == parts.model.config.text_config.hidden_size
+    from lightning_modules.components.hf_clip_vision import open_clip_export_to_hf_vision
+
+    hf = parts.model.model.vision_tower(x, output_hidden_states=True).hidden_states
+    ref, _ = open_clip_export_to_hf_vision(tmp_path / "exp")
+    assert all(torch.allclose(a, b) for a, b in zip(hf, ref(x, output_hidden_states=True).hidden_states, strict=True))
+    # and the open_clip tower's own output (final hidden state -> ln_post(CLS) @ proj) is what the tower encodes
+    pooled = clip.visual.ln_post(hf[-1][:, 0]) @ clip.visual.proj
+    assert torch.allclose(pooled, clip.encode_image(x), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- export parity
+def _parity(m: CaptionerModule, tmp_path: Path, world: Path) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    images = []
+    for f in sorted((world / "eval/t2i_prompts/images").glob("*.jpg"))[:3]:
+        with Image.open(f) as im:
+            images.append(im.convert("RGB"))
+    ours = m.caption(images, max_new_tokens=12)
+    out = m.export_pretrained(tmp_path / "hf")
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": m.hparams.caption_prompt}]}]
+    theirs = []
+    for image in images:
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, images=[image], return_tensors="pt"
+        )
+        ids = model.generate(**inputs, do_sample=False, max_new_tokens=12)
+        theirs.append(
+            processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        )
+    assert ours == theirs
+    assert len(set(ours)) > 1 or all(ours)  # non-degenerate (not all empty)
+
+
+def _perturb(m: CaptionerModule, lora: bool) -> None:
+    """Random weights large enough that captions differ between images (and LoRA deltas are not zero)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in m.model.named_parameters():
+            if p.requires_grad or (lora and "lora_B" in n):
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def test_export_parity_full_fine_tuning(world, tok_dir, tok, tmp_path):
+    m = module(tok_dir, tok, train_llm=True)
+    _perturb(m, lora=False)
+    _parity(m, tmp_path, world)
+
+
+def test_export_parity_lora_merged(world, tok_dir, tok, tmp_path):
+    m = module(tok_dir, tok, train_llm=True, lora={"r": 4, "lora_alpha": 8})
+    _perturb(m, lora=True)
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in m.model.named_parameters())
+    _parity(m, tmp_path, world)
