@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORLD ?= data/world
 
-.PHONY: install test test-slow lint tiny tiny-sweep world world-recap bench clean-venv lock
+.PHONY: install test test-slow lint tiny tiny-sweep world world-recap bench clean-venv lock tiny-captioner
 
 # pip (not uv/poetry): the torch 2.14.1 / torchvision 0.29.1 wheels come from the machine's local wheel folder.
 # requirements/lock.txt is the exact tested set; pyproject.toml holds the ranges.
@@ -49,6 +49,31 @@ tiny: world-recap
 # The tiny-world p sweep reported in docs/clip.md (~25 min on 2 cores).
 tiny-sweep: world-recap
 	$(PY) -m experiments clip-table --table table3 --rows p0.0 p0.5 p0.8 p1.0 --tiny
+
+# The tiny-world captioner (docs/captioner.md): a "web CLIP" trained on alt-text (the paper's OpenAI CLIP), its tower
+# exported as an HF CLIPVisionModel, the world tokenizer and a text-pretrained tiny Llama (LLaMA-3's part), then
+# LLaVA-1.5 stage 1, stage 2 and caption tuning, and the llava-hf export. Each step is skipped when its output exists.
+CAP := runs/tiny/captioner
+CAPCFG := experiments/configs/tiny/captioner
+$(CAP)/web_clip/checkpoints/last.ckpt: $(WORLD)/world.json
+	$(PY) -m experiments fit --config $(CAPCFG)/web_clip.yaml
+$(CAP)/web_clip/hf_vision/config.json: $(CAP)/web_clip/checkpoints/last.ckpt
+	$(PY) -m experiments export-clip --ckpt $< --out $(CAP)/web_clip/export --hf-vision $(CAP)/web_clip/hf_vision
+$(CAP)/llm/tiny_llm.json: $(WORLD)/world.json
+	$(PY) -m experiments world-tokenizer --world $(WORLD) --out $(WORLD)/tokenizer
+	$(PY) -m experiments tiny-llm --world $(WORLD) --tokenizer $(WORLD)/tokenizer --out $(CAP)/llm
+$(WORLD)/caption_tune/detail.json: $(WORLD)/world.json
+	$(PY) -m experiments caption-tune --world $(WORLD)
+$(CAP)/stage1/checkpoints/last.ckpt: $(CAP)/web_clip/hf_vision/config.json $(CAP)/llm/tiny_llm.json
+	$(PY) -m experiments fit --config $(CAPCFG)/stage1.yaml
+$(CAP)/stage2/checkpoints/last.ckpt: $(CAP)/stage1/checkpoints/last.ckpt
+	$(PY) -m experiments fit --config $(CAPCFG)/stage1.yaml --config $(CAPCFG)/stage2.yaml
+$(CAP)/caption_tune/checkpoints/last.ckpt: $(CAP)/stage2/checkpoints/last.ckpt $(WORLD)/caption_tune/detail.json
+	$(PY) -m experiments fit --config $(CAPCFG)/stage1.yaml --config $(CAPCFG)/stage2.yaml --config $(CAPCFG)/caption_tune.yaml
+$(CAP)/hf/config.json: $(CAP)/caption_tune/checkpoints/last.ckpt
+	$(PY) -m experiments export-captioner --ckpt $< --out $(CAP)/hf
+
+tiny-captioner: $(CAP)/hf/config.json
 
 bench: world
 	$(PY) -m benchmarks.loader --shards $(WORLD)/web

@@ -6,6 +6,10 @@ world's text (web alt-text, LLaVA-Pretrain captions, instruction turns; never th
 ``save_pretrained`` next to the world tokenizer. The captioner then loads it by path, through the same code path as
 ``meta-llama/Meta-Llama-3-8B-Instruct``.
 
+Like Meta-Llama-3-8B-*Instruct*, the model also learns the chat format: the world's conversations (LLaVA-Pretrain and
+instruction sets, with the ``<image>`` placeholder removed) are rendered with the tokenizer's LLaMA-3 chat template
+and trained on whole. Without this, stage 1 (projector only) has a frozen LLM that has never seen a chat turn.
+
 This is world preparation, not an experiment of the paper, so it is a short plain PyTorch loop (next-token loss
 from transformers' model, AdamW, cosine) rather than a LightningModule.
 """
@@ -23,6 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def world_conversations(world_dir: str | Path) -> list[list[dict[str, str]]]:
+    """The caption_pretrain / instruct conversations as chat messages, ``<image>`` removed."""
+    from lightning_modules.components.chat import llava_to_messages
+
+    world = Path(world_dir)
+    out = []
+    for path in (world / "caption_pretrain" / "chat.json", world / "instruct" / "llava_instruct.json"):
+        for record in json.loads(path.read_text()):
+            messages = llava_to_messages(record["conversations"], where=str(path))
+            out.append([{**m, "content": m["content"].replace("<image>", "").strip()} for m in messages])
+    return out
 
 
 def world_texts(world_dir: str | Path) -> list[str]:
@@ -71,6 +88,7 @@ def pretrain_tiny_llm(
     lr: float = 2e-3,
     seed: int = 0,
     log_every: int = 100,
+    chat: bool = True,
     **config_overrides: Any,
 ) -> dict[str, Any]:
     """Train and ``save_pretrained`` (model + tokenizer) into ``out_dir``; returns a small report."""
@@ -80,6 +98,9 @@ def pretrain_tiny_llm(
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     end = tok.convert_tokens_to_ids("<|end_of_text|>")
     docs = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"], end] for t in world_texts(world_dir)]
+    if chat:
+        chats = world_conversations(world_dir)
+        docs += [tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in chats]
     model = LlamaForCausalLM(tiny_llama_config(tok, **config_overrides))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
@@ -128,11 +149,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-chat", action="store_true", help="raw text only (no chat-formatted conversations)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if (Path(args.out) / "tiny_llm.json").is_file() and not args.overwrite:
         print(f"{args.out} exists (tiny_llm.json); --overwrite to retrain")
         return json.loads((Path(args.out) / "tiny_llm.json").read_text())
-    report = pretrain_tiny_llm(args.world, args.tokenizer, args.out, args.steps, args.batch_size, args.lr, args.seed)
+    report = pretrain_tiny_llm(
+        args.world, args.tokenizer, args.out, args.steps, args.batch_size, args.lr, args.seed, chat=not args.no_chat
+    )
     print(json.dumps(report))
     return report

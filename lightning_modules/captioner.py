@@ -181,6 +181,7 @@ class CaptionerModule(L.LightningModule):
             cfg = {"target_modules": LORA_TARGETS, "task_type": None, **hp.lora}
             model = get_peft_model(model, LoraConfig(**cfg))
         counts = set_trainable(model, hp.train_llm, hp.train_vision, hp.lora is not None)
+        model.train()  # from_pretrained hands back eval-mode modules (dropout off, e.g. LoRA's)
         if hp.grad_checkpointing:
             base = model.get_base_model() if hp.lora is not None else model
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -247,16 +248,15 @@ class CaptionerModule(L.LightningModule):
         inputs = prepared["inputs"]
         loss = self.model(**inputs).loss
         self.n_truncated += prepared["n_truncated"]
-        n_tokens = int(inputs["attention_mask"].sum())
-        n_supervised = int((inputs["labels"] != -100).sum())
         bs = inputs["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        if self._should_log_extras():
+        if self._should_log_extras():  # token counts sync the device: only on logging steps
             now = time.perf_counter()
-            if self._t_last is not None:
+            n_tokens = int(inputs["attention_mask"].sum())
+            if self._t_last is not None:  # this step's wall time (from the previous step's end), all ranks
                 world = self.trainer.world_size
                 self.log("train/tokens_per_s", n_tokens * world / (now - self._t_last), batch_size=bs)
-            self.log("train/supervised_tokens", float(n_supervised), batch_size=bs)
+            self.log("train/supervised_tokens", float((inputs["labels"] != -100).sum()), batch_size=bs)
             self.log("train/truncated_samples", float(self.n_truncated), batch_size=bs)
         self._t_last = time.perf_counter()
         return loss

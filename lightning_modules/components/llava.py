@@ -70,7 +70,8 @@ def _vision_tower(spec: str | dict, dtype: torch.dtype | None) -> tuple[Any, Any
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     if isinstance(spec, dict):
-        return CLIPVisionModel(CLIPVisionConfig(**spec)), None
+        model = CLIPVisionModel(CLIPVisionConfig(**spec))
+        return (model.to(dtype) if dtype else model), None
     if _is_open_clip_export(spec):
         from lightning_modules.components.hf_clip_vision import open_clip_export_to_hf_vision
 
@@ -173,6 +174,7 @@ def build_llava(
         if tokenizer is None:
             raise ValueError("llm is a config dict, so tokenizer must name a tokenizer folder")
         lm = LlamaForCausalLM(LlamaConfig(**llm))
+        lm = lm.to(torch_dtype) if torch_dtype else lm
     else:
         lm = AutoModelForCausalLM.from_pretrained(
             llm, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code

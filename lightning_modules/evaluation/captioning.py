@@ -23,7 +23,7 @@ class CaptionAttributes:
 
     Args:
         prompts_parquet: ``eval/t2i_prompts/prompts.parquet`` (``file_name``, ``objects``, ``background``).
-        image_root: Folder of ``file_name`` (default: ``images/`` next to the parquet).
+        image_root: Folder that ``file_name`` is relative to (default: the parquet's folder).
         limit: Caption only the first N images (generation dominates the cost).
         name: Metric prefix (``eval/<name>/...``).
         examples: Keep this many (caption, truth) examples in the last result (``last_examples``).
@@ -38,7 +38,7 @@ class CaptionAttributes:
         examples: int = 5,
     ):
         self.prompts_parquet, self.limit, self.name, self.examples = prompts_parquet, limit, name, examples
-        self.image_root = Path(image_root) if image_root else Path(prompts_parquet).parent / "images"
+        self.image_root = Path(image_root) if image_root else Path(prompts_parquet).parent
         self.last_examples: list[dict[str, str]] = []
 
     def _rows(self) -> list[dict[str, Any]]:
