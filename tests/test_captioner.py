@@ -482,3 +482,79 @@ def test_tiny_world_captioner_learns_to_name_attributes(tmp_path):
     assert scores["colour_precision"] > scores["chance_colour_precision"] + 30
     assert scores["pair_precision"] > 2 * scores["chance_pair_precision"]
     assert scores["n_unparsed"] < 10
+
+
+def test_stage_one_on_caption_shards_through_the_caption_mix(world, tok_dir, tok, tmp_path):
+    """The captioner trains on image-caption shards at any p: each caption becomes a one-turn conversation."""
+    import lightning as L
+
+    from datamodules.caption_mix import CaptionMixDataModule
+
+    m = module(tok_dir, tok, caption_prompts=["Describe the image concisely.", "Write a short caption."])
+    enc = m.data_transforms("fit").text
+    item = enc("a red circle")
+    supervised = item["labels"] != -100
+    assert tok.decode(item["input_ids"][supervised]) == "a red circle<|eot_id|>"
+    assert (item["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum() == 16
+    dm = CaptionMixDataModule(
+        str(world / "web"), batch_size=4, sources={"original": "txt"}, source_weights={"original": 1.0}, num_workers=0
+    )
+    before = m.model.model.multi_modal_projector.linear_1.weight.detach().clone()
+    trainer = L.Trainer(accelerator="cpu", fast_dev_run=2, logger=False, enable_progress_bar=False)
+    trainer.fit(m, dm)
+    assert trainer.global_step == 2
+    assert not torch.equal(before, m.model.model.multi_modal_projector.linear_1.weight)
+
+
+def test_length_grouping_puts_similar_lengths_together(tok_dir, tok, tmp_path):
+    import random
+    from types import SimpleNamespace
+
+    from datamodules.llava_json import LlavaJsonDataModule
+
+    rng = random.Random(0)
+    records = [
+        {
+            "id": str(i),
+            "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "red " * rng.randint(1, 80)}],
+        }
+        for i in range(320)
+    ]
+    (tmp_path / "text.json").write_text(json.dumps(records))
+    m = module(tok_dir, tok)
+    spreads = {}
+    for grouped in (True, False):
+        dm = LlavaJsonDataModule(
+            str(tmp_path / "text.json"), None, batch_size=8, num_workers=0, group_by_length=grouped
+        )
+        dm.trainer = SimpleNamespace(lightning_module=m, world_size=1)
+        dm.setup("fit")
+        spread = []
+        for batch in dm.train_dataloader():
+            lengths = batch["attention_mask"].sum(1).float()
+            spread.append((lengths.max() - lengths.min()).item())
+        assert len(spread) == 40  # every sample once per epoch (drop_last: 320 / 8)
+        spreads[grouped] = sum(spread) / len(spread)
+    assert spreads[True] < 0.3 * spreads[False], spreads
+
+
+def test_print_config_of_the_stage_two_stack(capsys):
+    import yaml
+
+    from experiments.cli import cli_main
+
+    args = [
+        "fit",
+        "--config",
+        str(CAPTIONER_CONFIGS / "stage1.yaml"),
+        "--config",
+        str(CAPTIONER_CONFIGS / "stage2.yaml"),
+    ]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args + ["--print_config"])
+    assert exc.value.code in (None, 0)
+    init = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert init["vision_tower"] == "openai/clip-vit-large-patch14-336"  # stage 1's, kept under stage 2
+    assert init["llm"] == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert init["lora"] == {"r": 128, "lora_alpha": 256, "lora_dropout": 0.05}
+    assert (init["lr"], init["projector_lr"], init["vision_feature_layer"]) == (2e-4, 2e-5, -2)

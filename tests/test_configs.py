@@ -55,7 +55,12 @@ def stack_for(path: Path) -> tuple[str, list[Path]]:
             return "test", [CONFIGS / "eval/paper.yaml", path]
         return "test", [CONFIGS / model, path]
     if parts[0] == "captioner" or parts[:2] == ("tiny", "captioner"):
-        below = {"stage2": ["stage1"], "stage2_full": ["stage1", "stage2"], "caption_tune": ["stage1", "stage2"]}
+        below = {
+            "stage2": ["stage1"],
+            "stage2_full": ["stage1", "stage2"],
+            "caption_tune": ["stage1", "stage2"],
+            "stage1_caption_mix": ["stage1"],
+        }
         stack = [path.parent / f"{name}.yaml" for name in below.get(path.stem, [])] + [path]
         if path.stem == "stage2_full":
             stack.append(CONFIGS / "trainer/fsdp.yaml")
