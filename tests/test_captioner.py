@@ -468,19 +468,20 @@ def test_tiny_world_captioner_learns_to_name_attributes(tmp_path):
     vision = dict(VISION, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     llm = dict(llm_config(tok), hidden_size=96, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
     m = CaptionerModule(
-        vision_tower=vision, llm=llm, tokenizer=str(tok_dir), vision_feature_layer=-1, lr=2e-3, train_llm=True,
+        vision_tower=vision, llm=llm, tokenizer=str(tok_dir), vision_feature_layer=-1, lr=4e-3, train_llm=True,
         warmup_ratio=0.05, max_length=128, max_new_tokens=64,
     )  # fmt: skip
     dm = LlavaJsonDataModule(str(detail), str(world), batch_size=32, num_workers=0)
     logger = CSVLogger(tmp_path, name="cap", version=0)
-    trainer = L.Trainer(max_steps=250, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=10,
+    trainer = L.Trainer(max_steps=800, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=10,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(m, dm)
     losses = pd.read_csv(tmp_path / "cap/version_0/metrics.csv")["train/loss"].dropna().to_numpy()
     assert losses[-3:].mean() < 0.5 * losses[:2].mean()
     scores = CaptionAttributes(str(world / "eval/t2i_prompts/prompts.parquet"), limit=100).run(m.caption, batch_size=50)
-    assert scores["colour_precision"] > scores["chance_colour_precision"] + 30
-    assert scores["pair_precision"] > 2 * scores["chance_pair_precision"]
+    # measured (16-core machine, CPU): colour 54.8 vs chance 14.9, pair 14.9 vs 3.0 (docs/captioner.md)
+    assert scores["colour_precision"] > scores["chance_colour_precision"] + 25
+    assert scores["pair_precision"] > 2.5 * scores["chance_pair_precision"]
     assert scores["n_unparsed"] < 10
 
 
@@ -558,3 +559,14 @@ def test_print_config_of_the_stage_two_stack(capsys):
     assert init["llm"] == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert init["lora"] == {"r": 128, "lora_alpha": 256, "lora_dropout": 0.05}
     assert (init["lr"], init["projector_lr"], init["vision_feature_layer"]) == (2e-4, 2e-5, -2)
+
+
+def test_captioner_benchmark_reports_both_sides(tok_dir):
+    from benchmarks.captioner_step import main
+
+    report = main(["--steps", "4", "--skip", "2", "--batch-size", "2", "--text-len", "8", "--tokenizer", str(tok_dir),
+                   "--device", "cpu", "--stage", "2-lora"])  # fmt: skip
+    assert report["ours_tokens_per_s"] > 0
+    assert report["reference_tokens_per_s"] > 0
+    assert report["tokens_per_sample"] == 1 + 64 + 8
+    assert report["trainable"] < report["params"]  # LoRA: adapters + projector only

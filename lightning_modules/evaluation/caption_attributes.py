@@ -223,28 +223,29 @@ def _mentions(toks: list[str]) -> list[_Mention]:
     return out
 
 
+def _claim_marker(toks: list[str], indices: range, used: set[int]) -> str | None:
+    """The first unclaimed position marker along ``indices``, stopping at a relation or a sentence end."""
+    for i in indices:
+        if toks[i] == "__rel__" or toks[i] in _SENTENCE_END:
+            return None
+        if (pos := _marker_position(toks[i])) is not None and i not in used:
+            used.add(i)
+            return pos
+    return None
+
+
 def _assign_positions(toks: list[str], mentions: list[_Mention]) -> None:
     used: set[int] = set()
     for k, m in enumerate(mentions):  # 1. the first free marker after the object, in its clause
         stop = mentions[k + 1].start if k + 1 < len(mentions) else len(toks)
-        for i in range(m.end, stop):
-            if toks[i] == "__rel__" or toks[i] in _SENTENCE_END:
-                break
-            if (pos := _marker_position(toks[i])) is not None and i not in used:
-                m.position = pos
-                used.add(i)
-                break
+        if (pos := _claim_marker(toks, range(m.end, stop), used)) is not None:
+            m.position = pos
     for k, m in enumerate(mentions):  # 2. else a free marker earlier in its sentence ("Near the top, one can see ...")
         if m.position is not None:
             continue
         stop = mentions[k - 1].end if k > 0 else 0
-        for i in range(m.start - 1, stop - 1, -1):
-            if toks[i] == "__rel__" or toks[i] in _SENTENCE_END:
-                break
-            if (pos := _marker_position(toks[i])) is not None and i not in used:
-                m.position = pos
-                used.add(i)
-                break
+        if (pos := _claim_marker(toks, range(m.start - 1, stop - 1, -1), used)) is not None:
+            m.position = pos
 
 
 def _compatible(a: CaptionObject, m: _Mention) -> bool:
