@@ -103,6 +103,22 @@ def test_assistant_tokens_decode_exactly_to_the_replies(world, tok):
     assert all(v > 0 for v in kinds.values()), kinds  # the world exercises every layout
 
 
+def test_generation_prompt_tokenizes_as_a_prefix_of_training_sequences(world, tok):
+    """What the model is prompted with at generation must be token for token what it saw before each reply in
+    training. (With GPT-2's pre-tokenizer the trailing "\n\n" of the prompt became one token, but "\n\nIn" in
+    training two "\n" tokens: the trained captioner then skipped its opening words.)"""
+    enc = ConversationEncoder(tok, num_image_tokens=1, max_length=4096)
+    for r, _ in all_records(world)[:200]:
+        messages = llava_to_messages(r["conversations"])
+        full = enc(messages)["input_ids"].tolist()
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = tok.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=True, return_dict=True)
+            ids = list(prompt["input_ids"])
+            assert full[: len(ids)] == ids, (r["id"], k)
+
+
 def test_image_expansion_matches_the_processor(world, tok_dir, tok):
     """Our token-level <image> expansion gives the ids LlavaProcessor gives (it expands in the text)."""
     m = module(tok_dir, tok)
@@ -460,7 +476,7 @@ def test_tiny_world_captioner_learns_to_name_attributes(tmp_path):
     from lightning_modules.evaluation import CaptionAttributes
 
     world = tmp_path / "world"
-    generate_world(world, WorldConfig.tiny(seed=3, n_caption_pretrain=1500, n_instruct=500, n_t2i=100, workers=1))
+    generate_world(world, WorldConfig.tiny(seed=3, n_caption_pretrain=1500, n_instruct=500, n_t2i=200, workers=1))
     detail = write_caption_tune(world)
     tok_dir = tmp_path / "tok"
     tok = train_world_tokenizer(world, tok_dir, vocab_size=600)
@@ -478,10 +494,11 @@ def test_tiny_world_captioner_learns_to_name_attributes(tmp_path):
     trainer.fit(m, dm)
     losses = pd.read_csv(tmp_path / "cap/version_0/metrics.csv")["train/loss"].dropna().to_numpy()
     assert losses[-3:].mean() < 0.5 * losses[:2].mean()
-    scores = CaptionAttributes(str(world / "eval/t2i_prompts/prompts.parquet"), limit=100).run(m.caption, batch_size=50)
-    # measured (16-core machine, CPU): colour 54.8 vs chance 14.9, pair 14.9 vs 3.0 (docs/captioner.md)
-    assert scores["colour_precision"] > scores["chance_colour_precision"] + 25
-    assert scores["pair_precision"] > 2.5 * scores["chance_pair_precision"]
+    scores = CaptionAttributes(str(world / "eval/t2i_prompts/prompts.parquet"), limit=200).run(m.caption, batch_size=50)
+    # measured on 100 images (16-core machine and here, CPU): colour 54.8 vs chance 14.9, pair 14.9 vs 3.0-6.0; chance
+    # over 100 images was that noisy, hence 200 images and margins well inside the measurement
+    assert scores["colour_precision"] > scores["chance_colour_precision"] + 25, scores
+    assert scores["pair_precision"] > 2 * scores["chance_pair_precision"], scores
     assert scores["n_unparsed"] < 10
 
 

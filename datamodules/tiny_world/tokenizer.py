@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RECIPE_VERSION", "STAMP_NAME", "main", "train_world_tokenizer", "world_fingerprint", "world_texts"]
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: LLaMA-3 pre-tokenizer split (newline runs are one piece)
 """Bump when the corpus or the training recipe changes, so saved tokenizers are rebuilt."""
 STAMP_NAME = "world_tokenizer.json"
 DEFAULT_MODEL_MAX_LENGTH = 1024
@@ -188,10 +188,27 @@ def _current(out: Path, stamp: dict) -> bool:
 # ---------------------------------------------------------------------------------------------------- training
 
 
+# Meta-Llama-3's pre-tokenizer pattern (its tokenizer.json, = tiktoken's cl100k). It keeps a run of newlines one piece
+# whatever follows (`\s*[\r\n]+`), so "<|end_header_id|>\n\n" tokenizes the same at the end of a generation prompt
+# and before a reply. GPT-2's pattern (ByteLevel's default) splits "\n\nIn" into "\n", "\n", "In" but leaves a
+# trailing "\n\n" whole: a captioner trained on the first and prompted with the second skipped its opening words.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+
+
 def _train_bpe(pieces: Iterator[str], vocab_size: int) -> Tokenizer:
+    from tokenizers import Regex
+
     specials = special_tokens()
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
