@@ -79,6 +79,10 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         _module_main("datamodules.tiny_world.caption_tune"),
         "tiny world only: write the caption-tuning json (the paper's HQ-Edit step in miniature)",
     ),
+    "recaption": (
+        _module_main("experiments.recaption"),
+        "recaption image shards with a llava-hf captioner (resumable, exactly once; `run`, then `merge`)",
+    ),
     "export-captioner": (
         _module_main("experiments.export_captioner"),
         "write a CaptionerModule checkpoint as a llava-hf folder (LoRA merged; from_pretrained-ready)",
