@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORLD ?= data/world
 
-.PHONY: install test test-slow lint tiny tiny-sweep world world-recap bench clean-venv lock tiny-captioner
+.PHONY: install test test-slow lint tiny tiny-sweep world world-recap bench clean-venv lock tiny-captioner tiny-recaption
 
 # pip (not uv/poetry): the torch 2.14.1 / torchvision 0.29.1 wheels come from the machine's local wheel folder.
 # requirements/lock.txt is the exact tested set; pyproject.toml holds the ranges.
@@ -74,6 +74,14 @@ $(CAP)/hf/config.json: $(CAP)/caption_tune/checkpoints/last.ckpt
 	$(PY) -m experiments export-captioner --ckpt $< --out $(CAP)/hf
 
 tiny-captioner: $(CAP)/hf/config.json
+
+# The tiny captioner recaptions the web shards (resumable: a rerun finishes only what is missing), then the captions
+# are merged and joined to the shards as sidecars for the caption-mix DataModule (sources: recaption:
+# "sidecar:re_caption" with sidecar_dir $(WORLD)/sidecars_llava).
+tiny-recaption: $(CAP)/hf/config.json
+	$(PY) -m experiments recaption run --config experiments/configs/recaption/tiny_world.yaml
+	$(PY) -m experiments recaption merge --out $(WORLD)/recap_llava --shards '$(WORLD)/web/*.tar'
+	$(PY) -m experiments sidecars --recap $(WORLD)/recap_llava/merged/recap.parquet --shards '$(WORLD)/web/*.tar' --out $(WORLD)/sidecars_llava --overwrite
 
 bench: world
 	$(PY) -m benchmarks.loader --shards $(WORLD)/web

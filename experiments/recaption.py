@@ -120,7 +120,9 @@ class HFBackend:
         import torch
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # one process per GPU (torchrun / srun): LOCAL_RANK picks the card
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        self.device = device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype or "")
         self.model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
@@ -291,8 +293,10 @@ def run(
         record = {"unit": unit_name(url), "url": url, "rows": table.num_rows, "errors": n_err, "tokens": tokens}
         _append_manifest(out, record | {"seconds": round(dt, 3), "rank": rank, "world_size": world})
         totals = {k: totals[k] + v for k, v in zip(totals, (1, table.num_rows, n_err, tokens, dt), strict=True)}
+        eta = totals["seconds"] / totals["units"] * (len(mine) - i - 1)
         print(f"recaption [{rank}/{world}] {i + 1}/{len(mine)} {unit_name(url)}: {table.num_rows} rows, "
-              f"{table.num_rows / dt:.1f} img/s, {tokens / dt:.0f} tok/s", flush=True)  # fmt: skip
+              f"{table.num_rows / dt:.1f} img/s, {tokens / dt:.0f} tok/s, {n_err} errors/flagged, ETA {eta:.0f} s",
+              flush=True)  # fmt: skip
     return totals
 
 
@@ -322,13 +326,30 @@ def merge(out: str | os.PathLike, dest: str | os.PathLike | None = None, shards:
     return dest
 
 
+RUN_KEYS = ("model", "shards", "out", "prompt", "max_new_tokens", "batch_size", "rank", "world_size", "device", "dtype")
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    """A recaption YAML (``experiments/configs/recaption/*.yaml``): the ``run`` flags as keys (``-`` or ``_``)."""
+    import yaml
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    cfg = {str(k).replace("-", "_"): v for k, v in cfg.items()}
+    unknown = sorted(set(cfg) - set(RUN_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; valid: {list(RUN_KEYS)}")
+    return cfg
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     parser = argparse.ArgumentParser(prog="python -m experiments recaption", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="caption the shards this process owns (resumable; any number of processes)")
-    r.add_argument("--model", required=True, help="llava-hf folder (export-captioner output) or hub name")
-    r.add_argument("--shards", required=True, help="shard paths: braces, globs, a directory or a '::' list")
-    r.add_argument("--out", required=True)
+    r.add_argument("--config", default=None, help="YAML with these flags as keys; flags given here override it")
+    r.add_argument("--model", default=None, help="llava-hf folder (export-captioner output) or hub name")
+    r.add_argument("--shards", default=None, help="shard paths: braces, globs, a directory or a '::' list")
+    r.add_argument("--out", default=None)
     r.add_argument("--prompt", default=PAPER_PROMPT)
     r.add_argument("--max-new-tokens", type=int, default=128)
     r.add_argument("--batch-size", type=int, default=32)
@@ -345,7 +366,12 @@ def main(argv: Sequence[str] | None = None) -> Any:
         path = merge(args.out, args.dest, args.shards)
         print(f"merged -> {path}")
         return path
-    totals = run(args.model, args.shards, args.out, args.prompt, args.max_new_tokens, args.batch_size, args.rank,
-                 args.world_size, args.device, args.dtype)  # fmt: skip
+    if args.config:
+        r.set_defaults(**_load_config(args.config))
+        args = parser.parse_args(argv)  # flags on the command line win over the file
+    missing = [k for k in ("model", "shards", "out") if getattr(args, k) is None]
+    if missing:
+        parser.error(f"recaption run needs {', '.join('--' + k for k in missing)} (flags or --config)")
+    totals = run(**{k: getattr(args, k) for k in RUN_KEYS})
     print(f"recaption done: {json.dumps(totals)}")
     return totals

@@ -190,3 +190,22 @@ def test_throughput_benchmark_reports_both_and_agrees(setup):
     assert report["job_images_per_s"] > 0
     assert report["batch1_images_per_s"] > 0
     assert report["captions_equal"] == "4/4"  # batched (left-padded) greedy = one-by-one greedy
+
+
+def test_config_files_load_and_flags_override_them(setup, tmp_path):
+    from experiments.recaption import _load_config, main
+
+    for path in sorted((ROOT / "experiments/configs/recaption").glob("*.yaml")):
+        cfg = _load_config(str(path))
+        assert {"model", "shards", "out"} <= set(cfg), path
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"model: {setup['model']}\nshards: /nonexistent/*.tar\nout: {tmp_path / 'out'}\nmax_new_tokens: 3\n")
+    shard = sorted((setup["world"] / "web").glob("*.tar"))[0]
+    totals = main(["run", "--config", str(cfg), "--shards", str(shard), "--batch-size", "8", "--device", "cpu"])
+    assert totals["units"] == 1
+    assert totals["rows"] == len(keys_of([shard]))
+    table = pq.read_table(tmp_path / "out" / f"{shard.stem}.parquet")
+    assert max(table.column("n_generated_tokens").to_pylist()) <= 3  # from the file
+    (tmp_path / "bad.yaml").write_text("modle: x\n")
+    with pytest.raises(ValueError, match="modle"):
+        _load_config(str(tmp_path / "bad.yaml"))
