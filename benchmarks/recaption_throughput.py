@@ -5,7 +5,8 @@ way LLaVA's own loader runs), on the same llava-hf model and the same images, wi
         --images 'data/world/eval/t2i_prompts/images/*.jpg'
 
 Prints images/s and generated tokens/s of both, and the ratio (goal >= 10x). Both stop at the end-of-turn token; the
-captions of the two are compared (greedy decoding: batched and one-by-one must agree, up to padding numerics).
+captions of the two are compared (greedy decoding: batched and one-by-one must agree, up to padding numerics). The two
+run alternately for ``--repeats`` rounds (a machine whose speed drifts then affects both); medians are reported.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds (job, batch 1); medians reported")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from PIL import Image
@@ -52,18 +54,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             torch.cuda.synchronize()
         return time.perf_counter() - t0, out
 
-    t_batch, batched = timed(args.batch_size, images[: args.n])
-    t_single, single = timed(1, images[: args.n_single])
-    tok_b = sum(g.n_tokens for g in batched)
-    tok_s = sum(g.n_tokens for g in single)
+    import statistics
+
+    rounds = []
+    for _ in range(max(1, args.repeats)):
+        t_batch, batched = timed(args.batch_size, images[: args.n])
+        t_single, single = timed(1, images[: args.n_single])
+        rounds.append((t_batch, batched, t_single, single))
+    job_ips = [len(b) / tb for tb, b, _, _ in rounds]
+    one_ips = [len(s_) / ts for _, _, ts, s_ in rounds]
+    job_tps = [sum(g.n_tokens for g in b) / tb for tb, b, _, _ in rounds]
+    one_tps = [sum(g.n_tokens for g in s_) / ts for _, _, ts, s_ in rounds]
+    _, batched, _, single = rounds[-1]
     same = sum(a.text == b.text for a, b in zip(batched, single, strict=False))
     report = {
         "device": backend.device,
         "batch_size": args.batch_size,
-        "job_images_per_s": len(batched) / t_batch,
-        "job_tokens_per_s": tok_b / t_batch,
-        "batch1_images_per_s": len(single) / t_single,
-        "batch1_tokens_per_s": tok_s / t_single,
+        "repeats": len(rounds),
+        "job_images_per_s": statistics.median(job_ips),
+        "job_tokens_per_s": statistics.median(job_tps),
+        "batch1_images_per_s": statistics.median(one_ips),
+        "batch1_tokens_per_s": statistics.median(one_tps),
+        "round_ratios": [round(a / b, 2) for a, b in zip(job_ips, one_ips, strict=True)],
         "captions_equal": f"{same}/{len(single)}",
     }
     report["ratio_images_per_s"] = report["job_images_per_s"] / report["batch1_images_per_s"]

@@ -186,7 +186,9 @@ def test_throughput_benchmark_reports_both_and_agrees(setup):
 
     images = str(setup["world"] / "eval/t2i_prompts/images/*.jpg")
     report = main(["--model", str(setup["model"]), "--images", images, "--n", "8", "--n-single", "4",
-                   "--batch-size", "4", "--max-new-tokens", "5", "--device", "cpu"])  # fmt: skip
+                   "--batch-size", "4", "--max-new-tokens", "5", "--device", "cpu",
+                   "--repeats", "2"])  # fmt: skip
+    assert len(report["round_ratios"]) == 2
     assert report["job_images_per_s"] > 0
     assert report["batch1_images_per_s"] > 0
     assert report["captions_equal"] == "4/4"  # batched (left-padded) greedy = one-by-one greedy
