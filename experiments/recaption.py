@@ -30,7 +30,6 @@ import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datamodules.tiny_world.recaption import RECAP_SCHEMA
+from lightning_modules.components.llava import PAPER_RECAPTION_PROMPT, Generated, caption_prompt_text, greedy_captions
 
-PAPER_PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
+PAPER_PROMPT = PAPER_RECAPTION_PROMPT
 PROVENANCE = pa.schema(
     [
         ("model", pa.string()),
@@ -88,13 +88,6 @@ def model_hash(model_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
-@dataclass
-class Generated:
-    text: str
-    n_tokens: int
-    hit_limit: bool
-
-
 def degenerate(text: str) -> str | None:
     """Why a caption is garbage (empty, or ending in an n-gram repeated 4+ times, n <= 6), or None."""
     words = text.split()
@@ -126,43 +119,13 @@ class HFBackend:
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype or "")
         self.model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.tokenizer = self.processor.tokenizer
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        self.prompt_text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        self.prompt_text = caption_prompt_text(self.processor.tokenizer, prompt)
         self.max_new_tokens = max_new_tokens
-        from lightning_modules.components.llava import eos_token_ids
-
-        self.eos = eos_token_ids(self.tokenizer)
 
     def generate(self, images: Sequence[Any], repetition_penalty: float | None = None) -> list[Generated]:
-        import torch
-
-        inputs = self.processor(
-            images=list(images),
-            text=[self.prompt_text] * len(images),
-            add_special_tokens=False,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-        ).to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **inputs,
-                do_sample=False,
-                max_new_tokens=self.max_new_tokens,
-                eos_token_id=self.eos,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **({"repetition_penalty": repetition_penalty} if repetition_penalty else {}),
-            )
-        new = out[:, inputs["input_ids"].shape[1] :].tolist()
-        results = []
-        for ids in new:
-            ended = next((i for i, t in enumerate(ids) if t in self.eos), None)
-            n = ended if ended is not None else len([t for t in ids if t != self.tokenizer.pad_token_id])
-            text = self.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
-            results.append(Generated(text, n, ended is None and n >= self.max_new_tokens))
-        return results
+        return greedy_captions(
+            self.model, self.processor, self.prompt_text, images, self.max_new_tokens, self.device, repetition_penalty
+        )
 
 
 def _samples(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:

@@ -27,9 +27,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules.caption_mix import DataTransforms
 from lightning_modules.clip import cosine_with_warmup
 from lightning_modules.components.chat import CaptionConversation, ConversationEncoder, pad_sequences
-from lightning_modules.components.llava import LlavaParts, build_llava, eos_token_ids, save_llava
+from lightning_modules.components.llava import (
+    PAPER_RECAPTION_PROMPT,
+    LlavaParts,
+    build_llava,
+    caption_prompt_text,
+    greedy_captions,
+    save_llava,
+)
 
-PAPER_RECAPTION_PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
 PROJECTOR = "multi_modal_projector"
 VISION = "vision_tower"
 # LLaVA's find_all_linear_names: every linear layer of the language model, not the projector, tower or lm_head.
@@ -160,6 +166,7 @@ class CaptionerModule(L.LightningModule):
             raise ValueError("lora trains the LLM through adapters; set train_llm: true (stage 2) or drop lora")
         self.evaluation = list(evaluation or [])
         self.parts: LlavaParts | None = None
+        self._encoder: ConversationEncoder | None = None
         self.model: torch.nn.Module | None = None
         self.strict_loading = save_frozen
         self.n_truncated = 0
@@ -213,7 +220,9 @@ class CaptionerModule(L.LightningModule):
         return self.llava.tokenizer
 
     def encoder(self) -> ConversationEncoder:
-        return ConversationEncoder(self.tokenizer, self.llava.num_image_tokens, self.hparams.max_length)
+        if self._encoder is None:  # the tokenizer and max_length are fixed once the model is built
+            self._encoder = ConversationEncoder(self.tokenizer, self.llava.num_image_tokens, self.hparams.max_length)
+        return self._encoder
 
     def data_transforms(self, stage: str) -> DataTransforms:
         encoder = self.encoder()
@@ -300,15 +309,6 @@ class CaptionerModule(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------------------------------------ captions
-    def prompt_text(self, prompt: str | None = None) -> str:
-        messages = [
-            {
-                "role": "user",
-                "content": [{"type": "image"}, {"type": "text", "text": prompt or self.hparams.caption_prompt}],
-            }
-        ]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
     @torch.no_grad()
     def caption(
         self,
@@ -321,8 +321,7 @@ class CaptionerModule(L.LightningModule):
         parts, model = self.llava, self.model
         was_training = model.training
         model.eval()
-        text = self.prompt_text(prompt)
-        tok = parts.tokenizer
+        text = caption_prompt_text(parts.tokenizer, prompt or self.hparams.caption_prompt)
         out: list[str] = []
         bs = batch_size or len(images) or 1
         dtypes = {p.dtype for p in model.parameters()}
@@ -333,28 +332,19 @@ class CaptionerModule(L.LightningModule):
         )
         try:
             for i in range(0, len(images), bs):
-                chunk = list(images[i : i + bs])
-                inputs = parts.processor(
-                    images=chunk,
-                    text=[text] * len(chunk),
-                    add_special_tokens=False,  # the template wrote <|begin_of_text|>
-                    padding=True,
-                    padding_side="left",
-                    return_tensors="pt",
-                ).to(self.device)
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype_of_vision())
                 with autocast:
-                    ids = model.generate(
-                        **inputs,
-                        do_sample=False,
-                        max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
-                        eos_token_id=eos_token_ids(tok),
-                        pad_token_id=tok.pad_token_id,
+                    generated = greedy_captions(
+                        model,
+                        parts.processor,
+                        text,
+                        images[i : i + bs],
+                        max_new_tokens or self.hparams.max_new_tokens,
+                        self.device,
                     )
-                out += tok.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                out += [g.text for g in generated]
         finally:
             model.train(was_training)
-        return [s.strip() for s in out]
+        return out
 
     # -------------------------------------------------------------------------------------------------- export
     def merged_model(self, in_place: bool = False) -> torch.nn.Module:

@@ -25,6 +25,7 @@ import torch
 
 from lightning_modules.components.chat import IMAGE_TOKEN, LLAMA3_LLAVA_CHAT_TEMPLATE
 
+PAPER_RECAPTION_PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
@@ -247,3 +248,60 @@ def save_llava(parts: LlavaParts, out_dir: str | Path) -> Path:
     parts.processor.save_pretrained(out)
     (out / "recap_suite.json").write_text(json.dumps({"num_image_tokens": parts.num_image_tokens}, indent=2))
     return out
+
+
+def caption_prompt_text(tokenizer: Any, prompt: str) -> str:
+    """The chat-template text of one user turn (image + ``prompt``) plus the assistant header to generate after."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@dataclass
+class Generated:
+    text: str
+    n_tokens: int  # generated tokens before the end-of-turn token
+    hit_limit: bool  # stopped by max_new_tokens, not by an end-of-turn token
+
+
+def greedy_captions(
+    model: Any,
+    processor: Any,
+    prompt_text: str,
+    images: Any,
+    max_new_tokens: int,
+    device: Any,
+    repetition_penalty: float | None = None,
+) -> list[Generated]:
+    """One batch of greedy captions: left padding, attention mask, KV cache, stop at the end-of-turn token.
+
+    The one decoding path of the suite: ``CaptionerModule.caption`` (evaluation) and the recaption job call it.
+    """
+    tok = processor.tokenizer
+    inputs = processor(
+        images=list(images),
+        text=[prompt_text] * len(images),
+        add_special_tokens=False,  # the template wrote <|begin_of_text|>
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    ).to(device)
+    # by name: the model may be wrapped (peft's PeftModel during LoRA training)
+    vision_dtype = next(p.dtype for n, p in model.named_parameters() if "vision_tower" in n)
+    inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype)
+    eos = eos_token_ids(tok)
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+            **({"repetition_penalty": repetition_penalty} if repetition_penalty else {}),
+        )
+    results = []
+    for ids in out[:, inputs["input_ids"].shape[1] :].tolist():
+        ended = next((i for i, t in enumerate(ids) if t in eos), None)
+        n = ended if ended is not None else len([t for t in ids if t != tok.pad_token_id])
+        text = tok.decode(ids[:n], skip_special_tokens=True).strip()
+        results.append(Generated(text, n, ended is None and n >= max_new_tokens))
+    return results
