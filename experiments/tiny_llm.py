@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import random
-import tarfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,32 +28,33 @@ from typing import Any
 import torch
 
 
+def _conversations(world: Path) -> list[list[dict]]:
+    from datamodules.tiny_world.tokenizer import CONVERSATION_FILES, conversations
+
+    missing = [str(world / rel) for rel in CONVERSATION_FILES if not (world / rel).is_file()]
+    if missing:
+        raise FileNotFoundError(f"tiny-llm trains on the world's conversations; missing: {missing}")
+    return list(conversations(world))
+
+
 def world_conversations(world_dir: str | Path) -> list[list[dict[str, str]]]:
     """The caption_pretrain / instruct conversations as chat messages, ``<image>`` removed."""
     from lightning_modules.components.chat import llava_to_messages
 
-    world = Path(world_dir)
     out = []
-    for path in (world / "caption_pretrain" / "chat.json", world / "instruct" / "llava_instruct.json"):
-        for record in json.loads(path.read_text()):
-            messages = llava_to_messages(record["conversations"], where=str(path))
-            out.append([{**m, "content": m["content"].replace("<image>", "").strip()} for m in messages])
+    for conv in _conversations(Path(world_dir)):
+        messages = llava_to_messages(conv, where=str(world_dir))
+        out.append([{**m, "content": m["content"].replace("<image>", "").strip()} for m in messages])
     return out
 
 
 def world_texts(world_dir: str | Path) -> list[str]:
     """Training text: alt-texts of the web shards and every turn of the caption_pretrain / instruct json."""
+    from datamodules.tiny_world.tokenizer import web_alt_texts
+
     world = Path(world_dir)
-    texts: list[str] = []
-    for shard in sorted((world / "web").glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar:
-                if m.name.endswith(".txt"):
-                    texts.append(tar.extractfile(m).read().decode())
-    for path in (world / "caption_pretrain" / "chat.json", world / "instruct" / "llava_instruct.json"):
-        for record in json.loads(path.read_text()):
-            for turn in record["conversations"]:
-                texts.append(turn["value"].replace("<image>", "").strip())
+    texts = web_alt_texts(world)
+    texts += [turn["value"].replace("<image>", "").strip() for conv in _conversations(world) for turn in conv]
     return [t for t in texts if t]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from .recaption import _write_atomic_text
 from .scene import Scene
 from .text import DETAIL_PROMPTS, detailed_description
 
@@ -58,9 +59,7 @@ def write_caption_tune(world_dir: str | os.PathLike, out: str | os.PathLike | No
     world = Path(world_dir)
     path = Path(out) if out is not None else world / "caption_tune" / "detail.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(detail_records(world, seed=seed)))
-    os.replace(tmp, path)
+    _write_atomic_text(json.dumps(detail_records(world, seed=seed)), path)
     return path
 
 

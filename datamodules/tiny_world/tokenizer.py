@@ -78,12 +78,25 @@ def _read_json(p: Path) -> Any:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
-def _conversations(world: Path) -> Iterator[list[dict]]:
-    for rel in ("caption_pretrain/chat.json", "instruct/llava_instruct.json"):
+CONVERSATION_FILES = ("caption_pretrain/chat.json", "instruct/llava_instruct.json")
+
+
+def conversations(world: Path) -> Iterator[list[dict]]:
+    """The LLaVA-format conversations (turn lists) of the world's caption_pretrain and instruct sets, if present."""
+    for rel in CONVERSATION_FILES:
         p = world / rel
         if p.is_file():
             for sample in _read_json(p):
                 yield sample["conversations"]
+
+
+def web_alt_texts(world: Path) -> list[str]:
+    """The alt-texts of the web shards' successful samples (their ``.txt``), from img2dataset's per-shard parquet."""
+    texts: list[str] = []
+    for shard in sorted((world / "web").glob("*.parquet")):
+        t = pq.read_table(shard, columns=["caption", "status"]).to_pydict()
+        texts += [c for c, s in zip(t["caption"], t["status"], strict=True) if s == "success" and c is not None]
+    return texts
 
 
 def world_texts(world_dir: str | os.PathLike) -> list[str]:
@@ -96,11 +109,8 @@ def world_texts(world_dir: str | os.PathLike) -> list[str]:
     world = Path(world_dir)
     if not (world / "world.json").is_file():
         raise FileNotFoundError(f"{world} is not a tiny world (no world.json)")
-    texts: list[str] = []
-    for shard in sorted((world / "web").glob("*.parquet")):
-        t = pq.read_table(shard, columns=["caption", "status"]).to_pydict()
-        texts += [c for c, s in zip(t["caption"], t["status"], strict=True) if s == "success" and c is not None]
-    for conv in _conversations(world):
+    texts = web_alt_texts(world)
+    for conv in conversations(world):
         texts += [turn["value"] for turn in conv]
     prompts = world / "eval/t2i_prompts/prompts.parquet"
     if prompts.is_file():
@@ -134,7 +144,7 @@ def _training_pieces(world: Path) -> Iterator[str]:
     """What the BPE trains on: texts cut at the special tokens, as the tokenizer will see them when encoding."""
     split = re.compile("|".join(re.escape(t) for t in special_tokens()))
     conversation_values = set()
-    for conv in _conversations(world):
+    for conv in conversations(world):
         conversation_values.update(turn["value"] for turn in conv)
         yield from (p for p in split.split(_render(conv)) if p)
     for text in world_texts(world):
