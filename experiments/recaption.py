@@ -22,14 +22,18 @@ and the reason; the job goes on.
 from __future__ import annotations
 
 import argparse
+import functools
+import glob
 import hashlib
 import io
 import json
 import os
+import re
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datamodules.tiny_world.recaption import RECAP_SCHEMA
-from lightning_modules.components.llava import PAPER_RECAPTION_PROMPT, Generated, caption_prompt_text, greedy_captions
+from lightning_modules.components.llava import (
+    PAPER_RECAPTION_PROMPT,
+    Generated,
+    caption_prompt_text,
+    eos_token_ids,
+    greedy_captions,
+)
 
 PAPER_PROMPT = PAPER_RECAPTION_PROMPT
 PROVENANCE = pa.schema(
@@ -63,6 +73,68 @@ def unit_name(url: str) -> str:
     return name[: -len(".tar")] if name.endswith(".tar") else name
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: a whole shard (``part is None``) or slice ``part`` of ``parts`` of it. A slice covers the
+    shard's samples ``[part * size, (part + 1) * size)`` in tar order; the last slice runs to the shard's end, so a
+    sample count that is off (stats files can be) never loses a sample."""
+
+    url: str
+    part: int | None = None
+    parts: int | None = None
+    size: int | None = None
+
+    @property
+    def name(self) -> str:
+        stem = unit_name(self.url)
+        return stem if self.part is None else f"{stem}.part{self.part:05d}-of-{self.parts:05d}"
+
+    @property
+    def start(self) -> int:
+        return 0 if self.part is None else self.part * self.size
+
+    @property
+    def stop(self) -> int | None:
+        return None if self.part is None or self.part == self.parts - 1 else (self.part + 1) * self.size
+
+
+_PART = re.compile(r"^(?P<stem>.+)\.part(?P<part>\d{5})-of-(?P<parts>\d{5})$")
+
+
+def shard_sample_count(url: str) -> int:
+    """Samples in a shard: img2dataset's ``_stats.json``/``.parquet`` when present, else by reading the tar once."""
+    from datamodules.caption_mix import count_samples
+
+    try:
+        return count_samples([url])
+    except ValueError:
+        return sum(1 for _ in _samples(url, []))
+
+
+def shard_units(url: str, out: Path, slice_size: int | None) -> list[Unit]:
+    """The units of one shard. ``slice_size`` splits huge shards; a shard already (partly) done under another split
+    keeps that split, so restarts with another ``slice_size`` never produce overlapping outputs."""
+    stem = unit_name(url)
+    existing = {m["parts"] for p in out.glob(f"{glob.escape(stem)}.part*-of-*.parquet") if (m := _PART.match(p.stem))
+                and m["stem"] == stem}  # fmt: skip
+    if (out / f"{stem}.parquet").exists() or (not existing and slice_size is None):
+        return [Unit(url)]
+    if len(existing) > 1:
+        raise ValueError(f"{out}: shard {stem} has slice outputs of different splits {sorted(existing)}; "
+                         f"delete one set and rerun")  # fmt: skip
+    if existing:
+        parts = int(existing.pop())
+        done = next(out.glob(f"{glob.escape(stem)}.part*-of-{parts:05d}.parquet"))
+        size = int(pq.read_schema(done).metadata[b"recap_suite.slice_size"])
+    else:
+        count = shard_sample_count(url)
+        size = slice_size
+        parts = max(1, -(-count // size))
+        if parts == 1:
+            return [Unit(url)]
+    return [Unit(url, k, parts, size) for k in range(parts)]
+
+
 def rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))) if world_size is None else world_size
@@ -71,9 +143,10 @@ def rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world
 
 
-def pending_units(urls: Sequence[str], out: Path, rank: int, world: int) -> list[str]:
-    """The shards this rank owns in this run: unfinished ones, every ``world``-th in sorted name order."""
-    todo = sorted((u for u in urls if not (out / f"{unit_name(u)}.parquet").exists()), key=unit_name)
+def pending_units(urls: Sequence[str], out: Path, rank: int, world: int, slice_size: int | None = None) -> list[Unit]:
+    """The units this rank owns in this run: unfinished ones, every ``world``-th in sorted name order."""
+    units = [u for url in urls for u in shard_units(url, out, slice_size)]
+    todo = sorted((u for u in units if not (out / f"{u.name}.parquet").exists()), key=lambda u: u.name)
     return todo[rank::world]
 
 
@@ -105,20 +178,27 @@ def degenerate(text: str) -> str | None:
 RETRY_REPETITION_PENALTY = 1.3
 
 
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+
+
 class HFBackend:
     """Batched greedy captions with transformers (CPU or GPU): left padding, attention mask, KV cache."""
 
+    name = "hf"
+
     def __init__(self, model_dir: str, prompt: str, max_new_tokens: int, device: str | None = None,
-                 dtype: str | None = None):  # fmt: skip
+                 dtype: str | None = None, trust_remote_code: bool = False):  # fmt: skip
         import torch
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         # one process per GPU (torchrun / srun): LOCAL_RANK picks the card
-        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-        self.device = device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        self.device = device or (f"cuda:{_local_rank()}" if torch.cuda.is_available() else "cpu")
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype or "")
-        self.model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = LlavaForConditionalGeneration.from_pretrained(
+            model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        ).to(self.device).eval()  # fmt: skip
+        self.processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.prompt_text = caption_prompt_text(self.processor.tokenizer, prompt)
         self.max_new_tokens = max_new_tokens
 
@@ -126,6 +206,64 @@ class HFBackend:
         return greedy_captions(
             self.model, self.processor, self.prompt_text, images, self.max_new_tokens, self.device, repetition_penalty
         )
+
+
+def vllm_prompt_text(tokenizer: Any, prompt: str) -> str:
+    """The chat-template prompt for vLLM, which tokenizes prompts with ``add_special_tokens=True``: when the tokenizer
+    adds ``<|begin_of_text|>`` itself, the template's copy is dropped, so vLLM sees exactly the tokens ``hf`` does."""
+    text = caption_prompt_text(tokenizer, prompt)
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return text[len(bos) :] if adds_bos and text.startswith(bos) else text
+
+
+class VLLMBackend:
+    """Greedy captions with vLLM (GPU only; ``pip install 'recap-suite[vllm]'``): continuous batching and paged KV
+    cache. Same prompt tokens, stop tokens and token limit as ``hf``, so the two give the same greedy captions up to
+    kernel numerics. One process per GPU: ``LOCAL_RANK`` picks the card through ``CUDA_VISIBLE_DEVICES``."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, prompt: str, max_new_tokens: int, device: str | None = None,
+                 dtype: str | None = None, trust_remote_code: bool = False, max_num_seqs: int = 256,
+                 gpu_memory_utilization: float = 0.9):  # fmt: skip
+        try:
+            import vllm
+        except ImportError as exn:
+            raise ImportError("backend 'vllm' needs vLLM on a GPU machine: pip install 'recap-suite[vllm]'") from exn
+        from transformers import AutoTokenizer
+
+        if device is not None and device.startswith("cuda:"):
+            os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        elif "CUDA_VISIBLE_DEVICES" not in os.environ and ("LOCAL_RANK" in os.environ or "SLURM_LOCALID" in os.environ):
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(_local_rank())
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.prompt_text = vllm_prompt_text(tok, prompt)
+        self.eos = eos_token_ids(tok)
+        self.max_new_tokens = max_new_tokens
+        self._sampling = vllm.SamplingParams
+        self.llm = vllm.LLM(
+            model=model_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code, seed=0,
+            limit_mm_per_prompt={"image": 1}, max_num_seqs=max_num_seqs,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )  # fmt: skip
+
+    def generate(self, images: Sequence[Any], repetition_penalty: float | None = None) -> list[Generated]:
+        params = self._sampling(
+            temperature=0.0, max_tokens=self.max_new_tokens, stop_token_ids=self.eos, skip_special_tokens=True,
+            repetition_penalty=repetition_penalty or 1.0,
+        )  # fmt: skip
+        requests = [{"prompt": self.prompt_text, "multi_modal_data": {"image": im}} for im in images]
+        results = []
+        for req in self.llm.generate(requests, params, use_tqdm=False):
+            c = req.outputs[0]
+            ids = list(c.token_ids)
+            n = len(ids) - 1 if ids and ids[-1] in self.eos else len(ids)  # as hf: tokens before the end-of-turn
+            results.append(Generated(c.text.strip(), n, c.finish_reason == "length"))
+        return results
+
+
+BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
 
 
 def _samples(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
@@ -152,8 +290,17 @@ def _words(s: str | None) -> int | None:
     return len(s.split()) if s is not None else None
 
 
-def recaption_unit(url: str, backend: HFBackend, batch_size: int, provenance: dict[str, Any]) -> pa.Table:
-    """Caption one shard; every sample becomes exactly one row (a caption, or status ``error`` and the reason)."""
+def recaption_unit(
+    unit: Unit | str,
+    backend: Any,
+    batch_size: int,
+    provenance: dict[str, Any],
+    progress: Callable[[int, int], None] | None = None,
+) -> pa.Table:
+    """Caption one unit (a shard or a slice of one); every sample becomes exactly one row (a caption, or status
+    ``error`` and the reason). ``progress(images, generated_tokens)`` is called after each batch."""
+    unit = Unit(unit) if isinstance(unit, str) else unit
+    url = unit.url
     rows: list[dict[str, Any]] = []
     batch: list[tuple[dict[str, Any], Any]] = []
     errors: list[str] = []
@@ -182,9 +329,15 @@ def recaption_unit(url: str, backend: HFBackend, batch_size: int, provenance: di
             else:  # never keep garbage as a caption: flagged, with the text for inspection
                 row.update(re_caption=None, re_length=None, status="flagged", error=f"{why}: {g.text[:300]!r}")
             rows.append(row)
+        if progress is not None:
+            progress(len(batch), sum(g.n_tokens for g in results))
         batch.clear()
 
-    for sample in _samples(url, errors):
+    for index, sample in enumerate(_samples(url, errors)):
+        if index < unit.start:  # an earlier slice's sample: skipped without decoding
+            continue
+        if unit.stop is not None and index >= unit.stop:
+            break
         try:
             row = base(sample)
         except Exception as exn:  # unreadable json member: still one row, keyed
@@ -217,6 +370,44 @@ def _append_manifest(out: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+class _Progress:
+    """A tqdm bar over images with generated tokens/s beside it; per-unit lines above it (``tqdm.write``). Off a
+    terminal (SLURM logs) it refreshes every 30 s instead of every 0.5 s."""
+
+    def __init__(self, total: int | None, desc: str):
+        from tqdm.auto import tqdm
+
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit="img", mininterval=0.5 if tty else 30.0, dynamic_ncols=True,
+                        smoothing=0.05)  # fmt: skip
+        self.tokens, self.t0 = 0, time.perf_counter()
+
+    def __call__(self, images: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.t0, 1e-9):,.0f} tok/s", refresh=False)
+        self.bar.update(images)
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _expected_images(units: Sequence[Unit]) -> int | None:
+    """Images in these units from the shards' stats files, for the bar's total and ETA (None when unknown)."""
+    from datamodules.caption_mix import count_samples
+
+    total = 0
+    for u in units:
+        try:
+            n = count_samples([u.url])
+        except ValueError:
+            return None
+        total += n if u.part is None else (min(n, u.stop) if u.stop is not None else n) - u.start
+    return max(total, 0)
+
+
 def run(
     model: str,
     shards: str | Sequence[str],
@@ -228,9 +419,18 @@ def run(
     world_size: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    backend: str = "hf",
+    slice_size: int | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
+    """Caption every unfinished unit this rank owns; returns totals (units, rows, errors, tokens, seconds)."""
     from datamodules.shards import expand_urls
 
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    if slice_size is not None and slice_size < 1:
+        raise ValueError(f"slice_size must be >= 1, got {slice_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     urls = expand_urls(shards)
@@ -238,44 +438,77 @@ def run(
     if len(set(names)) != len(names):
         raise ValueError(f"shard names must be unique (outputs are named after them): {sorted(names)[:5]}...")
     rank, world = rank_world(rank, world_size)
-    mine = pending_units(urls, out, rank, world)
-    backend = HFBackend(model, prompt, max_new_tokens, device, dtype)
-    decoding = json.dumps({"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size})
+    mine = pending_units(urls, out, rank, world, slice_size)
+    engine = BACKENDS[backend](model, prompt, max_new_tokens, device, dtype, trust_remote_code=trust_remote_code)
+    decoding = json.dumps({"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                           "backend": backend, "retry_repetition_penalty": RETRY_REPETITION_PENALTY})  # fmt: skip
     provenance = {"model": model, "model_hash": model_hash(model), "prompt": prompt, "decoding": decoding}
     totals = {"units": 0, "rows": 0, "errors": 0, "tokens": 0, "seconds": 0.0}
-    for i, url in enumerate(mine):
-        t0 = time.perf_counter()
-        table = recaption_unit(url, backend, batch_size, provenance)
-        path = out / f"{unit_name(url)}.parquet"
-        if path.exists():  # another process finished it meanwhile (overlapping runs): keep the first, never both
-            continue
-        _write_atomic(table, path)
-        dt = time.perf_counter() - t0
-        n_err = sum(s != "ok" for s in table.column("status").to_pylist())
-        tokens = sum(table.column("n_generated_tokens").to_pylist())
-        record = {"unit": unit_name(url), "url": url, "rows": table.num_rows, "errors": n_err, "tokens": tokens}
-        _append_manifest(out, record | {"seconds": round(dt, 3), "rank": rank, "world_size": world})
-        totals = {k: totals[k] + v for k, v in zip(totals, (1, table.num_rows, n_err, tokens, dt), strict=True)}
-        eta = totals["seconds"] / totals["units"] * (len(mine) - i - 1)
-        print(f"recaption [{rank}/{world}] {i + 1}/{len(mine)} {unit_name(url)}: {table.num_rows} rows, "
-              f"{table.num_rows / dt:.1f} img/s, {tokens / dt:.0f} tok/s, {n_err} errors/flagged, ETA {eta:.0f} s",
-              flush=True)  # fmt: skip
+    bar = _Progress(_expected_images(mine), f"recaption [{rank}/{world}]") if progress else None
+    log = bar.write if bar is not None else functools.partial(print, flush=True)
+    log(f"recaption [{rank}/{world}]: {len(mine)} units to do in {out} ({backend}, batch {batch_size})")
+    try:
+        for i, unit in enumerate(mine):
+            t0 = time.perf_counter()
+            table = recaption_unit(unit, engine, batch_size, provenance, bar)
+            path = out / f"{unit.name}.parquet"
+            if path.exists():  # another process finished it meanwhile (overlapping runs): keep the first, never both
+                continue
+            if unit.part is not None:  # a later run keeps this split (shard_units)
+                table = table.replace_schema_metadata({"recap_suite.slice_size": str(unit.size)})
+            _write_atomic(table, path)
+            dt = time.perf_counter() - t0
+            n_err = sum(s != "ok" for s in table.column("status").to_pylist())
+            tokens = sum(table.column("n_generated_tokens").to_pylist())
+            record = {"unit": unit.name, "url": unit.url, "rows": table.num_rows, "errors": n_err, "tokens": tokens}
+            _append_manifest(out, record | {"seconds": round(dt, 3), "rank": rank, "world_size": world})
+            totals = {k: totals[k] + v for k, v in zip(totals, (1, table.num_rows, n_err, tokens, dt), strict=True)}
+            eta = totals["seconds"] / totals["units"] * (len(mine) - i - 1)
+            log(
+                f"recaption [{rank}/{world}] {i + 1}/{len(mine)} {unit.name}: {table.num_rows} rows, "
+                f"{table.num_rows / dt:.1f} img/s, {tokens / dt:.0f} tok/s, {n_err} errors/flagged, ETA {eta:.0f} s"
+            )
+    finally:
+        if bar is not None:
+            bar.close()
     return totals
+
+
+def _completeness(files: Sequence[Path], stems: set[str] | None) -> list[str]:
+    """Problems with the unit outputs: a shard with both a whole and slice outputs, an incomplete set of slices,
+    and (with ``stems``) shards without any output."""
+    whole, parts = set(), {}
+    for f in files:
+        m = _PART.match(f.stem)
+        if m is None:
+            whole.add(f.stem)
+        else:
+            parts.setdefault(m["stem"], {}).setdefault(int(m["parts"]), set()).add(int(m["part"]))
+    problems = [f"{s}: both a whole-shard output and slices" for s in sorted(whole & set(parts))]
+    for stem, splits in sorted(parts.items()):
+        if len(splits) > 1:
+            problems.append(f"{stem}: slices of different splits {sorted(splits)}")
+        for n, got in splits.items():
+            if len(got) != n and (stems is not None or stem in whole):
+                problems.append(f"{stem}: {n - len(got)} of {n} slices missing")
+    if stems is not None:
+        problems += [f"{s}: no output" for s in sorted(stems - whole - set(parts))]
+    return problems
 
 
 def merge(out: str | os.PathLike, dest: str | os.PathLike | None = None, shards: str | None = None) -> Path:
     """Concatenate the unit parquets into ``dest`` (default ``<out>/merged/recap.parquet``). Refuses duplicate keys,
-    and with ``shards`` also missing units."""
+    and with ``shards`` also missing units (whole shards or slices)."""
     out = Path(out)
     files = sorted(p for p in out.glob("*.parquet") if not p.name.startswith((".", "_")))
+    stems = None
     if shards is not None:
         from datamodules.shards import expand_urls
 
-        missing = sorted({unit_name(u) for u in expand_urls(shards)} - {p.stem for p in files})
-        if missing:
-            raise ValueError(
-                f"{len(missing)} shards have no output in {out} yet (rerun `recaption run`): {missing[:5]}"
-            )
+        stems = {unit_name(u) for u in expand_urls(shards)}
+    problems = _completeness(files, stems)
+    if problems:
+        raise ValueError(f"{out}: {len(problems)} shards are not complete (rerun `recaption run`): {problems[:5]}")
     table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in files]) if files else SCHEMA.empty_table()
     keys = table.column("key").to_pylist()
     if len(set(keys)) != len(keys):
@@ -285,11 +518,108 @@ def merge(out: str | os.PathLike, dest: str | os.PathLike | None = None, shards:
         raise ValueError(f"{len(dup)} keys occur more than once across {out}/*.parquet: {dup[:5]}")
     dest = Path(dest) if dest is not None else out / "merged" / "recap.parquet"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(table, dest)
+    _write_atomic(table.replace_schema_metadata(None), dest)
     return dest
 
 
-RUN_KEYS = ("model", "shards", "out", "prompt", "max_new_tokens", "batch_size", "rank", "world_size", "device", "dtype")
+def _copy_shard_with_member(url: str, path: Path, captions: dict[str, str], member: str) -> tuple[int, int]:
+    """Copy shard ``url`` to ``path`` member by member, adding ``KEY.<member>`` after each sample with a caption."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    from datamodules.wds_stages import iter_tar_members, open_shard
+
+    counts = [0, 0]
+    stream = open_shard(url)
+    try:
+        with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+
+            def add(name: str, data: bytes) -> None:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+
+            def close_sample(key: str | None) -> None:
+                if key is None:
+                    return
+                counts[0] += 1
+                if key in captions:
+                    add(f"{key}.{member}", captions[key].encode("utf-8"))
+                    counts[1] += 1
+
+            last = None
+            for name, data in iter_tar_members(stream, url):
+                key = base_plus_ext(name)[0] or name  # webdataset's key; a sample's members are contiguous
+                if key != last:
+                    close_sample(last)
+                    last = key
+                add(name, data)
+            close_sample(last)
+    finally:
+        stream.close()
+    return counts[0], counts[1]
+
+
+def write_shards(out: str | os.PathLike, shards: str | Sequence[str], dest: str | os.PathLike,
+                 member: str = "recap.txt") -> dict[str, int]:  # fmt: skip
+    """New shards = the input shards with each sample's recaption as one more member (``KEY.recap.txt``), for
+    pipelines that read captions from the tar (``sources: {original: txt, recaption: recap.txt}``). Samples whose
+    recaption is missing (error / flagged) get no member, so the DataModule falls back to the original caption and
+    counts it. Every other member is copied byte for byte; each shard is written atomically, finished ones skipped,
+    and the img2dataset ``_stats.json`` is copied along so sample counting works."""
+    from datamodules.caption_mix import _open_text
+    from datamodules.shards import expand_urls
+
+    out, dest = Path(out), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    totals = {"shards": 0, "samples": 0, "with_recaption": 0, "skipped_shards": 0}
+    for url in expand_urls(shards):
+        stem = unit_name(url)
+        target = dest / f"{stem}.tar"
+        if target.exists():
+            totals["skipped_shards"] += 1
+            continue
+        units = sorted(out.glob(f"{glob.escape(stem)}.parquet")) + sorted(
+            p for p in out.glob(f"{glob.escape(stem)}.part*-of-*.parquet") if (m := _PART.match(p.stem)) and
+            m["stem"] == stem)  # fmt: skip
+        problems = _completeness(units, {stem})
+        if problems:
+            raise ValueError(f"{out}: no complete recaption output for shard {url}: {problems[0]}")
+        captions: dict[str, str] = {}
+        for f in units:
+            t = pq.read_table(f, columns=["key", "re_caption", "status"]).to_pylist()
+            captions.update({r["key"]: r["re_caption"] for r in t if r["status"] == "ok" and r["re_caption"]})
+        tmp = target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+        n, n_recap = _copy_shard_with_member(url, tmp, captions, member)
+        totals["samples"] += n
+        totals["with_recaption"] += n_recap
+        try:  # before the shard appears: a finished shard always has its stats beside it
+            stats = _open_text(url[: -len(".tar")] + "_stats.json")
+            (dest / f"{stem}_stats.json").write_text(stats)
+        except (FileNotFoundError, OSError):
+            pass
+        os.replace(tmp, target)
+        totals["shards"] += 1
+    return totals
+
+
+RUN_KEYS = (
+    "model",
+    "shards",
+    "out",
+    "prompt",
+    "max_new_tokens",
+    "batch_size",
+    "rank",
+    "world_size",
+    "device",
+    "dtype",
+    "backend",
+    "slice_size",
+    "trust_remote_code",
+    "progress",
+)
 
 
 def _load_config(path: str) -> dict[str, Any]:
@@ -320,11 +650,24 @@ def main(argv: Sequence[str] | None = None) -> Any:
     r.add_argument("--world-size", type=int, default=None, help="default: $WORLD_SIZE / $SLURM_NTASKS / 1")
     r.add_argument("--device", default=None)
     r.add_argument("--dtype", default=None, choices=[None, "bfloat16", "float16", "float32"])
+    r.add_argument("--backend", default="hf", choices=sorted(BACKENDS), help="hf (CPU/GPU) or vllm (GPU, optional)")
+    r.add_argument("--slice-size", type=int, default=None, help="split shards into units of this many samples")
+    r.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off)")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (unit lines only)")
     m = sub.add_parser("merge", help="check every key occurs once and write the dataset-level parquet")
     m.add_argument("--out", required=True)
     m.add_argument("--dest", default=None)
     m.add_argument("--shards", default=None, help="also require an output for each of these shards")
+    w = sub.add_parser("shards", help="write new shards with each sample's recaption as a KEY.recap.txt member")
+    w.add_argument("--out", required=True, help="the recaption run's output folder")
+    w.add_argument("--shards", required=True, help="the input shards that were recaptioned")
+    w.add_argument("--dest", required=True, help="folder for the new shards")
+    w.add_argument("--member", default="recap.txt")
     args = parser.parse_args(argv)
+    if args.command == "shards":
+        totals = write_shards(args.out, args.shards, args.dest, args.member)
+        print(f"shards -> {args.dest}: {json.dumps(totals)}")
+        return totals
     if args.command == "merge":
         path = merge(args.out, args.dest, args.shards)
         print(f"merged -> {path}")

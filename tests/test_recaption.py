@@ -3,6 +3,7 @@ and restarts with other process counts."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -82,7 +84,7 @@ def test_pending_units_split_the_unfinished_shards(tmp_path):
     urls = [f"/d/{i:05d}.tar" for i in range(7)]
     (tmp_path / "00002.parquet").write_bytes(b"x")
     owned = [pending_units(urls, tmp_path, r, 3) for r in range(3)]
-    flat = sorted(u for o in owned for u in o)
+    flat = sorted(u.url for o in owned for u in o)
     assert flat == sorted(u for u in urls if unit_name(u) != "00002")  # each unfinished shard exactly once
 
 
@@ -194,6 +196,17 @@ def test_throughput_benchmark_reports_both_and_agrees(setup):
     assert report["captions_equal"] == "4/4"  # batched (left-padded) greedy = one-by-one greedy
 
 
+def test_gpu_benchmark_runs_its_code_path_on_a_tiny_shape(setup, tmp_path):
+    from benchmarks.recaption_gpu import main
+
+    report = main(["--model-dir", str(tmp_path / "m"), "--shape", "tiny", "--tokenizer", str(setup["root"] / "tok"),
+                   "--backends", "hf", "--n", "4", "--batch-size", "2", "--max-new-tokens", "3", "--dtype",
+                   "float32", "--device", "cpu"])  # fmt: skip
+    assert (tmp_path / "m/model.safetensors").exists()  # built once, loaded back through the job's backend
+    assert report["hf"]["images_per_s"] > 0
+    assert 0 < report["hf"]["mean_new_tokens"] <= 3
+
+
 def test_config_files_load_and_flags_override_them(setup, tmp_path):
     from experiments.recaption import _load_config, main
 
@@ -211,3 +224,137 @@ def test_config_files_load_and_flags_override_them(setup, tmp_path):
     (tmp_path / "bad.yaml").write_text("modle: x\n")
     with pytest.raises(ValueError, match="modle"):
         _load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_shard_slices_survive_a_restart_with_another_split_and_merge_checks_them(setup, tmp_path):
+    out = tmp_path / "out"
+    shards = sorted((setup["world"] / "web").glob("*.tar"))[:2]
+    spec = "::".join(map(str, shards))
+    n = len(keys_of(shards[:1]))
+    assert n == 20
+    kw = dict(max_new_tokens=3, batch_size=8, device="cpu", progress=False)
+    run(str(setup["model"]), spec, out, rank=0, world_size=3, slice_size=7, **kw)  # 1 of 3 ranks: some slices
+    names = sorted(p.stem for p in out.glob("*.parquet"))
+    assert names == ["00000.part00000-of-00003", "00001.part00000-of-00003"]
+    with pytest.raises(ValueError, match="slices missing"):
+        merge(out, shards=spec)
+    run(str(setup["model"]), spec, out, rank=0, world_size=1, slice_size=5, **kw)  # another split: the first is kept
+    names = sorted(p.stem for p in out.glob("*.parquet"))
+    assert names == [f"0000{s}.part0000{k}-of-00003" for s in (0, 1) for k in range(3)]
+    last = pq.read_table(out / "00000.part00002-of-00003.parquet")
+    assert last.num_rows == n - 2 * 7  # the last slice runs to the shard's end
+    merged = pq.read_table(merge(out, shards=spec))
+    assert sorted(merged.column("key").to_pylist()) == sorted(keys_of(shards))  # every key exactly once
+    (out / "00001.part00001-of-00003.parquet").unlink()
+    with pytest.raises(ValueError, match="00001: 1 of 3 slices missing"):
+        merge(out, shards=spec)
+
+
+def test_new_shards_carry_the_recaption_as_a_member_the_datamodule_reads(setup, tmp_path):
+    from experiments.recaption import write_shards
+
+    out, dest = tmp_path / "out", tmp_path / "new"
+    shard = sorted((setup["world"] / "web").glob("*.tar"))[0]
+    run(str(setup["model"]), str(shard), out, max_new_tokens=4, batch_size=8, device="cpu", progress=False)
+    rows = {r["key"]: r for r in pq.read_table(out / "00000.parquet").to_pylist()}
+    totals = write_shards(out, str(shard), dest)
+    n_ok = sum(r["status"] == "ok" for r in rows.values())
+    assert totals == {"shards": 1, "samples": 20, "with_recaption": n_ok, "skipped_shards": 0}
+    assert (dest / "00000_stats.json").read_bytes() == (shard.parent / "00000_stats.json").read_bytes()
+    with tarfile.open(shard) as a, tarfile.open(dest / "00000.tar") as b:
+        old = {m.name: a.extractfile(m).read() for m in a.getmembers()}
+        new = {m.name: b.extractfile(m).read() for m in b.getmembers()}
+    assert {k: v for k, v in new.items() if not k.endswith(".recap.txt")} == old  # everything else byte for byte
+    for key, row in rows.items():
+        got = new.get(f"{key}.recap.txt")
+        assert (got.decode() if got else None) == (row["re_caption"] if row["status"] == "ok" else None)
+    assert write_shards(out, str(shard), dest)["skipped_shards"] == 1  # finished shards are not rewritten
+
+    from datamodules.caption_mix import CaptionMixDataModule
+
+    dm = CaptionMixDataModule(str(dest / "00000.tar"), batch_size=4, p_original=0.0, num_workers=0,
+                              sources={"original": "txt", "recaption": "recap.txt"}, shuffle_buffer=1,
+                              image_transform=lambda im: im.size, text_transform=lambda t: t,
+                              persistent_workers=False)  # fmt: skip
+    dm.setup("fit")
+    seen = {k: t for b in dm.train_dataloader() for k, t in zip(b["key"], b["text"], strict=True)}
+    ok = {k: r["re_caption"] for k, r in rows.items() if r["status"] == "ok"}
+    assert {k: seen[k] for k in ok} == ok  # at p=0 the member is the caption
+
+
+class _FakeVLLM:
+    """Records what ``VLLMBackend`` asks of vLLM's ``LLM`` / ``SamplingParams`` and answers like vLLM does: the stop
+    token is the last of ``token_ids`` and not in the text; ``finish_reason`` is "length" at the token limit."""
+
+    def __init__(self):
+        self.init, self.requests, self.params = None, [], []
+        fake = self
+
+        class SamplingParams:
+            def __init__(self, **kw):
+                self.kw = kw
+
+        class LLM:
+            def __init__(self, **kw):
+                fake.init = kw
+
+            def generate(self, requests, params, use_tqdm=True):
+                fake.requests.append(requests)
+                fake.params.append(params.kw)
+                outs = []
+                for i, _ in enumerate(requests):
+                    if i == 0:  # stopped by the end-of-turn token
+                        stop = params.kw["stop_token_ids"][0]
+                        c = types.SimpleNamespace(text=" a red star ", token_ids=[5, 6, 7, stop], finish_reason="stop")
+                    else:  # hit the limit
+                        c = types.SimpleNamespace(text="a b c d", token_ids=list(range(params.kw["max_tokens"])),
+                                                  finish_reason="length")  # fmt: skip
+                    outs.append(types.SimpleNamespace(outputs=[c]))
+                return outs
+
+        self.module = types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams)
+
+
+def test_vllm_backend_asks_vllm_for_the_hf_backend_decoding(setup, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from experiments.recaption import PAPER_PROMPT, HFBackend, VLLMBackend
+    from lightning_modules.components.llava import eos_token_ids
+
+    fake = _FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    backend = VLLMBackend(str(setup["model"]), PAPER_PROMPT, 9, dtype="bfloat16")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"  # one process per GPU under torchrun / srun
+    assert fake.init["model"] == str(setup["model"])
+    assert fake.init["dtype"] == "bfloat16"
+    assert fake.init["trust_remote_code"] is False
+    tok = AutoTokenizer.from_pretrained(setup["model"])
+    hf = HFBackend(str(setup["model"]), PAPER_PROMPT, 9, device="cpu")
+    # vLLM tokenizes with add_special_tokens=True: the same ids as hf's prompt (no doubled <|begin_of_text|>)
+    assert tok(backend.prompt_text)["input_ids"] == tok(hf.prompt_text, add_special_tokens=False)["input_ids"]
+    assert tok(backend.prompt_text)["input_ids"].count(tok.bos_token_id) == 1
+    got = backend.generate(["im0", "im1"])
+    assert fake.requests[0] == [
+        {"prompt": backend.prompt_text, "multi_modal_data": {"image": im}} for im in ("im0", "im1")
+    ]
+    params = fake.params[0]
+    assert (params["temperature"], params["max_tokens"], params["repetition_penalty"]) == (0.0, 9, 1.0)
+    assert params["stop_token_ids"] == eos_token_ids(tok)
+    assert got == [Generated("a red star", 3, False), Generated("a b c d", 9, True)]
+    backend.generate(["im0"], repetition_penalty=1.3)
+    assert fake.params[1]["repetition_penalty"] == 1.3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
+                    reason="vLLM agreement needs a GPU and vllm installed")  # fmt: skip
+def test_vllm_and_hf_greedy_captions_agree_on_a_fixed_image_set(setup):  # pragma: no cover - GPU machines only
+    from PIL import Image
+
+    from experiments.recaption import PAPER_PROMPT, HFBackend, VLLMBackend
+
+    images = [Image.open(f).convert("RGB") for f in sorted((setup["world"] / "eval/t2i_prompts/images").glob("*.jpg"))]
+    hf = HFBackend(str(setup["model"]), PAPER_PROMPT, 16, dtype="float32").generate(images[:16])
+    vl = VLLMBackend(str(setup["model"]), PAPER_PROMPT, 16, dtype="float32", gpu_memory_utilization=0.3)
+    assert [g.text for g in vl.generate(images[:16])] == [g.text for g in hf]
