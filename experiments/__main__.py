@@ -87,6 +87,10 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         _module_main("experiments.export_captioner"),
         "write a CaptionerModule checkpoint as a llava-hf folder (LoRA merged; from_pretrained-ready)",
     ),
+    "dit-cache": (
+        _module_main("experiments.dit_cache"),
+        "precompute the DiT's latents + text features of every caption source (resumable; same configs as fit)",
+    ),
 }
 
 

@@ -21,9 +21,11 @@ from lightning.pytorch.loggers import Logger
 # Import the suite's modules so that short class names (``--model ClipModule``) resolve in subclass mode.
 import datamodules.caption_mix  # noqa: F401
 import datamodules.eval_sets  # noqa: F401
+import datamodules.latent_cache  # noqa: F401
 import datamodules.llava_json  # noqa: F401
 import lightning_modules.captioner  # noqa: F401
 import lightning_modules.clip  # noqa: F401
+import lightning_modules.dit  # noqa: F401
 
 # Constructor docstrings become --help text (litgpt does the same).
 set_parsing_settings(docstring_parse_attribute_docstrings=True)

@@ -1,0 +1,318 @@
+"""``DiTModule``: Recap-DiT, a text-to-image DiT trained on captions mixed at the paper's p (PAPER.md §6, Table 7).
+
+Wiring only; the networks, loss and sampler are in ``lightning_modules.components.dit``. Two data paths give the same
+loss for the same batch and noise (tested):
+
+- **uncached**: ``CaptionMixDataModule`` batches (``image`` in [-1, 1], ``caption`` strings); the frozen text encoder
+  and the codec (VAE or pixels) run every step;
+- **cached**: ``datamodules.latent_cache.LatentCacheDataModule`` batches (``latent``, ``text``, ``text_mask``) from the
+  resumable pre-pass ``python -m experiments dit-cache``, which stores the latents and the text features of every
+  caption source, so p is still drawn per sample per epoch from the cache.
+
+Classifier-free guidance: each sample's text is replaced by the null text with probability ``cfg_dropout`` (paper
+recipe: 10%); the null text is the encoder's features of the empty prompt (``null_text: empty``, Stable Diffusion's
+choice) or a learned embedding initialised from them (``learned``). EMA weights (diffusers ``EMAModel``) are kept in
+the checkpoint and used for sampling. Checkpoints hold the DiT, the null text and the EMA only: the frozen text
+encoder and VAE are loaded from their paths.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from datamodules.caption_mix import DataTransforms
+from lightning_modules.components.dit import (
+    FrozenCLIPText,
+    PixelCodec,
+    VAECodec,
+    build_dit,
+    diffusion_loss,
+    dit_forward,
+    make_scheduler,
+    sample,
+    save_grid,
+    to_uint8,
+    trim_to_longest,
+)
+
+FROZEN_PREFIXES = ("text_encoder.", "codec.")
+
+
+class DiTImageTransform:
+    """DiT's preprocessing: shorter side to ``size`` (bicubic, antialiased), centre crop, scale to [-1, 1]."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+
+        image = image.convert("RGB")
+        image = TF.resize(image, self.size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        image = TF.center_crop(image, [self.size, self.size])
+        return TF.to_tensor(image) * 2 - 1
+
+
+class DiTModule(L.LightningModule):
+    """Recap-DiT.
+
+    Args:
+        size: ``"DiT-B/4"``, ``"DiT-L/2"`` (DiT's depth/width/heads, ``/P`` the patch) or a dict with
+            ``num_layers, hidden_size, num_attention_heads, patch_size`` (tiny models).
+        image_size: Training resolution in pixels (the paper: 256).
+        text_encoder: Frozen CLIP text tower: a HuggingFace ``CLIPTextModel`` folder / name or an open_clip folder
+            (``export-clip`` output).
+        text_max_length: Text tokens kept (default: the tower's context).
+        vae: A diffusers ``AutoencoderKL`` folder / name (the paper: the LDM/SD 8x VAE), or None for pixel space.
+        vae_subfolder: Its subfolder (``vae`` in a Stable Diffusion repository).
+        prediction_type: ``epsilon`` (DiT), ``v_prediction`` or ``sample``.
+        beta_schedule: diffusers beta schedule (``linear``: DiT's; ``squaredcos_cap_v2``: cosine).
+        num_train_timesteps: Diffusion steps of the training schedule (DiT: 1000).
+        min_snr_gamma: Min-SNR-γ loss weighting (None: plain MSE, as DiT).
+        lr: AdamW learning rate (the paper: constant 1e-4).
+        weight_decay: AdamW weight decay (the paper: 0).
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up steps, then constant (the paper: 0).
+        cfg_dropout: Probability of training a sample on the null text (the paper's recipe: 0.1).
+        null_text: ``empty`` (features of the empty prompt) or ``learned`` (a parameter initialised from them).
+        ema_decay: EMA decay of the sampling weights (DiT: 0.9999; short runs need less); None disables EMA.
+        sampler: ``ddpm`` (the paper's), ``ddim`` or ``dpm``.
+        num_inference_steps: Sampling steps (the paper: 250 DDPM).
+        guidance_scale: CFG scale (the paper: 10).
+        sample_dir: Where ``predict`` writes PNG grids (one per batch) and the uint8 images (``.pt``).
+        seed: Seed of the sampling noise (per predict batch: ``seed + batch_idx``).
+    """
+
+    def __init__(
+        self,
+        size: str | dict[str, int],
+        image_size: int,
+        text_encoder: str,
+        text_max_length: int | None = None,
+        vae: str | None = None,
+        vae_subfolder: str | None = None,
+        prediction_type: str = "epsilon",
+        beta_schedule: str = "linear",
+        num_train_timesteps: int = 1000,
+        min_snr_gamma: float | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        cfg_dropout: float = 0.1,
+        null_text: str = "empty",
+        ema_decay: float | None = 0.9999,
+        sampler: str = "ddpm",
+        num_inference_steps: int = 250,
+        guidance_scale: float = 10.0,
+        sample_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= cfg_dropout < 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
+        if null_text not in ("empty", "learned"):
+            raise ValueError(f"null_text must be 'empty' or 'learned', got {null_text!r}")
+        self.strict_loading = False  # checkpoints leave out the frozen text encoder and VAE
+        self.text_encoder: FrozenCLIPText | None = None
+        self.codec: nn.Module | None = None
+        self.dit: nn.Module | None = None
+        self.ema = None
+        self.schedule = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                             prediction_type=prediction_type)  # fmt: skip
+        self.noise_scheduler = make_scheduler("ddpm", **self.schedule)
+
+    # ------------------------------------------------------------------------------------------------------ build
+    def configure_model(self) -> None:
+        if self.dit is not None:
+            return
+        h = self.hparams
+        self.text_encoder = FrozenCLIPText(h.text_encoder, h.text_max_length)
+        self.codec = VAECodec(h.vae, h.vae_subfolder) if h.vae else PixelCodec()
+        if h.image_size % self.codec.factor:
+            raise ValueError(f"image_size {h.image_size} is not divisible by the VAE's factor {self.codec.factor}")
+        self.latent_size = h.image_size // self.codec.factor
+        self.dit = build_dit(h.size, self.codec.channels, self.latent_size, self.text_encoder.width)
+        null, null_mask = self.text_encoder([""])
+        null, null_mask = trim_to_longest(null, null_mask)
+        if h.null_text == "learned":
+            self.null_text = nn.Parameter(null.clone())
+        else:
+            self.register_buffer("null_text", null.clone())
+        self.register_buffer("null_mask", null_mask.clone())
+        if h.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.dit.parameters(), decay=h.ema_decay)
+
+    def data_transforms(self, stage: str) -> DataTransforms:
+        return DataTransforms(image=DiTImageTransform(self.hparams.image_size))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(FROZEN_PREFIXES)]
+
+    # ---------------------------------------------------------------------------------------------------- encode
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode(images.to(self.device))
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_encoder(texts)
+
+    def inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, text, mask) from a cached batch or an uncached one."""
+        if "latent" in batch:
+            return batch["latent"].float(), batch["text"].float(), batch["text_mask"].long()
+        x0 = self.encode_images(batch["image"])
+        text, mask = self.encode_text(batch["caption"])
+        return x0, text, mask
+
+    def drop_text(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
+        """Replace the rows where ``drop`` is True by the null text (CFG training)."""
+        n = max(text.shape[1], self.null_text.shape[1])
+        text = nn.functional.pad(text, (0, 0, 0, n - text.shape[1]))
+        mask = nn.functional.pad(mask, (0, n - mask.shape[1]))
+        null = nn.functional.pad(self.null_text, (0, 0, 0, n - self.null_text.shape[1])).to(text.dtype)
+        null_mask = nn.functional.pad(self.null_mask, (0, n - self.null_mask.shape[1]))
+        d = drop[:, None]
+        return torch.where(d[..., None], null.expand_as(text), text), torch.where(d, null_mask.expand_as(mask), mask)
+
+    def loss(
+        self,
+        x0: torch.Tensor,
+        text: torch.Tensor,
+        mask: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        drop: torch.Tensor,
+    ) -> torch.Tensor:
+        """The training loss for given noise, timesteps and CFG drops (both data paths end here)."""
+        text, mask = trim_to_longest(*self.drop_text(text, mask, drop))
+        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        pred = dit_forward(self.dit, noisy, t, text, mask)
+        return diffusion_loss(pred, x0, noise, t, self.noise_scheduler, self.hparams.min_snr_gamma)
+
+    def draw(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noise, timesteps and CFG drops for a batch (from torch's RNG, seeded by ``seed_everything``)."""
+        n = x0.shape[0]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.hparams.num_train_timesteps, (n,), device=x0.device)
+        drop = torch.rand(n, device=x0.device) < self.hparams.cfg_dropout
+        return noise, t, drop
+
+    # -------------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        x0, text, mask = self.inputs(batch)
+        noise, t, drop = self.draw(x0)
+        loss = self.loss(x0, text, mask, noise, t, drop)
+        n = x0.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/cfg_dropped", drop.float().mean(), batch_size=n)
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        x0, text, mask = self.inputs(batch)
+        g = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)  # the same noise every time
+        noise = torch.randn(x0.shape, generator=g).to(x0)
+        t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), generator=g).to(self.device)
+        drop = torch.zeros(x0.shape[0], dtype=torch.bool, device=self.device)
+        with self.ema_weights():
+            loss = self.loss(x0, text, mask, noise, t, drop)
+        self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
+
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.step(self.dit.parameters())
+
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=h.betas)
+        if not h.warmup_steps:
+            return opt
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / h.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
+            del sd[k]
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    def ema_weights(self):
+        """Context manager: the DiT holds the EMA weights inside, its own weights again after."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def swap():
+            if self.ema is None:
+                yield
+                return
+            self.ema.store(self.dit.parameters())
+            self.ema.copy_to(self.dit.parameters())
+            try:
+                yield
+            finally:
+                self.ema.restore(self.dit.parameters())
+
+        return swap()
+
+    # --------------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seed: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """Images (uint8, N×3×H×W) for ``prompts`` with the configured sampler, steps and guidance."""
+        h = self.hparams
+        self.configure_model()
+        text, mask = trim_to_longest(*self.encode_text(list(prompts)))
+        scheduler = make_scheduler(sampler or h.sampler, **self.schedule)
+        g = torch.Generator(device="cpu").manual_seed(h.seed if seed is None else seed)
+        shape = (self.codec.channels, self.latent_size, self.latent_size)
+        steps = num_inference_steps or h.num_inference_steps
+        scale = h.guidance_scale if guidance_scale is None else guidance_scale
+        was_training = self.dit.training
+        self.dit.eval()
+        try:
+            if use_ema:
+                with self.ema_weights():
+                    x = sample(self.dit, scheduler, text, mask, self.null_text, self.null_mask, shape, steps, scale, g)
+            else:
+                x = sample(self.dit, scheduler, text, mask, self.null_text, self.null_mask, shape, steps, scale, g)
+        finally:
+            self.dit.train(was_training)
+        return to_uint8(self.codec.decode(x)).cpu()
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Prompts (``prompt`` or ``caption`` list) -> images; with ``sample_dir``, a PNG grid per batch."""
+        prompts = list(batch["prompt"] if "prompt" in batch else batch["caption"])
+        images = self.generate(prompts, seed=self.hparams.seed + batch_idx)
+        if self.hparams.sample_dir:
+            rank = self.global_rank
+            save_grid(images, f"{self.hparams.sample_dir}/grid_r{rank}_b{batch_idx:05d}.png",
+                      nrow=int(math.ceil(math.sqrt(len(prompts)))), captions=prompts)  # fmt: skip
+        return {"images": images, "prompts": prompts, **({"key": batch["key"]} if "key" in batch else {})}
