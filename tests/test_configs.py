@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments import paper_tables
+from experiments import dit_tables, paper_tables
 from experiments.cli import RecapCLI, cli_main
 
 CONFIGS = Path(paper_tables.CONFIG_ROOT)
@@ -65,6 +65,13 @@ def stack_for(path: Path) -> tuple[str, list[Path]]:
         if path.stem == "stage2_full":
             stack.append(CONFIGS / "trainer/fsdp.yaml")
         return "fit", stack
+    if parts[0] == "dit" or parts[:2] == ("tiny", "dit"):
+        dit = CONFIGS / ("tiny/dit" if parts[0] == "tiny" else "dit")
+        if path.name == "base.yaml":
+            return "fit", [path]
+        if path.name == "cached.yaml":
+            return "fit", [dit / "base.yaml", dit / "table7/p0.5.yaml", path]
+        return "fit", [dit / "base.yaml", path]
     base = CONFIGS / ("tiny/clip" if parts[0] == "tiny" else "clip")
     if path.parent == base:
         return "fit", [path]
@@ -81,6 +88,8 @@ ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[
 def test_generated_rows_are_current():
     stale = paper_tables.write(check=True)
     assert not stale, f"run `python -m experiments.paper_tables`: out of date: {stale[:5]}"
+    stale = dit_tables.write(check=True)
+    assert not stale, f"run `python -m experiments.dit_tables`: out of date: {stale[:5]}"
 
 
 def test_every_table_row_has_both_stages_at_both_scales():
@@ -99,7 +108,16 @@ def test_config_parses_in_its_stack(parser, config):
     dumped = yaml.safe_load(parser.dump(cfg))[command]
     assert dumped["model"]["class_path"].startswith("lightning_modules.")
     assert dumped["data"]["class_path"].startswith("datamodules.")
-    if "/table" in str(config) and config.name != "baselines.yaml":
+    if config.name == "cached.yaml":  # swapping in the cache keeps the row's p
+        assert dumped["data"]["init_args"]["p_original"] == 0.5
+        assert dumped["data"]["class_path"] == "datamodules.latent_cache.LatentCacheDataModule"
+    if "/dit/" in str(config) and "/table7/" in str(config):
+        row_cfg = yaml.safe_load(config.read_text())
+        assert dumped["data"]["init_args"]["p_original"] == row_cfg["data"]["init_args"]["p_original"]
+        assert dumped["model"]["init_args"]["size"] == ("DiT-L/2" if "l2_" in config.name else
+                                                        yaml.safe_load((config.parents[1] / "base.yaml").read_text())
+                                                        ["model"]["init_args"]["size"])  # fmt: skip
+    elif "/table" in str(config) and config.name != "baselines.yaml":
         row_cfg = yaml.safe_load(config.read_text())
         # the row's own settings survive the stacking (last config wins)
         assert dumped["data"]["init_args"].get("p_original") == row_cfg["data"]["init_args"]["p_original"]

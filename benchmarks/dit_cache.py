@@ -1,0 +1,127 @@
+"""DiT training-step throughput with and without the latent + text cache, on the same model, shards and batch size.
+
+    python -m benchmarks.dit_cache --preset tiny          # the tiny world's pixel DiT + web-CLIP text (data/world)
+    python -m benchmarks.dit_cache --preset real-shapes   # DiT-B/4, SD-VAE-shaped VAE, CLIP-L/14-shaped text, 256 px
+
+The uncached step reads shards (JPEG decode + resize in the loader), encodes the captions with the frozen text
+encoder and the images with the VAE, then trains; the cached step reads latents and text features and trains. Both
+use ``DiTModule.training_step`` + AdamW, with loading inside the timed loop (it is part of what a step costs).
+``real-shapes`` builds random-weight models of the real architectures (nothing downloads) on a few tiny-world shards
+upscaled to 256 px: on CPU it runs a handful of steps at a small batch, enough for the ratio. Prints s/step of both
+and the ratio (goal >= 2x); the cache pre-pass time is printed too (paid once per dataset, not per epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _real_shapes(tmp: Path, tokenizer: str) -> dict[str, Any]:
+    """Random-weight folders with the real architectures' shapes: SD's VAE and OpenAI CLIP ViT-L/14's text tower."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    ).save_pretrained(tmp / "vae")  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77)  # fmt: skip
+    CLIPTextModel(cfg).save_pretrained(tmp / "text")
+    tok.save_pretrained(tmp / "text")
+    return dict(size="DiT-B/4", image_size=256, text_encoder=str(tmp / "text"), text_max_length=77,
+                vae=str(tmp / "vae"))  # fmt: skip
+
+
+def _steps(module: Any, loader: Any, n: int, skip: int) -> float:
+    opt = torch.optim.AdamW(module.trainable_parameters(), lr=1e-4)
+    it = iter(loader)
+    t0 = time.perf_counter()
+    for i in range(n + skip):
+        if i == skip:
+            t0 = time.perf_counter()
+        batch = next(it)
+        loss = module.training_step(batch, i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t0) / n
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dit_cache", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=["tiny", "real-shapes"], default="tiny")
+    p.add_argument("--world", default=str(ROOT / "data/world"))
+    p.add_argument("--shards", default=None, help="default: 2 (tiny) or 1 (real-shapes) web shards of --world")
+    p.add_argument("--text-encoder", default=str(ROOT / "runs/tiny/captioner/web_clip/export"), help="tiny preset")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128 (tiny), 8 (real-shapes)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps; default 20 (tiny), 4 (real-shapes)")
+    p.add_argument("--skip", type=int, default=2, help="warm-up steps, untimed")
+    p.add_argument("--num-workers", type=int, default=0, help="loader workers of the uncached path")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    from datamodules.caption_mix import CaptionMixDataModule
+    from datamodules.latent_cache import LatentCacheDataModule, build_cache
+    from lightning_modules.dit import DiTModule
+
+    tiny = args.preset == "tiny"
+    batch = args.batch_size or (128 if tiny else 8)
+    steps = args.steps or (20 if tiny else 4)
+    world = Path(args.world)
+    shards = args.shards or str(world / ("web/{00000..00001}.tar" if tiny else "web/00000.tar"))
+    sources = {"original": "txt", "recaption": "sidecar:re_caption"}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if tiny:
+            model = dict(size={"num_layers": 6, "hidden_size": 128, "num_attention_heads": 4, "patch_size": 2},
+                         image_size=16, text_encoder=args.text_encoder)  # fmt: skip
+        else:
+            model = _real_shapes(tmp, str(world / "tokenizer"))
+        module = DiTModule(**model, ema_decay=None, cfg_dropout=0.1)
+        module.configure_model()
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        totals = build_cache(module, shards, tmp / "cache", sources=sources, sidecar_dir=str(world / "sidecars"),
+                             batch_size=batch, dtype="float16")  # fmt: skip
+        prepass = time.perf_counter() - t0
+        uncached = CaptionMixDataModule(shards, batch_size=batch, p_original=0.5, sources=sources,
+                                        sidecar_dir=str(world / "sidecars"), num_workers=args.num_workers,
+                                        shuffle_buffer=256, shuffle_initial=64, persistent_workers=False,
+                                        resampled=True,
+                                        image_transform=module.data_transforms("fit").image)  # fmt: skip
+        cached = LatentCacheDataModule(str(tmp / "cache"), batch_size=batch, p_original=0.5)
+        report: dict[str, Any] = {"preset": args.preset, "batch_size": batch, "steps": steps,
+                                  "cache_prepass_s": prepass, "cached_samples": totals["samples"],
+                                  "dit_params": sum(p.numel() for p in module.dit.parameters())}  # fmt: skip
+        for name, dm in (("uncached", uncached), ("cached", cached)):
+            if name == "uncached":
+                dm.setup("fit")
+            report[f"{name}_s_per_step"] = _steps(module, dm.train_dataloader(), steps, args.skip)
+            report[f"{name}_samples_per_s"] = batch / report[f"{name}_s_per_step"]
+        report["ratio_cached_over_uncached"] = report["uncached_s_per_step"] / report["cached_s_per_step"]
+    print(f"{args.preset}: uncached {report['uncached_s_per_step']:.3f} s/step "
+          f"({report['uncached_samples_per_s']:.0f} samples/s), cached {report['cached_s_per_step']:.3f} s/step "
+          f"({report['cached_samples_per_s']:.0f} samples/s): {report['ratio_cached_over_uncached']:.2f}x; "
+          f"pre-pass {prepass:.1f} s for {totals['samples']} samples")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
