@@ -91,6 +91,10 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         _module_main("experiments.dit_cache"),
         "precompute the DiT's latents + text features of every caption source (resumable; same configs as fit)",
     ),
+    "dit-eval": (
+        _module_main("experiments.dit_eval"),
+        "sample a DiT checkpoint on prompt sets; FID, CLIP score, judge score, tiny-world attribute accuracy",
+    ),
 }
 
 

@@ -23,6 +23,7 @@ import datamodules.caption_mix  # noqa: F401
 import datamodules.eval_sets  # noqa: F401
 import datamodules.latent_cache  # noqa: F401
 import datamodules.llava_json  # noqa: F401
+import datamodules.prompts  # noqa: F401
 import lightning_modules.captioner  # noqa: F401
 import lightning_modules.clip  # noqa: F401
 import lightning_modules.dit  # noqa: F401

@@ -123,7 +123,6 @@ class DiTModule(L.LightningModule):
             raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
         if null_text not in ("empty", "learned"):
             raise ValueError(f"null_text must be 'empty' or 'learned', got {null_text!r}")
-        self.strict_loading = False  # checkpoints leave out the frozen text encoder and VAE
         self.text_encoder: FrozenCLIPText | None = None
         self.codec: nn.Module | None = None
         self.dit: nn.Module | None = None
@@ -260,6 +259,9 @@ class DiTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
+        # the frozen parts come from their own paths (just loaded): fill them in, so loading stays strict
+        frozen = {k: v for k, v in self.state_dict().items() if k.startswith(FROZEN_PREFIXES)}
+        checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 

@@ -69,6 +69,8 @@ def stack_for(path: Path) -> tuple[str, list[Path]]:
         dit = CONFIGS / ("tiny/dit" if parts[0] == "tiny" else "dit")
         if path.name == "base.yaml":
             return "fit", [path]
+        if path.name == "sample.yaml":
+            return "predict", [dit / "base.yaml", dit / "table7/p0.0.yaml", path]
         if path.name == "cached.yaml":
             return "fit", [dit / "base.yaml", dit / "table7/p0.5.yaml", path]
         return "fit", [dit / "base.yaml", path]

@@ -197,3 +197,45 @@ def test_hf_clip_text_encoder_path_masks_and_counts_truncation(world, tmp_path):
     assert enc.n_truncated == 1
     assert torch.all(emb[0, int(mask[0].sum()) :] == 0)  # padding positions carry nothing
     assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_stated_truth_judges_only_what_the_prompt_asks():
+    from experiments.dit_eval import stated_truth
+    from lightning_modules.evaluation.generation import PromptRecord
+
+    objects = json.dumps([{"shape": "cross", "colour": "orange", "position": "left", "size": "large"},
+                          {"shape": "circle", "colour": "green", "position": "bottom", "size": "small"}])  # fmt: skip
+    row = {"objects": objects, "background": json.dumps({"kind": "plain", "colours": ["beige"]})}
+    short = PromptRecord(0, "A green circle below a large orange cross", None, row)
+    assert stated_truth(short) == {"shape": "cross", "colour": "orange"}  # the main object, not the first mentioned
+    shape_only = PromptRecord(1, "A large cross on the left side on a plain beige background", None, row)
+    assert stated_truth(shape_only) == {"shape": "cross", "position": "left", "background": "plain"}
+
+
+def test_fit_checkpoint_then_dit_eval_writes_metrics_for_both_prompt_sets(world, tmp_path):
+    from datamodules.tiny_world.judge import train_judge
+    from experiments.dit_eval import main as dit_eval
+
+    module = make_module(world)
+    data = make_data(world, 0.0)
+    data.image_transform = module.data_transforms("fit").image
+    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, accelerator="cpu")  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    train_judge(world["world"], tmp_path / "judge", image_size=16, steps=5, batch_size=16, threads=1)
+    prompts = world["world"] / "eval/t2i_prompts/prompts.parquet"
+    results = dit_eval(["--ckpt", str(tmp_path / "last.ckpt"), "--prompts", str(prompts), "--limit", "12",
+                        "--batch-size", "6", "--steps", "2", "--attribute-judge", str(tmp_path / "judge"),
+                        "--clip", f"tiny={world['text']}", "--out", str(tmp_path / "eval")])  # fmt: skip
+    for column in ("caption", "recaption"):
+        m = results[column]
+        assert m["n_images"] == 12
+        assert m["fid"] >= 0
+        assert 0 <= m["clip_score/tiny"] <= 100
+        assert 0 <= m["attributes/shape"] <= 1  # every prompt names the main object's shape
+        assert "attributes/chance/shape" in m
+        saved = json.loads((tmp_path / "eval" / column / "metrics.json").read_text())
+        assert saved["metrics"]["n_images"] == 12
+        assert (tmp_path / "eval" / column / "grid.png").exists()
+    assert "| fid |" in (tmp_path / "eval/results.md").read_text()
