@@ -71,6 +71,10 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         _module_main("datamodules.tiny_world.tokenizer"),
         "tiny world only: train the captioner's BPE tokenizer (LLaMA-3 special tokens and chat template)",
     ),
+    "world-judge": (
+        _module_main("datamodules.tiny_world.judge"),
+        "tiny world only: train the pinned attribute judge (GenEval-like accuracy and FID features for the DiT)",
+    ),
     "tiny-llm": (
         _module_main("experiments.tiny_llm"),
         "tiny world only: text-pretrain the Llama that stands in for LLaMA-3",
