@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORLD ?= data/world
 
-.PHONY: install test test-slow lint tiny tiny-sweep world world-recap bench clean-venv lock tiny-captioner tiny-recaption
+.PHONY: install test test-slow lint tiny tiny-sweep world world-recap bench clean-venv lock tiny-captioner tiny-recaption tiny-dit
 
 # pip (not uv/poetry): the torch 2.14.1 / torchvision 0.29.1 wheels come from the machine's local wheel folder.
 # requirements/lock.txt is the exact tested set; pyproject.toml holds the ranges.
@@ -82,6 +82,22 @@ tiny-recaption: $(CAP)/hf/config.json
 	$(PY) -m experiments recaption run --config experiments/configs/recaption/tiny_world.yaml
 	$(PY) -m experiments recaption merge --out $(WORLD)/recap_llava --shards '$(WORLD)/web/*.tar'
 	$(PY) -m experiments sidecars --recap $(WORLD)/recap_llava/merged/recap.parquet --shards '$(WORLD)/web/*.tar' --out $(WORLD)/sidecars_llava --overwrite
+
+# The Table 7 miniature (docs/dit.md): the pinned judge, the DiT cache (pixels + web-CLIP text features of both
+# caption sources), DiT at p = 0 and p = 1 from the cache, and both evaluated on both prompt sets.
+DITCFG := experiments/configs/tiny/dit
+DITP ?= p0.0 p1.0
+$(WORLD)/judge/judge.json: $(WORLD)/world.json
+	$(PY) -m experiments world-judge --world $(WORLD) --out $(WORLD)/judge --overwrite
+$(WORLD)/dit_cache/_cache.json: $(CAP)/web_clip/hf_vision/config.json $(WORLD)/sidecars/_manifest.json
+	$(PY) -m experiments dit-cache --config $(DITCFG)/base.yaml --out $(WORLD)/dit_cache --val-out $(WORLD)/dit_cache_val
+tiny-dit: $(WORLD)/judge/judge.json $(WORLD)/dit_cache/_cache.json
+	for p in $(DITP); do \
+	  $(PY) -m experiments fit --config $(DITCFG)/base.yaml --config $(DITCFG)/table7/$$p.yaml --config $(DITCFG)/cached.yaml && \
+	  $(PY) -m experiments dit-eval --ckpt runs/tiny/dit/table7/$$p/fit/checkpoints/last.ckpt \
+	    --prompts $(WORLD)/eval/t2i_prompts/prompts.parquet --limit 500 --attribute-judge $(WORLD)/judge \
+	    --clip web_clip=$(CAP)/web_clip/export --out runs/tiny/dit/eval/$$p || exit 1; \
+	done
 
 bench: world
 	$(PY) -m benchmarks.loader --shards $(WORLD)/web
