@@ -48,6 +48,26 @@ def _real_shapes(tmp: Path, tokenizer: str) -> dict[str, Any]:
                 vae=str(tmp / "vae"))  # fmt: skip
 
 
+def _head_shard(src: str, dest: Path, n: int) -> str:
+    """The first ``n`` samples of shard ``src`` as a new shard (with its sidecar): a short real-shapes pre-pass."""
+    import shutil
+    import tarfile
+
+    keys: list[str] = []
+    with tarfile.open(src) as tin, tarfile.open(dest / Path(src).name, "w") as tout:
+        for m in tin.getmembers():
+            key = m.name.split(".", 1)[0]
+            if key not in keys:
+                if len(keys) == n:
+                    break
+                keys.append(key)
+            tout.addfile(m, tin.extractfile(m))
+    side = Path(src).parent.parent / "sidecars" / (Path(src).stem + ".parquet")
+    (dest / "sidecars").mkdir(exist_ok=True)
+    shutil.copy(side, dest / "sidecars" / side.name)  # extra keys in a sidecar are unused
+    return str(dest / Path(src).name)
+
+
 def _steps(module: Any, loader: Any, n: int, skip: int) -> float:
     opt = torch.optim.AdamW(module.trainable_parameters(), lr=1e-4)
     it = iter(loader)
@@ -73,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="timed steps; default 20 (tiny), 4 (real-shapes)")
     p.add_argument("--skip", type=int, default=2, help="warm-up steps, untimed")
     p.add_argument("--num-workers", type=int, default=0, help="loader workers of the uncached path")
+    p.add_argument("--samples", type=int, default=64, help="real-shapes: samples of the one shard used")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from datamodules.caption_mix import CaptionMixDataModule
@@ -85,8 +106,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     world = Path(args.world)
     shards = args.shards or str(world / ("web/{00000..00001}.tar" if tiny else "web/00000.tar"))
     sources = {"original": "txt", "recaption": "sidecar:re_caption"}
+    sidecars = str(world / "sidecars")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if not tiny and args.shards is None:  # 256 px through a VAE on CPU: a short shard keeps the pre-pass short
+            shards, sidecars = _head_shard(str(world / "web/00000.tar"), tmp, args.samples), str(tmp / "sidecars")
         if tiny:
             model = dict(size={"num_layers": 6, "hidden_size": 128, "num_attention_heads": 4, "patch_size": 2},
                          image_size=16, text_encoder=args.text_encoder)  # fmt: skip
@@ -96,11 +120,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         module.configure_model()
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        totals = build_cache(module, shards, tmp / "cache", sources=sources, sidecar_dir=str(world / "sidecars"),
+        totals = build_cache(module, shards, tmp / "cache", sources=sources, sidecar_dir=sidecars,
                              batch_size=batch, dtype="float16")  # fmt: skip
         prepass = time.perf_counter() - t0
         uncached = CaptionMixDataModule(shards, batch_size=batch, p_original=0.5, sources=sources,
-                                        sidecar_dir=str(world / "sidecars"), num_workers=args.num_workers,
+                                        sidecar_dir=sidecars, num_workers=args.num_workers,
                                         shuffle_buffer=256, shuffle_initial=64, persistent_workers=False,
                                         resampled=True,
                                         image_transform=module.data_transforms("fit").image)  # fmt: skip

@@ -239,3 +239,14 @@ def test_fit_checkpoint_then_dit_eval_writes_metrics_for_both_prompt_sets(world,
         assert saved["metrics"]["n_images"] == 12
         assert (tmp_path / "eval" / column / "grid.png").exists()
     assert "| fid |" in (tmp_path / "eval/results.md").read_text()
+
+
+def test_cache_benchmark_runs_both_paths(world):
+    from benchmarks.dit_cache import main
+
+    report = main(["--preset", "tiny", "--world", str(world["world"]), "--text-encoder", str(world["text"]),
+                   "--batch-size", "8", "--steps", "2", "--skip", "1"])  # fmt: skip
+    assert report["cached_samples"] == 40
+    assert report["uncached_s_per_step"] > 0
+    assert report["cached_s_per_step"] > 0
+    assert report["ratio_cached_over_uncached"] == report["uncached_s_per_step"] / report["cached_s_per_step"]
