@@ -20,6 +20,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--val-out", default=None, help="cache folder for the validation shards (if the data has them)")
     p.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK when a GPU exists, else cpu")
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--world-size", type=int, default=None)
     args, rest = p.parse_known_args(argv)
@@ -33,6 +34,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not hasattr(data, need):
             raise ValueError(f"dit-cache needs a caption-shard DataModule (CaptionMixDataModule); got {type(data)}")
     rank, world = rank_world(args.rank, args.world_size)
+    import torch
+
+    from experiments.recaption import _local_rank
+
+    device = args.device or (f"cuda:{_local_rank()}" if torch.cuda.is_available() else "cpu")
+    model.configure_model()
+    model.to(device)
     sources = {s.name: (s.where if s.kind == "member" else f"{s.kind}:{s.where}") for s in data.sources}
     common = dict(sources=sources, sidecar_dir=data.sidecar_dir, batch_size=args.batch_size, dtype=args.dtype,
                   rank=rank, world_size=world)  # fmt: skip
