@@ -41,7 +41,8 @@ def _real_shapes(tmp: Path, tokenizer: str) -> dict[str, Any]:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=77)  # fmt: skip
+                         num_attention_heads=12, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
     CLIPTextModel(cfg).save_pretrained(tmp / "text")
     tok.save_pretrained(tmp / "text")
     return dict(size="DiT-B/4", image_size=256, text_encoder=str(tmp / "text"), text_max_length=77,
@@ -126,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         uncached = CaptionMixDataModule(shards, batch_size=batch, p_original=0.5, sources=sources,
                                         sidecar_dir=sidecars, num_workers=args.num_workers,
                                         shuffle_buffer=256, shuffle_initial=64, persistent_workers=False,
-                                        resampled=True,
+                                        resampled=True, train_num_samples=totals["samples"],
                                         image_transform=module.data_transforms("fit").image)  # fmt: skip
         cached = LatentCacheDataModule(str(tmp / "cache"), batch_size=batch, p_original=0.5)
         report: dict[str, Any] = {"preset": args.preset, "batch_size": batch, "steps": steps,

@@ -185,7 +185,8 @@ def test_hf_clip_text_encoder_path_masks_and_counts_truncation(world, tmp_path):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16)  # fmt: skip
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
     CLIPTextModel(cfg).save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
     enc = FrozenCLIPText(str(tmp_path / "hf"), max_length=10)
