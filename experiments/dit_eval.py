@@ -75,7 +75,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from lightning_modules.dit import DiTModule
     from lightning_modules.evaluation.generation import FID, LlavaJudge, evaluate_generation, read_prompt_set
 
-    torch.set_grad_enabled(False)
     module = DiTModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
     module.configure_model()
     module.eval()

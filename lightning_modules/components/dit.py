@@ -215,7 +215,11 @@ def make_scheduler(kind: str = "ddpm", **config: Any) -> Any:
     cfg = dict(config)
     if kind == "ddpm":
         cfg.setdefault("variance_type", "fixed_small")
+    else:  # few-step samplers must start at the last training step (pure noise), not ~1000/n below it
+        cfg.setdefault("timestep_spacing", "trailing")
     cfg.setdefault("clip_sample", False)
+    if kind == "ddim":
+        cfg.setdefault("set_alpha_to_one", False)
     if kind == "dpm":
         cfg.pop("clip_sample")
     return classes[kind](**cfg)
