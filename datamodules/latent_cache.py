@@ -86,9 +86,8 @@ def build_cache(
     ``module``: a ``DiTModule`` (its text encoder, codec and image transform make the cache). Samples the uncached
     path would skip (no image, undecodable) are skipped and counted; samples without any caption are kept (each
     source's ``has`` says which exist)."""
-    from datamodules.shards import expand_urls
+    from datamodules.shards import expand_urls, shard_stem
     from datamodules.wds_stages import CountingHandler, DecodeImage, ExtractCaptions, ReadShards
-    from experiments.recaption import unit_name
 
     sources = dict(sources or DEFAULT_SOURCES)
     out = Path(out)
@@ -98,8 +97,8 @@ def build_cache(
     _check_signature(out, signature)
     (out / CACHE_CONFIG).write_text(json.dumps(signature, indent=2))
     specs = [SourceSpec.parse(n, s) for n, s in sources.items()]
-    urls = sorted(expand_urls(shards), key=unit_name)
-    todo = [u for u in urls if not (out / f"{unit_name(u)}.safetensors").exists()][rank::world_size]
+    urls = sorted(expand_urls(shards), key=shard_stem)
+    todo = [u for u in urls if not (out / f"{shard_stem(u)}.safetensors").exists()][rank::world_size]
     transform = module.data_transforms("fit").image
     cast = _DTYPES[dtype]
     totals = {"shards": 0, "samples": 0, "skipped": 0, "skipped_shards": len(urls) - len(todo)}
@@ -126,7 +125,7 @@ def build_cache(
         joined = {k: torch.cat(v) for k, v in tensors.items() if v}
         meta = {"keys": json.dumps(keys), "sources": json.dumps(list(sources)), "url": url,
                 "skipped": json.dumps(dict(stats.counts))}  # fmt: skip
-        _write_atomic_tensors(joined, meta, out / f"{unit_name(url)}.safetensors")
+        _write_atomic_tensors(joined, meta, out / f"{shard_stem(url)}.safetensors")
         totals["shards"] += 1
         totals["samples"] += len(samples)
         totals["skipped"] += sum(stats.counts.values())

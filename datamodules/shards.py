@@ -28,3 +28,25 @@ def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     if not urls:
         raise ValueError(f"no shards match {spec!r}")
     return urls
+
+
+def shard_stem(url: str) -> str:
+    """A shard's file name without ``.tar`` (img2dataset's shard stems are unique): the name of its per-shard outputs
+    (recaption parquets, sidecars, DiT cache files)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".tar")] if name.endswith(".tar") else name
+
+
+def rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """This process's (rank, world size) for splitting offline jobs: the arguments, else torchrun's ``RANK`` /
+    ``WORLD_SIZE``, else SLURM's ``SLURM_PROCID`` / ``SLURM_NTASKS``, else (0, 1)."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))) if world_size is None else world_size
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside world_size {world}")
+    return rank, world
+
+
+def local_rank() -> int:
+    """The process's index on its node (torchrun's ``LOCAL_RANK``, SLURM's ``SLURM_LOCALID``): which GPU it uses."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))

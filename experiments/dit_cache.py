@@ -25,8 +25,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--world-size", type=int, default=None)
     args, rest = p.parse_known_args(argv)
     from datamodules.latent_cache import build_cache
+    from datamodules.shards import local_rank, rank_world
     from experiments.cli import cli_main
-    from experiments.recaption import rank_world
 
     cli = cli_main(list(rest) + ["--trainer.logger=false"], run=False)
     model, data = cli.model, cli.datamodule
@@ -36,9 +36,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rank, world = rank_world(args.rank, args.world_size)
     import torch
 
-    from experiments.recaption import _local_rank
-
-    device = args.device or (f"cuda:{_local_rank()}" if torch.cuda.is_available() else "cpu")
+    device = args.device or (f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
     model.configure_model()
     model.to(device)
     sources = {s.name: (s.where if s.kind == "member" else f"{s.kind}:{s.where}") for s in data.sources}

@@ -40,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datamodules.shards import local_rank, rank_world, shard_stem
 from datamodules.tiny_world.recaption import RECAP_SCHEMA
 from lightning_modules.components.llava import (
     PAPER_RECAPTION_PROMPT,
@@ -67,10 +68,7 @@ SCHEMA = pa.schema(list(RECAP_SCHEMA) + list(PROVENANCE))
 MANIFEST = "_manifest.jsonl"
 
 
-def unit_name(url: str) -> str:
-    """The output stem of a shard: its file name without ``.tar`` (img2dataset's shard stems are unique)."""
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    return name[: -len(".tar")] if name.endswith(".tar") else name
+unit_name = shard_stem  # the output stem of a whole-shard unit
 
 
 @dataclass(frozen=True)
@@ -135,14 +133,6 @@ def shard_units(url: str, out: Path, slice_size: int | None) -> list[Unit]:
     return [Unit(url, k, parts, size) for k in range(parts)]
 
 
-def rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) if rank is None else rank
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))) if world_size is None else world_size
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside world_size {world}")
-    return rank, world
-
-
 def pending_units(urls: Sequence[str], out: Path, rank: int, world: int, slice_size: int | None = None) -> list[Unit]:
     """The units this rank owns in this run: unfinished ones, every ``world``-th in sorted name order."""
     units = [u for url in urls for u in shard_units(url, out, slice_size)]
@@ -178,10 +168,6 @@ def degenerate(text: str) -> str | None:
 RETRY_REPETITION_PENALTY = 1.3
 
 
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-
-
 class HFBackend:
     """Batched greedy captions with transformers (CPU or GPU): left padding, attention mask, KV cache."""
 
@@ -193,7 +179,7 @@ class HFBackend:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         # one process per GPU (torchrun / srun): LOCAL_RANK picks the card
-        self.device = device or (f"cuda:{_local_rank()}" if torch.cuda.is_available() else "cpu")
+        self.device = device or (f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype or "")
         self.model = LlavaForConditionalGeneration.from_pretrained(
             model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code
@@ -236,7 +222,7 @@ class VLLMBackend:
         if device is not None and device.startswith("cuda:"):
             os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
         elif "CUDA_VISIBLE_DEVICES" not in os.environ and ("LOCAL_RANK" in os.environ or "SLURM_LOCALID" in os.environ):
-            os.environ["CUDA_VISIBLE_DEVICES"] = str(_local_rank())
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(local_rank())
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.prompt_text = vllm_prompt_text(tok, prompt)
         self.eos = eos_token_ids(tok)
