@@ -100,14 +100,9 @@ def outputs() -> dict[Path, str]:
 
 def write(check: bool = False) -> list[Path]:
     """Write the row YAMLs (or, with ``check``, return those whose content differs)."""
-    stale = []
-    for path, text in outputs().items():
-        if not path.exists() or path.read_text() != text:
-            stale.append(path)
-            if not check:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-    return stale
+    from experiments.paper_tables import write_generated
+
+    return write_generated(outputs(), check)
 
 
 if __name__ == "__main__":

@@ -281,8 +281,13 @@ def generated_files() -> dict[Path, str]:
 
 def write(check: bool = False) -> list[Path]:
     """Write (or with ``check``, list the out-of-date) generated YAMLs."""
+    return write_generated(generated_files(), check)
+
+
+def write_generated(files: dict[Path, str], check: bool = False) -> list[Path]:
+    """Write ``files`` (path -> text) whose content differs, or with ``check`` only list them (also dit_tables)."""
     stale = []
-    for path, text in generated_files().items():
+    for path, text in files.items():
         if path.exists() and path.read_text() == text:
             continue
         stale.append(path)

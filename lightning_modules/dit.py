@@ -18,6 +18,7 @@ encoder and VAE are loaded from their paths.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -267,7 +268,6 @@ class DiTModule(L.LightningModule):
 
     def ema_weights(self):
         """Context manager: the DiT holds the EMA weights inside, its own weights again after."""
-        import contextlib
 
         @contextlib.contextmanager
         def swap():
@@ -306,10 +306,7 @@ class DiTModule(L.LightningModule):
         was_training = self.dit.training
         self.dit.eval()
         try:
-            if use_ema:
-                with self.ema_weights():
-                    x = sample(self.dit, scheduler, text, mask, self.null_text, self.null_mask, shape, steps, scale, g)
-            else:
+            with self.ema_weights() if use_ema else contextlib.nullcontext():
                 x = sample(self.dit, scheduler, text, mask, self.null_text, self.null_mask, shape, steps, scale, g)
         finally:
             self.dit.train(was_training)
