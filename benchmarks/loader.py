@@ -13,11 +13,15 @@ table shows the median and min/max samples/s over ``--repeats`` runs and the rat
 
     python -m benchmarks.loader                            # generates a 20k-sample tiny world in a temp dir
     python -m benchmarks.loader --shards 'data/world/web/{00000..00019}.tar' --workers 2 --batch-size 256
+    python -m benchmarks.loader --stored-size 384 --world-samples 8000 --world-dir /tmp/w384 --image-size 112
     python -m benchmarks.loader --profile 4096             # cProfile both pipelines in-process (num_workers=0)
 
 Shards: ``--shards PATTERN`` (brace pattern, glob, ``::`` list or directory); by default the web split of the tiny
 world (``datamodules.tiny_world.generate_world``, 20 shards x 1000 samples of 64x64 JPEGs) is generated into a
-temporary directory (``--world-dir`` keeps/reuses it).
+temporary directory (``--world-dir`` keeps/reuses it). ``--stored-size S`` generates it with S-px images instead
+(scene geometry scaled with S), e.g. 384 like DataComp downloads (img2dataset keeps the largest side <= 512): our
+loader decodes such JPEGs at a reduced DCT scale when the transform's target is small (``wds_stages.DecodeImage``),
+which 64-px images are too small for. ``--full-decode`` turns that off on our side, for an A/B.
 """
 
 from __future__ import annotations
@@ -56,11 +60,31 @@ def _pattern_of(web_dir: Path) -> str:
     return str(web_dir / f"{{{tars[0].stem}..{tars[-1].stem}}}.tar")
 
 
-def default_shards(world_dir: Path, n_samples: int, shard_size: int, seed: int = 0) -> tuple[str, str]:
-    """Shards to benchmark on: the tiny world's web split under ``world_dir`` (reused if already there, generated
-    otherwise). Returns ``(pattern, how)``."""
+def scene_config(stored_size: int):
+    """The tiny world's scene at ``stored_size`` px: every length scaled from the 64-px default (so the images show
+    the same scenes, only sharper), drawn at >= 256 px before downsampling."""
+    from datamodules.tiny_world.scene import SceneConfig
+
+    f = stored_size / 64
+    base = SceneConfig()
+    return SceneConfig(
+        image_size=stored_size, supersample=max(1, round(base.supersample / f)), small_size=base.small_size * f,
+        large_size=base.large_size * f, position_jitter=base.position_jitter * f, edge_margin=base.edge_margin * f,
+        stripe_width=max(1, round(base.stripe_width * f)),
+    )  # fmt: skip
+
+
+def default_shards(
+    world_dir: Path, n_samples: int, shard_size: int, seed: int = 0, stored_size: int = 64
+) -> tuple[str, str]:
+    """Shards to benchmark on: the tiny world's web split under ``world_dir`` with ``stored_size``-px images (reused
+    if already there, generated otherwise). Returns ``(pattern, how)``."""
     web = world_dir / "web"
     if web.is_dir() and any(web.glob("*.tar")):
+        meta = world_dir / "world.json"
+        have = json.loads(meta.read_text())["config"]["scene"]["image_size"] if meta.is_file() else None
+        if have != stored_size:
+            raise ValueError(f"{world_dir} holds a world with {have}-px images, not {stored_size}; use another dir")
         return _pattern_of(web), f"reused {web}"
     from datamodules.tiny_world import WorldConfig, generate_world
 
@@ -68,9 +92,30 @@ def default_shards(world_dir: Path, n_samples: int, shard_size: int, seed: int =
     cfg = WorldConfig(
         seed=seed, n_web=n_samples, shard_size=shard_size, n_caption_pretrain=0, n_instruct=0, n_classify=0,
         n_retrieval=0, n_long_retrieval=0, n_t2i=0, workers=max(1, min(4, os.cpu_count() or 1)),
+        scene=scene_config(stored_size),
     )  # fmt: skip
     generate_world(world_dir, cfg)
     return _pattern_of(web), f"tiny world web split generated in {time.perf_counter() - t0:.1f} s"
+
+
+def mean_image_bytes(url: str, limit: int = 200) -> tuple[float, tuple[int, int] | None]:
+    """Mean encoded size of the first ``limit`` images of a shard, and the size of the first one."""
+    from PIL import Image
+
+    from datamodules.wds_stages import IMAGE_MEMBERS, iter_tar_members, open_shard
+
+    sizes, first = [], None
+    stream = open_shard(url)
+    try:
+        for name, data in iter_tar_members(stream, url):
+            if name.rsplit(".", 1)[-1].lower() in IMAGE_MEMBERS:
+                first = first or Image.open(io.BytesIO(data)).size
+                sizes.append(len(data))
+                if len(sizes) >= limit:
+                    break
+    finally:
+        stream.close()
+    return (statistics.mean(sizes) if sizes else 0.0), first
 
 
 # ----------------------------------------------------------------------------------------------------------- loaders
@@ -80,12 +125,25 @@ def _transforms(image_size: int) -> tuple[Callable, Callable]:
     return open_clip.image_transform(image_size, is_train=True), open_clip.get_tokenizer("ViT-B-32")
 
 
+class FullDecode:
+    """The image transform behind a plain callable: ``DecodeImage`` cannot see its resize step, so it decodes every
+    image at full size (``--full-decode``: the A/B of reduced-scale decoding)."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, img: Any) -> Any:
+        return self.transform(img)
+
+
 def build_ours(urls: Sequence[str], cfg: SimpleNamespace, epoch_samples: int, workers: int) -> Iterable:
     """``CaptionMixDataModule.train_dataloader()`` with open_clip's transform, tokenizer and buffer sizes."""
     from datamodules.caption_mix import CaptionMixDataModule
     from lightning_modules.components.clip_model import TokenizeOne
 
     image_tf, tokenizer = _transforms(cfg.image_size)
+    if getattr(cfg, "full_decode", False):
+        image_tf = FullDecode(image_tf)
     dm = CaptionMixDataModule(
         train_shards=list(urls),
         batch_size=cfg.batch_size,
@@ -263,17 +321,29 @@ def format_table(result: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- profile
 def profile_loader(name: str, urls: Sequence[str], cfg: SimpleNamespace, samples: int, top: int = 25) -> str:
-    """cProfile one loader in-process (num_workers=0) over ``samples`` samples after its first batch."""
-    loader = BUILDERS[name](urls, cfg, (math.ceil(samples / cfg.batch_size) + 2) * cfg.batch_size, 0)
-    it = iter(loader)
-    next(it)
-    prof, n = cProfile.Profile(), 0
-    t0 = time.perf_counter()
-    prof.enable()
-    while n < samples:
-        n += len(_images_texts(next(it))[0])
-    prof.disable()
-    dt = time.perf_counter() - t0
+    """cProfile one loader in-process (num_workers=0) over ``samples`` samples after its first batch.
+
+    Runs with one torch thread, as in a loader worker (torch sets 1 per worker): with torch's default of one thread
+    per core, small per-sample ops (``ToTensor``'s ``contiguous``) wait on thread barriers and, on a busy machine,
+    took 30 ms instead of 0.1 ms, which hid everything else in the profile.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loader = BUILDERS[name](urls, cfg, (math.ceil(samples / cfg.batch_size) + 2) * cfg.batch_size, 0)
+        it = iter(loader)
+        next(it)
+        prof, n = cProfile.Profile(), 0
+        t0 = time.perf_counter()
+        prof.enable()
+        while n < samples:
+            n += len(_images_texts(next(it))[0])
+        prof.disable()
+        dt = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
     out = io.StringIO()
     out.write(f"== {name}: {n} samples in {dt:.2f} s under cProfile ({n / dt:.0f} samples/s, num_workers=0)\n")
     st = pstats.Stats(prof, stream=out).strip_dirs()
@@ -290,7 +360,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shards", help="shard pattern to read (default: generate the tiny world's web split)")
     p.add_argument("--workers", type=int, default=2, help="loader worker processes (both loaders)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=64, help="open_clip image_transform size (64 or 224)")
+    p.add_argument("--image-size", type=int, default=64, help="open_clip image_transform size (64, 112, 224)")
+    p.add_argument("--stored-size", type=int, default=64, help="side of the generated world's stored images")
+    p.add_argument("--full-decode", action="store_true", help="ours: no reduced-scale JPEG decoding (A/B)")
     p.add_argument("--samples", type=int, default=40_000, help="timed samples per run (default: 2 passes over 20k)")
     p.add_argument("--repeats", type=int, default=3, help="runs per loader, alternating the two")
     p.add_argument("--warmup-batches", type=int, default=None, help="batches after the first one left out of the "
@@ -315,6 +387,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     if a.workers < 0 or a.warmup_batches < 0:
         p.error("--workers and --warmup-batches must be >= 0")
+    if a.stored_size < 16:
+        p.error("--stored-size must be >= 16")
     return a
 
 
@@ -329,18 +403,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             pattern, how = a.shards, "given"
         else:
             world = Path(a.world_dir) if a.world_dir else Path(tmp := tempfile.mkdtemp(prefix="bench-loader-"))
-            pattern, how = default_shards(world, a.world_samples, a.shard_size, a.seed)
+            pattern, how = default_shards(world, a.world_samples, a.shard_size, a.seed, a.stored_size)
         urls = expand_urls(pattern)
         cfg = SimpleNamespace(**{k: getattr(a, k) for k in ("workers", "batch_size", "image_size", "samples",
                                                              "warmup_batches", "shuffle_buffer", "shuffle_initial",
-                                                             "seed")})  # fmt: skip
-        print(f"shards: {pattern} ({len(urls)} shards, {how})", flush=True)
+                                                             "seed", "full_decode")})  # fmt: skip
+        image_bytes, stored = mean_image_bytes(urls[0])
+        cfg.stored = list(stored) if stored else None
+        cfg.mean_image_kb = round(image_bytes / 1024, 1)
+        print(f"shards: {pattern} ({len(urls)} shards, {how}); stored images {stored} px, "
+              f"{cfg.mean_image_kb} KB each", flush=True)  # fmt: skip
         if a.profile:
             for name in LOADERS:
                 print(profile_loader(name, urls, cfg, a.profile), flush=True)
             return {"profile": True, "shards": pattern}
         print(
-            f"workers {a.workers} | batch {a.batch_size} | image {a.image_size}px | {a.samples} timed samples/run "
+            f"workers {a.workers} | batch {a.batch_size} | image {a.image_size}px"
+            f"{' (ours: full-size decode)' if a.full_decode else ''} | {a.samples} timed samples/run "
             f"after {1 + a.warmup_batches} warm-up batches | {a.repeats} runs each | shuffle {a.shuffle_buffer}/"
             f"{a.shuffle_initial} | {os.cpu_count()} CPUs",
             flush=True,

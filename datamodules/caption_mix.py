@@ -9,10 +9,18 @@ Pipeline per loader worker (each stage in :mod:`datamodules.wds_stages`)::
 
     ShardSchedule -> wds.tarfile_to_samples -> ExtractCaptions (+ per-shard sidecar join) -> wds.shuffle
       -> ChooseCaption -> DecodeImage(+image transform) -> TransformText -> Batch (exact per-worker batch quota)
+
+Mid-epoch resume (``CaptionMixLoader.state_dict``, saved by Lightning in every checkpoint): a worker's stream is a pure
+function of ``(seed, epoch, rank, worker)``, so the state is the epoch, the batches consumed in it and, per rank and
+worker, how many samples left ``ChooseCaption``. A resumed worker replays its stream up to that point without decoding
+or transforming anything (only tar reading), then continues; random transforms are seeded per sample position, so
+the continued batches equal the uninterrupted run's, bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -24,9 +32,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
+from datamodules.checks import ConfigError, RunContext, check_path, check_shards, per_device_batch
 from datamodules.shards import expand_urls
 from datamodules.wds_stages import (
     Batch,
@@ -177,6 +188,7 @@ class CaptionMixStream(IterableDataset):
         self.max_image_pixels = max_image_pixels
         self.max_consecutive_drops = max_consecutive_drops
         self.epoch = epoch
+        self.resume: dict[str, Any] | None = None  # set by CaptionMixLoader for the next iteration only
 
     def __len__(self) -> int:
         if self.batches_per_rank is None:
@@ -191,11 +203,15 @@ class CaptionMixStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.current_epoch()
         training = self.batches_per_rank is not None
+        resume, self.resume = self.resume, None  # one iteration only (this is the worker's own copy)
         stats = SkipStats(max_consecutive_drops=self.max_consecutive_drops)
+        done, skip = 0, None
+        if resume is not None and training:
+            worker, done, skip = worker_resume_point(resume, worker, num_workers)
         if training:
             mode = "resample" if self.resampled else "cycle"
             base, rem = divmod(self.batches_per_rank, num_workers)
-            limit: int | None = base + (1 if worker < rem else 0)
+            limit: int | None = base + (1 if worker < rem else 0) - done
         else:
             mode, limit = "once", None
         schedule = ShardSchedule(
@@ -208,10 +224,102 @@ class CaptionMixStream(IterableDataset):
             rng = random.Random(stable_int("buffer", self.seed, epoch, self.rank, worker))
             stream = wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng)(stream)
         chooser = ChooseCaption(self.weights, self.seed, epoch, stats, self.mix, self.concat_separator, self.fallback)
-        stream = chooser(stream)
-        stream = DecodeImage(self.image_transform, stats, self.max_image_pixels)(stream)
-        stream = TransformText(self.text_transform)(stream)
-        yield from Batch(self.batch_size, stats, partial=not training, limit=limit)(stream)
+        if not training:
+            stream = chooser(stream)
+            stream = DecodeImage(self.image_transform, stats, self.max_image_pixels)(stream)
+            stream = TransformText(self.text_transform)(stream)
+            yield from Batch(self.batch_size, stats, partial=True)(stream)
+            return
+        upstream = _Counted(chooser(stream))
+        seeds = _SampleSeeds(stable_int("transform", self.seed, epoch, self.rank, worker))
+        image_transform, text_transform = seeds.wrap(self.image_transform), seeds.wrap(self.text_transform)
+        decode = DecodeImage(image_transform, stats, self.max_image_pixels)
+        if done:
+            if skip is not None:  # the stream position is known: replay without decoding
+                for _ in itertools.islice(upstream, skip):
+                    stats.used()  # no decode here: keep the "N unusable in a row" guard from adding up the replay
+            else:  # only the batch count is known: run the same decode stage to drop exactly the same images
+                replay = decode(seeds.track(upstream))
+                for _ in itertools.islice(replay, done * self.batch_size):
+                    pass
+                replay.close()
+            stats.drain()  # the skips of the replayed part were reported before the interruption
+        stream = decode(seeds.track(upstream))
+        stream = TransformText(text_transform)(stream)
+        for batch in Batch(self.batch_size, stats, partial=False, limit=limit)(stream):
+            batch[POSITION_KEY] = (worker, upstream.n)
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------------------- resume
+POSITION_KEY = "_stream_position"  # (worker, position) a training stream attaches to each batch; the loader pops it
+
+
+def worker_resume_point(resume: dict[str, Any], worker: int, num_workers: int) -> tuple[int, int, int | None]:
+    """``(stream worker, batches it already produced, its stream position or None)`` for loader worker ``worker``
+    resuming after ``resume["batches"]`` batches.
+
+    PyTorch hands out a loader's batches round-robin over its workers, starting at worker 0 on every new iterator
+    (in an epoch, worker ``i % num_workers`` makes batch ``i``: our per-worker quotas differ by at most one, lower ids
+    first). After ``B`` batches the next one is stream worker ``B % num_workers``'s, so loader worker ``w`` plays
+    stream worker ``(w + B) % num_workers`` for the rest of the epoch (whose remaining quotas again differ by at
+    most one, lower loader ids first).
+    """
+    batches = resume["batches"]
+    stream_worker = (worker + batches) % num_workers
+    done = len(range(stream_worker, batches, num_workers))
+    positions = resume.get("positions")
+    skip = positions[stream_worker] if positions is not None and stream_worker < len(positions) else None
+    return stream_worker, done, skip
+
+
+class _Counted:
+    """An iterator that counts the items taken from it (a worker's stream position)."""
+
+    def __init__(self, items: Iterator):
+        self.items, self.n = items, 0
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.items)
+        self.n += 1
+        return item
+
+
+class _SampleSeeds:
+    """Seeds the model's (random) transforms per sample by its stream position, and restores the RNGs afterwards.
+
+    Torch seeds loader workers from the main process's RNG when an iterator starts, so after a resume random crops
+    would differ; seeding each sample from ``(seed, epoch, rank, worker, position)`` makes them the same, and lets a
+    resume skip the transforms of replayed samples. Seeds torch's CPU generator, ``random`` and numpy's global RNG
+    (what torchvision, timm and open_clip transforms draw from).
+    """
+
+    def __init__(self, base: int):
+        self.base, self.seed = base, 0
+
+    def track(self, samples: _Counted) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            self.seed = stable_int(self.base, samples.n)
+            yield sample
+
+    def wrap(self, fn: Callable | None) -> Callable | None:
+        return None if fn is None else functools.partial(self._call, fn)
+
+    def _call(self, fn: Callable, x: Any) -> Any:
+        gen = torch.default_generator
+        saved = gen.get_state(), random.getstate(), np.random.get_state()
+        gen.manual_seed(self.seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed & 0xFFFFFFFF)
+        try:
+            return fn(x)
+        finally:
+            gen.set_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
 
 
 class _EpochSampler(Sampler):
@@ -234,7 +342,18 @@ class _EpochSampler(Sampler):
 
 
 class CaptionMixLoader(DataLoader):
-    """A plain ``DataLoader`` over a :class:`CaptionMixStream` (batches are made in the workers) with ``set_epoch``."""
+    """A plain ``DataLoader`` over a :class:`CaptionMixStream` (batches are made in the workers) with ``set_epoch``
+    and a resumable position (``state_dict`` / ``load_state_dict``, which Lightning saves in checkpoints and restores
+    at the start of ``fit(ckpt_path=...)``).
+
+    The state: ``epoch``, ``batches`` consumed in it, and ``positions`` (rank -> per-worker stream positions; in DDP
+    gathered from all ranks, since only rank 0 writes the checkpoint), plus what must match to resume exactly
+    (``num_workers``, ``world_size``, ``batches_per_rank``, ``seed``, ``batch_size``). A rank missing from
+    ``positions`` still resumes exactly from ``(epoch, batches)``, decoding and transforming the replayed images to
+    find the dropped ones.
+
+    The dataset also works with :class:`datamodules.latent_cache.LatentCacheStream` (same ``resume`` protocol).
+    """
 
     def __init__(self, dataset: CaptionMixStream, **kwargs: Any):
         super().__init__(dataset, batch_size=None, **kwargs)
@@ -242,10 +361,104 @@ class CaptionMixLoader(DataLoader):
             # DataLoader forbids passing a sampler with an iterable dataset and setting one after __init__; the
             # replacement keeps the default's behaviour (yield None forever) and only adds set_epoch.
             object.__setattr__(self, "sampler", _EpochSampler(dataset.epoch))
+        self._pending: dict[str, Any] | None = None  # a loaded state, applied by the next iteration
+        self._progress: dict[str, Any] | None = None  # of the current (or last) iteration
 
     def set_epoch(self, epoch: int) -> None:
         if isinstance(self.dataset.epoch, SharedEpoch):
             self.dataset.epoch.set(epoch)
+
+    # ----------------------------------------------------------------------------------------------- resume
+    def __iter__(self) -> Iterator[Any]:
+        # Lazy: the workers start (and read the epoch) at the first next(), not here. Lightning calls iter() on a
+        # resumed loader before it calls set_epoch, which would otherwise race the workers for the epoch number.
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        ds = self.dataset
+        epoch = ds.current_epoch()
+        rank = ds.rank
+        state, self._pending = self._pending, None
+        workers = max(1, self.num_workers)
+        plan = None
+        if state is not None and state["epoch"] == epoch and state["batches"] > 0:
+            plan = {"batches": state["batches"], "positions": state["positions"].get(str(rank))}
+        positions = list(plan["positions"]) if plan and plan["positions"] is not None else [None] * workers
+        if plan is None:
+            positions = [0] * workers
+        progress = {"epoch": epoch, "batches": plan["batches"] if plan else 0, "positions": positions}
+        ds.resume = plan
+        try:
+            iterator = super().__iter__()
+        finally:
+            if self.num_workers > 0:
+                ds.resume = None  # the workers took their copy; later iterations must not replay again
+        self._progress = progress
+        for batch in iterator:
+            where = batch.pop(POSITION_KEY, None) if isinstance(batch, dict) else None
+            if where is not None:
+                positions[where[0]] = where[1]
+            progress["batches"] += 1
+            yield batch
+
+    def _fingerprint(self) -> dict[str, Any]:
+        ds = self.dataset
+        return {
+            "num_workers": max(1, self.num_workers),
+            "world_size": ds.world_size,
+            "batches_per_rank": getattr(ds, "batches_per_rank", None),
+            "seed": ds.seed,
+            "batch_size": ds.batch_size,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's position (plain Python values). In DDP every rank must call it (Lightning does, in
+        ``dump_checkpoint``): the per-worker positions are gathered from all ranks."""
+        if self._pending is not None:
+            return dict(self._pending)  # loaded but not iterated yet: still the same position
+        ds = self.dataset
+        progress = self._progress or {"epoch": ds.current_epoch(), "batches": 0, "positions": None}
+        positions = progress["positions"]
+        all_positions = _gather_positions(ds.rank, list(positions) if positions is not None else None)
+        return {
+            "format": 1,
+            "epoch": progress["epoch"],
+            "batches": progress["batches"],
+            "positions": {r: p for r, p in all_positions.items() if p is not None},
+            **self._fingerprint(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from ``state_dict`` at the next iteration (if its epoch is the loader's epoch then)."""
+        if state_dict.get("format") != 1:
+            raise ValueError(f"loader state: unknown format {state_dict.get('format')!r} (expected 1)")
+        mine = self._fingerprint()
+        diff = {k: (state_dict.get(k), v) for k, v in mine.items() if state_dict.get(k) != v}
+        if diff:
+            fields = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"cannot resume the data loader exactly mid-epoch: {fields}. Resume with the data settings of the "
+                f"interrupted run (data.num_workers, data.batch_size, data.seed, number of devices)"
+            )
+        self._pending = dict(state_dict)
+        bpr = mine["batches_per_rank"]
+        finished = bpr is not None and state_dict["batches"] >= bpr
+        self.set_epoch(state_dict["epoch"] + 1 if finished else state_dict["epoch"])
+        if getattr(self, "_iterator", None) is not None:
+            # persistent workers hold their own copy of the dataset: restart them so they see the resume plan
+            self._iterator._shutdown_workers()
+            self._iterator = None
+
+
+def _gather_positions(rank: int, positions: list[int | None] | None) -> dict[str, list[int | None] | None]:
+    """``{rank: positions}`` of every rank (an all-gather under torch.distributed, else this rank's)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (rank, positions))
+        return {str(r): p for r, p in gathered}
+    return {str(rank): positions}
 
 
 # ------------------------------------------------------------------------------------------------------- datamodule
@@ -255,7 +468,7 @@ class CaptionMixDataModule(L.LightningDataModule):
     Args:
         train_shards: Training shards: path, brace pattern (``web/{00000..00019}.tar``), glob, directory, fsspec
             URL, ``pipe:`` command, a ``::``-joined list of those, or a list.
-        batch_size: Per-device batch size.
+        batch_size: Per-device batch size. Give this or ``global_batch_size``.
         p_original: The paper's p: probability of the ``original`` source; the other source gets ``1 - p``.
             Requires exactly two sources, one named ``original``. Mutually exclusive with ``source_weights``.
         source_weights: Probabilities over any number of sources (e.g. a third ``re_caption_condition_diverse_topk``
@@ -287,12 +500,15 @@ class CaptionMixDataModule(L.LightningDataModule):
         pin_memory: Pin batches (GPU training).
         rank: Override the rank (simulating multi-process runs without a Trainer); default: from the Trainer.
         world_size: Override the world size; default: from the Trainer.
+        global_batch_size: Samples per optimizer step over all ranks (the paper's unit, e.g. 32,768) instead of
+            ``batch_size``: each device gets ``global_batch_size / (devices x num_nodes x accumulate_grad_batches)``,
+            which must divide evenly (checked before the run starts).
     """
 
     def __init__(
         self,
         train_shards: str | list[str],
-        batch_size: int,
+        batch_size: int | None = None,
         p_original: float | None = None,
         source_weights: dict[str, float] | None = None,
         sources: dict[str, str] | None = None,
@@ -316,6 +532,7 @@ class CaptionMixDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        global_batch_size: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["image_transform", "text_transform"])
@@ -334,8 +551,7 @@ class CaptionMixDataModule(L.LightningDataModule):
         self.persistent_workers, self.pin_memory = persistent_workers, pin_memory
         self._rank, self._world_size = rank, world_size
         self.epoch = SharedEpoch(0)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = per_device_batch(batch_size, global_batch_size, world_size)  # None until the world is known
         sidecar_sources = [s.name for s in self.sources if s.kind == "sidecar"]
         if sidecar_sources and not sidecar_dir:
             raise ValueError(f"caption sources {sidecar_sources} read 'sidecar:...' but sidecar_dir is not set")
@@ -355,6 +571,27 @@ class CaptionMixDataModule(L.LightningDataModule):
     def _trainer_or_none(self):
         return getattr(self, "trainer", None)
 
+    def _per_device_batch(self) -> int:
+        """``batch_size``, or the device's share of ``global_batch_size`` once the Trainer (or override) is known."""
+        if self.batch_size is None:
+            trainer = self._trainer_or_none()
+            accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+            self.batch_size = per_device_batch(None, self.hparams.global_batch_size, self._rank_world()[1], accumulate)
+        return self.batch_size
+
+    @classmethod
+    def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
+        """Checks before anything is built (``experiments/validate.py``): the mix (p in [0, 1], weights), the batch
+        against the world size, and that local shards and the sidecar folder exist."""
+        sources = args.get("sources") or DEFAULT_SOURCES
+        resolve_weights(list(sources), args.get("p_original"), args.get("source_weights"), args.get("mix", "sample"))
+        per_device_batch(args.get("batch_size"), args.get("global_batch_size"), run.world_size,
+                         run.accumulate_grad_batches)  # fmt: skip
+        for key in ("train_shards", "val_shards", "test_shards"):
+            check_shards(key, args.get(key))
+        if any(str(where).startswith("sidecar:") for where in sources.values()):
+            check_path("sidecar_dir", args.get("sidecar_dir"), "dir", what="per-shard sidecars (`sidecars` command)")
+
     def _transforms(self, stage: str) -> DataTransforms:
         found = DataTransforms()
         trainer = self._trainer_or_none()
@@ -368,6 +605,7 @@ class CaptionMixDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str) -> None:
+        self._per_device_batch()  # before the LightningModule's setup, which may read batch_size (ClipModule)
         trainer = self._trainer_or_none()
         if trainer is not None and stage == "fit":
             from datamodules.monitor import CaptionMixMonitor
@@ -380,6 +618,7 @@ class CaptionMixDataModule(L.LightningDataModule):
     def _stream(self, shards: str | list[str], stage: str, training: bool) -> CaptionMixStream:
         urls = expand_urls(shards)
         rank, world = self._rank_world()
+        self._per_device_batch()
         transforms = self._transforms(stage)
         batches = None
         if training:
@@ -455,7 +694,7 @@ def resolve_weights(
         raise ValueError("set either p_original or source_weights, not both")
     if p_original is not None:
         if not 0.0 <= p_original <= 1.0:
-            raise ValueError(f"p_original must be in [0, 1], got {p_original}")
+            raise ConfigError("p_original", p_original, "must be in [0, 1]")
         if "original" not in names or len(names) != 2:
             raise ValueError(
                 f"p_original needs exactly two caption sources, one named 'original'; got {names} "

@@ -30,7 +30,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.caption_mix import DEFAULT_SOURCES, SharedEpoch, resolve_weights
+from datamodules.caption_mix import DEFAULT_SOURCES, POSITION_KEY, SharedEpoch, resolve_weights, worker_resume_point
 from datamodules.wds_stages import ChooseCaption, SkipStats, SourceSpec, stable_int
 
 CACHE_CONFIG = "_cache.json"
@@ -186,7 +186,8 @@ class _CacheIndex:
 class LatentCacheStream(IterableDataset):
     """Batches from a cache: per epoch a seeded permutation of all samples, split evenly over ranks (equal batch
     counts, so DDP never waits on a rank) and then over loader workers; each sample's caption source drawn by
-    ``ChooseCaption`` (the uncached DataModule's rule) among the sources it has."""
+    ``ChooseCaption`` (the uncached DataModule's rule) among the sources it has. Training streams resume mid-epoch
+    through ``CaptionMixLoader``'s state (the position is a batch index here, so resuming costs no reading)."""
 
     def __init__(self, index: _CacheIndex, batch_size: int, weights: Mapping[str, float], seed: int,
                  epoch: SharedEpoch, rank: int, world_size: int, shuffle: bool, drop_last: bool,
@@ -194,6 +195,21 @@ class LatentCacheStream(IterableDataset):
         self.index, self.batch_size, self.weights = index, batch_size, dict(weights)
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world_size
         self.shuffle, self.drop_last, self.fallback = shuffle, drop_last, fallback
+        self.resume: dict[str, Any] | None = None  # set by CaptionMixLoader for one iteration (mid-epoch resume)
+
+    @property
+    def world_size(self) -> int:
+        return self.world
+
+    def current_epoch(self) -> int:
+        return self.epoch.get()
+
+    def __len__(self) -> int:
+        # Training streams are sized, so Lightning does not prefetch a batch ahead: the loader's count of handed-out
+        # batches (its resume state) then equals the batches trained on.
+        if not self.drop_last:
+            raise TypeError("an evaluation stream has no length")
+        return len(self.index) // self.world // self.batch_size
 
     def batches(self, epoch: int) -> list[list[int]]:
         n = len(self.index)
@@ -211,7 +227,14 @@ class LatentCacheStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         stats = SkipStats(max_consecutive_drops=None)
         choose = ChooseCaption(self.weights, self.seed, epoch, stats, fallback=self.fallback)
-        for b in self.batches(epoch)[wid::nw]:
+        resume, self.resume = self.resume, None
+        start = 0
+        if resume is not None and self.drop_last:  # training: resume past this worker's consumed batches (no I/O)
+            wid, done, position = worker_resume_point(resume, wid, nw)
+            start = position if position is not None else done
+        mine = self.batches(epoch)[wid::nw]
+        for j in range(start, len(mine)):
+            b = mine[j]
             rows, names, keys = [], [], []
             for i in b:
                 key = self.index.keys[i]
@@ -226,8 +249,11 @@ class LatentCacheStream(IterableDataset):
             if not rows:
                 continue
             lat, text, mask = (torch.stack(x) for x in zip(*rows, strict=True))
-            yield {"latent": lat, "text": text, "text_mask": mask, "caption_source": names, "key": keys,
-                   "skipped": stats.drain()}  # fmt: skip
+            batch = {"latent": lat, "text": text, "text_mask": mask, "caption_source": names, "key": keys,
+                     "skipped": stats.drain()}  # fmt: skip
+            if self.drop_last:
+                batch[POSITION_KEY] = (wid, j + 1)  # batches of this worker's list passed (an empty one is skipped)
+            yield batch
 
 
 class LatentCacheDataModule(L.LightningDataModule):
@@ -258,6 +284,19 @@ class LatentCacheDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.epoch = SharedEpoch(0)
+
+    @classmethod
+    def validate_config(cls, args: dict[str, Any], run: Any) -> None:
+        """Checks before anything is built (``experiments/validate.py``): both caches exist (their ``_cache.json``),
+        the batch, and p / weights against the cached sources."""
+        from datamodules.checks import ConfigError, per_device_batch
+
+        per_device_batch(args.get("batch_size"), None, run.world_size)
+        for key in ("cache_dir", "val_cache_dir"):
+            if args.get(key) is not None and not (Path(args[key]) / CACHE_CONFIG).is_file():
+                raise ConfigError(key, args[key], f"must be a DiT cache (with {CACHE_CONFIG}; `experiments dit-cache`)")
+        sources = json.loads((Path(args["cache_dir"]) / CACHE_CONFIG).read_text()).get("sources") or DEFAULT_SOURCES
+        resolve_weights(list(sources), args.get("p_original"), args.get("source_weights"), "sample")
 
     def _index(self, path: str) -> tuple[_CacheIndex, dict[str, float]]:
         index = _CacheIndex(path)

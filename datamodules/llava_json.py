@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from datamodules.checks import RunContext, check_path, per_device_batch
 from lightning_modules.components.chat import IMAGE_TOKEN, llava_to_messages, pad_sequences
 
 
@@ -140,11 +141,20 @@ class LlavaJsonDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        per_device_batch(batch_size, None, None)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_dataset: LlavaJsonDataset | None = None
         self.val_dataset: LlavaJsonDataset | None = None
+
+    @classmethod
+    def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
+        """Checks before anything is built (``experiments/validate.py``): the batch and the local json files and
+        image folders exist."""
+        per_device_batch(args.get("batch_size"), None, run.world_size)
+        check_path("train_json", args.get("train_json"), "file", what="LLaVA json of training conversations")
+        check_path("image_folder", args.get("image_folder"), "dir")
+        check_path("val_json", args.get("val_json"), "file")
+        check_path("val_image_folder", args.get("val_image_folder"), "dir")
 
     def _transforms(self, stage: str) -> Any:
         module = self.trainer.lightning_module if self.trainer is not None else None

@@ -12,6 +12,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from datamodules.checks import RunContext, check_path
+
 
 def _collate(records: list[Any]) -> dict[str, list]:
     return {"prompt": [r.prompt for r in records], "image_id": [r.image_id for r in records]}
@@ -32,6 +34,11 @@ class PromptDataModule(L.LightningDataModule):
                  seed: int = 0):  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
+
+    @classmethod
+    def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
+        """Checks before anything is built (``experiments/validate.py``): the prompt parquet exists."""
+        check_path("prompts", args.get("prompts"), "file", what="a prompt parquet (Recap-COCO-30K schema)")
 
     def predict_dataloader(self) -> DataLoader:
         from lightning_modules.evaluation.generation import read_prompt_set

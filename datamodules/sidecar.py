@@ -84,6 +84,7 @@ __all__ = [
     "JOIN_COLUMNS",
     "MANIFEST_NAME",
     "RECAP_COLUMNS",
+    "UnreadableSidecarError",
     "build_sidecars",
     "bucket_of",
     "load_sidecar",
@@ -147,6 +148,10 @@ def sidecar_path(sidecar_dir: str | Path, shard_url: str) -> str:
     return f"{d}{'' if d.endswith('/') else '/'}{_shard_stem(shard_url)}.parquet"
 
 
+class UnreadableSidecarError(ValueError):
+    """A sidecar file that exists but is not a readable parquet file (truncated copy, corrupt footer)."""
+
+
 def load_sidecar(path: str | Path, columns: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Load one shard's sidecar as ``{key: {column: value}}``.
 
@@ -160,7 +165,9 @@ def load_sidecar(path: str | Path, columns: Sequence[str]) -> dict[str, dict[str
 
     Raises:
         FileNotFoundError: If the sidecar does not exist (the sidecars were not built for this shard).
-        ValueError: If the sidecar lacks one of ``columns``; the message names the file and the column.
+        UnreadableSidecarError: If the file is not a readable parquet file (a ``ValueError``); names the file.
+        ValueError: If the sidecar lacks one of ``columns``; the message names the file and the column. Extra
+            columns are ignored.
     """
     path = os.fspath(path)
     columns = list(columns)
@@ -176,6 +183,8 @@ def load_sidecar(path: str | Path, columns: Sequence[str]) -> dict[str, dict[str
             data = pf.read(columns=["key", *columns]).to_pydict()
     except FileNotFoundError as e:
         raise FileNotFoundError(f"sidecar {path} does not exist; build it with build_sidecars()") from e
+    except (pa.ArrowException, OSError) as e:  # not parquet, truncated, bad footer or page (pyarrow's types)
+        raise UnreadableSidecarError(f"sidecar {path} is not a readable parquet file: {e}") from e
     keys = data.pop("key")
     values = [data[c] for c in columns]
     return {k: dict(zip(columns, row, strict=True)) for k, *row in zip(keys, *values, strict=True)}
@@ -486,8 +495,11 @@ def _plan(recap_files: list[str], join_on: str, columns: list[str], num_buckets:
 
 
 def _read_footer(url: str) -> tuple[pq.FileMetaData, pa.Schema]:
-    with _open_input(url) as f, pq.ParquetFile(f) as pf:
-        return pf.metadata, pf.schema_arrow
+    try:
+        with _open_input(url) as f, pq.ParquetFile(f) as pf:
+            return pf.metadata, pf.schema_arrow
+    except pa.ArrowException as e:  # truncated download, not a parquet file
+        raise ValueError(f"recap file {url} is not a readable parquet file: {e}") from e
 
 
 def _internal_type(t: pa.DataType) -> pa.DataType:
@@ -665,30 +677,45 @@ def _shard_index(url: str, join_on: str) -> tuple[pa.Table, str]:
     """
     meta = _index_parquet_location(url)
     if meta is not None and _exists(meta):
-        with _open_input(meta) as f, pq.ParquetFile(f) as pf:
-            names = pf.schema_arrow.names
-            for col in ("key", join_on):
-                if col not in names:
-                    raise ValueError(
-                        f"img2dataset index {meta} (for shard {url}) has no column {col!r}; it has {names}"
-                        + (
-                            " (run img2dataset with compute_hash='sha256' or use join_on='key')"
-                            if col == "sha256"
-                            else ""
-                        )
-                    )
-            cols = list(dict.fromkeys(["key", join_on, *(["status"] if "status" in names else [])]))
-            t = pf.read(columns=cols)
-        if "status" in cols:
-            t = t.filter(pc.fill_null(pc.equal(t.column("status").cast(pa.string()), "success"), False))
-        key = t.column("key").cast(pa.string())
-        return pa.table({"join": t.column(join_on).cast(pa.string()), "key": key}), "parquet"
+        try:
+            return _parquet_index(url, meta, join_on)
+        except pa.ArrowException as e:  # a damaged img2dataset parquet: the tar itself has the keys
+            log.warning("img2dataset index %s (for shard %s) is unreadable (%s); scanning the tar", meta, url, e)
     keys, values = _scan_tar(url, join_on)
     return pa.table({"join": pa.array(values, pa.string()), "key": pa.array(keys, pa.string())}), "tar_scan"
 
 
+def _parquet_index(url: str, meta: str, join_on: str) -> tuple[pa.Table, str]:
+    """The shard's samples from its img2dataset parquet (successful rows only)."""
+    with _open_input(meta) as f, pq.ParquetFile(f) as pf:
+        names = pf.schema_arrow.names
+        for col in ("key", join_on):
+            if col not in names:
+                raise ValueError(
+                    f"img2dataset index {meta} (for shard {url}) has no column {col!r}; it has {names}"
+                    + (" (run img2dataset with compute_hash='sha256' or use join_on='key')" if col == "sha256" else "")
+                )
+        cols = list(dict.fromkeys(["key", join_on, *(["status"] if "status" in names else [])]))
+        t = pf.read(columns=cols)
+    if "status" in cols:
+        t = t.filter(pc.fill_null(pc.equal(t.column("status").cast(pa.string()), "success"), False))
+    key = t.column("key").cast(pa.string())
+    return pa.table({"join": t.column(join_on).cast(pa.string()), "key": key}), "parquet"
+
+
 def _scan_tar(url: str, join_on: str) -> tuple[list[str], list[str | None]]:
-    """Stream a webdataset tar and return its sample keys and their join values (from ``KEY.json``)."""
+    """Stream a webdataset tar and return its sample keys and their join values (from ``KEY.json``).
+
+    A truncated or corrupt tar raises a ``ValueError`` naming the shard: its sidecar would silently miss the samples
+    after the damage, so the build stops until the shard is repaired or left out of ``shards``.
+    """
+    try:
+        return _scan_tar_members(url, join_on)
+    except tarfile.TarError as e:
+        raise ValueError(f"shard {url} is damaged ({type(e).__name__}: {e}); repair it or leave it out") from e
+
+
+def _scan_tar_members(url: str, join_on: str) -> tuple[list[str], list[str | None]]:
     index: dict[str, int] = {}
     keys: list[str] = []
     values: list[str | None] = []

@@ -11,9 +11,11 @@ Determinism contract (the paper's p, made reproducible):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import math
 import random
 import warnings
 from collections import Counter
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -57,7 +60,7 @@ class SkipStats:
     def skip(self, reason: str, where: str = "") -> None:
         self.counts[reason] += 1
         self.examples.setdefault(reason, where)
-        if reason.startswith(("fallback:", "sidecar_missing")):
+        if reason.startswith(("fallback:", "sidecar_", "caption_")):
             return  # the sample (or shard) is still used
         self.consecutive_drops += 1
         if self.max_consecutive_drops is not None and self.consecutive_drops > self.max_consecutive_drops:
@@ -147,7 +150,12 @@ class ShardSchedule:
 
 
 class TarFormatError(ValueError):
-    """A tar stream that is truncated or corrupt (bad header checksum)."""
+    """A tar stream that is truncated or corrupt (bad header checksum); ``member`` names the damaged member when its
+    header was readable (else None)."""
+
+    def __init__(self, message: str, member: str | None = None):
+        super().__init__(message)
+        self.member = member
 
 
 _BLOCK = 512
@@ -177,28 +185,37 @@ def iter_tar_members(stream, where: str = "") -> Iterator[tuple[str, bytes]]:
     ``tarfile``: its generic header machinery is ~30% of a worker's CPU on small images (profiled: 3.4 s of 11.4 s
     per 6k 64-px samples), which this reader cuts to a fraction. It handles ustar/POSIX prefixes, GNU long names
     (``L``), pax ``path`` records (``x``), GNU base-256 sizes, and verifies every header checksum; anything
-    truncated or corrupt raises :class:`TarFormatError` (the caller counts it and moves to the next shard).
+    truncated or corrupt raises :class:`TarFormatError` (the caller counts it and moves to the next shard), and so
+    does an empty stream (a zero-byte file or a ``pipe:`` that printed nothing; ``tarfile`` refuses it too).
     """
     read = stream.read
     long_name: str | None = None
+    first = True
     while True:
         header = read(_BLOCK)
         if not header:
+            if first:
+                raise TarFormatError(f"empty tar stream in {where}")
             return  # a stream ending without the end-of-archive blocks is accepted, as tarfile does
+        first = False
         if len(header) < _BLOCK:
             raise TarFormatError(f"truncated tar header in {where}")
         if header.count(0) == _BLOCK:
             return  # end-of-archive marker
-        stored = _tar_number(header[148:156])
+        try:
+            stored = _tar_number(header[148:156])
+            size = _tar_number(header[124:136])
+        except ValueError:
+            stored = size = -1  # not octal: not a tar header
         if stored != sum(header) - sum(header[148:156]) + 8 * 32:
             raise TarFormatError(f"bad tar header checksum in {where}")
-        size = _tar_number(header[124:136])
         padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
         data = read(padded)
-        if len(data) < padded:
-            raise TarFormatError(f"truncated tar member in {where}")
-        data = data[:size]
         kind = header[156:157]
+        if len(data) < padded:
+            member = None if kind in (b"L", b"x", b"g") else (long_name or _member_name(header))
+            raise TarFormatError(f"truncated tar member in {where}: {member}", member)
+        data = data[:size]
         if kind in (b"L", b"x"):  # the name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "replace") if kind == b"L" else _pax_path(data)
             continue
@@ -210,10 +227,15 @@ def iter_tar_members(stream, where: str = "") -> Iterator[tuple[str, bytes]]:
         if long_name is not None:
             name, long_name = long_name, None
         else:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if header[257:265] == _POSIX_MAGIC and header[345] != 0:
-                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+            name = _member_name(header)
         yield name, data
+
+
+def _member_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    if header[257:265] == _POSIX_MAGIC and header[345] != 0:
+        name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+    return name
 
 
 def open_shard(url: str):
@@ -227,7 +249,13 @@ def open_shard(url: str):
         import fsspec
 
         return fsspec.open(url, "rb").open()
-    return wds.gopen(url, bufsize=1 << 20)
+    stream = wds.gopen(url, bufsize=1 << 20)
+    if url.startswith("pipe:"):
+        # webdataset's Pipe.read polls the exit status after every read and raises, dropping the chunk it just read,
+        # so a command failing after it wrote its data lost a timing-dependent tail; read plainly, and let close()
+        # (which waits for the command and raises on a bad status; ReadShards counts it) report the failure.
+        stream.read = stream.stream.read
+    return stream
 
 
 class ReadShards:
@@ -237,8 +265,10 @@ class ReadShards:
     into samples by key as webdataset does; a suffix seen twice within one key starts a new sample, which the
     extraction stage then reports as a duplicate key. Each sample carries ``__visit__`` (the index of this shard
     visit), so later stages can tell a new visit of the same shard from a duplicate inside one shard. Metadata
-    members (``__*__``) are skipped, as webdataset does. A truncated or corrupt shard is reported to ``handler``
-    and the samples completed before the damage are kept.
+    members (``__*__``) are skipped, as webdataset does. A truncated or corrupt shard, or a ``pipe:`` command that
+    exits with an error, is reported to ``handler``; the samples before the damage are kept, and the one being read
+    when it happened is passed on with the members read intact (the extraction stage counts it if that leaves it
+    without its image or caption).
     """
 
     def __init__(self, handler: Callable[[Exception], bool]):
@@ -270,22 +300,49 @@ class ReadShards:
                     current[suffix] = data
                 if current is not None:
                     yield current
+                    current = None
             except Exception as exn:
+                if current is not None:
+                    yield current  # its members read so far are whole; a damaged member was never added
                 exn.args = (*exn.args, url)
                 if not self.handler(exn):
                     return
             finally:
-                stream.close()
+                close_error = _close_quietly(stream)
+            if close_error is not None:  # e.g. a pipe: command's non-zero exit status, reported at close
+                close_error.args = (*close_error.args, url)
+                if not self.handler(close_error):
+                    return
+
+
+def _close_quietly(stream) -> Exception | None:
+    """Close a shard stream; return (instead of raising) what closing raised."""
+    try:
+        stream.close()
+    except Exception as exn:
+        return exn
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- caption extraction
-def _text(value: bytes | str | None) -> str | None:
+MAX_CAPTION_CHARS = 10_000
+"""Longer captions are treated as missing (``caption_too_long``): web alt-text and recaptions are a few hundred
+characters, and tokenizers read the whole string before truncating (open_clip's: ~0.8 s for 1 MB)."""
+
+
+def _text(value: Any) -> tuple[str | None, str | None]:
+    """A caption value -> ``(stripped text or None, problem or None)``; problems: ``not_utf8``, ``not_text``."""
     if value is None:
-        return None
+        return None, None
     if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "not_utf8"
+    elif not isinstance(value, str):
+        return None, "not_text"
     value = value.strip()
-    return value or None
+    return value or None, None
 
 
 @dataclass(frozen=True)
@@ -320,12 +377,26 @@ class ExtractCaptions:
 
     Runs before the shuffle buffer, so sidecars are loaded once per shard (samples still arrive shard by shard) and
     the buffer holds encoded bytes, not decoded images.
+
+    Skipped and counted: a key seen before in this shard visit (``duplicate_key``), no image member
+    (``missing_image``). A caption that is not UTF-8, not a string, or longer than ``max_caption_chars`` counts as
+    missing for that source (``caption_not_utf8``, ``caption_not_text``, ``caption_too_long``); an unparsable json
+    member is ``bad_json``; a missing or unreadable sidecar is ``sidecar_missing`` / ``sidecar_unreadable`` (its
+    shard is read without it). A sidecar that lacks a requested column raises (the sidecars were built for other
+    columns).
     """
 
-    def __init__(self, sources: Sequence[SourceSpec], sidecar_dir: str | None, stats: SkipStats):
+    def __init__(
+        self,
+        sources: Sequence[SourceSpec],
+        sidecar_dir: str | None,
+        stats: SkipStats,
+        max_caption_chars: int | None = MAX_CAPTION_CHARS,
+    ):
         self.sources = list(sources)
         self.sidecar_dir = sidecar_dir
         self.stats = stats
+        self.max_caption_chars = max_caption_chars
         self.sidecar_columns = [s.where for s in self.sources if s.kind == "sidecar"]
         if self.sidecar_columns and not sidecar_dir:
             names = [s.name for s in self.sources if s.kind == "sidecar"]
@@ -336,7 +407,7 @@ class ExtractCaptions:
         self._seen: set[str] = set()
 
     def _load_sidecar(self, url: str) -> None:
-        from datamodules.sidecar import load_sidecar, sidecar_path
+        from datamodules.sidecar import UnreadableSidecarError, load_sidecar, sidecar_path
 
         self._sidecar_url = url
         path = sidecar_path(self.sidecar_dir, url)
@@ -346,6 +417,17 @@ class ExtractCaptions:
             # A missing sidecar is a whole shard without recaptions: count it once, fall back per sample.
             self.stats.skip("sidecar_missing", path)
             self._sidecar = {}
+        except UnreadableSidecarError as exn:  # truncated/corrupt file: as a missing one (a missing column raises)
+            self.stats.skip("sidecar_unreadable", str(exn)[:300])
+            self._sidecar = {}
+
+    def _caption(self, value: Any, source: str, where: str) -> str | None:
+        text, problem = _text(value)
+        if problem is None and text is not None and self.max_caption_chars and len(text) > self.max_caption_chars:
+            text, problem = None, "too_long"
+        if problem is not None:  # the source counts as missing for this sample (fallback / no_caption follow)
+            self.stats.skip(f"caption_{problem}", f"{where} ({source})")
+        return text
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in samples:
@@ -370,19 +452,19 @@ class ExtractCaptions:
             captions: dict[str, str | None] = {}
             for src in self.sources:
                 if src.kind == "member":
-                    captions[src.name] = _text(sample.get(src.where))
+                    value = sample.get(src.where)
                 elif src.kind == "json":
                     if meta is None:
                         try:
                             meta = json.loads(sample.get("json") or b"{}")
-                        except (json.JSONDecodeError, UnicodeDecodeError):
+                        except (ValueError, RecursionError):  # bad JSON or bad UTF-8; absurd nesting
                             self.stats.skip("bad_json", where)
                             meta = {}
                     value = meta.get(src.where) if isinstance(meta, dict) else None
-                    captions[src.name] = _text(value) if isinstance(value, str | bytes) else None
                 else:
                     row = self._sidecar.get(key)
-                    captions[src.name] = _text(row.get(src.where)) if row is not None else None
+                    value = row.get(src.where) if row is not None else None
+                captions[src.name] = self._caption(value, src.name, where)
             self.stats.extracted += 1
             yield {"key": key, "url": url, "image_bytes": image, "captions": captions}
 
@@ -453,33 +535,168 @@ class ChooseCaption:
 
 
 # ------------------------------------------------------------------------------------------------------------ images
-class DecodeImage:
-    """Decode the image bytes to RGB, refuse pixel bombs, apply the model's transform; count failures."""
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own MAX_IMAGE_PIXELS (a 1/4 GiB RGBA image)
+MIN_IMAGE_SIZE = 8
+"""Images whose shorter side is below this are skipped (``tiny_image``): 1x1 tracking pixels and spacers carry no
+content (img2dataset's ``min_image_size`` is the same filter, applied at download)."""
 
-    def __init__(self, transform: Callable | None, stats: SkipStats, max_image_pixels: int | None = 89_478_485):
+
+class ImageRejected(ValueError):
+    """An image that decodes but is refused; ``reason`` is the skip reason (``oversized_image``, ``tiny_image``)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> loaded 8-bit RGB.
+
+    Unlike a bare ``convert("RGB")``: 16-bit greyscale (``I;16``, 16-bit PNG) is scaled to 8 bits instead of being
+    clipped to white; transparency (RGBA, LA, palette or colour-key) is composited on white, as img2dataset's alpha
+    matting does, instead of exposing whatever colour the transparent pixels store; an RGB image is only loaded, not
+    copied. CMYK, YCbCr, L, 1 and P convert as usual.
+    """
+    if img.mode == "RGB":
+        img.load()
+        return img
+    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N and 32-bit I
+        arr = np.asarray(img)
+        if img.mode != "I" or arr.max(initial=0) > 255:
+            arr = (np.clip(arr, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def draft_request(transform: Callable | None) -> tuple[int, int] | None:
+    """The smallest ``(width, height)`` a decoded image may be reduced to without changing what ``transform`` sees
+    beyond resampling, or None when that is not known (then images are decoded at full size).
+
+    Known: a torchvision ``Compose`` (v1 or v2) whose first step is ``Resize`` or ``RandomResizedCrop``, as in every
+    open_clip transform. ``Resize(s)`` needs a shorter side >= s (``Resize((h, w))``: w x h). ``RandomResizedCrop``
+    needs every crop it can draw to be at least its output size: a crop of area fraction ``a`` and aspect ``r`` spans
+    at least ``sqrt(a * r)`` (width) and ``sqrt(a / r)`` (height) of the shorter side, so the shorter side must be at
+    least ``size / sqrt(scale_min * min(ratio_min, 1 / ratio_max))`` (1.22 x size for open_clip's
+    ``scale=(0.9, 1.0)``; 4.1 x for torchvision's default ``scale=(0.08, 1.0)``, so that one is rarely drafted).
+    A wrapper is looked through when it is a ``functools.partial`` binding exactly one such transform (the caption-mix
+    stream's per-sample seeding) or sets ``__wrapped__``.
+    """
+    if isinstance(transform, functools.partial):
+        found = {r for r in (draft_request(a) for a in transform.args) if r is not None}
+        return found.pop() if len(found) == 1 else None
+    if hasattr(transform, "__wrapped__"):
+        return draft_request(transform.__wrapped__)
+    steps = getattr(transform, "transforms", None)
+    if not steps or not isinstance(steps, Sequence):
+        return None
+    first = steps[0]
+    name = type(first).__name__
+    if name not in ("Resize", "RandomResizedCrop") or not type(first).__module__.startswith("torchvision."):
+        return None
+    size = first.size
+    if isinstance(size, int):
+        size = [size]
+    if not isinstance(size, Sequence) or not size:
+        return None
+    h, w = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    if name == "Resize":
+        return int(w), int(h)
+    scale_min, (ratio_min, ratio_max) = float(first.scale[0]), first.ratio
+    worst = min(float(ratio_min), 1.0 / float(ratio_max), 1.0)
+    if scale_min <= 0 or worst <= 0:
+        return None
+    k = 1.0 / math.sqrt(scale_min * worst)
+    side = math.ceil(max(h, w) * k)
+    return side, side
+
+
+def decode_image(
+    fp: Any,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    min_image_size: int | None = MIN_IMAGE_SIZE,
+    draft: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Open and fully decode an image (bytes, path or file) as RGB (:func:`to_rgb`).
+
+    Raises :class:`ImageRejected` for more than ``max_image_pixels`` (checked on the header, before decoding; PIL's
+    decompression-bomb warning counts too) or a shorter side below ``min_image_size``; PIL's own exceptions
+    (``UnidentifiedImageError``, ``OSError: image file is truncated`` ...) for undecodable data. ``draft``: decode a
+    JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= ``draft`` (``Image.draft``).
+    """
+    if isinstance(fp, bytes | bytearray | memoryview):
+        fp = io.BytesIO(fp)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+            w, h = img.size
+            if max_image_pixels and w * h > max_image_pixels:
+                raise ImageRejected("oversized_image", f"{w}x{h} image is over max_image_pixels={max_image_pixels}")
+            if min_image_size and min(w, h) < min_image_size:
+                raise ImageRejected("tiny_image", f"{w}x{h} image is under min_image_size={min_image_size}")
+            if draft is not None and img.format == "JPEG" and w >= 2 * draft[0] and h >= 2 * draft[1]:
+                img.draft("RGB", draft)
+            return to_rgb(img)  # also forces the full decode, so truncated files fail here
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
+        raise ImageRejected("oversized_image", str(exn)) from exn
+
+
+class DecodeImage:
+    """Decode the image bytes to RGB, refuse pixel bombs and tiny images, apply the model's transform; count failures.
+
+    Skip reasons: ``oversized_image`` (over ``max_image_pixels``), ``tiny_image`` (shorter side under
+    ``min_image_size``), ``bad_image`` (undecodable: corrupt, truncated, not an image), ``transform_error`` (the
+    model's transform raised on this image). Colour modes are normalised by :func:`to_rgb`.
+
+    Reduced-scale decoding (``draft=True``): when the transform starts by resizing (:func:`draft_request`; all
+    open_clip transforms do), a JPEG is decoded with libjpeg's DCT scaling at the smallest 1/2, 1/4 or 1/8 scale that
+    still leaves the resize step at least as many pixels as it outputs, so it downsamples from fewer pixels (CLIPA's
+    112 px stage decodes a 384 px image at 192 px). ``draft=False`` always decodes at full size; a ``(width,
+    height)`` tuple sets the minimum directly.
+    """
+
+    def __init__(
+        self,
+        transform: Callable | None,
+        stats: SkipStats,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        min_image_size: int | None = MIN_IMAGE_SIZE,
+        draft: bool | tuple[int, int] = True,
+    ):
         self.transform = transform
         self.stats = stats
         self.max_image_pixels = max_image_pixels
+        self.min_image_size = min_image_size
+        if draft is True:
+            self.draft = draft_request(transform)
+        elif draft is False or draft is None:
+            self.draft = None
+        else:
+            self.draft = (int(draft[0]), int(draft[1]))
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in samples:
             where = f"{sample['url']}:{sample['key']}"
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    img = Image.open(io.BytesIO(sample.pop("image_bytes")))
-                    w, h = img.size
-                    if self.max_image_pixels and w * h > self.max_image_pixels:
-                        self.stats.skip("oversized_image", where)
-                        continue
-                    img = img.convert("RGB")  # also forces the full decode, so truncated files fail here
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-                self.stats.skip("oversized_image", where)
+                img = decode_image(sample.pop("image_bytes"), self.max_image_pixels, self.min_image_size, self.draft)
+            except ImageRejected as exn:
+                self.stats.skip(exn.reason, f"{where}: {exn}"[:300])
                 continue
             except Exception as exn:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
                 self.stats.skip("bad_image", f"{where}: {type(exn).__name__}: {exn}"[:300])
                 continue
-            sample["image"] = self.transform(img) if self.transform is not None else img
+            if self.transform is not None:
+                try:
+                    img = self.transform(img)
+                except Exception as exn:  # one odd image must not stop a run; a transform that always fails
+                    # still stops it, through max_consecutive_drops, with this reason and example
+                    self.stats.skip("transform_error", f"{where}: {type(exn).__name__}: {exn}"[:300])
+                    continue
+            sample["image"] = img
             self.stats.used()
             yield sample
 

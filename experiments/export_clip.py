@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from datamodules.io import atomic_write
 from lightning_modules.components.clip_model import build_clip, clip_state_dict, load_checkpoint_file
 
 
@@ -57,21 +58,15 @@ def export_clip(
 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in parts.model.state_dict().items()}
-    _atomic(out / "open_clip_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(out / "open_clip_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     config = {"model_cfg": model_cfg, "preprocess_cfg": parts.preprocess_cfg}
-    _atomic(out / "open_clip_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
-    _atomic(out / f"{name}.json", lambda p: p.write_text(json.dumps(model_cfg, indent=2)))
+    atomic_write(out / "open_clip_config.json", json.dumps(config, indent=2))
+    atomic_write(out / f"{name}.json", json.dumps(model_cfg, indent=2))
     if hf_vision is not None:
         from lightning_modules.components.hf_clip_vision import save_hf_vision
 
         save_hf_vision(out, hf_vision, with_projection="auto")
     return out
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -263,12 +263,16 @@ def _samples(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
 
 
 def _image(sample: dict[str, Any]) -> Any:
-    from PIL import Image
+    """The sample's image as RGB, decoded as the training loader does (``wds_stages.decode_image``: pixel-bomb and
+    tiny-image limits, 16-bit and transparent images normalised); raises naming what is wrong."""
+    from datamodules.wds_stages import IMAGE_MEMBERS, ImageRejected, decode_image
 
-    for ext in ("jpg", "jpeg", "png", "webp"):
+    for ext in IMAGE_MEMBERS:
         if ext in sample:
-            with Image.open(io.BytesIO(sample[ext])) as im:
-                return im.convert("RGB")
+            try:
+                return decode_image(sample[ext])
+            except ImageRejected as exn:
+                raise ValueError(f"{exn.reason}: {exn}") from exn
     raise ValueError(f"no image member (have {sorted(k for k in sample if not k.startswith('__'))})")
 
 
@@ -284,12 +288,17 @@ def recaption_unit(
     progress: Callable[[int, int], None] | None = None,
 ) -> pa.Table:
     """Caption one unit (a shard or a slice of one); every sample becomes exactly one row (a caption, or status
-    ``error`` and the reason). ``progress(images, generated_tokens)`` is called after each batch."""
+    ``error`` and the reason). ``progress(images, generated_tokens)`` is called after each batch.
+
+    What cannot be a row is listed in the table's schema metadata ``recap_suite.input_errors`` (json; ``run`` copies
+    it into the manifest): a key repeated within the shard (its later copies are skipped, so ``merge`` still sees
+    every key once) and damage that ended the shard early (truncated tar, failed ``pipe:``)."""
     unit = Unit(unit) if isinstance(unit, str) else unit
     url = unit.url
     rows: list[dict[str, Any]] = []
     batch: list[tuple[dict[str, Any], Any]] = []
     errors: list[str] = []
+    seen: set[str] = set()
 
     def base(sample: dict[str, Any]) -> dict[str, Any]:
         meta = json.loads(sample["json"]) if "json" in sample else {}
@@ -324,6 +333,10 @@ def recaption_unit(
             continue
         if unit.stop is not None and index >= unit.stop:
             break
+        if sample["__key__"] in seen:
+            errors.append(f"duplicate key {sample['__key__']} (sample {index}) skipped")
+            continue
+        seen.add(sample["__key__"])
         try:
             row = base(sample)
         except Exception as exn:  # unreadable json member: still one row, keyed
@@ -340,9 +353,20 @@ def recaption_unit(
         if len(batch) >= batch_size:
             flush()
     flush()
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
     if errors:  # a damaged shard: the samples read before the damage are kept; the damage is recorded
         print(f"recaption: {url}: {'; '.join(errors)}", file=sys.stderr)
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+        table = table.replace_schema_metadata({INPUT_ERRORS: json.dumps(errors)})
+    return table
+
+
+INPUT_ERRORS = "recap_suite.input_errors"
+
+
+def input_errors(table: pa.Table) -> list[str]:
+    """The input problems ``recaption_unit`` recorded in a unit table's metadata (empty when none)."""
+    raw = (table.schema.metadata or {}).get(INPUT_ERRORS.encode())
+    return json.loads(raw) if raw else []
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
@@ -441,12 +465,15 @@ def run(
             if path.exists():  # another process finished it meanwhile (overlapping runs): keep the first, never both
                 continue
             if unit.part is not None:  # a later run keeps this split (shard_units)
-                table = table.replace_schema_metadata({"recap_suite.slice_size": str(unit.size)})
+                meta = dict(table.schema.metadata or {})
+                table = table.replace_schema_metadata({**meta, b"recap_suite.slice_size": str(unit.size).encode()})
             _write_atomic(table, path)
             dt = time.perf_counter() - t0
             n_err = sum(s != "ok" for s in table.column("status").to_pylist())
             tokens = sum(table.column("n_generated_tokens").to_pylist())
             record = {"unit": unit.name, "url": unit.url, "rows": table.num_rows, "errors": n_err, "tokens": tokens}
+            if input_errors(table):
+                record["input_errors"] = input_errors(table)
             _append_manifest(out, record | {"seconds": round(dt, 3), "rank": rank, "world_size": world})
             totals = {k: totals[k] + v for k, v in zip(totals, (1, table.num_rows, n_err, tokens, dt), strict=True)}
             eta = totals["seconds"] / totals["units"] * (len(mine) - i - 1)

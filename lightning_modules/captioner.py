@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.caption_mix import DataTransforms
-from lightning_modules.clip import cosine_with_warmup
+from datamodules.checks import RunContext, check_path
 from lightning_modules.components.chat import CaptionConversation, ConversationEncoder, pad_sequences
 from lightning_modules.components.llava import (
     PAPER_RECAPTION_PROMPT,
@@ -35,6 +35,7 @@ from lightning_modules.components.llava import (
     greedy_captions,
     save_llava,
 )
+from lightning_modules.components.schedules import cosine_with_warmup
 
 PROJECTOR = "multi_modal_projector"
 VISION = "vision_tower"
@@ -172,6 +173,17 @@ class CaptionerModule(L.LightningModule):
         self.n_truncated = 0
         self._validations = 0
         self._t_last: float | None = None
+
+    @classmethod
+    def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
+        """Checks before anything is built (``experiments/validate.py``): ``init_from`` exists, and so do the local
+        folders named by ``pretrained`` / ``vision_tower`` / ``llm`` / ``tokenizer`` (hub names are not checked)."""
+        check_path("init_from", args.get("init_from"), "file", what="the previous stage's checkpoint (run it first)")
+        for key in ("pretrained", "vision_tower", "llm", "tokenizer"):
+            check_path(key, args.get(key), hub_ok=True)
+        chat_template = args.get("chat_template")
+        if isinstance(chat_template, str) and chat_template.endswith(".jinja"):
+            check_path("chat_template", chat_template, "file")
 
     # ------------------------------------------------------------------------------------------------ building
     def configure_model(self) -> None:

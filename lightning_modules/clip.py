@@ -22,7 +22,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from open_clip import ClipLoss
 
 from datamodules.caption_mix import DataTransforms
-from lightning_modules.components.clip_model import TokenizeOne, build_clip, load_clip_weights
+from datamodules.checks import ConfigError, RunContext, check_path
+from lightning_modules.components.clip_model import TokenizeOne, build_clip, load_clip_weights, resolve_model_config
+from lightning_modules.components.schedules import cosine_with_warmup
 
 
 def make_clip_loss(rank: int = 0, world_size: int = 1) -> ClipLoss:
@@ -32,14 +34,6 @@ def make_clip_loss(rank: int = 0, world_size: int = 1) -> ClipLoss:
     (``local_loss``), which equals the single-process loss on the concatenated global batch.
     """
     return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
-
-
-def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` (CLIPA, open_clip)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class ClipModule(L.LightningModule):
@@ -121,6 +115,20 @@ class ClipModule(L.LightningModule):
         self._last_eval_step = -1
         self._t0: float | None = None
         self._test_features: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    @classmethod
+    def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
+        """Checks before anything is built (``experiments/validate.py``): ``model`` names a known size (paper Table 2,
+        open_clip) or an existing config / ``local-dir:`` folder, and ``init_from`` exists."""
+        model = args.get("model")
+        if isinstance(model, str) and model.startswith("local-dir:"):
+            check_path("model", model.removeprefix("local-dir:"), "dir", what="an open_clip folder")
+        else:
+            try:
+                resolve_model_config(model)
+            except (ValueError, FileNotFoundError, TypeError) as e:
+                raise ConfigError("model", model, str(e)) from None
+        check_path("init_from", args.get("init_from"), "file", what="the checkpoint to start from (stage 2: stage 1's)")
 
     # ---------------------------------------------------------------------------------------------------- data
     @property

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from datamodules.caption_mix import DataTransforms
+from datamodules.checks import ConfigError, RunContext, check_path
 from lightning_modules.components.dit import (
     FrozenCLIPText,
     PixelCodec,
@@ -36,11 +37,13 @@ from lightning_modules.components.dit import (
     diffusion_loss,
     dit_forward,
     make_scheduler,
+    parse_dit_size,
     sample,
     save_grid,
     to_uint8,
     trim_to_longest,
 )
+from lightning_modules.components.schedules import constant_with_warmup
 
 FROZEN_PREFIXES = ("text_encoder.", "codec.")
 
@@ -131,6 +134,17 @@ class DiTModule(L.LightningModule):
         self.schedule = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                              prediction_type=prediction_type)  # fmt: skip
         self.noise_scheduler = make_scheduler("ddpm", **self.schedule)
+
+    @classmethod
+    def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
+        """Checks before anything is built (``experiments/validate.py``): ``size`` is a DiT size (``DiT-B/4``) or a
+        complete dict, and the local folders of ``text_encoder`` / ``vae`` exist (hub names are not checked)."""
+        try:
+            parse_dit_size(args.get("size"))
+        except (ValueError, TypeError) as e:
+            raise ConfigError("size", args.get("size"), str(e)) from None
+        check_path("text_encoder", args.get("text_encoder"), hub_ok=True, what="a CLIP text tower (HF or export-clip)")
+        check_path("vae", args.get("vae"), hub_ok=True, what="a diffusers AutoencoderKL")
 
     # ------------------------------------------------------------------------------------------------------ build
     def configure_model(self) -> None:
@@ -247,7 +261,7 @@ class DiTModule(L.LightningModule):
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=h.betas)
         if not h.warmup_steps:
             return opt
-        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / h.warmup_steps))
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: constant_with_warmup(s, h.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
 
     # ---------------------------------------------------------------------------------------------- checkpoints

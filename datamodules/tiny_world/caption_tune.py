@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from .recaption import _write_atomic_text
+from datamodules.io import atomic_write
+
 from .scene import Scene
 from .text import DETAIL_PROMPTS, detailed_description
 
@@ -59,7 +60,7 @@ def write_caption_tune(world_dir: str | os.PathLike, out: str | os.PathLike | No
     world = Path(world_dir)
     path = Path(out) if out is not None else world / "caption_tune" / "detail.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic_text(json.dumps(detail_records(world, seed=seed)), path)
+    atomic_write(path, json.dumps(detail_records(world, seed=seed)))
     return path
 
 

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from datamodules.io import atomic_write
+
 from .scene import BACKGROUND_KINDS, COLOURS, POSITIONS, SHAPES
 
 __all__ = [
@@ -437,15 +439,6 @@ def _augment(x: Tensor, t: Tensor, gen: torch.Generator, low_res_prob: float) ->
     return x, t
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_judge(judge: AttributeJudge, out_dir: str | os.PathLike, info: dict) -> None:
     """Write ``judge.safetensors`` then ``judge.json`` (``info`` plus the architecture), each atomically."""
     from safetensors.torch import save_file
@@ -455,8 +448,8 @@ def save_judge(judge: AttributeJudge, out_dir: str | os.PathLike, info: dict) ->
     state = {k: v.detach().cpu().contiguous() for k, v in judge.state_dict().items()}
     meta = {"format": "tiny-world-judge", "recipe_version": RECIPE_VERSION, "config": judge.config(),
             "labels": {k: list(v) for k, v in HEADS.items()}, **info}  # fmt: skip
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / JSON_NAME, lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(out / JSON_NAME, json.dumps(meta, indent=1) + "\n")
 
 
 def load_judge(out_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> AttributeJudge:

@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from datamodules.io import TMP_MARK, atomic_write
+
 from .scene import COLOURS, SHAPES, Scene
 from .text import detailed_description, mentions_shade
 
@@ -225,7 +227,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise FileExistsError(f"{out} is not empty (pass overwrite=True / --overwrite to replace a previous table)")
         for p in out.iterdir():
-            if p.is_file() and (_FILE_RE.match(p.name) or p.name == CONFIG_NAME or ".tmp-" in p.name):
+            if p.is_file() and (_FILE_RE.match(p.name) or p.name == CONFIG_NAME or TMP_MARK in p.name):
                 p.unlink()
         left = sorted(p.name for p in out.iterdir())
         if left:
@@ -234,24 +236,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
                 "the sidecar builder, so choose an empty out_dir"
             )
     out.mkdir(parents=True, exist_ok=True)
-
-
-def _write_atomic_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _rate(num: int, den: int) -> float | None:
@@ -357,7 +341,8 @@ def truth_recaptions(
     paths = []
     for i, part in enumerate(np.array_split(order, files)):
         path = out / f"train-{i:05d}-of-{files:05d}.parquet"
-        _write_atomic_parquet(table.take(pa.array(part, pa.int64())), path)
+        piece = table.take(pa.array(part, pa.int64()))
+        atomic_write(path, lambda tmp, piece=piece: pq.write_table(piece, tmp))
         paths.append(str(path))
 
     rates = {
@@ -386,7 +371,7 @@ def truth_recaptions(
         "realised_rates": rates,
         "counts": dict(sorted(cnt.items())),
     }
-    _write_atomic_text(json.dumps(config, indent=1) + "\n", out / CONFIG_NAME)
+    atomic_write(out / CONFIG_NAME, json.dumps(config, indent=1) + "\n")
     return {
         "out_dir": os.fspath(out),
         "rows": n,

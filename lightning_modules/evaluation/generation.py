@@ -166,7 +166,10 @@ def read_prompt_set(
     if _is_binary(schema.field(column).type):
         raise ValueError(f"{path}: column {column!r} holds binary data, not prompt text")
     columns = [f.name for f in schema if not _is_binary(f.type)]
-    rows = pq.read_table(path, columns=columns).to_pylist()
+    try:
+        rows = pq.read_table(path, columns=columns).to_pylist()
+    except Exception as e:  # noqa: BLE001 - a damaged page or invalid UTF-8 in a string column; re-raised with the path
+        raise ValueError(f"{path}: cannot read the rows ({type(e).__name__}: {e})") from e
 
     base_dir = Path(image_root) if image_root is not None else path.parent
     root = Path(image_root) if image_root is not None else None
@@ -250,11 +253,17 @@ def load_reference_images(paths: Sequence[PathLike], size: tuple[int, int]) -> t
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} reference image(s) missing, e.g. {missing[0]}")
+    from datamodules.wds_stages import decode_image
+
     h, w = size
     out = []
     for p in paths:
-        with Image.open(p) as im:
-            out.append(ImageOps.fit(im.convert("RGB"), (w, h), method=Image.Resampling.BICUBIC))
+        try:
+            with open(p, "rb") as f:
+                im = decode_image(f, min_image_size=None)  # 16-bit / transparent images as the loader reads them
+        except Exception as e:  # PIL raises many types; re-raised with the file
+            raise ValueError(f"cannot read reference image {p}: {type(e).__name__}: {e}") from e
+        out.append(ImageOps.fit(im, (w, h), method=Image.Resampling.BICUBIC))
     return to_uint8_images(out)
 
 

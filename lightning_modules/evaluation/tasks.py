@@ -18,7 +18,6 @@ import abc
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from datamodules.io import atomic_write
 
 from .metrics import retrieval_metrics, token_lengths, topk_accuracy
 
@@ -72,7 +73,12 @@ class EvalTask(abc.ABC):
 
 
 class _ImageList(Dataset):
-    """RGB images from a list of paths, returned as ``(transform(image), index)``."""
+    """RGB images from a list of paths, returned as ``(transform(image), index)``.
+
+    Decoded as the training loader does (``wds_stages.decode_image``: 16-bit and transparent images normalised,
+    PIL's pixel-bomb limit). An unreadable image is an error naming the file, never a skip: a metric over a silently
+    smaller set would not be comparable.
+    """
 
     def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.paths = list(paths)
@@ -82,8 +88,15 @@ class _ImageList(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[index]) as img:
-            return self.transform(img.convert("RGB")), index
+        from datamodules.wds_stages import decode_image
+
+        path = self.paths[index]
+        try:
+            with open(path, "rb") as f:
+                img = decode_image(f, min_image_size=None)
+        except Exception as e:  # PIL raises many types; re-raised with the file
+            raise ValueError(f"cannot read evaluation image {path}: {type(e).__name__}: {e}") from e
+        return self.transform(img), index
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -97,7 +110,7 @@ def _read_json(path: Path, what: str) -> Any:
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: malformed JSON ({e})") from e
 
 
@@ -296,6 +309,9 @@ class Retrieval(_RetrievalTask):
                 ) from e
             if not captions:
                 raise ValueError(f"{source}: images[{i}] ({path.name}) has no sentences")
+            bad = next((j for j, c in enumerate(captions) if not isinstance(c, str) or not c.strip()), None)
+            if bad is not None:
+                raise ValueError(f"{source}: images[{i}] ({path.name}) sentences[{bad}].raw is empty or not a string")
             texts += captions
             text_to_image += [len(paths)] * len(captions)
             paths.append(path)
@@ -342,7 +358,10 @@ class LongRetrieval(_RetrievalTask):
         for stem in sorted(images, key=_stem_order):
             if stem not in captions:
                 raise FileNotFoundError(f"image {images[stem]} has no caption {caption_dir / f'{stem}.txt'}")
-            text = captions[stem].read_text(encoding="utf-8").strip()
+            try:
+                text = captions[stem].read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"caption {captions[stem]} is not UTF-8 text ({e})") from e
             if not text:
                 raise ValueError(f"empty caption: {captions[stem]}")
             paths.append(images[stem])
@@ -404,11 +423,4 @@ def write_metrics_json(metrics: Mapping[str, float], path: PathLike, **extra: An
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({"metrics": dict(metrics), **extra}, indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(payload + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, payload + "\n")

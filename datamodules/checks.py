@@ -1,0 +1,135 @@
+"""Config checks that run before anything is built (``experiments/validate.py`` calls them from the CLI).
+
+A LightningModule or DataModule states its own rules in a classmethod ``validate_config(args, run)``: ``args`` are
+its resolved ``init_args`` (a plain dict, defaults filled in), ``run`` is what the trainer config says about the
+processes (:class:`RunContext`). A broken rule raises :class:`ConfigError` naming the constructor argument; the CLI
+turns it into one line with the full dotted key and exits with code 2 before a directory is created.
+
+Paths: only local paths are checked. ``s3://``-style URLs and ``pipe:`` commands are not. For weights that may come
+from the Hugging Face hub (``hub_ok``), a string that is a valid hub repo id (``name`` or ``org/name``: at most one
+``/``, no leading ``/``, ``.`` or ``~``, no ``..``, no file suffix such as ``.ckpt``) and is not a folder here is taken
+as a hub name and left to ``from_pretrained``; anything else (``runs/x/hf``, ``./llm``, ``/models/llm``) is a local path
+and must exist. A missing two-part relative folder (``models/llm``) is therefore indistinguishable from a hub name and
+is not reported here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "ConfigError",
+    "RunContext",
+    "check_path",
+    "check_shards",
+    "is_remote",
+    "looks_like_hub_id",
+    "per_device_batch",
+]
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. ``key`` is the constructor argument (``model``, ``init_from``), ``problem``
+    what is wrong with ``value``; ``str()`` reads ``"<key> <problem>, got <value>"``."""
+
+    def __init__(self, key: str, value: Any, problem: str):
+        self.key, self.value, self.problem = key, value, problem
+        super().__init__(f"{key} {problem}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the trainer config fixes about the run, for rules that depend on it.
+
+    ``world_size`` is ``devices x num_nodes`` when both are explicit (``None`` for ``devices: auto`` / ``-1``, which
+    only the launched processes know); ``accumulate_grad_batches`` the trainer's gradient accumulation.
+    """
+
+    world_size: int | None = None
+    accumulate_grad_batches: int = 1
+
+
+_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".json", ".yaml", ".yml", ".tar", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def is_remote(path: str) -> bool:
+    """An fsspec URL (``s3://``, ``gs://``, ``https://``) or a webdataset ``pipe:`` command: not checked here."""
+    return path.startswith("pipe:") or "://" in path
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``name`` could be a Hugging Face hub repo id (``gpt2``, ``openai/clip-vit-large-patch14``), not a path."""
+    return bool(_HUB_ID.match(name)) and ".." not in name and not name.lower().endswith(_FILE_SUFFIXES)
+
+
+def check_path(
+    key: str,
+    value: Any,
+    kind: Literal["file", "dir", "any"] = "any",
+    hub_ok: bool = False,
+    what: str = "",
+) -> None:
+    """Raise :class:`ConfigError` when the local path ``value`` (if set) is not an existing ``kind``. ``what`` says
+    what the path should hold (it goes into the message)."""
+    if value is None or not isinstance(value, str | os.PathLike):
+        return
+    text = os.fspath(value)
+    if is_remote(text):
+        return
+    path = Path(text).expanduser()
+    if (kind == "file" and path.is_file()) or (kind == "dir" and path.is_dir()) or (kind == "any" and path.exists()):
+        return
+    if hub_ok and not path.exists() and looks_like_hub_id(text):
+        return
+    noun = {"file": "file", "dir": "folder", "any": "file or folder"}[kind]
+    found = f" (a {'folder' if path.is_dir() else 'file'} is there)" if path.exists() else ""
+    raise ConfigError(key, text, f"must name an existing {noun}{found}" + (f": {what}" if what else ""))
+
+
+def check_shards(key: str, spec: str | Sequence[str] | None) -> None:
+    """Raise :class:`ConfigError` when a shard spec (braces, globs, folders, ``::`` lists) expands to nothing or names
+    local shards that do not exist. Every local shard is checked (one ``stat`` each)."""
+    if spec is None:
+        return
+    from datamodules.shards import expand_urls
+
+    try:
+        urls = expand_urls(spec)
+    except ValueError:
+        raise ConfigError(key, spec, "matches no shards") from None
+    missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
+    if missing:
+        raise ConfigError(key, spec, f"names {len(missing)} missing shards of {len(urls)} (e.g. {missing[0]})")
+
+
+def per_device_batch(
+    batch_size: int | None, global_batch_size: int | None, world_size: int | None, accumulate_grad_batches: int = 1
+) -> int | None:
+    """The per-device batch from exactly one of ``batch_size`` (per device) and ``global_batch_size`` (samples per
+    optimizer step over all ranks, the paper's unit: ``batch x devices x num_nodes x accumulate_grad_batches``).
+    The global batch must split evenly; ``None`` while the world size is unknown."""
+    if (batch_size is None) == (global_batch_size is None):
+        raise ConfigError("batch_size", batch_size, "or global_batch_size must be given (exactly one of them)")
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ConfigError("batch_size", batch_size, "must be >= 1")
+        return int(batch_size)
+    if global_batch_size < 1:
+        raise ConfigError("global_batch_size", global_batch_size, "must be >= 1")
+    if world_size is None:
+        return None
+    split = world_size * max(1, accumulate_grad_batches)
+    if global_batch_size % split:
+        raise ConfigError(
+            "global_batch_size",
+            global_batch_size,
+            f"must be divisible by devices x num_nodes x accumulate_grad_batches = {world_size} x "
+            f"{max(1, accumulate_grad_batches)} (each rank takes an equal share of every optimizer step)",
+        )
+    return global_batch_size // split
