@@ -72,10 +72,11 @@ def _header(row: DiTRow, tiny: bool) -> str:
 
 
 def row_config(row: DiTRow, tiny: bool) -> dict:
+    from experiments.paper_tables import row_loggers
+
     save_dir = "runs/tiny" if tiny else "runs"
     cfg: dict = {
-        "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                               "init_args": {"save_dir": save_dir, "name": f"dit/table7/{row.id}", "version": "fit"}}},
+        "trainer": {"logger": row_loggers(save_dir, f"dit/table7/{row.id}", "fit", wandb=not tiny)},
         "model": {"init_args": {"sample_dir": f"{save_dir}/dit/table7/{row.id}/samples"}},
         "data": {"init_args": {"p_original": row.p}},
     }  # fmt: skip

@@ -1,4 +1,4 @@
-r"""The paper's CLIP tables (Tables 3-6, ``shared/PAPER.md`` §1) as data, and the row YAMLs generated from them.
+r"""The paper's CLIP tables (Tables 2-6, ``shared/PAPER.md`` §1) as data, and the row YAMLs generated from them.
 
 Each table row becomes LightningCLI YAMLs layered on a stage recipe:
 
@@ -32,6 +32,7 @@ TINY_VISION = {
     "S-16": {"embed_dim": 48, "width": 48, "layers": 2, "head_width": 24},
     "B-16": {"embed_dim": 64, "width": 64, "layers": 2, "head_width": 32},
     "L-16": {"embed_dim": 96, "width": 96, "layers": 3, "head_width": 32},
+    "H-14": {"embed_dim": 128, "width": 128, "layers": 4, "head_width": 32},  # Table 2 only (patch 8 like the rest)
 }
 TINY_TEXT = {
     "small": {"width": 48, "heads": 2, "layers": 2},
@@ -214,6 +215,34 @@ TABLES: dict[str, Table] = {
 }
 
 
+def _table2() -> Table:
+    """Paper Table 2 (the model-size registry, ``lightning_modules.components.clip_sizes.TABLE2``): one row per size,
+    each vision tower with the text tower of its own row (S/16 + small ... H/14 + huge), at the paper's p = 0.8."""
+    from lightning_modules.components.clip_sizes import TABLE2 as SIZES
+
+    rows = []
+    for size, text in zip(SIZES, ("small", "base", "large", "huge"), strict=True):
+        s = SIZES[size]
+        paper = {"embed_dim": s["embed_dim"]}
+        paper.update(zip(("vision_layers", "vision_width", "vision_heads"), s["vision"], strict=True))
+        paper.update(zip(("text_layers", "text_width", "text_heads"), s["text"], strict=True))
+        paper.update({f"params_{k}_m": v for k, v in s["params_m"].items()})
+        note = "the authors never trained an H/14 vision tower (ISS #8); its text tower is Table 4's 'huge'"
+        note = note if size == "H/14" else ""
+        rows.append(Row(f"{size.replace('/', '')}-{text}", size.replace("/", "-"), text, 0.8, paper, note=note))
+    return Table(
+        "table2",
+        "Recap-CLIP model configurations (vision size with its own row's text encoder), p = 0.8.",
+        tuple(rows[0].paper),
+        tuple(rows),
+        notes=("Table 2 has no results; p = 0.8 is the paper's setting for recaption-based models (Table 4 caption).",),
+    )
+
+
+# Not in TABLES: Table 2 is a size registry without metrics, so `clip-table` has nothing of the paper to compare.
+TABLE2 = _table2()
+
+
 def _header(table: Table, row: Row, stage: int, tiny: bool) -> str:
     lines = [f"# Paper {table.name.replace('table', 'Table ')}, row {row.id}: {table.caption}"]
     paper = ", ".join(f"{k} {v}" for k, v in row.paper.items())
@@ -236,6 +265,24 @@ def _header(table: Table, row: Row, stage: int, tiny: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def row_loggers(save_dir: str, name: str, version: str, wandb: bool) -> dict | list[dict]:
+    """A row's ``trainer.logger``: the CSV logger (its dir is the run dir), plus W&B at real scale (the base configs'
+    ``experiments.loggers.RecapWandbLogger``; a row replaces the whole list, so it repeats it with the row's names)."""
+    csv = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": save_dir, "name": name, "version": version},
+    }
+    if not wandb:
+        return csv
+    return [
+        csv,
+        {
+            "class_path": "experiments.loggers.RecapWandbLogger",
+            "init_args": {"save_dir": save_dir, "project": "recap-suite", "name": f"{name}/{version}", "group": name},
+        },
+    ]
+
+
 def row_config(table: Table, row: Row, stage: int, tiny: bool) -> dict:
     run = f"clip/{table.name}/{row.id}"
     save_dir = "runs/tiny" if tiny else "runs"
@@ -250,12 +297,7 @@ def row_config(table: Table, row: Row, stage: int, tiny: bool) -> dict:
     if row.mix != "sample":
         data["mix"] = row.mix
     return {
-        "trainer": {
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": save_dir, "name": run, "version": f"stage{stage}"},
-            }
-        },
+        "trainer": {"logger": row_loggers(save_dir, run, f"stage{stage}", wandb=not tiny)},
         "model": {"init_args": init_args},
         "data": {"init_args": data},
     }
@@ -271,7 +313,7 @@ def generated_files() -> dict[Path, str]:
     out: dict[Path, str] = {}
     for tiny in (False, True):
         base = CONFIG_ROOT / ("tiny/clip" if tiny else "clip")
-        for table in TABLES.values():
+        for table in (*TABLES.values(), TABLE2):
             for row in table.rows:
                 for stage in (1, 2):
                     stem = row.id if stage == 1 else f"{row.id}.stage2"

@@ -47,7 +47,8 @@ def stage_configs(table: Table, row: Row, stage: int, tiny: bool) -> list[Path]:
 
 
 def _logger_args(configs: Sequence[Path]) -> dict:
-    return yaml.safe_load(configs[-1].read_text())["trainer"]["logger"]["init_args"]
+    logger = yaml.safe_load(configs[-1].read_text())["trainer"]["logger"]
+    return (logger[0] if isinstance(logger, list) else logger)["init_args"]  # a list: CSV first (the run dir)
 
 
 def save_dir_of(configs: Sequence[Path], seed: int | None = None) -> Path:
@@ -71,6 +72,11 @@ def seed_overrides(table: Table, row: Row, stage: int, tiny: bool, seed: int | N
         f"--data.init_args.seed={seed}",
         f"--trainer.logger.init_args.save_dir={save_dir_of(configs, seed)}",
     ]
+    loggers = yaml.safe_load(configs[-1].read_text())["trainer"]["logger"]
+    if isinstance(loggers, list):  # a dotted override reaches only a list's last logger: give the whole list
+        for lg in loggers:
+            lg["init_args"]["save_dir"] = str(save_dir_of(configs, seed))
+        out[-1] = f"--trainer.logger={json.dumps(loggers)}"
     if stage == 2:
         stage1 = run_dir(stage_configs(table, row, 1, tiny), seed)
         out.append(f"--model.init_args.init_from={stage1}/checkpoints/last.ckpt")

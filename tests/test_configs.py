@@ -45,8 +45,16 @@ def stack_for(path: Path) -> tuple[str, list[Path]]:
     """The subcommand and config stack a YAML is documented with (its header's command line)."""
     rel = path.relative_to(CONFIGS)
     parts = rel.parts
-    if parts[0] == "trainer":
-        return "fit", [path, CONFIGS / "debug/tiny_clip.yaml"]
+    if parts[0] == "trainer":  # an overlay goes last, on its family's config (tests/test_multinode.py: all families)
+        family = {
+            "ddp.yaml": ["clip/stage1.yaml"],
+            "fsdp_clip.yaml": ["clip/stage1.yaml"],
+            "fsdp_dit.yaml": ["dit/base.yaml"],
+            "fsdp.yaml": ["captioner/stage1.yaml", "captioner/stage2.yaml", "captioner/stage2_full.yaml"],
+        }.get(parts[1])
+        if family is None:
+            return "fit", [path, CONFIGS / "debug/tiny_clip.yaml"]
+        return "fit", [CONFIGS / f for f in family] + [path]
     if parts[0] == "debug":
         return "fit", [CONFIGS / "trainer/cpu.yaml", path]
     if parts[0] == "eval":
@@ -61,6 +69,10 @@ def stack_for(path: Path) -> tuple[str, list[Path]]:
             "caption_tune": ["stage1", "stage2"],
             "stage1_caption_mix": ["stage1"],
         }
+        if path.parent.name == "table1":  # ROW.STAGE.yaml on that stage's own stack (paper Table 1)
+            stage = path.stem.rsplit(".", 1)[1]
+            stages = [*below.get(stage, []), stage]
+            return "fit", [path.parent.parent / f"{name}.yaml" for name in stages] + [path]
         stack = [path.parent / f"{name}.yaml" for name in below.get(path.stem, [])] + [path]
         if path.stem == "stage2_full":
             stack.append(CONFIGS / "trainer/fsdp.yaml")
@@ -83,8 +95,27 @@ def stack_for(path: Path) -> tuple[str, list[Path]]:
     return "fit", [base / f"stage{stage}.yaml", path]
 
 
-# recaption/*.yaml configure `python -m experiments recaption` (not LightningCLI); tests/test_recaption.py loads them
-ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] != "recaption")
+# Not LightningCLI configs: recaption/*.yaml (`python -m experiments recaption`; tests/test_recaption.py loads them),
+# reproduce/*.yaml (`python -m experiments reproduce` profiles; tests/test_reproduce.py) and tiny/world/*.yaml
+# (`python -m experiments world --config`; test_world_configs_build_a_world_config below).
+NOT_LIGHTNING = {("recaption",), ("reproduce",), ("tiny", "world")}
+ALL = sorted(
+    p
+    for p in CONFIGS.rglob("*.yaml")
+    if not any(p.relative_to(CONFIGS).parts[: len(prefix)] == prefix for prefix in NOT_LIGHTNING)
+)
+
+
+@pytest.mark.parametrize("config", sorted((CONFIGS / "tiny/world").glob("*.yaml")), ids=lambda p: p.name)
+def test_world_configs_build_a_world_config(config):
+    from datamodules.tiny_world import WorldConfig
+    from experiments.world import build_parser
+
+    args = build_parser().parse_args(["--config", str(config), "--out", "unused"])
+    cfg = WorldConfig(**args.world.as_dict())
+    stated = yaml.safe_load(config.read_text())["world"]
+    assert cfg.scene.object_count_probs == tuple(stated["scene"]["object_count_probs"])
+    assert cfg.scene.large_size == stated["scene"]["large_size"] and cfg.n_t2i == stated["n_t2i"]
 
 
 def test_generated_rows_are_current():
@@ -96,7 +127,7 @@ def test_generated_rows_are_current():
 
 def test_every_table_row_has_both_stages_at_both_scales():
     for scale in ("clip", "tiny/clip"):
-        for name, table in paper_tables.TABLES.items():
+        for name, table in [*paper_tables.TABLES.items(), ("table2", paper_tables.TABLE2)]:
             stems = {p.name for p in (CONFIGS / scale / name).glob("*.yaml")}
             for row in table.rows:
                 assert {f"{row.id}.yaml", f"{row.id}.stage2.yaml"} <= stems, (scale, name, row.id)
@@ -119,8 +150,20 @@ def test_config_parses_in_its_stack(parser, config):
         assert dumped["model"]["init_args"]["size"] == ("DiT-L/2" if "l2_" in config.name else
                                                         yaml.safe_load((config.parents[1] / "base.yaml").read_text())
                                                         ["model"]["init_args"]["size"])  # fmt: skip
+    elif "/table1/" in str(config):  # captioner rows: the run directory and the previous stage of the same row
+        row_cfg = yaml.safe_load(config.read_text())
+        name = row_cfg["trainer"]["logger"]["init_args"]["name"]
+        assert dumped["trainer"]["logger"]["init_args"]["name"] == name
+        save_dir = row_cfg["trainer"]["logger"]["init_args"]["save_dir"]
+        start = {"stage2": "init_from", "caption_tune": "init_from" if "/tiny/" in str(config) else "pretrained"}
+        key = start.get(config.stem.rsplit(".", 1)[1])
+        if key is not None:
+            assert dumped["model"]["init_args"][key].startswith(f"{save_dir}/{name}/"), dumped["model"]["init_args"]
     elif "/table" in str(config) and config.name != "baselines.yaml":
         row_cfg = yaml.safe_load(config.read_text())
+        for cfg in (row_cfg, dumped):  # real-scale rows log to [CSV, W&B]: the CSV logger (first) is the run dir
+            if isinstance(cfg["trainer"]["logger"], list):
+                cfg["trainer"]["logger"] = cfg["trainer"]["logger"][0]
         # the row's own settings survive the stacking (last config wins)
         assert dumped["data"]["init_args"].get("p_original") == row_cfg["data"]["init_args"]["p_original"]
         assert dumped["trainer"]["logger"]["init_args"]["name"] == row_cfg["trainer"]["logger"]["init_args"]["name"]

@@ -1,0 +1,663 @@
+r"""``python -m experiments analyze``: caption statistics of the original vs recaptioned text (paper §4, Fig. 3).
+
+    python -m experiments analyze --recap 'data/world/recap_llava/*.parquet' --out docs/analysis
+    python -m experiments analyze --shards 'data/world/web/*.tar' --sidecar-dir data/world/sidecars_llava \
+        --clip runs/tiny/captioner/web_clip/export --tokenizer data/world/tokenizer --out docs/analysis
+
+Inputs, streamed (each input kind is summarised on its own):
+
+- ``--shards``: image shards read with the caption-mix loader's own stages (``datamodules.wds_stages``: one pass, in
+  file order), captions from ``--sources`` (default ``original=txt recaption=sidecar:re_caption``, the DataModule's
+  spec strings; sidecars from ``--sidecar-dir``). Images are decoded only for ``--clip`` and ``--judge``.
+- ``--recap``: parquet files in the Recap-DataComp-1B schema (``org_caption``, ``re_caption``, optional
+  ``org_clip_score`` / ``re_clip_score``), read record batch by record batch (pyarrow ``iter_batches``).
+
+Outputs in ``--out``: ``lengths.png`` (Fig. 3: words per caption, original vs recaption), ``summary.json`` and
+``summary.md`` with, per input:
+
+- length: mean / median / max in whitespace words (``len(text.split())``, the unit of the schema's ``re_length`` /
+  ``org_length``; the paper's 49.43 vs 10.22 does not state its unit) and, with ``--tokenizer``, in tokens;
+- vocabulary: distinct lower-cased words (``[a-z0-9]+`` runs, apostrophes kept inside words) per side and
+  coverage = |V_recap| / |V_recap ∪ V_orig| (PAPER.md §4: the paper's 82.86% is INFERRED to mean this);
+- CLIP-score share (INFERRED, PAPER.md §4: the paper's pairs sum to 100): per image the softmax over its two caption
+  scores, ``softmax(scale * [cos(img, orig), cos(img, recap)])`` with ``scale`` 100 (CLIP's logit scale), averaged;
+  with ``--clip FOLDER`` (an open_clip export or HF CLIP folder) computed on the shards' images, else from the
+  parquet's ``org_clip_score`` / ``re_clip_score`` (read as 100 * cos, so the same formula) where present. Also
+  the recaption's win rate and each side's mean CLIP score (100 * max(cos, 0));
+- judge (``--judge FOLDER``, a llava-hf model as ``LlavaJudge``, or ``--judge attributes:DIR``, the tiny world's
+  pinned attribute judge as a rater, :class:`AttributeRater`): the paper's GPT-4V rating prompt on the first
+  ``--judge-limit`` images for both captions, through ``generation.judge_score``; unparseable answers are counted,
+  never scored.
+
+Memory: bounded by the input's batch, not its length. Fixed-size length histograms (``--max-length`` + 2 bins per
+side and unit), running sums, and a vocabulary of at most ``--max-vocab`` distinct words (about 150 bytes each in
+CPython, so ~300 MB at the default 2,000,000); beyond the cap new words are counted as ``oov_tokens`` and the
+coverage is flagged as computed on a truncated vocabulary. No per-row state is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SIDES = ("original", "recaption")
+DEFAULT_SOURCES = ("original=txt", "recaption=sidecar:re_caption")
+SHARE_SCALE = 100.0  # CLIP's logit scale (OpenAI CLIP's learned value saturates at 100)
+
+# PAPER.md §4 (VERBATIM numbers; what they measure is partly INFERRED there).
+PAPER = {
+    "mean_words": {"original": 10.22, "recaption": 49.43},
+    "vocab_coverage_recaption_pct": 82.86,
+    "clip_share_pct": {
+        "CLIP-L (~428M)": {"original": 50.43, "recaption": 49.57},
+        "LongCLIP-L": {"original": 10.09, "recaption": 89.91},
+    },  # fmt: skip
+    "gpt4v_rating": {"original": 3.71, "recaption": 4.14},
+}
+
+# Words for the vocabulary: lower-cased alphanumeric runs (apostrophes inside a word kept). A regex, not an NLP
+# tokenizer: the paper names no tokenizer, and the coverage ratio only needs a fixed, documented word definition.
+_WORD = re.compile(r"[a-z0-9]+(?:['’][a-z0-9]+)*")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def n_words(text: str) -> int:
+    """Whitespace words, the unit of the schema's ``re_length`` / ``org_length`` (``experiments/recaption.py``)."""
+    return len(text.split())
+
+
+# ---------------------------------------------------------------------------------------------------- accumulators
+@dataclass
+class LengthHistogram:
+    """Counts of lengths 0..max_length, plus one overflow bin; exact mean (running sum) and max."""
+
+    max_length: int
+    counts: np.ndarray = field(init=False)
+    total: int = 0
+    n: int = 0
+    max_seen: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros(self.max_length + 2, dtype=np.int64)
+
+    def add(self, length: int) -> None:
+        self.counts[min(length, self.max_length + 1)] += 1
+        self.total += length
+        self.n += 1
+        self.max_seen = max(self.max_seen, length)
+
+    def mean(self) -> float | None:
+        return self.total / self.n if self.n else None
+
+    def median(self) -> float | None:
+        """The median length (mean of the two middle values for an even count); None past the last bin."""
+        if not self.n:
+            return None
+        cum = np.cumsum(self.counts)
+
+        def kth(k: int) -> int:  # the k-th smallest length, 0-based
+            return int(np.searchsorted(cum, k + 1))
+
+        lo, hi = kth((self.n - 1) // 2), kth(self.n // 2)
+        if hi > self.max_length:
+            return None
+        return (lo + hi) / 2
+
+    def summary(self) -> dict[str, Any]:
+        return {"n": self.n, "mean": self.mean(), "median": self.median(), "max": self.max_seen,
+                "n_over_max_length": int(self.counts[-1])}  # fmt: skip
+
+
+@dataclass
+class Vocabulary:
+    """word -> [count in original, count in recaption], at most ``max_size`` words (see the module doc)."""
+
+    max_size: int
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    oov_tokens: int = 0
+
+    def add(self, side: int, tokens: Sequence[str]) -> None:
+        counts = self.counts
+        for w in tokens:
+            c = counts.get(w)
+            if c is None:
+                if len(counts) >= self.max_size:
+                    self.oov_tokens += 1
+                    continue
+                c = counts[w] = [0, 0]
+            c[side] += 1
+
+    def summary(self, top: int = 20) -> dict[str, Any]:
+        v_orig = sum(1 for c in self.counts.values() if c[0])
+        v_recap = sum(1 for c in self.counts.values() if c[1])
+        union = len(self.counts)
+        both = sum(1 for c in self.counts.values() if c[0] and c[1])
+        out: dict[str, Any] = {
+            "size": {"original": v_orig, "recaption": v_recap, "union": union, "both": both},
+            "coverage_pct": {
+                "recaption": 100.0 * v_recap / union if union else None,  # the paper's 82.86% (INFERRED definition)
+                "original": 100.0 * v_orig / union if union else None,
+            },
+            "truncated": self.oov_tokens > 0,
+            "oov_tokens": self.oov_tokens,
+        }
+        for i, side in enumerate(SIDES):
+            best = sorted(((c[i], w) for w, c in self.counts.items() if c[i]), key=lambda t: (-t[0], t[1]))[:top]
+            out.setdefault("top_words", {})[side] = [[w, n] for n, w in best]
+        return out
+
+
+def clip_share(score_original: np.ndarray, score_recaption: np.ndarray) -> np.ndarray:
+    """Per pair, the recaption's softmax probability over the two caption logits (INFERRED reading of the paper's
+    sum-to-100 "CLIP score"): ``exp(r) / (exp(o) + exp(r))`` = ``sigmoid(r - o)``, computed stably."""
+    d = np.asarray(score_recaption, dtype=np.float64) - np.asarray(score_original, dtype=np.float64)
+    e = np.exp(-np.abs(d))  # never overflows; each branch keeps full relative precision
+    return np.where(d >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@dataclass
+class ShareStats:
+    """Running sums of the CLIP-score share, win rate and each side's CLIP score."""
+
+    n: int = 0
+    share_recaption: float = 0.0
+    wins_recaption: int = 0
+    ties: int = 0
+    clip_score: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in SIDES})
+    has_clip_score: bool = False
+
+    def add(self, logit_original: np.ndarray, logit_recaption: np.ndarray, cos: tuple | None = None) -> None:
+        """``logit_*`` = scale * cos per pair; ``cos`` = (cos_original, cos_recaption) when known, for CLIP scores."""
+        o, r = np.asarray(logit_original, dtype=np.float64), np.asarray(logit_recaption, dtype=np.float64)
+        self.n += len(o)
+        self.share_recaption += float(clip_share(o, r).sum())
+        self.wins_recaption += int((r > o).sum())
+        self.ties += int((r == o).sum())
+        if cos is not None:
+            self.has_clip_score = True
+            for side, c in zip(SIDES, cos, strict=True):
+                self.clip_score[side] += float((100 * np.clip(np.asarray(c, dtype=np.float64), 0, None)).sum())
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.n:
+            return None
+        share = 100.0 * self.share_recaption / self.n
+        out = {
+            "n_pairs": self.n,
+            "share_pct": {"original": 100.0 - share, "recaption": share},
+            "recaption_wins_pct": 100.0 * self.wins_recaption / self.n,
+            "ties": self.ties,
+            "inferred": "softmax over the two caption scores per image, averaged (PAPER.md §4, INFERRED)",
+        }
+        if self.has_clip_score:
+            out["mean_clip_score"] = {s: v / self.n for s, v in self.clip_score.items()}
+        return out
+
+
+@dataclass
+class CaptionStats:
+    """Everything one input contributes: lengths (words, tokens), vocabulary, CLIP share, judge ratings."""
+
+    max_length: int = 512
+    max_vocab: int = 2_000_000
+    tokenizer: Any = None
+    words: dict[str, LengthHistogram] = field(init=False)
+    tokens: dict[str, LengthHistogram] | None = field(init=False)
+    vocab: Vocabulary = field(init=False)
+    share: ShareStats = field(default_factory=ShareStats)
+    missing: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SIDES})
+    n_rows: int = 0
+    judge: dict[str, list] = field(default_factory=lambda: {s: [] for s in SIDES})
+    judge_examples: dict[str, list] = field(default_factory=lambda: {s: [] for s in SIDES})  # the first 3 answers
+    share_source: str | None = None
+
+    def __post_init__(self) -> None:
+        self.words = {s: LengthHistogram(self.max_length) for s in SIDES}
+        self.tokens = {s: LengthHistogram(self.max_length) for s in SIDES} if self.tokenizer is not None else None
+        self.vocab = Vocabulary(self.max_vocab)
+
+    def add_captions(self, captions: dict[str, str | None]) -> None:
+        self.n_rows += 1
+        for i, side in enumerate(SIDES):
+            text = captions.get(side)
+            text = text.strip() if isinstance(text, str) else None
+            if not text:
+                self.missing[side] += 1
+                continue
+            self.words[side].add(n_words(text))
+            self.vocab.add(i, words(text))
+            if self.tokens is not None:
+                self.tokens[side].add(len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "n_rows": self.n_rows,
+            "missing_caption": dict(self.missing),
+            "length_words": {s: h.summary() for s, h in self.words.items()},
+            "vocabulary": self.vocab.summary(),
+            "clip_share": self.share.summary(),
+            "clip_share_source": self.share_source if self.share.n else None,
+        }
+        if self.tokens is not None:
+            out["length_tokens"] = {s: h.summary() for s, h in self.tokens.items()}
+        if any(self.judge.values()):
+            out["judge"] = {s: {**_judge_summary(r), "examples": self.judge_examples[s]} for s, r in self.judge.items()}
+        return out
+
+
+def _judge_summary(ratings: list[int | None]) -> dict[str, Any]:
+    rated = [r for r in ratings if r is not None]
+    return {"n": len(ratings), "n_rated": len(rated), "n_unparseable": len(ratings) - len(rated),
+            "mean": sum(rated) / len(rated) if rated else None}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------- inputs
+def iter_parquet(paths: Sequence[str], batch_rows: int = 8192) -> Iterator[dict[str, list]]:
+    """Record batches (as column lists) of Recap-DataComp-1B-schema parquet files, one batch in memory at a time."""
+    import pyarrow.parquet as pq
+
+    from datamodules.sidecar import _expand_recap
+
+    for path in _expand_recap(list(paths)):
+        f = pq.ParquetFile(path)
+        names = set(f.schema_arrow.names)
+        missing = {"org_caption", "re_caption"} - names
+        if missing:
+            raise ValueError(f"{path}: no column(s) {sorted(missing)} (Recap-DataComp-1B schema expected)")
+        cols = [c for c in ("org_caption", "re_caption", "org_clip_score", "re_clip_score") if c in names]
+        for batch in f.iter_batches(batch_size=batch_rows, columns=cols):
+            yield batch.to_pydict()
+
+
+def add_parquet_batch(stats: CaptionStats, batch: dict[str, list], limit: int | None = None) -> bool:
+    """Add one record batch; returns False once ``limit`` rows have been read."""
+    org, rec = batch["org_caption"], batch["re_caption"]
+    so, sr = batch.get("org_clip_score"), batch.get("re_clip_score")
+    pairs_o, pairs_r = [], []
+    for i in range(len(org)):
+        if limit is not None and stats.n_rows >= limit:
+            break
+        stats.add_captions({"original": org[i], "recaption": rec[i]})
+        if so is not None and sr is not None and so[i] is not None and sr[i] is not None and org[i] and rec[i]:
+            pairs_o.append(so[i])
+            pairs_r.append(sr[i])
+    if pairs_o:  # the schema's scores, read as 100 * cos: the logits of the share as they are
+        stats.share.add(np.array(pairs_o), np.array(pairs_r), cos=(np.array(pairs_o) / 100, np.array(pairs_r) / 100))
+        stats.share_source = "parquet org_clip_score / re_clip_score (read as 100 * cos)"
+    return limit is None or stats.n_rows < limit
+
+
+def iter_shard_samples(shards: str | Sequence[str], sources: Sequence[str], sidecar_dir: str | None) -> Iterator[dict]:
+    """``{key, url, image_bytes, captions: {name: str | None}}`` in file order, through the loader's own stages."""
+    from datamodules.shards import expand_urls
+    from datamodules.wds_stages import (
+        CountingHandler,
+        ExtractCaptions,
+        ReadShards,
+        ShardSchedule,
+        SkipStats,
+        SourceSpec,
+    )
+
+    specs = []
+    for item in sources:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            raise ValueError(f"--sources wants NAME=SPEC (e.g. recaption=sidecar:re_caption), got {item!r}")
+        specs.append(SourceSpec.parse(name, spec))
+    names = [s.name for s in specs]
+    if sorted(names) != sorted(SIDES):
+        raise ValueError(f"--sources must name exactly {list(SIDES)}, got {names}")
+    stats = SkipStats(max_consecutive_drops=None)
+    urls = expand_urls(shards)
+    schedule = ShardSchedule(urls, seed=0, epoch=0, rank=0, world_size=1, worker=0, num_workers=1, mode="once",
+                             shuffle=False)  # fmt: skip
+    yield from ExtractCaptions(specs, sidecar_dir, stats)(ReadShards(CountingHandler(stats))(schedule))
+    if stats.counts:
+        print(f"analyze: shard reader skipped / counted {dict(stats.counts)}", file=sys.stderr)
+
+
+def load_scorer(folder: str):
+    from lightning_modules.evaluation.generation import HFClipScorer, OpenClipScorer
+
+    return OpenClipScorer(folder) if (Path(folder) / "open_clip_config.json").is_file() else HFClipScorer(folder)
+
+
+def _image_tensors(images: Sequence[Any]) -> list[Any]:
+    """PIL images -> float (3, H, W) tensors in [0, 1]."""
+    import torch
+
+    out = []
+    for im in images:
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255)
+    return out
+
+
+def encode_images(scorer: Any, images: Sequence[Any]) -> Any:
+    """Normalised image features; same-size images go through the scorer together, others one by one."""
+    import torch
+    import torch.nn.functional as F
+
+    tensors = _image_tensors(images)
+    feats: list[Any] = [None] * len(tensors)
+    by_size: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_size.setdefault(tuple(t.shape), []).append(i)
+    for idx in by_size.values():
+        f = F.normalize(scorer.encode_image(torch.stack([tensors[i] for i in idx])).float(), dim=-1)
+        for j, i in enumerate(idx):
+            feats[i] = f[j]
+    return torch.stack(feats)
+
+
+def score_pairs(stats: CaptionStats, scorer: Any, images: list, originals: list[str], recaptions: list[str],
+                scale: float = SHARE_SCALE) -> None:  # fmt: skip
+    """CLIP features of the images and both captions; adds the share (softmax over scale * cos) per image."""
+    import torch.nn.functional as F
+
+    img = encode_images(scorer, images)
+    cos = []
+    for texts in (originals, recaptions):
+        txt = F.normalize(scorer.encode_text(list(texts)).float(), dim=-1).to(img.device)
+        cos.append((img * txt).sum(-1).double().cpu().numpy())
+    stats.share.add(scale * cos[0], scale * cos[1], cos=(cos[0], cos[1]))
+
+
+class AttributeRater:
+    """Tiny world only: a judge callable (``judge(image, prompt_text) -> answer``) built on the pinned attribute
+    judge (``world-judge``), not a language model. It predicts the image's main-object colour, shape and position,
+    the object count and the background kind, reads what the caption in the prompt states about them
+    (``caption_attributes.parse_caption``) and answers ``"Rating: N"``, N = 1 + round(4 * matched / stated), or 1
+    when the caption states none of them. It rates correctness against the image, not fluency (the paper's
+    GPT-4V prompt asks for both)."""
+
+    def __init__(self, folder: str) -> None:
+        from datamodules.tiny_world.judge import load_judge
+        from lightning_modules.evaluation.generation import JUDGE_PROMPT
+
+        self.judge = load_judge(folder)
+        self.prefix, _, self.suffix = JUDGE_PROMPT.partition("{caption}")
+
+    def caption_of(self, prompt_text: str) -> str:
+        if not (prompt_text.startswith(self.prefix) and prompt_text.endswith(self.suffix)):
+            raise ValueError("AttributeRater expects the paper's rating prompt (generation.JUDGE_PROMPT)")
+        return prompt_text[len(self.prefix) : len(prompt_text) - len(self.suffix)]
+
+    def predict(self, image: Any) -> dict[str, str]:
+        from datamodules.tiny_world.judge import HEADS
+
+        x = _image_tensors([image])[0].unsqueeze(0)
+        return {name: HEADS[name][int(idx[0])] for name, idx in self.judge.predict(x).items()}
+
+    def __call__(self, image: Any, prompt_text: str) -> str:
+        from lightning_modules.evaluation.caption_attributes import GENERIC_SHAPE, parse_caption
+
+        parsed, pred = parse_caption(self.caption_of(prompt_text)), self.predict(image)
+        checks = []
+        main = parsed.main
+        if main is not None:
+            if main.colour is not None:
+                checks.append(main.colour == pred["colour"])
+            if main.shape != GENERIC_SHAPE:
+                checks.append(main.shape == pred["shape"])
+            if main.position is not None:
+                checks.append(main.position == pred["position"])
+        if parsed.count is not None:
+            checks.append(str(parsed.count) == pred["count"])
+        if parsed.background is not None and parsed.background.kind is not None:
+            kind = parsed.background.kind
+            checks.append(
+                pred["background"] in ("hstripes", "vstripes") if kind == "stripes" else kind == pred["background"]
+            )
+        rating = 1 + round(4 * sum(checks) / len(checks)) if checks else 1
+        return f"Rating: {rating}"
+
+
+def make_judge(spec: str) -> Any:
+    """``attributes:DIR`` (tiny world: :class:`AttributeRater`) or a llava-hf folder (``LlavaJudge``)."""
+    if spec.startswith("attributes:"):
+        return AttributeRater(spec.split(":", 1)[1])
+    from lightning_modules.evaluation.generation import LlavaJudge
+
+    return LlavaJudge(spec)
+
+
+def analyze_shards(stats: CaptionStats, args: argparse.Namespace, scorer: Any = None, judge: Any = None) -> None:
+    from PIL import Image
+
+    pending: list[tuple[Any, str, str]] = []
+    judged = 0
+
+    def flush() -> None:
+        if pending and scorer is not None:
+            score_pairs(stats, scorer, [p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending],
+                        args.share_scale)  # fmt: skip
+        pending.clear()
+
+    for sample in iter_shard_samples(args.shards, args.sources, args.sidecar_dir):
+        if args.limit is not None and stats.n_rows >= args.limit:
+            break
+        caps = sample["captions"]
+        stats.add_captions(caps)
+        both = bool(caps.get("original")) and bool(caps.get("recaption"))
+        if not both or (scorer is None and (judge is None or judged >= args.judge_limit)):
+            continue
+        try:
+            image = Image.open(io.BytesIO(sample["image_bytes"]))
+            image.load()
+        except Exception as exn:  # an undecodable image loses its scores, never the run
+            print(f"analyze: undecodable image {sample['url']}:{sample['key']}: {exn}", file=sys.stderr)
+            continue
+        if judge is not None and judged < args.judge_limit:
+            from lightning_modules.evaluation.generation import judge_score
+
+            for side in SIDES:
+                result = judge_score([image.convert("RGB")], [caps[side]], judge)
+                stats.judge[side] += result.ratings
+                if len(stats.judge_examples[side]) < 3:
+                    stats.judge_examples[side].append({"caption": caps[side], "answer": result.answers[0]})
+            judged += 1
+        if scorer is not None:
+            pending.append((image, caps["original"], caps["recaption"]))
+            if len(pending) >= args.batch_size:
+                flush()
+    flush()
+    if scorer is not None:
+        stats.share_source = f"computed with {args.clip} on the shards' images (scale {args.share_scale:g})"
+
+
+# -------------------------------------------------------------------------------------------------------- outputs
+def plot_lengths(results: dict[str, CaptionStats], path: Path, unit: str = "words") -> Path:
+    """Fig. 3: histogram of caption lengths, original vs recaption overlaid, one panel per input."""
+    os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="mpl-"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.4), squeeze=False)
+    for ax, (name, stats) in zip(axes[0], results.items(), strict=True):
+        hists = stats.words if unit == "words" else stats.tokens
+        top = max((int(np.nonzero(h.counts)[0].max()) for h in hists.values() if h.n), default=1)
+        edges = np.arange(0, top + 2) - 0.5
+        for side, colour in zip(SIDES, ("tab:blue", "tab:orange"), strict=True):
+            h = hists[side]
+            if not h.n:
+                continue
+            share = h.counts[: top + 1] / h.n
+            ax.stairs(share, edges, fill=True, alpha=0.45, color=colour, label=f"{side} (mean {h.mean():.2f})")
+            ax.axvline(h.mean(), color=colour, ls="--", lw=1)
+        ax.set_xlabel(f"{unit} per caption" + (f" (last bin: >{stats.max_length})" if top > stats.max_length else ""))
+        ax.set_ylabel("share of captions")
+        ax.set_title(f"{name}: {stats.n_rows:,} rows", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle("Caption length distribution (cf. paper Fig. 3: mean 10.22 original vs 49.43 recaption)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def summary_markdown(summary: dict[str, Any], command: str) -> str:
+    lines = ["# Caption analysis: original vs recaption (paper §4, Fig. 3)", "", "```bash", command, "```", "",
+             "![caption length histogram](lengths.png)", ""]  # fmt: skip
+    paper = summary["paper"]
+    for name, s in summary["inputs"].items():
+        w = s["length_words"]
+        lines += [f"## {name}: {s['n_rows']:,} rows", "", "| | original | recaption | paper (original / recaption) |",
+                  "|---|---|---|---|"]  # fmt: skip
+        pm = paper["mean_words"]
+        lines.append(f"| mean length (words) | {_f(w['original']['mean'])} | {_f(w['recaption']['mean'])} | "
+                     f"{pm['original']} / {pm['recaption']} (unit not stated) |")  # fmt: skip
+        lines.append(f"| median length (words) | {_f(w['original']['median'], 1)} | {_f(w['recaption']['median'], 1)}"
+                     " | - |")  # fmt: skip
+        lines.append(f"| max length (words) | {_f(w['original']['max'])} | {_f(w['recaption']['max'])} | - |")
+        if "length_tokens" in s:
+            t = s["length_tokens"]
+            lines.append(f"| mean length (tokens) | {_f(t['original']['mean'])} | {_f(t['recaption']['mean'])} | - |")
+            lines.append(f"| median length (tokens) | {_f(t['original']['median'], 1)} | "
+                         f"{_f(t['recaption']['median'], 1)} | - |")  # fmt: skip
+        v = s["vocabulary"]
+        lines.append(f"| vocabulary (distinct words) | {_f(v['size']['original'])} | {_f(v['size']['recaption'])} "
+                     f"| - |")  # fmt: skip
+        lines.append(f"| vocabulary coverage, % of the union ({_f(v['size']['union'])} words) | "
+                     f"{_f(v['coverage_pct']['original'])} | {_f(v['coverage_pct']['recaption'])} | - / "
+                     f"{paper['vocab_coverage_recaption_pct']} (INFERRED definition) |")  # fmt: skip
+        lines.append(f"| missing / empty captions | {_f(s['missing_caption']['original'])} | "
+                     f"{_f(s['missing_caption']['recaption'])} | - |")  # fmt: skip
+        c = s["clip_share"]
+        if c is not None:
+            ps = paper["clip_share_pct"]
+            ref = "; ".join(f"{k}: {x['original']} / {x['recaption']}" for k, x in ps.items())
+            lines.append(f"| CLIP-score share, % (INFERRED: softmax per image) | {_f(c['share_pct']['original'])} | "
+                         f"{_f(c['share_pct']['recaption'])} | {ref} |")  # fmt: skip
+            lines.append(f"| recaption scores higher, % of images | - | {_f(c['recaption_wins_pct'])} | - |")
+            if "mean_clip_score" in c:
+                m = c["mean_clip_score"]
+                lines.append(f"| mean CLIP score (100 · cos) | {_f(m['original'])} | {_f(m['recaption'])} | - |")
+        else:
+            lines.append("| CLIP-score share | no scores (give --clip FOLDER with shards, or a parquet with scores) "
+                         "| | |")  # fmt: skip
+        if "judge" in s:
+            j = s["judge"]
+            pj = paper["gpt4v_rating"]
+            cell = {k: f"{_f(x['mean'])} ({x['n_rated']}/{x['n']} parseable)" for k, x in j.items()}
+            lines.append(f"| judge rating 1-5 ({summary.get('judge', '-')}) | {cell['original']} | {cell['recaption']}"
+                         f" | GPT-4V: {pj['original']} / {pj['recaption']} |")  # fmt: skip
+        lines.append("")
+        if c is not None:
+            lines += [f"CLIP share source: {s['clip_share_source']}; {c['n_pairs']:,} image pairs.", ""]
+        if v["truncated"]:
+            lines += [f"Vocabulary capped at {summary['max_vocab']:,} words: {v['oov_tokens']:,} word occurrences "
+                      "past the cap were not added; coverage is on the truncated vocabulary.", ""]  # fmt: skip
+        tops = v["top_words"]
+        lines += ["Most frequent words: original — " + ", ".join(f"{w} ({n:,})" for w, n in tops["original"][:12]),
+                  "", "recaption — " + ", ".join(f"{w} ({n:,})" for w, n in tops["recaption"][:12]), ""]  # fmt: skip
+    lines += ["Definitions: " + "; ".join(f"{k}: {v}" for k, v in summary["definitions"].items()) + ".", "",
+              f"Memory bound: {summary['memory_bound']}"]  # fmt: skip
+    return "\n".join(lines).rstrip() + "\n"
+
+
+DEFINITIONS = {
+    "length": "whitespace words (len(text.split()), the unit of the schema's re_length / org_length); tokens with the "
+    "given tokenizer, no special tokens",
+    "vocabulary": "distinct lower-cased [a-z0-9]+ words; coverage = |V_side| / |V_original ∪ V_recaption| "
+    "(PAPER.md §4, INFERRED)",
+    "clip share": "per image softmax(scale · [cos(img, original), cos(img, recaption)]), averaged, scale 100 "
+    "(PAPER.md §4, INFERRED from the paper's pairs summing to 100); parquet scores are read as 100 · cos",
+    "judge": "the paper's GPT-4V rating prompt (generation.JUDGE_PROMPT), 1-5, unparseable answers counted not scored",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m experiments analyze", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", default=None, help="image shards (paths, braces, globs, dirs)")
+    parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES),
+                        help="NAME=SPEC for 'original' and 'recaption' (the DataModule's source specs)")  # fmt: skip
+    parser.add_argument("--sidecar-dir", default=None, help="per-shard sidecars for sidecar:COLUMN sources")
+    parser.add_argument("--recap", nargs="+", default=None, help="Recap-DataComp-1B-schema parquet files / globs")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--clip", default=None, help="CLIP folder (open_clip export or HF) for the share on shards")
+    parser.add_argument("--share-scale", type=float, default=SHARE_SCALE, help="logit scale of the CLIP share")
+    parser.add_argument("--tokenizer", default=None, help="HF tokenizer folder for lengths in tokens")
+    parser.add_argument("--limit", type=int, default=None, help="at most N rows per input")
+    parser.add_argument("--judge", default=None,
+                        help="llava-hf folder answering the paper's rating prompt, or attributes:DIR (tiny world's "
+                        "pinned judge as a rater); on shards")  # fmt: skip
+    parser.add_argument("--judge-limit", type=int, default=8, help="images rated by the judge (both captions)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per CLIP batch")
+    parser.add_argument("--max-length", type=int, default=512, help="histogram bins (longer: one overflow bin)")
+    parser.add_argument("--max-vocab", type=int, default=2_000_000, help="vocabulary cap (memory bound)")
+    args = parser.parse_args(argv)
+    if not args.shards and not args.recap:
+        parser.error("give --shards and/or --recap")
+    if (args.clip or args.judge) and not args.shards:
+        parser.error("--clip / --judge need images: give --shards")
+
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    results: dict[str, CaptionStats] = {}
+    if args.recap:
+        stats = results["parquet"] = CaptionStats(args.max_length, args.max_vocab, tokenizer)
+        for batch in iter_parquet(args.recap):
+            if not add_parquet_batch(stats, batch, args.limit):
+                break
+    if args.shards:
+        scorer = load_scorer(args.clip) if args.clip else None
+        judge = make_judge(args.judge) if args.judge else None
+        stats = results["shards"] = CaptionStats(args.max_length, args.max_vocab, tokenizer)
+        analyze_shards(stats, args, scorer, judge)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m experiments analyze " + " ".join(
+        _quote(a) for a in (argv if argv is not None else sys.argv[2:])
+    )
+    summary = {
+        "inputs": {name: s.summary() for name, s in results.items()},
+        "paper": PAPER,
+        "definitions": DEFINITIONS,
+        "command": command,
+        "max_vocab": args.max_vocab,
+        "judge": args.judge,
+        "memory_bound": f"{args.max_length + 2} histogram bins per side and unit, a vocabulary of at most "
+        f"{args.max_vocab:,} words, one parquet batch (8,192 rows) or one shard's sidecar and {args.batch_size} "
+        "decoded images at a time; no per-row state.",
+    }
+    plot_lengths(results, out / "lengths.png")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    (out / "summary.md").write_text(summary_markdown(summary, command))
+    print((out / "summary.md").read_text())
+    return summary
+
+
+def _quote(arg: str) -> str:
+    return f"'{arg}'" if any(c in arg for c in "*?{} ") else arg

@@ -1,0 +1,114 @@
+"""The suite's loggers: Lightning's ``WandbLogger`` that goes offline by itself when no W&B key is configured, and a
+``CSVLogger`` that puts each ``wandb agent`` run of a sweep in its own directory.
+
+YAML (a list of loggers; the first one's directory is the run directory for checkpoints, ``config.yaml`` and metrics)::
+
+    logger:
+      - class_path: lightning.pytorch.loggers.CSVLogger
+        init_args: {save_dir: runs, name: clip/table3/p0.8, version: stage1}
+      - class_path: experiments.loggers.RecapWandbLogger
+        init_args: {save_dir: runs, project: recap-suite, name: clip/table3/p0.8/stage1, group: clip/table3/p0.8}
+
+``experiments/configs/logging/wandb.yaml`` turns W&B on for a run whose configs log to CSV only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+DEFAULT_WANDB_HOST = "https://api.wandb.ai"
+
+
+def wandb_has_credentials() -> bool:
+    """Whether W&B credentials are configured, checked without the network: ``WANDB_API_KEY``, an identity token
+    file, or a ``wandb login`` entry in the netrc file for ``WANDB_BASE_URL``."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:  # wandb's own netrc reader (what `wandb login` writes); its location moved between wandb releases
+        from wandb.sdk.lib.wbauth import read_netrc_auth
+
+        return bool(read_netrc_auth(host=os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_HOST)))
+    except Exception:  # noqa: BLE001 -- an unreadable netrc or a moved helper means "no login found"
+        return False
+
+
+def wandb_offline_by_default() -> bool:
+    """Offline when ``WANDB_MODE`` is ``offline``/``dryrun`` or when no credentials are configured (a run without a key
+    then still records everything locally; ``wandb sync <run dir>`` uploads it later)."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("offline", "dryrun"):
+        return True
+    if mode in ("online", "run"):
+        return False
+    return not wandb_has_credentials()
+
+
+class RecapWandbLogger(WandbLogger):
+    """``WandbLogger`` with the suite's defaults: offline unless credentials are configured, runs under ``save_dir``.
+
+    The API key is never an argument: W&B reads it from ``WANDB_API_KEY`` or ``wandb login``, so it cannot end up in a
+    saved config. Under ``wandb agent`` the run joins the agent's sweep run (W&B sets ``WANDB_RUN_ID``).
+
+    Args:
+        name: Run name shown in W&B (e.g. ``clip/table3/p0.8/stage1``).
+        save_dir: Folder under which W&B writes its ``wandb/`` run directories.
+        project: W&B project; ``None`` uses ``WANDB_PROJECT``.
+        entity: W&B entity (user or team); ``None`` uses ``WANDB_ENTITY`` or the account's default.
+        group: Groups runs in the W&B UI (e.g. both CLIPA stages of one table row).
+        tags: Run tags.
+        notes: Run notes.
+        job_type: W&B job type (e.g. ``stage1``).
+        offline: ``True``/``False`` forces the mode; ``None`` picks offline when no credentials are configured or
+            ``WANDB_MODE=offline``.
+        log_model: Upload checkpoints as W&B artifacts (Lightning's ``log_model``).
+        run_id: Resume this W&B run id (``None``: a new run, or the sweep agent's run).
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        save_dir: str = "runs",
+        project: str | None = "recap-suite",
+        entity: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        notes: str | None = None,
+        job_type: str | None = None,
+        offline: bool | None = None,
+        log_model: bool | str = False,
+        run_id: str | None = None,
+    ) -> None:
+        self.offline_mode = wandb_offline_by_default() if offline is None else offline
+        extra: dict[str, Any] = {
+            k: v for k, v in dict(entity=entity, group=group, tags=tags, notes=notes, job_type=job_type).items() if v
+        }
+        os.makedirs(save_dir, exist_ok=True)  # wandb falls back to a temp dir when `dir` does not exist
+        super().__init__(
+            name=name,
+            save_dir=save_dir,
+            project=project,
+            offline=self.offline_mode,
+            id=run_id,
+            log_model=log_model,
+            **extra,
+        )
+
+
+class SweepCSVLogger(CSVLogger):
+    """``CSVLogger`` for ``wandb agent`` runs: ``<save_dir>/<sweep id>/<run id>`` from the agent's ``WANDB_SWEEP_ID``
+    and ``WANDB_RUN_ID``, so every sweep point has its own checkpoints, ``config.yaml`` and metrics. Outside an agent it
+    is a plain ``CSVLogger`` under ``<save_dir>/local/version_N``.
+
+    Args:
+        save_dir: Root of the sweep runs.
+        name: Sub-folder; ``None`` uses the sweep id (``local`` outside an agent).
+        version: Run folder; ``None`` uses the W&B run id (``version_N`` outside an agent).
+    """
+
+    def __init__(self, save_dir: str = "runs/sweeps", name: str | None = None, version: str | None = None) -> None:
+        name = name or os.environ.get("WANDB_SWEEP_ID") or "local"
+        version = version or os.environ.get("WANDB_RUN_ID") or None
+        super().__init__(save_dir=save_dir, name=name, version=version)

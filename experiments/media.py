@@ -1,0 +1,183 @@
+"""Sample images and captions to W&B: a callback that is a no-op unless the trainer has a ``WandbLogger``.
+
+At the first training batch and at the first batch of every validation it logs a few samples as a ``wandb.Table``
+(key, caption source, caption, image) and as ``wandb.Image`` s with their captions, so a run shows what it trained on
+at its p (CLIP, captioner, DiT). A module with ``generate(prompts)`` (the DiT) also gets a grid of generated images
+for fixed prompts after every ``dit_every_n_validations``-th validation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+COLUMNS = ["key", "source", "caption", "image"]
+
+
+def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
+    """``N x C x H x W`` images -> ``H x W x C`` uint8 arrays. Float images (normalised by a model's own mean/std) are
+    min-max scaled per image for display; uint8 ones pass through."""
+    images = images.detach().cpu()
+    if images.dtype != torch.uint8:
+        x = images.float()
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        images = ((x - lo) / (hi - lo).clamp_min(1e-8) * 255).round().to(torch.uint8)
+    return [img.permute(1, 2, 0).numpy() for img in images]
+
+
+def _decode_targets(batch: Mapping[str, Any], tokenizer: Any) -> list[str] | None:
+    """Captions of a LLaVA json batch: the supervised (label != -100) tokens of each sample, decoded."""
+    labels = batch.get("labels")
+    if labels is None or tokenizer is None:
+        return None
+    return [tokenizer.decode(row[row != -100].tolist(), skip_special_tokens=True).strip() for row in labels]
+
+
+def batch_samples(batch: Mapping[str, Any], pl_module: Any, n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` samples of a batch as ``{"key", "source", "caption", "image"}`` (image: uint8 HWC array or None).
+
+    Understands caption-mix batches (``image``, ``caption``, ``caption_source``, ``key``), prompt batches
+    (``prompt``) and LLaVA json batches (``pixel_values``, ``labels``, ``id``); latent-cache batches give captions only.
+    """
+    if not isinstance(batch, Mapping):
+        return []
+    captions = batch.get("caption") or batch.get("prompt")
+    if captions is None:
+        captions = _decode_targets(batch, getattr(pl_module, "tokenizer", None))
+    images = batch.get("image")
+    if not isinstance(images, torch.Tensor):
+        images = batch.get("pixel_values")
+    size = len(captions) if captions is not None else (len(images) if isinstance(images, torch.Tensor) else 0)
+    k = min(n, size)
+    if k == 0:
+        return []
+    arrays: list[np.ndarray | None] = [None] * k
+    # LLaVA json batches stack images only for samples that have one: pair them by position only when all have one.
+    if isinstance(images, torch.Tensor) and images.ndim == 4 and len(images) == size:
+        arrays = list(to_uint8_images(images[:k]))
+    keys = batch.get("key") or batch.get("id") or [str(i) for i in range(size)]
+    sources = batch.get("caption_source") or [""] * size
+    return [
+        {
+            "key": str(keys[i]),
+            "source": str(sources[i]),
+            "caption": str(captions[i]) if captions is not None else "",
+            "image": arrays[i],
+        }
+        for i in range(k)
+    ]
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+    """uint8 ``N x C x H x W`` -> one uint8 ``H x W x C`` grid (torchvision's ``make_grid``)."""
+    from torchvision.utils import make_grid
+
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    return make_grid(images, nrow=nrow, padding=2).permute(1, 2, 0).numpy()
+
+
+class WandbMediaCallback(Callback):
+    """Log sample images with their captions (and DiT samples) to every ``WandbLogger``; a no-op without one.
+
+    Args:
+        num_samples: Samples per table.
+        log_train_start: Log the first training batch's samples.
+        log_validation: Log the first validation batch's samples at every validation (not the sanity check).
+        dit_prompts: Prompts for generated-image grids of a module with ``generate`` (the DiT); ``None`` uses the
+            captions of the first validation batch.
+        dit_every_n_validations: Generate at every n-th validation (sampling costs ``num_inference_steps`` passes).
+        dit_num_inference_steps: Sampler steps for these grids; ``None`` keeps the module's.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 8,
+        log_train_start: bool = True,
+        log_validation: bool = True,
+        dit_prompts: Sequence[str] | None = None,
+        dit_every_n_validations: int = 1,
+        dit_num_inference_steps: int | None = None,
+    ) -> None:
+        self.num_samples = num_samples
+        self.log_train_start = log_train_start
+        self.log_validation = log_validation
+        self.dit_prompts = list(dit_prompts) if dit_prompts else None
+        self.dit_every_n_validations = max(1, dit_every_n_validations)
+        self.dit_num_inference_steps = dit_num_inference_steps
+        self._train_logged = False
+        self._validations = 0
+        self._val_prompts: list[str] | None = None
+
+    @staticmethod
+    def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
+        return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)] if trainer.is_global_zero else []
+
+    def log_samples(self, trainer: L.Trainer, key: str, samples: list[dict[str, Any]]) -> None:
+        """One ``wandb.Table`` (key, source, caption, image) and the images with captions, at the current step."""
+        import wandb
+
+        if not samples:
+            return
+        rows = [
+            [s["key"], s["source"], s["caption"], wandb.Image(s["image"]) if s["image"] is not None else None]
+            for s in samples
+        ]
+        with_images = [s for s in samples if s["image"] is not None]
+        for logger in self.wandb_loggers(trainer):
+            logger.log_table(key=f"{key}/table", columns=COLUMNS, data=rows, step=trainer.global_step)
+            if with_images:
+                logger.log_image(
+                    key=f"{key}/images",
+                    images=[s["image"] for s in with_images],
+                    caption=[f"[{s['source']}] {s['caption']}" if s["source"] else s["caption"] for s in with_images],
+                    step=trainer.global_step,
+                )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
+        if self._train_logged or not self.log_train_start or not self.wandb_loggers(trainer):
+            return
+        self._train_logged = True
+        self.log_samples(trainer, "media/train_samples", batch_samples(batch, pl_module, self.num_samples))
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx or dataloader_idx or trainer.sanity_checking or not self.wandb_loggers(trainer):
+            return
+        samples = batch_samples(batch, pl_module, self.num_samples)
+        if self._val_prompts is None and samples:
+            self._val_prompts = [s["caption"] for s in samples if s["caption"]]
+        if self.log_validation:
+            self.log_samples(trainer, "media/val_samples", samples)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not callable(getattr(pl_module, "generate", None)):
+            return
+        if not self.wandb_loggers(trainer):
+            return
+        self._validations += 1
+        if self._validations % self.dit_every_n_validations:
+            return
+        prompts = self.dit_prompts or self._val_prompts
+        if not prompts:
+            return
+        kwargs = {"num_inference_steps": self.dit_num_inference_steps} if self.dit_num_inference_steps else {}
+        images = pl_module.generate(prompts, **kwargs)
+        import wandb
+
+        grid = wandb.Image(image_grid(images), caption=" | ".join(prompts))
+        samples = [
+            {"key": str(i), "source": "generated", "caption": p, "image": img}
+            for i, (p, img) in enumerate(zip(prompts, to_uint8_images(images), strict=True))
+        ]
+        for logger in self.wandb_loggers(trainer):
+            logger.log_metrics({"media/dit_samples/grid": grid}, step=trainer.global_step)
+        self.log_samples(trainer, "media/dit_samples", samples)

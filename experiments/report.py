@@ -1,0 +1,785 @@
+r"""``python -m experiments report``: a paper table with our runs beside it, as Markdown, CSV, JSON and PNG plots.
+
+    python -m experiments report table3 --tiny --out docs/reports     # -> docs/reports/table3_tiny.{md,csv,json,png}
+    python -m experiments report table7 --tiny --out docs/reports
+    python -m experiments report --write-readme                       # every table folder's README.md
+    python -m experiments report --check-readme                       # exit 1 when a README.md is stale
+
+Where the numbers come from (``--runs``, default ``runs`` or ``runs/tiny``):
+
+- Tables 3-6 (CLIP): ``<runs>/clip/<table>/<row>/stage2/metrics/`` (``test.json`` when the standalone evaluation ran
+  there, else the last in-loop ``step*.json``, as ``clip-table`` does) and the seed reruns of ``clip-table --seed N``
+  under ``<runs>/seed<N>/``. Several runs give mean ± sd (sample sd, n-1). A row without its own run uses the run of
+  an identical row (same towers, p and mix) of another table and names it (Table 4's B/16 rows are Table 3's runs).
+- Table 7 (DiT): ``dit-eval`` output ``<runs>/dit/eval/<row>/{caption,recaption}/metrics.json`` (raw / COCO-Recap
+  prompts), seeds likewise under ``<runs>/seed<N>/``.
+- Table 1 (MMMU / MM-Vet) cannot be scored offline; the report says so (tiny world: the captioner's own caption
+  evaluation is listed as the offline stand-in, not as Table 1's metrics).
+- Table 2: parameter counts of the named sizes, built as ``open_clip.CLIP`` on the meta device (``count_params``).
+
+A row without a run is "not run": numbers are never filled in. Commit: the run's recorded ``commit`` when its metrics
+JSON has one, else the last commit before the metrics file was written (marked ``*``; the run may have had
+uncommitted changes). Hardware: the run's recorded ``hardware``, else its trainer config and Lightning's log line.
+
+``--write-readme`` renders ``README.md`` in every table folder (``experiments/configs/{captioner/table1, clip/table2-6,
+dit/table7}`` and their ``tiny/`` twins) from the registries and the committed reports in ``docs/reports/*.json``,
+so the READMEs do not depend on git-ignored run folders; ``tests/test_report.py`` checks they are current.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_ROOT = REPO / "experiments" / "configs"
+REPORTS = REPO / "docs" / "reports"
+TABLE_NAMES = tuple(f"table{i}" for i in range(1, 8))
+SWEEP_TABLES = ("table3", "table5", "table7")  # the p sweeps: plotted metric vs p
+
+# Paper Table 1 (PAPER.md §1), VERBATIM. Only the LLaVA-1.5-LLaMA3-8B row is the paper's own model.
+TABLE1 = {
+    "LLaVA-1.5-7B": {"mmmu": 33.6, "mm_vet": 33.9},
+    "LLaVA-1.5-13B": {"mmmu": 36.4, "mm_vet": 36.3},
+    "LLaVA-1.5-LLaMA3-8B": {"mmmu": 45.2, "mm_vet": 37.8},
+    "GPT-4V": {"mmmu": 56.8, "mm_vet": 44.6},
+}
+TABLE1_OURS = "LLaVA-1.5-LLaMA3-8B"
+
+LABELS = {
+    "imagenet_top1": "IN-1K top-1",
+    "coco_i2t_r1": "COCO I→T R@1",
+    "coco_t2i_r1": "COCO T→I R@1",
+    "flickr_i2t_r1": "Flickr I→T R@1",
+    "flickr_t2i_r1": "Flickr T→I R@1",
+    "urban1k_i2t_r1": "Urban-1K I→T R@1",
+    "urban1k_t2i_r1": "Urban-1K T→I R@1",
+    "vg_attribution": "VG-Attribution",
+    "raw_fid": "raw FID↓",
+    "raw_clip": "raw CLIP",
+    "recap_fid": "Recap FID↓",
+    "recap_clip": "Recap CLIP",
+    "recap_recap_clip": "Recap Recap-CLIP",
+    "recap_gpt4v": "Recap GPT-4V",
+    "mmmu": "MMMU",
+    "mm_vet": "MM-Vet",
+    "vision_m": "vision (M)",
+    "text_m": "text (M)",
+    "total_m": "total (M)",
+}
+LOWER_IS_BETTER = {"raw_fid", "recap_fid"}
+
+# Paper metric -> the evaluation harness key it is read from. Real scale: the task names of eval/paper.yaml. Tiny
+# world (eval/tiny_world.yaml): 48-class zero-shot for ImageNet, short-caption retrieval for COCO, long-caption
+# retrieval for Urban-1K; Flickr30K and VG-Attribution have no tiny analog.
+CLIP_KEYS = {
+    "imagenet_top1": "imagenet/top1",
+    "coco_i2t_r1": "coco/image_to_text_R@1",
+    "coco_t2i_r1": "coco/text_to_image_R@1",
+    "flickr_i2t_r1": "flickr/image_to_text_R@1",
+    "flickr_t2i_r1": "flickr/text_to_image_R@1",
+    "urban1k_i2t_r1": "urban1k/image_to_text_R@1",
+    "urban1k_t2i_r1": "urban1k/text_to_image_R@1",
+}
+CLIP_KEYS_TINY = {
+    "imagenet_top1": "classify/top1",
+    "coco_i2t_r1": "retrieval/image_to_text_R@1",
+    "coco_t2i_r1": "retrieval/text_to_image_R@1",
+    "urban1k_i2t_r1": "long_retrieval/image_to_text_R@1",
+    "urban1k_t2i_r1": "long_retrieval/text_to_image_R@1",
+}
+# Ours-only columns of the tiny CLIP sweeps: long-caption retrieval (Urban-1K analog), what recaptions change most.
+CLIP_EXTRAS_TINY = {
+    "long i2t R@1": "long_retrieval/image_to_text_R@1",
+    "long t2i R@1": "long_retrieval/text_to_image_R@1",
+}
+
+# Table 7 columns -> "<prompt column>/<dit-eval metric>". The CLIP-score scorer names are whatever dit-eval's
+# --clip NAME=FOLDER used: the paper's OpenAI ViT-B/32 as `openai_b32`, its Recap-CLIP as `recap_clip`; the tiny world
+# has only its web CLIP (`web_clip`, Makefile tiny-dit).
+DIT_SCORERS = {"clip": "openai_b32", "recap_clip": "recap_clip"}
+DIT_SCORERS_TINY = {"clip": "web_clip", "recap_clip": "recap_clip"}
+DIT_EXTRAS_TINY = {  # the pinned judge's accuracies, shown in percent
+    "judge colour % (raw)": "caption/attributes/colour",
+    "judge shape % (raw)": "caption/attributes/shape",
+    "judge colour % (recap)": "recaption/attributes/colour",
+    "judge shape % (recap)": "recaption/attributes/shape",
+}
+
+
+def dit_keys(scorers: dict[str, str]) -> dict[str, str]:
+    return {
+        "raw_fid": "caption/fid",
+        "raw_clip": f"caption/clip_score/{scorers['clip']}",
+        "recap_fid": "recaption/fid",
+        "recap_clip": f"recaption/clip_score/{scorers['clip']}",
+        "recap_recap_clip": f"recaption/clip_score/{scorers['recap_clip']}",
+        "recap_gpt4v": "recaption/judge/mean",
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ data model
+@dataclass
+class RunResult:
+    """One run of a row: where it is, its seed, its values by report column, commit and hardware."""
+
+    path: str
+    seed: str
+    values: dict[str, float]
+    commit: str | None = None
+    hardware: str | None = None
+
+
+@dataclass
+class ReportRow:
+    id: str
+    p: float | None
+    paper: dict[str, float]
+    config: str
+    command: str
+    runs: list[RunResult] = field(default_factory=list)
+    status: str = "not run"  # shown when there is no run
+    source: str | None = None  # "table3/p1.0" when the runs are an identical row's
+    note: str = ""
+
+    def stats(self, column: str) -> tuple[float | None, float | None, int]:
+        """(mean, sample sd or None, n) of ``column`` over the runs that measured it."""
+        vals = [r.values[column] for r in self.runs if column in r.values]
+        if not vals:
+            return None, None, 0
+        mean = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+        return mean, sd, len(vals)
+
+
+@dataclass
+class Report:
+    table: str
+    title: str
+    tiny: bool
+    columns: list[str]  # paper columns (paper number, ours, delta)
+    rows: list[ReportRow]
+    keys: dict[str, str] = field(default_factory=dict)  # column -> harness key read for "ours"
+    extras: dict[str, str] = field(default_factory=dict)  # ours-only column -> harness key
+    notes: list[str] = field(default_factory=list)
+    deltas: bool = True
+    command: str = ""
+    sections: list[str] = field(default_factory=list)  # extra markdown after the table
+
+    @property
+    def stem(self) -> str:
+        return f"{self.table}_tiny" if self.tiny else self.table
+
+
+# ------------------------------------------------------------------------------------------------------ run metadata
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_commit(metrics_json: dict, metrics_file: Path) -> str | None:
+    """The run's recorded commit, else the last commit before its metrics file was written (marked ``*``)."""
+    if metrics_json.get("commit"):
+        return str(metrics_json["commit"])[:12]
+    when = dt.datetime.fromtimestamp(metrics_file.stat().st_mtime, dt.timezone.utc).isoformat()
+    sha = _git("log", "-1", "--format=%h", f"--before={when}")
+    return f"{sha}*" if sha else None
+
+
+def _trainer_config(run_dir: Path) -> dict:
+    for path in (run_dir / "config.yaml", run_dir / "hparams.yaml"):
+        if path.is_file():
+            try:
+                return (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}
+            except yaml.YAMLError:
+                return {}
+    return {}
+
+
+def run_hardware(metrics_json: dict, run_dir: Path, log: Path | None = None) -> str | None:
+    """The run's recorded ``hardware``, else ``accelerator x devices [x nodes]`` from its saved trainer config,
+    checked against Lightning's "GPU available: ..., used: ..." line of its log when there is one."""
+    if metrics_json.get("hardware"):
+        return str(metrics_json["hardware"])
+    trainer = _trainer_config(run_dir)
+    if not trainer:
+        return None
+    acc = str(trainer.get("accelerator", "auto"))
+    if log is not None and log.is_file():
+        m = re.search(r"GPU available: \w+, used: (True|False)", log.read_text(errors="replace"))
+        if m:
+            acc = "gpu" if m.group(1) == "True" else "cpu"
+    text = f"{acc} x{trainer.get('devices', 1)}"
+    nodes = trainer.get("num_nodes", 1)
+    return text + (f" x{nodes} nodes" if nodes and int(nodes) > 1 else "")
+
+
+def _seed_of(config: Path, fallback: str) -> str:
+    if config.is_file():
+        m = re.search(r"^seed_everything:\s*(\S+)", config.read_text(), re.MULTILINE)
+        if m and m.group(1) not in ("null", "true", "false"):
+            return f"seed{m.group(1)}"
+    return fallback
+
+
+def _seed_roots(runs: Path) -> list[tuple[str | None, Path]]:
+    """The configs' own run root, then the ``seed<N>`` rerun roots (``clip-table --seed N``)."""
+    return [(None, runs)] + [(d.name, d) for d in sorted(runs.glob("seed*")) if d.is_dir()]
+
+
+# ------------------------------------------------------------------------------------------------------ CLIP tables
+def _clip_metrics_file(stage2: Path) -> Path | None:
+    test = stage2 / "metrics" / "test.json"
+    if test.is_file():
+        return test
+    steps = sorted((stage2 / "metrics").glob("step*.json"))
+    return steps[-1] if steps else None
+
+
+def clip_runs(runs: Path, table: str, row_id: str, keys: dict[str, str]) -> list[RunResult]:
+    out = []
+    for seed_name, root in _seed_roots(runs):
+        row_dir = root / "clip" / table / row_id
+        metrics_file = _clip_metrics_file(row_dir / "stage2")
+        if metrics_file is None:
+            continue
+        data = json.loads(metrics_file.read_text())
+        metrics = data.get("metrics", {})
+        values = {col: float(metrics[k]) for col, k in keys.items() if k in metrics}
+        out.append(
+            RunResult(
+                path=os.path.relpath(metrics_file, Path.cwd()),
+                seed=seed_name or _seed_of(row_dir / "stage1" / "config.yaml", "default seed"),
+                values=values,
+                commit=run_commit(data, metrics_file),
+                hardware=run_hardware(data, row_dir / "stage2", row_dir / "stage2.log"),
+            )
+        )
+    return out
+
+
+def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
+    from experiments.paper_tables import TABLES
+
+    table = TABLES[table_name]
+    keys_all = CLIP_KEYS_TINY if tiny else CLIP_KEYS
+    keys = {c: keys_all[c] for c in table.metrics if c in keys_all}
+    extras = dict(CLIP_EXTRAS_TINY) if tiny and table_name != "table6" else {}
+    read = {**keys, **extras}
+    base = "tiny/clip" if tiny else "clip"
+    rows = []
+    for row in table.rows:
+        cfg = f"experiments/configs/{base}/{table_name}/{row.id}.yaml (+ .stage2.yaml)"
+        cmd = f"python -m experiments clip-table --table {table_name} --rows {row.id}" + (" --tiny" if tiny else "")
+        rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, clip_runs(runs, table_name, row.id, read),
+                              note=row.note))  # fmt: skip
+    # A row without its own run reuses an identical row's (same towers, p and mix) of another table.
+    spec = {(t, r.id): (r.vision, r.text, r.p, r.mix) for t, tab in TABLES.items() for r in tab.rows}
+    for rr in rows:
+        if rr.runs:
+            continue
+        for (other, other_id), s in spec.items():
+            if other != table_name and s == spec[(table_name, rr.id)]:
+                found = clip_runs(runs, other, other_id, read)
+                if found:
+                    rr.runs, rr.source = found, f"{other}/{other_id}"
+                    break
+    notes = list(table.notes)
+    if tiny:
+        missing = [LABELS[c] for c in table.metrics if c not in keys]
+        notes.insert(0, "Ours: the tiny world's stand-in tasks (" + ", ".join(f"{LABELS[c]} <- `{k}`" for c, k in
+                     keys.items()) + "). Absolute numbers are not comparable with the paper's; the shape over rows is."
+                     + (f" No tiny analog: {', '.join(missing)}." if missing else ""))  # fmt: skip
+    return Report(table_name, table.caption, tiny, list(table.metrics), rows, keys, extras, notes)
+
+
+# ------------------------------------------------------------------------------------------------------- DiT table
+def dit_runs(runs: Path, row_id: str, keys: dict[str, str]) -> list[RunResult]:
+    out = []
+    for seed_name, root in _seed_roots(runs):
+        eval_dir = root / "dit" / "eval" / row_id
+        merged: dict[str, float] = {}
+        files = sorted(eval_dir.glob("*/metrics.json"))
+        if not files:
+            continue
+        first = json.loads(files[0].read_text())
+        for f in files:
+            for k, v in json.loads(f.read_text()).get("metrics", {}).items():
+                # attribute accuracies are fractions in dit-eval's json; percent like every other column here
+                merged[f"{f.parent.name}/{k}"] = float(v) * (100 if k.startswith("attributes/") else 1)
+        fit = root / "dit" / "table7" / row_id / "fit"
+        out.append(
+            RunResult(
+                path=os.path.relpath(eval_dir, Path.cwd()),
+                seed=seed_name or _seed_of(fit / "config.yaml", "default seed"),
+                values={c: merged[k] for c, k in keys.items() if k in merged},
+                commit=run_commit(first, files[0]),
+                hardware=run_hardware(first, fit),
+            )
+        )
+    return out
+
+
+def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) -> Report:
+    from experiments.dit_tables import COLUMNS, TABLE7
+
+    scorers = scorers or (DIT_SCORERS_TINY if tiny else DIT_SCORERS)
+    keys = dit_keys(scorers)
+    extras = dict(DIT_EXTRAS_TINY) if tiny else {}
+    base = "tiny/dit" if tiny else "dit"
+    rows = []
+    for row in TABLE7:
+        cfg = f"experiments/configs/{base}/table7/{row.id}.yaml"
+        cmd = f"python -m experiments fit --config experiments/configs/{base}/base.yaml --config {cfg}; then dit-eval"
+        rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, dit_runs(runs, row.id, {**keys, **extras})))
+    notes = [
+        "Raw = prompts are the original (short) captions; Recap = their recaptions (COCO-Recap). Paper: COCO-30K, "
+        "FID on 30k images, CLIP score with OpenAI ViT-B/32, GPT-4V score on 3k.",
+        f"Ours: `dit-eval` metrics; CLIP score from the scorer named `{scorers['clip']}`, Recap-CLIP score from "
+        f"`{scorers['recap_clip']}`, GPT-4V column from `judge/mean` (a local judge, not GPT-4V).",
+    ]
+    if tiny:
+        notes.append(
+            "Tiny world: 500 prompts per set, 16 px pixel DiT; FID on the pinned attribute judge's features, CLIP "
+            "score with the web CLIP (alt-text trained); judge colour/shape = the pinned judge's accuracy (%) on what "
+            "the prompt states. Not comparable with the paper in absolute terms."
+        )
+    return Report("table7", "Text-to-image on COCO-30K, DiT-B/4 at mixed ratios p (paper Table 7).", tiny,
+                  list(COLUMNS), rows, keys, extras, notes)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ Tables 1 and 2
+TABLE1_STEM = "llava15-llama3-8b"  # the row files of experiments/configs/[tiny/]captioner/table1/
+
+
+def table1_report(tiny: bool, runs: Path) -> Report:
+    base = "tiny/captioner" if tiny else "captioner"
+    stages = ("stage1", "stage2", "caption_tune")
+    folder = f"experiments/configs/{base}/table1"
+    rows = []
+    for model, nums in TABLE1.items():
+        ours = model == TABLE1_OURS
+        rows.append(
+            ReportRow(
+                model, None, dict(nums),
+                config=f"{folder}/{TABLE1_STEM}.{{{','.join(stages)}}}.yaml" if ours else "-",
+                command=(f"python -m experiments fit --config experiments/configs/{base}/stage1.yaml --config "
+                         f"{folder}/{TABLE1_STEM}.stage1.yaml (then the later stages, export-captioner; the YAML "
+                         "headers have every command)") if ours else "-",
+                status="cannot be scored offline" if ours else "reference (not trained here)",
+            )
+        )  # fmt: skip
+    notes = [
+        "MMMU and MM-Vet need their benchmark data and (MM-Vet) a GPT-4 grader; nothing here can reach them, so no row "
+        "is scored. Score an `export-captioner` llava-hf folder with an external harness (lmms-eval, VLMEvalKit).",
+    ]
+    sections = []
+    if tiny:
+        sections.append(_captioner_standin(runs))
+    return Report("table1", "Performance comparison of LLaVA (MMMU, MM-Vet).", tiny, ["mmmu", "mm_vet"], rows, {},
+                  {}, notes, sections=sections)  # fmt: skip
+
+
+_CAPTION_EVAL = {
+    "main object": "eval/caption_attributes/main_object_acc",
+    "colour precision": "eval/caption_attributes/colour_precision",
+    "shape precision": "eval/caption_attributes/shape_precision",
+    "count": "eval/caption_attributes/count_acc",
+    "background": "eval/caption_attributes/background_acc",
+    "mean words": "eval/caption_attributes/mean_words",
+}
+
+
+def _captioner_standin(runs: Path) -> str:
+    """The tiny captioner's own held-out caption evaluation per stage: what the tiny world can score offline."""
+    lines = [
+        "### Tiny-world stand-in (not Table 1's metrics)",
+        "",
+        "The tiny captioner's held-out caption evaluation (attributes of the caption checked against the world's "
+        "ground truth, percent; `lightning_modules/evaluation/caption_attributes.py`), last evaluation of each stage:",
+        "",
+        "| stage | " + " | ".join(_CAPTION_EVAL) + " | metrics file |",
+        "|---|" + "---|" * (len(_CAPTION_EVAL) + 1),
+    ]
+    found = False
+    for stage in ("stage1", "stage2", "caption_tune"):
+        # the table1 row's runs when they exist, else the make tiny-captioner chain's (the same recipe)
+        for d in (runs / "captioner" / "table1" / TABLE1_STEM / stage, runs / "captioner" / stage):
+            files = sorted((d / "metrics").glob("step*.json"), key=_step_number)
+            if files:
+                break
+        if not files:
+            lines.append(f"| {stage} | " + " | ".join("not run" for _ in _CAPTION_EVAL) + " | - |")
+            continue
+        found = True
+        metrics = json.loads(files[-1].read_text()).get("metrics", {})
+        cells = [f"{metrics[k]:.1f}" if k in metrics else "-" for k in _CAPTION_EVAL.values()]
+        lines.append(f"| {stage} | " + " | ".join(cells) + f" | `{os.path.relpath(files[-1], Path.cwd())}` |")
+    return "\n".join(lines) + "\n" if found else "### Tiny-world stand-in\n\nNo tiny captioner runs found.\n"
+
+
+def _step_number(path: Path) -> int:
+    m = re.search(r"(\d+)", path.stem)
+    return int(m.group(1)) if m else -1
+
+
+def table2_report(tiny: bool) -> Report:
+    """Table 2's sizes with parameter counts of the models as built (open_clip.CLIP on the meta device)."""
+    from experiments import paper_tables
+    from lightning_modules.components.clip_sizes import TABLE2, count_params, recap_clip_config
+
+    text_of = {"S/16": "small", "B/16": "base", "L/16": "large", "H/14": "huge"}
+    base = "tiny/clip" if tiny else "clip"
+    stand_in = []
+    rows = []
+    for size, entry in TABLE2.items():
+        vision, text = size.replace("/", "-"), text_of[size]
+        paper = {f"{k}_m": float(v) for k, v in entry["params_m"].items()}
+        if tiny:
+            if vision not in paper_tables.TINY_VISION:  # no tiny H/14 vision: its huge text on the largest one
+                vision = list(paper_tables.TINY_VISION)[-1]
+                stand_in.append(f"{size}: huge text on the tiny {vision} vision")
+            cfg, spec = paper_tables.tiny_model(vision, text), f"tiny {vision} + {text}"
+        else:
+            cfg, spec = recap_clip_config(vision, text), f"`model: recap-clip:{vision}:{text}`"
+        row_id = f"{size.replace('/', '')}-{text}"
+        if hasattr(paper_tables, "TABLE2"):  # Table 2's row YAMLs (train a size at p = 0.8)
+            spec += f"; experiments/configs/{base}/table2/{row_id}.yaml (+ .stage2.yaml)"
+        counts = count_params(cfg)
+        values = {f"{k}_m": counts[k] / 1e6 for k in ("vision", "text", "total")}
+        rows.append(
+            ReportRow(
+                size, None, paper, config=spec,
+                command="python -m experiments report table2" + (" --tiny" if tiny else ""),
+                runs=[RunResult("count_params (meta device)", "computed", values, _git("rev-parse", "--short", "HEAD"),
+                                "-")],
+            )
+        )  # fmt: skip
+    notes = [
+        "Ours: `lightning_modules.components.clip_sizes.count_params`, i.e. `open_clip.CLIP` built on the meta device "
+        "(no memory) and its parameters counted; text = everything but `visual.*` and the logit scale.",
+        "The text counts need a 32,000-token vocabulary (BERT, as CLIPA and the released model); the H/14 vision tower "
+        "was never trained by the authors (its text tower is Table 4's huge).",
+    ]
+    if tiny:
+        notes.append(
+            "Tiny world: the CPU stand-ins of `experiments/paper_tables.py` (open_clip's 49,408-token BPE)"
+            + (f" ({'; '.join(stand_in)})" if stand_in else "")
+            + "; the paper column is the real size, no delta."
+        )
+    return Report("table2", "Recap-CLIP model configurations (parameters in millions).", tiny,
+                  ["vision_m", "text_m", "total_m"], rows, {}, {}, notes, deltas=not tiny)  # fmt: skip
+
+
+def build_report(table: str, tiny: bool, runs: Path | None = None, scorers: dict[str, str] | None = None) -> Report:
+    if table not in TABLE_NAMES:
+        raise ValueError(f"unknown table {table!r}; known: {list(TABLE_NAMES)}")
+    runs = Path(runs) if runs is not None else Path("runs/tiny" if tiny else "runs")
+    if table == "table1":
+        return table1_report(tiny, runs)
+    if table == "table2":
+        return table2_report(tiny)
+    if table == "table7":
+        return dit_report(tiny, runs, scorers)
+    return clip_report(table, tiny, runs)
+
+
+# ---------------------------------------------------------------------------------------------------------- writers
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _digits(report: Report, column: str) -> int:
+    return 2 if column in ("recap_gpt4v",) or report.table == "table2" else 1
+
+
+def ours_cell(report: Report, row: ReportRow, column: str) -> str:
+    mean, sd, n = row.stats(column)
+    if not row.runs:
+        return row.status
+    if mean is None:
+        return "-"  # the run did not measure it
+    d = _digits(report, column) if column in report.columns else 1
+    return _fmt(mean, d) + (f" ± {sd:.{d}f}" if sd is not None else "")
+
+
+def delta(row: ReportRow, column: str) -> float | None:
+    mean = row.stats(column)[0]
+    return None if mean is None or column not in row.paper else mean - row.paper[column]
+
+
+def _runs_cell(row: ReportRow) -> str:
+    if not row.runs:
+        return "0"
+    seeds = ", ".join(r.seed for r in row.runs)
+    return f"{len(row.runs)} ({seeds})" + (f", run of {row.source}" if row.source else "")
+
+
+def _unique(values: Sequence[str | None]) -> str:
+    vals = list(dict.fromkeys(v for v in values if v))
+    return ", ".join(vals) if vals else "-"
+
+
+def markdown(report: Report) -> str:
+    scale = "tiny world" if report.tiny else "real scale"
+    lines = [f"# Paper {report.table.replace('table', 'Table ')} ({scale}): {report.title}", ""]
+    if report.command:
+        lines += ["```bash", report.command, "```", ""]
+    head = ["row", "p"]
+    for c in report.columns:
+        head.append(f"{LABELS.get(c, c)}: paper / ours" + (" (Δ)" if report.deltas else ""))
+    head += list(report.extras) + ["runs", "commit", "hardware"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report.rows:
+        cells = [row.id, "-" if row.p is None else f"{row.p:g}"]
+        for c in report.columns:
+            d = _digits(report, c)
+            paper = _fmt(row.paper.get(c), d) if c in row.paper else "-"
+            ours = ours_cell(report, row, c)
+            dv = delta(row, c) if report.deltas else None
+            cells.append(f"{paper} / {ours}" + (f" ({dv:+.{d}f})" if dv is not None else ""))
+        cells += [ours_cell(report, row, e) for e in report.extras]
+        cells += [_runs_cell(row), _unique([r.commit for r in row.runs]), _unique([r.hardware for r in row.runs])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if report.keys:
+        lines.append("Ours read from: " + ", ".join(f"{LABELS.get(c, c)} = `{k}`" for c, k in report.keys.items())
+                     + "".join(f", {e} = `{k}`" for e, k in report.extras.items()) + ".")  # fmt: skip
+        lines.append("")
+    lines.append(
+        'Ours = mean ± sample sd over the runs (seeds); Δ = ours − paper. "not run": no run of this row was found '
+        '(nothing is filled in); "-": the run did not measure it. Commit `*` = the last commit before the run\'s '
+        "metrics were written (the run does not record its commit)."
+    )
+    lines += [""] + [f"- {n}" for n in report.notes]
+    for s in report.sections:
+        lines += ["", s.rstrip()]
+    sources = [f"- {row.id}: " + ", ".join(f"`{r.path}`" for r in row.runs) for row in report.rows if row.runs]
+    if sources and report.table != "table2":
+        lines += ["", "Run files:", ""] + sources
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def csv_text(report: Report) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    head = ["row", "p"]
+    for c in report.columns:
+        head += [f"{c}_paper", f"{c}_ours", f"{c}_ours_sd", f"{c}_delta"]
+    head += [f"{e}" for e in report.extras] + ["n_runs", "status", "source", "seeds", "commit", "hardware"]
+    w.writerow(head)
+    for row in report.rows:
+        out: list[Any] = [row.id, "" if row.p is None else row.p]
+        for c in report.columns:
+            mean, sd, _ = row.stats(c)
+            dv = delta(row, c) if report.deltas else None
+            out += [row.paper.get(c, ""), "" if mean is None else round(mean, 4), "" if sd is None else round(sd, 4),
+                    "" if dv is None else round(dv, 4)]  # fmt: skip
+        for e in report.extras:
+            mean = row.stats(e)[0]
+            out.append("" if mean is None else round(mean, 4))
+        out += [len(row.runs), "ok" if row.runs else row.status, row.source or "",
+                ";".join(r.seed for r in row.runs), _unique([r.commit for r in row.runs]),
+                _unique([r.hardware for r in row.runs])]  # fmt: skip
+        w.writerow(out)
+    return buf.getvalue()
+
+
+def to_json(report: Report) -> dict:
+    out = asdict(report)
+    for row, data in zip(report.rows, out["rows"], strict=True):
+        data["mean"] = {c: row.stats(c)[0] for c in [*report.columns, *report.extras] if row.stats(c)[0] is not None}
+        data["sd"] = {c: row.stats(c)[1] for c in [*report.columns, *report.extras] if row.stats(c)[1] is not None}
+    return out
+
+
+def from_json(data: dict) -> Report:
+    rows = []
+    for r in data["rows"]:
+        runs = [RunResult(**x) for x in r.pop("runs")]
+        r.pop("mean", None), r.pop("sd", None)
+        rows.append(ReportRow(**r, runs=runs))
+    return Report(**{**data, "rows": rows})
+
+
+def plot(report: Report, path: Path) -> Path | None:
+    """Metric vs p, one panel per paper column: the paper's numbers (left axis) and ours (right axis, ± sd)."""
+    points = [r for r in report.rows if r.p is not None]
+    if not points:
+        return None
+    os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="mpl-"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in report.columns if any(c in r.paper for r in points)]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.3 * len(cols), 3.2), squeeze=False)
+    for ax, c in zip(axes[0], cols, strict=True):
+        xs = [r.p for r in points if c in r.paper]
+        ax.plot(xs, [r.paper[c] for r in points if c in r.paper], "o-", color="tab:blue", label="paper")
+        ax.set_xlabel("p (share of original captions)")
+        ax.set_title(LABELS.get(c, c), fontsize=9)
+        ax.tick_params(axis="y", labelcolor="tab:blue")
+        ours = [(r.p, *r.stats(c)[:2]) for r in points if r.stats(c)[0] is not None]
+        twin = ax.twinx()
+        if ours:
+            twin.errorbar([o[0] for o in ours], [o[1] for o in ours], yerr=[o[2] or 0 for o in ours], fmt="s--",
+                          color="tab:orange", capsize=3, label="ours")  # fmt: skip
+        else:
+            why = "not measured" if report.keys and c not in report.keys else "not run"
+            twin.text(0.5, 0.5, f"ours: {why}", transform=ax.transAxes, ha="center", color="tab:orange")
+        twin.tick_params(axis="y", labelcolor="tab:orange")
+    handles = [
+        plt.Line2D([], [], color="tab:blue", marker="o", label="paper (left axis)"),
+        plt.Line2D([], [], color="tab:orange", marker="s", ls="--", label="ours (right axis, ± sd)"),
+    ]
+    fig.legend(handles=handles, loc="upper center", ncol=2, fontsize=8, frameon=False)
+    scale = "tiny world" if report.tiny else "real scale"
+    fig.text(0.01, 0.97, f"{report.table.replace('table', 'Table ')} ({scale})", fontsize=9, va="top")
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: Report, out: Path) -> dict[str, Path]:
+    """Write ``<out>/<table>[_tiny].{md,csv,json}`` and, for the p sweeps, ``.png``; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / f"{report.stem}.md", "csv": out / f"{report.stem}.csv", "json": out / f"{report.stem}.json"}
+    text = markdown(report)
+    if report.table in SWEEP_TABLES:
+        png = plot(report, out / f"{report.stem}.png")
+        if png is not None:
+            paths["png"] = png
+            text = text.replace("\n\n", f"\n\n![metric vs p]({png.name})\n\n", 1)
+    paths["md"].write_text(text)
+    paths["csv"].write_text(csv_text(report))
+    paths["json"].write_text(json.dumps(to_json(report), indent=1, ensure_ascii=False) + "\n")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ table READMEs
+def table_folder(table: str, tiny: bool) -> Path:
+    family = {"table1": "captioner", "table7": "dit"}.get(table, "clip")
+    return CONFIG_ROOT / ("tiny" if tiny else "") / family / table
+
+
+def _numbers(report: Report, values: dict[str, float | str]) -> str:
+    return "; ".join(f"{LABELS.get(c, c)} {v}" for c, v in values.items())
+
+
+def readme(report: Report) -> str:
+    """A table folder's README: row | config | command | paper | ours | commit | hardware."""
+    scale = "tiny world (CPU stand-ins; numbers not comparable with the paper in absolute terms)" if report.tiny else (
+        "real scale")  # fmt: skip
+    lines = [
+        f"# Paper {report.table.replace('table', 'Table ')}: {report.title}",
+        "",
+        f"Scale: {scale}. Generated by `python -m experiments report --write-readme` from the paper registry and "
+        f"`docs/reports/{report.stem}.json` (the committed output of `python -m experiments report {report.table}"
+        f"{' --tiny' if report.tiny else ''} --out docs/reports`); edit those, not this file.",
+        "",
+        "| row | config | command | paper | ours | commit | hardware |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report.rows:
+        paper = _numbers(report, {c: f"{row.paper[c]:g}" for c in report.columns if c in row.paper})
+        if row.runs:
+            ours = _numbers(report, {c: ours_cell(report, row, c) for c in report.columns})
+            ours += f" ({_runs_cell(row)})" if report.table != "table2" else ""
+        else:
+            ours = row.status
+        commit = _unique([r.commit for r in row.runs])
+        hardware = _unique([r.hardware for r in row.runs])
+        lines.append(f"| {row.id} | {row.config} | `{row.command}` | {paper} | {ours} | {commit} | {hardware} |"
+                     if row.command != "-" else
+                     f"| {row.id} | {row.config} | - | {paper} | {ours} | {commit} | {hardware} |")  # fmt: skip
+    lines += ["", *[f"- {n}" for n in report.notes]]
+    if report.table == "table1":
+        lines += ["", "## Scoring MMMU / MM-Vet (not run here)", "",
+                  "1. Train (stage 1, stage 2) and `python -m experiments export-captioner --ckpt ... --out DIR`: a "
+                  "llava-hf folder (`LlavaForConditionalGeneration` + `AutoProcessor`).",
+                  "2. Score DIR with an external harness that loads llava-hf models (lmms-eval, VLMEvalKit) on MMMU "
+                  "(val) and MM-Vet (GPT-4 graded). The paper does not state the MMMU split."]  # fmt: skip
+    lines += [
+        "",
+        f"Full report with deltas and run files: `docs/reports/{report.stem}.md`"
+        + (" (exists once the report has been run)" if not (REPORTS / f"{report.stem}.md").exists() else ""),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def readme_report(table: str, tiny: bool, reports: Path = REPORTS) -> Report:
+    """The report a README shows: the committed JSON when there is one, else the registry with no runs."""
+    path = reports / f"{table}{'_tiny' if tiny else ''}.json"
+    if path.is_file():
+        return from_json(json.loads(path.read_text()))
+    report = build_report(table, tiny, REPO / ".no-runs")  # a folder that does not exist: every row "not run"
+    for row in report.rows:  # no commit of the moment into a committed file (Table 2's counts need no run)
+        for run in row.runs:
+            run.commit = None
+    return report
+
+
+def readme_files(reports: Path = REPORTS) -> dict[Path, str]:
+    return {table_folder(t, tiny) / "README.md": readme(readme_report(t, tiny, reports))
+            for t in TABLE_NAMES for tiny in (False, True)}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path] | list[Path]:
+    parser = argparse.ArgumentParser(prog="python -m experiments report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("table", nargs="?", choices=TABLE_NAMES, help="which paper table")
+    parser.add_argument("--tiny", action="store_true", help="the tiny-world runs and configs")
+    parser.add_argument("--runs", default=None, help="runs root (default: runs, or runs/tiny with --tiny)")
+    parser.add_argument("--out", default=None, help="output folder (default: <runs>/reports)")
+    parser.add_argument("--dit-clip", default=None, help="dit-eval scorer name of Table 7's CLIP column")
+    parser.add_argument("--dit-recap-clip", default=None, help="dit-eval scorer name of the Recap-CLIP column")
+    parser.add_argument("--write-readme", action="store_true", help="(re)write every table folder's README.md")
+    parser.add_argument("--check-readme", action="store_true", help="exit 1 if a table folder's README.md is stale")
+    args = parser.parse_args(argv)
+
+    if args.write_readme or args.check_readme:
+        from experiments.paper_tables import write_generated
+
+        stale = write_generated(readme_files(), check=args.check_readme)
+        print("\n".join(str(p) for p in stale) or "all table READMEs are up to date")
+        if stale and args.check_readme:
+            raise SystemExit(1)
+        return stale
+    if args.table is None:
+        parser.error("give a TABLE (table1..table7), or --write-readme / --check-readme")
+    runs = Path(args.runs or ("runs/tiny" if args.tiny else "runs"))
+    scorers = None
+    if args.table == "table7" and (args.dit_clip or args.dit_recap_clip):
+        default = DIT_SCORERS_TINY if args.tiny else DIT_SCORERS
+        scorers = {"clip": args.dit_clip or default["clip"], "recap_clip": args.dit_recap_clip or default["recap_clip"]}
+    report = build_report(args.table, args.tiny, runs, scorers)
+    out = Path(args.out) if args.out else runs / "reports"
+    shown = ["python -m experiments report", args.table] + (["--tiny"] if args.tiny else [])
+    shown += [f"--runs {args.runs}"] if args.runs else []
+    shown += [f"--out {args.out}"] if args.out else []
+    report.command = " ".join(shown)
+    paths = write_report(report, out)
+    print(markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return paths

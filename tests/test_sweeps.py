@@ -1,0 +1,299 @@
+"""W&B sweep specs, the local sweep runner and W&B logging (offline): every spec's grid corners pass ``--print_config``
+with their values in place, the runner lists and runs exactly the grid, and an offline W&B run holds the media and
+the resolved config."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import write_shards
+
+from experiments import sweep
+from experiments.cli import cli_main
+from experiments.paper_tables import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS = REPO / "experiments" / "sweeps"
+CONFIGS = REPO / "experiments" / "configs"
+SPECS = sorted(SWEEPS.rglob("*.yaml"))
+
+
+def _get(cfg: dict, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _print_config(args: list[str]) -> dict:
+    buf = io.StringIO()
+    with pytest.raises(SystemExit) as exc, redirect_stdout(buf):
+        cli_main(args + ["--print_config"])
+    assert exc.value.code in (None, 0)
+    return yaml.safe_load(buf.getvalue())
+
+
+def _corner_cases():
+    for path in SPECS:
+        spec = sweep.load_spec(path)
+        for i, point in enumerate(sweep.corners(spec)):
+            yield pytest.param(path, point, id=f"{path.relative_to(SWEEPS)}-corner{i}")
+
+
+def test_there_is_a_spec_and_a_tiny_twin_per_table():
+    names = {p.relative_to(SWEEPS).as_posix() for p in SPECS}
+    for table in ("table3_p", "table4_textenc_p", "table5_p_large_text", "table7_dit_p"):
+        assert {f"{table}.yaml", f"tiny/{table}.yaml"} <= names
+
+
+@pytest.mark.parametrize(("path", "point"), list(_corner_cases()))
+def test_spec_corner_validates_with_print_config(path, point):
+    """The W&B expansion of ``${args}`` (``--key=value``) after the spec's configs parses, and every swept value lands
+    at its dotted key: renaming a key in a module, a config or a spec fails here."""
+    spec = sweep.load_spec(path)
+    args = sweep.lightning_args(spec, point)
+    for key, value in point.items():
+        assert f"--{key}={value}" in args  # exactly what `wandb agent` passes (create_sweep_command_args)
+    printed = _print_config(args)
+    for key, value in point.items():
+        assert _get(printed, key) == value, key
+    # a `wandb agent` run gets its own run dir (SweepCSVLogger) and the sweep's W&B run, no base names carried over
+    csv, wb = printed["trainer"]["logger"]
+    assert csv["class_path"] == "experiments.loggers.SweepCSVLogger"
+    assert (csv["init_args"]["name"], csv["init_args"]["version"]) == (None, None)
+    assert wb["class_path"] == "experiments.loggers.RecapWandbLogger"
+    assert (wb["init_args"]["name"], wb["init_args"]["group"], wb["init_args"]["project"]) == (None, None, None)
+
+
+def test_tiny_twins_sweep_the_same_grid_as_the_real_specs():
+    for real_path in SWEEPS.glob("*.yaml"):
+        real, tiny = sweep.load_spec(real_path), sweep.load_spec(SWEEPS / "tiny" / real_path.name)
+        assert real["method"] == tiny["method"] == "grid"
+        assert real["parameters"]["data.init_args.p_original"] == tiny["parameters"]["data.init_args.p_original"]
+        model = real["parameters"].get("model.init_args.model")
+        if model is None or model.get("value") == "recap-clip:B-16:base":  # the tiny base config's own model
+            continue
+        names = model["values"] if "values" in model else [model["value"]]
+        tiny_values = tiny["parameters"]["model.init_args.model"]
+        tiny_values = tiny_values["values"] if "values" in tiny_values else [tiny_values["value"]]
+        expected = [tiny_model(*name.split(":")[1:3], image_size=32) for name in names]
+        assert tiny_values == expected, real_path.name
+
+
+def test_grid_order_and_expansion_follow_wandb():
+    spec = {"method": "grid", "parameters": {"model.x": {"values": ["a", "b"]}, "data.p": {"values": [0.0, 1.0]}},
+            "command": ["${env}", "python", "-m", "experiments", "fit", "--config", "B.yaml", "${args}"]}  # fmt: skip
+    points = sweep.grid(spec)
+    # W&B: parameters sorted by name, itertools.product over their values (the last name varies fastest)
+    assert points == [dict(zip(["data.p", "model.x"], c, strict=True)) for c in itertools.product([0.0, 1.0], "ab")]
+    cmd = sweep.expand_command(spec, points[1], python="PY")
+    assert cmd == ["PY", "-m", "experiments", "fit", "--config", "B.yaml", "--data.p=0.0", "--model.x=b"]
+
+
+def test_load_spec_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"method": "grid", "parameters": {"p_original": {"values": [1]}},
+                                   "command": ["python", "-m", "experiments", "fit", "${args}"]}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"bad.yaml: parameters.p_original: not a LightningCLI dotted key"):
+        sweep.load_spec(bad)
+    params = {"data.init_args.p_original": {"values": [1]}}
+    command = ["python", "-m", "experiments", "fit", "${args_no_hyphens}"]
+    bad.write_text(yaml.safe_dump({"method": "grid", "parameters": params, "command": command}))
+    with pytest.raises(ValueError, match=r"bad.yaml: 'command' must be a list ending in \$\{args\}"):
+        sweep.load_spec(bad)
+
+
+def test_dry_run_lists_exactly_the_grid_and_done_points(tmp_path, capsys):
+    path = SWEEPS / "table4_textenc_p.yaml"
+    raw = yaml.safe_load(path.read_text())["parameters"]
+    expected = {
+        (f"--data.init_args.p_original={p}", f"--model.init_args.model={m}")
+        for p, m in itertools.product(
+            raw["data.init_args.p_original"]["values"], raw["model.init_args.model"]["values"]
+        )
+    }
+    pts = sweep.points(sweep.load_spec(path), tmp_path, "table4_textenc_p")
+    (pts[3].run_dir).mkdir(parents=True)
+    (pts[3].run_dir / sweep.DONE_FILE).write_text("{}")
+    sweep.main([str(path), "--dry-run", "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(expected) == 12
+    assert {tuple(line.split()[-2:]) for line in lines} == expected
+    assert [line.split()[1] for line in lines].count("done") == 1
+    assert lines[3].split()[1] == "done"
+    assert len({line.split()[2] for line in lines}) == 12  # one run dir per point
+    sweep.main([str(path), "--launch-lines", "--out", str(tmp_path)])
+    launch = capsys.readouterr().out.strip().splitlines()
+    assert len(launch) == 12
+    assert all(" -m experiments fit --config " in line for line in launch)
+    assert "--trainer.logger=" in launch[0]
+    assert pts[0].id in launch[0]
+
+
+def test_logging_overlay_keeps_the_run_dir_and_adds_wandb():
+    """``logging/wandb.yaml`` last: the CSV logger keeps the row's run dir, W&B joins with the same save_dir/name."""
+    row = CONFIGS / "tiny/clip/table3/p0.8.yaml"
+    args = ["fit", "--config", str(CONFIGS / "tiny/clip/stage1.yaml"), "--config", str(row)]
+    args += ["--config", str(CONFIGS / "logging/wandb.yaml")]
+    csv, wb = _print_config(args)["trainer"]["logger"]
+    own = yaml.safe_load(row.read_text())["trainer"]["logger"]["init_args"]
+    assert csv["class_path"] == "lightning.pytorch.loggers.CSVLogger"
+    assert {k: csv["init_args"][k] for k in own} == own
+    assert wb["class_path"] == "experiments.loggers.RecapWandbLogger"
+    assert (wb["init_args"]["save_dir"], wb["init_args"]["name"]) == (own["save_dir"], own["name"])
+
+
+@pytest.mark.parametrize(
+    "base",
+    ["clip/stage1.yaml", "clip/table3/p0.8.yaml", "captioner/stage2.yaml", "dit/table7/p0.5.yaml"],
+)
+def test_real_configs_log_to_csv_then_wandb(base):
+    cfg = yaml.safe_load((CONFIGS / base).read_text())
+    csv, wb = cfg["trainer"]["logger"]
+    assert csv["class_path"] == "lightning.pytorch.loggers.CSVLogger"  # first: its dir is the run dir
+    assert wb["class_path"] == "experiments.loggers.RecapWandbLogger"
+    assert wb["init_args"]["name"] == f"{csv['init_args']['name']}/{csv['init_args']['version']}"
+
+
+def test_wandb_offline_unless_credentials(monkeypatch, tmp_path):
+    from experiments.loggers import wandb_offline_by_default
+
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_offline_by_default()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert not wandb_offline_by_default()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_offline_by_default()
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {'y' * 40}\n")
+    os.chmod(tmp_path / "netrc", 0o600)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert not wandb_offline_by_default()
+
+
+def test_media_samples_of_each_batch_kind():
+    from experiments.media import batch_samples
+
+    clip = {"image": torch.randn(3, 3, 8, 8), "caption": ["a", "b", "c"], "caption_source": ["original"] * 3,
+            "key": ["k0", "k1", "k2"]}  # fmt: skip
+    out = batch_samples(clip, None, 2)
+    assert [(s["key"], s["source"], s["caption"]) for s in out] == [("k0", "original", "a"), ("k1", "original", "b")]
+    assert out[0]["image"].shape == (8, 8, 3)
+    assert out[0]["image"].dtype.name == "uint8"
+    assert out[0]["image"].min() == 0
+    assert out[0]["image"].max() == 255
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    class Module:
+        tokenizer = Tok()
+
+    llava = {"labels": torch.tensor([[-100, 5, 6], [-100, -100, 7]]), "pixel_values": torch.randn(1, 3, 4, 4),
+             "id": ["x", "y"]}  # fmt: skip
+    out = batch_samples(llava, Module(), 8)  # one image for two samples: captions without images, never misaligned
+    assert [(s["key"], s["caption"], s["image"]) for s in out] == [("x", "5 6", None), ("y", "7", None)]
+    assert batch_samples({"latent": torch.zeros(2, 4), "caption": ["p", "q"]}, None, 8)[1]["caption"] == "q"
+
+
+def _tiny_fit_args(tmp_path: Path) -> list[str]:
+    write_shards(tmp_path / "web", [24, 24], image_size=64)
+    write_shards(tmp_path / "val", [16], image_size=64)
+    return [
+        "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "debug/tiny_clip.yaml"),
+        f"--data.init_args.train_shards={tmp_path / 'web'}", f"--data.init_args.val_shards={tmp_path / 'val'}",
+        "--data.init_args.sources={original: txt, recaption: 'json:org_caption'}",
+        "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
+        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.callbacks=[]",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow  # ~15 s of CPU: W&B's service start-up and a 2-step fit
+def test_wandb_offline_run_holds_media_and_resolved_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    secret = "s3cr3t" * 7
+    monkeypatch.setenv("WANDB_API_KEY", secret)  # set, but offline: nothing may write it anywhere
+    args = ["fit", *_tiny_fit_args(tmp_path), f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    args += ["--config", str(CONFIGS / "logging/wandb.yaml"), "--data.init_args.p_original=0.25"]
+    args += ["--trainer.callbacks+=experiments.media.WandbMediaCallback", "--trainer.callbacks.num_samples=3"]
+    cli_main(args)
+    import wandb
+
+    wandb.finish()  # what the process exit does: flush the offline run (config.yaml, media) to disk
+    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = runs[0] / "files"
+    tables = {p.parent.name: p for p in (files / "media" / "table").rglob("*.table.json")}
+    assert {"train_samples", "val_samples"} <= set(tables), sorted(tables)
+    table = json.loads(tables["train_samples"].read_text())
+    assert table["columns"] == ["key", "source", "caption", "image"]
+    assert len(table["data"]) == 3
+    assert all(row[2].startswith(("orig ", "json ")) for row in table["data"])
+    assert {row[1] for row in table["data"]} <= {"original", "recaption"}
+    assert len(list((files / "media" / "images").rglob("*.png"))) >= 6  # 3 train + 3 val samples as wandb.Image
+    # The resolved config is in the run's record (an offline run writes files/config.yaml only when synced): wandb
+    # 0.31 has no Python reader for the .wandb log, but its config record holds the config as plain JSON text.
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b'"p_original":0.25' in record
+    assert b'"class_path":"experiments.loggers.RecapWandbLogger"' in record  # only the CLI's resolved config has it
+    # the CSV run dir is unchanged by the overlay, and the key is nowhere in what the run wrote
+    assert (tmp_path / "runs" / "tiny").is_dir()
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.stat().st_size < 5_000_000:
+            assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # two `fit` subprocesses: ~1 min on 2 idle cores, 7 min each on a busy one
+def test_runner_runs_a_two_point_grid_into_two_run_dirs_and_resumes(tmp_path, capsys):
+    args = _tiny_fit_args(tmp_path)
+    spec = {
+        "method": "grid",
+        "metric": {"name": "val/loss", "goal": "minimize"},
+        "parameters": {"data.init_args.p_original": {"values": [0.0, 1.0]}},
+        "command": ["${env}", "python", "-m", "experiments", "fit", *args, "--trainer.val_check_interval=null",
+                    "--trainer.log_every_n_steps=1",
+                    "--data.init_args.val_shards=null", "${args}"],
+    }  # fmt: skip
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "sweeps"
+    sweep.main([str(path), "--out", str(out)])
+    dirs = sorted(p for p in (out / "two").iterdir() if p.is_dir())
+    assert [d.name for d in dirs] == ["p_original-0.0", "p_original-1.0"]
+    for d, p in zip(dirs, (0.0, 1.0), strict=True):
+        saved = yaml.safe_load((d / "config.yaml").read_text())
+        assert saved["data"]["init_args"]["p_original"] == p
+        assert (d / "metrics.csv").is_file()
+        assert (d / sweep.DONE_FILE).is_file()
+    stamp = [(d / sweep.DONE_FILE).stat().st_mtime_ns for d in dirs]
+    capsys.readouterr()
+    sweep.main([str(path), "--out", str(out)])  # resumable: both points are done, nothing runs again
+    assert capsys.readouterr().out.count("done already") == 2
+    assert [(d / sweep.DONE_FILE).stat().st_mtime_ns for d in dirs] == stamp
+
+
+def test_runner_stops_on_a_failed_point_and_marks_nothing_done(tmp_path):
+    spec = {"method": "grid", "parameters": {"data.init_args.p_original": {"values": [0.5]}},
+            "command": [sys.executable, "-c", "import sys; sys.exit(3)", "${args}"]}  # fmt: skip
+    path = tmp_path / "fail.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit, match="1 point\\(s\\) failed: p_original-0.5"):
+        sweep.main([str(path), "--out", str(tmp_path / "o")])
+    assert not list((tmp_path / "o").rglob(sweep.DONE_FILE))
