@@ -78,6 +78,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from datamodules.io import atomic_write
 from datamodules.shards import expand_urls
 
 __all__ = [
@@ -859,12 +860,7 @@ def _pass4_write(ctx: _Ctx) -> None:
 
 def _write_sidecar(table: pa.Table, path: Path) -> None:
     """Write one sidecar atomically (temporary file in the same directory, then ``os.replace``)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -877,11 +873,13 @@ def _write_partitioned(path: Path, table: pa.Table, part: np.ndarray, num_parts:
     order = np.argsort(part, kind="stable")
     table = table.take(pa.array(order)).combine_chunks()
     offsets = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=num_parts))])
-    tmp = path.with_name(path.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=_IPC_OPTIONS) as writer:
-        for p in range(num_parts):
-            writer.write_batch(_as_batch(table.slice(int(offsets[p]), int(offsets[p + 1] - offsets[p]))))
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=_IPC_OPTIONS) as writer:
+            for p in range(num_parts):
+                writer.write_batch(_as_batch(table.slice(int(offsets[p]), int(offsets[p + 1] - offsets[p]))))
+
+    atomic_write(path, write)
 
 
 def _as_batch(table: pa.Table) -> pa.RecordBatch:
@@ -1088,10 +1086,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _sha1(items: list[str]) -> str:

@@ -29,7 +29,6 @@ import io
 import json
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +39,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datamodules.io import atomic_write
 from datamodules.shards import local_rank, rank_world, shard_stem
 from datamodules.tiny_world.recaption import RECAP_SCHEMA
 from lightning_modules.components.llava import (
@@ -370,9 +370,7 @@ def input_errors(table: pa.Table) -> list[str]:
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _append_manifest(out: Path, record: dict[str, Any]) -> None:
@@ -603,16 +601,18 @@ def write_shards(out: str | os.PathLike, shards: str | Sequence[str], dest: str 
         for f in units:
             t = pq.read_table(f, columns=["key", "re_caption", "status"]).to_pylist()
             captions.update({r["key"]: r["re_caption"] for r in t if r["status"] == "ok" and r["re_caption"]})
-        tmp = target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-        n, n_recap = _copy_shard_with_member(url, tmp, captions, member)
-        totals["samples"] += n
-        totals["with_recaption"] += n_recap
-        try:  # before the shard appears: a finished shard always has its stats beside it
-            stats = _open_text(url[: -len(".tar")] + "_stats.json")
-            (dest / f"{stem}_stats.json").write_text(stats)
-        except (FileNotFoundError, OSError):
-            pass
-        os.replace(tmp, target)
+
+        def write(tmp: Path, url: str = url, captions: dict[str, str] = captions, stem: str = stem) -> None:
+            n, n_recap = _copy_shard_with_member(url, tmp, captions, member)
+            totals["samples"] += n
+            totals["with_recaption"] += n_recap
+            try:  # before the shard appears: a finished shard always has its stats beside it
+                stats = _open_text(url[: -len(".tar")] + "_stats.json")
+                (dest / f"{stem}_stats.json").write_text(stats)
+            except (FileNotFoundError, OSError):
+                pass
+
+        atomic_write(target, write)
         totals["shards"] += 1
     return totals
 

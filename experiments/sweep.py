@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from datamodules.io import atomic_write
 
 DONE_FILE = "sweep_point.json"
 ARGS_MACROS = {"${args}"}
@@ -181,9 +182,7 @@ def run_point(spec: dict[str, Any], point: Point, out: Path, name: str, cwd: Pat
     rc = subprocess.call(cmd, cwd=cwd)
     if rc == 0:
         record = {"params": point.params, "command": cmd, "seconds": round(time.time() - t0, 1)}
-        tmp = point.run_dir / (DONE_FILE + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2, default=str))
-        os.replace(tmp, point.run_dir / DONE_FILE)
+        atomic_write(point.run_dir / DONE_FILE, json.dumps(record, indent=2, default=str))
     return rc
 
 

@@ -19,8 +19,6 @@ Resume with ``python -m experiments fit ... --ckpt_path last``.
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +28,14 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from datamodules.io import atomic_write
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local saves are rename-atomic: write ``.<name>.<host>.<pid>.tmp`` in the target's
-    directory, fsync, ``os.replace``. A crash at any point leaves the previous file intact (and at worst a stray
-    ``.tmp``). Remote paths (``s3://`` ...) keep Lightning's behaviour (object stores write whole objects)."""
+    """``TorchCheckpointIO`` whose local saves are rename-atomic (:func:`datamodules.io.atomic_write`: a temporary
+    file in the target's directory, fsync, ``os.replace``). A crash at any point leaves the previous file intact (at
+    worst with a stray temporary file). Remote paths (``s3://`` ...) keep Lightning's behaviour (object stores write
+    whole objects)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
@@ -42,31 +43,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-        try:
+
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
 
-
-def _fsync_dir(path: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        atomic_write(path, write)  # temp file beside the target, fsync, os.replace, directory fsync
 
 
 class StepCheckpoint(ModelCheckpoint):

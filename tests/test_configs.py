@@ -115,7 +115,8 @@ def test_world_configs_build_a_world_config(config):
     cfg = WorldConfig(**args.world.as_dict())
     stated = yaml.safe_load(config.read_text())["world"]
     assert cfg.scene.object_count_probs == tuple(stated["scene"]["object_count_probs"])
-    assert cfg.scene.large_size == stated["scene"]["large_size"] and cfg.n_t2i == stated["n_t2i"]
+    assert cfg.scene.large_size == stated["scene"]["large_size"]
+    assert cfg.n_t2i == stated["n_t2i"]
 
 
 def test_generated_rows_are_current():
