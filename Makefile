@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORLD ?= data/world
 
-.PHONY: install test test-slow lint tiny tiny-sweep world world-recap bench clean-venv lock tiny-captioner tiny-recaption tiny-dit
+.PHONY: install test test-slow lint tiny tiny-sweep world world-recap bench clean-venv lock tiny-captioner tiny-recaption tiny-dit reproduce
 
 # pip (not uv/poetry): the torch 2.14.1 / torchvision 0.29.1 wheels come from the machine's local wheel folder.
 # requirements/lock.txt is the exact tested set; pyproject.toml holds the ranges.
@@ -83,21 +83,35 @@ tiny-recaption: $(CAP)/hf/config.json
 	$(PY) -m experiments recaption merge --out $(WORLD)/recap_llava --shards '$(WORLD)/web/*.tar'
 	$(PY) -m experiments sidecars --recap $(WORLD)/recap_llava/merged/recap.parquet --shards '$(WORLD)/web/*.tar' --out $(WORLD)/sidecars_llava --overwrite
 
-# The Table 7 miniature (docs/dit.md): the pinned judge, the DiT cache (pixels + web-CLIP text features of both
-# caption sources), DiT at p = 0 and p = 1 from the cache, and both evaluated on both prompt sets.
+# The Table 7 miniature (docs/dit.md): the DiT's own tiny world (one larger object per image, so shapes survive at
+# 16 px), its oracle recaptions and pinned judge, the DiT cache (pixels + web-CLIP text features of both caption
+# sources), DiT at p = 0 and p = 1 from the cache, and both evaluated on both prompt sets. The text encoder is the
+# web CLIP of the default world (make tiny-captioner builds it).
 DITCFG := experiments/configs/tiny/dit
 DITP ?= p0.0 p1.0
-$(WORLD)/judge/judge.json: $(WORLD)/world.json
-	$(PY) -m experiments world-judge --world $(WORLD) --out $(WORLD)/judge --overwrite
-$(WORLD)/dit_cache/_cache.json: $(CAP)/web_clip/hf_vision/config.json $(WORLD)/sidecars/_manifest.json
-	$(PY) -m experiments dit-cache --config $(DITCFG)/base.yaml --out $(WORLD)/dit_cache --val-out $(WORLD)/dit_cache_val
-tiny-dit: $(WORLD)/judge/judge.json $(WORLD)/dit_cache/_cache.json
+DITWORLD ?= data/world_dit
+$(DITWORLD)/world.json: | $(VENV)/.installed
+	$(PY) -m experiments world --config experiments/configs/tiny/world/dit.yaml --out $(DITWORLD) --overwrite
+$(DITWORLD)/sidecars/_manifest.json: $(DITWORLD)/world.json
+	$(PY) -m experiments truth-recaptions --world $(DITWORLD) --out $(DITWORLD)/recap --overwrite
+	$(PY) -m experiments sidecars --recap $(DITWORLD)/recap --shards '$(DITWORLD)/web/*.tar' --out $(DITWORLD)/sidecars --overwrite
+$(DITWORLD)/judge/judge.json: $(DITWORLD)/world.json
+	$(PY) -m experiments world-judge --world $(DITWORLD) --out $(DITWORLD)/judge --overwrite
+$(DITWORLD)/dit_cache/_cache.json: $(CAP)/web_clip/hf_vision/config.json $(DITWORLD)/sidecars/_manifest.json
+	$(PY) -m experiments dit-cache --config $(DITCFG)/base.yaml --out $(DITWORLD)/dit_cache --val-out $(DITWORLD)/dit_cache_val
+tiny-dit: $(DITWORLD)/judge/judge.json $(DITWORLD)/dit_cache/_cache.json
 	for p in $(DITP); do \
 	  $(PY) -m experiments fit --config $(DITCFG)/base.yaml --config $(DITCFG)/table7/$$p.yaml --config $(DITCFG)/cached.yaml && \
 	  $(PY) -m experiments dit-eval --ckpt runs/tiny/dit/table7/$$p/fit/checkpoints/last.ckpt \
-	    --prompts $(WORLD)/eval/t2i_prompts/prompts.parquet --limit 500 --attribute-judge $(WORLD)/judge \
+	    --prompts $(DITWORLD)/eval/t2i_prompts/prompts.parquet --limit 500 --attribute-judge $(DITWORLD)/judge \
 	    --clip web_clip=$(CAP)/web_clip/export --out runs/tiny/dit/eval/$$p || exit 1; \
 	done
+
+# The whole paper in miniature (docs/reproduce/README.md): world -> web CLIP -> captioner -> recaption -> analysis ->
+# Recap-CLIP at several p -> Recap-DiT at p = 0 and 1 -> evaluation -> runs/reproduce/$(PROFILE)/report.md. Resumable.
+PROFILE ?= quick
+reproduce: install
+	$(PY) -m experiments reproduce --profile $(PROFILE)
 
 bench: world
 	$(PY) -m benchmarks.loader --shards $(WORLD)/web

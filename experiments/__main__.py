@@ -95,9 +95,25 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         _module_main("experiments.dit_cache"),
         "precompute the DiT's latents + text features of every caption source (resumable; same configs as fit)",
     ),
+    "sweep": (
+        _module_main("experiments.sweep"),
+        "run a W&B sweep spec's grid locally without W&B (sequential, resumable; --dry-run, --launch-lines)",
+    ),
     "dit-eval": (
         _module_main("experiments.dit_eval"),
         "sample a DiT checkpoint on prompt sets; FID, CLIP score, judge score, tiny-world attribute accuracy",
+    ),
+    "report": (
+        _module_main("experiments.report"),
+        "a paper table (table1..table7) with our runs beside it: Markdown, CSV, JSON, plots; table READMEs",
+    ),
+    "analyze": (
+        _module_main("experiments.analyze"),
+        "caption statistics of shards / recaption parquets: length histogram, vocabulary coverage, CLIP share",
+    ),
+    "reproduce": (
+        _module_main("experiments.reproduce"),
+        "the paper's whole chain in miniature on CPU (world -> captioner -> recaption -> CLIP, DiT -> report)",
     ),
 }
 

@@ -1,0 +1,309 @@
+"""``python -m experiments reproduce``: the step list and its overrides, the resumable runner, the claims checker.
+
+The real chain is not run here (minutes even at the quick profile's sizes); these tests use the profile files,
+fake steps and synthetic results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments import reproduce as R
+
+
+@pytest.fixture
+def profile_path(tmp_path: Path) -> Path:
+    """The quick profile with a recognisable DiT step count and two CLIP p."""
+    data = yaml.safe_load((R.PROFILES / "quick.yaml").read_text())
+    data["clip"]["ps"] = [0.0, 1.0]
+    data["dit"]["recap_clip_p"] = 1.0
+    data["dit"]["fit"]["trainer.max_steps"] = 7
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_profiles_load_and_cover_the_chain():
+    for name in ("quick", "full"):
+        profile = R.load_profile(name)
+        steps = R.build_steps(profile, f"runs/reproduce/{name}")
+        names = [s.name for s in steps]
+        for p in profile["clip"]["ps"]:
+            assert f"clip_{R.row_id(p)}_stage1" in names
+            assert f"clip_{R.row_id(p)}_stage2" in names
+        for needed in ("world", "web_clip", "captioner_stage1", "captioner_stage2", "captioner_caption_tune",
+                       "recaption_world", "analyze", "dit_p0.0_eval", "dit_p1.0_eval", "report_table3"):  # fmt: skip
+            assert needed in names
+        # every path the chain writes is under its out folder
+        for s in steps:
+            assert all(o.startswith(f"runs/reproduce/{name}/") for o in s.outputs + s.clean), s.name
+    assert {"0.0", "1.0"} <= {str(float(p)) for p in R.load_profile("full")["dit"]["ps"]}
+
+
+def test_dry_run_lists_steps_with_profile_overrides(profile_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    R.main(["--profile", str(profile_path), "--out", str(out), "--dry-run"])
+    text = capsys.readouterr().out
+    steps = R.build_steps(R.load_profile(str(profile_path)), str(out))
+    assert f"{len(steps)} steps" in text
+    for i, s in enumerate(steps, 1):
+        assert f"[{i}/{len(steps)}] {s.name} (to run)" in text
+    dit_line = next(line for line in text.splitlines() if "table7/p0.0.yaml" in line)
+    assert "--trainer.max_steps=7" in dit_line
+    assert f"--data.init_args.cache_dir={out}/dit/cache" in dit_line
+    clip_line = next(line for line in text.splitlines() if "table3/p1.0.stage2.yaml" in line)
+    assert "--model.init_args.total_samples=5120" in clip_line
+    assert f"--model.init_args.init_from={out}/clip/table3/p1.0/stage1/checkpoints/last.ckpt" in clip_line
+    assert "--world.n_web=3000" in text
+    assert "--steps 150" in text
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_seeds_flag_adds_reruns_in_seed_folders(profile_path, tmp_path):
+    steps = R.build_steps(R.load_profile(str(profile_path)), "o", seeds=2)
+    s2 = {s.name: s for s in steps}["clip_p0.0_seed1_stage2"]
+    assert "--seed_everything=1" in s2.argv
+    assert "--data.init_args.seed=1" in s2.argv
+    assert "--model.init_args.init_from=o/seed1/clip/table3/p0.0/stage1/checkpoints/last.ckpt" in s2.argv
+    assert s2.outputs[0] == "o/seed1/clip/table3/p0.0/stage2/checkpoints/last.ckpt"
+    assert not any(a.startswith("--seed_everything") for a in {s.name: s for s in steps}["clip_p0.0_stage2"].argv)
+
+
+def test_profile_errors_name_file_and_key(tmp_path):
+    data = yaml.safe_load((R.PROFILES / "quick.yaml").read_text())
+    bad = dict(data)
+    del bad["judge"]
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(KeyError, match=r"a\.yaml.*judge"):
+        R.load_profile(str(tmp_path / "a.yaml"))
+    bad = {**data, "dit": {**data["dit"], "recap_clip_p": 0.3}}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match=r"b\.yaml: dit\.recap_clip_p"):
+        R.load_profile(str(tmp_path / "b.yaml"))
+    bad = {**data, "clip": {**data["clip"], "ps": [0.0, 0.25, 0.5]}}  # no Table 3 row p0.25
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match=r"c\.yaml: clip\.ps.*p0\.25"):
+        R.load_profile(str(tmp_path / "c.yaml"))
+    with pytest.raises(FileNotFoundError, match="known profiles"):
+        R.load_profile("nope")
+
+
+def test_row_id_and_shard_specs():
+    assert [R.row_id(p) for p in (0, 0.05, 0.5, 1)] == ["p0.0", "p0.05", "p0.5", "p1.0"]
+    assert R.shard_specs({"n_web": 3000, "shard_size": 500}, "w") == ("w/web/{00000..00004}.tar", "w/web/00005.tar",
+                                                                      "w/web/*.tar")  # fmt: skip
+    with pytest.raises(ValueError, match="n_web 100"):
+        R.shard_specs({"n_web": 100, "shard_size": 50}, "w")
+
+
+# ---------------------------------------------------------------------------------------------------- the runner
+class FakeRunner:
+    """Stands in for the subprocess: records what ran, writes the step's outputs, fails the named steps once."""
+
+    def __init__(self, steps: list[R.Step], fail_once: set[str] = frozenset()) -> None:
+        self.by_cmd = {tuple(s.command()): s for s in steps}
+        self.fail_once = set(fail_once)
+        self.ran: list[str] = []
+
+    def __call__(self, cmd, log, on_line, env):
+        step = self.by_cmd[tuple(cmd)]
+        self.ran.append(step.name)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"running {step.name}\n")
+        on_line(f"{step.name} working")
+        if step.name in self.fail_once:
+            self.fail_once.discard(step.name)
+            (R._abs(step.outputs[0]).parent).mkdir(parents=True, exist_ok=True)
+            R._abs(step.outputs[0]).write_text("partial")  # a failed step may leave partial output behind
+            return 3
+        for o in step.outputs:
+            R._abs(o).parent.mkdir(parents=True, exist_ok=True)
+            R._abs(o).write_text("ok")
+        return 0
+
+
+def _fake_steps(out: Path) -> list[R.Step]:
+    return [R.Step(n, f"step {n}", [n, "--x"], [str(out / n / "done.txt")], [str(out / n)]) for n in "abcd"]
+
+
+def test_runner_skips_finished_steps_and_resumes_after_a_failure(tmp_path):
+    import io
+
+    out = tmp_path / "out"
+    steps = _fake_steps(out)
+    fake = FakeRunner(steps, fail_once={"c"})
+    log = io.StringIO()
+    rec = R.run_steps(steps, out, stream=log, runner=fake)
+    assert fake.ran == ["a", "b", "c"]
+    assert rec["failed"] == "c"
+    assert "[3/4] step c ... FAILED" in log.getvalue()
+    assert "running c" in log.getvalue()
+    timings = json.loads((out / "timings.json").read_text())
+    assert [s["status"] for s in timings["steps"]] == ["ran", "ran", "failed (exit 3)"]
+    assert not (out / "logs" / "c.done").exists()  # partial output alone does not mark c done
+
+    fake.ran.clear()
+    rec = R.run_steps(steps, out, stream=io.StringIO(), runner=fake)
+    assert fake.ran == ["c", "d"]
+    assert rec["failed"] is None
+    assert [s["status"] for s in rec["steps"]] == ["skipped (done)", "skipped (done)", "ran", "ran"]
+    assert rec["steps"][0]["seconds"] is not None  # the earlier run's wall time is kept for skipped steps
+
+    fake.ran.clear()
+    R.run_steps(steps, out, start_from="b", stream=io.StringIO(), runner=fake)
+    assert fake.ran == ["b", "c", "d"]
+
+    fake.ran.clear()
+    changed = [*steps[:3], R.Step("d", "step d", ["d", "--y"], steps[3].outputs, steps[3].clean)]
+    fake.by_cmd[tuple(changed[3].command())] = changed[3]
+    R.run_steps(changed, out, stream=io.StringIO(), runner=fake)
+    assert fake.ran == ["d"]  # a changed command reruns that step only
+
+    (out / "a" / "done.txt").unlink()  # a deleted output reruns its step
+    fake.ran.clear()
+    R.run_steps(changed, out, stream=io.StringIO(), runner=fake)
+    assert fake.ran == ["a"]
+    with pytest.raises(ValueError, match="no such step"):
+        R.run_steps(steps, out, start_from="zz", stream=io.StringIO(), runner=fake)
+
+
+def test_a_rerun_step_reruns_the_steps_that_read_its_outputs(tmp_path, capsys):
+    import io
+
+    out = tmp_path / "out"
+    a, b, c = (str(out / n) for n in "abc")
+    steps = [
+        R.Step("a", "step a", ["a"], [f"{a}/x.txt"], [a]),
+        R.Step("b", "step b", ["b", "--in", f"{a}/x.txt"], [f"{b}/y.txt"], [b]),  # reads a's output
+        R.Step("c", "step c", ["c", "--in", f"{a}_other"], [f"{c}/z.txt"], [c]),  # a similar name is not a's
+        R.Step("r", "report", ["report"], [str(out / "r.md")], always=True),
+    ]
+    assert [d.name for d in R.dependencies(steps)["b"]] == ["a"]
+    assert R.dependencies(steps)["c"] == []
+    fake = FakeRunner(steps)
+    R.run_steps(steps, out, stream=io.StringIO(), runner=fake)
+    assert fake.ran == ["a", "b", "c", "r"]
+    fake.ran.clear()
+    R.run_steps(steps, out, stream=io.StringIO(), runner=fake)
+    assert fake.ran == ["r"]  # only the always-step
+    (out / "a" / "x.txt").unlink()
+    fake.ran.clear()
+    R.run_steps(steps, out, stream=io.StringIO(), runner=fake)
+    assert fake.ran == ["a", "b", "r"]
+
+
+def test_run_logged_tees_output_and_reports_lines(tmp_path):
+    lines: list[str] = []
+    code = R.run_logged([sys.executable, "-c", "import sys; print('one'); sys.stdout.write('bar 50%\\rbar 100%\\n'); "
+                         "sys.exit(2)"], tmp_path / "l.log", lines.append, R.subprocess_env())  # fmt: skip
+    assert code == 2
+    assert (tmp_path / "l.log").read_bytes() == b"one\nbar 50%\rbar 100%\n"  # the log is byte-exact
+    assert lines
+    assert lines[-1] == "bar 100%"
+
+
+# ---------------------------------------------------------------------------------------------------- the claims
+def _clip(cls, short, long):
+    return {"classify/top1": cls, "retrieval/image_to_text_R@1": short, "retrieval/text_to_image_R@1": short,
+            "long_retrieval/image_to_text_R@1": long, "long_retrieval/text_to_image_R@1": long}  # fmt: skip
+
+
+def _results(clip: dict, dit: dict | None = None) -> dict:
+    return {
+        "analysis": {"length_words": {"original": {"mean": 6.0}, "recaption": {"mean": 24.0}},
+                     "vocabulary": {"coverage_pct": {"recaption": 40.0}}},
+        "captioner": {"caption_tune": {"pair_precision": 20.0, "chance_pair_precision": 5.0}},
+        "clip": clip,
+        "dit": dit or {},
+    }  # fmt: skip
+
+
+def verdicts(results: dict) -> dict[str, str]:
+    return {c.id: c.verdict for c in R.check_claims(results, balance_tolerance=2.0)}
+
+
+def test_claims_paper_pattern_holds():
+    clip = {"0.0": {"seed0": _clip(10, 4, 9)}, "0.5": {"seed0": _clip(19, 8, 8)},
+            "0.8": {"seed0": _clip(24, 8, 7)}, "1.0": {"seed0": _clip(25, 4, 2)}}  # fmt: skip
+    dit = {"0.0": {"recaption/clip_score/web_clip": 35.0, "recaption/fid": 200.0, "caption/fid": 150.0,
+                   "recaption/attributes/colour": 0.5},
+           "1.0": {"recaption/clip_score/web_clip": 21.0, "recaption/fid": 250.0, "caption/fid": 100.0,
+                   "recaption/attributes/colour": 0.3}}  # fmt: skip
+    v = verdicts(_results(clip, dit))
+    assert v["recaptions_longer"] == R.HOLDS
+    assert v["recaption_vocabulary"] == R.FAILS  # 40% coverage is not "most"
+    assert v["captioner_grounded"] == R.HOLDS
+    for cid in ("clip_retrieval_intermediate_p", "clip_classification_p0", "clip_balance_p0.8", "clip_long_retrieval",
+                "dit_recap_clip_score", "dit_recap_fid", "dit_raw_fid", "dit_recap_judge"):  # fmt: skip
+        assert v[cid] == R.HOLDS, cid
+
+
+def test_claims_that_fail_and_that_are_not_measured():
+    # retrieval best at an end (p = 1), classification flat, p = 0.8 loses 5 points of classification
+    clip = {"0.0": {"seed0": _clip(25, 4, 2)}, "0.5": {"seed0": _clip(22, 5, 3)},
+            "0.8": {"seed0": _clip(20, 9, 2)}, "1.0": {"seed0": _clip(25, 10, 5)}}  # fmt: skip
+    dit = {"0.0": {"recaption/fid": 300.0, "caption/fid": 90.0}, "1.0": {"recaption/fid": 250.0, "caption/fid": 100.0}}
+    v = verdicts(_results(clip, dit))
+    assert v["clip_retrieval_intermediate_p"] == R.FAILS
+    assert v["clip_classification_p0"] == R.FAILS  # equal is not a drop
+    assert v["clip_balance_p0.8"] == R.FAILS  # retrieval worse than p = 1, and 5 points of classification lost
+    assert v["clip_long_retrieval"] == R.FAILS
+    assert v["dit_recap_fid"] == R.FAILS
+    assert v["dit_raw_fid"] == R.FAILS
+    assert v["dit_recap_clip_score"] == R.MISSING
+    assert v["dit_recap_judge"] == R.MISSING
+    empty = verdicts({"clip": {}, "dit": {}})
+    assert set(empty.values()) == {R.MISSING}
+
+
+def test_claims_within_seed_noise():
+    # p = 0.5 beats both ends on the mean, by less than the seed sd
+    clip = {"0.0": {"seed0": _clip(10, 4, 9), "seed1": _clip(12, 6, 9)},
+            "0.5": {"seed0": _clip(19, 3, 8), "seed1": _clip(19, 9, 8)},
+            "1.0": {"seed0": _clip(25, 4, 2), "seed1": _clip(26, 5, 2)}}  # fmt: skip
+    v = verdicts(_results(clip))
+    assert v["clip_retrieval_intermediate_p"] == R.NOISE
+    assert v["clip_classification_p0"] == R.HOLDS
+    assert v["clip_balance_p0.8"] == R.MISSING  # no p = 0.8 in this run
+
+
+def test_results_are_read_from_the_run_layout(tmp_path, profile_path):
+    """collect_results reads the folders the steps write, and the report says which claims hold."""
+    out = tmp_path / "out"
+    profile = R.load_profile(str(profile_path))
+
+    def put(path: Path, data: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+
+    cap = "eval/caption_attributes/"
+    put(
+        out / "captioner/caption_tune/metrics/step9.json",
+        {"metrics": {f"{cap}pair_precision": 1.0, f"{cap}chance_pair_precision": 2.0}},
+    )
+    put(out / "captioner/caption_tune/metrics/step10.json",  # the last evaluation by step number, not by name
+        {"metrics": {f"{cap}pair_precision": 30.0, f"{cap}chance_pair_precision": 4.0}})  # fmt: skip
+    put(out / "analysis/summary.json", {"inputs": {"shards": _results({})["analysis"]}})
+    put(out / "clip/table3/p0.0/stage2/metrics/step40.json", {"metrics": _clip(10, 4, 9)})
+    put(out / "clip/table3/p1.0/stage2/metrics/step40.json", {"metrics": _clip(25, 5, 2)})
+    put(out / "seed1/clip/table3/p1.0/stage2/metrics/step40.json", {"metrics": _clip(27, 5, 2)})
+    for p, fid in (("p0.0", 200.0), ("p1.0", 250.0)):
+        put(out / f"dit/eval/{p}/recaption/metrics.json", {"metrics": {"fid": fid}})
+    res = R.collect_results(out, profile, seeds=2)
+    assert res["captioner"]["caption_tune"]["pair_precision"] == 30.0
+    assert res["clip"]["1.0"] == {"seed0": _clip(25, 5, 2), "seed1": _clip(27, 5, 2)}
+    assert res["dit"]["0.0"] == {"recaption/fid": 200.0}
+    record = {"steps": [{"name": "a", "title": "step a", "status": "ran", "seconds": 3.0}], "total_seconds": 3.0}
+    report = R.write_report(out, profile, 2, record, "python -m experiments reproduce").read_text()
+    assert "## What the miniature reproduces" in report
+    line = next(x for x in report.splitlines() if "Zero-shot classification drops at p = 0" in x)
+    assert "**holds**" in line
+    assert "p=1: 26.0 ± 1.4" in line
+    assert "**holds**" in next(x for x in report.splitlines() if "Recap FID 27.8" in x)
+    assert "git rev-parse" not in report
+    assert "Commit: `" in report
