@@ -101,6 +101,14 @@ class ClipModule(L.LightningModule):
         self.save_hyperparameters(ignore=["evaluation"])
         parts = build_clip(model, context_length, image_size, tokenizer, augmentation, train_augment)
         self.model = parts.model
+        # open_clip's rule: no weight decay on gains, biases, norms and the temperature. Decided here, on the
+        # unwrapped model: under FSDP (use_orig_params) configure_optimizers sees flat 1-D shards, so a p.ndim test
+        # there would put every weight in the no-decay group.
+        self._no_decay = {
+            name
+            for name, p in self.model.named_parameters()
+            if p.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name
+        }
         self._parts = parts
         if init_from:
             load_clip_weights(self.model, init_from)
@@ -320,8 +328,9 @@ class ClipModule(L.LightningModule):
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            # open_clip's rule: no weight decay on gains, biases, norms, embeddings-as-scales and the temperature
-            (no_decay if p.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name else decay).append(p)
+            # FSDP / activation-checkpoint wrappers report clean names; strip any prefix that remains
+            name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            (no_decay if name in self._no_decay else decay).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=peak,

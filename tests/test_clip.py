@@ -99,6 +99,29 @@ def test_lr_per_256_and_sample_schedule(tmp_path):
     assert opt.param_groups[0]["weight_decay"] == 0.2 and opt.param_groups[1]["weight_decay"] == 0.0  # noqa: PT018
 
 
+def test_weight_decay_groups_survive_flattened_parameters(monkeypatch):
+    """Under FSDP (use_orig_params) configure_optimizers sees flat 1-D shards under FSDP-prefixed names: the decay
+    groups must still be the ones of the unwrapped model (decided at construction), not "everything is 1-D"."""
+    module = ClipModule(tiny_cfg(), lr=1e-3, weight_decay=0.2, total_samples=64)
+    module.trainer = None
+    shapes = {n: p.ndim for n, p in module.model.named_parameters()}
+    flat = [
+        (f"_fsdp_wrapped_module.{n}", torch.nn.Parameter(p.detach().flatten()))
+        for n, p in module.model.named_parameters()
+    ]
+    monkeypatch.setattr(module.model, "named_parameters", lambda *a, **k: iter(flat))
+    monkeypatch.setattr(ClipModule, "global_batch_size", lambda self: 8)
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {id(p): n.removeprefix("_fsdp_wrapped_module.") for n, p in flat}
+    decayed_names = {names[i] for i in decayed}
+    assert "text_projection" in decayed_names
+    assert decayed_names == {n for n, d in shapes.items() if d >= 2 and "ln" not in n and "bias" not in n} - {
+        "logit_scale"
+    }
+
+
 def test_lr_arguments_are_exclusive():
     with pytest.raises(ValueError, match="exactly one of lr"):
         ClipModule(tiny_cfg(), weight_decay=0.1)
