@@ -68,9 +68,6 @@ SCHEMA = pa.schema(list(RECAP_SCHEMA) + list(PROVENANCE))
 MANIFEST = "_manifest.jsonl"
 
 
-unit_name = shard_stem  # the output stem of a whole-shard unit
-
-
 @dataclass(frozen=True)
 class Unit:
     """One unit of work: a whole shard (``part is None``) or slice ``part`` of ``parts`` of it. A slice covers the
@@ -84,7 +81,7 @@ class Unit:
 
     @property
     def name(self) -> str:
-        stem = unit_name(self.url)
+        stem = shard_stem(self.url)
         return stem if self.part is None else f"{stem}.part{self.part:05d}-of-{self.parts:05d}"
 
     @property
@@ -112,7 +109,7 @@ def shard_sample_count(url: str) -> int:
 def shard_units(url: str, out: Path, slice_size: int | None) -> list[Unit]:
     """The units of one shard. ``slice_size`` splits huge shards; a shard already (partly) done under another split
     keeps that split, so restarts with another ``slice_size`` never produce overlapping outputs."""
-    stem = unit_name(url)
+    stem = shard_stem(url)
     existing = {m["parts"] for p in out.glob(f"{glob.escape(stem)}.part*-of-*.parquet") if (m := _PART.match(p.stem))
                 and m["stem"] == stem}  # fmt: skip
     if (out / f"{stem}.parquet").exists() or (not existing and slice_size is None):
@@ -442,7 +439,7 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     urls = expand_urls(shards)
-    names = [unit_name(u) for u in urls]
+    names = [shard_stem(u) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError(f"shard names must be unique (outputs are named after them): {sorted(names)[:5]}...")
     rank, world = rank_world(rank, world_size)
@@ -470,8 +467,8 @@ def run(
             n_err = sum(s != "ok" for s in table.column("status").to_pylist())
             tokens = sum(table.column("n_generated_tokens").to_pylist())
             record = {"unit": unit.name, "url": unit.url, "rows": table.num_rows, "errors": n_err, "tokens": tokens}
-            if input_errors(table):
-                record["input_errors"] = input_errors(table)
+            if problems := input_errors(table):
+                record["input_errors"] = problems
             _append_manifest(out, record | {"seconds": round(dt, 3), "rank": rank, "world_size": world})
             totals = {k: totals[k] + v for k, v in zip(totals, (1, table.num_rows, n_err, tokens, dt), strict=True)}
             eta = totals["seconds"] / totals["units"] * (len(mine) - i - 1)
@@ -516,7 +513,7 @@ def merge(out: str | os.PathLike, dest: str | os.PathLike | None = None, shards:
     if shards is not None:
         from datamodules.shards import expand_urls
 
-        stems = {unit_name(u) for u in expand_urls(shards)}
+        stems = {shard_stem(u) for u in expand_urls(shards)}
     problems = _completeness(files, stems)
     if problems:
         raise ValueError(f"{out}: {len(problems)} shards are not complete (rerun `recaption run`): {problems[:5]}")
@@ -586,7 +583,7 @@ def write_shards(out: str | os.PathLike, shards: str | Sequence[str], dest: str 
     dest.mkdir(parents=True, exist_ok=True)
     totals = {"shards": 0, "samples": 0, "with_recaption": 0, "skipped_shards": 0}
     for url in expand_urls(shards):
-        stem = unit_name(url)
+        stem = shard_stem(url)
         target = dest / f"{stem}.tar"
         if target.exists():
             totals["skipped_shards"] += 1

@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from datamodules.shards import shard_stem
 from datamodules.tiny_world import WorldConfig, generate_world
 from datamodules.tiny_world.recaption import RECAP_SCHEMA
 from datamodules.tiny_world.tokenizer import train_world_tokenizer
-from experiments.recaption import SCHEMA, Generated, degenerate, merge, pending_units, recaption_unit, run, unit_name
+from experiments.recaption import SCHEMA, Generated, degenerate, merge, pending_units, recaption_unit, run
 from lightning_modules.components.llava import build_llava, save_llava
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def test_pending_units_split_the_unfinished_shards(tmp_path):
     (tmp_path / "00002.parquet").write_bytes(b"x")
     owned = [pending_units(urls, tmp_path, r, 3) for r in range(3)]
     flat = sorted(u.url for o in owned for u in o)
-    assert flat == sorted(u for u in urls if unit_name(u) != "00002")  # each unfinished shard exactly once
+    assert flat == sorted(u for u in urls if shard_stem(u) != "00002")  # each unfinished shard exactly once
 
 
 def _spawn(setup, out: Path, rank: int, world: int) -> subprocess.Popen:

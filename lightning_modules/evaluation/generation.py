@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from .tasks import write_metrics_json
+from .tasks import read_image_file, write_metrics_json
 
 __all__ = [
     "FID",
@@ -253,16 +253,10 @@ def load_reference_images(paths: Sequence[PathLike], size: tuple[int, int]) -> t
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} reference image(s) missing, e.g. {missing[0]}")
-    from datamodules.wds_stages import decode_image
-
     h, w = size
     out = []
     for p in paths:
-        try:
-            with open(p, "rb") as f:
-                im = decode_image(f, min_image_size=None)  # 16-bit / transparent images as the loader reads them
-        except Exception as e:  # PIL raises many types; re-raised with the file
-            raise ValueError(f"cannot read reference image {p}: {type(e).__name__}: {e}") from e
+        im = read_image_file(p, "reference image")  # 16-bit / transparent images as the loader reads them
         out.append(ImageOps.fit(im, (w, h), method=Image.Resampling.BICUBIC))
     return to_uint8_images(out)
 

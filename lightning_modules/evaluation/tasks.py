@@ -88,15 +88,19 @@ class _ImageList(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from datamodules.wds_stages import decode_image
+        return self.transform(read_image_file(self.paths[index], "evaluation image")), index
 
-        path = self.paths[index]
-        try:
-            with open(path, "rb") as f:
-                img = decode_image(f, min_image_size=None)
-        except Exception as e:  # PIL raises many types; re-raised with the file
-            raise ValueError(f"cannot read evaluation image {path}: {type(e).__name__}: {e}") from e
-        return self.transform(img), index
+
+def read_image_file(path: PathLike, what: str) -> Image.Image:
+    """An evaluation file's image as RGB, decoded as the training loader does (``wds_stages.decode_image``, no
+    minimum size); any failure is a ``ValueError`` naming ``what`` and the file."""
+    from datamodules.wds_stages import decode_image
+
+    try:
+        with open(path, "rb") as f:
+            return decode_image(f, min_image_size=None)
+    except Exception as e:  # PIL raises many types; re-raised with the file
+        raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
 
 
 def _require_dir(path: Path, what: str) -> Path:
