@@ -10,6 +10,7 @@ writers such as ``safetensors.save_file`` or ``pyarrow.parquet.write_table``.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -63,3 +64,14 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], A
         raise
     _fsync_path(path.parent, directory=True)
     return path
+
+
+def latest_metrics_file(folder: str | os.PathLike) -> Path | None:
+    """The newest in-loop metrics file in a run's ``metrics`` folder: the ``step<N>.json`` with the largest N (CLIP
+    pads N, the captioner does not, so the order is numeric), or None when there is none."""
+    ranked = []
+    for f in Path(folder).glob("step*.json"):
+        digits = re.search(r"\d+", f.stem)
+        if digits:
+            ranked.append((int(digits.group()), f.name, f))
+    return max(ranked)[2] if ranked else None

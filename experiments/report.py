@@ -46,6 +46,8 @@ from typing import Any
 
 import yaml
 
+from datamodules.io import latest_metrics_file
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_ROOT = REPO / "experiments" / "configs"
 REPORTS = REPO / "docs" / "reports"
@@ -250,8 +252,7 @@ def _clip_metrics_file(stage2: Path) -> Path | None:
     test = stage2 / "metrics" / "test.json"
     if test.is_file():
         return test
-    steps = sorted((stage2 / "metrics").glob("step*.json"))
-    return steps[-1] if steps else None
+    return latest_metrics_file(stage2 / "metrics")
 
 
 def clip_runs(runs: Path, table: str, row_id: str, keys: dict[str, str]) -> list[RunResult]:
@@ -423,22 +424,17 @@ def _captioner_standin(runs: Path) -> str:
     for stage in ("stage1", "stage2", "caption_tune"):
         # the table1 row's runs when they exist, else the make tiny-captioner chain's (the same recipe)
         for d in (runs / "captioner" / "table1" / TABLE1_STEM / stage, runs / "captioner" / stage):
-            files = sorted((d / "metrics").glob("step*.json"), key=_step_number)
-            if files:
+            last = latest_metrics_file(d / "metrics")
+            if last is not None:
                 break
-        if not files:
+        if last is None:
             lines.append(f"| {stage} | " + " | ".join("not run" for _ in _CAPTION_EVAL) + " | - |")
             continue
         found = True
-        metrics = json.loads(files[-1].read_text()).get("metrics", {})
+        metrics = json.loads(last.read_text()).get("metrics", {})
         cells = [f"{metrics[k]:.1f}" if k in metrics else "-" for k in _CAPTION_EVAL.values()]
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | `{os.path.relpath(files[-1], Path.cwd())}` |")
+        lines.append(f"| {stage} | " + " | ".join(cells) + f" | `{os.path.relpath(last, Path.cwd())}` |")
     return "\n".join(lines) + "\n" if found else "### Tiny-world stand-in\n\nNo tiny captioner runs found.\n"
-
-
-def _step_number(path: Path) -> int:
-    m = re.search(r"(\d+)", path.stem)
-    return int(m.group(1)) if m else -1
 
 
 def table2_report(tiny: bool) -> Report:

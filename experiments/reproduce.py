@@ -38,6 +38,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from datamodules.io import latest_metrics_file
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
 PROFILES = CONFIGS / "reproduce"
@@ -537,8 +539,8 @@ def summary_table(record: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------------ results
 def _last_metrics(folder: Path) -> dict[str, float] | None:
-    files = sorted(folder.glob("step*.json"), key=lambda f: int(re.sub(r"\D", "", f.stem) or -1))
-    return json.loads(files[-1].read_text()).get("metrics") if files else None
+    found = latest_metrics_file(folder)
+    return json.loads(found.read_text()).get("metrics") if found else None
 
 
 def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str, Any]:

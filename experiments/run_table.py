@@ -84,8 +84,10 @@ def seed_overrides(table: Table, row: Row, stage: int, tiny: bool, seed: int | N
 
 
 def latest_metrics(run: Path) -> dict | None:
-    files = sorted((run / "metrics").glob("step*.json"))
-    return json.loads(files[-1].read_text()) if files else None
+    from datamodules.io import latest_metrics_file
+
+    found = latest_metrics_file(run / "metrics")
+    return json.loads(found.read_text()) if found else None
 
 
 def run_stage(configs: Sequence[Path], extra: Sequence[str], log: Path) -> float:

@@ -64,3 +64,12 @@ def test_permissions_follow_the_umask_like_a_plain_write(tmp_path):
     atomic_write(tmp_path / "atomic", "x")
     mode = stat.S_IMODE(os.stat(tmp_path / "atomic").st_mode)
     assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+
+
+def test_latest_metrics_file_orders_steps_numerically(tmp_path):
+    from datamodules.io import latest_metrics_file
+
+    assert latest_metrics_file(tmp_path) is None
+    for name in ("step200.json", "step1000.json", "step00000900.json", "test.json"):
+        (tmp_path / name).write_text("{}")
+    assert latest_metrics_file(tmp_path).name == "step1000.json"  # not "step200" (lexicographic last)
