@@ -34,11 +34,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datamodules.checks import ConfigError, check_path, check_shards
 from datamodules.io import atomic_write
 from datamodules.shards import local_rank, rank_world, shard_stem
 from datamodules.tiny_world.recaption import RECAP_SCHEMA
@@ -432,10 +433,13 @@ def run(
     """Caption every unfinished unit this rank owns; returns totals (units, rows, errors, tokens, seconds)."""
     from datamodules.shards import expand_urls
 
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-    if slice_size is not None and slice_size < 1:
-        raise ValueError(f"slice_size must be >= 1, got {slice_size}")
+    problems = run_config_problems(
+        {"model": model, "shards": shards, "out": out, "prompt": prompt, "max_new_tokens": max_new_tokens,
+         "batch_size": batch_size, "rank": rank, "world_size": world_size, "device": device, "dtype": dtype,
+         "backend": backend, "slice_size": slice_size, "trust_remote_code": trust_remote_code, "progress": progress}
+    )  # fmt: skip
+    if problems:  # before the model loads or `out` is created (main reports them all, with where each was set)
+        raise ConfigError(*problems[0])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     urls = expand_urls(shards)
@@ -630,40 +634,175 @@ RUN_KEYS = (
     "trust_remote_code",
     "progress",
 )
+DTYPES = ("bfloat16", "float16", "float32")
+# the device strings the backends use (`.to(device)`; vLLM's `cuda:N` -> CUDA_VISIBLE_DEVICES), matched by pattern so
+# that checking a config does not import torch
+_DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
+class RunConfigError(ConfigError):
+    """A ``recaption run`` setting that cannot work, with where it was set (a YAML file, ``command line``):
+    ``str()`` is the line ``config error: <key> = <value>: <why> (in <where>)``."""
+
+    def __init__(self, key: str, value: Any, problem: str, where: str):
+        self.where = where
+        super().__init__(key, value, problem)
+
+    def __str__(self) -> str:
+        return f"config error: {self.key} = {self.value!r}: {self.problem} (in {self.where})"
 
 
 def _load_config(path: str) -> dict[str, Any]:
-    """A recaption YAML (``experiments/configs/recaption/*.yaml``): the ``run`` flags as keys (``-`` or ``_``)."""
+    """A recaption YAML (``experiments/configs/recaption/*.yaml``): the ``run`` flags as keys (``-`` or ``_``).
+    Raises :class:`RunConfigError` naming the file for an unreadable or non-mapping file and for unknown keys."""
+    import difflib
+
     import yaml
 
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    cfg = {str(k).replace("-", "_"): v for k, v in cfg.items()}
-    unknown = sorted(set(cfg) - set(RUN_KEYS))
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except OSError as exn:
+        raise RunConfigError("--config", path, f"cannot be read ({exn.strerror})", "command line") from None
+    except yaml.YAMLError as exn:
+        mark = getattr(exn, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        why = getattr(exn, "problem", None) or str(exn).splitlines()[0]
+        raise RunConfigError("--config", path, f"is not valid YAML{at}: {why}", path) from None
+    if cfg is None:  # an empty file sets nothing
+        return {}
+    if not isinstance(cfg, dict):
+        raise RunConfigError("--config", path, f"must be a mapping of run flags to values, not a {type(cfg).__name__}",
+                             path)  # fmt: skip
+    out: dict[str, Any] = {}
+    for raw, value in cfg.items():
+        key = str(raw).replace("-", "_")
+        if key in out:
+            raise RunConfigError(str(raw), value, f"is set twice (also as {key})", path)
+        out[key] = value
+    unknown = [k for k in out if k not in RUN_KEYS]
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; valid: {list(RUN_KEYS)}")
-    return cfg
+        key = unknown[0]
+        close = difflib.get_close_matches(key, RUN_KEYS, n=1)  # stdlib's did-you-mean
+        hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(RUN_KEYS)}"
+        more = f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+        raise RunConfigError(key, out[key], f"is not a recaption run key; {hint}{more}", path)
+    return out
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def run_config_problems(args: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """Every problem of resolved ``run`` arguments (``RUN_KEYS``) as ``(key, value, why)``, found without loading the
+    model or writing anything: the model folder exists (a hub name ``org/name`` is left to ``from_pretrained``), the
+    shard spec names existing local shards (URLs and ``pipe:`` are not checked), sizes are >= 1, rank < world size
+    (``RANK`` / ``WORLD_SIZE`` fill in what is not given), dtype / device / backend are known and ``out`` can be a
+    folder."""
+    problems: list[tuple[str, Any, str]] = []
+
+    def add(key: str, value: Any, why: str) -> None:
+        problems.append((key, value, why))
+
+    model = args.get("model")
+    if not isinstance(model, str | os.PathLike) or not os.fspath(model):
+        add("model", model, "must be a llava-hf folder or a hub name (org/name)")
+    else:
+        try:
+            check_path("model", model, "dir", hub_ok=True, what="a llava-hf checkpoint (export-captioner writes one)")
+            folder = Path(model).expanduser()
+            if folder.is_dir() and not (folder / "config.json").is_file():
+                add("model", os.fspath(model), "is not a llava-hf folder (it has no config.json)")
+        except ConfigError as e:
+            add(e.key, e.value, e.problem)
+
+    shards = args.get("shards")
+    if isinstance(shards, str | os.PathLike) or (
+        isinstance(shards, list | tuple) and shards and all(isinstance(s, str | os.PathLike) for s in shards)
+    ):
+        try:
+            check_shards("shards", [os.fspath(s) for s in shards] if isinstance(shards, list | tuple) else shards)
+        except ConfigError as e:
+            add(e.key, e.value, e.problem)
+    else:
+        add("shards", shards, "must be a shard spec (braces, globs, a folder, '::' list) or a list of them")
+
+    out = args.get("out")
+    if not isinstance(out, str | os.PathLike) or not os.fspath(out):
+        add("out", out, "must be a folder path")
+    else:
+        path = Path(out).expanduser()
+        above = next((p for p in (path, *path.parents) if p.exists()), None)
+        if path.exists() and not path.is_dir():
+            add("out", os.fspath(out), "must be a folder (a file is there)")
+        elif above is not None and not above.is_dir():
+            add("out", os.fspath(out), f"cannot be created: {above} is a file")
+
+    prompt = args.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        add("prompt", prompt, "must be a non-empty string")
+    for key in ("max_new_tokens", "batch_size"):
+        if not _is_int(args.get(key)) or args[key] < 1:
+            add(key, args.get(key), "must be an integer >= 1")
+    slice_size = args.get("slice_size")
+    if slice_size is not None and (not _is_int(slice_size) or slice_size < 1):
+        add("slice_size", slice_size, "must be an integer >= 1 (or unset: whole shards)")
+
+    rank, world = args.get("rank"), args.get("world_size")
+    bad_split = False
+    if rank is not None and (not _is_int(rank) or rank < 0):
+        add("rank", rank, "must be an integer >= 0")
+        bad_split = True
+    if world is not None and (not _is_int(world) or world < 1):
+        add("world_size", world, "must be an integer >= 1")
+        bad_split = True
+    if not bad_split:
+        try:
+            rank_world(rank, world)
+        except ValueError as exn:  # rank >= world size once $RANK / $WORLD_SIZE (or SLURM's) fill in the rest
+            add("rank", rank, f"{exn} (rank must be < world_size)")
+
+    backend, device, dtype = args.get("backend"), args.get("device"), args.get("dtype")
+    if backend not in BACKENDS:
+        add("backend", backend, f"must be one of {', '.join(sorted(BACKENDS))}")
+    if device is not None and not (isinstance(device, str) and _DEVICE.match(device)):
+        add("device", device, "must be cpu, cuda, cuda:N, mps, xpu or xpu:N (or unset: this rank's GPU, else cpu)")
+    elif backend == "vllm" and device is not None and not device.startswith("cuda"):
+        add("device", device, "must be cuda or cuda:N with backend vllm (GPU only)")
+    if dtype is not None and dtype not in DTYPES:
+        add("dtype", dtype, f"must be one of {', '.join(DTYPES)} (or unset: the checkpoint's)")
+    for key in ("trust_remote_code", "progress"):
+        if not isinstance(args.get(key), bool):
+            add(key, args.get(key), "must be true or false")
+    return problems
+
+
+_UNSET = object()  # a run flag not given on the command line
+
+
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``recaption`` parser and its ``run`` subparser. ``run`` flags default to ``_UNSET`` so ``main`` knows
+    which were given; the defaults are ``run()``'s own."""
     parser = argparse.ArgumentParser(prog="python -m experiments recaption", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="caption the shards this process owns (resumable; any number of processes)")
     r.add_argument("--config", default=None, help="YAML with these flags as keys; flags given here override it")
-    r.add_argument("--model", default=None, help="llava-hf folder (export-captioner output) or hub name")
-    r.add_argument("--shards", default=None, help="shard paths: braces, globs, a directory or a '::' list")
-    r.add_argument("--out", default=None)
-    r.add_argument("--prompt", default=PAPER_PROMPT)
-    r.add_argument("--max-new-tokens", type=int, default=128)
-    r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--rank", type=int, default=None, help="default: $RANK / $SLURM_PROCID / 0")
-    r.add_argument("--world-size", type=int, default=None, help="default: $WORLD_SIZE / $SLURM_NTASKS / 1")
-    r.add_argument("--device", default=None)
-    r.add_argument("--dtype", default=None, choices=[None, "bfloat16", "float16", "float32"])
-    r.add_argument("--backend", default="hf", choices=sorted(BACKENDS), help="hf (CPU/GPU) or vllm (GPU, optional)")
-    r.add_argument("--slice-size", type=int, default=None, help="split shards into units of this many samples")
+    r.add_argument("--model", help="llava-hf folder (export-captioner output) or hub name")
+    r.add_argument("--shards", help="shard paths: braces, globs, a directory or a '::' list")
+    r.add_argument("--out", help="output folder (one parquet per shard)")
+    r.add_argument("--prompt", help="default: the paper's recaption prompt")
+    r.add_argument("--max-new-tokens", type=int, help="default: 128")
+    r.add_argument("--batch-size", type=int, help="default: 32")
+    r.add_argument("--rank", type=int, help="default: $RANK / $SLURM_PROCID / 0")
+    r.add_argument("--world-size", type=int, help="default: $WORLD_SIZE / $SLURM_NTASKS / 1")
+    r.add_argument("--device", help="cpu, cuda, cuda:N, mps, xpu[:N] (default: this rank's GPU, else cpu)")
+    r.add_argument("--dtype", help=f"{' | '.join(DTYPES)} (default: the checkpoint's)")
+    r.add_argument("--backend", help="hf (CPU/GPU, the default) or vllm (GPU, optional)")
+    r.add_argument("--slice-size", type=int, help="split shards into units of this many samples")
     r.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (unit lines only)")
+    r.set_defaults(**dict.fromkeys(RUN_KEYS, _UNSET))
     m = sub.add_parser("merge", help="check every key occurs once and write the dataset-level parquet")
     m.add_argument("--out", required=True)
     m.add_argument("--dest", default=None)
@@ -673,6 +812,28 @@ def main(argv: Sequence[str] | None = None) -> Any:
     w.add_argument("--shards", required=True, help="the input shards that were recaptioned")
     w.add_argument("--dest", required=True, help="folder for the new shards")
     w.add_argument("--member", default="recap.txt")
+    return parser, r
+
+
+def _refuse(lines: Sequence[str]) -> NoReturn:
+    """Print the config errors and exit with code 2 (nothing has been loaded or written)."""
+    print("\n".join(lines), file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _run_defaults() -> dict[str, Any]:
+    """``run()``'s own defaults for the run flags (``None`` for the required ones)."""
+    import inspect
+
+    params = inspect.signature(run).parameters
+    return {k: None if params[k].default is inspect.Parameter.empty else params[k].default for k in RUN_KEYS}
+
+
+_RUN_DEFAULTS = _run_defaults()
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    parser, r = _parser()
     args = parser.parse_args(argv)
     if args.command == "shards":
         totals = write_shards(args.out, args.shards, args.dest, args.member)
@@ -682,12 +843,37 @@ def main(argv: Sequence[str] | None = None) -> Any:
         path = merge(args.out, args.dest, args.shards)
         print(f"merged -> {path}")
         return path
-    if args.config:
-        r.set_defaults(**_load_config(args.config))
-        args = parser.parse_args(argv)  # flags on the command line win over the file
-    missing = [k for k in ("model", "shards", "out") if getattr(args, k) is None]
+    # run: run()'s defaults < the --config file < flags on the command line
+    try:
+        cfg = _load_config(args.config) if args.config else {}
+    except RunConfigError as e:
+        _refuse([str(e)])
+    given = {k: getattr(args, k) for k in RUN_KEYS if getattr(args, k) is not _UNSET}
+    values = _RUN_DEFAULTS | cfg | given
+    missing = [k for k in ("model", "shards", "out") if values[k] is None]
     if missing:
-        parser.error(f"recaption run needs {', '.join('--' + k for k in missing)} (flags or --config)")
-    totals = run(**{k: getattr(args, k) for k in RUN_KEYS})
+        r.error(f"recaption run needs {', '.join('--' + k for k in missing)} (flags or --config)")
+
+    def where(key: str) -> tuple[str, str]:  # the name the user wrote, and where
+        if key in given:
+            return "--" + key.replace("_", "-"), "command line"
+        if key in cfg:
+            return key, args.config
+        return key, "defaults"
+
+    lines = []
+    for key, value, why in run_config_problems(values):
+        name, source = where(key)
+        if key == "rank" and value is None:  # the rank came from the environment: name the setting that conflicts
+            if values["world_size"] is not None:
+                name, source = where("world_size")
+                value = values["world_size"]
+            else:
+                name, source = "rank", "environment: RANK / WORLD_SIZE or SLURM_PROCID / SLURM_NTASKS"
+                value = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+        lines.append(str(RunConfigError(name, value, why, source)))
+    if lines:
+        _refuse(lines)
+    totals = run(**values)
     print(f"recaption done: {json.dumps(totals)}")
     return totals
