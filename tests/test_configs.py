@@ -153,6 +153,9 @@ def test_config_parses_in_its_stack(parser, config):
                                                         ["model"]["init_args"]["size"])  # fmt: skip
     elif "/table1/" in str(config):  # captioner rows: the run directory and the previous stage of the same row
         row_cfg = yaml.safe_load(config.read_text())
+        for cfg in (row_cfg, dumped):  # real-scale rows log to [CSV, W&B]: the CSV logger (first) is the run dir
+            if isinstance(cfg["trainer"]["logger"], list):
+                cfg["trainer"]["logger"] = cfg["trainer"]["logger"][0]
         name = row_cfg["trainer"]["logger"]["init_args"]["name"]
         assert dumped["trainer"]["logger"]["init_args"]["name"] == name
         save_dir = row_cfg["trainer"]["logger"]["init_args"]["save_dir"]
