@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -436,6 +437,13 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of all finished child processes (a step's subprocess and its DataLoader workers):
+    unlike wall time, this does not grow when other work shares the cores."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _load() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -473,7 +481,8 @@ def run_steps(
         entry: dict[str, Any] = {"name": step.name, "title": step.title, "command": step.shown()}
         if i < force_from and is_done(out, step, deps[step.name]):
             old = previous.get(step.name, {})
-            entry.update(status="skipped (done)", seconds=old.get("seconds"), load=old.get("load"))
+            entry.update(status="skipped (done)", seconds=old.get("seconds"), cpu_seconds=old.get("cpu_seconds"),
+                         load=old.get("load"))  # fmt: skip
             took = f" (took {_fmt_seconds(old['seconds'])})" if old.get("seconds") is not None else ""
             stream.write(f"{head} ... done earlier{took}\n")
             record["steps"].append(entry)
@@ -489,14 +498,16 @@ def run_steps(
         if not live.tty:
             stream.write(f"{head} ...\n")
             stream.flush()
-        load0, t0 = _load(), time.perf_counter()
+        load0, cpu0, t0 = _load(), _children_cpu(), time.perf_counter()
         log = out / "logs" / f"{step.name}.log"
         code = runner(step.command(), log, live.update, env)
         seconds = time.perf_counter() - t0
-        entry.update(seconds=round(seconds, 1), load={"start": load0, "end": _load()}, log=str(log))
+        entry.update(seconds=round(seconds, 1), cpu_seconds=round(_children_cpu() - cpu0, 1),
+                     load={"start": load0, "end": _load()}, log=str(log))  # fmt: skip
         missing = [p for p in step.outputs if not _abs(p).exists()]
         if code == 0 and not missing:
             stamp = {"argv": step.argv, "seconds": round(seconds, 1), "finished": time.time()}
+            _stamp(out, step).parent.mkdir(parents=True, exist_ok=True)
             _stamp(out, step).write_text(json.dumps(stamp) + "\n")
             entry["status"] = "ran"
             live.finish(f"{head} ... {_fmt_seconds(seconds)}")
@@ -514,6 +525,7 @@ def run_steps(
     record["failed"] = failed
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     record["total_seconds"] = round(sum(s.get("seconds") or 0 for s in record["steps"]), 1)
+    record["total_cpu_seconds"] = round(sum(s.get("cpu_seconds") or 0 for s in record["steps"]), 1)
     _write_timings(timings_path, record)
     return record
 
@@ -526,14 +538,17 @@ def _write_timings(path: Path, record: dict) -> None:
 
 
 def summary_table(record: dict) -> str:
-    lines = ["| # | step | status | wall time | load avg (start → end) |", "|---|---|---|---|---|"]
+    lines = ["| # | step | status | wall time | CPU time | load avg (start → end) |", "|---|---|---|---|---|---|"]
     for i, s in enumerate(record["steps"], 1):
         secs = "-" if s.get("seconds") is None else _fmt_seconds(s["seconds"])
+        cpu = "-" if s.get("cpu_seconds") is None else _fmt_seconds(s["cpu_seconds"])
         load = s.get("load") or {}
         la = f"{(load.get('start') or ['-'])[0]} → {(load.get('end') or ['-'])[0]}" if load else "-"
-        lines.append(f"| {i} | {s['title']} (`{s['name']}`) | {s['status']} | {secs} | {la} |")
+        lines.append(f"| {i} | {s['title']} (`{s['name']}`) | {s['status']} | {secs} | {cpu} | {la} |")
     total = record.get("total_seconds") or 0
-    lines.append(f"| | **total** | | **{_fmt_seconds(total)}** | |")
+    total_cpu = record.get("total_cpu_seconds")
+    cpu = "-" if total_cpu is None else f"**{_fmt_seconds(total_cpu)}**"
+    lines.append(f"| | **total** | | **{_fmt_seconds(total)}** | {cpu} | |")
     return "\n".join(lines)
 
 
@@ -572,7 +587,7 @@ def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------------- claims
-HOLDS, NOISE, FAILS, MISSING = "holds", "holds, within seed noise", "does not hold", "not measured"
+HOLDS, NOISE, FAILS, MISSING = "holds", "inconclusive (within noise)", "does not hold", "not measured"
 
 
 @dataclass
@@ -584,6 +599,51 @@ class Claim:
     check: str
     verdict: str = MISSING
     evidence: str = ""
+
+
+@dataclass(frozen=True)
+class Margins:
+    """How large a difference must be to count as a verdict (``claims:`` section of a profile).
+
+    A measured difference ``d`` (in the claim's direction) with standard error ``se`` is a verdict only when
+    ``|d| >= z * se``; below that the claim is *inconclusive*, whichever way ``d`` points. Sources of ``se``:
+
+    - CLIP metrics: seed noise. sd = the larger of ``clip_seed_sd`` (a prior: the seed sd measured in the tiny-world
+      sweep, docs/clip.md) and the pooled sd of this run's seeds; se of a difference of means over n_a, n_b seeds
+      = sd * sqrt(1/n_a + 1/n_b). One seed is never "proof" of a few-point difference.
+    - accuracies (judge, captioner attribute precision vs chance): binomial, sqrt(a(1-a)/n_a + b(1-b)/n_b).
+    - CLIP score: the per-pair standard errors that ``dit-eval`` writes (``clip_score/<name>/se``).
+    - FID has no closed-form standard error (and at a few hundred images a large bias, shared by both models since they
+      use the same prompts and references): a difference is a verdict only above ``fid_rel_margin`` of the larger FID.
+      This is a convention, stated as such in the report, not a statistic.
+    """
+
+    z: float = 2.0
+    clip_seed_sd: float = 1.5
+    fid_rel_margin: float = 0.05
+    balance_tolerance: float = 2.0
+
+    @classmethod
+    def from_profile(cls, section: dict[str, Any] | None) -> Margins:
+        section = dict(section or {})
+        unknown = set(section) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise KeyError(f"claims: unknown key(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**{k: float(v) for k, v in section.items()})
+
+
+def verdict(diff: float, se: float | None, z: float) -> str:
+    """HOLDS / FAILS when ``diff`` (positive = the claim's direction) is at least ``z * se`` away from 0, else NOISE;
+    ``se`` None = an exact quantity (no sampling noise): the sign decides."""
+    if se is None:
+        return HOLDS if diff > 0 else FAILS
+    if abs(diff) < z * se or diff == 0:
+        return NOISE
+    return HOLDS if diff > 0 else FAILS
+
+
+def _margin_text(diff: float, se: float | None, z: float, unit: str = "") -> str:
+    return f"difference {diff:+.1f}{unit}" + (f", {z:g} se = {z * se:.1f}{unit}" if se is not None else "")
 
 
 def clip_series(results: dict, *keys: str) -> dict[float, list[float]]:
@@ -616,24 +676,41 @@ def _series_text(series: dict[float, list[float]]) -> str:
     return ", ".join(f"p={p:g}: {_cell(v)}" for p, v in series.items())
 
 
-def _greater(a: Sequence[float], b: Sequence[float]) -> str:
-    """Verdict of mean(a) > mean(b): within seed noise when the margin is below the larger seed sd."""
-    margin = _mean(a) - _mean(b)
-    if margin <= 0:
-        return FAILS
-    sds = [s for s in (_sd(a), _sd(b)) if s is not None]
-    return NOISE if sds and margin < max(sds) else HOLDS
+def seed_se(a: Sequence[float], b: Sequence[float], prior_sd: float) -> float:
+    """se of mean(a) - mean(b) over seeds: sd = max(prior, pooled sample sd) (conservative with 2-3 seeds)."""
+    dof = len(a) + len(b) - 2
+    pooled = 0.0
+    if dof > 0:
+        ss = sum((x - _mean(a)) ** 2 for x in a) + sum((x - _mean(b)) ** 2 for x in b)
+        pooled = math.sqrt(ss / dof)
+    return max(prior_sd, pooled) * math.sqrt(1 / len(a) + 1 / len(b))
+
+
+def binomial_se(a: float, n_a: float, b: float, n_b: float) -> float | None:
+    """se of a - b for two proportions (in [0, 1]) measured on n_a, n_b items; None when a count is missing."""
+    if not n_a or not n_b:
+        return None
+    return math.sqrt(a * (1 - a) / n_a + b * (1 - b) / n_b)
+
+
+def _greater(a: Sequence[float], b: Sequence[float], m: Margins) -> tuple[str, str]:
+    """Verdict (and its margin text) of mean(a) > mean(b) for CLIP metrics over seeds."""
+    diff, se = _mean(a) - _mean(b), seed_se(a, b, m.clip_seed_sd)
+    return verdict(diff, se, m.z), _margin_text(diff, se, m.z)
 
 
 def _dit(results: dict, p: float, key: str) -> float | None:
     return (results.get("dit") or {}).get(str(float(p)), {}).get(key)
 
 
-def check_claims(results: dict, balance_tolerance: float = 2.0, dit_clip: str = "web_clip") -> list[Claim]:
-    """Each of the paper's claims as a check over ``results`` (``collect_results``'s layout); nothing is assumed."""
+def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = "web_clip") -> list[Claim]:
+    """Each of the paper's claims as a check over ``results`` (``collect_results``'s layout); nothing is assumed.
+    A difference smaller than its noise (``Margins``) gives NOISE ("inconclusive"), never a verdict."""
+    m = margins or Margins()
     claims = []
 
-    # §4: recaptions are longer, and their vocabulary covers most of the words of both.
+    # §4: recaptions are longer, and their vocabulary covers most of the words of both (whole-population statistics
+    # of the recaptioned shards: no sampling noise).
     a = results.get("analysis") or {}
     lw = a.get("length_words") or {}
     words = f"{PAPER_LENGTH_WORDS['recaption']} vs {PAPER_LENGTH_WORDS['original']} words"
@@ -644,14 +721,14 @@ def check_claims(results: dict, balance_tolerance: float = 2.0, dit_clip: str = 
     )
     o, r = (lw.get("original") or {}).get("mean"), (lw.get("recaption") or {}).get("mean")
     if o is not None and r is not None:
-        c.verdict = HOLDS if r > o else FAILS
+        c.verdict = verdict(r - o, None, m.z)
         c.evidence = f"recaption {r:.1f} vs original {o:.1f} words ({r / o:.1f}x; paper 4.8x)" if o else ""
     claims.append(c)
     c = Claim("recaption_vocabulary", f"Recaptions cover most of the joint vocabulary ({PAPER_COVERAGE_PCT}% of the "
               "words of both caption sets, §4)", "|V_recap| / |V_recap ∪ V_orig| > 50%")  # fmt: skip
     cov = ((a.get("vocabulary") or {}).get("coverage_pct") or {}).get("recaption")
     if cov is not None:
-        c.verdict, c.evidence = (HOLDS if cov > 50 else FAILS), f"coverage {cov:.1f}%"
+        c.verdict, c.evidence = verdict(cov - 50, None, m.z), f"coverage {cov:.1f}%"
     claims.append(c)
 
     # Table 1 has no offline metric: the captioner's own attribute scores against chance are the stand-in.
@@ -659,8 +736,11 @@ def check_claims(results: dict, balance_tolerance: float = 2.0, dit_clip: str = 
     c = Claim("captioner_grounded", "The LLaVA-1.5-LLaMA3-8B captioner describes the image (Table 1; stand-in: "
               "tiny-world attribute scores)", "final captioner's (colour, shape) pair precision > chance")  # fmt: skip
     if "pair_precision" in cap and "chance_pair_precision" in cap:
-        c.verdict = HOLDS if cap["pair_precision"] > cap["chance_pair_precision"] else FAILS
-        c.evidence = (f"pair precision {cap['pair_precision']:.1f}% vs chance {cap['chance_pair_precision']:.1f}%; "
+        pp, ch, n = cap["pair_precision"], cap["chance_pair_precision"], cap.get("n")
+        se = binomial_se(pp / 100, n, ch / 100, n)
+        se = None if se is None else 100 * se
+        c.verdict = verdict(pp - ch, se, m.z)
+        c.evidence = (f"pair precision {pp:.1f}% vs chance {ch:.1f}% ({_margin_text(pp - ch, se, m.z, ' pts')}); "
                       f"colour precision {cap.get('colour_precision', float('nan')):.1f}% vs chance "
                       f"{cap.get('chance_colour_precision', float('nan')):.1f}%")  # fmt: skip
     claims.append(c)
@@ -676,69 +756,92 @@ def check_claims(results: dict, balance_tolerance: float = 2.0, dit_clip: str = 
     if mid and 0.0 in short and 1.0 in short:
         best = max(mid, key=lambda p: _mean(mid[p]))
         end = max((0.0, 1.0), key=lambda p: _mean(short[p]))
-        c.verdict = _greater(mid[best], short[end])
-        c.evidence = _series_text(short) + f" (best intermediate p={best:g})"
+        c.verdict, margin = _greater(mid[best], short[end], m)
+        c.evidence = _series_text(short) + f" (best intermediate p={best:g} vs p={end:g}: {margin})"
     claims.append(c)
     c = Claim("clip_classification_p0", "Zero-shot classification drops at p = 0 (ImageNet 36.0 vs 69.7 at p = 1; "
               "Table 3)", "classification top-1 at p = 0 < at p = 1")  # fmt: skip
     if 0.0 in cls and 1.0 in cls:
-        c.verdict, c.evidence = _greater(cls[1.0], cls[0.0]), _series_text(cls)
+        c.verdict, margin = _greater(cls[1.0], cls[0.0], m)
+        c.evidence = f"{_series_text(cls)} ({margin})"
     claims.append(c)
     c = Claim(
         "clip_balance_p0.8",
         "p = 0.8 keeps classification (-0.5) and improves retrieval (+3.4 on average) over p = 1 (Table 3)",
-        f"at p = 0.8: retrieval > p = 1, classification within {balance_tolerance:g} points of p = 1",
+        f"at p = 0.8: retrieval > p = 1, classification within {m.balance_tolerance:g} points of p = 1",
     )
     if all(p in cls and p in short for p in (0.8, 1.0)):
-        retr = _greater(short[0.8], short[1.0])
+        retr, margin = _greater(short[0.8], short[1.0], m)
         drop = _mean(cls[1.0]) - _mean(cls[0.8])
-        c.verdict = retr if drop <= balance_tolerance else FAILS
-        c.evidence = (f"retrieval {_cell(short[0.8])} vs {_cell(short[1.0])}; classification {_cell(cls[0.8])} vs "
-                      f"{_cell(cls[1.0])} ({-drop:+.1f})")  # fmt: skip
+        # "keeps classification" is the null: it fails only when the drop exceeds the tolerance by more than its
+        # noise, and is unsettled (inconclusive) when it exceeds the tolerance by less
+        kept = verdict(m.balance_tolerance - drop, seed_se(cls[1.0], cls[0.8], m.clip_seed_sd), m.z)
+        if FAILS in (retr, kept):
+            c.verdict = FAILS
+        else:
+            c.verdict = NOISE if drop > m.balance_tolerance else retr
+        c.evidence = (f"retrieval {_cell(short[0.8])} vs {_cell(short[1.0])} ({margin}); classification "
+                      f"{_cell(cls[0.8])} vs {_cell(cls[1.0])} ({-drop:+.1f})")  # fmt: skip
     claims.append(c)
     c = Claim("clip_long_retrieval", "Recaptions make long-caption retrieval far better (Urban-1K +31.8 / +36.4 R@1; "
               "Table 6)", "mean long-caption R@1 (i2t, t2i) at the largest p < 1 > at p = 1")  # fmt: skip
     below = [p for p in long if p < 1]
     if below and 1.0 in long:
         p = max(below)
-        c.verdict, c.evidence = _greater(long[p], long[1.0]), _series_text(long)
+        c.verdict, margin = _greater(long[p], long[1.0], m)
+        c.evidence = f"{_series_text(long)} ({margin})"
     claims.append(c)
 
     # Table 7: DiT at p = 0 vs p = 1.
-    def dit_claim(cid: str, paper: str, check: str, key: str, lower_better: bool = False, winner: float = 0.0,
-                  scale: float = 1.0) -> None:  # fmt: skip
-        """Holds when the p named ``winner`` has the better value of ``key``."""
+    def dit_claim(cid: str, paper: str, check: str, key: str, kind: str, lower_better: bool = False,
+                  winner: float = 0.0, scale: float = 1.0) -> None:  # fmt: skip
+        """Holds when the p named ``winner`` has the better value of ``key`` by more than its noise (``kind``)."""
         c = Claim(cid, paper, check)
         v0, v1 = _dit(results, 0.0, key), _dit(results, 1.0, key)
         if v0 is not None and v1 is not None:
             win, lose = (v0, v1) if winner == 0.0 else (v1, v0)
-            c.verdict = HOLDS if (win < lose if lower_better else win > lose) else FAILS
-            c.evidence = f"p=0: {v0 * scale:.1f}, p=1: {v1 * scale:.1f}"
+            diff = (lose - win) if lower_better else (win - lose)
+            if kind == "fid":
+                se = m.fid_rel_margin * max(abs(v0), abs(v1)) / m.z  # the convention: |d| >= fid_rel_margin * FID
+            elif kind == "accuracy":
+                n0, n1 = (_dit(results, p, key.rsplit("/", 1)[0] + "/n") for p in (0.0, 1.0))
+                se = binomial_se(v0, n0, v1, n1)
+            else:  # clip score: the per-pair standard errors of dit-eval
+                s0, s1 = _dit(results, 0.0, key + "/se"), _dit(results, 1.0, key + "/se")
+                se = math.hypot(s0, s1) if s0 is not None and s1 is not None else None
+            se = None if se is None else se * scale
+            c.verdict = verdict(diff * scale, se, m.z)
+            c.evidence = f"p=0: {v0 * scale:.1f}, p=1: {v1 * scale:.1f} ({_margin_text(diff * scale, se, m.z)})"
         claims.append(c)
 
     dit_claim("dit_recap_clip_score", "DiT follows detailed prompts better at p = 0 (Recap-prompt CLIP score 32.5 vs "
               "29.3; Table 7)", f"CLIP score ({dit_clip}) on recaption prompts: p = 0 > p = 1",
-              f"recaption/clip_score/{dit_clip}")  # fmt: skip
+              f"recaption/clip_score/{dit_clip}", "clip_score")  # fmt: skip
     dit_claim("dit_recap_fid", "DiT images match detailed prompts' images better at p = 0 (Recap FID 27.8 vs 36.2; "
-              "Table 7)", "FID on recaption prompts: p = 0 < p = 1", "recaption/fid", lower_better=True)  # fmt: skip
+              "Table 7)", "FID on recaption prompts: p = 0 < p = 1", "recaption/fid", "fid",
+              lower_better=True)  # fmt: skip
     dit_claim("dit_raw_fid", "On raw (short) prompts p = 1 keeps the better FID (32.5 vs 37.6; Table 7)",
-              "FID on short-caption prompts: p = 1 < p = 0", "caption/fid", lower_better=True, winner=1.0)  # fmt: skip
+              "FID on short-caption prompts: p = 1 < p = 0", "caption/fid", "fid", lower_better=True,
+              winner=1.0)  # fmt: skip
     dit_claim("dit_recap_judge", "A judge rates p = 0 images as matching detailed prompts better (GPT-4V 2.53 vs "
               "1.40; Table 7; stand-in: the pinned attribute judge)", "judge's colour accuracy on recaption prompts: "
-              "p = 0 > p = 1", "recaption/attributes/colour", scale=100)  # fmt: skip
+              "p = 0 > p = 1", "recaption/attributes/colour", "accuracy", scale=100)  # fmt: skip
     return claims
 
 
-def claims_markdown(claims: Sequence[Claim], seeds: int) -> str:
-    held = sum(c.verdict.startswith("holds") for c in claims)
-    measured = sum(c.verdict != MISSING for c in claims)
+def claims_markdown(claims: Sequence[Claim], seeds: int, margins: Margins | None = None) -> str:
+    m = margins or Margins()
+    count = {v: sum(c.verdict == v for c in claims) for v in (HOLDS, NOISE, FAILS, MISSING)}
+    measured = len(claims) - count[MISSING]
     lines = [
-        f"{held} of {measured} measured claims hold in this run"
-        + (f" ({len(claims) - measured} not measured)" if measured < len(claims) else "")
-        + ". Each verdict is computed from the numbers below; "
-        + ("with one seed, CLIP differences of a few points are within the tiny world's seed noise (docs/clip.md: "
-           "sd up to ~3 points)." if seeds < 2 else f"CLIP cells are mean ± sd over {seeds} seeds; a margin below the "
-           "larger sd is marked 'within seed noise'."),
+        f"Of {measured} measured claims, **{count[HOLDS]} hold, {count[FAILS]} do not hold and {count[NOISE]} are "
+        f"inconclusive** (the difference is within its noise)"
+        + (f"; {count[MISSING]} not measured" if count[MISSING] else "")
+        + ". Each verdict is computed from the numbers below (`experiments/reproduce.py: check_claims`), and a "
+        f"difference counts only when it is at least {m.z:g} standard errors: CLIP metrics against seed noise "
+        f"(sd = max({m.clip_seed_sd:g} points, the pooled sd of {seeds} seed(s) per p), accuracies against binomial "
+        f"noise, CLIP scores against their per-pair standard errors; FID differences count above "
+        f"{m.fid_rel_margin:.0%} of the larger FID (a convention: FID has no closed-form standard error).",
         "",
         "| claim (paper) | check on this run | verdict | numbers |",
         "|---|---|---|---|",
@@ -845,7 +948,8 @@ def _dit_table(results: dict, dit_clip: str) -> str:
 def write_report(out: Path, profile: dict, seeds: int, record: dict, command: str) -> Path:
     """``OUT/report.md``: every result of the run, the paper's claims checked, timings, command and commit."""
     results = collect_results(out, profile, seeds)
-    claims = check_claims(results, float(profile["claims"].get("balance_tolerance", 2.0)))
+    margins = Margins.from_profile(profile["claims"])
+    claims = check_claims(results, margins)
     (out / "results.json").write_text(json.dumps({"results": results, "claims": [c.__dict__ for c in claims]},
                                                  indent=1) + "\n")  # fmt: skip
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731
@@ -861,12 +965,13 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
         "",
         f"Commit: `{_git_head()}`. Profile: `{os.path.relpath(profile['_path'], REPO)}`. "
         f"Started {record.get('started')}, "
-        f"{record.get('cpus')} CPUs, total step wall time {_fmt_seconds(record.get('total_seconds') or 0)} "
-        f"(budget {profile.get('budget_minutes', '?')} min on 2 uncontended cores).",
+        f"{record.get('cpus')} CPUs, total step wall time {_fmt_seconds(record.get('total_seconds') or 0)}"
+        + (f", CPU time {_fmt_seconds(record['total_cpu_seconds'])}" if record.get("total_cpu_seconds") else "")
+        + f" (budget {profile.get('budget_minutes', '?')} min of wall time on 2 uncontended cores).",
         "",
         "## What the miniature reproduces",
         "",
-        claims_markdown(claims, seeds),
+        claims_markdown(claims, seeds, margins),
         "",
         "## Captioner (Table 1 stand-in): held-out attribute scores, percent",
         "",
@@ -900,7 +1005,9 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
         summary_table(record),
         "",
         "Load average = the machine's 1-minute load when the step started and ended (2 cores: above 2 means the "
-        "steps shared the CPU with other work, and the times are slower than on a quiet machine).",
+        "steps shared the CPU with other work, and the times are slower than on a quiet machine). CPU time = user + "
+        "system seconds of the step's processes, which other work does not inflate: on 2 cores a step's uncontended "
+        "wall time is at least half its CPU time.",
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n")

@@ -385,9 +385,11 @@ TINY_CLIP = {
 }
 
 
-def direct_clip_score(img_feats: torch.Tensor, txt_feats: torch.Tensor) -> tuple[float, int]:
+def direct_clip_score(img_feats: torch.Tensor, txt_feats: torch.Tensor) -> tuple[float, int, float]:
+    """Mean per-pair score, pairs clamped, and the standard error of the mean (sd over pairs / sqrt(n))."""
     cos = (F.normalize(img_feats, dim=-1) * F.normalize(txt_feats, dim=-1)).sum(-1)
-    return float((100 * torch.clamp(cos, min=0)).mean()), int((cos < 0).sum())
+    score = (100 * torch.clamp(cos, min=0)).double()
+    return float(score.mean()), int((cos < 0).sum()), float(score.std() / len(score) ** 0.5)
 
 
 PROMPTS = ["a red circle", "a blue star", "two green squares", "a cat", " ".join(["a very long caption"] * 8)]
@@ -412,12 +414,14 @@ def test_open_clip_scorer_matches_direct_computation_and_loads_an_export(tmp_pat
     with torch.no_grad():
         img = model.encode_image(torch.stack([parts.preprocess_val(im) for im in images]))
         txt = model.encode_text(parts.tokenizer(PROMPTS))
-    expected, n_neg = direct_clip_score(img, txt)
+    expected, n_neg, se = direct_clip_score(img, txt)
 
     scorer = OpenClipScorer(model, tokenizer=parts.tokenizer)  # preprocess: open_clip's eval transform
     got = clip_score(images, PROMPTS, scorer, batch_size=2)
     assert got["clip_score"] == pytest.approx(expected, abs=1e-4)
     assert got["n_pairs_clamped"] == n_neg
+    assert se > 0
+    assert got["se"] == pytest.approx(se, rel=1e-4)  # accumulated across batches of 2
     assert got["n_prompts_over_context"] == 1  # only the long one exceeds 16 tokens
 
     # the same model as an export-clip folder (open_clip local-dir layout)
@@ -462,7 +466,7 @@ def test_hf_clip_scorer_matches_direct_computation(tmp_path):
         t = tok(PROMPTS, padding=True, truncation=True, max_length=16, return_tensors="pt")
         txt = model.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
     img, txt = (x if isinstance(x, torch.Tensor) else x.pooler_output for x in (img, txt))
-    expected, _ = direct_clip_score(img, txt)
+    expected, _, _ = direct_clip_score(img, txt)
 
     got = clip_score(images, PROMPTS, HFClipScorer(tmp_path), batch_size=3)
     assert got["clip_score"] == pytest.approx(expected, abs=1e-4)

@@ -7,6 +7,7 @@ fake steps and synthetic results.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -197,6 +198,32 @@ def test_a_rerun_step_reruns_the_steps_that_read_its_outputs(tmp_path, capsys):
     assert fake.ran == ["a", "b", "r"]
 
 
+def test_runner_records_each_steps_cpu_time(tmp_path):
+    """cpu_seconds counts the step's own subprocess (user + system), not the wall clock: a step that sleeps 0.4 s
+    uses almost no CPU, one that spins 0.4 s of CPU uses about that much."""
+    import io
+
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+    code = {"a": spin, "b": "import time; time.sleep(0.4)"}
+
+    def runner(cmd, log, on_line, env):
+        name = cmd[3]  # python -m experiments <name> ...
+        for o in next(s for s in steps if s.name == name).outputs:
+            R._abs(o).parent.mkdir(parents=True, exist_ok=True)
+            R._abs(o).write_text("ok")
+        return subprocess.call([sys.executable, "-c", code[name]])
+
+    out = tmp_path / "out"
+    steps = _fake_steps(out)[:2]
+    rec = R.run_steps(steps, out, stream=io.StringIO(), runner=runner)
+    cpu = {s["name"]: s["cpu_seconds"] for s in rec["steps"]}
+    assert cpu["a"] >= 0.35
+    assert cpu["b"] < 0.3
+    assert rec["steps"][1]["seconds"] >= 0.4
+    assert rec["total_cpu_seconds"] == pytest.approx(cpu["a"] + cpu["b"], abs=0.11)
+    assert "CPU time" in R.summary_table(rec)
+
+
 def test_run_logged_tees_output_and_reports_lines(tmp_path):
     lines: list[str] = []
     code = R.run_logged([sys.executable, "-c", "import sys; print('one'); sys.stdout.write('bar 50%\\rbar 100%\\n'); "
@@ -223,17 +250,20 @@ def _results(clip: dict, dit: dict | None = None) -> dict:
     }  # fmt: skip
 
 
-def verdicts(results: dict) -> dict[str, str]:
-    return {c.id: c.verdict for c in R.check_claims(results, balance_tolerance=2.0)}
+def verdicts(results: dict, **margins) -> dict[str, str]:
+    return {c.id: c.verdict for c in R.check_claims(results, R.Margins(**margins))}
 
 
 def test_claims_paper_pattern_holds():
-    clip = {"0.0": {"seed0": _clip(10, 4, 9)}, "0.5": {"seed0": _clip(19, 8, 8)},
-            "0.8": {"seed0": _clip(24, 8, 7)}, "1.0": {"seed0": _clip(25, 4, 2)}}  # fmt: skip
-    dit = {"0.0": {"recaption/clip_score/web_clip": 35.0, "recaption/fid": 200.0, "caption/fid": 150.0,
-                   "recaption/attributes/colour": 0.5},
-           "1.0": {"recaption/clip_score/web_clip": 21.0, "recaption/fid": 250.0, "caption/fid": 100.0,
-                   "recaption/attributes/colour": 0.3}}  # fmt: skip
+    # one seed each: a CLIP difference counts at >= 2 * 1.5 * sqrt(2) = 4.24 points (the default margins)
+    clip = {"0.0": {"seed0": _clip(10, 4, 9)}, "0.5": {"seed0": _clip(19, 9, 8)},
+            "0.8": {"seed0": _clip(24, 9, 7)}, "1.0": {"seed0": _clip(25, 4, 2)}}  # fmt: skip
+    dit = {"0.0": {"recaption/clip_score/web_clip": 35.0, "recaption/clip_score/web_clip/se": 1.0,
+                   "recaption/fid": 200.0, "caption/fid": 150.0, "recaption/attributes/colour": 0.5,
+                   "recaption/attributes/n": 100.0},
+           "1.0": {"recaption/clip_score/web_clip": 21.0, "recaption/clip_score/web_clip/se": 1.0,
+                   "recaption/fid": 250.0, "caption/fid": 100.0, "recaption/attributes/colour": 0.3,
+                   "recaption/attributes/n": 100.0}}  # fmt: skip
     v = verdicts(_results(clip, dit))
     assert v["recaptions_longer"] == R.HOLDS
     assert v["recaption_vocabulary"] == R.FAILS  # 40% coverage is not "most"
@@ -244,17 +274,17 @@ def test_claims_paper_pattern_holds():
 
 
 def test_claims_that_fail_and_that_are_not_measured():
-    # retrieval best at an end (p = 1), classification flat, p = 0.8 loses 5 points of classification
-    clip = {"0.0": {"seed0": _clip(25, 4, 2)}, "0.5": {"seed0": _clip(22, 5, 3)},
-            "0.8": {"seed0": _clip(20, 9, 2)}, "1.0": {"seed0": _clip(25, 10, 5)}}  # fmt: skip
+    # retrieval best at an end (p = 1), classification better at p = 0, p = 0.8 loses 10 points of classification
+    clip = {"0.0": {"seed0": _clip(30, 4, 2)}, "0.5": {"seed0": _clip(22, 5, 3)},
+            "0.8": {"seed0": _clip(15, 9, 2)}, "1.0": {"seed0": _clip(25, 15, 9)}}  # fmt: skip
     dit = {"0.0": {"recaption/fid": 300.0, "caption/fid": 90.0}, "1.0": {"recaption/fid": 250.0, "caption/fid": 100.0}}
     v = verdicts(_results(clip, dit))
     assert v["clip_retrieval_intermediate_p"] == R.FAILS
-    assert v["clip_classification_p0"] == R.FAILS  # equal is not a drop
-    assert v["clip_balance_p0.8"] == R.FAILS  # retrieval worse than p = 1, and 5 points of classification lost
+    assert v["clip_classification_p0"] == R.FAILS
+    assert v["clip_balance_p0.8"] == R.FAILS  # retrieval worse than p = 1, and 10 points of classification lost
     assert v["clip_long_retrieval"] == R.FAILS
     assert v["dit_recap_fid"] == R.FAILS
-    assert v["dit_raw_fid"] == R.FAILS
+    assert v["dit_raw_fid"] == R.FAILS  # 10 FID points: above 5% of 100
     assert v["dit_recap_clip_score"] == R.MISSING
     assert v["dit_recap_judge"] == R.MISSING
     empty = verdicts({"clip": {}, "dit": {}})
@@ -262,7 +292,7 @@ def test_claims_that_fail_and_that_are_not_measured():
 
 
 def test_claims_within_seed_noise():
-    # p = 0.5 beats both ends on the mean, by less than the seed sd
+    # p = 0.5 beats both ends on the mean, by less than the seed sd (pooled over this run's seeds: 3.2)
     clip = {"0.0": {"seed0": _clip(10, 4, 9), "seed1": _clip(12, 6, 9)},
             "0.5": {"seed0": _clip(19, 3, 8), "seed1": _clip(19, 9, 8)},
             "1.0": {"seed0": _clip(25, 4, 2), "seed1": _clip(26, 5, 2)}}  # fmt: skip
@@ -270,6 +300,29 @@ def test_claims_within_seed_noise():
     assert v["clip_retrieval_intermediate_p"] == R.NOISE
     assert v["clip_classification_p0"] == R.HOLDS
     assert v["clip_balance_p0.8"] == R.MISSING  # no p = 0.8 in this run
+
+
+def test_claims_need_a_margin_beyond_noise():
+    """Small differences in the claim's direction are inconclusive, not verdicts; the margins come from the profile."""
+    one_seed = {"0.0": {"seed0": _clip(10, 4, 9)}, "1.0": {"seed0": _clip(13, 4, 2)}}  # cls +3 < 4.24
+    assert verdicts(_results(one_seed))["clip_classification_p0"] == R.NOISE
+    assert verdicts(_results(one_seed), clip_seed_sd=0.5)["clip_classification_p0"] == R.HOLDS  # 3 >= 1.41
+    assert verdicts(_results(one_seed), clip_seed_sd=0.5)["clip_long_retrieval"] == R.HOLDS  # 9 at p = 0 vs 2
+    # the pooled sd of this run's seeds raises the margin above the prior when seeds disagree
+    noisy = {"0.0": {"seed0": _clip(6, 4, 9), "seed1": _clip(14, 4, 9)}, "1.0": {"seed0": _clip(20, 4, 2),
+             "seed1": _clip(12, 4, 2)}}  # fmt: skip
+    assert verdicts(_results(noisy), clip_seed_sd=0.5)["clip_classification_p0"] == R.NOISE  # +6 vs 2 se = 11.3
+    dit = {p: {"recaption/fid": fid, "caption/fid": 100.0, "recaption/attributes/colour": acc,
+               "recaption/attributes/n": 100.0, "recaption/clip_score/web_clip": cs,
+               "recaption/clip_score/web_clip/se": 1.5}
+           for p, fid, acc, cs in (("0.0", 200.0, 0.50, 30.0), ("1.0", 205.0, 0.42, 25.0))}  # fmt: skip
+    v = verdicts(_results({}, dit))
+    assert v["dit_recap_fid"] == R.NOISE  # 5 < 5% of 205
+    assert v["dit_raw_fid"] == R.NOISE  # equal
+    assert v["dit_recap_judge"] == R.NOISE  # 8 points on 100 prompts: 2 se = 14
+    assert v["dit_recap_clip_score"] == R.HOLDS  # 5 >= 2 * hypot(1.5, 1.5) = 4.24
+    with pytest.raises(KeyError, match="clip_seed_sdd"):
+        R.Margins.from_profile({"clip_seed_sdd": 1.0})
 
 
 def test_results_are_read_from_the_run_layout(tmp_path, profile_path):

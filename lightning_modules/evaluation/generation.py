@@ -578,7 +578,7 @@ def clip_score(images: Images, prompts: Sequence[str], scorer: ClipScorer, batch
         raise ValueError("clip_score needs at least one (image, prompt) pair")
     if len(images) != n:
         raise ValueError(f"{len(images)} images but {n} prompts")
-    total, clamped = 0.0, 0
+    total, total_sq, clamped = 0.0, 0.0, 0
     for lo in range(0, n, batch_size):
         hi = min(lo + batch_size, n)
         img = F.normalize(scorer.encode_image(_to_float01(_batch(images, lo, hi))).float(), dim=-1)
@@ -587,8 +587,13 @@ def clip_score(images: Images, prompts: Sequence[str], scorer: ClipScorer, batch
             raise ValueError(f"image features {tuple(img.shape)} and text features {tuple(txt.shape)} differ")
         cos = (img * txt).sum(dim=-1)
         clamped += int((cos < 0).sum())
-        total += float((100 * cos.clamp(min=0)).double().sum())
-    out = {"clip_score": total / n, "n": float(n), "n_pairs_clamped": float(clamped)}
+        score = (100 * cos.clamp(min=0)).double()
+        total += float(score.sum())
+        total_sq += float((score**2).sum())
+    mean = total / n
+    # standard error of the mean over pairs (what a comparison of two models' scores needs; 0 for one pair)
+    var = max(total_sq / n - mean**2, 0.0) * n / (n - 1) if n > 1 else 0.0
+    out = {"clip_score": mean, "se": math.sqrt(var / n), "n": float(n), "n_pairs_clamped": float(clamped)}
     counter = getattr(scorer, "count_over_context", None)
     if counter is not None:
         n_over = int(counter(prompts))
@@ -839,7 +844,7 @@ def evaluate_generation(
     for name, scorer in (clip_scorers or {}).items():
         result = clip_score(images, prompts, scorer, batch_size=batch_size)
         metrics[f"clip_score/{name}"] = result["clip_score"]
-        for key in ("n_prompts_over_context", "n_pairs_clamped"):
+        for key in ("se", "n_prompts_over_context", "n_pairs_clamped"):
             if key in result:
                 metrics[f"clip_score/{name}/{key}"] = result[key]
 
