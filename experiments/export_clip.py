@@ -9,7 +9,9 @@ open_clip model folder.
 
 or, with a registered name, ``open_clip.add_model_config("DIR/<name>.json")`` and
 ``open_clip.create_model_and_transforms("<name>", pretrained="DIR/open_clip_model.safetensors")``.
-The checkpoint is read with ``weights_only=True``; the model is rebuilt from the hyperparameters saved in it.
+The checkpoint is read with ``weights_only=True``; the model is rebuilt from the hyperparameters saved in it. The
+folder always has open_clip's default 0-dim ``logit_scale`` (and no ``nonscalar_logit_scale`` in its config), also for
+a model trained with ``nonscalar_logit_scale`` (FSDP), so plain open_clip and this suite's readers load it as is.
 ``--hf-vision HF_DIR`` also writes the image tower as a HuggingFace ``CLIPVisionModelWithProjection`` (plain
 ``CLIPVisionModel`` weights where the pooled output has no exact HF equivalent) + ``CLIPImageProcessor`` folder, e.g.
 a LLaVA vision tower (``lightning_modules.components.hf_clip_vision``).
@@ -25,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.io import atomic_write
-from lightning_modules.components.clip_model import build_clip, clip_state_dict, load_checkpoint_file
+from lightning_modules.components.clip_model import (
+    build_clip,
+    clip_state_dict,
+    has_nonscalar_logit_scale,
+    load_checkpoint_file,
+    reshape_logit_params,
+    resolve_model_config,
+)
 
 
 def _hparams(ckpt: Any, ckpt_path: Path) -> dict[str, Any]:
@@ -46,18 +55,31 @@ def export_clip(
     ckpt, out = Path(ckpt), Path(out)
     contents = load_checkpoint_file(ckpt)  # read once: hyperparameters and weights come from the same load
     hp = _hparams(contents, ckpt)
-    parts = build_clip(hp["model"], hp.get("context_length"), hp.get("image_size"), hp.get("tokenizer"))
+    nonscalar = hp.get("nonscalar_logit_scale")
+    if nonscalar is None:  # a checkpoint from before ClipModule's switch: a config dict may carry open_clip's key
+        cfg, _ = resolve_model_config(hp["model"])
+        nonscalar = bool((cfg or {}).get("nonscalar_logit_scale", False))
+    parts = build_clip(
+        hp["model"],
+        hp.get("context_length"),
+        hp.get("image_size"),
+        hp.get("tokenizer"),
+        nonscalar_logit_scale=nonscalar,
+    )
     model_cfg = parts.model_cfg
     if model_cfg is None:  # a local-dir: model: its folder holds the config
         folder = Path(str(hp["model"]).removeprefix("local-dir:"))
         model_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+        model_cfg.pop("nonscalar_logit_scale", None)  # the weights below are written in the default layout
     state = clip_state_dict(contents, ckpt)
+    reshape_logit_params(state, has_nonscalar_logit_scale(parts.model))  # only [] <-> [1] of these two names
     parts.model.load_state_dict(state, strict=True)  # proves the weights fit the rebuilt config
 
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in parts.model.state_dict().items()}
+    reshape_logit_params(tensors, nonscalar=False)  # open_clip's default layout, whatever trained it
     atomic_write(out / "open_clip_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     config = {"model_cfg": model_cfg, "preprocess_cfg": parts.preprocess_cfg}
     atomic_write(out / "open_clip_config.json", json.dumps(config, indent=2))

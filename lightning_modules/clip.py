@@ -23,7 +23,15 @@ from open_clip import ClipLoss
 
 from datamodules.caption_mix import DataTransforms
 from datamodules.checks import ConfigError, RunContext, check_path
-from lightning_modules.components.clip_model import TokenizeOne, build_clip, load_clip_weights, resolve_model_config
+from lightning_modules.components.clip_model import (
+    LOGIT_PARAMS,
+    TokenizeOne,
+    build_clip,
+    has_nonscalar_logit_scale,
+    load_clip_weights,
+    reshape_logit_params,
+    resolve_model_config,
+)
 from lightning_modules.components.schedules import cosine_with_warmup
 
 
@@ -58,7 +66,13 @@ class ClipModule(L.LightningModule):
         augmentation: open_clip ``AugmentationCfg`` fields for training (CLIPA: ``scale: [0.4, 1.0]``).
         train_augment: ``False`` trains on the eval transform (no random crop).
         init_from: Checkpoint to start from (a Lightning ``.ckpt``, an open_clip ``.pt``/``.bin`` or ``.safetensors``):
-            CLIPA stage 2 names stage 1's checkpoint here. Position embeddings are interpolated to this model.
+            CLIPA stage 2 names stage 1's checkpoint here. Position embeddings are interpolated to this model, and
+            ``logit_scale`` / ``logit_bias`` reshaped to its layout (see ``nonscalar_logit_scale``).
+        nonscalar_logit_scale: open_clip's ``nonscalar_logit_scale``: ``logit_scale`` (and ``logit_bias``) of shape [1]
+            instead of 0-dim, which torch FSDP refuses (``trainer/fsdp_clip.yaml`` sets it). Applies to every form of
+            ``model``; a config dict may also carry the key, but it must then agree (else ValueError). Checkpoints
+            and ``init_from`` load across both layouts (only these two names are reshaped, [] <-> [1]), and
+            ``export-clip`` always writes open_clip's default scalar layout. The loss is the same either way.
         grad_checkpointing: Activation checkpointing in both towers (open_clip's ``set_grad_checkpointing``).
         compile: ``torch.compile`` the model's forward (the module's parameters and state dict keys are unchanged).
         evaluation: Evaluation tasks (``lightning_modules.evaluation``) run at the end of validation, on rank 0.
@@ -84,6 +98,7 @@ class ClipModule(L.LightningModule):
         augmentation: dict[str, Any] | None = None,
         train_augment: bool = True,
         init_from: str | None = None,
+        nonscalar_logit_scale: bool = False,
         grad_checkpointing: bool = False,
         compile: bool = False,
         evaluation: Sequence[Any] | None = None,
@@ -99,8 +114,12 @@ class ClipModule(L.LightningModule):
         # Evaluation tasks are objects (LightningCLI saves them in config.yaml); keep them out of the checkpoint's
         # hparams so that checkpoints stay loadable with weights_only=True.
         self.save_hyperparameters(ignore=["evaluation"])
-        parts = build_clip(model, context_length, image_size, tokenizer, augmentation, train_augment)
+        parts = build_clip(
+            model, context_length, image_size, tokenizer, augmentation, train_augment, nonscalar_logit_scale
+        )
         self.model = parts.model
+        # Decided on the unwrapped model (under FSDP a rank's view of a parameter it does not own has shape [0]).
+        self._nonscalar = has_nonscalar_logit_scale(self.model)
         # open_clip's rule: no weight decay on gains, biases, norms and the temperature. Decided here, on the
         # unwrapped model: under FSDP (use_orig_params) configure_optimizers sees flat 1-D shards, so a p.ndim test
         # there would put every weight in the no-decay group.
@@ -133,9 +152,17 @@ class ClipModule(L.LightningModule):
             check_path("model", model.removeprefix("local-dir:"), "dir", what="an open_clip folder")
         else:
             try:
-                resolve_model_config(model)
+                cfg, _ = resolve_model_config(model)
             except (ValueError, FileNotFoundError, TypeError) as e:
                 raise ConfigError("model", model, str(e)) from None
+            in_cfg, switch = cfg.get("nonscalar_logit_scale"), bool(args.get("nonscalar_logit_scale", False))
+            if in_cfg is not None and bool(in_cfg) != switch:
+                raise ConfigError(
+                    "model",
+                    model,
+                    f"sets nonscalar_logit_scale: {in_cfg} but nonscalar_logit_scale is {switch}; set it once, "
+                    "as model.init_args.nonscalar_logit_scale",
+                )
         check_path("init_from", args.get("init_from"), "file", what="the checkpoint to start from (stage 2: stage 1's)")
 
     # ---------------------------------------------------------------------------------------------------- data
@@ -178,15 +205,45 @@ class ClipModule(L.LightningModule):
             self._t0, self._seen = now, 0
             return loss
         self._seen += bs * (self.trainer.world_size if self._trainer is not None else 1)
-        if (self.global_step + 1) % every == 0:
-            self.log("train/logit_scale", out["logit_scale"], batch_size=bs)
+        if (self.global_step + 1) % every == 0:  # the temperature is [] or [1] (nonscalar_logit_scale): log it 0-dim
+            self.log("train/logit_scale", out["logit_scale"].detach().reshape(()), batch_size=bs)
             self.log("train/samples_per_sec", self._seen / (now - self._t0), batch_size=bs)
             self._t0, self._seen = now, 0
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        with torch.no_grad():  # open_clip clamps the temperature at 100 after each step
+        with torch.no_grad():  # open_clip clamps the temperature at 100 after each step (in place: [] or [1])
             self.model.logit_scale.clamp_(0, math.log(100))
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of the other logit-scale layout loads (``test``/``validate --ckpt_path``, resume,
+        ``load_from_checkpoint``): ``model.logit_scale`` / ``model.logit_bias`` and, when resuming, their optimizer
+        state are reshaped [] <-> [1] to this model's. Nothing else is relaxed: strict loading stays strict."""
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict) or not reshape_logit_params(state, self._nonscalar, prefix="model."):
+            return
+        rank_zero_info(f"ClipModule: checkpoint logit_scale reshaped to {'[1]' if self._nonscalar else '[]'}")
+        shape = (1,) if self._nonscalar else ()
+        groups = [[name for name, _ in group] for group in self._named_param_groups()]
+        for opt_state in checkpoint.get("optimizer_states") or []:
+            saved_groups, per_param = opt_state.get("param_groups", []), opt_state.get("state", {})
+            if len(saved_groups) != len(groups):
+                continue  # not this module's optimizer layout: Lightning reports it when loading
+            for saved, names in zip(saved_groups, groups, strict=True):
+                if len(saved.get("params", [])) != len(names):
+                    continue
+                # the saved ids are indices (a plain optimizer) or FQNs (FSDP's full optimizer state), in the order
+                # configure_optimizers put the parameters
+                for key, name in zip(saved["params"], names, strict=True):
+                    if name not in LOGIT_PARAMS or key not in per_param:
+                        continue
+                    if isinstance(key, str) and key.rsplit(".", 1)[-1] != name:
+                        continue
+                    entry = per_param[key]
+                    for k, v in entry.items():  # exp_avg, exp_avg_sq; "step" is a 0-dim count in every layout
+                        if k != "step" and isinstance(v, torch.Tensor) and tuple(v.shape) in {(), (1,)}:
+                            entry[k] = v.reshape(shape)
 
     # --------------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -324,13 +381,7 @@ class ClipModule(L.LightningModule):
             + (f" (= {hp.lr_per_256:g} x {global_batch} / 256)" if hp.lr_per_256 is not None else "")
             + f", warm-up {warmup} steps, cosine to 0 at step {total}"
         )
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            # FSDP / activation-checkpoint wrappers report clean names; strip any prefix that remains
-            name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-            (no_decay if name in self._no_decay else decay).append(p)
+        decay, no_decay = ([p for _, p in group] for group in self._named_param_groups())
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=peak,
@@ -339,3 +390,14 @@ class ClipModule(L.LightningModule):
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_with_warmup(step, warmup, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _named_param_groups(self) -> list[list[tuple[str, torch.nn.Parameter]]]:
+        """``[decay, no_decay]`` trainable ``(name, parameter)`` pairs, in the optimizer's order."""
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # FSDP / activation-checkpoint wrappers report clean names; strip any prefix that remains
+            name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            (no_decay if name in self._no_decay else decay).append((name, p))
+        return [decay, no_decay]

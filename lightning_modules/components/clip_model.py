@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # open_clip_config.json's preprocess keys that image_transform understands
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+# open_clip's temperature (and SigLIP bias): shape [] by default, [1] with ``nonscalar_logit_scale`` (FSDP needs it)
+LOGIT_PARAMS = ("logit_scale", "logit_bias")
 
 
 @dataclass
@@ -92,6 +94,7 @@ def build_clip(
     tokenizer: str | None = None,
     augmentation: Mapping[str, Any] | None = None,
     train_augment: bool = True,
+    nonscalar_logit_scale: bool = False,
 ) -> ClipParts:
     """``model`` is an open_clip model name (``"ViT-B-16"``), ``"recap-clip:B-16:base"`` (paper Table 2 sizes),
     ``"local-dir:/path"`` (open_clip's own config + weights folder; weights are loaded), a JSON config path, or the
@@ -99,18 +102,29 @@ def build_clip(
     ``{"model_cfg", "preprocess_cfg"}``). Overrides: ``context_length`` and ``image_size`` (the CLIPA stages),
     ``tokenizer`` (an HF tokenizer name or folder, replacing the config's), ``augmentation`` (open_clip
     ``AugmentationCfg`` fields for the training transform; ``train_augment=False`` trains on the eval transform).
+    ``nonscalar_logit_scale`` gives ``logit_scale`` / ``logit_bias`` shape [1] instead of [] (open_clip's own switch;
+    FSDP refuses 0-dim parameters) for every kind of ``model``. A config dict may carry open_clip's key
+    ``nonscalar_logit_scale`` too, but then it must agree with the argument (ValueError otherwise); the returned
+    ``model_cfg`` never carries it, so an exported config builds open_clip's default scalar model.
     """
     cfg, preprocess = resolve_model_config(model)
     if cfg is None:
         if image_size is not None or tokenizer is not None:
             raise ValueError("image_size / tokenizer overrides need a config, not a 'local-dir:' model")
-        net = open_clip.create_model(model, output_dict=True)  # loads the folder's weights
+        # open_clip's load_checkpoint reshapes the folder's logit_scale to the model's ([] <-> [1]) itself
+        net = open_clip.create_model(model, output_dict=True, nonscalar_logit_scale=nonscalar_logit_scale)
         ctx = net.context_length
         if context_length is not None and context_length != ctx:
             raise ValueError(f"{model} has context_length {ctx}; cannot override to {context_length}")
         tok = open_clip.get_tokenizer(model, context_length=ctx)
         preprocess = dict(getattr(net.visual, "preprocess_cfg", {}) or {})
     else:
+        in_cfg = cfg.pop("nonscalar_logit_scale", None)
+        if in_cfg is not None and bool(in_cfg) != nonscalar_logit_scale:
+            raise ValueError(
+                f"the CLIP model config sets nonscalar_logit_scale: {in_cfg} but the module's nonscalar_logit_scale is "
+                f"{nonscalar_logit_scale}: set it once, as model.init_args.nonscalar_logit_scale"
+            )
         text_cfg = cfg.setdefault("text_cfg", {})
         if context_length is not None:
             text_cfg["context_length"] = context_length
@@ -120,7 +134,7 @@ def build_clip(
             text_cfg["hf_tokenizer_name"] = tokenizer
         custom = cfg.pop("custom_text", False) or "hf_model_name" in text_cfg
         cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
-        net = cls(**cfg, output_dict=True)
+        net = cls(**cfg, output_dict=True, nonscalar_logit_scale=nonscalar_logit_scale)
         ctx = text_cfg.get("context_length", 77)
         tok = make_tokenizer(text_cfg, ctx)
         if custom:
@@ -173,11 +187,35 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return clip_state_dict(load_checkpoint_file(path), path)
 
 
+def reshape_logit_params(state: MutableMapping[str, Any], nonscalar: bool, prefix: str = "") -> list[str]:
+    """Give ``prefix + logit_scale`` / ``prefix + logit_bias`` in ``state`` open_clip's scalar (shape [], ``nonscalar``
+    False) or ``nonscalar_logit_scale`` (shape [1]) layout, in place; return the keys changed.
+
+    Only these names and only [] <-> [1]: any other shape difference is left for strict loading to report. (open_clip's
+    ``load_checkpoint`` does the same for plain files; Lightning checkpoints and ``init_from`` do not go through it.)
+    """
+    shape = (1,) if nonscalar else ()
+    changed = []
+    for name in LOGIT_PARAMS:
+        value = state.get(prefix + name)
+        if isinstance(value, torch.Tensor) and tuple(value.shape) in {(), (1,)} and tuple(value.shape) != shape:
+            state[prefix + name] = value.reshape(shape)
+            changed.append(prefix + name)
+    return changed
+
+
+def has_nonscalar_logit_scale(model: nn.Module) -> bool:
+    """Whether ``model.logit_scale`` has open_clip's ``nonscalar_logit_scale`` shape [1] (else the default [])."""
+    return model.logit_scale.ndim == 1
+
+
 def load_clip_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
     """Load CLIP weights into ``model``, interpolating the vision position embeddings to the model's grid
     (CLIPA stage 2: a 112 px stage-1 model fine-tuned at 224 px) and the text ones to its context length, with
-    open_clip's own ``resize_pos_embed`` / ``resize_text_pos_embed``."""
+    open_clip's own ``resize_pos_embed`` / ``resize_text_pos_embed``; ``logit_scale`` / ``logit_bias`` are reshaped
+    to the model's layout (scalar [] or ``nonscalar_logit_scale`` [1]: a DDP stage 1 into an FSDP stage 2)."""
     sd = read_state_dict(path)
+    reshape_logit_params(sd, has_nonscalar_logit_scale(model))
     old = sd.get("visual.positional_embedding")
     try:
         resize_pos_embed(sd, model)
