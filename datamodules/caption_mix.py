@@ -37,15 +37,24 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
-from datamodules.checks import ConfigError, RunContext, check_path, check_shards, per_device_batch
+from datamodules.checks import (
+    ConfigError,
+    RunContext,
+    check_path,
+    check_sample_limits,
+    check_shards,
+    per_device_batch,
+)
 from datamodules.shards import expand_urls
 from datamodules.wds_stages import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_CAPTION_CHARS,
+    MIN_IMAGE_SIZE,
     Batch,
     ChooseCaption,
     CountingHandler,
-    DecodeImage,
-    ExtractCaptions,
     ReadShards,
+    SampleLimits,
     ShardSchedule,
     SkipStats,
     SourceSpec,
@@ -150,6 +159,7 @@ class CaptionMixStream(IterableDataset):
     ``batches_per_rank`` set: training -- the stream cycles its shards (or resamples) and every rank yields exactly
     that many batches per epoch, split over loader workers as evenly as possible (so DDP never hangs on a rank that
     ran out). ``None``: evaluation -- one pass over this rank's disjoint shard slice, last batch partial.
+    ``limits`` (:class:`datamodules.wds_stages.SampleLimits`, picklable) reach the workers' extract and decode stages.
     """
 
     def __init__(
@@ -172,7 +182,7 @@ class CaptionMixStream(IterableDataset):
         shuffle_initial: int,
         image_transform: Callable | None,
         text_transform: Callable | None,
-        max_image_pixels: int | None,
+        limits: SampleLimits | None = None,
         max_consecutive_drops: int | None = 10_000,
         epoch: SharedEpoch | int = 0,
     ):
@@ -185,7 +195,7 @@ class CaptionMixStream(IterableDataset):
         self.batches_per_rank, self.resampled = batches_per_rank, resampled
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.image_transform, self.text_transform = image_transform, text_transform
-        self.max_image_pixels = max_image_pixels
+        self.limits = limits if limits is not None else SampleLimits()
         self.max_consecutive_drops = max_consecutive_drops
         self.epoch = epoch
         self.resume: dict[str, Any] | None = None  # set by CaptionMixLoader for the next iteration only
@@ -219,21 +229,21 @@ class CaptionMixStream(IterableDataset):
         )
         stream: Iterator = iter(schedule)
         stream = ReadShards(CountingHandler(stats))(stream)
-        stream = ExtractCaptions(self.sources, self.sidecar_dir, stats)(stream)
+        stream = self.limits.extract(self.sources, self.sidecar_dir, stats)(stream)
         if training and self.shuffle_buffer > 1:
             rng = random.Random(stable_int("buffer", self.seed, epoch, self.rank, worker))
             stream = wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng)(stream)
         chooser = ChooseCaption(self.weights, self.seed, epoch, stats, self.mix, self.concat_separator, self.fallback)
         if not training:
             stream = chooser(stream)
-            stream = DecodeImage(self.image_transform, stats, self.max_image_pixels)(stream)
+            stream = self.limits.decode(self.image_transform, stats)(stream)
             stream = TransformText(self.text_transform)(stream)
             yield from Batch(self.batch_size, stats, partial=True)(stream)
             return
         upstream = _Counted(chooser(stream))
         seeds = _SampleSeeds(stable_int("transform", self.seed, epoch, self.rank, worker))
         image_transform, text_transform = seeds.wrap(self.image_transform), seeds.wrap(self.text_transform)
-        decode = DecodeImage(image_transform, stats, self.max_image_pixels)
+        decode = self.limits.decode(image_transform, stats)
         if done:
             if skip is not None:  # the stream position is known: replay without decoding
                 for _ in itertools.islice(upstream, skip):
@@ -253,6 +263,10 @@ class CaptionMixStream(IterableDataset):
 
 # ---------------------------------------------------------------------------------------------------------- resume
 POSITION_KEY = "_stream_position"  # (worker, position) a training stream attaches to each batch; the loader pops it
+LIMIT_KEYS = tuple(SampleLimits().as_dict())
+LEGACY_LIMITS = {"min_image_size": 8, "max_caption_chars": 10_000, "jpeg_draft": True}
+"""The limits of loader states written before they were recorded: fixed in that code (``max_image_pixels`` was an
+argument already, so its value then is unknown and a state without it is not compared on it)."""
 
 
 def worker_resume_point(resume: dict[str, Any], worker: int, num_workers: int) -> tuple[int, int, int | None]:
@@ -348,7 +362,11 @@ class CaptionMixLoader(DataLoader):
 
     The state: ``epoch``, ``batches`` consumed in it, and ``positions`` (rank -> per-worker stream positions; in DDP
     gathered from all ranks, since only rank 0 writes the checkpoint), plus what must match to resume exactly
-    (``num_workers``, ``world_size``, ``batches_per_rank``, ``seed``, ``batch_size``). A rank missing from
+    (``num_workers``, ``world_size``, ``batches_per_rank``, ``seed``, ``batch_size``, and the sample limits of a
+    stream that has them: ``min_image_size``, ``max_image_pixels``, ``max_caption_chars``, ``jpeg_draft``, which
+    change which samples are kept or what is decoded). A checkpoint from before the limits were recorded is taken to
+    have the fixed values of that code (:data:`LEGACY_LIMITS`; its ``max_image_pixels`` is unknown and not
+    compared). A rank missing from
     ``positions`` still resumes exactly from ``(epoch, batches)``, decoding and transforming the replayed images to
     find the dropped ones.
 
@@ -403,13 +421,17 @@ class CaptionMixLoader(DataLoader):
 
     def _fingerprint(self) -> dict[str, Any]:
         ds = self.dataset
-        return {
+        fingerprint = {
             "num_workers": max(1, self.num_workers),
             "world_size": ds.world_size,
             "batches_per_rank": getattr(ds, "batches_per_rank", None),
             "seed": ds.seed,
             "batch_size": ds.batch_size,
         }
+        limits = getattr(ds, "limits", None)  # a LatentCacheStream has none: its cache was filtered when built
+        if limits is not None:
+            fingerprint.update(limits.as_dict())
+        return fingerprint
 
     def state_dict(self) -> dict[str, Any]:
         """The loader's position (plain Python values). In DDP every rank must call it (Lightning does, in
@@ -433,12 +455,19 @@ class CaptionMixLoader(DataLoader):
         if state_dict.get("format") != 1:
             raise ValueError(f"loader state: unknown format {state_dict.get('format')!r} (expected 1)")
         mine = self._fingerprint()
-        diff = {k: (state_dict.get(k), v) for k, v in mine.items() if state_dict.get(k) != v}
+        legacy = {k: v for k, v in LEGACY_LIMITS.items() if k in mine and k not in state_dict}
+        saved = {**state_dict, **legacy}
+        compared = {k: v for k, v in mine.items() if k in saved or k not in LIMIT_KEYS}  # old max_image_pixels: no
+        diff = {k: (saved.get(k), v) for k, v in compared.items() if saved.get(k) != v}
         if diff:
-            fields = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            fields = ", ".join(
+                f"{k}: checkpoint {a!r}{' (not recorded: the fixed value then)' if k in legacy else ''}, now {b!r}"
+                for k, (a, b) in diff.items()
+            )
             raise ValueError(
                 f"cannot resume the data loader exactly mid-epoch: {fields}. Resume with the data settings of the "
-                f"interrupted run (data.num_workers, data.batch_size, data.seed, number of devices)"
+                f"interrupted run (data.num_workers, data.batch_size, data.seed, data.min_image_size, "
+                f"data.max_image_pixels, data.max_caption_chars, data.jpeg_draft, number of devices)"
             )
         self._pending = dict(state_dict)
         bpr = mine["batches_per_rank"]
@@ -493,7 +522,17 @@ class CaptionMixDataModule(L.LightningDataModule):
         seed: Seed of shard order, shuffle buffers and caption draws.
         image_transform: Per-sample image transform (PIL -> tensor); default: the model's ``data_transforms``.
         text_transform: Per-caption transform (e.g. a tokenizer); default: the model's ``data_transforms``.
-        max_image_pixels: Images with more pixels are skipped as ``oversized_image`` (pixel bombs).
+        min_image_size: Images whose shorter side is below this many pixels are skipped, counted ``tiny_image``
+            (tracking pixels, spacers). ``None``: no minimum.
+        max_image_pixels: Images with more pixels (read from the header, before decoding) are skipped, counted
+            ``oversized_image`` (pixel bombs); at least ``min_image_size`` squared, at most twice
+            ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL refuses larger ones itself). ``None``: PIL's own limit.
+        max_caption_chars: A caption longer than this counts as missing for its source, counted
+            ``caption_too_long``; the sample then falls back to another source (``fallback:<from>-><to>``) or is
+            skipped (``no_caption``). ``None``: no cap.
+        jpeg_draft: Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) when the image transform starts with a
+            torchvision ``Resize``/``RandomResizedCrop`` and that step still gets at least its output size (see
+            ``wds_stages.DecodeImage``); skips nothing. ``False``: always decode at full size.
         max_consecutive_drops: Stop with an error after this many unusable samples in a row (broken or
             misconfigured data would otherwise spin forever in a cycling stream); ``None`` never stops.
         persistent_workers: Keep loader workers alive across epochs.
@@ -526,7 +565,10 @@ class CaptionMixDataModule(L.LightningDataModule):
         seed: int = 0,
         image_transform: Callable | None = None,
         text_transform: Callable | None = None,
-        max_image_pixels: int | None = 89_478_485,
+        min_image_size: int | None = MIN_IMAGE_SIZE,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        max_caption_chars: int | None = MAX_CAPTION_CHARS,
+        jpeg_draft: bool = True,
         max_consecutive_drops: int | None = 10_000,
         persistent_workers: bool = True,
         pin_memory: bool = False,
@@ -546,7 +588,8 @@ class CaptionMixDataModule(L.LightningDataModule):
         self.resampled, self.shuffle_buffer, self.shuffle_initial = resampled, shuffle_buffer, shuffle_initial
         self.seed = seed
         self.image_transform, self.text_transform = image_transform, text_transform
-        self.max_image_pixels = max_image_pixels
+        check_sample_limits(min_image_size, max_image_pixels, max_caption_chars, jpeg_draft)
+        self.limits = SampleLimits(min_image_size, max_image_pixels, max_caption_chars, jpeg_draft)
         self.max_consecutive_drops = max_consecutive_drops
         self.persistent_workers, self.pin_memory = persistent_workers, pin_memory
         self._rank, self._world_size = rank, world_size
@@ -582,7 +625,8 @@ class CaptionMixDataModule(L.LightningDataModule):
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
         """Checks before anything is built (``experiments/validate.py``): the mix (p in [0, 1], weights), the batch
-        against the world size, and that local shards and the sidecar folder exist."""
+        against the world size, the sample limits, and that local shards and the sidecar folder exist."""
+        check_sample_limits(**{k: args.get(k, v) for k, v in SampleLimits().as_dict().items()})
         sources = args.get("sources") or DEFAULT_SOURCES
         resolve_weights(list(sources), args.get("p_original"), args.get("source_weights"), args.get("mix", "sample"))
         per_device_batch(args.get("batch_size"), args.get("global_batch_size"), run.world_size,
@@ -651,7 +695,7 @@ class CaptionMixDataModule(L.LightningDataModule):
             shuffle_initial=self.shuffle_initial,
             image_transform=transforms.image,
             text_transform=transforms.text,
-            max_image_pixels=self.max_image_pixels,
+            limits=self.limits,
             max_consecutive_drops=self.max_consecutive_drops,
             epoch=self.epoch if training else 0,
         )

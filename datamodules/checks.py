@@ -26,6 +26,7 @@ __all__ = [
     "ConfigError",
     "RunContext",
     "check_path",
+    "check_sample_limits",
     "check_shards",
     "is_remote",
     "looks_like_hub_id",
@@ -133,3 +134,41 @@ def per_device_batch(
             f"{max(1, accumulate_grad_batches)} (each rank takes an equal share of every optimizer step)",
         )
     return global_batch_size // split
+
+
+def _positive_int_or_none(key: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, value, "must be an integer (or null to turn the check off)")
+    if value < 1:
+        raise ConfigError(key, value, "must be >= 1 (or null to turn the check off)")
+
+
+def check_sample_limits(
+    min_image_size: Any, max_image_pixels: Any, max_caption_chars: Any, jpeg_draft: Any = True
+) -> None:
+    """Raise :class:`ConfigError` for loader limits (``datamodules.wds_stages.SampleLimits``) that cannot work: a
+    size, pixel or character limit below 1, a pixel limit under ``min_image_size`` squared (every image would be
+    skipped), a pixel limit PIL itself refuses (over twice ``PIL.Image.MAX_IMAGE_PIXELS``), a non-bool draft flag."""
+    _positive_int_or_none("min_image_size", min_image_size)
+    _positive_int_or_none("max_image_pixels", max_image_pixels)
+    _positive_int_or_none("max_caption_chars", max_caption_chars)
+    if max_image_pixels is not None and min_image_size is not None and max_image_pixels < min_image_size**2:
+        raise ConfigError(
+            "max_image_pixels",
+            max_image_pixels,
+            f"must be >= min_image_size^2 = {min_image_size**2} (every image would be skipped)",
+        )
+    from PIL import Image
+
+    if max_image_pixels is not None and Image.MAX_IMAGE_PIXELS is not None:
+        ceiling = 2 * Image.MAX_IMAGE_PIXELS
+        if max_image_pixels > ceiling:
+            raise ConfigError(
+                "max_image_pixels",
+                max_image_pixels,
+                f"must be <= {ceiling} (PIL refuses larger images itself: twice PIL.Image.MAX_IMAGE_PIXELS)",
+            )
+    if not isinstance(jpeg_draft, bool):
+        raise ConfigError("jpeg_draft", jpeg_draft, "must be true or false")

@@ -30,13 +30,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.caption_mix import DEFAULT_SOURCES, POSITION_KEY, SharedEpoch, resolve_weights, worker_resume_point
-from datamodules.wds_stages import ChooseCaption, SkipStats, SourceSpec, stable_int
+from datamodules.wds_stages import ChooseCaption, SampleLimits, SkipStats, SourceSpec, stable_int
 
 CACHE_CONFIG = "_cache.json"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def cache_signature(module: Any, sources: Mapping[str, str], dtype: str) -> dict[str, Any]:
+def cache_signature(
+    module: Any, sources: Mapping[str, str], dtype: str, limits: SampleLimits | None = None
+) -> dict[str, Any]:
     """What determines a cache's content: a model with another signature must not read it."""
     h = module.hparams
     return {
@@ -48,14 +50,19 @@ def cache_signature(module: Any, sources: Mapping[str, str], dtype: str) -> dict
         "image_size": h.image_size,
         "sources": dict(sources),
         "dtype": dtype,
+        "sample_limits": (limits or SampleLimits()).as_dict(),
     }
+
+
+LEGACY_SIGNATURE = {"sample_limits": SampleLimits().as_dict()}
+"""What a cache written before a signature key existed was made with (the limits were fixed in that code)."""
 
 
 def _check_signature(cache: Path, want: Mapping[str, Any]) -> None:
     path = cache / CACHE_CONFIG
     if not path.exists():
         return
-    have = json.loads(path.read_text())
+    have = {**LEGACY_SIGNATURE, **json.loads(path.read_text())}
     diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
     if diff:
         raise ValueError(f"{path}: the cache was made differently ({diff}: cached, wanted); use another folder")
@@ -81,20 +88,24 @@ def build_cache(
     dtype: str = "float16",
     rank: int = 0,
     world_size: int = 1,
+    limits: SampleLimits | None = None,
 ) -> dict[str, int]:
     """Cache every shard of ``shards`` not yet in ``out`` (this rank's share: every ``world_size``-th in name order).
 
     ``module``: a ``DiTModule`` (its text encoder, codec and image transform make the cache). Samples the uncached
-    path would skip (no image, undecodable) are skipped and counted; samples without any caption are kept (each
-    source's ``has`` says which exist)."""
+    path would skip (no image, undecodable, outside ``limits``: the DataModule's ``SampleLimits``, default values
+    when None) are skipped and counted; samples without any caption are kept (each source's ``has`` says which
+    exist). The limits are part of the cache's signature."""
     from datamodules.shards import expand_urls, shard_stem
-    from datamodules.wds_stages import CountingHandler, DecodeImage, ExtractCaptions, ReadShards
+    from datamodules.wds_stages import CountingHandler, ReadShards
+
+    limits = limits if limits is not None else SampleLimits()
 
     sources = dict(sources or DEFAULT_SOURCES)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     module.configure_model()
-    signature = cache_signature(module, sources, dtype)
+    signature = cache_signature(module, sources, dtype, limits)
     _check_signature(out, signature)
     (out / CACHE_CONFIG).write_text(json.dumps(signature, indent=2))
     specs = [SourceSpec.parse(n, s) for n, s in sources.items()]
@@ -106,8 +117,8 @@ def build_cache(
     for url in todo:
         stats = SkipStats(max_consecutive_drops=None)
         stream = ReadShards(CountingHandler(stats))([{"url": url}])
-        stream = ExtractCaptions(specs, sidecar_dir, stats)(stream)
-        samples = list(DecodeImage(transform, stats)(stream))
+        stream = limits.extract(specs, sidecar_dir, stats)(stream)
+        samples = list(limits.decode(transform, stats)(stream))
         keys = [s["key"] for s in samples]
         tensors: dict[str, list[torch.Tensor]] = {"latent": []}
         for i in range(0, len(samples), batch_size):

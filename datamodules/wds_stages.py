@@ -541,6 +541,43 @@ MIN_IMAGE_SIZE = 8
 content (img2dataset's ``min_image_size`` is the same filter, applied at download)."""
 
 
+@dataclass(frozen=True)
+class SampleLimits:
+    """The loader's per-sample safety limits; ``None`` turns a limit off. What each one skips, and its counter:
+
+    * ``min_image_size``: images whose shorter side is below it (``tiny_image``);
+    * ``max_image_pixels``: images with more pixels, read from the header before decoding (``oversized_image``);
+    * ``max_caption_chars``: longer captions count as missing for their source (``caption_too_long``; the sample
+      then falls back to another source or is skipped as ``no_caption``);
+    * ``jpeg_draft``: decode JPEGs at a reduced DCT scale when the transform's first resize still gets at least its
+      output size (:class:`DecodeImage`); skips nothing.
+
+    The DataModules take them as init arguments (the values live in YAML); a resumed run checks them, since they
+    change which samples are kept (:class:`datamodules.caption_mix.CaptionMixLoader`).
+    """
+
+    min_image_size: int | None = MIN_IMAGE_SIZE
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    max_caption_chars: int | None = MAX_CAPTION_CHARS
+    jpeg_draft: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "min_image_size": self.min_image_size,
+            "max_image_pixels": self.max_image_pixels,
+            "max_caption_chars": self.max_caption_chars,
+            "jpeg_draft": self.jpeg_draft,
+        }
+
+    def extract(self, sources: Sequence[SourceSpec], sidecar_dir: str | None, stats: SkipStats) -> ExtractCaptions:
+        """The caption-extraction stage with these limits."""
+        return ExtractCaptions(sources, sidecar_dir, stats, self.max_caption_chars)
+
+    def decode(self, transform: Callable | None, stats: SkipStats) -> DecodeImage:
+        """The decode stage with these limits."""
+        return DecodeImage(transform, stats, self.max_image_pixels, self.min_image_size, self.jpeg_draft)
+
+
 class ImageRejected(ValueError):
     """An image that decodes but is refused; ``reason`` is the skip reason (``oversized_image``, ``tiny_image``)."""
 
@@ -622,16 +659,18 @@ def decode_image(
 ) -> Image.Image:
     """Open and fully decode an image (bytes, path or file) as RGB (:func:`to_rgb`).
 
-    Raises :class:`ImageRejected` for more than ``max_image_pixels`` (checked on the header, before decoding; PIL's
-    decompression-bomb warning counts too) or a shorter side below ``min_image_size``; PIL's own exceptions
-    (``UnidentifiedImageError``, ``OSError: image file is truncated`` ...) for undecodable data. ``draft``: decode a
+    Raises :class:`ImageRejected` for more than ``max_image_pixels`` (checked on the header, before decoding) or a
+    shorter side below ``min_image_size``; PIL's own exceptions (``UnidentifiedImageError``, ``OSError: image file is
+    truncated`` ...) for undecodable data. ``max_image_pixels`` replaces PIL's decompression-bomb warning (above
+    ``Image.MAX_IMAGE_PIXELS``), so a larger limit applies; PIL's own error at twice that still refuses (counted
+    ``oversized_image`` too), and with ``max_image_pixels=None`` PIL's warning is the limit. ``draft``: decode a
     JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= ``draft`` (``Image.draft``).
     """
     if isinstance(fp, bytes | bytearray | memoryview):
         fp = io.BytesIO(fp)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore" if max_image_pixels else "error", Image.DecompressionBombWarning)
             img = Image.open(fp)
             w, h = img.size
             if max_image_pixels and w * h > max_image_pixels:
