@@ -593,8 +593,11 @@ def test_recaption_duplicate_key_and_truncated_tar_are_recorded_and_merge_still_
     _clean_shard(shards / "00001.tar", SECOND, seed=50)
     _truncate_mid_member(shards / "00001.tar")  # only SECOND[0], SECOND[1] survive (third sample's image cut)
     monkeypatch.setitem(recaption.BACKENDS, "hf", FakeBackend)
+    model = tmp_path / "model"  # run() checks for a llava-hf folder before anything else; the fake backend loads none
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     out = tmp_path / "out"
-    totals = recaption.run(str(tmp_path), str(shards / "*.tar"), out, batch_size=2, rank=0, world_size=1,
+    totals = recaption.run(str(model), str(shards / "*.tar"), out, batch_size=2, rank=0, world_size=1,
                            progress=False)  # fmt: skip
     assert totals["units"] == 2
     records = {r["unit"]: r for r in map(json.loads, (out / recaption.MANIFEST).read_text().splitlines())}
