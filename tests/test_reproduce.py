@@ -7,6 +7,7 @@ fake steps and synthetic results.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -360,3 +361,71 @@ def test_results_are_read_from_the_run_layout(tmp_path, profile_path):
     assert "**holds**" in next(x for x in report.splitlines() if "Recap FID 27.8" in x)
     assert "git rev-parse" not in report
     assert "Commit: `" in report
+
+
+# ------------------------------------------------------------------------------------------------- forked steps
+def test_forked_step_behaves_like_a_fresh_interpreter(tmp_path, monkeypatch):
+    """run_forked gives the step what `python -m experiments <argv>` would: its argv, the repository as cwd, the env
+    it is given, stdout + stderr in the log and the live lines, and the exit code of SystemExit / an exception."""
+    import experiments.__main__ as entry
+
+    def probe(argv):
+        import os as _os
+
+        print(f"argv={argv} cwd={_os.getcwd()} env={_os.environ.get('PROBE')} sys.argv1={sys.argv[1]}")
+        print("to stderr", file=sys.stderr)
+        if argv and argv[0] == "boom":
+            raise RuntimeError("step failed")
+        raise SystemExit(int(argv[0]) if argv else 0)
+
+    monkeypatch.setitem(entry.SUITE_COMMANDS, "probe", (probe, "test"))
+    monkeypatch.chdir(tmp_path)
+    env = {**R.subprocess_env(), "PROBE": "yes"}
+    cmd = [sys.executable, "-m", "experiments", "probe"]
+    for args, code in (([], 0), (["3"], 3), (["boom"], 1)):
+        lines: list[str] = []
+        log = tmp_path / f"{code}.log"
+        assert R.run_forked([*cmd, *args], log, lines.append, env) == code
+        text = log.read_text()
+        assert f"argv={args} cwd={R.REPO} env=yes sys.argv1=probe" in text
+        assert "to stderr" in text
+        assert lines
+    assert "RuntimeError: step failed" in (tmp_path / "1.log").read_text()
+    assert "PROBE" not in os.environ  # the parent's environment is untouched
+
+
+def test_forked_and_fresh_runs_write_the_same_log(tmp_path):
+    env = R.subprocess_env()
+    for name, runner in (("fresh", R.run_logged), ("forked", R.run_forked)):
+        assert runner([sys.executable, "-m", "experiments", "--help"], tmp_path / f"{name}.log", print, env) == 0
+    assert (tmp_path / "fresh.log").read_bytes() == (tmp_path / "forked.log").read_bytes()
+    with pytest.raises(ValueError, match="python -m experiments"):
+        R.run_forked(["ls"], tmp_path / "x.log", print, env)
+
+
+def test_runner_preloads_once_before_the_first_step_that_runs(tmp_path, monkeypatch):
+    import io
+
+    out = tmp_path / "out"
+    steps = _fake_steps(out)
+    fake = FakeRunner(steps)
+    imported: list[tuple[str, ...]] = []
+    monkeypatch.setattr(R, "preload", lambda modules=R.PRELOAD: imported.append(tuple(modules)))
+    monkeypatch.setattr(R, "run_forked", fake)  # the identity run_steps checks for
+    monkeypatch.setattr(R, "fork_safe", lambda: None)
+    rec = R.run_steps(steps, out, stream=io.StringIO(), runner=fake)
+    assert imported == [R.PRELOAD]
+    assert [s["name"] for s in rec["steps"]] == ["preload", "a", "b", "c", "d"]
+    assert fake.ran == ["a", "b", "c", "d"]
+    rec = R.run_steps(steps, out, stream=io.StringIO(), runner=fake)  # all done: nothing to import
+    assert imported == [R.PRELOAD]
+    assert "preload" not in [s["name"] for s in rec["steps"]]
+
+    # where forking is unsafe, the steps fall back to fresh interpreters (run_logged)
+    monkeypatch.setattr(R, "fork_safe", lambda: "2 threads are running in the parent")
+    used = []
+    monkeypatch.setattr(R, "run_logged", lambda *a: used.append("fresh") or fake(*a))
+    log = io.StringIO()
+    R.run_steps(steps, out, start_from="c", stream=log, runner=fake)
+    assert used == ["fresh", "fresh"]
+    assert "not forking steps: 2 threads" in log.getvalue()
