@@ -20,11 +20,12 @@ from experiments import reproduce as R
 
 @pytest.fixture
 def profile_path(tmp_path: Path) -> Path:
-    """The quick profile with a recognisable DiT step count and two CLIP p."""
+    """The quick profile with recognisable DiT and tiny-LLM step counts and two CLIP p."""
     data = yaml.safe_load((R.PROFILES / "quick.yaml").read_text())
     data["clip"]["ps"] = [0.0, 1.0]
     data["dit"]["recap_clip_p"] = 1.0
     data["dit"]["fit"]["trainer.max_steps"] = 7
+    data["tiny_llm"]["steps"] = 123
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -62,7 +63,7 @@ def test_dry_run_lists_steps_with_profile_overrides(profile_path, tmp_path, caps
     assert "--model.init_args.total_samples=5120" in clip_line
     assert f"--model.init_args.init_from={out}/clip/table3/p1.0/stage1/checkpoints/last.ckpt" in clip_line
     assert "--world.n_web=3000" in text
-    assert "--steps 150" in text
+    assert "--steps 123" in text
     assert not out.exists()  # a dry run writes nothing
 
 
