@@ -20,12 +20,14 @@ from experiments import reproduce as R
 
 @pytest.fixture
 def profile_path(tmp_path: Path) -> Path:
-    """The quick profile with recognisable DiT and tiny-LLM step counts and two CLIP p."""
+    """The quick profile with recognisable sizes (world, DiT, tiny LLM, CLIP stage 2) and two CLIP p."""
     data = yaml.safe_load((R.PROFILES / "quick.yaml").read_text())
     data["clip"]["ps"] = [0.0, 1.0]
     data["dit"]["recap_clip_p"] = 1.0
     data["dit"]["fit"]["trainer.max_steps"] = 7
     data["tiny_llm"]["steps"] = 123
+    data["clip"]["stage2"]["model.init_args.total_samples"] = 1280
+    data["world"]["n_web"] = 2100
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -60,9 +62,9 @@ def test_dry_run_lists_steps_with_profile_overrides(profile_path, tmp_path, caps
     assert "--trainer.max_steps=7" in dit_line
     assert f"--data.init_args.cache_dir={out}/dit/cache" in dit_line
     clip_line = next(line for line in text.splitlines() if "table3/p1.0.stage2.yaml" in line)
-    assert "--model.init_args.total_samples=5120" in clip_line
+    assert "--model.init_args.total_samples=1280" in clip_line
     assert f"--model.init_args.init_from={out}/clip/table3/p1.0/stage1/checkpoints/last.ckpt" in clip_line
-    assert "--world.n_web=3000" in text
+    assert "--world.n_web=2100" in text
     assert "--steps 123" in text
     assert not out.exists()  # a dry run writes nothing
 
