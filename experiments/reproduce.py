@@ -284,11 +284,7 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
                 sdir = f"{run}/stage{stage}"
                 # the final (stage-2) evaluation is what the report reads; a profile may skip stage 1's
                 outs = [f"{sdir}/checkpoints/last.ckpt"] + ([f"{sdir}/metrics"] if stage == 2 else [])
-                add(
-                    Step(
-                        f"{tag}_stage{stage}", title, argv, outs, [sdir]
-                    )
-                )
+                add(Step(f"{tag}_stage{stage}", title, argv, outs, [sdir]))
 
     # The DiT: its own world, recaptioned by the same captioner, the web CLIP's text tower, a pinned judge.
     dit = profile["dit"]
@@ -580,7 +576,8 @@ def run_steps(
             previous = {s["name"]: s for s in json.loads(timings_path.read_text()).get("steps", [])}
         except (json.JSONDecodeError, KeyError, TypeError):
             previous = {}
-    record: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "steps": []}
+    record: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
+                              "commit": _git_head(), "steps": []}  # fmt: skip
     preloaded = False
     env = subprocess_env()
     deps = dependencies(steps)
@@ -953,13 +950,18 @@ def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = 
     return claims
 
 
+def _n(count: int, singular: str, plural: str) -> str:
+    return f"{count} {singular if count == 1 else plural}"
+
+
 def claims_markdown(claims: Sequence[Claim], seeds: int, margins: Margins | None = None) -> str:
     m = margins or Margins()
     count = {v: sum(c.verdict == v for c in claims) for v in (HOLDS, NOISE, FAILS, MISSING)}
     measured = len(claims) - count[MISSING]
     lines = [
-        f"Of {measured} measured claims, **{count[HOLDS]} hold, {count[FAILS]} do not hold and {count[NOISE]} are "
-        f"inconclusive** (the difference is within its noise)"
+        f"Of {measured} measured claims, **{_n(count[HOLDS], 'holds', 'hold')}, "
+        f"{_n(count[FAILS], 'does not hold', 'do not hold')} and {_n(count[NOISE], 'is', 'are')} inconclusive** "
+        "(the difference is within its noise)"
         + (f"; {count[MISSING]} not measured" if count[MISSING] else "")
         + ". Each verdict is computed from the numbers below (`experiments/reproduce.py: check_claims`), and a "
         f"difference counts only when it is at least {m.z:g} standard errors: CLIP metrics against seed noise "
@@ -1077,6 +1079,7 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
     (out / "results.json").write_text(json.dumps({"results": results, "claims": [c.__dict__ for c in claims]},
                                                  indent=1) + "\n")  # fmt: skip
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731
+    head = _git_head()
     pngs = sorted((out / "reports").glob("*.png")) + sorted((out / "analysis").glob("*.png"))
     lines = [
         f"# The paper in miniature: `reproduce --profile {Path(profile['_path']).stem}`",
@@ -1087,7 +1090,13 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
         command,
         "```",
         "",
-        f"Commit: `{_git_head()}`. Profile: `{os.path.relpath(profile['_path'], REPO)}`. "
+        (
+            f"Steps run at commit `{record['commit']}`"
+            + ("" if record["commit"] == head else f", report written at `{head}`")
+            if record.get("commit")
+            else f"Commit: `{head}`"
+        )
+        + f". Profile: `{os.path.relpath(profile['_path'], REPO)}`. "
         f"Started {record.get('started')}, "
         f"{record.get('cpus')} CPUs, total step wall time {_fmt_seconds(record.get('total_seconds') or 0)}"
         + (f", CPU time {_fmt_seconds(record['total_cpu_seconds'])}" if record.get("total_cpu_seconds") else "")

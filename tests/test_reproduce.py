@@ -363,7 +363,11 @@ def test_results_are_read_from_the_run_layout(tmp_path, profile_path):
     assert "p=1: 26.0 ± 1.4" in line
     assert "**holds**" in next(x for x in report.splitlines() if "Recap FID 27.8" in x)
     assert "git rev-parse" not in report
-    assert "Commit: `" in report
+    assert f"Commit: `{R._git_head()}`" in report
+    # the commit the steps ran at (recorded by run_steps) is kept when the report is rewritten at a later commit
+    record["commit"] = "0123abc"
+    report = R.write_report(out, profile, 2, record, "python -m experiments reproduce").read_text()
+    assert f"Steps run at commit `0123abc`, report written at `{R._git_head()}`" in report
 
 
 # ------------------------------------------------------------------------------------------------- forked steps
