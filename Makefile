@@ -1,7 +1,9 @@
 # recap-suite: one-line entry points. Everything runs in a local venv (.venv) that `make install` creates.
-#   make tiny     -- set up, generate the tiny world + recaptions, train and evaluate Recap-CLIP on it at the
-#                    paper's p = 0.8, CLIPA stage 1 + stage 2 (the main job on CPU, ~7 min on 2 cores)
-#   make test     -- set up and run the default test suite (what CI runs)
+#   make reproduce -- set up, then the paper's whole chain in miniature on the tiny world (the main job on CPU;
+#                     PROFILE=quick ~9 min on 2 cores, PROFILE=full <= 60 min) -> runs/reproduce/$(PROFILE)/report.md
+#   make test      -- set up and run the default test suite (what CI runs)
+#   make tiny      -- set up, generate the tiny world + recaptions, train and evaluate Recap-CLIP on it at the
+#                     paper's p = 0.8, CLIPA stage 1 + stage 2 (~7 min on 2 cores)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
