@@ -39,10 +39,11 @@ from typing import Any, NoReturn
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datamodules.checks import ConfigError, check_path, check_shards
+from datamodules.checks import ConfigError, check_path, check_sample_limits, check_shards
 from datamodules.io import atomic_write
 from datamodules.shards import local_rank, rank_world, shard_stem
 from datamodules.tiny_world.recaption import RECAP_SCHEMA
+from datamodules.wds_stages import DEFAULT_MAX_IMAGE_PIXELS, MIN_IMAGE_SIZE
 from lightning_modules.components.llava import (
     PAPER_RECAPTION_PROMPT,
     Generated,
@@ -260,15 +261,17 @@ def _samples(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
     yield from ReadShards(handler)([{"url": url}])
 
 
-def _image(sample: dict[str, Any]) -> Any:
+def _image(sample: dict[str, Any], limits: Any = None) -> Any:
     """The sample's image as RGB, decoded as the training loader does (``wds_stages.decode_image``: pixel-bomb and
-    tiny-image limits, 16-bit and transparent images normalised); raises naming what is wrong."""
-    from datamodules.wds_stages import IMAGE_MEMBERS, ImageRejected, decode_image
+    tiny-image limits of ``limits``, a ``SampleLimits``, 16-bit and transparent images normalised); raises naming
+    what is wrong."""
+    from datamodules.wds_stages import IMAGE_MEMBERS, ImageRejected, SampleLimits, decode_image
 
+    limits = limits or SampleLimits()
     for ext in IMAGE_MEMBERS:
         if ext in sample:
             try:
-                return decode_image(sample[ext])
+                return decode_image(sample[ext], limits.max_image_pixels, limits.min_image_size)
             except ImageRejected as exn:
                 raise ValueError(f"{exn.reason}: {exn}") from exn
     raise ValueError(f"no image member (have {sorted(k for k in sample if not k.startswith('__'))})")
@@ -284,6 +287,7 @@ def recaption_unit(
     batch_size: int,
     provenance: dict[str, Any],
     progress: Callable[[int, int], None] | None = None,
+    limits: Any = None,
 ) -> pa.Table:
     """Caption one unit (a shard or a slice of one); every sample becomes exactly one row (a caption, or status
     ``error`` and the reason). ``progress(images, generated_tokens)`` is called after each batch.
@@ -343,7 +347,7 @@ def recaption_unit(
             rows.append(row)
             continue
         try:
-            batch.append((row, _image(sample)))
+            batch.append((row, _image(sample, limits)))
         except Exception as exn:
             row.update(re_caption=None, re_length=None, n_generated_tokens=0, hit_token_limit=False, retried=False,
                        status="error", error=f"image: {type(exn).__name__}: {exn}")  # fmt: skip
@@ -429,14 +433,20 @@ def run(
     slice_size: int | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    min_image_size: int | None = MIN_IMAGE_SIZE,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
-    """Caption every unfinished unit this rank owns; returns totals (units, rows, errors, tokens, seconds)."""
+    """Caption every unfinished unit this rank owns; returns totals (units, rows, errors, tokens, seconds).
+    ``min_image_size`` / ``max_image_pixels``: the training loader's image limits (``SampleLimits``; None = off): a
+    rejected image becomes an ``error`` row naming the limit."""
     from datamodules.shards import expand_urls
+    from datamodules.wds_stages import SampleLimits
 
     problems = run_config_problems(
         {"model": model, "shards": shards, "out": out, "prompt": prompt, "max_new_tokens": max_new_tokens,
          "batch_size": batch_size, "rank": rank, "world_size": world_size, "device": device, "dtype": dtype,
-         "backend": backend, "slice_size": slice_size, "trust_remote_code": trust_remote_code, "progress": progress}
+         "backend": backend, "slice_size": slice_size, "trust_remote_code": trust_remote_code, "progress": progress,
+         "min_image_size": min_image_size, "max_image_pixels": max_image_pixels}
     )  # fmt: skip
     if problems:  # before the model loads or `out` is created (main reports them all, with where each was set)
         raise ConfigError(*problems[0])
@@ -448,6 +458,7 @@ def run(
         raise ValueError(f"shard names must be unique (outputs are named after them): {sorted(names)[:5]}...")
     rank, world = rank_world(rank, world_size)
     mine = pending_units(urls, out, rank, world, slice_size)
+    limits = SampleLimits(min_image_size=min_image_size, max_image_pixels=max_image_pixels)
     engine = BACKENDS[backend](model, prompt, max_new_tokens, device, dtype, trust_remote_code=trust_remote_code)
     decoding = json.dumps({"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                            "backend": backend, "retry_repetition_penalty": RETRY_REPETITION_PENALTY})  # fmt: skip
@@ -459,7 +470,7 @@ def run(
     try:
         for i, unit in enumerate(mine):
             t0 = time.perf_counter()
-            table = recaption_unit(unit, engine, batch_size, provenance, bar)
+            table = recaption_unit(unit, engine, batch_size, provenance, bar, limits)
             path = out / f"{unit.name}.parquet"
             if path.exists():  # another process finished it meanwhile (overlapping runs): keep the first, never both
                 continue
@@ -633,6 +644,8 @@ RUN_KEYS = (
     "slice_size",
     "trust_remote_code",
     "progress",
+    "min_image_size",
+    "max_image_pixels",
 )
 DTYPES = ("bfloat16", "float16", "float32")
 # the device strings the backends use (`.to(device)`; vLLM's `cuda:N` -> CUDA_VISIBLE_DEVICES), matched by pattern so
@@ -748,6 +761,10 @@ def run_config_problems(args: dict[str, Any]) -> list[tuple[str, Any, str]]:
     slice_size = args.get("slice_size")
     if slice_size is not None and (not _is_int(slice_size) or slice_size < 1):
         add("slice_size", slice_size, "must be an integer >= 1 (or unset: whole shards)")
+    try:  # the training loader's own rules (datamodules/checks.py)
+        check_sample_limits(args.get("min_image_size"), args.get("max_image_pixels"), None)
+    except ConfigError as e:
+        add(e.key, e.value, e.problem)
 
     rank, world = args.get("rank"), args.get("world_size")
     bad_split = False
@@ -802,6 +819,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     r.add_argument("--slice-size", type=int, help="split shards into units of this many samples")
     r.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (unit lines only)")
+    r.add_argument("--min-image-size", type=int, help=f"skip images whose shorter side is below this (default: {MIN_IMAGE_SIZE})")
+    r.add_argument(
+        "--max-image-pixels",
+        type=int,
+        help=f"skip images with more pixels, before decoding (default: {DEFAULT_MAX_IMAGE_PIXELS})",
+    )
     r.set_defaults(**dict.fromkeys(RUN_KEYS, _UNSET))
     m = sub.add_parser("merge", help="check every key occurs once and write the dataset-level parquet")
     m.add_argument("--out", required=True)

@@ -83,6 +83,14 @@ CASES = [
     ("yaml-out-is-a-file", {"out": "TMP/model/config.json"}, "yaml", "out", "a file is there"),
     ("yaml-bool-as-text", {"trust_remote_code": "yes please"}, "yaml", "trust_remote_code", "true or false"),
     ("yaml-empty-prompt", {"prompt": " "}, "yaml", "prompt", "non-empty"),
+    ("min-image-size-0", {"min_image_size": 0}, "flags", "--min-image-size", ">= 1"),
+    (
+        "yaml-pixels-below-min-squared",
+        {"min_image_size": 100, "max_image_pixels": 50},
+        "yaml",
+        "max_image_pixels",
+        "every image would be skipped",
+    ),
 ]
 
 
@@ -240,3 +248,19 @@ def test_run_from_python_refuses_before_creating_out(ws):
         run(ws["model"], ws["shards"], ws["out"], batch_size=0, progress=False)
     assert not Path(ws["out"]).exists()
     assert _FakeBackend.built == []
+
+
+def test_image_limits_are_the_training_loaders(ws):
+    """The shards' 16 px images are captioned at the default minimum side (8) and become error rows naming the
+    limit at 20; the limits reach every unit."""
+    main(["run", "--model", ws["model"], "--shards", ws["shards"], "--out", ws["out"], "--no-progress"])
+    ok = pq.read_table(Path(ws["out"]) / "00000.parquet").to_pylist()
+    assert [r["status"] for r in ok] == ["ok"] * 3
+    strict = ws["tmp"] / "strict"
+    totals = main(["run", "--model", ws["model"], "--shards", ws["shards"], "--out", str(strict), "--no-progress",
+                   "--min-image-size", "20"])  # fmt: skip
+    assert totals["errors"] == 5
+    rows = [r for f in sorted(strict.glob("0000*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert len(rows) == 5
+    assert {r["status"] for r in rows} == {"error"}
+    assert all("tiny_image" in r["error"] and "min_image_size=20" in r["error"] for r in rows)
