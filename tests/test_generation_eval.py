@@ -535,6 +535,7 @@ def test_evaluate_generation_writes_the_metrics_json(tmp_path):
         "fid/n_real",
         "fid/n_fake",
         "clip_score/lookup",
+        "clip_score/lookup/se",
         "clip_score/lookup/n_prompts_over_context",
         "clip_score/lookup/n_pairs_clamped",
         "judge/mean",
@@ -547,6 +548,7 @@ def test_evaluate_generation_writes_the_metrics_json(tmp_path):
     assert (metrics["n_images"], metrics["n_prompts_skipped_empty"]) == (6, 1)
     assert (metrics["fid/n_real"], metrics["fid/n_fake"]) == (6, 6)
     assert metrics["clip_score/lookup"] == pytest.approx(100.0)
+    assert metrics["clip_score/lookup/se"] == pytest.approx(0.0, abs=1e-9)  # every pair scores 100: no spread
     assert metrics["clip_score/lookup/n_prompts_over_context"] == 2
     assert (metrics["judge/n"], metrics["judge/n_rated"], metrics["judge/n_unparseable"]) == (4, 3, 1)
     assert metrics["judge/mean"] == pytest.approx(11 / 3)
