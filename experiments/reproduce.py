@@ -408,24 +408,30 @@ def run_logged(cmd: Sequence[str], log: Path, on_line: Callable[[str], None], en
     """Run ``cmd`` (cwd = the repository), its stdout + stderr teed to ``log``; ``on_line`` sees every line (``\\r``
     counts as a line end, for tqdm). Returns the exit code."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert proc.stdout is not None
+    try:
+        _tee(proc.stdout.read1, log, on_line)
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        raise
+    return proc.wait()
+
+
+def _tee(read: Callable[[int], bytes], log: Path, on_line: Callable[[str], None]) -> None:
+    """Copy a step's output (``read`` until it returns b"") to ``log`` as it comes, and pass ``on_line`` the newest
+    complete line of each chunk (``\r`` ends a line too, for tqdm), then any unterminated last line."""
+    pending = b""
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        assert proc.stdout is not None
-        pending = b""
-        try:
-            while chunk := proc.stdout.read1(65536):
-                f.write(chunk)
-                f.flush()
-                *lines, pending = re.split(rb"[\r\n]", pending + chunk)
-                for line in lines[-1:]:  # the newest complete line of the chunk is enough for the live view
-                    on_line(line.decode("utf-8", "replace"))
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
-            raise
-        if pending:
-            on_line(pending.decode("utf-8", "replace"))
-        return proc.wait()
+        while chunk := read(65536):
+            f.write(chunk)
+            f.flush()
+            *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+            for line in lines[-1:]:  # the newest complete line of the chunk is enough for the live view
+                on_line(line.decode("utf-8", "replace"))
+    if pending:
+        on_line(pending.decode("utf-8", "replace"))
 
 
 # The modules every training/evaluation step imports: ~10-15 s of CPU per fresh interpreter on the 2-core machine
@@ -513,21 +519,13 @@ def run_forked(cmd: Sequence[str], log: Path, on_line: Callable[[str], None], en
             finally:
                 os._exit(code)
     os.close(write_fd)
-    with open(log, "wb") as f, os.fdopen(read_fd, "rb", buffering=0) as pipe:
-        pending = b""
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
         try:
-            while chunk := pipe.read(65536):
-                f.write(chunk)
-                f.flush()
-                *lines, pending = re.split(rb"[\r\n]", pending + chunk)
-                for line in lines[-1:]:
-                    on_line(line.decode("utf-8", "replace"))
+            _tee(pipe.read, log, on_line)
         except KeyboardInterrupt:
             os.kill(pid, signal.SIGTERM)
             os.waitpid(pid, 0)
             raise
-        if pending:
-            on_line(pending.decode("utf-8", "replace"))
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
