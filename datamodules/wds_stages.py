@@ -20,7 +20,7 @@ import random
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -562,12 +562,7 @@ class SampleLimits:
     jpeg_draft: bool = True
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "min_image_size": self.min_image_size,
-            "max_image_pixels": self.max_image_pixels,
-            "max_caption_chars": self.max_caption_chars,
-            "jpeg_draft": self.jpeg_draft,
-        }
+        return asdict(self)
 
     def extract(self, sources: Sequence[SourceSpec], sidecar_dir: str | None, stats: SkipStats) -> ExtractCaptions:
         """The caption-extraction stage with these limits."""
