@@ -134,3 +134,21 @@ def tiny_shards(tmp_path: Path):
     """4 shards of uneven size (24, 16, 20, 12 samples) with a recaption sidecar for every key."""
     truth = write_shards(tmp_path / "web", [24, 16, 20, 12], sidecar_dir=tmp_path / "sidecars")
     return {"web": tmp_path / "web", "sidecars": tmp_path / "sidecars", "truth": truth}
+
+
+def make_dm(shards: dict, **kw):
+    """A ``CaptionMixDataModule`` over the ``shards`` fixture's four web shards and sidecars, single-process, small
+    shuffle buffer, seed 7; ``kw`` overrides any argument."""
+    from datamodules.caption_mix import CaptionMixDataModule
+
+    args = dict(
+        train_shards=str(shards["web"] / "{00000..00003}.tar"),
+        sidecar_dir=str(shards["sidecars"]),
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=8,
+        shuffle_initial=4,
+        seed=7,
+    )
+    args.update(kw)
+    return CaptionMixDataModule(**args)

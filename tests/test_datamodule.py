@@ -10,24 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import img2dataset_key, jpeg_bytes, load_img2dataset_writer, write_shards
+from conftest import img2dataset_key, jpeg_bytes, load_img2dataset_writer, make_dm, write_shards
 
 from datamodules.caption_mix import CaptionMixDataModule, expand_urls, resolve_weights
 from datamodules.wds_stages import ChooseCaption, SkipStats, uniform_from_key
-
-
-def make_dm(shards: dict, **kw) -> CaptionMixDataModule:
-    args = dict(
-        train_shards=str(shards["web"] / "{00000..00003}.tar"),
-        sidecar_dir=str(shards["sidecars"]),
-        batch_size=4,
-        num_workers=0,
-        shuffle_buffer=8,
-        shuffle_initial=4,
-        seed=7,
-    )
-    args.update(kw)
-    return CaptionMixDataModule(**args)
 
 
 def epoch_batches(dm: CaptionMixDataModule, epoch: int = 0) -> list[dict]:

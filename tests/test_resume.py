@@ -9,6 +9,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import conftest
 import lightning as L
 import numpy as np
 import pytest
@@ -20,19 +21,8 @@ from lightning_modules.checkpointing import AtomicCheckpointIO, StepCheckpoint
 
 
 def make_dm(shards: dict, **kw) -> CaptionMixDataModule:
-    args = dict(
-        train_shards=str(shards["web"] / "{00000..00003}.tar"),
-        sidecar_dir=str(shards["sidecars"]),
-        batch_size=4,
-        p_original=0.5,
-        num_workers=0,
-        shuffle_buffer=8,
-        shuffle_initial=4,
-        seed=7,
-        image_transform=random_crop,
-    )
-    args.update(kw)
-    return CaptionMixDataModule(**args)
+    """conftest's DataModule with a caption mix (p = 0.5) and a random crop, the parts a resume must reproduce."""
+    return conftest.make_dm(shards, **{"p_original": 0.5, "image_transform": random_crop, **kw})
 
 
 def random_crop(img) -> torch.Tensor:
