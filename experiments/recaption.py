@@ -819,7 +819,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     r.add_argument("--slice-size", type=int, help="split shards into units of this many samples")
     r.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (unit lines only)")
-    r.add_argument("--min-image-size", type=int, help=f"skip images whose shorter side is below this (default: {MIN_IMAGE_SIZE})")
+    r.add_argument(
+        "--min-image-size", type=int, help=f"skip images whose shorter side is below this (default: {MIN_IMAGE_SIZE})"
+    )
     r.add_argument(
         "--max-image-pixels",
         type=int,
