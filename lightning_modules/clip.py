@@ -29,6 +29,7 @@ from lightning_modules.components.clip_model import (
     build_clip,
     has_nonscalar_logit_scale,
     load_clip_weights,
+    logit_layout_conflict,
     reshape_logit_params,
     resolve_model_config,
 )
@@ -155,14 +156,9 @@ class ClipModule(L.LightningModule):
                 cfg, _ = resolve_model_config(model)
             except (ValueError, FileNotFoundError, TypeError) as e:
                 raise ConfigError("model", model, str(e)) from None
-            in_cfg, switch = cfg.get("nonscalar_logit_scale"), bool(args.get("nonscalar_logit_scale", False))
-            if in_cfg is not None and bool(in_cfg) != switch:
-                raise ConfigError(
-                    "model",
-                    model,
-                    f"sets nonscalar_logit_scale: {in_cfg} but nonscalar_logit_scale is {switch}; set it once, "
-                    "as model.init_args.nonscalar_logit_scale",
-                )
+            conflict = logit_layout_conflict(cfg.get("nonscalar_logit_scale"), args.get("nonscalar_logit_scale", False))
+            if conflict:
+                raise ConfigError("model", model, conflict)
         check_path("init_from", args.get("init_from"), "file", what="the checkpoint to start from (stage 2: stage 1's)")
 
     # ---------------------------------------------------------------------------------------------------- data

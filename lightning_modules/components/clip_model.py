@@ -119,12 +119,9 @@ def build_clip(
         tok = open_clip.get_tokenizer(model, context_length=ctx)
         preprocess = dict(getattr(net.visual, "preprocess_cfg", {}) or {})
     else:
-        in_cfg = cfg.pop("nonscalar_logit_scale", None)
-        if in_cfg is not None and bool(in_cfg) != nonscalar_logit_scale:
-            raise ValueError(
-                f"the CLIP model config sets nonscalar_logit_scale: {in_cfg} but the module's nonscalar_logit_scale is "
-                f"{nonscalar_logit_scale}: set it once, as model.init_args.nonscalar_logit_scale"
-            )
+        conflict = logit_layout_conflict(cfg.pop("nonscalar_logit_scale", None), nonscalar_logit_scale)
+        if conflict:
+            raise ValueError(f"the CLIP model config {conflict}")
         text_cfg = cfg.setdefault("text_cfg", {})
         if context_length is not None:
             text_cfg["context_length"] = context_length
@@ -202,6 +199,17 @@ def reshape_logit_params(state: MutableMapping[str, Any], nonscalar: bool, prefi
             state[prefix + name] = value.reshape(shape)
             changed.append(prefix + name)
     return changed
+
+
+def logit_layout_conflict(in_cfg: Any, switch: bool) -> str | None:
+    """Why a model config's own ``nonscalar_logit_scale`` (``in_cfg``, None when absent) cannot be used with the
+    module's switch, or None when they agree."""
+    if in_cfg is None or bool(in_cfg) == bool(switch):
+        return None
+    return (
+        f"sets nonscalar_logit_scale: {in_cfg} but the module's nonscalar_logit_scale is {bool(switch)}; set it once, "
+        "as model.init_args.nonscalar_logit_scale"
+    )
 
 
 def has_nonscalar_logit_scale(model: nn.Module) -> bool:
