@@ -104,7 +104,7 @@ def shard_sample_count(url: str) -> int:
 
     try:
         return count_samples([url])
-    except ValueError:
+    except Exception:  # no stats file, or a malformed one (e.g. "successes": null): count by reading the tar
         return sum(1 for _ in _samples(url, []))
 
 
@@ -281,6 +281,29 @@ def _words(s: str | None) -> int | None:
     return len(s.split()) if s is not None else None
 
 
+def _metadata(raw: bytes, key: str, fields: Sequence[str] = ("url", "sha256", "caption")) -> dict[str, Any]:
+    """A sample's ``KEY.json`` as a dict; raises ValueError naming ``KEY.json`` and what is wrong when it is not
+    UTF-8 JSON, not an object, nested too deep to parse, or one of ``fields`` (those a row takes) is not text."""
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as exn:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{key}.json is not readable JSON ({type(exn).__name__}: {str(exn)[:200]})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{key}.json is a JSON {type(meta).__name__}, not an object")
+    for field in fields:
+        value = meta.get(field)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{key}.json field {field!r} is a {type(value).__name__}, not text")
+    return meta
+
+
+def _error_row(row: dict[str, Any], why: str) -> dict[str, Any]:
+    """``row`` as a complete ``error`` row (no caption, no tokens) with the reason ``why``."""
+    row.update(re_caption=None, re_length=None, n_generated_tokens=0, hit_token_limit=False, retried=False,
+               status="error", error=why)  # fmt: skip
+    return row
+
+
 def recaption_unit(
     unit: Unit | str,
     backend: Any,
@@ -302,12 +325,22 @@ def recaption_unit(
     errors: list[str] = []
     seen: set[str] = set()
 
-    def base(sample: dict[str, Any]) -> dict[str, Any]:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        org = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get("caption")
-        return {"url": meta.get("url"), "org_caption": org, "sha256": meta.get("sha256"), "key": sample["__key__"],
-                "re_clip_score": None, "org_clip_score": None, "org_length": _words(org), "re_gpt4v_score": None,
-                "org_gpt4v_score": None, **provenance}  # fmt: skip
+    def base(sample: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """The sample's row without the caption, and why its metadata cannot be read (None when it can)."""
+        key = sample["__key__"]
+        org = sample["txt"].decode("utf-8", "replace") if "txt" in sample else None
+        fields = ("url", "sha256") if org is not None else ("url", "sha256", "caption")  # its caption: without txt
+        meta, problem = {}, None
+        if "json" in sample:
+            try:
+                meta = _metadata(sample["json"], key, fields)
+            except ValueError as exn:
+                problem = str(exn)
+        org = org if org is not None else meta.get("caption")
+        row = {"url": meta.get("url"), "org_caption": org, "sha256": meta.get("sha256"), "key": key,
+               "re_clip_score": None, "org_clip_score": None, "org_length": _words(org), "re_gpt4v_score": None,
+               "org_gpt4v_score": None, **provenance}  # fmt: skip
+        return row, problem
 
     def flush() -> None:
         if not batch:
@@ -339,19 +372,14 @@ def recaption_unit(
             errors.append(f"duplicate key {sample['__key__']} (sample {index}) skipped")
             continue
         seen.add(sample["__key__"])
-        try:
-            row = base(sample)
-        except Exception as exn:  # unreadable json member: still one row, keyed
-            row = {"key": sample["__key__"], **provenance}
-            row.update(status="error", error=f"metadata: {type(exn).__name__}: {exn}")
-            rows.append(row)
+        row, problem = base(sample)
+        if problem is not None:  # unreadable metadata: still one complete row, keyed, with the reason
+            rows.append(_error_row(row, f"metadata: {problem}"))
             continue
         try:
             batch.append((row, _image(sample, limits)))
         except Exception as exn:
-            row.update(re_caption=None, re_length=None, n_generated_tokens=0, hit_token_limit=False, retried=False,
-                       status="error", error=f"image: {type(exn).__name__}: {exn}")  # fmt: skip
-            rows.append(row)
+            rows.append(_error_row(row, f"image: {type(exn).__name__}: {exn}"))
         if len(batch) >= batch_size:
             flush()
     flush()
@@ -412,7 +440,7 @@ def _expected_images(units: Sequence[Unit]) -> int | None:
     for u in units:
         try:
             n = count_samples([u.url])
-        except ValueError:
+        except Exception:  # no stats file, or a malformed one: the bar shows no total, the job goes on
             return None
         total += n if u.part is None else (min(n, u.stop) if u.stop is not None else n) - u.start
     return max(total, 0)
@@ -477,13 +505,15 @@ def run(
             if unit.part is not None:  # a later run keeps this split (shard_units)
                 meta = dict(table.schema.metadata or {})
                 table = table.replace_schema_metadata({**meta, b"recap_suite.slice_size": str(unit.size).encode()})
-            _write_atomic(table, path)
-            dt = time.perf_counter() - t0
+            # the manifest record is made before the output is written: once the parquet exists, nothing but the
+            # append itself stands between it and its manifest line
             n_err = sum(s != "ok" for s in table.column("status").to_pylist())
-            tokens = sum(table.column("n_generated_tokens").to_pylist())
+            tokens = sum(n or 0 for n in table.column("n_generated_tokens").to_pylist())
             record = {"unit": unit.name, "url": unit.url, "rows": table.num_rows, "errors": n_err, "tokens": tokens}
             if problems := input_errors(table):
                 record["input_errors"] = problems
+            _write_atomic(table, path)
+            dt = time.perf_counter() - t0
             _append_manifest(out, record | {"seconds": round(dt, 3), "rank": rank, "world_size": world})
             totals = {k: totals[k] + v for k, v in zip(totals, (1, table.num_rows, n_err, tokens, dt), strict=True)}
             eta = totals["seconds"] / totals["units"] * (len(mine) - i - 1)

@@ -609,6 +609,107 @@ def test_recaption_duplicate_key_and_truncated_tar_are_recorded_and_merge_still_
     assert _rows(merged)[GOOD[0]]["org_caption"] == f"orig {GOOD[0]}"  # the first copy wins
 
 
+# ------------------------------------------------------------------ the recaption job end to end: `run` takes them all
+METADATA_FAULTS = {  # KEY.json that cannot be read, or whose fields a row takes are not text (beside a good KEY.txt)
+    "json_unparsable": b"{not json",
+    "json_not_utf8": b'{"url": "http://caf\xe9"}',
+    "json_not_an_object": b'["url"]',
+    "json_absurd_nesting": b"[" * 100_000,
+    "json_url_not_text": b'{"url": 12, "sha256": "ab"}',
+    "json_sha256_not_text": b'{"url": "http://x", "sha256": ["ab"]}',
+}
+RUN_SAMPLE_FAULTS = {
+    **{name: case.members for name, case in CASES.items()},  # every sample fault the loader handles
+    **{f"metadata_{n}": [("jpg", good_jpeg(90)), ("txt", b"alt"), ("json", raw)] for n, raw in METADATA_FAULTS.items()},
+    "metadata_json_caption_not_text": [("jpg", good_jpeg(91)), ("json", b'{"caption": {"text": "x"}}')],  # no txt
+}
+
+
+def _run_job(recaption, monkeypatch, tmp_path: Path, shards: str, **kw) -> tuple[Path, dict, list[dict]]:
+    """``recaption.run`` over ``shards`` with the fake backend: the output folder, the totals and the manifest."""
+    monkeypatch.setitem(recaption.BACKENDS, "hf", FakeBackend)
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    kw = {"batch_size": 2, "rank": 0, "world_size": 1, "progress": False, **kw}
+    totals = recaption.run(str(model), shards, out, **kw)
+    return out, totals, [json.loads(line) for line in (out / recaption.MANIFEST).read_text().splitlines()]
+
+
+def _check_units_logged(recaption, out: Path, totals: dict, records: list[dict]) -> dict[str, dict]:
+    """Every unit output has exactly one manifest line that agrees with it, and the totals are their sums; returns
+    the rows of all units by key."""
+    outputs = sorted(p.stem for p in out.glob("*.parquet"))
+    assert sorted(r["unit"] for r in records) == outputs  # no output without its line (the crash lost it)
+    rows = {}
+    for r in records:
+        table = pq.read_table(out / f"{r['unit']}.parquet")
+        statuses = table.column("status").to_pylist()
+        assert r["rows"] == table.num_rows
+        assert r["errors"] == sum(s != "ok" for s in statuses)
+        assert r["tokens"] == sum(table.column("n_generated_tokens").to_pylist())
+        rows.update(_rows(table))
+    assert totals["units"] == len(records)
+    assert (totals["rows"], totals["errors"]) == (sum(r["rows"] for r in records), sum(r["errors"] for r in records))
+    return rows
+
+
+@pytest.mark.parametrize("name", list(RUN_SAMPLE_FAULTS))
+def test_recaption_run_takes_every_sample_fault_without_losing_work(name, recaption, tmp_path, monkeypatch):
+    """Each fault class through `recaption run` (not only `recaption_unit`): no crash, the bad sample one complete
+    row (error rows name the member), its neighbours and the next shard captioned, every unit logged once."""
+    members = RUN_SAMPLE_FAULTS[name]
+    (tmp_path / "web").mkdir()
+    write_shard(tmp_path / "web/00000.tar", members)
+    _clean_shard(tmp_path / "web/00001.tar", SECOND, seed=50)
+    out, totals, records = _run_job(recaption, monkeypatch, tmp_path, str(tmp_path / "web/*.tar"))
+    rows = _check_units_logged(recaption, out, totals, records)
+    has_bad = any(not suffix.startswith("/") for suffix, _ in members)  # else the members belong to GOOD[0]
+    assert sorted(rows) == sorted([*GOOD, *SECOND, *([BAD] if has_bad else [])])
+    assert all(rows[k]["status"] == "ok" and rows[k]["re_caption"].startswith("mean") for k in [*GOOD, *SECOND])
+    if name.startswith("metadata_"):
+        bad = rows[BAD]
+        assert bad["status"] == "error"
+        assert bad["error"].startswith(f"metadata: {BAD}.json ")  # names the member
+        assert (bad["re_caption"], bad["n_generated_tokens"], bad["hit_token_limit"], bad["retried"]) == (
+            None, 0, False, False)  # fmt: skip
+        assert bad["org_caption"] == ("alt" if name != "metadata_json_caption_not_text" else None)
+        assert (bad["url"], bad["sha256"]) == (None, None)
+    if name == "duplicate_key":
+        assert any("duplicate key" in e for e in records[0]["input_errors"])
+    merged = pq.read_table(recaption.merge(out, shards=str(tmp_path / "web/*.tar")))
+    assert sorted(merged.column("key").to_pylist()) == sorted(rows)
+
+
+@pytest.mark.parametrize("slice_size", [None, 2])
+@pytest.mark.parametrize("name", [*SHARD_FAULTS, "stats_successes_null", "stats_not_json"])
+def test_recaption_run_takes_every_shard_fault(name, slice_size, recaption, tmp_path, monkeypatch):
+    """Damaged shards and malformed img2dataset stats files (read for the progress total and for slicing): the
+    samples before the damage are captioned, the damage is in the manifest, the next shard is done."""
+    (tmp_path / "web").mkdir()
+    first, second = tmp_path / "web/00000.tar", tmp_path / "web/00001.tar"
+    _clean_shard(first, [GOOD[0], GOOD[1], BAD, GOOD[2], GOOD[3]])
+    _clean_shard(second, SECOND, seed=50)
+    if name in SHARD_FAULTS:
+        damage = SHARD_FAULTS[name][0]
+        kept = damage(first) + ([BAD] if damage is _truncate_in_second_member else [])  # its image was read
+    else:
+        stats = '{"successes": null}' if name == "stats_successes_null" else "{truncated"
+        (tmp_path / "web/00000_stats.json").write_text(stats)
+        kept = [GOOD[0], GOOD[1], BAD, GOOD[2], GOOD[3]]
+    out, totals, records = _run_job(recaption, monkeypatch, tmp_path, str(tmp_path / "web/*.tar"),
+                                    slice_size=slice_size, progress=True)  # fmt: skip
+    rows = _check_units_logged(recaption, out, totals, records)
+    assert sorted(rows) == sorted([*kept, *SECOND])
+    assert all(r["status"] == "ok" for r in rows.values())
+    if name in SHARD_FAULTS:
+        damaged = [e for r in records if r["url"].endswith("00000.tar") for e in r.get("input_errors", [])]
+        assert damaged, records
+    merged = pq.read_table(recaption.merge(out, shards=str(tmp_path / "web/*.tar")))
+    assert sorted(merged.column("key").to_pylist()) == sorted(rows)
+
+
 # -------------------------------------------------------------------------------------------------- evaluation readers
 def _identity(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy())
