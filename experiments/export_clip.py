@@ -2,13 +2,19 @@
 open_clip model folder.
 
 ``DIR`` gets ``open_clip_config.json`` (``{"model_cfg", "preprocess_cfg"}``, open_clip's ``local-dir:`` / hub layout),
-``open_clip_model.safetensors`` and ``<name>.json`` (the bare model config). Then either
+``open_clip_model.safetensors``, ``<name>.json`` (the bare model config) and, for a model with a Hugging Face tokenizer,
+that tokenizer's files (``save_pretrained``). The folder is self-contained: copied to another machine it loads with
+Hugging Face offline and without the paths used in training. Then either
 
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:DIR")
     tokenizer = open_clip.get_tokenizer("local-dir:DIR")
 
 or, with a registered name, ``open_clip.add_model_config("DIR/<name>.json")`` and
-``open_clip.create_model_and_transforms("<name>", pretrained="DIR/open_clip_model.safetensors")``.
+``open_clip.create_model_and_transforms("<name>", pretrained="DIR/open_clip_model.safetensors")`` (the tokenizer still
+``open_clip.get_tokenizer("local-dir:DIR")``), or in this suite ``model: local-dir:DIR``. open_clip's ``local-dir:``
+reads an HF tokenizer from the folder itself whatever ``hf_tokenizer_name`` says; the config keeps a hub id as is (the
+registered-name route resolves it from the hub cache) and replaces a local tokenizer path of the training machine with
+``"."``: the folder the config file is in (this suite resolves it so; open_clip's ``local-dir:`` ignores the value).
 The checkpoint is read with ``weights_only=True``; the model is rebuilt from the hyperparameters saved in it. The
 folder always has open_clip's default 0-dim ``logit_scale`` (and no ``nonscalar_logit_scale`` in its config), also for
 a model trained with ``nonscalar_logit_scale`` (FSDP), so plain open_clip and this suite's readers load it as is.
@@ -42,6 +48,46 @@ def _hparams(ckpt: Any, ckpt_path: Path) -> dict[str, Any]:
     if not hp or "model" not in hp:
         raise ValueError(f"{ckpt_path} has no ClipModule hyper_parameters (is it a ClipModule Lightning checkpoint?)")
     return dict(hp)
+
+
+# Strings whose tokens must come out the same from the exported folder as from the training tokenizer.
+_TOKENIZER_PROBES = ("a photo of a red star on the left", "Two   BLUE circles, IMG_2031.jpg!", "", "naïve café 12:30")
+
+
+def _is_local_path(name: str) -> bool:
+    """Whether a config's ``hf_tokenizer_name`` names a folder of this machine rather than a hub id."""
+    path = Path(name).expanduser()
+    return path.is_absolute() or name.startswith(".") or path.exists()
+
+
+def _export_tokenizer(tokenizer: Any, model_cfg: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Save an HF tokenizer's files into ``out`` (open_clip's ``local-dir:`` reads them from there) and return the
+    model config with a local ``hf_tokenizer_name`` rewritten to ``"."`` (the folder); a hub id is kept."""
+    text_cfg = model_cfg.get("text_cfg") or {}
+    name = text_cfg.get("hf_tokenizer_name")
+    if not name:  # open_clip's bundled BPE tokenizer: nothing to copy
+        return model_cfg
+    save = getattr(tokenizer, "save_pretrained", None)
+    if save is None:
+        kind = type(tokenizer).__name__
+        raise ValueError(f"the model's tokenizer ({kind}, {name!r}) cannot be saved into the export")
+    save(str(out))
+    if _is_local_path(str(name)):
+        model_cfg = {**model_cfg, "text_cfg": {**text_cfg, "hf_tokenizer_name": "."}}
+    return model_cfg
+
+
+def _check_tokenizer(tokenizer: Any, out: Path) -> None:
+    """The exported folder's tokenizer, as open_clip loads it, must give the training tokenizer's tokens."""
+    import open_clip
+
+    loaded = open_clip.get_tokenizer(f"local-dir:{out}")
+    want, got = tokenizer(list(_TOKENIZER_PROBES)), loaded(list(_TOKENIZER_PROBES))
+    if want.shape != got.shape or not bool((want == got).all()):
+        raise ValueError(
+            f"the tokenizer exported to {out} ({type(loaded).__name__}) does not reproduce the model's tokens "
+            f"({type(tokenizer).__name__}): check text_cfg.tokenizer_kwargs / hf_tokenizer_name"
+        )
 
 
 def export_clip(
@@ -78,12 +124,14 @@ def export_clip(
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
+    model_cfg = _export_tokenizer(parts.tokenizer, model_cfg, out)
     tensors = {k: v.detach().contiguous() for k, v in parts.model.state_dict().items()}
     reshape_logit_params(tensors, nonscalar=False)  # open_clip's default layout, whatever trained it
     atomic_write(out / "open_clip_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     config = {"model_cfg": model_cfg, "preprocess_cfg": parts.preprocess_cfg}
     atomic_write(out / "open_clip_config.json", json.dumps(config, indent=2))
     atomic_write(out / f"{name}.json", json.dumps(model_cfg, indent=2))
+    _check_tokenizer(parts.tokenizer, out)
     if hf_vision is not None:
         from lightning_modules.components.hf_clip_vision import save_hf_vision
 

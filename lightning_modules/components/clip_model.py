@@ -42,9 +42,11 @@ class ClipParts:
 def resolve_model_config(model: str | Mapping[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """``(model_cfg, preprocess_cfg)`` for a config dict, an ``open_clip_config.json``-style dict or path, a JSON
     model config path, a ``recap-clip:VISION:TEXT[:STYLE]`` name (paper Table 2) or an open_clip model name.
-    ``(None, {})`` for ``local-dir:`` (open_clip reads that folder itself)."""
+    ``(None, {})`` for ``local-dir:`` (open_clip reads that folder itself). A config file's relative
+    ``hf_tokenizer_name`` (``"."``, ``"./x"``, ``"../x"``; export-clip writes ``"."``) is relative to its folder."""
     from lightning_modules.components.clip_sizes import parse_model_name
 
+    folder = None  # the folder of a config file, for relative paths in it
     if isinstance(model, str):
         if model.startswith("local-dir:"):
             return None, {}
@@ -56,6 +58,7 @@ def resolve_model_config(model: str | Mapping[str, Any]) -> tuple[dict[str, Any]
                 model = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"CLIP model config {path} is not valid JSON: {e}") from e
+            folder = path.parent
         elif (named := parse_model_name(model)) is not None:
             model = named
         else:
@@ -74,6 +77,10 @@ def resolve_model_config(model: str | Mapping[str, Any]) -> tuple[dict[str, Any]
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in cfg:
             raise ValueError(f"CLIP model config lacks {key!r} (keys: {sorted(cfg)})")
+    tok = (cfg.get("text_cfg") or {}).get("hf_tokenizer_name")
+    if folder is not None and isinstance(tok, str) and (tok == "." or tok.startswith(("./", "../"))):
+        # a relative tokenizer folder in a config file (export-clip writes "."): relative to that file's folder
+        cfg["text_cfg"]["hf_tokenizer_name"] = str((folder / tok).resolve())
     return cfg, preprocess
 
 
