@@ -549,28 +549,91 @@ def _completeness(files: Sequence[Path], stems: set[str] | None) -> list[str]:
     return problems
 
 
-def merge(out: str | os.PathLike, dest: str | os.PathLike | None = None, shards: str | None = None) -> Path:
-    """Concatenate the unit parquets into ``dest`` (default ``<out>/merged/recap.parquet``). Refuses duplicate keys,
-    and with ``shards`` also missing units (whole shards or slices)."""
+ON_DUPLICATE = ("error", "first")
+
+
+def duplicates_report_path(dest: str | os.PathLike) -> Path:
+    """Where ``merge --on-duplicate first`` lists the rows it dropped: ``<dest stem>.duplicates.csv`` beside it."""
+    dest = Path(dest)
+    return dest.with_name(f"{dest.stem}.duplicates.csv")
+
+
+def _unit_order(files: Sequence[Path], urls: Sequence[str] | None) -> list[Path]:
+    """The unit outputs in merge order, which decides which copy of a duplicate key is "first": shard order (the order
+    of ``--shards`` as expanded, globs and folders sorted; without ``--shards``, or for an output of a shard not
+    in it, after those, by name), then slice order within a shard."""
+    rank = {}
+    for i, url in enumerate(urls or []):
+        rank.setdefault(shard_stem(url), i)
+
+    def position(f: Path) -> tuple[int, str, int]:
+        m = _PART.match(f.stem)
+        stem, part = (m["stem"], int(m["part"])) if m else (f.stem, -1)
+        return rank.get(stem, len(rank)), stem, part
+
+    return sorted(files, key=position)
+
+
+def merge(out: str | os.PathLike, dest: str | os.PathLike | None = None, shards: str | None = None,
+          on_duplicate: str = "error", log: Callable[[str], None] | None = print) -> Path:  # fmt: skip
+    """Concatenate the unit parquets into ``dest`` (default ``<out>/merged/recap.parquet``). With ``shards``, refuses
+    missing units (whole shards or slices).
+
+    A key in more than one row (a re-downloaded or partly copied shard puts a sample in two shards) is refused
+    with ``on_duplicate="error"`` (the default). With ``"first"`` the first row of each key is kept - first in shard
+    order (``_unit_order``), then in row order (tar order) - and every dropped row is listed in
+    ``duplicates_report_path(dest)`` (csv: key, dropped unit and row, kept unit and row; written, possibly empty,
+    on every such merge, so a stale list never survives) and counted on ``log``."""
+    if on_duplicate not in ON_DUPLICATE:
+        raise ValueError(f"on_duplicate must be one of {', '.join(ON_DUPLICATE)}, not {on_duplicate!r}")
     out = Path(out)
-    files = sorted(p for p in out.glob("*.parquet") if not p.name.startswith((".", "_")))
-    stems = None
+    files = [p for p in out.glob("*.parquet") if not p.name.startswith((".", "_"))]
+    stems, urls = None, None
     if shards is not None:
         from datamodules.shards import expand_urls
 
-        stems = {shard_stem(u) for u in expand_urls(shards)}
+        urls = expand_urls(shards)
+        stems = {shard_stem(u) for u in urls}
     problems = _completeness(files, stems)
     if problems:
         raise ValueError(f"{out}: {len(problems)} shards are not complete (rerun `recaption run`): {problems[:5]}")
-    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in files]) if files else SCHEMA.empty_table()
-    keys = table.column("key").to_pylist()
-    if len(set(keys)) != len(keys):
-        from collections import Counter
-
-        dup = [k for k, n in Counter(keys).items() if n > 1]
-        raise ValueError(f"{len(dup)} keys occur more than once across {out}/*.parquet: {dup[:5]}")
+    files = _unit_order(files, urls)
+    tables = [pq.read_table(p, schema=SCHEMA) for p in files]
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    where = [(f.stem, row) for f, t in zip(files, tables, strict=True) for row in range(t.num_rows)]
+    first: dict[str, int] = {}
+    dropped: list[tuple[str, int]] = []  # (row in the concatenation, the row it repeats)
+    for i, key in enumerate(table.column("key").to_pylist()):
+        j = first.setdefault(key, i)
+        if j != i:
+            dropped.append((i, j))
     dest = Path(dest) if dest is not None else out / "merged" / "recap.parquet"
+    report = duplicates_report_path(dest)
+    if dropped and on_duplicate == "error":
+        (i, j), n_keys = dropped[0], len({table["key"][i].as_py() for i, _ in dropped})
+        raise ValueError(
+            f"{out}: {n_keys} keys occur in more than one row ({len(dropped)} extra rows), e.g. "
+            f"{table['key'][i].as_py()!r} in units {where[j][0]} (row {where[j][1]}) and {where[i][0]} (row "
+            f"{where[i][1]}); a shard downloaded twice or partly copied does this. To keep each key's first row (shard "
+            f"order, then row order) and list every dropped row in {report}, rerun with --on-duplicate first"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if on_duplicate == "first":
+        import csv
+
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["key", "dropped_unit", "dropped_row", "kept_unit", "kept_row"])
+        writer.writerows([table["key"][i].as_py(), *where[i], *where[j]] for i, j in dropped)
+        atomic_write(report, text.getvalue())
+        if dropped:
+            keep = [True] * table.num_rows
+            for i, _ in dropped:
+                keep[i] = False
+            table = table.filter(pa.array(keep))
+        if log is not None:
+            log(f"merge: {len(dropped)} duplicate rows dropped ({len(first)} keys kept, each its first row in shard "
+                f"order, then row order); listed in {report}")  # fmt: skip
     _write_atomic(table.replace_schema_metadata(None), dest)
     return dest
 
@@ -862,6 +925,13 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     m.add_argument("--out", required=True)
     m.add_argument("--dest", default=None)
     m.add_argument("--shards", default=None, help="also require an output for each of these shards")
+    m.add_argument(
+        "--on-duplicate",
+        choices=ON_DUPLICATE,
+        default="error",
+        help="a key in several rows (a shard downloaded twice): refuse (error, the default) or keep its first row in "
+        "shard order, then row order, and list every dropped row in <dest stem>.duplicates.csv (first)",
+    )
     w = sub.add_parser("shards", help="write new shards with each sample's recaption as a KEY.recap.txt member")
     w.add_argument("--out", required=True, help="the recaption run's output folder")
     w.add_argument("--shards", required=True, help="the input shards that were recaptioned")
@@ -895,7 +965,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
         print(f"shards -> {args.dest}: {json.dumps(totals)}")
         return totals
     if args.command == "merge":
-        path = merge(args.out, args.dest, args.shards)
+        path = merge(args.out, args.dest, args.shards, args.on_duplicate)
         print(f"merged -> {path}")
         return path
     # run: run()'s defaults < the --config file < flags on the command line
