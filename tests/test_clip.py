@@ -313,3 +313,40 @@ def test_named_table2_size_with_a_bert_tokenizer_folder(tmp_path):
         feats = module.encode_texts(["two blue circles", "a red star"])
         img = module.encode_images(torch.randn(2, 3, 32, 32))
     assert feats.shape == img.shape == (2, 384)
+
+
+def _tower_cfg(family: str) -> dict:
+    """A tiny config of each vision tower family open_clip builds (text tower: tiny_cfg's)."""
+    cfg = tiny_cfg()
+    if family == "modified_resnet":  # open_clip's RN50 family: layers as a list, attention pool over image_size // 32
+        cfg["vision_cfg"] = {"layers": [1, 1, 1, 1], "width": 8, "head_width": 64}
+    elif family == "timm":
+        cfg["vision_cfg"] = {"timm_model_name": "test_convnext", "timm_model_pretrained": False, "timm_pool": "avg"}
+    return cfg
+
+
+@pytest.mark.parametrize("family", ["vit", "modified_resnet", "timm"])
+def test_every_tower_family_goes_through_both_clipa_stages(family, tmp_path):
+    """Stage 1 at one size, stage 2 at double the size initialised from stage 1's checkpoint: every weight carries
+    over, a grid of position embeddings (ViT: visual.positional_embedding; ModifiedResNet: the attention pool's
+    [1 + grid**2, width]) is resized like open_clip's resize_pos_embed (class row kept, grid upsampled)."""
+    torch.manual_seed(0)
+    stage1 = ClipModule(_tower_cfg(family), image_size=64, lr=1e-3)
+    ckpt = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": stage1.state_dict(), "hyper_parameters": dict(stage1.hparams)}, ckpt)  # as Lightning
+    stage2 = ClipModule(_tower_cfg(family), image_size=128, lr=1e-3, init_from=str(ckpt))
+    old, new = stage1.model.state_dict(), stage2.model.state_dict()
+    key = {"vit": "visual.positional_embedding", "modified_resnet": "visual.attnpool.positional_embedding"}.get(family)
+    for k, v in old.items():
+        if k != key:
+            torch.testing.assert_close(new[k], v, msg=k)
+    if key is not None:
+        old_grid, new_grid = (8, 16) if family == "vit" else (2, 4)
+        width = old[key].shape[1]
+        assert old[key].shape == (1 + old_grid**2, width)
+        assert new[key].shape == (1 + new_grid**2, width)
+        torch.testing.assert_close(new[key][0], old[key][0])  # the class-token row
+        pooled = new[key][1:].reshape(old_grid, 2, old_grid, 2, width).mean((1, 3))
+        assert torch.corrcoef(torch.stack([pooled.flatten(), old[key][1:].flatten()]))[0, 1] > 0.9
+    with torch.no_grad():
+        assert stage2.encode_images(torch.randn(2, 3, 128, 128)).shape == (2, 32)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import open_clip
@@ -224,20 +226,46 @@ def has_nonscalar_logit_scale(model: nn.Module) -> bool:
     return model.logit_scale.ndim == 1
 
 
+ATTNPOOL_POS_EMBED = "visual.attnpool.positional_embedding"
+
+
+def resize_attnpool_pos_embed(state: MutableMapping[str, Any], model: nn.Module) -> None:
+    """The ``ModifiedResNet`` tower's (open_clip's RN50 family) attention-pool position embedding,
+    ``[1 + grid**2, width]``, interpolated in place to ``model``'s grid (``image_size // 32``), with open_clip's own
+    ``resize_pos_embed`` (the same class-token split and bicubic interpolation as a ViT's grid). open_clip's
+    ``resize_pos_embed`` only knows the ViT key ``visual.positional_embedding``; a checkpoint of another width, or a
+    model without an attention pool, is left for strict loading to report."""
+    old = state.get(ATTNPOOL_POS_EMBED)
+    target = getattr(getattr(model.visual, "attnpool", None), "positional_embedding", None)
+    if not isinstance(old, torch.Tensor) or target is None or old.shape == target.shape or old.ndim != 2:
+        return
+    old_grid, new_grid = math.isqrt(old.shape[0] - 1), math.isqrt(target.shape[0] - 1)
+    if old.shape[1] != target.shape[1] or old_grid**2 + 1 != old.shape[0] or new_grid**2 + 1 != target.shape[0]:
+        return
+    shim = {"visual.positional_embedding": old.float()}  # resize_pos_embed reads this key and model.visual.grid_size
+    resize_pos_embed(shim, SimpleNamespace(visual=SimpleNamespace(grid_size=(new_grid, new_grid))))
+    state[ATTNPOOL_POS_EMBED] = shim["visual.positional_embedding"].to(old.dtype)
+
+
 def load_clip_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
     """Load CLIP weights into ``model``, interpolating the vision position embeddings to the model's grid
     (CLIPA stage 2: a 112 px stage-1 model fine-tuned at 224 px) and the text ones to its context length, with
     open_clip's own ``resize_pos_embed`` / ``resize_text_pos_embed``; ``logit_scale`` / ``logit_bias`` are reshaped
-    to the model's layout (scalar [] or ``nonscalar_logit_scale`` [1]: a DDP stage 1 into an FSDP stage 2)."""
+    to the model's layout (scalar [] or ``nonscalar_logit_scale`` [1]: a DDP stage 1 into an FSDP stage 2).
+
+    Every vision tower open_clip builds goes through both stages: a ViT (``visual.positional_embedding``), a
+    ``ModifiedResNet`` (its attention pool's ``visual.attnpool.positional_embedding``: ``resize_attnpool_pos_embed``)
+    and a timm trunk (open_clip builds it at timm's own input size whatever ``image_size`` is: nothing to resize)."""
     sd = read_state_dict(path)
     reshape_logit_params(sd, has_nonscalar_logit_scale(model))
-    old = sd.get("visual.positional_embedding")
+    before = {k: tuple(sd[k].shape) for k in ("visual.positional_embedding", ATTNPOOL_POS_EMBED) if k in sd}
     try:
         resize_pos_embed(sd, model)
+        resize_attnpool_pos_embed(sd, model)
         resize_text_pos_embed(sd, model)
-        if old is not None and old.shape != sd["visual.positional_embedding"].shape:
-            new = tuple(model.visual.positional_embedding.shape)
-            log.info("interpolated vision position embeddings %s -> %s", tuple(old.shape), new)
+        for key, shape in before.items():
+            if tuple(sd[key].shape) != shape:
+                log.info("interpolated %s %s -> %s", key, shape, tuple(sd[key].shape))
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except (AssertionError, RuntimeError) as e:  # open_clip asserts on width changes; torch raises on shapes
         raise ValueError(f"{path} does not match the model's architecture: {e}") from e
