@@ -315,6 +315,15 @@ class LatentCacheDataModule(L.LightningDataModule):
         weights = resolve_weights(index.sources, self.hparams.p_original, self.hparams.source_weights, "sample")
         return index, weights
 
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if trainer is not None and stage == "fit":
+            from datamodules.monitor import CaptionMixMonitor
+
+            # as CaptionMixDataModule: the realised caption-source fractions are logged by every run of this data
+            if not any(isinstance(cb, CaptionMixMonitor) for cb in trainer.callbacks):
+                trainer.callbacks.append(CaptionMixMonitor())
+
     def _loader(self, path: str, training: bool) -> DataLoader:
         from datamodules.caption_mix import CaptionMixLoader
 

@@ -2,7 +2,9 @@
 
 ``train/caption_source/<name>`` is the realised fraction of each source since the start of the run (so a run proves
 the p it trained on), ``train/skipped/<reason>`` the cumulative count of each skip / fallback reason. The first
-occurrence of each reason is also reported once as a warning with the sample's shard and key.
+occurrence of each reason is also reported once as a warning with the sample's shard and key. When training ends the
+exact totals of the whole run are written once more at the last step, with ``train/caption_source_samples`` (the
+number of samples they count), so that the last logged value of a run is its realised p (``reproduce`` reads it).
 """
 
 from __future__ import annotations
@@ -35,11 +37,26 @@ class CaptionMixMonitor(L.Callback):
                 self._warned.add(reason)
                 rank_zero_warn(f"caption-mix loader: skipped/fell back ({reason}), first at {where}")
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
-            total = sum(self.sources.values())
-            metrics = {f"train/caption_source/{k}": v / total for k, v in self.sources.items()}
-            metrics.update({f"train/skipped/{k}": float(v) for k, v in self.skipped.items()})
+            metrics = self.metrics()
             if metrics:
                 pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch["caption_source"]))
+
+    def metrics(self) -> dict[str, float]:
+        """The fractions of each source and the skip counts since the start of the run."""
+        total = sum(self.sources.values())
+        metrics = {f"train/caption_source/{k}": v / total for k, v in self.sources.items()}
+        metrics.update({f"train/skipped/{k}": float(v) for k, v in self.skipped.items()})
+        return metrics
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The periodic log misses the samples after the last logging step: write the run's exact totals (rank 0's
+        # view, like the periodic log) at the final step, straight to the loggers (self.log is not allowed here).
+        if not self.sources or not trainer.is_global_zero:
+            return
+        metrics = {**self.metrics(), "train/caption_source_samples": float(sum(self.sources.values()))}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
 
     def state_dict(self) -> dict[str, Any]:
         return {"sources": dict(self.sources), "skipped": dict(self.skipped)}

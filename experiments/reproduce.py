@@ -466,15 +466,53 @@ def fork_safe() -> str | None:
     return None
 
 
-def run_forked(cmd: Sequence[str], log: Path, on_line: Callable[[str], None], env: dict[str, str]) -> int:
-    """``run_logged``'s contract (same log bytes, same live lines, the exit code), but the step runs in a fork of this
-    process, which has imported ``PRELOAD``: the child starts with the libraries loaded instead of importing them
-    again. The child gets ``env``, the repository as its working directory, ``sys.argv`` as ``python -m experiments
-    <argv>`` would, its stdout and stderr on a pipe, and exits with the command's exit code (normal interpreter
-    shutdown: atexit handlers run, streams are flushed)."""
+def thread_env(threads: int | None) -> dict[str, str]:
+    """The environment that caps a step's compute threads (OpenMP / MKL / torch intra-op) at ``threads``."""
+    if not threads:
+        return {}
+    n = str(int(threads))
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "RECAP_NUM_THREADS": n}
+
+
+@dataclass
+class Launched:
+    """A started step: its process id and the read end of its stdout + stderr."""
+
+    pid: int
+    fd: int
+    popen: subprocess.Popen | None = None
+
+    def close(self) -> None:
+        """Close the read end (through its owner: Popen's file object would close the number again later)."""
+        if self.popen is not None and self.popen.stdout is not None:
+            self.popen.stdout.close()
+        else:
+            os.close(self.fd)
+
+    def wait(self) -> tuple[int, float]:
+        """(exit code, CPU seconds of the step: user + system of its process and the children it reaped)."""
+        _, status, usage = os.wait4(self.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if self.popen is not None:
+            self.popen.returncode = code  # reaped here (wait4 gives its rusage); tell Popen
+        return code, usage.ru_utime + usage.ru_stime
+
+
+def launch_fresh(cmd: Sequence[str], env: dict[str, str], threads: int | None = None) -> Launched:
+    """Start ``cmd`` in a fresh interpreter (cwd = the repository), stdout + stderr on one pipe."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**env, **thread_env(threads)})  # fmt: skip
+    assert proc.stdout is not None
+    return Launched(proc.pid, proc.stdout.fileno(), proc)
+
+
+def launch_forked(cmd: Sequence[str], env: dict[str, str], threads: int | None = None) -> Launched:
+    """Start ``python -m experiments <argv>`` in a fork of this process (which has imported ``PRELOAD``): the child
+    gets ``env``, the repository as its working directory, ``sys.argv`` as the command line would, at most
+    ``threads`` compute threads, its stdout and stderr on a pipe, and exits with the command's exit code (normal
+    interpreter shutdown: atexit handlers run, streams are flushed)."""
     if list(cmd[:3]) != [sys.executable, "-m", "experiments"]:
         raise ValueError(f"run_forked runs `python -m experiments ...` commands, not {list(cmd[:3])}")
-    log.parent.mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()  # or the child inherits (and prints again) what the parent has buffered
     sys.stderr.flush()
@@ -488,7 +526,9 @@ def run_forked(cmd: Sequence[str], log: Path, on_line: Callable[[str], None], en
             os.close(write_fd)
             os.chdir(REPO)
             os.environ.clear()
-            os.environ.update(env)
+            os.environ.update({**env, **thread_env(threads)})
+            if threads and "torch" in sys.modules:  # the parent imported torch: its thread pool size is already set
+                sys.modules["torch"].set_num_threads(int(threads))
             # fresh text streams on fds 1 and 2 (the parent's may write elsewhere, e.g. under pytest's capture)
             sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115
             sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115
@@ -519,15 +559,22 @@ def run_forked(cmd: Sequence[str], log: Path, on_line: Callable[[str], None], en
             finally:
                 os._exit(code)
     os.close(write_fd)
-    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+    return Launched(pid, read_fd)
+
+
+def run_forked(cmd: Sequence[str], log: Path, on_line: Callable[[str], None], env: dict[str, str]) -> int:
+    """``run_logged``'s contract (same log bytes, same live lines, the exit code), but the step runs in a fork of this
+    process (``launch_forked``): it starts with the libraries loaded instead of importing them again."""
+    launched = launch_forked(cmd, env)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(launched.fd, "rb", buffering=0) as pipe:
         try:
             _tee(pipe.read, log, on_line)
         except KeyboardInterrupt:
-            os.kill(pid, signal.SIGTERM)
-            os.waitpid(pid, 0)
+            os.kill(launched.pid, signal.SIGTERM)
+            os.waitpid(launched.pid, 0)
             raise
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return launched.wait()[0]
 
 
 def subprocess_env() -> dict[str, str]:
@@ -558,14 +605,21 @@ def run_steps(
     start_from: str | None = None,
     stream: TextIO = sys.stdout,
     runner: Callable[[Sequence[str], Path, Callable[[str], None], dict[str, str]], int] = run_logged,
+    jobs: int = 1,
+    launcher: Callable[[Sequence[str], dict[str, str], int | None], Launched] | None = None,
 ) -> dict[str, Any]:
     """Run the steps in order, skipping done ones (all of them from ``start_from`` on rerun). Writes
     ``OUT/timings.json`` after every step; stops at the first failure (exit code and log tail in the record).
     With ``runner=run_forked`` the libraries are imported once before the first step that runs (a ``preload`` entry in
-    the record), or, where forking is unsafe (``fork_safe``), every step runs in a fresh interpreter instead."""
+    the record), or, where forking is unsafe (``fork_safe``), every step runs in a fresh interpreter instead.
+    ``jobs`` > 1 runs up to that many independent steps at once (``run_parallel``)."""
     names = [s.name for s in steps]
     if start_from is not None and start_from not in names:
         raise ValueError(f"--from {start_from!r}: no such step; steps: {names}")
+    if jobs > 1:
+        if launcher is None:
+            launcher = launch_forked if runner is run_forked else launch_fresh
+        return run_parallel(steps, out, start_from, stream, launcher, jobs)
     force_from = names.index(start_from) if start_from else len(steps)
     timings_path = out / "timings.json"
     previous = {}
@@ -649,6 +703,204 @@ def run_steps(
     return record
 
 
+def plan(steps: Sequence[Step], out: Path, start_from: str | None = None) -> set[str]:
+    """The names of the steps that must run: not done (``is_done``), at or after ``start_from``, or reading from a
+    step that runs (a rerun upstream step reruns what uses its outputs; decided up front, as ``--dry-run`` shows)."""
+    names = [s.name for s in steps]
+    force = names.index(start_from) if start_from else len(steps)
+    deps, to_run = dependencies(steps), set()
+    for i, s in enumerate(steps):
+        if i >= force or not is_done(out, s, deps[s.name]) or any(d.name in to_run for d in deps[s.name]):
+            to_run.add(s.name)
+    return to_run
+
+
+@dataclass
+class _Job:
+    step: Step
+    index: int
+    launched: Launched
+    log: Any
+    t0: float
+    cpu_threads: int
+    last_line: str = ""
+    pending: bytes = b""
+    load0: list[float] | None = None
+
+
+def run_parallel(
+    steps: Sequence[Step],
+    out: Path,
+    start_from: str | None,
+    stream: TextIO,
+    launcher: Callable[[Sequence[str], dict[str, str], int | None], Launched],
+    jobs: int,
+    cpus: int | None = None,
+) -> dict[str, Any]:
+    """``run_steps`` with up to ``jobs`` steps at once: a step starts as soon as every step it reads from
+    (``dependencies``; the report steps wait for all earlier steps) has finished, in the steps' order. Each step
+    gets ``cpus // jobs`` compute threads, or all ``cpus`` when it is the only step that can run. The same
+    done-stamps, logs, timings and resume as the sequential runner; after a failure no new step starts, the running
+    ones finish (and count as done), and the run stops. On 2 cores the tiny models use two 1-thread steps better
+    than one 2-thread step (small matrices scale poorly across threads), and the chain's branches (tiny LLM beside
+    the web CLIP, the judge, the CLIP rows and the DiT rows) are independent."""
+    import selectors
+
+    cpus = cpus or os.cpu_count() or 1
+    names = [s.name for s in steps]
+    deps = dependencies(steps)
+    for j, s in enumerate(steps):  # the reports read everything before them
+        if s.always:
+            deps[s.name] = list(steps[:j])
+    to_run = plan(steps, out, start_from)
+    timings_path = out / "timings.json"
+    previous = {}
+    if timings_path.is_file():
+        try:
+            previous = {s["name"]: s for s in json.loads(timings_path.read_text()).get("steps", [])}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            previous = {}
+    record: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": cpus, "jobs": jobs,
+                              "commit": _git_head(), "steps": []}  # fmt: skip
+    entries: dict[str, dict[str, Any]] = {}
+    n = len(steps)
+    ok: set[str] = set()
+    for i, step in enumerate(steps):
+        if step.name not in to_run:
+            old = previous.get(step.name, {})
+            entries[step.name] = {"name": step.name, "title": step.title, "command": step.shown(),
+                                  "status": "skipped (done)", "seconds": old.get("seconds"),
+                                  "cpu_seconds": old.get("cpu_seconds"), "load": old.get("load")}  # fmt: skip
+            took = f" (took {_fmt_seconds(old['seconds'])})" if old.get("seconds") is not None else ""
+            stream.write(f"[{i + 1}/{n}] {step.title} ... done earlier{took}\n")
+            ok.add(step.name)
+    pending = [s for s in steps if s.name in to_run]
+    env = subprocess_env()
+    if pending and launcher is launch_forked:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        os.environ.update(env)  # read at import time by some libraries (HF_HUB_OFFLINE, OMP_WAIT_POLICY)
+        preload()
+        why = fork_safe()
+        seconds = time.perf_counter() - t0
+        record["steps"].append({"name": "preload", "title": "import the libraries once (steps are forked)",
+                                "command": "import " + ", ".join(PRELOAD), "seconds": round(seconds, 1),
+                                "cpu_seconds": round(time.process_time() - cpu0, 1), "status": "ran"})  # fmt: skip
+        stream.write(f"[0/{n}] import the libraries once ... {_fmt_seconds(seconds)}\n")
+        if why:
+            stream.write(f"    not forking steps: {why}; each step starts a fresh interpreter\n")
+            launcher = launch_fresh
+
+    def write_timings() -> None:
+        record["steps"] = [e for e in record["steps"] if e["name"] == "preload"] + [
+            entries[nm] for nm in names if nm in entries]  # fmt: skip
+        _write_timings(timings_path, record)
+
+    sel = selectors.DefaultSelector()
+    running: dict[str, _Job] = {}
+    failed: str | None = None
+    t_run = time.perf_counter()
+    last_progress = time.monotonic()
+    tty = stream.isatty()
+    try:
+        while pending or running:
+            while failed is None and len(running) < jobs:
+                ready = [s for s in pending if all(d.name in ok for d in deps[s.name] if d.name in to_run)]
+                if not ready:
+                    break
+                step = ready[0]
+                pending.remove(step)
+                i = names.index(step.name)
+                threads = cpus if (not running and len(ready) == 1) else max(1, cpus // jobs)
+                for path in step.clean:
+                    p = _abs(path)
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+                _stamp(out, step).unlink(missing_ok=True)
+                log_path = out / "logs" / f"{step.name}.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                load0 = _load()
+                launched = launcher(step.command(), env, threads)
+                job = _Job(step, i, launched, open(log_path, "wb"), time.perf_counter(), threads, load0=load0)  # noqa: SIM115
+                running[step.name] = job
+                sel.register(launched.fd, selectors.EVENT_READ, job)
+                start = round(job.t0 - t_run, 1)
+                stream.write(f"[{i + 1}/{n}] {step.title} ... started ({threads} thread{'s' * (threads > 1)})\n")
+                stream.flush()
+                entries[step.name] = {"name": step.name, "title": step.title, "command": step.shown(),
+                                      "status": "running", "started_at": start, "threads": threads}  # fmt: skip
+            if not running:
+                break
+            for key, _ in sel.select(timeout=1.0):
+                job = key.data
+                chunk = os.read(job.launched.fd, 65536)
+                if chunk:
+                    job.log.write(chunk)
+                    job.log.flush()
+                    *lines, job.pending = re.split(rb"[\r\n]", job.pending + chunk)
+                    if lines and lines[-1].strip():
+                        job.last_line = lines[-1].decode("utf-8", "replace").strip()
+                    continue
+                sel.unregister(job.launched.fd)
+                job.launched.close()
+                job.log.close()
+                code, cpu = job.launched.wait()
+                seconds = time.perf_counter() - job.t0
+                del running[job.step.name]
+                entry = entries[job.step.name]
+                log_path = out / "logs" / f"{job.step.name}.log"
+                entry.update(seconds=round(seconds, 1), cpu_seconds=round(cpu, 1),
+                             load={"start": job.load0, "end": _load()}, log=str(log_path))  # fmt: skip
+                head = f"[{job.index + 1}/{n}] {job.step.title}"
+                missing = [p for p in job.step.outputs if not _abs(p).exists()]
+                if code == 0 and not missing:
+                    stamp = {"argv": job.step.argv, "seconds": round(seconds, 1), "finished": time.time()}
+                    _stamp(out, job.step).write_text(json.dumps(stamp) + "\n")
+                    entry["status"] = "ran"
+                    ok.add(job.step.name)
+                    stream.write(("\r\033[K" if tty else "") + f"{head} ... {_fmt_seconds(seconds)}\n")
+                else:
+                    why = f"exit {code}" if code else f"outputs missing: {missing}"
+                    entry["status"] = f"failed ({why})"
+                    stream.write(f"{head} ... FAILED after {_fmt_seconds(seconds)} ({why}); log: {log_path}\n")
+                    tail = log_path.read_text(errors="replace").splitlines()[-25:] if log_path.is_file() else []
+                    stream.write("".join(f"    | {t}\n" for t in tail))
+                    failed = failed or job.step.name
+                stream.flush()
+                write_timings()
+            now = time.monotonic()
+            if running and tty:
+                status = "; ".join(f"{nm}: {j.last_line}" for nm, j in running.items())
+                width = shutil.get_terminal_size((120, 20)).columns
+                stream.write("\r\033[K" + status[: width - 1])
+                stream.flush()
+            elif running and now - last_progress >= 30:
+                for nm, j in running.items():
+                    stream.write(f"    {nm} ({_fmt_seconds(time.perf_counter() - j.t0)}): {j.last_line[:160]}\n")
+                stream.flush()
+                last_progress = now
+    except KeyboardInterrupt:
+        for job in running.values():
+            os.kill(job.launched.pid, signal.SIGTERM)
+            job.launched.wait()
+        raise
+    finally:
+        sel.close()
+    for step in pending:  # not started after a failure
+        entries.setdefault(step.name, {"name": step.name, "title": step.title, "command": step.shown(),
+                                       "status": "not run (an earlier step failed)"})  # fmt: skip
+    record["failed"] = failed
+    record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_timings()
+    record["wall_seconds"] = round(time.perf_counter() - t_run + sum(e.get("seconds") or 0 for e in record["steps"]
+                                                                     if e["name"] == "preload"), 1)  # fmt: skip
+    record["total_seconds"] = round(sum(s.get("seconds") or 0 for s in record["steps"]), 1)
+    record["total_cpu_seconds"] = round(sum(s.get("cpu_seconds") or 0 for s in record["steps"]), 1)
+    _write_timings(timings_path, record)
+    return record
+
+
 def _write_timings(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -667,7 +919,10 @@ def summary_table(record: dict) -> str:
     total = record.get("total_seconds") or 0
     total_cpu = record.get("total_cpu_seconds")
     cpu = "-" if total_cpu is None else f"**{_fmt_seconds(total_cpu)}**"
-    lines.append(f"| | **total** | | **{_fmt_seconds(total)}** | {cpu} | |")
+    lines.append(f"| | **total** (sum of the steps) | | **{_fmt_seconds(total)}** | {cpu} | |")
+    if record.get("wall_seconds") is not None:
+        lines.append(f"| | **run** ({record.get('jobs', 1)} steps at a time) | | "
+                     f"**{_fmt_seconds(record['wall_seconds'])}** | | |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -677,9 +932,40 @@ def _last_metrics(folder: Path) -> dict[str, float] | None:
     return json.loads(found.read_text()).get("metrics") if found else None
 
 
+def realised_p(*runs: Path, source: str = "original") -> float | None:
+    """The fraction of ``source`` captions that the training runs in ``runs`` (CSV logger folders) actually trained
+    on, read back from their own logs: the last ``train/caption_source/*`` row of each run's ``metrics.csv`` (the
+    caption-mix monitor writes the exact totals of the run at its last step), the runs weighted by the samples
+    they counted (``train/caption_source_samples``; equally where an older log lacks it). None when no run logged it.
+    """
+    import csv
+
+    fractions, weights = [], []
+    for run in runs:
+        path = run / "metrics.csv"
+        if not path.is_file():
+            continue
+        last = None
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if any(k.startswith("train/caption_source/") and v not in ("", None) for k, v in row.items()):
+                    last = row
+        if last is None:
+            continue
+        shares = {k.removeprefix("train/caption_source/"): float(v) for k, v in last.items()
+                  if k.startswith("train/caption_source/") and v not in ("", None)}  # fmt: skip
+        fractions.append(shares.get(source, 0.0))  # a source never drawn has no column
+        n = last.get("train/caption_source_samples")
+        weights.append(float(n) if n not in ("", None) else 1.0)
+    if not fractions:
+        return None
+    return sum(f * w for f, w in zip(fractions, weights, strict=True)) / sum(weights)
+
+
 def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str, Any]:
-    """This run's numbers from the steps' outputs (missing ones stay missing)."""
-    res: dict[str, Any] = {"captioner": {}, "analysis": None, "clip": {}, "dit": {}}
+    """This run's numbers from the steps' outputs (missing ones stay missing), with the realised p of every CLIP and
+    DiT run (``realised_p``) under ``clip_p`` / ``dit_p``."""
+    res: dict[str, Any] = {"captioner": {}, "analysis": None, "clip": {}, "dit": {}, "clip_p": {}, "dit_p": {}}
     for stage in ("stage1", "stage2", "caption_tune"):
         m = _last_metrics(out / "captioner" / stage / "metrics")
         if m:
@@ -691,9 +977,13 @@ def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str,
     for p in profile["clip"]["ps"]:
         for seed in range(seeds):
             root = out if seed == 0 else out / f"seed{seed}"
-            m = _last_metrics(root / "clip" / "table3" / row_id(p) / "stage2" / "metrics")
+            run = root / "clip" / "table3" / row_id(p)
+            m = _last_metrics(run / "stage2" / "metrics")
             if m:
                 res["clip"].setdefault(str(float(p)), {})[f"seed{seed}"] = m
+            rp = realised_p(run / "stage1", run / "stage2")
+            if rp is not None:
+                res["clip_p"].setdefault(str(float(p)), {})[f"seed{seed}"] = rp
     for p in profile["dit"]["ps"]:
         merged = {}
         for col in ("caption", "recaption"):
@@ -702,6 +992,9 @@ def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str,
                 merged.update({f"{col}/{k}": v for k, v in json.loads(f.read_text()).get("metrics", {}).items()})
         if merged:
             res["dit"][str(float(p))] = merged
+        rp = realised_p(out / "dit" / "table7" / row_id(p) / "fit")
+        if rp is not None:
+            res["dit_p"][str(float(p))] = rp
     return res
 
 
@@ -741,6 +1034,8 @@ class Margins:
     clip_seed_sd: float = 1.5
     fid_rel_margin: float = 0.05
     balance_tolerance: float = 2.0
+    p_tolerance: float = 0.05
+    """A run counts as trained at p when its realised p (``realised_p``) is within this of p."""
 
     @classmethod
     def from_profile(cls, section: dict[str, Any] | None) -> Margins:
@@ -791,8 +1086,36 @@ def _cell(v: Sequence[float]) -> str:
     return f"{_mean(v):.1f}" + (f" ± {sd:.1f}" if sd is not None else "")
 
 
-def _series_text(series: dict[float, list[float]]) -> str:
-    return ", ".join(f"p={p:g}: {_cell(v)}" for p, v in series.items())
+def _series_text(series: dict[float, list[float]], trained: dict[float, float] | None = None) -> str:
+    trained = trained or {}
+    return ", ".join(f"p={p:g}" + (f" (realised {trained[p]:.2f})" if p in trained else "") + f": {_cell(v)}"
+                     for p, v in series.items())  # fmt: skip
+
+
+def trained_p(results: dict, kind: str = "clip") -> dict[float, float]:
+    """nominal p -> the p the runs trained on (``realised_p``, the mean over seeds) for ``kind`` "clip" or "dit"; a row
+    whose runs logged no realised p is left out (the claims then fall back to its nominal p and say so)."""
+    out = {}
+    for p, v in (results.get(f"{kind}_p") or {}).items():
+        vals = list(v.values()) if isinstance(v, dict) else [v]
+        if vals:
+            out[float(p)] = _mean(vals)
+    return out
+
+
+def _p_of(p: float, trained: dict[float, float]) -> float:
+    return trained.get(p, p)
+
+
+def _row_at(rows: Sequence[float], trained: dict[float, float], target: float, tol: float) -> float | None:
+    """The row (nominal p) whose realised p is nearest ``target`` and within ``tol`` of it, else None."""
+    near = [p for p in rows if abs(_p_of(p, trained) - target) <= tol]
+    return min(near, key=lambda p: abs(_p_of(p, trained) - target)) if near else None
+
+
+def _not_trained_at(rows: Sequence[float], trained: dict[float, float], target: float) -> str:
+    got = ", ".join(f"p={p:g} realised {_p_of(p, trained):.2f}" for p in rows) or "no runs"
+    return f"no run trained at p = {target:g} ({got})"
 
 
 def seed_se(a: Sequence[float], b: Sequence[float], prior_sd: float) -> float:
@@ -871,44 +1194,64 @@ def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = 
     c = Claim("clip_retrieval_intermediate_p", "CLIP retrieval is best at an intermediate p (COCO/Flickr R@1 peak at "
               "p = 0.4-0.5, both ends worst; Table 3)",
               "mean short-caption R@1 (i2t, t2i): best 0 < p < 1 > both p = 0 and p = 1")  # fmt: skip
-    mid = {p: v for p, v in short.items() if 0 < p < 1}
-    if mid and 0.0 in short and 1.0 in short:
+    # Every CLIP claim is checked at the p the runs trained on (their logged train/caption_source/*), not the p they
+    # were asked for: a row counts as p = 0 / 0.8 / 1 only within p_tolerance of it.
+    tp = trained_p(results, "clip")
+    tol = m.p_tolerance
+    fallback_note = "" if tp else " (nominal p: the runs logged no realised p)"
+    lo, hi = (_row_at(list(short), tp, t, tol) for t in (0.0, 1.0))
+    mid = {p: v for p, v in short.items() if tol < _p_of(p, tp) < 1 - tol}
+    if short and (lo is None or hi is None):
+        c.evidence = _not_trained_at(list(short), tp, 0.0 if lo is None else 1.0)
+    elif mid:
         best = max(mid, key=lambda p: _mean(mid[p]))
-        end = max((0.0, 1.0), key=lambda p: _mean(short[p]))
+        end = max((lo, hi), key=lambda p: _mean(short[p]))
         c.verdict, margin = _greater(mid[best], short[end], m)
-        c.evidence = _series_text(short) + f" (best intermediate p={best:g} vs p={end:g}: {margin})"
+        c.evidence = (_series_text(short, tp) + f" (best intermediate p={best:g} vs p={end:g}: {margin})"
+                      + fallback_note)  # fmt: skip
     claims.append(c)
     c = Claim("clip_classification_p0", "Zero-shot classification drops at p = 0 (ImageNet 36.0 vs 69.7 at p = 1; "
               "Table 3)", "classification top-1 at p = 0 < at p = 1")  # fmt: skip
-    if 0.0 in cls and 1.0 in cls:
-        c.verdict, margin = _greater(cls[1.0], cls[0.0], m)
-        c.evidence = f"{_series_text(cls)} ({margin})"
+    lo, hi = (_row_at(list(cls), tp, t, tol) for t in (0.0, 1.0))
+    if cls and (lo is None or hi is None):
+        c.evidence = _not_trained_at(list(cls), tp, 0.0 if lo is None else 1.0)
+    elif cls:
+        c.verdict, margin = _greater(cls[hi], cls[lo], m)
+        c.evidence = f"{_series_text(cls, tp)} ({margin}){fallback_note}"
     claims.append(c)
     c = Claim(
         "clip_balance_p0.8",
         "p = 0.8 keeps classification (-0.5) and improves retrieval (+3.4 on average) over p = 1 (Table 3)",
         f"at p = 0.8: retrieval > p = 1, classification within {m.balance_tolerance:g} points of p = 1",
     )
-    if all(p in cls and p in short for p in (0.8, 1.0)):
-        retr, margin = _greater(short[0.8], short[1.0], m)
-        drop = _mean(cls[1.0]) - _mean(cls[0.8])
+    both = [p for p in cls if p in short]
+    p8, p1 = _row_at(both, tp, 0.8, tol), _row_at(both, tp, 1.0, tol)
+    if p8 is not None and p1 is not None:
+        retr, margin = _greater(short[p8], short[p1], m)
+        drop = _mean(cls[p1]) - _mean(cls[p8])
         # "keeps classification" is the null: it fails only when the drop exceeds the tolerance by more than its
         # noise, and is unsettled (inconclusive) when it exceeds the tolerance by less
-        kept = verdict(m.balance_tolerance - drop, seed_se(cls[1.0], cls[0.8], m.clip_seed_sd), m.z)
+        kept = verdict(m.balance_tolerance - drop, seed_se(cls[p1], cls[p8], m.clip_seed_sd), m.z)
         if FAILS in (retr, kept):
             c.verdict = FAILS
         else:
             c.verdict = NOISE if drop > m.balance_tolerance else retr
-        c.evidence = (f"retrieval {_cell(short[0.8])} vs {_cell(short[1.0])} ({margin}); classification "
-                      f"{_cell(cls[0.8])} vs {_cell(cls[1.0])} ({-drop:+.1f})")  # fmt: skip
+        at = f" (realised p {_p_of(p8, tp):.2f} vs {_p_of(p1, tp):.2f})" if tp else fallback_note
+        c.evidence = (f"retrieval {_cell(short[p8])} vs {_cell(short[p1])} ({margin}); classification "
+                      f"{_cell(cls[p8])} vs {_cell(cls[p1])} ({-drop:+.1f}){at}")  # fmt: skip
+    elif any(0.7 <= p <= 0.9 for p in both):
+        c.evidence = _not_trained_at(both, tp, 0.8 if p8 is None else 1.0)
     claims.append(c)
     c = Claim("clip_long_retrieval", "Recaptions make long-caption retrieval far better (Urban-1K +31.8 / +36.4 R@1; "
               "Table 6)", "mean long-caption R@1 (i2t, t2i) at the largest p < 1 > at p = 1")  # fmt: skip
-    below = [p for p in long if p < 1]
-    if below and 1.0 in long:
-        p = max(below)
-        c.verdict, margin = _greater(long[p], long[1.0], m)
-        c.evidence = f"{_series_text(long)} ({margin})"
+    hi = _row_at(list(long), tp, 1.0, tol)
+    below = [p for p in long if _p_of(p, tp) < 1 - tol]
+    if long and hi is None:
+        c.evidence = _not_trained_at(list(long), tp, 1.0)
+    elif below:
+        p = max(below, key=lambda q: _p_of(q, tp))
+        c.verdict, margin = _greater(long[p], long[hi], m)
+        c.evidence = f"{_series_text(long, tp)} ({margin}){fallback_note}"
     claims.append(c)
 
     # Table 7: DiT at p = 0 vs p = 1.
@@ -917,7 +1260,10 @@ def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = 
         """Holds when the p named ``winner`` has the better value of ``key`` by more than its noise (``kind``)."""
         c = Claim(cid, paper, check)
         v0, v1 = _dit(results, 0.0, key), _dit(results, 1.0, key)
-        if v0 is not None and v1 is not None:
+        off = [p for p in (0.0, 1.0) if abs(_p_of(p, dit_p) - p) > tol]
+        if v0 is not None and v1 is not None and off:
+            c.evidence = _not_trained_at([0.0, 1.0], dit_p, off[0])
+        elif v0 is not None and v1 is not None:
             win, lose = (v0, v1) if winner == 0.0 else (v1, v0)
             diff = (lose - win) if lower_better else (win - lose)
             if kind == "fid":
@@ -930,8 +1276,12 @@ def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = 
                 se = math.hypot(s0, s1) if s0 is not None and s1 is not None else None
             se = None if se is None else se * scale
             c.verdict = verdict(diff * scale, se, m.z)
-            c.evidence = f"p=0: {v0 * scale:.1f}, p=1: {v1 * scale:.1f} ({_margin_text(diff * scale, se, m.z)})"
+            at = [f" (realised {dit_p[p]:.2f})" if p in dit_p else "" for p in (0.0, 1.0)]
+            c.evidence = (f"p=0{at[0]}: {v0 * scale:.1f}, p=1{at[1]}: {v1 * scale:.1f} "
+                          f"({_margin_text(diff * scale, se, m.z)})" + ("" if dit_p else " (nominal p)"))  # fmt: skip
         claims.append(c)
+
+    dit_p = trained_p(results, "dit")
 
     dit_claim("dit_recap_clip_score", "DiT follows detailed prompts better at p = 0 (Recap-prompt CLIP score 32.5 vs "
               "29.3; Table 7)", f"CLIP score ({dit_clip}) on recaption prompts: p = 0 > p = 1",
@@ -1032,14 +1382,16 @@ def _clip_table(results: dict) -> str:
             "long t2i R@1": ("long_retrieval/text_to_image_R@1",)}  # fmt: skip
     series = {name: clip_series(results, *keys) for name, keys in cols.items()}
     ps = sorted({p for s in series.values() for p in s})
-    lines = ["| p | " + " | ".join(cols) + " | seeds | paper: IN-1K / COCO I→T / COCO T→I |",
-             "|---|" + "---|" * (len(cols) + 2)]  # fmt: skip
+    realised = {float(p): list(v.values()) for p, v in (results.get("clip_p") or {}).items()}
+    lines = ["| p | realised p | " + " | ".join(cols) + " | seeds | paper: IN-1K / COCO I→T / COCO T→I |",
+             "|---|---|" + "---|" * (len(cols) + 2)]  # fmt: skip
     for p in ps:
         cells = [_cell(series[n][p]) if p in series[n] else "-" for n in cols]
         n = max(len(series[c].get(p, [])) for c in cols)
         pp = paper.get(row_id(p), {})
         ref = " / ".join(f"{pp[k]:g}" for k in ("imagenet_top1", "coco_i2t_r1", "coco_t2i_r1") if k in pp) or "-"
-        lines.append(f"| {p:g} | " + " | ".join(cells) + f" | {n} | {ref} |")
+        rp = f"{_mean(realised[p]):.3f}" if realised.get(p) else "-"
+        lines.append(f"| {p:g} | {rp} | " + " | ".join(cells) + f" | {n} | {ref} |")
     return "\n".join(lines)
 
 
@@ -1052,8 +1404,9 @@ def _dit_table(results: dict, dit_clip: str) -> str:
             "recap Recap-CLIP": ("recaption/clip_score/recap_clip", 1),
             "judge colour % raw / recap": (("caption/attributes/colour", "recaption/attributes/colour"), 100),
             "judge shape % raw / recap": (("caption/attributes/shape", "recaption/attributes/shape"), 100)}  # fmt: skip
-    lines = ["| train p | " + " | ".join(cols) + " | paper: raw FID / raw CLIP / recap FID / recap CLIP / Recap-CLIP |",
-             "|---|" + "---|" * (len(cols) + 1)]  # fmt: skip
+    lines = ["| train p | realised p | " + " | ".join(cols) + " | paper: raw FID / raw CLIP / recap FID / recap CLIP / "
+             "Recap-CLIP |", "|---|---|" + "---|" * (len(cols) + 1)]  # fmt: skip
+    realised = {float(p): v for p, v in (results.get("dit_p") or {}).items()}
     for p, m in sorted((results.get("dit") or {}).items(), key=lambda t: float(t[0])):
         cells = []
         for key, scale in cols.values():
@@ -1065,7 +1418,8 @@ def _dit_table(results: dict, dit_clip: str) -> str:
         pp = paper.get(row_id(float(p)), {})
         ref = " / ".join(f"{pp[k]:g}" for k in ("raw_fid", "raw_clip", "recap_fid", "recap_clip", "recap_recap_clip")
                          if k in pp) or "-"  # fmt: skip
-        lines.append(f"| {float(p):g} | " + " | ".join(cells) + f" | {ref} |")
+        rp = f"{realised[float(p)]:.3f}" if float(p) in realised else "-"
+        lines.append(f"| {float(p):g} | {rp} | " + " | ".join(cells) + f" | {ref} |")
     return "\n".join(lines)
 
 
@@ -1156,6 +1510,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--report-only", action="store_true", help="only (re)write OUT/report.md from finished steps")
     parser.add_argument("--isolated", action="store_true", help="start every step in a fresh interpreter (default on "
                         "Linux: fork the steps from this process after importing the libraries once)")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=None, help="steps run at once (default: the profile's jobs, "
+                        "else 1); independent steps of the chain then share the cores")  # fmt: skip
     args = parser.parse_args(argv)
 
     profile = load_profile(args.profile)
@@ -1191,7 +1547,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         command = record.get("command") or command  # the command that ran the steps
     else:
         print(f"reproduce: profile {name}, {len(steps)} steps -> {out_str} (logs in {out_str}/logs)", flush=True)
-        record = run_steps(steps, out, args.start_from, runner=run_logged if args.isolated else run_forked)
+        jobs = int(args.jobs if args.jobs is not None else profile.get("jobs", 1))
+        record = run_steps(steps, out, args.start_from, runner=run_logged if args.isolated else run_forked, jobs=jobs)
         record["command"] = command
         _write_timings(out / "timings.json", record)
     print("\n" + summary_table(record), flush=True)

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -436,3 +437,170 @@ def test_runner_preloads_once_before_the_first_step_that_runs(tmp_path, monkeypa
     R.run_steps(steps, out, start_from="c", stream=log, runner=fake)
     assert used == ["fresh", "fresh"]
     assert "not forking steps: 2 threads" in log.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ parallel steps
+def _py_step(out: Path, name: str, code: str, reads: str = "") -> R.Step:
+    """A step whose command is `python -c CODE` (run by _py_launcher); it reads ``reads`` (a folder of another step)."""
+    return R.Step(name, f"step {name}", [name, code, *([reads] if reads else [])], [str(out / name / "done.txt")],
+                  [str(out / name)])  # fmt: skip
+
+
+def _py_launcher(cmd, env, threads):
+    # cmd = python -m experiments NAME CODE [READS]: run CODE with the thread count it was given in its env
+    return R.launch_fresh([sys.executable, "-c", cmd[4]], env, threads)
+
+
+def _writes(out: Path, name: str, body: str = "") -> str:
+    target = out / name / "done.txt"
+    return (
+        f"import os, time, pathlib\n{body}\np = pathlib.Path({str(target)!r})\np.parent.mkdir(parents=True, "
+        f"exist_ok=True)\np.write_text(os.environ.get('OMP_NUM_THREADS', '-') + ' ' + str(time.time()))"
+    )
+
+
+def test_parallel_steps_overlap_respect_dependencies_and_resume(tmp_path):
+    import io
+
+    out = tmp_path / "out"
+    a_dir = str(out / "a")
+    steps = [
+        _py_step(out, "a", _writes(out, "a", "time.sleep(0.6)")),
+        _py_step(out, "b", _writes(out, "b", "time.sleep(0.6)")),  # independent of a: runs beside it
+        _py_step(out, "c", _writes(out, "c", f"assert pathlib.Path({a_dir!r}, 'done.txt').is_file()"), reads=a_dir),
+        R.Step("r", "report", ["r", _writes(out, "r")], [str(out / "r" / "done.txt")], always=True),
+    ]
+    assert [d.name for d in R.dependencies(steps)["c"]] == ["a"]
+    t0 = time.perf_counter()
+    rec = R.run_steps(steps, out, stream=io.StringIO(), jobs=2, launcher=_py_launcher)
+    wall = time.perf_counter() - t0
+    assert rec["failed"] is None
+    assert [s["status"] for s in rec["steps"]] == ["ran"] * 4
+    started = {s["name"]: s["started_at"] for s in rec["steps"]}
+    finished = {n: float((out / n / "done.txt").read_text().split()[1]) for n in "abcr"}
+    assert abs(started["a"] - started["b"]) < 0.5  # a and b ran side by side
+    assert finished["c"] > finished["a"]  # c waited for a (it asserts a's output exists)
+    assert finished["r"] >= max(finished[n] for n in "abc")  # the report step waits for everything before it
+    assert wall < 0.6 * 2 + 3.0
+    # two ready steps share the cores; a step that runs alone gets them all
+    threads = {s["name"]: s["threads"] for s in rec["steps"]}
+    cpus = os.cpu_count()
+    assert threads["a"] == threads["b"] == max(1, cpus // 2)
+    assert threads["r"] == cpus
+    assert (out / "a" / "done.txt").read_text().split()[0] == str(threads["a"])  # the step saw its thread cap
+    assert rec["wall_seconds"] <= rec["total_seconds"]
+
+    # resume: all done -> only the always-step runs; a deleted output reruns its step and what reads it
+    rec = R.run_steps(steps, out, stream=io.StringIO(), jobs=2, launcher=_py_launcher)
+    assert [s["status"] for s in rec["steps"]] == ["skipped (done)"] * 3 + ["ran"]
+    (out / "a" / "done.txt").unlink()
+    rec = R.run_steps(steps, out, stream=io.StringIO(), jobs=2, launcher=_py_launcher)
+    assert {s["name"]: s["status"] for s in rec["steps"]} == {"a": "ran", "b": "skipped (done)", "c": "ran",
+                                                               "r": "ran"}  # fmt: skip
+
+
+def test_parallel_failure_stops_new_steps_but_lets_running_ones_finish(tmp_path):
+    import io
+
+    out = tmp_path / "out"
+    a_dir = str(out / "a")
+    steps = [
+        _py_step(out, "a", "import sys; print('boom'); sys.exit(4)"),
+        _py_step(out, "b", _writes(out, "b", "time.sleep(0.5)")),
+        _py_step(out, "c", _writes(out, "c"), reads=a_dir),
+    ]
+    log = io.StringIO()
+    rec = R.run_steps(steps, out, stream=log, jobs=2, launcher=_py_launcher)
+    status = {s["name"]: s["status"] for s in rec["steps"]}
+    assert rec["failed"] == "a"
+    assert status == {"a": "failed (exit 4)", "b": "ran", "c": "not run (an earlier step failed)"}
+    assert "| boom" in log.getvalue()  # the failed step's log tail is shown
+    assert (out / "logs" / "b.done").is_file()
+    assert not (out / "logs" / "a.done").exists()
+    steps[0] = _py_step(out, "a", _writes(out, "a"))
+    rec = R.run_steps(steps, out, stream=io.StringIO(), jobs=2, launcher=_py_launcher)
+    assert {s["name"]: s["status"] for s in rec["steps"]} == {"a": "ran", "b": "skipped (done)", "c": "ran"}
+
+
+def test_parallel_cpu_time_is_per_step(tmp_path):
+    import io
+
+    out = tmp_path / "out"
+    spin = "t = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+    steps = [_py_step(out, "a", _writes(out, "a", spin)), _py_step(out, "b", _writes(out, "b", "time.sleep(0.4)"))]
+    rec = R.run_steps(steps, out, stream=io.StringIO(), jobs=2, launcher=_py_launcher)
+    cpu = {s["name"]: s["cpu_seconds"] for s in rec["steps"]}
+    assert cpu["a"] >= 0.35
+    assert cpu["b"] < 0.3
+
+
+def test_forked_step_gets_its_thread_cap(tmp_path, monkeypatch):
+    """A forked step runs with the compute threads the scheduler gave it (torch's pool and the env its own
+    subprocesses inherit), whatever the parent's own setting."""
+    import torch
+
+    import experiments.__main__ as entry
+
+    def probe(argv):
+        import os as _os
+
+        print(f"torch={torch.get_num_threads()} omp={_os.environ.get('OMP_NUM_THREADS')}")
+
+    monkeypatch.setitem(entry.SUITE_COMMANDS, "probe", (probe, "test"))
+    launched = R.launch_forked([sys.executable, "-m", "experiments", "probe"], R.subprocess_env(), 1)
+    with os.fdopen(launched.fd, "rb") as pipe:
+        text = pipe.read().decode()
+    assert launched.wait()[0] == 0
+    assert "torch=1 omp=1" in text
+
+
+# ------------------------------------------------------------------------------------------------ realised p
+def _metrics_csv(folder: Path, rows: list[dict]) -> None:
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in rows for k in r})
+    with (folder / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_realised_p_is_read_from_the_runs_own_logs(tmp_path):
+    s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
+    _metrics_csv(s1, [{"step": 9, "train/caption_source/original": 0.9, "train/caption_source/recaption": 0.1},
+                      {"step": 10, "train/loss": 2.0},
+                      {"step": 19, "train/caption_source/original": 0.52, "train/caption_source/recaption": 0.48,
+                       "train/caption_source_samples": 3000}])  # fmt: skip
+    _metrics_csv(s2, [{"step": 5, "train/caption_source/recaption": 1.0, "train/caption_source_samples": 1000}])
+    assert R.realised_p(s1) == pytest.approx(0.52)  # the last row that logged it: the run's exact totals
+    assert R.realised_p(s2) == 0.0  # a source never drawn has no column
+    assert R.realised_p(s1, s2) == pytest.approx((0.52 * 3000 + 0.0 * 1000) / 4000)  # weighted by samples
+    assert R.realised_p(tmp_path / "missing") is None
+
+
+def test_claims_use_the_realised_p(tmp_path):
+    clip = {"0.0": {"seed0": _clip(10, 4, 9)}, "0.5": {"seed0": _clip(19, 9, 8)},
+            "0.8": {"seed0": _clip(24, 9, 7)}, "1.0": {"seed0": _clip(25, 4, 2)}}  # fmt: skip
+    results = _results(clip)
+    results["clip_p"] = {"0.0": {"seed0": 0.01}, "0.5": {"seed0": 0.5}, "0.8": {"seed0": 0.79}, "1.0": {"seed0": 1.0}}
+    claims = {c.id: c for c in R.check_claims(results)}
+    assert claims["clip_classification_p0"].verdict == R.HOLDS
+    assert "p=0 (realised 0.01)" in claims["clip_classification_p0"].evidence
+    # a "p = 0" row that trained on 30% alt-text (say recaptions missing, fallen back) is not p = 0
+    results["clip_p"]["0.0"] = {"seed0": 0.3}
+    claims = {c.id: c for c in R.check_claims(results)}
+    assert claims["clip_classification_p0"].verdict == R.MISSING
+    assert "no run trained at p = 0" in claims["clip_classification_p0"].evidence
+    assert claims["clip_long_retrieval"].verdict == R.HOLDS  # compares the largest realised p < 1 with p = 1
+    results["clip_p"]["0.8"] = {"seed0": 0.6}
+    assert {c.id: c.verdict for c in R.check_claims(results)}["clip_balance_p0.8"] == R.MISSING
+    dit = {p: {"recaption/clip_score/web_clip": v, "recaption/clip_score/web_clip/se": 0.5} for p, v in
+           (("0.0", 30.0), ("1.0", 20.0))}  # fmt: skip
+    results = _results({}, dit)
+    results["dit_p"] = {"0.0": 0.0, "1.0": 1.0}
+    claims = {c.id: c for c in R.check_claims(results)}
+    assert claims["dit_recap_clip_score"].verdict == R.HOLDS
+    assert "realised 1.00" in claims["dit_recap_clip_score"].evidence
+    results["dit_p"]["1.0"] = 0.5
+    assert {c.id: c.verdict for c in R.check_claims(results)}["dit_recap_clip_score"] == R.MISSING
