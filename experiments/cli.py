@@ -7,6 +7,10 @@ with stacked ``--config`` files (last wins) and ``--print_config``.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
+import json
 import os
 import re
 import sys
@@ -111,6 +115,23 @@ class RecapCLI(LightningCLI):
     """LightningCLI with the suite's defaults: subclass mode, config saved to the loggers, secrets scrubbed, the
     config validated before anything is built, checkpoints (``--ckpt_path``) read with ``weights_only=True``."""
 
+    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
+        """Lightning's parsing, with dotted keys into nested dicts merged (:func:`merge_nested_dict_overrides`)."""
+        if args is not None and not isinstance(args, list | tuple):
+            return super().parse_arguments(parser, args)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            merged = merge_nested_dict_overrides(parser, argv)
+        except DottedKeyError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if merged == argv:
+            return super().parse_arguments(parser, args)
+        if args is None:  # from the command line: parse the rewritten sys.argv (Lightning warns on args + sys.argv)
+            self.config = parser.parse_args(merged)
+            return None
+        return super().parse_arguments(parser, merged)
+
     def before_instantiate_classes(self) -> None:
         # Runs after parsing and before any class (Trainer, loggers, callbacks, model, data) exists, so nothing has
         # been written yet: a config that cannot run stops here with one line per problem and exit code 2.
@@ -128,6 +149,102 @@ class RecapCLI(LightningCLI):
             init_args = getattr(node, "init_args", None)
             if init_args is not None and isinstance(init_args.get("config"), Mapping):
                 init_args["config"] = scrub_secrets(init_args["config"])
+
+
+# ``--a.b.c...`` (or ``--a.b.c=...``): a dotted option at least three levels deep, which may reach into a dict value
+_DEEP_OPTION = re.compile(r"^--([A-Za-z_][\w-]*(?:\.[\w-]+){2,})(?:=(.*))?$", re.DOTALL)
+
+
+class DottedKeyError(ValueError):
+    """A dotted command-line key that cannot be merged into the dict it reaches into."""
+
+
+def _quiet_parse(parser: Any, argv: list[str]) -> Any:
+    """``parser.parse_args(argv)`` without printing anything and without ``--print_config``; None if it fails."""
+    argv = [a for a in argv if a != "--print_config" and not a.startswith("--print_config=")]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return parser.parse_args(argv)
+    except (SystemExit, Exception):  # noqa: BLE001 - the real parse reports it
+        return None
+
+
+def _subcommand_config(cfg: Any) -> Any:
+    sub = cfg.get("subcommand") if cfg is not None else None
+    return cfg.get(sub) if sub else cfg
+
+
+def _dict_prefix(cfg: Any, parts: list[str]) -> int | None:
+    """The length of the shortest prefix of ``parts`` whose value in ``cfg`` is a plain dict with at least two more
+    key levels below it (``model.init_args.model`` + ``vision_cfg.patch_size``), or None."""
+    from jsonargparse import Namespace
+
+    for j in range(1, len(parts) - 1):
+        value = cfg.get(".".join(parts[:j]))
+        if isinstance(value, dict):
+            return j
+        if not isinstance(value, Namespace):
+            return None
+    return None
+
+
+def merge_nested_dict_overrides(parser: Any, argv: list[str]) -> list[str]:
+    """``argv`` with every dotted override that reaches two or more levels into a dict-valued setting rewritten as
+    the whole dict with that one key merged in, at the same position (so "last wins" keeps its order).
+
+    jsonargparse merges the first level of a dotted key into a dict (``--model.init_args.model.embed_dim=32`` keeps
+    the other keys) but replaces the sub-dict of a deeper one: ``--model.init_args.model.vision_cfg.patch_size=4``
+    left ``vision_cfg`` as ``{patch_size: 4}``, silently building another model than the one configured. Here the
+    configured ``vision_cfg`` (from the ``--config`` files and arguments before the override) keeps its other keys.
+    A key whose path runs through a value that is not a dict raises :class:`DottedKeyError` saying how to pass the
+    whole value instead. ``argv`` comes back unchanged when it has no such override (the usual case: no extra parse).
+    """
+    if not any(_DEEP_OPTION.match(a) for a in argv):
+        return argv
+    full = _subcommand_config(_quiet_parse(parser, argv))
+    if full is None:  # it does not parse: the real parse reports why
+        return argv
+    out, i = list(argv), 0
+    while i < len(out):
+        m = _DEEP_OPTION.match(out[i])
+        parts = m.group(1).split(".") if m else []
+        j = _dict_prefix(full, parts) if m else None
+        inline = m is not None and m.group(2) is not None
+        if j is None or not (inline or (i + 1 < len(out) and not out[i + 1].startswith("--"))):
+            i += 1
+            continue
+        raw, width = (m.group(2), 1) if inline else (out[i + 1], 2)
+        before = _subcommand_config(_quiet_parse(parser, out[:i]))
+        if before is None:  # the arguments before it do not parse on their own: leave it to jsonargparse
+            i += width
+            continue
+        key, inner = ".".join(parts[:j]), parts[j:]
+        merged = _merge_dotted(before.get(key), key, inner, yaml.safe_load(raw) if raw.strip() else raw, m.group(1))
+        out[i : i + width] = [f"--{key}={json.dumps(merged)}"]
+        i += 1
+    return out
+
+
+def _merge_dotted(base: Any, key: str, inner: list[str], value: Any, option: str) -> dict[str, Any]:
+    """A deep copy of the dict ``base`` (the value of ``key``) with ``value`` set at the key path ``inner``."""
+    if base is not None and not isinstance(base, dict):
+        raise DottedKeyError(
+            f"--{option}: {key} is {base!r}, not a dict, so a dotted key cannot set {'.'.join(inner)} in it; "
+            f"pass the whole value instead, e.g. --{key}='{{...}}'"
+        )
+    merged = copy.deepcopy(base or {})
+    node = merged
+    for depth, part in enumerate(inner[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join([key, *inner[: depth + 1]])
+            raise DottedKeyError(
+                f"--{option}: {where} is {child!r}, not a dict, so a dotted key cannot set "
+                f"{'.'.join(inner[depth + 1 :])} in it; set --{where}=VALUE, or pass the whole dict: --{key}='{{...}}'"
+            )
+        node = child
+    node[inner[-1]] = value
+    return merged
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> RecapCLI:

@@ -98,3 +98,62 @@ def main_world(argv):
     from experiments.world import main as world_main
 
     return world_main(argv)
+
+
+def _printed_config(capsys, argv: list[str]) -> dict:
+    """``python -m experiments <argv> --print_config`` (the same entry point, in this process), parsed."""
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--print_config"])
+    assert exc.value.code in (None, 0), capsys.readouterr().err
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_a_dotted_key_into_a_nested_dict_merges_into_the_configured_dict(capsys, monkeypatch, tmp_path):
+    """--model.init_args.model.vision_cfg.patch_size=4 changes that one key of the YAML's vision_cfg; the rest of the
+    model config stays as configured (jsonargparse alone left vision_cfg = {patch_size: 4})."""
+    configured = yaml.safe_load(TINY_CLIP.read_text())["model"]["init_args"]["model"]
+    base = ["fit", "--config", str(TINY_CLIP)]
+    model = _printed_config(capsys, [*base, "--model.init_args.model.vision_cfg.patch_size=4"])["model"]
+    cfg = model["init_args"]["model"]
+    assert cfg["vision_cfg"] == {**configured["vision_cfg"], "patch_size": 4}
+    assert cfg["text_cfg"] == configured["text_cfg"]
+    assert cfg["embed_dim"] == configured["embed_dim"]
+
+    # the space-separated form, two keys, a new nested key, a one-level key: all merged, in order (last wins)
+    args = [*base, "--model.init_args.model.text_cfg.layers", "3", "--model.init_args.model.vision_cfg.width=32"]
+    args += ["--model.init_args.model.vision_cfg.width=48", "--model.init_args.model.embed_dim=16"]
+    args += ["--model.init_args.model.text_cfg.tokenizer_kwargs.strip_sep_token=true"]
+    cfg = _printed_config(capsys, args)["model"]["init_args"]["model"]
+    assert cfg["vision_cfg"] == {**configured["vision_cfg"], "width": 48}
+    assert cfg["text_cfg"] == {**configured["text_cfg"], "layers": 3, "tokenizer_kwargs": {"strip_sep_token": True}}
+    assert cfg["embed_dim"] == 16
+
+    # a later --config still replaces the whole setting (last wins), whatever came before it
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"model": {"init_args": {"model": "ViT-B-32"}}}))
+    args = [*base, "--model.init_args.model.vision_cfg.patch_size=4", "--config", str(other)]
+    assert _printed_config(capsys, args)["model"]["init_args"]["model"] == "ViT-B-32"
+
+    # the command-line path proper (LightningCLI reads sys.argv itself)
+    argv = ["experiments", *base, "--model.init_args.model.vision_cfg.layers=1", "--print_config"]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit):
+        cli_main(None)
+    cfg = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["model"]
+    assert cfg["vision_cfg"] == {**configured["vision_cfg"], "layers": 1}
+
+
+def test_a_dotted_key_through_a_value_that_is_not_a_dict_is_refused(capsys, tmp_path):
+    base = ["fit", "--config", str(TINY_CLIP)]
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--model.init_args.model.embed_dim.size=4", "--print_config"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.init_args.model.embed_dim is 64, not a dict" in err
+    assert "--model.init_args.model='{...}'" in err
+    named = tmp_path / "named.yaml"
+    named.write_text(yaml.safe_dump({"model": {"init_args": {"model": "ViT-B-32"}}}))
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--config", str(named), "--model.init_args.model.vision_cfg.patch_size=4", "--print_config"])
+    assert exc.value.code == 2
+    assert "model.init_args.model is 'ViT-B-32', not a dict" in capsys.readouterr().err
