@@ -42,6 +42,12 @@ def test_three_caption_toy_by_hand():
     assert v["coverage_pct"]["recaption"] == pytest.approx(100 * 12 / 14)
     assert v["coverage_pct"]["original"] == pytest.approx(100 * 7 / 14)
     assert v["top_words"]["recaption"][0] == ["a", 3]
+    # word tokens ([a-z0-9]+ runs: "photo.jpg" is two): the paper's 82.86% is this share (49.43 / (49.43 + 10.22))
+    n_orig = sum(len(analyze.words(t)) for t in ORIG)
+    n_recap = sum(len(analyze.words(t)) for t in RECAP)
+    assert v["tokens"] == {"original": n_orig, "recaption": n_recap}
+    assert v["token_share_pct"]["recaption"] == pytest.approx(100 * n_recap / (n_orig + n_recap))
+    assert n_orig != sum(len(t.split()) for t in ORIG)  # counted in words of the vocabulary, not whitespace words
 
 
 def test_histogram_median_and_overflow():
