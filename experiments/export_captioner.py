@@ -1,29 +1,40 @@
 """``python -m experiments export-captioner --ckpt RUN/checkpoints/last.ckpt --out DIR``: a llava-hf folder.
 
-The checkpoint is read with ``weights_only=True``; the model is rebuilt from its hyperparameters (the same vision
-tower, LLM and tokenizer sources), its trained weights are loaded, LoRA adapters are merged into the LLM, and
-``save_pretrained`` writes model + processor (image processor, tokenizer, chat template). Then
+The checkpoint is read with ``weights_only=True`` (one that holds pickled objects is refused as unsafe, exit code 1);
+the model is rebuilt from its hyperparameters (the same vision tower, LLM and tokenizer sources), its trained weights
+are loaded, LoRA adapters are merged into the LLM, and ``save_pretrained`` writes model + processor (image processor,
+tokenizer, chat template). Then
 
     model = LlavaForConditionalGeneration.from_pretrained(DIR); processor = AutoProcessor.from_pretrained(DIR)
 
 and vLLM / SGLang load ``DIR`` as any llava-hf model; ``model: {pretrained: DIR}`` continues training from it.
+
+Every exported weight was trained or loaded: frozen weights come back from where the model took them (a hub name or
+folder) or from the checkpoint. A vision tower or LLM built from a config dict is random; its frozen weights are kept
+in checkpoints for that reason, and a checkpoint without them (written before they were kept) is refused, naming the
+missing tensors, rather than exported with new random ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 
 def export_captioner(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     from lightning_modules.captioner import CaptionerModule
+    from lightning_modules.components.clip_model import load_checkpoint_file
 
     ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{ckpt} does not exist")
-    module = CaptionerModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    contents = load_checkpoint_file(ckpt)  # weights_only=True; an unsafe file is refused with its path
+    module = CaptionerModule.from_checkpoint_contents(contents, ckpt)
+    del contents
+    missing = module.missing_weights()
+    if missing:
+        raise ValueError(module.missing_weights_message(missing, source=str(ckpt)))
     return module.export_pretrained(out, in_place=True)
 
 
@@ -34,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--ckpt", required=True, help="CaptionerModule Lightning checkpoint (.ckpt)")
     parser.add_argument("--out", required=True, help="output folder (llava-hf layout)")
     args = parser.parse_args(argv)
-    out = export_captioner(args.ckpt, args.out)
+    try:
+        out = export_captioner(args.ckpt, args.out)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        print(f"export-captioner: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"exported {args.ckpt} -> {out} (LlavaForConditionalGeneration.from_pretrained('{out}'))")
     return out

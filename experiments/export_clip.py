@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--name", default="recap-clip-export", help="model config name for add_model_config")
     parser.add_argument("--hf-vision", metavar="OUT_DIR", help="also write the image tower as an HF CLIP vision folder")
     args = parser.parse_args(argv)
-    out = export_clip(args.ckpt, args.out, args.name, hf_vision=args.hf_vision)
+    try:
+        out = export_clip(args.ckpt, args.out, args.name, hf_vision=args.hf_vision)
+    except (ValueError, FileNotFoundError) as e:  # bad input (an unsafe or foreign checkpoint): one line
+        print(f"export-clip: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"exported {args.ckpt} -> {out} (open_clip.create_model_and_transforms('local-dir:{out}'))")
     if args.hf_vision:
         print(f"HF vision tower -> {args.hf_vision} (transformers.CLIPVisionModel.from_pretrained)")

@@ -13,6 +13,7 @@ DataModule at any p (each caption becomes a one-turn conversation, ``CaptionConv
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.caption_mix import DataTransforms
 from datamodules.checks import RunContext, check_path
@@ -170,6 +171,10 @@ class CaptionerModule(L.LightningModule):
         self._encoder: ConversationEncoder | None = None
         self.model: torch.nn.Module | None = None
         self.strict_loading = save_frozen
+        # Parameters drawn at random when the model was built (config-dict towers, the projector) that no init_from
+        # restored: only a checkpoint can bring them back, so checkpoints keep them (see on_save_checkpoint).
+        self._unsourced: list[str] = []
+        self._restored_keys: set[str] | None = None  # state-dict keys of the checkpoint this module was restored from
         self.n_truncated = 0
         self._validations = 0
         self._t_last: float | None = None
@@ -192,8 +197,10 @@ class CaptionerModule(L.LightningModule):
         hp = self.hparams
         parts = build_llava(**{k: hp[k] for k in BUILD_ARGS})
         model = parts.model
+        random_init = set(parts.random_init)
         if hp.init_from:
-            self._load_init(model, hp.init_from)
+            random_init -= self._load_init(model, hp.init_from)
+        unsourced = {id(p) for n, p in model.named_parameters() if n in random_init}
         if hp.lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -206,9 +213,10 @@ class CaptionerModule(L.LightningModule):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         rank_zero_info(f"CaptionerModule: trainable parameters {counts}, {parts.num_image_tokens} image tokens")
         self.parts, self.model = parts, model
+        self._unsourced = [n for n, p in model.named_parameters() if id(p) in unsourced]  # names under peft, too
 
     @staticmethod
-    def _load_init(model: torch.nn.Module, path: str) -> None:
+    def _load_init(model: torch.nn.Module, path: str) -> set[str]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
@@ -220,6 +228,7 @@ class CaptionerModule(L.LightningModule):
         if result.unexpected_keys:
             raise ValueError(f"init_from {path}: keys not in this model: {result.unexpected_keys[:5]}")
         rank_zero_info(f"CaptionerModule: loaded {len(state)} tensors from {path}")
+        return set(state)
 
     @property
     def llava(self) -> LlavaParts:
@@ -367,16 +376,73 @@ class CaptionerModule(L.LightningModule):
         return model.merge_and_unload()
 
     def export_pretrained(self, out_dir: str | Path, in_place: bool = False) -> Path:
-        """``save_pretrained`` of the (merged) model and its processor: a llava-hf folder."""
+        """``save_pretrained`` of the (merged) model and its processor: a llava-hf folder. A module restored from a
+        checkpoint that lacks weights it cannot rebuild (:meth:`missing_weights`) is refused before anything is
+        written: exporting it would write freshly random weights, not the model that was trained."""
+        self.llava  # noqa: B018 - builds the model if needed
+        missing = self.missing_weights()
+        if missing:
+            raise ValueError(self.missing_weights_message(missing))
         parts = LlavaParts(self.merged_model(in_place), self.llava.processor, self.llava.num_image_tokens)
         return save_llava(parts, out_dir)
 
+    def missing_weights(self) -> list[str]:
+        """Parameters (``model.*`` state-dict keys) drawn at random when this module was built and not restored: a
+        module loaded from a checkpoint that holds only trainable weights while a vision tower or LLM came from a
+        config dict (checkpoints written before such weights were kept). Empty for a module never restored."""
+        if self._restored_keys is None or self.hparams.save_frozen:
+            return []
+        return [f"model.{n}" for n in self._unsourced if f"model.{n}" not in self._restored_keys]
+
+    def missing_weights_message(self, missing: list[str], source: str | None = None) -> str:
+        names = {"vision_tower": "vision tower", "language_model": "LLM", "lm_head": "LLM", PROJECTOR: "projector"}
+        parts = sorted({next((v for k, v in names.items() if f".{k}." in key), "other") for key in missing})
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        return (
+            f"{source or 'the checkpoint'} lacks {len(missing)} weights that were drawn at random when the model was "
+            f"built ({', '.join(parts)}: a config dict, not a saved model) and are neither trainable nor loaded from "
+            f"anywhere: {shown}. They cannot be rebuilt; refusing to export new random ones. Fix: retrain with "
+            "save_frozen: true, or with vision_tower / llm given as saved folders (save_pretrained); checkpoints "
+            "written now keep such weights themselves"
+        )
+
+    @classmethod
+    def from_checkpoint_contents(cls, contents: Any, path: str | Path) -> CaptionerModule:
+        """The module of a Lightning checkpoint already read (safely) from ``path``: built from its hyperparameters,
+        weights loaded as ``load_from_checkpoint`` does (strict only with ``save_frozen``)."""
+        hp = contents.get("hyper_parameters") if isinstance(contents, Mapping) else None
+        state = contents.get("state_dict") if isinstance(contents, Mapping) else None
+        if not isinstance(hp, Mapping) or not isinstance(state, Mapping):
+            raise ValueError(f"{path} is not a Lightning checkpoint (no hyper_parameters / state_dict)")
+        class_path = hp.get("_class_path")  # LightningCLI records the module's class
+        if class_path is not None and class_path != f"{cls.__module__}.{cls.__qualname__}":
+            raise ValueError(f"{path} is a checkpoint of {class_path}, not of {cls.__qualname__}")
+        accepted = inspect.signature(cls.__init__).parameters
+        try:
+            module = cls(**{k: v for k, v in hp.items() if k in accepted})
+        except TypeError as e:
+            raise ValueError(f"{path} is not a {cls.__qualname__} checkpoint: {e}") from None
+        module.configure_model()
+        module.on_load_checkpoint(contents)
+        module.load_state_dict(state, strict=module.strict_loading)
+        return module
+
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Without ``save_frozen``, only what trains is kept, plus frozen weights that were drawn at random (a config
+        dict tower): the rest comes back from ``model``'s sources on load, these could not."""
         if self.hparams.save_frozen:
             return
-        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        unsourced = set(self._unsourced)
+        keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad or n in unsourced}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        self._restored_keys = set(state) if isinstance(state, Mapping) else set()
+        missing = self.missing_weights()
+        if missing:  # resume / validate go on (with new random weights there); export refuses
+            rank_zero_warn(self.missing_weights_message(missing))
 
     # ------------------------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):

@@ -276,19 +276,32 @@ def test_lora_trains_adapters_and_projector(tok_dir, tok):
         CaptionerModule(lr=1e-3, vision_tower=VISION, llm=llm_config(tok), tokenizer=str(tok_dir), lora={"r": 4})
 
 
-def test_checkpoints_hold_only_trainable_weights_and_init_from_restores_them(tok_dir, tok, tmp_path):
+def test_checkpoints_hold_trainable_and_random_frozen_weights_and_init_from_restores_them(tok_dir, tok, tmp_path):
+    """Without save_frozen a checkpoint keeps what trains plus frozen weights that were drawn at random (here the
+    config-dict vision tower and LLM): only it can bring them back (towers from folders: test_export_captioner.py)."""
     m = module(tok_dir, tok)
     with torch.no_grad():
         m.model.model.multi_modal_projector.linear_2.weight.add_(1.0)
     ckpt = {"state_dict": {f"model.{k}": v for k, v in m.model.state_dict().items()}}
     m.on_save_checkpoint(ckpt)
-    assert ckpt["state_dict"]
-    assert all("multi_modal_projector" in k for k in ckpt["state_dict"])
+    parts = {k.split(".")[2] for k in ckpt["state_dict"] if k.startswith("model.model.")}
+    assert parts == {"multi_modal_projector", "vision_tower", "language_model"}
     torch.save(ckpt, tmp_path / "stage1.ckpt")
-    m2 = module(tok_dir, tok, train_llm=True, init_from=str(tmp_path / "stage1.ckpt"))
-    assert torch.equal(
-        m2.model.model.multi_modal_projector.linear_2.weight, m.model.model.multi_modal_projector.linear_2.weight
-    )
+    torch.manual_seed(1)  # stage 2 draws other random towers, then init_from puts stage 1's back
+    m2 = CaptionerModule(
+        vision_tower=VISION, llm=llm_config(tok), tokenizer=str(tok_dir), lr=1e-3, train_llm=True,
+        init_from=str(tmp_path / "stage1.ckpt"),
+    )  # fmt: skip
+    m2.configure_model()
+    for name, p in m.model.state_dict().items():
+        assert torch.equal(m2.model.state_dict()[name], p), name
+    ckpt2 = {"state_dict": {f"model.{k}": v for k, v in m2.model.state_dict().items()}}
+    m2.on_save_checkpoint(ckpt2)  # restored from init_from: no longer random, only the trainable parts are kept
+    assert {k.split(".")[2] for k in ckpt2["state_dict"] if k.startswith("model.model.")} == {
+        "multi_modal_projector",
+        "language_model",
+    }
+    assert not any(".vision_tower." in k for k in ckpt2["state_dict"])
     # a checkpoint of another model is refused, naming the file
     torch.save({"state_dict": {"model.not_a_param": torch.zeros(1)}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="other.ckpt"):

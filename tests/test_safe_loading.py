@@ -145,6 +145,23 @@ def test_clip_loaders_refuse_a_pickled_object(evil_ckpt, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("command", ["export-clip", "export-captioner"])
+def test_export_commands_refuse_a_pickled_object_in_one_line(command, evil_ckpt, tmp_path, capsys):
+    """The file named and refused as unsafe, exit code 1: no traceback, no advice to retry with weights_only=False."""
+    from experiments.__main__ import main
+
+    path, marker = evil_ckpt
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--ckpt", str(path), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{command}: cannot load {path}: refused as unsafe" in line
+    assert "posix.mkdir" in line
+    assert "False" not in line
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
 def test_captioner_and_dit_loaders_refuse_a_pickled_object(evil_ckpt):
     from lightning_modules.captioner import CaptionerModule
     from lightning_modules.dit import DiTModule

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
+import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,9 +160,14 @@ def build_clip(
     )
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that holds pickled Python objects, which a safe (``weights_only=True``) load does not run."""
+
+
 def load_checkpoint_file(path: str | Path) -> Any:
     """A checkpoint file's contents, loaded safely: ``.safetensors`` with safetensors, anything else with
-    ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused with its path."""
+    ``torch.load(weights_only=True)``. A file that needs arbitrary unpickling is refused with one line naming it and
+    what it would have run (:class:`UnsafeCheckpointError`), without torch's advice to retry unsafely."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -170,8 +177,16 @@ def load_checkpoint_file(path: str | Path) -> Any:
         return load_file(str(path), device="cpu")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path, whatever torch's unpickler raised
-        raise ValueError(f"cannot load {path} safely (weights_only=True): {e}") from e
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"pickled object {found.group(1)}" if found else "pickled objects"
+        raise UnsafeCheckpointError(
+            f"cannot load {path}: refused as unsafe: it holds a {what} that loading would execute (only tensors and "
+            "plain containers load, weights_only=True); use a checkpoint written by this suite or safetensors"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - re-raised with the path, whatever torch's loader raised
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load {path} safely (weights_only=True): {first}") from e
 
 
 def clip_state_dict(ckpt: Any, path: str | Path) -> dict[str, torch.Tensor]:

@@ -36,6 +36,9 @@ class LlavaParts:
     model: Any  # LlavaForConditionalGeneration
     processor: Any  # LlavaProcessor (image processor + tokenizer + chat template)
     num_image_tokens: int
+    # Parameters (names in ``model``) drawn at random when it was built, not loaded from anywhere: the projector, and
+    # a vision tower / LLM given as a config dict. Only a checkpoint can bring them back (CaptionerModule keeps them).
+    random_init: tuple[str, ...] = ()
 
     @property
     def tokenizer(self) -> Any:
@@ -183,7 +186,7 @@ def build_llava(
     tok = AutoTokenizer.from_pretrained(tokenizer or llm, trust_remote_code=trust_remote_code)
     _prepare_tokenizer(tok, chat_template)
     if len(tok) > lm.get_input_embeddings().num_embeddings:  # <image> (and pad) were added
-        lm.resize_token_embeddings(len(tok), pad_to_multiple_of=64, mean_resizing=False)
+        resize_embeddings_to_mean(lm, len(tok))
 
     config = LlavaConfig(
         vision_config=vision.config,
@@ -213,6 +216,11 @@ def build_llava(
     if leftovers:
         raise RuntimeError(f"parameters left uninitialised after composing the model: {leftovers[:5]}")
 
+    random_prefixes = ("model.multi_modal_projector.",)
+    random_prefixes += ("model.vision_tower.",) if isinstance(vision_tower, dict) else ()
+    random_prefixes += ("model.language_model.", "lm_head.") if isinstance(llm, dict) else ()
+    random_init = tuple(n for n, _ in model.named_parameters() if n.startswith(random_prefixes))
+
     ip = _llava_image_processor(base_processor, vision.config, image_processor)
     processor = LlavaProcessor(
         image_processor=ip,
@@ -223,7 +231,20 @@ def build_llava(
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,  # CLIP's class token
     )
-    return LlavaParts(model, processor, num_image_tokens(vision.config, vision_feature_select_strategy))
+    return LlavaParts(model, processor, num_image_tokens(vision.config, vision_feature_select_strategy), random_init)
+
+
+def resize_embeddings_to_mean(lm: Any, n_tokens: int) -> None:
+    """Grow ``lm``'s token embeddings (and an untied output layer) to ``n_tokens`` rounded up to a multiple of 64,
+    the new rows set to the mean of the existing ones (LLaVA's ``smart_tokenizer_and_embedding_resize``). A function of
+    the loaded weights, not a random draw: the rows for ``<image>`` / pad of a frozen LLM are the same every time the
+    model is built, so a checkpoint that leaves frozen weights out restores (and exports) the model that was trained."""
+    old = lm.get_input_embeddings().num_embeddings
+    lm.resize_token_embeddings(n_tokens, pad_to_multiple_of=64, mean_resizing=False)
+    with torch.no_grad():
+        layers = [lm.get_input_embeddings(), lm.get_output_embeddings()]
+        for layer in {id(x.weight): x for x in layers if x is not None}.values():  # once when tied
+            layer.weight[old:] = layer.weight[:old].mean(0, keepdim=True)
 
 
 def _eos_ids(tokenizer: Any) -> list[int]:
