@@ -333,6 +333,8 @@ def profile_loader(name: str, urls: Sequence[str], cfg: SimpleNamespace, samples
     torch.set_num_threads(1)
     try:
         loader = BUILDERS[name](urls, cfg, (math.ceil(samples / cfg.batch_size) + 2) * cfg.batch_size, 0)
+        if hasattr(getattr(loader, "dataset", None), "restore_rngs"):
+            loader.dataset.restore_rngs = False  # ours: profile what a loader worker runs (no RNG save/restore)
         it = iter(loader)
         next(it)
         prof, n = cProfile.Profile(), 0

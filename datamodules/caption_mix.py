@@ -19,7 +19,6 @@ the continued batches equal the uninterrupted run's, bit for bit.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -35,7 +34,7 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, Sampler, default_convert, get_worker_info
 
 from datamodules.checks import (
     ConfigError,
@@ -199,6 +198,10 @@ class CaptionMixStream(IterableDataset):
         self.max_consecutive_drops = max_consecutive_drops
         self.epoch = epoch
         self.resume: dict[str, Any] | None = None  # set by CaptionMixLoader for the next iteration only
+        # Put the global RNGs back after each training batch (the transforms are seeded per sample): None = only in
+        # the training process (no loader workers), see _SampleSeeds; False lets an in-process profile measure what a
+        # worker runs.
+        self.restore_rngs: bool | None = None
 
     def __len__(self) -> int:
         if self.batches_per_rank is None:
@@ -209,6 +212,12 @@ class CaptionMixStream(IterableDataset):
         return self.epoch.get() if isinstance(self.epoch, SharedEpoch) else int(self.epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches = self._batches()
+        training = self.batches_per_rank is not None
+        restore = get_worker_info() is None if self.restore_rngs is None else self.restore_rngs
+        return _rng_isolated(batches) if training and restore else batches
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.current_epoch()
@@ -242,8 +251,7 @@ class CaptionMixStream(IterableDataset):
             return
         upstream = _Counted(chooser(stream))
         seeds = _SampleSeeds(stable_int("transform", self.seed, epoch, self.rank, worker))
-        image_transform, text_transform = seeds.wrap(self.image_transform), seeds.wrap(self.text_transform)
-        decode = self.limits.decode(image_transform, stats)
+        decode = self.limits.decode(self.image_transform, stats)
         if done:
             if skip is not None:  # the stream position is known: replay without decoding
                 for _ in itertools.islice(upstream, skip):
@@ -255,7 +263,7 @@ class CaptionMixStream(IterableDataset):
                 replay.close()
             stats.drain()  # the skips of the replayed part were reported before the interruption
         stream = decode(seeds.track(upstream))
-        stream = TransformText(text_transform)(stream)
+        stream = TransformText(self.text_transform)(stream)
         for batch in Batch(self.batch_size, stats, partial=False, limit=limit)(stream):
             batch[POSITION_KEY] = (worker, upstream.n)
             yield batch
@@ -303,37 +311,55 @@ class _Counted:
 
 
 class _SampleSeeds:
-    """Seeds the model's (random) transforms per sample by its stream position, and restores the RNGs afterwards.
+    """Seeds the model's (random) transforms per sample by its stream position.
 
     Torch seeds loader workers from the main process's RNG when an iterator starts, so after a resume random crops
     would differ; seeding each sample from ``(seed, epoch, rank, worker, position)`` makes them the same, and lets a
     resume skip the transforms of replayed samples. Seeds torch's CPU generator, ``random`` and numpy's global RNG
-    (what torchvision, timm and open_clip transforms draw from).
+    (what torchvision, timm and open_clip transforms draw from), once per sample as it enters the decode stage; the
+    sample's image transform and then its text transform draw from there (nothing else in the stream uses the global
+    RNGs: shard order and the shuffle buffer have their own).
+
+    The training process's own RNGs (dropout, noise, sampling) are kept apart by :func:`_rng_isolated` when the
+    transforms run there (``num_workers=0``): once per batch, not per transform call. An earlier version saved and
+    restored the three states around every call, also in loader workers where nothing else uses them: ~110 us per
+    call for numpy's legacy state alone, two calls per sample, which made the loader slower than open_clip's on
+    64-px images (``benchmarks/loader.py``).
     """
 
     def __init__(self, base: int):
-        self.base, self.seed = base, 0
+        self.base = base
 
     def track(self, samples: _Counted) -> Iterator[dict[str, Any]]:
+        gen = torch.default_generator
         for sample in samples:
-            self.seed = stable_int(self.base, samples.n)
+            seed = stable_int(self.base, samples.n)
+            gen.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed & 0xFFFFFFFF)
             yield sample
 
-    def wrap(self, fn: Callable | None) -> Callable | None:
-        return None if fn is None else functools.partial(self._call, fn)
 
-    def _call(self, fn: Callable, x: Any) -> Any:
-        gen = torch.default_generator
-        saved = gen.get_state(), random.getstate(), np.random.get_state()
-        gen.manual_seed(self.seed)
-        random.seed(self.seed)
-        np.random.seed(self.seed & 0xFFFFFFFF)
-        try:
-            return fn(x)
-        finally:
-            gen.set_state(saved[0])
-            random.setstate(saved[1])
-            np.random.set_state(saved[2])
+def _rng_isolated(items: Iterator[Any]) -> Iterator[Any]:
+    """``items``, with torch's CPU generator, ``random`` and numpy's global RNG put back after producing each item
+    (so a stream that seeds them per sample leaves the consuming process's RNGs as they were)."""
+    gen = torch.default_generator
+    try:
+        while True:
+            saved = gen.get_state(), random.getstate(), np.random.get_state()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                gen.set_state(saved[0])
+                random.setstate(saved[1])
+                np.random.set_state(saved[2])
+            yield item
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 class _EpochSampler(Sampler):
@@ -355,6 +381,17 @@ class _EpochSampler(Sampler):
         self.shared.set(epoch)
 
 
+def convert_batch(batch: Any) -> Any:
+    """torch's ``default_convert`` (what a ``DataLoader`` with ``batch_size=None`` applies to each item in the worker),
+    except that a list of strings is passed through instead of being walked string by string: the batch's
+    ``caption``, ``caption_source``, ``key`` and ``url`` lists made that walk ~10 us per sample."""
+    if isinstance(batch, dict):
+        return {k: convert_batch(v) for k, v in batch.items()}
+    if isinstance(batch, list) and all(type(x) is str for x in batch):
+        return batch
+    return default_convert(batch)
+
+
 class CaptionMixLoader(DataLoader):
     """A plain ``DataLoader`` over a :class:`CaptionMixStream` (batches are made in the workers) with ``set_epoch``
     and a resumable position (``state_dict`` / ``load_state_dict``, which Lightning saves in checkpoints and restores
@@ -374,6 +411,7 @@ class CaptionMixLoader(DataLoader):
     """
 
     def __init__(self, dataset: CaptionMixStream, **kwargs: Any):
+        kwargs.setdefault("collate_fn", convert_batch)
         super().__init__(dataset, batch_size=None, **kwargs)
         if isinstance(dataset.epoch, SharedEpoch):
             # DataLoader forbids passing a sampler with an iterable dataset and setting one after __init__; the

@@ -614,8 +614,8 @@ def draft_request(transform: Callable | None) -> tuple[int, int] | None:
     at least ``sqrt(a * r)`` (width) and ``sqrt(a / r)`` (height) of the shorter side, so the shorter side must be at
     least ``size / sqrt(scale_min * min(ratio_min, 1 / ratio_max))`` (1.22 x size for open_clip's
     ``scale=(0.9, 1.0)``; 4.1 x for torchvision's default ``scale=(0.08, 1.0)``, so that one is rarely drafted).
-    A wrapper is looked through when it is a ``functools.partial`` binding exactly one such transform (the caption-mix
-    stream's per-sample seeding) or sets ``__wrapped__``.
+    A wrapper is looked through when it is a ``functools.partial`` binding exactly one such transform or sets
+    ``__wrapped__``.
     """
     if isinstance(transform, functools.partial):
         found = {r for r in (draft_request(a) for a in transform.args) if r is not None}
