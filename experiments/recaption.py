@@ -1,12 +1,14 @@
 """``python -m experiments recaption``: recaption image shards with a llava-hf captioner, exactly once, resumably.
 
-Work is assigned by whole shard. Each shard's captions go to ``<out>/<shard stem>.parquet`` in the Recap-DataComp-1B
-schema plus provenance columns, written to a temporary file and renamed into place, so a shard's output either
-exists complete or not at all. A (re)started process lists the shards, skips those whose output exists, and takes
-every ``world_size``-th of the rest (``rank``; from ``RANK``/``WORLD_SIZE`` as torchrun and SLURM set them, or flags),
-so a restart with any number of processes redoes exactly the unfinished shards: no caption is lost or duplicated.
-``merge`` then checks that every key occurs once and writes the dataset-level parquet, which ``python -m experiments
-sidecars --recap`` joins onto the shards for the caption-mix DataModule.
+The unit of work is a shard (or a slice of one, ``--slice-size``). Each unit's captions go to
+``<out>/<unit>.parquet`` in the Recap-DataComp-1B schema plus provenance columns, written to a temporary file and
+published with ``link(2)``, so a unit's output exists complete or not at all, and never twice. A (re)started process
+lists the unfinished units and claims them one at a time on the output folder (``<out>/_claims/<unit>.claim``, with
+owner and heartbeat; expired claims are taken over), so any number of processes, started and killed in any way,
+finish every unit exactly once; ``rank``/``world_size`` (torchrun's and SLURM's variables, or flags) only decide
+where each process starts. A restart also removes the temporary files of writers that are gone. ``merge`` then
+checks that every key occurs once (or keeps the first, ``--on-duplicate first``) and writes the dataset-level
+parquet, which ``python -m experiments sidecars --recap`` joins onto the shards for the caption-mix DataModule.
 
     python -m experiments recaption run --model runs/tiny/captioner/hf --shards 'data/world/web/*.tar' \
         --out data/world/recap_llava
@@ -22,6 +24,8 @@ and the reason; the job goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import functools
 import glob
 import hashlib
@@ -29,8 +33,10 @@ import io
 import json
 import os
 import re
+import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datamodules.checks import ConfigError, check_path, check_sample_limits, check_shards
-from datamodules.io import atomic_write
+from datamodules.io import TMP_MARK, atomic_write, node_id, parse_temp_name, process_start, temp_path
 from datamodules.shards import local_rank, rank_world, shard_stem
 from datamodules.tiny_world.recaption import RECAP_SCHEMA
 from datamodules.wds_stages import DEFAULT_MAX_IMAGE_PIXELS, MIN_IMAGE_SIZE
@@ -133,10 +139,13 @@ def shard_units(url: str, out: Path, slice_size: int | None) -> list[Unit]:
 
 
 def pending_units(urls: Sequence[str], out: Path, rank: int, world: int, slice_size: int | None = None) -> list[Unit]:
-    """The units this rank owns in this run: unfinished ones, every ``world``-th in sorted name order."""
+    """Every unfinished unit, in the order this rank tries them: first its share (every ``world``-th in sorted name
+    order, from ``rank`` on), then the other shares from their end (their own processes start at their front).
+    Rank and world size only order the work; the claims (``ClaimBoard``) decide who does a unit."""
     units = [u for url in urls for u in shard_units(url, out, slice_size)]
     todo = sorted((u for u in units if not (out / f"{u.name}.parquet").exists()), key=lambda u: u.name)
-    return todo[rank::world]
+    mine = todo[rank::world]
+    return mine + [u for i, u in reversed(list(enumerate(todo))) if i % world != rank]
 
 
 def model_hash(model_dir: str) -> str:
@@ -446,6 +455,272 @@ def _expected_images(units: Sequence[Unit]) -> int | None:
     return max(total, 0)
 
 
+# --------------------------------------------------------------------------------- claims: who works on which unit
+CLAIMS = "_claims"  # <out>/_claims/<unit>.claim: the unit is being worked on by the process named inside
+DEFAULT_CLAIM_TTL = 300.0  # seconds without a heartbeat after which a claim is expired (heartbeat: every ttl / 10)
+_STARTED_AT = time.time()  # about when this process started (the claim records it for people; pids use /proc)
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
+def _owner_gone(node: str | None, pid: Any, start: Any) -> bool | None:
+    """Whether the process ``(node, pid, start)`` is gone: True on this node when the pid does not exist, has exited
+    or now names a process started at another time (a reused pid); False when it runs; None when that cannot be
+    told from here (another node, an old-style temporary name, no pid)."""
+    if node is None or node != node_id() or not _is_int(pid) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: it exists
+        pass
+    now = process_start(pid)
+    if now is None:
+        return Path("/proc/self/stat").exists()  # Linux: it exited meanwhile or is a zombie; elsewhere: unknown, alive
+    return _is_int(start) and start > 0 and now != start
+
+
+class _Claim:
+    """A claim this process holds on one unit: a heartbeat thread refreshes the claim file's mtime every
+    ``interval`` seconds and notices when the file is no longer this claim (taken over after it expired)."""
+
+    def __init__(self, path: Path, token: str, interval: float):
+        import threading
+
+        self.path, self.token, self.lost = path, token, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(interval,), name=f"claim {path.stem}", daemon=True)
+        self._thread.start()
+
+    def _mine(self) -> bool:
+        try:
+            return json.loads(self.path.read_bytes()).get("token") == self.token
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _beat(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            if not self._mine():
+                self.lost = True
+                return
+            with contextlib.suppress(OSError):  # the heartbeat: the file's mtime (on NFS set by the server's clock)
+                os.utime(self.path)
+
+    def held(self) -> bool:
+        """Still this process's claim (checked now, also between heartbeats)."""
+        return not self.lost and self._mine()
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._mine():
+            self.path.unlink(missing_ok=True)
+
+
+class ClaimBoard:
+    """Claims on the units of one output folder, so that any number of processes, started and killed in any way,
+    work on each unit one at a time and finish every unit (docs/recaption.md, "Claims").
+
+    A claim is ``<out>/_claims/<unit>.claim``, made atomically with its content (json: host, node, pid, process
+    start, token) by ``link(2)`` of a private file (``O_EXCL`` where the file system has no hard links). Its mtime is
+    the heartbeat. It is expired when its owner is gone (same node: pid dead, exited or reused) or its heartbeat is
+    older than ``ttl`` seconds; an expired claim is moved aside (one ``rename`` wins) and a fresh one made. The
+    output itself is published with ``link(2)``, which never replaces an existing file: even two processes that both
+    believe they hold a unit (one paused past ``ttl``) publish it once."""
+
+    def __init__(self, out: Path, ttl: float = DEFAULT_CLAIM_TTL, log: Callable[[str], None] | None = None):
+        self.dir = Path(out) / CLAIMS
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ttl = float(ttl)
+        self.heartbeat = self.ttl / 10
+        self.poll = min(max(self.ttl / 60, 0.2), 10.0)  # how often a process waiting for others' claims looks again
+        self.log = log or (lambda line: None)
+        self.me = {"host": socket.gethostname(), "node": node_id(), "pid": os.getpid(),
+                   "start": process_start(os.getpid()) or 0, "started_at": round(_STARTED_AT, 3)}  # fmt: skip
+
+    def path(self, unit: str) -> Path:
+        return self.dir / f"{unit}.claim"
+
+    @staticmethod
+    def read(path: Path) -> tuple[dict[str, Any] | None, os.stat_result] | None:
+        """A claim's content (None while it is being written, or unreadable) and stat; None when there is none."""
+        try:
+            st = os.stat(path)
+            info = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            try:
+                return None, os.stat(path)
+            except FileNotFoundError:
+                return None
+        return (info if isinstance(info, dict) else None), st
+
+    def expired(self, info: dict[str, Any] | None, st: os.stat_result) -> bool:
+        if info is not None and _owner_gone(info.get("node"), info.get("pid"), info.get("start")):
+            return True
+        return time.time() - st.st_mtime > self.ttl  # clock skew between nodes must stay well below ttl
+
+    def _create(self, path: Path, content: bytes) -> bool:
+        """Make ``path`` with ``content`` atomically unless it exists; True when this call made it."""
+        private = temp_path(path)  # names this process, so a sweep can remove it if this process dies here
+        try:
+            with open(private, "xb") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(private, path)
+                return True
+            except FileExistsError:  # NFS: a retransmitted LINK can answer EEXIST although it worked (open(2))
+                return os.stat(private).st_nlink == 2
+            except OSError as exn:
+                if exn.errno not in _NO_HARD_LINKS:
+                    raise
+            try:  # no hard links here: O_EXCL (a reader may see the file empty for a moment: read() allows it)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        finally:
+            private.unlink(missing_ok=True)
+
+    def _move_aside(self, path: Path, judged: dict[str, Any] | None) -> bool:
+        """Remove the expired claim ``judged`` from ``path``; False when ``path`` turned out to hold a live claim
+        (replaced, or refreshed, since it was judged), which is then put back."""
+        grave = temp_path(path)
+        try:
+            os.rename(path, grave)  # of several processes taking over, one moves it
+        except FileNotFoundError:
+            return True  # released or moved by another process meanwhile: free to claim
+        moved = self.read(grave)
+        same = moved is not None and (moved[0] or {}).get("token") == (judged or {}).get("token")
+        if moved is not None and not (same and self.expired(*moved)):
+            with contextlib.suppress(OSError):  # a live claim was moved: put it back, unless a new one is there
+                os.link(grave, path)
+            grave.unlink(missing_ok=True)
+            return False
+        grave.unlink(missing_ok=True)
+        if judged is not None:
+            self.log(f"recaption: took over the expired claim on {path.stem} of {judged.get('host')} pid "
+                     f"{judged.get('pid')}")  # fmt: skip
+        return True
+
+    def acquire(self, unit: str) -> _Claim | None:
+        """Claim ``unit`` for this process, taking over an expired claim; None when a live process holds it."""
+        path = self.path(unit)
+        for _ in range(3):
+            token = uuid.uuid4().hex
+            content = json.dumps(self.me | {"unit": unit, "token": token, "claimed_at": round(time.time(), 3)})
+            if self._create(path, content.encode()):
+                return _Claim(path, token, self.heartbeat)
+            current = self.read(path)
+            if current is not None:
+                if not self.expired(*current):
+                    return None
+                if not self._move_aside(path, current[0]):
+                    return None
+        return None
+
+    def sweep(self, out: Path, done: Callable[[str], bool]) -> dict[str, int]:
+        """Remove what killed processes left: temporary unit outputs and claim files whose writer is gone
+        (``temp_is_stale``), and expired claims of finished units. Returns the counts."""
+        counts = {"temporaries": 0, "claims": 0}
+        for folder, kind in ((out, "temporaries"), (self.dir, "claims")):
+            for p in folder.glob(f".*{TMP_MARK}*"):
+                owner = parse_temp_name(p.name)
+                if owner is not None and self.temp_is_stale(p, owner):
+                    p.unlink(missing_ok=True)
+                    counts[kind] += 1
+        for p in self.dir.glob("*.claim"):
+            current = self.read(p)
+            if done(p.stem) and current is not None and self.expired(*current):
+                p.unlink(missing_ok=True)
+                counts["claims"] += 1
+        return counts
+
+    def temp_is_stale(self, path: Path, owner: Any) -> bool:
+        """Whether the temporary ``path`` (written by ``owner``, a ``TempOwner``) will never be renamed into place.
+        On this node: its writer is gone (pid dead, exited or reused); a live writer's file is kept. Another node's
+        (or an old-style name's): its writer does not hold a live claim on the unit and the file is older than
+        ``ttl``; a writer always holds its unit's claim while it writes."""
+        gone = _owner_gone(owner.node, owner.pid, owner.start)
+        if gone is not None:
+            return gone
+        unit = owner.target.removesuffix(".parquet")
+        current = self.read(self.path(unit)) if unit != owner.target else None
+        if current is not None and current[0] is not None:
+            info = current[0]
+            if (info.get("node"), info.get("pid")) == (owner.node, owner.pid) and not self.expired(*current):
+                return False
+        try:
+            return time.time() - path.stat().st_mtime > self.ttl
+        except FileNotFoundError:
+            return False
+
+
+def _publish(table: pa.Table, path: Path) -> bool:
+    """Write ``table`` to ``path`` unless ``path`` exists: a temporary beside it (named after this process), fsync,
+    then ``link(2)``, which never replaces a file, so of two copies of a unit the first stays. True when this call
+    published it. Where the file system has no hard links: exists-check and rename (a narrow window remains)."""
+    from datamodules.io import _fsync_path
+
+    tmp = temp_path(path)
+    try:
+        pq.write_table(table, tmp)
+        _fsync_path(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            if os.stat(tmp).st_nlink < 2:  # another copy is there (or: NFS retransmitted our LINK, nlink == 2)
+                return False
+        except OSError as exn:
+            if exn.errno not in _NO_HARD_LINKS:
+                raise
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        _fsync_path(path.parent, directory=True)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _do_unit(unit: Unit, out: Path, engine: Any, batch_size: int, provenance: dict[str, Any], bar: Any, limits: Any,
+             claim: _Claim, who: dict[str, Any]) -> tuple[int, int, int, float] | None:  # fmt: skip
+    """Caption ``unit``, publish its output and log it in the manifest; (rows, errors, tokens, seconds), or None when
+    the claim was lost meanwhile or another copy was published first (nothing is written then)."""
+    t0 = time.perf_counter()
+    table = recaption_unit(unit, engine, batch_size, provenance, bar, limits)
+    if unit.part is not None:  # a later run keeps this split (shard_units)
+        meta = dict(table.schema.metadata or {})
+        table = table.replace_schema_metadata({**meta, b"recap_suite.slice_size": str(unit.size).encode()})
+    # the manifest record is made before the output is published: once the parquet exists, nothing but the append
+    # itself stands between it and its manifest line
+    n_err = sum(s != "ok" for s in table.column("status").to_pylist())
+    tokens = sum(n or 0 for n in table.column("n_generated_tokens").to_pylist())
+    record = {"unit": unit.name, "url": unit.url, "rows": table.num_rows, "errors": n_err, "tokens": tokens}
+    if problems := input_errors(table):
+        record["input_errors"] = problems
+    if not claim.held():  # taken over after it expired (this process was paused, or its heartbeats were lost)
+        return None
+    try:
+        published = _publish(table, out / f"{unit.name}.parquet")
+    except FileNotFoundError:  # the temporary was removed: another process judged this writer gone
+        if claim.held():
+            raise
+        return None
+    if not published:
+        return None
+    dt = time.perf_counter() - t0
+    _append_manifest(out, record | {"seconds": round(dt, 3)} | who)
+    return table.num_rows, n_err, tokens, dt
+
+
 def run(
     model: str,
     shards: str | Sequence[str],
@@ -463,10 +738,18 @@ def run(
     progress: bool = True,
     min_image_size: int | None = MIN_IMAGE_SIZE,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    claim_ttl: float = DEFAULT_CLAIM_TTL,
 ) -> dict[str, Any]:
-    """Caption every unfinished unit this rank owns; returns totals (units, rows, errors, tokens, seconds).
-    ``min_image_size`` / ``max_image_pixels``: the training loader's image limits (``SampleLimits``; None = off): a
-    rejected image becomes an ``error`` row naming the limit."""
+    """Caption unfinished units, claiming each on the output folder (``ClaimBoard``), until every unit is finished
+    (by this process or others); returns this process's totals (units, rows, errors, tokens, seconds).
+
+    ``rank`` / ``world_size`` (else ``RANK`` / ``WORLD_SIZE`` or SLURM's) only order the work: this process starts
+    with every ``world_size``-th unfinished unit from ``rank`` on, then takes the others' from their end, so processes
+    with distinct ranks rarely meet, and processes with the same rank (an operator error) or without any still
+    finish every unit once. While all unfinished units are claimed by live processes it waits for them to finish
+    or their claims to expire (``claim_ttl`` seconds without a heartbeat). ``min_image_size`` / ``max_image_pixels``:
+    the training loader's image limits (``SampleLimits``; None = off): a rejected image becomes an ``error`` row
+    naming the limit."""
     from datamodules.shards import expand_urls
     from datamodules.wds_stages import SampleLimits
 
@@ -474,7 +757,7 @@ def run(
         {"model": model, "shards": shards, "out": out, "prompt": prompt, "max_new_tokens": max_new_tokens,
          "batch_size": batch_size, "rank": rank, "world_size": world_size, "device": device, "dtype": dtype,
          "backend": backend, "slice_size": slice_size, "trust_remote_code": trust_remote_code, "progress": progress,
-         "min_image_size": min_image_size, "max_image_pixels": max_image_pixels}
+         "min_image_size": min_image_size, "max_image_pixels": max_image_pixels, "claim_ttl": claim_ttl}
     )  # fmt: skip
     if problems:  # before the model loads or `out` is created (main reports them all, with where each was set)
         raise ConfigError(*problems[0])
@@ -485,45 +768,68 @@ def run(
     if len(set(names)) != len(names):
         raise ValueError(f"shard names must be unique (outputs are named after them): {sorted(names)[:5]}...")
     rank, world = rank_world(rank, world_size)
-    mine = pending_units(urls, out, rank, world, slice_size)
+    todo = pending_units(urls, out, rank, world, slice_size)
+    first = todo[: len(range(rank, len(todo), world))]  # this rank's share, which it starts with
+    tag = f"[{rank}/{world} {socket.gethostname()}:{os.getpid()}]"
+    bar = _Progress(_expected_images(first), f"recaption {tag}") if progress else None
+    log = bar.write if bar is not None else functools.partial(print, flush=True)
+    board = ClaimBoard(out, claim_ttl, log)
+
+    def done(unit_name: str) -> bool:
+        return (out / f"{unit_name}.parquet").exists()
+
+    swept = board.sweep(out, done)
+    if any(swept.values()):
+        log(f"recaption {tag}: removed {swept['temporaries']} temporary outputs and {swept['claims']} claims left by "
+            f"processes that are gone")  # fmt: skip
     limits = SampleLimits(min_image_size=min_image_size, max_image_pixels=max_image_pixels)
-    engine = BACKENDS[backend](model, prompt, max_new_tokens, device, dtype, trust_remote_code=trust_remote_code)
+    engine = None  # no model is loaded when nothing is left to do
+    if todo:
+        engine = BACKENDS[backend](model, prompt, max_new_tokens, device, dtype, trust_remote_code=trust_remote_code)
     decoding = json.dumps({"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                            "backend": backend, "retry_repetition_penalty": RETRY_REPETITION_PENALTY})  # fmt: skip
     provenance = {"model": model, "model_hash": model_hash(model), "prompt": prompt, "decoding": decoding}
     totals = {"units": 0, "rows": 0, "errors": 0, "tokens": 0, "seconds": 0.0}
-    bar = _Progress(_expected_images(mine), f"recaption [{rank}/{world}]") if progress else None
-    log = bar.write if bar is not None else functools.partial(print, flush=True)
-    log(f"recaption [{rank}/{world}]: {len(mine)} units to do in {out} ({backend}, batch {batch_size})")
+    log(f"recaption {tag}: {len(todo)} units unfinished in {out}, {len(first)} of them first ({backend}, batch "
+        f"{batch_size})")  # fmt: skip
+    remaining, waiting = list(todo), False
     try:
-        for i, unit in enumerate(mine):
-            t0 = time.perf_counter()
-            table = recaption_unit(unit, engine, batch_size, provenance, bar, limits)
-            path = out / f"{unit.name}.parquet"
-            if path.exists():  # another process finished it meanwhile (overlapping runs): keep the first, never both
-                continue
-            if unit.part is not None:  # a later run keeps this split (shard_units)
-                meta = dict(table.schema.metadata or {})
-                table = table.replace_schema_metadata({**meta, b"recap_suite.slice_size": str(unit.size).encode()})
-            # the manifest record is made before the output is written: once the parquet exists, nothing but the
-            # append itself stands between it and its manifest line
-            n_err = sum(s != "ok" for s in table.column("status").to_pylist())
-            tokens = sum(n or 0 for n in table.column("n_generated_tokens").to_pylist())
-            record = {"unit": unit.name, "url": unit.url, "rows": table.num_rows, "errors": n_err, "tokens": tokens}
-            if problems := input_errors(table):
-                record["input_errors"] = problems
-            _write_atomic(table, path)
-            dt = time.perf_counter() - t0
-            _append_manifest(out, record | {"seconds": round(dt, 3), "rank": rank, "world_size": world})
-            totals = {k: totals[k] + v for k, v in zip(totals, (1, table.num_rows, n_err, tokens, dt), strict=True)}
-            eta = totals["seconds"] / totals["units"] * (len(mine) - i - 1)
-            log(
-                f"recaption [{rank}/{world}] {i + 1}/{len(mine)} {unit.name}: {table.num_rows} rows, "
-                f"{table.num_rows / dt:.1f} img/s, {tokens / dt:.0f} tok/s, {n_err} errors/flagged, ETA {eta:.0f} s"
-            )
+        while remaining:
+            took = False
+            for unit in remaining:
+                if done(unit.name):
+                    continue
+                claim = board.acquire(unit.name)
+                if claim is None:  # a live process works on it
+                    continue
+                took, waiting = True, False
+                try:
+                    if done(unit.name):  # finished (and released) between the look and the claim
+                        continue
+                    who = {"rank": rank, "world_size": world, "host": board.me["host"], "pid": board.me["pid"]}
+                    result = _do_unit(unit, out, engine, batch_size, provenance, bar, limits, claim, who)
+                finally:
+                    claim.release()
+                if result is None:
+                    log(f"recaption {tag} {unit.name}: finished first by another process (this claim had expired); "
+                        f"that output is kept, this copy dropped")  # fmt: skip
+                    continue
+                rows, n_err, tokens, dt = result
+                totals = {k: totals[k] + v for k, v in zip(totals, (1, rows, n_err, tokens, dt), strict=True)}
+                left = sum(not done(u.name) for u in remaining)
+                log(f"recaption {tag} {unit.name}: {rows} rows, {rows / dt:.1f} img/s, {tokens / dt:.0f} tok/s, "
+                    f"{n_err} errors/flagged; {left} units unfinished")  # fmt: skip
+            remaining = [u for u in remaining if not done(u.name)]
+            if remaining and not took:
+                if not waiting:
+                    log(f"recaption {tag}: waiting for {len(remaining)} units claimed by other processes (they finish "
+                        f"them, or their claims expire after {board.ttl:g} s without a heartbeat)")  # fmt: skip
+                    waiting = True
+                time.sleep(board.poll)
     finally:
         if bar is not None:
             bar.close()
+    board.sweep(out, done)
     return totals
 
 
@@ -739,6 +1045,7 @@ RUN_KEYS = (
     "progress",
     "min_image_size",
     "max_image_pixels",
+    "claim_ttl",
 )
 DTYPES = ("bfloat16", "float16", "float32")
 # the device strings the backends use (`.to(device)`; vLLM's `cuda:N` -> CUDA_VISIBLE_DEVICES), matched by pattern so
@@ -885,6 +1192,9 @@ def run_config_problems(args: dict[str, Any]) -> list[tuple[str, Any, str]]:
     for key in ("trust_remote_code", "progress"):
         if not isinstance(args.get(key), bool):
             add(key, args.get(key), "must be true or false")
+    ttl = args.get("claim_ttl")
+    if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl < float("inf"):
+        add("claim_ttl", ttl, "must be a number of seconds > 0 (how long a claim lives without a heartbeat)")
     return problems
 
 
@@ -896,7 +1206,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     which were given; the defaults are ``run()``'s own."""
     parser = argparse.ArgumentParser(prog="python -m experiments recaption", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="caption the shards this process owns (resumable; any number of processes)")
+    r = sub.add_parser("run", help="caption the unfinished units, claiming each (resumable; any number of processes)")
     r.add_argument("--config", default=None, help="YAML with these flags as keys; flags given here override it")
     r.add_argument("--model", help="llava-hf folder (export-captioner output) or hub name")
     r.add_argument("--shards", help="shard paths: braces, globs, a directory or a '::' list")
@@ -904,7 +1214,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     r.add_argument("--prompt", help="default: the paper's recaption prompt")
     r.add_argument("--max-new-tokens", type=int, help="default: 128")
     r.add_argument("--batch-size", type=int, help="default: 32")
-    r.add_argument("--rank", type=int, help="default: $RANK / $SLURM_PROCID / 0")
+    r.add_argument("--rank", type=int, help="where to start (a hint; units are claimed): $RANK / $SLURM_PROCID / 0")
     r.add_argument("--world-size", type=int, help="default: $WORLD_SIZE / $SLURM_NTASKS / 1")
     r.add_argument("--device", help="cpu, cuda, cuda:N, mps, xpu[:N] (default: this rank's GPU, else cpu)")
     r.add_argument("--dtype", help=f"{' | '.join(DTYPES)} (default: the checkpoint's)")
@@ -919,6 +1229,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--max-image-pixels",
         type=int,
         help=f"skip images with more pixels, before decoding (default: {DEFAULT_MAX_IMAGE_PIXELS})",
+    )
+    r.add_argument(
+        "--claim-ttl",
+        type=float,
+        help=f"seconds without a heartbeat after which a unit's claim is taken over (default: {DEFAULT_CLAIM_TTL:g})",
     )
     r.set_defaults(**dict.fromkeys(RUN_KEYS, _UNSET))
     m = sub.add_parser("merge", help="check every key occurs once and write the dataset-level parquet")

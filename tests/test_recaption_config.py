@@ -91,6 +91,9 @@ CASES = [
         "max_image_pixels",
         "every image would be skipped",
     ),
+    ("claim-ttl-0", {"claim_ttl": 0}, "flags", "--claim-ttl", "seconds > 0"),
+    ("yaml-claim-ttl-text", {"claim_ttl": "5 min"}, "yaml", "claim_ttl", "seconds > 0"),
+    ("yaml-claim-ttl-inf", {"claim_ttl": float("inf")}, "yaml", "claim_ttl", "seconds > 0"),
 ]
 
 
