@@ -1,9 +1,11 @@
-"""The loader benchmark runs end to end on tiny shards and reports both loaders (no timing assertions)."""
+"""The benchmarks run end to end on tiny inputs (no timing assertions): the loader and CLIP-step comparisons, and the
+GPU checks' code path on tiny shapes on CPU."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import write_shards
 
 from benchmarks.loader import format_table, main
@@ -62,3 +64,56 @@ def test_clip_step_benchmark_reports_ratio(tmp_path, capsys):
     assert result["weight_diffs"][0] < 1e-5 < result["weights_moved"][0]
     assert json.loads(out_json.read_text())["ratio"] == result["ratio"]
     assert torch.get_num_threads() == threads  # restored after the run
+
+
+@pytest.fixture(scope="module")
+def world_tokenizer(tmp_path_factory) -> str:
+    from benchmarks.gpu_checks import tokenizer_folder
+
+    return tokenizer_folder(tmp_path_factory.mktemp("gpu_checks"), None)
+
+
+def test_gpu_checks_run_on_tiny_shapes_and_append_to_the_doc(tmp_path, world_tokenizer):
+    """``benchmarks/gpu_checks.sh``'s entry point, on tiny shapes on CPU: every check runs through the same code as on
+    a GPU (random llava-hf checkpoint + the recaption job's hf backend, ClipModule and DiTModule under a Trainer in
+    bf16-mixed), vLLM is reported as not importable, and the section lands at the end of the given doc."""
+    from benchmarks.gpu_checks import main
+
+    doc = tmp_path / "gpu.md"
+    doc.write_text("# GPU figures\n\nwhat was here stays.\n")
+    out = tmp_path / "out"
+    report = main(["--tiny", "--out", str(out), "--doc", str(doc), "--tokenizer", world_tokenizer, "--isolate", "no"])
+    checks = report["checks"]
+    assert checks["recaption_hf"]["images_per_s"] > 0
+    assert checks["recaption_hf"]["mean_new_tokens"] > 0
+    assert checks["clip"]["ms_per_step"] > 0
+    assert checks["clip"]["timed_steps"] == 2
+    assert checks["dit"]["ms_per_step"] > 0
+    assert checks["recaption_vllm"] == {"skipped": "vllm does not import here"}  # not installed in CI
+    text = doc.read_text()
+    assert text.startswith("# GPU figures\n\nwhat was here stays.\n\n### ")
+    section = text.split("\n\n### ", 1)[1]
+    assert report["card"]["name"] in section.splitlines()[0]
+    assert "tiny shapes" in section.splitlines()[0]
+    assert "| recaption, `hf` |" in section
+    assert "images/s per GPU" in section
+    assert "| recaption, `vllm` |" in section
+    assert "not run: vllm does not import here" in section
+    assert section.count("ms/step") == 2
+    assert json.loads((out / "gpu_checks.json").read_text())["checks"]["clip"]["ms_per_step"] > 0
+    assert (out / "gpu_checks.md").read_text() in text
+
+
+def test_gpu_checks_isolate_each_check_in_a_process_with_a_time_limit(tmp_path, world_tokenizer):
+    """On a GPU every check runs in its own process (its memory freed, a hang killed): the same path on CPU."""
+    import argparse
+
+    from benchmarks.gpu_checks import _run_isolated, main
+
+    report = main(["--tiny", "--out", str(tmp_path / "out"), "--no-doc", "--tokenizer", world_tokenizer,
+                   "--isolate", "yes", "--checks", "clip"])  # fmt: skip
+    assert report["isolated"] is True
+    assert report["checks"]["clip"]["ms_per_step"] > 0
+    args = argparse.Namespace(tiny=True)
+    slow = _run_isolated("dit", args, tmp_path, world_tokenizer, limit=0.5)
+    assert slow["error"].startswith("timed out after")
