@@ -23,11 +23,13 @@ import itertools
 import json
 import math
 import multiprocessing as mp
+import os
 import random
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -49,6 +51,7 @@ from datamodules.wds_stages import (
     DEFAULT_MAX_IMAGE_PIXELS,
     MAX_CAPTION_CHARS,
     MIN_IMAGE_SIZE,
+    SKIPS_ONLY,
     Batch,
     ChooseCaption,
     CountingHandler,
@@ -58,6 +61,7 @@ from datamodules.wds_stages import (
     SkipStats,
     SourceSpec,
     TransformText,
+    merge_skips,
     stable_int,
 )
 
@@ -223,7 +227,7 @@ class CaptionMixStream(IterableDataset):
         epoch = self.current_epoch()
         training = self.batches_per_rank is not None
         resume, self.resume = self.resume, None  # one iteration only (this is the worker's own copy)
-        stats = SkipStats(max_consecutive_drops=self.max_consecutive_drops)
+        stats = SkipStats(max_consecutive_drops=self.max_consecutive_drops, record=True)
         done, skip = 0, None
         if resume is not None and training:
             worker, done, skip = worker_resume_point(resume, worker, num_workers)
@@ -381,6 +385,41 @@ class _EpochSampler(Sampler):
         self.shared.set(epoch)
 
 
+class SkipLog:
+    """The loader's skip log: one JSON line per counted event, appended to ``path`` as batches arrive.
+
+    A line: ``{"key", "reason", "shard", "split", "epoch", "rank", "detail"}`` (``key`` is null for shard-level
+    events: ``tar_error:*`` before any member, ``sidecar_*``); a batch whose worker left records out (over
+    ``SkipStats.max_records`` between two batches) adds ``{"reason": "records_lost", "count": N, ...}``. Memory: the
+    records of one batch. The file is flushed after every batch, opened lazily (no file when nothing was skipped)
+    and appended to (a resumed run continues it).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file: Any = None
+
+    def write(self, skipped: dict[str, Any], **fields: Any) -> None:
+        records, lost = skipped.get("records") or (), skipped.get("records_lost", 0)
+        if not records and not lost:
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- held across batches, closed by close()
+        for record in records:
+            line = {"key": record.get("key"), "reason": record.get("reason"), "shard": record.get("shard"), **fields}
+            line["detail"] = record.get("detail")
+            self._file.write(json.dumps(line) + "\n")
+        if lost:
+            self._file.write(json.dumps({"key": None, "reason": "records_lost", "count": lost, **fields}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def convert_batch(batch: Any) -> Any:
     """torch's ``default_convert`` (what a ``DataLoader`` with ``batch_size=None`` applies to each item in the worker),
     except that a list of strings is passed through instead of being walked string by string: the batch's
@@ -408,11 +447,21 @@ class CaptionMixLoader(DataLoader):
     find the dropped ones.
 
     The dataset also works with :class:`datamodules.latent_cache.LatentCacheStream` (same ``resume`` protocol).
+
+    Skips: every batch's ``skipped`` counts are summed into ``skip_counts`` (the current or last iteration), and with
+    ``skip_log`` (a path) every record is appended to that file (:class:`SkipLog`), labelled ``split``. An evaluation
+    stream (no ``batches_per_rank``) is read one batch ahead, so that skips counted after a worker's last batch
+    (:data:`datamodules.wds_stages.SKIPS_ONLY` items) join a batch the model sees; when no batch comes at all they
+    are still in ``skip_counts`` and the log, and a warning says so.
     """
 
-    def __init__(self, dataset: CaptionMixStream, **kwargs: Any):
+    def __init__(
+        self, dataset: CaptionMixStream, *, split: str = "train", skip_log: str | os.PathLike | None = None, **kwargs
+    ):
         kwargs.setdefault("collate_fn", convert_batch)
         super().__init__(dataset, batch_size=None, **kwargs)
+        self.split, self.skip_log = split, skip_log
+        self.skip_counts: Counter = Counter()
         if isinstance(dataset.epoch, SharedEpoch):
             # DataLoader forbids passing a sampler with an iterable dataset and setting one after __init__; the
             # replacement keeps the default's behaviour (yield None forever) and only adds set_epoch.
@@ -450,12 +499,48 @@ class CaptionMixLoader(DataLoader):
             if self.num_workers > 0:
                 ds.resume = None  # the workers took their copy; later iterations must not replay again
         self._progress = progress
-        for batch in iterator:
-            where = batch.pop(POSITION_KEY, None) if isinstance(batch, dict) else None
-            if where is not None:
-                positions[where[0]] = where[1]
-            progress["batches"] += 1
-            yield batch
+        lookahead = getattr(ds, "batches_per_rank", 0) is None  # evaluation: trailing skips join the last batch
+        counts = self.skip_counts = Counter()
+        log = SkipLog(self.skip_log) if self.skip_log else None
+        held: dict[str, Any] | None = None  # lookahead: the batch not yet passed on
+        carry: dict[str, Any] | None = None  # skips that came before any batch could take them
+        try:
+            for batch in iterator:
+                skipped = batch.get("skipped") if isinstance(batch, dict) else None
+                if skipped:
+                    counts.update(skipped.get("counts", {}))
+                    if log is not None:
+                        log.write(skipped, split=self.split, epoch=epoch, rank=rank)
+                if isinstance(batch, dict) and batch.pop(SKIPS_ONLY, False):
+                    if held is not None:
+                        merge_skips(held["skipped"], skipped)
+                    else:
+                        carry = merge_skips(carry or {}, skipped)
+                    continue
+                if carry is not None and isinstance(batch, dict):
+                    batch["skipped"] = merge_skips(carry, batch.get("skipped") or {})
+                    carry = None
+                where = batch.pop(POSITION_KEY, None) if isinstance(batch, dict) else None
+                if where is not None:
+                    positions[where[0]] = where[1]
+                if lookahead:
+                    held, batch = batch, held
+                    if batch is None:
+                        continue
+                progress["batches"] += 1
+                yield batch
+            if held is not None:
+                progress["batches"] += 1
+                yield held
+            elif carry is not None:
+                warnings.warn(
+                    f"caption-mix {self.split} loader: no usable sample; skipped {carry.get('counts')}"
+                    + (f" (every skip is in {self.skip_log})" if self.skip_log else ""),
+                    stacklevel=2,
+                )
+        finally:
+            if log is not None:
+                log.close()
 
     def _fingerprint(self) -> dict[str, Any]:
         ds = self.dataset
@@ -573,6 +658,10 @@ class CaptionMixDataModule(L.LightningDataModule):
             ``wds_stages.DecodeImage``); skips nothing. ``False``: always decode at full size.
         max_consecutive_drops: Stop with an error after this many unusable samples in a row (broken or
             misconfigured data would otherwise spin forever in a cycling stream); ``None`` never stops.
+        skip_log: Where every skipped sample (and fallback) is written, one JSON line each (key, reason, shard,
+            split, epoch, rank, detail): ``True`` = ``<trainer.log_dir>/skipped.jsonl`` when a Trainer is attached
+            (nothing without one), a path = that file, ``False``/``None`` = no log. Rank r > 0 writes
+            ``skipped.rank<r>.jsonl`` beside it.
         persistent_workers: Keep loader workers alive across epochs.
         pin_memory: Pin batches (GPU training).
         rank: Override the rank (simulating multi-process runs without a Trainer); default: from the Trainer.
@@ -608,6 +697,7 @@ class CaptionMixDataModule(L.LightningDataModule):
         max_caption_chars: int | None = MAX_CAPTION_CHARS,
         jpeg_draft: bool = True,
         max_consecutive_drops: int | None = 10_000,
+        skip_log: bool | str | None = True,
         persistent_workers: bool = True,
         pin_memory: bool = False,
         rank: int | None = None,
@@ -629,6 +719,8 @@ class CaptionMixDataModule(L.LightningDataModule):
         check_sample_limits(min_image_size, max_image_pixels, max_caption_chars, jpeg_draft)
         self.limits = SampleLimits(min_image_size, max_image_pixels, max_caption_chars, jpeg_draft)
         self.max_consecutive_drops = max_consecutive_drops
+        self.skip_log = skip_log
+        self._log_dir: str | None = None
         self.persistent_workers, self.pin_memory = persistent_workers, pin_memory
         self._rank, self._world_size = rank, world_size
         self.epoch = SharedEpoch(0)
@@ -689,6 +781,8 @@ class CaptionMixDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         self._per_device_batch()  # before the LightningModule's setup, which may read batch_size (ClipModule)
         trainer = self._trainer_or_none()
+        if trainer is not None and self.skip_log is True:
+            self._log_dir = trainer.log_dir  # here, where every rank calls it (it is a broadcast from rank 0)
         if trainer is not None and stage == "fit":
             from datamodules.monitor import CaptionMixMonitor
 
@@ -738,9 +832,27 @@ class CaptionMixDataModule(L.LightningDataModule):
             epoch=self.epoch if training else 0,
         )
 
-    def _loader(self, stream: CaptionMixStream, persistent: bool) -> CaptionMixLoader:
+    def _skip_log_path(self) -> Path | None:
+        """This rank's skip log file (see ``skip_log``), or None."""
+        if self.skip_log is None or self.skip_log is False:
+            return None
+        if self.skip_log is True:
+            trainer = self._trainer_or_none()
+            if self._log_dir is None and trainer is not None:
+                self._log_dir = trainer.log_dir
+            if self._log_dir is None:
+                return None
+            path = Path(self._log_dir) / "skipped.jsonl"
+        else:
+            path = Path(self.skip_log)
+        rank = self._rank_world()[0]
+        return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+    def _loader(self, stream: CaptionMixStream, persistent: bool, split: str) -> CaptionMixLoader:
         return CaptionMixLoader(
             stream,
+            split=split,
+            skip_log=self._skip_log_path(),
             num_workers=self.num_workers,
             persistent_workers=persistent and self.persistent_workers and self.num_workers > 0,
             pin_memory=self.pin_memory,
@@ -749,17 +861,17 @@ class CaptionMixDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> CaptionMixLoader:
         self.epoch._shared()  # create the shared value before workers start, so they all see set_epoch
-        return self._loader(self._stream(self.train_shards, "fit", training=True), persistent=True)
+        return self._loader(self._stream(self.train_shards, "fit", training=True), persistent=True, split="train")
 
     def val_dataloader(self) -> CaptionMixLoader | list:
         if self.val_shards is None:
             return []
-        return self._loader(self._stream(self.val_shards, "validate", training=False), persistent=False)
+        return self._loader(self._stream(self.val_shards, "validate", training=False), persistent=False, split="val")
 
     def test_dataloader(self) -> CaptionMixLoader | list:
         if self.test_shards is None:
             return []
-        return self._loader(self._stream(self.test_shards, "test", training=False), persistent=False)
+        return self._loader(self._stream(self.test_shards, "test", training=False), persistent=False, split="test")
 
     def set_epoch(self, epoch: int) -> None:
         """For plain training loops (Lightning calls the loader's sampler instead)."""

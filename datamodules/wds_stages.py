@@ -2,7 +2,9 @@
 
 Every stage is a module-level class with ``__call__(iterator) -> iterator`` (open_clip's style), so the pipeline
 pickles under any worker start method. Stages never raise on one bad sample: they count a reason in a
-:class:`SkipStats` and move on. The counts travel to the main process inside each batch (``batch["skipped"]``).
+:class:`SkipStats` and move on. The counts (and, when recording, one record per event: reason, key, shard) travel to
+the main process inside each batch (``batch["skipped"]``); skips after a stream's last batch come in a final item
+marked :data:`SKIPS_ONLY` that holds no samples.
 
 Determinism contract (the paper's p, made reproducible):
     the caption source of a sample is a pure function of ``(seed, epoch, key)`` -- see :func:`uniform_from_key`.
@@ -11,6 +13,7 @@ Determinism contract (the paper's p, made reproducible):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -47,20 +50,51 @@ def stable_int(*parts: object) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------- stats
+SKIPS_ONLY = "_skips_only"
+"""Key of the item a stream yields after its last batch when skips were counted after it (no samples in it)."""
+
+KEPT_PREFIXES = ("fallback:", "sidecar_", "caption_")
+"""Reasons that do not drop the sample (or shard): it is used with another caption source."""
+
+
 @dataclass
 class SkipStats:
-    """Per-worker counters of skipped samples and caption fallbacks, drained into each batch."""
+    """Per-worker counters of skipped samples and caption fallbacks, drained into each batch.
+
+    ``record=True`` also keeps one record per event (``reason``, ``key``, ``shard``, ``detail``) until the next
+    drain: the caption-mix loader writes them to its skip log. At most ``max_records`` are kept between two drains
+    (a batch normally carries a few); beyond that only the counts stay exact and the number of records left out is
+    reported as ``records_lost``.
+    """
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     extracted: int = 0  # samples that got past extraction; lets a cycling shard schedule detect "all unusable"
     max_consecutive_drops: int | None = 10_000
     consecutive_drops: int = 0
+    record: bool = False
+    max_records: int = 100_000
+    records: list[dict[str, Any]] = field(default_factory=list)
+    records_lost: int = 0
 
-    def skip(self, reason: str, where: str = "") -> None:
+    def skip(
+        self,
+        reason: str,
+        where: str = "",
+        *,
+        key: str | None = None,
+        shard: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Count one event; ``where`` is the human-readable example, ``key``/``shard``/``detail`` go to the record."""
         self.counts[reason] += 1
         self.examples.setdefault(reason, where)
-        if reason.startswith(("fallback:", "sidecar_", "caption_")):
+        if self.record:
+            if len(self.records) < self.max_records:
+                self.records.append({"key": key, "reason": reason, "shard": shard, "detail": detail})
+            else:
+                self.records_lost += 1
+        if reason.startswith(KEPT_PREFIXES):
             return  # the sample (or shard) is still used
         self.consecutive_drops += 1
         if self.max_consecutive_drops is not None and self.consecutive_drops > self.max_consecutive_drops:
@@ -72,12 +106,37 @@ class SkipStats:
     def used(self) -> None:
         self.consecutive_drops = 0
 
+    def pending(self) -> bool:
+        """Whether anything was counted since the last drain."""
+        return bool(self.counts) or self.records_lost > 0
+
     def drain(self) -> dict[str, Any]:
-        """Return and reset the counts accumulated since the last call (so summing over batches gives totals)."""
-        out = {"counts": dict(self.counts), "examples": dict(self.examples)}
+        """Return and reset the counts accumulated since the last call (so summing over batches gives totals), with
+        the records when recording (``records``; ``records_lost`` when some were left out)."""
+        out: dict[str, Any] = {"counts": dict(self.counts), "examples": dict(self.examples)}
         self.counts.clear()
         self.examples.clear()
+        if self.record:
+            out["records"], self.records = self.records, []
+            if self.records_lost:
+                out["records_lost"], self.records_lost = self.records_lost, 0
         return out
+
+
+def merge_skips(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Add the drained skips ``other`` to ``into`` (both as :meth:`SkipStats.drain` returns them); returns ``into``."""
+    counts = Counter(into.get("counts", {}))
+    counts.update(other.get("counts", {}))
+    into["counts"] = dict(counts)
+    examples = into.setdefault("examples", {})
+    for reason, where in other.get("examples", {}).items():
+        examples.setdefault(reason, where)
+    if "records" in other or "records" in into:
+        into["records"] = list(into.get("records", [])) + list(other.get("records", []))
+    lost = into.get("records_lost", 0) + other.get("records_lost", 0)
+    if lost:
+        into["records_lost"] = lost
+    return into
 
 
 class CountingHandler:
@@ -87,7 +146,15 @@ class CountingHandler:
         self.stats = stats
 
     def __call__(self, exn: Exception) -> bool:
-        self.stats.skip(f"tar_error:{type(exn).__name__}", repr(exn)[:300])
+        detail = repr(exn)[:300]
+        member = getattr(exn, "member", None)  # TarFormatError: the damaged member, when its header was readable
+        key = None
+        if isinstance(member, str) and member:
+            from webdataset.tariterators import base_plus_ext  # the key as ReadShards groups members
+
+            key = base_plus_ext(member)[0]
+        self.stats.skip(f"tar_error:{type(exn).__name__}", detail, key=key, shard=getattr(exn, "shard", None),
+                        detail=detail)  # fmt: skip
         return True
 
 
@@ -284,6 +351,7 @@ class ReadShards:
                 stream = open_shard(url)
             except Exception as exn:  # missing file, failed pipe: count and go on to the next shard
                 exn.args = (*exn.args, url)
+                _tag_shard(exn, url)
                 if self.handler(exn):
                     continue
                 return
@@ -305,14 +373,22 @@ class ReadShards:
                 if current is not None:
                     yield current  # its members read so far are whole; a damaged member was never added
                 exn.args = (*exn.args, url)
+                _tag_shard(exn, url)
                 if not self.handler(exn):
                     return
             finally:
                 close_error = _close_quietly(stream)
             if close_error is not None:  # e.g. a pipe: command's non-zero exit status, reported at close
                 close_error.args = (*close_error.args, url)
+                _tag_shard(close_error, url)
                 if not self.handler(close_error):
                     return
+
+
+def _tag_shard(exn: Exception, url: str) -> None:
+    """Note on an exception which shard it came from (``exn.shard``; the skip log's ``shard``)."""
+    with contextlib.suppress(AttributeError):  # a type with slots: the URL is still the last of its args
+        exn.shard = url
 
 
 def _close_quietly(stream) -> Exception | None:
@@ -415,18 +491,18 @@ class ExtractCaptions:
             self._sidecar = load_sidecar(path, self.sidecar_columns)
         except FileNotFoundError:
             # A missing sidecar is a whole shard without recaptions: count it once, fall back per sample.
-            self.stats.skip("sidecar_missing", path)
+            self.stats.skip("sidecar_missing", path, shard=url, detail=path)
             self._sidecar = {}
         except UnreadableSidecarError as exn:  # truncated/corrupt file: as a missing one (a missing column raises)
-            self.stats.skip("sidecar_unreadable", str(exn)[:300])
+            self.stats.skip("sidecar_unreadable", str(exn)[:300], shard=url, detail=str(exn)[:300])
             self._sidecar = {}
 
-    def _caption(self, value: Any, source: str, where: str) -> str | None:
+    def _caption(self, value: Any, source: str, key: str, url: str) -> str | None:
         text, problem = _text(value)
         if problem is None and text is not None and self.max_caption_chars and len(text) > self.max_caption_chars:
             text, problem = None, "too_long"
         if problem is not None:  # the source counts as missing for this sample (fallback / no_caption follow)
-            self.stats.skip(f"caption_{problem}", f"{where} ({source})")
+            self.stats.skip(f"caption_{problem}", f"{url}:{key} ({source})", key=key, shard=url, detail=source)
         return text
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -441,12 +517,12 @@ class ExtractCaptions:
                     self._sidecar_url = url
             where = f"{url}:{key}"
             if key in self._seen:
-                self.stats.skip("duplicate_key", where)
+                self.stats.skip("duplicate_key", where, key=key, shard=url)
                 continue
             self._seen.add(key)
             image = next((sample[m] for m in IMAGE_MEMBERS if m in sample), None)
             if image is None:
-                self.stats.skip("missing_image", where)
+                self.stats.skip("missing_image", where, key=key, shard=url)
                 continue
             meta: dict[str, Any] | None = None
             captions: dict[str, str | None] = {}
@@ -458,13 +534,13 @@ class ExtractCaptions:
                         try:
                             meta = json.loads(sample.get("json") or b"{}")
                         except (ValueError, RecursionError):  # bad JSON or bad UTF-8; absurd nesting
-                            self.stats.skip("bad_json", where)
+                            self.stats.skip("bad_json", where, key=key, shard=url)
                             meta = {}
                     value = meta.get(src.where) if isinstance(meta, dict) else None
                 else:
                     row = self._sidecar.get(key)
                     value = row.get(src.where) if row is not None else None
-                captions[src.name] = self._caption(value, src.name, where)
+                captions[src.name] = self._caption(value, src.name, key, url)
             self.stats.extracted += 1
             yield {"key": key, "url": url, "image_bytes": image, "captions": captions}
 
@@ -499,8 +575,11 @@ class ChooseCaption:
         self.mode, self.separator, self.fallback = mode, separator, fallback
         self._fallback_order = [n for _, n in sorted(zip(self.weights, self.names, strict=True), key=lambda t: -t[0])]
 
-    def choose(self, key: str, captions: Mapping[str, str | None]) -> tuple[str | None, str | None]:
-        """Return ``(caption, source_name)``; ``(None, None)`` when nothing usable exists."""
+    def choose(
+        self, key: str, captions: Mapping[str, str | None], shard: str | None = None
+    ) -> tuple[str | None, str | None]:
+        """Return ``(caption, source_name)``; ``(None, None)`` when nothing usable exists. ``shard`` only labels a
+        counted fallback."""
         if self.mode == "concat":
             parts = [captions[n] for n in self.names if captions.get(n)]
             return (self.separator.join(parts), "concat") if parts else (None, None)
@@ -520,15 +599,16 @@ class ChooseCaption:
             return None, None
         for other in self._fallback_order + [n for n in captions if n not in self.names]:
             if other != chosen and captions.get(other):
-                self.stats.skip(f"fallback:{chosen}->{other}", key)
+                self.stats.skip(f"fallback:{chosen}->{other}", key, key=key, shard=shard)
                 return captions[other], other
         return None, None
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in samples:
-            caption, source = self.choose(sample["key"], sample["captions"])
+            caption, source = self.choose(sample["key"], sample["captions"], sample["url"])
             if caption is None:
-                self.stats.skip("no_caption", f"{sample['url']}:{sample['key']}")
+                key, url = sample["key"], sample["url"]
+                self.stats.skip("no_caption", f"{url}:{key}", key=key, shard=url)
                 continue
             sample["caption"], sample["caption_source"] = caption, source
             yield sample
@@ -712,23 +792,26 @@ class DecodeImage:
         else:
             self.draft = (int(draft[0]), int(draft[1]))
 
+    def _skip(self, reason: str, sample: dict[str, Any], detail: str) -> None:
+        key, url = sample["key"], sample["url"]
+        self.stats.skip(reason, f"{url}:{key}: {detail}"[:300], key=key, shard=url, detail=detail[:300])
+
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in samples:
-            where = f"{sample['url']}:{sample['key']}"
             try:
                 img = decode_image(sample.pop("image_bytes"), self.max_image_pixels, self.min_image_size, self.draft)
             except ImageRejected as exn:
-                self.stats.skip(exn.reason, f"{where}: {exn}"[:300])
+                self._skip(exn.reason, sample, str(exn))
                 continue
             except Exception as exn:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
-                self.stats.skip("bad_image", f"{where}: {type(exn).__name__}: {exn}"[:300])
+                self._skip("bad_image", sample, f"{type(exn).__name__}: {exn}")
                 continue
             if self.transform is not None:
                 try:
                     img = self.transform(img)
                 except Exception as exn:  # one odd image must not stop a run; a transform that always fails
                     # still stops it, through max_consecutive_drops, with this reason and example
-                    self.stats.skip("transform_error", f"{where}: {type(exn).__name__}: {exn}"[:300])
+                    self._skip("transform_error", sample, f"{type(exn).__name__}: {exn}")
                     continue
             sample["image"] = img
             self.stats.used()
@@ -760,6 +843,10 @@ class Batch:
 
     Batch fields: ``image`` (stacked tensor when the transform yields equal-shaped tensors), ``text`` (when a text
     transform is set), ``caption``, ``caption_source``, ``key``, ``url`` (lists), and ``skipped`` (counts).
+
+    ``partial=True`` (one evaluation pass): the last batch may be short, and skips counted after the last batch (a
+    damaged end of the last shard; a stream with no usable sample at all) are yielded as one more item,
+    ``{"skipped": ..., SKIPS_ONLY: True}``, which the loader folds into its batches (it never reaches a model).
     """
 
     def __init__(self, batch_size: int, stats: SkipStats, partial: bool, limit: int | None = None):
@@ -791,3 +878,5 @@ class Batch:
                     return
         if buf and self.partial:
             yield self._collate(buf)
+        elif self.partial and self.stats.pending():
+            yield {"skipped": self.stats.drain(), SKIPS_ONLY: True}
