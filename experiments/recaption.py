@@ -613,18 +613,24 @@ class ClaimBoard:
     def acquire(self, unit: str) -> _Claim | None:
         """Claim ``unit`` for this process, taking over an expired claim; None when a live process holds it."""
         path = self.path(unit)
-        for _ in range(3):
-            token = uuid.uuid4().hex
-            content = json.dumps(self.me | {"unit": unit, "token": token, "claimed_at": round(time.time(), 3)})
-            if self._create(path, content.encode()):
-                return _Claim(path, token, self.heartbeat)
+        for _ in range(3):  # a look first: a process waiting on live claims writes nothing
             current = self.read(path)
             if current is not None:
                 if not self.expired(*current):
                     return None
                 if not self._move_aside(path, current[0]):
                     return None
+            token = uuid.uuid4().hex
+            content = json.dumps(self.me | {"unit": unit, "token": token, "claimed_at": round(time.time(), 3)})
+            if self._create(path, content.encode()):
+                return _Claim(path, token, self.heartbeat)
         return None
+
+    def holder(self, unit: str) -> str:
+        """Who holds ``unit``'s claim, for messages: ``host:pid``, or ``?``."""
+        current = self.read(self.path(unit))
+        info = current[0] if current is not None else None
+        return f"{info.get('host')}:{info.get('pid')}" if info else "?"
 
     def sweep(self, out: Path, done: Callable[[str], bool]) -> dict[str, int]:
         """Remove what killed processes left: temporary unit outputs and claim files whose writer is gone
@@ -822,8 +828,10 @@ def run(
             remaining = [u for u in remaining if not done(u.name)]
             if remaining and not took:
                 if not waiting:
-                    log(f"recaption {tag}: waiting for {len(remaining)} units claimed by other processes (they finish "
-                        f"them, or their claims expire after {board.ttl:g} s without a heartbeat)")  # fmt: skip
+                    held = ", ".join(f"{u.name} ({board.holder(u.name)})" for u in remaining[:5])
+                    log(f"recaption {tag}: waiting for {len(remaining)} units claimed by other processes: {held}"
+                        f"{', ...' if len(remaining) > 5 else ''} (they finish them, or their claims expire after "
+                        f"{board.ttl:g} s without a heartbeat)")  # fmt: skip
                     waiting = True
                 time.sleep(board.poll)
     finally:
