@@ -386,13 +386,14 @@ class _EpochSampler(Sampler):
 
 
 class SkipLog:
-    """The loader's skip log: one JSON line per counted event, appended to ``path`` as batches arrive.
+    """The loader's skip log: one JSON line per skipped sample or shard-level event, appended as batches arrive.
 
     A line: ``{"key", "reason", "shard", "split", "epoch", "rank", "detail"}`` (``key`` is null for shard-level
-    events: ``tar_error:*`` before any member, ``sidecar_*``); a batch whose worker left records out (over
-    ``SkipStats.max_records`` between two batches) adds ``{"reason": "records_lost", "count": N, ...}``. Memory: the
-    records of one batch. The file is flushed after every batch, opened lazily (no file when nothing was skipped)
-    and appended to (a resumed run continues it).
+    events: ``tar_error:*`` before any member, ``sidecar_*``). Fallbacks to another caption source and caption
+    problems of samples that were still used are counted, not logged (``wds_stages.UNRECORDED_PREFIXES``). A batch
+    whose worker left records out (over ``SkipStats.max_records`` between two batches) adds ``{"reason":
+    "records_lost", "count": N, ...}``. Memory: the records of one batch. The file is flushed after every batch,
+    opened lazily (no file when nothing was skipped) and appended to (a resumed run continues it).
     """
 
     def __init__(self, path: str | os.PathLike):

@@ -56,13 +56,18 @@ SKIPS_ONLY = "_skips_only"
 KEPT_PREFIXES = ("fallback:", "sidecar_", "caption_")
 """Reasons that do not drop the sample (or shard): it is used with another caption source."""
 
+UNRECORDED_PREFIXES = ("fallback:", "caption_")
+"""Reasons counted but not recorded for the skip log: the sample was used (with another caption source). A sample
+that had no usable caption at all is recorded as ``no_caption``."""
+
 
 @dataclass
 class SkipStats:
     """Per-worker counters of skipped samples and caption fallbacks, drained into each batch.
 
-    ``record=True`` also keeps one record per event (``reason``, ``key``, ``shard``, ``detail``) until the next
-    drain: the caption-mix loader writes them to its skip log. At most ``max_records`` are kept between two drains
+    ``record=True`` also keeps one record per dropped sample or shard-level event (``reason``, ``key``, ``shard``,
+    ``detail``; not for :data:`UNRECORDED_PREFIXES`, whose samples were used) until the next drain: the caption-mix
+    loader writes them to its skip log. At most ``max_records`` are kept between two drains
     (a batch normally carries a few); beyond that only the counts stay exact and the number of records left out is
     reported as ``records_lost``.
     """
@@ -89,7 +94,7 @@ class SkipStats:
         """Count one event; ``where`` is the human-readable example, ``key``/``shard``/``detail`` go to the record."""
         self.counts[reason] += 1
         self.examples.setdefault(reason, where)
-        if self.record:
+        if self.record and not reason.startswith(UNRECORDED_PREFIXES):
             if len(self.records) < self.max_records:
                 self.records.append({"key": key, "reason": reason, "shard": shard, "detail": detail})
             else:

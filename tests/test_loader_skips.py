@@ -163,6 +163,23 @@ def test_skip_log_goes_to_the_trainers_log_dir_one_file_per_rank(tmp_path):
         assert {x["rank"] for x in lines} == {rank}
 
 
+def test_a_fallback_is_counted_but_only_samples_without_any_caption_are_logged(tmp_path):
+    log = tmp_path / "skipped.jsonl"
+    keys = write_tar(
+        tmp_path / "00000.tar",
+        0,
+        4,
+        {1: {"jpg": jpeg_bytes(1, 16), "json": b'{"org_caption": "from json"}'}, 2: {"jpg": jpeg_bytes(2, 16)}},
+    )
+    dm = dm_for([str(tmp_path / "00000.tar")], sources={"original": "txt", "json": "json:org_caption"},
+                source_weights={"original": 1.0, "json": 0.0}, skip_log=str(log))  # fmt: skip
+    batches = list(dm.test_dataloader())
+    assert counted(batches) == {"fallback:original->json": 1, "no_caption": 1}
+    assert sorted(k for b in batches for k in b["key"]) == [keys[0], keys[1], keys[3]]
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(x["key"], x["reason"]) for x in lines] == [(keys[2], "no_caption")]
+
+
 def test_records_beyond_the_cap_are_counted_and_reported_lost():
     stats = SkipStats(record=True, max_records=2, max_consecutive_drops=None)
     for i in range(5):
