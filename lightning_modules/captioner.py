@@ -57,6 +57,11 @@ BUILD_ARGS = (
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
+def _clean(name: str) -> str:
+    """A parameter name without the FSDP / activation-checkpointing wrappers' path parts (as in a full state dict)."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 class PixelTransform:
     """PIL image -> pixel tensor (3, H, W) through the captioner's image processor (picklable)."""
 
@@ -392,7 +397,7 @@ class CaptionerModule(L.LightningModule):
         config dict (checkpoints written before such weights were kept). Empty for a module never restored."""
         if self._restored_keys is None or self.hparams.save_frozen:
             return []
-        return [f"model.{n}" for n in self._unsourced if f"model.{n}" not in self._restored_keys]
+        return [f"model.{_clean(n)}" for n in self._unsourced if f"model.{_clean(n)}" not in self._restored_keys]
 
     def missing_weights_message(self, missing: list[str], source: str | None = None) -> str:
         names = {"vision_tower": "vision tower", "language_model": "LLM", "lm_head": "LLM", PROJECTOR: "projector"}
@@ -433,13 +438,15 @@ class CaptionerModule(L.LightningModule):
         dict tower): the rest comes back from ``model``'s sources on load, these could not."""
         if self.hparams.save_frozen:
             return
-        unsourced = set(self._unsourced)
-        keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad or n in unsourced}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        unsourced = {_clean(n) for n in self._unsourced}
+        keep = {
+            f"model.{_clean(n)}" for n, p in self.model.named_parameters() if p.requires_grad or _clean(n) in unsourced
+        }
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if _clean(k) in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
-        self._restored_keys = set(state) if isinstance(state, Mapping) else set()
+        self._restored_keys = {_clean(k) for k in state} if isinstance(state, Mapping) else set()
         missing = self.missing_weights()
         if missing:  # resume / validate go on (with new random weights there); export refuses
             rank_zero_warn(self.missing_weights_message(missing))
