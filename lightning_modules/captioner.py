@@ -110,7 +110,8 @@ class CaptionerModule(L.LightningModule):
         grad_checkpointing: Recompute activations in backward (memory for compute).
         init_from: A previous stage's Lightning checkpoint (its model weights are loaded, read with weights_only).
         save_frozen: Keep frozen weights in checkpoints. Off: checkpoints hold only what trains (LLaVA saves only
-            ``mm_projector.bin`` in stage 1); frozen weights come back from ``model`` on load.
+            ``mm_projector.bin`` in stage 1); frozen weights come back from ``model`` on load, except those drawn at
+            random (a ``vision_tower`` / ``llm`` config dict), which are kept as nothing else can restore them.
         caption_prompts: User prompts paired with captions when training on image-caption shards.
         caption_prompt: The prompt for generated captions (the paper's recaption prompt).
         max_new_tokens: Greedy decoding length for captions (the paper: 128).
