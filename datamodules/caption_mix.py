@@ -48,6 +48,7 @@ from datamodules.checks import (
 )
 from datamodules.shards import expand_urls
 from datamodules.wds_stages import (
+    DEDUPE_MODES,
     DEFAULT_MAX_IMAGE_PIXELS,
     MAX_CAPTION_CHARS,
     MIN_IMAGE_SIZE,
@@ -55,6 +56,7 @@ from datamodules.wds_stages import (
     Batch,
     ChooseCaption,
     CountingHandler,
+    CrossShardDuplicates,
     ReadShards,
     SampleLimits,
     ShardSchedule,
@@ -163,6 +165,8 @@ class CaptionMixStream(IterableDataset):
     that many batches per epoch, split over loader workers as evenly as possible (so DDP never hangs on a rank that
     ran out). ``None``: evaluation -- one pass over this rank's disjoint shard slice, last batch partial.
     ``limits`` (:class:`datamodules.wds_stages.SampleLimits`, picklable) reach the workers' extract and decode stages.
+    ``dedupe`` (``"worker"``, ``"global"``, ``"off"``), ``dedupe_max_keys`` and ``dedupe_index`` configure each
+    worker's :class:`datamodules.wds_stages.CrossShardDuplicates`.
     """
 
     def __init__(
@@ -188,6 +192,9 @@ class CaptionMixStream(IterableDataset):
         limits: SampleLimits | None = None,
         max_consecutive_drops: int | None = 10_000,
         epoch: SharedEpoch | int = 0,
+        dedupe: str = "off",
+        dedupe_max_keys: int | None = 500_000,
+        dedupe_index: str | None = None,
     ):
         super().__init__()
         self.urls = list(urls)
@@ -199,6 +206,7 @@ class CaptionMixStream(IterableDataset):
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.image_transform, self.text_transform = image_transform, text_transform
         self.limits = limits if limits is not None else SampleLimits()
+        self.dedupe, self.dedupe_max_keys, self.dedupe_index = dedupe, dedupe_max_keys, dedupe_index
         self.max_consecutive_drops = max_consecutive_drops
         self.epoch = epoch
         self.resume: dict[str, Any] | None = None  # set by CaptionMixLoader for the next iteration only
@@ -242,7 +250,10 @@ class CaptionMixStream(IterableDataset):
         )
         stream: Iterator = iter(schedule)
         stream = ReadShards(CountingHandler(stats))(stream)
-        stream = self.limits.extract(self.sources, self.sidecar_dir, stats)(stream)
+        duplicates = None
+        if self.dedupe != "off":
+            duplicates = CrossShardDuplicates(self.dedupe, self.dedupe_max_keys, self.dedupe_index)
+        stream = self.limits.extract(self.sources, self.sidecar_dir, stats, duplicates)(stream)
         if training and self.shuffle_buffer > 1:
             rng = random.Random(stable_int("buffer", self.seed, epoch, self.rank, worker))
             stream = wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng)(stream)
@@ -276,6 +287,9 @@ class CaptionMixStream(IterableDataset):
 # ---------------------------------------------------------------------------------------------------------- resume
 POSITION_KEY = "_stream_position"  # (worker, position) a training stream attaches to each batch; the loader pops it
 LIMIT_KEYS = tuple(SampleLimits().as_dict())
+DEDUPE_KEYS = ("dedupe", "dedupe_max_keys")
+"""Recorded in loader states since cross-shard duplicates are handled; a state without them is not compared on them
+(made by code that read cross-shard copies like any sample: the same stream unless the shards have such copies)."""
 LEGACY_LIMITS = {"min_image_size": 8, "max_caption_chars": 10_000, "jpeg_draft": True}
 """The limits of loader states written before they were recorded: fixed in that code (``max_image_pixels`` was an
 argument already, so its value then is unknown and a state without it is not compared on it)."""
@@ -555,6 +569,10 @@ class CaptionMixLoader(DataLoader):
         limits = getattr(ds, "limits", None)  # a LatentCacheStream has none: its cache was filtered when built
         if limits is not None:
             fingerprint.update(limits.as_dict())
+        dedupe = getattr(ds, "dedupe", None)
+        if dedupe is not None:
+            fingerprint["dedupe"] = dedupe
+            fingerprint["dedupe_max_keys"] = ds.dedupe_max_keys if dedupe == "worker" else None
         return fingerprint
 
     def state_dict(self) -> dict[str, Any]:
@@ -581,7 +599,8 @@ class CaptionMixLoader(DataLoader):
         mine = self._fingerprint()
         legacy = {k: v for k, v in LEGACY_LIMITS.items() if k in mine and k not in state_dict}
         saved = {**state_dict, **legacy}
-        compared = {k: v for k, v in mine.items() if k in saved or k not in LIMIT_KEYS}  # old max_image_pixels: no
+        optional = LIMIT_KEYS + DEDUPE_KEYS  # compared when recorded (not: max_image_pixels, dedupe of old states)
+        compared = {k: v for k, v in mine.items() if k in saved or k not in optional}
         diff = {k: (saved.get(k), v) for k, v in compared.items() if saved.get(k) != v}
         if diff:
             fields = ", ".join(
@@ -591,7 +610,8 @@ class CaptionMixLoader(DataLoader):
             raise ValueError(
                 f"cannot resume the data loader exactly mid-epoch: {fields}. Resume with the data settings of the "
                 f"interrupted run (data.num_workers, data.batch_size, data.seed, data.min_image_size, "
-                f"data.max_image_pixels, data.max_caption_chars, data.jpeg_draft, number of devices)"
+                f"data.max_image_pixels, data.max_caption_chars, data.jpeg_draft, data.dedupe, data.dedupe_max_keys, "
+                f"number of devices)"
             )
         self._pending = dict(state_dict)
         bpr = mine["batches_per_rank"]
@@ -659,6 +679,19 @@ class CaptionMixDataModule(L.LightningDataModule):
             ``wds_stages.DecodeImage``); skips nothing. ``False``: always decode at full size.
         max_consecutive_drops: Stop with an error after this many unusable samples in a row (broken or
             misconfigured data would otherwise spin forever in a cycling stream); ``None`` never stops.
+        dedupe: What happens to a key that is also in another shard (a re-downloaded or partly copied shard; keys in
+            one shard are always deduplicated): ``"worker"`` (default) drops a key this loader worker already read
+            from another shard in this epoch, remembering at most ``dedupe_max_keys`` keys per worker (copies read
+            by other workers or ranks are not seen); ``"global"`` builds a key index of the shards once
+            (``prepare_data``; one read of every shard, cached in ``dedupe_dir``) and drops every copy outside the
+            key's first shard on every worker and rank, so each key is read once per pass; ``"off"`` reads copies
+            as samples. Dropped copies are counted ``duplicate_key`` (README: "Duplicate keys").
+        dedupe_max_keys: ``"worker"``: keys remembered per loader worker and epoch (~80 bytes each: ~40 MB at the
+            default; past it, copies of later keys are kept, counted once as ``dedupe_window_full``). ``"global"``:
+            keys held in memory while the index is built (the rest waits in hash buckets on disk).
+        dedupe_dir: ``"global"``: the folder of index files, one per shard list (``<hash of the list>.json``);
+            default ``$XDG_CACHE_HOME/recap_suite/dedupe`` (``~/.cache`` without XDG_CACHE_HOME). An index is rebuilt
+            when its shard list, or a local shard's size or mtime, changes.
         skip_log: Where every skipped sample (and fallback) is written, one JSON line each (key, reason, shard,
             split, epoch, rank, detail): ``True`` = ``<trainer.log_dir>/skipped.jsonl`` when a Trainer is attached
             (nothing without one), a path = that file, ``False``/``None`` = no log. Rank r > 0 writes
@@ -699,6 +732,9 @@ class CaptionMixDataModule(L.LightningDataModule):
         jpeg_draft: bool = True,
         max_consecutive_drops: int | None = 10_000,
         skip_log: bool | str | None = True,
+        dedupe: Literal["worker", "global", "off"] = "worker",
+        dedupe_max_keys: int = 500_000,
+        dedupe_dir: str | None = None,
         persistent_workers: bool = True,
         pin_memory: bool = False,
         rank: int | None = None,
@@ -722,6 +758,8 @@ class CaptionMixDataModule(L.LightningDataModule):
         self.max_consecutive_drops = max_consecutive_drops
         self.skip_log = skip_log
         self._log_dir: str | None = None
+        check_dedupe(dedupe, dedupe_max_keys)
+        self.dedupe, self.dedupe_max_keys, self.dedupe_dir = dedupe, dedupe_max_keys, dedupe_dir
         self.persistent_workers, self.pin_memory = persistent_workers, pin_memory
         self._rank, self._world_size = rank, world_size
         self.epoch = SharedEpoch(0)
@@ -758,6 +796,7 @@ class CaptionMixDataModule(L.LightningDataModule):
         """Checks before anything is built (``experiments/validate.py``): the mix (p in [0, 1], weights), the batch
         against the world size, the sample limits, and that local shards and the sidecar folder exist."""
         check_sample_limits(**{k: args.get(k, v) for k, v in SampleLimits().as_dict().items()})
+        check_dedupe(args.get("dedupe", "worker"), args.get("dedupe_max_keys", 500_000))
         sources = args.get("sources") or DEFAULT_SOURCES
         resolve_weights(list(sources), args.get("p_original"), args.get("source_weights"), args.get("mix", "sample"))
         per_device_batch(args.get("batch_size"), args.get("global_batch_size"), run.world_size,
@@ -779,6 +818,32 @@ class CaptionMixDataModule(L.LightningDataModule):
             text=self.text_transform if self.text_transform is not None else found.text,
         )
 
+    def _dedupe_index_path(self, urls: Sequence[str]) -> str:
+        import hashlib
+
+        folder = self.dedupe_dir
+        if not folder:
+            cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            folder = os.path.join(cache, "recap_suite", "dedupe")
+        name = hashlib.sha256("\n".join(urls).encode()).hexdigest()[:24]
+        return os.path.join(os.fspath(folder), f"{name}.json")
+
+    def _duplicate_index(self, urls: Sequence[str]) -> dict[str, Any]:
+        """The summary of the shards' duplicate index (``dedupe: global``), built first when missing or stale."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from datamodules.wds_stages import ensure_duplicate_index
+
+        return ensure_duplicate_index(urls, self._dedupe_index_path(urls), self.dedupe_max_keys, rank_zero_info)
+
+    def prepare_data(self) -> None:
+        """``dedupe: global``: build the duplicate index of every shard list once per node, before ``setup``."""
+        if self.dedupe != "global":
+            return
+        for spec in (self.train_shards, self.val_shards, self.test_shards):
+            if spec is not None:
+                self._duplicate_index(expand_urls(spec))
+
     def setup(self, stage: str) -> None:
         self._per_device_batch()  # before the LightningModule's setup, which may read batch_size (ClipModule)
         trainer = self._trainer_or_none()
@@ -798,8 +863,12 @@ class CaptionMixDataModule(L.LightningDataModule):
         self._per_device_batch()
         transforms = self._transforms(stage)
         batches = None
+        index = self._duplicate_index(urls) if self.dedupe == "global" else None
         if training:
-            n = self.train_num_samples if self.train_num_samples is not None else count_samples(urls)
+            if self.train_num_samples is not None:
+                n = self.train_num_samples
+            else:  # the shards' sample counts include the copies that the global index drops
+                n = count_samples(urls) - (index["copies"] if index is not None else 0)
             batches = n // (self.batch_size * world)
             if batches < 1:
                 raise ValueError(
@@ -830,6 +899,9 @@ class CaptionMixDataModule(L.LightningDataModule):
             text_transform=transforms.text,
             limits=self.limits,
             max_consecutive_drops=self.max_consecutive_drops,
+            dedupe=self.dedupe,
+            dedupe_max_keys=self.dedupe_max_keys,
+            dedupe_index=self._dedupe_index_path(urls) if index is not None else None,
             epoch=self.epoch if training else 0,
         )
 
@@ -877,6 +949,14 @@ class CaptionMixDataModule(L.LightningDataModule):
     def set_epoch(self, epoch: int) -> None:
         """For plain training loops (Lightning calls the loader's sampler instead)."""
         self.epoch.set(epoch)
+
+
+def check_dedupe(dedupe: Any, max_keys: Any) -> None:
+    """Raise :class:`ConfigError` for a cross-shard duplicate setting that cannot work."""
+    if dedupe not in DEDUPE_MODES:
+        raise ConfigError("dedupe", dedupe, f"must be one of {list(DEDUPE_MODES)}")
+    if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
+        raise ConfigError("dedupe_max_keys", max_keys, "must be an integer >= 1")
 
 
 def resolve_weights(

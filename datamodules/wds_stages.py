@@ -53,7 +53,7 @@ def stable_int(*parts: object) -> int:
 SKIPS_ONLY = "_skips_only"
 """Key of the item a stream yields after its last batch when skips were counted after it (no samples in it)."""
 
-KEPT_PREFIXES = ("fallback:", "sidecar_", "caption_")
+KEPT_PREFIXES = ("fallback:", "sidecar_", "caption_", "dedupe_")
 """Reasons that do not drop the sample (or shard): it is used with another caption source."""
 
 UNRECORDED_PREFIXES = ("fallback:", "caption_")
@@ -405,6 +405,197 @@ def _close_quietly(stream) -> Exception | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------ cross-shard duplicates
+DEDUPE_MODES = ("worker", "global", "off")
+
+
+class CrossShardDuplicates:
+    """Which samples are copies of a key that belongs to another shard (a re-downloaded or partly copied shard).
+
+    Within one shard visit, a repeated key is always dropped by :class:`ExtractCaptions`. Across shards, two modes:
+
+    * ``"worker"``: this loader worker remembers, for the current epoch, the shard each key was first read from
+      (``hash(key) -> shard``, ~80 bytes per key) and drops a key read later from another shard. Revisits of the same
+      shard (a cycling schedule) are not copies. At most ``max_keys`` keys are remembered per worker and epoch; past
+      that new keys are not remembered (counted once as ``dedupe_window_full``), so a copy of a later key is kept.
+      Copies in shards that other workers or ranks read are not seen.
+    * ``"global"``: a shared index (:func:`build_duplicate_index`) lists, per shard, the keys whose owner -- the
+      first shard in the shard list that holds them -- is another shard; every worker on every rank drops exactly
+      those, so each key comes from its owner shard only. Memory: the index's entries (one per copy).
+
+    ``owner_if_copy`` returns the shard the key belongs to (worker: where it was first read) when this sample is a
+    copy to drop, else None.
+    """
+
+    def __init__(self, mode: str = "worker", max_keys: int | None = 500_000, index_path: str | None = None):
+        if mode not in ("worker", "global"):
+            raise ValueError(f"cross-shard duplicate mode must be 'worker' or 'global', got {mode!r}")
+        if mode == "global" and not index_path:
+            raise ValueError("the 'global' duplicate mode needs the index file (build_duplicate_index)")
+        self.mode, self.max_keys, self.index_path = mode, max_keys, index_path
+        self._first: dict[int, int] = {}  # worker mode: hash(key) -> shard number
+        self._shard_ids: dict[str, int] = {}
+        self._shards: list[str] = []
+        self._full = False
+        self._drop: dict[str, dict[str, int]] | None = None  # global mode: shard -> {key: owner shard number}
+
+    def owner_if_copy(self, key: str, url: str, stats: SkipStats | None = None) -> str | None:
+        if self.mode == "global":
+            if self._drop is None:
+                index = read_duplicate_index(self.index_path)
+                self._shards, self._drop = index["urls"], index["drop"]
+            owner = self._drop.get(url, {}).get(key) if self._drop else None
+            return None if owner is None else self._shards[owner]
+        sid = self._shard_ids.get(url)
+        if sid is None:
+            sid = self._shard_ids[url] = len(self._shards)
+            self._shards.append(url)
+        h = hash(key)  # 64-bit; a collision (~n^2 / 2^65 per worker epoch) would drop one sample
+        first = self._first.get(h)
+        if first is None:
+            if self.max_keys is None or len(self._first) < self.max_keys:
+                self._first[h] = sid
+            elif not self._full:
+                self._full = True
+                if stats is not None:
+                    detail = f"{self.max_keys} keys remembered; later copies in this worker's epoch are not detected"
+                    stats.skip("dedupe_window_full", f"{url}: {detail}", shard=url, detail=detail)
+            return None
+        return None if first == sid else self._shards[first]
+
+
+INDEX_FORMAT = 1
+
+
+def _shard_signature(urls: Sequence[str]) -> str:
+    """What a duplicate index depends on: the shard list in order and, for local files, their sizes and mtimes."""
+    import os
+
+    h = hashlib.sha256()
+    for url in urls:
+        h.update(url.encode() + b"\0")
+        if "://" not in url and not url.startswith("pipe:"):
+            try:
+                st = os.stat(url)
+                h.update(f"{st.st_size}/{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(b"missing")
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def shard_keys(url: str, handler: Callable[[Exception], bool] | None = None) -> set[str]:
+    """The keys a shard delivers, grouped as :class:`ReadShards` groups them (a damaged shard: those read before the
+    damage). Reads the whole shard once, decodes nothing."""
+    keys: set[str] = set()
+    for sample in ReadShards(handler or (lambda exn: True))([{"url": url}]):
+        keys.add(sample["__key__"])
+    return keys
+
+
+def build_duplicate_index(
+    urls: Sequence[str], out: str, max_keys: int = 500_000, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Write the duplicate index of ``urls`` (JSON) to ``out`` and return its summary; see
+    :class:`CrossShardDuplicates`.
+
+    Every shard is read once (:func:`shard_keys`). ``(key, shard)`` pairs are spread over hash buckets on disk (in a
+    temporary folder beside ``out``), sized from the first shard so that a bucket holds about ``max_keys`` keys;
+    then each bucket is read alone and, per key, every shard after the first that holds it gets an entry. Memory:
+    one bucket plus the entries (one per copy). The file: ``{"format", "signature", "urls", "keys" (pairs listed),
+    "copies" (entries), "duplicated_keys", "drop": {url: {key: owner shard number}}}``.
+    """
+    import os
+    import shutil
+    import tempfile
+    import zlib
+
+    from datamodules.io import atomic_write
+
+    urls = list(urls)
+    out_path = os.fspath(out)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".dedupe-", dir=os.path.dirname(os.path.abspath(out_path)))
+    try:
+        n_buckets, pending, n_pending, total = 0, [], 0, 0
+
+        def flush() -> None:
+            nonlocal n_pending
+            for b, lines in enumerate(pending):
+                if lines:
+                    with open(os.path.join(tmp, f"{b}.jsonl"), "a", encoding="utf-8") as f:
+                        f.writelines(lines)
+                    lines.clear()
+            n_pending = 0
+
+        for i, url in enumerate(urls):
+            keys = shard_keys(url)
+            if not n_buckets:
+                n_buckets = max(1, min(4096, math.ceil(len(urls) * max(1, len(keys)) / max(1, max_keys))))
+                pending = [[] for _ in range(n_buckets)]
+            for key in sorted(keys):
+                pending[zlib.crc32(key.encode()) % n_buckets].append(json.dumps([key, i]) + "\n")
+            n_pending += len(keys)
+            total += len(keys)
+            if n_pending >= max_keys:
+                flush()
+            if log is not None and (i + 1) % 100 == 0:
+                log(f"duplicate index: {i + 1}/{len(urls)} shards listed")
+        flush()
+        drop: dict[str, dict[str, int]] = {}
+        copies = duplicated = 0
+        for b in range(n_buckets):
+            path = os.path.join(tmp, f"{b}.jsonl")
+            if not os.path.exists(path):
+                continue
+            first: dict[str, int] = {}
+            counted: set[str] = set()
+            with open(path, encoding="utf-8") as f:
+                for line in f:  # lines of a bucket are in shard order: the first holder is the owner
+                    key, i = json.loads(line)
+                    owner = first.setdefault(key, i)
+                    if owner != i:
+                        drop.setdefault(urls[i], {})[key] = owner
+                        copies += 1
+                        if key not in counted:
+                            counted.add(key)
+                            duplicated += 1
+            os.remove(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    index = {"format": INDEX_FORMAT, "signature": _shard_signature(urls), "urls": urls, "keys": total,
+             "copies": copies, "duplicated_keys": duplicated, "drop": drop}  # fmt: skip
+    atomic_write(out_path, json.dumps(index))
+    return {k: v for k, v in index.items() if k != "drop"}
+
+
+def read_duplicate_index(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        index = json.load(f)
+    if index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path}: not a duplicate index of format {INDEX_FORMAT}")
+    return index
+
+
+def ensure_duplicate_index(
+    urls: Sequence[str], path: str, max_keys: int = 500_000, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """The summary of the duplicate index at ``path`` for ``urls``, (re)built when missing or made for other shards
+    (another list or order, or a local shard whose size or mtime changed)."""
+    import os
+
+    if os.path.isfile(path):
+        try:
+            index = read_duplicate_index(path)
+        except (OSError, ValueError):
+            index = None
+        if index is not None and index.get("signature") == _shard_signature(urls) and index.get("urls") == list(urls):
+            return {k: v for k, v in index.items() if k != "drop"}
+    if log is not None:
+        log(f"building the duplicate-key index of {len(urls)} shards at {path}")
+    return build_duplicate_index(urls, path, max_keys, log)
+
+
 # ----------------------------------------------------------------------------------------------- caption extraction
 MAX_CAPTION_CHARS = 10_000
 """Longer captions are treated as missing (``caption_too_long``): web alt-text and recaptions are a few hundred
@@ -459,7 +650,8 @@ class ExtractCaptions:
     Runs before the shuffle buffer, so sidecars are loaded once per shard (samples still arrive shard by shard) and
     the buffer holds encoded bytes, not decoded images.
 
-    Skipped and counted: a key seen before in this shard visit (``duplicate_key``), no image member
+    Skipped and counted: a key seen before in this shard visit, or (with ``duplicates``, a
+    :class:`CrossShardDuplicates`) a copy of a key that belongs to another shard (``duplicate_key``); no image member
     (``missing_image``). A caption that is not UTF-8, not a string, or longer than ``max_caption_chars`` counts as
     missing for that source (``caption_not_utf8``, ``caption_not_text``, ``caption_too_long``); an unparsable json
     member is ``bad_json``; a missing or unreadable sidecar is ``sidecar_missing`` / ``sidecar_unreadable`` (its
@@ -473,8 +665,10 @@ class ExtractCaptions:
         sidecar_dir: str | None,
         stats: SkipStats,
         max_caption_chars: int | None = MAX_CAPTION_CHARS,
+        duplicates: CrossShardDuplicates | None = None,
     ):
         self.sources = list(sources)
+        self.duplicates = duplicates
         self.sidecar_dir = sidecar_dir
         self.stats = stats
         self.max_caption_chars = max_caption_chars
@@ -522,9 +716,15 @@ class ExtractCaptions:
                     self._sidecar_url = url
             where = f"{url}:{key}"
             if key in self._seen:
-                self.stats.skip("duplicate_key", where, key=key, shard=url)
+                self.stats.skip("duplicate_key", where, key=key, shard=url, detail="twice in this shard")
                 continue
             self._seen.add(key)
+            if self.duplicates is not None:
+                first = self.duplicates.owner_if_copy(key, url, self.stats)
+                if first is not None:
+                    detail = f"first read from {first}"
+                    self.stats.skip("duplicate_key", f"{where} ({detail})", key=key, shard=url, detail=detail)
+                    continue
             image = next((sample[m] for m in IMAGE_MEMBERS if m in sample), None)
             if image is None:
                 self.stats.skip("missing_image", where, key=key, shard=url)
@@ -649,9 +849,15 @@ class SampleLimits:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def extract(self, sources: Sequence[SourceSpec], sidecar_dir: str | None, stats: SkipStats) -> ExtractCaptions:
-        """The caption-extraction stage with these limits."""
-        return ExtractCaptions(sources, sidecar_dir, stats, self.max_caption_chars)
+    def extract(
+        self,
+        sources: Sequence[SourceSpec],
+        sidecar_dir: str | None,
+        stats: SkipStats,
+        duplicates: CrossShardDuplicates | None = None,
+    ) -> ExtractCaptions:
+        """The caption-extraction stage with these limits (and, optionally, cross-shard duplicate detection)."""
+        return ExtractCaptions(sources, sidecar_dir, stats, self.max_caption_chars, duplicates)
 
     def decode(self, transform: Callable | None, stats: SkipStats) -> DecodeImage:
         """The decode stage with these limits."""
