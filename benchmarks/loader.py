@@ -16,6 +16,14 @@ table shows the median and min/max samples/s over ``--repeats`` runs and the rat
     python -m benchmarks.loader --stored-size 384 --world-samples 8000 --world-dir /tmp/w384 --image-size 112
     python -m benchmarks.loader --profile 4096             # cProfile both pipelines in-process (num_workers=0)
 
+Targets and history: the paired-ratio goals per image size are :data:`TARGETS` (the table says whether a run met
+its goal; ``--check`` exits with status 1 when not). ``--record`` appends the run's figures, open_clip's beside them,
+the goal, the commit and the machine to ``benchmarks/history/loader.jsonl`` (committed, so a regression shows next to
+the runs before it); ``--history`` prints that file as a table.
+
+    python -m benchmarks.loader --shards 'data/world/web/{00000..00019}.tar' --record
+    python -m benchmarks.loader --history
+
 Shards: ``--shards PATTERN`` (brace pattern, glob, ``::`` list or directory); by default the web split of the tiny
 world (``datamodules.tiny_world.generate_world``, 20 shards x 1000 samples of 64x64 JPEGs) is generated into a
 temporary directory (``--world-dir`` keeps/reuses it). ``--stored-size S`` generates it with S-px images instead
@@ -27,6 +35,7 @@ which 64-px images are too small for. ``--full-decode`` turns that off on our si
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
 import io
@@ -50,6 +59,10 @@ from typing import Any
 OPEN_CLIP_SAMPLE_SHUFFLE_SIZE = 5000
 OPEN_CLIP_SAMPLE_SHUFFLE_INITIAL = 1000
 LOADERS = ("ours", "open_clip")
+TARGETS = {64: 1.2, 112: 1.3, 224: 1.0}
+"""Goal for the median paired ratio ours / open_clip per ``--image-size`` (64 px from the tiny world's 64-px JPEGs;
+112 and 224 px from 384-px JPEGs, ``--stored-size 384``). Speed goals live here, never in timed unit tests."""
+HISTORY = Path(__file__).resolve().parent / "history" / "loader.jsonl"
 
 
 # ------------------------------------------------------------------------------------------------------------ shards
@@ -379,6 +392,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--world-samples", type=int, default=20_000, help="web samples of the generated world")
     p.add_argument("--shard-size", type=int, default=1_000, help="samples per generated shard")
     p.add_argument("--json", help="write the full result (every run) to this file")
+    p.add_argument(
+        "--record",
+        nargs="?",
+        const=str(HISTORY),
+        default=None,
+        metavar="FILE",
+        help=f"append the summary to the history (default {HISTORY.relative_to(HISTORY.parents[2])})",
+    )
+    p.add_argument("--check", action="store_true", help="exit with status 1 when the run misses its TARGETS goal")
+    p.add_argument("--history", nargs="?", const=str(HISTORY), default=None, metavar="FILE",
+                   help="print the recorded history as a table and exit")  # fmt: skip
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="instead of timing, cProfile N samples of each loader in-process (num_workers=0)")  # fmt: skip
     a = p.parse_args(argv)
@@ -394,9 +418,90 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return a
 
 
+def _git(*args: str) -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                             timeout=30, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+LOADER_FILES = ("datamodules/caption_mix.py", "datamodules/wds_stages.py", "benchmarks/loader.py")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "torchvision", "pillow", "webdataset", "open_clip_torch"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def history_entry(result: dict[str, Any], a: argparse.Namespace, load_before: tuple[float, ...] | None) -> dict:
+    """One line of ``benchmarks/history/loader.jsonl``: figures beside open_clip's, goal, commit, machine."""
+    import datetime
+
+    s = result["summary"]
+    dirty = _git("status", "--porcelain", "--", *LOADER_FILES)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "--short=12", "HEAD"),
+        "loader_files_modified": bool(dirty) if dirty is not None else None,
+        "image_size": a.image_size,
+        "stored": result["settings"].get("stored"),
+        "settings": {k: result["settings"][k] for k in ("workers", "batch_size", "samples", "warmup_batches",
+                                                         "shuffle_buffer", "shuffle_initial", "full_decode")},
+        "repeats": a.repeats,
+        "shards": result["shards"],
+        "ours": {k: round(s["ours"][k], 3) for k in ("median", "min", "max", "cpu_ms_per_sample")},
+        "open_clip": {k: round(s["open_clip"][k], 3) for k in ("median", "min", "max", "cpu_ms_per_sample")},
+        "ratio": round(result["ratio"], 3),
+        "paired_ratios": [round(r, 3) for r in result["paired_ratios"]],
+        "paired_ratio_median": round(result["paired_ratio_median"], 3),
+        "cpu_ratio": round(result["cpu_ratio"], 3),
+        "target": result.get("target"),
+        "machine": {**result["machine"], "load_before": load_before, "load_after": _loadavg(), **_versions()},
+    }  # fmt: skip
+
+
+def _loadavg() -> tuple[float, ...] | None:
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())
+    except OSError:
+        return None
+
+
+def format_history(path: str) -> str:
+    """The history file as a Markdown table, oldest first."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    head = "| date | commit | px (stored) | ours samples/s | open_clip | paired ratios (median) | CPU ratio | goal |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        stored = f"{r['stored'][0]}" if r.get("stored") else "?"
+        goal = r.get("target") or {}
+        met = ("met" if goal.get("met") else "NOT met") if goal else ""
+        paired = ", ".join(f"{x:.2f}" for x in r["paired_ratios"])
+        lines.append(
+            f"| {r['date'][:16]} | {r['commit']}{'+' if r.get('loader_files_modified') else ''} | {r['image_size']} "
+            f"({stored}) | {r['ours']['median']:.0f} | {r['open_clip']['median']:.0f} | {paired} "
+            f"({r['paired_ratio_median']:.2f}) | {r['cpu_ratio']:.2f} | "
+            f">= {goal.get('paired_ratio_median_at_least', '-')} {met} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print the table and return the result (``summary``, ``runs``, ``ratio``, settings)."""
     a = parse_args(argv)
+    if a.history:
+        print(format_history(a.history))
+        return {"history": a.history}
+    load_before = _loadavg()
     from datamodules.caption_mix import expand_urls
 
     tmp: str | None = None
@@ -450,7 +555,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "paired_ratio_median": statistics.median(paired),
             "cpu_ratio": summary["open_clip"]["cpu_ms_per_sample"] / summary["ours"]["cpu_ms_per_sample"],
         }
+        target = TARGETS.get(a.image_size)
+        if target is not None:
+            result["target"] = {"paired_ratio_median_at_least": target, "met": result["paired_ratio_median"] >= target}
         print(format_table(result), flush=True)
+        if target is not None:
+            print(f"goal: paired ratio >= {target} at {a.image_size} px: "
+                  f"{'met' if result['target']['met'] else 'NOT met'}", flush=True)  # fmt: skip
+        if a.record:
+            entry = history_entry(result, a, load_before)
+            with open(a.record, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+            print(f"recorded in {a.record}", flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(result, indent=2))
         return result
@@ -460,4 +576,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    _result = main()
+    if "--check" in sys.argv[1:] and not _result.get("target", {}).get("met", True):
+        sys.exit(1)
