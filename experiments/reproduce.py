@@ -1369,10 +1369,10 @@ def _analysis_table(a: dict) -> str:
                                                         for s in ("original", "recaption")), "-"))  # fmt: skip
     size = voc.get("size") or {}
     rows.append(("vocabulary (distinct words)", str(size.get("original", "-")), str(size.get("recaption", "-")), "-"))
-    share = voc.get("token_share_pct") or {}
-    if share:
-        rows.append(("share of the word tokens of both sets", f"{share.get('original') or 0:.1f}%",
-                     f"{share.get('recaption') or 0:.1f}%", f"- / {PAPER_COVERAGE_PCT}%"))  # fmt: skip
+    words = voc.get("token_share_pct") or {}
+    if words:
+        rows.append(("share of the word tokens of both sets", f"{words.get('original') or 0:.1f}%",
+                     f"{words.get('recaption') or 0:.1f}%", f"- / {PAPER_COVERAGE_PCT}%"))  # fmt: skip
     cov = (voc.get("coverage_pct") or {}).get("recaption")
     rows.append(("distinct-word coverage of the joint vocabulary", "", f"{cov:.1f}%" if cov is not None else "-",
                  "-"))  # fmt: skip

@@ -604,3 +604,13 @@ def test_claims_use_the_realised_p(tmp_path):
     assert "realised 1.00" in claims["dit_recap_clip_score"].evidence
     results["dit_p"]["1.0"] = 0.5
     assert {c.id: c.verdict for c in R.check_claims(results)}["dit_recap_clip_score"] == R.MISSING
+
+
+def test_analysis_table_shows_the_word_share_and_the_clip_share():
+    a = {"length_words": {"original": {"mean": 2.5}, "recaption": {"mean": 19.0}},
+         "vocabulary": {"size": {"original": 600, "recaption": 30}, "coverage_pct": {"recaption": 4.9},
+                        "token_share_pct": {"original": 12.8, "recaption": 87.2}},
+         "clip_share": {"share_pct": {"original": 73.0, "recaption": 27.0}}}  # fmt: skip
+    table = R._analysis_table(a)
+    assert "| share of the word tokens of both sets | 12.8% | 87.2% |" in table
+    assert "| 73.0 | 27.0 |" in table  # the CLIP-score share row is not shadowed by the word share
