@@ -263,8 +263,13 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
     # Recap-CLIP at each p (CLIPA stage 1 then 2), each seed.
     clip = profile["clip"]
     n_seeds = int(seeds if seeds is not None else clip.get("seeds", 1))
-    clip_data = [*data, f"--data.init_args.sidecar_dir={rec}/world_sidecars",
-                 "--model.init_args.evaluation=" + json.dumps(_clip_evaluation(W))]  # fmt: skip
+    clip_eval = "--model.init_args.evaluation=" + json.dumps(_clip_evaluation(W))
+    clip_data = [*data, f"--data.init_args.sidecar_dir={rec}/world_sidecars", clip_eval]
+    # p = 1 never draws a recaption, so its rows read the alt-text alone and do not wait for the captioner: the
+    # runner starts them beside the web CLIP and the captioner (the longest stretch of the chain with a core free).
+    # The realised p is still read back from the run's own log (train/caption_source/original = 1).
+    clip_data_original = [*data, '--data.init_args.sources={"original": "txt"}', "--data.init_args.p_original=null",
+                          "--data.init_args.sidecar_dir=null", clip_eval]  # fmt: skip
     for seed in range(n_seeds):
         root = seed_root(o, seed)
         seed_args = [] if seed == 0 else [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
@@ -276,7 +281,7 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
                 stem = rid if stage == 1 else f"{rid}.stage2"
                 argv = ["fit", "--config", f"{TINY_CLIP}/stage{stage}.yaml", "--config",
                         f"{TINY_CLIP}/table3/{stem}.yaml", _logger(root, f"clip/table3/{rid}", f"stage{stage}"),
-                        *clip_data, *seed_args]  # fmt: skip
+                        *(clip_data_original if float(p) == 1.0 else clip_data), *seed_args]  # fmt: skip
                 if stage == 2:
                     argv.append(f"--model.init_args.init_from={run}/stage1/checkpoints/last.ckpt")
                 argv += overrides(clip.get(f"stage{stage}"))

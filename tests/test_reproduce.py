@@ -51,6 +51,23 @@ def test_profiles_load_and_cover_the_chain():
     assert {"0.0", "1.0"} <= {str(float(p)) for p in R.load_profile("full")["dit"]["ps"]}
 
 
+def test_p1_rows_read_alt_text_only_and_do_not_wait_for_the_captioner():
+    profile = R.load_profile("full")
+    steps = R.build_steps(profile, "runs/reproduce/full")
+    deps = {name: {s.name for s in d} for name, d in R.dependencies(steps).items()}
+    by_name = {s.name: s for s in steps}
+    for seed_tag in ("", "_seed1"):
+        p1 = f"clip_p1.0{seed_tag}_stage1"
+        assert deps[p1] == {"world"}, deps[p1]  # starts as soon as the world exists
+        assert not any("sidecar" in a and "null" not in a for a in by_name[p1].argv)
+        assert '--data.init_args.sources={"original": "txt"}' in by_name[p1].argv
+        assert f"clip_p1.0{seed_tag}_stage1" in deps[f"clip_p1.0{seed_tag}_stage2"]
+        # every p < 1 row reads the chain's own recaptions, so it waits for them
+        p0 = f"clip_p0.0{seed_tag}_stage1"
+        assert "recaption_world_sidecars" in deps[p0]
+        assert "--data.init_args.sidecar_dir=runs/reproduce/full/recaption/world_sidecars" in by_name[p0].argv
+
+
 def test_dry_run_lists_steps_with_profile_overrides(profile_path, tmp_path, capsys):
     out = tmp_path / "out"
     R.main(["--profile", str(profile_path), "--out", str(out), "--dry-run"])
