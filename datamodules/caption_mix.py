@@ -111,7 +111,7 @@ def count_samples(urls: Sequence[str]) -> int:
         try:
             total += int(json.loads(_open_text(stem + "_stats.json"))["successes"])
             continue
-        except (FileNotFoundError, KeyError, ValueError, OSError):
+        except (FileNotFoundError, KeyError, TypeError, ValueError, OSError):  # missing, or not a {"successes": N}
             pass
         try:
             table = pq.read_table(stem + ".parquet", columns=None)

@@ -790,3 +790,20 @@ def test_prompt_set_with_extra_columns_and_a_corrupt_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(ValueError, match=r"recap_coco\.parquet: not a readable parquet file"):
         read_prompt_set(path)
+
+
+@pytest.mark.parametrize("stats", ['{"successes": null}', "[1, 2]", "not json", '{"failed": 3}'])
+def test_counting_samples_falls_back_to_the_parquet_when_the_stats_file_is_malformed(tmp_path, stats):
+    """A malformed img2dataset ``_stats.json`` never stops the count: the shard's parquet (status column) is used."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datamodules.caption_mix import count_samples
+
+    (tmp_path / "00000_stats.json").write_text(stats)
+    pq.write_table(pa.table({"key": ["a", "b", "c"], "status": ["success", "failed_to_download", "success"]}),
+                   tmp_path / "00000.parquet")  # fmt: skip
+    assert count_samples([str(tmp_path / "00000.tar")]) == 2
+    (tmp_path / "00000.parquet").unlink()
+    with pytest.raises(ValueError, match=r"00000\.tar.*_stats\.json.*parquet"):
+        count_samples([str(tmp_path / "00000.tar")])
