@@ -1466,7 +1466,13 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
         )
         + f". Profile: `{os.path.relpath(profile['_path'], REPO)}`. "
         f"Started {record.get('started')}, "
-        f"{record.get('cpus')} CPUs, total step wall time {_fmt_seconds(record.get('total_seconds') or 0)}"
+        f"{record.get('cpus')} CPUs"
+        + (
+            f", **run wall time {_fmt_seconds(record['wall_seconds'])}** ({record.get('jobs', 1)} steps at a time; "
+            f"the steps' wall times add up to {_fmt_seconds(record.get('total_seconds') or 0)})"
+            if record.get("wall_seconds") is not None
+            else f", total step wall time {_fmt_seconds(record.get('total_seconds') or 0)}"
+        )
         + (f", CPU time {_fmt_seconds(record['total_cpu_seconds'])}" if record.get("total_cpu_seconds") else "")
         + f" (budget {profile.get('budget_minutes', '?')} min of wall time on 2 uncontended cores).",
         "",
