@@ -1448,6 +1448,7 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
                                                  indent=1) + "\n")  # fmt: skip
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731
     head = _git_head()
+    steps_total = _fmt_seconds(record.get("total_seconds") or 0)
     pngs = sorted((out / "reports").glob("*.png")) + sorted((out / "analysis").glob("*.png"))
     lines = [
         f"# The paper in miniature: `reproduce --profile {Path(profile['_path']).stem}`",
@@ -1469,9 +1470,9 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
         f"{record.get('cpus')} CPUs"
         + (
             f", **run wall time {_fmt_seconds(record['wall_seconds'])}** ({record.get('jobs', 1)} steps at a time; "
-            f"the steps' wall times add up to {_fmt_seconds(record.get('total_seconds') or 0)})"
+            f"the steps' wall times add up to {steps_total})"
             if record.get("wall_seconds") is not None
-            else f", total step wall time {_fmt_seconds(record.get('total_seconds') or 0)}"
+            else f", total step wall time {steps_total}"
         )
         + (f", CPU time {_fmt_seconds(record['total_cpu_seconds'])}" if record.get("total_cpu_seconds") else "")
         + f" (budget {profile.get('budget_minutes', '?')} min of wall time on 2 uncontended cores).",
