@@ -91,7 +91,11 @@ def test_tiny_fit_with_wandb_writes_no_secret(tmp_path, monkeypatch):
     cli = cli_main([*args, "--config", str(inputs / "override.yaml")])
     import wandb
 
+    # finish() returns once the run is closed, but wandb-core writes the offline log in its own process: teardown()
+    # waits for that process to exit, so the log is whole before we read it (without it the file can hold only its
+    # header, ~1 run in 3 here)
     wandb.finish()
+    wandb.teardown()
     assert cli.trainer.global_step == 3
     written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     # the run really wrote what we search: the saved config, CSV hparams and metrics, checkpoints, the W&B run

@@ -254,6 +254,7 @@ def test_wandb_offline_run_holds_media_and_resolved_config(tmp_path, monkeypatch
     import wandb
 
     wandb.finish()  # what the process exit does: flush the offline run (config.yaml, media) to disk
+    wandb.teardown()  # ... and wait for wandb-core, which writes the .wandb log in its own process, to finish it
     runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     files = runs[0] / "files"
