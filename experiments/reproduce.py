@@ -377,6 +377,23 @@ def dependencies(steps: Sequence[Step]) -> dict[str, list[Step]]:
     return out
 
 
+def chain_lengths(steps: Sequence[Step], deps: dict[str, list[Step]]) -> dict[str, int]:
+    """For each step, the number of steps on the longest chain that starts at it (itself included): the parallel
+    runner starts the ready step with the longest chain first, so the chain that decides the run's end (world -> web
+    CLIP -> captioner -> recaptions -> CLIP rows) never waits behind a short branch, and short branches (the p = 1
+    rows, a DiT row) fill the other core. Counting steps, not seconds, needs no cost estimates; on the full profile
+    it ends the run as early as ordering by the measured seconds does (a replay of its timings: 49.5 vs 49.6 min,
+    against 51.8 min in the steps' own order)."""
+    children: dict[str, list[str]] = {s.name: [] for s in steps}
+    for s in steps:
+        for d in deps[s.name]:
+            children[d.name].append(s.name)
+    length: dict[str, int] = {}
+    for s in reversed(steps):  # a step's dependencies come before it, so its children are done first
+        length[s.name] = 1 + max((length[c] for c in children[s.name]), default=0)
+    return length
+
+
 def _fmt_seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 600 else f"{s / 60:.1f} min"
 
@@ -743,8 +760,9 @@ def run_parallel(
     cpus: int | None = None,
 ) -> dict[str, Any]:
     """``run_steps`` with up to ``jobs`` steps at once: a step starts as soon as every step it reads from
-    (``dependencies``; the report steps wait for all earlier steps) has finished, in the steps' order. Each step
-    gets ``cpus // jobs`` compute threads, or all ``cpus`` when it is the only step that can run. The same
+    (``dependencies``; the report steps wait for all earlier steps) has finished; of the ready steps, the one at the
+    head of the longest chain of steps still to run starts first (``chain_lengths``), ties in the steps' order.
+    Each step gets ``cpus // jobs`` compute threads, or all ``cpus`` when it is the only step that can run. The same
     done-stamps, logs, timings and resume as the sequential runner; after a failure no new step starts, the running
     ones finish (and count as done), and the run stops. On 2 cores the tiny models use two 1-thread steps better
     than one 2-thread step (small matrices scale poorly across threads), and the chain's branches (tiny LLM beside
@@ -757,6 +775,7 @@ def run_parallel(
     for j, s in enumerate(steps):  # the reports read everything before them
         if s.always:
             deps[s.name] = list(steps[:j])
+    chain = chain_lengths(steps, deps)
     to_run = plan(steps, out, start_from)
     timings_path = out / "timings.json"
     previous = {}
@@ -812,7 +831,7 @@ def run_parallel(
                 ready = [s for s in pending if all(d.name in ok for d in deps[s.name] if d.name in to_run)]
                 if not ready:
                     break
-                step = ready[0]
+                step = max(ready, key=lambda s: chain[s.name])  # the first of the longest chains
                 pending.remove(step)
                 i = names.index(step.name)
                 threads = cpus if (not running and len(ready) == 1) else max(1, cpus // jobs)

@@ -522,6 +522,27 @@ def test_parallel_steps_overlap_respect_dependencies_and_resume(tmp_path):
                                                                "r": "ran"}  # fmt: skip
 
 
+def test_parallel_runner_starts_the_longest_chain_first(tmp_path):
+    import io
+
+    out = tmp_path / "out"
+    steps = [
+        _py_step(out, "x", _writes(out, "x", "time.sleep(0.6)")),  # short branches, listed first
+        _py_step(out, "y", _writes(out, "y", "time.sleep(0.2)")),
+        _py_step(out, "a", _writes(out, "a", "time.sleep(0.2)")),  # the head of a -> b -> c, listed last
+        _py_step(out, "b", _writes(out, "b"), reads=str(out / "a")),
+        _py_step(out, "c", _writes(out, "c"), reads=str(out / "b")),
+    ]
+    deps = R.dependencies(steps)
+    assert R.chain_lengths(steps, deps) == {"x": 1, "y": 1, "a": 3, "b": 2, "c": 1}
+    rec = R.run_steps(steps, out, stream=io.StringIO(), jobs=2, launcher=_py_launcher)
+    assert rec["failed"] is None
+    started = {s["name"]: s["started_at"] for s in rec["steps"]}
+    # a (longest chain) and x (first of the ties) start together; y waits for a free core, b and c for a
+    assert max(started["a"], started["x"]) < min(started["y"], started["b"])
+    assert started["b"] < started["c"]
+
+
 def test_parallel_failure_stops_new_steps_but_lets_running_ones_finish(tmp_path):
     import io
 
