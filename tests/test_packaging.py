@@ -38,27 +38,34 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _declared() -> set[str]:
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    reqs = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
-    return {_norm(re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0]) for r in reqs}
+def _names(requirements: list[str]) -> set[str]:
+    """Normalised distribution names of PEP 508 requirement strings."""
+    return {_norm(re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0]) for r in requirements}
+
+
+def _project() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def _distributions(module: str) -> set[str]:
+    """The installed distributions that provide ``module`` (its own name when none is installed: an optional extra)."""
+    return {_norm(d) for d in md.packages_distributions().get(module, [module])}
 
 
 def test_every_third_party_import_is_declared():
-    dists = md.packages_distributions()
-    declared = _declared()
-    missing = {}
-    for module, where in _imported_top_level().items():
-        names = {_norm(d) for d in dists.get(module, [])} or {_norm(module)}  # not installed: an optional extra
-        if not names & declared:
-            missing[module] = str(where.relative_to(REPO))
+    project = _project()
+    declared = _names(
+        project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    )
+    missing = {
+        module: str(where.relative_to(REPO))
+        for module, where in _imported_top_level().items()
+        if not _distributions(module) & declared
+    }
     assert missing == {}, f"imported but not declared in pyproject.toml: {missing}"
 
 
 def test_every_runtime_dependency_is_imported_or_says_why_not():
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    runtime = {_norm(re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0]) for r in project["dependencies"]}
-    dists = md.packages_distributions()
-    imported = {_norm(d) for m in _imported_top_level() for d in dists.get(m, [m])}
-    unused = runtime - imported - set(USED_INDIRECTLY)
+    imported = set().union(*map(_distributions, _imported_top_level()))
+    unused = _names(_project()["dependencies"]) - imported - set(USED_INDIRECTLY)
     assert unused == set(), f"declared in pyproject.toml but never imported: {sorted(unused)}"
