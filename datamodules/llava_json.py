@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from datamodules.chat import IMAGE_TOKEN, llava_to_messages, pad_sequences
 from datamodules.checks import RunContext, check_path, per_device_batch
-from lightning_modules.components.chat import IMAGE_TOKEN, llava_to_messages, pad_sequences
 
 
 def load_llava_json(path: str) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""``PromptDataModule``: text-to-image prompts for ``predict`` (DiT sampling), from a Recap-COCO-30K-schema parquet.
+"""Prompt sets (a Recap-COCO-30K-schema parquet: ``image_id, coco_url, caption, recaption``): ``read_prompt_set``,
+and ``PromptDataModule``, their batches for ``predict`` (DiT sampling).
 
     python -m experiments predict --config experiments/configs/tiny/dit/base.yaml \
         --config experiments/configs/tiny/dit/sample.yaml \
@@ -7,12 +8,149 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlparse
 
 import lightning as L
 from torch.utils.data import DataLoader
 
 from datamodules.checks import RunContext, check_path
+
+log = logging.getLogger(__name__)
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt: ``image_id``, the prompt text, its reference image (``None`` when unknown) and the parquet row
+    (every non-binary column, e.g. ``coco_url``, the other caption column, the tiny world's ``objects``)."""
+
+    image_id: Any
+    prompt: str
+    image_path: Path | None
+    row: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass
+class PromptSet(Sequence[PromptRecord]):
+    """The records ``read_prompt_set`` kept, with where they came from and how many rows had no prompt."""
+
+    records: list[PromptRecord]
+    path: Path
+    column: str
+    n_rows: int  # rows in the file
+    n_empty: int  # rows skipped because the prompt column was empty or null
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.records[index]
+
+    def __iter__(self) -> Iterator[PromptRecord]:
+        return iter(self.records)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r.prompt for r in self.records]
+
+
+def seeded_subset(n: int, k: int | None, seed: int = 0) -> list[int]:
+    """``k`` indices of ``range(n)`` drawn with ``random.Random(seed)``, in increasing order; all when ``k`` is None or
+    ``>= n``. The same ``(n, k, seed)`` always gives the same subset."""
+    if k is None or k >= n:
+        return list(range(n))
+    if k < 1:
+        raise ValueError(f"subset size must be >= 1, got {k}")
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
+def _is_binary(dtype: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_fixed_size_binary(dtype):
+        return True
+    if pa.types.is_struct(dtype):  # e.g. an HF ``Image`` feature: {bytes, path}
+        return any(_is_binary(dtype.field(i).type) for i in range(dtype.num_fields))
+    return False
+
+
+def _coco_image_path(url: str, image_id: Any, image_root: Path) -> Path:
+    """A COCO image under ``image_root``: the url's file name (``COCO_val2014_000000xxxxxx.jpg``, also under
+    ``val2014/``), else ``<image_id>.jpg`` or ``<12-digit image_id>.jpg``; the url name when none exists."""
+    name = PurePosixPath(urlparse(url).path).name
+    candidates = [image_root / name, image_root / "val2014" / name, image_root / f"{image_id}.jpg"]
+    if str(image_id).isdigit():
+        candidates.append(image_root / f"{int(image_id):012d}.jpg")
+    return next((p for p in candidates if p.is_file()), candidates[0])
+
+
+def read_prompt_set(
+    path: PathLike,
+    column: str = "caption",
+    image_root: PathLike | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> PromptSet:
+    """Prompts from a parquet in the Recap-COCO-30K schema (``image_id, coco_url, caption, recaption``).
+
+    Extra columns are kept in ``PromptRecord.row`` (binary ones, e.g. embedded image bytes, are not read); a missing
+    ``image_id`` or ``column`` is an error naming the file and the column. Rows whose prompt is null or blank are
+    skipped and counted (``n_empty``, logged). ``limit`` keeps a seeded random subset of the remaining rows in file
+    order (the paper rates 3k of the 30k with GPT-4V); the same ``(file, column, limit, seed)`` gives the same subset.
+
+    Reference images: ``file_name`` (the tiny world) is relative to ``image_root`` or, without one, to the parquet's
+    folder; otherwise ``coco_url``'s file name is looked up under ``image_root`` (see ``_coco_image_path``); with
+    neither, ``image_path`` is None. Existence is checked when the images are loaded, not here.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt set not found: {path}")
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file; re-raised with the path
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from e
+    for required in ("image_id", column):
+        if required not in schema.names:
+            raise ValueError(f"{path}: missing required column {required!r} (columns: {schema.names})")
+    if _is_binary(schema.field(column).type):
+        raise ValueError(f"{path}: column {column!r} holds binary data, not prompt text")
+    columns = [f.name for f in schema if not _is_binary(f.type)]
+    try:
+        rows = pq.read_table(path, columns=columns).to_pylist()
+    except Exception as e:  # noqa: BLE001 - a damaged page or invalid UTF-8 in a string column; re-raised with the path
+        raise ValueError(f"{path}: cannot read the rows ({type(e).__name__}: {e})") from e
+
+    base_dir = Path(image_root) if image_root is not None else path.parent
+    root = Path(image_root) if image_root is not None else None
+    records: list[PromptRecord] = []
+    n_empty = 0
+    for row in rows:
+        prompt = row[column]
+        if prompt is None or not str(prompt).strip():
+            n_empty += 1
+            continue
+        image_path: Path | None = None
+        if row.get("file_name"):
+            image_path = base_dir / row["file_name"]
+        elif row.get("coco_url") and root is not None:
+            image_path = _coco_image_path(row["coco_url"], row["image_id"], root)
+        records.append(PromptRecord(row["image_id"], str(prompt).strip(), image_path, row))
+    if n_empty:
+        log.warning("%s: skipped %d of %d rows with an empty %r", path, n_empty, len(rows), column)
+    if not records:
+        raise ValueError(f"{path}: no non-empty prompts in column {column!r}")
+    if limit is not None:
+        records = [records[i] for i in seeded_subset(len(records), limit, seed)]
+    return PromptSet(records, path, column, len(rows), n_empty)
 
 
 def _collate(records: list[Any]) -> dict[str, list]:
@@ -41,8 +179,6 @@ class PromptDataModule(L.LightningDataModule):
         check_path("prompts", args.get("prompts"), "file", what="a prompt parquet (Recap-COCO-30K schema)")
 
     def predict_dataloader(self) -> DataLoader:
-        from lightning_modules.evaluation.generation import read_prompt_set
-
         h = self.hparams
         records = list(read_prompt_set(h.prompts, h.column, limit=h.limit, seed=h.seed))
         return DataLoader(records, batch_size=h.batch_size, shuffle=False, collate_fn=_collate)

@@ -308,6 +308,20 @@ def render(table: Table, row: Row, stage: int, tiny: bool) -> str:
     return _header(table, row, stage, tiny) + body
 
 
+def row_args(table: str, row: str, stage: int, scale: str = "tiny") -> list[str]:
+    """``python -m experiments fit`` arguments (after ``fit``) for one stage of a paper table row at a scale (``tiny``
+    or ``paper``): the configs and overrides that make the row. Callers (the runner, sweeps, ``clip-table``,
+    ``reproduce``) add the run's logger, seed and stage 2's ``init_from``. Tables 2-6 are CLIP rows (stages 1, 2),
+    ``table7`` the DiT's (stage 1 only)."""
+    if scale not in ("tiny", "paper"):
+        raise ValueError(f"scale must be 'tiny' or 'paper', got {scale!r}")
+    base = CONFIG_ROOT / ("tiny" if scale == "tiny" else "")
+    if table == "table7":
+        return ["--config", str(base / "dit/base.yaml"), "--config", str(base / f"dit/table7/{row}.yaml")]
+    stem = row if stage == 1 else f"{row}.stage2"
+    return ["--config", str(base / f"clip/stage{stage}.yaml"), "--config", str(base / f"clip/{table}/{stem}.yaml")]
+
+
 def generated_files() -> dict[Path, str]:
     """Every generated row YAML: ``{path: text}``."""
     out: dict[Path, str] = {}

@@ -46,9 +46,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datamodules.checks import ConfigError, check_path, check_sample_limits, check_shards
+from datamodules.formats import RECAP_SCHEMA
 from datamodules.io import TMP_MARK, atomic_write, node_id, parse_temp_name, process_start, temp_path
 from datamodules.shards import local_rank, rank_world, shard_stem
-from datamodules.tiny_world.recaption import RECAP_SCHEMA
 from datamodules.wds_stages import DEFAULT_MAX_IMAGE_PIXELS, MIN_IMAGE_SIZE
 from lightning_modules.components.llava import (
     PAPER_RECAPTION_PROMPT,

@@ -39,7 +39,7 @@ def _conversations(world: Path) -> list[list[dict]]:
 
 def world_conversations(world_dir: str | Path) -> list[list[dict[str, str]]]:
     """The caption_pretrain / instruct conversations as chat messages, ``<image>`` removed."""
-    from lightning_modules.components.chat import llava_to_messages
+    from datamodules.chat import llava_to_messages
 
     out = []
     for conv in _conversations(Path(world_dir)):

@@ -1,7 +1,7 @@
 """``CaptionerModule``: LLaVA-1.5 (CLIP vision tower + 2-layer MLP projector + LLaMA-3) fine-tuning stages.
 
 The network is transformers' ``LlavaForConditionalGeneration`` (``components/llava.py``), LoRA is peft's, the chat
-template and the assistant-only labels are the tokenizer's (``components/chat.py``). This module wires them to
+template and the assistant-only labels are the tokenizer's (``datamodules/chat.py``). This module wires them to
 Lightning: which parts train (stage 1: projector; stage 2: projector + LLM, fully or through LoRA; the vision tower
 stays frozen unless ``train_vision``), AdamW with the projector's own learning rate, LLaVA's warm-up ratio and cosine
 schedule, gradient checkpointing, token throughput logging, greedy captioning and in-loop caption evaluation.
@@ -26,8 +26,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.caption_mix import DataTransforms
+from datamodules.chat import CaptionConversation, ConversationEncoder, pad_sequences
 from datamodules.checks import RunContext, check_path
-from lightning_modules.components.chat import CaptionConversation, ConversationEncoder, pad_sequences
 from lightning_modules.components.llava import (
     PAPER_RECAPTION_PROMPT,
     LlavaParts,

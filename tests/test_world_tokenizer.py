@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from datamodules.tiny_world import WorldConfig, generate_world
-from datamodules.tiny_world.tokenizer import STAMP_NAME, main, train_world_tokenizer, world_texts
-from lightning_modules.components.chat import (
+from datamodules.chat import (
     IMAGE_TOKEN,
     LLAMA3_ADDITIONAL_TOKENS,
     LLAMA3_LLAVA_CHAT_TEMPLATE,
     LLAMA3_SPECIAL_TOKENS,
     ConversationEncoder,
 )
+from datamodules.tiny_world import WorldConfig, generate_world
+from datamodules.tiny_world.tokenizer import STAMP_NAME, main, train_world_tokenizer, world_texts
 
 VOCAB = 512
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",

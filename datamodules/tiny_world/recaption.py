@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from datamodules.formats import RECAP_SCHEMA
 from datamodules.io import TMP_MARK, atomic_write
 
 from .scene import COLOURS, SHAPES, Scene
@@ -51,23 +52,6 @@ __all__ = [
     "recaption_scene",
     "truth_recaptions",
 ]
-
-RECAP_SCHEMA = pa.schema(
-    [
-        ("url", pa.string()),
-        ("re_caption", pa.string()),
-        ("org_caption", pa.string()),
-        ("sha256", pa.string()),
-        ("key", pa.string()),
-        ("re_clip_score", pa.float64()),
-        ("org_clip_score", pa.float64()),
-        ("re_length", pa.int64()),
-        ("org_length", pa.int64()),
-        ("re_gpt4v_score", pa.int64()),
-        ("org_gpt4v_score", pa.int64()),
-    ]
-)
-"""The paper-era Recap-DataComp-1B schema (PAPER.md §7), in the released column order."""
 
 SOURCE = "tiny-world truth recaptioner"
 CONFIG_NAME = "_recap_config.json"

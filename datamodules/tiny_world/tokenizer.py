@@ -3,7 +3,7 @@
 The captioner's language model is tiny and trained from scratch, so a 128k LLaMA-3 vocabulary would be almost all
 unused embedding rows. :func:`train_world_tokenizer` trains a byte-level BPE (``tokenizers``) on every text of one
 world and wraps it as a ``transformers`` fast tokenizer with the LLaMA-3 special tokens, LLaVA's ``<image>`` and
-the LLaMA-3 LLaVA chat template (``lightning_modules/components/chat.py``), so ``ConversationEncoder`` and
+the LLaMA-3 LLaVA chat template (``datamodules/chat.py``), so ``ConversationEncoder`` and
 ``LlavaForConditionalGeneration`` use it exactly like a real LLaMA-3 tokenizer.
 
 * Byte level, with the full 256-byte initial alphabet: any text is encodable and ``decode(encode(t)) == t``.
@@ -54,8 +54,8 @@ _OWN_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", 
 
 
 def _chat() -> Any:
-    """``lightning_modules.components.chat``, imported on use (it imports torch; this module should not)."""
-    from lightning_modules.components import chat
+    """``datamodules.chat``, imported on use (it imports torch; this module should not)."""
+    from datamodules import chat
 
     return chat
 

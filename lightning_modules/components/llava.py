@@ -11,7 +11,7 @@ Three ways in, one model class out, so that checkpoints load in transformers, vL
 
 The processor pads images to a square with the mean colour (LLaVA-1.5's ``image_aspect_ratio: pad``) and then applies
 the tower's resize and normalisation (``LlavaImageProcessor(do_pad=True)``); the tokenizer carries the LLaMA-3 chat
-template with generation markers (``components/chat.py``) and an ``<image>`` special token.
+template with generation markers (``datamodules/chat.py``) and an ``<image>`` special token.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lightning_modules.components.chat import IMAGE_TOKEN, LLAMA3_LLAVA_CHAT_TEMPLATE
+from datamodules.chat import IMAGE_TOKEN, LLAMA3_LLAVA_CHAT_TEMPLATE
 
 PAPER_RECAPTION_PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
