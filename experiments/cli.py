@@ -34,6 +34,7 @@ import datamodules.prompts  # noqa: F401
 import lightning_modules.captioner  # noqa: F401
 import lightning_modules.clip  # noqa: F401
 import lightning_modules.dit  # noqa: F401
+from experiments.paper_tables import expand_row
 from experiments.validate import validate_config
 
 # Constructor docstrings become --help text (litgpt does the same).
@@ -116,13 +117,15 @@ class RecapCLI(LightningCLI):
     config validated before anything is built, checkpoints (``--ckpt_path``) read with ``weights_only=True``."""
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
-        """Lightning's parsing, with dotted keys into nested dicts merged (:func:`merge_nested_dict_overrides`)."""
+        """Lightning's parsing, with a paper table row expanded (``--row table3/p0.8 --stage 2``,
+        :func:`experiments.paper_tables.expand_row`) and dotted keys into nested dicts merged
+        (:func:`merge_nested_dict_overrides`)."""
         if args is not None and not isinstance(args, list | tuple):
             return super().parse_arguments(parser, args)
         argv = list(sys.argv[1:] if args is None else args)
         try:
-            merged = merge_nested_dict_overrides(parser, argv)
-        except DottedKeyError as e:
+            merged = merge_nested_dict_overrides(parser, expand_row(argv))
+        except ValueError as e:  # a bad --row, or a DottedKeyError
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         if merged == argv:

@@ -18,7 +18,11 @@ Styles:
   pooling and the open_clip ``SimpleTokenizer`` (vocabulary 49408 unless ``vocab_size`` is given; an HF tokenizer is
   refused because argmax pooling relies on SimpleTokenizer's EOT being the largest id).
 
-YAML form: ``"recap-clip:B-16:base"`` or ``"recap-clip:L-16:huge:openai"``, see :func:`parse_model_name`.
+Scales: ``"paper"`` (Table 2's sizes) and ``"tiny"`` (:data:`TINY_VISION` / :data:`TINY_TEXT`, the tiny world's CPU
+stand-ins of the same names: htxt style, patch 8, context 64, open_clip's bundled 49,408-token BPE so nothing downloads).
+
+YAML form: ``"recap-clip:B-16:base"``, ``"recap-clip:L-16:huge:openai"`` or ``"recap-clip:B-16:base:tiny"``, see
+:func:`parse_model_name`.
 """
 
 from __future__ import annotations
@@ -26,21 +30,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = [
-    "RELEASED_HTXT_L16",
-    "RELEASED_HTXT_L16_PREPROCESS",
-    "STYLES",
-    "TABLE2",
-    "TEXT_SIZES",
-    "VISION_SIZES",
-    "config_mismatches",
-    "count_params",
-    "parse_model_name",
-    "recap_clip_config",
-]
-
 PREFIX = "recap-clip:"
 STYLES = ("htxt", "openai")
+SCALES = ("paper", "tiny")
 OPENAI_VOCAB_SIZE = 49408  # open_clip SimpleTokenizer
 DEFAULT_HF_TOKENIZER = "bert-base-uncased"
 BERT_VOCAB_SIZE = 32000  # CLIPA / released HTxt (bert-base-uncased ids < 30522)
@@ -79,6 +71,26 @@ def _text_entry(row: str) -> dict[str, Any]:
 VISION_SIZES: dict[str, dict[str, Any]] = {row.replace("/", "-"): _vision_entry(row) for row in TABLE2}
 TEXT_SIZES: dict[str, dict[str, Any]] = {name: _text_entry(row) for name, row in _TEXT_ROW.items()}
 
+# The tiny world's stand-ins: the order S < B < L < H (vision) and small < base < large < huge (text) is kept, so
+# Table 4's "larger text encoder" rows remain a capacity ablation in miniature. Every tiny vision tower has patch 8.
+TINY_VISION: dict[str, dict[str, Any]] = {
+    "S-16": dict(embed_dim=48, width=48, layers=2, head_width=24, patch_size=8),
+    "B-16": dict(embed_dim=64, width=64, layers=2, head_width=32, patch_size=8),
+    "L-16": dict(embed_dim=96, width=96, layers=3, head_width=32, patch_size=8),
+    "H-14": dict(embed_dim=128, width=128, layers=4, head_width=32, patch_size=8),
+}
+TINY_TEXT: dict[str, dict[str, Any]] = {
+    "small": dict(width=48, heads=2, layers=2),
+    "base": dict(width=64, heads=2, layers=2),
+    "large": dict(width=96, heads=3, layers=2),
+    "huge": dict(width=128, heads=4, layers=3),
+}
+# Per scale: the size tables, then the defaults of image side, text context and tokenizer ("auto": by style).
+_SCALES: dict[str, tuple[dict, dict, int, int, str | None]] = {
+    "paper": (VISION_SIZES, TEXT_SIZES, 224, 128, "auto"),
+    "tiny": (TINY_VISION, TINY_TEXT, 64, 64, None),  # the tiny world's captions are <= ~60 BPE tokens
+}
+
 # `model_cfg` of UCSC-VLAA/ViT-L-16-HTxt-Recap-CLIP open_clip_config.json (PAPER.md section 5, VERBATIM).
 RELEASED_HTXT_L16: dict[str, Any] = {
     "embed_dim": 768,
@@ -114,10 +126,7 @@ RELEASED_HTXT_L16_PREPROCESS: dict[str, Any] = {
 
 def _lookup(table: dict[str, dict[str, Any]], name: str, what: str) -> dict[str, Any]:
     key = name.strip().replace("/", "-")
-    if what == "text":
-        key = key.lower()
-    else:
-        key = key.upper()
+    key = key.lower() if what == "text" else key.upper()
     if key not in table:
         raise ValueError(f"unknown Recap-CLIP {what} size {name!r}; valid: {sorted(table)}")
     return table[key]
@@ -127,20 +136,22 @@ def recap_clip_config(
     vision: str,
     text: str,
     *,
-    image_size: int = 224,
-    context_length: int = 128,
+    scale: str = "paper",
+    image_size: int | None = None,
+    context_length: int | None = None,
     vocab_size: int | None = None,
     tokenizer: str | None = "auto",
     style: str = "htxt",
 ) -> dict[str, Any]:
-    """Open_clip model config ``{"embed_dim", "vision_cfg", "text_cfg"}`` for a Table 2 vision x text pairing,
-    usable as ``open_clip.CLIP(**cfg)``.
+    """Open_clip model config ``{"embed_dim", "vision_cfg", "text_cfg"}`` for a Table 2 vision x text pairing at a
+    scale (``"paper"`` or ``"tiny"``), usable as ``open_clip.CLIP(**cfg)``.
 
     ``vision`` is ``"S-16" | "B-16" | "L-16" | "H-14"`` (``"B/16"`` also accepted), ``text`` is
     ``"small" | "base" | "large" | "huge"``. The embed dim is the vision row's (documented choice, matches the
-    released L/16 + huge). ``tokenizer`` is an HF tokenizer name or local dir written to ``text_cfg.hf_tokenizer_name``
+    released L/16 + huge). ``image_size`` / ``context_length`` default to the scale's (224 / 128 paper, 64 / 64 tiny).
+    ``tokenizer`` is an HF tokenizer name or local dir written to ``text_cfg.hf_tokenizer_name``
     (in the htxt style with ``tokenizer_kwargs {"strip_sep_token": True}``); ``None`` means open_clip's
-    SimpleTokenizer; ``"auto"`` means ``"bert-base-uncased"`` for ``style="htxt"`` and ``None`` for ``"openai"``.
+    SimpleTokenizer; ``"auto"`` means the scale's: ``"bert-base-uncased"`` for the paper's htxt style, else ``None``.
     ``style="openai"`` refuses an HF tokenizer: its argmax pooling needs the end-of-text id to be the largest id in
     every sequence, which holds for SimpleTokenizer but not for BERT ([SEP] = 102).
     ``vocab_size=None`` picks 32000 (the BERT vocabulary Table 2's text counts need) when a
@@ -148,24 +159,27 @@ def recap_clip_config(
     """
     if style not in STYLES:
         raise ValueError(f"unknown Recap-CLIP style {style!r}; valid: {list(STYLES)}")
+    if scale not in _SCALES:
+        raise ValueError(f"unknown Recap-CLIP scale {scale!r}; valid: {list(_SCALES)}")
+    vision_sizes, text_sizes, default_image, default_context, default_tokenizer = _SCALES[scale]
     if tokenizer == "auto":
-        tokenizer = DEFAULT_HF_TOKENIZER if style == "htxt" else None
+        tokenizer = DEFAULT_HF_TOKENIZER if style == "htxt" and default_tokenizer == "auto" else None
     if style == "openai" and tokenizer is not None:
         raise ValueError(
             f"style='openai' pools the text at argmax(token id) (SimpleTokenizer's EOT); use tokenizer=None, "
             f"not {tokenizer!r}, or style='htxt' for an HF/BERT tokenizer"
         )
-    v = _lookup(VISION_SIZES, vision, "vision")
-    t = _lookup(TEXT_SIZES, text, "text")
+    v = _lookup(vision_sizes, vision, "vision")
+    t = _lookup(text_sizes, text, "text")
     vision_cfg: dict[str, Any] = {
-        "image_size": image_size,
+        "image_size": image_size or default_image,
         "layers": v["layers"],
         "width": v["width"],
         "head_width": v["head_width"],
         "patch_size": v["patch_size"],
     }
     text_cfg: dict[str, Any] = {
-        "context_length": context_length,
+        "context_length": context_length or default_context,
         "vocab_size": vocab_size if vocab_size is not None else (BERT_VOCAB_SIZE if tokenizer else OPENAI_VOCAB_SIZE),
         "width": t["width"],
         "heads": t["heads"],
@@ -184,19 +198,27 @@ def recap_clip_config(
     return {"embed_dim": v["embed_dim"], "vision_cfg": vision_cfg, "text_cfg": text_cfg}
 
 
+def tiny_model(vision: str, text: str, image_size: int = 64) -> dict[str, Any]:
+    """The tiny world's stand-in of a pairing (``scale="tiny"``) at ``image_size``."""
+    return recap_clip_config(vision, text, scale="tiny", image_size=image_size)
+
+
 def parse_model_name(name: str) -> dict[str, Any] | None:
-    """``"recap-clip:B-16:base"`` or ``"recap-clip:L-16:huge:openai"`` -> config dict (defaults of
-    :func:`recap_clip_config`); ``None`` when ``name`` does not start with ``recap-clip:``. Malformed -> ValueError."""
+    """``"recap-clip:B-16:base"``, ``"recap-clip:L-16:huge:openai"`` (a style) or ``"recap-clip:B-16:base:tiny"`` (a
+    scale) -> config dict (defaults of :func:`recap_clip_config`); ``None`` when ``name`` does not start with
+    ``recap-clip:``. Malformed -> ValueError."""
     if not isinstance(name, str) or not name.startswith(PREFIX):
         return None
     parts = name[len(PREFIX) :].split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise ValueError(
-            f"bad Recap-CLIP model name {name!r}; expected 'recap-clip:<vision>:<text>[:<style>]' with vision in "
-            f"{sorted(VISION_SIZES)}, text in {sorted(TEXT_SIZES)}, style in {list(STYLES)}"
+            f"bad Recap-CLIP model name {name!r}; expected 'recap-clip:<vision>:<text>[:<style or scale>]' with vision "
+            f"in {sorted(VISION_SIZES)}, text in {sorted(TEXT_SIZES)}, style in {list(STYLES)}, scale in {list(SCALES)}"
         )
-    style = parts[2] if len(parts) == 3 else "htxt"
-    return recap_clip_config(parts[0], parts[1], style=style)
+    last = parts[2] if len(parts) == 3 else "htxt"
+    if last in SCALES:
+        return recap_clip_config(parts[0], parts[1], scale=last)
+    return recap_clip_config(parts[0], parts[1], style=last)
 
 
 def config_mismatches(cfg: dict[str, Any], reference: dict[str, Any] = RELEASED_HTXT_L16) -> list[str]:
