@@ -4,19 +4,21 @@ A row is its sizes and its p (and mix); :func:`row_args` composes it at a scale 
 over the recipes ``experiments/configs/[tiny/]clip/stage{1,2}.yaml`` (Tables 2-6), ``[tiny/]dit/base.yaml`` (Table 7,
 ``experiments/dit_tables.py``) and ``[tiny/]captioner/{stage1,stage2,caption_tune}.yaml`` (Table 1's one trained row).
 Run a row by hand with ``--row`` (before LightningCLI parses, it becomes the row's ``--config`` and dotted overrides,
-plus the run's logger and the next stage's start, :func:`run_args`); ``--print_config`` shows the composed config:
+plus the run's logger and a later stage's start, :func:`run_args`; every other argument wins over the row);
+``--print_config`` shows the composed config:
 
     python -m experiments fit --row table3/p0.4                            # tiny world, CLIPA stage 1
     python -m experiments fit --row table3/p0.4 --stage 2                  # from stage 1's last.ckpt
     python -m experiments fit --row table4/L16-huge-p0.8 --stage 2 --scale paper
     python -m experiments fit --row table7/p0.5 --scale paper              # Recap-DiT-B/4
-    python -m experiments fit --row table1/llava15-llama3-8b --stage 3     # captioner: 1, 2, 3 = caption tuning
+    python -m experiments fit --row table1/llava15-llama3-8b --stage 3     # captioner: 3 = caption tuning
 
 Runs land in ``runs[/tiny]/<clip|dit|captioner>/<table>/<row>/<stage>`` (CSV logger; W&B too at paper scale).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +27,24 @@ from experiments.dit_tables import L2, TABLE7
 from lightning_modules.components.clip_sizes import TABLE2 as SIZES
 from lightning_modules.components.clip_sizes import TINY_VISION, tiny_model
 
-__all__ = ["TABLE2", "TABLES", "TINY_VISION", "Row", "Table", "expand_row", "row_args", "run_args", "tiny_model"]
+__all__ = [
+    "TABLE2",
+    "TABLES",
+    "TINY_VISION",
+    "Row",
+    "Table",
+    "ROWS",
+    "expand_row",
+    "row_args",
+    "run_args",
+    "tiny_model",
+]
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 SCALES = ("tiny", "paper")
 CAPTIONER_ROWS = ("llava15-llama3-8b",)  # Table 1's trained row; its paper numbers: experiments/report.py TABLE1
 CAPTIONER_STAGES = ("stage1", "stage2", "caption_tune")
+CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
 
 
 @dataclass(frozen=True)
@@ -164,31 +178,30 @@ def _table2() -> Table:
 TABLE2 = _table2()
 
 
-def _rows(table: str) -> tuple[str, ...]:
-    """The row ids of a table (``table1``..``table7``); a ValueError that lists the valid tables."""
-    clip = {**TABLES, "table2": TABLE2}
-    if table in clip:
-        return tuple(r.id for r in clip[table].rows)
-    if table == "table7":
-        return tuple(r.id for r in [*TABLE7, L2])
-    if table == "table1":
-        return CAPTIONER_ROWS
-    raise ValueError(f"unknown paper table {table!r}; valid: {', '.join(sorted([*clip, 'table1', 'table7']))}")
+# Every row that runs, by table: {table: {row id: row}} (Table 1's one trained row is only an id here).
+ROWS: dict[str, dict] = {
+    "table1": {r: r for r in CAPTIONER_ROWS},
+    "table2": {r.id: r for r in TABLE2.rows},
+    **{name: {r.id: r for r in table.rows} for name, table in TABLES.items()},
+    "table7": {r.id: r for r in [*TABLE7, L2]},
+}
 
 
 def _check(table: str, row: str, stage: int, scale: str) -> str:
-    """The row's family (``clip`` / ``dit`` / ``captioner``) after checking table, row, stage and scale."""
+    """The row's family (``clip`` / ``dit`` / ``captioner``); a ValueError names a bad table, row, stage or scale
+    and lists the valid ones."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
-    rows = _rows(table)
-    if row not in rows:
-        raise ValueError(f"{table} has no row {row!r}; valid: {', '.join(rows)}")
+    if table not in ROWS:
+        raise ValueError(f"unknown paper table {table!r}; valid: {', '.join(sorted(ROWS))}")
+    if row not in ROWS[table]:
+        raise ValueError(f"{table} has no row {row!r}; valid: {', '.join(ROWS[table])}")
     family = {"table1": "captioner", "table7": "dit"}.get(table, "clip")
     stages = {"clip": (1, 2), "dit": (1,), "captioner": (1, 2, 3)}[family]
     if stage not in stages:
         raise ValueError(f"{table}/{row} has stages {', '.join(map(str, stages))}, got {stage!r}")
-    if table == "table7" and row == "l2_p0.0" and scale == "tiny":
-        raise ValueError(f"{table}/{row} (DiT-L/2) has no tiny-world row; tiny rows: {', '.join(rows[:-1])}")
+    if row == L2.id and scale == "tiny":
+        raise ValueError(f"{table}/{row} (DiT-L/2) has no tiny-world row; tiny rows: {', '.join(r.id for r in TABLE7)}")
     return family
 
 
@@ -205,77 +218,57 @@ def row_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[
     family = _check(table, row, stage, scale)
     if family == "captioner":
         return [a for name in CAPTIONER_STAGES[:stage] for a in _config(scale, f"captioner/{name}.yaml")]
+    r = ROWS[table][row]
     if family == "dit":
-        r = next(r for r in [*TABLE7, L2] if r.id == row)
         size = [f"--model.init_args.size={r.size}"] if r.size != "DiT-B/4" else []
         return [*_config(scale, "dit/base.yaml"), f"--data.init_args.p_original={r.p}", *size]
-    r = next(r for r in [*TABLES.get(table, TABLE2).rows] if r.id == row)
     model = f"recap-clip:{r.vision}:{r.text}" + (":tiny" if scale == "tiny" else "")
     args = [*_config(scale, f"clip/stage{stage}.yaml"), f"--model.init_args.model={model}"]
     args.append(f"--data.init_args.p_original={json.dumps(r.p)}")
     return args + ([f"--data.init_args.mix={r.mix}"] if r.mix != "sample" else [])
 
 
-def row_loggers(save_dir: str, name: str, version: str, wandb: bool) -> dict | list[dict]:
-    """A run's ``trainer.logger``: the CSV logger (its dir is the run dir), plus W&B at paper scale (the base configs'
-    ``experiments.loggers.RecapWandbLogger``; a row replaces the whole list, so it repeats it with the row's names)."""
-    csv = {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": save_dir, "name": name, "version": version},
-    }
-    if not wandb:
-        return csv
-    wandb_args = {"save_dir": save_dir, "project": "recap-suite", "name": f"{name}/{version}", "group": name}
-    return [csv, {"class_path": "experiments.loggers.RecapWandbLogger", "init_args": wandb_args}]
-
-
 def run_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[str]:
-    """The by-hand run of a row (``--row``): its logger (``runs[/tiny]/<family>/<table>/<row>/<stage>``) and where a
-    later stage starts (CLIP stage 2 and captioner stage 2 from the previous stage's ``last.ckpt``; paper-scale
-    caption tuning from the merged stage-2 export, ``export-captioner --out .../stage2/hf``); the DiT's samples."""
+    """The by-hand run of a row (``--row``): its logger (``runs[/tiny]/<family>/<table>/<row>/<stage>``; CSV, its dir
+    is the run dir, plus W&B at paper scale as the base configs have it) and where a later stage starts (CLIP and
+    captioner stage 2 from the previous stage's ``last.ckpt``; caption tuning from stage 2's, at paper scale from its
+    merged export ``export-captioner --out .../stage2/hf``); the DiT's samples."""
     family = _check(table, row, stage, scale)
     save_dir = "runs/tiny" if scale == "tiny" else "runs"
-    run = f"{family}/{table}/{row}"
+    name = f"{family}/{table}/{row}"
+    run = f"{save_dir}/{name}"
     version = {"dit": "fit", "captioner": CAPTIONER_STAGES[stage - 1]}.get(family, f"stage{stage}")
-    args = [f"--trainer.logger={json.dumps(row_loggers(save_dir, run, version, wandb=scale == 'paper'))}"]
+    loggers = [{"class_path": CSV_LOGGER, "init_args": {"save_dir": save_dir, "name": name, "version": version}}]
+    if scale == "paper":
+        wandb = {"save_dir": save_dir, "project": "recap-suite", "name": f"{name}/{version}", "group": name}
+        loggers.append({"class_path": "experiments.loggers.RecapWandbLogger", "init_args": wandb})
+    args = [f"--trainer.logger={json.dumps(loggers if scale == 'paper' else loggers[0])}"]
     if family == "dit":
-        args.append(f"--model.init_args.sample_dir={save_dir}/{run}/samples")
+        args.append(f"--model.init_args.sample_dir={run}/samples")
     elif family == "captioner" and stage == 3 and scale == "paper":
-        args.append(f"--model.init_args.pretrained={save_dir}/{run}/stage2/hf")
+        args.append(f"--model.init_args.pretrained={run}/stage2/hf")
     elif stage > 1:
         previous = CAPTIONER_STAGES[stage - 2] if family == "captioner" else f"stage{stage - 1}"
-        args.append(f"--model.init_args.init_from={save_dir}/{run}/{previous}/checkpoints/last.ckpt")
+        args.append(f"--model.init_args.init_from={run}/{previous}/checkpoints/last.ckpt")
     return args
 
 
 def expand_row(argv: list[str]) -> list[str]:
-    """``argv`` with ``--row TABLE/ROW [--stage N] [--scale tiny|paper]`` replaced, where ``--row`` stands (later
-    arguments still win), by :func:`row_args` + :func:`run_args`; unchanged without ``--row``."""
-    options, out, i = {}, [], 0
-    while i < len(argv):
-        name, eq, value = argv[i].partition("=")
-        if name not in ("--row", "--stage", "--scale"):
-            out.append(argv[i])
-        else:
-            if not eq:
-                if i + 1 == len(argv):
-                    raise ValueError(f"{name} needs a value")
-                i += 1
-                value = argv[i]
-            options[name[2:]] = value
-            if name == "--row":
-                out.append("--row")
-        i += 1
-    if "row" not in options:
-        if options:
+    """``argv`` with ``--row TABLE/ROW [--stage N] [--scale tiny|paper]`` taken out and the row's :func:`row_args` +
+    :func:`run_args` put first (after the subcommand), so every other argument wins over the row."""
+    parser = argparse.ArgumentParser(prog="python -m experiments fit", add_help=False, allow_abbrev=False)
+    parser.add_argument("--row", help="a paper table row, e.g. table3/p0.8")
+    parser.add_argument("--stage", type=int, help="1 (default), 2; the captioner's 3 = caption tuning")
+    parser.add_argument("--scale", choices=SCALES, help="tiny (default) or paper")
+    options, rest = parser.parse_known_args(argv)
+    if options.row is None:
+        if options.stage is not None or options.scale is not None:
             raise ValueError("--stage / --scale go with --row TABLE/ROW (e.g. --row table3/p0.8 --stage 2)")
         return argv
-    table, _, row = options["row"].partition("/")
-    stage = options.get("stage", "1")
-    stage = 3 if stage == "caption_tune" else int(stage) if stage.isdigit() else stage
-    scale = options.get("scale", "tiny")
-    at = out.index("--row")
-    return out[:at] + row_args(table, row, stage, scale) + run_args(table, row, stage, scale) + out[at + 1 :]
+    table, _, row = options.row.partition("/")
+    stage, scale = options.stage or 1, options.scale or "tiny"
+    at = 1 if rest and rest[0] in ("fit", "validate", "test", "predict") else 0
+    return rest[:at] + row_args(table, row, stage, scale) + run_args(table, row, stage, scale) + rest[at:]
 
 
 def write_generated(files: dict[Path, str], check: bool = False) -> list[Path]:

@@ -123,7 +123,7 @@ ROWS = [
     (table, row, stage, scale)
     for scale in ("tiny", "paper")
     for table in ("table1", "table2", *paper_tables.TABLES, "table7")
-    for row in paper_tables._rows(table)
+    for row in paper_tables.ROWS[table]
     for stage in {"table1": (1, 2, 3), "table7": (1,)}.get(table, (1, 2))
     if not (row == dit_tables.L2.id and scale == "tiny")  # DiT-L/2 is a paper-scale run only
 ]
@@ -181,13 +181,13 @@ def test_every_row_composes_and_validates(parser, table, row, stage, scale):
             assert model[key] == f"{run}/{where}"
         return
     if family == "dit":
-        r = next(r for r in [*dit_tables.TABLE7, dit_tables.L2] if r.id == row)
+        r = paper_tables.ROWS[table][row]
         assert data["p_original"] == r.p
         base = yaml.safe_load((CONFIGS / ("tiny/dit" if scale == "tiny" else "dit") / "base.yaml").read_text())
         assert model["size"] == ("DiT-L/2" if r is dit_tables.L2 else base["model"]["init_args"]["size"])
         assert model["sample_dir"] == f"{run}/samples"
         return
-    r = next(r for r in paper_tables.TABLES.get(table, paper_tables.TABLE2).rows if r.id == row)
+    r = paper_tables.ROWS[table][row]
     assert data.get("p_original") == r.p  # None (concat) is not dumped
     assert data.get("mix", "sample") == r.mix
     assert model["model"] == f"recap-clip:{r.vision}:{r.text}" + (":tiny" if scale == "tiny" else "")

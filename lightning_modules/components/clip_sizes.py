@@ -1,7 +1,9 @@
-"""Named Recap-CLIP sizes (paper Table 2) as open_clip model configs, in the released "HTxt" (CLIPA) tower style.
+"""Named Recap-CLIP sizes as open_clip model configs, in the released "HTxt" (CLIPA) tower style, at two scales.
 
 Vision towers ``S-16 / B-16 / L-16 / H-14`` and text towers ``small / base / large / huge`` are the rows and the text
-columns of Table 2. Any vision x text pairing can be built (Table 4 pairs S/16+base, B/16+large, L/16+huge).
+columns of paper Table 2 (scale ``"paper"``); scale ``"tiny"`` names the tiny world's CPU stand-ins of the same towers
+(:data:`TINY_VISION` / :data:`TINY_TEXT`: patch 8, context 64, open_clip's bundled 49,408-token BPE so nothing
+downloads). Any vision x text pairing can be built (Table 4 pairs S/16+base, B/16+large, L/16+huge).
 
 **Documented choice -- embed dim of a pairing:** it is the *vision* row's embed dim, and the text tower's projection
 maps its width to that dim. The one released pairing, ``UCSC-VLAA/ViT-L-16-HTxt-Recap-CLIP`` (L/16 + huge text), has
@@ -15,14 +17,10 @@ Styles:
   ``strip_sep_token`` BERT tokenizer is always a PAD/stripped-SEP id 0 slot that attends to the whole caption),
   BERT WordPiece tokenizer, vocabulary 32000.
 * ``"openai"``: open_clip's classic tower: ``ln_pre``, class-token vision pooling, causal text with argmax (EOT)
-  pooling and the open_clip ``SimpleTokenizer`` (vocabulary 49408 unless ``vocab_size`` is given; an HF tokenizer is
-  refused because argmax pooling relies on SimpleTokenizer's EOT being the largest id).
+  pooling and the open_clip ``SimpleTokenizer`` (an HF tokenizer is refused: argmax pooling relies on
+  SimpleTokenizer's EOT being the largest id).
 
-Scales: ``"paper"`` (Table 2's sizes) and ``"tiny"`` (:data:`TINY_VISION` / :data:`TINY_TEXT`, the tiny world's CPU
-stand-ins of the same names: htxt style, patch 8, context 64, open_clip's bundled 49,408-token BPE so nothing downloads).
-
-YAML form: ``"recap-clip:B-16:base"``, ``"recap-clip:L-16:huge:openai"`` or ``"recap-clip:B-16:base:tiny"``, see
-:func:`parse_model_name`.
+YAML form: ``"recap-clip:B-16:base"``, ``"recap-clip:L-16:huge:openai"``, ``"recap-clip:B-16:base:tiny"``.
 """
 
 from __future__ import annotations
@@ -50,26 +48,23 @@ TABLE2: dict[str, dict[str, Any]] = {
 }
 _TEXT_ROW = {"small": "S/16", "base": "B/16", "large": "L/16", "huge": "H/14"}
 
-
-def _vision_entry(row: str) -> dict[str, Any]:
-    layers, width, heads = TABLE2[row]["vision"]
-    return dict(
-        embed_dim=TABLE2[row]["embed_dim"],
-        layers=layers,
-        width=width,
-        heads=heads,
-        head_width=width // heads,  # open_clip's key; 64 for S/B/L, 80 for H (1280 / 16)
+VISION_SIZES: dict[str, dict[str, Any]] = {
+    row.replace("/", "-"): dict(
+        embed_dim=e["embed_dim"],
+        layers=e["vision"][0],
+        width=e["vision"][1],
+        heads=e["vision"][2],
+        head_width=e["vision"][1] // e["vision"][2],  # open_clip's key; 64 for S/B/L, 80 for H (1280 / 16)
         patch_size=int(row.split("/")[1]),
     )
-
-
-def _text_entry(row: str) -> dict[str, Any]:
-    layers, width, heads = TABLE2[row]["text"]
-    return dict(layers=layers, width=width, heads=heads, table2_embed_dim=TABLE2[row]["embed_dim"])
-
-
-VISION_SIZES: dict[str, dict[str, Any]] = {row.replace("/", "-"): _vision_entry(row) for row in TABLE2}
-TEXT_SIZES: dict[str, dict[str, Any]] = {name: _text_entry(row) for name, row in _TEXT_ROW.items()}
+    for row, e in TABLE2.items()
+}
+TEXT_SIZES: dict[str, dict[str, Any]] = {
+    name: dict(
+        zip(("layers", "width", "heads"), TABLE2[row]["text"], strict=True), table2_embed_dim=TABLE2[row]["embed_dim"]
+    )
+    for name, row in _TEXT_ROW.items()
+}
 
 # The tiny world's stand-ins: the order S < B < L < H (vision) and small < base < large < huge (text) is kept, so
 # Table 4's "larger text encoder" rows remain a capacity ablation in miniature. Every tiny vision tower has patch 8.
@@ -115,13 +110,6 @@ RELEASED_HTXT_L16: dict[str, Any] = {
         "no_causal_mask": True,
     },
 }
-# Its `preprocess_cfg` (not part of the model config; for the transforms).
-RELEASED_HTXT_L16_PREPROCESS: dict[str, Any] = {
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-    "interpolation": "bilinear",
-    "resize_mode": "squash",
-}
 
 
 def _lookup(table: dict[str, dict[str, Any]], name: str, what: str) -> dict[str, Any]:
@@ -143,19 +131,15 @@ def recap_clip_config(
     tokenizer: str | None = "auto",
     style: str = "htxt",
 ) -> dict[str, Any]:
-    """Open_clip model config ``{"embed_dim", "vision_cfg", "text_cfg"}`` for a Table 2 vision x text pairing at a
-    scale (``"paper"`` or ``"tiny"``), usable as ``open_clip.CLIP(**cfg)``.
+    """Open_clip model config ``{"embed_dim", "vision_cfg", "text_cfg"}`` (``open_clip.CLIP(**cfg)``) for a vision x
+    text pairing at a scale; the embed dim is the vision row's (documented choice, matches the released L/16 + huge).
 
-    ``vision`` is ``"S-16" | "B-16" | "L-16" | "H-14"`` (``"B/16"`` also accepted), ``text`` is
-    ``"small" | "base" | "large" | "huge"``. The embed dim is the vision row's (documented choice, matches the
-    released L/16 + huge). ``image_size`` / ``context_length`` default to the scale's (224 / 128 paper, 64 / 64 tiny).
-    ``tokenizer`` is an HF tokenizer name or local dir written to ``text_cfg.hf_tokenizer_name``
-    (in the htxt style with ``tokenizer_kwargs {"strip_sep_token": True}``); ``None`` means open_clip's
-    SimpleTokenizer; ``"auto"`` means the scale's: ``"bert-base-uncased"`` for the paper's htxt style, else ``None``.
+    ``image_size`` / ``context_length`` default to the scale's (224 / 128 paper, 64 / 64 tiny). ``tokenizer``: an HF
+    tokenizer name or local dir (``text_cfg.hf_tokenizer_name``, with ``strip_sep_token`` in the htxt style), ``None``
+    for open_clip's SimpleTokenizer, ``"auto"`` for ``"bert-base-uncased"`` in the paper's htxt style, else ``None``.
     ``style="openai"`` refuses an HF tokenizer: its argmax pooling needs the end-of-text id to be the largest id in
-    every sequence, which holds for SimpleTokenizer but not for BERT ([SEP] = 102).
-    ``vocab_size=None`` picks 32000 (the BERT vocabulary Table 2's text counts need) when a
-    ``tokenizer`` is named and 49408 (SimpleTokenizer) when it is ``None``; pass it to size the embedding explicitly.
+    every sequence, which holds for SimpleTokenizer but not for BERT ([SEP] = 102). ``vocab_size=None``: 32000 (the BERT
+    vocabulary Table 2's text counts need) with a tokenizer, 49408 (SimpleTokenizer) without.
     """
     if style not in STYLES:
         raise ValueError(f"unknown Recap-CLIP style {style!r}; valid: {list(STYLES)}")
@@ -171,20 +155,11 @@ def recap_clip_config(
         )
     v = _lookup(vision_sizes, vision, "vision")
     t = _lookup(text_sizes, text, "text")
-    vision_cfg: dict[str, Any] = {
-        "image_size": image_size or default_image,
-        "layers": v["layers"],
-        "width": v["width"],
-        "head_width": v["head_width"],
-        "patch_size": v["patch_size"],
-    }
-    text_cfg: dict[str, Any] = {
-        "context_length": context_length or default_context,
-        "vocab_size": vocab_size if vocab_size is not None else (BERT_VOCAB_SIZE if tokenizer else OPENAI_VOCAB_SIZE),
-        "width": t["width"],
-        "heads": t["heads"],
-        "layers": t["layers"],
-    }
+    vision_cfg = {"image_size": image_size or default_image, **{k: v[k] for k in ("layers", "width", "head_width")}}
+    vision_cfg["patch_size"] = v["patch_size"]
+    vocab = vocab_size if vocab_size is not None else (BERT_VOCAB_SIZE if tokenizer else OPENAI_VOCAB_SIZE)
+    text_cfg = {"context_length": context_length or default_context, "vocab_size": vocab}
+    text_cfg.update({k: t[k] for k in ("width", "heads", "layers")})
     if style == "htxt":
         vision_cfg.update(no_ln_pre=True, pool_type="avg", final_ln_after_pool=True)
         if tokenizer is not None:
@@ -245,25 +220,15 @@ _MISSING = object()
 
 
 def count_params(cfg: dict[str, Any]) -> dict[str, int]:
-    """Parameter counts of ``open_clip.CLIP(**cfg)``, built on the meta device (no memory, no init cost).
-
-    * ``vision``: every ``visual.*`` parameter (patch conv, class / positional embeddings, blocks, ``ln_post`` and the
-      ``visual.proj`` width -> embed projection).
-    * ``text``: every other parameter except ``logit_scale`` / ``logit_bias``, i.e. token embedding + positional
-      embedding + transformer blocks + ``ln_final`` + ``text_projection`` (width -> embed dim).
-    * ``total``: ``vision + text`` (so also without the logit scale / bias).
-    """
+    """Parameter counts of ``open_clip.CLIP(**cfg)``, built on the meta device (no memory, no init cost): ``vision`` =
+    every ``visual.*`` parameter (``visual.proj`` included), ``text`` = every other one but the logit scale / bias
+    (``text_projection`` included), ``total`` = their sum."""
     import open_clip
     import torch
 
     with torch.device("meta"):
         model = open_clip.CLIP(**copy.deepcopy(cfg))
-    vision = text = 0
-    for name, p in model.named_parameters():
-        if name in ("logit_scale", "logit_bias"):
-            continue
-        if name.startswith("visual."):
-            vision += p.numel()
-        else:
-            text += p.numel()
+    params = [(n, p.numel()) for n, p in model.named_parameters() if n not in ("logit_scale", "logit_bias")]
+    vision = sum(k for n, k in params if n.startswith("visual."))
+    text = sum(k for n, k in params if not n.startswith("visual."))
     return {"vision": vision, "text": text, "total": vision + text}
