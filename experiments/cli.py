@@ -119,21 +119,16 @@ class RecapCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
         """Lightning's parsing, with a paper table row expanded (``--row table3/p0.8 --stage 2``,
         :func:`experiments.paper_tables.expand_row`) and dotted keys into nested dicts merged
-        (:func:`merge_nested_dict_overrides`)."""
+        (:func:`merge_nested_dict_overrides`). ``args=None`` reads ``sys.argv``, as Lightning does."""
         if args is not None and not isinstance(args, list | tuple):
             return super().parse_arguments(parser, args)
-        argv = list(sys.argv[1:] if args is None else args)
         try:
-            merged = merge_nested_dict_overrides(parser, expand_row(argv))
+            argv = merge_nested_dict_overrides(parser, expand_row(list(sys.argv[1:] if args is None else args)))
         except ValueError as e:  # a bad --row, or a DottedKeyError
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
-        if merged == argv:
-            return super().parse_arguments(parser, args)
-        if args is None:  # from the command line: parse the rewritten sys.argv (Lightning warns on args + sys.argv)
-            self.config = parser.parse_args(merged)
-            return None
-        return super().parse_arguments(parser, merged)
+        self.config = parser.parse_args(argv)
+        return None
 
     def before_instantiate_classes(self) -> None:
         # Runs after parsing and before any class (Trainer, loggers, callbacks, model, data) exists, so nothing has

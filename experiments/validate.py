@@ -13,8 +13,8 @@ Nested ``class_path`` objects (e.g. ``model.init_args.evaluation``) are checked 
 
 from __future__ import annotations
 
-import importlib
 import os
+import pydoc
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,13 +37,9 @@ def _plain(value: Any) -> Any:
 
 
 def _int_or_none(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return None
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else None
 
 
 def run_context(trainer: Mapping[str, Any] | None) -> RunContext:
@@ -64,11 +60,6 @@ def run_context(trainer: Mapping[str, Any] | None) -> RunContext:
     return RunContext(world_size=None if count is None else count * nodes, accumulate_grad_batches=accumulate)
 
 
-def _import(class_path: str) -> Any:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def _check_object(prefix: str, node: Any, run: RunContext) -> list[tuple[str, Any, str]]:
     """``(dotted key, value, problem)`` for a ``{class_path, init_args}`` node and the class nodes nested in it."""
     node = _plain(node)
@@ -76,10 +67,7 @@ def _check_object(prefix: str, node: Any, run: RunContext) -> list[tuple[str, An
         return []
     args = dict(node.get("init_args") or {})
     problems: list[tuple[str, Any, str]] = []
-    try:
-        cls = _import(node["class_path"])
-    except Exception:  # noqa: BLE001 - jsonargparse already resolved it; a failure here is not the config's
-        return []
+    cls = pydoc.locate(node["class_path"])  # jsonargparse already resolved it; None here is not the config's fault
     hook = getattr(cls, "validate_config", None)
     if callable(hook):
         try:
