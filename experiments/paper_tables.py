@@ -159,19 +159,15 @@ def _table2() -> Table:
     for size, text in zip(SIZES, ("small", "base", "large", "huge"), strict=True):
         s = SIZES[size]
         paper = {"embed_dim": s["embed_dim"]}
-        paper.update(zip(("vision_layers", "vision_width", "vision_heads"), s["vision"], strict=True))
-        paper.update(zip(("text_layers", "text_width", "text_heads"), s["text"], strict=True))
+        for tower in ("vision", "text"):
+            paper.update(zip((f"{tower}_layers", f"{tower}_width", f"{tower}_heads"), s[tower], strict=True))
         paper.update({f"params_{k}_m": v for k, v in s["params_m"].items()})
         note = "the authors never trained an H/14 vision tower (ISS #8); its text tower is Table 4's 'huge'"
-        note = note if size == "H/14" else ""
-        rows.append(Row(f"{size.replace('/', '')}-{text}", size.replace("/", "-"), text, 0.8, paper, note=note))
-    return Table(
-        "table2",
-        "Recap-CLIP model configurations (vision size with its own row's text encoder), p = 0.8.",
-        tuple(rows[0].paper),
-        tuple(rows),
-        notes=("Table 2 has no results; p = 0.8 is the paper's setting for recaption-based models (Table 4 caption).",),
-    )
+        row_id = f"{size.replace('/', '')}-{text}"
+        rows.append(Row(row_id, size.replace("/", "-"), text, 0.8, paper, note=note if size == "H/14" else ""))
+    caption = "Recap-CLIP model configurations (vision size with its own row's text encoder), p = 0.8."
+    note = "Table 2 has no results; p = 0.8 is the paper's setting for recaption-based models (Table 4 caption)."
+    return Table("table2", caption, tuple(rows[0].paper), tuple(rows), notes=(note,))
 
 
 # Not in TABLES: Table 2 is a size registry without metrics, so `clip-table` has nothing of the paper to compare.

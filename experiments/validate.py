@@ -1,14 +1,11 @@
-"""Config validation before any compute: every problem a parsed config has, as one line naming the dotted key.
-
-``RecapCLI`` (``experiments/cli.py``) runs this after parsing and before anything is instantiated, so a bad config
-exits with code 2 and writes nothing (no run, log or checkpoint folder). The rules live next to the classes they are
-about, as ``validate_config(args, run)`` classmethods (``datamodules/checks.py`` says how); this module only walks the
-config, calls them with the resolved ``init_args`` and formats what they raise:
+"""Config validation before any compute: every problem a parsed config has, as one line naming the dotted key:
 
     config error: data.init_args.p_original = 1.5: must be in [0, 1] (in experiments/configs/x.yaml)
 
-Besides the model and data sections, ``ckpt_path`` (resume / evaluate) must name an existing local checkpoint.
-Nested ``class_path`` objects (e.g. ``model.init_args.evaluation``) are checked too when their class has the hook.
+``RecapCLI`` (``experiments/cli.py``) runs it after parsing and before anything is instantiated, so a bad config exits
+with code 2 and writes nothing. The rules live next to their classes as ``validate_config(args, run)`` classmethods
+(``datamodules/checks.py``), also on nested ``class_path`` objects (``model.init_args.evaluation``); here the config
+is walked and what they raise formatted. ``ckpt_path`` (resume / evaluate) must name an existing local checkpoint.
 """
 
 from __future__ import annotations

@@ -170,6 +170,10 @@ def test_every_row_composes_and_validates(parser, table, row, stage, scale):
     family = {"table1": "captioner", "table7": "dit"}.get(table, "clip")
     logger = _logger(dumped)["init_args"]
     assert (logger["save_dir"], logger["name"]) == (save_dir, f"{family}/{table}/{row}")
+    if scale == "paper":  # real-scale runs log to CSV, then W&B under the same name
+        wandb = dumped["trainer"]["logger"][1]
+        assert wandb["class_path"] == "experiments.loggers.RecapWandbLogger"
+        assert wandb["init_args"]["name"] == f"{logger['name']}/{logger['version']}"
     run = f"{save_dir}/{family}/{table}/{row}"
     if family == "captioner":
         version = ("stage1", "stage2", "caption_tune")[stage - 1]

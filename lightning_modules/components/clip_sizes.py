@@ -196,27 +196,20 @@ def parse_model_name(name: str) -> dict[str, Any] | None:
     return recap_clip_config(parts[0], parts[1], style=last)
 
 
-def config_mismatches(cfg: dict[str, Any], reference: dict[str, Any] = RELEASED_HTXT_L16) -> list[str]:
+def config_mismatches(cfg: dict[str, Any], reference: dict[str, Any] = RELEASED_HTXT_L16, path: str = "") -> list[str]:
     """Keys that ``reference`` sets and ``cfg`` lacks or sets differently (dotted paths); empty = agrees."""
     out: list[str] = []
-
-    def walk(ref: Any, got: Any, path: str) -> None:
-        if isinstance(ref, dict):
-            if not isinstance(got, dict):
-                out.append(f"{path}: expected a dict, got {got!r}")
-                return
-            for k, rv in ref.items():
-                walk(rv, got.get(k, _MISSING), f"{path}.{k}" if path else k)
-        elif got is _MISSING:
-            out.append(f"{path}: missing (expected {ref!r})")
+    for key, ref in reference.items():
+        where, got = f"{path}{key}", cfg.get(key)
+        if key not in cfg:
+            out.append(f"{where}: missing (expected {ref!r})")
+        elif isinstance(ref, dict) and not isinstance(got, dict):
+            out.append(f"{where}: expected a dict, got {got!r}")
+        elif isinstance(ref, dict):
+            out += config_mismatches(got, ref, f"{where}.")
         elif got != ref:
-            out.append(f"{path}: {got!r} != {ref!r}")
-
-    walk(reference, cfg, "")
+            out.append(f"{where}: {got!r} != {ref!r}")
     return out
-
-
-_MISSING = object()
 
 
 def count_params(cfg: dict[str, Any]) -> dict[str, int]:
