@@ -67,10 +67,8 @@ def scrub_secrets(value: Any) -> Any:
     def scrub(x: Any) -> Any:
         if isinstance(x, Mapping):
             return {k: ("***" if _SECRET.search(str(k)) and v else scrub(v)) for k, v in x.items()}
-        if isinstance(x, list):
-            return [scrub(v) for v in x]
-        if isinstance(x, tuple):
-            return tuple(scrub(v) for v in x)
+        if isinstance(x, list | tuple):
+            return type(x)(scrub(v) for v in x)
         if isinstance(x, str) and any(secret in x for secret in env):
             return "***"
         return x
@@ -79,10 +77,8 @@ def scrub_secrets(value: Any) -> Any:
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Save the resolved config next to the run and into every logger's hyperparameters, secrets scrubbed.
-
-    Replaces Lightning's ``setup`` (which writes the raw config) so that nothing unscrubbed is ever written.
-    """
+    """Save the resolved config next to the run and into every logger's hyperparameters, secrets scrubbed (Lightning's
+    own ``setup`` writes the raw config, so it is replaced: nothing unscrubbed is ever written)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning logs the module's and datamodule's init arguments to every logger after setup: scrub them first.
