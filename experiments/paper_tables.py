@@ -206,11 +206,9 @@ def _config(scale: str, name: str) -> list[str]:
 
 
 def row_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[str]:
-    """``python -m experiments fit`` arguments (after ``fit``) for one stage of a paper table row at a scale (``tiny``
-    or ``paper``): the stage recipe and the row's own settings (sizes, p, mix). Callers (the runner, sweeps,
-    ``clip-table``, ``reproduce``) add the run's logger, seed and the next stage's start (:func:`run_args` has the
-    defaults). Tables 2-6 are CLIP rows (stages 1, 2), ``table7`` the DiT's (stage 1), ``table1`` the captioner's
-    (1, 2, 3 = caption tuning). A ValueError names the table / row and lists the valid ones."""
+    """The ``fit`` arguments that make one stage of a paper table row at a scale: the stage recipe and the row's own
+    settings (sizes, p, mix), without the run's logger, seed or a later stage's start (callers add them;
+    :func:`run_args` has the defaults). Stages: CLIP 1, 2; DiT (``table7``) 1; captioner (``table1``) 1, 2, 3."""
     family = _check(table, row, stage, scale)
     if family == "captioner":
         return [a for name in CAPTIONER_STAGES[:stage] for a in _config(scale, f"captioner/{name}.yaml")]
@@ -225,10 +223,9 @@ def row_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[
 
 
 def run_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[str]:
-    """The by-hand run of a row (``--row``): its logger (``runs[/tiny]/<family>/<table>/<row>/<stage>``; CSV, its dir
-    is the run dir, plus W&B at paper scale as the base configs have it) and where a later stage starts (CLIP and
-    captioner stage 2 from the previous stage's ``last.ckpt``; caption tuning from stage 2's, at paper scale from its
-    merged export ``export-captioner --out .../stage2/hf``); the DiT's samples."""
+    """The rest of a by-hand run (``--row``): the logger (CSV, plus W&B at paper scale as the base configs have it),
+    where a later stage starts (the previous stage's ``last.ckpt``; paper-scale caption tuning from the merged stage-2
+    export, ``export-captioner --out .../stage2/hf``) and the DiT's sample folder, all under the run's directory."""
     family = _check(table, row, stage, scale)
     save_dir = "runs/tiny" if scale == "tiny" else "runs"
     name = f"{family}/{table}/{row}"
