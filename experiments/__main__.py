@@ -19,37 +19,9 @@ LIGHTNING_COMMANDS = {
 }
 
 
-def _world(argv: Sequence[str]) -> None:
-    from experiments.world import main
-
-    main(list(argv))
-
-
-def _sidecars(argv: Sequence[str]) -> None:
-    from datamodules.sidecar import main
-
-    main(list(argv))
-
-
-def _export_clip(argv: Sequence[str]) -> None:
-    from experiments.export_clip import main
-
-    main(list(argv))
-
-
-def _truth_recaptions(argv: Sequence[str]) -> None:
-    from datamodules.tiny_world.recaption import main
-
-    main(list(argv))
-
-
-def _clip_table(argv: Sequence[str]) -> None:
-    from experiments.run_table import main
-
-    main(list(argv))
-
-
 def _module_main(module: str) -> Callable[[Sequence[str]], None]:
+    """A command that runs ``module.main(argv)``, importing the module only when the command runs."""
+
     def run(argv: Sequence[str]) -> None:
         import importlib
 
@@ -59,14 +31,26 @@ def _module_main(module: str) -> Callable[[Sequence[str]], None]:
 
 
 SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
-    "world": (_world, "generate the tiny world: web shards, captioner data and evaluation sets (CPU, seeded)"),
-    "sidecars": (_sidecars, "join a Recap-DataComp-1B-schema parquet to image shards as per-shard sidecars"),
+    "world": (
+        _module_main("experiments.world"),
+        "generate the tiny world: web shards, captioner data and evaluation sets (CPU, seeded)",
+    ),
+    "sidecars": (
+        _module_main("datamodules.sidecar"),
+        "join a Recap-DataComp-1B-schema parquet to image shards as per-shard sidecars",
+    ),
     "truth-recaptions": (
-        _truth_recaptions,
+        _module_main("datamodules.tiny_world.recaption"),
         "tiny world only: recaptions from ground truth (an imperfect oracle) in the Recap-DataComp-1B schema",
     ),
-    "clip-table": (_clip_table, "train + evaluate the rows of a paper CLIP table (stage 1 + 2), write the table"),
-    "export-clip": (_export_clip, "write a ClipModule checkpoint as an open_clip folder (config + safetensors)"),
+    "clip-table": (
+        _module_main("experiments.run_table"),
+        "train + evaluate the rows of a paper CLIP table (stage 1 + 2), write the table",
+    ),
+    "export-clip": (
+        _module_main("experiments.export_clip"),
+        "write a ClipModule checkpoint as an open_clip folder (config + safetensors)",
+    ),
     "world-tokenizer": (
         _module_main("datamodules.tiny_world.tokenizer"),
         "tiny world only: train the captioner's BPE tokenizer (LLaMA-3 special tokens and chat template)",
@@ -119,13 +103,16 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
 
 
 def usage() -> str:
-    lines = ["usage: python -m experiments <command> [options]    (python -m experiments <command> --help)", ""]
-    lines.append(
-        "Lightning commands (LightningCLI: --config A.yaml --config B.yaml, --print_config, dotted overrides):"
-    )
-    lines += [f"  {name:<17} {text}" for name, text in LIGHTNING_COMMANDS.items()]
-    lines += ["", "Suite commands:"]
-    lines += [f"  {name:<17} {text}" for name, (_, text) in SUITE_COMMANDS.items()]
+    lines = [
+        "usage: python -m experiments <command> [options]    (python -m experiments <command> --help)",
+        "",
+        "Lightning commands (LightningCLI: --config A.yaml --config B.yaml, --print_config, dotted overrides;",
+        "  --row TABLE/ROW [--stage N] [--scale tiny|paper]: a paper table row, experiments/paper_tables.py):",
+        *[f"  {name:<17} {text}" for name, text in LIGHTNING_COMMANDS.items()],
+        "",
+        "Suite commands:",
+        *[f"  {name:<17} {text}" for name, (_, text) in SUITE_COMMANDS.items()],
+    ]
     return "\n".join(lines)
 
 

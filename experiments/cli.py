@@ -34,6 +34,7 @@ import datamodules.prompts  # noqa: F401
 import lightning_modules.captioner  # noqa: F401
 import lightning_modules.clip  # noqa: F401
 import lightning_modules.dit  # noqa: F401
+from experiments.paper_tables import expand_row
 from experiments.validate import validate_config
 
 # Constructor docstrings become --help text (litgpt does the same).
@@ -66,10 +67,8 @@ def scrub_secrets(value: Any) -> Any:
     def scrub(x: Any) -> Any:
         if isinstance(x, Mapping):
             return {k: ("***" if _SECRET.search(str(k)) and v else scrub(v)) for k, v in x.items()}
-        if isinstance(x, list):
-            return [scrub(v) for v in x]
-        if isinstance(x, tuple):
-            return tuple(scrub(v) for v in x)
+        if isinstance(x, list | tuple):
+            return type(x)(scrub(v) for v in x)
         if isinstance(x, str) and any(secret in x for secret in env):
             return "***"
         return x
@@ -78,10 +77,8 @@ def scrub_secrets(value: Any) -> Any:
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Save the resolved config next to the run and into every logger's hyperparameters, secrets scrubbed.
-
-    Replaces Lightning's ``setup`` (which writes the raw config) so that nothing unscrubbed is ever written.
-    """
+    """Save the resolved config next to the run and into every logger's hyperparameters, secrets scrubbed (Lightning's
+    own ``setup`` writes the raw config, so it is replaced: nothing unscrubbed is ever written)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning logs the module's and datamodule's init arguments to every logger after setup: scrub them first.
@@ -116,21 +113,18 @@ class RecapCLI(LightningCLI):
     config validated before anything is built, checkpoints (``--ckpt_path``) read with ``weights_only=True``."""
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
-        """Lightning's parsing, with dotted keys into nested dicts merged (:func:`merge_nested_dict_overrides`)."""
+        """Lightning's parsing, with a paper table row expanded (``--row table3/p0.8 --stage 2``,
+        :func:`experiments.paper_tables.expand_row`) and dotted keys into nested dicts merged
+        (:func:`merge_nested_dict_overrides`). ``args=None`` reads ``sys.argv``, as Lightning does."""
         if args is not None and not isinstance(args, list | tuple):
             return super().parse_arguments(parser, args)
-        argv = list(sys.argv[1:] if args is None else args)
         try:
-            merged = merge_nested_dict_overrides(parser, argv)
-        except DottedKeyError as e:
+            argv = merge_nested_dict_overrides(parser, expand_row(list(sys.argv[1:] if args is None else args)))
+        except ValueError as e:  # a bad --row, or a DottedKeyError
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
-        if merged == argv:
-            return super().parse_arguments(parser, args)
-        if args is None:  # from the command line: parse the rewritten sys.argv (Lightning warns on args + sys.argv)
-            self.config = parser.parse_args(merged)
-            return None
-        return super().parse_arguments(parser, merged)
+        self.config = parser.parse_args(argv)
+        return None
 
     def before_instantiate_classes(self) -> None:
         # Runs after parsing and before any class (Trainer, loggers, callbacks, model, data) exists, so nothing has

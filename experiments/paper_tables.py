@@ -1,79 +1,55 @@
-r"""The paper's CLIP tables (Tables 2-6, ``shared/PAPER.md`` §1) as data, and the row YAMLs generated from them.
+"""The paper's tables as data, and a table row as a delta over its stage recipe.
 
-Each table row becomes LightningCLI YAMLs layered on a stage recipe:
+A row is its sizes and its p (and mix); :func:`row_args` composes it at a scale (``tiny`` for the CPU world, ``paper``)
+over the recipes ``experiments/configs/[tiny/]clip/stage{1,2}.yaml`` (Tables 2-6), ``[tiny/]dit/base.yaml`` (Table 7,
+``experiments/dit_tables.py``) and ``[tiny/]captioner/{stage1,stage2,caption_tune}.yaml`` (Table 1's one trained row).
+Run a row by hand with ``--row`` (before LightningCLI parses, it becomes the row's ``--config`` and dotted overrides,
+plus the run's logger and a later stage's start, :func:`run_args`; every other argument wins over the row);
+``--print_config`` shows the composed config:
 
-    python -m experiments fit --config experiments/configs/clip/stage1.yaml \
-        --config experiments/configs/clip/table3/p0.4.yaml
-    python -m experiments fit --config experiments/configs/clip/stage2.yaml \
-        --config experiments/configs/clip/table3/p0.4.stage2.yaml
+    python -m experiments fit --row table3/p0.4                            # tiny world, CLIPA stage 1
+    python -m experiments fit --row table3/p0.4 --stage 2                  # from stage 1's last.ckpt
+    python -m experiments fit --row table4/L16-huge-p0.8 --stage 2 --scale paper
+    python -m experiments fit --row table7/p0.5 --scale paper              # Recap-DiT-B/4
+    python -m experiments fit --row table1/llava15-llama3-8b --stage 3     # captioner: 3 = caption tuning
 
-and the same under ``experiments/configs/tiny/clip/`` for the tiny world on CPU. A row sets the model size, the
-caption mix (p) and the run's directory; stage 2's row file names stage 1's ``last.ckpt`` (CLIPA's fine-tune
-starts from the pre-trained weights, position embeddings interpolated 112 -> 224 px).
-
-The YAMLs are generated so that the paper's numbers live in one place; ``tests/test_configs.py`` checks that the
-committed files equal this module's output. Regenerate with ``python -m experiments.paper_tables``.
+Runs land in ``runs[/tiny]/<clip|dit|captioner>/<table>/<row>/<stage>`` (CSV logger; W&B too at paper scale).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from experiments.dit_tables import L2, TABLE7
+from lightning_modules.components.clip_sizes import TABLE2 as SIZES
+from lightning_modules.components.clip_sizes import TINY_VISION, tiny_model
+
+__all__ = [
+    "TABLE2",
+    "TABLES",
+    "TINY_VISION",
+    "Row",
+    "Table",
+    "ROWS",
+    "expand_row",
+    "row_args",
+    "run_args",
+    "tiny_model",
+]
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
-
-# Tiny-world stand-ins for Table 2's towers: same structure (the released "HTxt" style), CPU-sized widths. The
-# ordering S < B < L (vision) and small < base < large < huge (text) is kept, so Table 4's "larger text encoder"
-# rows remain a capacity ablation in miniature. Vocabulary: open_clip's bundled BPE (49,408), so nothing downloads.
-TINY_VISION = {
-    "S-16": {"embed_dim": 48, "width": 48, "layers": 2, "head_width": 24},
-    "B-16": {"embed_dim": 64, "width": 64, "layers": 2, "head_width": 32},
-    "L-16": {"embed_dim": 96, "width": 96, "layers": 3, "head_width": 32},
-    "H-14": {"embed_dim": 128, "width": 128, "layers": 4, "head_width": 32},  # Table 2 only (patch 8 like the rest)
-}
-TINY_TEXT = {
-    "small": {"width": 48, "heads": 2, "layers": 2},
-    "base": {"width": 64, "heads": 2, "layers": 2},
-    "large": {"width": 96, "heads": 3, "layers": 2},
-    "huge": {"width": 128, "heads": 4, "layers": 3},
-}
-TINY_CONTEXT = 64  # the tiny world's detailed captions are <= ~60 BPE tokens (the real recipe: 128)
-
-
-def tiny_model(vision: str, text: str, image_size: int = 64) -> dict:
-    """An open_clip config in the released HTxt / CLIPA style (bidirectional text, last-token pooling, average-pooled
-    vision without pre-LN) at tiny-world scale."""
-    v, t = TINY_VISION[vision], TINY_TEXT[text]
-    return {
-        "embed_dim": v["embed_dim"],
-        "vision_cfg": {
-            "image_size": image_size,
-            "patch_size": 8,
-            "width": v["width"],
-            "layers": v["layers"],
-            "head_width": v["head_width"],
-            "no_ln_pre": True,
-            "pool_type": "avg",
-            "final_ln_after_pool": True,
-        },
-        "text_cfg": {
-            "context_length": TINY_CONTEXT,
-            "vocab_size": 49408,
-            "width": t["width"],
-            "heads": t["heads"],
-            "layers": t["layers"],
-            "no_causal_mask": True,
-            "pool_type": "last",
-        },
-    }
+SCALES = ("tiny", "paper")
+CAPTIONER_ROWS = ("llava15-llama3-8b",)  # Table 1's trained row; its paper numbers: experiments/report.py TABLE1
+CAPTIONER_STAGES = ("stage1", "stage2", "caption_tune")
+CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
 
 
 @dataclass(frozen=True)
 class Row:
-    id: str  # file stem, e.g. "p0.4"
+    id: str  # e.g. "p0.4"
     vision: str  # Table 2 vision size
     text: str  # Table 2 text encoder
     p: float | None  # the paper's p (probability of the ORIGINAL caption); None with mix="concat"
@@ -112,6 +88,8 @@ _T3 = {
     0.9: (69.2, 60.6, 41.1, 86.0, 65.7),
     1.0: (69.7, 57.3, 37.7, 84.2, 63.0),
 }
+_CONCAT_NOTE = "*concat: original and recaption joined into one text (within the 128-token context)"
+_HUGE_NOTE = "the released UCSC-VLAA/ViT-L-16-HTxt-Recap-CLIP (INFERRED match)"
 
 TABLES: dict[str, Table] = {
     "table3": Table(
@@ -119,17 +97,7 @@ TABLES: dict[str, Table] = {
         "Train with mixed captions (Recap-CLIP-B/16, base text encoder). Larger p = more original captions.",
         _T3_METRICS,
         tuple(Row(f"p{p:.1f}", "B-16", "base", p, _m(v)) for p, v in _T3.items())
-        + (
-            Row(
-                "concat",
-                "B-16",
-                "base",
-                None,
-                _m((43.3, 57.8, 35.6, 80.2, 56.4)),
-                mix="concat",
-                note="*concat: original and recaption joined into one text (within the 128-token context)",
-            ),
-        ),
+        + (Row("concat", "B-16", "base", None, _m((43.3, 57.8, 35.6, 80.2, 56.4)), "concat", _CONCAT_NOTE),),
         notes=(
             "Text vs table: the text says the peak is p=0.5 (~5%); by the 4-retrieval average it is p=0.4 (+4.5).",
             "p=0.8 is the paper's chosen balance (ImageNet -0.5, retrieval +3.4 on average).",
@@ -148,14 +116,7 @@ TABLES: dict[str, Table] = {
             Row("B16-large-p0.8", "B-16", "large", 0.8, _m((69.8, 62.9, 42.8, 86.7, 67.3)), note="= table5/p0.8"),
             Row("L16-large-p1.0", "L-16", "large", 1.0, _m((74.1, 60.2, 41.9, 86.0, 68.5))),
             Row("L16-large-p0.8", "L-16", "large", 0.8, _m((73.8, 64.3, 46.1, 88.3, 70.5))),
-            Row(
-                "L16-huge-p0.8",
-                "L-16",
-                "huge",
-                0.8,
-                _m((74.2, 66.0, 46.6, 89.9, 72.7)),
-                note="the released UCSC-VLAA/ViT-L-16-HTxt-Recap-CLIP (INFERRED match)",
-            ),
+            Row("L16-huge-p0.8", "L-16", "huge", 0.8, _m((74.2, 66.0, 46.6, 89.9, 72.7)), note=_HUGE_NOTE),
         ),
         notes=("The recaption check marks were lost in extraction; the p column is INFERRED (PAPER.md Table 4).",),
     ),
@@ -176,34 +137,10 @@ TABLES: dict[str, Table] = {
         "Long-caption retrieval on Urban-1K (and VG-Attribution, not in this harness).",
         _T6_METRICS,
         (
-            Row(
-                "B16-p1.0",
-                "B-16",
-                "base",
-                1.0,
-                {"urban1k_i2t_r1": 53.2, "urban1k_t2i_r1": 50.9, "vg_attribution": 57.1},
-            ),
-            Row(
-                "B16-p0.8",
-                "B-16",
-                "base",
-                0.8,
-                {"urban1k_i2t_r1": 85.0, "urban1k_t2i_r1": 87.3, "vg_attribution": 66.4},
-            ),
-            Row(
-                "L16-p1.0",
-                "L-16",
-                "large",
-                1.0,
-                {"urban1k_i2t_r1": 69.8, "urban1k_t2i_r1": 64.6, "vg_attribution": 60.1},
-            ),
-            Row(
-                "L16-p0.8",
-                "L-16",
-                "large",
-                0.8,
-                {"urban1k_i2t_r1": 89.0, "urban1k_t2i_r1": 91.8, "vg_attribution": 66.8},
-            ),
+            Row("B16-p1.0", "B-16", "base", 1.0, _m((53.2, 50.9, 57.1), _T6_METRICS)),
+            Row("B16-p0.8", "B-16", "base", 0.8, _m((85.0, 87.3, 66.4), _T6_METRICS)),
+            Row("L16-p1.0", "L-16", "large", 1.0, _m((69.8, 64.6, 60.1), _T6_METRICS)),
+            Row("L16-p0.8", "L-16", "large", 0.8, _m((89.0, 91.8, 66.8), _T6_METRICS)),
         ),
         notes=(
             "Which text encoder and p the paper's Table 6 rows use is not stated; the Table 4 default-text models at "
@@ -218,130 +155,118 @@ TABLES: dict[str, Table] = {
 def _table2() -> Table:
     """Paper Table 2 (the model-size registry, ``lightning_modules.components.clip_sizes.TABLE2``): one row per size,
     each vision tower with the text tower of its own row (S/16 + small ... H/14 + huge), at the paper's p = 0.8."""
-    from lightning_modules.components.clip_sizes import TABLE2 as SIZES
-
     rows = []
     for size, text in zip(SIZES, ("small", "base", "large", "huge"), strict=True):
         s = SIZES[size]
         paper = {"embed_dim": s["embed_dim"]}
-        paper.update(zip(("vision_layers", "vision_width", "vision_heads"), s["vision"], strict=True))
-        paper.update(zip(("text_layers", "text_width", "text_heads"), s["text"], strict=True))
+        for tower in ("vision", "text"):
+            paper.update(zip((f"{tower}_layers", f"{tower}_width", f"{tower}_heads"), s[tower], strict=True))
         paper.update({f"params_{k}_m": v for k, v in s["params_m"].items()})
         note = "the authors never trained an H/14 vision tower (ISS #8); its text tower is Table 4's 'huge'"
-        note = note if size == "H/14" else ""
-        rows.append(Row(f"{size.replace('/', '')}-{text}", size.replace("/", "-"), text, 0.8, paper, note=note))
-    return Table(
-        "table2",
-        "Recap-CLIP model configurations (vision size with its own row's text encoder), p = 0.8.",
-        tuple(rows[0].paper),
-        tuple(rows),
-        notes=("Table 2 has no results; p = 0.8 is the paper's setting for recaption-based models (Table 4 caption).",),
-    )
+        row_id = f"{size.replace('/', '')}-{text}"
+        rows.append(Row(row_id, size.replace("/", "-"), text, 0.8, paper, note=note if size == "H/14" else ""))
+    caption = "Recap-CLIP model configurations (vision size with its own row's text encoder), p = 0.8."
+    note = "Table 2 has no results; p = 0.8 is the paper's setting for recaption-based models (Table 4 caption)."
+    return Table("table2", caption, tuple(rows[0].paper), tuple(rows), notes=(note,))
 
 
 # Not in TABLES: Table 2 is a size registry without metrics, so `clip-table` has nothing of the paper to compare.
 TABLE2 = _table2()
 
 
-def _header(table: Table, row: Row, stage: int, tiny: bool) -> str:
-    lines = [f"# Paper {table.name.replace('table', 'Table ')}, row {row.id}: {table.caption}"]
-    paper = ", ".join(f"{k} {v}" for k, v in row.paper.items())
-    lines.append(f"# Paper's numbers (real scale): {paper}")
-    if row.note:
-        lines.append(f"# Note: {row.note}")
-    for note in table.notes:
-        lines.append(f"# {note}")
-    base = "tiny/clip" if tiny else "clip"
-    stem = row.id if stage == 1 else f"{row.id}.stage2"
-    lines.append(
-        f"#   python -m experiments fit --config experiments/configs/{base}/stage{stage}.yaml "
-        f"--config experiments/configs/{base}/{table.name}/{stem}.yaml"
-    )
-    if tiny:
-        lines.append(
-            "# Tiny world: the model is a CPU-sized stand-in of the same tower style (experiments/paper_tables.py)"
-        )
-    lines.append("# Generated by experiments/paper_tables.py -- edit there, then: python -m experiments.paper_tables")
-    return "\n".join(lines) + "\n"
+# Every row that runs, by table: {table: {row id: row}} (Table 1's one trained row is only an id here).
+ROWS: dict[str, dict] = {
+    "table1": {r: r for r in CAPTIONER_ROWS},
+    "table2": {r.id: r for r in TABLE2.rows},
+    **{name: {r.id: r for r in table.rows} for name, table in TABLES.items()},
+    "table7": {r.id: r for r in [*TABLE7, L2]},
+}
 
 
-def row_loggers(save_dir: str, name: str, version: str, wandb: bool) -> dict | list[dict]:
-    """A row's ``trainer.logger``: the CSV logger (its dir is the run dir), plus W&B at real scale (the base configs'
-    ``experiments.loggers.RecapWandbLogger``; a row replaces the whole list, so it repeats it with the row's names)."""
-    csv = {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": save_dir, "name": name, "version": version},
-    }
-    if not wandb:
-        return csv
-    return [
-        csv,
-        {
-            "class_path": "experiments.loggers.RecapWandbLogger",
-            "init_args": {"save_dir": save_dir, "project": "recap-suite", "name": f"{name}/{version}", "group": name},
-        },
-    ]
+def _check(table: str, row: str, stage: int, scale: str) -> str:
+    """The row's family (``clip`` / ``dit`` / ``captioner``); a ValueError names a bad table, row, stage or scale
+    and lists the valid ones."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    if table not in ROWS:
+        raise ValueError(f"unknown paper table {table!r}; valid: {', '.join(sorted(ROWS))}")
+    if row not in ROWS[table]:
+        raise ValueError(f"{table} has no row {row!r}; valid: {', '.join(ROWS[table])}")
+    family = {"table1": "captioner", "table7": "dit"}.get(table, "clip")
+    stages = {"clip": (1, 2), "dit": (1,), "captioner": (1, 2, 3)}[family]
+    if stage not in stages:
+        raise ValueError(f"{table}/{row} has stages {', '.join(map(str, stages))}, got {stage!r}")
+    if row == L2.id and scale == "tiny":
+        raise ValueError(f"{table}/{row} (DiT-L/2) has no tiny-world row; tiny rows: {', '.join(r.id for r in TABLE7)}")
+    return family
 
 
-def row_config(table: Table, row: Row, stage: int, tiny: bool) -> dict:
-    run = f"clip/{table.name}/{row.id}"
-    save_dir = "runs/tiny" if tiny else "runs"
-    if tiny:
-        model = tiny_model(row.vision, row.text, image_size=32 if stage == 1 else 64)
-    else:
-        model = f"recap-clip:{row.vision}:{row.text}"
-    init_args: dict = {"model": model}
-    if stage == 2:
-        init_args["init_from"] = f"{save_dir}/{run}/stage1/checkpoints/last.ckpt"
-    data: dict = {"p_original": row.p}
-    if row.mix != "sample":
-        data["mix"] = row.mix
-    return {
-        "trainer": {"logger": row_loggers(save_dir, run, f"stage{stage}", wandb=not tiny)},
-        "model": {"init_args": init_args},
-        "data": {"init_args": data},
-    }
+def _config(scale: str, name: str) -> list[str]:
+    return ["--config", str(CONFIG_ROOT / ("tiny" if scale == "tiny" else "") / name)]
 
 
-def render(table: Table, row: Row, stage: int, tiny: bool) -> str:
-    body = yaml.safe_dump(row_config(table, row, stage, tiny), sort_keys=False, default_flow_style=None, width=120)
-    return _header(table, row, stage, tiny) + body
+def row_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[str]:
+    """The ``fit`` arguments that make one stage of a paper table row at a scale: the stage recipe and the row's own
+    settings (sizes, p, mix), without the run's logger, seed or a later stage's start (callers add them;
+    :func:`run_args` has the defaults). Stages: CLIP 1, 2; DiT (``table7``) 1; captioner (``table1``) 1, 2, 3."""
+    family = _check(table, row, stage, scale)
+    if family == "captioner":
+        return [a for name in CAPTIONER_STAGES[:stage] for a in _config(scale, f"captioner/{name}.yaml")]
+    r = ROWS[table][row]
+    if family == "dit":
+        size = [f"--model.init_args.size={r.size}"] if r.size != "DiT-B/4" else []
+        return [*_config(scale, "dit/base.yaml"), f"--data.init_args.p_original={r.p}", *size]
+    model = f"recap-clip:{r.vision}:{r.text}" + (":tiny" if scale == "tiny" else "")
+    args = [*_config(scale, f"clip/stage{stage}.yaml"), f"--model.init_args.model={model}"]
+    args.append(f"--data.init_args.p_original={json.dumps(r.p)}")
+    return args + ([f"--data.init_args.mix={r.mix}"] if r.mix != "sample" else [])
 
 
-def row_args(table: str, row: str, stage: int, scale: str = "tiny") -> list[str]:
-    """``python -m experiments fit`` arguments (after ``fit``) for one stage of a paper table row at a scale (``tiny``
-    or ``paper``): the configs and overrides that make the row. Callers (the runner, sweeps, ``clip-table``,
-    ``reproduce``) add the run's logger, seed and stage 2's ``init_from``. Tables 2-6 are CLIP rows (stages 1, 2),
-    ``table7`` the DiT's (stage 1 only)."""
-    if scale not in ("tiny", "paper"):
-        raise ValueError(f"scale must be 'tiny' or 'paper', got {scale!r}")
-    base = CONFIG_ROOT / ("tiny" if scale == "tiny" else "")
-    if table == "table7":
-        return ["--config", str(base / "dit/base.yaml"), "--config", str(base / f"dit/table7/{row}.yaml")]
-    stem = row if stage == 1 else f"{row}.stage2"
-    return ["--config", str(base / f"clip/stage{stage}.yaml"), "--config", str(base / f"clip/{table}/{stem}.yaml")]
+def run_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[str]:
+    """The rest of a by-hand run (``--row``): the logger (CSV, plus W&B at paper scale as the base configs have it),
+    where a later stage starts (the previous stage's ``last.ckpt``; paper-scale caption tuning from the merged stage-2
+    export, ``export-captioner --out .../stage2/hf``) and the DiT's sample folder, all under the run's directory."""
+    family = _check(table, row, stage, scale)
+    save_dir = "runs/tiny" if scale == "tiny" else "runs"
+    name = f"{family}/{table}/{row}"
+    run = f"{save_dir}/{name}"
+    version = {"dit": "fit", "captioner": CAPTIONER_STAGES[stage - 1]}.get(family, f"stage{stage}")
+    loggers = [{"class_path": CSV_LOGGER, "init_args": {"save_dir": save_dir, "name": name, "version": version}}]
+    if scale == "paper":
+        wandb = {"save_dir": save_dir, "project": "recap-suite", "name": f"{name}/{version}", "group": name}
+        loggers.append({"class_path": "experiments.loggers.RecapWandbLogger", "init_args": wandb})
+    args = [f"--trainer.logger={json.dumps(loggers if scale == 'paper' else loggers[0])}"]
+    if family == "dit":
+        args.append(f"--model.init_args.sample_dir={run}/samples")
+    elif family == "captioner" and stage == 3 and scale == "paper":
+        args.append(f"--model.init_args.pretrained={run}/stage2/hf")
+    elif stage > 1:
+        previous = CAPTIONER_STAGES[stage - 2] if family == "captioner" else f"stage{stage - 1}"
+        args.append(f"--model.init_args.init_from={run}/{previous}/checkpoints/last.ckpt")
+    return args
 
 
-def generated_files() -> dict[Path, str]:
-    """Every generated row YAML: ``{path: text}``."""
-    out: dict[Path, str] = {}
-    for tiny in (False, True):
-        base = CONFIG_ROOT / ("tiny/clip" if tiny else "clip")
-        for table in (*TABLES.values(), TABLE2):
-            for row in table.rows:
-                for stage in (1, 2):
-                    stem = row.id if stage == 1 else f"{row.id}.stage2"
-                    out[base / table.name / f"{stem}.yaml"] = render(table, row, stage, tiny)
-    return out
-
-
-def write(check: bool = False) -> list[Path]:
-    """Write (or with ``check``, list the out-of-date) generated YAMLs."""
-    return write_generated(generated_files(), check)
+def expand_row(argv: list[str]) -> list[str]:
+    """``argv`` with ``--row TABLE/ROW [--stage N] [--scale tiny|paper]`` taken out and the row's :func:`row_args` +
+    :func:`run_args` put first (after the subcommand), so every other argument wins over the row."""
+    parser = argparse.ArgumentParser(prog="python -m experiments fit", add_help=False, allow_abbrev=False)
+    parser.add_argument("--row", help="a paper table row, e.g. table3/p0.8")
+    parser.add_argument("--stage", type=int, help="1 (default), 2; the captioner's 3 = caption tuning")
+    parser.add_argument("--scale", choices=SCALES, help="tiny (default) or paper")
+    options, rest = parser.parse_known_args(argv)
+    if options.row is None:
+        if options.stage is not None or options.scale is not None:
+            raise ValueError("--stage / --scale go with --row TABLE/ROW (e.g. --row table3/p0.8 --stage 2)")
+        return argv
+    table, _, row = options.row.partition("/")
+    stage, scale = options.stage or 1, options.scale or "tiny"
+    at = 1 if rest and rest[0] in ("fit", "validate", "test", "predict") else 0
+    return rest[:at] + row_args(table, row, stage, scale) + run_args(table, row, stage, scale) + rest[at:]
 
 
 def write_generated(files: dict[Path, str], check: bool = False) -> list[Path]:
-    """Write ``files`` (path -> text) whose content differs, or with ``check`` only list them (also dit_tables)."""
+    """Write ``files`` (path -> text) whose content differs, or with ``check`` only list them (the table READMEs of
+    ``experiments/report.py``)."""
     stale = []
     for path, text in files.items():
         if path.exists() and path.read_text() == text:
@@ -351,9 +276,3 @@ def write_generated(files: dict[Path, str], check: bool = False) -> list[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
     return stale
-
-
-if __name__ == "__main__":
-    changed = write(check="--check" in sys.argv)
-    print("\n".join(str(p) for p in changed) or "all generated configs are up to date")
-    sys.exit(1 if changed and "--check" in sys.argv else 0)

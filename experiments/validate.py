@@ -1,20 +1,17 @@
-"""Config validation before any compute: every problem a parsed config has, as one line naming the dotted key.
-
-``RecapCLI`` (``experiments/cli.py``) runs this after parsing and before anything is instantiated, so a bad config
-exits with code 2 and writes nothing (no run, log or checkpoint folder). The rules live next to the classes they are
-about, as ``validate_config(args, run)`` classmethods (``datamodules/checks.py`` says how); this module only walks the
-config, calls them with the resolved ``init_args`` and formats what they raise:
+"""Config validation before any compute: every problem a parsed config has, as one line naming the dotted key:
 
     config error: data.init_args.p_original = 1.5: must be in [0, 1] (in experiments/configs/x.yaml)
 
-Besides the model and data sections, ``ckpt_path`` (resume / evaluate) must name an existing local checkpoint.
-Nested ``class_path`` objects (e.g. ``model.init_args.evaluation``) are checked too when their class has the hook.
+``RecapCLI`` (``experiments/cli.py``) runs it after parsing and before anything is instantiated, so a bad config exits
+with code 2 and writes nothing. The rules live next to their classes as ``validate_config(args, run)`` classmethods
+(``datamodules/checks.py``), also on nested ``class_path`` objects (``model.init_args.evaluation``); here the config
+is walked and what they raise formatted. ``ckpt_path`` (resume / evaluate) must name an existing local checkpoint.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
+import pydoc
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,13 +34,9 @@ def _plain(value: Any) -> Any:
 
 
 def _int_or_none(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return None
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else None
 
 
 def run_context(trainer: Mapping[str, Any] | None) -> RunContext:
@@ -64,11 +57,6 @@ def run_context(trainer: Mapping[str, Any] | None) -> RunContext:
     return RunContext(world_size=None if count is None else count * nodes, accumulate_grad_batches=accumulate)
 
 
-def _import(class_path: str) -> Any:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def _check_object(prefix: str, node: Any, run: RunContext) -> list[tuple[str, Any, str]]:
     """``(dotted key, value, problem)`` for a ``{class_path, init_args}`` node and the class nodes nested in it."""
     node = _plain(node)
@@ -76,10 +64,7 @@ def _check_object(prefix: str, node: Any, run: RunContext) -> list[tuple[str, An
         return []
     args = dict(node.get("init_args") or {})
     problems: list[tuple[str, Any, str]] = []
-    try:
-        cls = _import(node["class_path"])
-    except Exception:  # noqa: BLE001 - jsonargparse already resolved it; a failure here is not the config's
-        return []
+    cls = pydoc.locate(node["class_path"])  # jsonargparse already resolved it; None here is not the config's fault
     hook = getattr(cls, "validate_config", None)
     if callable(hook):
         try:

@@ -157,3 +157,22 @@ def test_a_dotted_key_through_a_value_that_is_not_a_dict_is_refused(capsys, tmp_
         main([*base, "--config", str(named), "--model.init_args.model.vision_cfg.patch_size=4", "--print_config"])
     assert exc.value.code == 2
     assert "model.init_args.model is 'ViT-B-32', not a dict" in capsys.readouterr().err
+
+
+def test_a_row_by_hand_and_its_errors(capsys):
+    """--row TABLE/ROW [--stage N] [--scale S] composes a paper table row (experiments/paper_tables.py) before
+    LightningCLI parses; a bad one exits 2 naming the table / row and the valid ones."""
+    cfg = _printed_config(capsys, ["fit", "--row", "table4/S16-base-p0.8", "--stage", "2", "--trainer.max_steps=3"])
+    assert cfg["model"]["init_args"]["model"] == "recap-clip:S-16:base:tiny"
+    assert cfg["model"]["init_args"]["init_from"] == "runs/tiny/clip/table4/S16-base-p0.8/stage1/checkpoints/last.ckpt"
+    assert (cfg["data"]["init_args"]["p_original"], cfg["trainer"]["max_steps"]) == (0.8, 3)
+    for argv, message in [
+        (["--row", "table3/p0.85"], "table3 has no row 'p0.85'; valid: p0.0"),
+        (["--row=table9/p0.8"], "unknown paper table 'table9'; valid: table1"),
+        (["--row", "table7/p0.5", "--stage", "2"], "table7/p0.5 has stages 1, got 2"),
+        (["--stage", "2"], "--stage / --scale go with --row"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", *argv, "--print_config"])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err

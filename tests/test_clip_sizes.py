@@ -116,6 +116,11 @@ def test_parse_model_name():
     assert parse_model_name("recap-clip:L-16:huge:openai") == recap_clip_config("L-16", "huge", style="openai")
     assert parse_model_name("recap-clip:L-16:huge") == recap_clip_config("L-16", "huge")
     assert parse_model_name("recap-clip:S/16:Small")["embed_dim"] == 384
+    tiny = parse_model_name("recap-clip:L-16:huge:tiny")  # a scale by name: the tiny world's stand-in
+    assert tiny == recap_clip_config("L-16", "huge", scale="tiny")
+    assert (tiny["embed_dim"], tiny["vision_cfg"]["patch_size"], tiny["text_cfg"]["width"]) == (96, 8, 128)
+    assert (tiny["text_cfg"]["context_length"], tiny["text_cfg"]["vocab_size"]) == (64, 49408)
+    assert "hf_tokenizer_name" not in tiny["text_cfg"]
     for bad, match in [
         ("recap-clip:B-16", "expected"),
         ("recap-clip:B-16:base:htxt:x", "expected"),

@@ -14,18 +14,8 @@ from experiments.__main__ import main
 from experiments.validate import run_context
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
-CLIP_STAGE1 = [
-    "--config",
-    str(CONFIGS / "tiny/clip/stage1.yaml"),
-    "--config",
-    str(CONFIGS / "tiny/clip/table3/p0.8.yaml"),
-]
-CLIP_STAGE2 = [
-    "--config",
-    str(CONFIGS / "tiny/clip/stage2.yaml"),
-    "--config",
-    str(CONFIGS / "tiny/clip/table3/p0.8.stage2.yaml"),
-]
+CLIP_STAGE1 = ["--row", "table3/p0.8"]  # a paper table row (experiments/paper_tables.py), tiny scale
+CLIP_STAGE2 = ["--row", "table3/p0.8", "--stage", "2"]
 
 
 @pytest.fixture
@@ -125,11 +115,14 @@ def test_each_rule_stops_the_cli_with_one_line_and_writes_nothing(env, name, cap
     assert list(env["cwd"].iterdir()) == []  # no run, log or checkpoint folder
 
 
-def test_the_error_names_the_config_file_that_set_the_key(env, capsys):
+def test_the_error_names_the_config_file_that_set_the_key(env, capsys, tmp_path):
+    row = tmp_path / "row.stage2.yaml"
+    row.write_text("model:\n  init_args:\n    init_from: runs/tiny/clip/mine/stage1/checkpoints/last.ckpt\n")
     with pytest.raises(SystemExit):
-        main(["fit", *CLIP_STAGE2, *env["clip_data"]])
+        main(["fit", *CLIP_STAGE2, "--config", str(row), *env["clip_data"]])
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.endswith(f"(in {CONFIGS / 'tiny/clip/table3/p0.8.stage2.yaml'})"), line
+    assert "init_from = 'runs/tiny/clip/mine/stage1/checkpoints/last.ckpt'" in line
+    assert line.endswith(f"(in {row})"), line
 
 
 def test_a_command_line_override_is_not_blamed_on_a_file(env, capsys):

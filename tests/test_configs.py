@@ -1,5 +1,6 @@
 """Every YAML under experiments/configs parses (what ``--print_config`` does) in the stack it is documented with, and
-the generated paper-table rows are up to date with ``experiments/paper_tables.py``."""
+every paper table row (``experiments/paper_tables.py``), composed at both scales and every stage, parses and passes
+``experiments/validate.py`` with the paper's p and sizes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import yaml
 
 from experiments import dit_tables, paper_tables
 from experiments.cli import RecapCLI, cli_main
+from experiments.paper_tables import row_args, run_args
+from experiments.validate import validate_config
+from lightning_modules.components.clip_sizes import TEXT_SIZES, VISION_SIZES, parse_model_name
 
 CONFIGS = Path(paper_tables.CONFIG_ROOT)
 
@@ -41,10 +45,14 @@ def parser():
     raise AssertionError("parser was not built")
 
 
-def stack_for(path: Path) -> tuple[str, list[Path]]:
-    """The subcommand and config stack a YAML is documented with (its header's command line)."""
+def stack_for(path: Path) -> tuple[str, list[str]]:
+    """The subcommand and arguments a YAML is documented with (its header's command line)."""
     rel = path.relative_to(CONFIGS)
     parts = rel.parts
+
+    def configs(*paths: Path) -> list[str]:
+        return [a for c in paths for a in ("--config", str(c))]
+
     if parts[0] == "trainer":  # an overlay goes last, on its family's config (tests/test_multinode.py: all families)
         family = {
             "ddp.yaml": ["clip/stage1.yaml"],
@@ -53,15 +61,15 @@ def stack_for(path: Path) -> tuple[str, list[Path]]:
             "fsdp.yaml": ["captioner/stage1.yaml", "captioner/stage2.yaml", "captioner/stage2_full.yaml"],
         }.get(parts[1])
         if family is None:
-            return "fit", [path, CONFIGS / "debug/tiny_clip.yaml"]
-        return "fit", [CONFIGS / f for f in family] + [path]
+            return "fit", configs(path, CONFIGS / "debug/tiny_clip.yaml")
+        return "fit", configs(*[CONFIGS / f for f in family], path)
     if parts[0] == "debug":
-        return "fit", [CONFIGS / "trainer/cpu.yaml", path]
+        return "fit", configs(CONFIGS / "trainer/cpu.yaml", path)
     if parts[0] == "eval":
         model = {"paper.yaml": "clip/stage2.yaml", "tiny_world.yaml": "tiny/clip/stage2.yaml"}.get(parts[1])
         if model is None:  # a model-only eval config: layered on the paper's evaluation
-            return "test", [CONFIGS / "eval/paper.yaml", path]
-        return "test", [CONFIGS / model, path]
+            return "test", configs(CONFIGS / "eval/paper.yaml", path)
+        return "test", configs(CONFIGS / model, path)
     if parts[0] == "captioner" or parts[:2] == ("tiny", "captioner"):
         below = {
             "stage2": ["stage1"],
@@ -69,30 +77,22 @@ def stack_for(path: Path) -> tuple[str, list[Path]]:
             "caption_tune": ["stage1", "stage2"],
             "stage1_caption_mix": ["stage1"],
         }
-        if path.parent.name == "table1":  # ROW.STAGE.yaml on that stage's own stack (paper Table 1)
-            stage = path.stem.rsplit(".", 1)[1]
-            stages = [*below.get(stage, []), stage]
-            return "fit", [path.parent.parent / f"{name}.yaml" for name in stages] + [path]
         stack = [path.parent / f"{name}.yaml" for name in below.get(path.stem, [])] + [path]
         if path.stem == "stage2_full":
             stack.append(CONFIGS / "trainer/fsdp.yaml")
-        return "fit", stack
+        return "fit", configs(*stack)
     if parts[0] == "dit" or parts[:2] == ("tiny", "dit"):
-        dit = CONFIGS / ("tiny/dit" if parts[0] == "tiny" else "dit")
-        if path.name == "base.yaml":
-            return "fit", [path]
+        scale = "tiny" if parts[0] == "tiny" else "paper"
         if path.name == "sample.yaml":
-            return "predict", [dit / "base.yaml", dit / "table7/p0.0.yaml", path]
+            return "predict", row_args("table7", "p0.0", 1, scale) + configs(path)
         if path.name == "cached.yaml":
-            return "fit", [dit / "base.yaml", dit / "table7/p0.5.yaml", path]
-        return "fit", [dit / "base.yaml", path]
-    base = CONFIGS / ("tiny/clip" if parts[0] == "tiny" else "clip")
-    if path.parent == base:
-        return "fit", [path]
+            return "fit", row_args("table7", "p0.5", 1, scale) + configs(path)
+        return "fit", configs(path)
     if path.name == "baselines.yaml":
-        return "test", [CONFIGS / "eval/paper.yaml", path]
-    stage = 2 if path.name.endswith(".stage2.yaml") else 1
-    return "fit", [base / f"stage{stage}.yaml", path]
+        return "test", configs(CONFIGS / "eval/paper.yaml", path)
+    if parts[0] == "logging":  # a logger overlay goes last, here on a table row
+        return "fit", row_args("table3", "p0.8", 1, "tiny") + configs(path)
+    return "fit", configs(path)  # the CLIP stage recipes
 
 
 # Not LightningCLI configs: recaption/*.yaml (`python -m experiments recaption`; tests/test_recaption.py loads them),
@@ -119,65 +119,107 @@ def test_world_configs_build_a_world_config(config):
     assert cfg.n_t2i == stated["n_t2i"]
 
 
-def test_generated_rows_are_current():
-    stale = paper_tables.write(check=True)
-    assert not stale, f"run `python -m experiments.paper_tables`: out of date: {stale[:5]}"
-    stale = dit_tables.write(check=True)
-    assert not stale, f"run `python -m experiments.dit_tables`: out of date: {stale[:5]}"
+ROWS = [
+    (table, row, stage, scale)
+    for scale in ("tiny", "paper")
+    for table in ("table1", "table2", *paper_tables.TABLES, "table7")
+    for row in paper_tables.ROWS[table]
+    for stage in {"table1": (1, 2, 3), "table7": (1,)}.get(table, (1, 2))
+    if not (row == dit_tables.L2.id and scale == "tiny")  # DiT-L/2 is a paper-scale run only
+]
 
 
 def test_every_table_row_has_both_stages_at_both_scales():
-    for scale in ("clip", "tiny/clip"):
+    for scale in ("tiny", "paper"):
         for name, table in [*paper_tables.TABLES.items(), ("table2", paper_tables.TABLE2)]:
-            stems = {p.name for p in (CONFIGS / scale / name).glob("*.yaml")}
             for row in table.rows:
-                assert {f"{row.id}.yaml", f"{row.id}.stage2.yaml"} <= stems, (scale, name, row.id)
+                for stage in (1, 2):
+                    assert (name, row.id, stage, scale) in ROWS
+                    assert f"clip/stage{stage}.yaml" in row_args(name, row.id, stage, scale)[1]
+
+
+def test_a_bad_row_names_the_table_and_row_and_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown paper table 'table9'; valid: table1, table2, .*table7"):
+        row_args("table9", "p0.8", 1)
+    with pytest.raises(ValueError, match=r"table3 has no row 'p0.85'; valid: p0.0, p0.1, .*concat"):
+        row_args("table3", "p0.85", 1)
+    with pytest.raises(ValueError, match="table3/p0.8 has stages 1, 2, got 3"):
+        row_args("table3", "p0.8", 3)
+    with pytest.raises(ValueError, match="scale must be one of tiny, paper"):
+        row_args("table3", "p0.8", 1, "huge")
+    with pytest.raises(ValueError, match="no tiny-world row"):
+        row_args("table7", "l2_p0.0", 1, "tiny")
+
+
+def _logger(dumped: dict) -> dict:
+    logger = dumped["trainer"]["logger"]  # paper-scale rows log to [CSV, W&B]: the CSV logger (first) is the run dir
+    return logger[0] if isinstance(logger, list) else logger
+
+
+@pytest.mark.parametrize(("table", "row", "stage", "scale"), ROWS, ids=lambda x: str(x))
+def test_every_row_composes_and_validates(parser, table, row, stage, scale):
+    """A row at a scale and stage: the stage recipe with the row's p / mix / sizes (the paper's), the run's logger and
+    the previous stage's start; every rule of experiments/validate.py holds (only absent inputs are reported)."""
+    command = "fit"
+    cfg = parser.parse_args([command, *row_args(table, row, stage, scale), *run_args(table, row, stage, scale)])
+    errors = validate_config(cfg[command], [])
+    assert all("missing" in e or "must name an existing" in e for e in errors), errors
+    dumped = yaml.safe_load(parser.dump(cfg))[command]
+    model, data = dumped["model"]["init_args"], dumped["data"]["init_args"]
+    save_dir = "runs/tiny" if scale == "tiny" else "runs"
+    family = {"table1": "captioner", "table7": "dit"}.get(table, "clip")
+    logger = _logger(dumped)["init_args"]
+    assert (logger["save_dir"], logger["name"]) == (save_dir, f"{family}/{table}/{row}")
+    if scale == "paper":  # real-scale runs log to CSV, then W&B under the same name
+        wandb = dumped["trainer"]["logger"][1]
+        assert wandb["class_path"] == "experiments.loggers.RecapWandbLogger"
+        assert wandb["init_args"]["name"] == f"{logger['name']}/{logger['version']}"
+    run = f"{save_dir}/{family}/{table}/{row}"
+    if family == "captioner":
+        version = ("stage1", "stage2", "caption_tune")[stage - 1]
+        assert logger["version"] == version
+        start = {2: ("init_from", "stage1/checkpoints/last.ckpt")}
+        start[3] = ("init_from", "stage2/checkpoints/last.ckpt") if scale == "tiny" else ("pretrained", "stage2/hf")
+        if stage in start:
+            key, where = start[stage]
+            assert model[key] == f"{run}/{where}"
+        return
+    if family == "dit":
+        r = paper_tables.ROWS[table][row]
+        assert data["p_original"] == r.p
+        base = yaml.safe_load((CONFIGS / ("tiny/dit" if scale == "tiny" else "dit") / "base.yaml").read_text())
+        assert model["size"] == ("DiT-L/2" if r is dit_tables.L2 else base["model"]["init_args"]["size"])
+        assert model["sample_dir"] == f"{run}/samples"
+        return
+    r = paper_tables.ROWS[table][row]
+    assert data.get("p_original") == r.p  # None (concat) is not dumped
+    assert data.get("mix", "sample") == r.mix
+    assert model["model"] == f"recap-clip:{r.vision}:{r.text}" + (":tiny" if scale == "tiny" else "")
+    built = parse_model_name(model["model"])
+    if scale == "paper":  # the paper's Table 2 sizes, as built
+        v, t = VISION_SIZES[r.vision], TEXT_SIZES[r.text]
+        assert built["embed_dim"] == v["embed_dim"]
+        assert (built["vision_cfg"]["layers"], built["vision_cfg"]["width"]) == (v["layers"], v["width"])
+        assert [built["text_cfg"][k] for k in ("layers", "width", "heads")] == [t["layers"], t["width"], t["heads"]]
+        if table == "table2":
+            assert built["embed_dim"] == r.paper["embed_dim"]
+            assert built["text_cfg"]["width"] == r.paper["text_width"]
+    else:
+        assert built == paper_tables.tiny_model(r.vision, r.text)
+    assert logger["version"] == f"stage{stage}"
+    assert model.get("init_from") == (f"{run}/stage1/checkpoints/last.ckpt" if stage == 2 else None)
 
 
 @pytest.mark.parametrize("config", ALL, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_config_parses_in_its_stack(parser, config):
-    command, stack = stack_for(config)
-    args = [command] + [a for c in stack for a in ("--config", str(c))]
-    cfg = parser.parse_args(args)
+    command, args = stack_for(config)
+    cfg = parser.parse_args([command, *args])
     dumped = yaml.safe_load(parser.dump(cfg))[command]
     assert dumped["model"]["class_path"].startswith("lightning_modules.")
     assert dumped["data"]["class_path"].startswith("datamodules.")
     if config.name == "cached.yaml":  # swapping in the cache keeps the row's p
         assert dumped["data"]["init_args"]["p_original"] == 0.5
         assert dumped["data"]["class_path"] == "datamodules.latent_cache.LatentCacheDataModule"
-    if "/dit/" in str(config) and "/table7/" in str(config):
-        row_cfg = yaml.safe_load(config.read_text())
-        assert dumped["data"]["init_args"]["p_original"] == row_cfg["data"]["init_args"]["p_original"]
-        assert dumped["model"]["init_args"]["size"] == ("DiT-L/2" if "l2_" in config.name else
-                                                        yaml.safe_load((config.parents[1] / "base.yaml").read_text())
-                                                        ["model"]["init_args"]["size"])  # fmt: skip
-    elif "/table1/" in str(config):  # captioner rows: the run directory and the previous stage of the same row
-        row_cfg = yaml.safe_load(config.read_text())
-        for cfg in (row_cfg, dumped):  # real-scale rows log to [CSV, W&B]: the CSV logger (first) is the run dir
-            if isinstance(cfg["trainer"]["logger"], list):
-                cfg["trainer"]["logger"] = cfg["trainer"]["logger"][0]
-        name = row_cfg["trainer"]["logger"]["init_args"]["name"]
-        assert dumped["trainer"]["logger"]["init_args"]["name"] == name
-        save_dir = row_cfg["trainer"]["logger"]["init_args"]["save_dir"]
-        start = {"stage2": "init_from", "caption_tune": "init_from" if "/tiny/" in str(config) else "pretrained"}
-        key = start.get(config.stem.rsplit(".", 1)[1])
-        if key is not None:
-            assert dumped["model"]["init_args"][key].startswith(f"{save_dir}/{name}/"), dumped["model"]["init_args"]
-    elif "/table" in str(config) and config.name != "baselines.yaml":
-        row_cfg = yaml.safe_load(config.read_text())
-        for cfg in (row_cfg, dumped):  # real-scale rows log to [CSV, W&B]: the CSV logger (first) is the run dir
-            if isinstance(cfg["trainer"]["logger"], list):
-                cfg["trainer"]["logger"] = cfg["trainer"]["logger"][0]
-        # the row's own settings survive the stacking (last config wins)
-        assert dumped["data"]["init_args"].get("p_original") == row_cfg["data"]["init_args"]["p_original"]
-        assert dumped["trainer"]["logger"]["init_args"]["name"] == row_cfg["trainer"]["logger"]["init_args"]["name"]
-        if config.name.endswith(".stage2.yaml"):
-            init_from = dumped["model"]["init_args"]["init_from"]
-            assert init_from.endswith(
-                f"{row_cfg['trainer']['logger']['init_args']['name']}/stage1/checkpoints/last.ckpt"
-            )
-            stage1 = yaml.safe_load((config.parent / config.name.replace(".stage2", "")).read_text())
-            assert stage1["model"]["init_args"].get("init_from") is None
 
 
 def test_stage_recipes_follow_the_paper(parser):
@@ -198,15 +240,8 @@ def test_stage_recipes_follow_the_paper(parser):
 
 def test_cli_print_config_of_a_row(capsys):
     """The full --print_config path once (the parametrized test above reuses one parser for speed)."""
-    args = [
-        "fit",
-        "--config",
-        str(CONFIGS / "clip/stage2.yaml"),
-        "--config",
-        str(CONFIGS / "clip/table5/p0.6.stage2.yaml"),
-    ]
     with pytest.raises(SystemExit) as exc:
-        cli_main(args + ["--print_config"])
+        cli_main(["fit", "--row", "table5/p0.6", "--stage", "2", "--scale", "paper", "--print_config"])
     assert exc.value.code in (None, 0)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["model"] == "recap-clip:B-16:large"

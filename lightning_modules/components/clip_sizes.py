@@ -1,7 +1,9 @@
-"""Named Recap-CLIP sizes (paper Table 2) as open_clip model configs, in the released "HTxt" (CLIPA) tower style.
+"""Named Recap-CLIP sizes as open_clip model configs, in the released "HTxt" (CLIPA) tower style, at two scales.
 
 Vision towers ``S-16 / B-16 / L-16 / H-14`` and text towers ``small / base / large / huge`` are the rows and the text
-columns of Table 2. Any vision x text pairing can be built (Table 4 pairs S/16+base, B/16+large, L/16+huge).
+columns of paper Table 2 (scale ``"paper"``); scale ``"tiny"`` names the tiny world's CPU stand-ins of the same towers
+(:data:`TINY_VISION` / :data:`TINY_TEXT`: patch 8, context 64, open_clip's bundled 49,408-token BPE so nothing
+downloads). Any vision x text pairing can be built (Table 4 pairs S/16+base, B/16+large, L/16+huge).
 
 **Documented choice -- embed dim of a pairing:** it is the *vision* row's embed dim, and the text tower's projection
 maps its width to that dim. The one released pairing, ``UCSC-VLAA/ViT-L-16-HTxt-Recap-CLIP`` (L/16 + huge text), has
@@ -15,10 +17,10 @@ Styles:
   ``strip_sep_token`` BERT tokenizer is always a PAD/stripped-SEP id 0 slot that attends to the whole caption),
   BERT WordPiece tokenizer, vocabulary 32000.
 * ``"openai"``: open_clip's classic tower: ``ln_pre``, class-token vision pooling, causal text with argmax (EOT)
-  pooling and the open_clip ``SimpleTokenizer`` (vocabulary 49408 unless ``vocab_size`` is given; an HF tokenizer is
-  refused because argmax pooling relies on SimpleTokenizer's EOT being the largest id).
+  pooling and the open_clip ``SimpleTokenizer`` (an HF tokenizer is refused: argmax pooling relies on
+  SimpleTokenizer's EOT being the largest id).
 
-YAML form: ``"recap-clip:B-16:base"`` or ``"recap-clip:L-16:huge:openai"``, see :func:`parse_model_name`.
+YAML form: ``"recap-clip:B-16:base"``, ``"recap-clip:L-16:huge:openai"``, ``"recap-clip:B-16:base:tiny"``.
 """
 
 from __future__ import annotations
@@ -26,21 +28,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = [
-    "RELEASED_HTXT_L16",
-    "RELEASED_HTXT_L16_PREPROCESS",
-    "STYLES",
-    "TABLE2",
-    "TEXT_SIZES",
-    "VISION_SIZES",
-    "config_mismatches",
-    "count_params",
-    "parse_model_name",
-    "recap_clip_config",
-]
-
 PREFIX = "recap-clip:"
 STYLES = ("htxt", "openai")
+SCALES = ("paper", "tiny")
 OPENAI_VOCAB_SIZE = 49408  # open_clip SimpleTokenizer
 DEFAULT_HF_TOKENIZER = "bert-base-uncased"
 BERT_VOCAB_SIZE = 32000  # CLIPA / released HTxt (bert-base-uncased ids < 30522)
@@ -58,26 +48,43 @@ TABLE2: dict[str, dict[str, Any]] = {
 }
 _TEXT_ROW = {"small": "S/16", "base": "B/16", "large": "L/16", "huge": "H/14"}
 
-
-def _vision_entry(row: str) -> dict[str, Any]:
-    layers, width, heads = TABLE2[row]["vision"]
-    return dict(
-        embed_dim=TABLE2[row]["embed_dim"],
-        layers=layers,
-        width=width,
-        heads=heads,
-        head_width=width // heads,  # open_clip's key; 64 for S/B/L, 80 for H (1280 / 16)
+VISION_SIZES: dict[str, dict[str, Any]] = {
+    row.replace("/", "-"): dict(
+        embed_dim=e["embed_dim"],
+        layers=e["vision"][0],
+        width=e["vision"][1],
+        heads=e["vision"][2],
+        head_width=e["vision"][1] // e["vision"][2],  # open_clip's key; 64 for S/B/L, 80 for H (1280 / 16)
         patch_size=int(row.split("/")[1]),
     )
+    for row, e in TABLE2.items()
+}
+TEXT_SIZES: dict[str, dict[str, Any]] = {
+    name: dict(
+        zip(("layers", "width", "heads"), TABLE2[row]["text"], strict=True), table2_embed_dim=TABLE2[row]["embed_dim"]
+    )
+    for name, row in _TEXT_ROW.items()
+}
 
-
-def _text_entry(row: str) -> dict[str, Any]:
-    layers, width, heads = TABLE2[row]["text"]
-    return dict(layers=layers, width=width, heads=heads, table2_embed_dim=TABLE2[row]["embed_dim"])
-
-
-VISION_SIZES: dict[str, dict[str, Any]] = {row.replace("/", "-"): _vision_entry(row) for row in TABLE2}
-TEXT_SIZES: dict[str, dict[str, Any]] = {name: _text_entry(row) for name, row in _TEXT_ROW.items()}
+# The tiny world's stand-ins: the order S < B < L < H (vision) and small < base < large < huge (text) is kept, so
+# Table 4's "larger text encoder" rows remain a capacity ablation in miniature. Every tiny vision tower has patch 8.
+TINY_VISION: dict[str, dict[str, Any]] = {
+    "S-16": dict(embed_dim=48, width=48, layers=2, head_width=24, patch_size=8),
+    "B-16": dict(embed_dim=64, width=64, layers=2, head_width=32, patch_size=8),
+    "L-16": dict(embed_dim=96, width=96, layers=3, head_width=32, patch_size=8),
+    "H-14": dict(embed_dim=128, width=128, layers=4, head_width=32, patch_size=8),
+}
+TINY_TEXT: dict[str, dict[str, Any]] = {
+    "small": dict(width=48, heads=2, layers=2),
+    "base": dict(width=64, heads=2, layers=2),
+    "large": dict(width=96, heads=3, layers=2),
+    "huge": dict(width=128, heads=4, layers=3),
+}
+# Per scale: the size tables, then the defaults of image side, text context and tokenizer ("auto": by style).
+_SCALES: dict[str, tuple[dict, dict, int, int, str | None]] = {
+    "paper": (VISION_SIZES, TEXT_SIZES, 224, 128, "auto"),
+    "tiny": (TINY_VISION, TINY_TEXT, 64, 64, None),  # the tiny world's captions are <= ~60 BPE tokens
+}
 
 # `model_cfg` of UCSC-VLAA/ViT-L-16-HTxt-Recap-CLIP open_clip_config.json (PAPER.md section 5, VERBATIM).
 RELEASED_HTXT_L16: dict[str, Any] = {
@@ -103,21 +110,11 @@ RELEASED_HTXT_L16: dict[str, Any] = {
         "no_causal_mask": True,
     },
 }
-# Its `preprocess_cfg` (not part of the model config; for the transforms).
-RELEASED_HTXT_L16_PREPROCESS: dict[str, Any] = {
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-    "interpolation": "bilinear",
-    "resize_mode": "squash",
-}
 
 
 def _lookup(table: dict[str, dict[str, Any]], name: str, what: str) -> dict[str, Any]:
     key = name.strip().replace("/", "-")
-    if what == "text":
-        key = key.lower()
-    else:
-        key = key.upper()
+    key = key.lower() if what == "text" else key.upper()
     if key not in table:
         raise ValueError(f"unknown Recap-CLIP {what} size {name!r}; valid: {sorted(table)}")
     return table[key]
@@ -127,50 +124,42 @@ def recap_clip_config(
     vision: str,
     text: str,
     *,
-    image_size: int = 224,
-    context_length: int = 128,
+    scale: str = "paper",
+    image_size: int | None = None,
+    context_length: int | None = None,
     vocab_size: int | None = None,
     tokenizer: str | None = "auto",
     style: str = "htxt",
 ) -> dict[str, Any]:
-    """Open_clip model config ``{"embed_dim", "vision_cfg", "text_cfg"}`` for a Table 2 vision x text pairing,
-    usable as ``open_clip.CLIP(**cfg)``.
+    """Open_clip model config ``{"embed_dim", "vision_cfg", "text_cfg"}`` (``open_clip.CLIP(**cfg)``) for a vision x
+    text pairing at a scale; the embed dim is the vision row's (documented choice, matches the released L/16 + huge).
 
-    ``vision`` is ``"S-16" | "B-16" | "L-16" | "H-14"`` (``"B/16"`` also accepted), ``text`` is
-    ``"small" | "base" | "large" | "huge"``. The embed dim is the vision row's (documented choice, matches the
-    released L/16 + huge). ``tokenizer`` is an HF tokenizer name or local dir written to ``text_cfg.hf_tokenizer_name``
-    (in the htxt style with ``tokenizer_kwargs {"strip_sep_token": True}``); ``None`` means open_clip's
-    SimpleTokenizer; ``"auto"`` means ``"bert-base-uncased"`` for ``style="htxt"`` and ``None`` for ``"openai"``.
+    ``image_size`` / ``context_length`` default to the scale's (224 / 128 paper, 64 / 64 tiny). ``tokenizer``: an HF
+    tokenizer name or local dir (``text_cfg.hf_tokenizer_name``, with ``strip_sep_token`` in the htxt style), ``None``
+    for open_clip's SimpleTokenizer, ``"auto"`` for ``"bert-base-uncased"`` in the paper's htxt style, else ``None``.
     ``style="openai"`` refuses an HF tokenizer: its argmax pooling needs the end-of-text id to be the largest id in
-    every sequence, which holds for SimpleTokenizer but not for BERT ([SEP] = 102).
-    ``vocab_size=None`` picks 32000 (the BERT vocabulary Table 2's text counts need) when a
-    ``tokenizer`` is named and 49408 (SimpleTokenizer) when it is ``None``; pass it to size the embedding explicitly.
+    every sequence, which holds for SimpleTokenizer but not for BERT ([SEP] = 102). ``vocab_size=None``: 32000 (the BERT
+    vocabulary Table 2's text counts need) with a tokenizer, 49408 (SimpleTokenizer) without.
     """
     if style not in STYLES:
         raise ValueError(f"unknown Recap-CLIP style {style!r}; valid: {list(STYLES)}")
+    if scale not in _SCALES:
+        raise ValueError(f"unknown Recap-CLIP scale {scale!r}; valid: {list(_SCALES)}")
+    vision_sizes, text_sizes, default_image, default_context, default_tokenizer = _SCALES[scale]
     if tokenizer == "auto":
-        tokenizer = DEFAULT_HF_TOKENIZER if style == "htxt" else None
+        tokenizer = DEFAULT_HF_TOKENIZER if style == "htxt" and default_tokenizer == "auto" else None
     if style == "openai" and tokenizer is not None:
         raise ValueError(
             f"style='openai' pools the text at argmax(token id) (SimpleTokenizer's EOT); use tokenizer=None, "
             f"not {tokenizer!r}, or style='htxt' for an HF/BERT tokenizer"
         )
-    v = _lookup(VISION_SIZES, vision, "vision")
-    t = _lookup(TEXT_SIZES, text, "text")
-    vision_cfg: dict[str, Any] = {
-        "image_size": image_size,
-        "layers": v["layers"],
-        "width": v["width"],
-        "head_width": v["head_width"],
-        "patch_size": v["patch_size"],
-    }
-    text_cfg: dict[str, Any] = {
-        "context_length": context_length,
-        "vocab_size": vocab_size if vocab_size is not None else (BERT_VOCAB_SIZE if tokenizer else OPENAI_VOCAB_SIZE),
-        "width": t["width"],
-        "heads": t["heads"],
-        "layers": t["layers"],
-    }
+    v = _lookup(vision_sizes, vision, "vision")
+    t = _lookup(text_sizes, text, "text")
+    vision_cfg = {"image_size": image_size or default_image, **{k: v[k] for k in ("layers", "width", "head_width")}}
+    vision_cfg["patch_size"] = v["patch_size"]
+    vocab = vocab_size if vocab_size is not None else (BERT_VOCAB_SIZE if tokenizer else OPENAI_VOCAB_SIZE)
+    text_cfg = {"context_length": context_length or default_context, "vocab_size": vocab}
+    text_cfg.update({k: t[k] for k in ("width", "heads", "layers")})
     if style == "htxt":
         vision_cfg.update(no_ln_pre=True, pool_type="avg", final_ln_after_pool=True)
         if tokenizer is not None:
@@ -184,64 +173,55 @@ def recap_clip_config(
     return {"embed_dim": v["embed_dim"], "vision_cfg": vision_cfg, "text_cfg": text_cfg}
 
 
+def tiny_model(vision: str, text: str, image_size: int = 64) -> dict[str, Any]:
+    """The tiny world's stand-in of a pairing (``scale="tiny"``) at ``image_size``."""
+    return recap_clip_config(vision, text, scale="tiny", image_size=image_size)
+
+
 def parse_model_name(name: str) -> dict[str, Any] | None:
-    """``"recap-clip:B-16:base"`` or ``"recap-clip:L-16:huge:openai"`` -> config dict (defaults of
-    :func:`recap_clip_config`); ``None`` when ``name`` does not start with ``recap-clip:``. Malformed -> ValueError."""
+    """``"recap-clip:B-16:base"``, ``"recap-clip:L-16:huge:openai"`` (a style) or ``"recap-clip:B-16:base:tiny"`` (a
+    scale) -> config dict (defaults of :func:`recap_clip_config`); ``None`` when ``name`` does not start with
+    ``recap-clip:``. Malformed -> ValueError."""
     if not isinstance(name, str) or not name.startswith(PREFIX):
         return None
     parts = name[len(PREFIX) :].split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise ValueError(
-            f"bad Recap-CLIP model name {name!r}; expected 'recap-clip:<vision>:<text>[:<style>]' with vision in "
-            f"{sorted(VISION_SIZES)}, text in {sorted(TEXT_SIZES)}, style in {list(STYLES)}"
+            f"bad Recap-CLIP model name {name!r}; expected 'recap-clip:<vision>:<text>[:<style or scale>]' with vision "
+            f"in {sorted(VISION_SIZES)}, text in {sorted(TEXT_SIZES)}, style in {list(STYLES)}, scale in {list(SCALES)}"
         )
-    style = parts[2] if len(parts) == 3 else "htxt"
-    return recap_clip_config(parts[0], parts[1], style=style)
+    last = parts[2] if len(parts) == 3 else "htxt"
+    if last in SCALES:
+        return recap_clip_config(parts[0], parts[1], scale=last)
+    return recap_clip_config(parts[0], parts[1], style=last)
 
 
-def config_mismatches(cfg: dict[str, Any], reference: dict[str, Any] = RELEASED_HTXT_L16) -> list[str]:
+def config_mismatches(cfg: dict[str, Any], reference: dict[str, Any] = RELEASED_HTXT_L16, path: str = "") -> list[str]:
     """Keys that ``reference`` sets and ``cfg`` lacks or sets differently (dotted paths); empty = agrees."""
     out: list[str] = []
-
-    def walk(ref: Any, got: Any, path: str) -> None:
-        if isinstance(ref, dict):
-            if not isinstance(got, dict):
-                out.append(f"{path}: expected a dict, got {got!r}")
-                return
-            for k, rv in ref.items():
-                walk(rv, got.get(k, _MISSING), f"{path}.{k}" if path else k)
-        elif got is _MISSING:
-            out.append(f"{path}: missing (expected {ref!r})")
+    for key, ref in reference.items():
+        where, got = f"{path}{key}", cfg.get(key)
+        if key not in cfg:
+            out.append(f"{where}: missing (expected {ref!r})")
+        elif isinstance(ref, dict) and not isinstance(got, dict):
+            out.append(f"{where}: expected a dict, got {got!r}")
+        elif isinstance(ref, dict):
+            out += config_mismatches(got, ref, f"{where}.")
         elif got != ref:
-            out.append(f"{path}: {got!r} != {ref!r}")
-
-    walk(reference, cfg, "")
+            out.append(f"{where}: {got!r} != {ref!r}")
     return out
 
 
-_MISSING = object()
-
-
 def count_params(cfg: dict[str, Any]) -> dict[str, int]:
-    """Parameter counts of ``open_clip.CLIP(**cfg)``, built on the meta device (no memory, no init cost).
-
-    * ``vision``: every ``visual.*`` parameter (patch conv, class / positional embeddings, blocks, ``ln_post`` and the
-      ``visual.proj`` width -> embed projection).
-    * ``text``: every other parameter except ``logit_scale`` / ``logit_bias``, i.e. token embedding + positional
-      embedding + transformer blocks + ``ln_final`` + ``text_projection`` (width -> embed dim).
-    * ``total``: ``vision + text`` (so also without the logit scale / bias).
-    """
+    """Parameter counts of ``open_clip.CLIP(**cfg)``, built on the meta device (no memory, no init cost): ``vision`` =
+    every ``visual.*`` parameter (``visual.proj`` included), ``text`` = every other one but the logit scale / bias
+    (``text_projection`` included), ``total`` = their sum."""
     import open_clip
     import torch
 
     with torch.device("meta"):
         model = open_clip.CLIP(**copy.deepcopy(cfg))
-    vision = text = 0
-    for name, p in model.named_parameters():
-        if name in ("logit_scale", "logit_bias"):
-            continue
-        if name.startswith("visual."):
-            vision += p.numel()
-        else:
-            text += p.numel()
+    params = [(n, p.numel()) for n, p in model.named_parameters() if n not in ("logit_scale", "logit_bias")]
+    vision = sum(k for n, k in params if n.startswith("visual."))
+    text = sum(k for n, k in params if not n.startswith("visual."))
     return {"vision": vision, "text": text, "total": vision + text}
