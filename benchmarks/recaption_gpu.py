@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     import torch
 
-    from experiments.recaption import BACKENDS, PAPER_PROMPT
+    from experiments.jobs.recaption import BACKENDS, PAPER_PROMPT
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").exists():

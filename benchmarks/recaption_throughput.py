@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     from PIL import Image
 
-    from experiments.recaption import PAPER_PROMPT, HFBackend
+    from experiments.jobs.recaption import PAPER_PROMPT, HFBackend
 
     files = sorted(glob.glob(args.images))[: max(args.n, args.n_single)]
     if not files:

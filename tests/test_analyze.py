@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments import analyze
+from experiments.jobs import analyze
 
 ORIG = ["a red star", "Blue CIRCLE!", "photo.jpg"]
 RECAP = ["The image shows a red star.", "A blue circle on the left.", "A green square"]
