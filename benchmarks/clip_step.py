@@ -51,7 +51,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pandas as pd
 import torch
+
+from benchmarks.common import fit, loader, write_json
 
 IMPLS = ("ours", "open_clip")
 # The suite's tiny CLIP (experiments/configs/debug/tiny_clip.yaml): ViT w64 L2 at 64 px + text w64 L2, ~3.4M params.
@@ -79,24 +82,6 @@ def make_batches(cfg: dict[str, Any], batch_size: int, n_distinct: int, seed: in
         text[torch.arange(ctx)[None, :] > lengths[:, None]] = 0  # padding
         batches.append((images, text))
     return batches
-
-
-class FixedBatches(torch.utils.data.Dataset):
-    """``length`` items cycling over pre-built batches, as dicts (ours) or ``(images, texts)`` tuples (open_clip)."""
-
-    def __init__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], length: int, as_dict: bool):
-        self.batches, self.length, self.as_dict = list(batches), length, as_dict
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int):
-        images, text = self.batches[i % len(self.batches)]
-        return {"image": images, "text": text} if self.as_dict else (images, text)
-
-
-def _loader(batches, steps: int, as_dict: bool) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(FixedBatches(batches, steps, as_dict), batch_size=None, shuffle=False)
 
 
 def reference_state(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
@@ -226,30 +211,18 @@ def run_ours(cfg, state, batches, steps: int, warmup: int, clock: StepClock) -> 
 
     module = ClipModule(model=cfg, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, warmup_steps=warmup)
     module.model.load_state_dict(state)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[_Clock()],
-    )
     with clock.phases(module.model):
-        trainer.fit(module, train_dataloaders=_loader(batches, steps, as_dict=True))
+        fit(module, [{"image": i, "text": t} for i, t in batches], steps, [_Clock()], accelerator="cpu")
     return module.model
 
 
 # -------------------------------------------------------------------------------------------------------- open_clip
 def open_clip_args(batch_size: int) -> Namespace:
     """What ``train_one_epoch`` reads from open_clip's argparse namespace (open_clip_train.params defaults)."""
-    return Namespace(
-        device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=False, horovod=False,
-        grad_clip_norm=None, rank=0, local_rank=0, world_size=1, log_every_n_steps=100, batch_size=batch_size,
-        wandb=False, distributed=False,
-    )  # fmt: skip
+    off = dict.fromkeys(("distill", "skip_scheduler", "horovod", "wandb", "distributed"), False)
+    ranks = {"rank": 0, "local_rank": 0, "world_size": 1}
+    loop = {"accum_freq": 1, "grad_clip_norm": None, "log_every_n_steps": 100, "batch_size": batch_size}
+    return Namespace(device="cpu", precision="fp32", **off, **ranks, **loop)
 
 
 def open_clip_optimizer(model: torch.nn.Module, lr: float, wd: float, betas, eps: float) -> torch.optim.Optimizer:
@@ -276,9 +249,9 @@ def run_open_clip(cfg, state, batches, steps: int, warmup: int, clock: StepClock
     optimizer = open_clip_optimizer(model, LR, WEIGHT_DECAY, BETAS, eps)
     optimizer.register_step_post_hook(clock)
     scheduler = cosine_lr(optimizer, LR, warmup, steps)
-    loader = _loader(batches, steps, as_dict=False)
-    loader.num_batches, loader.num_samples = steps, steps * len(batches[0][0])  # as open_clip_train.data sets them
-    data = {"train": SimpleNamespace(dataloader=loader, set_epoch=lambda epoch: None)}
+    batches_of = loader(batches, steps)
+    batches_of.num_batches, batches_of.num_samples = steps, steps * len(batches[0][0])  # as open_clip_train.data does
+    data = {"train": SimpleNamespace(dataloader=batches_of, set_epoch=lambda epoch: None)}
     args = open_clip_args(len(batches[0][0]))
     with clock.phases(model):
         train_one_epoch(model, data, open_clip.ClipLoss(), 0, optimizer, None, scheduler, None, args)
@@ -330,31 +303,23 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [
-        "impl      | ms/step (median) |    min |    max | median step | CPU ms/step | forward | backward | update "
-        "| other | first step s",
-        "----------+------------------+--------+--------+-------------+-------------+---------+----------+--------"
-        "+-------+-------------",
-    ]
-    for impl in IMPLS:
-        s = result["summary"][impl]
-        lines.append(
-            f"{impl:<9} | {s['median']:16.2f} | {s['min']:6.2f} | {s['max']:6.2f} | {s['median_interval_ms']:11.2f} "
-            f"| {s['cpu_ms_per_step']:11.2f} | {s['forward_ms']:7.2f} | {s['backward_ms']:8.2f} "
-            f"| {s['update_ms']:6.2f} | {s['other_ms']:5.2f} | {s['first_step_s']:12.2f}"
-        )
-    lines.append(f"ratio (ours/open_clip): {result['ratio']:.3f}")
-    lines.append(
-        f"other time (step minus model forward, backward and AdamW update), ours - open_clip: "
-        f"{result['other_ms_diff']:+.2f} ms/step (median of paired differences)"
-    )
+    columns = {"median": "ms/step (median)", "min": "min", "max": "max", "median_interval_ms": "median step"}
+    columns |= {"cpu_ms_per_step": "CPU ms/step", "forward_ms": "forward", "backward_ms": "backward"}
+    columns |= {"update_ms": "update", "other_ms": "other", "first_step_s": "first step s"}
+    table = pd.DataFrame(result["summary"]).T[list(columns)].rename(columns=columns).rename_axis("impl")
     paired = ", ".join(f"{r:.3f}" for r in result["paired_ratios"])
-    lines.append(f"paired ratio per round: {paired} (median {result['paired_ratio_median']:.3f})")
-    lines.append(
-        f"same work: max |weight difference| after {result['settings']['steps']} steps, ours vs open_clip: "
-        f"{max(result['weight_diffs']):.2e} (training moved them by up to {min(result['weights_moved']):.2e})"
+    moved, steps = min(result["weights_moved"]), result["settings"]["steps"]
+    return "\n".join(
+        [
+            table.to_markdown(floatfmt=".2f"),
+            f"ratio (ours/open_clip): {result['ratio']:.3f}",
+            f"other time (step minus model forward, backward and AdamW update), ours - open_clip: "
+            f"{result['other_ms_diff']:+.2f} ms/step (median of paired differences)",
+            f"paired ratio per round: {paired} (median {result['paired_ratio_median']:.3f})",
+            f"same work: max |weight difference| after {steps} steps, ours vs open_clip: "
+            f"{max(result['weight_diffs']):.2e} (training moved them by up to {moved:.2e})",
+        ]
     )
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------- profile
@@ -395,12 +360,12 @@ def profile_run(impl: str, cfg, state, batches, steps: int, eps: float, top: int
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.clip_step", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
-    p.add_argument("--skip-steps", type=int, default=None,
-                   help="leading steps left out of the timing (default min(10, steps // 3))")  # fmt: skip
+    p.add_argument("--skip-steps", type=int, help="steps left out of the timing (default min(10, steps // 3))")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="rounds; each runs both sides (order alternates)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads, both sides (default 1, see the docstring; 0: torch default)")  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads, both sides (see the docstring; 0: torch's)"
+    )
     p.add_argument("--distinct-batches", type=int, default=8, help="pre-built batches, cycled (default 8)")
     p.add_argument("--model", default=None, help="JSON file with an open_clip config dict (default: the tiny CLIP)")
     p.add_argument("--seed", type=int, default=0)
@@ -445,37 +410,25 @@ def _run(a: argparse.Namespace) -> dict[str, Any]:
         for impl in IMPLS if r % 2 == 0 else tuple(reversed(IMPLS)):
             run, finals[impl] = time_run(impl, cfg, state, batches, a.steps, a.skip_steps, eps)
             runs[impl].append(run)
-            print(f"  round {r + 1}/{a.repeats} {impl:<9} {run['ms_per_step']:7.2f} ms/step "
-                  f"(median step {run['median_interval_ms']:.2f} ms, {run['cpu_ms_per_step']:.1f} CPU ms/step, "
-                  f"other {run['other_ms']:.2f} ms, "
-                  f"first step {run['first_step_s']:.2f} s, run {run['total_s']:.2f} s, "
-                  f"{run['threads_in_step']} threads)", flush=True)  # fmt: skip
+            step = f"median step {run['median_interval_ms']:.2f} ms, {run['cpu_ms_per_step']:.1f} CPU ms/step"
+            rest = f"other {run['other_ms']:.2f} ms, first step {run['first_step_s']:.2f} s, run {run['total_s']:.2f} s"
+            head = f"  round {r + 1}/{a.repeats} {impl:<9} {run['ms_per_step']:7.2f} ms/step"
+            print(f"{head} ({step}, {rest}, {run['threads_in_step']} threads)", flush=True)
         weight_diffs.append(_max_weight_diff(finals["ours"], finals["open_clip"]))
         moved.append(_max_weight_diff(finals["ours"], state))
     summary = {impl: summarize(runs[impl]) for impl in IMPLS}
     paired = [o["ms_per_step"] / c["ms_per_step"] for o, c in zip(runs["ours"], runs["open_clip"], strict=True)]
-    result = {
-        "settings": {
-            "steps": a.steps, "skip_steps": a.skip_steps, "batch_size": a.batch_size, "repeats": a.repeats,
-            "threads": threads, "distinct_batches": a.distinct_batches, "seed": a.seed, "model": cfg,
-            "params": n_params,
-        },
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
-                    "platform": platform.platform()},
-        "runs": runs,
-        "summary": summary,
-        "ratio": summary["ours"]["median"] / summary["open_clip"]["median"],
-        "paired_ratios": paired,
-        "paired_ratio_median": statistics.median(paired),
-        "other_ms_diff": statistics.median(
-            o["other_ms"] - c["other_ms"] for o, c in zip(runs["ours"], runs["open_clip"], strict=True)
-        ),
-        "weight_diffs": weight_diffs,
-        "weights_moved": moved,
-    }  # fmt: skip
+    settings = {k: getattr(a, k) for k in ("steps", "skip_steps", "batch_size", "repeats", "distinct_batches", "seed")}
+    machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__}
+    result = {"settings": settings | {"threads": threads, "model": cfg, "params": n_params}}
+    result |= {"machine": machine | {"platform": platform.platform()}, "runs": runs, "summary": summary}
+    result["ratio"] = summary["ours"]["median"] / summary["open_clip"]["median"]
+    result |= {"paired_ratios": paired, "paired_ratio_median": statistics.median(paired)}
+    pairs = zip(runs["ours"], runs["open_clip"], strict=True)
+    result["other_ms_diff"] = statistics.median(o["other_ms"] - c["other_ms"] for o, c in pairs)
+    result |= {"weight_diffs": weight_diffs, "weights_moved": moved}
     print(format_table(result), flush=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2))
+    write_json(a.json, result)
     return result
 
 
