@@ -1,17 +1,9 @@
 """Captioner training throughput: ``CaptionerModule`` under a Lightning ``Trainer`` against a plain transformers loop.
 
-Both sides train the SAME ``LlavaForConditionalGeneration`` (built by ``build_llava`` from configs, random init with
-the same seed on the same device) on the SAME synthetic batches (``[bos] + image tokens + T text tokens``, labels on
-the text, random pixels), with the same trainable parts (``--stage``: 1 = projector, 2-lora = projector + peft LoRA
-r 128, 2-full = projector + LLM), AdamW, the same precision (``bf16-mixed``: autocast; ``32-true``) and the same
-model dtype:
-
-* **ours**: ``CaptionerModule`` fitted by ``L.Trainer(max_steps=N, ...)``; ``--strategy fsdp`` takes the strategy from
-  ``experiments/configs/trainer/fsdp.yaml`` (the real FSDP config: one unit per decoder / encoder layer);
-* **reference**: the model's own forward/backward/``AdamW.step`` in a loop (what ``transformers.Trainer`` reduces to).
-
-Tokens/s counts every position of every sequence (image tokens included) per optimizer step, from step ``--skip`` on.
-Peak memory is the accelerator's (``torch.cuda.max_memory_allocated``) where there is one.
+Both sides train the same ``LlavaForConditionalGeneration`` (same seed, device, synthetic batches, trainable parts per
+``--stage``, AdamW, precision and dtype); ``--strategy fsdp`` takes ours from ``experiments/configs/trainer/fsdp.yaml``.
+Tokens/s counts every position (image tokens included) per optimizer step from step ``--skip`` on; peak memory is the
+accelerator's. Details and figures: ``benchmarks/README.md``, ``docs/captioner.md``.
 
     python -m benchmarks.captioner_step                                    # tiny shapes, CPU
     python -m benchmarks.captioner_step --shape llama3-8b --layers 4 --stage 2-lora --batch-size 8 --device cuda

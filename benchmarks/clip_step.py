@@ -1,28 +1,8 @@
 """Training-step time: ``ClipModule`` under a Lightning ``Trainer`` against open_clip's own training loop.
 
-Both sides train the SAME open_clip model (one seeded state dict loaded by both) on the SAME pre-built batches, in
-fp32 with the same intra-op thread count, with the same loss (open_clip ``ClipLoss``; one process, so no gather),
-the same AdamW param groups (no weight decay on gains, biases, norms and the temperature), the same warm-up + cosine
-schedule and the same temperature clamp after every step:
-
-* **ours**: ``lightning_modules.clip.ClipModule`` fitted by ``L.Trainer(accelerator="cpu", devices=1,
-  max_steps=N, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)``
-  on a ``DataLoader`` over the fixed batches (dicts ``{"image", "text"}``, ``batch_size=None``, no workers);
-* **open_clip**: ``open_clip_train.train.train_one_epoch`` with a minimal ``argparse.Namespace`` (``precision
-  fp32``, ``accum_freq 1``, ``log_every_n_steps 100`` as in open_clip's defaults), ``open_clip.ClipLoss()``,
-  ``open_clip_train.scheduler.cosine_lr`` and a data object whose ``.dataloader`` (the same tensors as
-  ``(images, texts)`` tuples) carries ``num_batches``/``num_samples`` as open_clip's own loaders do.
-
-Timing: a post-step hook on the optimizer (``Optimizer.register_step_post_hook``, the same on both sides) stamps
-``time.perf_counter()`` and the process CPU time after every optimizer step. The first ``--skip-steps`` steps
-(start-up, allocator and thread-pool warm-up) are left out: ms/step = (t[N] - t[skip]) / (N - skip), i.e. the whole
-loop per step in steady state -- data fetch, forward, loss, backward, optimizer step, scheduler, logging, clamp.
-Threads: ``--threads`` (default 1) is set for both sides. On a small machine shared with other jobs, 2 threads on 2
-cores collapse as soon as another process takes a core (OpenMP threads spin at every barrier while their partner is
-descheduled: 20x slower steps, seen here), which swamps any framework difference; 1 thread keeps the comparison
-stable. Runs alternate (``ours, open_clip, open_clip, ours, ...``) for ``--repeats`` rounds; the table gives medians and
-the ratio ours / open_clip (goal <= 1.05). As a check that both did the same work, the final weights of the two
-runs of a round are compared.
+Both sides train the same open_clip model from the same seeded weights on the same pre-built batches (fp32, same
+loss, AdamW param groups, schedule and temperature clamp); ms/step from optimizer post-step timestamps, split into
+forward / backward / update / other. What is held equal, how it is timed and the figures: ``benchmarks/README.md``.
 
     python -m benchmarks.clip_step                        # tiny CLIP, batch 64, 60 steps/run, 3 rounds
     python -m benchmarks.clip_step --steps 100 --batch-size 128 --repeats 5 --threads 2 --json out.json

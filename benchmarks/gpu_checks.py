@@ -1,21 +1,8 @@
 """The GPU checks in one run (``bash benchmarks/gpu_checks.sh``, at most 8 minutes on one lent GPU): recaptioning
-images/s on the real LLaVA-LLaMA3-8B shapes, a Recap-CLIP B/16 train step and a DiT-B/4 train step, all bf16, with
-the card's name; the figures are appended to ``docs/gpu.md`` (and written to ``--out``).
-
-* **recaption** (``hf``, and ``vllm`` where it imports): ``benchmarks.recaption_gpu`` on CLIP ViT-L/14-336 +
-  LLaMA-3-8B with random weights in bf16, 336 px, the paper's greedy decoding with at most 128 new tokens, through
-  the recaption job's own backends (``experiments.recaption.BACKENDS``). The random checkpoint is built on the GPU
-  (``recaption_gpu.build_random_checkpoint`` under ``torch.device("cuda")``: seconds, not CPU minutes) and saved once.
-  Random weights run nearly every caption to the limit: a lower bound for real captions.
-* **clip**: ``ClipModule("recap-clip:B-16:base")`` (paper Table 2; HTxt style, context 128) at 224 px fitted by a
-  Lightning ``Trainer`` (``bf16-mixed``) on fixed synthetic batches (``benchmarks.clip_step.make_batches``).
-* **dit**: ``DiTModule("DiT-B/4")`` at 256 px (32x32x4 latents) with the random SD-shaped VAE and CLIP-L/14-shaped text
-  tower of ``benchmarks.dit_cache``, fitted by a ``Trainer`` (``bf16-mixed``, EMA on) on cached-layout batches.
-
-Each check runs in its own process on a GPU (vLLM keeps its memory; a crash or a hang costs one check, not the run),
-under a time budget: a check that does not fit in what is left is reported as skipped, one that overruns its limit
-as timed out. ``--tiny`` runs the same code on tiny shapes on CPU in seconds (``tests/test_benchmarks.py``); it writes
-to ``docs/gpu.md`` only when ``--doc`` says so.
+images/s on the real LLaVA-LLaMA3-8B shapes (random weights, through the job's own backends), a Recap-CLIP B/16 train
+step and a DiT-B/4 train step, all bf16, with the card's name; the figures are appended to ``docs/gpu.md`` (which
+describes each check) and written to ``--out``. Each check runs in its own process on a GPU (a crash or a hang costs
+one check) under a time budget. ``--tiny`` runs the same code on tiny shapes on CPU in seconds.
 
     bash benchmarks/gpu_checks.sh                                  # on a GPU machine: docs/gpu.md + $OUT
     python -m benchmarks.gpu_checks --tiny --doc /tmp/gpu.md       # CPU, tiny shapes

@@ -1,17 +1,10 @@
 """Recaptioning throughput of the real LLaVA-LLaMA3-8B architecture (CLIP ViT-L/14-336 + LLaMA-3-8B, random weights)
 per GPU, on the ``hf`` and ``vllm`` backends of the recaption job, with the paper's decoding (greedy, at most 128 new
-tokens). Run by hand on a GPU machine, never in CI:
+tokens); ``docs/recaption.md``. The random checkpoint is built once into ``--model-dir``; random weights seldom emit
+the end-of-turn token, so the figure is a lower bound for real captions. ``--shape tiny``: the same code on CPU.
 
     python -m benchmarks.recaption_gpu --model-dir /tmp/llava-llama3-8b-random --backends hf vllm \
         --n 1024 --batch-size 256 --dtype bfloat16 --json runs/bench/recaption_gpu.json
-
-The random checkpoint is built once (``build_llava`` + ``save_pretrained``, safetensors; ~17 GB in bf16) into
-``--model-dir`` and loaded back through the job's own backends (one backend per invocation when GPU memory is tight:
-vLLM reserves ``gpu_memory_utilization`` of the card). The tokenizer is the tiny world's LLaMA-3-style one, padded
-with plain added tokens to LLaMA-3's 128,256 ids so that every id the random LM head emits decodes. Random
-weights seldom emit the end-of-turn token, so nearly every caption runs to the 128-token limit: the figure is a lower
-bound for real captions (the paper's average is ~49 words). ``--shape tiny`` runs the same code on CPU in seconds
-(a smoke test; ``tests/test_recaption.py`` runs it).
 """
 
 from __future__ import annotations

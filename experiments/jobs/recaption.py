@@ -1,24 +1,19 @@
 """``python -m experiments recaption``: recaption image shards with a llava-hf captioner, exactly once, resumably.
 
-The unit of work is a shard (or a slice of one, ``--slice-size``). Each unit's captions go to
-``<out>/<unit>.parquet`` in the Recap-DataComp-1B schema plus provenance columns, written to a temporary file and
-published with ``link(2)``, so a unit's output exists complete or not at all, and never twice. A (re)started process
-lists the unfinished units and claims them one at a time on the output folder (``<out>/_claims/<unit>.claim``, with
-owner and heartbeat; expired claims are taken over), so any number of processes, started and killed in any way,
-finish every unit exactly once; ``rank``/``world_size`` (torchrun's and SLURM's variables, or flags) only decide
-where each process starts. A restart also removes the temporary files of writers that are gone. ``merge`` then
-checks that every key occurs once (or keeps the first, ``--on-duplicate first``) and writes the dataset-level
-parquet, which ``python -m experiments sidecars --recap`` joins onto the shards for the caption-mix DataModule.
+The unit of work is a shard (or a slice of one, ``--slice-size``); its captions go to ``<out>/<unit>.parquet`` in the
+Recap-DataComp-1B schema plus provenance columns, published with ``link(2)``: complete or not at all, never twice.
+Processes claim units on the output folder (``<out>/_claims``, with heartbeats; expired claims are taken over), so any
+number of them, started and killed in any way, finish every unit exactly once; ``rank``/``world_size`` only decide
+where each starts. ``merge`` checks that every key occurs once and writes the dataset-level parquet, which
+``python -m experiments sidecars --recap`` joins onto the shards. The design: ``docs/recaption.md``.
 
     python -m experiments recaption run --model runs/tiny/captioner/hf --shards 'data/world/web/*.tar' \
         --out data/world/recap_llava
     python -m experiments recaption merge --out data/world/recap_llava
 
-Decoding is the paper's: greedy, at most 128 new tokens, the recaption prompt, batched with left padding and the KV
-cache, stopping at the end-of-turn token. Empty captions and repetition loops are decoded once more with a
-repetition penalty (``retried``); what still fails is kept out of ``re_caption`` and flagged (``status`` ``flagged``,
-the reason and the text in ``error``). A sample whose image cannot be decoded becomes a row with ``status`` ``error``
-and the reason; the job goes on.
+Decoding is the paper's (greedy, at most 128 new tokens, batched, stopping at the end-of-turn token). Empty captions
+and repetition loops are decoded once more with a repetition penalty, then flagged (``status`` ``flagged``); an image
+that cannot be decoded becomes a row with ``status`` ``error`` and the reason.
 """
 
 from __future__ import annotations
@@ -216,13 +211,7 @@ class HFBackend:
     name = "hf"
 
     def __init__(
-        self,
-        model_dir: str,
-        prompt: str,
-        max_new_tokens: int,
-        device: str | None = None,
-        dtype: str | None = None,
-        trust_remote_code: bool = False,
+        self, model_dir: str, prompt: str, max_new_tokens: int, device=None, dtype=None, trust_remote_code=False
     ):
         import torch
         from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -251,10 +240,8 @@ def vllm_prompt_text(tokenizer: Any, prompt: str) -> str:
 
 
 class VLLMBackend:
-    """Greedy captions with vLLM (GPU only; ``pip install 'recap-suite[vllm]'``): continuous batching and paged KV
-    cache. Same prompt tokens, stop tokens and token limit as ``hf``, so the two give the same greedy captions up to
-    kernel numerics. One process per GPU: ``LOCAL_RANK`` picks the card through ``CUDA_VISIBLE_DEVICES``. ``engine``:
-    more ``vllm.LLM`` arguments (``max_num_seqs``, ``gpu_memory_utilization``, ...)."""
+    """Greedy captions with vLLM (GPU only; ``pip install 'recap-suite[vllm]'``): the same prompt tokens, stop tokens
+    and token limit as ``hf``. ``LOCAL_RANK`` picks the card; ``engine``: more ``vllm.LLM`` arguments."""
 
     name = "vllm"
 
@@ -263,10 +250,10 @@ class VLLMBackend:
         model_dir: str,
         prompt: str,
         max_new_tokens: int,
-        device: str | None = None,
-        dtype: str | None = None,
-        trust_remote_code: bool = False,
-        **engine: Any,
+        device=None,
+        dtype=None,
+        trust_remote_code=False,
+        **engine,
     ):
         try:
             import vllm
@@ -376,15 +363,11 @@ def _error_row(row: dict[str, Any], why: str) -> dict[str, Any]:
 
 
 def recaption_unit(
-    unit: Unit | str,
-    backend: Any,
-    batch_size: int,
-    provenance: dict[str, Any],
-    progress: Callable[[int, int], None] | None = None,
-    limits: SampleLimits | None = None,
+    unit: Unit | str, backend: Any, batch_size: int, provenance: dict, progress=None, limits=None
 ) -> pa.Table:
     """Caption one unit (a shard or a slice of one); every sample becomes exactly one row (a caption, or status
-    ``error`` and the reason). ``progress(images, generated_tokens)`` is called after each batch.
+    ``error`` and the reason). ``progress(images, generated_tokens)`` is called after each batch; ``limits``: the
+    loader's ``SampleLimits``.
 
     What cannot be a row is listed in the table's schema metadata ``INPUT_ERRORS`` (json; ``run`` copies it into the
     manifest): a key repeated within the shard (its later copies are skipped, so ``merge`` still sees every key once)
@@ -521,15 +504,9 @@ class _Claim:
 
 
 class ClaimBoard:
-    """Claims on the units of one output folder, so that any number of processes, started and killed in any way,
-    work on each unit one at a time and finish every unit (docs/recaption.md, "Claims").
-
-    A claim is ``<out>/_claims/<unit>.claim``, made atomically with its content (json: host, node, pid, process
-    start, token) by ``link(2)`` of a private file (``O_EXCL`` where the file system has no hard links). Its mtime is
-    the heartbeat. It is expired when its owner is gone (same node: pid dead, exited or reused) or its heartbeat is
-    older than ``ttl`` seconds; an expired claim is moved aside (one ``rename`` wins) and a fresh one made. The
-    output itself is published with ``link(2)``, which never replaces an existing file: even two processes that both
-    believe they hold a unit (one paused past ``ttl``) publish it once."""
+    """Claims on the units of one output folder: ``<out>/_claims/<unit>.claim``, made atomically by ``link(2)`` of a
+    private file, its mtime the heartbeat, expired when its owner is gone or its heartbeat older than ``ttl`` seconds
+    (docs/recaption.md, "Exactly once, under any restart")."""
 
     def __init__(self, out: Path, ttl: float = DEFAULT_CLAIM_TTL, log: Callable[[str], None] | None = None):
         self.dir = Path(out) / CLAIMS
@@ -712,15 +689,9 @@ def run(
     claim_ttl: float = DEFAULT_CLAIM_TTL,
 ) -> dict[str, Any]:
     """Caption unfinished units, claiming each on the output folder (``ClaimBoard``), until every unit is finished
-    (by this process or others); returns this process's totals (units, rows, errors, tokens, seconds).
-
-    ``rank`` / ``world_size`` (else ``RANK`` / ``WORLD_SIZE`` or SLURM's) only order the work: this process starts
-    with every ``world_size``-th unfinished unit from ``rank`` on, then takes the others' from their end, so processes
-    with distinct ranks rarely meet, and processes with the same rank (an operator error) or without any still
-    finish every unit once. While all unfinished units are claimed by live processes it waits for them to finish
-    or their claims to expire (``claim_ttl`` seconds without a heartbeat). ``min_image_size`` / ``max_image_pixels``:
-    the training loader's image limits (``SampleLimits``; None = off): a rejected image becomes an ``error`` row
-    naming the limit."""
+    (by this process or others, waiting for live claims); returns this process's totals (units, rows, errors, tokens,
+    seconds). ``rank`` / ``world_size`` (else ``RANK`` / ``WORLD_SIZE`` or SLURM's) only order the work
+    (``pending_units``). ``min_image_size`` / ``max_image_pixels``: the training loader's image limits (None = off)."""
     problems = run_config_problems(dict(locals()))  # locals() here: exactly the arguments (RUN_KEYS)
     if problems:  # before the model loads or `out` is created (main reports them all, with where each was set)
         raise ConfigError(*problems[0])
@@ -879,13 +850,7 @@ def _unit_order(files: Sequence[Path], urls: Sequence[str] | None) -> list[Path]
     return sorted(files, key=position)
 
 
-def merge(
-    out: str | os.PathLike,
-    dest: str | os.PathLike | None = None,
-    shards: str | None = None,
-    on_duplicate: str = "error",
-    log: Callable[[str], None] | None = print,
-) -> Path:
+def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_duplicate="error", log=print) -> Path:
     """Concatenate the unit parquets into ``dest`` (default ``<out>/merged/recap.parquet``). With ``shards``, refuses
     missing units (whole shards or slices).
 
@@ -975,10 +940,8 @@ def write_shards(
     out: str | os.PathLike, shards: str | Sequence[str], dest: str | os.PathLike, member: str = "recap.txt"
 ) -> dict[str, int]:
     """New shards = the input shards with each sample's recaption as one more member (``KEY.recap.txt``), for
-    pipelines that read captions from the tar (``sources: {original: txt, recaption: recap.txt}``). Samples whose
-    recaption is missing (error / flagged) get no member, so the DataModule falls back to the original caption and
-    counts it. Every other member is copied byte for byte; each shard is written atomically, finished ones skipped,
-    and the img2dataset ``_stats.json`` is copied along so sample counting works."""
+    pipelines that read captions from the tar; samples without a recaption get none (the DataModule falls back to the
+    original). Other members are copied byte for byte, each shard atomically, with its ``_stats.json``."""
     out, dest = Path(out), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     totals = {"shards": 0, "samples": 0, "with_recaption": 0, "skipped_shards": 0}
@@ -1067,10 +1030,7 @@ def _load_config(path: str) -> dict[str, Any]:
 
 def run_config_problems(args: dict[str, Any]) -> list[tuple[str, Any, str]]:
     """Every problem of resolved ``run`` arguments (``RUN_KEYS``) as ``(key, value, why)``, found without loading the
-    model or writing anything: the model folder exists (a hub name ``org/name`` is left to ``from_pretrained``), the
-    shard spec names existing local shards (URLs and ``pipe:`` are not checked), sizes are >= 1, rank < world size
-    (``RANK`` / ``WORLD_SIZE`` fill in what is not given), dtype / device / backend are known and ``out`` can be a
-    folder."""
+    model or writing anything (hub names, URLs and ``pipe:`` shards are left to the run)."""
     problems: list[tuple[str, Any, str]] = []
 
     def add(key: str, value: Any, why: str) -> None:
