@@ -161,9 +161,8 @@ class StepClock:
 # ------------------------------------------------------------------------------------------------------------- ours
 @contextlib.contextmanager
 def bench_settings(threads: int):
-    """Intra-op threads (``threads > 0``) and quiet Lightning loggers for the benchmark; restored afterwards."""
-    import lightning  # noqa: F401  (its import sets the lightning.pytorch logger to INFO: lower it afterwards)
-
+    """Intra-op threads (``threads > 0``) and quiet Lightning loggers (importing lightning, as benchmarks.common does,
+    sets them to INFO) for the benchmark; restored afterwards."""
     saved_threads = torch.get_num_threads()
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
     saved_levels = [lg.level for lg in loggers]
@@ -270,16 +269,11 @@ def _max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Median, min and max ms/step over runs, and the median of each other figure."""
     ms = [r["ms_per_step"] for r in runs]
-    return {
-        "median": statistics.median(ms),
-        "min": min(ms),
-        "max": max(ms),
-        "median_interval_ms": statistics.median(r["median_interval_ms"] for r in runs),
-        "cpu_ms_per_step": statistics.median(r["cpu_ms_per_step"] for r in runs),
-        **{k: statistics.median(r[k] for r in runs) for k in ("forward_ms", "backward_ms", "update_ms", "other_ms")},
-        "first_step_s": statistics.median(r["first_step_s"] for r in runs),
-    }
+    medians = ("median_interval_ms", "cpu_ms_per_step", "forward_ms", "backward_ms", "update_ms", "other_ms")
+    spread = {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
+    return spread | {k: statistics.median(r[k] for r in runs) for k in (*medians, "first_step_s")}
 
 
 def format_table(result: dict[str, Any]) -> str:
