@@ -589,10 +589,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--share-scale", type=float, default=SHARE_SCALE, help="logit scale of the CLIP share")
     parser.add_argument("--tokenizer", default=None, help="HF tokenizer folder for lengths in tokens")
     parser.add_argument("--limit", type=int, default=None, help="at most N rows per input")
-    why = (
-        "llava-hf folder answering the paper's rating prompt, or attributes:DIR (tiny world's pinned judge as a rater)"
-    )
-    parser.add_argument("--judge", default=None, help=f"{why}; on shards")
+    why = "on shards: a llava-hf folder answering the paper's rating prompt, or attributes:DIR (tiny world's judge)"
+    parser.add_argument("--judge", default=None, help=why)
     parser.add_argument("--judge-limit", type=int, default=8, help="images rated by the judge (both captions)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per CLIP batch")
     parser.add_argument("--max-length", type=int, default=512, help="histogram bins (longer: one overflow bin)")
