@@ -1,28 +1,8 @@
 """Training-step time: ``ClipModule`` under a Lightning ``Trainer`` against open_clip's own training loop.
 
-Both sides train the SAME open_clip model (one seeded state dict loaded by both) on the SAME pre-built batches, in
-fp32 with the same intra-op thread count, with the same loss (open_clip ``ClipLoss``; one process, so no gather),
-the same AdamW param groups (no weight decay on gains, biases, norms and the temperature), the same warm-up + cosine
-schedule and the same temperature clamp after every step:
-
-* **ours**: ``lightning_modules.clip.ClipModule`` fitted by ``L.Trainer(accelerator="cpu", devices=1,
-  max_steps=N, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)``
-  on a ``DataLoader`` over the fixed batches (dicts ``{"image", "text"}``, ``batch_size=None``, no workers);
-* **open_clip**: ``open_clip_train.train.train_one_epoch`` with a minimal ``argparse.Namespace`` (``precision
-  fp32``, ``accum_freq 1``, ``log_every_n_steps 100`` as in open_clip's defaults), ``open_clip.ClipLoss()``,
-  ``open_clip_train.scheduler.cosine_lr`` and a data object whose ``.dataloader`` (the same tensors as
-  ``(images, texts)`` tuples) carries ``num_batches``/``num_samples`` as open_clip's own loaders do.
-
-Timing: a post-step hook on the optimizer (``Optimizer.register_step_post_hook``, the same on both sides) stamps
-``time.perf_counter()`` and the process CPU time after every optimizer step. The first ``--skip-steps`` steps
-(start-up, allocator and thread-pool warm-up) are left out: ms/step = (t[N] - t[skip]) / (N - skip), i.e. the whole
-loop per step in steady state -- data fetch, forward, loss, backward, optimizer step, scheduler, logging, clamp.
-Threads: ``--threads`` (default 1) is set for both sides. On a small machine shared with other jobs, 2 threads on 2
-cores collapse as soon as another process takes a core (OpenMP threads spin at every barrier while their partner is
-descheduled: 20x slower steps, seen here), which swamps any framework difference; 1 thread keeps the comparison
-stable. Runs alternate (``ours, open_clip, open_clip, ours, ...``) for ``--repeats`` rounds; the table gives medians and
-the ratio ours / open_clip (goal <= 1.05). As a check that both did the same work, the final weights of the two
-runs of a round are compared.
+Both sides train the same open_clip model from the same seeded weights on the same pre-built batches (fp32, same
+loss, AdamW param groups, schedule and temperature clamp); ms/step from optimizer post-step timestamps, split into
+forward / backward / update / other. What is held equal, how it is timed and the figures: ``benchmarks/README.md``.
 
     python -m benchmarks.clip_step                        # tiny CLIP, batch 64, 60 steps/run, 3 rounds
     python -m benchmarks.clip_step --steps 100 --batch-size 128 --repeats 5 --threads 2 --json out.json
@@ -51,7 +31,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pandas as pd
 import torch
+
+from benchmarks.common import fit, loader, write_json
 
 IMPLS = ("ours", "open_clip")
 # The suite's tiny CLIP (experiments/configs/debug/tiny_clip.yaml): ViT w64 L2 at 64 px + text w64 L2, ~3.4M params.
@@ -79,24 +62,6 @@ def make_batches(cfg: dict[str, Any], batch_size: int, n_distinct: int, seed: in
         text[torch.arange(ctx)[None, :] > lengths[:, None]] = 0  # padding
         batches.append((images, text))
     return batches
-
-
-class FixedBatches(torch.utils.data.Dataset):
-    """``length`` items cycling over pre-built batches, as dicts (ours) or ``(images, texts)`` tuples (open_clip)."""
-
-    def __init__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], length: int, as_dict: bool):
-        self.batches, self.length, self.as_dict = list(batches), length, as_dict
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int):
-        images, text = self.batches[i % len(self.batches)]
-        return {"image": images, "text": text} if self.as_dict else (images, text)
-
-
-def _loader(batches, steps: int, as_dict: bool) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(FixedBatches(batches, steps, as_dict), batch_size=None, shuffle=False)
 
 
 def reference_state(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
@@ -196,9 +161,8 @@ class StepClock:
 # ------------------------------------------------------------------------------------------------------------- ours
 @contextlib.contextmanager
 def bench_settings(threads: int):
-    """Intra-op threads (``threads > 0``) and quiet Lightning loggers for the benchmark; restored afterwards."""
-    import lightning  # noqa: F401  (its import sets the lightning.pytorch logger to INFO: lower it afterwards)
-
+    """Intra-op threads (``threads > 0``) and quiet Lightning loggers (importing lightning, as benchmarks.common does,
+    sets them to INFO) for the benchmark; restored afterwards."""
     saved_threads = torch.get_num_threads()
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
     saved_levels = [lg.level for lg in loggers]
@@ -226,30 +190,18 @@ def run_ours(cfg, state, batches, steps: int, warmup: int, clock: StepClock) -> 
 
     module = ClipModule(model=cfg, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, warmup_steps=warmup)
     module.model.load_state_dict(state)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[_Clock()],
-    )
     with clock.phases(module.model):
-        trainer.fit(module, train_dataloaders=_loader(batches, steps, as_dict=True))
+        fit(module, [{"image": i, "text": t} for i, t in batches], steps, [_Clock()], accelerator="cpu")
     return module.model
 
 
 # -------------------------------------------------------------------------------------------------------- open_clip
 def open_clip_args(batch_size: int) -> Namespace:
     """What ``train_one_epoch`` reads from open_clip's argparse namespace (open_clip_train.params defaults)."""
-    return Namespace(
-        device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=False, horovod=False,
-        grad_clip_norm=None, rank=0, local_rank=0, world_size=1, log_every_n_steps=100, batch_size=batch_size,
-        wandb=False, distributed=False,
-    )  # fmt: skip
+    off = dict.fromkeys(("distill", "skip_scheduler", "horovod", "wandb", "distributed"), False)
+    ranks = {"rank": 0, "local_rank": 0, "world_size": 1}
+    loop = {"accum_freq": 1, "grad_clip_norm": None, "log_every_n_steps": 100, "batch_size": batch_size}
+    return Namespace(device="cpu", precision="fp32", **off, **ranks, **loop)
 
 
 def open_clip_optimizer(model: torch.nn.Module, lr: float, wd: float, betas, eps: float) -> torch.optim.Optimizer:
@@ -276,9 +228,9 @@ def run_open_clip(cfg, state, batches, steps: int, warmup: int, clock: StepClock
     optimizer = open_clip_optimizer(model, LR, WEIGHT_DECAY, BETAS, eps)
     optimizer.register_step_post_hook(clock)
     scheduler = cosine_lr(optimizer, LR, warmup, steps)
-    loader = _loader(batches, steps, as_dict=False)
-    loader.num_batches, loader.num_samples = steps, steps * len(batches[0][0])  # as open_clip_train.data sets them
-    data = {"train": SimpleNamespace(dataloader=loader, set_epoch=lambda epoch: None)}
+    batches_of = loader(batches, steps)
+    batches_of.num_batches, batches_of.num_samples = steps, steps * len(batches[0][0])  # as open_clip_train.data does
+    data = {"train": SimpleNamespace(dataloader=batches_of, set_epoch=lambda epoch: None)}
     args = open_clip_args(len(batches[0][0]))
     with clock.phases(model):
         train_one_epoch(model, data, open_clip.ClipLoss(), 0, optimizer, None, scheduler, None, args)
@@ -317,44 +269,31 @@ def _max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Median, min and max ms/step over runs, and the median of each other figure."""
     ms = [r["ms_per_step"] for r in runs]
-    return {
-        "median": statistics.median(ms),
-        "min": min(ms),
-        "max": max(ms),
-        "median_interval_ms": statistics.median(r["median_interval_ms"] for r in runs),
-        "cpu_ms_per_step": statistics.median(r["cpu_ms_per_step"] for r in runs),
-        **{k: statistics.median(r[k] for r in runs) for k in ("forward_ms", "backward_ms", "update_ms", "other_ms")},
-        "first_step_s": statistics.median(r["first_step_s"] for r in runs),
-    }
+    medians = ("median_interval_ms", "cpu_ms_per_step", "forward_ms", "backward_ms", "update_ms", "other_ms")
+    spread = {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
+    return spread | {k: statistics.median(r[k] for r in runs) for k in (*medians, "first_step_s")}
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [
-        "impl      | ms/step (median) |    min |    max | median step | CPU ms/step | forward | backward | update "
-        "| other | first step s",
-        "----------+------------------+--------+--------+-------------+-------------+---------+----------+--------"
-        "+-------+-------------",
-    ]
-    for impl in IMPLS:
-        s = result["summary"][impl]
-        lines.append(
-            f"{impl:<9} | {s['median']:16.2f} | {s['min']:6.2f} | {s['max']:6.2f} | {s['median_interval_ms']:11.2f} "
-            f"| {s['cpu_ms_per_step']:11.2f} | {s['forward_ms']:7.2f} | {s['backward_ms']:8.2f} "
-            f"| {s['update_ms']:6.2f} | {s['other_ms']:5.2f} | {s['first_step_s']:12.2f}"
-        )
-    lines.append(f"ratio (ours/open_clip): {result['ratio']:.3f}")
-    lines.append(
-        f"other time (step minus model forward, backward and AdamW update), ours - open_clip: "
-        f"{result['other_ms_diff']:+.2f} ms/step (median of paired differences)"
-    )
+    columns = {"median": "ms/step (median)", "min": "min", "max": "max", "median_interval_ms": "median step"}
+    columns |= {"cpu_ms_per_step": "CPU ms/step", "forward_ms": "forward", "backward_ms": "backward"}
+    columns |= {"update_ms": "update", "other_ms": "other", "first_step_s": "first step s"}
+    table = pd.DataFrame(result["summary"]).T[list(columns)].rename(columns=columns).rename_axis("impl")
     paired = ", ".join(f"{r:.3f}" for r in result["paired_ratios"])
-    lines.append(f"paired ratio per round: {paired} (median {result['paired_ratio_median']:.3f})")
-    lines.append(
-        f"same work: max |weight difference| after {result['settings']['steps']} steps, ours vs open_clip: "
-        f"{max(result['weight_diffs']):.2e} (training moved them by up to {min(result['weights_moved']):.2e})"
+    moved, steps = min(result["weights_moved"]), result["settings"]["steps"]
+    return "\n".join(
+        [
+            table.to_markdown(floatfmt=".2f"),
+            f"ratio (ours/open_clip): {result['ratio']:.3f}",
+            f"other time (step minus model forward, backward and AdamW update), ours - open_clip: "
+            f"{result['other_ms_diff']:+.2f} ms/step (median of paired differences)",
+            f"paired ratio per round: {paired} (median {result['paired_ratio_median']:.3f})",
+            f"same work: max |weight difference| after {steps} steps, ours vs open_clip: "
+            f"{max(result['weight_diffs']):.2e} (training moved them by up to {moved:.2e})",
+        ]
     )
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------- profile
@@ -395,12 +334,12 @@ def profile_run(impl: str, cfg, state, batches, steps: int, eps: float, top: int
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.clip_step", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
-    p.add_argument("--skip-steps", type=int, default=None,
-                   help="leading steps left out of the timing (default min(10, steps // 3))")  # fmt: skip
+    p.add_argument("--skip-steps", type=int, help="steps left out of the timing (default min(10, steps // 3))")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="rounds; each runs both sides (order alternates)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads, both sides (default 1, see the docstring; 0: torch default)")  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads, both sides (see the docstring; 0: torch's)"
+    )
     p.add_argument("--distinct-batches", type=int, default=8, help="pre-built batches, cycled (default 8)")
     p.add_argument("--model", default=None, help="JSON file with an open_clip config dict (default: the tiny CLIP)")
     p.add_argument("--seed", type=int, default=0)
@@ -445,37 +384,25 @@ def _run(a: argparse.Namespace) -> dict[str, Any]:
         for impl in IMPLS if r % 2 == 0 else tuple(reversed(IMPLS)):
             run, finals[impl] = time_run(impl, cfg, state, batches, a.steps, a.skip_steps, eps)
             runs[impl].append(run)
-            print(f"  round {r + 1}/{a.repeats} {impl:<9} {run['ms_per_step']:7.2f} ms/step "
-                  f"(median step {run['median_interval_ms']:.2f} ms, {run['cpu_ms_per_step']:.1f} CPU ms/step, "
-                  f"other {run['other_ms']:.2f} ms, "
-                  f"first step {run['first_step_s']:.2f} s, run {run['total_s']:.2f} s, "
-                  f"{run['threads_in_step']} threads)", flush=True)  # fmt: skip
+            step = f"median step {run['median_interval_ms']:.2f} ms, {run['cpu_ms_per_step']:.1f} CPU ms/step"
+            rest = f"other {run['other_ms']:.2f} ms, first step {run['first_step_s']:.2f} s, run {run['total_s']:.2f} s"
+            head = f"  round {r + 1}/{a.repeats} {impl:<9} {run['ms_per_step']:7.2f} ms/step"
+            print(f"{head} ({step}, {rest}, {run['threads_in_step']} threads)", flush=True)
         weight_diffs.append(_max_weight_diff(finals["ours"], finals["open_clip"]))
         moved.append(_max_weight_diff(finals["ours"], state))
     summary = {impl: summarize(runs[impl]) for impl in IMPLS}
     paired = [o["ms_per_step"] / c["ms_per_step"] for o, c in zip(runs["ours"], runs["open_clip"], strict=True)]
-    result = {
-        "settings": {
-            "steps": a.steps, "skip_steps": a.skip_steps, "batch_size": a.batch_size, "repeats": a.repeats,
-            "threads": threads, "distinct_batches": a.distinct_batches, "seed": a.seed, "model": cfg,
-            "params": n_params,
-        },
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
-                    "platform": platform.platform()},
-        "runs": runs,
-        "summary": summary,
-        "ratio": summary["ours"]["median"] / summary["open_clip"]["median"],
-        "paired_ratios": paired,
-        "paired_ratio_median": statistics.median(paired),
-        "other_ms_diff": statistics.median(
-            o["other_ms"] - c["other_ms"] for o, c in zip(runs["ours"], runs["open_clip"], strict=True)
-        ),
-        "weight_diffs": weight_diffs,
-        "weights_moved": moved,
-    }  # fmt: skip
+    settings = {k: getattr(a, k) for k in ("steps", "skip_steps", "batch_size", "repeats", "distinct_batches", "seed")}
+    machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__}
+    result = {"settings": settings | {"threads": threads, "model": cfg, "params": n_params}}
+    result |= {"machine": machine | {"platform": platform.platform()}, "runs": runs, "summary": summary}
+    result["ratio"] = summary["ours"]["median"] / summary["open_clip"]["median"]
+    result |= {"paired_ratios": paired, "paired_ratio_median": statistics.median(paired)}
+    pairs = zip(runs["ours"], runs["open_clip"], strict=True)
+    result["other_ms_diff"] = statistics.median(o["other_ms"] - c["other_ms"] for o, c in pairs)
+    result |= {"weight_diffs": weight_diffs, "weights_moved": moved}
     print(format_table(result), flush=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2))
+    write_json(a.json, result)
     return result
 
 

@@ -14,7 +14,6 @@ and the ratio (goal >= 2x); the cache pre-pass time is printed too (paid once pe
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,30 +22,41 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, write_json
+
+
+def random_vae(folder: Path) -> str:
+    """A random-weight VAE folder with Stable Diffusion's VAE shapes (4 latent channels, 8x down)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    blocks = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
+    shape = {"latent_channels": 4, "layers_per_block": 2, "sample_size": 256}
+    blocks["block_out_channels"] = (128, 256, 512, 512)
+    AutoencoderKL(in_channels=3, out_channels=3, **shape, **blocks).save_pretrained(folder)
+    return str(folder)
+
+
+def random_text_tower(folder: Path, tokenizer: str, **sizes: Any) -> str:
+    """A random-weight CLIP text tower folder of ``sizes`` (``CLIPTextConfig`` fields) with ``tokenizer``."""
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), **ids, **sizes)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
 
 
 def _real_shapes(tmp: Path, tokenizer: str) -> dict[str, Any]:
     """Random-weight folders with the real architectures' shapes: SD's VAE and OpenAI CLIP ViT-L/14's text tower."""
-    from diffusers import AutoencoderKL
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+    from benchmarks.gpu_checks import REAL_TEXT
 
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    ).save_pretrained(tmp / "vae")  # fmt: skip
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
-    CLIPTextModel(cfg).save_pretrained(tmp / "text")
-    tok.save_pretrained(tmp / "text")
-    return dict(size="DiT-B/4", image_size=256, text_encoder=str(tmp / "text"), text_max_length=77,
-                vae=str(tmp / "vae"))  # fmt: skip
+    folders = {"text_encoder": random_text_tower(tmp / "text", tokenizer, **REAL_TEXT), "vae": random_vae(tmp / "vae")}
+    return {"size": "DiT-B/4", "image_size": 256, "text_max_length": 77, **folders}
 
 
 def _head_shard(src: str, dest: Path, n: int) -> str:
@@ -113,38 +123,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not tiny and args.shards is None:  # 256 px through a VAE on CPU: a short shard keeps the pre-pass short
             shards, sidecars = _head_shard(str(world / "web/00000.tar"), tmp, args.samples), str(tmp / "sidecars")
         if tiny:
-            model = dict(size={"num_layers": 6, "hidden_size": 128, "num_attention_heads": 4, "patch_size": 2},
-                         image_size=16, text_encoder=args.text_encoder)  # fmt: skip
+            size = {"num_layers": 6, "hidden_size": 128, "num_attention_heads": 4, "patch_size": 2}
+            model = {"size": size, "image_size": 16, "text_encoder": args.text_encoder}
         else:
             model = _real_shapes(tmp, str(world / "tokenizer"))
         module = DiTModule(**model, ema_decay=None, cfg_dropout=0.1)
         module.configure_model()
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        totals = build_cache(module, shards, tmp / "cache", sources=sources, sidecar_dir=sidecars,
-                             batch_size=batch, dtype="float16")  # fmt: skip
+        common = {"sources": sources, "sidecar_dir": sidecars, "batch_size": batch}
+        totals = build_cache(module, shards, tmp / "cache", **common, dtype="float16")
         prepass = time.perf_counter() - t0
-        uncached = CaptionMixDataModule(shards, batch_size=batch, p_original=0.5, sources=sources,
-                                        sidecar_dir=sidecars, num_workers=args.num_workers,
-                                        shuffle_buffer=256, shuffle_initial=64, persistent_workers=False,
-                                        resampled=True, train_num_samples=totals["samples"],
-                                        image_transform=module.data_transforms("fit").image)  # fmt: skip
+        loading = {"num_workers": args.num_workers, "shuffle_buffer": 256, "shuffle_initial": 64, "resampled": True}
+        loading |= {"persistent_workers": False, "train_num_samples": totals["samples"]}
+        transform = module.data_transforms("fit").image
+        uncached = CaptionMixDataModule(shards, **common, p_original=0.5, **loading, image_transform=transform)
         cached = LatentCacheDataModule(str(tmp / "cache"), batch_size=batch, p_original=0.5)
-        report: dict[str, Any] = {"preset": args.preset, "batch_size": batch, "steps": steps,
-                                  "cache_prepass_s": prepass, "cached_samples": totals["samples"],
-                                  "dit_params": sum(p.numel() for p in module.dit.parameters())}  # fmt: skip
-        for name, dm in (("uncached", uncached), ("cached", cached)):
+        report: dict[str, Any] = {"preset": args.preset, "batch_size": batch, "steps": steps}
+        report |= {"cache_prepass_s": prepass, "cached_samples": totals["samples"]}
+        report["dit_params"] = sum(p.numel() for p in module.dit.parameters())
+        names = ("uncached", "cached")
+        for name, dm in zip(names, (uncached, cached), strict=True):
             if name == "uncached":
                 dm.setup("fit")
             report[f"{name}_s_per_step"] = _steps(module, dm.train_dataloader(), steps, args.skip)
             report[f"{name}_samples_per_s"] = batch / report[f"{name}_s_per_step"]
         report["ratio_cached_over_uncached"] = report["uncached_s_per_step"] / report["cached_s_per_step"]
-    print(f"{args.preset}: uncached {report['uncached_s_per_step']:.3f} s/step "
-          f"({report['uncached_samples_per_s']:.0f} samples/s), cached {report['cached_s_per_step']:.3f} s/step "
-          f"({report['cached_samples_per_s']:.0f} samples/s): {report['ratio_cached_over_uncached']:.2f}x; "
-          f"pre-pass {prepass:.1f} s for {totals['samples']} samples")  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    paths = [
+        f"{x} {report[f'{x}_s_per_step']:.3f} s/step ({report[f'{x}_samples_per_s']:.0f} samples/s)" for x in names
+    ]
+    ratio = report["ratio_cached_over_uncached"]
+    print(f"{args.preset}: {', '.join(paths)}: {ratio:.2f}x; pre-pass {prepass:.1f} s for {totals['samples']} samples")
+    write_json(args.json, report)
     return report
 
 

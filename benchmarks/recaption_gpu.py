@@ -1,34 +1,29 @@
 """Recaptioning throughput of the real LLaVA-LLaMA3-8B architecture (CLIP ViT-L/14-336 + LLaMA-3-8B, random weights)
 per GPU, on the ``hf`` and ``vllm`` backends of the recaption job, with the paper's decoding (greedy, at most 128 new
-tokens). Run by hand on a GPU machine, never in CI:
+tokens); ``docs/recaption.md``. The random checkpoint is built once into ``--model-dir``; random weights seldom emit
+the end-of-turn token, so the figure is a lower bound for real captions. ``--shape tiny``: the same code on CPU.
 
     python -m benchmarks.recaption_gpu --model-dir /tmp/llava-llama3-8b-random --backends hf vllm \
         --n 1024 --batch-size 256 --dtype bfloat16 --json runs/bench/recaption_gpu.json
-
-The random checkpoint is built once (``build_llava`` + ``save_pretrained``, safetensors; ~17 GB in bf16) into
-``--model-dir`` and loaded back through the job's own backends (one backend per invocation when GPU memory is tight:
-vLLM reserves ``gpu_memory_utilization`` of the card). The tokenizer is the tiny world's LLaMA-3-style one, padded
-with plain added tokens to LLaMA-3's 128,256 ids so that every id the random LM head emits decodes. Random
-weights seldom emit the end-of-turn token, so nearly every caption runs to the 128-token limit: the figure is a lower
-bound for real captions (the paper's average is ~49 words). ``--shape tiny`` runs the same code on CPU in seconds
-(a smoke test; ``tests/test_recaption.py`` runs it).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import ROOT, free_memory, write_json
 
 
 def build_random_checkpoint(model_dir: Path, shape: str, layers: int, tokenizer: str, dtype: str) -> None:
-    import torch
     from transformers import AutoTokenizer
 
     from benchmarks.captioner_step import SHAPES
@@ -43,16 +38,31 @@ def build_random_checkpoint(model_dir: Path, shape: str, layers: int, tokenizer:
     tok.add_tokens([f"<pad_{i}>" for i in range(llm["vocab_size"] - len(tok) - 8)])
     tok.save_pretrained(tok_dir)
     torch.manual_seed(0)
-    parts = build_llava(vision_tower=SHAPES[shape]["vision"], llm=llm, tokenizer=str(tok_dir), dtype=dtype)
-    save_llava(parts, model_dir)
+    save_llava(
+        build_llava(vision_tower=SHAPES[shape]["vision"], llm=llm, tokenizer=str(tok_dir), dtype=dtype), model_dir
+    )
 
 
-def _images(n: int, size: int) -> list[Any]:
-    import numpy as np
-    from PIL import Image
+def throughput(model_dir: Path, backend: str, n: int, batch_size: int, max_new_tokens: int, **kw: Any) -> dict:
+    """Images/s and generated tokens/s of one backend of the recaption job on ``n`` random images (after a warm-up);
+    ``kw``: the backend's ``device`` / ``dtype``."""
+    from experiments.jobs.recaption import BACKENDS, PAPER_PROMPT
 
+    size = json.loads((model_dir / "config.json").read_text())["vision_config"]["image_size"]
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    engine = BACKENDS[backend](str(model_dir), PAPER_PROMPT, max_new_tokens, **kw)
+    engine.generate(images[: min(8, n)])  # warm-up (kernels, graphs, allocator)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = [g for i in range(0, n, batch_size) for g in engine.generate(images[i : i + batch_size])]
+    dt = time.perf_counter() - t0
+    del engine
+    free_memory()
+    tokens = sum(g.n_tokens for g in out)
+    figures = {"images_per_s": n / dt, "tokens_per_s": tokens / dt, "mean_new_tokens": tokens / n}
+    return figures | {"at_limit": sum(g.hit_limit for g in out) / n, "seconds": dt}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -69,44 +79,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    import torch
-
-    from experiments.recaption import BACKENDS, PAPER_PROMPT
-
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").exists():
         t0 = time.perf_counter()
         build_random_checkpoint(model_dir, args.shape, args.layers, args.tokenizer, args.dtype)
         print(f"built {model_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
-    size = json.loads((model_dir / "config.json").read_text())["vision_config"]["image_size"]
-    images = _images(args.n, size)
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "shape": args.shape, "layers": args.layers or "all", "dtype": args.dtype, "n": args.n,
-        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-    }  # fmt: skip
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    report: dict[str, Any] = {"device": device, "shape": args.shape, "layers": args.layers or "all", "n": args.n}
+    report |= {"dtype": args.dtype, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
     for name in args.backends:
-        backend = BACKENDS[name](str(model_dir), PAPER_PROMPT, args.max_new_tokens, args.device, args.dtype)
-        backend.generate(images[: min(8, args.n)])  # warm-up (kernels, graphs, allocator)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = []
-        for i in range(0, args.n, args.batch_size):
-            out += backend.generate(images[i : i + args.batch_size])
-        dt = time.perf_counter() - t0
-        tokens = sum(g.n_tokens for g in out)
-        report[name] = {"images_per_s": args.n / dt, "tokens_per_s": tokens / dt, "mean_new_tokens": tokens / args.n,
-                        "at_limit": sum(g.hit_limit for g in out) / args.n, "seconds": dt}  # fmt: skip
-        print(f"{name}: {args.n / dt:.1f} images/s, {tokens / dt:,.0f} generated tokens/s "
-              f"(mean {tokens / args.n:.1f} new tokens) on {report['device']}", flush=True)  # fmt: skip
-        del backend
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        kw = {"device": args.device, "dtype": args.dtype}
+        report[name] = r = throughput(model_dir, name, args.n, args.batch_size, args.max_new_tokens, **kw)
+        print(
+            f"{name}: {r['images_per_s']:.1f} images/s, {r['tokens_per_s']:,.0f} generated tokens/s (mean "
+            f"{r['mean_new_tokens']:.1f} new tokens) on {device}",
+            flush=True,
+        )
+    write_json(args.json, report)
     return report
 
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from benchmarks.common import write_json
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -32,9 +35,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds (job, batch 1); medians reported")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    import torch
     from PIL import Image
 
-    from experiments.recaption import PAPER_PROMPT, HFBackend
+    from experiments.jobs.recaption import PAPER_PROMPT, HFBackend
 
     files = sorted(glob.glob(args.images))[: max(args.n, args.n_single)]
     if not files:
@@ -43,46 +47,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     backend = HFBackend(args.model, PAPER_PROMPT, args.max_new_tokens, args.device, args.dtype)
     backend.generate(images[:2])  # warm-up
 
-    def timed(batch: int, subset: list) -> tuple[float, list]:
+    def timed(batch: int, subset: list) -> tuple[float, float, list]:
+        """Images/s and generated tokens/s of captioning ``subset`` ``batch`` images at a time, and the captions."""
         t0 = time.perf_counter()
-        out = []
-        for i in range(0, len(subset), batch):
-            out += backend.generate(subset[i : i + batch])
+        out = [g for i in range(0, len(subset), batch) for g in backend.generate(subset[i : i + batch])]
         if backend.device.startswith("cuda"):
-            import torch
-
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, out
+        dt = time.perf_counter() - t0
+        return len(out) / dt, sum(g.n_tokens for g in out) / dt, out
 
-    import statistics
-
-    rounds = []
-    for _ in range(max(1, args.repeats)):
-        t_batch, batched = timed(args.batch_size, images[: args.n])
-        t_single, single = timed(1, images[: args.n_single])
-        rounds.append((t_batch, batched, t_single, single))
-    job_ips = [len(b) / tb for tb, b, _, _ in rounds]
-    one_ips = [len(s_) / ts for _, _, ts, s_ in rounds]
-    job_tps = [sum(g.n_tokens for g in b) / tb for tb, b, _, _ in rounds]
-    one_tps = [sum(g.n_tokens for g in s_) / ts for _, _, ts, s_ in rounds]
-    _, batched, _, single = rounds[-1]
-    same = sum(a.text == b.text for a, b in zip(batched, single, strict=False))
-    report = {
-        "device": backend.device,
-        "batch_size": args.batch_size,
-        "repeats": len(rounds),
-        "job_images_per_s": statistics.median(job_ips),
-        "job_tokens_per_s": statistics.median(job_tps),
-        "batch1_images_per_s": statistics.median(one_ips),
-        "batch1_tokens_per_s": statistics.median(one_tps),
-        "round_ratios": [round(a / b, 2) for a, b in zip(job_ips, one_ips, strict=True)],
-        "captions_equal": f"{same}/{len(single)}",
-    }
+    # alternating rounds: (job images/s, job tokens/s, job captions, batch-1 images/s, batch-1 tokens/s, captions)
+    rounds = [
+        (*timed(args.batch_size, images[: args.n]), *timed(1, images[: args.n_single]))
+        for _ in range(max(1, args.repeats))
+    ]
+    job_ips, job_tps, batched, one_ips, one_tps, single = zip(*rounds, strict=True)
+    same = sum(a.text == b.text for a, b in zip(batched[-1], single[-1], strict=False))
+    report = {"device": backend.device, "batch_size": args.batch_size, "repeats": len(rounds)}
+    report |= {"job_images_per_s": statistics.median(job_ips), "job_tokens_per_s": statistics.median(job_tps)}
+    report |= {"batch1_images_per_s": statistics.median(one_ips), "batch1_tokens_per_s": statistics.median(one_tps)}
+    report["round_ratios"] = [round(a / b, 2) for a, b in zip(job_ips, one_ips, strict=True)]
+    report["captions_equal"] = f"{same}/{len(single[-1])}"
     report["ratio_images_per_s"] = report["job_images_per_s"] / report["batch1_images_per_s"]
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in report.items()}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(args.json, report)
     return report
 
 

@@ -68,7 +68,7 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         "tiny world only: write the caption-tuning json (the paper's HQ-Edit step in miniature)",
     ),
     "recaption": (
-        _module_main("experiments.recaption"),
+        _module_main("experiments.jobs.recaption"),
         "recaption image shards with a llava-hf captioner (resumable, exactly once; `run`, then `merge`)",
     ),
     "export-captioner": (
@@ -76,7 +76,7 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         "write a CaptionerModule checkpoint as a llava-hf folder (LoRA merged; from_pretrained-ready)",
     ),
     "dit-cache": (
-        _module_main("experiments.dit_cache"),
+        _module_main("experiments.jobs.dit_cache"),
         "precompute the DiT's latents + text features of every caption source (resumable; same configs as fit)",
     ),
     "sweep": (
@@ -92,7 +92,7 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         "a paper table (table1..table7) with our runs beside it: Markdown, CSV, JSON, plots; table READMEs",
     ),
     "analyze": (
-        _module_main("experiments.analyze"),
+        _module_main("experiments.jobs.analyze"),
         "caption statistics of shards / recaption parquets: length histogram, vocabulary coverage, CLIP share",
     ),
     "reproduce": (

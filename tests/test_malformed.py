@@ -542,7 +542,7 @@ def _recaption_shard(path: Path, bad: list[tuple[str, bytes]]) -> None:
 
 @pytest.fixture(scope="module")
 def recaption():
-    import experiments.recaption as recaption
+    import experiments.jobs.recaption as recaption
 
     return recaption
 

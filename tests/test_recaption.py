@@ -22,7 +22,7 @@ from datamodules.formats import RECAP_SCHEMA
 from datamodules.shards import shard_stem
 from datamodules.tiny_world import WorldConfig, generate_world
 from datamodules.tiny_world.tokenizer import train_world_tokenizer
-from experiments.recaption import SCHEMA, Generated, degenerate, merge, pending_units, recaption_unit, run
+from experiments.jobs.recaption import SCHEMA, Generated, degenerate, merge, pending_units, recaption_unit, run
 from lightning_modules.components.llava import build_llava, save_llava
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,7 +211,7 @@ def test_gpu_benchmark_runs_its_code_path_on_a_tiny_shape(setup, tmp_path):
 
 
 def test_config_files_load_and_flags_override_them(setup, tmp_path):
-    from experiments.recaption import _load_config, main
+    from experiments.jobs.recaption import _load_config, main
 
     for path in sorted((ROOT / "experiments/configs/recaption").glob("*.yaml")):
         cfg = _load_config(str(path))
@@ -256,7 +256,7 @@ def test_shard_slices_survive_a_restart_with_another_split_and_merge_checks_them
 
 
 def test_new_shards_carry_the_recaption_as_a_member_the_datamodule_reads(setup, tmp_path):
-    from experiments.recaption import write_shards
+    from experiments.jobs.recaption import write_shards
 
     out, dest = tmp_path / "out", tmp_path / "new"
     shard = sorted((setup["world"] / "web").glob("*.tar"))[0]
@@ -323,7 +323,7 @@ class _FakeVLLM:
 def test_vllm_backend_asks_vllm_for_the_hf_backend_decoding(setup, monkeypatch):
     from transformers import AutoTokenizer
 
-    from experiments.recaption import PAPER_PROMPT, HFBackend, VLLMBackend
+    from experiments.jobs.recaption import PAPER_PROMPT, HFBackend, VLLMBackend
     from lightning_modules.components.llava import eos_token_ids
 
     fake = _FakeVLLM()
@@ -357,7 +357,7 @@ def test_vllm_backend_asks_vllm_for_the_hf_backend_decoding(setup, monkeypatch):
 def test_vllm_and_hf_greedy_captions_agree_on_a_fixed_image_set(setup):  # pragma: no cover - GPU machines only
     from PIL import Image
 
-    from experiments.recaption import PAPER_PROMPT, HFBackend, VLLMBackend
+    from experiments.jobs.recaption import PAPER_PROMPT, HFBackend, VLLMBackend
 
     images = [Image.open(f).convert("RGB") for f in sorted((setup["world"] / "eval/t2i_prompts/images").glob("*.jpg"))]
     hf = HFBackend(str(setup["model"]), PAPER_PROMPT, 16, dtype="float32").generate(images[:16])

@@ -33,7 +33,7 @@ class _SlowBackend:
         pass
 
     def generate(self, images, repetition_penalty=None):
-        from experiments.recaption import Generated
+        from experiments.jobs.recaption import Generated
 
         time.sleep(DELAY * len(images))
         return [Generated(f"an image of {im.size[0]} by {im.size[1]}", 5, False) for im in images]
@@ -42,7 +42,7 @@ class _SlowBackend:
 def _worker_main(argv: list[str]) -> int:
     import pyarrow.parquet as pq_
 
-    import experiments.recaption as recaption
+    import experiments.jobs.recaption as recaption
 
     recaption.BACKENDS["hf"] = _SlowBackend
     linger = float(os.environ.get("RECAP_TEST_SLOW_WRITE", "0"))
@@ -110,7 +110,7 @@ def _check_exactly_once(job: dict, n_units: int) -> None:
     out = job["out"]
     assert len(_outputs(out)) == n_units
 
-    from experiments.recaption import CLAIMS, merge
+    from experiments.jobs.recaption import CLAIMS, merge
 
     logged = _manifest_units(out)
     assert len(logged) == len(set(logged)), f"a unit logged twice: {sorted(logged)}"
@@ -143,7 +143,7 @@ def _child() -> subprocess.Popen:
 
 def test_a_restart_removes_temporaries_whose_writer_is_gone_and_keeps_live_ones(job, monkeypatch):
     from datamodules.io import node_id, process_start
-    from experiments import recaption
+    from experiments.jobs import recaption
 
     monkeypatch.setitem(recaption.BACKENDS, "hf", _SlowBackend)
     out, ttl = job["out"], 600.0
@@ -207,7 +207,7 @@ def test_two_processes_given_the_same_rank_finish_every_unit_once(job):
 
 def test_a_live_claim_is_waited_for_and_an_expired_or_dead_one_taken_over(job, monkeypatch):
     from datamodules.io import node_id
-    from experiments import recaption
+    from experiments.jobs import recaption
 
     monkeypatch.setitem(recaption.BACKENDS, "hf", _SlowBackend)
     out, ttl = job["out"], 1.0

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import write_shards
 
-from experiments import recaption
-from experiments.recaption import RUN_KEYS, Generated, _load_config, main, run, run_config_problems
+from experiments.jobs import recaption
+from experiments.jobs.recaption import RUN_KEYS, Generated, _load_config, main, run, run_config_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "experiments/configs/recaption").glob("*.yaml"))

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import jpeg_bytes
 
-from experiments import recaption
-from experiments.recaption import Generated, main, merge, run
+from experiments.jobs import recaption
+from experiments.jobs.recaption import Generated, main, merge, run
 
 
 class _EchoBackend:

@@ -40,8 +40,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model.configure_model()
     model.to(device)
     sources = {s.name: (s.where if s.kind == "member" else f"{s.kind}:{s.where}") for s in data.sources}
-    common = dict(sources=sources, sidecar_dir=data.sidecar_dir, batch_size=args.batch_size, dtype=args.dtype,
-                  rank=rank, world_size=world, limits=data.limits)  # fmt: skip
+    common = {"sources": sources, "sidecar_dir": data.sidecar_dir, "batch_size": args.batch_size, "dtype": args.dtype}
+    common |= {"rank": rank, "world_size": world, "limits": data.limits}
     totals = {"train": build_cache(model, data.train_shards, args.out, **common)}
     if args.val_out and data.val_shards:
         totals["val"] = build_cache(model, data.val_shards, args.val_out, **common)

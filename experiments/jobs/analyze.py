@@ -13,25 +13,14 @@ Inputs, streamed (each input kind is summarised on its own):
   ``org_clip_score`` / ``re_clip_score``), read record batch by record batch (pyarrow ``iter_batches``).
 
 Outputs in ``--out``: ``lengths.png`` (Fig. 3: words per caption, original vs recaption), ``summary.json`` and
-``summary.md`` with, per input:
-
-- length: mean / median / max in whitespace words (``len(text.split())``, the unit of the schema's ``re_length`` /
-  ``org_length``; the paper's 49.43 vs 10.22 does not state its unit) and, with ``--tokenizer``, in tokens;
-- words: word tokens (lower-cased ``[a-z0-9]+`` runs, apostrophes kept inside words) per side and the recaptions'
-  share of the word tokens of both caption sets, ``n_recap / (n_recap + n_orig)``. This is the paper's "captures
-  82.86% tokens of the word collections from both" (§4): its own mean lengths give exactly that share,
-  49.43 / (49.43 + 10.22) = 82.87%;
-- vocabulary: distinct words per side and coverage = |V_recap| / |V_recap ∪ V_orig| (an earlier, INFERRED reading of
-  the same sentence, kept as a statistic: the numbers above match the token share, not this);
-- CLIP-score share (INFERRED, PAPER.md §4: the paper's pairs sum to 100): per image the softmax over its two caption
-  scores, ``softmax(scale * [cos(img, orig), cos(img, recap)])`` with ``scale`` 100 (CLIP's logit scale), averaged;
-  with ``--clip FOLDER`` (an open_clip export or HF CLIP folder) computed on the shards' images, else from the
-  parquet's ``org_clip_score`` / ``re_clip_score`` (read as 100 * cos, so the same formula) where present. Also
-  the recaption's win rate and each side's mean CLIP score (100 * max(cos, 0));
-- judge (``--judge FOLDER``, a llava-hf model as ``LlavaJudge``, or ``--judge attributes:DIR``, the tiny world's
-  pinned attribute judge as a rater, :class:`AttributeRater`): the paper's GPT-4V rating prompt on the first
-  ``--judge-limit`` images for both captions, through ``generation.judge_score``; unparseable answers are counted,
-  never scored.
+``summary.md``: per input the caption lengths (whitespace words, the unit of the schema's ``re_length``; with
+``--tokenizer`` also tokens), word tokens and vocabulary, the CLIP-score share (with ``--clip FOLDER`` on the shards'
+images, else from the parquet's ``org_clip_score`` / ``re_clip_score``) and the judge's ratings (``--judge``: a
+llava-hf folder as ``LlavaJudge``, or ``attributes:DIR``, :class:`AttributeRater`), each defined in ``DEFINITIONS``.
+The paper's "captures 82.86% tokens of the word collections from both" (§4) is the recaptions' share of the word
+tokens: its own mean lengths give 49.43 / (49.43 + 10.22) = 82.87%. The vocabulary coverage |V_recap| / |V_recap ∪
+V_orig| (an earlier, INFERRED reading of the sentence) is kept as a statistic. The CLIP-score share is INFERRED
+(PAPER.md §4: the paper's pairs sum to 100): per image softmax(100 * [cos(img, orig), cos(img, recap)]), averaged.
 
 Memory: bounded by the input's batch, not its length. Fixed-size length histograms (``--max-length`` + 2 bins per
 side and unit), running sums, and a vocabulary of at most ``--max-vocab`` distinct words (about 150 bytes each in
@@ -55,6 +44,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+
+# The loader internals this job reuses, all imported here (datamodules/ is being reshaped: fix their names here).
+from datamodules.shards import expand_urls
+from datamodules.sidecar import _expand_recap
+from datamodules.wds_stages import CountingHandler, ExtractCaptions, ReadShards, ShardSchedule, SkipStats, SourceSpec
 
 SIDES = ("original", "recaption")
 DEFAULT_SOURCES = ("original=txt", "recaption=sidecar:re_caption")
@@ -67,7 +62,7 @@ PAPER = {
     "clip_share_pct": {
         "CLIP-L (~428M)": {"original": 50.43, "recaption": 49.57},
         "LongCLIP-L": {"original": 10.09, "recaption": 89.91},
-    },  # fmt: skip
+    },
     "gpt4v_rating": {"original": 3.71, "recaption": 4.14},
 }
 
@@ -81,7 +76,7 @@ def words(text: str) -> list[str]:
 
 
 def n_words(text: str) -> int:
-    """Whitespace words, the unit of the schema's ``re_length`` / ``org_length`` (``experiments/recaption.py``)."""
+    """Whitespace words, the unit of the schema's ``re_length`` / ``org_length`` (``experiments/jobs/recaption.py``)."""
     return len(text.split())
 
 
@@ -123,8 +118,8 @@ class LengthHistogram:
         return (lo + hi) / 2
 
     def summary(self) -> dict[str, Any]:
-        return {"n": self.n, "mean": self.mean(), "median": self.median(), "max": self.max_seen,
-                "n_over_max_length": int(self.counts[-1])}  # fmt: skip
+        summary = {"n": self.n, "mean": self.mean(), "median": self.median(), "max": self.max_seen}
+        return summary | {"n_over_max_length": int(self.counts[-1])}
 
 
 @dataclass
@@ -274,16 +269,14 @@ class CaptionStats:
 
 def _judge_summary(ratings: list[int | None]) -> dict[str, Any]:
     rated = [r for r in ratings if r is not None]
-    return {"n": len(ratings), "n_rated": len(rated), "n_unparseable": len(ratings) - len(rated),
-            "mean": sum(rated) / len(rated) if rated else None}  # fmt: skip
+    mean = sum(rated) / len(rated) if rated else None
+    return {"n": len(ratings), "n_rated": len(rated), "n_unparseable": len(ratings) - len(rated), "mean": mean}
 
 
 # --------------------------------------------------------------------------------------------------------- inputs
 def iter_parquet(paths: Sequence[str], batch_rows: int = 8192) -> Iterator[dict[str, list]]:
     """Record batches (as column lists) of Recap-DataComp-1B-schema parquet files, one batch in memory at a time."""
     import pyarrow.parquet as pq
-
-    from datamodules.sidecar import _expand_recap
 
     for path in _expand_recap(list(paths)):
         f = pq.ParquetFile(path)
@@ -316,16 +309,6 @@ def add_parquet_batch(stats: CaptionStats, batch: dict[str, list], limit: int | 
 
 def iter_shard_samples(shards: str | Sequence[str], sources: Sequence[str], sidecar_dir: str | None) -> Iterator[dict]:
     """``{key, url, image_bytes, captions: {name: str | None}}`` in file order, through the loader's own stages."""
-    from datamodules.shards import expand_urls
-    from datamodules.wds_stages import (
-        CountingHandler,
-        ExtractCaptions,
-        ReadShards,
-        ShardSchedule,
-        SkipStats,
-        SourceSpec,
-    )
-
     specs = []
     for item in sources:
         name, sep, spec = item.partition("=")
@@ -336,9 +319,8 @@ def iter_shard_samples(shards: str | Sequence[str], sources: Sequence[str], side
     if sorted(names) != sorted(SIDES):
         raise ValueError(f"--sources must name exactly {list(SIDES)}, got {names}")
     stats = SkipStats(max_consecutive_drops=None)
-    urls = expand_urls(shards)
-    schedule = ShardSchedule(urls, seed=0, epoch=0, rank=0, world_size=1, worker=0, num_workers=1, mode="once",
-                             shuffle=False)  # fmt: skip
+    once = {"seed": 0, "epoch": 0, "rank": 0, "world_size": 1, "worker": 0, "num_workers": 1, "mode": "once"}
+    schedule = ShardSchedule(expand_urls(shards), **once, shuffle=False)
     yield from ExtractCaptions(specs, sidecar_dir, stats)(ReadShards(CountingHandler(stats))(schedule))
     if stats.counts:
         print(f"analyze: shard reader skipped / counted {dict(stats.counts)}", file=sys.stderr)
@@ -354,11 +336,7 @@ def _image_tensors(images: Sequence[Any]) -> list[Any]:
     """PIL images -> float (3, H, W) tensors in [0, 1]."""
     import torch
 
-    out = []
-    for im in images:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255)
-    return out
+    return [torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1) / 255 for im in images]
 
 
 def encode_images(scorer: Any, images: Sequence[Any]) -> Any:
@@ -368,18 +346,15 @@ def encode_images(scorer: Any, images: Sequence[Any]) -> Any:
 
     tensors = _image_tensors(images)
     feats: list[Any] = [None] * len(tensors)
-    by_size: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_size.setdefault(tuple(t.shape), []).append(i)
-    for idx in by_size.values():
+    for size in dict.fromkeys(t.shape for t in tensors):
+        idx = [i for i, t in enumerate(tensors) if t.shape == size]
         f = F.normalize(scorer.encode_image(torch.stack([tensors[i] for i in idx])).float(), dim=-1)
         for j, i in enumerate(idx):
             feats[i] = f[j]
     return torch.stack(feats)
 
 
-def score_pairs(stats: CaptionStats, scorer: Any, images: list, originals: list[str], recaptions: list[str],
-                scale: float = SHARE_SCALE) -> None:  # fmt: skip
+def score_pairs(stats: CaptionStats, scorer: Any, images: list, originals: list, recaptions: list, scale: float):
     """CLIP features of the images and both captions; adds the share (softmax over scale * cos) per image."""
     import torch.nn.functional as F
 
@@ -458,8 +433,7 @@ def analyze_shards(stats: CaptionStats, args: argparse.Namespace, scorer: Any = 
 
     def flush() -> None:
         if pending and scorer is not None:
-            score_pairs(stats, scorer, [p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending],
-                        args.share_scale)  # fmt: skip
+            score_pairs(stats, scorer, *map(list, zip(*pending, strict=True)), args.share_scale)
         pending.clear()
 
     for sample in iter_shard_samples(args.shards, args.sources, args.sidecar_dir):
@@ -536,67 +510,57 @@ def _f(v: Any, digits: int = 2) -> str:
 
 
 def summary_markdown(summary: dict[str, Any], command: str) -> str:
-    lines = ["# Caption analysis: original vs recaption (paper §4, Fig. 3)", "", "```bash", command, "```", "",
-             "![caption length histogram](lengths.png)", ""]  # fmt: skip
     paper = summary["paper"]
+    pm, pj, ps = paper["mean_words"], paper["gpt4v_rating"], paper["clip_share_pct"]
+    head = ["", "original", "recaption", "paper (original / recaption)"]
+    lines = ["# Caption analysis: original vs recaption (paper §4, Fig. 3)", "", "```bash", command, "```", ""]
+    lines += ["![caption length histogram](lengths.png)", ""]
     for name, s in summary["inputs"].items():
-        w = s["length_words"]
-        lines += [f"## {name}: {s['n_rows']:,} rows", "", "| | original | recaption | paper (original / recaption) |",
-                  "|---|---|---|---|"]  # fmt: skip
-        pm = paper["mean_words"]
-        lines.append(f"| mean length (words) | {_f(w['original']['mean'])} | {_f(w['recaption']['mean'])} | "
-                     f"{pm['original']} / {pm['recaption']} (unit not stated) |")  # fmt: skip
-        lines.append(f"| median length (words) | {_f(w['original']['median'], 1)} | {_f(w['recaption']['median'], 1)}"
-                     " | - |")  # fmt: skip
-        lines.append(f"| max length (words) | {_f(w['original']['max'])} | {_f(w['recaption']['max'])} | - |")
-        if "length_tokens" in s:
-            t = s["length_tokens"]
-            lines.append(f"| mean length (tokens) | {_f(t['original']['mean'])} | {_f(t['recaption']['mean'])} | - |")
-            lines.append(f"| median length (tokens) | {_f(t['original']['median'], 1)} | "
-                         f"{_f(t['recaption']['median'], 1)} | - |")  # fmt: skip
-        v = s["vocabulary"]
-        if "token_share_pct" in v:
-            ts = v["token_share_pct"]
-            lines.append(f"| share of the word tokens of both sets, % ({_f(sum(v['tokens'].values()))} words) | "
-                         f"{_f(ts['original'])} | {_f(ts['recaption'])} | - / "
-                         f"{paper['vocab_coverage_recaption_pct']} (= 49.43 / (49.43 + 10.22)) |")  # fmt: skip
-        lines.append(f"| vocabulary (distinct words) | {_f(v['size']['original'])} | {_f(v['size']['recaption'])} "
-                     f"| - |")  # fmt: skip
-        lines.append(f"| vocabulary coverage, % of the union ({_f(v['size']['union'])} words) | "
-                     f"{_f(v['coverage_pct']['original'])} | {_f(v['coverage_pct']['recaption'])} | - / "
-                     "- (an earlier INFERRED reading of the paper's 82.86%) |")  # fmt: skip
-        lines.append(f"| missing / empty captions | {_f(s['missing_caption']['original'])} | "
-                     f"{_f(s['missing_caption']['recaption'])} | - |")  # fmt: skip
-        c = s["clip_share"]
+        v, c = s["vocabulary"], s["clip_share"]
+
+        def row(label: str, values: dict[str, Any], ref: str = "-", digits: int = 2) -> list[str]:
+            return [label, *(_f(values[side], digits) for side in SIDES), ref]
+
+        rows = []
+        for unit, lengths in (("words", s["length_words"]), ("tokens", s.get("length_tokens"))):
+            if lengths is not None:
+                ref = f"{pm['original']} / {pm['recaption']} (unit not stated)" if unit == "words" else "-"
+                rows.append(row(f"mean length ({unit})", {x: lengths[x]["mean"] for x in SIDES}, ref))
+                rows.append(row(f"median length ({unit})", {x: lengths[x]["median"] for x in SIDES}, digits=1))
+                if unit == "words":
+                    rows.append(row("max length (words)", {x: lengths[x]["max"] for x in SIDES}))
+        share_ref = f"- / {paper['vocab_coverage_recaption_pct']} (= 49.43 / (49.43 + 10.22))"
+        label = f"share of the word tokens of both sets, % ({_f(sum(v['tokens'].values()))} words)"
+        rows.append(row(label, v["token_share_pct"], share_ref))
+        rows.append(row("vocabulary (distinct words)", v["size"]))
+        label = f"vocabulary coverage, % of the union ({_f(v['size']['union'])} words)"
+        rows.append(row(label, v["coverage_pct"], "- / - (an earlier INFERRED reading of the paper's 82.86%)"))
+        rows.append(row("missing / empty captions", s["missing_caption"]))
         if c is not None:
-            ps = paper["clip_share_pct"]
             ref = "; ".join(f"{k}: {x['original']} / {x['recaption']}" for k, x in ps.items())
-            lines.append(f"| CLIP-score share, % (INFERRED: softmax per image) | {_f(c['share_pct']['original'])} | "
-                         f"{_f(c['share_pct']['recaption'])} | {ref} |")  # fmt: skip
-            lines.append(f"| recaption scores higher, % of images | - | {_f(c['recaption_wins_pct'])} | - |")
+            rows.append(row("CLIP-score share, % (INFERRED: softmax per image)", c["share_pct"], ref))
+            rows.append(["recaption scores higher, % of images", "-", _f(c["recaption_wins_pct"]), "-"])
             if "mean_clip_score" in c:
-                m = c["mean_clip_score"]
-                lines.append(f"| mean CLIP score (100 · cos) | {_f(m['original'])} | {_f(m['recaption'])} | - |")
+                rows.append(row("mean CLIP score (100 · cos)", c["mean_clip_score"]))
         else:
-            lines.append("| CLIP-score share | no scores (give --clip FOLDER with shards, or a parquet with scores) "
-                         "| | |")  # fmt: skip
+            rows.append(["CLIP-score share", "no scores (give --clip FOLDER with shards, or a parquet with scores)"])
         if "judge" in s:
-            j = s["judge"]
-            pj = paper["gpt4v_rating"]
-            cell = {k: f"{_f(x['mean'])} ({x['n_rated']}/{x['n']} parseable)" for k, x in j.items()}
-            lines.append(f"| judge rating 1-5 ({summary.get('judge', '-')}) | {cell['original']} | {cell['recaption']}"
-                         f" | GPT-4V: {pj['original']} / {pj['recaption']} |")  # fmt: skip
-        lines.append("")
+            cell = {k: f"{_f(x['mean'])} ({x['n_rated']}/{x['n']} parseable)" for k, x in s["judge"].items()}
+            label = f"judge rating 1-5 ({summary.get('judge', '-')})"
+            rows.append([label, cell["original"], cell["recaption"], f"GPT-4V: {pj['original']} / {pj['recaption']}"])
+        table = pd.DataFrame(rows, columns=head).to_markdown(index=False, disable_numparse=True, missingval="")
+        lines += [f"## {name}: {s['n_rows']:,} rows", "", table, ""]
         if c is not None:
             lines += [f"CLIP share source: {s['clip_share_source']}; {c['n_pairs']:,} image pairs.", ""]
         if v["truncated"]:
-            lines += [f"Vocabulary capped at {summary['max_vocab']:,} words: {v['oov_tokens']:,} word occurrences "
-                      "past the cap were not added; coverage is on the truncated vocabulary.", ""]  # fmt: skip
-        tops = v["top_words"]
-        lines += ["Most frequent words: original — " + ", ".join(f"{w} ({n:,})" for w, n in tops["original"][:12]),
-                  "", "recaption — " + ", ".join(f"{w} ({n:,})" for w, n in tops["recaption"][:12]), ""]  # fmt: skip
-    lines += ["Definitions: " + "; ".join(f"{k}: {v}" for k, v in summary["definitions"].items()) + ".", "",
-              f"Memory bound: {summary['memory_bound']}"]  # fmt: skip
+            cap, oov = summary["max_vocab"], v["oov_tokens"]
+            lines.append(f"Vocabulary capped at {cap:,} words: {oov:,} word occurrences past the cap were not added; ")
+            lines[-1] += "coverage is on the truncated vocabulary."
+            lines.append("")
+        for side, prefix in zip(SIDES, ("Most frequent words: original — ", "recaption — "), strict=True):
+            lines += [prefix + ", ".join(f"{w} ({n:,})" for w, n in v["top_words"][side][:12]), ""]
+    lines += ["Definitions: " + "; ".join(f"{k}: {v}" for k, v in summary["definitions"].items()) + ".", ""]
+    lines.append(f"Memory bound: {summary['memory_bound']}")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -616,8 +580,8 @@ DEFINITIONS = {
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m experiments analyze", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", default=None, help="image shards (paths, braces, globs, dirs)")
-    parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES),
-                        help="NAME=SPEC for 'original' and 'recaption' (the DataModule's source specs)")  # fmt: skip
+    why = "NAME=SPEC for 'original' and 'recaption' (the DataModule's source specs)"
+    parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), help=why)
     parser.add_argument("--sidecar-dir", default=None, help="per-shard sidecars for sidecar:COLUMN sources")
     parser.add_argument("--recap", nargs="+", default=None, help="Recap-DataComp-1B-schema parquet files / globs")
     parser.add_argument("--out", required=True)
@@ -625,9 +589,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--share-scale", type=float, default=SHARE_SCALE, help="logit scale of the CLIP share")
     parser.add_argument("--tokenizer", default=None, help="HF tokenizer folder for lengths in tokens")
     parser.add_argument("--limit", type=int, default=None, help="at most N rows per input")
-    parser.add_argument("--judge", default=None,
-                        help="llava-hf folder answering the paper's rating prompt, or attributes:DIR (tiny world's "
-                        "pinned judge as a rater); on shards")  # fmt: skip
+    why = "on shards: a llava-hf folder answering the paper's rating prompt, or attributes:DIR (tiny world's judge)"
+    parser.add_argument("--judge", default=None, help=why)
     parser.add_argument("--judge-limit", type=int, default=8, help="images rated by the judge (both captions)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per CLIP batch")
     parser.add_argument("--max-length", type=int, default=512, help="histogram bins (longer: one overflow bin)")
@@ -657,9 +620,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m experiments analyze " + " ".join(
-        _quote(a) for a in (argv if argv is not None else sys.argv[2:])
-    )
+    quoted = (f"'{a}'" if any(c in a for c in "*?{} ") else a for a in (argv if argv is not None else sys.argv[2:]))
+    command = "python -m experiments analyze " + " ".join(quoted)
     summary = {
         "inputs": {name: s.summary() for name, s in results.items()},
         "paper": PAPER,
@@ -676,7 +638,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (out / "summary.md").write_text(summary_markdown(summary, command))
     print((out / "summary.md").read_text())
     return summary
-
-
-def _quote(arg: str) -> str:
-    return f"'{arg}'" if any(c in arg for c in "*?{} ") else arg

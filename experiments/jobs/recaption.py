@@ -1,40 +1,39 @@
 """``python -m experiments recaption``: recaption image shards with a llava-hf captioner, exactly once, resumably.
 
-The unit of work is a shard (or a slice of one, ``--slice-size``). Each unit's captions go to
-``<out>/<unit>.parquet`` in the Recap-DataComp-1B schema plus provenance columns, written to a temporary file and
-published with ``link(2)``, so a unit's output exists complete or not at all, and never twice. A (re)started process
-lists the unfinished units and claims them one at a time on the output folder (``<out>/_claims/<unit>.claim``, with
-owner and heartbeat; expired claims are taken over), so any number of processes, started and killed in any way,
-finish every unit exactly once; ``rank``/``world_size`` (torchrun's and SLURM's variables, or flags) only decide
-where each process starts. A restart also removes the temporary files of writers that are gone. ``merge`` then
-checks that every key occurs once (or keeps the first, ``--on-duplicate first``) and writes the dataset-level
-parquet, which ``python -m experiments sidecars --recap`` joins onto the shards for the caption-mix DataModule.
+The unit of work is a shard (or a slice of one, ``--slice-size``); its captions go to ``<out>/<unit>.parquet`` in the
+Recap-DataComp-1B schema plus provenance columns, published with ``link(2)``: complete or not at all, never twice.
+Processes claim units on the output folder (``<out>/_claims``, with heartbeats; expired claims are taken over), so any
+number of them, started and killed in any way, finish every unit exactly once; ``rank``/``world_size`` only decide
+where each starts. ``merge`` checks that every key occurs once and writes the dataset-level parquet, which
+``python -m experiments sidecars --recap`` joins onto the shards. The design: ``docs/recaption.md``.
 
     python -m experiments recaption run --model runs/tiny/captioner/hf --shards 'data/world/web/*.tar' \
         --out data/world/recap_llava
     python -m experiments recaption merge --out data/world/recap_llava
 
-Decoding is the paper's: greedy, at most 128 new tokens, the recaption prompt, batched with left padding and the KV
-cache, stopping at the end-of-turn token. Empty captions and repetition loops are decoded once more with a
-repetition penalty (``retried``); what still fails is kept out of ``re_caption`` and flagged (``status`` ``flagged``,
-the reason and the text in ``error``). A sample whose image cannot be decoded becomes a row with ``status`` ``error``
-and the reason; the job goes on.
+Decoding is the paper's (greedy, at most 128 new tokens, batched, stopping at the end-of-turn token). Empty captions
+and repetition loops are decoded once more with a repetition penalty, then flagged (``status`` ``flagged``); an image
+that cannot be decoded becomes a row with ``status`` ``error`` and the reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import errno
 import functools
 import glob
 import hashlib
+import inspect
 import io
 import json
 import os
 import re
 import socket
 import sys
+import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -42,14 +41,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+from webdataset.tariterators import base_plus_ext
 
 from datamodules.checks import ConfigError, check_path, check_sample_limits, check_shards
 from datamodules.formats import RECAP_SCHEMA
-from datamodules.io import TMP_MARK, atomic_write, node_id, parse_temp_name, process_start, temp_path
-from datamodules.shards import local_rank, rank_world, shard_stem
-from datamodules.wds_stages import DEFAULT_MAX_IMAGE_PIXELS, MIN_IMAGE_SIZE
+from datamodules.io import TMP_MARK, _fsync_path, atomic_write, node_id, parse_temp_name, process_start, temp_path
+from datamodules.shards import expand_urls, local_rank, rank_world, shard_stem
+
+# The loader internals this job reuses, all imported here (datamodules/ is being reshaped: fix their names here).
+# count_samples (datamodules.caption_mix, which imports lightning: seconds per process) is imported in _stats_count.
+from datamodules.wds_stages import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_MEMBERS,
+    MIN_IMAGE_SIZE,
+    ImageRejected,
+    ReadShards,
+    SampleLimits,
+    decode_image,
+    iter_tar_members,
+    open_shard,
+)
 from lightning_modules.components.llava import (
     PAPER_RECAPTION_PROMPT,
     Generated,
@@ -60,27 +75,28 @@ from lightning_modules.components.llava import (
 
 PAPER_PROMPT = PAPER_RECAPTION_PROMPT
 PROVENANCE = pa.schema(
-    [
-        ("model", pa.string()),
-        ("model_hash", pa.string()),
-        ("prompt", pa.string()),
-        ("decoding", pa.string()),
-        ("n_generated_tokens", pa.int64()),
-        ("hit_token_limit", pa.bool_()),
-        ("retried", pa.bool_()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-    ]
+    [(name, pa.string()) for name in ("model", "model_hash", "prompt", "decoding")]
+    + [("n_generated_tokens", pa.int64()), ("hit_token_limit", pa.bool_()), ("retried", pa.bool_())]
+    + [("status", pa.string()), ("error", pa.string())]
 )
 SCHEMA = pa.schema(list(RECAP_SCHEMA) + list(PROVENANCE))
 MANIFEST = "_manifest.jsonl"
+INPUT_ERRORS = "recap_suite.input_errors"  # unit-table metadata: what of the input could not become a row
+SLICE_SIZE = b"recap_suite.slice_size"  # slice-output metadata: a later run keeps the split (shard_units)
+RETRY_REPETITION_PENALTY = 1.3
+DTYPES = ("bfloat16", "float16", "float32")
+ON_DUPLICATE = ("error", "first")
+# the device strings the backends use (`.to(device)`; vLLM's `cuda:N` -> CUDA_VISIBLE_DEVICES), matched by pattern so
+# that checking a config does not import torch
+_DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
+_PART = re.compile(r"^(?P<stem>.+)\.part(?P<part>\d{5})-of-(?P<parts>\d{5})$")
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One unit of work: a whole shard (``part is None``) or slice ``part`` of ``parts`` of it. A slice covers the
-    shard's samples ``[part * size, (part + 1) * size)`` in tar order; the last slice runs to the shard's end, so a
-    sample count that is off (stats files can be) never loses a sample."""
+    """One unit of work: a whole shard (``part is None``) or slice ``part`` of ``parts`` of it, the shard's samples
+    ``[part * size, (part + 1) * size)`` in tar order; the last slice runs to the shard's end, so a sample count that
+    is off (stats files can be) never loses a sample."""
 
     url: str
     part: int | None = None
@@ -101,38 +117,44 @@ class Unit:
         return None if self.part is None or self.part == self.parts - 1 else (self.part + 1) * self.size
 
 
-_PART = re.compile(r"^(?P<stem>.+)\.part(?P<part>\d{5})-of-(?P<parts>\d{5})$")
+def _slices(out: Path, stem: str) -> dict[Path, re.Match]:
+    """The slice outputs of shard ``stem`` in ``out`` (sorted), each with its parsed name."""
+    found = ((p, _PART.match(p.stem)) for p in sorted(out.glob(f"{glob.escape(stem)}.part*-of-*.parquet")))
+    return {p: m for p, m in found if m and m["stem"] == stem}
 
 
-def shard_sample_count(url: str) -> int:
-    """Samples in a shard: img2dataset's ``_stats.json``/``.parquet`` when present, else by reading the tar once."""
+def _stats_count(url: str) -> int | None:
+    """Samples in a shard from img2dataset's ``_stats.json`` / ``.parquet``; None without a well-formed one."""
     from datamodules.caption_mix import count_samples
 
     try:
         return count_samples([url])
-    except Exception:  # no stats file, or a malformed one (e.g. "successes": null): count by reading the tar
-        return sum(1 for _ in _samples(url, []))
+    except Exception:  # no stats file, or a malformed one (e.g. "successes": null)
+        return None
+
+
+def shard_sample_count(url: str) -> int:
+    """Samples in a shard: from its stats files when present, else by reading the tar once."""
+    n = _stats_count(url)
+    return n if n is not None else sum(1 for _ in _samples(url, []))
 
 
 def shard_units(url: str, out: Path, slice_size: int | None) -> list[Unit]:
     """The units of one shard. ``slice_size`` splits huge shards; a shard already (partly) done under another split
     keeps that split, so restarts with another ``slice_size`` never produce overlapping outputs."""
     stem = shard_stem(url)
-    existing = {m["parts"] for p in out.glob(f"{glob.escape(stem)}.part*-of-*.parquet") if (m := _PART.match(p.stem))
-                and m["stem"] == stem}  # fmt: skip
-    if (out / f"{stem}.parquet").exists() or (not existing and slice_size is None):
+    slices = _slices(out, stem)
+    splits = {m["parts"] for m in slices.values()}
+    if (out / f"{stem}.parquet").exists() or (not splits and slice_size is None):
         return [Unit(url)]
-    if len(existing) > 1:
-        raise ValueError(f"{out}: shard {stem} has slice outputs of different splits {sorted(existing)}; "
-                         f"delete one set and rerun")  # fmt: skip
-    if existing:
-        parts = int(existing.pop())
-        done = next(out.glob(f"{glob.escape(stem)}.part*-of-{parts:05d}.parquet"))
-        size = int(pq.read_schema(done).metadata[b"recap_suite.slice_size"])
+    if len(splits) > 1:
+        raise ValueError(
+            f"{out}: shard {stem} has slice outputs of different splits {sorted(splits)}; delete one set and rerun"
+        )
+    if splits:
+        parts, size = int(splits.pop()), int(pq.read_schema(next(iter(slices))).metadata[SLICE_SIZE])
     else:
-        count = shard_sample_count(url)
-        size = slice_size
-        parts = max(1, -(-count // size))
+        parts, size = max(1, -(-shard_sample_count(url) // slice_size)), slice_size
         if parts == 1:
             return [Unit(url)]
     return [Unit(url, k, parts, size) for k in range(parts)]
@@ -144,8 +166,18 @@ def pending_units(urls: Sequence[str], out: Path, rank: int, world: int, slice_s
     Rank and world size only order the work; the claims (``ClaimBoard``) decide who does a unit."""
     units = [u for url in urls for u in shard_units(url, out, slice_size)]
     todo = sorted((u for u in units if not (out / f"{u.name}.parquet").exists()), key=lambda u: u.name)
-    mine = todo[rank::world]
-    return mine + [u for i, u in reversed(list(enumerate(todo))) if i % world != rank]
+    return todo[rank::world] + [u for i, u in reversed(list(enumerate(todo))) if i % world != rank]
+
+
+def _expected_images(units: Sequence[Unit]) -> int | None:
+    """Images in these units from the shards' stats files, for the bar's total and ETA (None when unknown)."""
+    total = 0
+    for u in units:
+        n = _stats_count(u.url)
+        if n is None:
+            return None
+        total += (n if u.stop is None else min(n, u.stop)) - u.start
+    return max(total, 0)
 
 
 def model_hash(model_dir: str) -> str:
@@ -173,25 +205,21 @@ def degenerate(text: str) -> str | None:
     return None
 
 
-RETRY_REPETITION_PENALTY = 1.3
-
-
 class HFBackend:
     """Batched greedy captions with transformers (CPU or GPU): left padding, attention mask, KV cache."""
 
     name = "hf"
 
-    def __init__(self, model_dir: str, prompt: str, max_new_tokens: int, device: str | None = None,
-                 dtype: str | None = None, trust_remote_code: bool = False):  # fmt: skip
+    def __init__(
+        self, model_dir: str, prompt: str, max_new_tokens: int, device=None, dtype=None, trust_remote_code=False
+    ):
         import torch
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         # one process per GPU (torchrun / srun): LOCAL_RANK picks the card
         self.device = device or (f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
-        torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype or "")
-        self.model = LlavaForConditionalGeneration.from_pretrained(
-            model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        ).to(self.device).eval()  # fmt: skip
+        kwargs = {"dtype": getattr(torch, dtype) if dtype in DTYPES else None, "trust_remote_code": trust_remote_code}
+        self.model = LlavaForConditionalGeneration.from_pretrained(model_dir, **kwargs).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.prompt_text = caption_prompt_text(self.processor.tokenizer, prompt)
         self.max_new_tokens = max_new_tokens
@@ -212,15 +240,21 @@ def vllm_prompt_text(tokenizer: Any, prompt: str) -> str:
 
 
 class VLLMBackend:
-    """Greedy captions with vLLM (GPU only; ``pip install 'recap-suite[vllm]'``): continuous batching and paged KV
-    cache. Same prompt tokens, stop tokens and token limit as ``hf``, so the two give the same greedy captions up to
-    kernel numerics. One process per GPU: ``LOCAL_RANK`` picks the card through ``CUDA_VISIBLE_DEVICES``."""
+    """Greedy captions with vLLM (GPU only; ``pip install 'recap-suite[vllm]'``): the same prompt tokens, stop tokens
+    and token limit as ``hf``. ``LOCAL_RANK`` picks the card; ``engine``: more ``vllm.LLM`` arguments."""
 
     name = "vllm"
 
-    def __init__(self, model_dir: str, prompt: str, max_new_tokens: int, device: str | None = None,
-                 dtype: str | None = None, trust_remote_code: bool = False, max_num_seqs: int = 256,
-                 gpu_memory_utilization: float = 0.9):  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str,
+        prompt: str,
+        max_new_tokens: int,
+        device=None,
+        dtype=None,
+        trust_remote_code=False,
+        **engine,
+    ):
         try:
             import vllm
         except ImportError as exn:
@@ -234,19 +268,15 @@ class VLLMBackend:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.prompt_text = vllm_prompt_text(tok, prompt)
         self.eos = eos_token_ids(tok)
-        self.max_new_tokens = max_new_tokens
+        self.params = {"temperature": 0.0, "max_tokens": max_new_tokens, "stop_token_ids": self.eos}
         self._sampling = vllm.SamplingParams
+        defaults = {"seed": 0, "max_num_seqs": 256, "gpu_memory_utilization": 0.9, "limit_mm_per_prompt": {"image": 1}}
         self.llm = vllm.LLM(
-            model=model_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code, seed=0,
-            limit_mm_per_prompt={"image": 1}, max_num_seqs=max_num_seqs,
-            gpu_memory_utilization=gpu_memory_utilization,
-        )  # fmt: skip
+            model=model_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code, **defaults | engine
+        )
 
     def generate(self, images: Sequence[Any], repetition_penalty: float | None = None) -> list[Generated]:
-        params = self._sampling(
-            temperature=0.0, max_tokens=self.max_new_tokens, stop_token_ids=self.eos, skip_special_tokens=True,
-            repetition_penalty=repetition_penalty or 1.0,
-        )  # fmt: skip
+        params = self._sampling(**self.params, skip_special_tokens=True, repetition_penalty=repetition_penalty or 1.0)
         requests = [{"prompt": self.prompt_text, "multi_modal_data": {"image": im}} for im in images]
         results = []
         for req in self.llm.generate(requests, params, use_tqdm=False):
@@ -261,7 +291,7 @@ BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
 
 
 def _samples(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
-    from datamodules.wds_stages import ReadShards
+    """The shard's samples as the training loader reads them; read errors are appended to ``errors``."""
 
     def handler(exn: Exception) -> bool:
         errors.append(f"{type(exn).__name__}: {exn}")
@@ -270,13 +300,9 @@ def _samples(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
     yield from ReadShards(handler)([{"url": url}])
 
 
-def _image(sample: dict[str, Any], limits: Any = None) -> Any:
-    """The sample's image as RGB, decoded as the training loader does (``wds_stages.decode_image``: pixel-bomb and
-    tiny-image limits of ``limits``, a ``SampleLimits``, 16-bit and transparent images normalised); raises naming
-    what is wrong."""
-    from datamodules.wds_stages import IMAGE_MEMBERS, ImageRejected, SampleLimits, decode_image
-
-    limits = limits or SampleLimits()
+def _image(sample: dict[str, Any], limits: SampleLimits) -> Any:
+    """The sample's image as RGB, decoded as the training loader does (pixel-bomb and tiny-image limits, 16-bit and
+    transparent images normalised); raises naming what is wrong."""
     for ext in IMAGE_MEMBERS:
         if ext in sample:
             try:
@@ -290,7 +316,7 @@ def _words(s: str | None) -> int | None:
     return len(s.split()) if s is not None else None
 
 
-def _metadata(raw: bytes, key: str, fields: Sequence[str] = ("url", "sha256", "caption")) -> dict[str, Any]:
+def _metadata(raw: bytes, key: str, fields: Sequence[str]) -> dict[str, Any]:
     """A sample's ``KEY.json`` as a dict; raises ValueError naming ``KEY.json`` and what is wrong when it is not
     UTF-8 JSON, not an object, nested too deep to parse, or one of ``fields`` (those a row takes) is not text."""
     try:
@@ -306,50 +332,52 @@ def _metadata(raw: bytes, key: str, fields: Sequence[str] = ("url", "sha256", "c
     return meta
 
 
+def _base_row(sample: dict[str, Any], provenance: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The sample's row without the caption, and why its metadata cannot be read (None when it can)."""
+    key = sample["__key__"]
+    org = sample["txt"].decode("utf-8", "replace") if "txt" in sample else None
+    fields = ("url", "sha256") if org is not None else ("url", "sha256", "caption")  # its caption: without txt
+    meta, problem = {}, None
+    if "json" in sample:
+        try:
+            meta = _metadata(sample["json"], key, fields)
+        except ValueError as exn:
+            problem = str(exn)
+    org = org if org is not None else meta.get("caption")
+    row = {
+        "url": meta.get("url"),
+        "org_caption": org,
+        "sha256": meta.get("sha256"),
+        "key": key,
+        "org_length": _words(org),
+    }
+    scores = dict.fromkeys(("re_clip_score", "org_clip_score", "re_gpt4v_score", "org_gpt4v_score"))
+    return row | scores | provenance, problem
+
+
 def _error_row(row: dict[str, Any], why: str) -> dict[str, Any]:
     """``row`` as a complete ``error`` row (no caption, no tokens) with the reason ``why``."""
-    row.update(re_caption=None, re_length=None, n_generated_tokens=0, hit_token_limit=False, retried=False,
-               status="error", error=why)  # fmt: skip
+    row.update(re_caption=None, re_length=None, n_generated_tokens=0, hit_token_limit=False, retried=False)
+    row.update(status="error", error=why)
     return row
 
 
 def recaption_unit(
-    unit: Unit | str,
-    backend: Any,
-    batch_size: int,
-    provenance: dict[str, Any],
-    progress: Callable[[int, int], None] | None = None,
-    limits: Any = None,
+    unit: Unit | str, backend: Any, batch_size: int, provenance: dict, progress=None, limits=None
 ) -> pa.Table:
     """Caption one unit (a shard or a slice of one); every sample becomes exactly one row (a caption, or status
-    ``error`` and the reason). ``progress(images, generated_tokens)`` is called after each batch.
+    ``error`` and the reason). ``progress(images, generated_tokens)`` is called after each batch; ``limits``: the
+    loader's ``SampleLimits``.
 
-    What cannot be a row is listed in the table's schema metadata ``recap_suite.input_errors`` (json; ``run`` copies
-    it into the manifest): a key repeated within the shard (its later copies are skipped, so ``merge`` still sees
-    every key once) and damage that ended the shard early (truncated tar, failed ``pipe:``)."""
+    What cannot be a row is listed in the table's schema metadata ``INPUT_ERRORS`` (json; ``run`` copies it into the
+    manifest): a key repeated within the shard (its later copies are skipped, so ``merge`` still sees every key once)
+    and damage that ended the shard early (truncated tar, failed ``pipe:``)."""
     unit = Unit(unit) if isinstance(unit, str) else unit
-    url = unit.url
+    limits = limits or SampleLimits()
     rows: list[dict[str, Any]] = []
     batch: list[tuple[dict[str, Any], Any]] = []
     errors: list[str] = []
     seen: set[str] = set()
-
-    def base(sample: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-        """The sample's row without the caption, and why its metadata cannot be read (None when it can)."""
-        key = sample["__key__"]
-        org = sample["txt"].decode("utf-8", "replace") if "txt" in sample else None
-        fields = ("url", "sha256") if org is not None else ("url", "sha256", "caption")  # its caption: without txt
-        meta, problem = {}, None
-        if "json" in sample:
-            try:
-                meta = _metadata(sample["json"], key, fields)
-            except ValueError as exn:
-                problem = str(exn)
-        org = org if org is not None else meta.get("caption")
-        row = {"url": meta.get("url"), "org_caption": org, "sha256": meta.get("sha256"), "key": key,
-               "re_clip_score": None, "org_clip_score": None, "org_length": _words(org), "re_gpt4v_score": None,
-               "org_gpt4v_score": None, **provenance}  # fmt: skip
-        return row, problem
 
     def flush() -> None:
         if not batch:
@@ -372,7 +400,7 @@ def recaption_unit(
             progress(len(batch), sum(g.n_tokens for g in results))
         batch.clear()
 
-    for index, sample in enumerate(_samples(url, errors)):
+    for index, sample in enumerate(_samples(unit.url, errors)):
         if index < unit.start:  # an earlier slice's sample: skipped without decoding
             continue
         if unit.stop is not None and index >= unit.stop:
@@ -381,7 +409,7 @@ def recaption_unit(
             errors.append(f"duplicate key {sample['__key__']} (sample {index}) skipped")
             continue
         seen.add(sample["__key__"])
-        row, problem = base(sample)
+        row, problem = _base_row(sample, provenance)
         if problem is not None:  # unreadable metadata: still one complete row, keyed, with the reason
             rows.append(_error_row(row, f"metadata: {problem}"))
             continue
@@ -394,12 +422,9 @@ def recaption_unit(
     flush()
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     if errors:  # a damaged shard: the samples read before the damage are kept; the damage is recorded
-        print(f"recaption: {url}: {'; '.join(errors)}", file=sys.stderr)
+        print(f"recaption: {unit.url}: {'; '.join(errors)}", file=sys.stderr)
         table = table.replace_schema_metadata({INPUT_ERRORS: json.dumps(errors)})
     return table
-
-
-INPUT_ERRORS = "recap_suite.input_errors"
 
 
 def input_errors(table: pa.Table) -> list[str]:
@@ -408,58 +433,15 @@ def input_errors(table: pa.Table) -> list[str]:
     return json.loads(raw) if raw else []
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-
-
-def _append_manifest(out: Path, record: dict[str, Any]) -> None:
-    with open(out / MANIFEST, "a") as f:  # one short O_APPEND write per finished unit
-        f.write(json.dumps(record) + "\n")
-
-
-class _Progress:
-    """A tqdm bar over images with generated tokens/s beside it; per-unit lines above it (``tqdm.write``). Off a
-    terminal (SLURM logs) it refreshes every 30 s instead of every 0.5 s."""
-
-    def __init__(self, total: int | None, desc: str):
-        from tqdm.auto import tqdm
-
-        tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total, desc=desc, unit="img", mininterval=0.5 if tty else 30.0, dynamic_ncols=True,
-                        smoothing=0.05)  # fmt: skip
-        self.tokens, self.t0 = 0, time.perf_counter()
-
-    def __call__(self, images: int, tokens: int) -> None:
-        self.tokens += tokens
-        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.t0, 1e-9):,.0f} tok/s", refresh=False)
-        self.bar.update(images)
-
-    def write(self, line: str) -> None:
-        self.bar.write(line)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _expected_images(units: Sequence[Unit]) -> int | None:
-    """Images in these units from the shards' stats files, for the bar's total and ETA (None when unknown)."""
-    from datamodules.caption_mix import count_samples
-
-    total = 0
-    for u in units:
-        try:
-            n = count_samples([u.url])
-        except Exception:  # no stats file, or a malformed one: the bar shows no total, the job goes on
-            return None
-        total += n if u.part is None else (min(n, u.stop) if u.stop is not None else n) - u.start
-    return max(total, 0)
-
-
 # --------------------------------------------------------------------------------- claims: who works on which unit
 CLAIMS = "_claims"  # <out>/_claims/<unit>.claim: the unit is being worked on by the process named inside
 DEFAULT_CLAIM_TTL = 300.0  # seconds without a heartbeat after which a claim is expired (heartbeat: every ttl / 10)
 _STARTED_AT = time.time()  # about when this process started (the claim records it for people; pids use /proc)
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _owner_gone(node: str | None, pid: Any, start: Any) -> bool | None:
@@ -480,13 +462,17 @@ def _owner_gone(node: str | None, pid: Any, start: Any) -> bool | None:
     return _is_int(start) and start > 0 and now != start
 
 
+def _write_synced(f: Any, content: bytes) -> None:
+    f.write(content)
+    f.flush()
+    os.fsync(f.fileno())
+
+
 class _Claim:
     """A claim this process holds on one unit: a heartbeat thread refreshes the claim file's mtime every
     ``interval`` seconds and notices when the file is no longer this claim (taken over after it expired)."""
 
     def __init__(self, path: Path, token: str, interval: float):
-        import threading
-
         self.path, self.token, self.lost = path, token, False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(interval,), name=f"claim {path.stem}", daemon=True)
@@ -518,15 +504,9 @@ class _Claim:
 
 
 class ClaimBoard:
-    """Claims on the units of one output folder, so that any number of processes, started and killed in any way,
-    work on each unit one at a time and finish every unit (docs/recaption.md, "Claims").
-
-    A claim is ``<out>/_claims/<unit>.claim``, made atomically with its content (json: host, node, pid, process
-    start, token) by ``link(2)`` of a private file (``O_EXCL`` where the file system has no hard links). Its mtime is
-    the heartbeat. It is expired when its owner is gone (same node: pid dead, exited or reused) or its heartbeat is
-    older than ``ttl`` seconds; an expired claim is moved aside (one ``rename`` wins) and a fresh one made. The
-    output itself is published with ``link(2)``, which never replaces an existing file: even two processes that both
-    believe they hold a unit (one paused past ``ttl``) publish it once."""
+    """Claims on the units of one output folder: ``<out>/_claims/<unit>.claim``, made atomically by ``link(2)`` of a
+    private file, its mtime the heartbeat, expired when its owner is gone or its heartbeat older than ``ttl`` seconds
+    (docs/recaption.md, "Exactly once, under any restart")."""
 
     def __init__(self, out: Path, ttl: float = DEFAULT_CLAIM_TTL, log: Callable[[str], None] | None = None):
         self.dir = Path(out) / CLAIMS
@@ -535,8 +515,9 @@ class ClaimBoard:
         self.heartbeat = self.ttl / 10
         self.poll = min(max(self.ttl / 60, 0.2), 10.0)  # how often a process waiting for others' claims looks again
         self.log = log or (lambda line: None)
-        self.me = {"host": socket.gethostname(), "node": node_id(), "pid": os.getpid(),
-                   "start": process_start(os.getpid()) or 0, "started_at": round(_STARTED_AT, 3)}  # fmt: skip
+        start = process_start(os.getpid()) or 0
+        self.me = {"host": socket.gethostname(), "node": node_id(), "pid": os.getpid(), "start": start}
+        self.me["started_at"] = round(_STARTED_AT, 3)
 
     def path(self, unit: str) -> Path:
         return self.dir / f"{unit}.claim"
@@ -566,9 +547,7 @@ class ClaimBoard:
         private = temp_path(path)  # names this process, so a sweep can remove it if this process dies here
         try:
             with open(private, "xb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
+                _write_synced(f, content)
             try:
                 os.link(private, path)
                 return True
@@ -582,9 +561,7 @@ class ClaimBoard:
             except FileExistsError:
                 return False
             with os.fdopen(fd, "wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
+                _write_synced(f, content)
             return True
         finally:
             private.unlink(missing_ok=True)
@@ -606,8 +583,9 @@ class ClaimBoard:
             return False
         grave.unlink(missing_ok=True)
         if judged is not None:
-            self.log(f"recaption: took over the expired claim on {path.stem} of {judged.get('host')} pid "
-                     f"{judged.get('pid')}")  # fmt: skip
+            self.log(
+                f"recaption: took over the expired claim on {path.stem} of {judged.get('host')}:{judged.get('pid')}"
+            )
         return True
 
     def acquire(self, unit: str) -> _Claim | None:
@@ -615,11 +593,8 @@ class ClaimBoard:
         path = self.path(unit)
         for _ in range(3):  # a look first: a process waiting on live claims writes nothing
             current = self.read(path)
-            if current is not None:
-                if not self.expired(*current):
-                    return None
-                if not self._move_aside(path, current[0]):
-                    return None
+            if current is not None and (not self.expired(*current) or not self._move_aside(path, current[0])):
+                return None
             token = uuid.uuid4().hex
             content = json.dumps(self.me | {"unit": unit, "token": token, "claimed_at": round(time.time(), 3)})
             if self._create(path, content.encode()):
@@ -673,8 +648,6 @@ def _publish(table: pa.Table, path: Path) -> bool:
     """Write ``table`` to ``path`` unless ``path`` exists: a temporary beside it (named after this process), fsync,
     then ``link(2)``, which never replaces a file, so of two copies of a unit the first stays. True when this call
     published it. Where the file system has no hard links: exists-check and rename (a narrow window remains)."""
-    from datamodules.io import _fsync_path
-
     tmp = temp_path(path)
     try:
         pq.write_table(table, tmp)
@@ -694,37 +667,6 @@ def _publish(table: pa.Table, path: Path) -> bool:
         return True
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _do_unit(unit: Unit, out: Path, engine: Any, batch_size: int, provenance: dict[str, Any], bar: Any, limits: Any,
-             claim: _Claim, who: dict[str, Any]) -> tuple[int, int, int, float] | None:  # fmt: skip
-    """Caption ``unit``, publish its output and log it in the manifest; (rows, errors, tokens, seconds), or None when
-    the claim was lost meanwhile or another copy was published first (nothing is written then)."""
-    t0 = time.perf_counter()
-    table = recaption_unit(unit, engine, batch_size, provenance, bar, limits)
-    if unit.part is not None:  # a later run keeps this split (shard_units)
-        meta = dict(table.schema.metadata or {})
-        table = table.replace_schema_metadata({**meta, b"recap_suite.slice_size": str(unit.size).encode()})
-    # the manifest record is made before the output is published: once the parquet exists, nothing but the append
-    # itself stands between it and its manifest line
-    n_err = sum(s != "ok" for s in table.column("status").to_pylist())
-    tokens = sum(n or 0 for n in table.column("n_generated_tokens").to_pylist())
-    record = {"unit": unit.name, "url": unit.url, "rows": table.num_rows, "errors": n_err, "tokens": tokens}
-    if problems := input_errors(table):
-        record["input_errors"] = problems
-    if not claim.held():  # taken over after it expired (this process was paused, or its heartbeats were lost)
-        return None
-    try:
-        published = _publish(table, out / f"{unit.name}.parquet")
-    except FileNotFoundError:  # the temporary was removed: another process judged this writer gone
-        if claim.held():
-            raise
-        return None
-    if not published:
-        return None
-    dt = time.perf_counter() - t0
-    _append_manifest(out, record | {"seconds": round(dt, 3)} | who)
-    return table.num_rows, n_err, tokens, dt
 
 
 def run(
@@ -747,24 +689,10 @@ def run(
     claim_ttl: float = DEFAULT_CLAIM_TTL,
 ) -> dict[str, Any]:
     """Caption unfinished units, claiming each on the output folder (``ClaimBoard``), until every unit is finished
-    (by this process or others); returns this process's totals (units, rows, errors, tokens, seconds).
-
-    ``rank`` / ``world_size`` (else ``RANK`` / ``WORLD_SIZE`` or SLURM's) only order the work: this process starts
-    with every ``world_size``-th unfinished unit from ``rank`` on, then takes the others' from their end, so processes
-    with distinct ranks rarely meet, and processes with the same rank (an operator error) or without any still
-    finish every unit once. While all unfinished units are claimed by live processes it waits for them to finish
-    or their claims to expire (``claim_ttl`` seconds without a heartbeat). ``min_image_size`` / ``max_image_pixels``:
-    the training loader's image limits (``SampleLimits``; None = off): a rejected image becomes an ``error`` row
-    naming the limit."""
-    from datamodules.shards import expand_urls
-    from datamodules.wds_stages import SampleLimits
-
-    problems = run_config_problems(
-        {"model": model, "shards": shards, "out": out, "prompt": prompt, "max_new_tokens": max_new_tokens,
-         "batch_size": batch_size, "rank": rank, "world_size": world_size, "device": device, "dtype": dtype,
-         "backend": backend, "slice_size": slice_size, "trust_remote_code": trust_remote_code, "progress": progress,
-         "min_image_size": min_image_size, "max_image_pixels": max_image_pixels, "claim_ttl": claim_ttl}
-    )  # fmt: skip
+    (by this process or others, waiting for live claims); returns this process's totals (units, rows, errors, tokens,
+    seconds). ``rank`` / ``world_size`` (else ``RANK`` / ``WORLD_SIZE`` or SLURM's) only order the work
+    (``pending_units``). ``min_image_size`` / ``max_image_pixels``: the training loader's image limits (None = off)."""
+    problems = run_config_problems(dict(locals()))  # locals() here: exactly the arguments (RUN_KEYS)
     if problems:  # before the model loads or `out` is created (main reports them all, with where each was set)
         raise ConfigError(*problems[0])
     out = Path(out)
@@ -777,8 +705,18 @@ def run(
     todo = pending_units(urls, out, rank, world, slice_size)
     first = todo[: len(range(rank, len(todo), world))]  # this rank's share, which it starts with
     tag = f"[{rank}/{world} {socket.gethostname()}:{os.getpid()}]"
-    bar = _Progress(_expected_images(first), f"recaption {tag}") if progress else None
-    log = bar.write if bar is not None else functools.partial(print, flush=True)
+    total = _expected_images(first) if progress else None
+    every = 0.5 if sys.stderr.isatty() else 30.0  # off a terminal (SLURM logs) the bar refreshes every 30 s
+    bar = tqdm(total=total, desc=f"recaption {tag}", unit="img", disable=not progress, mininterval=every)
+    log = bar.write if progress else functools.partial(print, flush=True)
+    tokens_made = 0
+
+    def advance(images: int, tokens: int) -> None:
+        nonlocal tokens_made
+        tokens_made += tokens
+        bar.set_postfix_str(f"{tokens_made / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s", refresh=False)
+        bar.update(images)
+
     board = ClaimBoard(out, claim_ttl, log)
 
     def done(unit_name: str) -> bool:
@@ -786,57 +724,84 @@ def run(
 
     swept = board.sweep(out, done)
     if any(swept.values()):
-        log(f"recaption {tag}: removed {swept['temporaries']} temporary outputs and {swept['claims']} claims left by "
-            f"processes that are gone")  # fmt: skip
+        log(f"recaption {tag}: removed {swept['temporaries']} temporaries, {swept['claims']} claims of processes gone")
     limits = SampleLimits(min_image_size=min_image_size, max_image_pixels=max_image_pixels)
     engine = None  # no model is loaded when nothing is left to do
     if todo:
         engine = BACKENDS[backend](model, prompt, max_new_tokens, device, dtype, trust_remote_code=trust_remote_code)
-    decoding = json.dumps({"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                           "backend": backend, "retry_repetition_penalty": RETRY_REPETITION_PENALTY})  # fmt: skip
-    provenance = {"model": model, "model_hash": model_hash(model), "prompt": prompt, "decoding": decoding}
+    decoding = {"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size, "backend": backend}
+    decoding["retry_repetition_penalty"] = RETRY_REPETITION_PENALTY
+    provenance = {"model": model, "model_hash": model_hash(model), "prompt": prompt, "decoding": json.dumps(decoding)}
+    who = {"rank": rank, "world_size": world, "host": board.me["host"], "pid": board.me["pid"]}
+
+    def finish(unit: Unit, claim: _Claim) -> tuple[int, int, int, float] | None:
+        """Caption ``unit``, publish its output and log it in the manifest; (rows, errors, tokens, seconds), or None
+        when the claim was lost meanwhile or another copy was published first (nothing is written then)."""
+        t0 = time.perf_counter()
+        table = recaption_unit(unit, engine, batch_size, provenance, advance if progress else None, limits)
+        if unit.part is not None:  # a later run keeps this split (shard_units)
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), SLICE_SIZE: str(unit.size)})
+        # the manifest record is made before the output is published: once the parquet exists, nothing but the
+        # append itself stands between it and its manifest line
+        n_err = sum(s != "ok" for s in table.column("status").to_pylist())
+        tokens = sum(n or 0 for n in table.column("n_generated_tokens").to_pylist())
+        record = {"unit": unit.name, "url": unit.url, "rows": table.num_rows, "errors": n_err, "tokens": tokens}
+        if problems := input_errors(table):
+            record["input_errors"] = problems
+        if not claim.held():  # taken over after it expired (this process was paused, or its heartbeats were lost)
+            return None
+        try:
+            if not _publish(table, out / f"{unit.name}.parquet"):
+                return None
+        except FileNotFoundError:  # the temporary was removed: another process judged this writer gone
+            if claim.held():
+                raise
+            return None
+        dt = time.perf_counter() - t0
+        with open(out / MANIFEST, "a") as f:  # one short O_APPEND write per finished unit
+            f.write(json.dumps(record | {"seconds": round(dt, 3)} | who) + "\n")
+        return table.num_rows, n_err, tokens, dt
+
     totals = {"units": 0, "rows": 0, "errors": 0, "tokens": 0, "seconds": 0.0}
-    log(f"recaption {tag}: {len(todo)} units unfinished in {out}, {len(first)} of them first ({backend}, batch "
-        f"{batch_size})")  # fmt: skip
+    log(f"recaption {tag}: {len(todo)} units unfinished in {out}, {len(first)} first ({backend}, batch {batch_size})")
     remaining, waiting = list(todo), False
     try:
         while remaining:
             took = False
             for unit in remaining:
-                if done(unit.name):
-                    continue
-                claim = board.acquire(unit.name)
-                if claim is None:  # a live process works on it
+                if done(unit.name) or (claim := board.acquire(unit.name)) is None:  # done, or a live process on it
                     continue
                 took, waiting = True, False
                 try:
                     if done(unit.name):  # finished (and released) between the look and the claim
                         continue
-                    who = {"rank": rank, "world_size": world, "host": board.me["host"], "pid": board.me["pid"]}
-                    result = _do_unit(unit, out, engine, batch_size, provenance, bar, limits, claim, who)
+                    result = finish(unit, claim)
                 finally:
                     claim.release()
                 if result is None:
-                    log(f"recaption {tag} {unit.name}: finished first by another process (this claim had expired); "
-                        f"that output is kept, this copy dropped")  # fmt: skip
+                    log(
+                        f"recaption {tag} {unit.name}: finished first by another process (this claim had expired); "
+                        "that output is kept, this copy dropped"
+                    )
                     continue
                 rows, n_err, tokens, dt = result
                 totals = {k: totals[k] + v for k, v in zip(totals, (1, rows, n_err, tokens, dt), strict=True)}
                 left = sum(not done(u.name) for u in remaining)
-                log(f"recaption {tag} {unit.name}: {rows} rows, {rows / dt:.1f} img/s, {tokens / dt:.0f} tok/s, "
-                    f"{n_err} errors/flagged; {left} units unfinished")  # fmt: skip
+                rates = f"{rows / dt:.1f} img/s, {tokens / dt:.0f} tok/s"
+                log(f"recaption {tag} {unit.name}: {rows} rows, {rates}, {n_err} errors/flagged; {left} units left")
             remaining = [u for u in remaining if not done(u.name)]
             if remaining and not took:
                 if not waiting:
                     held = ", ".join(f"{u.name} ({board.holder(u.name)})" for u in remaining[:5])
-                    log(f"recaption {tag}: waiting for {len(remaining)} units claimed by other processes: {held}"
-                        f"{', ...' if len(remaining) > 5 else ''} (they finish them, or their claims expire after "
-                        f"{board.ttl:g} s without a heartbeat)")  # fmt: skip
+                    more = ", ..." if len(remaining) > 5 else ""
+                    log(
+                        f"recaption {tag}: waiting for {len(remaining)} units claimed by other processes: {held}{more} "
+                        f"(they finish them, or their claims expire after {board.ttl:g} s without a heartbeat)"
+                    )
                     waiting = True
                 time.sleep(board.poll)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     board.sweep(out, done)
     return totals
 
@@ -863,9 +828,6 @@ def _completeness(files: Sequence[Path], stems: set[str] | None) -> list[str]:
     return problems
 
 
-ON_DUPLICATE = ("error", "first")
-
-
 def duplicates_report_path(dest: str | os.PathLike) -> Path:
     """Where ``merge --on-duplicate first`` lists the rows it dropped: ``<dest stem>.duplicates.csv`` beside it."""
     dest = Path(dest)
@@ -888,8 +850,7 @@ def _unit_order(files: Sequence[Path], urls: Sequence[str] | None) -> list[Path]
     return sorted(files, key=position)
 
 
-def merge(out: str | os.PathLike, dest: str | os.PathLike | None = None, shards: str | None = None,
-          on_duplicate: str = "error", log: Callable[[str], None] | None = print) -> Path:  # fmt: skip
+def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_duplicate="error", log=print) -> Path:
     """Concatenate the unit parquets into ``dest`` (default ``<out>/merged/recap.parquet``). With ``shards``, refuses
     missing units (whole shards or slices).
 
@@ -902,64 +863,48 @@ def merge(out: str | os.PathLike, dest: str | os.PathLike | None = None, shards:
         raise ValueError(f"on_duplicate must be one of {', '.join(ON_DUPLICATE)}, not {on_duplicate!r}")
     out = Path(out)
     files = [p for p in out.glob("*.parquet") if not p.name.startswith((".", "_"))]
-    stems, urls = None, None
-    if shards is not None:
-        from datamodules.shards import expand_urls
-
-        urls = expand_urls(shards)
-        stems = {shard_stem(u) for u in urls}
-    problems = _completeness(files, stems)
+    urls = expand_urls(shards) if shards is not None else None
+    problems = _completeness(files, {shard_stem(u) for u in urls} if urls is not None else None)
     if problems:
         raise ValueError(f"{out}: {len(problems)} shards are not complete (rerun `recaption run`): {problems[:5]}")
     files = _unit_order(files, urls)
     tables = [pq.read_table(p, schema=SCHEMA) for p in files]
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     where = [(f.stem, row) for f, t in zip(files, tables, strict=True) for row in range(t.num_rows)]
+    keys = table.column("key").to_pylist()
     first: dict[str, int] = {}
-    dropped: list[tuple[str, int]] = []  # (row in the concatenation, the row it repeats)
-    for i, key in enumerate(table.column("key").to_pylist()):
-        j = first.setdefault(key, i)
-        if j != i:
-            dropped.append((i, j))
+    dropped = [(i, j) for i, key in enumerate(keys) if (j := first.setdefault(key, i)) != i]  # (row, row it repeats)
     dest = Path(dest) if dest is not None else out / "merged" / "recap.parquet"
     report = duplicates_report_path(dest)
     if dropped and on_duplicate == "error":
-        (i, j), n_keys = dropped[0], len({table["key"][i].as_py() for i, _ in dropped})
+        (i, j), n_keys = dropped[0], len({keys[i] for i, _ in dropped})
         raise ValueError(
-            f"{out}: {n_keys} keys occur in more than one row ({len(dropped)} extra rows), e.g. "
-            f"{table['key'][i].as_py()!r} in units {where[j][0]} (row {where[j][1]}) and {where[i][0]} (row "
-            f"{where[i][1]}); a shard downloaded twice or partly copied does this. To keep each key's first row (shard "
-            f"order, then row order) and list every dropped row in {report}, rerun with --on-duplicate first"
+            f"{out}: {n_keys} keys occur in more than one row ({len(dropped)} extra rows), e.g. {keys[i]!r} in units "
+            f"{where[j][0]} (row {where[j][1]}) and {where[i][0]} (row {where[i][1]}); a shard downloaded twice or "
+            f"partly copied does this. To keep each key's first row (shard order, then row order) and list every "
+            f"dropped row in {report}, rerun with --on-duplicate first"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     if on_duplicate == "first":
-        import csv
-
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(["key", "dropped_unit", "dropped_row", "kept_unit", "kept_row"])
-        writer.writerows([table["key"][i].as_py(), *where[i], *where[j]] for i, j in dropped)
+        writer.writerows([keys[i], *where[i], *where[j]] for i, j in dropped)
         atomic_write(report, text.getvalue())
-        if dropped:
-            keep = [True] * table.num_rows
-            for i, _ in dropped:
-                keep[i] = False
-            table = table.filter(pa.array(keep))
+        drop = {i for i, _ in dropped}
+        table = table.filter(pa.array([i not in drop for i in range(table.num_rows)], pa.bool_()))
         if log is not None:
-            log(f"merge: {len(dropped)} duplicate rows dropped ({len(first)} keys kept, each its first row in shard "
-                f"order, then row order); listed in {report}")  # fmt: skip
-    _write_atomic(table.replace_schema_metadata(None), dest)
+            log(
+                f"merge: {len(dropped)} duplicate rows dropped ({len(first)} keys kept, each its first row in shard "
+                f"order, then row order); listed in {report}"
+            )
+    table = table.replace_schema_metadata(None)
+    atomic_write(dest, lambda tmp: pq.write_table(table, tmp))
     return dest
 
 
 def _copy_shard_with_member(url: str, path: Path, captions: dict[str, str], member: str) -> tuple[int, int]:
     """Copy shard ``url`` to ``path`` member by member, adding ``KEY.<member>`` after each sample with a caption."""
-    import tarfile
-
-    from webdataset.tariterators import base_plus_ext
-
-    from datamodules.wds_stages import iter_tar_members, open_shard
-
     counts = [0, 0]
     stream = open_shard(url)
     try:
@@ -991,16 +936,12 @@ def _copy_shard_with_member(url: str, path: Path, captions: dict[str, str], memb
     return counts[0], counts[1]
 
 
-def write_shards(out: str | os.PathLike, shards: str | Sequence[str], dest: str | os.PathLike,
-                 member: str = "recap.txt") -> dict[str, int]:  # fmt: skip
+def write_shards(
+    out: str | os.PathLike, shards: str | Sequence[str], dest: str | os.PathLike, member: str = "recap.txt"
+) -> dict[str, int]:
     """New shards = the input shards with each sample's recaption as one more member (``KEY.recap.txt``), for
-    pipelines that read captions from the tar (``sources: {original: txt, recaption: recap.txt}``). Samples whose
-    recaption is missing (error / flagged) get no member, so the DataModule falls back to the original caption and
-    counts it. Every other member is copied byte for byte; each shard is written atomically, finished ones skipped,
-    and the img2dataset ``_stats.json`` is copied along so sample counting works."""
-    from datamodules.caption_mix import _open_text
-    from datamodules.shards import expand_urls
-
+    pipelines that read captions from the tar; samples without a recaption get none (the DataModule falls back to the
+    original). Other members are copied byte for byte, each shard atomically, with its ``_stats.json``."""
     out, dest = Path(out), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     totals = {"shards": 0, "samples": 0, "with_recaption": 0, "skipped_shards": 0}
@@ -1010,9 +951,7 @@ def write_shards(out: str | os.PathLike, shards: str | Sequence[str], dest: str 
         if target.exists():
             totals["skipped_shards"] += 1
             continue
-        units = sorted(out.glob(f"{glob.escape(stem)}.parquet")) + sorted(
-            p for p in out.glob(f"{glob.escape(stem)}.part*-of-*.parquet") if (m := _PART.match(p.stem)) and
-            m["stem"] == stem)  # fmt: skip
+        units = sorted(out.glob(f"{glob.escape(stem)}.parquet")) + list(_slices(out, stem))
         problems = _completeness(units, {stem})
         if problems:
             raise ValueError(f"{out}: no complete recaption output for shard {url}: {problems[0]}")
@@ -1025,42 +964,15 @@ def write_shards(out: str | os.PathLike, shards: str | Sequence[str], dest: str 
             n, n_recap = _copy_shard_with_member(url, tmp, captions, member)
             totals["samples"] += n
             totals["with_recaption"] += n_recap
-            try:  # before the shard appears: a finished shard always has its stats beside it
-                stats = _open_text(url[: -len(".tar")] + "_stats.json")
-                (dest / f"{stem}_stats.json").write_text(stats)
-            except (FileNotFoundError, OSError):
-                pass
+            with contextlib.suppress(OSError), fsspec.open(url[: -len(".tar")] + "_stats.json", "r") as f:
+                (dest / f"{stem}_stats.json").write_text(f.read())  # before the shard: a finished one has its stats
 
         atomic_write(target, write)
         totals["shards"] += 1
     return totals
 
 
-RUN_KEYS = (
-    "model",
-    "shards",
-    "out",
-    "prompt",
-    "max_new_tokens",
-    "batch_size",
-    "rank",
-    "world_size",
-    "device",
-    "dtype",
-    "backend",
-    "slice_size",
-    "trust_remote_code",
-    "progress",
-    "min_image_size",
-    "max_image_pixels",
-    "claim_ttl",
-)
-DTYPES = ("bfloat16", "float16", "float32")
-# the device strings the backends use (`.to(device)`; vLLM's `cuda:N` -> CUDA_VISIBLE_DEVICES), matched by pattern so
-# that checking a config does not import torch
-_DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
-
-
+# ------------------------------------------------------------------------------------------- the run's settings
 class RunConfigError(ConfigError):
     """A ``recaption run`` setting that cannot work, with where it was set (a YAML file, ``command line``):
     ``str()`` is the line ``config error: <key> = <value>: <why> (in <where>)``."""
@@ -1071,6 +983,11 @@ class RunConfigError(ConfigError):
 
     def __str__(self) -> str:
         return f"config error: {self.key} = {self.value!r}: {self.problem} (in {self.where})"
+
+
+# run()'s own defaults for the run flags (None for the required ones)
+_RUN_DEFAULTS = {k: None if p.default is p.empty else p.default for k, p in inspect.signature(run).parameters.items()}
+RUN_KEYS = tuple(_RUN_DEFAULTS)
 
 
 def _load_config(path: str) -> dict[str, Any]:
@@ -1093,8 +1010,8 @@ def _load_config(path: str) -> dict[str, Any]:
     if cfg is None:  # an empty file sets nothing
         return {}
     if not isinstance(cfg, dict):
-        raise RunConfigError("--config", path, f"must be a mapping of run flags to values, not a {type(cfg).__name__}",
-                             path)  # fmt: skip
+        why = f"must be a mapping of run flags to values, not a {type(cfg).__name__}"
+        raise RunConfigError("--config", path, why, path)
     out: dict[str, Any] = {}
     for raw, value in cfg.items():
         key = str(raw).replace("-", "_")
@@ -1111,41 +1028,37 @@ def _load_config(path: str) -> dict[str, Any]:
     return out
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def run_config_problems(args: dict[str, Any]) -> list[tuple[str, Any, str]]:
     """Every problem of resolved ``run`` arguments (``RUN_KEYS``) as ``(key, value, why)``, found without loading the
-    model or writing anything: the model folder exists (a hub name ``org/name`` is left to ``from_pretrained``), the
-    shard spec names existing local shards (URLs and ``pipe:`` are not checked), sizes are >= 1, rank < world size
-    (``RANK`` / ``WORLD_SIZE`` fill in what is not given), dtype / device / backend are known and ``out`` can be a
-    folder."""
+    model or writing anything (hub names, URLs and ``pipe:`` shards are left to the run)."""
     problems: list[tuple[str, Any, str]] = []
 
     def add(key: str, value: Any, why: str) -> None:
         problems.append((key, value, why))
 
+    def check(rule: Callable[..., Any], *rule_args: Any, **kw: Any) -> bool:  # datamodules/checks.py's rules
+        try:
+            rule(*rule_args, **kw)
+            return True
+        except ConfigError as e:
+            add(e.key, e.value, e.problem)
+            return False
+
     model = args.get("model")
     if not isinstance(model, str | os.PathLike) or not os.fspath(model):
         add("model", model, "must be a llava-hf folder or a hub name (org/name)")
     else:
-        try:
-            check_path("model", model, "dir", hub_ok=True, what="a llava-hf checkpoint (export-captioner writes one)")
-            folder = Path(model).expanduser()
-            if folder.is_dir() and not (folder / "config.json").is_file():
-                add("model", os.fspath(model), "is not a llava-hf folder (it has no config.json)")
-        except ConfigError as e:
-            add(e.key, e.value, e.problem)
+        what = "a llava-hf checkpoint (export-captioner writes one)"
+        folder = Path(model).expanduser()
+        found = check(check_path, "model", model, "dir", hub_ok=True, what=what)
+        if found and folder.is_dir() and not (folder / "config.json").is_file():
+            add("model", os.fspath(model), "is not a llava-hf folder (it has no config.json)")
 
     shards = args.get("shards")
-    if isinstance(shards, str | os.PathLike) or (
-        isinstance(shards, list | tuple) and shards and all(isinstance(s, str | os.PathLike) for s in shards)
-    ):
-        try:
-            check_shards("shards", [os.fspath(s) for s in shards] if isinstance(shards, list | tuple) else shards)
-        except ConfigError as e:
-            add(e.key, e.value, e.problem)
+    if isinstance(shards, list | tuple) and shards and all(isinstance(s, str | os.PathLike) for s in shards):
+        check(check_shards, "shards", [os.fspath(s) for s in shards])
+    elif isinstance(shards, str | os.PathLike):
+        check(check_shards, "shards", shards)
     else:
         add("shards", shards, "must be a shard spec (braces, globs, a folder, '::' list) or a list of them")
 
@@ -1169,20 +1082,16 @@ def run_config_problems(args: dict[str, Any]) -> list[tuple[str, Any, str]]:
     slice_size = args.get("slice_size")
     if slice_size is not None and (not _is_int(slice_size) or slice_size < 1):
         add("slice_size", slice_size, "must be an integer >= 1 (or unset: whole shards)")
-    try:  # the training loader's own rules (datamodules/checks.py)
-        check_sample_limits(args.get("min_image_size"), args.get("max_image_pixels"), None)
-    except ConfigError as e:
-        add(e.key, e.value, e.problem)
+    check(check_sample_limits, args.get("min_image_size"), args.get("max_image_pixels"), None)  # the loader's rules
 
     rank, world = args.get("rank"), args.get("world_size")
-    bad_split = False
-    if rank is not None and (not _is_int(rank) or rank < 0):
+    bad_rank = rank is not None and (not _is_int(rank) or rank < 0)
+    bad_world = world is not None and (not _is_int(world) or world < 1)
+    if bad_rank:
         add("rank", rank, "must be an integer >= 0")
-        bad_split = True
-    if world is not None and (not _is_int(world) or world < 1):
+    if bad_world:
         add("world_size", world, "must be an integer >= 1")
-        bad_split = True
-    if not bad_split:
+    if not (bad_rank or bad_world):
         try:
             rank_world(rank, world)
         except ValueError as exn:  # rank >= world size once $RANK / $WORLD_SIZE (or SLURM's) fill in the rest
@@ -1230,31 +1139,20 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     r.add_argument("--slice-size", type=int, help="split shards into units of this many samples")
     r.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (unit lines only)")
-    r.add_argument(
-        "--min-image-size", type=int, help=f"skip images whose shorter side is below this (default: {MIN_IMAGE_SIZE})"
-    )
-    r.add_argument(
-        "--max-image-pixels",
-        type=int,
-        help=f"skip images with more pixels, before decoding (default: {DEFAULT_MAX_IMAGE_PIXELS})",
-    )
-    r.add_argument(
-        "--claim-ttl",
-        type=float,
-        help=f"seconds without a heartbeat after which a unit's claim is taken over (default: {DEFAULT_CLAIM_TTL:g})",
-    )
+    why = "skip images whose shorter side is below this"
+    r.add_argument("--min-image-size", type=int, help=f"{why} (default: {MIN_IMAGE_SIZE})")
+    why = "skip images with more pixels, before decoding"
+    r.add_argument("--max-image-pixels", type=int, help=f"{why} (default: {DEFAULT_MAX_IMAGE_PIXELS})")
+    why = "seconds without a heartbeat after which a unit's claim is taken over"
+    r.add_argument("--claim-ttl", type=float, help=f"{why} (default: {DEFAULT_CLAIM_TTL:g})")
     r.set_defaults(**dict.fromkeys(RUN_KEYS, _UNSET))
     m = sub.add_parser("merge", help="check every key occurs once and write the dataset-level parquet")
     m.add_argument("--out", required=True)
     m.add_argument("--dest", default=None)
     m.add_argument("--shards", default=None, help="also require an output for each of these shards")
-    m.add_argument(
-        "--on-duplicate",
-        choices=ON_DUPLICATE,
-        default="error",
-        help="a key in several rows (a shard downloaded twice): refuse (error, the default) or keep its first row in "
-        "shard order, then row order, and list every dropped row in <dest stem>.duplicates.csv (first)",
-    )
+    why = "a key in several rows (a shard downloaded twice): refuse (error, the default) or keep its first row in"
+    why += " shard order, then row order, and list every dropped row in <dest stem>.duplicates.csv (first)"
+    m.add_argument("--on-duplicate", choices=ON_DUPLICATE, default="error", help=why)
     w = sub.add_parser("shards", help="write new shards with each sample's recaption as a KEY.recap.txt member")
     w.add_argument("--out", required=True, help="the recaption run's output folder")
     w.add_argument("--shards", required=True, help="the input shards that were recaptioned")
@@ -1267,17 +1165,6 @@ def _refuse(lines: Sequence[str]) -> NoReturn:
     """Print the config errors and exit with code 2 (nothing has been loaded or written)."""
     print("\n".join(lines), file=sys.stderr)
     raise SystemExit(2)
-
-
-def _run_defaults() -> dict[str, Any]:
-    """``run()``'s own defaults for the run flags (``None`` for the required ones)."""
-    import inspect
-
-    params = inspect.signature(run).parameters
-    return {k: None if params[k].default is inspect.Parameter.empty else params[k].default for k in RUN_KEYS}
-
-
-_RUN_DEFAULTS = _run_defaults()
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
@@ -1305,17 +1192,14 @@ def main(argv: Sequence[str] | None = None) -> Any:
     def where(key: str) -> tuple[str, str]:  # the name the user wrote, and where
         if key in given:
             return "--" + key.replace("_", "-"), "command line"
-        if key in cfg:
-            return key, args.config
-        return key, "defaults"
+        return key, args.config if key in cfg else "defaults"
 
     lines = []
     for key, value, why in run_config_problems(values):
         name, source = where(key)
         if key == "rank" and value is None:  # the rank came from the environment: name the setting that conflicts
             if values["world_size"] is not None:
-                name, source = where("world_size")
-                value = values["world_size"]
+                (name, source), value = where("world_size"), values["world_size"]
             else:
                 name, source = "rank", "environment: RANK / WORLD_SIZE or SLURM_PROCID / SLURM_NTASKS"
                 value = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
