@@ -133,9 +133,8 @@ def test_dry_run_lists_exactly_the_grid_and_done_points(tmp_path, capsys):
     sweep.main([str(path), "--launch-lines", "--out", str(tmp_path)])
     launch = capsys.readouterr().out.strip().splitlines()
     assert len(launch) == 12
-    assert all(" -m experiments fit --config " in line for line in launch)
-    assert "--trainer.logger=" in launch[0]
-    assert pts[0].id in launch[0]
+    assert all(" -m experiments sweep row --out " in line and " fit --config " in line for line in launch)
+    assert str(pts[0].run_dir) in launch[0]
 
 
 def test_logging_overlay_keeps_the_run_dir_and_adds_wandb():
@@ -296,10 +295,10 @@ def test_runner_runs_a_two_point_grid_into_two_run_dirs_and_resumes(tmp_path, ca
     sweep.main([str(path), "--out", str(out)])
     dirs = sorted(p for p in (out / "two").iterdir() if p.is_dir())
     assert [d.name for d in dirs] == ["p_original-0.0", "p_original-1.0"]
-    for d, p in zip(dirs, (0.0, 1.0), strict=True):
-        saved = yaml.safe_load((d / "config.yaml").read_text())
+    for d, p in zip(dirs, (0.0, 1.0), strict=True):  # a one-stage row: its fit in <point>/fit
+        saved = yaml.safe_load((d / "fit" / "config.yaml").read_text())
         assert saved["data"]["init_args"]["p_original"] == p
-        assert (d / "metrics.csv").is_file()
+        assert (d / "fit" / "metrics.csv").is_file()
         assert (d / sweep.DONE_FILE).is_file()
     stamp = [(d / sweep.DONE_FILE).stat().st_mtime_ns for d in dirs]
     capsys.readouterr()
@@ -308,11 +307,100 @@ def test_runner_runs_a_two_point_grid_into_two_run_dirs_and_resumes(tmp_path, ca
     assert [(d / sweep.DONE_FILE).stat().st_mtime_ns for d in dirs] == stamp
 
 
-def test_runner_stops_on_a_failed_point_and_marks_nothing_done(tmp_path):
-    spec = {"method": "grid", "parameters": {"data.init_args.p_original": {"values": [0.5]}},
-            "command": [sys.executable, "-c", "import sys; sys.exit(3)", "${args}"]}  # fmt: skip
+class FakeStage:
+    """Stands in for a row's steps: records their argv, writes their outputs (or fails the named ones)."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.argv: list[list[str]] = []
+        self.fail = fail
+
+    def __call__(self, cmd, env, threads=None):
+        from experiments.runner import launch_fresh
+
+        argv = list(cmd[3:])
+        self.argv.append(argv)
+        code = 3 if self.fail and self.fail in " ".join(argv) else 0
+        if not code:
+            logger = json.loads(next(a for a in argv if a.startswith("--trainer.logger=")).split("=", 1)[1])
+            if isinstance(logger, list):  # an agent's: SweepCSVLogger under runs/sweeps/<sweep id>
+                logger = {
+                    "init_args": {"save_dir": f"runs/sweeps/{os.environ['WANDB_SWEEP_ID']}", **logger[0]["init_args"]}
+                }
+            run = Path(logger["init_args"]["save_dir"]) / logger["init_args"]["version"]
+            for out in ("checkpoints/last.ckpt", "config.yaml", "metrics/test.json"):
+                (run / out).parent.mkdir(parents=True, exist_ok=True)
+                (run / out).write_text("{}")
+        return launch_fresh([sys.executable, "-c", f"raise SystemExit({code})"], env)
+
+
+def test_a_point_runs_its_whole_row_stage1_stage2_then_the_evaluation(tmp_path, monkeypatch):
+    spec = sweep.load_spec(SWEEPS / "tiny" / "table4_textenc_p.yaml")
+    point = sweep.points(spec, tmp_path, "t4")[0]
+    steps = sweep.row_steps(sweep.lightning_args(spec, point.params), point.run_dir)
+    assert [s.name for s in steps] == ["stage1", "stage2", "eval"]
+    s1, s2, ev = (s.argv for s in steps)
+    assert "experiments/configs/tiny/clip/stage1.yaml" in s1
+    assert "experiments/configs/tiny/clip/stage2.yaml" in s2
+    assert f"--model.init_args.init_from={point.run_dir}/stage1/checkpoints/last.ckpt" in s2
+    assert "--data.init_args.p_original=0.8" in s2  # the point's values in every stage ...
+    assert not any(a.startswith("--data.") for a in ev)  # ... but the evaluation's data are the eval sets
+    assert ev[0] == "test"
+    assert "experiments/configs/eval/tiny_world.yaml" in ev
+    assert ev[-1] == f"--ckpt_path={point.run_dir}/stage2/checkpoints/last.ckpt"
+    # stage 2 (and its evaluation) at stage 2's resolution: the swept tiny model dict gets its image size
+    printed = _print_config(s2)
+    assert printed["model"]["init_args"]["model"]["vision_cfg"]["image_size"] == 64
+    assert printed["data"]["init_args"]["p_original"] == 0.8
+    assert printed["trainer"]["logger"]["init_args"]["save_dir"] == str(point.run_dir)
+    model = next(a for a in ev if a.startswith("--model.init_args.model="))
+    assert '"image_size": 64' in model
+    one_stage = sweep.row_steps(["fit", "--config", "experiments/configs/tiny/dit/base.yaml", "--x=1"], tmp_path / "d")
+    assert [s.name for s in one_stage] == ["fit"]
+
+    # run locally: the three steps in order, then the point counts as done and a rerun runs nothing
+    fake = FakeStage()
+    monkeypatch.setattr(sweep, "LAUNCHER", fake)
+    assert sweep.run_row(sweep.lightning_args(spec, point.params), point.run_dir) == 0
+    assert [a[0] for a in fake.argv] == ["fit", "fit", "test"]
+    assert sweep.is_done(point)
+    fake.argv.clear()
+    assert sweep.run_row(sweep.lightning_args(spec, point.params), point.run_dir) == 0
+    assert fake.argv == []
+
+
+def test_a_wandb_agent_point_logs_every_stage_to_its_run(tmp_path, monkeypatch):
+    """The spec's command under ``wandb agent`` (offline here): ``sweep row fit ...`` runs the row into
+    runs/sweeps/<sweep id>/<run id>/<stage>, each stage with the sweep's W&B logger."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
+    monkeypatch.setenv("WANDB_RUN_ID", "run7")
+    spec = sweep.load_spec(SWEEPS / "tiny" / "table3_p.yaml")
+    cmd = sweep.expand_command(spec, {"data.init_args.p_original": 0.5})
+    assert cmd[1:6] == ["-m", "experiments", "sweep", "row", "fit"]
+    fake = FakeStage()
+    monkeypatch.setattr(sweep, "LAUNCHER", fake)
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(cmd[4:])  # python -m experiments sweep <these>
+    assert exc.value.code == 0
+    assert [a[0] for a in fake.argv] == ["fit", "fit", "test"]
+    for argv, stage in zip(fake.argv, ("stage1", "stage2", "stage2"), strict=True):
+        csv, wb = json.loads(next(a for a in argv if a.startswith("--trainer.logger=")).split("=", 1)[1])
+        assert csv["class_path"] == "experiments.loggers.SweepCSVLogger"
+        assert csv["init_args"]["version"] == f"run7/{stage}"
+        assert wb["class_path"] == "experiments.loggers.RecapWandbLogger"
+    assert (tmp_path / "runs/sweeps/sw1/run7" / sweep.DONE_FILE).is_file()
+
+
+def test_runner_stops_on_a_failed_point_and_marks_nothing_done(tmp_path, monkeypatch):
+    spec = {
+        "method": "grid",
+        "parameters": {"data.init_args.p_original": {"values": [0.5]}},
+        "command": ["python", "-m", "experiments", "sweep", "row", "fit", "--config", "x.yaml", "${args}"],
+    }
     path = tmp_path / "fail.yaml"
     path.write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(sweep, "LAUNCHER", FakeStage(fail="fit"))
     with pytest.raises(SystemExit, match="1 point\\(s\\) failed: p_original-0.5"):
         sweep.main([str(path), "--out", str(tmp_path / "o")])
     assert not list((tmp_path / "o").rglob(sweep.DONE_FILE))
