@@ -37,6 +37,7 @@ from experiments.claims import PAPER_COVERAGE_PCT, PAPER_LENGTH_WORDS, Margins, 
 from experiments.paper_tables import row_args
 from experiments.runner import (
     REPO,
+    Launcher,
     Step,
     dependencies,
     fmt_seconds,
@@ -380,6 +381,105 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
     return steps
 
 
+# ------------------------------------------------------------------------------------------------ make chains
+CHAINS = ("world-recap", "tiny-captioner", "tiny-recaption", "tiny-dit")
+
+
+def make_chain(
+    name: str, world: str = "data/world", dit_world: str = "data/world_dit", dit_ps: Sequence[str] = ("p0.0", "p1.0")
+) -> list[Step]:
+    """The Makefile's chains as steps on the configs' own sizes and paths (``make tiny-captioner`` etc.): each one
+    starts with what it needs (a step whose outputs exist is skipped, as make would), then runs its own steps."""
+    cap, capcfg, W, DW = "runs/tiny/captioner", TINY_CAP, world, dit_world
+    steps: list[Step] = []
+
+    def add(step: str, argv: str, *outputs: str, always: bool = False) -> None:
+        steps.append(Step(step, f"{name}: {step}", shlex.split(argv), list(outputs), always=always))
+
+    def world_steps(w: str, tag: str, recaptions: bool = True) -> None:
+        config = f" --config {DIT_WORLD_CONFIG}" if w == DW else ""
+        add(tag, f"world --out {w} --overwrite{config}", f"{w}/world.json")
+        if recaptions:  # the world's oracle recaptions, joined to its shards as sidecars
+            add(f"{tag}_truth_recaptions", f"truth-recaptions --world {w} --out {w}/recap --overwrite", f"{w}/recap")
+            sidecars = f"sidecars --recap {w}/recap --shards '{w}/web/*.tar' --out {w}/sidecars --overwrite"
+            add(f"{tag}_sidecars", sidecars, f"{w}/sidecars/_manifest.json")
+
+    world_steps(W, "world", recaptions=name == "world-recap")
+    if name == "world-recap":
+        return steps
+    add("web_clip", f"fit --config {capcfg}/web_clip.yaml", f"{cap}/web_clip/checkpoints/last.ckpt")
+    add(
+        "web_clip_export",
+        f"export-clip --ckpt {cap}/web_clip/checkpoints/last.ckpt --out {cap}/web_clip/export "
+        f"--hf-vision {cap}/web_clip/hf_vision",
+        f"{cap}/web_clip/hf_vision/config.json",
+    )
+    if name == "tiny-dit":
+        world_steps(DW, "dit_world")
+        add("judge", f"world-judge --world {DW} --out {DW}/judge --overwrite", f"{DW}/judge/judge.json")
+        add(
+            "dit_cache",
+            f"dit-cache --config {TINY_DIT}/base.yaml --out {DW}/dit_cache --val-out {DW}/dit_cache_val",
+            f"{DW}/dit_cache/_cache.json",
+        )
+        for p in dit_ps:
+            add(
+                f"dit_{p}",
+                f"fit --config {TINY_DIT}/base.yaml --config {TINY_DIT}/table7/{p}.yaml --config "
+                f"{TINY_DIT}/cached.yaml",
+                f"runs/tiny/dit/table7/{p}/fit/checkpoints/last.ckpt",
+            )
+            add(
+                f"dit_{p}_eval",
+                f"dit-eval --ckpt runs/tiny/dit/table7/{p}/fit/checkpoints/last.ckpt --prompts "
+                f"{DW}/eval/t2i_prompts/prompts.parquet --limit 500 --attribute-judge {DW}/judge --clip "
+                f"web_clip={cap}/web_clip/export --out runs/tiny/dit/eval/{p}",
+                f"runs/tiny/dit/eval/{p}/recaption/metrics.json",
+            )
+        return steps
+    add("tokenizer", f"world-tokenizer --world {W} --out {W}/tokenizer", f"{W}/tokenizer/tokenizer.json")
+    add("tiny_llm", f"tiny-llm --world {W} --tokenizer {W}/tokenizer --out {cap}/llm", f"{cap}/llm/tiny_llm.json")
+    add("caption_tune_data", f"caption-tune --world {W}", f"{W}/caption_tune/detail.json")
+    configs = ""
+    for stage in ("stage1", "stage2", "caption_tune"):
+        configs += f" --config {capcfg}/{stage}.yaml"
+        add(f"captioner_{stage}", f"fit{configs}", f"{cap}/{stage}/checkpoints/last.ckpt")
+    add(
+        "captioner_export",
+        f"export-captioner --ckpt {cap}/caption_tune/checkpoints/last.ckpt --out {cap}/hf",
+        f"{cap}/hf/config.json",
+    )
+    if name == "tiny-recaption":  # every time, as make did: the recaption job itself finishes only what is missing
+        recap = f"{W}/recap_llava"
+        add("recaption", "recaption run --config experiments/configs/recaption/tiny_world.yaml", recap, always=True)
+        merge = f"recaption merge --out {recap} --shards '{W}/web/*.tar'"
+        add("recaption_merge", merge, f"{recap}/merged/recap.parquet", always=True)
+        sidecars = f"sidecars --recap {recap}/merged/recap.parquet --shards '{W}/web/*.tar' --out {W}/sidecars_llava"
+        add("recaption_sidecars", f"{sidecars} --overwrite", f"{W}/sidecars_llava/_manifest.json", always=True)
+    return steps
+
+
+def run_chain(
+    name: str,
+    world: str,
+    dit_world: str,
+    dit_ps: Sequence[str],
+    out: Path | None = None,
+    launcher: Launcher | None = None,
+) -> dict[str, Any]:
+    """Run a Makefile chain through the runner: the steps whose outputs do not all exist (and the always-steps)."""
+    steps = [s for s in make_chain(name, world, dit_world, dit_ps) if s.always or not all(map(_exists, s.outputs))]
+    out = out or REPO / "runs" / "tiny" / "chains" / name
+    record = run_steps(steps, out, launcher=launcher)
+    if record["failed"]:
+        raise SystemExit(f"{name}: step {record['failed']} failed (log: {out}/logs/{record['failed']}.log)")
+    return record
+
+
+def _exists(path: str) -> bool:
+    return (REPO / path).exists()
+
+
 # ------------------------------------------------------------------------------------------------------ results
 def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str, Any]:
     """This run's numbers from the steps' outputs (missing ones stay missing), with the realised p of every CLIP and
@@ -571,7 +671,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "the steps from this process after importing the libraries once)",
     )
     add("--jobs", type=int, default=None, help="steps run at once (default: the profile's jobs, else 1)")
+    add("--chain", choices=CHAINS, default=None, help="run one of the Makefile's chains instead (make tiny-dit, ...)")
+    add("--world", default="data/world", help="--chain: the tiny world's folder")
+    add("--dit-world", default="data/world_dit", help="--chain tiny-dit: the DiT world's folder")
+    add("--dit-p", nargs="+", default=["p0.0", "p1.0"], help="--chain tiny-dit: the Table 7 rows")
     args = parser.parse_args(argv)
+    if args.chain:
+        return run_chain(args.chain, args.world, args.dit_world, args.dit_p)
 
     profile = load_profile(args.profile)
     name = Path(profile["_path"]).stem

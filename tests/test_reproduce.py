@@ -666,3 +666,26 @@ def test_analysis_table_shows_the_word_share_and_the_clip_share():
     rows = {r[0]: r[1:] for r in md_rows(R._analysis_table(a))}
     assert rows["share of the word tokens of both sets"][:2] == ["12.8%", "87.2%"]
     assert rows["CLIP-score share, web CLIP (INFERRED definition)"][:2] == ["73.0", "27.0"]  # not the word share
+
+
+# ------------------------------------------------------------------------------------------------ make chains
+def test_make_chains_run_the_makefiles_commands_through_the_runner(tmp_path):
+    dit = {s.name: s for s in R.make_chain("tiny-dit", "w", "dw", ["p0.0"])}
+    assert dit["dit_world"].argv == ["world", "--out", "dw", "--overwrite", "--config", R.DIT_WORLD_CONFIG]
+    assert "--limit" in dit["dit_p0.0_eval"].argv
+    assert "web_clip=runs/tiny/captioner/web_clip/export" in dit["dit_p0.0_eval"].argv
+    assert "world_truth_recaptions" not in dit  # tiny-dit needs the default world's web CLIP, not its recaptions
+    cap = [s.name for s in R.make_chain("tiny-captioner", "w")]
+    assert cap[:3] == ["world", "web_clip", "web_clip_export"]
+    assert cap[-1] == "captioner_export"
+    recap = R.make_chain("tiny-recaption", "w")
+    assert [s.name for s in recap][-3:] == ["recaption", "recaption_merge", "recaption_sidecars"]
+    assert all(s.always for s in recap[-3:])  # make ran them every time (the recaption job resumes by itself)
+
+    # a step whose outputs exist is skipped, as make would; the rest run in order
+    world = tmp_path / "w"
+    (world / "recap").mkdir(parents=True)
+    (world / "world.json").write_text("{}")
+    fake = FakeRunner(R.make_chain("world-recap", str(world)))
+    R.run_chain("world-recap", str(world), "dw", [], out=tmp_path / "chain", launcher=fake)
+    assert fake.ran == ["world_sidecars"]
