@@ -171,57 +171,37 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
     dtrain, dval, dweb = shard_specs(dit_world, DW)
     steps: list[Step] = []
 
-    def add(name: str, title: str, argv: list[str], outputs: list[str], clean: Sequence[str] = ()) -> None:
-        steps.append(Step(name, title, argv, outputs, list(clean)))
+    def add(name: str, title: str, argv: list[str], outputs: str | list[str], clean: str | list[str] = ()) -> None:
+        as_list = lambda v: [v] if isinstance(v, str) else list(v)  # noqa: E731
+        steps.append(Step(name, title, argv, as_list(outputs), as_list(clean)))
 
-    world = ["world", "--out", W, "--overwrite", *overrides(profile["world"], "world.")]
-    add("world", "tiny world (web, captioner data, eval sets)", world, [f"{W}/world.json"], [W])
-    dit_flags = overrides(profile["dit_world"], "world.")
-    argv = ["world", "--config", DIT_WORLD_CONFIG, "--out", DW, "--overwrite", *dit_flags]
-    add("dit_world", "DiT world (one larger object per image)", argv, [f"{DW}/world.json"], [DW])
+    argv = ["world", "--out", W, "--overwrite", *overrides(profile["world"], "world.")]
+    add("world", "tiny world (web, captioner data, eval sets)", argv, f"{W}/world.json", W)
+    argv = ["world", "--config", DIT_WORLD_CONFIG, "--out", DW, "--overwrite"]
+    argv += overrides(profile["dit_world"], "world.")
+    add("dit_world", "DiT world (one larger object per image)", argv, f"{DW}/world.json", DW)
 
     # The OpenAI CLIP analog: alt-text only, its image tower becomes the captioner's, its text tower the DiT's.
     data = [f"--data.init_args.train_shards={train}", f"--data.init_args.val_shards={val}"]
     argv = ["fit", "--config", f"{TINY_CAP}/web_clip.yaml", logger(o, "captioner", "web_clip"), *data]
     argv += [_clip_evaluation(W, tasks=1), *overrides(profile["web_clip"])]
-    add("web_clip", "web CLIP on alt-text (OpenAI CLIP analog)", argv, [f"{wc}/checkpoints/last.ckpt"], [wc])
-    argv = ["export-clip", "--ckpt", f"{wc}/checkpoints/last.ckpt", "--out", f"{wc}/export", "--hf-vision"]
-    outputs = [f"{wc}/export/open_clip_config.json", f"{wc}/hf_vision/config.json"]
-    add(
-        "web_clip_export",
-        "export web CLIP (open_clip + HF vision tower)",
-        [*argv, f"{wc}/hf_vision"],
-        outputs,
-        [f"{wc}/export", f"{wc}/hf_vision"],
-    )
+    add("web_clip", "web CLIP on alt-text (OpenAI CLIP analog)", argv, f"{wc}/checkpoints/last.ckpt", wc)
+    export, hf_vision = f"{wc}/export", f"{wc}/hf_vision"
+    argv = ["export-clip", "--ckpt", f"{wc}/checkpoints/last.ckpt", "--out", export, "--hf-vision", hf_vision]
+    outputs = [f"{export}/open_clip_config.json", f"{hf_vision}/config.json"]
+    add("web_clip_export", "export web CLIP (open_clip + HF vision tower)", argv, outputs, [export, hf_vision])
 
     # The captioner: LLaVA-1.5 on the web CLIP's frozen tower + the LLaMA-3 analog.
-    argv = ["world-tokenizer", "--world", W, "--out", f"{cap}/tokenizer", "--overwrite"]
-    add(
-        "tokenizer",
-        "world tokenizer (LLaMA-3 special tokens)",
-        argv,
-        [f"{cap}/tokenizer/tokenizer.json"],
-        [f"{cap}/tokenizer"],
-    )
-    argv = ["tiny-llm", "--world", W, "--tokenizer", f"{cap}/tokenizer", "--out", f"{cap}/llm", "--overwrite"]
-    add(
-        "tiny_llm",
-        "tiny LLM (LLaMA-3 analog)",
-        argv + flags(profile["tiny_llm"]),
-        [f"{cap}/llm/tiny_llm.json"],
-        [f"{cap}/llm"],
-    )
-    add(
-        "caption_tune_data",
-        "caption-tuning data (HQ-Edit analog)",
-        ["caption-tune", "--world", W],
-        [f"{W}/caption_tune/detail.json"],
-        [f"{W}/caption_tune"],
-    )
+    tok, llm = f"{cap}/tokenizer", f"{cap}/llm"
+    argv = ["world-tokenizer", "--world", W, "--out", tok, "--overwrite"]
+    add("tokenizer", "world tokenizer (LLaMA-3 special tokens)", argv, f"{tok}/tokenizer.json", tok)
+    argv = ["tiny-llm", "--world", W, "--tokenizer", tok, "--out", llm, "--overwrite", *flags(profile["tiny_llm"])]
+    add("tiny_llm", "tiny LLM (LLaMA-3 analog)", argv, f"{llm}/tiny_llm.json", llm)
+    tune = f"{W}/caption_tune"
+    title = "caption-tuning data (HQ-Edit analog)"
+    add("caption_tune_data", title, ["caption-tune", "--world", W], f"{tune}/detail.json", tune)
     capcfg = profile["captioner"]
-    prompts = f"{W}/eval/t2i_prompts/prompts.parquet"
-    cap_eval = {"prompts_parquet": prompts, "limit": int(capcfg.get("eval_limit", 300))}
+    cap_eval = {"prompts_parquet": f"{W}/eval/t2i_prompts/prompts.parquet", "limit": int(capcfg.get("eval_limit", 300))}
     cap_eval = [{"class_path": "lightning_modules.evaluation.CaptionAttributes", "init_args": cap_eval}]
     stage_data = {
         "stage1": (f"{W}/caption_pretrain/chat.json", f"{W}/caption_pretrain", "captioner stage 1 (projector)"),
@@ -233,80 +213,59 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
     for stage, (train_json, image_folder, title) in stage_data.items():
         configs += ["--config", f"{TINY_CAP}/{stage}.yaml"]
         argv = ["fit", *configs, logger(o, "captioner", stage), f"--data.init_args.train_json={train_json}"]
-        argv += [f"--data.init_args.image_folder={image_folder}", f"--model.init_args.vision_tower={wc}/hf_vision"]
-        argv += [f"--model.init_args.llm={cap}/llm", "--model.init_args.evaluation=" + json.dumps(cap_eval)]
+        argv += [f"--data.init_args.image_folder={image_folder}", f"--model.init_args.vision_tower={hf_vision}"]
+        argv += [f"--model.init_args.llm={llm}", "--model.init_args.evaluation=" + json.dumps(cap_eval)]
         if previous:
             argv.append(f"--model.init_args.init_from={cap}/{previous}/checkpoints/last.ckpt")
         run = f"{cap}/{stage}"
-        add(f"captioner_{stage}", title, argv + overrides(capcfg.get(stage)), [f"{run}/checkpoints/last.ckpt"], [run])
+        add(f"captioner_{stage}", title, argv + overrides(capcfg.get(stage)), f"{run}/checkpoints/last.ckpt", run)
         previous = stage
     argv = ["export-captioner", "--ckpt", f"{cap}/caption_tune/checkpoints/last.ckpt", "--out", f"{cap}/hf"]
-    add("captioner_export", "export captioner (llava-hf, LoRA merged)", argv, [f"{cap}/hf/config.json"], [f"{cap}/hf"])
+    add("captioner_export", "export captioner (llava-hf, LoRA merged)", argv, f"{cap}/hf/config.json", f"{cap}/hf")
 
     # Recaption web/ (resumable: a rerun after a failure finishes only the missing shards, so nothing is cleaned).
     def recaption(tag: str, shards: str, title: str) -> None:
-        units, side = f"{rec}/{tag}", f"{rec}/{tag}_sidecars"
+        units, side, merged = f"{rec}/{tag}", f"{rec}/{tag}_sidecars", f"{rec}/{tag}/merged"
         argv = ["recaption", "run", "--model", f"{cap}/hf", "--shards", shards, "--out", units, "--no-progress"]
-        add(f"recaption_{tag}", title, argv + flags(profile["recaption"]), [units])
+        add(f"recaption_{tag}", title, argv + flags(profile["recaption"]), units)
         argv = ["recaption", "merge", "--out", units, "--shards", shards]
-        add(
-            f"recaption_{tag}_merge",
-            f"merge {tag} recaptions (every key once)",
-            argv,
-            [f"{units}/merged/recap.parquet"],
-            [f"{units}/merged"],
-        )
-        argv = ["sidecars", "--recap", f"{units}/merged/recap.parquet", "--shards", shards, "--out", side]
-        add(
-            f"recaption_{tag}_sidecars",
-            f"join {tag} recaptions to shards",
-            [*argv, "--overwrite"],
-            [f"{side}/_manifest.json"],
-            [side],
-        )
+        title = f"merge {tag} recaptions (every key once)"
+        add(f"recaption_{tag}_merge", title, argv, f"{merged}/recap.parquet", merged)
+        argv = ["sidecars", "--recap", f"{merged}/recap.parquet", "--shards", shards, "--out", side, "--overwrite"]
+        add(f"recaption_{tag}_sidecars", f"join {tag} recaptions to shards", argv, f"{side}/_manifest.json", side)
 
     recaption("world", web, "recaption world web/ with the captioner")
-    argv = ["analyze", "--shards", web, "--sidecar-dir", f"{rec}/world_sidecars", "--clip", f"{wc}/export"]
-    argv += ["--tokenizer", f"{cap}/tokenizer", "--out", f"{o}/analysis"]
-    add(
-        "analyze",
-        "caption analysis (lengths, vocabulary, CLIP share)",
-        argv,
-        [f"{o}/analysis/summary.json"],
-        [f"{o}/analysis"],
-    )
+    argv = ["analyze", "--shards", web, "--sidecar-dir", f"{rec}/world_sidecars", "--clip", export, "--tokenizer", tok]
+    analysis = f"{o}/analysis"
+    title = "caption analysis (lengths, vocabulary, CLIP share)"
+    add("analyze", title, [*argv, "--out", analysis], f"{analysis}/summary.json", analysis)
 
     # Recap-CLIP at each p (CLIPA stage 1 then 2, Table 3's rows), each seed.
     clip = profile["clip"]
-    n_seeds = int(seeds if seeds is not None else clip.get("seeds", 1))
     clip_data = [*data, f"--data.init_args.sidecar_dir={rec}/world_sidecars", _clip_evaluation(W)]
     # p = 1 never draws a recaption, so its rows read the alt-text alone and do not wait for the captioner: the
     # runner starts them beside the web CLIP and the captioner (the longest stretch of the chain with a core free).
     # The realised p is still read back from the run's own log (train/caption_source/original = 1).
     alt_text_only = ['--data.init_args.sources={"original": "txt"}', "--data.init_args.p_original=null"]
     clip_data_original = [*data, *alt_text_only, "--data.init_args.sidecar_dir=null", _clip_evaluation(W)]
-    for seed in range(n_seeds):
+    for seed in range(int(seeds if seeds is not None else clip.get("seeds", 1))):
         root = seed_root(o, seed)
         seed_args = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"] if seed else []
         for p in clip["ps"]:
             rid = row_id(p)
             run = f"{root}/clip/table3/{rid}"
             for stage in (1, 2):
-                argv = [
-                    "fit",
-                    *repo_relative(row_args("table3", rid, stage)),
-                    logger(root, f"clip/table3/{rid}", f"stage{stage}"),
-                    *(clip_data_original if float(p) == 1.0 else clip_data),
-                    *seed_args,
-                ]
+                argv = ["fit", *repo_relative(row_args("table3", rid, stage))]
+                argv += [logger(root, f"clip/table3/{rid}", f"stage{stage}")]
+                argv += [*(clip_data_original if float(p) == 1.0 else clip_data), *seed_args]
                 if stage == 2:
                     argv.append(f"--model.init_args.init_from={run}/stage1/checkpoints/last.ckpt")
                 title = f"Recap-CLIP p={float(p):g} stage {stage}" + (f" seed {seed}" if seed else "")
                 sdir = f"{run}/stage{stage}"
                 # the final (stage-2) evaluation is what the report reads; a profile may skip stage 1's
                 outs = [f"{sdir}/checkpoints/last.ckpt"] + ([f"{sdir}/metrics"] if stage == 2 else [])
-                tag = f"clip_{rid}" + (f"_seed{seed}" if seed else "")
-                add(f"{tag}_stage{stage}", title, argv + overrides(clip.get(f"stage{stage}")), outs, [sdir])
+                name = f"clip_{rid}" + (f"_seed{seed}" if seed else "") + f"_stage{stage}"
+                add(name, title, argv + overrides(clip.get(f"stage{stage}")), outs, sdir)
 
     # The DiT: its own world, recaptioned by the same captioner, the web CLIP's text tower, a pinned judge.
     dit = profile["dit"]
@@ -315,67 +274,38 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
         rid = row_id(dit["recap_clip_p"])
         recap_clip = f"{o}/clip/table3/{rid}/export"
         argv = ["export-clip", "--ckpt", f"{o}/clip/table3/{rid}/stage2/checkpoints/last.ckpt", "--out", recap_clip]
-        add(
-            "recap_clip_export",
-            f"export Recap-CLIP p={float(dit['recap_clip_p']):g} (Table 7's scorer)",
-            argv,
-            [f"{recap_clip}/open_clip_config.json"],
-            [recap_clip],
-        )
+        title = f"export Recap-CLIP p={float(dit['recap_clip_p']):g} (Table 7's scorer)"
+        add("recap_clip_export", title, argv, f"{recap_clip}/open_clip_config.json", recap_clip)
     recaption("world_dit", dweb, "recaption DiT world web/ with the captioner")
-    argv = ["world-judge", "--world", DW, "--out", f"{DW}/judge", "--overwrite", *flags(profile["judge"])]
-    add("judge", "pinned attribute judge (DiT evaluation)", argv, [f"{DW}/judge/judge.json"], [f"{DW}/judge"])
-    text_encoder = f"--model.init_args.text_encoder={wc}/export"
+    judge = f"{DW}/judge"
+    argv = ["world-judge", "--world", DW, "--out", judge, "--overwrite", *flags(profile["judge"])]
+    add("judge", "pinned attribute judge (DiT evaluation)", argv, f"{judge}/judge.json", judge)
+    text_encoder = f"--model.init_args.text_encoder={export}"
     cache, cache_val = f"{o}/dit/cache", f"{o}/dit/cache_val"
     argv = ["dit-cache", "--config", f"{TINY_DIT}/base.yaml", text_encoder, f"--data.init_args.train_shards={dtrain}"]
     argv += [f"--data.init_args.val_shards={dval}", f"--data.init_args.sidecar_dir={rec}/world_dit_sidecars"]
-    add(
-        "dit_cache",
-        "DiT cache (pixels + web-CLIP text of both sources)",
-        [*argv, "--out", cache, "--val-out", cache_val],
-        [f"{cache}/_cache.json"],
-        [cache, cache_val],
-    )
-    clips = ["--clip", f"web_clip={wc}/export"] + (["--clip", f"recap_clip={recap_clip}"] if recap_clip else [])
+    argv += ["--out", cache, "--val-out", cache_val]
+    title = "DiT cache (pixels + web-CLIP text of both sources)"
+    add("dit_cache", title, argv, f"{cache}/_cache.json", [cache, cache_val])
+    clips = ["--clip", f"web_clip={export}"] + (["--clip", f"recap_clip={recap_clip}"] if recap_clip else [])
+    prompts = ["--prompts", f"{DW}/eval/t2i_prompts/prompts.parquet", "--attribute-judge", judge, *clips]
     for p in dit["ps"]:
         rid = row_id(p)
         run, ev = f"{o}/dit/table7/{rid}", f"{o}/dit/eval/{rid}"
         argv = ["fit", *repo_relative(row_args("table7", rid, 1)), "--config", f"{TINY_DIT}/cached.yaml"]
         argv += [logger(o, f"dit/table7/{rid}", "fit"), text_encoder, f"--data.init_args.cache_dir={cache}"]
         argv += [f"--data.init_args.val_cache_dir={cache_val}", f"--model.init_args.sample_dir={run}/samples"]
-        add(
-            f"dit_{rid}",
-            f"Recap-DiT p={float(p):g}",
-            argv + overrides(dit.get("fit")),
-            [f"{run}/fit/checkpoints/last.ckpt"],
-            [run],
-        )
-        argv = [
-            "dit-eval",
-            "--ckpt",
-            f"{run}/fit/checkpoints/last.ckpt",
-            "--prompts",
-            f"{DW}/eval/t2i_prompts/prompts.parquet",
-            "--attribute-judge",
-            f"{DW}/judge",
-            *clips,
-            *flags(dit.get("eval")),
-            "--out",
-            ev,
-        ]
-        add(
-            f"dit_{rid}_eval",
-            f"evaluate DiT p={float(p):g} (both prompt sets)",
-            argv,
-            [f"{ev}/caption/metrics.json", f"{ev}/recaption/metrics.json"],
-            [ev],
-        )
+        argv += overrides(dit.get("fit"))
+        add(f"dit_{rid}", f"Recap-DiT p={float(p):g}", argv, f"{run}/fit/checkpoints/last.ckpt", run)
+        argv = ["dit-eval", "--ckpt", f"{run}/fit/checkpoints/last.ckpt", *prompts, *flags(dit.get("eval"))]
+        argv += ["--out", ev]
+        outs = [f"{ev}/caption/metrics.json", f"{ev}/recaption/metrics.json"]
+        add(f"dit_{rid}_eval", f"evaluate DiT p={float(p):g} (both prompt sets)", argv, outs, ev)
 
     for table, title in (("table1", "captioner"), ("table3", "CLIP vs p"), ("table7", "DiT")):
         argv = ["report", table, "--tiny", "--runs", o, "--out", f"{o}/reports"]
-        steps.append(
-            Step(f"report_{table}", f"report {table} ({title})", argv, [f"{o}/reports/{table}_tiny.md"], always=True)
-        )
+        outputs = [f"{o}/reports/{table}_tiny.md"]
+        steps.append(Step(f"report_{table}", f"report {table} ({title})", argv, outputs, always=True))
     names = [s.name for s in steps]
     assert len(names) == len(set(names)), names  # step names are the resume keys
     return steps
@@ -386,19 +316,22 @@ CHAINS = ("world-recap", "tiny-captioner", "tiny-recaption", "tiny-dit")
 
 
 def make_chain(
-    name: str, world: str = "data/world", dit_world: str = "data/world_dit", dit_ps: Sequence[str] = ("p0.0", "p1.0")
+    name: str, world: str = "data/world", dit_world: str = "data/world_dit", dit_ps: Sequence[str] = ()
 ) -> list[Step]:
     """The Makefile's chains as steps on the configs' own sizes and paths (``make tiny-captioner`` etc.): each one
     starts with what it needs (a step whose outputs exist is skipped, as make would), then runs its own steps."""
-    cap, capcfg, W, DW = "runs/tiny/captioner", TINY_CAP, world, dit_world
+    cap, W, DW, web_clip = "runs/tiny/captioner", world, dit_world, "runs/tiny/captioner/web_clip"
     steps: list[Step] = []
 
-    def add(step: str, argv: str, *outputs: str, always: bool = False) -> None:
-        steps.append(Step(step, f"{name}: {step}", shlex.split(argv), list(outputs), always=always))
+    def add(step: str, command: str, output: str, always: bool = False) -> None:
+        steps.append(Step(step, f"{name}: {step}", shlex.split(command), [output], always=always))
 
     def world_steps(w: str, tag: str, recaptions: bool = True) -> None:
-        config = f" --config {DIT_WORLD_CONFIG}" if w == DW else ""
-        add(tag, f"world --out {w} --overwrite{config}", f"{w}/world.json")
+        add(
+            tag,
+            f"world --out {w} --overwrite" + (f" --config {DIT_WORLD_CONFIG}" if w == DW else ""),
+            f"{w}/world.json",
+        )
         if recaptions:  # the world's oracle recaptions, joined to its shards as sidecars
             add(f"{tag}_truth_recaptions", f"truth-recaptions --world {w} --out {w}/recap --overwrite", f"{w}/recap")
             sidecars = f"sidecars --recap {w}/recap --shards '{w}/web/*.tar' --out {w}/sidecars --overwrite"
@@ -407,55 +340,42 @@ def make_chain(
     world_steps(W, "world", recaptions=name == "world-recap")
     if name == "world-recap":
         return steps
-    add("web_clip", f"fit --config {capcfg}/web_clip.yaml", f"{cap}/web_clip/checkpoints/last.ckpt")
-    add(
-        "web_clip_export",
-        f"export-clip --ckpt {cap}/web_clip/checkpoints/last.ckpt --out {cap}/web_clip/export "
-        f"--hf-vision {cap}/web_clip/hf_vision",
-        f"{cap}/web_clip/hf_vision/config.json",
+    add("web_clip", f"fit --config {TINY_CAP}/web_clip.yaml", f"{web_clip}/checkpoints/last.ckpt")
+    export = (
+        f"export-clip --ckpt {web_clip}/checkpoints/last.ckpt --out {web_clip}/export --hf-vision {web_clip}/hf_vision"
     )
+    add("web_clip_export", export, f"{web_clip}/hf_vision/config.json")
     if name == "tiny-dit":
         world_steps(DW, "dit_world")
         add("judge", f"world-judge --world {DW} --out {DW}/judge --overwrite", f"{DW}/judge/judge.json")
-        add(
-            "dit_cache",
-            f"dit-cache --config {TINY_DIT}/base.yaml --out {DW}/dit_cache --val-out {DW}/dit_cache_val",
-            f"{DW}/dit_cache/_cache.json",
-        )
+        cache = f"dit-cache --config {TINY_DIT}/base.yaml --out {DW}/dit_cache --val-out {DW}/dit_cache_val"
+        add("dit_cache", cache, f"{DW}/dit_cache/_cache.json")
         for p in dit_ps:
-            add(
-                f"dit_{p}",
-                f"fit --config {TINY_DIT}/base.yaml --config {TINY_DIT}/table7/{p}.yaml --config "
-                f"{TINY_DIT}/cached.yaml",
-                f"runs/tiny/dit/table7/{p}/fit/checkpoints/last.ckpt",
-            )
-            add(
-                f"dit_{p}_eval",
-                f"dit-eval --ckpt runs/tiny/dit/table7/{p}/fit/checkpoints/last.ckpt --prompts "
-                f"{DW}/eval/t2i_prompts/prompts.parquet --limit 500 --attribute-judge {DW}/judge --clip "
-                f"web_clip={cap}/web_clip/export --out runs/tiny/dit/eval/{p}",
-                f"runs/tiny/dit/eval/{p}/recaption/metrics.json",
-            )
+            run, ev = f"runs/tiny/dit/table7/{p}/fit", f"runs/tiny/dit/eval/{p}"
+            configs = f"{TINY_DIT}/base.yaml --config {TINY_DIT}/table7/{p}.yaml --config {TINY_DIT}/cached.yaml"
+            add(f"dit_{p}", f"fit --config {configs}", f"{run}/checkpoints/last.ckpt")
+            judge = f"--limit 500 --attribute-judge {DW}/judge --clip web_clip={web_clip}/export --out {ev}"
+            evaluate = f"dit-eval --ckpt {run}/checkpoints/last.ckpt --prompts {DW}/eval/t2i_prompts/prompts.parquet"
+            add(f"dit_{p}_eval", f"{evaluate} {judge}", f"{ev}/recaption/metrics.json")
         return steps
     add("tokenizer", f"world-tokenizer --world {W} --out {W}/tokenizer", f"{W}/tokenizer/tokenizer.json")
     add("tiny_llm", f"tiny-llm --world {W} --tokenizer {W}/tokenizer --out {cap}/llm", f"{cap}/llm/tiny_llm.json")
     add("caption_tune_data", f"caption-tune --world {W}", f"{W}/caption_tune/detail.json")
     configs = ""
     for stage in ("stage1", "stage2", "caption_tune"):
-        configs += f" --config {capcfg}/{stage}.yaml"
+        configs += f" --config {TINY_CAP}/{stage}.yaml"
         add(f"captioner_{stage}", f"fit{configs}", f"{cap}/{stage}/checkpoints/last.ckpt")
-    add(
-        "captioner_export",
-        f"export-captioner --ckpt {cap}/caption_tune/checkpoints/last.ckpt --out {cap}/hf",
-        f"{cap}/hf/config.json",
-    )
+    export = f"export-captioner --ckpt {cap}/caption_tune/checkpoints/last.ckpt --out {cap}/hf"
+    add("captioner_export", export, f"{cap}/hf/config.json")
     if name == "tiny-recaption":  # every time, as make did: the recaption job itself finishes only what is missing
-        recap = f"{W}/recap_llava"
+        recap, shards = f"{W}/recap_llava", f"'{W}/web/*.tar'"
         add("recaption", "recaption run --config experiments/configs/recaption/tiny_world.yaml", recap, always=True)
-        merge = f"recaption merge --out {recap} --shards '{W}/web/*.tar'"
+        merge = f"recaption merge --out {recap} --shards {shards}"
         add("recaption_merge", merge, f"{recap}/merged/recap.parquet", always=True)
-        sidecars = f"sidecars --recap {recap}/merged/recap.parquet --shards '{W}/web/*.tar' --out {W}/sidecars_llava"
-        add("recaption_sidecars", f"{sidecars} --overwrite", f"{W}/sidecars_llava/_manifest.json", always=True)
+        sidecars = (
+            f"sidecars --recap {recap}/merged/recap.parquet --shards {shards} --out {W}/sidecars_llava --overwrite"
+        )
+        add("recaption_sidecars", sidecars, f"{W}/sidecars_llava/_manifest.json", always=True)
     return steps
 
 
