@@ -29,9 +29,7 @@ so the READMEs do not depend on git-ignored run folders; ``tests/test_report.py`
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
-import io
 import json
 import math
 import os
@@ -46,8 +44,8 @@ from typing import Any
 
 import yaml
 
-from experiments.tables import metrics_file, realised_p
 from experiments.tables import markdown as markdown_table
+from experiments.tables import metrics_file, realised_p
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_ROOT = REPO / "experiments" / "configs"
@@ -626,37 +624,24 @@ def markdown(report: Report) -> str:
 
 
 def csv_text(report: Report) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    head = ["row", "p"]
-    for c in report.columns:
-        head += [f"{c}_paper", f"{c}_ours", f"{c}_ours_sd", f"{c}_delta"]
-    head += [f"{e}" for e in report.extras] + ["n_runs", "status", "source", "seeds", "commit", "hardware"]
-    w.writerow(head)
+    """One line per row: paper, ours, sd and delta of each column, the ours-only columns, the runs (pandas' CSV)."""
+    import pandas as pd
+
+    r4 = lambda v: None if v is None else round(v, 4)  # noqa: E731
+    records = []
     for row in report.rows:
-        out: list[Any] = [row.id, "" if row.p is None else row.p]
+        rec: dict[str, Any] = {"row": row.id, "p": row.p}
         for c in report.columns:
             mean, sd, _ = row.stats(c)
             dv = delta(row, c) if report.deltas else None
-            out += [
-                row.paper.get(c, ""),
-                "" if mean is None else round(mean, 4),
-                "" if sd is None else round(sd, 4),
-                "" if dv is None else round(dv, 4),
-            ]
-        for e in report.extras:
-            mean = row.stats(e)[0]
-            out.append("" if mean is None else round(mean, 4))
-        out += [
-            len(row.runs),
-            "ok" if row.runs else row.status,
-            row.source or "",
-            ";".join(r.seed for r in row.runs),
-            _unique([r.commit for r in row.runs]),
-            _unique([r.hardware for r in row.runs]),
-        ]
-        w.writerow(out)
-    return buf.getvalue()
+            rec.update(
+                {f"{c}_paper": row.paper.get(c), f"{c}_ours": r4(mean), f"{c}_ours_sd": r4(sd), f"{c}_delta": r4(dv)}
+            )
+        rec.update({e: r4(row.stats(e)[0]) for e in report.extras})
+        rec.update(n_runs=len(row.runs), status="ok" if row.runs else row.status, source=row.source or "")
+        rec.update(seeds=";".join(r.seed for r in row.runs), commit=_unique([r.commit for r in row.runs]))
+        records.append({**rec, "hardware": _unique([r.hardware for r in row.runs])})
+    return pd.DataFrame(records).to_csv(index=False, lineterminator="\n")
 
 
 def to_json(report: Report) -> dict:

@@ -4,6 +4,7 @@ r"""``python -m experiments reproduce``: the paper's whole chain in miniature on
     python -m experiments reproduce --profile full --seeds 2  # -> runs/reproduce/full
     python -m experiments reproduce --dry-run                 # the commands, with each step's state
     python -m experiments reproduce --from clip_p0.5_stage1   # rerun from a step (and everything after it)
+    python -m experiments reproduce --only world web_clip     # a subset of the steps (names or prefixes)
 
 world -> "web CLIP" on alt-text (the OpenAI CLIP analog) -> tokenizer + tiny LLM -> captioner stage 1, stage 2 and
 caption tuning on the web CLIP's frozen tower -> recaption ``web/`` -> caption analysis -> Recap-CLIP at several p
@@ -13,10 +14,9 @@ numbers.
 
 Each step is a ``python -m experiments ...`` subprocess with the profile's sizes
 (``experiments/configs/reproduce/<profile>.yaml``) as flags or LightningCLI dotted overrides and every path under
-``--out``; its output goes to ``OUT/logs/<step>.log``. A step is done when its outputs exist and
-``OUT/logs/<step>.done`` records the same command, so a rerun skips finished steps and resumes after a failed one
-(a changed profile reruns the steps whose command changed, and only those). Wall times per step go to
-``OUT/timings.json``.
+``--out``, run by the suite's step runner (``experiments/runner.py``: logs in ``OUT/logs``, done-stamps, resume, wall
+and CPU times in ``OUT/timings.json``); the claims are checked by ``experiments/claims.py``. ``--chain NAME`` runs one
+of the Makefile's chains (``make tiny-captioner`` ...) through the same runner instead.
 """
 
 from __future__ import annotations

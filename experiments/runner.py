@@ -401,16 +401,9 @@ def run_steps(
         preload()
         why = fork_safe()
         seconds = time.perf_counter() - t0
-        record["steps"].append(
-            {
-                "name": "preload",
-                "title": "import the libraries once (steps are forked)",
-                "command": "import " + ", ".join(PRELOAD),
-                "seconds": round(seconds, 1),
-                "cpu_seconds": round(time.process_time() - cpu0, 1),
-                "status": "ran",
-            }
-        )
+        title, cpu = "import the libraries once (steps are forked)", round(time.process_time() - cpu0, 1)
+        imports = {"name": "preload", "title": title, "command": "import " + ", ".join(PRELOAD), "status": "ran"}
+        record["steps"].append({**imports, "seconds": round(seconds, 1), "cpu_seconds": cpu})
         say(f"[0/{len(steps)}] import the libraries once ... {fmt_seconds(seconds)}")
         if why:
             say(f"    not forking steps: {why}; each step starts a fresh interpreter")

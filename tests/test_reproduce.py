@@ -689,3 +689,11 @@ def test_make_chains_run_the_makefiles_commands_through_the_runner(tmp_path):
     fake = FakeRunner(R.make_chain("world-recap", str(world)))
     R.run_chain("world-recap", str(world), "dw", [], out=tmp_path / "chain", launcher=fake)
     assert fake.ran == ["world_sidecars"]
+
+
+def test_only_runs_a_subset_of_the_steps(profile_path, tmp_path, capsys):
+    R.main(["--profile", str(profile_path), "--out", str(tmp_path / "o"), "--dry-run", "--only", "world", "clip_p0.0"])
+    names = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert names == ["world", "clip_p0.0_stage1", "clip_p0.0_stage2"]
+    with pytest.raises(SystemExit):
+        R.main(["--profile", str(profile_path), "--out", str(tmp_path / "o"), "--dry-run", "--only", "nope"])
