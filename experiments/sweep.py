@@ -9,10 +9,10 @@ order (parameters sorted by name, the last one fastest) are used as they are.
 A point runs its WHOLE row through the suite's step runner (``experiments/runner.py``), whether a ``wandb agent`` or
 this command starts it (``sweep row``): the ``fit`` as given (stage 1); where its recipe is a CLIPA ``stage1.yaml``,
 stage 2 (``stage2.yaml`` beside it, the same point values, from stage 1's ``last.ckpt``) and then the standalone
-evaluation (``test`` with ``eval/tiny_world.yaml`` or ``eval/paper.yaml`` -> ``stage2/metrics/test.json``, what
-``report`` reads). A point's run dir is ``<out>/<spec stem>/<point id>`` (under an agent ``runs/sweeps/<sweep id>/<W&B
-run id>``) with one folder per stage; a point whose run dir holds ``sweep_point.json`` (written when the row
-finished) is done and skipped, and the runner's done-stamps resume a row inside it.
+evaluation (``test`` with ``eval/tiny_world.yaml`` or ``eval/paper.yaml`` -> ``eval/metrics/test.json``). A point's
+run dir is ``<out>/<spec stem>/<point id>`` (under an agent ``runs/sweeps/<sweep id>/<W&B run id>``) with one folder
+per stage; a point whose run dir holds ``sweep_point.json`` (written when the row finished) is done and skipped, and
+the runner's done-stamps resume a row inside it.
 
 ``--dry-run`` lists the points and their state; ``--launch-lines`` prints one shell command per point (e.g. for a
 SLURM job array: ``sed -n "$((SLURM_ARRAY_TASK_ID+1))p" lines.txt | bash``).
@@ -165,10 +165,8 @@ def points(spec: dict[str, Any], out: Path, name: str) -> list[Point]:
 
 
 def _csv(save_dir: str, version: str) -> dict:
-    return {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": save_dir, "name": "", "version": version},
-    }
+    init = {"save_dir": save_dir, "name": "", "version": version}
+    return {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": init}
 
 
 def _agent_loggers(stage: str) -> list[dict]:
@@ -201,41 +199,27 @@ def row_steps(fit_args: Sequence[str], run: Path, agent: bool = False) -> list[S
     def logger(stage: str) -> str:
         return "--trainer.logger=" + json.dumps(_agent_loggers(stage) if agent else _csv(str(run), stage))
 
+    def step(stage: str, argv: list[str], output: str) -> Step:
+        return Step(
+            stage, f"{run.name} {stage}", [*argv, logger(stage)], [f"{run}/{stage}/{output}"], [f"{run}/{stage}"]
+        )
+
     stage1 = next((c for c in configs if c.endswith("stage1.yaml")), None)
     if stage1 is None:  # a one-stage row (the DiT's, a debug recipe)
-        return [
-            Step(
-                "fit", f"{run.name} fit", ["fit", *fit_args, logger("fit")], [f"{run}/fit/config.yaml"], [f"{run}/fit"]
-            )
-        ]
+        return [step("fit", ["fit", *fit_args], "config.yaml")]
     stage2 = stage1.removesuffix("stage1.yaml") + "stage2.yaml"
     image_size = yaml.safe_load((REPO / stage2).read_text())["model"]["init_args"]["image_size"]
     args2 = [stage2 if a == stage1 else _stage2_value(a, image_size) for a in fit_args]
-    ckpt = f"{run}/stage2/checkpoints/last.ckpt"
+    args2.append(f"--model.init_args.init_from={run}/stage1/checkpoints/last.ckpt")
+    # the evaluation: stage 2's model and point values on the eval sets (its own data), in run/eval
     evaluation = "experiments/configs/eval/" + ("tiny_world.yaml" if "/tiny/" in stage1 else "paper.yaml")
-    test = ["test", "--config", stage2, "--config", evaluation]
+    test = ["test", "--config", stage2, "--config", evaluation, f"--ckpt_path={run}/stage2/checkpoints/last.ckpt"]
     test += [_stage2_value(a, image_size) for a in values if not a.startswith("--data.")]
+    ckpt = "checkpoints/last.ckpt"
     return [
-        Step(
-            "stage1",
-            f"{run.name} stage 1",
-            ["fit", *fit_args, logger("stage1")],
-            [f"{run}/stage1/checkpoints/last.ckpt"],
-            [f"{run}/stage1"],
-        ),
-        Step(
-            "stage2",
-            f"{run.name} stage 2",
-            ["fit", *args2, logger("stage2"), f"--model.init_args.init_from={run}/stage1/checkpoints/last.ckpt"],
-            [ckpt],
-            [f"{run}/stage2"],
-        ),
-        Step(
-            "eval",
-            f"{run.name} evaluation",
-            [*test, logger("stage2"), f"--ckpt_path={ckpt}"],
-            [f"{run}/stage2/metrics/test.json"],
-        ),
+        step("stage1", ["fit", *fit_args], ckpt),
+        step("stage2", ["fit", *args2], ckpt),
+        step("eval", test, "metrics/test.json"),
     ]
 
 

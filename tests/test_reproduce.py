@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,8 +44,18 @@ def test_profiles_load_and_cover_the_chain():
         for p in profile["clip"]["ps"]:
             assert f"clip_{R.row_id(p)}_stage1" in names
             assert f"clip_{R.row_id(p)}_stage2" in names
-        for needed in ("world", "web_clip", "captioner_stage1", "captioner_stage2", "captioner_caption_tune",
-                       "recaption_world", "analyze", "dit_p0.0_eval", "dit_p1.0_eval", "report_table3"):  # fmt: skip
+        for needed in (
+            "world",
+            "web_clip",
+            "captioner_stage1",
+            "captioner_stage2",
+            "captioner_caption_tune",
+            "recaption_world",
+            "analyze",
+            "dit_p0.0_eval",
+            "dit_p1.0_eval",
+            "report_table3",
+        ):
             assert needed in names
         # every path the chain writes is under its out folder
         for s in steps:
@@ -121,8 +130,11 @@ def test_profile_errors_name_file_and_key(tmp_path):
 
 def test_row_id_and_shard_specs():
     assert [R.row_id(p) for p in (0, 0.05, 0.5, 1)] == ["p0.0", "p0.05", "p0.5", "p1.0"]
-    assert R.shard_specs({"n_web": 3000, "shard_size": 500}, "w") == ("w/web/{00000..00004}.tar", "w/web/00005.tar",
-                                                                      "w/web/*.tar")  # fmt: skip
+    assert R.shard_specs({"n_web": 3000, "shard_size": 500}, "w") == (
+        "w/web/{00000..00004}.tar",
+        "w/web/00005.tar",
+        "w/web/*.tar",
+    )
     with pytest.raises(ValueError, match="n_web 100"):
         R.shard_specs({"n_web": 100, "shard_size": 50}, "w")
 
@@ -250,8 +262,12 @@ def test_runner_records_each_steps_cpu_time(tmp_path):
 
 def test_run_logged_tees_output_and_reports_lines(tmp_path):
     lines: list[str] = []
-    code = X.run_logged([sys.executable, "-c", "import sys; print('one'); sys.stdout.write('bar 50%\\rbar 100%\\n'); "
-                         "sys.exit(2)"], tmp_path / "l.log", lines.append, X.subprocess_env())  # fmt: skip
+    code = X.run_logged(
+        [sys.executable, "-c", "import sys; print('one'); sys.stdout.write('bar 50%\\rbar 100%\\n'); sys.exit(2)"],
+        tmp_path / "l.log",
+        lines.append,
+        X.subprocess_env(),
+    )
     assert code == 2
     assert (tmp_path / "l.log").read_bytes() == b"one\nbar 50%\rbar 100%\n"  # the log is byte-exact
     assert lines
@@ -260,18 +276,25 @@ def test_run_logged_tees_output_and_reports_lines(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- the claims
 def _clip(cls, short, long):
-    return {"classify/top1": cls, "retrieval/image_to_text_R@1": short, "retrieval/text_to_image_R@1": short,
-            "long_retrieval/image_to_text_R@1": long, "long_retrieval/text_to_image_R@1": long}  # fmt: skip
+    return {
+        "classify/top1": cls,
+        "retrieval/image_to_text_R@1": short,
+        "retrieval/text_to_image_R@1": short,
+        "long_retrieval/image_to_text_R@1": long,
+        "long_retrieval/text_to_image_R@1": long,
+    }
 
 
 def _results(clip: dict, dit: dict | None = None) -> dict:
     return {
-        "analysis": {"length_words": {"original": {"mean": 6.0}, "recaption": {"mean": 24.0}},
-                     "vocabulary": {"coverage_pct": {"recaption": 4.0}, "token_share_pct": {"recaption": 40.0}}},
+        "analysis": {
+            "length_words": {"original": {"mean": 6.0}, "recaption": {"mean": 24.0}},
+            "vocabulary": {"coverage_pct": {"recaption": 4.0}, "token_share_pct": {"recaption": 40.0}},
+        },
         "captioner": {"caption_tune": {"pair_precision": 20.0, "chance_pair_precision": 5.0}},
         "clip": clip,
         "dit": dit or {},
-    }  # fmt: skip
+    }
 
 
 def md_rows(text: str) -> list[list[str]]:
@@ -286,27 +309,55 @@ def verdicts(results: dict, **margins) -> dict[str, str]:
 
 def test_claims_paper_pattern_holds():
     # one seed each: a CLIP difference counts at >= 2 * 1.5 * sqrt(2) = 4.24 points (the default margins)
-    clip = {"0.0": {"seed0": _clip(10, 4, 9)}, "0.5": {"seed0": _clip(19, 9, 8)},
-            "0.8": {"seed0": _clip(24, 9, 7)}, "1.0": {"seed0": _clip(25, 4, 2)}}  # fmt: skip
-    dit = {"0.0": {"recaption/clip_score/web_clip": 35.0, "recaption/clip_score/web_clip/se": 1.0,
-                   "recaption/fid": 200.0, "caption/fid": 150.0, "recaption/attributes/colour": 0.5,
-                   "recaption/attributes/n": 100.0},
-           "1.0": {"recaption/clip_score/web_clip": 21.0, "recaption/clip_score/web_clip/se": 1.0,
-                   "recaption/fid": 250.0, "caption/fid": 100.0, "recaption/attributes/colour": 0.3,
-                   "recaption/attributes/n": 100.0}}  # fmt: skip
+    clip = {
+        "0.0": {"seed0": _clip(10, 4, 9)},
+        "0.5": {"seed0": _clip(19, 9, 8)},
+        "0.8": {"seed0": _clip(24, 9, 7)},
+        "1.0": {"seed0": _clip(25, 4, 2)},
+    }
+    dit = {
+        "0.0": {
+            "recaption/clip_score/web_clip": 35.0,
+            "recaption/clip_score/web_clip/se": 1.0,
+            "recaption/fid": 200.0,
+            "caption/fid": 150.0,
+            "recaption/attributes/colour": 0.5,
+            "recaption/attributes/n": 100.0,
+        },
+        "1.0": {
+            "recaption/clip_score/web_clip": 21.0,
+            "recaption/clip_score/web_clip/se": 1.0,
+            "recaption/fid": 250.0,
+            "caption/fid": 100.0,
+            "recaption/attributes/colour": 0.3,
+            "recaption/attributes/n": 100.0,
+        },
+    }
     v = verdicts(_results(clip, dit))
     assert v["recaptions_longer"] == C.HOLDS
     assert v["recaption_word_share"] == C.FAILS  # 40% of the words is not "most"
     assert v["captioner_grounded"] == C.HOLDS
-    for cid in ("clip_retrieval_intermediate_p", "clip_classification_p0", "clip_balance_p0.8", "clip_long_retrieval",
-                "dit_recap_clip_score", "dit_recap_fid", "dit_raw_fid", "dit_recap_judge"):  # fmt: skip
+    for cid in (
+        "clip_retrieval_intermediate_p",
+        "clip_classification_p0",
+        "clip_balance_p0.8",
+        "clip_long_retrieval",
+        "dit_recap_clip_score",
+        "dit_recap_fid",
+        "dit_raw_fid",
+        "dit_recap_judge",
+    ):
         assert v[cid] == C.HOLDS, cid
 
 
 def test_claims_that_fail_and_that_are_not_measured():
     # retrieval best at an end (p = 1), classification better at p = 0, p = 0.8 loses 10 points of classification
-    clip = {"0.0": {"seed0": _clip(30, 4, 2)}, "0.5": {"seed0": _clip(22, 5, 3)},
-            "0.8": {"seed0": _clip(15, 9, 2)}, "1.0": {"seed0": _clip(25, 15, 9)}}  # fmt: skip
+    clip = {
+        "0.0": {"seed0": _clip(30, 4, 2)},
+        "0.5": {"seed0": _clip(22, 5, 3)},
+        "0.8": {"seed0": _clip(15, 9, 2)},
+        "1.0": {"seed0": _clip(25, 15, 9)},
+    }
     dit = {"0.0": {"recaption/fid": 300.0, "caption/fid": 90.0}, "1.0": {"recaption/fid": 250.0, "caption/fid": 100.0}}
     v = verdicts(_results(clip, dit))
     assert v["clip_retrieval_intermediate_p"] == C.FAILS
@@ -323,9 +374,11 @@ def test_claims_that_fail_and_that_are_not_measured():
 
 def test_claims_within_seed_noise():
     # p = 0.5 beats both ends on the mean, by less than the seed sd (pooled over this run's seeds: 3.2)
-    clip = {"0.0": {"seed0": _clip(10, 4, 9), "seed1": _clip(12, 6, 9)},
-            "0.5": {"seed0": _clip(19, 3, 8), "seed1": _clip(19, 9, 8)},
-            "1.0": {"seed0": _clip(25, 4, 2), "seed1": _clip(26, 5, 2)}}  # fmt: skip
+    clip = {
+        "0.0": {"seed0": _clip(10, 4, 9), "seed1": _clip(12, 6, 9)},
+        "0.5": {"seed0": _clip(19, 3, 8), "seed1": _clip(19, 9, 8)},
+        "1.0": {"seed0": _clip(25, 4, 2), "seed1": _clip(26, 5, 2)},
+    }
     v = verdicts(_results(clip))
     assert v["clip_retrieval_intermediate_p"] == C.NOISE
     assert v["clip_classification_p0"] == C.HOLDS
@@ -339,13 +392,22 @@ def test_claims_need_a_margin_beyond_noise():
     assert verdicts(_results(one_seed), clip_seed_sd=0.5)["clip_classification_p0"] == C.HOLDS  # 3 >= 1.41
     assert verdicts(_results(one_seed), clip_seed_sd=0.5)["clip_long_retrieval"] == C.HOLDS  # 9 at p = 0 vs 2
     # the pooled sd of this run's seeds raises the margin above the prior when seeds disagree
-    noisy = {"0.0": {"seed0": _clip(6, 4, 9), "seed1": _clip(14, 4, 9)}, "1.0": {"seed0": _clip(20, 4, 2),
-             "seed1": _clip(12, 4, 2)}}  # fmt: skip
+    noisy = {
+        "0.0": {"seed0": _clip(6, 4, 9), "seed1": _clip(14, 4, 9)},
+        "1.0": {"seed0": _clip(20, 4, 2), "seed1": _clip(12, 4, 2)},
+    }
     assert verdicts(_results(noisy), clip_seed_sd=0.5)["clip_classification_p0"] == C.NOISE  # +6 vs 2 se = 11.3
-    dit = {p: {"recaption/fid": fid, "caption/fid": 100.0, "recaption/attributes/colour": acc,
-               "recaption/attributes/n": 100.0, "recaption/clip_score/web_clip": cs,
-               "recaption/clip_score/web_clip/se": 1.5}
-           for p, fid, acc, cs in (("0.0", 200.0, 0.50, 30.0), ("1.0", 205.0, 0.42, 25.0))}  # fmt: skip
+    dit = {
+        p: {
+            "recaption/fid": fid,
+            "caption/fid": 100.0,
+            "recaption/attributes/colour": acc,
+            "recaption/attributes/n": 100.0,
+            "recaption/clip_score/web_clip": cs,
+            "recaption/clip_score/web_clip/se": 1.5,
+        }
+        for p, fid, acc, cs in (("0.0", 200.0, 0.50, 30.0), ("1.0", 205.0, 0.42, 25.0))
+    }
     v = verdicts(_results({}, dit))
     assert v["dit_recap_fid"] == C.NOISE  # 5 < 5% of 205
     assert v["dit_raw_fid"] == C.NOISE  # equal
@@ -369,8 +431,10 @@ def test_results_are_read_from_the_run_layout(tmp_path, profile_path):
         out / "captioner/caption_tune/metrics/step9.json",
         {"metrics": {f"{cap}pair_precision": 1.0, f"{cap}chance_pair_precision": 2.0}},
     )
-    put(out / "captioner/caption_tune/metrics/step10.json",  # the last evaluation by step number, not by name
-        {"metrics": {f"{cap}pair_precision": 30.0, f"{cap}chance_pair_precision": 4.0}})  # fmt: skip
+    put(
+        out / "captioner/caption_tune/metrics/step10.json",  # the last evaluation by step number, not by name
+        {"metrics": {f"{cap}pair_precision": 30.0, f"{cap}chance_pair_precision": 4.0}},
+    )
     put(out / "analysis/summary.json", {"inputs": {"shards": _results({})["analysis"]}})
     put(out / "clip/table3/p0.0/stage2/metrics/step40.json", {"metrics": _clip(10, 4, 9)})
     put(out / "clip/table3/p1.0/stage2/metrics/step40.json", {"metrics": _clip(25, 5, 2)})
@@ -473,8 +537,13 @@ def test_runner_preloads_once_before_the_first_step_that_runs(tmp_path, monkeypa
 # ------------------------------------------------------------------------------------------ parallel steps
 def _py_step(out: Path, name: str, code: str, reads: str = "") -> X.Step:
     """A step whose command is `python -c CODE` (run by _py_launcher); it reads ``reads`` (a folder of another step)."""
-    return X.Step(name, f"step {name}", [name, code, *([reads] if reads else [])], [str(out / name / "done.txt")],
-                  [str(out / name)])  # fmt: skip
+    return X.Step(
+        name,
+        f"step {name}",
+        [name, code, *([reads] if reads else [])],
+        [str(out / name / "done.txt")],
+        [str(out / name)],
+    )
 
 
 def _py_launcher(cmd, env, threads):
@@ -526,8 +595,7 @@ def test_parallel_steps_overlap_respect_dependencies_and_resume(tmp_path):
     assert [s["status"] for s in rec["steps"]] == ["skipped (done)"] * 3 + ["ran"]
     (out / "a" / "done.txt").unlink()
     rec = X.run_steps(steps, out, stream=io.StringIO(), jobs=2, launcher=_py_launcher)
-    assert {s["name"]: s["status"] for s in rec["steps"]} == {"a": "ran", "b": "skipped (done)", "c": "ran",
-                                                               "r": "ran"}  # fmt: skip
+    assert {s["name"]: s["status"] for s in rec["steps"]} == {"a": "ran", "b": "skipped (done)", "c": "ran", "r": "ran"}
 
 
 def test_parallel_runner_starts_the_longest_chain_first(tmp_path):
@@ -620,10 +688,19 @@ def _metrics_csv(folder: Path, rows: list[dict]) -> None:
 
 def test_realised_p_is_read_from_the_runs_own_logs(tmp_path):
     s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
-    _metrics_csv(s1, [{"step": 9, "train/caption_source/original": 0.9, "train/caption_source/recaption": 0.1},
-                      {"step": 10, "train/loss": 2.0},
-                      {"step": 19, "train/caption_source/original": 0.52, "train/caption_source/recaption": 0.48,
-                       "train/caption_source_samples": 3000}])  # fmt: skip
+    _metrics_csv(
+        s1,
+        [
+            {"step": 9, "train/caption_source/original": 0.9, "train/caption_source/recaption": 0.1},
+            {"step": 10, "train/loss": 2.0},
+            {
+                "step": 19,
+                "train/caption_source/original": 0.52,
+                "train/caption_source/recaption": 0.48,
+                "train/caption_source_samples": 3000,
+            },
+        ],
+    )
     _metrics_csv(s2, [{"step": 5, "train/caption_source/recaption": 1.0, "train/caption_source_samples": 1000}])
     assert T.realised_p(s1) == pytest.approx(0.52)  # the last row that logged it: the run's exact totals
     assert T.realised_p(s2) == 0.0  # a source never drawn has no column
@@ -632,8 +709,12 @@ def test_realised_p_is_read_from_the_runs_own_logs(tmp_path):
 
 
 def test_claims_use_the_realised_p(tmp_path):
-    clip = {"0.0": {"seed0": _clip(10, 4, 9)}, "0.5": {"seed0": _clip(19, 9, 8)},
-            "0.8": {"seed0": _clip(24, 9, 7)}, "1.0": {"seed0": _clip(25, 4, 2)}}  # fmt: skip
+    clip = {
+        "0.0": {"seed0": _clip(10, 4, 9)},
+        "0.5": {"seed0": _clip(19, 9, 8)},
+        "0.8": {"seed0": _clip(24, 9, 7)},
+        "1.0": {"seed0": _clip(25, 4, 2)},
+    }
     results = _results(clip)
     results["clip_p"] = {"0.0": {"seed0": 0.01}, "0.5": {"seed0": 0.5}, "0.8": {"seed0": 0.79}, "1.0": {"seed0": 1.0}}
     claims = {c.id: c for c in C.check_claims(results)}
@@ -647,8 +728,10 @@ def test_claims_use_the_realised_p(tmp_path):
     assert claims["clip_long_retrieval"].verdict == C.HOLDS  # compares the largest realised p < 1 with p = 1
     results["clip_p"]["0.8"] = {"seed0": 0.6}
     assert {c.id: c.verdict for c in C.check_claims(results)}["clip_balance_p0.8"] == C.MISSING
-    dit = {p: {"recaption/clip_score/web_clip": v, "recaption/clip_score/web_clip/se": 0.5} for p, v in
-           (("0.0", 30.0), ("1.0", 20.0))}  # fmt: skip
+    dit = {
+        p: {"recaption/clip_score/web_clip": v, "recaption/clip_score/web_clip/se": 0.5}
+        for p, v in (("0.0", 30.0), ("1.0", 20.0))
+    }
     results = _results({}, dit)
     results["dit_p"] = {"0.0": 0.0, "1.0": 1.0}
     claims = {c.id: c for c in C.check_claims(results)}
@@ -659,10 +742,15 @@ def test_claims_use_the_realised_p(tmp_path):
 
 
 def test_analysis_table_shows_the_word_share_and_the_clip_share():
-    a = {"length_words": {"original": {"mean": 2.5}, "recaption": {"mean": 19.0}},
-         "vocabulary": {"size": {"original": 600, "recaption": 30}, "coverage_pct": {"recaption": 4.9},
-                        "token_share_pct": {"original": 12.8, "recaption": 87.2}},
-         "clip_share": {"share_pct": {"original": 73.0, "recaption": 27.0}}}  # fmt: skip
+    a = {
+        "length_words": {"original": {"mean": 2.5}, "recaption": {"mean": 19.0}},
+        "vocabulary": {
+            "size": {"original": 600, "recaption": 30},
+            "coverage_pct": {"recaption": 4.9},
+            "token_share_pct": {"original": 12.8, "recaption": 87.2},
+        },
+        "clip_share": {"share_pct": {"original": 73.0, "recaption": 27.0}},
+    }
     rows = {r[0]: r[1:] for r in md_rows(R._analysis_table(a))}
     assert rows["share of the word tokens of both sets"][:2] == ["12.8%", "87.2%"]
     assert rows["CLIP-score share, web CLIP (INFERRED definition)"][:2] == ["73.0", "27.0"]  # not the word share
