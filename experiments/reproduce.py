@@ -33,22 +33,10 @@ from typing import Any
 
 import yaml
 
+from experiments import runner
 from experiments.claims import PAPER_COVERAGE_PCT, PAPER_LENGTH_WORDS, Margins, check_claims, claims_markdown
 from experiments.paper_tables import row_args
-from experiments.runner import (
-    REPO,
-    Launcher,
-    Step,
-    dependencies,
-    fmt_seconds,
-    git_head,
-    is_done,
-    launch_forked,
-    launch_fresh,
-    run_steps,
-    summary_table,
-    write_timings,
-)
+from experiments.runner import REPO, Launcher, Step
 from experiments.tables import last_metrics, markdown, realised_p
 
 CONFIGS = REPO / "experiments" / "configs"
@@ -390,7 +378,7 @@ def run_chain(
     """Run a Makefile chain through the runner: the steps whose outputs do not all exist (and the always-steps)."""
     steps = [s for s in make_chain(name, world, dit_world, dit_ps) if s.always or not all(map(_exists, s.outputs))]
     out = out or REPO / "runs" / "tiny" / "chains" / name
-    record = run_steps(steps, out, launcher=launcher)
+    record = runner.run_steps(steps, out, launcher=launcher)
     if record["failed"]:
         raise SystemExit(f"{name}: step {record['failed']} failed (log: {out}/logs/{record['failed']}.log)")
     return record
@@ -489,7 +477,7 @@ def _paper_table(table: str, out: Path) -> str:
 
 
 def _run_line(profile: dict, record: dict) -> str:
-    head = git_head()
+    head = runner.git_head()
     if record.get("commit"):
         line = f"Steps run at commit `{record['commit']}`" + (
             "" if record["commit"] == head else f", report written at `{head}`"
@@ -498,14 +486,15 @@ def _run_line(profile: dict, record: dict) -> str:
         line = f"Commit: `{head}`"
     line += f". Profile: `{os.path.relpath(profile['_path'], REPO)}`. "
     line += f"Started {record.get('started')}, {record.get('cpus')} CPUs"
-    steps_total = fmt_seconds(record.get("total_seconds") or 0)
+    steps_total = runner.fmt_seconds(record.get("total_seconds") or 0)
     if record.get("wall_seconds") is not None:
-        line += f", **run wall time {fmt_seconds(record['wall_seconds'])}** ({record.get('jobs', 1)} steps at a time; "
+        wall = runner.fmt_seconds(record["wall_seconds"])
+        line += f", **run wall time {wall}** ({record.get('jobs', 1)} steps at a time; "
         line += f"the steps' wall times add up to {steps_total})"
     else:
         line += f", total step wall time {steps_total}"
     if record.get("total_cpu_seconds"):
-        line += f", CPU time {fmt_seconds(record['total_cpu_seconds'])}"
+        line += f", CPU time {runner.fmt_seconds(record['total_cpu_seconds'])}"
     return line + f" (budget {profile.get('budget_minutes', '?')} min of wall time on 2 uncontended cores)."
 
 
@@ -561,7 +550,7 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
         "",
         "## Timings",
         "",
-        summary_table(record),
+        runner.summary_table(record),
         "",
         "Load average = the machine's 1-minute load when the step started and ended (2 cores: above 2 means the "
         "steps shared the CPU with other work, and the times are slower than on a quiet machine). CPU time = user + "
@@ -616,12 +605,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             parser.error(f"--only {args.only}: no such steps")
     if args.dry_run:
         print(f"profile {name} ({profile['_path']}), out {out_str}, {seeds} seed(s), {len(steps)} steps")
-        force = [s.name for s in steps].index(args.start_from) if args.start_from else len(steps)
-        deps, to_run = dependencies(steps), set()
+        to_run = runner.plan(steps, out, args.start_from)
         for i, s in enumerate(steps):
-            done = i < force and is_done(out, s, deps[s.name]) and not any(d.name in to_run for d in deps[s.name])
-            to_run |= set() if done else {s.name}
-            print(f"[{i + 1}/{len(steps)}] {s.name} ({'done' if done else 'to run'}): {s.title}\n    {s.shown()}")
+            state = "to run" if s.name in to_run else "done"
+            print(f"[{i + 1}/{len(steps)}] {s.name} ({state}): {s.title}\n    {s.shown()}")
         return {"steps": steps}
     command = "python -m experiments reproduce " + shlex.join(argv if argv is not None else sys.argv[2:])
     out.mkdir(parents=True, exist_ok=True)
@@ -632,11 +619,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         print(f"reproduce: profile {name}, {len(steps)} steps -> {out_str} (logs in {out_str}/logs)", flush=True)
         jobs = int(args.jobs if args.jobs is not None else profile.get("jobs", 1))
-        launcher = launch_fresh if args.isolated else launch_forked
-        record = run_steps(steps, out, args.start_from, jobs=jobs, launcher=launcher)
+        launcher = runner.launch_fresh if args.isolated else runner.launch_forked
+        record = runner.run_steps(steps, out, args.start_from, jobs=jobs, launcher=launcher)
         record["command"] = command
-        write_timings(out / "timings.json", record)
-    print("\n" + summary_table(record), flush=True)
+        runner.write_timings(out / "timings.json", record)
+    print("\n" + runner.summary_table(record), flush=True)
     if record.get("failed"):
         print(f"\nstopped at {record['failed']}; fix it and rerun the same command (finished steps are skipped)")
         raise SystemExit(1)
