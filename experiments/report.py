@@ -261,15 +261,9 @@ def clip_runs(runs: Path, table: str, row_id: str, keys: dict[str, str]) -> list
         values = {col: float(metrics[k]) for col, k in keys.items() if k in metrics}
         p = realised_p(row_dir / "stage1", row_dir / "stage2")
         values.update({REALISED_P: p} if p is not None else {})
-        out.append(
-            RunResult(
-                path=os.path.relpath(found, Path.cwd()),
-                seed=seed_name or _seed_of(row_dir / "stage1" / "config.yaml", "default seed"),
-                values=values,
-                commit=run_commit(data, found),
-                hardware=run_hardware(data, row_dir / "stage2", row_dir.parent / "logs" / f"{row_id}_stage2.log"),
-            )
-        )
+        seed = seed_name or _seed_of(row_dir / "stage1" / "config.yaml", "default seed")
+        hardware = run_hardware(data, row_dir / "stage2", row_dir.parent / "logs" / f"{row_id}_stage2.log")
+        out.append(RunResult(os.path.relpath(found, Path.cwd()), seed, values, run_commit(data, found), hardware))
     return out
 
 
@@ -287,11 +281,8 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
     for row in table.rows:
         cfg = f"experiments/configs/{base}/{table_name}/{row.id}.yaml (+ .stage2.yaml)"
         cmd = f"python -m experiments clip-table --table {table_name} --rows {row.id}" + (" --tiny" if tiny else "")
-        rows.append(
-            ReportRow(
-                row.id, row.p, dict(row.paper), cfg, cmd, clip_runs(runs, table_name, row.id, read), note=row.note
-            )
-        )
+        found = clip_runs(runs, table_name, row.id, read)
+        rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, found, note=row.note))
     # A row without its own run reuses an identical row's (same towers, p and mix) of another table.
     spec = {(t, r.id): (r.vision, r.text, r.p, r.mix) for t, tab in TABLES.items() for r in tab.rows}
     for rr in rows:
@@ -306,13 +297,12 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
     notes = list(table.notes)
     if tiny:
         missing = [LABELS[c] for c in table.metrics if c not in keys]
-        notes.insert(
-            0,
-            "Ours: the tiny world's stand-in tasks ("
-            + ", ".join(f"{LABELS[c]} <- `{k}`" for c, k in keys.items())
-            + "). Absolute numbers are not comparable with the paper's; the shape over rows is."
-            + (f" No tiny analog: {', '.join(missing)}." if missing else ""),
+        tasks = ", ".join(f"{LABELS[c]} <- `{k}`" for c, k in keys.items())
+        note = (
+            f"Ours: the tiny world's stand-in tasks ({tasks}). Absolute numbers are not comparable with the paper's; "
         )
+        note += "the shape over rows is." + (f" No tiny analog: {', '.join(missing)}." if missing else "")
+        notes.insert(0, note)
     return Report(table_name, table.caption, tiny, list(table.metrics), rows, keys, extras, notes)
 
 
@@ -333,15 +323,10 @@ def dit_runs(runs: Path, row_id: str, keys: dict[str, str]) -> list[RunResult]:
         fit = root / "dit" / "table7" / row_id / "fit"
         p = realised_p(fit)
         merged.update({REALISED_P: p} if p is not None else {})
-        out.append(
-            RunResult(
-                path=os.path.relpath(eval_dir, Path.cwd()),
-                seed=seed_name or _seed_of(fit / "config.yaml", "default seed"),
-                values={c: merged[k] for c, k in {**keys, REALISED_P: REALISED_P}.items() if k in merged},
-                commit=run_commit(first, files[0]),
-                hardware=run_hardware(first, fit),
-            )
-        )
+        values = {c: merged[k] for c, k in {**keys, REALISED_P: REALISED_P}.items() if k in merged}
+        seed = seed_name or _seed_of(fit / "config.yaml", "default seed")
+        commit = run_commit(first, files[0])
+        out.append(RunResult(os.path.relpath(eval_dir, Path.cwd()), seed, values, commit, run_hardware(first, fit)))
     return out
 
 
@@ -369,16 +354,8 @@ def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) ->
             "score with the web CLIP (alt-text trained); judge colour/shape = the pinned judge's accuracy (%) on what "
             "the prompt states. Not comparable with the paper in absolute terms."
         )
-    return Report(
-        "table7",
-        "Text-to-image on COCO-30K, DiT-B/4 at mixed ratios p (paper Table 7).",
-        tiny,
-        list(COLUMNS),
-        rows,
-        keys,
-        extras,
-        notes,
-    )
+    title = "Text-to-image on COCO-30K, DiT-B/4 at mixed ratios p (paper Table 7)."
+    return Report("table7", title, tiny, list(COLUMNS), rows, keys, extras, notes)
 
 
 # ------------------------------------------------------------------------------------------------ Tables 1 and 2
@@ -392,22 +369,13 @@ def table1_report(tiny: bool, runs: Path) -> Report:
     rows = []
     for model, nums in TABLE1.items():
         ours = model == TABLE1_OURS
-        rows.append(
-            ReportRow(
-                model,
-                None,
-                dict(nums),
-                config=f"{folder}/{TABLE1_STEM}.{{{','.join(stages)}}}.yaml" if ours else "-",
-                command=(
-                    f"python -m experiments fit --config experiments/configs/{base}/stage1.yaml --config "
-                    f"{folder}/{TABLE1_STEM}.stage1.yaml (then the later stages, export-captioner; the YAML "
-                    "headers have every command)"
-                )
-                if ours
-                else "-",
-                status="cannot be scored offline" if ours else "reference (not trained here)",
-            )
+        config = f"{folder}/{TABLE1_STEM}.{{{','.join(stages)}}}.yaml" if ours else "-"
+        command = f"python -m experiments fit --config experiments/configs/{base}/stage1.yaml --config {folder}/"
+        command += (
+            f"{TABLE1_STEM}.stage1.yaml (then the later stages, export-captioner; the YAML headers have every command)"
         )
+        status = "cannot be scored offline" if ours else "reference (not trained here)"
+        rows.append(ReportRow(model, None, dict(nums), config, command if ours else "-", status=status))
     notes = [
         "MMMU and MM-Vet need their benchmark data and (MM-Vet) a GPT-4 grader; nothing here can reach them, so no row "
         "is scored. Score an `export-captioner` llava-hf folder with an external harness (lmms-eval, VLMEvalKit).",
@@ -415,17 +383,8 @@ def table1_report(tiny: bool, runs: Path) -> Report:
     sections = []
     if tiny:
         sections.append(_captioner_standin(runs))
-    return Report(
-        "table1",
-        "Performance comparison of LLaVA (MMMU, MM-Vet).",
-        tiny,
-        ["mmmu", "mm_vet"],
-        rows,
-        {},
-        {},
-        notes,
-        sections=sections,
-    )
+    title = "Performance comparison of LLaVA (MMMU, MM-Vet)."
+    return Report("table1", title, tiny, ["mmmu", "mm_vet"], rows, notes=notes, sections=sections)
 
 
 _CAPTION_EVAL = {
@@ -487,20 +446,9 @@ def table2_report(tiny: bool) -> Report:
             spec += f"; experiments/configs/{base}/table2/{row_id}.yaml (+ .stage2.yaml)"
         counts = count_params(cfg)
         values = {f"{k}_m": counts[k] / 1e6 for k in ("vision", "text", "total")}
-        rows.append(
-            ReportRow(
-                size,
-                None,
-                paper,
-                config=spec,
-                command="python -m experiments report table2" + (" --tiny" if tiny else ""),
-                runs=[
-                    RunResult(
-                        "count_params (meta device)", "computed", values, _git("rev-parse", "--short", "HEAD"), "-"
-                    )
-                ],
-            )
-        )
+        counted = RunResult("count_params (meta device)", "computed", values, _git("rev-parse", "--short", "HEAD"), "-")
+        command = "python -m experiments report table2" + (" --tiny" if tiny else "")
+        rows.append(ReportRow(size, None, paper, config=spec, command=command, runs=[counted]))
     notes = [
         "Ours: `lightning_modules.components.clip_sizes.count_params`, i.e. `open_clip.CLIP` built on the meta device "
         "(no memory) and its parameters counted; text = everything but `visual.*` and the logit scale.",
@@ -513,17 +461,8 @@ def table2_report(tiny: bool) -> Report:
             + (f" ({'; '.join(stand_in)})" if stand_in else "")
             + "; the paper column is the real size, no delta."
         )
-    return Report(
-        "table2",
-        "Recap-CLIP model configurations (parameters in millions).",
-        tiny,
-        ["vision_m", "text_m", "total_m"],
-        rows,
-        {},
-        {},
-        notes,
-        deltas=not tiny,
-    )
+    title = "Recap-CLIP model configurations (parameters in millions)."
+    return Report("table2", title, tiny, ["vision_m", "text_m", "total_m"], rows, notes=notes, deltas=not tiny)
 
 
 def build_report(table: str, tiny: bool, runs: Path | None = None, scorers: dict[str, str] | None = None) -> Report:
@@ -602,13 +541,9 @@ def markdown(report: Report) -> str:
     lines.append(table_markdown(report))
     lines.append("")
     if report.keys:
-        lines.append(
-            "Ours read from: "
-            + ", ".join(f"{LABELS.get(c, c)} = `{k}`" for c, k in report.keys.items())
-            + "".join(f", {e} = `{k}`" for e, k in report.extras.items())
-            + "."
-        )
-        lines.append("")
+        read = [f"{LABELS.get(c, c)} = `{k}`" for c, k in report.keys.items()]
+        read += [f"{e} = `{k}`" for e, k in report.extras.items()]
+        lines += ["Ours read from: " + ", ".join(read) + ".", ""]
     lines.append(
         'Ours = mean ± sample sd over the runs (seeds); Δ = ours − paper. "not run": no run of this row was found '
         '(nothing is filled in); "-": the run did not measure it. Commit `*` = the last commit before the run\'s '
@@ -634,9 +569,8 @@ def csv_text(report: Report) -> str:
         for c in report.columns:
             mean, sd, _ = row.stats(c)
             dv = delta(row, c) if report.deltas else None
-            rec.update(
-                {f"{c}_paper": row.paper.get(c), f"{c}_ours": r4(mean), f"{c}_ours_sd": r4(sd), f"{c}_delta": r4(dv)}
-            )
+            rec.update({f"{c}_paper": row.paper.get(c), f"{c}_ours": r4(mean), f"{c}_ours_sd": r4(sd)})
+            rec[f"{c}_delta"] = r4(dv)
         rec.update({e: r4(row.stats(e)[0]) for e in report.extras})
         rec.update(n_runs=len(row.runs), status="ok" if row.runs else row.status, source=row.source or "")
         rec.update(seeds=";".join(r.seed for r in row.runs), commit=_unique([r.commit for r in row.runs]))
