@@ -1,5 +1,5 @@
 """The one results collector and the one Markdown renderer behind every report (``reproduce``, ``clip-table``,
-``report``): a run's last evaluation, the p it really trained on, and ``pandas.DataFrame.to_markdown``."""
+``report``): a run's last evaluation, the p it really trained on, and tabulate's pipe tables."""
 
 from __future__ import annotations
 
@@ -52,8 +52,10 @@ def realised_p(*runs: Path, source: str = "original") -> float | None:
 
 
 def markdown(rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> str:
-    """A Markdown (pipe) table; cells are shown as given (no number parsing: "0.50" stays "0.50")."""
-    import pandas as pd
+    """A Markdown (pipe) table, as ``pandas.DataFrame.to_markdown`` renders it (tabulate's ``pipe`` format, called
+    directly: no frame needed); cells are shown as given (no number parsing: "0.50" stays "0.50")."""
+    from tabulate import tabulate
 
-    frame = pd.DataFrame([[str(c) for c in row] for row in rows], columns=list(columns))
-    return frame.to_markdown(index=False, disable_numparse=True)
+    return tabulate(
+        [[str(c) for c in row] for row in rows], headers=list(columns), tablefmt="pipe", disable_numparse=True
+    )
