@@ -388,25 +388,20 @@ def table1_report(tiny: bool, runs: Path) -> Report:
 
 
 _CAPTION_EVAL = {
-    "main object": "eval/caption_attributes/main_object_acc",
-    "colour precision": "eval/caption_attributes/colour_precision",
-    "shape precision": "eval/caption_attributes/shape_precision",
-    "count": "eval/caption_attributes/count_acc",
-    "background": "eval/caption_attributes/background_acc",
-    "mean words": "eval/caption_attributes/mean_words",
+    "main object": "main_object_acc",
+    "colour precision": "colour_precision",
+    "shape precision": "shape_precision",
+    "(colour, shape) precision": "pair_precision",
+    "count": "count_acc",
+    "background": "background_acc",
+    "mean words": "mean_words",
 }
 
 
-def _captioner_standin(runs: Path) -> str:
-    """The tiny captioner's own held-out caption evaluation per stage: what the tiny world can score offline."""
-    lines = [
-        "### Tiny-world stand-in (not Table 1's metrics)",
-        "",
-        "The tiny captioner's held-out caption evaluation (attributes of the caption checked against the world's "
-        "ground truth, percent; `lightning_modules/evaluation/caption_attributes.py`), last evaluation of each stage:",
-        "",
-    ]
-    rows = []
+def captioner_table(runs: Path) -> str | None:
+    """The tiny captioner's held-out caption evaluation, the last of each stage (percent), with the chance level of
+    the last stage's; None when no stage has one (also ``reproduce``'s captioner table)."""
+    rows, chance = [], None
     for stage in ("stage1", "stage2", "caption_tune"):
         # the table1 row's runs when they exist, else the make tiny-captioner chain's (the same recipe)
         runs_of = (runs / "captioner" / "table1" / TABLE1_STEM / stage, runs / "captioner" / stage)
@@ -414,12 +409,24 @@ def _captioner_standin(runs: Path) -> str:
         if last is None:
             rows.append([stage, *("not run" for _ in _CAPTION_EVAL), "-"])
             continue
-        metrics = json.loads(last.read_text()).get("metrics", {})
-        cells = [f"{metrics[k]:.1f}" if k in metrics else "-" for k in _CAPTION_EVAL.values()]
-        rows.append([stage, *cells, f"`{os.path.relpath(last, Path.cwd())}`"])
-    lines.append(markdown_table(rows, ["stage", *_CAPTION_EVAL, "metrics file"]))
-    found = any(r[-1] != "-" for r in rows)
-    return "\n".join(lines) + "\n" if found else "### Tiny-world stand-in\n\nNo tiny captioner runs found.\n"
+        m = {k.removeprefix("eval/caption_attributes/"): v for k, v in json.loads(last.read_text())["metrics"].items()}
+        rows.append([stage, *(f"{m[k]:.1f}" if k in m else "-" for k in _CAPTION_EVAL.values())])
+        rows[-1].append(f"`{os.path.relpath(last, Path.cwd())}`")
+        chance = [f"{m['chance_' + k]:.1f}" if "chance_" + k in m else "-" for k in _CAPTION_EVAL.values()]
+        chance = ["chance (last stage)", *chance]
+    return markdown_table([*rows, [*chance, "-"]], ["stage", *_CAPTION_EVAL, "metrics file"]) if chance else None
+
+
+def _captioner_standin(runs: Path) -> str:
+    """The tiny captioner's own held-out caption evaluation per stage: what the tiny world can score offline."""
+    table = captioner_table(runs)
+    if table is None:
+        return "### Tiny-world stand-in\n\nNo tiny captioner runs found.\n"
+    return (
+        "### Tiny-world stand-in (not Table 1's metrics)\n\nThe tiny captioner's held-out caption evaluation "
+        "(attributes of the caption checked against the world's ground truth, percent; `lightning_modules/evaluation/"
+        f"caption_attributes.py`), last evaluation of each stage:\n\n{table}\n"
+    )
 
 
 def table2_report(tiny: bool) -> Report:

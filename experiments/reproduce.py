@@ -425,22 +425,6 @@ def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------------- report
-def _captioner_table(cap: dict) -> str:
-    cols = {
-        "colour P": "colour_precision",
-        "shape P": "shape_precision",
-        "(colour, shape) P": "pair_precision",
-        "count": "count_acc",
-        "main object": "main_object_acc",
-        "background": "background_acc",
-        "words": "mean_words",
-    }
-    rows = [[stage, *(f"{m[k]:.1f}" if k in m else "-" for k in cols.values())] for stage, m in cap.items()]
-    last = list(cap.values())[-1]
-    chance = [f"{last['chance_' + k]:.1f}" if "chance_" + k in last else "-" for k in cols.values()]
-    return markdown([*rows, ["chance (last stage)", *chance]], ["after", *cols])
-
-
 def _analysis_table(a: dict) -> str:
     lw, lt = a.get("length_words") or {}, a.get("length_tokens") or {}
     voc, share = a.get("vocabulary") or {}, a.get("clip_share") or {}
@@ -500,6 +484,8 @@ def _run_line(profile: dict, record: dict) -> str:
 
 def write_report(out: Path, profile: dict, seeds: int, record: dict, command: str) -> Path:
     """``OUT/report.md``: every result of the run, the paper's claims checked, timings, command and commit."""
+    from experiments import report
+
     results = collect_results(out, profile, seeds)
     margins = Margins.from_profile(profile["claims"])
     claims = check_claims(results, margins)
@@ -523,7 +509,7 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
         "",
         "## Captioner (Table 1 stand-in): held-out attribute scores, percent",
         "",
-        _captioner_table(results["captioner"]) if results["captioner"] else "not run",
+        report.captioner_table(out) or "not run",
         "",
         "## Caption analysis (§4): original alt-text vs recaptions of `web/`",
         "",

@@ -448,6 +448,9 @@ def test_results_are_read_from_the_run_layout(tmp_path, profile_path):
     record = {"steps": [{"name": "a", "title": "step a", "status": "ran", "seconds": 3.0}], "total_seconds": 3.0}
     report = R.write_report(out, profile, 2, record, "python -m experiments reproduce").read_text()
     assert "## What the miniature reproduces" in report
+    rows = {r[0]: r for r in md_rows(report)}
+    assert rows["caption_tune"][4] == "30.0"  # (colour, shape) precision of the last evaluation, chance below it
+    assert rows["chance (last stage)"][4] == "4.0"
     line = next(x for x in report.splitlines() if "Zero-shot classification drops at p = 0" in x)
     assert "**holds**" in line
     assert "p=1: 26.0 ± 1.4" in line
