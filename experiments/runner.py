@@ -368,6 +368,7 @@ def run_steps(
     heads = {s.name: f"[{i + 1}/{len(steps)}] {s.title}" for i, s in enumerate(steps)}
     entries: dict[str, dict[str, Any]] = {}
     tty = stream.isatty()
+    tqdm.monitor_interval = 0  # no monitor thread: the steps are forked from this process (fork_safe)
     bar = tqdm(total=len(to_run), file=stream, disable=not tty, unit="step", leave=False, dynamic_ncols=True)
 
     def say(text: str) -> None:

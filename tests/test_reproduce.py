@@ -788,3 +788,23 @@ def test_only_runs_a_subset_of_the_steps(profile_path, tmp_path, capsys):
     assert names == ["world", "clip_p0.0_stage1", "clip_p0.0_stage2"]
     with pytest.raises(SystemExit):
         R.main(["--profile", str(profile_path), "--out", str(tmp_path / "o"), "--dry-run", "--only", "nope"])
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar_and_starts_no_thread(tmp_path):
+    """On a terminal the steps' progress is a tqdm bar (the running steps' last lines beside it); the runner starts no
+    thread (tqdm's monitor included), so its steps can still be forked."""
+    import io
+    import threading
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = tmp_path / "out"
+    steps = [_py_step(out, "a", _writes(out, "a", "print('working', flush=True)\ntime.sleep(1.5)"))]
+    stream = Terminal()
+    rec = X.run_steps(steps, out, stream=stream, launcher=_py_launcher)
+    assert rec["failed"] is None
+    assert "[1/1] step a ... started" in stream.getvalue()
+    assert "a: working" in stream.getvalue()  # the bar's postfix: the running step's last line
+    assert [t.name for t in threading.enumerate()] == ["MainThread"]
