@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown rows {unknown} of {args.table}; known: {list(by_id)}")
     rows = [by_id[r] for r in args.rows] if args.rows else list(table.rows)
-    root = runs_root(args.tiny, args.seed)
+    root = runs_root(args.tiny, args.seed).resolve()  # the runner starts the steps in the repository
     folder = root / "clip" / args.table
     out = Path(args.out) if args.out else folder / "results"
     out.parent.mkdir(parents=True, exist_ok=True)

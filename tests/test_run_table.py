@@ -29,7 +29,7 @@ class FakeFit:
         self.calls.append(argv)
         logger = json.loads(next(a for a in argv if a.startswith("--trainer.logger=")).split("=", 1)[1])
         init = logger["init_args"]
-        run = self.tmp_path / init["save_dir"] / init["name"] / init["version"]
+        run = Path(init["save_dir"]) / init["name"] / init["version"]
         _fake_metrics(run, 10, 40.0 if init["version"] == "stage2" else 30.0)
         return launch_fresh([sys.executable, "-c", "pass"], env)
 
@@ -44,7 +44,6 @@ def test_runs_missing_stages_in_order_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fake = FakeFit(tmp_path)
     monkeypatch.setattr(run_table, "LAUNCHER", fake)
-    monkeypatch.setattr("experiments.runner.REPO", tmp_path)  # relative run dirs resolve in the test folder
     # p0.5 already finished stage 1 in an earlier (interrupted) sweep
     _fake_metrics(tmp_path / "runs/tiny/clip/table3/p0.5/stage1", 800, 25.0)
     results = run_table.main(["--table", "table3", "--rows", "p0.0", "p0.5", "--tiny", "--", "--trainer.max_steps=5"])
@@ -56,7 +55,10 @@ def test_runs_missing_stages_in_order_and_resumes(tmp_path, monkeypatch):
     ]
     assert ran == [("clip/table3/p0.0", "stage1"), ("clip/table3/p0.0", "stage2"), ("clip/table3/p0.5", "stage2")]
     assert all(argv[-1] == "--trainer.max_steps=5" for argv in fake.calls)
-    assert "--model.init_args.init_from=runs/tiny/clip/table3/p0.0/stage1/checkpoints/last.ckpt" in fake.calls[1]
+    assert (
+        f"--model.init_args.init_from={tmp_path}/runs/tiny/clip/table3/p0.0/stage1/checkpoints/last.ckpt"
+        in fake.calls[1]
+    )
     assert results["p0.5"]["stage1_metrics"] == {"classify/top1": 25.0}
     assert results["p0.5"]["metrics"] == {"classify/top1": 40.0}
     text = (tmp_path / "runs/tiny/clip/table3/results.md").read_text()
@@ -80,7 +82,6 @@ def test_seed_reruns_go_to_their_own_folder_and_chain_stages(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     fake = FakeFit(tmp_path)
     monkeypatch.setattr(run_table, "LAUNCHER", fake)
-    monkeypatch.setattr("experiments.runner.REPO", tmp_path)
     _fake_metrics(tmp_path / "runs/tiny/clip/table3/p0.8/stage1", 800, 25.0)  # the seed-0 run: not reused
     _fake_metrics(tmp_path / "runs/tiny/clip/table3/p0.8/stage2", 160, 25.0)
     results = run_table.main(["--table", "table3", "--rows", "p0.8", "--tiny", "--seed", "2"])
@@ -88,9 +89,8 @@ def test_seed_reruns_go_to_their_own_folder_and_chain_stages(tmp_path, monkeypat
     for argv in fake.calls:
         assert {"--seed_everything=2", "--data.init_args.seed=2"} <= set(argv)
         logger = next(a for a in argv if a.startswith("--trainer.logger="))
-        assert json.loads(logger.split("=", 1)[1])["init_args"]["save_dir"] == "runs/tiny/seed2"
-    assert (
-        fake.calls[1][-1] == "--model.init_args.init_from=runs/tiny/seed2/clip/table3/p0.8/stage1/checkpoints/last.ckpt"
-    )
+        assert json.loads(logger.split("=", 1)[1])["init_args"]["save_dir"] == f"{tmp_path}/runs/tiny/seed2"
+    stage1 = f"{tmp_path}/runs/tiny/seed2/clip/table3/p0.8/stage1"
+    assert fake.calls[1][-1] == f"--model.init_args.init_from={stage1}/checkpoints/last.ckpt"
     assert results["p0.8"]["metrics"] == {"classify/top1": 40.0}
     assert (tmp_path / "runs/tiny/seed2/clip/table3/results.md").is_file()
