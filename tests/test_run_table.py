@@ -64,7 +64,7 @@ def test_runs_missing_stages_in_order_and_resumes(tmp_path, monkeypatch):
     text = (tmp_path / "runs/tiny/clip/table3/results.md").read_text()
     assert md_rows(text, "p0.0")[0][:2] == ["0", "36.0 / 40.0 (+4.0)"]  # final, beside the paper
     assert md_rows(text, "p0.5")[1][0] == "25.0"  # end of stage 1
-    assert results["p0.0"]["seconds"] > 0
+    assert results["p0.0"]["seconds"] == sum(results["p0.0"]["stage_seconds"].values())  # both stages timed here
     assert results["p0.5"]["seconds"] is None  # stage 1 ran in another invocation that recorded no time
     fake.calls.clear()
     again = run_table.main(["--table", "table3", "--rows", "p0.0", "p0.5", "--tiny"])
