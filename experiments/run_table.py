@@ -19,7 +19,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.paper_tables import TABLES, row_args, row_loggers
+from experiments.paper_tables import TABLES, row_args
 from experiments.runner import Step, run_steps
 from experiments.tables import last_metrics, markdown
 
@@ -50,7 +50,12 @@ def row_steps(
     steps = []
     for stage, run in stage_runs.items():
         root, name = str(run.parents[3]), f"clip/{table}/{row}"
-        loggers = row_loggers(root, name, f"stage{stage}", wandb=scale == "paper")
+        csv = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root, "name": name}}
+        csv["init_args"]["version"] = version = f"stage{stage}"
+        loggers: dict | list[dict] = csv
+        if scale == "paper":  # CSV first (its folder is the run dir), then W&B as the base configs have it
+            wandb = {"save_dir": root, "project": "recap-suite", "name": f"{name}/{version}", "group": name}
+            loggers = [csv, {"class_path": "experiments.loggers.RecapWandbLogger", "init_args": wandb}]
         argv = ["fit", *row_args(table, row, stage, scale), "--trainer.logger=" + json.dumps(loggers)]
         argv += [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"] if seed is not None else []
         if stage == 2:

@@ -94,3 +94,13 @@ def test_seed_reruns_go_to_their_own_folder_and_chain_stages(tmp_path, monkeypat
     assert fake.calls[1][-1] == f"--model.init_args.init_from={stage1}/checkpoints/last.ckpt"
     assert results["p0.8"]["metrics"] == {"classify/top1": 40.0}
     assert (tmp_path / "runs/tiny/seed2/clip/table3/results.md").is_file()
+
+
+def test_paper_scale_rows_log_to_csv_then_wandb(tmp_path):
+    runs = {s: tmp_path / "clip/table3/p0.8" / f"stage{s}" for s in (1, 2)}
+    for step in run_table.row_steps("table3", "p0.8", runs, "paper", None):
+        logger = next(a for a in step.argv if a.startswith("--trainer.logger="))
+        csv, wb = json.loads(logger.split("=", 1)[1])
+        assert csv["init_args"] == {"save_dir": str(tmp_path), "name": "clip/table3/p0.8", "version": step.name[5:]}
+        assert wb["class_path"] == "experiments.loggers.RecapWandbLogger"
+        assert wb["init_args"]["name"] == f"clip/table3/p0.8/{step.name[5:]}"
