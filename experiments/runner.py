@@ -113,8 +113,8 @@ def plan(steps: Sequence[Step], out: Path, start_from: str | None = None) -> set
 # ------------------------------------------------------------------------------------------------------ launching
 # The modules every training/evaluation step imports: ~10-15 s of CPU per fresh interpreter on the 2-core machine,
 # paid once when steps are forked from a parent that imported them, instead of once per step.
-PRELOAD = ("torch", "lightning.pytorch", "transformers", "open_clip", "diffusers", "experiments.cli")
-PRELOAD += ("experiments.__main__",)
+PRELOAD = ("torch", "lightning.pytorch", "transformers", "open_clip", "diffusers")
+PRELOAD += ("experiments.cli", "experiments.__main__")
 
 
 def preload(modules: Sequence[str] = PRELOAD) -> None:
@@ -514,20 +514,10 @@ def summary_table(record: dict) -> str:
         la = f"{(load.get('start') or ['-'])[0]} → {(load.get('end') or ['-'])[0]}" if load else "-"
         times = [fmt_seconds(s[k]) if s.get(k) is not None else "-" for k in ("seconds", "cpu_seconds")]
         rows.append([i, f"{s['title']} (`{s['name']}`)", s["status"], *times, la])
-    cpu = record.get("total_cpu_seconds")
-    total = fmt_seconds(record.get("total_seconds") or 0)
-    rows.append(
-        ["", "**total** (sum of the steps)", "", f"**{total}**", "-" if cpu is None else f"**{fmt_seconds(cpu)}**", ""]
-    )
+    cpu, total = record.get("total_cpu_seconds"), fmt_seconds(record.get("total_seconds") or 0)
+    cpu = "-" if cpu is None else f"**{fmt_seconds(cpu)}**"
+    rows.append(["", "**total** (sum of the steps)", "", f"**{total}**", cpu, ""])
     if record.get("wall_seconds") is not None:
-        rows.append(
-            [
-                "",
-                f"**run** ({record.get('jobs', 1)} steps at a time)",
-                "",
-                f"**{fmt_seconds(record['wall_seconds'])}**",
-                "",
-                "",
-            ]
-        )
+        run = f"**run** ({record.get('jobs', 1)} steps at a time)"
+        rows.append(["", run, "", f"**{fmt_seconds(record['wall_seconds'])}**", "", ""])
     return markdown(rows, ["#", "step", "status", "wall time", "CPU time", "load avg (start → end)"])
