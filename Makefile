@@ -4,6 +4,7 @@
 #   make test      -- set up and run the default test suite (what CI runs)
 #   make tiny      -- set up, generate the tiny world + recaptions, train and evaluate Recap-CLIP on it at the
 #                     paper's p = 0.8, CLIPA stage 1 + stage 2 (~7 min on 2 cores)
+# The chains (tiny*, world-recap, reproduce) run through the suite's one step runner (experiments/runner.py).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -36,13 +37,15 @@ $(WORLD)/world.json: | $(VENV)/.installed
 
 world: $(WORLD)/world.json
 
+# Every chain below runs through the suite's one step runner (experiments/runner.py): `clip-table` for the CLIP rows,
+# `reproduce --chain NAME` for the others (steps as make had them: one whose outputs exist is skipped; logs and
+# timings in runs/tiny/chains/NAME/).
+CHAIN := $(PY) -m experiments reproduce --world $(WORLD) --chain
+
 # Recaptions for the tiny world (an imperfect oracle until the captioner exists), joined to the shards as sidecars
 # through the same path as the real Recap-DataComp-1B table.
-$(WORLD)/sidecars/_manifest.json: $(WORLD)/world.json
-	$(PY) -m experiments truth-recaptions --world $(WORLD) --out $(WORLD)/recap --overwrite
-	$(PY) -m experiments sidecars --recap $(WORLD)/recap --shards '$(WORLD)/web/*.tar' --out $(WORLD)/sidecars --overwrite
-
-world-recap: $(WORLD)/sidecars/_manifest.json
+world-recap: | $(VENV)/.installed
+	$(CHAIN) world-recap
 
 # The main job: paper Table 3's chosen row (p = 0.8) in miniature, both CLIPA stages, then its table.
 tiny: world-recap
@@ -54,60 +57,24 @@ tiny-sweep: world-recap
 
 # The tiny-world captioner (docs/captioner.md): a "web CLIP" trained on alt-text (the paper's OpenAI CLIP), its tower
 # exported as an HF CLIPVisionModel, the world tokenizer and a text-pretrained tiny Llama (LLaMA-3's part), then
-# LLaVA-1.5 stage 1, stage 2 and caption tuning, and the llava-hf export. Each step is skipped when its output exists.
-CAP := runs/tiny/captioner
-CAPCFG := experiments/configs/tiny/captioner
-$(CAP)/web_clip/checkpoints/last.ckpt: $(WORLD)/world.json
-	$(PY) -m experiments fit --config $(CAPCFG)/web_clip.yaml
-$(CAP)/web_clip/hf_vision/config.json: $(CAP)/web_clip/checkpoints/last.ckpt
-	$(PY) -m experiments export-clip --ckpt $< --out $(CAP)/web_clip/export --hf-vision $(CAP)/web_clip/hf_vision
-$(CAP)/llm/tiny_llm.json: $(WORLD)/world.json
-	$(PY) -m experiments world-tokenizer --world $(WORLD) --out $(WORLD)/tokenizer
-	$(PY) -m experiments tiny-llm --world $(WORLD) --tokenizer $(WORLD)/tokenizer --out $(CAP)/llm
-$(WORLD)/caption_tune/detail.json: $(WORLD)/world.json
-	$(PY) -m experiments caption-tune --world $(WORLD)
-$(CAP)/stage1/checkpoints/last.ckpt: $(CAP)/web_clip/hf_vision/config.json $(CAP)/llm/tiny_llm.json
-	$(PY) -m experiments fit --config $(CAPCFG)/stage1.yaml
-$(CAP)/stage2/checkpoints/last.ckpt: $(CAP)/stage1/checkpoints/last.ckpt
-	$(PY) -m experiments fit --config $(CAPCFG)/stage1.yaml --config $(CAPCFG)/stage2.yaml
-$(CAP)/caption_tune/checkpoints/last.ckpt: $(CAP)/stage2/checkpoints/last.ckpt $(WORLD)/caption_tune/detail.json
-	$(PY) -m experiments fit --config $(CAPCFG)/stage1.yaml --config $(CAPCFG)/stage2.yaml --config $(CAPCFG)/caption_tune.yaml
-$(CAP)/hf/config.json: $(CAP)/caption_tune/checkpoints/last.ckpt
-	$(PY) -m experiments export-captioner --ckpt $< --out $(CAP)/hf
-
-tiny-captioner: $(CAP)/hf/config.json
+# LLaVA-1.5 stage 1, stage 2 and caption tuning, and the llava-hf export (runs/tiny/captioner/hf).
+tiny-captioner: | $(VENV)/.installed
+	$(CHAIN) tiny-captioner
 
 # The tiny captioner recaptions the web shards (resumable: a rerun finishes only what is missing), then the captions
 # are merged and joined to the shards as sidecars for the caption-mix DataModule (sources: recaption:
-# "sidecar:re_caption" with sidecar_dir $(WORLD)/sidecars_llava).
-tiny-recaption: $(CAP)/hf/config.json
-	$(PY) -m experiments recaption run --config experiments/configs/recaption/tiny_world.yaml
-	$(PY) -m experiments recaption merge --out $(WORLD)/recap_llava --shards '$(WORLD)/web/*.tar'
-	$(PY) -m experiments sidecars --recap $(WORLD)/recap_llava/merged/recap.parquet --shards '$(WORLD)/web/*.tar' --out $(WORLD)/sidecars_llava --overwrite
+# "sidecar:re_caption" with sidecar_dir $(WORLD)/sidecars_llava). Builds the captioner first when it is missing.
+tiny-recaption: | $(VENV)/.installed
+	$(CHAIN) tiny-recaption
 
 # The Table 7 miniature (docs/dit.md): the DiT's own tiny world (one larger object per image, so shapes survive at
 # 16 px), its oracle recaptions and pinned judge, the DiT cache (pixels + web-CLIP text features of both caption
 # sources), DiT at p = 0 and p = 1 from the cache, and both evaluated on both prompt sets. The text encoder is the
-# web CLIP of the default world (make tiny-captioner builds it).
-DITCFG := experiments/configs/tiny/dit
+# web CLIP of the default world (built first when it is missing).
 DITP ?= p0.0 p1.0
 DITWORLD ?= data/world_dit
-$(DITWORLD)/world.json: | $(VENV)/.installed
-	$(PY) -m experiments world --config experiments/configs/tiny/world/dit.yaml --out $(DITWORLD) --overwrite
-$(DITWORLD)/sidecars/_manifest.json: $(DITWORLD)/world.json
-	$(PY) -m experiments truth-recaptions --world $(DITWORLD) --out $(DITWORLD)/recap --overwrite
-	$(PY) -m experiments sidecars --recap $(DITWORLD)/recap --shards '$(DITWORLD)/web/*.tar' --out $(DITWORLD)/sidecars --overwrite
-$(DITWORLD)/judge/judge.json: $(DITWORLD)/world.json
-	$(PY) -m experiments world-judge --world $(DITWORLD) --out $(DITWORLD)/judge --overwrite
-$(DITWORLD)/dit_cache/_cache.json: $(CAP)/web_clip/hf_vision/config.json $(DITWORLD)/sidecars/_manifest.json
-	$(PY) -m experiments dit-cache --config $(DITCFG)/base.yaml --out $(DITWORLD)/dit_cache --val-out $(DITWORLD)/dit_cache_val
-tiny-dit: $(DITWORLD)/judge/judge.json $(DITWORLD)/dit_cache/_cache.json
-	for p in $(DITP); do \
-	  $(PY) -m experiments fit --config $(DITCFG)/base.yaml --config $(DITCFG)/table7/$$p.yaml --config $(DITCFG)/cached.yaml && \
-	  $(PY) -m experiments dit-eval --ckpt runs/tiny/dit/table7/$$p/fit/checkpoints/last.ckpt \
-	    --prompts $(DITWORLD)/eval/t2i_prompts/prompts.parquet --limit 500 --attribute-judge $(DITWORLD)/judge \
-	    --clip web_clip=$(CAP)/web_clip/export --out runs/tiny/dit/eval/$$p || exit 1; \
-	done
+tiny-dit: | $(VENV)/.installed
+	$(CHAIN) tiny-dit --dit-world $(DITWORLD) --dit-p $(DITP)
 
 # The whole paper in miniature (docs/reproduce/README.md): world -> web CLIP -> captioner -> recaption -> analysis ->
 # Recap-CLIP at several p -> Recap-DiT at p = 0 and 1 -> evaluation -> runs/reproduce/$(PROFILE)/report.md. Resumable.

@@ -29,9 +29,7 @@ so the READMEs do not depend on git-ignored run folders; ``tests/test_report.py`
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
-import io
 import json
 import math
 import os
@@ -46,7 +44,8 @@ from typing import Any
 
 import yaml
 
-from datamodules.io import latest_metrics_file
+from experiments.tables import markdown as markdown_table
+from experiments.tables import metrics_file, realised_p
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_ROOT = REPO / "experiments" / "configs"
@@ -85,6 +84,8 @@ LABELS = {
     "total_m": "total (M)",
 }
 LOWER_IS_BETTER = {"raw_fid", "recap_fid"}
+# The p a run trained on, read back from its own log (``experiments.tables.realised_p``): an ours-only column.
+REALISED_P = "realised p"
 
 # Paper metric -> the evaluation harness key it is read from. Real scale: the task names of eval/paper.yaml. Tiny
 # world (eval/tiny_world.yaml): 48-class zero-shot for ImageNet, short-caption retrieval for COCO, long-caption
@@ -248,32 +249,21 @@ def _seed_roots(runs: Path) -> list[tuple[str | None, Path]]:
 
 
 # ------------------------------------------------------------------------------------------------------ CLIP tables
-def _clip_metrics_file(stage2: Path) -> Path | None:
-    test = stage2 / "metrics" / "test.json"
-    if test.is_file():
-        return test
-    return latest_metrics_file(stage2 / "metrics")
-
-
 def clip_runs(runs: Path, table: str, row_id: str, keys: dict[str, str]) -> list[RunResult]:
     out = []
     for seed_name, root in _seed_roots(runs):
         row_dir = root / "clip" / table / row_id
-        metrics_file = _clip_metrics_file(row_dir / "stage2")
-        if metrics_file is None:
+        found = metrics_file(row_dir / "stage2")
+        if found is None:
             continue
-        data = json.loads(metrics_file.read_text())
+        data = json.loads(found.read_text())
         metrics = data.get("metrics", {})
         values = {col: float(metrics[k]) for col, k in keys.items() if k in metrics}
-        out.append(
-            RunResult(
-                path=os.path.relpath(metrics_file, Path.cwd()),
-                seed=seed_name or _seed_of(row_dir / "stage1" / "config.yaml", "default seed"),
-                values=values,
-                commit=run_commit(data, metrics_file),
-                hardware=run_hardware(data, row_dir / "stage2", row_dir / "stage2.log"),
-            )
-        )
+        p = realised_p(row_dir / "stage1", row_dir / "stage2")
+        values.update({REALISED_P: p} if p is not None else {})
+        seed = seed_name or _seed_of(row_dir / "stage1" / "config.yaml", "default seed")
+        hardware = run_hardware(data, row_dir / "stage2", row_dir.parent / "logs" / f"{row_id}_stage2.log")
+        out.append(RunResult(os.path.relpath(found, Path.cwd()), seed, values, run_commit(data, found), hardware))
     return out
 
 
@@ -283,15 +273,16 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
     table = TABLES[table_name]
     keys_all = CLIP_KEYS_TINY if tiny else CLIP_KEYS
     keys = {c: keys_all[c] for c in table.metrics if c in keys_all}
-    extras = dict(CLIP_EXTRAS_TINY) if tiny and table_name != "table6" else {}
+    extras = {REALISED_P: "train/caption_source/original"}
+    extras.update(CLIP_EXTRAS_TINY if tiny and table_name != "table6" else {})
     read = {**keys, **extras}
     base = "tiny/clip" if tiny else "clip"
     rows = []
     for row in table.rows:
         cfg = f"experiments/configs/{base}/{table_name}/{row.id}.yaml (+ .stage2.yaml)"
         cmd = f"python -m experiments clip-table --table {table_name} --rows {row.id}" + (" --tiny" if tiny else "")
-        rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, clip_runs(runs, table_name, row.id, read),
-                              note=row.note))  # fmt: skip
+        found = clip_runs(runs, table_name, row.id, read)
+        rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, found, note=row.note))
     # A row without its own run reuses an identical row's (same towers, p and mix) of another table.
     spec = {(t, r.id): (r.vision, r.text, r.p, r.mix) for t, tab in TABLES.items() for r in tab.rows}
     for rr in rows:
@@ -306,9 +297,12 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
     notes = list(table.notes)
     if tiny:
         missing = [LABELS[c] for c in table.metrics if c not in keys]
-        notes.insert(0, "Ours: the tiny world's stand-in tasks (" + ", ".join(f"{LABELS[c]} <- `{k}`" for c, k in
-                     keys.items()) + "). Absolute numbers are not comparable with the paper's; the shape over rows is."
-                     + (f" No tiny analog: {', '.join(missing)}." if missing else ""))  # fmt: skip
+        tasks = ", ".join(f"{LABELS[c]} <- `{k}`" for c, k in keys.items())
+        note = (
+            f"Ours: the tiny world's stand-in tasks ({tasks}). Absolute numbers are not comparable with the paper's; "
+        )
+        note += "the shape over rows is." + (f" No tiny analog: {', '.join(missing)}." if missing else "")
+        notes.insert(0, note)
     return Report(table_name, table.caption, tiny, list(table.metrics), rows, keys, extras, notes)
 
 
@@ -327,15 +321,12 @@ def dit_runs(runs: Path, row_id: str, keys: dict[str, str]) -> list[RunResult]:
                 # attribute accuracies are fractions in dit-eval's json; percent like every other column here
                 merged[f"{f.parent.name}/{k}"] = float(v) * (100 if k.startswith("attributes/") else 1)
         fit = root / "dit" / "table7" / row_id / "fit"
-        out.append(
-            RunResult(
-                path=os.path.relpath(eval_dir, Path.cwd()),
-                seed=seed_name or _seed_of(fit / "config.yaml", "default seed"),
-                values={c: merged[k] for c, k in keys.items() if k in merged},
-                commit=run_commit(first, files[0]),
-                hardware=run_hardware(first, fit),
-            )
-        )
+        p = realised_p(fit)
+        merged.update({REALISED_P: p} if p is not None else {})
+        values = {c: merged[k] for c, k in {**keys, REALISED_P: REALISED_P}.items() if k in merged}
+        seed = seed_name or _seed_of(fit / "config.yaml", "default seed")
+        commit = run_commit(first, files[0])
+        out.append(RunResult(os.path.relpath(eval_dir, Path.cwd()), seed, values, commit, run_hardware(first, fit)))
     return out
 
 
@@ -344,7 +335,7 @@ def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) ->
 
     scorers = scorers or (DIT_SCORERS_TINY if tiny else DIT_SCORERS)
     keys = dit_keys(scorers)
-    extras = dict(DIT_EXTRAS_TINY) if tiny else {}
+    extras = {REALISED_P: "train/caption_source/original", **(DIT_EXTRAS_TINY if tiny else {})}
     base = "tiny/dit" if tiny else "dit"
     rows = []
     for row in TABLE7:
@@ -363,8 +354,8 @@ def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) ->
             "score with the web CLIP (alt-text trained); judge colour/shape = the pinned judge's accuracy (%) on what "
             "the prompt states. Not comparable with the paper in absolute terms."
         )
-    return Report("table7", "Text-to-image on COCO-30K, DiT-B/4 at mixed ratios p (paper Table 7).", tiny,
-                  list(COLUMNS), rows, keys, extras, notes)  # fmt: skip
+    title = "Text-to-image on COCO-30K, DiT-B/4 at mixed ratios p (paper Table 7)."
+    return Report("table7", title, tiny, list(COLUMNS), rows, keys, extras, notes)
 
 
 # ------------------------------------------------------------------------------------------------ Tables 1 and 2
@@ -378,16 +369,13 @@ def table1_report(tiny: bool, runs: Path) -> Report:
     rows = []
     for model, nums in TABLE1.items():
         ours = model == TABLE1_OURS
-        rows.append(
-            ReportRow(
-                model, None, dict(nums),
-                config=f"{folder}/{TABLE1_STEM}.{{{','.join(stages)}}}.yaml" if ours else "-",
-                command=(f"python -m experiments fit --config experiments/configs/{base}/stage1.yaml --config "
-                         f"{folder}/{TABLE1_STEM}.stage1.yaml (then the later stages, export-captioner; the YAML "
-                         "headers have every command)") if ours else "-",
-                status="cannot be scored offline" if ours else "reference (not trained here)",
-            )
-        )  # fmt: skip
+        config = f"{folder}/{TABLE1_STEM}.{{{','.join(stages)}}}.yaml" if ours else "-"
+        command = f"python -m experiments fit --config experiments/configs/{base}/stage1.yaml --config {folder}/"
+        command += (
+            f"{TABLE1_STEM}.stage1.yaml (then the later stages, export-captioner; the YAML headers have every command)"
+        )
+        status = "cannot be scored offline" if ours else "reference (not trained here)"
+        rows.append(ReportRow(model, None, dict(nums), config, command if ours else "-", status=status))
     notes = [
         "MMMU and MM-Vet need their benchmark data and (MM-Vet) a GPT-4 grader; nothing here can reach them, so no row "
         "is scored. Score an `export-captioner` llava-hf folder with an external harness (lmms-eval, VLMEvalKit).",
@@ -395,46 +383,50 @@ def table1_report(tiny: bool, runs: Path) -> Report:
     sections = []
     if tiny:
         sections.append(_captioner_standin(runs))
-    return Report("table1", "Performance comparison of LLaVA (MMMU, MM-Vet).", tiny, ["mmmu", "mm_vet"], rows, {},
-                  {}, notes, sections=sections)  # fmt: skip
+    title = "Performance comparison of LLaVA (MMMU, MM-Vet)."
+    return Report("table1", title, tiny, ["mmmu", "mm_vet"], rows, notes=notes, sections=sections)
 
 
 _CAPTION_EVAL = {
-    "main object": "eval/caption_attributes/main_object_acc",
-    "colour precision": "eval/caption_attributes/colour_precision",
-    "shape precision": "eval/caption_attributes/shape_precision",
-    "count": "eval/caption_attributes/count_acc",
-    "background": "eval/caption_attributes/background_acc",
-    "mean words": "eval/caption_attributes/mean_words",
+    "main object": "main_object_acc",
+    "colour precision": "colour_precision",
+    "shape precision": "shape_precision",
+    "(colour, shape) precision": "pair_precision",
+    "count": "count_acc",
+    "background": "background_acc",
+    "mean words": "mean_words",
 }
+
+
+def captioner_table(runs: Path) -> str | None:
+    """The tiny captioner's held-out caption evaluation, the last of each stage (percent), with the chance level of
+    the last stage's; None when no stage has one (also ``reproduce``'s captioner table)."""
+    rows, chance = [], None
+    for stage in ("stage1", "stage2", "caption_tune"):
+        # the table1 row's runs when they exist, else the make tiny-captioner chain's (the same recipe)
+        runs_of = (runs / "captioner" / "table1" / TABLE1_STEM / stage, runs / "captioner" / stage)
+        last = next((f for f in map(metrics_file, runs_of) if f is not None), None)
+        if last is None:
+            rows.append([stage, *("not run" for _ in _CAPTION_EVAL), "-"])
+            continue
+        m = {k.removeprefix("eval/caption_attributes/"): v for k, v in json.loads(last.read_text())["metrics"].items()}
+        rows.append([stage, *(f"{m[k]:.1f}" if k in m else "-" for k in _CAPTION_EVAL.values())])
+        rows[-1].append(f"`{os.path.relpath(last, Path.cwd())}`")
+        chance = [f"{m['chance_' + k]:.1f}" if "chance_" + k in m else "-" for k in _CAPTION_EVAL.values()]
+        chance = ["chance (last stage)", *chance]
+    return markdown_table([*rows, [*chance, "-"]], ["stage", *_CAPTION_EVAL, "metrics file"]) if chance else None
 
 
 def _captioner_standin(runs: Path) -> str:
     """The tiny captioner's own held-out caption evaluation per stage: what the tiny world can score offline."""
-    lines = [
-        "### Tiny-world stand-in (not Table 1's metrics)",
-        "",
-        "The tiny captioner's held-out caption evaluation (attributes of the caption checked against the world's "
-        "ground truth, percent; `lightning_modules/evaluation/caption_attributes.py`), last evaluation of each stage:",
-        "",
-        "| stage | " + " | ".join(_CAPTION_EVAL) + " | metrics file |",
-        "|---|" + "---|" * (len(_CAPTION_EVAL) + 1),
-    ]
-    found = False
-    for stage in ("stage1", "stage2", "caption_tune"):
-        # the table1 row's runs when they exist, else the make tiny-captioner chain's (the same recipe)
-        for d in (runs / "captioner" / "table1" / TABLE1_STEM / stage, runs / "captioner" / stage):
-            last = latest_metrics_file(d / "metrics")
-            if last is not None:
-                break
-        if last is None:
-            lines.append(f"| {stage} | " + " | ".join("not run" for _ in _CAPTION_EVAL) + " | - |")
-            continue
-        found = True
-        metrics = json.loads(last.read_text()).get("metrics", {})
-        cells = [f"{metrics[k]:.1f}" if k in metrics else "-" for k in _CAPTION_EVAL.values()]
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | `{os.path.relpath(last, Path.cwd())}` |")
-    return "\n".join(lines) + "\n" if found else "### Tiny-world stand-in\n\nNo tiny captioner runs found.\n"
+    table = captioner_table(runs)
+    if table is None:
+        return "### Tiny-world stand-in\n\nNo tiny captioner runs found.\n"
+    return (
+        "### Tiny-world stand-in (not Table 1's metrics)\n\nThe tiny captioner's held-out caption evaluation "
+        "(attributes of the caption checked against the world's ground truth, percent; `lightning_modules/evaluation/"
+        f"caption_attributes.py`), last evaluation of each stage:\n\n{table}\n"
+    )
 
 
 def table2_report(tiny: bool) -> Report:
@@ -461,14 +453,9 @@ def table2_report(tiny: bool) -> Report:
             spec += f"; experiments/configs/{base}/table2/{row_id}.yaml (+ .stage2.yaml)"
         counts = count_params(cfg)
         values = {f"{k}_m": counts[k] / 1e6 for k in ("vision", "text", "total")}
-        rows.append(
-            ReportRow(
-                size, None, paper, config=spec,
-                command="python -m experiments report table2" + (" --tiny" if tiny else ""),
-                runs=[RunResult("count_params (meta device)", "computed", values, _git("rev-parse", "--short", "HEAD"),
-                                "-")],
-            )
-        )  # fmt: skip
+        counted = RunResult("count_params (meta device)", "computed", values, _git("rev-parse", "--short", "HEAD"), "-")
+        command = "python -m experiments report table2" + (" --tiny" if tiny else "")
+        rows.append(ReportRow(size, None, paper, config=spec, command=command, runs=[counted]))
     notes = [
         "Ours: `lightning_modules.components.clip_sizes.count_params`, i.e. `open_clip.CLIP` built on the meta device "
         "(no memory) and its parameters counted; text = everything but `visual.*` and the logit scale.",
@@ -481,8 +468,8 @@ def table2_report(tiny: bool) -> Report:
             + (f" ({'; '.join(stand_in)})" if stand_in else "")
             + "; the paper column is the real size, no delta."
         )
-    return Report("table2", "Recap-CLIP model configurations (parameters in millions).", tiny,
-                  ["vision_m", "text_m", "total_m"], rows, {}, {}, notes, deltas=not tiny)  # fmt: skip
+    title = "Recap-CLIP model configurations (parameters in millions)."
+    return Report("table2", title, tiny, ["vision_m", "text_m", "total_m"], rows, notes=notes, deltas=not tiny)
 
 
 def build_report(table: str, tiny: bool, runs: Path | None = None, scorers: dict[str, str] | None = None) -> Report:
@@ -513,7 +500,7 @@ def ours_cell(report: Report, row: ReportRow, column: str) -> str:
         return row.status
     if mean is None:
         return "-"  # the run did not measure it
-    d = _digits(report, column) if column in report.columns else 1
+    d = _digits(report, column) if column in report.columns else 3 if column == REALISED_P else 1
     return _fmt(mean, d) + (f" ± {sd:.{d}f}" if sd is not None else "")
 
 
@@ -534,32 +521,36 @@ def _unique(values: Sequence[str | None]) -> str:
     return ", ".join(vals) if vals else "-"
 
 
-def markdown(report: Report) -> str:
-    scale = "tiny world" if report.tiny else "real scale"
-    lines = [f"# Paper {report.table.replace('table', 'Table ')} ({scale}): {report.title}", ""]
-    if report.command:
-        lines += ["```bash", report.command, "```", ""]
+def table_markdown(report: Report) -> str:
+    """The report's table: per row the paper's number / ours (Δ) per column, the ours-only columns, runs, commit."""
     head = ["row", "p"]
     for c in report.columns:
         head.append(f"{LABELS.get(c, c)}: paper / ours" + (" (Δ)" if report.deltas else ""))
-    head += list(report.extras) + ["runs", "commit", "hardware"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for row in report.rows:
         cells = [row.id, "-" if row.p is None else f"{row.p:g}"]
         for c in report.columns:
             d = _digits(report, c)
             paper = _fmt(row.paper.get(c), d) if c in row.paper else "-"
-            ours = ours_cell(report, row, c)
             dv = delta(row, c) if report.deltas else None
-            cells.append(f"{paper} / {ours}" + (f" ({dv:+.{d}f})" if dv is not None else ""))
+            cells.append(f"{paper} / {ours_cell(report, row, c)}" + (f" ({dv:+.{d}f})" if dv is not None else ""))
         cells += [ours_cell(report, row, e) for e in report.extras]
         cells += [_runs_cell(row), _unique([r.commit for r in row.runs]), _unique([r.hardware for r in row.runs])]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return markdown_table(rows, [*head, *report.extras, "runs", "commit", "hardware"])
+
+
+def markdown(report: Report) -> str:
+    scale = "tiny world" if report.tiny else "real scale"
+    lines = [f"# Paper {report.table.replace('table', 'Table ')} ({scale}): {report.title}", ""]
+    if report.command:
+        lines += ["```bash", report.command, "```", ""]
+    lines.append(table_markdown(report))
     lines.append("")
     if report.keys:
-        lines.append("Ours read from: " + ", ".join(f"{LABELS.get(c, c)} = `{k}`" for c, k in report.keys.items())
-                     + "".join(f", {e} = `{k}`" for e, k in report.extras.items()) + ".")  # fmt: skip
-        lines.append("")
+        read = [f"{LABELS.get(c, c)} = `{k}`" for c, k in report.keys.items()]
+        read += [f"{e} = `{k}`" for e, k in report.extras.items()]
+        lines += ["Ours read from: " + ", ".join(read) + ".", ""]
     lines.append(
         'Ours = mean ± sample sd over the runs (seeds); Δ = ours − paper. "not run": no run of this row was found '
         '(nothing is filled in); "-": the run did not measure it. Commit `*` = the last commit before the run\'s '
@@ -575,28 +566,23 @@ def markdown(report: Report) -> str:
 
 
 def csv_text(report: Report) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    head = ["row", "p"]
-    for c in report.columns:
-        head += [f"{c}_paper", f"{c}_ours", f"{c}_ours_sd", f"{c}_delta"]
-    head += [f"{e}" for e in report.extras] + ["n_runs", "status", "source", "seeds", "commit", "hardware"]
-    w.writerow(head)
+    """One line per row: paper, ours, sd and delta of each column, the ours-only columns, the runs (pandas' CSV)."""
+    import pandas as pd
+
+    r4 = lambda v: None if v is None else round(v, 4)  # noqa: E731
+    records = []
     for row in report.rows:
-        out: list[Any] = [row.id, "" if row.p is None else row.p]
+        rec: dict[str, Any] = {"row": row.id, "p": row.p}
         for c in report.columns:
             mean, sd, _ = row.stats(c)
             dv = delta(row, c) if report.deltas else None
-            out += [row.paper.get(c, ""), "" if mean is None else round(mean, 4), "" if sd is None else round(sd, 4),
-                    "" if dv is None else round(dv, 4)]  # fmt: skip
-        for e in report.extras:
-            mean = row.stats(e)[0]
-            out.append("" if mean is None else round(mean, 4))
-        out += [len(row.runs), "ok" if row.runs else row.status, row.source or "",
-                ";".join(r.seed for r in row.runs), _unique([r.commit for r in row.runs]),
-                _unique([r.hardware for r in row.runs])]  # fmt: skip
-        w.writerow(out)
-    return buf.getvalue()
+            rec.update({f"{c}_paper": row.paper.get(c), f"{c}_ours": r4(mean), f"{c}_ours_sd": r4(sd)})
+            rec[f"{c}_delta"] = r4(dv)
+        rec.update({e: r4(row.stats(e)[0]) for e in report.extras})
+        rec.update(n_runs=len(row.runs), status="ok" if row.runs else row.status, source=row.source or "")
+        rec.update(seeds=";".join(r.seed for r in row.runs), commit=_unique([r.commit for r in row.runs]))
+        records.append({**rec, "hardware": _unique([r.hardware for r in row.runs])})
+    return pd.DataFrame(records).to_csv(index=False, lineterminator="\n")
 
 
 def to_json(report: Report) -> dict:
@@ -638,8 +624,15 @@ def plot(report: Report, path: Path) -> Path | None:
         ours = [(r.p, *r.stats(c)[:2]) for r in points if r.stats(c)[0] is not None]
         twin = ax.twinx()
         if ours:
-            twin.errorbar([o[0] for o in ours], [o[1] for o in ours], yerr=[o[2] or 0 for o in ours], fmt="s--",
-                          color="tab:orange", capsize=3, label="ours")  # fmt: skip
+            twin.errorbar(
+                [o[0] for o in ours],
+                [o[1] for o in ours],
+                yerr=[o[2] or 0 for o in ours],
+                fmt="s--",
+                color="tab:orange",
+                capsize=3,
+                label="ours",
+            )
         else:
             why = "not measured" if report.keys and c not in report.keys else "not run"
             twin.text(0.5, 0.5, f"ours: {why}", transform=ax.transAxes, ha="center", color="tab:orange")
@@ -686,8 +679,11 @@ def _numbers(report: Report, values: dict[str, float | str]) -> str:
 
 def readme(report: Report) -> str:
     """A table folder's README: row | config | command | paper | ours | commit | hardware."""
-    scale = "tiny world (CPU stand-ins; numbers not comparable with the paper in absolute terms)" if report.tiny else (
-        "real scale")  # fmt: skip
+    scale = (
+        "tiny world (CPU stand-ins; numbers not comparable with the paper in absolute terms)"
+        if report.tiny
+        else ("real scale")
+    )
     lines = [
         f"# Paper {report.table.replace('table', 'Table ')}: {report.title}",
         "",
@@ -695,28 +691,29 @@ def readme(report: Report) -> str:
         f"`docs/reports/{report.stem}.json` (the committed output of `python -m experiments report {report.table}"
         f"{' --tiny' if report.tiny else ''} --out docs/reports`); edit those, not this file.",
         "",
-        "| row | config | command | paper | ours | commit | hardware |",
-        "|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for row in report.rows:
         paper = _numbers(report, {c: f"{row.paper[c]:g}" for c in report.columns if c in row.paper})
+        ours = row.status
         if row.runs:
             ours = _numbers(report, {c: ours_cell(report, row, c) for c in report.columns})
             ours += f" ({_runs_cell(row)})" if report.table != "table2" else ""
-        else:
-            ours = row.status
-        commit = _unique([r.commit for r in row.runs])
-        hardware = _unique([r.hardware for r in row.runs])
-        lines.append(f"| {row.id} | {row.config} | `{row.command}` | {paper} | {ours} | {commit} | {hardware} |"
-                     if row.command != "-" else
-                     f"| {row.id} | {row.config} | - | {paper} | {ours} | {commit} | {hardware} |")  # fmt: skip
+        command = f"`{row.command}`" if row.command != "-" else "-"
+        runs_meta = [_unique([getattr(r, k) for r in row.runs]) for k in ("commit", "hardware")]
+        rows.append([row.id, row.config, command, paper, ours, *runs_meta])
+    lines.append(markdown_table(rows, ["row", "config", "command", "paper", "ours", "commit", "hardware"]))
     lines += ["", *[f"- {n}" for n in report.notes]]
     if report.table == "table1":
-        lines += ["", "## Scoring MMMU / MM-Vet (not run here)", "",
-                  "1. Train (stage 1, stage 2) and `python -m experiments export-captioner --ckpt ... --out DIR`: a "
-                  "llava-hf folder (`LlavaForConditionalGeneration` + `AutoProcessor`).",
-                  "2. Score DIR with an external harness that loads llava-hf models (lmms-eval, VLMEvalKit) on MMMU "
-                  "(val) and MM-Vet (GPT-4 graded). The paper does not state the MMMU split."]  # fmt: skip
+        lines += [
+            "",
+            "## Scoring MMMU / MM-Vet (not run here)",
+            "",
+            "1. Train (stage 1, stage 2) and `python -m experiments export-captioner --ckpt ... --out DIR`: a "
+            "llava-hf folder (`LlavaForConditionalGeneration` + `AutoProcessor`).",
+            "2. Score DIR with an external harness that loads llava-hf models (lmms-eval, VLMEvalKit) on MMMU "
+            "(val) and MM-Vet (GPT-4 graded). The paper does not state the MMMU split.",
+        ]
     lines += [
         "",
         f"Full report with deltas and run files: `docs/reports/{report.stem}.md`"
@@ -738,8 +735,11 @@ def readme_report(table: str, tiny: bool, reports: Path = REPORTS) -> Report:
 
 
 def readme_files(reports: Path = REPORTS) -> dict[Path, str]:
-    return {table_folder(t, tiny) / "README.md": readme(readme_report(t, tiny, reports))
-            for t in TABLE_NAMES for tiny in (False, True)}  # fmt: skip
+    return {
+        table_folder(t, tiny) / "README.md": readme(readme_report(t, tiny, reports))
+        for t in TABLE_NAMES
+        for tiny in (False, True)
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path] | list[Path]:

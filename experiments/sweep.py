@@ -1,17 +1,18 @@
-r"""``python -m experiments sweep SPEC.yaml``: run a W&B sweep spec's grid locally, without W&B.
+r"""``python -m experiments sweep SPEC.yaml``: run a W&B sweep spec's grid locally (no W&B), a whole row per point.
 
 The spec is the same file ``wandb sweep`` takes (``experiments/sweeps/*.yaml``): ``method: grid``, ``parameters``
-(LightningCLI dotted keys with ``values`` or ``value``) and a ``command`` that ends in ``${args}``. Each grid point
-runs as a subprocess, one after another::
+(LightningCLI dotted keys with ``values`` or ``value``) and a ``command`` that ends in ``${args}``:
+``python -m experiments sweep row fit --config <stage1.yaml> --config logging/wandb_sweep.yaml ${args}``. W&B's
+expansion of ``${args}`` (``--key=value``, ``wandb.sdk.launch.sweeps.utils.create_sweep_command_args``) and its grid
+order (parameters sorted by name, the last one fastest) are used as they are.
 
-    python -m experiments fit --config BASE.yaml ... --data.init_args.p_original=0.8 \
-        --trainer.logger='{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {...}}'
-
-The expansion is W&B's own (``wandb.sdk.launch.sweeps.utils.create_sweep_command_args``: ``${args}`` becomes
-``--key=value``); the grid order is W&B's (parameters sorted by name, values in the order given, last parameter
-fastest). Every point gets its own run directory ``<out>/<spec stem>/<point id>`` (the CSV logger replaces the spec's
-loggers, so checkpoints, ``config.yaml`` and metrics land there), and a point whose run directory holds
-``sweep_point.json`` (written after the run exits with 0) is done and skipped: rerunning the command resumes the sweep.
+A point runs its WHOLE row through the suite's step runner (``experiments/runner.py``), whether a ``wandb agent`` or
+this command starts it (``sweep row``): the ``fit`` as given (stage 1); where its recipe is a CLIPA ``stage1.yaml``,
+stage 2 (``stage2.yaml`` beside it, the same point values, from stage 1's ``last.ckpt``) and then the standalone
+evaluation (``test`` with ``eval/tiny_world.yaml`` or ``eval/paper.yaml`` -> ``eval/metrics/test.json``). A point's
+run dir is ``<out>/<spec stem>/<point id>`` (under an agent ``runs/sweeps/<sweep id>/<W&B run id>``) with one folder
+per stage; a point whose run dir holds ``sweep_point.json`` (written when the row finished) is done and skipped, and
+the runner's done-stamps resume a row inside it.
 
 ``--dry-run`` lists the points and their state; ``--launch-lines`` prints one shell command per point (e.g. for a
 SLURM job array: ``sed -n "$((SLURM_ARRAY_TASK_ID+1))p" lines.txt | bash``).
@@ -23,9 +24,9 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -36,10 +37,12 @@ from typing import Any
 import yaml
 
 from datamodules.io import atomic_write
+from experiments.runner import REPO, Step, run_steps
 
 DONE_FILE = "sweep_point.json"
 ARGS_MACROS = {"${args}"}
 UNSUPPORTED_MACROS = ("${args_no_hyphens}", "${args_json}", "${args_json_file}", "${args_no_boolean_flags}")
+LAUNCHER = None  # the runner's default (forked steps); tests put a fake here
 
 
 @dataclass(frozen=True)
@@ -161,35 +164,119 @@ def points(spec: dict[str, Any], out: Path, name: str) -> list[Point]:
     return pts
 
 
-def point_command(spec: dict[str, Any], point: Point, out: Path, name: str) -> list[str]:
-    """A point's full command: the spec's command with the point's values, logging to CSV in its own run dir."""
-    logger = {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": str(out), "name": name, "version": point.id},
+def _csv(save_dir: str, version: str) -> dict:
+    init = {"save_dir": save_dir, "name": "", "version": version}
+    return {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": init}
+
+
+def _agent_loggers(stage: str) -> list[dict]:
+    """Under ``wandb agent``: ``logging/wandb_sweep.yaml``'s loggers, the CSV run dir one folder per stage."""
+    run = os.environ["WANDB_RUN_ID"]
+    csv = {"class_path": "experiments.loggers.SweepCSVLogger", "init_args": {"version": f"{run}/{stage}"}}
+    wandb = dict.fromkeys(("project", "entity", "name", "group", "offline"))  # the agent's (wandb_sweep.yaml)
+    return [
+        csv,
+        {"class_path": "experiments.loggers.RecapWandbLogger", "init_args": {"save_dir": "runs/sweeps", **wandb}},
+    ]
+
+
+def _stage2_value(arg: str, image_size: int) -> str:
+    """A stage-1 point value for stage 2: a tiny model given as a config dict gets stage 2's image size."""
+    key, _, value = arg.partition("=")
+    model = yaml.safe_load(value) if key == "--model.init_args.model" else None
+    if not isinstance(model, dict) or "vision_cfg" not in model:
+        return arg
+    return f"{key}={json.dumps({**model, 'vision_cfg': {**model['vision_cfg'], 'image_size': image_size}})}"
+
+
+def row_steps(fit_args: Sequence[str], run: Path, agent: bool = False) -> list[Step]:
+    """A point's whole row as runner steps: the ``fit`` (stage 1), and where its recipe is a CLIPA ``stage1.yaml``,
+    stage 2 from stage 1's ``last.ckpt`` and the standalone evaluation, each logging to ``run/<stage>``."""
+    fit_args = list(fit_args[1:] if fit_args[:1] == ["fit"] else fit_args)
+    configs = [fit_args[i + 1] for i, a in enumerate(fit_args[:-1]) if a == "--config"]
+    values = [a for i, a in enumerate(fit_args) if a != "--config" and (i == 0 or fit_args[i - 1] != "--config")]
+
+    def logger(stage: str) -> str:
+        return "--trainer.logger=" + json.dumps(_agent_loggers(stage) if agent else _csv(str(run), stage))
+
+    def step(stage: str, argv: list[str], output: str) -> Step:
+        return Step(
+            stage, f"{run.name} {stage}", [*argv, logger(stage)], [f"{run}/{stage}/{output}"], [f"{run}/{stage}"]
+        )
+
+    stage1 = next((c for c in configs if c.endswith("stage1.yaml")), None)
+    if stage1 is None:  # a one-stage row (the DiT's, a debug recipe)
+        return [step("fit", ["fit", *fit_args], "config.yaml")]
+    stage2 = stage1.removesuffix("stage1.yaml") + "stage2.yaml"
+    image_size = yaml.safe_load((REPO / stage2).read_text())["model"]["init_args"]["image_size"]
+    args2 = [stage2 if a == stage1 else _stage2_value(a, image_size) for a in fit_args]
+    args2.append(f"--model.init_args.init_from={run}/stage1/checkpoints/last.ckpt")
+    # the evaluation: stage 2's model and point values on the eval sets (its own data), in run/eval
+    evaluation = "experiments/configs/eval/" + ("tiny_world.yaml" if "/tiny/" in stage1 else "paper.yaml")
+    test = ["test", "--config", stage2, "--config", evaluation, f"--ckpt_path={run}/stage2/checkpoints/last.ckpt"]
+    test += [_stage2_value(a, image_size) for a in values if not a.startswith("--data.")]
+    ckpt = "checkpoints/last.ckpt"
+    return [
+        step("stage1", ["fit", *fit_args], ckpt),
+        step("stage2", ["fit", *args2], ckpt),
+        step("eval", test, "metrics/test.json"),
+    ]
+
+
+def run_row(fit_args: Sequence[str], run: Path, agent: bool = False, jobs: int = 1) -> int:
+    """Run a point's row (``row_steps``) in ``run``; on success write ``sweep_point.json`` (what marks it done)."""
+    t0 = time.time()
+    record = run_steps(row_steps(fit_args, run, agent), run, jobs=jobs, launcher=LAUNCHER)
+    if record["failed"]:
+        return 1
+    done = {
+        "command": list(fit_args),
+        "seconds": round(time.time() - t0, 1),
+        "steps": [s["name"] for s in record["steps"]],
     }
-    return expand_command(spec, point.params) + [f"--trainer.logger={json.dumps(logger)}"]
+    atomic_write(run / DONE_FILE, json.dumps(done, indent=2, default=str))
+    return 0
+
+
+def row_main(argv: Sequence[str]) -> None:
+    """``sweep row [--out RUN_DIR] fit ARGS...``: one point's row; under ``wandb agent`` (the spec's command) the run
+    dir is ``runs/sweeps/<sweep id>/<run id>`` and the stages log to the agent's W&B run."""
+    argv = list(argv)
+    out = argv[1] if argv[:1] == ["--out"] else None
+    fit_args = argv[2:] if out else argv
+    agent = out is None and "WANDB_RUN_ID" in os.environ
+    if agent:  # every stage is a process of its own: the later ones join the agent's run
+        os.environ.setdefault("WANDB_RESUME", "allow")
+        out = f"runs/sweeps/{os.environ.get('WANDB_SWEEP_ID', 'local')}/{os.environ['WANDB_RUN_ID']}"
+    # absolute: the runner starts the steps in the repository, the done-file is checked from here
+    raise SystemExit(run_row(fit_args, Path(out or "runs/sweeps/local/row").resolve(), agent))
+
+
+def point_command(spec: dict[str, Any], point: Point) -> list[str]:
+    """The shell command that runs a point's whole row into its run dir."""
+    return [
+        sys.executable,
+        "-m",
+        "experiments",
+        "sweep",
+        "row",
+        "--out",
+        str(point.run_dir),
+        *lightning_args(spec, point.params),
+    ]
 
 
 def is_done(point: Point) -> bool:
     return (point.run_dir / DONE_FILE).is_file()
 
 
-def run_point(spec: dict[str, Any], point: Point, out: Path, name: str, cwd: Path | None = None) -> int:
-    """Run one point in a subprocess; on success write ``sweep_point.json`` (what makes it count as done)."""
-    cmd = point_command(spec, point, out, name)
-    point.run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    rc = subprocess.call(cmd, cwd=cwd)
-    if rc == 0:
-        record = {"params": point.params, "command": cmd, "seconds": round(time.time() - t0, 1)}
-        atomic_write(point.run_dir / DONE_FILE, json.dumps(record, indent=2, default=str))
-    return rc
-
-
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["row"]:
+        return row_main(argv[1:])
     ap = argparse.ArgumentParser(
         prog="python -m experiments sweep",
-        description="Run a W&B sweep spec's grid locally (no W&B): one `fit` per point, sequentially, resumable.",
+        description="Run a W&B sweep spec's grid locally (no W&B): a whole row per point, resumable.",
     )
     ap.add_argument("spec", help="sweep spec YAML (experiments/sweeps/*.yaml)")
     ap.add_argument("--out", default="runs/sweeps", help="root of the run dirs: OUT/<spec stem>/<point id>")
@@ -197,21 +284,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--dry-run", action="store_true", help="list the grid points and whether each is done")
     ap.add_argument("--launch-lines", action="store_true", help="print one shell command per point and exit")
     ap.add_argument("--keep-going", action="store_true", help="run the remaining points after a failed one")
-    args = ap.parse_args(None if argv is None else list(argv))
+    args = ap.parse_args(argv)
 
     spec = load_spec(args.spec)
     name = args.name or Path(args.spec).stem
-    out = Path(args.out)
-    pts = points(spec, out, name)
+    pts = points(spec, Path(args.out).resolve(), name)
     if args.launch_lines:
         for p in pts:
-            print(shlex.join(point_command(spec, p, out, name)))
+            print(shlex.join(point_command(spec, p)))
         return
     if args.dry_run:
         for i, p in enumerate(pts):
-            state = "done" if is_done(p) else "todo"
             values = " ".join(f"--{k}={v}" for k, v in p.params.items())
-            print(f"[{i + 1}/{len(pts)}] {state} {p.run_dir} {values}")
+            print(f"[{i + 1}/{len(pts)}] {'done' if is_done(p) else 'todo'} {p.run_dir} {values}")
         return
     failed = []
     for i, p in enumerate(pts):
@@ -219,16 +304,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"[{i + 1}/{len(pts)}] done already: {p.run_dir}", flush=True)
             continue
         print(f"[{i + 1}/{len(pts)}] running {p.id} -> {p.run_dir}", flush=True)
-        rc = run_point(spec, p, out, name)
-        if rc:
+        if run_row(lightning_args(spec, p.params), p.run_dir):
             failed.append(p)
-            print(f"[{i + 1}/{len(pts)}] FAILED (exit {rc}): {p.id}", file=sys.stderr, flush=True)
+            print(f"[{i + 1}/{len(pts)}] FAILED: {p.id} (logs in {p.run_dir}/logs)", file=sys.stderr, flush=True)
             if not args.keep_going:
                 break
     if failed:
         raise SystemExit(f"sweep {name}: {len(failed)} point(s) failed: {', '.join(p.id for p in failed)}")
-    print(f"sweep {name}: all {len(pts)} points done under {out / name}")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"sweep {name}: all {len(pts)} points done under {Path(args.out) / name}")

@@ -89,8 +89,11 @@ def test_tiny_twins_sweep_the_same_grid_as_the_real_specs():
 
 
 def test_grid_order_and_expansion_follow_wandb():
-    spec = {"method": "grid", "parameters": {"model.x": {"values": ["a", "b"]}, "data.p": {"values": [0.0, 1.0]}},
-            "command": ["${env}", "python", "-m", "experiments", "fit", "--config", "B.yaml", "${args}"]}  # fmt: skip
+    spec = {
+        "method": "grid",
+        "parameters": {"model.x": {"values": ["a", "b"]}, "data.p": {"values": [0.0, 1.0]}},
+        "command": ["${env}", "python", "-m", "experiments", "fit", "--config", "B.yaml", "${args}"],
+    }
     points = sweep.grid(spec)
     # W&B: parameters sorted by name, itertools.product over their values (the last name varies fastest)
     assert points == [dict(zip(["data.p", "model.x"], c, strict=True)) for c in itertools.product([0.0, 1.0], "ab")]
@@ -100,8 +103,15 @@ def test_grid_order_and_expansion_follow_wandb():
 
 def test_load_spec_errors_name_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"method": "grid", "parameters": {"p_original": {"values": [1]}},
-                                   "command": ["python", "-m", "experiments", "fit", "${args}"]}))  # fmt: skip
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "method": "grid",
+                "parameters": {"p_original": {"values": [1]}},
+                "command": ["python", "-m", "experiments", "fit", "${args}"],
+            }
+        )
+    )
     with pytest.raises(ValueError, match=r"bad.yaml: parameters.p_original: not a LightningCLI dotted key"):
         sweep.load_spec(bad)
     params = {"data.init_args.p_original": {"values": [1]}}
@@ -133,9 +143,8 @@ def test_dry_run_lists_exactly_the_grid_and_done_points(tmp_path, capsys):
     sweep.main([str(path), "--launch-lines", "--out", str(tmp_path)])
     launch = capsys.readouterr().out.strip().splitlines()
     assert len(launch) == 12
-    assert all(" -m experiments fit --config " in line for line in launch)
-    assert "--trainer.logger=" in launch[0]
-    assert pts[0].id in launch[0]
+    assert all(" -m experiments sweep row --out " in line and " fit --config " in line for line in launch)
+    assert str(pts[0].run_dir) in launch[0]
 
 
 def test_logging_overlay_keeps_the_run_dir_and_adds_wandb():
@@ -167,8 +176,13 @@ def _real_training_configs_with_a_logger() -> list[str]:
 
 def test_every_real_training_config_is_found():
     found = _real_training_configs_with_a_logger()
-    for base in ("clip/stage1.yaml", "clip/table3/p0.8.yaml", "captioner/stage2.yaml", "dit/table7/p0.5.yaml",
-                 "captioner/table1/llava15-llama3-8b.stage1.yaml"):  # fmt: skip
+    for base in (
+        "clip/stage1.yaml",
+        "clip/table3/p0.8.yaml",
+        "captioner/stage2.yaml",
+        "dit/table7/p0.5.yaml",
+        "captioner/table1/llava15-llama3-8b.stage1.yaml",
+    ):
         assert base in found
 
 
@@ -203,8 +217,12 @@ def test_wandb_offline_unless_credentials(monkeypatch, tmp_path):
 def test_media_samples_of_each_batch_kind():
     from experiments.media import batch_samples
 
-    clip = {"image": torch.randn(3, 3, 8, 8), "caption": ["a", "b", "c"], "caption_source": ["original"] * 3,
-            "key": ["k0", "k1", "k2"]}  # fmt: skip
+    clip = {
+        "image": torch.randn(3, 3, 8, 8),
+        "caption": ["a", "b", "c"],
+        "caption_source": ["original"] * 3,
+        "key": ["k0", "k1", "k2"],
+    }
     out = batch_samples(clip, None, 2)
     assert [(s["key"], s["source"], s["caption"]) for s in out] == [("k0", "original", "a"), ("k1", "original", "b")]
     assert out[0]["image"].shape == (8, 8, 3)
@@ -219,8 +237,11 @@ def test_media_samples_of_each_batch_kind():
     class Module:
         tokenizer = Tok()
 
-    llava = {"labels": torch.tensor([[-100, 5, 6], [-100, -100, 7]]), "pixel_values": torch.randn(1, 3, 4, 4),
-             "id": ["x", "y"]}  # fmt: skip
+    llava = {
+        "labels": torch.tensor([[-100, 5, 6], [-100, -100, 7]]),
+        "pixel_values": torch.randn(1, 3, 4, 4),
+        "id": ["x", "y"],
+    }
     out = batch_samples(llava, Module(), 8)  # one image for two samples: captions without images, never misaligned
     assert [(s["key"], s["caption"], s["image"]) for s in out] == [("x", "5 6", None), ("y", "7", None)]
     assert batch_samples({"latent": torch.zeros(2, 4), "caption": ["p", "q"]}, None, 8)[1]["caption"] == "q"
@@ -230,15 +251,23 @@ def _tiny_fit_args(tmp_path: Path) -> list[str]:
     write_shards(tmp_path / "web", [24, 24], image_size=64)
     write_shards(tmp_path / "val", [16], image_size=64)
     return [
-        "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "debug/tiny_clip.yaml"),
-        f"--data.init_args.train_shards={tmp_path / 'web'}", f"--data.init_args.val_shards={tmp_path / 'val'}",
+        "--config",
+        str(CONFIGS / "trainer/cpu.yaml"),
+        "--config",
+        str(CONFIGS / "debug/tiny_clip.yaml"),
+        f"--data.init_args.train_shards={tmp_path / 'web'}",
+        f"--data.init_args.val_shards={tmp_path / 'val'}",
         "--data.init_args.sources={original: txt, recaption: 'json:org_caption'}",
-        "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
-        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-        "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.num_workers=0",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         "--trainer.callbacks=[]",
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.slow  # ~15 s of CPU: W&B's service start-up and a 2-step fit
@@ -286,20 +315,29 @@ def test_runner_runs_a_two_point_grid_into_two_run_dirs_and_resumes(tmp_path, ca
         "method": "grid",
         "metric": {"name": "val/loss", "goal": "minimize"},
         "parameters": {"data.init_args.p_original": {"values": [0.0, 1.0]}},
-        "command": ["${env}", "python", "-m", "experiments", "fit", *args, "--trainer.val_check_interval=null",
-                    "--trainer.log_every_n_steps=1",
-                    "--data.init_args.val_shards=null", "${args}"],
-    }  # fmt: skip
+        "command": [
+            "${env}",
+            "python",
+            "-m",
+            "experiments",
+            "fit",
+            *args,
+            "--trainer.val_check_interval=null",
+            "--trainer.log_every_n_steps=1",
+            "--data.init_args.val_shards=null",
+            "${args}",
+        ],
+    }
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "sweeps"
     sweep.main([str(path), "--out", str(out)])
     dirs = sorted(p for p in (out / "two").iterdir() if p.is_dir())
     assert [d.name for d in dirs] == ["p_original-0.0", "p_original-1.0"]
-    for d, p in zip(dirs, (0.0, 1.0), strict=True):
-        saved = yaml.safe_load((d / "config.yaml").read_text())
+    for d, p in zip(dirs, (0.0, 1.0), strict=True):  # a one-stage row: its fit in <point>/fit
+        saved = yaml.safe_load((d / "fit" / "config.yaml").read_text())
         assert saved["data"]["init_args"]["p_original"] == p
-        assert (d / "metrics.csv").is_file()
+        assert (d / "fit" / "metrics.csv").is_file()
         assert (d / sweep.DONE_FILE).is_file()
     stamp = [(d / sweep.DONE_FILE).stat().st_mtime_ns for d in dirs]
     capsys.readouterr()
@@ -308,11 +346,101 @@ def test_runner_runs_a_two_point_grid_into_two_run_dirs_and_resumes(tmp_path, ca
     assert [(d / sweep.DONE_FILE).stat().st_mtime_ns for d in dirs] == stamp
 
 
-def test_runner_stops_on_a_failed_point_and_marks_nothing_done(tmp_path):
-    spec = {"method": "grid", "parameters": {"data.init_args.p_original": {"values": [0.5]}},
-            "command": [sys.executable, "-c", "import sys; sys.exit(3)", "${args}"]}  # fmt: skip
+class FakeStage:
+    """Stands in for a row's steps: records their argv, writes their outputs (or fails the named ones)."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.argv: list[list[str]] = []
+        self.fail = fail
+
+    def __call__(self, cmd, env, threads=None):
+        from experiments.runner import launch_fresh
+
+        argv = list(cmd[3:])
+        self.argv.append(argv)
+        code = 3 if self.fail and self.fail in " ".join(argv) else 0
+        if not code:
+            logger = json.loads(next(a for a in argv if a.startswith("--trainer.logger=")).split("=", 1)[1])
+            if isinstance(logger, list):  # an agent's: SweepCSVLogger under runs/sweeps/<sweep id>
+                logger = {
+                    "init_args": {"save_dir": f"runs/sweeps/{os.environ['WANDB_SWEEP_ID']}", **logger[0]["init_args"]}
+                }
+            run = Path(logger["init_args"]["save_dir"]) / logger["init_args"]["version"]
+            for out in ("checkpoints/last.ckpt", "config.yaml", "metrics/test.json"):
+                (run / out).parent.mkdir(parents=True, exist_ok=True)
+                (run / out).write_text("{}")
+        return launch_fresh([sys.executable, "-c", f"raise SystemExit({code})"], env)
+
+
+def test_a_point_runs_its_whole_row_stage1_stage2_then_the_evaluation(tmp_path, monkeypatch):
+    spec = sweep.load_spec(SWEEPS / "tiny" / "table4_textenc_p.yaml")
+    point = sweep.points(spec, tmp_path, "t4")[0]
+    steps = sweep.row_steps(sweep.lightning_args(spec, point.params), point.run_dir)
+    assert [s.name for s in steps] == ["stage1", "stage2", "eval"]
+    s1, s2, ev = (s.argv for s in steps)
+    assert "experiments/configs/tiny/clip/stage1.yaml" in s1
+    assert "experiments/configs/tiny/clip/stage2.yaml" in s2
+    assert f"--model.init_args.init_from={point.run_dir}/stage1/checkpoints/last.ckpt" in s2
+    assert "--data.init_args.p_original=0.8" in s2  # the point's values in every stage ...
+    assert not any(a.startswith("--data.") for a in ev)  # ... but the evaluation's data are the eval sets
+    assert ev[0] == "test"
+    assert "experiments/configs/eval/tiny_world.yaml" in ev
+    assert f"--ckpt_path={point.run_dir}/stage2/checkpoints/last.ckpt" in ev
+    # stage 2 (and its evaluation) at stage 2's resolution: the swept tiny model dict gets its image size
+    printed = _print_config(s2)
+    assert printed["model"]["init_args"]["model"]["vision_cfg"]["image_size"] == 64
+    assert printed["data"]["init_args"]["p_original"] == 0.8
+    assert printed["trainer"]["logger"]["init_args"]["save_dir"] == str(point.run_dir)
+    printed = _print_config(ev)  # the evaluation parses too: the eval sets' DataModule, stage 2's model
+    assert printed["data"]["class_path"] == "datamodules.eval_sets.EvalDataModule"
+    assert printed["model"]["init_args"]["model"]["vision_cfg"]["image_size"] == 64
+    one_stage = sweep.row_steps(["fit", "--config", "experiments/configs/tiny/dit/base.yaml", "--x=1"], tmp_path / "d")
+    assert [s.name for s in one_stage] == ["fit"]
+
+    # run locally: the three steps in order, then the point counts as done and a rerun runs nothing
+    fake = FakeStage()
+    monkeypatch.setattr(sweep, "LAUNCHER", fake)
+    assert sweep.run_row(sweep.lightning_args(spec, point.params), point.run_dir) == 0
+    assert [a[0] for a in fake.argv] == ["fit", "fit", "test"]
+    assert sweep.is_done(point)
+    fake.argv.clear()
+    assert sweep.run_row(sweep.lightning_args(spec, point.params), point.run_dir) == 0
+    assert fake.argv == []
+
+
+def test_a_wandb_agent_point_logs_every_stage_to_its_run(tmp_path, monkeypatch):
+    """The spec's command under ``wandb agent`` (offline here): ``sweep row fit ...`` runs the row into
+    runs/sweeps/<sweep id>/<run id>/<stage>, each stage with the sweep's W&B logger."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
+    monkeypatch.setenv("WANDB_RUN_ID", "run7")
+    spec = sweep.load_spec(SWEEPS / "tiny" / "table3_p.yaml")
+    cmd = sweep.expand_command(spec, {"data.init_args.p_original": 0.5})
+    assert cmd[1:6] == ["-m", "experiments", "sweep", "row", "fit"]
+    fake = FakeStage()
+    monkeypatch.setattr(sweep, "LAUNCHER", fake)
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(cmd[4:])  # python -m experiments sweep <these>
+    assert exc.value.code == 0
+    assert [a[0] for a in fake.argv] == ["fit", "fit", "test"]
+    for argv, stage in zip(fake.argv, ("stage1", "stage2", "eval"), strict=True):
+        csv, wb = json.loads(next(a for a in argv if a.startswith("--trainer.logger=")).split("=", 1)[1])
+        assert csv["class_path"] == "experiments.loggers.SweepCSVLogger"
+        assert csv["init_args"]["version"] == f"run7/{stage}"
+        assert wb["class_path"] == "experiments.loggers.RecapWandbLogger"
+    assert (tmp_path / "runs/sweeps/sw1/run7" / sweep.DONE_FILE).is_file()
+
+
+def test_runner_stops_on_a_failed_point_and_marks_nothing_done(tmp_path, monkeypatch):
+    spec = {
+        "method": "grid",
+        "parameters": {"data.init_args.p_original": {"values": [0.5]}},
+        "command": ["python", "-m", "experiments", "sweep", "row", "fit", "--config", "x.yaml", "${args}"],
+    }
     path = tmp_path / "fail.yaml"
     path.write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(sweep, "LAUNCHER", FakeStage(fail="fit"))
     with pytest.raises(SystemExit, match="1 point\\(s\\) failed: p_original-0.5"):
         sweep.main([str(path), "--out", str(tmp_path / "o")])
     assert not list((tmp_path / "o").rglob(sweep.DONE_FILE))

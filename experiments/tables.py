@@ -1,0 +1,61 @@
+"""The one results collector and the one Markdown renderer behind every report (``reproduce``, ``clip-table``,
+``report``): a run's last evaluation, the p it really trained on, and tabulate's pipe tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from datamodules.io import latest_metrics_file
+
+
+def metrics_file(run: Path) -> Path | None:
+    """A run's last evaluation: ``<run>/metrics/test.json`` when the standalone evaluation ran there, else the newest
+    in-loop ``step*.json``."""
+    test = Path(run) / "metrics" / "test.json"
+    return test if test.is_file() else latest_metrics_file(Path(run) / "metrics")
+
+
+def last_metrics(run: Path) -> dict[str, float] | None:
+    """The ``metrics`` of a run's last evaluation (``metrics_file``), None when it has none."""
+    found = metrics_file(run)
+    return json.loads(found.read_text()).get("metrics") if found else None
+
+
+def realised_p(*runs: Path, source: str = "original") -> float | None:
+    """The fraction of ``source`` captions that the training runs (CSV logger folders) trained on, read back from
+    their own logs: the last ``train/caption_source/*`` row of each ``metrics.csv`` (the caption-mix monitor writes the
+    run's exact totals at its last step), weighted by the samples they counted (``train/caption_source_samples``;
+    equally where a log lacks it). None when no run logged it."""
+    fractions, weights = [], []
+    for run in runs:
+        path = Path(run) / "metrics.csv"
+        if not path.is_file():
+            continue
+        with path.open(newline="") as f:
+            logged = [
+                {k: v for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)
+                if any(k.startswith("train/caption_source/") and v not in ("", None) for k, v in row.items())
+            ]
+        if not logged:
+            continue
+        last = logged[-1]
+        fractions.append(float(last.get(f"train/caption_source/{source}", 0.0)))  # a source never drawn: no column
+        weights.append(float(last.get("train/caption_source_samples", 1.0)))
+    if not fractions:
+        return None
+    return sum(f * w for f, w in zip(fractions, weights, strict=True)) / sum(weights)
+
+
+def markdown(rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> str:
+    """A Markdown (pipe) table, as ``pandas.DataFrame.to_markdown`` renders it (tabulate's ``pipe`` format, called
+    directly: no frame needed); cells are shown as given (no number parsing: "0.50" stays "0.50")."""
+    from tabulate import tabulate
+
+    return tabulate(
+        [[str(c) for c in row] for row in rows], headers=list(columns), tablefmt="pipe", disable_numparse=True
+    )
