@@ -276,10 +276,9 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
     extras = {REALISED_P: "train/caption_source/original"}
     extras.update(CLIP_EXTRAS_TINY if tiny and table_name != "table6" else {})
     read = {**keys, **extras}
-    base = "tiny/clip" if tiny else "clip"
     rows = []
     for row in table.rows:
-        cfg = f"experiments/configs/{base}/{table_name}/{row.id}.yaml (+ .stage2.yaml)"
+        cfg = f"--row {table_name}/{row.id} --stage 1|2" + ("" if tiny else " --scale paper")
         cmd = f"python -m experiments clip-table --table {table_name} --rows {row.id}" + (" --tiny" if tiny else "")
         found = clip_runs(runs, table_name, row.id, read)
         rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, found, note=row.note))
@@ -336,11 +335,10 @@ def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) ->
     scorers = scorers or (DIT_SCORERS_TINY if tiny else DIT_SCORERS)
     keys = dit_keys(scorers)
     extras = {REALISED_P: "train/caption_source/original", **(DIT_EXTRAS_TINY if tiny else {})}
-    base = "tiny/dit" if tiny else "dit"
     rows = []
     for row in TABLE7:
-        cfg = f"experiments/configs/{base}/table7/{row.id}.yaml"
-        cmd = f"python -m experiments fit --config experiments/configs/{base}/base.yaml --config {cfg}; then dit-eval"
+        cfg = f"--row table7/{row.id}" + ("" if tiny else " --scale paper")
+        cmd = f"python -m experiments fit {cfg}; then dit-eval"
         rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, dit_runs(runs, row.id, {**keys, **extras})))
     notes = [
         "Raw = prompts are the original (short) captions; Recap = their recaptions (COCO-Recap). Paper: COCO-30K, "
@@ -359,21 +357,16 @@ def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) ->
 
 
 # ------------------------------------------------------------------------------------------------ Tables 1 and 2
-TABLE1_STEM = "llava15-llama3-8b"  # the row files of experiments/configs/[tiny/]captioner/table1/
+TABLE1_STEM = "llava15-llama3-8b"  # the row id of paper_tables' Table 1 (--row table1/llava15-llama3-8b)
 
 
 def table1_report(tiny: bool, runs: Path) -> Report:
-    base = "tiny/captioner" if tiny else "captioner"
-    stages = ("stage1", "stage2", "caption_tune")
-    folder = f"experiments/configs/{base}/table1"
+    scale = "" if tiny else " --scale paper"
     rows = []
     for model, nums in TABLE1.items():
         ours = model == TABLE1_OURS
-        config = f"{folder}/{TABLE1_STEM}.{{{','.join(stages)}}}.yaml" if ours else "-"
-        command = f"python -m experiments fit --config experiments/configs/{base}/stage1.yaml --config {folder}/"
-        command += (
-            f"{TABLE1_STEM}.stage1.yaml (then the later stages, export-captioner; the YAML headers have every command)"
-        )
+        config = f"--row table1/{TABLE1_STEM} --stage 1|2|3{scale}" if ours else "-"
+        command = f"python -m experiments fit --row table1/{TABLE1_STEM} --stage 1{scale} (then 2, 3; export-captioner)"
         status = "cannot be scored offline" if ours else "reference (not trained here)"
         rows.append(ReportRow(model, None, dict(nums), config, command if ours else "-", status=status))
     notes = [
@@ -435,7 +428,6 @@ def table2_report(tiny: bool) -> Report:
     from lightning_modules.components.clip_sizes import TABLE2, count_params, recap_clip_config
 
     text_of = {"S/16": "small", "B/16": "base", "L/16": "large", "H/14": "huge"}
-    base = "tiny/clip" if tiny else "clip"
     stand_in = []
     rows = []
     for size, entry in TABLE2.items():
@@ -449,8 +441,7 @@ def table2_report(tiny: bool) -> Report:
         else:
             cfg, spec = recap_clip_config(vision, text), f"`model: recap-clip:{vision}:{text}`"
         row_id = f"{size.replace('/', '')}-{text}"
-        if hasattr(paper_tables, "TABLE2"):  # Table 2's row YAMLs (train a size at p = 0.8)
-            spec += f"; experiments/configs/{base}/table2/{row_id}.yaml (+ .stage2.yaml)"
+        spec += f"; --row table2/{row_id}" + ("" if tiny else " --scale paper")  # trains the size at p = 0.8
         counts = count_params(cfg)
         values = {f"{k}_m": counts[k] / 1e6 for k in ("vision", "text", "total")}
         counted = RunResult("count_params (meta device)", "computed", values, _git("rev-parse", "--short", "HEAD"), "-")
@@ -725,9 +716,15 @@ def readme(report: Report) -> str:
 def readme_report(table: str, tiny: bool, reports: Path = REPORTS) -> Report:
     """The report a README shows: the committed JSON when there is one, else the registry with no runs."""
     path = reports / f"{table}{'_tiny' if tiny else ''}.json"
+    registry = build_report(table, tiny, REPO / ".no-runs")  # a folder that does not exist: every row "not run"
     if path.is_file():
-        return from_json(json.loads(path.read_text()))
-    report = build_report(table, tiny, REPO / ".no-runs")  # a folder that does not exist: every row "not run"
+        report = from_json(json.loads(path.read_text()))
+        current = {row.id: row for row in registry.rows}
+        for row in report.rows:  # the committed runs, with how a row is run today
+            if row.id in current:
+                row.config, row.command = current[row.id].config, current[row.id].command
+        return report
+    report = registry
     for row in report.rows:  # no commit of the moment into a committed file (Table 2's counts need no run)
         for run in row.runs:
             run.commit = None

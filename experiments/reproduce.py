@@ -35,7 +35,7 @@ import yaml
 
 from experiments import runner
 from experiments.claims import PAPER_COVERAGE_PCT, PAPER_LENGTH_WORDS, Margins, check_claims, claims_markdown
-from experiments.paper_tables import row_args
+from experiments.paper_tables import row_args, run_args
 from experiments.runner import REPO, Launcher, Step
 from experiments.tables import last_metrics, markdown, realised_p
 
@@ -340,8 +340,8 @@ def make_chain(
         add("dit_cache", cache, f"{DW}/dit_cache/_cache.json")
         for p in dit_ps:
             run, ev = f"runs/tiny/dit/table7/{p}/fit", f"runs/tiny/dit/eval/{p}"
-            configs = f"{TINY_DIT}/base.yaml --config {TINY_DIT}/table7/{p}.yaml --config {TINY_DIT}/cached.yaml"
-            add(f"dit_{p}", f"fit --config {configs}", f"{run}/checkpoints/last.ckpt")
+            row = [*repo_relative(row_args("table7", p, 1)), "--config", f"{TINY_DIT}/cached.yaml"]
+            add(f"dit_{p}", shlex.join(["fit", *row, *run_args("table7", p, 1)]), f"{run}/checkpoints/last.ckpt")
             judge = f"--limit 500 --attribute-judge {DW}/judge --clip web_clip={web_clip}/export --out {ev}"
             evaluate = f"dit-eval --ckpt {run}/checkpoints/last.ckpt --prompts {DW}/eval/t2i_prompts/prompts.parquet"
             add(f"dit_{p}_eval", f"{evaluate} {judge}", f"{ev}/recaption/metrics.json")

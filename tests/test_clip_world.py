@@ -62,7 +62,7 @@ SMALL = [
 
 def test_two_stage_cli_and_standalone_test(world_root, monkeypatch):
     monkeypatch.chdir(world_root)
-    row1 = ["--config", str(CONFIGS / "tiny/clip/stage1.yaml"), "--config", str(CONFIGS / "tiny/clip/table3/p0.5.yaml")]
+    row1 = ["--row", "table3/p0.5"]
     cli_main(["fit", *row1, *SMALL, "--model.init_args.total_samples=48", "--model.init_args.warmup_samples=16"])
     stage1 = Path("runs/tiny/clip/table3/p0.5/stage1")
     assert (stage1 / "checkpoints/last.ckpt").is_file()
@@ -70,12 +70,7 @@ def test_two_stage_cli_and_standalone_test(world_root, monkeypatch):
     assert m1["step"] == 3  # 48 samples / batch 16: the length in samples set max_steps
     assert {"classify/top1", "retrieval/image_to_text_R@1", "long_retrieval/n_texts_over_context"} <= set(m1["metrics"])
 
-    row2 = [
-        "--config",
-        str(CONFIGS / "tiny/clip/stage2.yaml"),
-        "--config",
-        str(CONFIGS / "tiny/clip/table3/p0.5.stage2.yaml"),
-    ]
+    row2 = ["--row", "table3/p0.5", "--stage", "2"]
     cli = cli_main(["fit", *row2, *SMALL, "--model.init_args.total_samples=64"])  # 4 steps: no val at the end
     assert cli.model.model.visual.image_size == (64, 64)  # stage 2 at full resolution, started from stage 1
     stage2 = Path("runs/tiny/clip/table3/p0.5/stage2")
@@ -88,7 +83,16 @@ def test_two_stage_cli_and_standalone_test(world_root, monkeypatch):
     assert final["step"] == 4  # the final weights were evaluated although step 4 is not a validation step
     assert "eval/classify/top1" in metrics_csv
 
-    test = cli_main(["test", *row2[:2], "--config", str(CONFIGS / "eval/tiny_world.yaml"), f"--ckpt_path={ckpt}"])
+    test = cli_main(
+        [
+            "test",
+            "--config",
+            str(CONFIGS / "tiny/clip/stage2.yaml"),
+            "--config",
+            str(CONFIGS / "eval/tiny_world.yaml"),
+            f"--ckpt_path={ckpt}",
+        ]
+    )
     test_json = Path(test.trainer.log_dir) / "metrics" / "test.json"
     result = json.loads(test_json.read_text())["metrics"]
     assert result["retrieval/n_images"] == 48
@@ -120,8 +124,7 @@ def test_short_run_learns_far_above_chance(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [
         "fit",
-        "--config", str(CONFIGS / "tiny/clip/stage1.yaml"),
-        "--config", str(CONFIGS / "tiny/clip/table3/p0.5.yaml"),
+        "--row", "table3/p0.5",
         "--data.init_args.train_shards=data/world/web/{00000..00004}.tar",
         "--data.init_args.val_shards=data/world/web/00005.tar",
         "--data.init_args.batch_size=64",

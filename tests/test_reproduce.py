@@ -88,10 +88,10 @@ def test_dry_run_lists_steps_with_profile_overrides(profile_path, tmp_path, caps
     assert f"{len(steps)} steps" in text
     for i, s in enumerate(steps, 1):
         assert f"[{i}/{len(steps)}] {s.name} (to run)" in text
-    dit_line = next(line for line in text.splitlines() if "table7/p0.0.yaml" in line)
+    dit_line = next(line for line in text.splitlines() if "dit/cached.yaml" in line and "dit/table7/p0.0" in line)
     assert "--trainer.max_steps=7" in dit_line
     assert f"--data.init_args.cache_dir={out}/dit/cache" in dit_line
-    clip_line = next(line for line in text.splitlines() if "table3/p1.0.stage2.yaml" in line)
+    clip_line = next(line for line in text.splitlines() if "clip/stage2.yaml" in line and "clip/table3/p1.0" in line)
     assert "--model.init_args.total_samples=1280" in clip_line
     assert f"--model.init_args.init_from={out}/clip/table3/p1.0/stage1/checkpoints/last.ckpt" in clip_line
     assert "--world.n_web=2100" in text

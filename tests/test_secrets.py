@@ -81,13 +81,7 @@ def test_tiny_fit_with_wandb_writes_no_secret(tmp_path, monkeypatch):
         },
     }
     (inputs / "override.yaml").write_text(yaml.safe_dump(overrides))
-    args = [
-        "fit",
-        "--config",
-        str(CONFIGS / "tiny/clip/stage1.yaml"),
-        "--config",
-        str(CONFIGS / "tiny/clip/table3/p0.8.yaml"),
-    ]
+    args = ["fit", "--row", "table3/p0.8"]
     cli = cli_main([*args, "--config", str(inputs / "override.yaml")])
     import wandb
 
