@@ -72,7 +72,7 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         "tiny world only: train the captioner's BPE tokenizer (LLaMA-3 special tokens and chat template)",
     ),
     "world-judge": (
-        _module_main("datamodules.tiny_world.judge"),
+        _module_main("lightning_modules.evaluation.judge"),
         "tiny world only: train the pinned attribute judge (GenEval-like accuracy and FID features for the DiT)",
     ),
     "tiny-llm": (

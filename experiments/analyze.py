@@ -400,7 +400,7 @@ class AttributeRater:
     GPT-4V prompt asks for both)."""
 
     def __init__(self, folder: str) -> None:
-        from datamodules.tiny_world.judge import load_judge
+        from lightning_modules.evaluation.judge import load_judge
         from lightning_modules.evaluation.generation import JUDGE_PROMPT
 
         self.judge = load_judge(folder)
@@ -412,7 +412,7 @@ class AttributeRater:
         return prompt_text[len(self.prefix) : len(prompt_text) - len(self.suffix)]
 
     def predict(self, image: Any) -> dict[str, str]:
-        from datamodules.tiny_world.judge import HEADS
+        from lightning_modules.evaluation.judge import HEADS
 
         x = _image_tensors([image])[0].unsqueeze(0)
         return {name: HEADS[name][int(idx[0])] for name, idx in self.judge.predict(x).items()}

@@ -80,7 +80,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     module.eval()
     judge = fid = attribute_judge = None
     if args.attribute_judge:
-        from datamodules.tiny_world.judge import JudgeFeatures, judge_accuracy, load_judge
+        from lightning_modules.evaluation.judge import JudgeFeatures, judge_accuracy, load_judge
 
         pinned = load_judge(args.attribute_judge)
 

@@ -214,7 +214,7 @@ def test_stated_truth_judges_only_what_the_prompt_asks():
 
 
 def test_fit_checkpoint_then_dit_eval_writes_metrics_for_both_prompt_sets(world, tmp_path):
-    from datamodules.tiny_world.judge import train_judge
+    from lightning_modules.evaluation.judge import train_judge
     from experiments.dit_eval import main as dit_eval
 
     module = make_module(world)

@@ -53,6 +53,7 @@ from .writer import (
     compute_key,
     generate_world,
     shard_name,
+    world_fingerprint,
 )
 
 __all__ = [
@@ -104,4 +105,5 @@ __all__ = [
     "short_captions",
     "text_only_qa",
     "truth_recaptions",
+    "world_fingerprint",
 ]

@@ -194,6 +194,14 @@ class WorldConfig:
         return math.ceil(math.log10(self.shard_size))
 
 
+def world_fingerprint(world_dir: str | os.PathLike, **extra: Any) -> str:
+    """sha256 of what determines a world's content (``world.json`` without wall-clock fields), plus ``extra``."""
+    meta = json.loads((Path(world_dir) / "world.json").read_text(encoding="utf-8"))
+    config = {k: v for k, v in meta.get("config", {}).items() if k not in ("workers", "chunk_size", "start_method")}
+    key = {k: meta.get(k) for k in ("format_version", "name", "seed", "counts", "web")} | {"config": config, **extra}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
 def compute_key(idx: int, shard_id: int, oom_sample_per_shard: int, oom_shard_count: int) -> str:
     """img2dataset's key rule (``img2dataset/downloader.py::compute_key``)."""
     true_key = (10**oom_sample_per_shard) * shard_id + idx

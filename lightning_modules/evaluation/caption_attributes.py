@@ -53,6 +53,8 @@ import numpy as np
 from datamodules.tiny_world.scene import BACKGROUND_COLOURS, COLOURS, SHADE_TO_COLOUR, SHAPES
 from datamodules.tiny_world.text import _BIG, _LPOS, _POS, _SMALL, _SPOS, NUMBER_WORDS
 
+from .metrics import derangement
+
 __all__ = [
     "GENERIC_SHAPE",
     "CaptionObject",
@@ -417,18 +419,6 @@ def score_captions(
         out |= {"background_acc": rate("background"), "background_kind_acc": rate("background_kind")}
     out |= {"n": float(n), "n_unparsed": float(n_unparsed), "n_stated_count": float(n_stated)}
     return out
-
-
-def derangement(n: int, seed: int = 0) -> np.ndarray:
-    """A uniformly random cyclic permutation of ``range(n)`` (Sattolo's algorithm): no index maps to itself."""
-    if n < 2:
-        raise ValueError(f"a derangement needs at least 2 items, got {n}")
-    perm = np.arange(n)
-    rng = np.random.default_rng(seed)
-    for i in range(n - 1, 0, -1):
-        j = int(rng.integers(i))  # j < i: Sattolo, so the result is one n-cycle
-        perm[i], perm[j] = perm[j], perm[i]
-    return perm
 
 
 def chance_scores(

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -134,3 +135,15 @@ def token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     raise TypeError(
         f"token_lengths supports open_clip SimpleTokenizer and HFTokenizer, not {type(tokenizer).__qualname__}"
     )
+
+
+def derangement(n: int, seed: int | Sequence[int] = 0) -> np.ndarray:
+    """A seeded permutation of ``range(n)`` with no fixed point (Sattolo's algorithm: one n-cycle); n >= 2."""
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 items, got {n}")
+    rng = np.random.default_rng(seed)
+    perm = np.arange(n)
+    for i in range(n - 1, 0, -1):
+        j = int(rng.integers(i))
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
