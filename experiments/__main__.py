@@ -25,6 +25,12 @@ def _world(argv: Sequence[str]) -> None:
     main(list(argv))
 
 
+def _world_tokenizer(argv: Sequence[str]) -> None:
+    from experiments.tiny_llm import tokenizer_main
+
+    tokenizer_main(list(argv))
+
+
 def _sidecars(argv: Sequence[str]) -> None:
     from datamodules.sidecar import main
 
@@ -68,7 +74,7 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "clip-table": (_clip_table, "train + evaluate the rows of a paper CLIP table (stage 1 + 2), write the table"),
     "export-clip": (_export_clip, "write a ClipModule checkpoint as an open_clip folder (config + safetensors)"),
     "world-tokenizer": (
-        _module_main("datamodules.tiny_world.tokenizer"),
+        _world_tokenizer,
         "tiny world only: train the captioner's BPE tokenizer (LLaMA-3 special tokens and chat template)",
     ),
     "world-judge": (

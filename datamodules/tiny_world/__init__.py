@@ -47,13 +47,17 @@ from .text import (
 )
 from .writer import (
     CLASSIFY_TEMPLATES,
+    CONVERSATION_FILES,
     FORMAT_VERSION,
     SPLIT_IDS,
     WorldConfig,
     compute_key,
+    conversations,
     generate_world,
     shard_name,
+    web_alt_texts,
     world_fingerprint,
+    world_texts,
 )
 
 __all__ = [
@@ -62,6 +66,7 @@ __all__ = [
     "BACKGROUND_KINDS",
     "CLASSIFY_TEMPLATES",
     "CLASSNAMES",
+    "CONVERSATION_FILES",
     "COLOURS",
     "DETAIL_PROMPTS",
     "FINE_CLASSNAMES",
@@ -88,6 +93,7 @@ __all__ = [
     "alt_text",
     "caption_pretrain_conversation",
     "compute_key",
+    "conversations",
     "detailed_description",
     "generate_world",
     "instruct_conversation",
@@ -105,5 +111,7 @@ __all__ = [
     "short_captions",
     "text_only_qa",
     "truth_recaptions",
+    "web_alt_texts",
     "world_fingerprint",
+    "world_texts",
 ]

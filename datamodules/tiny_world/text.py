@@ -582,6 +582,8 @@ BRIEF_PROMPTS: tuple[str, ...] = (
     "Briefly describe this image.",
     "Write a short caption for this picture.",
 )
+# Every prompt of the world, in a fixed order (the world tokenizer trains on them).
+PROMPTS = (RECAPTION_PROMPT, *DETAIL_PROMPTS, *SHORT_CAPTION_PROMPTS, *BRIEF_PROMPTS, SINGLE_WORD_SUFFIX)
 
 
 def _with_image(question: str, rng: np.random.Generator) -> str:

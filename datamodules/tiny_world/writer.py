@@ -22,6 +22,7 @@ import shutil
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from .scene import (
 )
 from .text import (
     INSTRUCT_KINDS,
+    PROMPTS,
     AltTextNoise,
     alt_text,
     caption_pretrain_conversation,
@@ -200,6 +202,56 @@ def world_fingerprint(world_dir: str | os.PathLike, **extra: Any) -> str:
     config = {k: v for k, v in meta.get("config", {}).items() if k not in ("workers", "chunk_size", "start_method")}
     key = {k: meta.get(k) for k in ("format_version", "name", "seed", "counts", "web")} | {"config": config, **extra}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+CONVERSATION_FILES = ("caption_pretrain/chat.json", "instruct/llava_instruct.json")
+
+
+def _read_json(p: Path) -> Any:
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def conversations(world: Path) -> Iterator[list[dict]]:
+    """The LLaVA-format conversations (turn lists) of the world's caption_pretrain and instruct sets, if present."""
+    for rel in CONVERSATION_FILES:
+        if (world / rel).is_file():
+            yield from (sample["conversations"] for sample in _read_json(world / rel))
+
+
+def web_alt_texts(world: Path) -> list[str]:
+    """The alt-texts of the web shards' successful samples (their ``.txt``), from img2dataset's per-shard parquet."""
+    texts: list[str] = []
+    for shard in sorted((world / "web").glob("*.parquet")):
+        t = pq.read_table(shard, columns=["caption", "status"]).to_pydict()
+        texts += [c for c, s in zip(t["caption"], t["status"], strict=True) if s == "success" and c is not None]
+    return texts
+
+
+def world_texts(world_dir: str | os.PathLike) -> list[str]:
+    """Every text of the world, as stored (conversation values keep their ``<image>``), in a fixed order: web
+    alt-texts, conversation values, t2i captions and recaptions, retrieval sentences, long captions, class names
+    (coarse and fine) and ``PROMPTS``."""
+    world = Path(world_dir)
+    if not (world / "world.json").is_file():
+        raise FileNotFoundError(f"{world} is not a tiny world (no world.json)")
+    texts = web_alt_texts(world)
+    for conv in conversations(world):
+        texts += [turn["value"] for turn in conv]
+    prompts = world / "eval/t2i_prompts/prompts.parquet"
+    if prompts.is_file():
+        t = pq.read_table(prompts, columns=["caption", "recaption"]).to_pydict()
+        texts += t["caption"] + t["recaption"]
+    retrieval = world / "eval/retrieval/dataset.json"
+    if retrieval.is_file():
+        texts += [s["raw"] for img in _read_json(retrieval)["images"] for s in img["sentences"]]
+    long_dir = world / "eval/long_retrieval/caption"
+    if long_dir.is_dir():
+        files = sorted(long_dir.glob("*.txt"), key=lambda p: (len(p.stem), p.stem))
+        texts += [p.read_text(encoding="utf-8") for p in files]
+    for name in ("classnames.json", "fine_classnames.json"):
+        if (world / "eval/classify" / name).is_file():
+            texts += list(_read_json(world / "eval/classify" / name))
+    return texts + list(PROMPTS)
 
 
 def compute_key(idx: int, shard_id: int, oom_sample_per_shard: int, oom_shard_count: int) -> str:
