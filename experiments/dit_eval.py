@@ -71,9 +71,10 @@ def _scorers(specs: Sequence[str]) -> dict[str, Any]:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    from datamodules.prompts import read_prompt_set
     from lightning_modules.components.dit import save_grid
     from lightning_modules.dit import DiTModule
-    from lightning_modules.evaluation.generation import FID, LlavaJudge, evaluate_generation, read_prompt_set
+    from lightning_modules.evaluation.generation import FID, LlavaJudge, evaluate_generation
 
     module = DiTModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
     module.configure_model()

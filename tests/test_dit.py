@@ -201,8 +201,8 @@ def test_hf_clip_text_encoder_path_masks_and_counts_truncation(world, tmp_path):
 
 
 def test_stated_truth_judges_only_what_the_prompt_asks():
+    from datamodules.prompts import PromptRecord
     from experiments.dit_eval import stated_truth
-    from lightning_modules.evaluation.generation import PromptRecord
 
     objects = json.dumps([{"shape": "cross", "colour": "orange", "position": "left", "size": "large"},
                           {"shape": "circle", "colour": "green", "position": "bottom", "size": "small"}])  # fmt: skip
