@@ -195,7 +195,7 @@ def mentions_shade(text: str) -> bool:
 
 # ---------------------------------------------------------------------------------------- shared phrase helpers
 
-_POS = {
+DETAIL_POSITIONS = {
     "left": ("on the left side", "on the left"),
     "right": ("on the right side", "on the right"),
     "top": ("at the top", "near the top"),
@@ -258,7 +258,7 @@ def _detailed(scene: Scene, rng: np.random.Generator) -> str:
     n = len(objs)
     count = "a single shape" if n == 1 else f"{NUMBER_WORDS[n]} shapes"
     bg = _bg_phrase(scene, rng)
-    pos = [_pick(rng, _POS[o.position]) for o in objs]
+    pos = [_pick(rng, DETAIL_POSITIONS[o.position]) for o in objs]
     t = int(rng.integers(5))
     if t == 0:
         parts = [f"{_full_np(o)} {p}" for o, p in zip(objs, pos, strict=True)]
@@ -286,9 +286,9 @@ def _detailed(scene: Scene, rng: np.random.Generator) -> str:
 
 # ---------------------------------------------------------------------------------------- short human captions
 
-_BIG = ("big", "large")
-_SMALL = ("small", "little", "tiny")
-_SPOS = {
+BIG_WORDS = ("big", "large")
+SMALL_WORDS = ("small", "little", "tiny")
+SHORT_POSITIONS = {
     "left": ("on the left", "at the left", "on the left side"),
     "right": ("on the right", "at the right", "on the right side"),
     "top": ("at the top", "near the top", "up top"),
@@ -298,7 +298,7 @@ _SPOS = {
 
 
 def _size_word(o: SceneObject, rng: np.random.Generator) -> str:
-    return _pick(rng, _BIG if o.size == "large" else _SMALL)
+    return _pick(rng, BIG_WORDS if o.size == "large" else SMALL_WORDS)
 
 
 def _relation(o: SceneObject, ref: SceneObject, rng: np.random.Generator) -> str:
@@ -329,7 +329,7 @@ def _short_candidates(scene: Scene, rng: np.random.Generator) -> list[str]:
     n = len(objs)
     others = objs[1:]
     o = others[int(rng.integers(len(others)))] if others else None
-    msz, mpos = _size_word(m, rng), _pick(rng, _SPOS[m.position])
+    msz, mpos = _size_word(m, rng), _pick(rng, SHORT_POSITIONS[m.position])
     mnp = _pick(rng, (f"a {m.colour} {m.shape}", f"a {msz} {m.colour} {m.shape}", f"a {msz} {m.colour} {m.shape}"))
     bgp = _short_bg(scene, rng)
     c = [
@@ -351,7 +351,7 @@ def _short_candidates(scene: Scene, rng: np.random.Generator) -> list[str]:
     osz = _size_word(o, rng)
     onp = _pick(rng, (f"a {o.colour} {o.shape}", f"a {osz} {o.colour} {o.shape}", f"a {osz} {o.shape}"))
     rel = _relation(o, m, rng)
-    opos = _pick(rng, _SPOS[o.position])
+    opos = _pick(rng, SHORT_POSITIONS[o.position])
     c += [
         f"{mnp} and {onp} on {bgp}",
         f"{mnp} next to {onp}",
@@ -394,7 +394,7 @@ def short_caption(scene: Scene, rng: np.random.Generator) -> str:
 
 # ---------------------------------------------------------------------------------------------- long captions
 
-_LPOS = {
+LONG_POSITIONS = {
     "left": ("near the left border", "by the left edge", "towards the left margin"),
     "right": ("near the right border", "by the right edge", "towards the right margin"),
     "top": ("near the upper edge", "towards the top edge", "close to the upper border"),
@@ -421,7 +421,7 @@ def long_caption(scene: Scene, rng: np.random.Generator) -> str:
     sents = [f"{what} of {count} over {back}."]
     for o in objs:
         size = _pick(rng, ("big", "sizeable")) if o.size == "large" else _pick(rng, ("little", "compact"))
-        p = _pick(rng, _LPOS[o.position])
+        p = _pick(rng, LONG_POSITIONS[o.position])
         t = int(rng.integers(3))
         if t == 0:
             verb = _pick(rng, ("is located", "rests", "can be seen", "is placed"))
@@ -462,8 +462,8 @@ def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[s
         if shapes.count(o.shape) == 1:
             pool.append((f"What colour is the {o.shape}?", f"The {o.shape} is {o.colour}.", _cap(o.colour)))
             pool.append((f"Where is the {o.colour} {o.shape}?",
-                         f"The {o.colour} {o.shape} is {_pick(rng, _POS[o.position])} of the image.",
-                         _cap(_POS[o.position][1])))  # fmt: skip
+                         f"The {o.colour} {o.shape} is {_pick(rng, DETAIL_POSITIONS[o.position])} of the image.",
+                         _cap(DETAIL_POSITIONS[o.position][1])))  # fmt: skip
             pool.append((f"Is the {o.shape} large or small?", f"The {o.shape} is {o.size}.", _cap(o.size)))
         if colours.count(o.colour) == 1:
             pool.append((f"What shape is the {o.colour} object?", f"The {o.colour} object is a {o.shape}.",
@@ -473,8 +473,8 @@ def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[s
                      f"The largest object is {_full_np(m)}.", _cap(f"{m.colour} {m.shape}")))  # fmt: skip
     present = _pick(rng, shapes)
     pm = _colour_of(scene, present)[0]
-    pool.append((f"Is there a {present} in the image?",
-                 f"Yes, there is a {pm.colour} {present} {_pick(rng, _POS[pm.position])}.", "Yes"))  # fmt: skip
+    at = _pick(rng, DETAIL_POSITIONS[pm.position])
+    pool.append((f"Is there a {present} in the image?", f"Yes, there is a {pm.colour} {present} {at}.", "Yes"))
     absent = [s for s in SHAPES if s not in shapes]
     if absent:
         a = _pick(rng, absent)

@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from .caption_attributes import chance_scores, parse_captions, score_captions
+from .caption_attributes import chance_scores, parse_caption, score_captions
 
 
 class CaptionAttributes:
@@ -61,7 +61,7 @@ class CaptionAttributes:
         return self.score(captions, rows)
 
     def score(self, captions: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-        parsed = parse_captions(captions)
+        parsed = [parse_caption(c) for c in captions]
         truths = [r["objects"] for r in rows]
         backgrounds = [r["background"] for r in rows]
         out = score_captions(parsed, truths, backgrounds)
