@@ -33,8 +33,14 @@ from typing import Any
 import torch
 
 from datamodules import chat
-from datamodules.tiny_world import CONVERSATION_FILES, conversations, web_alt_texts, world_fingerprint, world_texts
 from datamodules.tiny_world.text import PROMPTS
+from datamodules.tiny_world.writer import (
+    CONVERSATION_FILES,
+    conversations,
+    web_alt_texts,
+    world_fingerprint,
+    world_texts,
+)
 
 RECIPE_VERSION = 2  # 2: LLaMA-3 pre-tokenizer split (newline runs are one piece); bump to rebuild saved tokenizers
 STAMP_NAME = "world_tokenizer.json"

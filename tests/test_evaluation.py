@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from datamodules.tiny_world import CLASSNAMES, WorldConfig, generate_world
+from datamodules.tiny_world import WorldConfig, generate_world
+from datamodules.tiny_world.scene import CLASSNAMES
 from lightning_modules.evaluation import (
     LongRetrieval,
     Retrieval,

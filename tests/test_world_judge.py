@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from datamodules.tiny_world import COLOURS, SHAPES, WorldConfig, generate_world
+from datamodules.tiny_world import WorldConfig, generate_world
+from datamodules.tiny_world.scene import COLOURS, SHAPES
 from lightning_modules.evaluation.judge import (
     CHANCE_SEED_TAG,
     HEADS,

@@ -31,7 +31,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from datamodules.io import atomic_write
-from datamodules.tiny_world import BACKGROUND_KINDS, COLOURS, POSITIONS, SHAPES, world_fingerprint
+from datamodules.tiny_world.scene import BACKGROUND_KINDS, COLOURS, POSITIONS, SHAPES
+from datamodules.tiny_world.writer import world_fingerprint
 
 from .metrics import derangement
 
