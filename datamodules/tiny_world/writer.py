@@ -3,13 +3,11 @@
 ``generate_world(out_dir, cfg)`` renders every split in parallel (``cfg.workers`` processes). Every item is a pure
 function of ``(cfg.seed, split id, index)``, so the output does not depend on the number of processes or on the
 order tasks finish in; only wall-clock fields (``world.json`` timing, ``web/*_stats.json`` times) differ between runs.
-
-Run from the command line: ``python -m datamodules.tiny_world.writer OUT [--preset tiny] [--seed 0] [--workers 2]``.
+Command line: ``python -m experiments world --out DIR`` (experiments/world.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import hashlib
@@ -143,9 +141,7 @@ class WorldConfig:
         self.instruct_mix = tuple(self.instruct_mix)
         if len(self.instruct_mix) != len(INSTRUCT_KINDS) or not math.isclose(sum(self.instruct_mix), 1, abs_tol=1e-6):
             raise ValueError(f"instruct_mix must be {len(INSTRUCT_KINDS)} probabilities summing to 1")
-        counts = (self.n_web, self.n_caption_pretrain, self.n_instruct, self.n_classify, self.n_retrieval,
-                  self.n_long_retrieval, self.n_t2i)  # fmt: skip
-        if min(counts) < 0 or self.shard_size < 1 or self.workers < 1 or self.chunk_size < 1:
+        if min(self.counts().values()) < 0 or self.shard_size < 1 or self.workers < 1 or self.chunk_size < 1:
             raise ValueError("counts must be >= 0 and shard_size, workers, chunk_size >= 1")
         if not 0.0 <= self.fail_rate < 1.0:
             raise ValueError("fail_rate must be in [0, 1)")
@@ -160,20 +156,13 @@ class WorldConfig:
         kw.update(overrides)
         return cls(**kw)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> WorldConfig:
-        return cls(**d)
-
     @classmethod
     def from_world_json(cls, path: str | os.PathLike) -> WorldConfig:
         """The config a world directory (or its ``world.json``) was generated with."""
         p = Path(path)
         if p.is_dir():
             p = p / "world.json"
-        return cls.from_dict(json.loads(p.read_text())["config"])
+        return cls(**json.loads(p.read_text())["config"])
 
     def counts(self) -> dict[str, int]:
         return {
@@ -342,20 +331,8 @@ def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> dict:
             alt = alt_text(scene, _text_rng(cfg, "web", g), cfg.alt)
             u_fail, u_err = rng.random(2).tolist()  # always drawn, so fail_rate never changes the pixels
             failed = u_fail < cfg.fail_rate
-            meta: dict[str, Any] = {
-                "org_caption": alt.text,
-                "caption": alt.text,
-                "url": cfg.url_template.format(key=key),
-                "key": key,
-                "status": None,
-                "error_message": None,
-                "width": None,
-                "height": None,
-                "original_width": None,
-                "original_height": None,
-                "exif": None,
-                "sha256": None,
-            }
+            meta: dict[str, Any] = dict.fromkeys(WEB_PARQUET_SCHEMA.names)  # the columns, in order
+            meta.update(org_caption=alt.text, caption=alt.text, url=cfg.url_template.format(key=key), key=key)
             if failed:
                 err = DOWNLOAD_ERRORS[min(int(u_err * len(DOWNLOAD_ERRORS)), len(DOWNLOAD_ERRORS) - 1)]
                 meta.update(status="failed_to_download", error_message=err)
@@ -396,57 +373,49 @@ def _write(path: Path, data: bytes) -> None:
 def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> dict:
     recs: list[dict] = []
     for i in range(lo, hi):
-        rng = _text_rng(cfg, split, i)
-        if split == "caption_pretrain":
-            sid = f"{i:06d}"
-            scene, jpg = _scene_and_jpeg(cfg, split, i)
-            _write(out / split / "images" / f"{sid}.jpg", jpg)
-            recs.append({"id": sid, "image": f"images/{sid}.jpg",
-                         "conversations": caption_pretrain_conversation(scene, rng), "_truth": scene})  # fmt: skip
-        elif split == "instruct":
-            sid = f"{i:06d}"
+        rng = _text_rng(cfg, split, i)  # the image stream is separate, so drawing the scene first changes no text
+        sid, label, kind = f"{i:06d}", i % len(CLASSNAMES), None
+        if split == "instruct":
             kind = INSTRUCT_KINDS[int(rng.choice(len(INSTRUCT_KINDS), p=cfg.instruct_mix))]
             if kind == "text":
-                recs.append({"id": sid, "conversations": instruct_conversation(None, rng, kind)})
+                recs.append({"id": sid, "conversations": instruct_conversation(None, rng, kind), "_index": i})
+                continue
+        pin = {}
+        if split == "classify":
+            pin = {"main_colour": COLOURS[label // len(SHAPES)], "main_shape": SHAPES[label % len(SHAPES)]}
+        scene, jpg = _scene_and_jpeg(cfg, split, i, **pin)
+        if split in ("caption_pretrain", "instruct"):
+            image = f"{split}/images/{sid}.jpg"
+            if kind is None:
+                conv = caption_pretrain_conversation(scene, rng)
             else:
-                scene, jpg = _scene_and_jpeg(cfg, split, i)
-                _write(out / split / "images" / f"{sid}.jpg", jpg)
                 conv = instruct_conversation(scene, rng, kind, cfg.instruct_max_qa_turns)
-                recs.append({"id": sid, "image": f"images/{sid}.jpg", "conversations": conv, "_truth": scene})
+            rec = {"id": sid, "image": f"images/{sid}.jpg", "conversations": conv, "_id": sid}
         elif split == "classify":
-            label = i % len(CLASSNAMES)
-            colour, shape = COLOURS[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
-            scene, jpg = _scene_and_jpeg(cfg, split, i, main_colour=colour, main_shape=shape)
-            rel = f"images/{label:03d}/{i:06d}.jpg"
-            _write(out / "eval" / "classify" / rel, jpg)
-            recs.append({"filename": rel, "label": label, "fine_label": scene.fine_label, "_truth": scene})
+            rel = f"images/{label:03d}/{sid}.jpg"
+            image = f"eval/classify/{rel}"
+            rec = {"filename": rel, "label": label, "fine_label": scene.fine_label, "_id": rel}
         elif split == "retrieval":
-            scene, jpg = _scene_and_jpeg(cfg, split, i)
-            fn = f"{i:06d}.jpg"
-            _write(out / "eval" / "retrieval" / "images" / fn, jpg)
+            image = f"eval/retrieval/images/{sid}.jpg"
             caps = short_captions(scene, rng, cfg.n_short_captions)
-            recs.append({"filename": fn, "captions": caps, "content_key": scene.content_key(), "_truth": scene})
+            rec = {"filename": f"{sid}.jpg", "captions": caps, "content_key": scene.content_key(), "_id": f"{sid}.jpg"}
         elif split == "long_retrieval":
-            scene, jpg = _scene_and_jpeg(cfg, split, i)
-            _write(out / "eval" / "long_retrieval" / "image" / f"{i + 1}.jpg", jpg)
-            (out / "eval" / "long_retrieval" / "caption" / f"{i + 1}.txt").write_text(long_caption(scene, rng))
-            recs.append({"_truth": scene})
-        elif split == "t2i_prompts":
-            scene, jpg = _scene_and_jpeg(cfg, split, i)
-            _write(out / "eval" / "t2i_prompts" / "images" / f"{i}.jpg", jpg)
-            recs.append({"image_id": i, "file_name": f"images/{i}.jpg", "caption": short_caption(scene, rng),
-                         "recaption": detailed_description(scene, rng), "_truth": scene})  # fmt: skip
+            image = f"eval/long_retrieval/image/{i + 1}.jpg"
+            (out / "eval/long_retrieval/caption" / f"{i + 1}.txt").write_text(long_caption(scene, rng))
+            rec = {"_id": f"{i + 1}"}
         else:
-            raise ValueError(split)
-        recs[-1]["_index"] = i
-        if "_truth" in recs[-1]:  # scenes travel back as plain dicts (cheap to pickle)
-            recs[-1]["_truth"] = _truth_row(recs[-1]["_truth"])
+            image = f"eval/t2i_prompts/images/{i}.jpg"
+            caption, recaption = short_caption(scene, rng), detailed_description(scene, rng)
+            rec = {"image_id": i, "file_name": f"images/{i}.jpg", "caption": caption, "recaption": recaption}
+            rec["_id"] = str(i)
+        _write(out / image, jpg)
+        recs.append(rec | {"_index": i, "_truth": _truth_row(scene)})  # scenes travel back as plain (cheap) dicts
     return {"recs": recs}
 
 
 def _run_task(args: tuple) -> tuple[str, int, dict]:
     cfg_dict, out, task = args
-    cfg = WorldConfig.from_dict(cfg_dict)
+    cfg = WorldConfig(**cfg_dict)
     if task[0] == "web":
         return task[0], task[1], _web_shard(cfg, Path(out), task[1])
     split, lo, hi = task
@@ -498,7 +467,7 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     _prepare(out, overwrite, cfg.n_classify)
-    cfg_dict = cfg.to_dict()
+    cfg_dict = asdict(cfg)
     jobs = [(cfg_dict, str(out), t) for t in _tasks(cfg)]
     if cfg.workers == 1 or len(jobs) <= 1:
         results = [_run_task(j) for j in jobs]
@@ -515,19 +484,17 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
         else:
             by_split[split] += res["recs"]
 
-    def truth_rows(split: str, id_of) -> list[dict]:
-        return [{"id": id_of(r), "index": r["_index"], **r["_truth"]} for r in by_split[split] if "_truth" in r]
-
     pq.write_table(_truth_table(web_truth, "key"), out / "truth" / "web.parquet")
+    for split, recs in by_split.items():
+        if split != "web":
+            rows = [{"id": r["_id"], "index": r["_index"], **r["_truth"]} for r in recs if "_truth" in r]
+            pq.write_table(_truth_table(rows, "id"), out / "truth" / f"{split}.parquet")
 
     cp = [{k: v for k, v in r.items() if not k.startswith("_")} for r in by_split["caption_pretrain"]]
     _json_dump(out / "caption_pretrain" / "chat.json", cp)
-    pq.write_table(_truth_table(truth_rows("caption_pretrain", lambda r: r["id"]), "id"),
-                   out / "truth" / "caption_pretrain.parquet")  # fmt: skip
 
     ins = [{k: v for k, v in r.items() if not k.startswith("_")} for r in by_split["instruct"]]
     _json_dump(out / "instruct" / "llava_instruct.json", ins)
-    pq.write_table(_truth_table(truth_rows("instruct", lambda r: r["id"]), "id"), out / "truth" / "instruct.parquet")
 
     cls_dir = out / "eval" / "classify"
     _json_dump(cls_dir / "classnames.json", list(CLASSNAMES), indent=1)
@@ -538,8 +505,6 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
         w.writerow(["filename", "label", "fine_label"])
         for r in by_split["classify"]:
             w.writerow([r["filename"], r["label"], r["fine_label"]])
-    pq.write_table(_truth_table(truth_rows("classify", lambda r: r["filename"]), "id"),
-                   out / "truth" / "classify.parquet")  # fmt: skip
 
     images, sentid = [], 0
     for imgid, r in enumerate(by_split["retrieval"]):
@@ -551,10 +516,6 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
                        "sentids": [s["sentid"] for s in sents], "sentences": sents,
                        "content_key": r["content_key"]})  # fmt: skip
     _json_dump(out / "eval" / "retrieval" / "dataset.json", {"dataset": "tinyworld", "images": images})
-    pq.write_table(_truth_table(truth_rows("retrieval", lambda r: r["filename"]), "id"),
-                   out / "truth" / "retrieval.parquet")  # fmt: skip
-    pq.write_table(_truth_table(truth_rows("long_retrieval", lambda r: f"{r['_index'] + 1}"), "id"),
-                   out / "truth" / "long_retrieval.parquet")  # fmt: skip
 
     t2i = by_split["t2i_prompts"]
     t2i_table = pa.table(
@@ -569,8 +530,6 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
         }
     )
     pq.write_table(t2i_table, out / "eval" / "t2i_prompts" / "prompts.parquet")
-    pq.write_table(_truth_table(truth_rows("t2i_prompts", lambda r: str(r["image_id"])), "id"),
-                   out / "truth" / "t2i_prompts.parquet")  # fmt: skip
 
     seconds = time.perf_counter() - t0
     web_ok = sum(1 for r in web_truth if r["status"] == "success")
@@ -607,21 +566,3 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
     }
     _json_dump(out / "world.json", world, indent=2)
     return summary
-
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description="Generate the tiny world.")
-    ap.add_argument("out_dir")
-    ap.add_argument("--preset", choices=("default", "tiny"), default="default")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--overwrite", action="store_true")
-    a = ap.parse_args(argv)
-    cfg = (WorldConfig.tiny if a.preset == "tiny" else WorldConfig)(seed=a.seed, workers=a.workers)
-    summary = generate_world(a.out_dir, cfg, overwrite=a.overwrite)
-    print(json.dumps(summary, indent=2))
-    return summary
-
-
-if __name__ == "__main__":
-    main()
