@@ -296,8 +296,8 @@ def sample_scene(
         cx = ax + cfg.position_jitter * (2 * u[4] - 1)
         cy = ay + cfg.position_jitter * (2 * u[5] - 1)
         rgb = tuple(min(255, max(0, c + _index(w, 2 * j + 1) - j)) for c, w in zip(shade_rgb, u[6:], strict=True))
-        objects.append(SceneObject(shape, colour, shade_name, sizes[i], positions[i], round(cx, 3), round(cy, 3),
-                                   round(diameter, 3), rgb))  # fmt: skip
+        xyd = round(cx, 3), round(cy, 3), round(diameter, 3)
+        objects.append(SceneObject(shape, colour, shade_name, sizes[i], positions[i], *xyd, rgb))
     kind = BACKGROUND_KINDS[_weighted(float(rng.random()), cfg.background_kind_probs)]
     names = list(BACKGROUND_COLOURS)
     best: tuple[str, ...] = ()
@@ -330,11 +330,11 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
         return pts
     if shape == "cross":
         w = r * 0.36
-        return [
-            (cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w),
-            (cx + r, cy + w), (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r),
-            (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w),
-        ]  # fmt: skip
+        arm, pts = [(-w, -r), (w, -r), (w, -w)], []  # one arm of the plus, rotated by 90 degrees three times
+        for _ in range(4):
+            pts += [(cx + x, cy + y) for x, y in arm]
+            arm = [(-y, x) for x, y in arm]
+        return pts
     raise ValueError(shape)
 
 

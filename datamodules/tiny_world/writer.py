@@ -151,10 +151,8 @@ class WorldConfig:
     @classmethod
     def tiny(cls, **overrides: Any) -> WorldConfig:
         """A world small enough for unit tests (about 1-2 s on 2 CPU cores)."""
-        kw: dict[str, Any] = dict(n_web=200, shard_size=50, n_caption_pretrain=48, n_instruct=64, n_classify=96,
-                                  n_retrieval=48, n_long_retrieval=32, n_t2i=32, chunk_size=64)  # fmt: skip
-        kw.update(overrides)
-        return cls(**kw)
+        sizes = dict(n_web=200, shard_size=50, n_caption_pretrain=48, n_instruct=64, n_classify=96, n_retrieval=48)
+        return cls(**sizes | dict(n_long_retrieval=32, n_t2i=32, chunk_size=64) | overrides)
 
     @classmethod
     def from_world_json(cls, path: str | os.PathLike) -> WorldConfig:
@@ -302,6 +300,13 @@ WEB_PARQUET_SCHEMA = pa.schema(
 )
 
 
+# Recap-COCO-30K's columns (image_id, caption, recaption; file_name for the image) plus the ground truth.
+T2I_SCHEMA = pa.schema(
+    [("image_id", pa.int64())]
+    + [(c, pa.string()) for c in ("caption", "recaption", "file_name", "objects", "background", "content_key")]
+)
+
+
 def _tar_write(tar: tarfile.TarFile, sample: dict[str, str | bytes]) -> None:
     """``webdataset.TarWriter.write`` as img2dataset uses it (sorted extensions, bigdata:bigdata, mode 0o444), with a
     fixed mtime and without importing webdataset (which imports torch). tests/test_tiny_world.py checks the members
@@ -340,13 +345,13 @@ def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> dict:
             else:
                 img = render_scene(scene, rng, cfg.scene)
                 jpg = _jpeg(img, cfg.jpeg_quality)
-                meta.update(status="success", width=size, height=size, original_width=size, original_height=size,
-                            sha256=hashlib.sha256(jpg).hexdigest())  # fmt: skip
+                meta.update(status="success", width=size, height=size, original_width=size, original_height=size)
+                meta["sha256"] = hashlib.sha256(jpg).hexdigest()
                 status_dict["success"] += 1
                 _tar_write(tar, {"__key__": key, "jpg": jpg, "txt": alt.text, "json": json.dumps(meta, indent=4)})
             metas.append(meta)
-            truth.append({"key": key, "shard": shard_id, "index": g, "status": meta["status"], **_truth_row(scene),
-                          "alt_kind": alt.kind, "alt_uses_shade": alt.uses_shade})  # fmt: skip
+            row = {"key": key, "shard": shard_id, "index": g, "status": meta["status"], **_truth_row(scene)}
+            truth.append(row | {"alt_kind": alt.kind, "alt_uses_shade": alt.uses_shade})
     table = pa.Table.from_pylist(metas, schema=WEB_PARQUET_SCHEMA)
     pq.write_table(table, web / f"{name}.parquet")
     successes = status_dict["success"]
@@ -441,10 +446,9 @@ def _prepare(out: Path, overwrite: bool, n_classify: int) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    for sub in ("web", "truth", "caption_pretrain/images", "instruct/images", "eval/retrieval/images",
-                "eval/long_retrieval/image", "eval/long_retrieval/caption", "eval/t2i_prompts/images"):  # fmt: skip
+    subdirs = "web truth caption_pretrain/images instruct/images eval/retrieval/images eval/long_retrieval/image "
+    for sub in (subdirs + "eval/long_retrieval/caption eval/t2i_prompts/images eval/classify/images").split():
         (out / sub).mkdir(parents=True, exist_ok=True)
-    (out / "eval" / "classify" / "images").mkdir(parents=True, exist_ok=True)
     for label in range(min(n_classify, len(CLASSNAMES))):
         (out / "eval" / "classify" / "images" / f"{label:03d}").mkdir(exist_ok=True)
 
@@ -490,11 +494,9 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
             rows = [{"id": r["_id"], "index": r["_index"], **r["_truth"]} for r in recs if "_truth" in r]
             pq.write_table(_truth_table(rows, "id"), out / "truth" / f"{split}.parquet")
 
-    cp = [{k: v for k, v in r.items() if not k.startswith("_")} for r in by_split["caption_pretrain"]]
-    _json_dump(out / "caption_pretrain" / "chat.json", cp)
-
-    ins = [{k: v for k, v in r.items() if not k.startswith("_")} for r in by_split["instruct"]]
-    _json_dump(out / "instruct" / "llava_instruct.json", ins)
+    for path in CONVERSATION_FILES:
+        split = path.split("/")[0]
+        _json_dump(out / path, [{k: v for k, v in r.items() if not k.startswith("_")} for r in by_split[split]])
 
     cls_dir = out / "eval" / "classify"
     _json_dump(cls_dir / "classnames.json", list(CLASSNAMES), indent=1)
@@ -512,24 +514,13 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
         for cap in r["captions"]:
             sents.append({"raw": cap, "tokens": karpathy_tokens(cap), "imgid": imgid, "sentid": sentid})
             sentid += 1
-        images.append({"filename": r["filename"], "filepath": "images", "imgid": imgid, "split": "test",
-                       "sentids": [s["sentid"] for s in sents], "sentences": sents,
-                       "content_key": r["content_key"]})  # fmt: skip
+        entry = {"filename": r["filename"], "filepath": "images", "imgid": imgid, "split": "test"}
+        entry |= {"sentids": [s["sentid"] for s in sents], "sentences": sents, "content_key": r["content_key"]}
+        images.append(entry)
     _json_dump(out / "eval" / "retrieval" / "dataset.json", {"dataset": "tinyworld", "images": images})
 
-    t2i = by_split["t2i_prompts"]
-    t2i_table = pa.table(
-        {
-            "image_id": pa.array([r["image_id"] for r in t2i], pa.int64()),
-            "caption": pa.array([r["caption"] for r in t2i], pa.string()),
-            "recaption": pa.array([r["recaption"] for r in t2i], pa.string()),
-            "file_name": pa.array([r["file_name"] for r in t2i], pa.string()),
-            "objects": pa.array([r["_truth"]["objects"] for r in t2i], pa.string()),
-            "background": pa.array([r["_truth"]["background"] for r in t2i], pa.string()),
-            "content_key": pa.array([r["_truth"]["content_key"] for r in t2i], pa.string()),
-        }
-    )
-    pq.write_table(t2i_table, out / "eval" / "t2i_prompts" / "prompts.parquet")
+    t2i = [r | r["_truth"] for r in by_split["t2i_prompts"]]
+    pq.write_table(pa.Table.from_pylist(t2i, schema=T2I_SCHEMA), out / "eval" / "t2i_prompts" / "prompts.parquet")
 
     seconds = time.perf_counter() - t0
     web_ok = sum(1 for r in web_truth if r["status"] == "success")
