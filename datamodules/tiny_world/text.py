@@ -57,8 +57,8 @@ class AltTextNoise:
         total = self.attribute + self.partial + self.wrong + self.junk
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"alt-text kind rates must sum to 1, got {total}")
-        for name in ("shade_rate", "attribute_colour_only", "attribute_shape_only", "partial_background",
-                     "wrong_colour_share", "seo_rate", "case_rate", "punct_rate"):  # fmt: skip
+        rates = "shade_rate attribute_colour_only attribute_shape_only partial_background wrong_colour_share seo_rate"
+        for name in (*rates.split(), "case_rate", "punct_rate"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -82,21 +82,26 @@ class AltText:
     """True when the text names a shade of the main object."""
 
 
-_ALT_COLOUR = ("{c}", "{c} thing", "{c} icon", "{c} graphic", "{c} sticker", "{c} design", "something {c}",
-               "{c} clipart", "{c} art")  # fmt: skip
-_ALT_SHAPE = ("{s}", "{s} icon", "a {s}", "{s} shape", "{s} clipart", "{s} symbol", "simple {s}", "{s} sign",
-              "the {s}")  # fmt: skip
+def _phrases(text: str) -> list[str]:
+    """A phrase list written as one ", "-separated string; _pick draws by position, so the order matters."""
+    return text.split(", ")
+
+
+_ALT_COLOUR = _phrases(
+    "{c}, {c} thing, {c} icon, {c} graphic, {c} sticker, {c} design, something {c}, {c} clipart, {c} art"
+)
+_ALT_SHAPE = _phrases("{s}, {s} icon, a {s}, {s} shape, {s} clipart, {s} symbol, simple {s}, {s} sign, the {s}")
 _ALT_BOTH = ("{c} {s}", "{c} {s} icon", "a {c} {s}", "{c} {s} clipart", "{c} {s} sticker", "{s} {c}")
 _ALT_JOIN = (" and ", ", ", " with ", " + ", " & ")
-_JUNK_FIXED = (
-    "buy now", "free shipping on all orders", "click here", "sale 50% off", "untitled", "thumbnail", "logo",
-    "home", "best price guaranteed", "limited time offer", "stock photo", "image may contain: text",
-    "no description available", "placeholder", "view larger", "loading...", "advertisement", "download",
-    "wallpaper hd", "new arrivals", "share on facebook", "cover art", "home decor ideas", "shop the look",
-    "add to cart", "as seen on tv", "gift ideas for her", "print on demand", "best seller",
-)  # fmt: skip
-_SEO_SUFFIX = (" png", " clipart", " vector illustration", " | free download", " - stock image", " hd",
-               " transparent", " icon set", " for kids", " printable")  # fmt: skip
+_JUNK_FIXED = _phrases(
+    "buy now, free shipping on all orders, click here, sale 50% off, untitled, thumbnail, logo, home, "
+    "best price guaranteed, limited time offer, stock photo, image may contain: text, no description available, "
+    "placeholder, view larger, loading..., advertisement, download, wallpaper hd, new arrivals, share on facebook, "
+    "cover art, home decor ideas, shop the look, add to cart, as seen on tv, gift ideas for her, print on demand, "
+    "best seller"
+)
+_SEO_SUFFIX = _phrases(" png,  clipart,  vector illustration,  | free download,  - stock image,  hd,  transparent")
+_SEO_SUFFIX += _phrases(" icon set,  for kids,  printable")
 _SEO_PREFIX = ("free ", "cute ", "simple ", "cartoon ", "vector ", "flat ")
 
 
@@ -120,10 +125,6 @@ def _junk(rng: np.random.Generator) -> str:
     if r == 5:
         return f"{_pick(rng, ('product image', 'page', 'slide', 'untitled-', 'image'))}{int(rng.integers(1, 60))}"
     return _pick(rng, _JUNK_FIXED)
-
-
-def _object_phrase(o: SceneObject, colour_word: str) -> str:
-    return f"{colour_word} {o.shape}"
 
 
 def _bg_short(scene: Scene) -> str:
@@ -154,8 +155,7 @@ def alt_text(scene: Scene, rng: np.random.Generator, noise: AltTextNoise | None 
         n = len(scene.objects)
         others = [o for i, o in enumerate(scene.objects) if i != scene.main_index]
         order = rng.permutation(len(others))[: max(0, n - 2)]  # drops one object (a random non-main one) if n > 1
-        phrases = [_object_phrase(main, colour_word)] + [_object_phrase(others[int(j)], others[int(j)].colour)
-                                                         for j in order]  # fmt: skip
+        phrases = [f"{colour_word} {main.shape}"] + [f"{others[int(j)].colour} {others[int(j)].shape}" for j in order]
         text = _pick(rng, _ALT_JOIN).join(phrases)
         if rng.random() < noise.partial_background:
             text += _pick(rng, (" on ", " ", " - ")) + _bg_short(scene)
@@ -202,10 +202,6 @@ DETAIL_POSITIONS = {
     "bottom": ("at the bottom", "near the bottom"),
     "center": ("in the center", "in the middle"),
 }
-
-
-def _plural(shape: str, n: int) -> str:
-    return shape if n == 1 else shape + "s"
 
 
 def _bg_phrase(scene: Scene, rng: np.random.Generator) -> str:
@@ -319,8 +315,8 @@ def _short_bg(scene: Scene, rng: np.random.Generator) -> str:
             a=a, b=b
         )
     ori = "horizontal" if bg.kind == "hstripes" else "vertical"
-    return _pick(rng, ("a striped background", "{a} and {b} stripes", "{o} stripes", "a {o}ly striped background")
-                 ).format(a=a, b=b, o=ori)  # fmt: skip
+    striped = ("a striped background", "{a} and {b} stripes", "{o} stripes", "a {o}ly striped background")
+    return _pick(rng, striped).format(a=a, b=b, o=ori)
 
 
 def _short_candidates(scene: Scene, rng: np.random.Generator) -> list[str]:
@@ -440,10 +436,6 @@ def long_caption(scene: Scene, rng: np.random.Generator) -> str:
 SINGLE_WORD_SUFFIX = "Answer the question using a single word or phrase."
 
 
-def _colour_of(scene: Scene, shape: str) -> list[SceneObject]:
-    return [o for o in scene.objects if o.shape == shape]
-
-
 def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[str, str]]:
     """``n`` distinct (question, answer) pairs about colours, shapes, counts, positions and the background.
 
@@ -455,24 +447,23 @@ def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[s
     shapes = [o.shape for o in objs]
     colours = [o.colour for o in objs]
     pool: list[tuple[str, str, str]] = []  # (question, long answer, short answer)
-    pool.append(("How many shapes are in the image?",
-                 f"There {'is one shape' if k == 1 else f'are {NUMBER_WORDS[k]} shapes'} in the image.",
-                 _cap(NUMBER_WORDS[k])))  # fmt: skip
+    count = f"There {'is one shape' if k == 1 else f'are {NUMBER_WORDS[k]} shapes'} in the image."
+    pool.append(("How many shapes are in the image?", count, _cap(NUMBER_WORDS[k])))
     for o in objs:
         if shapes.count(o.shape) == 1:
             pool.append((f"What colour is the {o.shape}?", f"The {o.shape} is {o.colour}.", _cap(o.colour)))
-            pool.append((f"Where is the {o.colour} {o.shape}?",
-                         f"The {o.colour} {o.shape} is {_pick(rng, DETAIL_POSITIONS[o.position])} of the image.",
-                         _cap(DETAIL_POSITIONS[o.position][1])))  # fmt: skip
+            at = _pick(rng, DETAIL_POSITIONS[o.position])
+            where = f"The {o.colour} {o.shape} is {at} of the image."
+            pool.append((f"Where is the {o.colour} {o.shape}?", where, _cap(DETAIL_POSITIONS[o.position][1])))
             pool.append((f"Is the {o.shape} large or small?", f"The {o.shape} is {o.size}.", _cap(o.size)))
         if colours.count(o.colour) == 1:
-            pool.append((f"What shape is the {o.colour} object?", f"The {o.colour} object is a {o.shape}.",
-                         _cap(o.shape)))  # fmt: skip
+            shape_a = f"The {o.colour} object is a {o.shape}."
+            pool.append((f"What shape is the {o.colour} object?", shape_a, _cap(o.shape)))
     if k > 1:
-        pool.append(("What is the largest object in the image?",
-                     f"The largest object is {_full_np(m)}.", _cap(f"{m.colour} {m.shape}")))  # fmt: skip
+        largest = f"The largest object is {_full_np(m)}."
+        pool.append(("What is the largest object in the image?", largest, _cap(f"{m.colour} {m.shape}")))
     present = _pick(rng, shapes)
-    pm = _colour_of(scene, present)[0]
+    pm = next(o for o in scene.objects if o.shape == present)
     at = _pick(rng, DETAIL_POSITIONS[pm.position])
     pool.append((f"Is there a {present} in the image?", f"Yes, there is a {pm.colour} {present} {at}.", "Yes"))
     absent = [s for s in SHAPES if s not in shapes]
@@ -485,19 +476,18 @@ def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[s
         pool.append((f"Is anything in the image {a}?", f"No, none of the shapes is {a}.", "No"))
     bg = scene.background
     if bg.kind == "plain":
-        pool.append(("What does the background look like?", f"The background is plain {bg.colours[0]}.",
-                     _cap(bg.colours[0])))  # fmt: skip
+        looks = (f"The background is plain {bg.colours[0]}.", _cap(bg.colours[0]))
     else:
         style = {"hstripes": "horizontal stripes", "vstripes": "vertical stripes", "checker": "a checkerboard"}[bg.kind]
-        pool.append(("What does the background look like?",
-                     f"The background has {style} of {bg.colours[0]} and {bg.colours[1]}.", _cap(style)))  # fmt: skip
+        looks = (f"The background has {style} of {bg.colours[0]} and {bg.colours[1]}.", _cap(style))
+    pool.append(("What does the background look like?", *looks))
     side = _pick(rng, ("left", "right", "top", "bottom"))
     there = [o for o in objs if o.position == side]
     where = {"left": "on the left side", "right": "on the right side", "top": "at the top", "bottom": "at the bottom"}
     if there:
         o = there[0]
-        pool.append((f"What is {where[side]} of the image?", f"There is {_full_np(o)} {where[side]}.",
-                     _cap(f"{o.colour} {o.shape}")))  # fmt: skip
+        o_np = f"{o.colour} {o.shape}"
+        pool.append((f"What is {where[side]} of the image?", f"There is {_full_np(o)} {where[side]}.", _cap(o_np)))
     else:
         pool.append((f"What is {where[side]} of the image?", f"Nothing, the {side} of the image is empty.", "Nothing"))
     out = []
@@ -510,8 +500,9 @@ def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[s
     return out
 
 
-_MIXES = (("red", "yellow", "orange"), ("blue", "yellow", "green"), ("red", "blue", "purple"),
-          ("red", "white", "pink"), ("blue", "green", "cyan"), ("black", "white", "gray"))  # fmt: skip
+# colour a + colour b = colour c
+_MIXES = [tuple(m.split()) for m in ("red yellow orange", "blue yellow green", "red blue purple", "red white pink")]
+_MIXES += [("blue", "green", "cyan"), ("black", "white", "gray")]
 _SIDES = (("triangle", 3), ("square", 4), ("pentagon", 5), ("hexagon", 6))
 
 
@@ -527,15 +518,15 @@ def text_only_qa(rng: np.random.Generator, n: int = 1) -> list[tuple[str, str]]:
     pool.append((f"How many sides does a {s} have?", f"A {s} has {NUMBER_WORDS[k] if k < 6 else 'six'} sides."))
     pool.append(("How many points does a typical star shape have?", "A typical star shape has five points."))
     pool.append(("Which shape has no corners: a circle or a square?", "A circle has no corners."))
-    pool.append(("What is the difference between a ring and a circle?",
-                 "A ring is a circle with a hole in the middle, so only its outline band is filled."))  # fmt: skip
+    ring = "A ring is a circle with a hole in the middle, so only its outline band is filled."
+    pool.append(("What is the difference between a ring and a circle?", ring))
     pool.append(("How many arms does a plus-shaped cross have?", "A plus-shaped cross has four arms."))
     x, y = int(rng.integers(1, 10)), int(rng.integers(1, 10))
     pool.append((f"What is {x} plus {y}?", f"{x} plus {y} is {x + y}."))
     dark, light = _pick(rng, (("navy", "beige"), ("black", "white"), ("navy", "white"), ("gray", "white")))
     pool.append((f"Which colour is darker, {dark} or {light}?", f"{_cap(dark)} is darker than {light}."))
-    sky = _pick(rng, (("the sky on a clear day", "blue"), ("fresh grass", "green"), ("a ripe banana", "yellow"),
-                      ("a ripe tomato", "red"), ("a pumpkin", "orange")))  # fmt: skip
+    things = [("the sky on a clear day", "blue"), ("fresh grass", "green"), ("a ripe banana", "yellow")]
+    sky = _pick(rng, [*things, ("a ripe tomato", "red"), ("a pumpkin", "orange")])
     pool.append((f"What colour is {sky[0]} usually?", f"{_cap(sky[0])} is usually {sky[1]}."))
     return [pool[int(j)] for j in rng.permutation(len(pool))[:n]]
 
