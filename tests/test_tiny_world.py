@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -216,7 +217,7 @@ def test_failed_downloads_are_parquet_rows_without_tar_members(tmp_path):
     assert summary["web_successes"] == 100 - failed
     # the failure draw never changes the images that did download
     clean = tmp_path / "clean"
-    generate_world(clean, WorldConfig.tiny(**{**cfg.to_dict(), "fail_rate": 0.0}))
+    generate_world(clean, WorldConfig.tiny(**{**dataclasses.asdict(cfg), "fail_rate": 0.0}))
     ok = {n: b for n, b in _tar_members(tmp_path / "w/web/00000.tar") if n.endswith(".jpg")}
     ref = dict(_tar_members(clean / "web/00000.tar"))
     assert ok

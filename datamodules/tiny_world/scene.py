@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -108,42 +108,21 @@ class SceneObject:
     rgb: tuple[int, int, int]
 
     @property
-    def colour_index(self) -> int:
-        return COLOURS.index(self.colour)
-
-    @property
-    def shape_index(self) -> int:
-        return SHAPES.index(self.shape)
-
-    @property
     def label(self) -> int:
         """Coarse class index (colour + shape) into ``CLASSNAMES``."""
-        return self.colour_index * len(SHAPES) + self.shape_index
+        return COLOURS.index(self.colour) * len(SHAPES) + SHAPES.index(self.shape)
 
     @property
     def fine_label(self) -> int:
         """Fine class index (shade + shape) into ``FINE_CLASSNAMES``."""
         shade_index = [name for name, _ in SHADES[self.colour]].index(self.shade)
-        return (self.colour_index * 2 + shade_index) * len(SHAPES) + self.shape_index
+        return (COLOURS.index(self.colour) * 2 + shade_index) * len(SHAPES) + SHAPES.index(self.shape)
 
     def probe_point(self) -> tuple[float, float]:
         """A point that lies inside the drawn shape (the centre, except for rings where the centre is a hole)."""
         if self.shape == "ring":
             return self.cx, self.cy - 0.78 * self.diameter / 2
         return self.cx, self.cy
-
-    def to_dict(self) -> dict:
-        return {
-            "shape": self.shape,
-            "colour": self.colour,
-            "shade": self.shade,
-            "size": self.size,
-            "position": self.position,
-            "cx": self.cx,
-            "cy": self.cy,
-            "diameter": self.diameter,
-            "rgb": list(self.rgb),
-        }
 
     def bbox(self) -> tuple[float, float, float, float]:
         r = self.diameter / 2
@@ -181,47 +160,26 @@ class Scene:
         return self.main.fine_label
 
     def content_key(self) -> str:
-        """Canonical, jitter- and shade-free description of the content (what any correct caption can say).
-
-        Two images with equal keys are indistinguishable to a caption that uses base colour names, so retrieval
-        evals can treat them as duplicates.
-        """
+        """Jitter- and shade-free description of the content: images with equal keys are indistinguishable to any
+        caption that uses base colour names, so retrieval evals can treat them as duplicates."""
         objs = sorted(f"{o.size}-{o.colour}-{o.shape}-{o.position}" for o in self.objects)
         return "|".join(objs) + "|bg:" + self.background.kind + ":" + "/".join(self.background.colours)
 
     def objects_json(self) -> str:
-        return json.dumps([o.to_dict() for o in self.objects], separators=(",", ":"))
+        return json.dumps([asdict(o) for o in self.objects], separators=(",", ":"))
 
     def background_json(self) -> str:
-        return json.dumps(
-            {"kind": self.background.kind, "colours": list(self.background.colours)}, separators=(",", ":")
-        )
+        return json.dumps(asdict(self.background), separators=(",", ":"))
 
     def to_dict(self) -> dict:
-        return {
-            "objects": [o.to_dict() for o in self.objects],
-            "background": {"kind": self.background.kind, "colours": list(self.background.colours)},
-            "main_index": self.main_index,
-            "image_size": self.image_size,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Scene:
-        objs = tuple(SceneObject(**{**o, "rgb": tuple(o["rgb"])}) for o in d["objects"])
-        bg = Background(kind=d["background"]["kind"], colours=tuple(d["background"]["colours"]))
-        return cls(objects=objs, background=bg, main_index=int(d["main_index"]), image_size=int(d["image_size"]))
+        return asdict(self)
 
     @classmethod
     def from_json(cls, objects: str, background: str, main_index: int, image_size: int = 64) -> Scene:
         """Rebuild a scene from the JSON columns of ``truth/*.parquet``."""
-        return cls.from_dict(
-            {
-                "objects": json.loads(objects),
-                "background": json.loads(background),
-                "main_index": main_index,
-                "image_size": image_size,
-            }
-        )
+        objs = tuple(SceneObject(**{**o, "rgb": tuple(o["rgb"])}) for o in json.loads(objects))
+        bg = json.loads(background)
+        return cls(objs, Background(bg["kind"], tuple(bg["colours"])), int(main_index), int(image_size))
 
 
 def item_rng(seed: int, split_id: int, index: int, stream: int) -> np.random.Generator:
