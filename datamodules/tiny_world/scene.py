@@ -51,34 +51,25 @@ FINE_CLASSNAMES: tuple[str, ...] = tuple(f"{name} {s}" for c in COLOURS for name
 class SceneConfig:
     """Geometry and appearance knobs of scene sampling and rendering (a slice of ``WorldConfig``)."""
 
-    image_size: int = 64
-    """Output side length in pixels (square images)."""
+    image_size: int = 64  # Output side length in pixels (square images).
+    # Drawing resolution multiplier; the canvas is downsampled to ``image_size`` with ``downsample``.
     supersample: int = 4
-    """Drawing resolution multiplier; the canvas is downsampled to ``image_size`` with ``downsample``."""
+    # "lanczos" (box-reduce to 2x, then LANCZOS) or "box" (area average; about 0.4 ms/image cheaper).
     downsample: str = "lanczos"
-    """"lanczos" (box-reduce to 2x, then LANCZOS) or "box" (area average; about 0.4 ms/image cheaper)."""
-    object_count_probs: tuple[float, ...] = (0.4, 0.4, 0.2)
-    """P(1 object), P(2), P(3)."""
-    small_size: float = 16.0
-    """Nominal diameter (px at ``image_size``) of a small object."""
-    large_size: float = 28.0
-    """Nominal diameter of a large object."""
-    size_jitter: float = 0.1
-    """Each object's size is scaled by U(1 - size_jitter, 1 + size_jitter)."""
-    position_jitter: float = 3.0
-    """Each object's centre moves by U(-j, j) px in x and y."""
+    object_count_probs: tuple[float, ...] = (0.4, 0.4, 0.2)  # P(1 object), P(2), P(3).
+    small_size: float = 16.0  # Nominal diameter (px at ``image_size``) of a small object.
+    large_size: float = 28.0  # Nominal diameter of a large object.
+    size_jitter: float = 0.1  # Each object's size is scaled by U(1 - size_jitter, 1 + size_jitter).
+    position_jitter: float = 3.0  # Each object's centre moves by U(-j, j) px in x and y.
+    # Distance (px) between an edge-anchored object's bounding box and the image border before jitter.
     edge_margin: float = 3.0
-    """Distance (px) between an edge-anchored object's bounding box and the image border before jitter."""
-    rgb_jitter: int = 20
-    """Each object's shade RGB is offset by an integer in [-rgb_jitter, rgb_jitter] per channel."""
-    pixel_noise_sigma: float = 6.0
-    """Std of the Gaussian noise added to every pixel after downsampling."""
+    rgb_jitter: int = 20  # Each object's shade RGB is offset by an integer in [-rgb_jitter, rgb_jitter] per channel.
+    pixel_noise_sigma: float = 6.0  # Std of the Gaussian noise added to every pixel after downsampling.
+    # Probabilities of ``BACKGROUND_KINDS`` (plain, horizontal stripes, vertical stripes, checker).
     background_kind_probs: tuple[float, ...] = (0.5, 0.2, 0.2, 0.1)
-    """Probabilities of ``BACKGROUND_KINDS`` (plain, horizontal stripes, vertical stripes, checker)."""
-    stripe_width: int = 8
-    """Width (px) of background stripes and checker squares."""
+    stripe_width: int = 8  # Width (px) of background stripes and checker squares.
+    # Background colours are re-drawn (up to 20 times) until every object's RGB is at least this far (L2).
     min_background_contrast: float = 90.0
-    """Background colours are re-drawn (up to 20 times) until every object's RGB is at least this far (L2)."""
 
     def __post_init__(self) -> None:
         if len(self.object_count_probs) != 3 or not math.isclose(sum(self.object_count_probs), 1.0, abs_tol=1e-6):

@@ -90,48 +90,32 @@ def _default_start_method() -> str:
 class WorldConfig:
     """Every knob of the tiny world. ``WorldConfig()`` is the default world; ``WorldConfig.tiny()`` a test world."""
 
-    seed: int = 0
-    """World seed; every item is a pure function of (seed, split, index)."""
-    n_web: int = 20_000
-    """Web (alt-text) images, written as img2dataset webdataset shards under ``web/``."""
-    shard_size: int = 1_000
-    """Samples per web shard (img2dataset ``number_sample_per_shard``)."""
+    seed: int = 0  # World seed; every item is a pure function of (seed, split, index).
+    n_web: int = 20_000  # Web (alt-text) images, written as img2dataset webdataset shards under ``web/``.
+    shard_size: int = 1_000  # Samples per web shard (img2dataset ``number_sample_per_shard``).
+    # Digits of the shard id in shard names and keys (img2dataset ``oom_shard_count``, default 5).
     oom_shard_count: int = 5
-    """Digits of the shard id in shard names and keys (img2dataset ``oom_shard_count``, default 5)."""
-    n_caption_pretrain: int = 5_000
-    """LCS-558K-style caption-pretraining samples."""
-    n_instruct: int = 5_000
-    """LLaVA-665K-style instruction conversations (some text-only)."""
-    n_classify: int = 2_000
-    """Zero-shot classification eval images, class-balanced (label = index % 48); 0 or >= 48."""
-    n_retrieval: int = 2_000
-    """Short-caption (COCO/Flickr-style, Karpathy json) retrieval eval images."""
-    n_long_retrieval: int = 2_000
-    """Long-caption (Urban1K-style) retrieval eval images."""
-    n_t2i: int = 2_000
-    """Text-to-image eval prompts with reference images (Recap-COCO-30K-style)."""
-    n_short_captions: int = 5
-    """Human captions per retrieval image."""
+    n_caption_pretrain: int = 5_000  # LCS-558K-style caption-pretraining samples.
+    n_instruct: int = 5_000  # LLaVA-665K-style instruction conversations (some text-only).
+    n_classify: int = 2_000  # Zero-shot classification eval images, class-balanced (label = index % 48); 0 or >= 48.
+    n_retrieval: int = 2_000  # Short-caption (COCO/Flickr-style, Karpathy json) retrieval eval images.
+    n_long_retrieval: int = 2_000  # Long-caption (Urban1K-style) retrieval eval images.
+    n_t2i: int = 2_000  # Text-to-image eval prompts with reference images (Recap-COCO-30K-style).
+    n_short_captions: int = 5  # Human captions per retrieval image.
+    # Instruct conversation kinds: detailed description, brief caption, Q/A (1..max turns), text-only.
     instruct_mix: tuple[float, float, float, float] = (0.35, 0.10, 0.45, 0.10)
-    """Instruct conversation kinds: detailed description, brief caption, Q/A (1..max turns), text-only."""
-    instruct_max_qa_turns: int = 4
-    """Maximum Q/A turns in one Q/A conversation."""
+    instruct_max_qa_turns: int = 4  # Maximum Q/A turns in one Q/A conversation.
+    # Fraction of web samples that 'failed to download' (parquet row with status failed_to_download, no tar member).
     fail_rate: float = 0.0
-    """Fraction of web samples that 'failed to download' (parquet row with status failed_to_download, no tar member)."""
-    jpeg_quality: int = 95
-    """JPEG quality of every written image (img2dataset's default encode_quality is 95)."""
+    jpeg_quality: int = 95  # JPEG quality of every written image (img2dataset's default encode_quality is 95).
+    # URL recorded for web sample ``key`` (the .invalid TLD never resolves).
     url_template: str = "https://tinyworld.invalid/img/{key}.jpg"
-    """URL recorded for web sample ``key`` (the .invalid TLD never resolves)."""
-    scene: SceneConfig = field(default_factory=SceneConfig)
-    """Scene sampling and rendering knobs."""
-    alt: AltTextNoise = field(default_factory=AltTextNoise)
-    """Alt-text noise rates."""
-    workers: int = 2
-    """Processes used for generation (1 = in-process). Output does not depend on it."""
-    chunk_size: int = 500
-    """Items per task for the non-web splits (web tasks are whole shards)."""
+    scene: SceneConfig = field(default_factory=SceneConfig)  # Scene sampling and rendering knobs.
+    alt: AltTextNoise = field(default_factory=AltTextNoise)  # Alt-text noise rates.
+    workers: int = 2  # Processes used for generation (1 = in-process). Output does not depend on it.
+    chunk_size: int = 500  # Items per task for the non-web splits (web tasks are whole shards).
+    # multiprocessing start method for the workers ("fork" where available).
     start_method: str = field(default_factory=_default_start_method)
-    """multiprocessing start method for the workers ("fork" where available)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.scene, dict):

@@ -441,36 +441,16 @@ def train_judge(
             heldout = judge_accuracy(judge, eval_images, eval_truths, seed=seed)
             small = resize_images(eval_images.float().div(255.0), 16)
             heldout_16 = judge_accuracy(judge, small, eval_truths, seed=seed)
-        info = {
-            "heldout": heldout,
-            "heldout_16px": heldout_16,
-            "heldout_set": "eval/t2i_prompts",
-            "world": {
-                "path": str(world.resolve()),
-                "seed": json.loads((world / "world.json").read_text()).get("seed"),
-                "fingerprint": world_fingerprint(world),
-                "n_train": n,
-            },
-            "recipe": {
-                "image_size": image_size,
-                "steps": steps,
-                "batch_size": batch_size,
-                "lr": lr,
-                "weight_decay": weight_decay,
-                "warmup": warmup,
-                "schedule": "linear warm-up + cosine",
-                "optimizer": "AdamW",
-                "augment": {"hflip": 0.5, "low_res_prob": low_res_prob},
-                "seed": seed,
-                "threads": torch.get_num_threads(),
-                "device": str(device),
-            },
-            "final_loss": loss_value,
-            "params": sum(p.numel() for p in judge.parameters()),
-            "load_seconds": round(load_seconds, 2),
-            "train_seconds": round(train_seconds, 2),
-            "total_seconds": round(time.perf_counter() - t0, 2),
-        }
+        seed_of_world = json.loads((world / "world.json").read_text()).get("seed")
+        world_info = {"path": str(world.resolve()), "seed": seed_of_world, "fingerprint": world_fingerprint(world)}
+        recipe = dict(image_size=image_size, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
+        recipe |= dict(warmup=warmup, schedule="linear warm-up + cosine", optimizer="AdamW")
+        recipe |= dict(augment={"hflip": 0.5, "low_res_prob": low_res_prob}, seed=seed, threads=torch.get_num_threads())
+        info = {"heldout": heldout, "heldout_16px": heldout_16, "heldout_set": "eval/t2i_prompts"}
+        info |= {"world": world_info | {"n_train": n}, "recipe": recipe | {"device": str(device)}}
+        info |= {"final_loss": loss_value, "params": sum(p.numel() for p in judge.parameters())}
+        seconds = {"load": load_seconds, "train": train_seconds, "total": time.perf_counter() - t0}
+        info |= {f"{k}_seconds": round(v, 2) for k, v in seconds.items()}
         save_judge(judge.cpu(), out, info)
         return json.loads((out / JSON_NAME).read_text())
     finally:
