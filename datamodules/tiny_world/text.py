@@ -18,8 +18,6 @@ from .scene import BACKGROUND_COLOURS, COLOURS, SHADE_TO_COLOUR, SHADES, SHAPES,
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 
-# --------------------------------------------------------------------------------------------------------- alt-text
-
 
 @dataclass(frozen=True)
 class AltTextNoise:
@@ -188,8 +186,6 @@ def mentions_shade(text: str) -> bool:
     return any(name in low for name in SHADE_TO_COLOUR)
 
 
-# ---------------------------------------------------------------------------------------- shared phrase helpers
-
 DETAIL_POSITIONS = {
     "left": ("on the left side", "on the left"),
     "right": ("on the right side", "on the right"),
@@ -236,9 +232,6 @@ def fix_articles(s: str) -> str:
     return _A_BEFORE_VOWEL.sub(r"\1n ", s)
 
 
-# ---------------------------------------------------------------------------------------- detailed description
-
-
 def detailed_description(scene: Scene, rng: np.random.Generator) -> str:
     """Ground-truth LLaVA "detailed caption": every object's size, colour, shape and position, plus the background."""
     return fix_articles(_detailed(scene, rng))
@@ -274,8 +267,6 @@ def _detailed(scene: Scene, rng: np.random.Generator) -> str:
     items = "; ".join(f"{_full_np(o)} {p}" for o, p in zip(objs, pos, strict=True))
     return f"The image contains {count}: {items}. The background is {bg[2:] if bg.startswith('a ') else bg}."
 
-
-# ---------------------------------------------------------------------------------------- short human captions
 
 BIG_WORDS = ("big", "large")
 SMALL_WORDS = ("small", "little", "tiny")
@@ -383,8 +374,6 @@ def short_caption(scene: Scene, rng: np.random.Generator) -> str:
     return short_captions(scene, rng, 1)[0]
 
 
-# ---------------------------------------------------------------------------------------------- long captions
-
 LONG_POSITIONS = {
     "left": ("near the left border", "by the left edge", "towards the left margin"),
     "right": ("near the right border", "by the right edge", "towards the right margin"),
@@ -425,8 +414,6 @@ def long_caption(scene: Scene, rng: np.random.Generator) -> str:
         sents.append(f"The most prominent {noun} is the {scene.main.shape}.")
     return fix_articles(" ".join(sents))
 
-
-# ----------------------------------------------------------------------------------------------------- Q/A
 
 SINGLE_WORD_SUFFIX = "Answer the question using a single word or phrase."
 
@@ -525,8 +512,6 @@ def text_only_qa(rng: np.random.Generator, n: int = 1) -> list[tuple[str, str]]:
     pool.append((f"What colour is {sky[0]} usually?", f"{_cap(sky[0])} is usually {sky[1]}."))
     return [pool[int(j)] for j in rng.permutation(len(pool))[:n]]
 
-
-# ------------------------------------------------------------------------------------ conversation builders
 
 # LLaVA-1.5 brief-description prompts (LCS-558K / BLIP captions) and detailed-description prompts (detail_23k and
 # ShareGPT4V). The first detailed prompt is the one recaptioning uses.
