@@ -1,24 +1,12 @@
 """``python -m experiments dit-eval``: sample a trained Recap-DiT on prompt sets and score the images (Table 7).
 
-    python -m experiments dit-eval --ckpt runs/tiny/dit/table7/p0.0/fit/checkpoints/last.ckpt \
-        --prompts data/world/eval/t2i_prompts/prompts.parquet --limit 500 \
-        --attribute-judge data/world/judge --clip web_clip=runs/tiny/captioner/web_clip/export \
-        --out runs/tiny/dit/eval/p0.0
-
 For each prompt column (``caption``: raw COCO-style prompts; ``recaption``: COCO-Recap) it samples one image per
-prompt with the checkpoint's EMA weights and its sampler (overridable: ``--steps``, ``--guidance``, ``--sampler``),
-writes a PNG grid of the first 64, and writes ``<out>/<column>/metrics.json`` with, as configured:
-
-- ``fid``: against the prompts' reference images, with InceptionV3 (``--inception-weights``, a local file; real runs)
-  or with the tiny world's attribute judge's features (``--attribute-judge``);
-- ``clip_score/<name>``: 100 * max(cos, 0) with each ``--clip NAME=FOLDER`` (open_clip export or HF CLIP folder);
-  the paper: OpenAI ViT-B/32 and its Recap-CLIP ViT-L/16;
-- ``judge/*``: the paper's GPT-4V rating prompt answered by a local llava-hf model (``--llava-judge``) on a seeded
-  subset (``--judge-limit``; the paper: 3,000);
-- ``attributes/*`` (tiny world): the pinned judge's accuracy on the attributes each prompt states about its main
-  object (colour, shape, position, count, background), and ``attributes/chance/*`` against deranged prompts.
-
-``<out>/results.md`` collects both columns side by side.
+prompt with the checkpoint's EMA weights and sampler (``--steps``, ``--guidance``, ``--sampler`` override), writes a
+grid of the first 64 and ``<out>/<column>/metrics.json``: ``fid`` (InceptionV3 with ``--inception-weights``, or the
+tiny world judge's features with ``--attribute-judge``), ``clip_score/<name>`` per ``--clip NAME=FOLDER``,
+``judge/*`` (the paper's GPT-4V rating prompt answered by ``--llava-judge`` on ``--judge-limit`` images) and, in the
+tiny world, ``attributes/*``: the pinned judge's accuracy on what each prompt states about its main object, with
+``attributes/chance/*`` against deranged prompts. ``<out>/results.md`` puts both columns side by side.
 """
 
 from __future__ import annotations

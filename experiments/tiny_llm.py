@@ -1,21 +1,11 @@
 """The tiny world's LLaMA-3 analog: its tokenizer (``world-tokenizer``) and a text-pretrained Llama (``tiny-llm``).
 
-**Tokenizer.** The captioner's language model is tiny and trained from scratch, so a 128k LLaMA-3 vocabulary would
-be almost all unused rows. :func:`train_world_tokenizer` trains a byte-level BPE (``tokenizers``, full 256-byte
-alphabet, so ``decode(encode(t)) == t``) on every text of one world and wraps it as a ``transformers`` fast tokenizer
-with the LLaMA-3 special tokens (ids 0-6, never split), LLaVA's ``<image>`` and the LLaMA-3 LLaVA chat template
-(``datamodules/chat.py``). There is no post-processor: the template writes the one ``<|begin_of_text|>`` itself.
-Conversations are trained on as the template renders them, cut at the special tokens, so header newlines and prompts
-get their own merges. The same world and vocabulary size give an identical tokenizer; ``OUT/world_tokenizer.json``
-records the world fingerprint, and a second call with the same inputs reuses the saved tokenizer.
-
-**Tiny Llama.** LLaVA composes a *pretrained* LLM with a vision tower; stage 1 trains only the projector and relies
-on the LLM already knowing the language. Here nothing is pretrained, so :func:`pretrain_tiny_llm` trains a small
-``LlamaForCausalLM`` on the world's text (web alt-text, LLaVA-Pretrain captions, instruction turns; never the
-evaluation sets) and, like Meta-Llama-3-8B-*Instruct*, on the world's conversations rendered with the chat template
-(``<image>`` removed): without them stage 1 would have a frozen LLM that has never seen a chat turn. It is saved with
-``save_pretrained`` next to the tokenizer, so the captioner loads it as it loads Meta-Llama-3-8B-Instruct. World
-preparation, not an experiment of the paper: a short plain PyTorch loop, not a LightningModule.
+The tokenizer is a byte-level BPE trained on every text of one world (a 128k vocabulary would be almost all unused
+rows for a tiny model), with the LLaMA-3 special tokens, LLaVA's ``<image>`` and the LLaMA-3 LLaVA chat template
+(``datamodules/chat.py``); conversations are trained on as the template renders them. The Llama stands in for a
+pretrained LLM, which LLaVA's stage 1 (projector only) relies on: it is trained on the world's text and, like
+Meta-Llama-3-8B-Instruct, on its conversations in the chat format, then loaded by path like the real one. World
+preparation, not an experiment of the paper: short plain PyTorch, no LightningModule. See tiny_world/README.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""``CaptionAttributes``: caption held-out tiny-world images and score the captions against the ground truth.
-
-The captioner's quality in the tiny world is measured like the prototype did: attribute precision/recall (colour,
-shape, (colour, shape), (colour, shape, position), size), object count, the main object and the background
-(``caption_attributes.score_captions``), next to the same captions scored against another image's truth (chance).
-Plain Python: the captioning function comes from the caller (``CaptionerModule.caption``).
-"""
+"""``CaptionAttributes``: caption held-out tiny-world images and score the captions against the ground truth
+(``caption_attributes.score_captions``), beside the same captions scored against another image's truth (chance)."""
 
 from __future__ import annotations
 
