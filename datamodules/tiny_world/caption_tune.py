@@ -39,16 +39,9 @@ def detail_records(world_dir: str | os.PathLike, splits: Sequence[str] = SPLITS,
             rng = np.random.default_rng([seed, _STREAM, SPLITS.index(split) if split in SPLITS else 9, row["index"]])
             scene = Scene.from_json(row["objects"], row["background"], row["main_index"])
             prompt = DETAIL_PROMPTS[int(rng.integers(len(DETAIL_PROMPTS)))]
-            records.append(
-                {
-                    "id": f"{split}-{row['id']}",
-                    "image": image,
-                    "conversations": [
-                        {"from": "human", "value": f"<image>\n{prompt}"},
-                        {"from": "gpt", "value": detailed_description(scene, rng)},
-                    ],
-                }
-            )
+            answer = {"from": "gpt", "value": detailed_description(scene, rng)}
+            turns = [{"from": "human", "value": f"<image>\n{prompt}"}, answer]
+            records.append({"id": f"{split}-{row['id']}", "image": image, "conversations": turns})
     return records
 
 
