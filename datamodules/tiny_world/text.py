@@ -195,19 +195,24 @@ DETAIL_POSITIONS = {
 }
 
 
-def _bg_phrase(scene: Scene, rng: np.random.Generator) -> str:
+# A background's phrasings (plain, checker, stripes), for the detailed descriptions and the short captions
+_DETAIL_BG = (
+    ("a solid {a} background", "a plain {a} background"),
+    ("a {a} and {b} checkered background", "a checkerboard background of {a} and {b}"),
+    ("a background of {o} {a} and {b} stripes", "a {o}ly striped {a} and {b} background"),
+)
+_SHORT_BG = (
+    ("a {a} background", "a plain {a} background", "{a}"),
+    ("a checkered background", "a {a} and {b} checkerboard", "{a} and {b} checks"),
+    ("a striped background", "{a} and {b} stripes", "{o} stripes", "a {o}ly striped background"),
+)
+
+
+def _bg_phrase(scene: Scene, rng: np.random.Generator, phrasings=_DETAIL_BG) -> str:
     bg = scene.background
-    if bg.kind == "plain":
-        return _pick(rng, ("a solid {a} background", "a plain {a} background")).format(a=bg.colours[0])
-    a, b = bg.colours
-    if bg.kind == "checker":
-        return _pick(rng, ("a {a} and {b} checkered background", "a checkerboard background of {a} and {b}")).format(
-            a=a, b=b
-        )
+    templates = phrasings[0 if bg.kind == "plain" else 1 if bg.kind == "checker" else 2]
     ori = "horizontal" if bg.kind == "hstripes" else "vertical"
-    return _pick(rng, ("a background of {o} {a} and {b} stripes", "a {o}ly striped {a} and {b} background")).format(
-        o=ori, a=a, b=b
-    )
+    return _pick(rng, templates).format(a=bg.colours[0], b=bg.colours[-1], o=ori)
 
 
 def _full_np(o: SceneObject, article: str = "a") -> str:
@@ -291,20 +296,6 @@ def _relation(o: SceneObject, ref: SceneObject, rng: np.random.Generator) -> str
     return _pick(rng, ("above", "over")) if dy < 0 else _pick(rng, ("below", "under"))
 
 
-def _short_bg(scene: Scene, rng: np.random.Generator) -> str:
-    bg = scene.background
-    if bg.kind == "plain":
-        return _pick(rng, ("a {a} background", "a plain {a} background", "{a}")).format(a=bg.colours[0])
-    a, b = bg.colours
-    if bg.kind == "checker":
-        return _pick(rng, ("a checkered background", "a {a} and {b} checkerboard", "{a} and {b} checks")).format(
-            a=a, b=b
-        )
-    ori = "horizontal" if bg.kind == "hstripes" else "vertical"
-    striped = ("a striped background", "{a} and {b} stripes", "{o} stripes", "a {o}ly striped background")
-    return _pick(rng, striped).format(a=a, b=b, o=ori)
-
-
 def _short_candidates(scene: Scene, rng: np.random.Generator) -> list[str]:
     objs = list(scene.objects)
     m = scene.main
@@ -313,7 +304,7 @@ def _short_candidates(scene: Scene, rng: np.random.Generator) -> list[str]:
     o = others[int(rng.integers(len(others)))] if others else None
     msz, mpos = _size_word(m, rng), _pick(rng, SHORT_POSITIONS[m.position])
     mnp = _pick(rng, (f"a {m.colour} {m.shape}", f"a {msz} {m.colour} {m.shape}", f"a {msz} {m.colour} {m.shape}"))
-    bgp = _short_bg(scene, rng)
+    bgp = _bg_phrase(scene, rng, _SHORT_BG)
     c = [
         f"{mnp} {mpos} on {bgp}",
         f"{mnp} drawn {mpos} over {bgp}",
