@@ -240,24 +240,12 @@ def truth_recaptions(
     n = len(keys)
     re_len = [_n_words(t) for t in captions[0]]
     org_len = [_n_words(t) for t in org]
-    arrays = {
-        "url": web.column("url").combine_chunks().cast(pa.string()),
-        "re_caption": pa.array(captions[0], pa.string()),
-        "org_caption": pa.array(org, pa.string()),
-        "sha256": web.column("sha256").combine_chunks().cast(pa.string()),
-        "key": pa.array(keys, pa.string()),
-        "re_clip_score": pa.array(np.zeros(n, np.float64)),
-        "org_clip_score": pa.array(np.zeros(n, np.float64)),
-        "re_length": pa.array(re_len, pa.int64()),
-        "org_length": pa.array(org_len, pa.int64()),
-        "re_gpt4v_score": pa.array(np.zeros(n, np.int64)),
-        "org_gpt4v_score": pa.array(np.zeros(n, np.int64)),
-    }
-    schema = RECAP_SCHEMA
-    for v in range(1, n_var):
-        arrays[f"re_caption_{v}"] = pa.array(captions[v], pa.string())
-        schema = schema.append(pa.field(f"re_caption_{v}", pa.string()))
-    table = pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
+    data = {"url": web.column("url").to_pylist(), "re_caption": captions[0], "org_caption": org}
+    data |= {"sha256": web.column("sha256").to_pylist(), "key": keys, "re_length": re_len, "org_length": org_len}
+    data |= {f"re_caption_{v}": captions[v] for v in range(1, n_var)}
+    schema = pa.schema([*RECAP_SCHEMA, *(pa.field(f"re_caption_{v}", pa.string()) for v in range(1, n_var))])
+    # the clip and gpt4v scores are 0, as in the released train split
+    table = pa.Table.from_arrays([pa.array(data.get(f.name, [0] * n), f.type) for f in schema], schema=schema)
 
     order = np.arange(n)
     if shuffle:
@@ -276,40 +264,20 @@ def truth_recaptions(
         "main_object_misnamed": _rate(cnt["main_misnamed"], cnt["captions"]),
     }
     truth_sha = hashlib.sha256((world / "truth" / "web.parquet").read_bytes()).hexdigest()
-    config = {
-        "source": SOURCE,
-        "model": None,
-        "note": "re_caption is generated from the world's ground truth with RecapNoise imperfections, not by a model",
-        "noise": asdict(noise),
-        "seed": int(seed),
-        "world_seed": world_seed,
-        "world_dir": os.fspath(world_dir),
-        "world_format_version": meta.get("format_version"),
-        "world_truth_sha256": truth_sha,
-        "files": files,
-        "shuffle": shuffle,
-        "rows": n,
-        "columns": [f.name for f in schema],
-        "length_unit": LENGTH_UNIT,
-        "scores": "re/org clip and gpt4v scores are 0, as in the released train split",
-        "realised_rates": rates,
-        "counts": dict(sorted(cnt.items())),
-    }
+    note = "re_caption is generated from the world's ground truth with RecapNoise imperfections, not by a model"
+    config = {"source": SOURCE, "model": None, "note": note, "noise": asdict(noise), "seed": int(seed)}
+    config |= {"world_seed": world_seed, "world_dir": os.fspath(world_dir)}
+    config |= {"world_format_version": meta.get("format_version"), "world_truth_sha256": truth_sha}
+    config |= {"files": files, "shuffle": shuffle, "rows": n}
+    config |= {"columns": [f.name for f in schema], "length_unit": LENGTH_UNIT}
+    config |= {"scores": "re/org clip and gpt4v scores are 0, as in the released train split"}
+    config |= {"realised_rates": rates, "counts": dict(sorted(cnt.items()))}
     atomic_write(out / CONFIG_NAME, json.dumps(config, indent=1) + "\n")
-    return {
-        "out_dir": os.fspath(out),
-        "rows": n,
-        "files": files,
-        "paths": paths,
-        "world_seed": world_seed,
-        "seed": int(seed),
-        "n_variants": n_var,
-        "rates": rates,
-        "counts": dict(sorted(cnt.items())),
-        "mean_re_length": round(float(np.mean(re_len)), 3) if n else 0.0,
-        "mean_org_length": round(float(np.mean(org_len)), 3) if n else 0.0,
-        "elapsed_s": round(time.perf_counter() - t0, 3),
-    }
+    summary = {"out_dir": os.fspath(out), "rows": n, "files": files, "paths": paths, "world_seed": world_seed}
+    summary |= {"seed": int(seed), "n_variants": n_var, "rates": rates, "counts": dict(sorted(cnt.items()))}
+    for name, lengths in (("re", re_len), ("org", org_len)):
+        summary[f"mean_{name}_length"] = round(float(np.mean(lengths)), 3) if n else 0.0
+    return summary | {"elapsed_s": round(time.perf_counter() - t0, 3)}
 
 
 def main(argv: list[str] | None = None) -> dict:
