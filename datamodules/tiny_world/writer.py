@@ -56,15 +56,8 @@ from .text import (
 )
 
 FORMAT_VERSION = 1
-SPLIT_IDS: dict[str, int] = {
-    "web": 0,
-    "caption_pretrain": 1,
-    "instruct": 2,
-    "classify": 3,
-    "retrieval": 4,
-    "long_retrieval": 5,
-    "t2i_prompts": 6,
-}
+SPLITS = ("web", "caption_pretrain", "instruct", "classify", "retrieval", "long_retrieval", "t2i_prompts")
+SPLIT_IDS: dict[str, int] = {split: i for i, split in enumerate(SPLITS)}
 # Two independent random streams per item: the image stream draws the scene, then (web only) the download failure,
 # then the pixel noise; the text stream draws every text. Changing a text knob never changes an image.
 STREAM_IMAGE, STREAM_TEXT = 0, 1
@@ -147,15 +140,8 @@ class WorldConfig:
         return cls(**json.loads(p.read_text())["config"])
 
     def counts(self) -> dict[str, int]:
-        return {
-            "web": self.n_web,
-            "caption_pretrain": self.n_caption_pretrain,
-            "instruct": self.n_instruct,
-            "classify": self.n_classify,
-            "retrieval": self.n_retrieval,
-            "long_retrieval": self.n_long_retrieval,
-            "t2i_prompts": self.n_t2i,
-        }
+        fields = ("n_web", "n_caption_pretrain", "n_instruct", "n_classify", "n_retrieval", "n_long_retrieval", "n_t2i")
+        return {split: getattr(self, name) for split, name in zip(SPLITS, fields, strict=True)}
 
     @property
     def n_shards(self) -> int:
