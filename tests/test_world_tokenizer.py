@@ -15,7 +15,8 @@ from datamodules.chat import (
     LLAMA3_SPECIAL_TOKENS,
     ConversationEncoder,
 )
-from datamodules.tiny_world import WorldConfig, generate_world, world_texts
+from datamodules.tiny_world import WorldConfig, generate_world
+from datamodules.tiny_world.writer import world_texts
 from experiments.tiny_llm import STAMP_NAME, train_world_tokenizer
 from experiments.tiny_llm import tokenizer_main as main
 
