@@ -80,8 +80,8 @@ _SIZE_WORDS: dict[str, str] = {w: "large" for w in (*BIG_WORDS, "large", "big", 
 }
 _SHAPE_WORDS: dict[str, str] = {s: s for s in SHAPES} | {GENERIC_SHAPE: GENERIC_SHAPE}
 _PLURALS = {("crosses" if s == "cross" else s + "s") for s in _SHAPE_WORDS}
-_FILLERS = {"coloured", "colored", "tinted", "painted", "lone", "single", "solid", "bright", "dark", "light", "pale",
-            "flat", "simple", "geometric", "filled", "outlined", "plain"}  # fmt: skip
+_FILLERS = {"coloured", "colored", "tinted", "painted", "lone", "single", "solid", "bright", "dark", "light", "pale"}
+_FILLERS |= {"flat", "simple", "geometric", "filled", "outlined", "plain"}
 _DETERMINERS = {"a", "an", "the", "one", "another", "this", "that"}
 _POST_TRIGGERS = {"is", ",", "in", "coloured", "colored", "tinted", "painted"}
 _LARGEST_CUES = {"largest", "biggest", "prominent", "main", "dominant"}
@@ -100,8 +100,8 @@ def _phrase_table() -> dict[str, str]:
         for pos, phrases in t.items()
         for p in phrases
     }
-    for pos, words in {"left": ("left",), "right": ("right",), "top": ("top", "upper"), "bottom": ("bottom", "lower"),
-                       "center": ("center", "centre", "middle")}.items():  # fmt: skip
+    general = {"left": ("left",), "right": ("right",), "top": ("top", "upper"), "bottom": ("bottom", "lower")}
+    for pos, words in (general | {"center": ("center", "centre", "middle")}).items():
         for w in words:
             for pre in ("on", "at", "near", "by", "towards", "toward", "to", "in", "close to", "along"):
                 for very in ("", "very "):
