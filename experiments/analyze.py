@@ -400,8 +400,8 @@ class AttributeRater:
     GPT-4V prompt asks for both)."""
 
     def __init__(self, folder: str) -> None:
-        from lightning_modules.evaluation.judge import load_judge
         from lightning_modules.evaluation.generation import JUDGE_PROMPT
+        from lightning_modules.evaluation.judge import load_judge
 
         self.judge = load_judge(folder)
         self.prefix, _, self.suffix = JUDGE_PROMPT.partition("{caption}")
