@@ -8,7 +8,9 @@ is a pure function of that generator's seed; :func:`item_rng` builds the per-ite
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -184,12 +186,8 @@ def _index(u: float, n: int) -> int:
 
 
 def _weighted(u: float, probs: tuple[float, ...]) -> int:
-    acc = 0.0
-    for i, p in enumerate(probs):
-        acc += p
-        if u < acc:
-            return i
-    return len(probs) - 1
+    """The first index whose cumulative probability exceeds ``u``."""
+    return min(bisect.bisect_right(list(itertools.accumulate(probs)), u), len(probs) - 1)
 
 
 def _anchor(position: str, diameter: float, cfg: SceneConfig) -> tuple[float, float]:
@@ -197,13 +195,8 @@ def _anchor(position: str, diameter: float, cfg: SceneConfig) -> tuple[float, fl
     near = cfg.edge_margin + diameter / 2
     far = s - near
     mid = s / 2
-    return {
-        "left": (near, mid),
-        "right": (far, mid),
-        "top": (mid, near),
-        "bottom": (mid, far),
-        "center": (mid, mid),
-    }[position]
+    anchors = {"left": (near, mid), "right": (far, mid), "top": (mid, near), "bottom": (mid, far), "center": (mid, mid)}
+    return anchors[position]
 
 
 def sample_scene(
@@ -341,11 +334,8 @@ NOISE_FIELDS = 32
 
 @functools.lru_cache(maxsize=4)
 def _noise_bank(size: int, sigma: float) -> np.ndarray:
-    """Fixed Gaussian noise fields (int16, ``NOISE_FIELDS x 2size x 2size x 3``); each image adds a random window.
-
-    Drawing 12k normals per image cost more than the rest of rendering; a window of a shared bank (chosen by the
-    item's generator) is as noisy, independent of the world seed, and about 10x cheaper.
-    """
+    """Fixed Gaussian noise fields; each image adds a random window, chosen by its generator: as noisy as drawing 12k
+    normals per image (which cost more than the rest of rendering), and about 10x cheaper."""
     g = np.random.default_rng([0x7E57, size])
     fields = g.standard_normal((NOISE_FIELDS, 2 * size, 2 * size, 3), dtype=np.float32) * np.float32(sigma)
     return np.rint(fields).astype(np.int16)
