@@ -324,25 +324,12 @@ def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> dict:
             truth.append(row | {"alt_kind": alt.kind, "alt_uses_shade": alt.uses_shade})
     table = pa.Table.from_pylist(metas, schema=WEB_PARQUET_SCHEMA)
     pq.write_table(table, web / f"{name}.parquet")
-    successes = status_dict["success"]
-    end_time = time.time()
-    stats = {
-        "count": hi - lo,
-        "successes": successes,
-        "failed_to_download": hi - lo - successes,
-        "failed_to_resize": 0,
-        "duration": end_time - start_time,
-        "start_time": start_time,
-        "end_time": end_time,
-        "status_dict": dict(status_dict),
-    }
+    successes, end_time = status_dict["success"], time.time()
+    stats = {"count": hi - lo, "successes": successes, "failed_to_download": hi - lo - successes, "failed_to_resize": 0}
+    stats |= {"duration": end_time - start_time, "start_time": start_time, "end_time": end_time}
+    stats["status_dict"] = dict(status_dict)
     (web / f"{name}_stats.json").write_text(json.dumps(stats, indent=4))
     return {"truth": truth}
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> dict:
@@ -383,7 +370,7 @@ def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> d
             caption, recaption = short_caption(scene, rng), detailed_description(scene, rng)
             rec = {"image_id": i, "file_name": f"images/{i}.jpg", "caption": caption, "recaption": recaption}
             rec["_id"] = str(i)
-        _write(out / image, jpg)
+        (out / image).write_bytes(jpg)
         recs.append(rec | {"_index": i, "_truth": _truth_row(scene)})  # scenes travel back as plain (cheap) dicts
     return {"recs": recs}
 
