@@ -209,21 +209,10 @@ def llm_texts(world_dir: str | Path) -> list[str]:
 def tiny_llama_config(tokenizer: Any, **overrides: Any) -> Any:
     from transformers import LlamaConfig
 
-    kwargs = {
-        "vocab_size": int(math.ceil(len(tokenizer) / 64) * 64),
-        "hidden_size": 160,
-        "intermediate_size": 416,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 512,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    return LlamaConfig(**(kwargs | overrides))
+    sizes = dict(hidden_size=160, intermediate_size=416, num_hidden_layers=2, num_attention_heads=4)
+    sizes |= dict(num_key_value_heads=4, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True)
+    ids = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("bos", "eos", "pad")}
+    return LlamaConfig(**({"vocab_size": int(math.ceil(len(tokenizer) / 64) * 64)} | sizes | ids | overrides))
 
 
 def pretrain_tiny_llm(
@@ -275,14 +264,8 @@ def pretrain_tiny_llm(
     out = Path(out_dir)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    report = {
-        "steps": steps,
-        "docs": len(docs),
-        "first_loss": losses[0],
-        "last_loss": sum(losses[-50:]) / 50,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+    report = {"steps": steps, "docs": len(docs), "first_loss": losses[0], "last_loss": sum(losses[-50:]) / 50}
+    report |= {"seconds": round(time.perf_counter() - t0, 1), "params": sum(p.numel() for p in model.parameters())}
     (out / "tiny_llm.json").write_text(json.dumps(report, indent=2))
     return report
 
