@@ -240,33 +240,16 @@ def _text_rng(cfg: WorldConfig, split: str, index: int) -> np.random.Generator:
 
 
 def _truth_row(scene: Scene) -> dict:
-    return {
-        "objects": scene.objects_json(),
-        "background": scene.background_json(),
-        "main_index": scene.main_index,
-        "content_key": scene.content_key(),
-        "label": scene.label,
-        "fine_label": scene.fine_label,
-    }
+    row = {"objects": scene.objects_json(), "background": scene.background_json(), "main_index": scene.main_index}
+    return row | {"content_key": scene.content_key(), "label": scene.label, "fine_label": scene.fine_label}
 
 
 # img2dataset parquet schema for `--input_format parquet --caption_col re_caption --save_additional_columns
 # '["org_caption"]'` (input columns first, in img2dataset's column_list order, then the downloader's columns).
 WEB_PARQUET_SCHEMA = pa.schema(
-    [
-        ("org_caption", pa.string()),
-        ("caption", pa.string()),
-        ("url", pa.string()),
-        ("key", pa.string()),
-        ("status", pa.string()),
-        ("error_message", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("original_width", pa.int32()),
-        ("original_height", pa.int32()),
-        ("exif", pa.string()),
-        ("sha256", pa.string()),
-    ]
+    [(c, pa.string()) for c in ("org_caption", "caption", "url", "key", "status", "error_message")]
+    + [(c, pa.int32()) for c in ("width", "height", "original_width", "original_height")]
+    + [(c, pa.string()) for c in ("exif", "sha256")]
 )
 
 
@@ -482,35 +465,15 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
     seconds = time.perf_counter() - t0
     web_ok = sum(1 for r in web_truth if r["status"] == "success")
     counts = cfg.counts()
-    summary = {
-        "out_dir": str(out),
-        "format_version": FORMAT_VERSION,
-        "seed": cfg.seed,
-        "counts": counts,
-        "web_successes": web_ok,
-        "web_shards": [f"web/{shard_name(s, cfg.oom_shard_count)}.tar" for s in range(cfg.n_shards)],
-        "instruct_text_only": sum(1 for r in by_split["instruct"] if "image" not in r),
-        "seconds": round(seconds, 3),
-        "render_seconds": round(t_render, 3),
-        "workers": cfg.workers,
-    }
-    world = {
-        "format_version": FORMAT_VERSION,
-        "name": "tinyworld",
-        "seed": cfg.seed,
-        "config": cfg_dict,
-        "counts": counts,
-        "web": {
-            "shards": cfg.n_shards,
-            "successes": web_ok,
-            "oom_shard_count": cfg.oom_shard_count,
-            "oom_sample_per_shard": cfg.oom_sample_per_shard,
-        },
-        "split_ids": SPLIT_IDS,
-        "vocab": vocab(),
-        "classnames": list(CLASSNAMES),
-        "generated_at": started,
-        "generation_seconds": round(seconds, 3),
-    }
+    summary = {"out_dir": str(out), "format_version": FORMAT_VERSION, "seed": cfg.seed, "counts": counts}
+    summary["web_successes"] = web_ok
+    summary["web_shards"] = [f"web/{shard_name(s, cfg.oom_shard_count)}.tar" for s in range(cfg.n_shards)]
+    summary["instruct_text_only"] = sum(1 for r in by_split["instruct"] if "image" not in r)
+    summary |= {"seconds": round(seconds, 3), "render_seconds": round(t_render, 3), "workers": cfg.workers}
+    web = {"shards": cfg.n_shards, "successes": web_ok, "oom_shard_count": cfg.oom_shard_count}
+    web["oom_sample_per_shard"] = cfg.oom_sample_per_shard
+    world = {"format_version": FORMAT_VERSION, "name": "tinyworld", "seed": cfg.seed, "config": cfg_dict}
+    world |= {"counts": counts, "web": web, "split_ids": SPLIT_IDS, "vocab": vocab(), "classnames": list(CLASSNAMES)}
+    world |= {"generated_at": started, "generation_seconds": round(seconds, 3)}
     _json_dump(out / "world.json", world, indent=2)
     return summary

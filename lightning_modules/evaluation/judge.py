@@ -42,13 +42,7 @@ JSON_NAME = "judge.json"
 COUNTS: tuple[str, ...] = ("1", "2", "3")
 TRUTH_COLUMNS = ["objects", "background", "main_index"]
 # Every head's label names, index = class; colour/shape/position are the main object's.
-HEADS: dict[str, tuple[str, ...]] = {
-    "colour": COLOURS,
-    "shape": SHAPES,
-    "position": POSITIONS,
-    "count": COUNTS,
-    "background": BACKGROUND_KINDS,
-}
+HEADS = {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "count": COUNTS, "background": BACKGROUND_KINDS}
 # A horizontal flip swaps left and right and keeps every other label (all six shapes are mirror-symmetric).
 _FLIP_POSITION = [POSITIONS.index({"left": "right", "right": "left"}.get(p, p)) for p in POSITIONS]
 CHANCE_SEED_TAG = 0x6A756467  # seeds the chance derangement apart from other seeded draws
