@@ -7,10 +7,9 @@ few general forms ("to the right", "centered") so paraphrases still parse. How a
 
 1. Relative phrases ("left of", "above", "under"...) become barriers that never give a position; absolute position
    phrases become markers.
-2. Every singular shape word starts an object; size and colour words directly before it (over fillers such as
-   "coloured", "lone") and right after it ("a star in red", "a star, big and red,", "the red star is large") belong
-   to it. "is/being a ..." after "largest one" or "most prominent figure" makes it large. "shape" is an object only
-   with a colour; "a single shape" and "two shapes" are counts.
+2. Every singular shape word starts an object; size and colour words right before it (over fillers such as "lone")
+   or after it ("a star in red", "the red star is large") belong to it; "largest one is a ..." makes it large. "shape"
+   is an object only with a colour ("a single shape", "two shapes" are counts).
 3. An object takes the first free marker after it, before the next object, a relation or the sentence end; else a
    free marker earlier in its sentence ("Near the left border, one can see a little red star.").
 4. A definite mention ("the red star is large") refers back to the first earlier compatible object and fills in what

@@ -164,12 +164,9 @@ def _json(value: Any) -> Any:
 
 
 def truth_targets(truth: Any) -> dict[str, int | None]:
-    """Class indices ``{head: index or None}`` of one image's intended content; missing attributes are None.
-
-    ``truth`` may be a truth/prompt parquet row (``objects`` and optionally ``background``/``main_index``, JSON or
-    parsed), a ``Scene`` or its ``to_dict()``, an ``objects`` list or its JSON, or a flat dict of attribute names
-    (``{"colour": "red", "shape": "star", "position": "left", "count": 2, "background": "plain"}``, any subset).
-    """
+    """Class indices ``{head: index or None}`` of one image's intended content, from a truth/prompt parquet row (JSON
+    or parsed), a ``Scene`` or its dict, an ``objects`` list or its JSON, or a flat dict of attribute names (any of
+    ``{"colour": "red", "shape": "star", "position": "left", "count": 2, "background": "plain"}``)."""
     if hasattr(truth, "to_dict") and not isinstance(truth, Mapping):
         truth = truth.to_dict()
     truth = _json(truth)
@@ -235,13 +232,9 @@ def _accuracies(preds: dict[str, Tensor], targets: Tensor) -> dict[str, float]:
 def judge_accuracy(
     judge: nn.Module, images: Tensor, truths: Sequence[Any], *, seed: int = 0, batch_size: int = 512
 ) -> dict[str, float]:
-    """Share of images whose predicted attributes match their truths (:func:`truth_targets`), per head, and ``both``
-    (colour and shape); ``n`` images.
-
-    ``chance/<head>`` repeats each score against a seeded derangement of the same truths: what a judge that ignores
-    the prompt would score. Heads missing from every truth, or from the judge (any module whose forward returns
-    ``{head: logits}``), are left out. The judge's mode is not changed: pass an eval-mode judge.
-    """
+    """Share of images whose predicted attributes match their truths (:func:`truth_targets`), per head and ``both``
+    (colour and shape), and ``chance/*`` against a seeded derangement of the truths (a judge that ignores the prompt).
+    Heads missing from every truth or from the judge (any module returning ``{head: logits}``) are left out."""
     if len(truths) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(truths)} truths")
     targets = _targets_tensor(truths)

@@ -1,8 +1,7 @@
 """Retrieval recall, top-k accuracy and token counting for CLIP evaluation (plain PyTorch).
 
-Retrieval follows CLIP_benchmark (``clip_benchmark/metrics/zeroshot_retrieval.py``), the harness behind the COCO /
-Flickr30K numbers of open_clip and of the paper: text->image counts a text as a hit when its positive image is among
-the top-k images; image->text counts an image as a hit when ANY of its positive texts is among the top-k texts.
+Retrieval follows CLIP_benchmark (``zeroshot_retrieval.py``, behind the paper's COCO / Flickr30K numbers): a text hits
+when its image is in its top-k; an image hits when ANY of its texts is in its top-k.
 
 Ties. ``torch.topk`` leaves the order of equal scores unspecified, so a tie at the k-th place could be a hit or a miss
 depending on the device. Here candidates equal to the k-th score fill the remaining places lowest index first (a
