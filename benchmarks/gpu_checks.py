@@ -98,7 +98,7 @@ def tokenizer_folder(work: Path, given: str | None) -> str:
     out = work / "tokenizer"
     if not (out / "tokenizer.json").exists():
         from datamodules.tiny_world import WorldConfig, generate_world
-        from datamodules.tiny_world.tokenizer import train_world_tokenizer
+        from experiments.tiny_llm import train_world_tokenizer
 
         generate_world(work / "world", WorldConfig.tiny(seed=0, workers=1))
         train_world_tokenizer(work / "world", out, vocab_size=1024)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -37,28 +36,16 @@ class PromptRecord:
     row: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-@dataclass
-class PromptSet(Sequence[PromptRecord]):
-    """The records ``read_prompt_set`` kept, with where they came from and how many rows had no prompt."""
+class PromptSet(list[PromptRecord]):
+    """The records ``read_prompt_set`` kept, with their file, column, rows in the file and rows with no prompt."""
 
-    records: list[PromptRecord]
-    path: Path
-    column: str
-    n_rows: int  # rows in the file
-    n_empty: int  # rows skipped because the prompt column was empty or null
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self.records[index]
-
-    def __iter__(self) -> Iterator[PromptRecord]:
-        return iter(self.records)
+    def __init__(self, records: list[PromptRecord], path: Path, column: str, n_rows: int, n_empty: int) -> None:
+        super().__init__(records)
+        self.path, self.column, self.n_rows, self.n_empty = path, column, n_rows, n_empty
 
     @property
     def prompts(self) -> list[str]:
-        return [r.prompt for r in self.records]
+        return [r.prompt for r in self]
 
 
 def seeded_subset(n: int, k: int | None, seed: int = 0) -> list[int]:
@@ -100,14 +87,10 @@ def read_prompt_set(
 ) -> PromptSet:
     """Prompts from a parquet in the Recap-COCO-30K schema (``image_id, coco_url, caption, recaption``).
 
-    Extra columns are kept in ``PromptRecord.row`` (binary ones, e.g. embedded image bytes, are not read); a missing
-    ``image_id`` or ``column`` is an error naming the file and the column. Rows whose prompt is null or blank are
-    skipped and counted (``n_empty``, logged). ``limit`` keeps a seeded random subset of the remaining rows in file
-    order (the paper rates 3k of the 30k with GPT-4V); the same ``(file, column, limit, seed)`` gives the same subset.
-
-    Reference images: ``file_name`` (the tiny world) is relative to ``image_root`` or, without one, to the parquet's
-    folder; otherwise ``coco_url``'s file name is looked up under ``image_root`` (see ``_coco_image_path``); with
-    neither, ``image_path`` is None. Existence is checked when the images are loaded, not here.
+    Other non-binary columns are kept in ``PromptRecord.row``. Blank prompts are skipped and counted (``n_empty``).
+    ``limit`` keeps a seeded subset in file order (the paper rates 3k of the 30k with GPT-4V). Reference images:
+    ``file_name`` (the tiny world) is relative to ``image_root`` or the parquet's folder; else ``coco_url``'s file name
+    is looked up under ``image_root``; else ``image_path`` is None.
     """
     import pyarrow.parquet as pq
 
@@ -158,24 +141,17 @@ def _collate(records: list[Any]) -> dict[str, list]:
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Batches of ``{"prompt", "image_id"}`` for ``DiTModule.predict_step``.
+    """Batches of ``{"prompt", "image_id"}`` for ``DiTModule.predict_step``: the ``column`` (``caption`` or
+    ``recaption``) of a Recap-COCO-30K-schema parquet, ``batch_size`` per PNG grid, a seeded subset of ``limit``."""
 
-    Args:
-        prompts: The parquet (``image_id`` + the prompt column; the paper: Recap-COCO-30K).
-        column: ``caption`` (the raw COCO captions) or ``recaption`` (COCO-Recap).
-        batch_size: Prompts per predict batch (one PNG grid each).
-        limit: A seeded random subset of this many prompts (None: all).
-        seed: Seed of the subset.
-    """
-
-    def __init__(self, prompts: str, column: str = "caption", batch_size: int = 64, limit: int | None = None,
-                 seed: int = 0):  # fmt: skip
+    def __init__(
+        self, prompts: str, column: str = "caption", batch_size: int = 64, limit: int | None = None, seed: int = 0
+    ):
         super().__init__()
         self.save_hyperparameters()
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
-        """Checks before anything is built (``experiments/validate.py``): the prompt parquet exists."""
         check_path("prompts", args.get("prompts"), "file", what="a prompt parquet (Recap-COCO-30K schema)")
 
     def predict_dataloader(self) -> DataLoader:

@@ -19,6 +19,12 @@ LIGHTNING_COMMANDS = {
 }
 
 
+def _world_tokenizer(argv: Sequence[str]) -> None:
+    from experiments.tiny_llm import tokenizer_main
+
+    tokenizer_main(list(argv))
+
+
 def _module_main(module: str) -> Callable[[Sequence[str]], None]:
     """A command that runs ``module.main(argv)``, importing the module only when the command runs."""
 
@@ -52,11 +58,11 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         "write a ClipModule checkpoint as an open_clip folder (config + safetensors)",
     ),
     "world-tokenizer": (
-        _module_main("datamodules.tiny_world.tokenizer"),
+        _world_tokenizer,
         "tiny world only: train the captioner's BPE tokenizer (LLaMA-3 special tokens and chat template)",
     ),
     "world-judge": (
-        _module_main("datamodules.tiny_world.judge"),
+        _module_main("lightning_modules.evaluation.judge"),
         "tiny world only: train the pinned attribute judge (GenEval-like accuracy and FID features for the DiT)",
     ),
     "tiny-llm": (

@@ -1,24 +1,12 @@
 """``python -m experiments dit-eval``: sample a trained Recap-DiT on prompt sets and score the images (Table 7).
 
-    python -m experiments dit-eval --ckpt runs/tiny/dit/table7/p0.0/fit/checkpoints/last.ckpt \
-        --prompts data/world/eval/t2i_prompts/prompts.parquet --limit 500 \
-        --attribute-judge data/world/judge --clip web_clip=runs/tiny/captioner/web_clip/export \
-        --out runs/tiny/dit/eval/p0.0
-
 For each prompt column (``caption``: raw COCO-style prompts; ``recaption``: COCO-Recap) it samples one image per
-prompt with the checkpoint's EMA weights and its sampler (overridable: ``--steps``, ``--guidance``, ``--sampler``),
-writes a PNG grid of the first 64, and writes ``<out>/<column>/metrics.json`` with, as configured:
-
-- ``fid``: against the prompts' reference images, with InceptionV3 (``--inception-weights``, a local file; real runs)
-  or with the tiny world's attribute judge's features (``--attribute-judge``);
-- ``clip_score/<name>``: 100 * max(cos, 0) with each ``--clip NAME=FOLDER`` (open_clip export or HF CLIP folder);
-  the paper: OpenAI ViT-B/32 and its Recap-CLIP ViT-L/16;
-- ``judge/*``: the paper's GPT-4V rating prompt answered by a local llava-hf model (``--llava-judge``) on a seeded
-  subset (``--judge-limit``; the paper: 3,000);
-- ``attributes/*`` (tiny world): the pinned judge's accuracy on the attributes each prompt states about its main
-  object (colour, shape, position, count, background), and ``attributes/chance/*`` against deranged prompts.
-
-``<out>/results.md`` collects both columns side by side.
+prompt with the checkpoint's EMA weights and sampler (``--steps``, ``--guidance``, ``--sampler`` override), writes a
+grid of the first 64 and ``<out>/<column>/metrics.json``: ``fid`` (InceptionV3 with ``--inception-weights``, or the
+tiny world judge's features with ``--attribute-judge``), ``clip_score/<name>`` per ``--clip NAME=FOLDER``,
+``judge/*`` (the paper's GPT-4V rating prompt answered by ``--llava-judge`` on ``--judge-limit`` images) and, in the
+tiny world, ``attributes/*``: the pinned judge's accuracy on what each prompt states about its main object, with
+``attributes/chance/*`` against deranged prompts. ``<out>/results.md`` puts both columns side by side.
 """
 
 from __future__ import annotations
@@ -71,16 +59,17 @@ def _scorers(specs: Sequence[str]) -> dict[str, Any]:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    from datamodules.prompts import read_prompt_set
     from lightning_modules.components.dit import save_grid
     from lightning_modules.dit import DiTModule
-    from lightning_modules.evaluation.generation import FID, LlavaJudge, evaluate_generation, read_prompt_set
+    from lightning_modules.evaluation.generation import FID, LlavaJudge, evaluate_generation
 
     module = DiTModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
     module.configure_model()
     module.eval()
     judge = fid = attribute_judge = None
     if args.attribute_judge:
-        from datamodules.tiny_world.judge import JudgeFeatures, judge_accuracy, load_judge
+        from lightning_modules.evaluation.judge import JudgeFeatures, judge_accuracy, load_judge
 
         pinned = load_judge(args.attribute_judge)
 
@@ -95,35 +84,34 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     scorers = _scorers(args.clip)
     out = Path(args.out)
     results: dict[str, dict[str, float]] = {}
+    sampling = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "sampler": args.sampler}
     for column in args.columns:
         records = read_prompt_set(args.prompts, column, image_root=args.image_root, limit=args.limit, seed=args.seed)
         images = []
         for i in range(0, len(records), args.batch_size):
             prompts = [r.prompt for r in records[i : i + args.batch_size]]
-            images.append(module.generate(prompts, seed=args.seed + i, num_inference_steps=args.steps,
-                                          guidance_scale=args.guidance, sampler=args.sampler))  # fmt: skip
+            images.append(module.generate(prompts, seed=args.seed + i, **sampling))
             print(f"dit-eval {column}: {min(i + args.batch_size, len(records))}/{len(records)} images", flush=True)
         images = torch.cat(images)
         save_grid(images[:64], out / column / "grid.png", nrow=8, captions=[r.prompt for r in records[:64]])
-        results[column] = evaluate_generation(
-            images, records, out / column / "metrics.json",
-            reference_images="records" if fid is not None else None, fid=fid, clip_scorers=scorers, judge=judge,
-            judge_limit=args.judge_limit, attribute_judge=attribute_judge,
-            extra={"checkpoint": str(args.ckpt), "sampler": args.sampler or module.hparams.sampler,
-                   "steps": args.steps or module.hparams.num_inference_steps,
-                   "guidance_scale": module.hparams.guidance_scale if args.guidance is None else args.guidance},
-        )  # fmt: skip
+        hp = module.hparams
+        run = {"checkpoint": str(args.ckpt), "sampler": args.sampler or hp.sampler}
+        run |= {"steps": args.steps or hp.num_inference_steps}
+        run |= {"guidance_scale": hp.guidance_scale if args.guidance is None else args.guidance}
+        kwargs = {"fid": fid, "clip_scorers": scorers, "judge": judge, "judge_limit": args.judge_limit}
+        kwargs |= {"reference_images": "records" if fid is not None else None, "attribute_judge": attribute_judge}
+        results[column] = evaluate_generation(images, records, out / column / "metrics.json", **kwargs, extra=run)
     _write_table(results, out / "results.md", args)
     return results
 
 
 def _write_table(results: dict[str, dict[str, float]], path: Path, args: argparse.Namespace) -> None:
-    keys = sorted({k for m in results.values() for k in m})
-    lines = [f"# DiT evaluation: {args.ckpt}", "", f"prompts: {args.prompts} (limit {args.limit})", "",
-             "| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]  # fmt: skip
-    for k in keys:
-        cells = [results[c].get(k) for c in results]
-        lines.append(f"| {k} | " + " | ".join("" if v is None else f"{v:.4g}" for v in cells) + " |")
+    # by hand, not DataFrame.to_markdown: that pads the cells, and readers grep for "| fid |"
+    lines = [f"# DiT evaluation: {args.ckpt}", "", f"prompts: {args.prompts} (limit {args.limit})", ""]
+    lines += ["| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for k in sorted({k for m in results.values() for k in m}):
+        cells = ["" if results[c].get(k) is None else f"{results[c][k]:.4g}" for c in results]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

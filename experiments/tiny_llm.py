@@ -1,17 +1,11 @@
-"""``python -m experiments tiny-llm``: the tiny world's stand-in for LLaMA-3-8B, a text-pretrained Llama.
+"""The tiny world's LLaMA-3 analog: its tokenizer (``world-tokenizer``) and a text-pretrained Llama (``tiny-llm``).
 
-LLaVA composes a *pretrained* LLM with a vision tower; stage 1 trains only the projector and relies on the LLM already
-knowing the language. In the tiny world nothing is pretrained, so this step trains a small ``LlamaForCausalLM`` on the
-world's text (web alt-text, LLaVA-Pretrain captions, instruction turns; never the evaluation sets) and saves it with
-``save_pretrained`` next to the world tokenizer. The captioner then loads it by path, through the same code path as
-``meta-llama/Meta-Llama-3-8B-Instruct``.
-
-Like Meta-Llama-3-8B-*Instruct*, the model also learns the chat format: the world's conversations (LLaVA-Pretrain and
-instruction sets, with the ``<image>`` placeholder removed) are rendered with the tokenizer's LLaMA-3 chat template
-and trained on whole. Without this, stage 1 (projector only) has a frozen LLM that has never seen a chat turn.
-
-This is world preparation, not an experiment of the paper, so it is a short plain PyTorch loop (next-token loss
-from transformers' model, AdamW, cosine) rather than a LightningModule.
+The tokenizer is a byte-level BPE trained on every text of one world (a 128k vocabulary would be almost all unused
+rows for a tiny model), with the LLaMA-3 special tokens, LLaVA's ``<image>`` and the LLaMA-3 LLaVA chat template
+(``datamodules/chat.py``); conversations are trained on as the template renders them. The Llama stands in for a
+pretrained LLM, which LLaVA's stage 1 (projector only) relies on: it is trained on the world's text and, like
+Meta-Llama-3-8B-Instruct, on its conversations in the chat format, then loaded by path like the real one. World
+preparation, not an experiment of the paper: short plain PyTorch, no LightningModule. See tiny_world/README.md.
 """
 
 from __future__ import annotations
@@ -20,17 +14,175 @@ import argparse
 import json
 import math
 import random
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from datamodules import chat
+from datamodules.tiny_world.text import PROMPTS
+from datamodules.tiny_world.writer import (
+    CONVERSATION_FILES,
+    conversations,
+    web_alt_texts,
+    world_fingerprint,
+    world_texts,
+)
+
+RECIPE_VERSION = 2  # 2: LLaMA-3 pre-tokenizer split (newline runs are one piece); bump to rebuild saved tokenizers
+STAMP_NAME = "world_tokenizer.json"
+_OWN_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", STAMP_NAME)
+# Meta-Llama-3's pre-tokenizer pattern (its tokenizer.json, = tiktoken's cl100k). It keeps a run of newlines one piece
+# whatever follows (`\s*[\r\n]+`), so "<|end_header_id|>\n\n" tokenizes the same at the end of a generation prompt
+# and before a reply. GPT-2's pattern (ByteLevel's default) splits "\n\nIn" into "\n", "\n", "In" but leaves a
+# trailing "\n\n" whole: a captioner trained on the first and prompted with the second skipped its opening words.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+
+
+def special_tokens() -> list[str]:
+    """The special tokens in id order: bos, the other LLaMA-3 tokens, pad, ``<image>`` (ids 0..6)."""
+    s = chat.LLAMA3_SPECIAL_TOKENS
+    tokens = (s["bos_token"], *chat.LLAMA3_ADDITIONAL_TOKENS, s["eos_token"], s["pad_token"], chat.IMAGE_TOKEN)
+    return list(dict.fromkeys(tokens))
+
+
+def _training_pieces(world: Path) -> Iterator[str]:
+    """What the BPE trains on: texts cut at the special tokens, as the tokenizer will see them when encoding;
+    conversations as ``LLAMA3_LLAVA_CHAT_TEMPLATE`` renders them (string content: trimmed, no generation prompt)."""
+    split = re.compile("|".join(re.escape(t) for t in special_tokens()))
+    conversation_values = set()
+    for conv in conversations(world):
+        conversation_values.update(turn["value"] for turn in conv)
+        parts = [chat.LLAMA3_SPECIAL_TOKENS["bos_token"]]
+        for turn in chat.llava_to_messages(conv):
+            parts.append(f"<|start_header_id|>{turn['role']}<|end_header_id|>\n\n{turn['content'].strip()}<|eot_id|>")
+        yield from (p for p in split.split("".join(parts)) if p)
+    for text in world_texts(world):
+        if text not in conversation_values:  # already seen, in context, above
+            yield from (p for p in split.split(text) if p)
+
+
+def _stamp(world: Path, vocab_size: int, model_max_length: int) -> dict:
+    return {
+        "recipe_version": RECIPE_VERSION,
+        "world_fingerprint": world_fingerprint(world, prompts=list(PROMPTS)),
+        "vocab_size": int(vocab_size),
+        "model_max_length": int(model_max_length),
+    }
+
+
+def _current(out: Path, stamp: dict) -> bool:
+    """True if ``out`` holds a tokenizer this recipe made from the same world and settings."""
+    if not ((out / STAMP_NAME).is_file() and (out / "tokenizer.json").is_file()):
+        return False
+    try:
+        saved = json.loads((out / STAMP_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return all(saved.get(k) == v for k, v in stamp.items())
+
+
+def _train_bpe(pieces: Iterator[str], vocab_size: int, model_max_length: int) -> Any:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [AddedToken(t, special=True, normalized=False) for t in special_tokens()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(pieces, trainer=trainer)
+    tok.add_special_tokens(specials)  # added (never split); the trainer already put them at ids 0..6
+    s = chat.LLAMA3_SPECIAL_TOKENS
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=s["bos_token"],
+        eos_token=s["eos_token"],
+        pad_token=s["pad_token"],
+        additional_special_tokens=[t for t in special_tokens() if t not in s.values()],
+        model_max_length=model_max_length,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+    hf.chat_template = chat.LLAMA3_LLAVA_CHAT_TEMPLATE
+    return hf
+
+
+def train_world_tokenizer(
+    world_dir: str | Path,
+    out_dir: str | Path,
+    vocab_size: int = 1024,
+    *,
+    model_max_length: int = 1024,
+    overwrite: bool = False,
+) -> Any:
+    """Train the world's byte-level BPE, ``save_pretrained`` it to ``out_dir`` and return it.
+
+    A tokenizer already in ``out_dir`` from the same world, ``vocab_size`` and ``model_max_length`` is loaded instead,
+    unless ``overwrite``; one from anything else is an error unless ``overwrite`` (which replaces only the tokenizer
+    files). ``vocab_size`` counts the 7 special tokens and the 256 bytes; a small world may stop short of it.
+    """
+    from transformers import AutoTokenizer
+
+    world, out = Path(world_dir), Path(out_dir)
+    if vocab_size < 256 + len(special_tokens()):
+        raise ValueError(f"vocab_size must be >= {256 + len(special_tokens())} (bytes + special tokens)")
+    stamp = _stamp(world, vocab_size, model_max_length)
+    if not overwrite and _current(out, stamp):
+        return AutoTokenizer.from_pretrained(str(out))
+    if not overwrite and any((out / f).exists() for f in _OWN_FILES):
+        raise FileExistsError(
+            f"{out} holds a tokenizer made from another world or with other settings; pass overwrite=True "
+            "(--overwrite) to replace it"
+        )
+    t0 = time.perf_counter()
+    hf = _train_bpe(_training_pieces(world), vocab_size, model_max_length)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in _OWN_FILES:
+        (out / f).unlink(missing_ok=True)
+    hf.save_pretrained(str(out))
+    seconds = round(time.perf_counter() - t0, 3)
+    stamp.update(world=str(world.resolve()), realised_vocab_size=len(hf), train_seconds=seconds)
+    (out / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")  # last: marks the directory complete
+    return hf
+
+
+def tokenizer_main(argv: Sequence[str] | None = None) -> dict:
+    """``python -m experiments world-tokenizer --world DIR --out DIR [--vocab-size N] [--overwrite]``."""
+    ap = argparse.ArgumentParser(prog="world-tokenizer", description="Train the captioner's BPE on a world's texts.")
+    ap.add_argument("--world", required=True, help="tiny world directory (generate_world output)")
+    ap.add_argument("--out", required=True, help="output directory (AutoTokenizer.from_pretrained loads it)")
+    ap.add_argument("--vocab-size", type=int, default=1024, help="vocabulary size, special tokens and bytes included")
+    ap.add_argument("--model-max-length", type=int, default=1024, help="tokenizer max length")
+    ap.add_argument("--overwrite", action="store_true", help="retrain even if --out already holds this tokenizer")
+    a = ap.parse_args(argv)
+    skipped = not a.overwrite and _current(Path(a.out), _stamp(Path(a.world), a.vocab_size, a.model_max_length))
+    tok = train_world_tokenizer(
+        a.world, a.out, a.vocab_size, model_max_length=a.model_max_length, overwrite=a.overwrite
+    )
+    stamp = json.loads((Path(a.out) / STAMP_NAME).read_text(encoding="utf-8"))
+    summary = {"out": str(a.out), "vocab_size": len(tok), "skipped": skipped, **stamp}
+    print(json.dumps(summary, indent=1))
+    return summary
+
 
 def _conversations(world: Path) -> list[list[dict]]:
-    from datamodules.tiny_world.tokenizer import CONVERSATION_FILES, conversations
-
     missing = [str(world / rel) for rel in CONVERSATION_FILES if not (world / rel).is_file()]
     if missing:
         raise FileNotFoundError(f"tiny-llm trains on the world's conversations; missing: {missing}")
@@ -39,19 +191,15 @@ def _conversations(world: Path) -> list[list[dict]]:
 
 def world_conversations(world_dir: str | Path) -> list[list[dict[str, str]]]:
     """The caption_pretrain / instruct conversations as chat messages, ``<image>`` removed."""
-    from datamodules.chat import llava_to_messages
-
     out = []
     for conv in _conversations(Path(world_dir)):
-        messages = llava_to_messages(conv, where=str(world_dir))
+        messages = chat.llava_to_messages(conv, where=str(world_dir))
         out.append([{**m, "content": m["content"].replace("<image>", "").strip()} for m in messages])
     return out
 
 
-def world_texts(world_dir: str | Path) -> list[str]:
+def llm_texts(world_dir: str | Path) -> list[str]:
     """Training text: alt-texts of the web shards and every turn of the caption_pretrain / instruct json."""
-    from datamodules.tiny_world.tokenizer import web_alt_texts
-
     world = Path(world_dir)
     texts = web_alt_texts(world)
     texts += [turn["value"].replace("<image>", "").strip() for conv in _conversations(world) for turn in conv]
@@ -61,22 +209,10 @@ def world_texts(world_dir: str | Path) -> list[str]:
 def tiny_llama_config(tokenizer: Any, **overrides: Any) -> Any:
     from transformers import LlamaConfig
 
-    kwargs = {
-        "vocab_size": int(math.ceil(len(tokenizer) / 64) * 64),
-        "hidden_size": 160,
-        "intermediate_size": 416,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 512,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+    sizes = dict(hidden_size=160, intermediate_size=416, num_hidden_layers=2, num_attention_heads=4)
+    sizes |= dict(num_key_value_heads=4, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True)
+    ids = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("bos", "eos", "pad")}
+    return LlamaConfig(**({"vocab_size": int(math.ceil(len(tokenizer) / 64) * 64)} | sizes | ids | overrides))
 
 
 def pretrain_tiny_llm(
@@ -97,7 +233,7 @@ def pretrain_tiny_llm(
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     end = tok.convert_tokens_to_ids("<|end_of_text|>")
-    docs = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"], end] for t in world_texts(world_dir)]
+    docs = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"], end] for t in llm_texts(world_dir)]
     if chat:
         chats = world_conversations(world_dir)
         docs += [tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in chats]
@@ -128,20 +264,14 @@ def pretrain_tiny_llm(
     out = Path(out_dir)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    report = {
-        "steps": steps,
-        "docs": len(docs),
-        "first_loss": losses[0],
-        "last_loss": sum(losses[-50:]) / 50,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+    report = {"steps": steps, "docs": len(docs), "first_loss": losses[0], "last_loss": sum(losses[-50:]) / 50}
+    report |= {"seconds": round(time.perf_counter() - t0, 1), "params": sum(p.numel() for p in model.parameters())}
     (out / "tiny_llm.json").write_text(json.dumps(report, indent=2))
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m experiments tiny-llm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments tiny-llm", description="Text-pretrain the tiny Llama.")
     parser.add_argument("--world", default="data/world")
     parser.add_argument("--tokenizer", required=True, help="the world tokenizer folder")
     parser.add_argument("--out", required=True)

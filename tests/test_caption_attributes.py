@@ -90,7 +90,8 @@ def test_recaptioner_mistakes_parse_as_written():
 
 
 def test_position_size_colour_and_shape_vocabulary():
-    phrases = {p: pos for t in (text._POS, text._SPOS, text._LPOS) for pos, ps in t.items() for p in ps}
+    tables = (text.DETAIL_POSITIONS, text.SHORT_POSITIONS, text.LONG_POSITIONS)
+    phrases = {p: pos for t in tables for pos, ps in t.items() for p in ps}
     assert len(phrases) == 30  # text.py's distinct absolute position phrases
     for phrase, pos in phrases.items():
         assert parse_caption(f"A small red star {phrase}.").objects == (CaptionObject("small", "red", "star", pos),)
@@ -103,8 +104,8 @@ def test_position_size_colour_and_shape_vocabulary():
             CaptionObject("small", "blue", "circle", None),
             CaptionObject("large", "red", "star", None),
         )
-    for word, size in {**dict.fromkeys((*text._BIG, "sizeable"), "large"),
-                       **dict.fromkeys((*text._SMALL, "compact"), "small")}.items():  # fmt: skip
+    for word, size in {**dict.fromkeys((*text.BIG_WORDS, "sizeable"), "large"),
+                       **dict.fromkeys((*text.SMALL_WORDS, "compact"), "small")}.items():  # fmt: skip
         assert parse_caption(f"a {word} ring").objects == (CaptionObject(size, None, "ring", None),)
     for word, colour in {**{c: c for c in COLOURS}, **SHADE_TO_COLOUR}.items():
         for shape in SHAPES:

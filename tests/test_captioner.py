@@ -12,7 +12,7 @@ from PIL import Image
 from datamodules.chat import ConversationEncoder, llava_to_messages
 from datamodules.llava_json import LlavaCollate, LlavaJsonDataset, load_llava_json
 from datamodules.tiny_world import WorldConfig, generate_world
-from datamodules.tiny_world.tokenizer import train_world_tokenizer
+from experiments.tiny_llm import train_world_tokenizer
 from lightning_modules.captioner import CaptionerModule
 from lightning_modules.components.llava import build_llava
 

@@ -178,7 +178,7 @@ def test_generate_is_seeded_uses_ema_and_predict_writes_a_grid(world, tmp_path):
 def test_hf_clip_text_encoder_path_masks_and_counts_truncation(world, tmp_path):
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-    from datamodules.tiny_world.tokenizer import train_world_tokenizer
+    from experiments.tiny_llm import train_world_tokenizer
 
     train_world_tokenizer(world["world"], tmp_path / "tok", vocab_size=300)
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
@@ -201,8 +201,8 @@ def test_hf_clip_text_encoder_path_masks_and_counts_truncation(world, tmp_path):
 
 
 def test_stated_truth_judges_only_what_the_prompt_asks():
+    from datamodules.prompts import PromptRecord
     from experiments.dit_eval import stated_truth
-    from lightning_modules.evaluation.generation import PromptRecord
 
     objects = json.dumps([{"shape": "cross", "colour": "orange", "position": "left", "size": "large"},
                           {"shape": "circle", "colour": "green", "position": "bottom", "size": "small"}])  # fmt: skip
@@ -214,8 +214,8 @@ def test_stated_truth_judges_only_what_the_prompt_asks():
 
 
 def test_fit_checkpoint_then_dit_eval_writes_metrics_for_both_prompt_sets(world, tmp_path):
-    from datamodules.tiny_world.judge import train_judge
     from experiments.dit_eval import main as dit_eval
+    from lightning_modules.evaluation.judge import train_judge
 
     module = make_module(world)
     data = make_data(world, 0.0)

@@ -17,22 +17,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from datamodules.tiny_world import CLASSNAMES, WorldConfig, generate_world
-from lightning_modules.evaluation import (
-    LongRetrieval,
-    Retrieval,
-    ZeroShotClassification,
-    resolve_classnames,
-    resolve_templates,
-    retrieval_metrics,
-    retrieval_recall,
-    run_tasks,
-    token_lengths,
-    topk_accuracy,
-    write_metrics_json,
-    zero_shot_classifier,
-)
+from datamodules.tiny_world import WorldConfig, generate_world
+from datamodules.tiny_world.scene import CLASSNAMES
+from lightning_modules.evaluation import LongRetrieval, Retrieval, ZeroShotClassification, run_tasks, write_metrics_json
 from lightning_modules.evaluation import metrics as metrics_module
+from lightning_modules.evaluation.metrics import retrieval_metrics, retrieval_recall, token_lengths, topk_accuracy
+from lightning_modules.evaluation.tasks import resolve_classnames, resolve_templates, zero_shot_classifier
 
 TO_TENSOR = transforms.ToTensor()
 

@@ -14,20 +14,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from datamodules.prompts import PromptRecord, read_prompt_set, seeded_subset
 from lightning_modules.evaluation.generation import (
     FID,
     JUDGE_PROMPT,
     HFClipScorer,
     LlavaJudge,
     OpenClipScorer,
-    PromptRecord,
     clip_score,
     evaluate_generation,
     judge_score,
     load_reference_images,
     parse_rating,
-    read_prompt_set,
-    seeded_subset,
 )
 
 REPO = Path(__file__).resolve().parents[1]

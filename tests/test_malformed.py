@@ -778,7 +778,7 @@ def test_eval_text_faults_are_refused_naming_file_and_field(tmp_path):
 
 
 def test_prompt_set_with_extra_columns_and_a_corrupt_file(tmp_path):
-    from lightning_modules.evaluation.generation import read_prompt_set
+    from datamodules.prompts import read_prompt_set
 
     path = tmp_path / "recap_coco.parquet"
     pq.write_table(pa.table({"image_id": [1, 2], "caption": ["a", "b"], "recaption": ["ra", "rb"],

@@ -21,8 +21,8 @@ import torch
 from datamodules.formats import RECAP_SCHEMA
 from datamodules.shards import shard_stem
 from datamodules.tiny_world import WorldConfig, generate_world
-from datamodules.tiny_world.tokenizer import train_world_tokenizer
 from experiments.jobs.recaption import SCHEMA, Generated, degenerate, merge, pending_units, recaption_unit, run
+from experiments.tiny_llm import train_world_tokenizer
 from lightning_modules.components.llava import build_llava, save_llava
 
 ROOT = Path(__file__).resolve().parents[1]

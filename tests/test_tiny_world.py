@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -18,31 +19,31 @@ import pytest
 from conftest import load_img2dataset_writer
 from PIL import Image
 
-from datamodules.tiny_world import (
-    ALT_KINDS,
+from datamodules.tiny_world import WorldConfig, generate_world
+from datamodules.tiny_world.scene import (
     CLASSNAMES,
     COLOURS,
-    DETAIL_PROMPTS,
     FINE_CLASSNAMES,
     SHADE_TO_COLOUR,
     SHAPES,
-    AltTextNoise,
     Scene,
     SceneConfig,
-    WorldConfig,
-    alt_text,
-    compute_key,
-    detailed_description,
-    generate_world,
     item_rng,
+    render_scene,
+    sample_scene,
+)
+from datamodules.tiny_world.text import (
+    ALT_KINDS,
+    DETAIL_PROMPTS,
+    AltTextNoise,
+    alt_text,
+    detailed_description,
     karpathy_tokens,
     long_caption,
     mentions_shade,
-    render_scene,
-    sample_scene,
     short_captions,
 )
-from datamodules.tiny_world.writer import WEB_PARQUET_SCHEMA
+from datamodules.tiny_world.writer import WEB_PARQUET_SCHEMA, compute_key
 
 META_FIELDS = ["org_caption", "caption", "url", "key", "status", "error_message", "width", "height",
                "original_width", "original_height", "exif", "sha256"]  # fmt: skip
@@ -216,7 +217,7 @@ def test_failed_downloads_are_parquet_rows_without_tar_members(tmp_path):
     assert summary["web_successes"] == 100 - failed
     # the failure draw never changes the images that did download
     clean = tmp_path / "clean"
-    generate_world(clean, WorldConfig.tiny(**{**cfg.to_dict(), "fail_rate": 0.0}))
+    generate_world(clean, WorldConfig.tiny(**{**dataclasses.asdict(cfg), "fail_rate": 0.0}))
     ok = {n: b for n, b in _tar_members(tmp_path / "w/web/00000.tar") if n.endswith(".jpg")}
     ref = dict(_tar_members(clean / "web/00000.tar"))
     assert ok
@@ -365,7 +366,7 @@ def test_scene_invariants():
 
 
 def test_shades_differ_visibly():
-    from datamodules.tiny_world import SHADES
+    from datamodules.tiny_world.scene import SHADES
 
     for colour, ((_, a), (_, b)) in SHADES.items():
         assert np.abs(np.subtract(a, b)).max() >= 60, colour

@@ -15,18 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datamodules.tiny_world import (
-    Background,
-    RecapNoise,
-    Scene,
-    SceneObject,
-    WorldConfig,
-    generate_world,
-    mentions_shade,
-    perceive,
-    truth_recaptions,
-)
-from datamodules.tiny_world.recaption import main
+from datamodules.tiny_world import WorldConfig, generate_world
+from datamodules.tiny_world.recaption import RecapNoise, main, perceive, truth_recaptions
+from datamodules.tiny_world.scene import Background, Scene, SceneObject
+from datamodules.tiny_world.text import mentions_shade
 
 # PAPER.md §7, the paper-era schema, verbatim (name, dtype)
 PAPER_SCHEMA = [

@@ -16,7 +16,9 @@ from datamodules.chat import (
     ConversationEncoder,
 )
 from datamodules.tiny_world import WorldConfig, generate_world
-from datamodules.tiny_world.tokenizer import STAMP_NAME, main, train_world_tokenizer, world_texts
+from datamodules.tiny_world.writer import world_texts
+from experiments.tiny_llm import STAMP_NAME, train_world_tokenizer
+from experiments.tiny_llm import tokenizer_main as main
 
 VOCAB = 512
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",

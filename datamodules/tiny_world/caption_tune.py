@@ -1,11 +1,8 @@
 """The tiny world's caption-tuning set: the paper's HQ-Edit step in miniature.
 
-After LLaVA-1.5's two stages, the paper tunes the captioner further on high-quality image-caption pairs (HQ-Edit) so
-that it writes better detailed captions. Here those pairs are the ground-truth detailed descriptions
-(``text.detailed_description``) of the captioner's own training images (``caption_pretrain`` and ``instruct``, never
-the web or evaluation splits), written as a LLaVA json whose image paths are relative to the world folder:
-
-    python -m datamodules.tiny_world.caption_tune --world data/world      # -> data/world/caption_tune/detail.json
+The paper tunes the captioner after LLaVA-1.5's two stages on high-quality pairs (HQ-Edit). Here they are the
+ground-truth detailed descriptions of the captioner's own training images (``caption_pretrain`` and ``instruct``),
+as a LLaVA json whose image paths are relative to the world: ``python -m experiments caption-tune --world DIR``.
 """
 
 from __future__ import annotations
@@ -42,16 +39,9 @@ def detail_records(world_dir: str | os.PathLike, splits: Sequence[str] = SPLITS,
             rng = np.random.default_rng([seed, _STREAM, SPLITS.index(split) if split in SPLITS else 9, row["index"]])
             scene = Scene.from_json(row["objects"], row["background"], row["main_index"])
             prompt = DETAIL_PROMPTS[int(rng.integers(len(DETAIL_PROMPTS)))]
-            records.append(
-                {
-                    "id": f"{split}-{row['id']}",
-                    "image": image,
-                    "conversations": [
-                        {"from": "human", "value": f"<image>\n{prompt}"},
-                        {"from": "gpt", "value": detailed_description(scene, rng)},
-                    ],
-                }
-            )
+            answer = {"from": "gpt", "value": detailed_description(scene, rng)}
+            turns = [{"from": "human", "value": f"<image>\n{prompt}"}, answer]
+            records.append({"id": f"{split}-{row['id']}", "image": image, "conversations": turns})
     return records
 
 

@@ -1,23 +1,12 @@
-"""A "truth recaptioner" for the tiny world: an imperfect oracle that writes a Recap-DataComp-1B-schema table.
+"""The tiny world's "truth recaptioner": an imperfect oracle that writes a Recap-DataComp-1B-schema table.
 
-Until a trained LLaVA captioner recaptions the web shards, CLIP experiments on the tiny world need a recaption
-source. :func:`truth_recaptions` reads the world's ground truth (``truth/web.parquet``) and the img2dataset
-per-shard parquets (``web/*.parquet``) and writes ``OUT/train-0000i-of-0000n.parquet`` with exactly the paper-era
-columns and dtypes of the released table (PAPER.md §7), in a row order unrelated to the shards. The table is meant to
-go through ``python -m experiments sidecars --recap OUT --shards WORLD/web --out SIDECARS`` like the real one.
-
-Each ``re_caption`` is the world's LLaVA "detailed caption" (:func:`text.detailed_description`) of a *perceived* copy
-of the scene: the imperfections of :class:`RecapNoise` (what the paper says LLaVA recaptions lose, and PROTOTYPE.md
-"Knobs to make a better miniature" #3) are applied to the objects' attributes first:
-
-* colour confusion: orange -> "red", pink -> "purple", cyan -> "blue";
-* shape coarsening: ring -> "circle", star and cross -> "shape";
-* omission of small objects (never the main object, so every caption still describes the largest shape).
-
-Shades are never named (the world keeps them out of every text but the alt-text). With all rates 0 the captioner is
-perfect. Everything is a pure function of ``(world seed, recap seed, key)``: the generators are
-``numpy.random.default_rng([TAG, world_seed, seed, sha256(key), stream, variant])``, so the output is byte-identical
-on rerun and one image's recaption does not depend on which other images are in the world.
+Until a trained captioner recaptions the web shards, CLIP experiments need a recaption source. :func:`truth_recaptions`
+writes ``OUT/train-0000i-of-0000n.parquet`` with the released table's columns and dtypes, in a row order unrelated to
+the shards, for ``python -m experiments sidecars`` as the real table. Each ``re_caption`` is the world's detailed
+description of a *perceived* copy of the scene, with the imperfections of :class:`RecapNoise` (what LLaVA recaptions
+lose): colour confusion (orange -> "red"), shape coarsening (ring -> "circle", star -> "shape") and omission of small
+non-main objects. Shades are never named. Everything is a pure function of ``(world seed, recap seed, key)``, so the
+output is byte-identical on rerun and one image's recaption does not depend on the other images.
 """
 
 from __future__ import annotations
@@ -43,16 +32,6 @@ from datamodules.io import TMP_MARK, atomic_write
 from .scene import COLOURS, SHAPES, Scene
 from .text import detailed_description, mentions_shade
 
-__all__ = [
-    "RECAP_SCHEMA",
-    "Perception",
-    "RecapNoise",
-    "main",
-    "perceive",
-    "recaption_scene",
-    "truth_recaptions",
-]
-
 SOURCE = "tiny-world truth recaptioner"
 CONFIG_NAME = "_recap_config.json"
 LENGTH_UNIT = "whitespace-separated words (len(text.split()))"
@@ -64,27 +43,18 @@ _FILE_RE = re.compile(r"^train-\d{5}-of-\d{5}\.parquet$")
 
 @dataclass(frozen=True)
 class RecapNoise:
-    """How imperfect the truth recaptioner is. All rates 0 gives a perfect captioner.
+    """How imperfect the truth recaptioner is: per-object probabilities (README.md, "Truth recaptions", says why these
+    defaults); all 0 is a perfect captioner."""
 
-    Each rate is a per-object probability, drawn independently for every object of every image; see README.md
-    ("Truth recaptions") for why the defaults are what they are.
-    """
-
-    colour_confusion: float = 0.3
-    """An object whose colour is a key of ``colour_map`` is named with the mapped colour (orange -> "red")."""
-    shape_coarsen: float = 0.2
-    """An object whose shape is a key of ``shape_map`` is named with the coarser word (ring -> "circle")."""
-    drop_small: float = 0.2
-    """A small object that is not the main object is left out of the caption."""
-    n_variants: int = 1
-    """Recaptions per image. 1 writes exactly the released schema; more adds ``re_caption_1`` ... columns after it."""
+    colour_confusion: float = 0.3  # a colour_map colour is named with its mapped word (orange -> "red")
+    shape_coarsen: float = 0.2  # a shape_map shape is named with its coarser word (ring -> "circle")
+    drop_small: float = 0.2  # a small non-main object is left out
+    n_variants: int = 1  # recaptions per image; more than 1 adds re_caption_1 ... columns after re_caption
+    # False: one perception per image shared by all variants (only the wording differs, as sampling one captioner
+    # several times would); True: every variant draws its own imperfections
     independent_variants: bool = False
-    """With ``n_variants > 1``: False (default) = one perception per image shared by all variants (only the wording
-    differs, as sampling one captioner several times would); True = every variant draws its own imperfections."""
     colour_map: tuple[tuple[str, str], ...] = (("orange", "red"), ("pink", "purple"), ("cyan", "blue"))
-    """(true colour, word used when confused)."""
     shape_map: tuple[tuple[str, str], ...] = (("ring", "circle"), ("star", "shape"), ("cross", "shape"))
-    """(true shape, coarser word used when coarsened)."""
 
     def __post_init__(self) -> None:
         for name in ("colour_confusion", "shape_coarsen", "drop_small"):
@@ -105,22 +75,18 @@ class RecapNoise:
 
     @classmethod
     def perfect(cls, n_variants: int = 1) -> RecapNoise:
-        """A captioner that gets every object right."""
         return cls(colour_confusion=0.0, shape_coarsen=0.0, drop_small=0.0, n_variants=n_variants)
 
 
 @dataclass(frozen=True)
 class Perception:
-    """What the recaptioner "saw" in one image: the scene it describes and which imperfections hit which objects."""
+    """What the recaptioner "saw": the scene it describes (confused / coarsened words, dropped objects removed) and
+    the indices (into the true scene's objects) each imperfection hit."""
 
     scene: Scene
-    """The described scene: confused/coarsened words in ``colour``/``shape``, dropped objects removed."""
     colour_confused: tuple[int, ...]
-    """Indices (into the true scene's objects) of objects named with a confused colour."""
     shape_coarsened: tuple[int, ...]
-    """Indices of objects named with a coarser shape word."""
     dropped: tuple[int, ...]
-    """Indices of objects left out."""
 
 
 def _key_hash(key: str) -> int:
@@ -132,11 +98,8 @@ def _rng(world_seed: int, seed: int, key: str, stream: int, variant: int) -> np.
 
 
 def perceive(scene: Scene, noise: RecapNoise, rng: np.random.Generator) -> Perception:
-    """Apply ``noise`` to a copy of ``scene``.
-
-    Exactly three uniforms are drawn per object (colour, shape, drop), whatever the rates, so raising one rate only
-    adds imperfections to the same images and never reshuffles the others.
-    """
+    """Apply ``noise`` to a copy of ``scene``. Three uniforms are drawn per object whatever the rates, so raising one
+    rate only adds imperfections to the same images and never reshuffles the others."""
     cmap, smap = dict(noise.colour_map), dict(noise.shape_map)
     u = rng.random((len(scene.objects), 3))
     kept, confused, coarsened, dropped = [], [], [], []
@@ -160,10 +123,7 @@ def perceive(scene: Scene, noise: RecapNoise, rng: np.random.Generator) -> Perce
 def recaption_scene(
     scene: Scene, key: str, *, world_seed: int, seed: int = 0, noise: RecapNoise | None = None
 ) -> list[tuple[str, Perception]]:
-    """The ``noise.n_variants`` recaptions of one image, each with the perception it describes.
-
-    A pure function of ``(world_seed, seed, key)``, the scene and the knobs.
-    """
+    """The ``noise.n_variants`` recaptions of one image, each with the perception it describes."""
     noise = noise or RecapNoise()
     out = []
     shared = None
@@ -176,9 +136,6 @@ def recaption_scene(
             raise RuntimeError(f"recaption of {key!r} names a shade: {text!r}")
         out.append((text, shared))
     return out
-
-
-# ------------------------------------------------------------------------------------------------------- the table
 
 
 def _n_words(s: str | None) -> int:
@@ -235,29 +192,12 @@ def truth_recaptions(
     shuffle: bool = True,
     overwrite: bool = False,
 ) -> dict:
-    """Write the tiny world's recaption table in the Recap-DataComp-1B schema.
+    """Write a world's recaption table (``files`` parquets plus ``_recap_config.json``) to an empty ``out_dir``.
 
-    Args:
-        world_dir: A tiny world (``generate_world`` output): ``world.json``, ``truth/web.parquet``, ``web/*.parquet``.
-        out_dir: Output directory, missing or empty; receives ``train-0000i-of-0000n.parquet`` and
-            ``_recap_config.json``.
-        noise: Imperfection knobs (default ``RecapNoise()``); ``RecapNoise.perfect()`` for an exact captioner.
-        seed: Recap seed (the noise and the wording); the world seed comes from ``world.json``.
-        files: Number of parquet files; rows are split evenly (a file may be empty if ``files`` > rows).
-        shuffle: Shuffle rows deterministically across files (the released table's order is unrelated to shards);
-            False keeps shard order.
-        overwrite: Replace a previous table in ``out_dir`` (deletes only this writer's files).
-
-    Returns:
-        Summary: ``rows``, ``files``, ``paths``, ``world_seed``, ``seed``, ``n_variants``, ``rates`` (realised rate
-        of each imperfection over all variants, plus ``main_object_misnamed``, the share of recaptions whose main
-        object's colour or shape word is wrong), ``counts`` (numerators and denominators), ``mean_re_length``,
-        ``mean_org_length``, ``elapsed_s``.
-
-    Raises:
-        FileNotFoundError: ``world.json``, ``truth/web.parquet`` or ``web/*.parquet`` missing (the path is named).
-        FileExistsError: ``out_dir`` not empty and ``overwrite`` not set.
-        ValueError: bad ``files``, or a successful web sample with no ground-truth row.
+    ``seed`` draws the noise and the wording; rows are shuffled across files unless ``shuffle=False``; ``overwrite``
+    deletes only this writer's files. The summary holds ``rates``, the realised rate of each imperfection over all
+    variants plus ``main_object_misnamed`` (recaptions whose main object's colour or shape word is wrong), their
+    ``counts``, and the mean lengths.
     """
     t0 = time.perf_counter()
     noise = noise or RecapNoise()
@@ -300,24 +240,12 @@ def truth_recaptions(
     n = len(keys)
     re_len = [_n_words(t) for t in captions[0]]
     org_len = [_n_words(t) for t in org]
-    arrays = {
-        "url": web.column("url").combine_chunks().cast(pa.string()),
-        "re_caption": pa.array(captions[0], pa.string()),
-        "org_caption": pa.array(org, pa.string()),
-        "sha256": web.column("sha256").combine_chunks().cast(pa.string()),
-        "key": pa.array(keys, pa.string()),
-        "re_clip_score": pa.array(np.zeros(n, np.float64)),
-        "org_clip_score": pa.array(np.zeros(n, np.float64)),
-        "re_length": pa.array(re_len, pa.int64()),
-        "org_length": pa.array(org_len, pa.int64()),
-        "re_gpt4v_score": pa.array(np.zeros(n, np.int64)),
-        "org_gpt4v_score": pa.array(np.zeros(n, np.int64)),
-    }
-    schema = RECAP_SCHEMA
-    for v in range(1, n_var):
-        arrays[f"re_caption_{v}"] = pa.array(captions[v], pa.string())
-        schema = schema.append(pa.field(f"re_caption_{v}", pa.string()))
-    table = pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
+    data = {"url": web.column("url").to_pylist(), "re_caption": captions[0], "org_caption": org}
+    data |= {"sha256": web.column("sha256").to_pylist(), "key": keys, "re_length": re_len, "org_length": org_len}
+    data |= {f"re_caption_{v}": captions[v] for v in range(1, n_var)}
+    schema = pa.schema([*RECAP_SCHEMA, *(pa.field(f"re_caption_{v}", pa.string()) for v in range(1, n_var))])
+    # the clip and gpt4v scores are 0, as in the released train split
+    table = pa.Table.from_arrays([pa.array(data.get(f.name, [0] * n), f.type) for f in schema], schema=schema)
 
     order = np.arange(n)
     if shuffle:
@@ -336,71 +264,40 @@ def truth_recaptions(
         "main_object_misnamed": _rate(cnt["main_misnamed"], cnt["captions"]),
     }
     truth_sha = hashlib.sha256((world / "truth" / "web.parquet").read_bytes()).hexdigest()
-    config = {
-        "source": SOURCE,
-        "model": None,
-        "note": "re_caption is generated from the world's ground truth with RecapNoise imperfections, not by a model",
-        "noise": asdict(noise),
-        "seed": int(seed),
-        "world_seed": world_seed,
-        "world_dir": os.fspath(world_dir),
-        "world_format_version": meta.get("format_version"),
-        "world_truth_sha256": truth_sha,
-        "files": files,
-        "shuffle": shuffle,
-        "rows": n,
-        "columns": [f.name for f in schema],
-        "length_unit": LENGTH_UNIT,
-        "scores": "re/org clip and gpt4v scores are 0, as in the released train split",
-        "realised_rates": rates,
-        "counts": dict(sorted(cnt.items())),
-    }
+    note = "re_caption is generated from the world's ground truth with RecapNoise imperfections, not by a model"
+    config = {"source": SOURCE, "model": None, "note": note, "noise": asdict(noise), "seed": int(seed)}
+    config |= {"world_seed": world_seed, "world_dir": os.fspath(world_dir)}
+    config |= {"world_format_version": meta.get("format_version"), "world_truth_sha256": truth_sha}
+    config |= {"files": files, "shuffle": shuffle, "rows": n}
+    config |= {"columns": [f.name for f in schema], "length_unit": LENGTH_UNIT}
+    config |= {"scores": "re/org clip and gpt4v scores are 0, as in the released train split"}
+    config |= {"realised_rates": rates, "counts": dict(sorted(cnt.items()))}
     atomic_write(out / CONFIG_NAME, json.dumps(config, indent=1) + "\n")
-    return {
-        "out_dir": os.fspath(out),
-        "rows": n,
-        "files": files,
-        "paths": paths,
-        "world_seed": world_seed,
-        "seed": int(seed),
-        "n_variants": n_var,
-        "rates": rates,
-        "counts": dict(sorted(cnt.items())),
-        "mean_re_length": round(float(np.mean(re_len)), 3) if n else 0.0,
-        "mean_org_length": round(float(np.mean(org_len)), 3) if n else 0.0,
-        "elapsed_s": round(time.perf_counter() - t0, 3),
-    }
+    summary = {"out_dir": os.fspath(out), "rows": n, "files": files, "paths": paths, "world_seed": world_seed}
+    summary |= {"seed": int(seed), "n_variants": n_var, "rates": rates, "counts": dict(sorted(cnt.items()))}
+    for name, lengths in (("re", re_len), ("org", org_len)):
+        summary[f"mean_{name}_length"] = round(float(np.mean(lengths)), 3) if n else 0.0
+    return summary | {"elapsed_s": round(time.perf_counter() - t0, 3)}
 
 
 def main(argv: list[str] | None = None) -> dict:
     """``python -m experiments truth-recaptions --world DIR --out DIR ...``; prints and returns the summary."""
-    d = RecapNoise()
-    ap = argparse.ArgumentParser(
-        prog="truth-recaptions",
-        description="Write a Recap-DataComp-1B-schema recaption table for a tiny world from its ground truth, "
-        "with LLaVA-like imperfections (an oracle, not a model).",
-    )
+    ap = argparse.ArgumentParser(prog="truth-recaptions", description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", required=True, help="tiny world directory (generate_world output)")
     ap.add_argument("--out", required=True, help="output directory (missing or empty)")
     ap.add_argument("--seed", type=int, default=0, help="recap seed (noise and wording)")
     ap.add_argument("--files", type=int, default=4, help="number of train-*.parquet files")
-    ap.add_argument("--colour-confusion", type=float, default=d.colour_confusion, help="orange/pink/cyan misnamed")
-    ap.add_argument("--shape-coarsen", type=float, default=d.shape_coarsen, help="ring/star/cross coarsened")
-    ap.add_argument("--drop-small", type=float, default=d.drop_small, help="small non-main objects left out")
-    ap.add_argument("--n-variants", type=int, default=1, help="recaptions per image (>1 adds re_caption_1, ...)")
-    ap.add_argument("--independent-variants", action="store_true", help="each variant draws its own imperfections")
     ap.add_argument("--no-shuffle", action="store_true", help="keep shard order instead of shuffling rows")
     ap.add_argument("--overwrite", action="store_true", help="replace a previous table in --out")
-    a = ap.parse_args(argv)
-    noise = RecapNoise(
-        colour_confusion=a.colour_confusion,
-        shape_coarsen=a.shape_coarsen,
-        drop_small=a.drop_small,
-        n_variants=a.n_variants,
-        independent_variants=a.independent_variants,
-    )
+    knobs = ap.add_argument_group("RecapNoise knobs (default: RecapNoise's)", argument_default=argparse.SUPPRESS)
+    for flag in ("colour-confusion", "shape-coarsen", "drop-small"):
+        knobs.add_argument(f"--{flag}", type=float)
+    knobs.add_argument("--n-variants", type=int, help="recaptions per image (>1 adds re_caption_1, ...)")
+    knobs.add_argument("--independent-variants", action="store_true", help="each variant draws its own imperfections")
+    a = vars(ap.parse_args(argv))
+    noise = RecapNoise(**{k: a.pop(k) for k in list(a) if k in RecapNoise.__dataclass_fields__})
     summary = truth_recaptions(
-        a.world, a.out, noise, seed=a.seed, files=a.files, shuffle=not a.no_shuffle, overwrite=a.overwrite
+        a["world"], a["out"], noise, a["seed"], a["files"], shuffle=not a["no_shuffle"], overwrite=a["overwrite"]
     )
     print(json.dumps(summary, indent=1))
     return summary

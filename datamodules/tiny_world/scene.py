@@ -8,10 +8,12 @@ is a pure function of that generator's seed; :func:`item_rng` builds the per-ite
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -51,34 +53,25 @@ FINE_CLASSNAMES: tuple[str, ...] = tuple(f"{name} {s}" for c in COLOURS for name
 class SceneConfig:
     """Geometry and appearance knobs of scene sampling and rendering (a slice of ``WorldConfig``)."""
 
-    image_size: int = 64
-    """Output side length in pixels (square images)."""
+    image_size: int = 64  # Output side length in pixels (square images).
+    # Drawing resolution multiplier; the canvas is downsampled to ``image_size`` with ``downsample``.
     supersample: int = 4
-    """Drawing resolution multiplier; the canvas is downsampled to ``image_size`` with ``downsample``."""
+    # "lanczos" (box-reduce to 2x, then LANCZOS) or "box" (area average; about 0.4 ms/image cheaper).
     downsample: str = "lanczos"
-    """"lanczos" (box-reduce to 2x, then LANCZOS) or "box" (area average; about 0.4 ms/image cheaper)."""
-    object_count_probs: tuple[float, ...] = (0.4, 0.4, 0.2)
-    """P(1 object), P(2), P(3)."""
-    small_size: float = 16.0
-    """Nominal diameter (px at ``image_size``) of a small object."""
-    large_size: float = 28.0
-    """Nominal diameter of a large object."""
-    size_jitter: float = 0.1
-    """Each object's size is scaled by U(1 - size_jitter, 1 + size_jitter)."""
-    position_jitter: float = 3.0
-    """Each object's centre moves by U(-j, j) px in x and y."""
+    object_count_probs: tuple[float, ...] = (0.4, 0.4, 0.2)  # P(1 object), P(2), P(3).
+    small_size: float = 16.0  # Nominal diameter (px at ``image_size``) of a small object.
+    large_size: float = 28.0  # Nominal diameter of a large object.
+    size_jitter: float = 0.1  # Each object's size is scaled by U(1 - size_jitter, 1 + size_jitter).
+    position_jitter: float = 3.0  # Each object's centre moves by U(-j, j) px in x and y.
+    # Distance (px) between an edge-anchored object's bounding box and the image border before jitter.
     edge_margin: float = 3.0
-    """Distance (px) between an edge-anchored object's bounding box and the image border before jitter."""
-    rgb_jitter: int = 20
-    """Each object's shade RGB is offset by an integer in [-rgb_jitter, rgb_jitter] per channel."""
-    pixel_noise_sigma: float = 6.0
-    """Std of the Gaussian noise added to every pixel after downsampling."""
+    rgb_jitter: int = 20  # Each object's shade RGB is offset by an integer in [-rgb_jitter, rgb_jitter] per channel.
+    pixel_noise_sigma: float = 6.0  # Std of the Gaussian noise added to every pixel after downsampling.
+    # Probabilities of ``BACKGROUND_KINDS`` (plain, horizontal stripes, vertical stripes, checker).
     background_kind_probs: tuple[float, ...] = (0.5, 0.2, 0.2, 0.1)
-    """Probabilities of ``BACKGROUND_KINDS`` (plain, horizontal stripes, vertical stripes, checker)."""
-    stripe_width: int = 8
-    """Width (px) of background stripes and checker squares."""
+    stripe_width: int = 8  # Width (px) of background stripes and checker squares.
+    # Background colours are re-drawn (up to 20 times) until every object's RGB is at least this far (L2).
     min_background_contrast: float = 90.0
-    """Background colours are re-drawn (up to 20 times) until every object's RGB is at least this far (L2)."""
 
     def __post_init__(self) -> None:
         if len(self.object_count_probs) != 3 or not math.isclose(sum(self.object_count_probs), 1.0, abs_tol=1e-6):
@@ -108,42 +101,21 @@ class SceneObject:
     rgb: tuple[int, int, int]
 
     @property
-    def colour_index(self) -> int:
-        return COLOURS.index(self.colour)
-
-    @property
-    def shape_index(self) -> int:
-        return SHAPES.index(self.shape)
-
-    @property
     def label(self) -> int:
         """Coarse class index (colour + shape) into ``CLASSNAMES``."""
-        return self.colour_index * len(SHAPES) + self.shape_index
+        return COLOURS.index(self.colour) * len(SHAPES) + SHAPES.index(self.shape)
 
     @property
     def fine_label(self) -> int:
         """Fine class index (shade + shape) into ``FINE_CLASSNAMES``."""
         shade_index = [name for name, _ in SHADES[self.colour]].index(self.shade)
-        return (self.colour_index * 2 + shade_index) * len(SHAPES) + self.shape_index
+        return (COLOURS.index(self.colour) * 2 + shade_index) * len(SHAPES) + SHAPES.index(self.shape)
 
     def probe_point(self) -> tuple[float, float]:
         """A point that lies inside the drawn shape (the centre, except for rings where the centre is a hole)."""
         if self.shape == "ring":
             return self.cx, self.cy - 0.78 * self.diameter / 2
         return self.cx, self.cy
-
-    def to_dict(self) -> dict:
-        return {
-            "shape": self.shape,
-            "colour": self.colour,
-            "shade": self.shade,
-            "size": self.size,
-            "position": self.position,
-            "cx": self.cx,
-            "cy": self.cy,
-            "diameter": self.diameter,
-            "rgb": list(self.rgb),
-        }
 
     def bbox(self) -> tuple[float, float, float, float]:
         r = self.diameter / 2
@@ -181,47 +153,26 @@ class Scene:
         return self.main.fine_label
 
     def content_key(self) -> str:
-        """Canonical, jitter- and shade-free description of the content (what any correct caption can say).
-
-        Two images with equal keys are indistinguishable to a caption that uses base colour names, so retrieval
-        evals can treat them as duplicates.
-        """
+        """Jitter- and shade-free description of the content: images with equal keys are indistinguishable to any
+        caption that uses base colour names, so retrieval evals can treat them as duplicates."""
         objs = sorted(f"{o.size}-{o.colour}-{o.shape}-{o.position}" for o in self.objects)
         return "|".join(objs) + "|bg:" + self.background.kind + ":" + "/".join(self.background.colours)
 
     def objects_json(self) -> str:
-        return json.dumps([o.to_dict() for o in self.objects], separators=(",", ":"))
+        return json.dumps([asdict(o) for o in self.objects], separators=(",", ":"))
 
     def background_json(self) -> str:
-        return json.dumps(
-            {"kind": self.background.kind, "colours": list(self.background.colours)}, separators=(",", ":")
-        )
+        return json.dumps(asdict(self.background), separators=(",", ":"))
 
     def to_dict(self) -> dict:
-        return {
-            "objects": [o.to_dict() for o in self.objects],
-            "background": {"kind": self.background.kind, "colours": list(self.background.colours)},
-            "main_index": self.main_index,
-            "image_size": self.image_size,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Scene:
-        objs = tuple(SceneObject(**{**o, "rgb": tuple(o["rgb"])}) for o in d["objects"])
-        bg = Background(kind=d["background"]["kind"], colours=tuple(d["background"]["colours"]))
-        return cls(objects=objs, background=bg, main_index=int(d["main_index"]), image_size=int(d["image_size"]))
+        return asdict(self)
 
     @classmethod
     def from_json(cls, objects: str, background: str, main_index: int, image_size: int = 64) -> Scene:
         """Rebuild a scene from the JSON columns of ``truth/*.parquet``."""
-        return cls.from_dict(
-            {
-                "objects": json.loads(objects),
-                "background": json.loads(background),
-                "main_index": main_index,
-                "image_size": image_size,
-            }
-        )
+        objs = tuple(SceneObject(**{**o, "rgb": tuple(o["rgb"])}) for o in json.loads(objects))
+        bg = json.loads(background)
+        return cls(objs, Background(bg["kind"], tuple(bg["colours"])), int(main_index), int(image_size))
 
 
 def item_rng(seed: int, split_id: int, index: int, stream: int) -> np.random.Generator:
@@ -235,12 +186,8 @@ def _index(u: float, n: int) -> int:
 
 
 def _weighted(u: float, probs: tuple[float, ...]) -> int:
-    acc = 0.0
-    for i, p in enumerate(probs):
-        acc += p
-        if u < acc:
-            return i
-    return len(probs) - 1
+    """The first index whose cumulative probability exceeds ``u``."""
+    return min(bisect.bisect_right(list(itertools.accumulate(probs)), u), len(probs) - 1)
 
 
 def _anchor(position: str, diameter: float, cfg: SceneConfig) -> tuple[float, float]:
@@ -248,13 +195,8 @@ def _anchor(position: str, diameter: float, cfg: SceneConfig) -> tuple[float, fl
     near = cfg.edge_margin + diameter / 2
     far = s - near
     mid = s / 2
-    return {
-        "left": (near, mid),
-        "right": (far, mid),
-        "top": (mid, near),
-        "bottom": (mid, far),
-        "center": (mid, mid),
-    }[position]
+    anchors = {"left": (near, mid), "right": (far, mid), "top": (mid, near), "bottom": (mid, far), "center": (mid, mid)}
+    return anchors[position]
 
 
 def sample_scene(
@@ -296,8 +238,8 @@ def sample_scene(
         cx = ax + cfg.position_jitter * (2 * u[4] - 1)
         cy = ay + cfg.position_jitter * (2 * u[5] - 1)
         rgb = tuple(min(255, max(0, c + _index(w, 2 * j + 1) - j)) for c, w in zip(shade_rgb, u[6:], strict=True))
-        objects.append(SceneObject(shape, colour, shade_name, sizes[i], positions[i], round(cx, 3), round(cy, 3),
-                                   round(diameter, 3), rgb))  # fmt: skip
+        xyd = round(cx, 3), round(cy, 3), round(diameter, 3)
+        objects.append(SceneObject(shape, colour, shade_name, sizes[i], positions[i], *xyd, rgb))
     kind = BACKGROUND_KINDS[_weighted(float(rng.random()), cfg.background_kind_probs)]
     names = list(BACKGROUND_COLOURS)
     best: tuple[str, ...] = ()
@@ -330,11 +272,11 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
         return pts
     if shape == "cross":
         w = r * 0.36
-        return [
-            (cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w),
-            (cx + r, cy + w), (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r),
-            (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w),
-        ]  # fmt: skip
+        arm, pts = [(-w, -r), (w, -r), (w, -w)], []  # one arm of the plus, rotated by 90 degrees three times
+        for _ in range(4):
+            pts += [(cx + x, cy + y) for x, y in arm]
+            arm = [(-y, x) for x, y in arm]
+        return pts
     raise ValueError(shape)
 
 
@@ -392,11 +334,8 @@ NOISE_FIELDS = 32
 
 @functools.lru_cache(maxsize=4)
 def _noise_bank(size: int, sigma: float) -> np.ndarray:
-    """Fixed Gaussian noise fields (int16, ``NOISE_FIELDS x 2size x 2size x 3``); each image adds a random window.
-
-    Drawing 12k normals per image cost more than the rest of rendering; a window of a shared bank (chosen by the
-    item's generator) is as noisy, independent of the world seed, and about 10x cheaper.
-    """
+    """Fixed Gaussian noise fields; each image adds a random window, chosen by its generator: as noisy as drawing 12k
+    normals per image (which cost more than the rest of rendering), and about 10x cheaper."""
     g = np.random.default_rng([0x7E57, size])
     fields = g.standard_normal((NOISE_FIELDS, 2 * size, 2 * size, 3), dtype=np.float32) * np.float32(sigma)
     return np.rint(fields).astype(np.int16)

@@ -18,8 +18,6 @@ from .scene import BACKGROUND_COLOURS, COLOURS, SHADE_TO_COLOUR, SHADES, SHAPES,
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 
-# --------------------------------------------------------------------------------------------------------- alt-text
-
 
 @dataclass(frozen=True)
 class AltTextNoise:
@@ -28,37 +26,34 @@ class AltTextNoise:
     Defaults follow the prototype (PROTOTYPE.md, "Setup" (b)), which gave a mean of about 5 BPE tokens.
     """
 
+    # One attribute of the main object: its colour ("red thing"), its shape ("star icon") or both ("crimson star").
     attribute: float = 0.40
-    """One attribute of the main object: its colour ("red thing"), its shape ("star icon") or both ("crimson star")."""
+    # Correct colour+shape phrases for all objects but one random non-main one ("red star and blue circle").
     partial: float = 0.25
-    """Correct colour+shape phrases for all objects but one random non-main one ("red star and blue circle")."""
-    wrong: float = 0.15
-    """The main object with a wrong colour or a wrong shape ("a green star" for a red star)."""
+    wrong: float = 0.15  # The main object with a wrong colour or a wrong shape ("a green star" for a red star).
+    # Unrelated web text: file names, shop slogans, dates ("IMG_2031.jpg", "free shipping on all orders").
     junk: float = 0.20
-    """Unrelated web text: file names, shop slogans, dates ("IMG_2031.jpg", "free shipping on all orders")."""
+    # Fraction of correct (attribute + partial) alt-texts that name the main object's shade instead of its colour.
     shade_rate: float = 0.30
-    """Fraction of correct (attribute + partial) alt-texts that name the main object's shade instead of its colour."""
+    # Within ``attribute``: share that names only the colour (before shade forcing, see README).
     attribute_colour_only: float = 0.35
-    """Within ``attribute``: share that names only the colour (before shade forcing, see README)."""
+    # Within ``attribute``: share that names only the shape; the rest names colour and shape.
     attribute_shape_only: float = 0.35
-    """Within ``attribute``: share that names only the shape; the rest names colour and shape."""
+    # Within ``partial``: share that appends the background ("... on gray", "... striped").
     partial_background: float = 0.40
-    """Within ``partial``: share that appends the background ("... on gray", "... striped")."""
-    wrong_colour_share: float = 0.5
-    """Within ``wrong``: share with a wrong colour (the rest has a wrong shape)."""
+    wrong_colour_share: float = 0.5  # Within ``wrong``: share with a wrong colour (the rest has a wrong shape).
+    # Any alt-text: probability of a web filler prefix/suffix ("png", "clipart", "| free download").
     seo_rate: float = 0.25
-    """Any alt-text: probability of a web filler prefix/suffix ("png", "clipart", "| free download")."""
-    case_rate: float = 0.15
-    """Any alt-text: probability of casing noise (UPPER, Title Case or Capitalised)."""
+    case_rate: float = 0.15  # Any alt-text: probability of casing noise (UPPER, Title Case or Capitalised).
+    # Any alt-text: probability of punctuation noise (underscores for spaces, "!!", "...", "#").
     punct_rate: float = 0.10
-    """Any alt-text: probability of punctuation noise (underscores for spaces, "!!", "...", "#")."""
 
     def __post_init__(self) -> None:
         total = self.attribute + self.partial + self.wrong + self.junk
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"alt-text kind rates must sum to 1, got {total}")
-        for name in ("shade_rate", "attribute_colour_only", "attribute_shape_only", "partial_background",
-                     "wrong_colour_share", "seo_rate", "case_rate", "punct_rate"):  # fmt: skip
+        rates = "shade_rate attribute_colour_only attribute_shape_only partial_background wrong_colour_share seo_rate"
+        for name in (*rates.split(), "case_rate", "punct_rate"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -76,27 +71,30 @@ ALT_KINDS = ("attribute", "partial", "wrong", "junk")
 @dataclass(frozen=True)
 class AltText:
     text: str
-    kind: str
-    """One of ``ALT_KINDS``."""
-    uses_shade: bool
-    """True when the text names a shade of the main object."""
+    kind: str  # One of ``ALT_KINDS``.
+    uses_shade: bool  # True when the text names a shade of the main object.
 
 
-_ALT_COLOUR = ("{c}", "{c} thing", "{c} icon", "{c} graphic", "{c} sticker", "{c} design", "something {c}",
-               "{c} clipart", "{c} art")  # fmt: skip
-_ALT_SHAPE = ("{s}", "{s} icon", "a {s}", "{s} shape", "{s} clipart", "{s} symbol", "simple {s}", "{s} sign",
-              "the {s}")  # fmt: skip
+def _phrases(text: str) -> list[str]:
+    """A phrase list written as one ", "-separated string; _pick draws by position, so the order matters."""
+    return text.split(", ")
+
+
+_ALT_COLOUR = _phrases(
+    "{c}, {c} thing, {c} icon, {c} graphic, {c} sticker, {c} design, something {c}, {c} clipart, {c} art"
+)
+_ALT_SHAPE = _phrases("{s}, {s} icon, a {s}, {s} shape, {s} clipart, {s} symbol, simple {s}, {s} sign, the {s}")
 _ALT_BOTH = ("{c} {s}", "{c} {s} icon", "a {c} {s}", "{c} {s} clipart", "{c} {s} sticker", "{s} {c}")
 _ALT_JOIN = (" and ", ", ", " with ", " + ", " & ")
-_JUNK_FIXED = (
-    "buy now", "free shipping on all orders", "click here", "sale 50% off", "untitled", "thumbnail", "logo",
-    "home", "best price guaranteed", "limited time offer", "stock photo", "image may contain: text",
-    "no description available", "placeholder", "view larger", "loading...", "advertisement", "download",
-    "wallpaper hd", "new arrivals", "share on facebook", "cover art", "home decor ideas", "shop the look",
-    "add to cart", "as seen on tv", "gift ideas for her", "print on demand", "best seller",
-)  # fmt: skip
-_SEO_SUFFIX = (" png", " clipart", " vector illustration", " | free download", " - stock image", " hd",
-               " transparent", " icon set", " for kids", " printable")  # fmt: skip
+_JUNK_FIXED = _phrases(
+    "buy now, free shipping on all orders, click here, sale 50% off, untitled, thumbnail, logo, home, "
+    "best price guaranteed, limited time offer, stock photo, image may contain: text, no description available, "
+    "placeholder, view larger, loading..., advertisement, download, wallpaper hd, new arrivals, share on facebook, "
+    "cover art, home decor ideas, shop the look, add to cart, as seen on tv, gift ideas for her, print on demand, "
+    "best seller"
+)
+_SEO_SUFFIX = _phrases(" png,  clipart,  vector illustration,  | free download,  - stock image,  hd,  transparent")
+_SEO_SUFFIX += _phrases(" icon set,  for kids,  printable")
 _SEO_PREFIX = ("free ", "cute ", "simple ", "cartoon ", "vector ", "flat ")
 
 
@@ -120,10 +118,6 @@ def _junk(rng: np.random.Generator) -> str:
     if r == 5:
         return f"{_pick(rng, ('product image', 'page', 'slide', 'untitled-', 'image'))}{int(rng.integers(1, 60))}"
     return _pick(rng, _JUNK_FIXED)
-
-
-def _object_phrase(o: SceneObject, colour_word: str) -> str:
-    return f"{colour_word} {o.shape}"
 
 
 def _bg_short(scene: Scene) -> str:
@@ -154,8 +148,7 @@ def alt_text(scene: Scene, rng: np.random.Generator, noise: AltTextNoise | None 
         n = len(scene.objects)
         others = [o for i, o in enumerate(scene.objects) if i != scene.main_index]
         order = rng.permutation(len(others))[: max(0, n - 2)]  # drops one object (a random non-main one) if n > 1
-        phrases = [_object_phrase(main, colour_word)] + [_object_phrase(others[int(j)], others[int(j)].colour)
-                                                         for j in order]  # fmt: skip
+        phrases = [f"{colour_word} {main.shape}"] + [f"{others[int(j)].colour} {others[int(j)].shape}" for j in order]
         text = _pick(rng, _ALT_JOIN).join(phrases)
         if rng.random() < noise.partial_background:
             text += _pick(rng, (" on ", " ", " - ")) + _bg_short(scene)
@@ -193,9 +186,7 @@ def mentions_shade(text: str) -> bool:
     return any(name in low for name in SHADE_TO_COLOUR)
 
 
-# ---------------------------------------------------------------------------------------- shared phrase helpers
-
-_POS = {
+DETAIL_POSITIONS = {
     "left": ("on the left side", "on the left"),
     "right": ("on the right side", "on the right"),
     "top": ("at the top", "near the top"),
@@ -204,23 +195,24 @@ _POS = {
 }
 
 
-def _plural(shape: str, n: int) -> str:
-    return shape if n == 1 else shape + "s"
+# A background's phrasings (plain, checker, stripes), for the detailed descriptions and the short captions
+_DETAIL_BG = (
+    ("a solid {a} background", "a plain {a} background"),
+    ("a {a} and {b} checkered background", "a checkerboard background of {a} and {b}"),
+    ("a background of {o} {a} and {b} stripes", "a {o}ly striped {a} and {b} background"),
+)
+_SHORT_BG = (
+    ("a {a} background", "a plain {a} background", "{a}"),
+    ("a checkered background", "a {a} and {b} checkerboard", "{a} and {b} checks"),
+    ("a striped background", "{a} and {b} stripes", "{o} stripes", "a {o}ly striped background"),
+)
 
 
-def _bg_phrase(scene: Scene, rng: np.random.Generator) -> str:
+def _bg_phrase(scene: Scene, rng: np.random.Generator, phrasings=_DETAIL_BG) -> str:
     bg = scene.background
-    if bg.kind == "plain":
-        return _pick(rng, ("a solid {a} background", "a plain {a} background")).format(a=bg.colours[0])
-    a, b = bg.colours
-    if bg.kind == "checker":
-        return _pick(rng, ("a {a} and {b} checkered background", "a checkerboard background of {a} and {b}")).format(
-            a=a, b=b
-        )
+    templates = phrasings[0 if bg.kind == "plain" else 1 if bg.kind == "checker" else 2]
     ori = "horizontal" if bg.kind == "hstripes" else "vertical"
-    return _pick(rng, ("a background of {o} {a} and {b} stripes", "a {o}ly striped {a} and {b} background")).format(
-        o=ori, a=a, b=b
-    )
+    return _pick(rng, templates).format(a=bg.colours[0], b=bg.colours[-1], o=ori)
 
 
 def _full_np(o: SceneObject, article: str = "a") -> str:
@@ -245,9 +237,6 @@ def fix_articles(s: str) -> str:
     return _A_BEFORE_VOWEL.sub(r"\1n ", s)
 
 
-# ---------------------------------------------------------------------------------------- detailed description
-
-
 def detailed_description(scene: Scene, rng: np.random.Generator) -> str:
     """Ground-truth LLaVA "detailed caption": every object's size, colour, shape and position, plus the background."""
     return fix_articles(_detailed(scene, rng))
@@ -258,7 +247,7 @@ def _detailed(scene: Scene, rng: np.random.Generator) -> str:
     n = len(objs)
     count = "a single shape" if n == 1 else f"{NUMBER_WORDS[n]} shapes"
     bg = _bg_phrase(scene, rng)
-    pos = [_pick(rng, _POS[o.position]) for o in objs]
+    pos = [_pick(rng, DETAIL_POSITIONS[o.position]) for o in objs]
     t = int(rng.integers(5))
     if t == 0:
         parts = [f"{_full_np(o)} {p}" for o, p in zip(objs, pos, strict=True)]
@@ -284,11 +273,9 @@ def _detailed(scene: Scene, rng: np.random.Generator) -> str:
     return f"The image contains {count}: {items}. The background is {bg[2:] if bg.startswith('a ') else bg}."
 
 
-# ---------------------------------------------------------------------------------------- short human captions
-
-_BIG = ("big", "large")
-_SMALL = ("small", "little", "tiny")
-_SPOS = {
+BIG_WORDS = ("big", "large")
+SMALL_WORDS = ("small", "little", "tiny")
+SHORT_POSITIONS = {
     "left": ("on the left", "at the left", "on the left side"),
     "right": ("on the right", "at the right", "on the right side"),
     "top": ("at the top", "near the top", "up top"),
@@ -298,7 +285,7 @@ _SPOS = {
 
 
 def _size_word(o: SceneObject, rng: np.random.Generator) -> str:
-    return _pick(rng, _BIG if o.size == "large" else _SMALL)
+    return _pick(rng, BIG_WORDS if o.size == "large" else SMALL_WORDS)
 
 
 def _relation(o: SceneObject, ref: SceneObject, rng: np.random.Generator) -> str:
@@ -309,29 +296,15 @@ def _relation(o: SceneObject, ref: SceneObject, rng: np.random.Generator) -> str
     return _pick(rng, ("above", "over")) if dy < 0 else _pick(rng, ("below", "under"))
 
 
-def _short_bg(scene: Scene, rng: np.random.Generator) -> str:
-    bg = scene.background
-    if bg.kind == "plain":
-        return _pick(rng, ("a {a} background", "a plain {a} background", "{a}")).format(a=bg.colours[0])
-    a, b = bg.colours
-    if bg.kind == "checker":
-        return _pick(rng, ("a checkered background", "a {a} and {b} checkerboard", "{a} and {b} checks")).format(
-            a=a, b=b
-        )
-    ori = "horizontal" if bg.kind == "hstripes" else "vertical"
-    return _pick(rng, ("a striped background", "{a} and {b} stripes", "{o} stripes", "a {o}ly striped background")
-                 ).format(a=a, b=b, o=ori)  # fmt: skip
-
-
 def _short_candidates(scene: Scene, rng: np.random.Generator) -> list[str]:
     objs = list(scene.objects)
     m = scene.main
     n = len(objs)
     others = objs[1:]
     o = others[int(rng.integers(len(others)))] if others else None
-    msz, mpos = _size_word(m, rng), _pick(rng, _SPOS[m.position])
+    msz, mpos = _size_word(m, rng), _pick(rng, SHORT_POSITIONS[m.position])
     mnp = _pick(rng, (f"a {m.colour} {m.shape}", f"a {msz} {m.colour} {m.shape}", f"a {msz} {m.colour} {m.shape}"))
-    bgp = _short_bg(scene, rng)
+    bgp = _bg_phrase(scene, rng, _SHORT_BG)
     c = [
         f"{mnp} {mpos} on {bgp}",
         f"{mnp} drawn {mpos} over {bgp}",
@@ -351,7 +324,7 @@ def _short_candidates(scene: Scene, rng: np.random.Generator) -> list[str]:
     osz = _size_word(o, rng)
     onp = _pick(rng, (f"a {o.colour} {o.shape}", f"a {osz} {o.colour} {o.shape}", f"a {osz} {o.shape}"))
     rel = _relation(o, m, rng)
-    opos = _pick(rng, _SPOS[o.position])
+    opos = _pick(rng, SHORT_POSITIONS[o.position])
     c += [
         f"{mnp} and {onp} on {bgp}",
         f"{mnp} next to {onp}",
@@ -392,9 +365,7 @@ def short_caption(scene: Scene, rng: np.random.Generator) -> str:
     return short_captions(scene, rng, 1)[0]
 
 
-# ---------------------------------------------------------------------------------------------- long captions
-
-_LPOS = {
+LONG_POSITIONS = {
     "left": ("near the left border", "by the left edge", "towards the left margin"),
     "right": ("near the right border", "by the right edge", "towards the right margin"),
     "top": ("near the upper edge", "towards the top edge", "close to the upper border"),
@@ -421,7 +392,7 @@ def long_caption(scene: Scene, rng: np.random.Generator) -> str:
     sents = [f"{what} of {count} over {back}."]
     for o in objs:
         size = _pick(rng, ("big", "sizeable")) if o.size == "large" else _pick(rng, ("little", "compact"))
-        p = _pick(rng, _LPOS[o.position])
+        p = _pick(rng, LONG_POSITIONS[o.position])
         t = int(rng.integers(3))
         if t == 0:
             verb = _pick(rng, ("is located", "rests", "can be seen", "is placed"))
@@ -435,13 +406,7 @@ def long_caption(scene: Scene, rng: np.random.Generator) -> str:
     return fix_articles(" ".join(sents))
 
 
-# ----------------------------------------------------------------------------------------------------- Q/A
-
 SINGLE_WORD_SUFFIX = "Answer the question using a single word or phrase."
-
-
-def _colour_of(scene: Scene, shape: str) -> list[SceneObject]:
-    return [o for o in scene.objects if o.shape == shape]
 
 
 def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[str, str]]:
@@ -455,26 +420,25 @@ def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[s
     shapes = [o.shape for o in objs]
     colours = [o.colour for o in objs]
     pool: list[tuple[str, str, str]] = []  # (question, long answer, short answer)
-    pool.append(("How many shapes are in the image?",
-                 f"There {'is one shape' if k == 1 else f'are {NUMBER_WORDS[k]} shapes'} in the image.",
-                 _cap(NUMBER_WORDS[k])))  # fmt: skip
+    count = f"There {'is one shape' if k == 1 else f'are {NUMBER_WORDS[k]} shapes'} in the image."
+    pool.append(("How many shapes are in the image?", count, _cap(NUMBER_WORDS[k])))
     for o in objs:
         if shapes.count(o.shape) == 1:
             pool.append((f"What colour is the {o.shape}?", f"The {o.shape} is {o.colour}.", _cap(o.colour)))
-            pool.append((f"Where is the {o.colour} {o.shape}?",
-                         f"The {o.colour} {o.shape} is {_pick(rng, _POS[o.position])} of the image.",
-                         _cap(_POS[o.position][1])))  # fmt: skip
+            at = _pick(rng, DETAIL_POSITIONS[o.position])
+            where = f"The {o.colour} {o.shape} is {at} of the image."
+            pool.append((f"Where is the {o.colour} {o.shape}?", where, _cap(DETAIL_POSITIONS[o.position][1])))
             pool.append((f"Is the {o.shape} large or small?", f"The {o.shape} is {o.size}.", _cap(o.size)))
         if colours.count(o.colour) == 1:
-            pool.append((f"What shape is the {o.colour} object?", f"The {o.colour} object is a {o.shape}.",
-                         _cap(o.shape)))  # fmt: skip
+            shape_a = f"The {o.colour} object is a {o.shape}."
+            pool.append((f"What shape is the {o.colour} object?", shape_a, _cap(o.shape)))
     if k > 1:
-        pool.append(("What is the largest object in the image?",
-                     f"The largest object is {_full_np(m)}.", _cap(f"{m.colour} {m.shape}")))  # fmt: skip
+        largest = f"The largest object is {_full_np(m)}."
+        pool.append(("What is the largest object in the image?", largest, _cap(f"{m.colour} {m.shape}")))
     present = _pick(rng, shapes)
-    pm = _colour_of(scene, present)[0]
-    pool.append((f"Is there a {present} in the image?",
-                 f"Yes, there is a {pm.colour} {present} {_pick(rng, _POS[pm.position])}.", "Yes"))  # fmt: skip
+    pm = next(o for o in scene.objects if o.shape == present)
+    at = _pick(rng, DETAIL_POSITIONS[pm.position])
+    pool.append((f"Is there a {present} in the image?", f"Yes, there is a {pm.colour} {present} {at}.", "Yes"))
     absent = [s for s in SHAPES if s not in shapes]
     if absent:
         a = _pick(rng, absent)
@@ -485,19 +449,18 @@ def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[s
         pool.append((f"Is anything in the image {a}?", f"No, none of the shapes is {a}.", "No"))
     bg = scene.background
     if bg.kind == "plain":
-        pool.append(("What does the background look like?", f"The background is plain {bg.colours[0]}.",
-                     _cap(bg.colours[0])))  # fmt: skip
+        looks = (f"The background is plain {bg.colours[0]}.", _cap(bg.colours[0]))
     else:
         style = {"hstripes": "horizontal stripes", "vstripes": "vertical stripes", "checker": "a checkerboard"}[bg.kind]
-        pool.append(("What does the background look like?",
-                     f"The background has {style} of {bg.colours[0]} and {bg.colours[1]}.", _cap(style)))  # fmt: skip
+        looks = (f"The background has {style} of {bg.colours[0]} and {bg.colours[1]}.", _cap(style))
+    pool.append(("What does the background look like?", *looks))
     side = _pick(rng, ("left", "right", "top", "bottom"))
     there = [o for o in objs if o.position == side]
     where = {"left": "on the left side", "right": "on the right side", "top": "at the top", "bottom": "at the bottom"}
     if there:
         o = there[0]
-        pool.append((f"What is {where[side]} of the image?", f"There is {_full_np(o)} {where[side]}.",
-                     _cap(f"{o.colour} {o.shape}")))  # fmt: skip
+        o_np = f"{o.colour} {o.shape}"
+        pool.append((f"What is {where[side]} of the image?", f"There is {_full_np(o)} {where[side]}.", _cap(o_np)))
     else:
         pool.append((f"What is {where[side]} of the image?", f"Nothing, the {side} of the image is empty.", "Nothing"))
     out = []
@@ -510,8 +473,9 @@ def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[s
     return out
 
 
-_MIXES = (("red", "yellow", "orange"), ("blue", "yellow", "green"), ("red", "blue", "purple"),
-          ("red", "white", "pink"), ("blue", "green", "cyan"), ("black", "white", "gray"))  # fmt: skip
+# colour a + colour b = colour c
+_MIXES = [tuple(m.split()) for m in ("red yellow orange", "blue yellow green", "red blue purple", "red white pink")]
+_MIXES += [("blue", "green", "cyan"), ("black", "white", "gray")]
 _SIDES = (("triangle", 3), ("square", 4), ("pentagon", 5), ("hexagon", 6))
 
 
@@ -527,20 +491,18 @@ def text_only_qa(rng: np.random.Generator, n: int = 1) -> list[tuple[str, str]]:
     pool.append((f"How many sides does a {s} have?", f"A {s} has {NUMBER_WORDS[k] if k < 6 else 'six'} sides."))
     pool.append(("How many points does a typical star shape have?", "A typical star shape has five points."))
     pool.append(("Which shape has no corners: a circle or a square?", "A circle has no corners."))
-    pool.append(("What is the difference between a ring and a circle?",
-                 "A ring is a circle with a hole in the middle, so only its outline band is filled."))  # fmt: skip
+    ring = "A ring is a circle with a hole in the middle, so only its outline band is filled."
+    pool.append(("What is the difference between a ring and a circle?", ring))
     pool.append(("How many arms does a plus-shaped cross have?", "A plus-shaped cross has four arms."))
     x, y = int(rng.integers(1, 10)), int(rng.integers(1, 10))
     pool.append((f"What is {x} plus {y}?", f"{x} plus {y} is {x + y}."))
     dark, light = _pick(rng, (("navy", "beige"), ("black", "white"), ("navy", "white"), ("gray", "white")))
     pool.append((f"Which colour is darker, {dark} or {light}?", f"{_cap(dark)} is darker than {light}."))
-    sky = _pick(rng, (("the sky on a clear day", "blue"), ("fresh grass", "green"), ("a ripe banana", "yellow"),
-                      ("a ripe tomato", "red"), ("a pumpkin", "orange")))  # fmt: skip
+    things = [("the sky on a clear day", "blue"), ("fresh grass", "green"), ("a ripe banana", "yellow")]
+    sky = _pick(rng, [*things, ("a ripe tomato", "red"), ("a pumpkin", "orange")])
     pool.append((f"What colour is {sky[0]} usually?", f"{_cap(sky[0])} is usually {sky[1]}."))
     return [pool[int(j)] for j in rng.permutation(len(pool))[:n]]
 
-
-# ------------------------------------------------------------------------------------ conversation builders
 
 # LLaVA-1.5 brief-description prompts (LCS-558K / BLIP captions) and detailed-description prompts (detail_23k and
 # ShareGPT4V). The first detailed prompt is the one recaptioning uses.
@@ -582,6 +544,8 @@ BRIEF_PROMPTS: tuple[str, ...] = (
     "Briefly describe this image.",
     "Write a short caption for this picture.",
 )
+# Every prompt of the world, in a fixed order (the world tokenizer trains on them).
+PROMPTS = (RECAPTION_PROMPT, *DETAIL_PROMPTS, *SHORT_CAPTION_PROMPTS, *BRIEF_PROMPTS, SINGLE_WORD_SUFFIX)
 
 
 def _with_image(question: str, rng: np.random.Generator) -> str:

@@ -3,13 +3,11 @@
 ``generate_world(out_dir, cfg)`` renders every split in parallel (``cfg.workers`` processes). Every item is a pure
 function of ``(cfg.seed, split id, index)``, so the output does not depend on the number of processes or on the
 order tasks finish in; only wall-clock fields (``world.json`` timing, ``web/*_stats.json`` times) differ between runs.
-
-Run from the command line: ``python -m datamodules.tiny_world.writer OUT [--preset tiny] [--seed 0] [--workers 2]``.
+Command line: ``python -m experiments world --out DIR`` (experiments/world.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import hashlib
@@ -22,6 +20,7 @@ import shutil
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from .scene import (
 )
 from .text import (
     INSTRUCT_KINDS,
+    PROMPTS,
     AltTextNoise,
     alt_text,
     caption_pretrain_conversation,
@@ -56,15 +56,8 @@ from .text import (
 )
 
 FORMAT_VERSION = 1
-SPLIT_IDS: dict[str, int] = {
-    "web": 0,
-    "caption_pretrain": 1,
-    "instruct": 2,
-    "classify": 3,
-    "retrieval": 4,
-    "long_retrieval": 5,
-    "t2i_prompts": 6,
-}
+SPLITS = ("web", "caption_pretrain", "instruct", "classify", "retrieval", "long_retrieval", "t2i_prompts")
+SPLIT_IDS: dict[str, int] = {split: i for i, split in enumerate(SPLITS)}
 # Two independent random streams per item: the image stream draws the scene, then (web only) the download failure,
 # then the pixel noise; the text stream draws every text. Changing a text knob never changes an image.
 STREAM_IMAGE, STREAM_TEXT = 0, 1
@@ -90,48 +83,32 @@ def _default_start_method() -> str:
 class WorldConfig:
     """Every knob of the tiny world. ``WorldConfig()`` is the default world; ``WorldConfig.tiny()`` a test world."""
 
-    seed: int = 0
-    """World seed; every item is a pure function of (seed, split, index)."""
-    n_web: int = 20_000
-    """Web (alt-text) images, written as img2dataset webdataset shards under ``web/``."""
-    shard_size: int = 1_000
-    """Samples per web shard (img2dataset ``number_sample_per_shard``)."""
+    seed: int = 0  # World seed; every item is a pure function of (seed, split, index).
+    n_web: int = 20_000  # Web (alt-text) images, written as img2dataset webdataset shards under ``web/``.
+    shard_size: int = 1_000  # Samples per web shard (img2dataset ``number_sample_per_shard``).
+    # Digits of the shard id in shard names and keys (img2dataset ``oom_shard_count``, default 5).
     oom_shard_count: int = 5
-    """Digits of the shard id in shard names and keys (img2dataset ``oom_shard_count``, default 5)."""
-    n_caption_pretrain: int = 5_000
-    """LCS-558K-style caption-pretraining samples."""
-    n_instruct: int = 5_000
-    """LLaVA-665K-style instruction conversations (some text-only)."""
-    n_classify: int = 2_000
-    """Zero-shot classification eval images, class-balanced (label = index % 48); 0 or >= 48."""
-    n_retrieval: int = 2_000
-    """Short-caption (COCO/Flickr-style, Karpathy json) retrieval eval images."""
-    n_long_retrieval: int = 2_000
-    """Long-caption (Urban1K-style) retrieval eval images."""
-    n_t2i: int = 2_000
-    """Text-to-image eval prompts with reference images (Recap-COCO-30K-style)."""
-    n_short_captions: int = 5
-    """Human captions per retrieval image."""
+    n_caption_pretrain: int = 5_000  # LCS-558K-style caption-pretraining samples.
+    n_instruct: int = 5_000  # LLaVA-665K-style instruction conversations (some text-only).
+    n_classify: int = 2_000  # Zero-shot classification eval images, class-balanced (label = index % 48); 0 or >= 48.
+    n_retrieval: int = 2_000  # Short-caption (COCO/Flickr-style, Karpathy json) retrieval eval images.
+    n_long_retrieval: int = 2_000  # Long-caption (Urban1K-style) retrieval eval images.
+    n_t2i: int = 2_000  # Text-to-image eval prompts with reference images (Recap-COCO-30K-style).
+    n_short_captions: int = 5  # Human captions per retrieval image.
+    # Instruct conversation kinds: detailed description, brief caption, Q/A (1..max turns), text-only.
     instruct_mix: tuple[float, float, float, float] = (0.35, 0.10, 0.45, 0.10)
-    """Instruct conversation kinds: detailed description, brief caption, Q/A (1..max turns), text-only."""
-    instruct_max_qa_turns: int = 4
-    """Maximum Q/A turns in one Q/A conversation."""
+    instruct_max_qa_turns: int = 4  # Maximum Q/A turns in one Q/A conversation.
+    # Fraction of web samples that 'failed to download' (parquet row with status failed_to_download, no tar member).
     fail_rate: float = 0.0
-    """Fraction of web samples that 'failed to download' (parquet row with status failed_to_download, no tar member)."""
-    jpeg_quality: int = 95
-    """JPEG quality of every written image (img2dataset's default encode_quality is 95)."""
+    jpeg_quality: int = 95  # JPEG quality of every written image (img2dataset's default encode_quality is 95).
+    # URL recorded for web sample ``key`` (the .invalid TLD never resolves).
     url_template: str = "https://tinyworld.invalid/img/{key}.jpg"
-    """URL recorded for web sample ``key`` (the .invalid TLD never resolves)."""
-    scene: SceneConfig = field(default_factory=SceneConfig)
-    """Scene sampling and rendering knobs."""
-    alt: AltTextNoise = field(default_factory=AltTextNoise)
-    """Alt-text noise rates."""
-    workers: int = 2
-    """Processes used for generation (1 = in-process). Output does not depend on it."""
-    chunk_size: int = 500
-    """Items per task for the non-web splits (web tasks are whole shards)."""
+    scene: SceneConfig = field(default_factory=SceneConfig)  # Scene sampling and rendering knobs.
+    alt: AltTextNoise = field(default_factory=AltTextNoise)  # Alt-text noise rates.
+    workers: int = 2  # Processes used for generation (1 = in-process). Output does not depend on it.
+    chunk_size: int = 500  # Items per task for the non-web splits (web tasks are whole shards).
+    # multiprocessing start method for the workers ("fork" where available).
     start_method: str = field(default_factory=_default_start_method)
-    """multiprocessing start method for the workers ("fork" where available)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.scene, dict):
@@ -141,9 +118,7 @@ class WorldConfig:
         self.instruct_mix = tuple(self.instruct_mix)
         if len(self.instruct_mix) != len(INSTRUCT_KINDS) or not math.isclose(sum(self.instruct_mix), 1, abs_tol=1e-6):
             raise ValueError(f"instruct_mix must be {len(INSTRUCT_KINDS)} probabilities summing to 1")
-        counts = (self.n_web, self.n_caption_pretrain, self.n_instruct, self.n_classify, self.n_retrieval,
-                  self.n_long_retrieval, self.n_t2i)  # fmt: skip
-        if min(counts) < 0 or self.shard_size < 1 or self.workers < 1 or self.chunk_size < 1:
+        if min(self.counts().values()) < 0 or self.shard_size < 1 or self.workers < 1 or self.chunk_size < 1:
             raise ValueError("counts must be >= 0 and shard_size, workers, chunk_size >= 1")
         if not 0.0 <= self.fail_rate < 1.0:
             raise ValueError("fail_rate must be in [0, 1)")
@@ -153,17 +128,8 @@ class WorldConfig:
     @classmethod
     def tiny(cls, **overrides: Any) -> WorldConfig:
         """A world small enough for unit tests (about 1-2 s on 2 CPU cores)."""
-        kw: dict[str, Any] = dict(n_web=200, shard_size=50, n_caption_pretrain=48, n_instruct=64, n_classify=96,
-                                  n_retrieval=48, n_long_retrieval=32, n_t2i=32, chunk_size=64)  # fmt: skip
-        kw.update(overrides)
-        return cls(**kw)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> WorldConfig:
-        return cls(**d)
+        sizes = dict(n_web=200, shard_size=50, n_caption_pretrain=48, n_instruct=64, n_classify=96, n_retrieval=48)
+        return cls(**sizes | dict(n_long_retrieval=32, n_t2i=32, chunk_size=64) | overrides)
 
     @classmethod
     def from_world_json(cls, path: str | os.PathLike) -> WorldConfig:
@@ -171,18 +137,11 @@ class WorldConfig:
         p = Path(path)
         if p.is_dir():
             p = p / "world.json"
-        return cls.from_dict(json.loads(p.read_text())["config"])
+        return cls(**json.loads(p.read_text())["config"])
 
     def counts(self) -> dict[str, int]:
-        return {
-            "web": self.n_web,
-            "caption_pretrain": self.n_caption_pretrain,
-            "instruct": self.n_instruct,
-            "classify": self.n_classify,
-            "retrieval": self.n_retrieval,
-            "long_retrieval": self.n_long_retrieval,
-            "t2i_prompts": self.n_t2i,
-        }
+        fields = ("n_web", "n_caption_pretrain", "n_instruct", "n_classify", "n_retrieval", "n_long_retrieval", "n_t2i")
+        return {split: getattr(self, name) for split, name in zip(SPLITS, fields, strict=True)}
 
     @property
     def n_shards(self) -> int:
@@ -192,6 +151,64 @@ class WorldConfig:
     def oom_sample_per_shard(self) -> int:
         """img2dataset: ``math.ceil(math.log10(number_sample_per_shard))``."""
         return math.ceil(math.log10(self.shard_size))
+
+
+def world_fingerprint(world_dir: str | os.PathLike, **extra: Any) -> str:
+    """sha256 of what determines a world's content (``world.json`` without wall-clock fields), plus ``extra``."""
+    meta = json.loads((Path(world_dir) / "world.json").read_text(encoding="utf-8"))
+    config = {k: v for k, v in meta.get("config", {}).items() if k not in ("workers", "chunk_size", "start_method")}
+    key = {k: meta.get(k) for k in ("format_version", "name", "seed", "counts", "web")} | {"config": config, **extra}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+CONVERSATION_FILES = ("caption_pretrain/chat.json", "instruct/llava_instruct.json")
+
+
+def _read_json(p: Path) -> Any:
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def conversations(world: Path) -> Iterator[list[dict]]:
+    """The LLaVA-format conversations (turn lists) of the world's caption_pretrain and instruct sets, if present."""
+    for rel in CONVERSATION_FILES:
+        if (world / rel).is_file():
+            yield from (sample["conversations"] for sample in _read_json(world / rel))
+
+
+def web_alt_texts(world: Path) -> list[str]:
+    """The alt-texts of the web shards' successful samples (their ``.txt``), from img2dataset's per-shard parquet."""
+    texts: list[str] = []
+    for shard in sorted((world / "web").glob("*.parquet")):
+        t = pq.read_table(shard, columns=["caption", "status"]).to_pydict()
+        texts += [c for c, s in zip(t["caption"], t["status"], strict=True) if s == "success" and c is not None]
+    return texts
+
+
+def world_texts(world_dir: str | os.PathLike) -> list[str]:
+    """Every text of the world, as stored (conversation values keep their ``<image>``), in a fixed order: web
+    alt-texts, conversation values, t2i captions and recaptions, retrieval sentences, long captions, class names
+    (coarse and fine) and ``PROMPTS``."""
+    world = Path(world_dir)
+    if not (world / "world.json").is_file():
+        raise FileNotFoundError(f"{world} is not a tiny world (no world.json)")
+    texts = web_alt_texts(world)
+    for conv in conversations(world):
+        texts += [turn["value"] for turn in conv]
+    prompts = world / "eval/t2i_prompts/prompts.parquet"
+    if prompts.is_file():
+        t = pq.read_table(prompts, columns=["caption", "recaption"]).to_pydict()
+        texts += t["caption"] + t["recaption"]
+    retrieval = world / "eval/retrieval/dataset.json"
+    if retrieval.is_file():
+        texts += [s["raw"] for img in _read_json(retrieval)["images"] for s in img["sentences"]]
+    long_dir = world / "eval/long_retrieval/caption"
+    if long_dir.is_dir():
+        files = sorted(long_dir.glob("*.txt"), key=lambda p: (len(p.stem), p.stem))
+        texts += [p.read_text(encoding="utf-8") for p in files]
+    for name in ("classnames.json", "fine_classnames.json"):
+        if (world / "eval/classify" / name).is_file():
+            texts += list(_read_json(world / "eval/classify" / name))
+    return texts + list(PROMPTS)
 
 
 def compute_key(idx: int, shard_id: int, oom_sample_per_shard: int, oom_shard_count: int) -> str:
@@ -223,33 +240,23 @@ def _text_rng(cfg: WorldConfig, split: str, index: int) -> np.random.Generator:
 
 
 def _truth_row(scene: Scene) -> dict:
-    return {
-        "objects": scene.objects_json(),
-        "background": scene.background_json(),
-        "main_index": scene.main_index,
-        "content_key": scene.content_key(),
-        "label": scene.label,
-        "fine_label": scene.fine_label,
-    }
+    row = {"objects": scene.objects_json(), "background": scene.background_json(), "main_index": scene.main_index}
+    return row | {"content_key": scene.content_key(), "label": scene.label, "fine_label": scene.fine_label}
 
 
 # img2dataset parquet schema for `--input_format parquet --caption_col re_caption --save_additional_columns
 # '["org_caption"]'` (input columns first, in img2dataset's column_list order, then the downloader's columns).
 WEB_PARQUET_SCHEMA = pa.schema(
-    [
-        ("org_caption", pa.string()),
-        ("caption", pa.string()),
-        ("url", pa.string()),
-        ("key", pa.string()),
-        ("status", pa.string()),
-        ("error_message", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("original_width", pa.int32()),
-        ("original_height", pa.int32()),
-        ("exif", pa.string()),
-        ("sha256", pa.string()),
-    ]
+    [(c, pa.string()) for c in ("org_caption", "caption", "url", "key", "status", "error_message")]
+    + [(c, pa.int32()) for c in ("width", "height", "original_width", "original_height")]
+    + [(c, pa.string()) for c in ("exif", "sha256")]
+)
+
+
+# Recap-COCO-30K's columns (image_id, caption, recaption; file_name for the image) plus the ground truth.
+T2I_SCHEMA = pa.schema(
+    [("image_id", pa.int64())]
+    + [(c, pa.string()) for c in ("caption", "recaption", "file_name", "objects", "background", "content_key")]
 )
 
 
@@ -282,20 +289,8 @@ def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> dict:
             alt = alt_text(scene, _text_rng(cfg, "web", g), cfg.alt)
             u_fail, u_err = rng.random(2).tolist()  # always drawn, so fail_rate never changes the pixels
             failed = u_fail < cfg.fail_rate
-            meta: dict[str, Any] = {
-                "org_caption": alt.text,
-                "caption": alt.text,
-                "url": cfg.url_template.format(key=key),
-                "key": key,
-                "status": None,
-                "error_message": None,
-                "width": None,
-                "height": None,
-                "original_width": None,
-                "original_height": None,
-                "exif": None,
-                "sha256": None,
-            }
+            meta: dict[str, Any] = dict.fromkeys(WEB_PARQUET_SCHEMA.names)  # the columns, in order
+            meta.update(org_caption=alt.text, caption=alt.text, url=cfg.url_template.format(key=key), key=key)
             if failed:
                 err = DOWNLOAD_ERRORS[min(int(u_err * len(DOWNLOAD_ERRORS)), len(DOWNLOAD_ERRORS) - 1)]
                 meta.update(status="failed_to_download", error_message=err)
@@ -303,90 +298,69 @@ def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> dict:
             else:
                 img = render_scene(scene, rng, cfg.scene)
                 jpg = _jpeg(img, cfg.jpeg_quality)
-                meta.update(status="success", width=size, height=size, original_width=size, original_height=size,
-                            sha256=hashlib.sha256(jpg).hexdigest())  # fmt: skip
+                meta.update(status="success", width=size, height=size, original_width=size, original_height=size)
+                meta["sha256"] = hashlib.sha256(jpg).hexdigest()
                 status_dict["success"] += 1
                 _tar_write(tar, {"__key__": key, "jpg": jpg, "txt": alt.text, "json": json.dumps(meta, indent=4)})
             metas.append(meta)
-            truth.append({"key": key, "shard": shard_id, "index": g, "status": meta["status"], **_truth_row(scene),
-                          "alt_kind": alt.kind, "alt_uses_shade": alt.uses_shade})  # fmt: skip
+            row = {"key": key, "shard": shard_id, "index": g, "status": meta["status"], **_truth_row(scene)}
+            truth.append(row | {"alt_kind": alt.kind, "alt_uses_shade": alt.uses_shade})
     table = pa.Table.from_pylist(metas, schema=WEB_PARQUET_SCHEMA)
     pq.write_table(table, web / f"{name}.parquet")
-    successes = status_dict["success"]
-    end_time = time.time()
-    stats = {
-        "count": hi - lo,
-        "successes": successes,
-        "failed_to_download": hi - lo - successes,
-        "failed_to_resize": 0,
-        "duration": end_time - start_time,
-        "start_time": start_time,
-        "end_time": end_time,
-        "status_dict": dict(status_dict),
-    }
+    successes, end_time = status_dict["success"], time.time()
+    stats = {"count": hi - lo, "successes": successes, "failed_to_download": hi - lo - successes, "failed_to_resize": 0}
+    stats |= {"duration": end_time - start_time, "start_time": start_time, "end_time": end_time}
+    stats["status_dict"] = dict(status_dict)
     (web / f"{name}_stats.json").write_text(json.dumps(stats, indent=4))
     return {"truth": truth}
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> dict:
     recs: list[dict] = []
     for i in range(lo, hi):
-        rng = _text_rng(cfg, split, i)
-        if split == "caption_pretrain":
-            sid = f"{i:06d}"
-            scene, jpg = _scene_and_jpeg(cfg, split, i)
-            _write(out / split / "images" / f"{sid}.jpg", jpg)
-            recs.append({"id": sid, "image": f"images/{sid}.jpg",
-                         "conversations": caption_pretrain_conversation(scene, rng), "_truth": scene})  # fmt: skip
-        elif split == "instruct":
-            sid = f"{i:06d}"
+        rng = _text_rng(cfg, split, i)  # the image stream is separate, so drawing the scene first changes no text
+        sid, label, kind = f"{i:06d}", i % len(CLASSNAMES), None
+        if split == "instruct":
             kind = INSTRUCT_KINDS[int(rng.choice(len(INSTRUCT_KINDS), p=cfg.instruct_mix))]
             if kind == "text":
-                recs.append({"id": sid, "conversations": instruct_conversation(None, rng, kind)})
+                recs.append({"id": sid, "conversations": instruct_conversation(None, rng, kind), "_index": i})
+                continue
+        pin = {}
+        if split == "classify":
+            pin = {"main_colour": COLOURS[label // len(SHAPES)], "main_shape": SHAPES[label % len(SHAPES)]}
+        scene, jpg = _scene_and_jpeg(cfg, split, i, **pin)
+        if split in ("caption_pretrain", "instruct"):
+            image = f"{split}/images/{sid}.jpg"
+            if kind is None:
+                conv = caption_pretrain_conversation(scene, rng)
             else:
-                scene, jpg = _scene_and_jpeg(cfg, split, i)
-                _write(out / split / "images" / f"{sid}.jpg", jpg)
                 conv = instruct_conversation(scene, rng, kind, cfg.instruct_max_qa_turns)
-                recs.append({"id": sid, "image": f"images/{sid}.jpg", "conversations": conv, "_truth": scene})
+            rec = {"id": sid, "image": f"images/{sid}.jpg", "conversations": conv, "_id": sid}
         elif split == "classify":
-            label = i % len(CLASSNAMES)
-            colour, shape = COLOURS[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
-            scene, jpg = _scene_and_jpeg(cfg, split, i, main_colour=colour, main_shape=shape)
-            rel = f"images/{label:03d}/{i:06d}.jpg"
-            _write(out / "eval" / "classify" / rel, jpg)
-            recs.append({"filename": rel, "label": label, "fine_label": scene.fine_label, "_truth": scene})
+            rel = f"images/{label:03d}/{sid}.jpg"
+            image = f"eval/classify/{rel}"
+            rec = {"filename": rel, "label": label, "fine_label": scene.fine_label, "_id": rel}
         elif split == "retrieval":
-            scene, jpg = _scene_and_jpeg(cfg, split, i)
-            fn = f"{i:06d}.jpg"
-            _write(out / "eval" / "retrieval" / "images" / fn, jpg)
+            image = f"eval/retrieval/images/{sid}.jpg"
             caps = short_captions(scene, rng, cfg.n_short_captions)
-            recs.append({"filename": fn, "captions": caps, "content_key": scene.content_key(), "_truth": scene})
+            rec = {"filename": f"{sid}.jpg", "captions": caps, "content_key": scene.content_key(), "_id": f"{sid}.jpg"}
         elif split == "long_retrieval":
-            scene, jpg = _scene_and_jpeg(cfg, split, i)
-            _write(out / "eval" / "long_retrieval" / "image" / f"{i + 1}.jpg", jpg)
-            (out / "eval" / "long_retrieval" / "caption" / f"{i + 1}.txt").write_text(long_caption(scene, rng))
-            recs.append({"_truth": scene})
-        elif split == "t2i_prompts":
-            scene, jpg = _scene_and_jpeg(cfg, split, i)
-            _write(out / "eval" / "t2i_prompts" / "images" / f"{i}.jpg", jpg)
-            recs.append({"image_id": i, "file_name": f"images/{i}.jpg", "caption": short_caption(scene, rng),
-                         "recaption": detailed_description(scene, rng), "_truth": scene})  # fmt: skip
+            image = f"eval/long_retrieval/image/{i + 1}.jpg"
+            (out / "eval/long_retrieval/caption" / f"{i + 1}.txt").write_text(long_caption(scene, rng))
+            rec = {"_id": f"{i + 1}"}
         else:
-            raise ValueError(split)
-        recs[-1]["_index"] = i
-        if "_truth" in recs[-1]:  # scenes travel back as plain dicts (cheap to pickle)
-            recs[-1]["_truth"] = _truth_row(recs[-1]["_truth"])
+            image = f"eval/t2i_prompts/images/{i}.jpg"
+            caption, recaption = short_caption(scene, rng), detailed_description(scene, rng)
+            rec = {"image_id": i, "file_name": f"images/{i}.jpg", "caption": caption, "recaption": recaption}
+            rec["_id"] = str(i)
+        (out / image).write_bytes(jpg)
+        recs.append(rec | {"_index": i, "_truth": _truth_row(scene)})  # scenes travel back as plain (cheap) dicts
     return {"recs": recs}
 
 
 def _run_task(args: tuple) -> tuple[str, int, dict]:
     cfg_dict, out, task = args
-    cfg = WorldConfig.from_dict(cfg_dict)
+    cfg = WorldConfig(**cfg_dict)
     if task[0] == "web":
         return task[0], task[1], _web_shard(cfg, Path(out), task[1])
     split, lo, hi = task
@@ -412,10 +386,9 @@ def _prepare(out: Path, overwrite: bool, n_classify: int) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    for sub in ("web", "truth", "caption_pretrain/images", "instruct/images", "eval/retrieval/images",
-                "eval/long_retrieval/image", "eval/long_retrieval/caption", "eval/t2i_prompts/images"):  # fmt: skip
+    subdirs = "web truth caption_pretrain/images instruct/images eval/retrieval/images eval/long_retrieval/image "
+    for sub in (subdirs + "eval/long_retrieval/caption eval/t2i_prompts/images eval/classify/images").split():
         (out / sub).mkdir(parents=True, exist_ok=True)
-    (out / "eval" / "classify" / "images").mkdir(parents=True, exist_ok=True)
     for label in range(min(n_classify, len(CLASSNAMES))):
         (out / "eval" / "classify" / "images" / f"{label:03d}").mkdir(exist_ok=True)
 
@@ -438,7 +411,7 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     _prepare(out, overwrite, cfg.n_classify)
-    cfg_dict = cfg.to_dict()
+    cfg_dict = asdict(cfg)
     jobs = [(cfg_dict, str(out), t) for t in _tasks(cfg)]
     if cfg.workers == 1 or len(jobs) <= 1:
         results = [_run_task(j) for j in jobs]
@@ -455,19 +428,15 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
         else:
             by_split[split] += res["recs"]
 
-    def truth_rows(split: str, id_of) -> list[dict]:
-        return [{"id": id_of(r), "index": r["_index"], **r["_truth"]} for r in by_split[split] if "_truth" in r]
-
     pq.write_table(_truth_table(web_truth, "key"), out / "truth" / "web.parquet")
+    for split, recs in by_split.items():
+        if split != "web":
+            rows = [{"id": r["_id"], "index": r["_index"], **r["_truth"]} for r in recs if "_truth" in r]
+            pq.write_table(_truth_table(rows, "id"), out / "truth" / f"{split}.parquet")
 
-    cp = [{k: v for k, v in r.items() if not k.startswith("_")} for r in by_split["caption_pretrain"]]
-    _json_dump(out / "caption_pretrain" / "chat.json", cp)
-    pq.write_table(_truth_table(truth_rows("caption_pretrain", lambda r: r["id"]), "id"),
-                   out / "truth" / "caption_pretrain.parquet")  # fmt: skip
-
-    ins = [{k: v for k, v in r.items() if not k.startswith("_")} for r in by_split["instruct"]]
-    _json_dump(out / "instruct" / "llava_instruct.json", ins)
-    pq.write_table(_truth_table(truth_rows("instruct", lambda r: r["id"]), "id"), out / "truth" / "instruct.parquet")
+    for path in CONVERSATION_FILES:
+        split = path.split("/")[0]
+        _json_dump(out / path, [{k: v for k, v in r.items() if not k.startswith("_")} for r in by_split[split]])
 
     cls_dir = out / "eval" / "classify"
     _json_dump(cls_dir / "classnames.json", list(CLASSNAMES), indent=1)
@@ -478,8 +447,6 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
         w.writerow(["filename", "label", "fine_label"])
         for r in by_split["classify"]:
             w.writerow([r["filename"], r["label"], r["fine_label"]])
-    pq.write_table(_truth_table(truth_rows("classify", lambda r: r["filename"]), "id"),
-                   out / "truth" / "classify.parquet")  # fmt: skip
 
     images, sentid = [], 0
     for imgid, r in enumerate(by_split["retrieval"]):
@@ -487,81 +454,26 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
         for cap in r["captions"]:
             sents.append({"raw": cap, "tokens": karpathy_tokens(cap), "imgid": imgid, "sentid": sentid})
             sentid += 1
-        images.append({"filename": r["filename"], "filepath": "images", "imgid": imgid, "split": "test",
-                       "sentids": [s["sentid"] for s in sents], "sentences": sents,
-                       "content_key": r["content_key"]})  # fmt: skip
+        entry = {"filename": r["filename"], "filepath": "images", "imgid": imgid, "split": "test"}
+        entry |= {"sentids": [s["sentid"] for s in sents], "sentences": sents, "content_key": r["content_key"]}
+        images.append(entry)
     _json_dump(out / "eval" / "retrieval" / "dataset.json", {"dataset": "tinyworld", "images": images})
-    pq.write_table(_truth_table(truth_rows("retrieval", lambda r: r["filename"]), "id"),
-                   out / "truth" / "retrieval.parquet")  # fmt: skip
-    pq.write_table(_truth_table(truth_rows("long_retrieval", lambda r: f"{r['_index'] + 1}"), "id"),
-                   out / "truth" / "long_retrieval.parquet")  # fmt: skip
 
-    t2i = by_split["t2i_prompts"]
-    t2i_table = pa.table(
-        {
-            "image_id": pa.array([r["image_id"] for r in t2i], pa.int64()),
-            "caption": pa.array([r["caption"] for r in t2i], pa.string()),
-            "recaption": pa.array([r["recaption"] for r in t2i], pa.string()),
-            "file_name": pa.array([r["file_name"] for r in t2i], pa.string()),
-            "objects": pa.array([r["_truth"]["objects"] for r in t2i], pa.string()),
-            "background": pa.array([r["_truth"]["background"] for r in t2i], pa.string()),
-            "content_key": pa.array([r["_truth"]["content_key"] for r in t2i], pa.string()),
-        }
-    )
-    pq.write_table(t2i_table, out / "eval" / "t2i_prompts" / "prompts.parquet")
-    pq.write_table(_truth_table(truth_rows("t2i_prompts", lambda r: str(r["image_id"])), "id"),
-                   out / "truth" / "t2i_prompts.parquet")  # fmt: skip
+    t2i = [r | r["_truth"] for r in by_split["t2i_prompts"]]
+    pq.write_table(pa.Table.from_pylist(t2i, schema=T2I_SCHEMA), out / "eval" / "t2i_prompts" / "prompts.parquet")
 
     seconds = time.perf_counter() - t0
     web_ok = sum(1 for r in web_truth if r["status"] == "success")
     counts = cfg.counts()
-    summary = {
-        "out_dir": str(out),
-        "format_version": FORMAT_VERSION,
-        "seed": cfg.seed,
-        "counts": counts,
-        "web_successes": web_ok,
-        "web_shards": [f"web/{shard_name(s, cfg.oom_shard_count)}.tar" for s in range(cfg.n_shards)],
-        "instruct_text_only": sum(1 for r in by_split["instruct"] if "image" not in r),
-        "seconds": round(seconds, 3),
-        "render_seconds": round(t_render, 3),
-        "workers": cfg.workers,
-    }
-    world = {
-        "format_version": FORMAT_VERSION,
-        "name": "tinyworld",
-        "seed": cfg.seed,
-        "config": cfg_dict,
-        "counts": counts,
-        "web": {
-            "shards": cfg.n_shards,
-            "successes": web_ok,
-            "oom_shard_count": cfg.oom_shard_count,
-            "oom_sample_per_shard": cfg.oom_sample_per_shard,
-        },
-        "split_ids": SPLIT_IDS,
-        "vocab": vocab(),
-        "classnames": list(CLASSNAMES),
-        "generated_at": started,
-        "generation_seconds": round(seconds, 3),
-    }
+    summary = {"out_dir": str(out), "format_version": FORMAT_VERSION, "seed": cfg.seed, "counts": counts}
+    summary["web_successes"] = web_ok
+    summary["web_shards"] = [f"web/{shard_name(s, cfg.oom_shard_count)}.tar" for s in range(cfg.n_shards)]
+    summary["instruct_text_only"] = sum(1 for r in by_split["instruct"] if "image" not in r)
+    summary |= {"seconds": round(seconds, 3), "render_seconds": round(t_render, 3), "workers": cfg.workers}
+    web = {"shards": cfg.n_shards, "successes": web_ok, "oom_shard_count": cfg.oom_shard_count}
+    web["oom_sample_per_shard"] = cfg.oom_sample_per_shard
+    world = {"format_version": FORMAT_VERSION, "name": "tinyworld", "seed": cfg.seed, "config": cfg_dict}
+    world |= {"counts": counts, "web": web, "split_ids": SPLIT_IDS, "vocab": vocab(), "classnames": list(CLASSNAMES)}
+    world |= {"generated_at": started, "generation_seconds": round(seconds, 3)}
     _json_dump(out / "world.json", world, indent=2)
     return summary
-
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description="Generate the tiny world.")
-    ap.add_argument("out_dir")
-    ap.add_argument("--preset", choices=("default", "tiny"), default="default")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--overwrite", action="store_true")
-    a = ap.parse_args(argv)
-    cfg = (WorldConfig.tiny if a.preset == "tiny" else WorldConfig)(seed=a.seed, workers=a.workers)
-    summary = generate_world(a.out_dir, cfg, overwrite=a.overwrite)
-    print(json.dumps(summary, indent=2))
-    return summary
-
-
-if __name__ == "__main__":
-    main()

@@ -375,8 +375,8 @@ class AttributeRater:
     GPT-4V prompt asks for both)."""
 
     def __init__(self, folder: str) -> None:
-        from datamodules.tiny_world.judge import load_judge
         from lightning_modules.evaluation.generation import JUDGE_PROMPT
+        from lightning_modules.evaluation.judge import load_judge
 
         self.judge = load_judge(folder)
         self.prefix, _, self.suffix = JUDGE_PROMPT.partition("{caption}")
@@ -387,7 +387,7 @@ class AttributeRater:
         return prompt_text[len(self.prefix) : len(prompt_text) - len(self.suffix)]
 
     def predict(self, image: Any) -> dict[str, str]:
-        from datamodules.tiny_world.judge import HEADS
+        from lightning_modules.evaluation.judge import HEADS
 
         x = _image_tensors([image])[0].unsqueeze(0)
         return {name: HEADS[name][int(idx[0])] for name, idx in self.judge.predict(x).items()}

@@ -1,37 +1,15 @@
-"""Evaluation harness in plain PyTorch: CLIP retrieval / classification tasks and their loop, caption attributes.
-
-Used by the CLIP LightningModule (in the loop and as ``test``), by the DiT module and by reports. No Lightning here.
-"""
+"""Evaluation in plain PyTorch (no Lightning): CLIP tasks and their loop, text-to-image metrics, caption attributes and
+the tiny world's attribute judge. The CLIP, captioner and DiT modules and the experiments CLI call these."""
 
 from .captioning import CaptionAttributes
-from .metrics import retrieval_metrics, retrieval_recall, token_lengths, topk_accuracy
-from .tasks import (
-    EvalTask,
-    LongRetrieval,
-    Retrieval,
-    ZeroShotClassification,
-    features_by_index,
-    resolve_classnames,
-    resolve_templates,
-    run_tasks,
-    write_metrics_json,
-    zero_shot_classifier,
-)
+from .tasks import LongRetrieval, Retrieval, ZeroShotClassification, features_by_index, run_tasks, write_metrics_json
 
 __all__ = [
     "CaptionAttributes",
-    "EvalTask",
     "LongRetrieval",
     "Retrieval",
     "ZeroShotClassification",
     "features_by_index",
-    "resolve_classnames",
-    "resolve_templates",
-    "retrieval_metrics",
-    "retrieval_recall",
     "run_tasks",
-    "token_lengths",
-    "topk_accuracy",
     "write_metrics_json",
-    "zero_shot_classifier",
 ]

@@ -1,42 +1,24 @@
-"""Score generated captions of tiny-world images against the ground truth, attribute by attribute (plain Python).
+"""Read tiny-world captions back into objects and score them against the ground truth, attribute by attribute.
 
-A captioner trained on the tiny world writes "detailed descriptions" like ``text.detailed_description``. This module
-reads such free text back into objects and compares them with the image's ``Scene``:
+:func:`parse_caption` finds every object as ``(size, colour, shape, position)`` (unstated attributes None), the stated
+count and the background, using the world's own phrase inventory (``datamodules/tiny_world/text.py``: position
+phrases, size words, colours, shades mapped to their colour, shapes, and "shape" for a coarsened star or cross) plus a
+few general forms ("to the right", "centered") so paraphrases still parse. How a caption is read:
 
-* :func:`parse_caption` finds every object as ``(size, colour, shape, position)`` (unstated attributes are None),
-  the stated object count ("two shapes", "a single figure") and the background (kind and colours).
-* :func:`truth_objects` turns a ``truth/*.parquet`` ``objects`` value (JSON) into the same tuples.
-* :func:`score_captions` gives micro-averaged multiset precision / recall (in %) of colours, shapes, (colour, shape)
-  pairs, (colour, shape, position) triples and (size, colour, shape, position) quads, plus per-caption accuracies.
-* :func:`chance_scores` scores the same captions against a deranged truth: the chance baseline.
+1. Relative phrases ("left of", "above", "under"...) become barriers that never give a position; absolute position
+   phrases become markers.
+2. Every singular shape word starts an object; size and colour words right before it (over fillers such as "lone")
+   or after it ("a star in red", "the red star is large") belong to it; "largest one is a ..." makes it large. "shape"
+   is an object only with a colour ("a single shape", "two shapes" are counts).
+3. An object takes the first free marker after it, before the next object, a relation or the sentence end; else a
+   free marker earlier in its sentence ("Near the left border, one can see a little red star.").
+4. A definite mention ("the red star is large") refers back to the first earlier compatible object and fills in what
+   it states; an indefinite one is a new object (the world never repeats a colour and shape).
 
-The phrase inventory is the world's own (``datamodules/tiny_world/text.py``): the position phrases of the detailed
-descriptions, short captions and long captions (``_POS``, ``_SPOS``, ``_LPOS``: "on the left side", "in the
-middle", "up top", "down low", "near the upper edge", "right at the centre of the frame", ...), the size words
-(large/big/sizeable/largest, small/little/tiny/compact), the 8 colour names and the 16 shade names (mapped to their
-colour through ``SHADE_TO_COLOUR``), the 6 shapes and the generic word "shape" that the truth recaptioner uses for a
-coarsened star or cross. A few general forms are accepted too ("to the right", "at the top edge", "centered"), so
-a captioner's paraphrases still parse.
-
-How a caption is read:
-
-1. Relative phrases ("to the left of", "left of", "above", "over", "below", "under") become barriers: they never give
-   an object a position. Then absolute position phrases become markers.
-2. Every singular shape word starts an object mention. Size and colour words directly before it (over fillers such as
-   "coloured", "lone", "single") belong to it, and so do attributes right after it: "a star in red", "a star, big
-   and red,", "a star coloured red", "the red star is large and ...". "is/being a ..." after "largest one",
-   "biggest" or "most prominent figure" makes the object large. "shape" is an object only with a colour ("a small red
-   shape"); "a single shape" and "two shapes" are counts.
-3. An object takes the first free position marker after it, before the next object, a relative phrase or the end
-   of the sentence; one with none takes a free marker earlier in its sentence ("Near the left border, one can see a
-   little red star.").
-4. A definite mention ("the red star is large and on the left", "the most prominent figure is the star") refers
-   back to the first earlier object with the same shape and no conflicting attribute, and fills in what it states;
-   an indefinite one ("a", "an", none) is a new object. The world never has two objects of the same colour and shape.
-
-Scoring policy. An object counts as a prediction for a tuple metric only if the caption states every attribute of
-the tuple (a generic "shape" states no shape), so precision measures the claims made and recall penalises what is
-left out. Precision with no predictions at all is 0. The main object of a caption is the object it mentions first.
+Scoring (:func:`score_captions`): an object is a prediction for a tuple metric only if the caption states every
+attribute of the tuple, so precision measures the claims made and recall penalises what is left out; precision with no
+predictions is 0. A caption's main object is the one it mentions first. :func:`chance_scores` scores the captions
+against a deranged truth.
 """
 
 from __future__ import annotations
@@ -44,73 +26,61 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from datamodules.tiny_world.scene import BACKGROUND_COLOURS, COLOURS, SHADE_TO_COLOUR, SHAPES
-from datamodules.tiny_world.text import _BIG, _LPOS, _POS, _SMALL, _SPOS, NUMBER_WORDS
+from datamodules.tiny_world.text import (
+    BIG_WORDS,
+    DETAIL_POSITIONS,
+    LONG_POSITIONS,
+    NUMBER_WORDS,
+    SHORT_POSITIONS,
+    SMALL_WORDS,
+)
 
-__all__ = [
-    "GENERIC_SHAPE",
-    "CaptionObject",
-    "ParsedBackground",
-    "ParsedCaption",
-    "chance_scores",
-    "parse_caption",
-    "score_captions",
-    "truth_background",
-    "truth_objects",
-]
+from .metrics import derangement
 
-GENERIC_SHAPE = "shape"
-"""The shape of an object named only "shape" ("a small red shape"): it states no shape."""
+GENERIC_SHAPE = "shape"  # an object named only "shape" ("a small red shape") states no shape
 
 
 class CaptionObject(NamedTuple):
-    """One object as a caption states it (or as the truth has it). Unstated attributes are None."""
+    """One object as a caption states it (or as the truth has it); unstated attributes are None."""
 
     size: str | None
     colour: str | None
-    shape: str
-    """One of ``SHAPES`` or ``GENERIC_SHAPE``."""
+    shape: str  # one of SHAPES or GENERIC_SHAPE
     position: str | None
 
 
 @dataclass(frozen=True)
 class ParsedBackground:
-    kind: str | None
-    """"plain", "hstripes", "vstripes", "checker", or "stripes" when the orientation is not said."""
-    colours: tuple[str, ...]
-    """Background colour names in the order the caption gives them (the truth's order: colours[0] is at (0, 0))."""
+    kind: str | None  # "plain", "hstripes", "vstripes", "checker", or "stripes" when the orientation is not said
+    colours: tuple[str, ...]  # in the caption's order (the truth's order: colours[0] is at (0, 0))
 
 
 @dataclass(frozen=True)
 class ParsedCaption:
-    objects: tuple[CaptionObject, ...]
-    """Objects in order of first mention."""
-    count: int | None
-    """The stated number of objects ("two shapes", "a single figure"), if any."""
+    objects: tuple[CaptionObject, ...]  # in order of first mention
+    count: int | None  # the stated number of objects ("two shapes", "a single figure"), if any
     background: ParsedBackground | None
 
     @property
     def main(self) -> CaptionObject | None:
-        """The first-mentioned object (the world's descriptions name the main, i.e. largest, object first)."""
-        return self.objects[0] if self.objects else None
+        return self.objects[0] if self.objects else None  # descriptions name the main (largest) object first
 
-
-# --------------------------------------------------------------------------------------------------- vocabulary
 
 _COLOUR_WORDS: dict[str, str] = {c: c for c in COLOURS} | dict(SHADE_TO_COLOUR)
-_SIZE_WORDS: dict[str, str] = {w: "large" for w in (*_BIG, "large", "big", "sizeable", "sizable", "huge")} | {
-    w: "small" for w in (*_SMALL, "small", "little", "tiny", "compact")
+_SIZE_WORDS: dict[str, str] = {w: "large" for w in (*BIG_WORDS, "large", "big", "sizeable", "sizable", "huge")} | {
+    w: "small" for w in (*SMALL_WORDS, "small", "little", "tiny", "compact")
 }
 _SHAPE_WORDS: dict[str, str] = {s: s for s in SHAPES} | {GENERIC_SHAPE: GENERIC_SHAPE}
 _PLURALS = {("crosses" if s == "cross" else s + "s") for s in _SHAPE_WORDS}
-_FILLERS = {"coloured", "colored", "tinted", "painted", "lone", "single", "solid", "bright", "dark", "light", "pale",
-            "flat", "simple", "geometric", "filled", "outlined", "plain"}  # fmt: skip
+_FILLERS = {"coloured", "colored", "tinted", "painted", "lone", "single", "solid", "bright", "dark", "light", "pale"}
+_FILLERS |= {"flat", "simple", "geometric", "filled", "outlined", "plain"}
 _DETERMINERS = {"a", "an", "the", "one", "another", "this", "that"}
 _POST_TRIGGERS = {"is", ",", "in", "coloured", "colored", "tinted", "painted"}
 _LARGEST_CUES = {"largest", "biggest", "prominent", "main", "dominant"}
@@ -123,9 +93,14 @@ _COUNT_WORDS: dict[str, int] = {w: i for i, w in enumerate(NUMBER_WORDS)} | dict
 
 def _phrase_table() -> dict[str, str]:
     """Absolute position phrase -> position, from text.py's tables plus general forms."""
-    table = {p: pos for t in (_POS, _SPOS, _LPOS) for pos, phrases in t.items() for p in phrases}
-    for pos, words in {"left": ("left",), "right": ("right",), "top": ("top", "upper"), "bottom": ("bottom", "lower"),
-                       "center": ("center", "centre", "middle")}.items():  # fmt: skip
+    table = {
+        p: pos
+        for t in (DETAIL_POSITIONS, SHORT_POSITIONS, LONG_POSITIONS)
+        for pos, phrases in t.items()
+        for p in phrases
+    }
+    general = {"left": ("left",), "right": ("right",), "top": ("top", "upper"), "bottom": ("bottom", "lower")}
+    for pos, words in (general | {"center": ("center", "centre", "middle")}).items():
         for w in words:
             for pre in ("on", "at", "near", "by", "towards", "toward", "to", "in", "close to", "along"):
                 for very in ("", "very "):
@@ -150,15 +125,10 @@ def _normalise(text: str) -> str:
     return re.sub(r"[-_/#]", " ", text.lower())
 
 
-# ------------------------------------------------------------------------------------------------------ parsing
-
-
 @dataclass
 class _Mention:
-    start: int
-    """Token index of the first word of the noun phrase."""
-    end: int
-    """Token index after the shape word and its post-modifiers."""
+    start: int  # token index of the noun phrase's first word
+    end: int  # token index after the shape word and its post-modifiers
     definite: bool
     size: str | None
     colour: str | None
@@ -286,7 +256,6 @@ def _background(t: str) -> ParsedBackground | None:
 
 
 def parse_caption(text: str | None) -> ParsedCaption:
-    """Objects, stated count and background of one caption (see the module docstring for the rules)."""
     if not text:
         return ParsedCaption((), None, None)
     toks = _tokens(text)
@@ -298,14 +267,9 @@ def parse_caption(text: str | None) -> ParsedCaption:
     return ParsedCaption(tuple(_resolve(mentions)), count, _background(t))
 
 
-# -------------------------------------------------------------------------------------------------------- truth
-
-
 def truth_objects(objects: str | Sequence[Mapping[str, Any]] | Sequence[CaptionObject] | Any) -> list[CaptionObject]:
-    """Ground-truth objects (drawing order, main first) from a ``truth/*.parquet`` ``objects`` JSON value.
-
-    Also accepts the decoded list of dicts, a list of ``CaptionObject`` or ``SceneObject``, or a ``Scene``.
-    """
+    """Ground-truth objects (main first) from a ``truth/*.parquet`` ``objects`` JSON, its decoded list, a list of
+    ``CaptionObject`` or ``SceneObject``, or a ``Scene``."""
     if hasattr(objects, "objects") and hasattr(objects, "background"):  # a Scene
         objects = objects.objects
     if isinstance(objects, str):
@@ -330,8 +294,6 @@ def truth_background(background: str | Mapping[str, Any] | Any) -> ParsedBackgro
     return ParsedBackground(background.kind, tuple(background.colours))
 
 
-# ------------------------------------------------------------------------------------------------------ scoring
-
 _TUPLES = {
     "colour": lambda o: (o.colour,),
     "shape": lambda o: (o.shape,),
@@ -355,24 +317,14 @@ def score_captions(
     backgrounds: Sequence[Any] | None = None,
     main_index: int | Sequence[int] = 0,
 ) -> dict[str, float]:
-    """Score ``captions`` against the ground truth of their images; every rate is in percent.
+    """Score captions (or parsed ones) against their images' truths (:func:`truth_objects`), in percent.
 
-    Args:
-        captions: generated captions (or already parsed ones), one per image.
-        truths: per image, the ``objects`` JSON of ``truth/*.parquet`` (or anything :func:`truth_objects` takes).
-        backgrounds: per image, the ``background`` JSON (or what :func:`truth_background` takes); None skips the
-            background metrics.
-        main_index: the main object's index (``truth/*.parquet`` ``main_index``; always 0 in the tiny world), one
-            int for all images or one per image.
-
-    Returns:
-        ``{colour,shape,pair,triple,quad}_{precision,recall}``: micro-averaged multiset precision and recall of the
-        stated attribute tuples (see the module docstring). Per-caption accuracies: ``count_acc`` (number of parsed
-        objects == true count), ``exact_objects_acc`` (the multiset of (colour, shape, position) equals the truth's),
-        ``main_object_acc`` (the first-mentioned object's colour and shape are the main object's),
-        ``stated_count_acc`` (over the ``n_stated_count`` captions that state a count), and with ``backgrounds``
-        ``background_acc`` (kind and ordered colours) and ``background_kind_acc``. ``n`` captions, ``n_unparsed``
-        of them with no object found.
+    ``{colour,shape,pair,triple,quad}_{precision,recall}`` are micro-averaged multiset precision and recall of the
+    stated attribute tuples. Per caption: ``count_acc`` (parsed objects == true count), ``exact_objects_acc`` (the
+    (colour, shape, position) multiset equals the truth's), ``main_object_acc`` (the first-mentioned object's colour and
+    shape are the main object's), ``stated_count_acc`` (over the ``n_stated_count`` captions that state a count) and,
+    with ``backgrounds``, ``background_acc`` (kind and ordered colours) and ``background_kind_acc``. ``main_index`` is
+    one int or one per image; ``n_unparsed`` counts captions with no object found.
     """
     if len(captions) != len(truths):
         raise ValueError(f"{len(captions)} captions but {len(truths)} truths")
@@ -419,18 +371,6 @@ def score_captions(
     return out
 
 
-def derangement(n: int, seed: int = 0) -> np.ndarray:
-    """A uniformly random cyclic permutation of ``range(n)`` (Sattolo's algorithm): no index maps to itself."""
-    if n < 2:
-        raise ValueError(f"a derangement needs at least 2 items, got {n}")
-    perm = np.arange(n)
-    rng = np.random.default_rng(seed)
-    for i in range(n - 1, 0, -1):
-        j = int(rng.integers(i))  # j < i: Sattolo, so the result is one n-cycle
-        perm[i], perm[j] = perm[j], perm[i]
-    return perm
-
-
 def chance_scores(
     captions: Sequence[str | ParsedCaption],
     truths: Sequence[Any],
@@ -438,11 +378,8 @@ def chance_scores(
     backgrounds: Sequence[Any] | None = None,
     main_index: int | Sequence[int] = 0,
 ) -> dict[str, float]:
-    """:func:`score_captions` against the truth of another image (a seeded derangement): the chance baseline.
-
-    It keeps the captions' own distribution of colours, shapes and positions, so it is the score of a captioner that
-    writes plausible descriptions without looking at the image.
-    """
+    """:func:`score_captions` against a seeded derangement of the truths: the score of a captioner that writes
+    plausible descriptions (its own distribution of colours, shapes and positions) without looking at the image."""
     perm = derangement(len(captions), seed)
     mains = _per_index(main_index, len(captions))
     return score_captions(
@@ -451,8 +388,3 @@ def chance_scores(
         None if backgrounds is None else [backgrounds[j] for j in perm],
         [mains[j] for j in perm],
     )
-
-
-def parse_captions(captions: Iterable[str]) -> list[ParsedCaption]:
-    """:func:`parse_caption` of each caption (parse once, score several times)."""
-    return [parse_caption(c) for c in captions]

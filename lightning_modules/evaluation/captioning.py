@@ -1,10 +1,5 @@
-"""``CaptionAttributes``: caption held-out tiny-world images and score the captions against the ground truth.
-
-The captioner's quality in the tiny world is measured like the prototype did: attribute precision/recall (colour,
-shape, (colour, shape), (colour, shape, position), size), object count, the main object and the background
-(``caption_attributes.score_captions``), next to the same captions scored against another image's truth (chance).
-Plain Python: the captioning function comes from the caller (``CaptionerModule.caption``).
-"""
+"""``CaptionAttributes``: caption held-out tiny-world images and score the captions against the ground truth
+(``caption_attributes.score_captions``), beside the same captions scored against another image's truth (chance)."""
 
 from __future__ import annotations
 
@@ -15,7 +10,7 @@ from typing import Any
 
 from PIL import Image
 
-from .caption_attributes import chance_scores, parse_captions, score_captions
+from .caption_attributes import chance_scores, parse_caption, score_captions
 
 
 class CaptionAttributes:
@@ -61,7 +56,7 @@ class CaptionAttributes:
         return self.score(captions, rows)
 
     def score(self, captions: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-        parsed = parse_captions(captions)
+        parsed = [parse_caption(c) for c in captions]
         truths = [r["objects"] for r in rows]
         backgrounds = [r["background"] for r in rows]
         out = score_captions(parsed, truths, backgrounds)

@@ -1,17 +1,8 @@
-"""Text-to-image evaluation (paper §6, Table 7): FID, CLIP score, GPT-4V-style judge score, in plain PyTorch.
+"""Text-to-image evaluation (paper §6, Table 7): FID, CLIP score and a GPT-4V-style judge score, in plain PyTorch.
 
-The paper scores DiT-B/4 generations for COCO-30K prompts with FID against the MSCOCO reference images, CLIP score with
-OpenAI ViT-B/32 and with Recap-CLIP, and a GPT-4V 1-5 rating (the §4 caption-rating prompt) on a random 3k subset, for
-two prompt sets: the raw COCO captions and their recaptions (Recap-COCO-30K: ``image_id, coco_url, caption,
-recaption``). The pieces:
-
-- ``read_prompt_set``: the prompts (either column) and their reference images, from such a parquet.
-- ``FID``: ``torchmetrics`` FID with InceptionV3 (weights from a local file, never downloaded) or any feature network.
-- ``ClipScorer`` (``OpenClipScorer``, ``HFClipScorer``) and ``clip_score``: mean of ``100 * max(cos, 0)`` per pair.
-- ``JUDGE_PROMPT``, ``parse_rating``, ``judge_score`` and ``LlavaJudge`` (the suite's captioner as a local judge).
-- ``evaluate_generation``: all of the above on one set of generated images, written as a metrics JSON.
-
-No Lightning here: the DiT module and the experiments CLI call these.
+The paper scores DiT-B/4 generations for COCO-30K prompts (raw captions and their recaptions, Recap-COCO-30K) with FID
+against the MSCOCO images, CLIP score with OpenAI ViT-B/32 and Recap-CLIP, and a GPT-4V 1-5 rating (the §4 caption
+rating prompt) on a random 3k subset. ``evaluate_generation`` runs all of them on one set of generated images.
 """
 
 from __future__ import annotations
@@ -23,7 +14,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,41 +22,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from datamodules.prompts import PromptRecord, PromptSet, read_prompt_set, seeded_subset
+from datamodules.prompts import PromptRecord, PromptSet, seeded_subset
 
 from .tasks import read_image_file, write_metrics_json
-
-__all__ = [
-    "FID",
-    "INCEPTION_WEIGHTS_ENV",
-    "INCEPTION_WEIGHTS_FILE",
-    "JUDGE_PROMPT",
-    "ClipScorer",
-    "HFClipScorer",
-    "JudgeResult",
-    "LlavaJudge",
-    "OpenClipScorer",
-    "PromptRecord",
-    "PromptSet",
-    "clip_score",
-    "evaluate_generation",
-    "judge_score",
-    "load_reference_images",
-    "parse_rating",
-    "read_prompt_set",
-    "seeded_subset",
-    "to_uint8_images",
-]
 
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 Images = Sequence[Image.Image] | torch.Tensor  # PIL images, or a (N, 3, H, W) uint8 / float-in-[0, 1] tensor
 Judge = Callable[[Image.Image, str], str]
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _check_tensor_images(images: torch.Tensor) -> torch.Tensor:
@@ -82,8 +47,7 @@ def _check_tensor_images(images: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8_images(images: Images) -> torch.Tensor:
-    """``(N, 3, H, W)`` uint8 from PIL images (converted to RGB, all one size) or a uint8 / float ``[0, 1]`` tensor
-    (rounded to the nearest level)."""
+    """``(N, 3, H, W)`` uint8 from PIL images (RGB, all one size) or a uint8 / float ``[0, 1]`` tensor (rounded)."""
     if isinstance(images, torch.Tensor):
         images = _check_tensor_images(images)
         if images.dtype == torch.uint8:
@@ -115,8 +79,8 @@ def _batch(images: Images, lo: int, hi: int) -> torch.Tensor:
 
 
 def load_reference_images(paths: Sequence[PathLike], size: tuple[int, int]) -> torch.Tensor:
-    """Reference images as ``(N, 3, H, W)`` uint8 at ``size = (H, W)``: centre crop to the aspect ratio, then bicubic
-    resize (``PIL.ImageOps.fit``), as generated images are square crops of their training images."""
+    """Reference images as ``(N, 3, H, W)`` uint8 at ``size = (H, W)``: centre crop and bicubic resize, as generated
+    images are square crops of their training images."""
     paths = [Path(p) for p in paths]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -128,10 +92,6 @@ def load_reference_images(paths: Sequence[PathLike], size: tuple[int, int]) -> t
         out.append(ImageOps.fit(im, (w, h), method=Image.Resampling.BICUBIC))
     return to_uint8_images(out)
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# FID
-# ---------------------------------------------------------------------------------------------------------------------
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID InceptionV3 (TF port)
 INCEPTION_WEIGHTS_ENV = "FID_INCEPTION_WEIGHTS"
@@ -157,13 +117,8 @@ def _inception_weights(path: PathLike | None) -> Path:
 
 
 class _FeatureAdapter(nn.Module):
-    """Feeds a feature network the input it wants and returns float64 features.
-
-    ``wants_uint8``: InceptionV3 takes uint8 (it resizes to 299 and scales itself); any other network takes float
-    images in [0, 1]. Either way uint8 and float inputs of the same images give the same features. The network stays in
-    eval mode (a Lightning ``.train()`` on a parent does not reach it), and runs without autograd. Returning float64
-    makes torchmetrics' ``compute`` keep float64 (it casts the result to the features' dtype).
-    """
+    """Feeds a feature network the input it wants (InceptionV3: uint8; others: float in [0, 1]), in eval mode
+    whatever a parent's ``.train()`` says, and returns float64, so that torchmetrics' ``compute`` keeps float64."""
 
     def __init__(self, net: nn.Module, wants_uint8: bool, num_features: int):
         super().__init__()
@@ -186,22 +141,12 @@ class _FeatureAdapter(nn.Module):
 
 
 class FID(nn.Module):
-    """Fréchet distance between real (reference) and fake (generated) image features, via torchmetrics'
-    ``FrechetInceptionDistance`` (float64 statistics, synced across ranks in ``compute``).
+    """Fréchet distance between real and generated image features: torchmetrics' ``FrechetInceptionDistance``.
 
-    Args:
-        feature: An InceptionV3 feature size (64, 192, 768, 2048 -- 2048 is the standard FID), or any ``nn.Module``
-            mapping float images in [0, 1] ``(N, 3, H, W)`` to ``(N, D)`` features (tests, the tiny world).
-        inception_weights: The InceptionV3 weight file for an int ``feature`` (see ``_inception_weights``); needs the
-            ``torch-fidelity`` package. Never downloaded.
-        num_features: ``D`` for a module without a ``num_features`` attribute; otherwise inferred from a forward of
-            two random ``probe_size`` images.
-        antialias: InceptionV3 only: torchmetrics' antialiased resize to 299 (its default) instead of the TF1-style
-            bilinear resize of the reference FID implementations (torch-fidelity, the TF original). Default False, so
-            numbers are comparable with published FIDs.
-        probe_size: Image side for inferring ``num_features``.
-
-    Add images with ``update_real`` / ``update_fake`` (uint8, or float in [0, 1]; moved to this module's device).
+    ``feature`` is an InceptionV3 feature size (2048 is the standard FID; weights from a local file, see
+    ``_inception_weights``, needs ``torch-fidelity``) or any ``nn.Module`` mapping float ``[0, 1]`` images to ``(N, D)``
+    (``num_features`` read from it, given, or probed). ``antialias=False`` keeps InceptionV3's TF1-style bilinear
+    resize to 299, as the reference implementations do, so numbers compare with published FIDs.
     """
 
     def __init__(
@@ -227,11 +172,9 @@ class FID(nn.Module):
         elif isinstance(feature, int) and not isinstance(feature, bool):
             if feature not in (64, 192, 768, 2048):
                 raise ValueError(f"InceptionV3 feature must be one of 64, 192, 768, 2048, got {feature}")
-            try:
-                from torchmetrics.image.fid import NoTrainInceptionV3
-                from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-            except ImportError as e:  # pragma: no cover - torchmetrics layout change
-                raise ModuleNotFoundError(f"torchmetrics has no NoTrainInceptionV3 ({e})") from e
+            from torchmetrics.image.fid import NoTrainInceptionV3
+            from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
             if not _TORCH_FIDELITY_AVAILABLE:
                 raise ModuleNotFoundError("InceptionV3 FID needs torch-fidelity: pip install torch-fidelity")
             weights = _inception_weights(inception_weights)
@@ -281,28 +224,6 @@ class FID(nn.Module):
             self.metric.reset_real_features = True
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# CLIP score
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class ClipScorer(Protocol):
-    """A CLIP model for scoring: image and text features (normalised or not; ``clip_score`` normalises)."""
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images in [0, 1], ``(N, 3, H, W)``, any size -> ``(N, D)``."""
-        ...
-
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Texts (truncated to the text tower's context by its tokenizer) -> ``(N, D)``."""
-        ...
-
-    def count_over_context(self, texts: Sequence[str]) -> int:
-        """How many of ``texts`` the tokenizer truncates."""
-        ...
-
-
 def _open_clip_spec(model: PathLike) -> str:
     spec = os.fspath(model)
     if not spec.startswith(("local-dir:", "hf-hub:")) and (Path(spec) / "open_clip_config.json").is_file():
@@ -311,14 +232,11 @@ def _open_clip_spec(model: PathLike) -> str:
 
 
 class OpenClipScorer:
-    """An open_clip model with its eval transform and tokenizer.
+    """An open_clip model with its eval transform and tokenizer, for ``clip_score``.
 
-    ``model`` is an ``export-clip`` folder (or ``local-dir:DIR``; weights loaded from it), an open_clip model name
-    with ``pretrained`` = a local weight file (e.g. OpenAI ViT-B/32 as ``open_clip_pytorch_model.bin`` of
-    ``timm/vit_base_patch32_clip_224.openai``), ``hf-hub:ORG/NAME`` (the HF cache; offline with HF_HUB_OFFLINE=1), or
-    a built ``nn.Module`` (then ``tokenizer`` is required and ``preprocess`` defaults to open_clip's eval transform
-    for the model's image size and ``visual.preprocess_cfg``). Images go through the same PIL transform as in
-    open_clip evaluation (resize, centre crop, normalise), after rounding to uint8.
+    ``model`` is an ``export-clip`` folder (or ``local-dir:DIR``), an open_clip model name with ``pretrained`` = a
+    local weight file, ``hf-hub:ORG/NAME`` (the HF cache), or a built ``nn.Module`` (then ``tokenizer`` is required
+    and ``preprocess`` defaults to open_clip's eval transform for the model's ``visual.preprocess_cfg``).
     """
 
     def __init__(
@@ -380,12 +298,9 @@ class OpenClipScorer:
 
 
 class HFClipScorer:
-    """A transformers ``CLIPModel`` and its ``CLIPProcessor`` from a local folder (e.g. a downloaded
-    ``openai/clip-vit-base-patch32``, the model behind torchmetrics' ``CLIPScore``), or given as objects.
-
-    transformers 5 returns an output object from ``get_image_features`` / ``get_text_features`` (the projected
-    features are its ``pooler_output``), which is what breaks torchmetrics 1.9's ``CLIPScore``; both forms work here.
-    """
+    """A transformers ``CLIPModel`` and ``CLIPProcessor`` from a local folder (e.g. ``openai/clip-vit-base-patch32``),
+    or given as objects. transformers 5 returns an output object from ``get_*_features`` (the features are its
+    ``pooler_output``), which is what breaks torchmetrics 1.9's ``CLIPScore``; both forms work here."""
 
     def __init__(
         self,
@@ -432,13 +347,13 @@ class HFClipScorer:
         return sum(len(i) > self.context_length for i in ids)
 
 
-def clip_score(images: Images, prompts: Sequence[str], scorer: ClipScorer, batch_size: int = 64) -> dict[str, float]:
-    """CLIP score: the mean over (image, prompt) pairs of ``100 * max(cos(E_image, E_prompt), 0)``.
+def clip_score(images: Images, prompts: Sequence[str], scorer: Any, batch_size: int = 64) -> dict[str, float]:
+    """CLIP score: the mean over (image, prompt) pairs of ``100 * max(cos(E_image, E_prompt), 0)``, with its standard
+    error; ``scorer`` has ``encode_image`` (float [0, 1] images) and ``encode_text``.
 
-    This is the definition torchmetrics' ``CLIPScore`` documents (Hessel et al., 2021, with w = 100). torchmetrics 1.9
-    itself clamps the *mean* rather than each pair; the two agree unless some pair has a negative cosine, which real
-    CLIP models practically never give (``n_pairs_clamped`` says how many pairs were). Prompts longer than the text
-    tower's context are truncated by its tokenizer; ``n_prompts_over_context`` counts them (when the scorer can).
+    This is the definition torchmetrics' ``CLIPScore`` documents (Hessel et al., 2021, w = 100); torchmetrics 1.9 clamps
+    the *mean* instead, which differs only when a pair has a negative cosine (``n_pairs_clamped`` counts them).
+    ``n_prompts_over_context`` counts the prompts the tokenizer truncates, when the scorer has ``count_over_context``.
     """
     prompts = list(prompts)
     n = len(prompts)
@@ -471,10 +386,6 @@ def clip_score(images: Images, prompts: Sequence[str], scorer: ClipScorer, batch
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Judge score
-# ---------------------------------------------------------------------------------------------------------------------
-
 # Paper §4 (GPT-4V caption rating, reused in §6 for DiT generations), verbatim; the paper shows the caption line and
 # the instruction as two blocks, joined here by a newline.
 JUDGE_PROMPT = (
@@ -499,12 +410,8 @@ def _rating_value(text: str) -> int | None:
 
 
 def parse_rating(text: str) -> int | None:
-    """The 1-5 rating in a judge's answer, or None when there is none or it is ambiguous.
-
-    Accepted: ``"Rating: 4"``, ``"rating:4/5"``, ``"**Rating:** 4 out of 5"``, ``"Rating 4. The caption ..."``, and a
-    bare ``"4"`` / ``"4/5"``. Rejected: values outside 1..5, decimals, ranges (``"Rating: 3-4"``, ``"3 or 4"``),
-    several different ratings, and numbers in free text without the word "rating".
-    """
+    """The 1-5 rating in a judge's answer (``"Rating: 4"``, ``"**Rating:** 4 out of 5"``, a bare ``"4/5"``), or None
+    when there is none or it is ambiguous (out of range, a decimal, a range, several ratings, no word "rating")."""
     if not isinstance(text, str):
         return None
     bare = _BARE.fullmatch(text)
@@ -551,11 +458,8 @@ class JudgeResult:
 def judge_score(
     images: Images, prompts: Sequence[str], judge: Judge, prompt_template: str = JUDGE_PROMPT
 ) -> JudgeResult:
-    """Ask ``judge(image, prompt_template.format(caption=prompt))`` for each pair and parse its 1-5 rating.
-
-    ``judge`` is any callable returning the answer text: a GPT-4V-class API client (the paper) or a local VLM
-    (``LlavaJudge``). An exception from the judge propagates: a failed call is not a rating.
-    """
+    """Ask ``judge(image, prompt_template.format(caption=prompt))`` (a GPT-4V-class client, the paper, or a local VLM
+    such as ``LlavaJudge``) for each pair and parse its 1-5 rating; a judge's exception propagates."""
     prompts = list(prompts)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
@@ -575,12 +479,8 @@ def judge_score(
 
 
 class LlavaJudge:
-    """The suite's llava-hf captioner as a local judge: one greedy answer per ``(image, prompt_text)``.
-
-    ``model`` is a llava-hf folder (``build_llava(pretrained=...)``, e.g. a ``save_llava`` export) or built parts
-    (anything with ``.model`` and ``.processor``). Uses ``caption_prompt_text`` + ``greedy_captions``, the captioner's
-    own decoding path, with the judge prompt in place of the recaption prompt. Not the paper's judge (GPT-4V).
-    """
+    """The suite's llava-hf captioner (a folder, or built parts with ``.model`` and ``.processor``) as a local judge:
+    one greedy answer per ``(image, prompt_text)`` through the captioner's own decoding path. Not GPT-4V."""
 
     def __init__(
         self,
@@ -606,11 +506,6 @@ class LlavaJudge:
         return out[0].text
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Everything on one set of generations
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 def _reference_batches(
     reference: Images | Sequence[PathLike] | str, records: Sequence[PromptRecord], size: tuple[int, int], bs: int
 ) -> Iterator[torch.Tensor]:
@@ -624,22 +519,15 @@ def _reference_batches(
                 "read_prompt_set an image_root"
             )
         reference = [r.image_path for r in records]
-    n = len(reference)
-    for lo in range(0, n, bs):
+    h, w = size
+    for lo in range(0, len(reference), bs):
         chunk = reference[lo : lo + bs]
         if isinstance(chunk, torch.Tensor):
-            batch = to_uint8_images(chunk)
-            yield batch if tuple(batch.shape[-2:]) == size else _resize_tensor(batch, size)
-        elif all(isinstance(c, Image.Image) for c in chunk):
-            h, w = size
+            chunk = _to_pil(chunk)
+        if all(isinstance(c, Image.Image) for c in chunk):
             yield to_uint8_images([ImageOps.fit(c.convert("RGB"), (w, h), Image.Resampling.BICUBIC) for c in chunk])
         else:
             yield load_reference_images(chunk, size)
-
-
-def _resize_tensor(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    h, w = size
-    return to_uint8_images([ImageOps.fit(im, (w, h), Image.Resampling.BICUBIC) for im in _to_pil(batch)])
 
 
 def evaluate_generation(
@@ -649,7 +537,7 @@ def evaluate_generation(
     *,
     reference_images: Images | Sequence[PathLike] | str | None = None,
     fid: FID | None = None,
-    clip_scorers: Mapping[str, ClipScorer] | None = None,
+    clip_scorers: Mapping[str, Any] | None = None,
     judge: Judge | None = None,
     judge_limit: int | None = None,
     judge_seed: int = 0,
@@ -657,28 +545,13 @@ def evaluate_generation(
     batch_size: int = 50,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Score generated images (``images[i]`` generated from ``records[i].prompt``) and write the metrics JSON.
+    """Score ``images[i]`` (PIL or a uint8 / float [0, 1] tensor) generated from ``records[i].prompt``; return the
+    metrics and write them, with the prompt set, the judge's answers and ``extra``, to ``out_path`` (if given).
 
-    Args:
-        images: PIL images or an ``(N, 3, H, W)`` uint8 / float [0, 1] tensor, all one size.
-        records: The prompt records (a ``PromptSet`` adds ``n_prompts_skipped_empty`` and its source to the JSON).
-        out_path: Where ``write_metrics_json`` writes ``{"metrics": ..., "prompt_set": ..., "judge_answers": ...}``;
-            None writes nothing.
-        reference_images: FID's real images: ``"records"`` (each record's ``image_path``), paths, PIL images or a
-            tensor; resized to the generated resolution (centre crop + bicubic). Without them, ``fid`` must already
-            hold real statistics (its real images are kept, its fake ones replaced).
-        fid: An ``FID``; gives ``fid``, ``fid/n_real``, ``fid/n_fake``.
-        clip_scorers: ``{name: scorer}``; gives ``clip_score/<name>`` and ``clip_score/<name>/n_prompts_over_context``
-            (e.g. ``{"openai_b32": ..., "recap_clip": ...}`` for Table 7).
-        judge: See ``judge_score``; gives ``judge/mean`` (absent when nothing parsed), ``judge/n_rated``,
-            ``judge/n_unparseable``, ``judge/n``. ``judge_limit`` rates a seeded random subset (paper: 3k).
-        attribute_judge: ``(uint8 images, records) -> {name: value}``, logged as ``attributes/<name>`` (the tiny
-            world's GenEval-like accuracy).
-        batch_size: Images per FID / CLIP batch.
-        extra: More top-level JSON fields.
-
-    Returns:
-        The metrics (``n_images`` included).
+    ``reference_images`` are FID's real images (``"records"``: each record's ``image_path``; paths, PIL images or a
+    tensor), cropped and resized to the generated size; without them ``fid`` must already hold real statistics.
+    ``clip_scorers`` ``{name: scorer}`` give ``clip_score/<name>``; ``judge`` (see ``judge_score``) rates a seeded
+    subset of ``judge_limit`` images (paper: 3k); ``attribute_judge(uint8 images, records)`` gives ``attributes/*``.
     """
     n = len(images)
     if n == 0:

@@ -1,15 +1,11 @@
 """Retrieval recall, top-k accuracy and token counting for CLIP evaluation (plain PyTorch).
 
-Retrieval follows CLIP_benchmark (``clip_benchmark/metrics/zeroshot_retrieval.py``), the harness behind the COCO /
-Flickr30K numbers of open_clip and of the paper: text->image counts a text as a hit when its positive image is among
-the top-k images; image->text counts an image as a hit when ANY of its positive texts is among the top-k texts.
+Retrieval follows CLIP_benchmark (``zeroshot_retrieval.py``, behind the paper's COCO / Flickr30K numbers): a text hits
+when its image is in its top-k; an image hits when ANY of its texts is in its top-k.
 
-Ties. ``torch.topk`` leaves the order of equal scores unspecified, so an exact tie at the k-th place could count as a
-hit or a miss depending on the device. Here the top-k set is made deterministic: the k-th largest score comes from
-``topk``, every candidate strictly above it is in, and candidates equal to it fill the remaining places in index order
-(lowest index first) -- the order a stable descending sort gives. With real float features ties are practically
-absent, so the numbers equal CLIP_benchmark's; with duplicate images or captions the result no longer depends on
-kernel details.
+Ties. ``torch.topk`` leaves the order of equal scores unspecified, so a tie at the k-th place could be a hit or a miss
+depending on the device. Here candidates equal to the k-th score fill the remaining places lowest index first (a
+stable descending sort's order); with real features ties are practically absent, so the numbers equal CLIP_benchmark's.
 """
 
 from __future__ import annotations
@@ -17,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-
-__all__ = ["retrieval_metrics", "retrieval_recall", "token_lengths", "topk_accuracy"]
 
 _ROW_CHUNK = 1024  # query rows scored at once: bounds the (rows x candidates) temporaries for 5k x 25k score matrices
 
@@ -45,18 +40,8 @@ def _hit_rate(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float:
 
 
 def retrieval_recall(scores: torch.Tensor, positives: torch.Tensor, ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
-    """Image->text and text->image recall@k in percent (0-100), as CLIP_benchmark defines them.
-
-    Args:
-        scores: ``[n_images, n_texts]`` similarities (higher is better).
-        positives: ``[n_images, n_texts]`` bool, True where the text describes the image. Every image needs at least
-            one positive text and every text at least one positive image (exactly one when built from a caption ->
-            image index, as in ``retrieval_metrics``).
-        ks: Cut-offs; a k above the number of candidates is capped at it (the key keeps the requested k).
-
-    Returns:
-        ``image_to_text_R@{k}`` and ``text_to_image_R@{k}`` for each k.
-    """
+    """``image_to_text_R@{k}`` and ``text_to_image_R@{k}`` in percent from ``[n_images, n_texts]`` similarity scores and
+    bool positives (every image and every text needs one); a k above the number of candidates is capped."""
     if scores.ndim != 2 or scores.shape != positives.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and positives {tuple(positives.shape)} must be equal 2-D")
     if 0 in scores.shape:
@@ -110,14 +95,9 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 
 
 def token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
-    """Untruncated token counts, special tokens included, i.e. the context positions each text needs.
-
-    A text is truncated by the tokenizer exactly when its count exceeds the context length. Supported:
-    - open_clip ``SimpleTokenizer``: ``<start_of_text> + encode(text) + <end_of_text>``.
-    - open_clip ``HFTokenizer``: the wrapped HF tokenizer with its special tokens, after open_clip's text cleaning.
-      With ``strip_sep_token`` open_clip zeroes [SEP] only after truncating to the context, so [SEP] still takes a
-      position and is counted. In ``tokenizer_mode="clips"`` it is bos + text + eos + class token.
-    """
+    """Untruncated token counts, special tokens included (the context positions each text needs), for open_clip's
+    ``SimpleTokenizer`` and ``HFTokenizer``. With ``strip_sep_token`` open_clip zeroes [SEP] only after truncating,
+    so [SEP] still takes a position; ``tokenizer_mode="clips"`` adds bos, eos and a class token."""
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
     texts = list(texts)
@@ -134,3 +114,15 @@ def token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     raise TypeError(
         f"token_lengths supports open_clip SimpleTokenizer and HFTokenizer, not {type(tokenizer).__qualname__}"
     )
+
+
+def derangement(n: int, seed: int | Sequence[int] = 0) -> np.ndarray:
+    """A seeded permutation of ``range(n)`` with no fixed point (Sattolo's algorithm: one n-cycle); n >= 2."""
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 items, got {n}")
+    rng = np.random.default_rng(seed)
+    perm = np.arange(n)
+    for i in range(n - 1, 0, -1):
+        j = int(rng.integers(i))
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm

@@ -1,15 +1,9 @@
-"""CLIP evaluation tasks (zero-shot classification, Karpathy-split retrieval, long-caption retrieval) and their loop.
+"""CLIP evaluation tasks (paper §5: zero-shot classification, Karpathy-split and long-caption retrieval) and their loop.
 
-The paper (§5, Evaluation) reports zero-shot ImageNet-1K top-1, COCO (Karpathy 5k test) and Flickr30K (Karpathy 1k
-test) retrieval R@1 in both directions, and Urban-1K long-caption retrieval. Each ``EvalTask`` owns its data layout:
-
-- ``image_dataset(transform)`` yields ``(image_tensor, index)`` for the task's images, index 0..n-1;
-- ``compute(image_features, encode_texts, tokenizer, context_length)`` turns the L2-normalised image features (rows in
-  index order) and a text encoder into metrics.
-
-``run_tasks`` is the standalone loop (any model given as two encoder callables); a LightningModule can instead feed
-its own ``test_step`` features to ``compute``. Texts are never truncated silently: retrieval tasks count the captions
-longer than the text tower's context (``n_texts_over_context``) and log a warning when there are any.
+Each ``EvalTask`` owns its data layout: ``image_dataset(transform)`` yields ``(image, index)`` and ``compute`` turns
+the L2-normalised image features (rows in index order) and a text encoder into metrics. ``run_tasks`` is the
+standalone loop; the CLIP module feeds its own ``test_step`` features to ``compute``. Retrieval never truncates texts
+silently: it counts the captions longer than the text tower's context and warns.
 """
 
 from __future__ import annotations
@@ -31,19 +25,6 @@ from datamodules.io import atomic_write
 
 from .metrics import retrieval_metrics, token_lengths, topk_accuracy
 
-__all__ = [
-    "EvalTask",
-    "LongRetrieval",
-    "Retrieval",
-    "ZeroShotClassification",
-    "features_by_index",
-    "resolve_classnames",
-    "resolve_templates",
-    "run_tasks",
-    "write_metrics_json",
-    "zero_shot_classifier",
-]
-
 log = logging.getLogger(__name__)
 
 PathLike = str | Path
@@ -53,7 +34,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 
 class EvalTask(abc.ABC):
-    """One evaluation set. ``name`` prefixes its metrics (``f"{name}/{metric}"``)."""
+    """One evaluation set; ``name`` prefixes its metrics."""
 
     name: str
 
@@ -73,12 +54,8 @@ class EvalTask(abc.ABC):
 
 
 class _ImageList(Dataset):
-    """RGB images from a list of paths, returned as ``(transform(image), index)``.
-
-    Decoded as the training loader does (``wds_stages.decode_image``: 16-bit and transparent images normalised,
-    PIL's pixel-bomb limit). An unreadable image is an error naming the file, never a skip: a metric over a silently
-    smaller set would not be comparable.
-    """
+    """``(transform(image), index)`` for a list of image paths; an unreadable image is an error naming the file, never
+    a skip (a metric over a silently smaller set would not be comparable)."""
 
     def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.paths = list(paths)
@@ -92,8 +69,7 @@ class _ImageList(Dataset):
 
 
 def read_image_file(path: PathLike, what: str) -> Image.Image:
-    """An evaluation file's image as RGB, decoded as the training loader does (``wds_stages.decode_image``, no
-    minimum size); any failure is a ``ValueError`` naming ``what`` and the file."""
+    """An image file as RGB, decoded as the training loader does; any failure is a ``ValueError`` naming the file."""
     from datamodules.wds_stages import decode_image
 
     try:
@@ -146,12 +122,8 @@ def _format_template(template: str) -> Template:
 
 
 def resolve_templates(templates: Sequence[str | Template] | PathLike) -> list[Template]:
-    """Prompt templates as callables ``classname -> text``.
-
-    Accepts a list of callables (open_clip's ``lambda c: f"..."``) and/or format strings with ``{c}`` or ``{}``, a
-    path to a JSON list of format strings, ``"openai"`` (the 80 CLIP prompts, ``OPENAI_IMAGENET_TEMPLATES``) or
-    ``"simple"`` (``SIMPLE_IMAGENET_TEMPLATES``).
-    """
+    """Prompt templates as callables ``classname -> text``, from callables and/or format strings (``{c}`` or ``{}``), a
+    JSON list of format strings, ``"openai"`` (the 80 CLIP prompts) or ``"simple"`` (open_clip's short set)."""
     if isinstance(templates, str) and templates in ("openai", "simple"):
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
@@ -167,11 +139,10 @@ def resolve_templates(templates: Sequence[str | Template] | PathLike) -> list[Te
 def zero_shot_classifier(
     classnames: Sequence[str], templates: Sequence[Template], encode_texts: TextEncoder
 ) -> torch.Tensor:
-    """The CLIP zero-shot head ``[n_classes, d]``: per class, the mean of its normalised prompt features, renormalised.
+    """The zero-shot head ``[n_classes, d]``: per class, the mean of its normalised prompt features, renormalised.
 
-    Same recipe as ``open_clip.build_zero_shot_classifier``, which cannot be used here: it needs a model with
-    ``encode_text`` plus a tokenizer (tasks get a strings -> features callable) and formats string templates
-    positionally, which breaks ``{c}`` templates. All prompts go to ``encode_texts`` in one call; it batches.
+    ``open_clip.build_zero_shot_classifier``'s recipe; that function needs a model and a tokenizer (tasks get a
+    strings -> features callable) and formats templates positionally, which breaks ``{c}`` templates.
     """
     texts = [template(c) for c in classnames for template in templates]
     feats = encode_texts(texts).float()
@@ -180,16 +151,11 @@ def zero_shot_classifier(
 
 
 class ZeroShotClassification(EvalTask):
-    """Zero-shot classification over an ImageFolder (sorted class dirs = label order); reports ``top1``, ``top5``.
+    """Zero-shot classification over an ImageFolder (sorted class dirs = label order): ``top1``, ``top5``.
 
-    Args:
-        root: Dataset folder. Images are in ``root/split_dir``; without ``split_dir``, in ``root/images`` when that
-            exists (tiny world ``eval/classify``), else in ``root``.
-        classnames: See ``resolve_classnames``; default ``root/classnames.json``.
-        templates: See ``resolve_templates``; default ``root/templates.json`` if present, else ``"openai"`` (the CLIP
-            prompt ensemble, which CLIPA uses for ImageNet).
-        name: Metric prefix.
-        split_dir: Image folder relative to ``root``, e.g. ``"val"`` for ImageNet.
+    Images are in ``root/split_dir`` (``"val"`` for ImageNet), else ``root/images`` if it exists (the tiny world), else
+    ``root``. ``classnames`` default to ``root/classnames.json``; ``templates`` to ``root/templates.json`` if present,
+    else ``"openai"`` (the CLIP prompt ensemble CLIPA uses for ImageNet).
     """
 
     def __init__(
@@ -265,11 +231,10 @@ class _RetrievalTask(EvalTask):
         lengths = token_lengths(tokenizer, self.texts)
         n_over = sum(n > context_length for n in lengths)
         if n_over:
+            share = f"{n_over} of {len(lengths)} texts ({100 * n_over / len(lengths):.1f}%)"
             log.warning(
-                "%s: %d of %d texts (%.1f%%) exceed the context length %d (longest %d tokens); the tokenizer "
-                "truncates them",
-                self.name, n_over, len(lengths), 100 * n_over / len(lengths), context_length, max(lengths),
-            )  # fmt: skip
+                f"{self.name}: {share} exceed the context length {context_length} (longest {max(lengths)} tokens)"
+            )
         text_features = encode_texts(self.texts)
         metrics = retrieval_metrics(image_features, text_features, self.text_to_image, ks=(1, 5, 10))
         metrics.update(
@@ -282,13 +247,9 @@ class _RetrievalTask(EvalTask):
 
 
 class Retrieval(_RetrievalTask):
-    """Retrieval on a Karpathy split JSON (``dataset_coco.json``, ``dataset_flickr30k.json``, tiny world).
-
-    The file is ``{"images": [{"filename", "split", "sentences": [{"raw"}, ...], "filepath"?}, ...]}``. An image is at
-    ``image_root / filepath / filename`` (COCO: ``filepath`` is ``val2014`` / ``train2014``), or at
-    ``image_root / filename`` when there is no ``filepath`` (Flickr30K). Only images of ``split`` are used; every raw
-    sentence of an image is one of its captions (usually 5).
-    """
+    """Retrieval on a Karpathy split JSON (``{"images": [{"filename", "split", "sentences": [{"raw"}], "filepath"?}]}``
+    as COCO, Flickr30K and the tiny world ship it): the images of ``split`` at ``image_root / filepath / filename``,
+    each raw sentence one of its captions."""
 
     def __init__(self, karpathy_json: PathLike, image_root: PathLike, split: str = "test", name: str = "retrieval"):
         source, image_root = Path(karpathy_json), Path(image_root)
@@ -325,14 +286,12 @@ class Retrieval(_RetrievalTask):
 
     @classmethod
     def coco(cls, karpathy_json: PathLike, image_root: PathLike, split: str = "test", name: str = "coco") -> Retrieval:
-        """COCO Karpathy 5k test: ``dataset_coco.json`` and the folder holding ``val2014/``."""
         return cls(karpathy_json, image_root, split=split, name=name)
 
     @classmethod
     def flickr30k(
         cls, karpathy_json: PathLike, image_root: PathLike, split: str = "test", name: str = "flickr30k"
     ) -> Retrieval:
-        """Flickr30K Karpathy 1k test: ``dataset_flickr30k.json`` and the folder holding the jpgs."""
         return cls(karpathy_json, image_root, split=split, name=name)
 
 
@@ -341,11 +300,8 @@ def _stem_order(stem: str) -> tuple[int, int, str]:
 
 
 class LongRetrieval(_RetrievalTask):
-    """Long-caption retrieval in the Urban1K layout: ``root/image/<i>.jpg`` and ``root/caption/<i>.txt``.
-
-    Images and captions are paired by file stem, one caption per image, ordered by stem (numerically when the stems
-    are numbers). Long captions usually exceed a 77-token context: ``n_texts_over_context`` says how many.
-    """
+    """Long-caption retrieval in the Urban1K layout (``root/image/<i>.jpg``, ``root/caption/<i>.txt``), paired and
+    ordered by file stem (numerically when the stems are numbers)."""
 
     def __init__(self, root: PathLike, name: str = "long_retrieval") -> None:
         root = Path(root)
@@ -400,11 +356,7 @@ def run_tasks(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Encode each task's images, then score it; returns ``{f"{task.name}/{metric}": value}``.
-
-    ``encode_images`` and ``encode_texts`` return L2-normalised features. Features are placed by the dataset's index,
-    so the result does not depend on the loader's order.
-    """
+    """Encode each task's images (L2-normalised, placed by index), then score it: ``{"<task>/<metric>": value}``."""
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique, got {names}")
