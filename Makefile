@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest
 
 test-slow: install
-	$(PY) -m pytest -m "slow and not gpu"
+	$(PY) -m pytest -m slow
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

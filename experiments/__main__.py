@@ -87,7 +87,7 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     ),
     "sweep": (
         _module_main("experiments.sweep"),
-        "run a W&B sweep spec's grid locally without W&B (sequential, resumable; --dry-run, --launch-lines)",
+        "a W&B sweep spec's grid, locally or as an agent's command; a point runs its whole row (both stages, eval)",
     ),
     "dit-eval": (
         _module_main("experiments.dit_eval"),
