@@ -1,18 +1,11 @@
 """``python -m experiments export-captioner --ckpt RUN/checkpoints/last.ckpt --out DIR``: a llava-hf folder.
 
 The checkpoint is read with ``weights_only=True`` (one that holds pickled objects is refused as unsafe, exit code 1);
-the model is rebuilt from its hyperparameters (the same vision tower, LLM and tokenizer sources), its trained weights
-are loaded, LoRA adapters are merged into the LLM, and ``save_pretrained`` writes model + processor (image processor,
-tokenizer, chat template). Then
-
-    model = LlavaForConditionalGeneration.from_pretrained(DIR); processor = AutoProcessor.from_pretrained(DIR)
-
-and vLLM / SGLang load ``DIR`` as any llava-hf model; ``model: {pretrained: DIR}`` continues training from it.
-
-Every exported weight was trained or loaded: frozen weights come back from where the model took them (a hub name or
-folder) or from the checkpoint. A vision tower or LLM built from a config dict is random; its frozen weights are kept
-in checkpoints for that reason, and a checkpoint without them (written before they were kept) is refused, naming the
-missing tensors, rather than exported with new random ones.
+the model is rebuilt from its hyperparameters, its trained weights loaded, LoRA adapters merged into the LLM, and
+``save_pretrained`` writes model + processor. ``LlavaForConditionalGeneration`` / ``AutoProcessor.from_pretrained``,
+vLLM and SGLang load ``DIR``; ``model: {pretrained: DIR}`` continues training from it. Every exported weight was
+trained or loaded: a checkpoint that lacks frozen weights drawn at random (a config-dict tower, written before such
+weights were kept) is refused, naming the missing tensors, rather than exported with new random ones.
 """
 
 from __future__ import annotations

@@ -33,14 +33,6 @@ def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
     return [img.permute(1, 2, 0).numpy() for img in images]
 
 
-def _decode_targets(batch: Mapping[str, Any], tokenizer: Any) -> list[str] | None:
-    """Captions of a LLaVA json batch: the supervised (label != -100) tokens of each sample, decoded."""
-    labels = batch.get("labels")
-    if labels is None or tokenizer is None:
-        return None
-    return [tokenizer.decode(row[row != -100].tolist(), skip_special_tokens=True).strip() for row in labels]
-
-
 def batch_samples(batch: Mapping[str, Any], pl_module: Any, n: int) -> list[dict[str, Any]]:
     """Up to ``n`` samples of a batch as ``{"key", "source", "caption", "image"}`` (image: uint8 HWC array or None).
 
@@ -50,8 +42,9 @@ def batch_samples(batch: Mapping[str, Any], pl_module: Any, n: int) -> list[dict
     if not isinstance(batch, Mapping):
         return []
     captions = batch.get("caption") or batch.get("prompt")
-    if captions is None:
-        captions = _decode_targets(batch, getattr(pl_module, "tokenizer", None))
+    labels, tokenizer = batch.get("labels"), getattr(pl_module, "tokenizer", None)
+    if captions is None and labels is not None and tokenizer is not None:  # LLaVA json: the supervised tokens
+        captions = [tokenizer.decode(row[row != -100].tolist(), skip_special_tokens=True).strip() for row in labels]
     images = batch.get("image")
     if not isinstance(images, torch.Tensor):
         images = batch.get("pixel_values")
@@ -65,36 +58,22 @@ def batch_samples(batch: Mapping[str, Any], pl_module: Any, n: int) -> list[dict
         arrays = list(to_uint8_images(images[:k]))
     keys = batch.get("key") or batch.get("id") or [str(i) for i in range(size)]
     sources = batch.get("caption_source") or [""] * size
+    captions = captions if captions is not None else [""] * size
     return [
-        {
-            "key": str(keys[i]),
-            "source": str(sources[i]),
-            "caption": str(captions[i]) if captions is not None else "",
-            "image": arrays[i],
-        }
+        {"key": str(keys[i]), "source": str(sources[i]), "caption": str(captions[i]), "image": arrays[i]}
         for i in range(k)
     ]
-
-
-def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
-    """uint8 ``N x C x H x W`` -> one uint8 ``H x W x C`` grid (torchvision's ``make_grid``)."""
-    from torchvision.utils import make_grid
-
-    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
-    return make_grid(images, nrow=nrow, padding=2).permute(1, 2, 0).numpy()
 
 
 class WandbMediaCallback(Callback):
     """Log sample images with their captions (and DiT samples) to every ``WandbLogger``; a no-op without one.
 
     Args:
-        num_samples: Samples per table.
-        log_train_start: Log the first training batch's samples.
         log_validation: Log the first validation batch's samples at every validation (not the sanity check).
         dit_prompts: Prompts for generated-image grids of a module with ``generate`` (the DiT); ``None`` uses the
             captions of the first validation batch.
-        dit_every_n_validations: Generate at every n-th validation (sampling costs ``num_inference_steps`` passes).
-        dit_num_inference_steps: Sampler steps for these grids; ``None`` keeps the module's.
+        dit_every_n_validations: Generate at every n-th validation (sampling costs ``num_inference_steps`` passes);
+            ``dit_num_inference_steps`` overrides the module's steps.
     """
 
     def __init__(
@@ -106,9 +85,7 @@ class WandbMediaCallback(Callback):
         dit_every_n_validations: int = 1,
         dit_num_inference_steps: int | None = None,
     ) -> None:
-        self.num_samples = num_samples
-        self.log_train_start = log_train_start
-        self.log_validation = log_validation
+        self.num_samples, self.log_train_start, self.log_validation = num_samples, log_train_start, log_validation
         self.dit_prompts = list(dit_prompts) if dit_prompts else None
         self.dit_every_n_validations = max(1, dit_every_n_validations)
         self.dit_num_inference_steps = dit_num_inference_steps
@@ -127,7 +104,7 @@ class WandbMediaCallback(Callback):
         if not samples:
             return
         rows = [
-            [s["key"], s["source"], s["caption"], wandb.Image(s["image"]) if s["image"] is not None else None]
+            [s["key"], s["source"], s["caption"], None if s["image"] is None else wandb.Image(s["image"])]
             for s in samples
         ]
         with_images = [s for s in samples if s["image"] is not None]
@@ -159,21 +136,20 @@ class WandbMediaCallback(Callback):
             self.log_samples(trainer, "media/val_samples", samples)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not callable(getattr(pl_module, "generate", None)):
-            return
-        if not self.wandb_loggers(trainer):
+        generate = getattr(pl_module, "generate", None)
+        if trainer.sanity_checking or not callable(generate) or not self.wandb_loggers(trainer):
             return
         self._validations += 1
-        if self._validations % self.dit_every_n_validations:
-            return
         prompts = self.dit_prompts or self._val_prompts
-        if not prompts:
+        if self._validations % self.dit_every_n_validations or not prompts:
             return
         kwargs = {"num_inference_steps": self.dit_num_inference_steps} if self.dit_num_inference_steps else {}
-        images = pl_module.generate(prompts, **kwargs)
+        images = generate(prompts, **kwargs)
         import wandb
+        from torchvision.utils import make_grid
 
-        grid = wandb.Image(image_grid(images), caption=" | ".join(prompts))
+        grid = make_grid(images, nrow=max(1, math.ceil(math.sqrt(len(images)))), padding=2).permute(1, 2, 0).numpy()
+        grid = wandb.Image(grid, caption=" | ".join(prompts))
         samples = [
             {"key": str(i), "source": "generated", "caption": p, "image": img}
             for i, (p, img) in enumerate(zip(prompts, to_uint8_images(images), strict=True))

@@ -143,8 +143,8 @@ class FrozenCLIPText(nn.Module):
         else:
             full = self.tokenizer(list(texts), padding=False, truncation=False)["input_ids"]
             self.n_truncated += sum(len(f) > self.max_length for f in full)
-            enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(device)  # fmt: skip
+            kw = {"padding": "max_length", "truncation": True, "max_length": self.max_length, "return_tensors": "pt"}
+            enc = self.tokenizer(list(texts), **kw).to(device)
             x = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
             mask = enc["attention_mask"].long()
         x, mask = x[:, : self.max_length], mask[:, : self.max_length]
@@ -225,18 +225,8 @@ def make_scheduler(kind: str = "ddpm", **config: Any) -> Any:
     return classes[kind](**cfg)
 
 
-def snr(scheduler: Any, t: torch.Tensor) -> torch.Tensor:
-    a = scheduler.alphas_cumprod.to(t.device)[t].float()
-    return a / (1 - a)
-
-
 def diffusion_loss(
-    pred: torch.Tensor,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    t: torch.Tensor,
-    scheduler: Any,
-    min_snr_gamma: float | None = None,
+    pred, x0, noise, t: torch.Tensor, scheduler: Any, min_snr_gamma: float | None = None
 ) -> torch.Tensor:
     """MSE against the scheduler's target (``epsilon``: the noise, DiT's; ``v_prediction``: v; ``sample``: x0),
     optionally min-SNR-γ weighted (Hang et al. 2023), which spends the loss on the low-SNR steps where layout,
@@ -252,7 +242,8 @@ def diffusion_loss(
         raise ValueError(f"unsupported prediction_type {kind!r}")
     per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
     if min_snr_gamma:
-        s = snr(scheduler, t)
+        a = scheduler.alphas_cumprod.to(t.device)[t].float()
+        s = a / (1 - a)  # the signal-to-noise ratio at t
         clipped = torch.minimum(s, torch.full_like(s, min_snr_gamma))
         weight = {"epsilon": clipped / s, "v_prediction": clipped / (s + 1), "sample": clipped}[kind]
         per = per * weight
@@ -309,17 +300,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, captions: Sequence[str] | None = None) -> Path:
     """A PNG grid of uint8 images (N, 3, H, W) for people to look at; ``captions`` go to a ``.json`` beside it."""
-    from PIL import Image
+    from torchvision.utils import make_grid, save_image
 
-    n, _, h, w = images.shape
-    rows = -(-n // nrow)
-    grid = torch.full((3, rows * (h + 2), nrow * (w + 2)), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = images[i]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    save_image(make_grid(images.float() / 255, nrow=nrow, padding=2, pad_value=1.0), path)
     if captions is not None:
         path.with_suffix(".json").write_text(json.dumps(list(captions), indent=1))
     return path

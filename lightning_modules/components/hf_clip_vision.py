@@ -18,60 +18,22 @@ from typing import Any, Literal
 
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
 # open_clip's CLIPVisionCfg defaults (open_clip/model.py) that matter here
 _HEAD_WIDTH, _MLP_RATIO, _LN_EPS = 64, 4.0, 1e-5
-# open_clip's default normalisation (open_clip.constants.OPENAI_DATASET_MEAN / _STD)
-_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # CLIPVisionCfg keys that cannot change a ViT tower's eval outputs (patch_dropout is the identity outside training,
 # the attn_pooler_* sizes and timm_* options are unused without attentional_pool / timm_model_name)
-_HARMLESS_KEYS = {
-    "patch_dropout",
-    "output_tokens",
-    "attn_pooler_queries",
-    "attn_pooler_heads",
-    "timm_model_pretrained",
-    "timm_pool",
-    "timm_proj",
-    "timm_proj_bias",
-    "timm_drop",
-    "timm_drop_path",
-}
-_HANDLED_KEYS = {
-    "layers",
-    "width",
-    "head_width",
-    "mlp_ratio",
-    "patch_size",
-    "image_size",
-    "pos_embed_type",
-    "pool_type",
-    "final_ln_after_pool",
-    "norm_kwargs",
-    "act_kwargs",
-    "no_ln_pre",
-    "ls_init_value",
-    "attentional_pool",
-    "timm_model_name",
-    "block_type",
-    "qk_norm",
-    "scaled_cosine_attn",
-    "scale_heads",
-    "scale_attn_inner",
-    "scale_attn",
-    "scale_fc",
-}
+_HARMLESS_KEYS = {"patch_dropout", "output_tokens", "attn_pooler_queries", "attn_pooler_heads"}
+_HARMLESS_KEYS |= {f"timm_{k}" for k in ("model_pretrained", "pool", "proj", "proj_bias", "drop", "drop_path")}
+# the custom attention block's switches, each refused when set
+_CUSTOM_ATTENTION = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+_HANDLED_KEYS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "pos_embed_type"}
+_HANDLED_KEYS |= {"pool_type", "final_ln_after_pool", "norm_kwargs", "act_kwargs", "no_ln_pre", "ls_init_value"}
+_HANDLED_KEYS |= {"attentional_pool", "timm_model_name", "block_type", *_CUSTOM_ATTENTION}
 # open_clip's checkpoint file names in a local-dir folder, in open_clip's own order of preference
-_WEIGHT_FILES = (
-    "open_clip_model.safetensors",
-    "open_clip_pytorch_model.safetensors",
-    "open_clip_pytorch_model.bin",
-    "open_clip_pytorch_model.pth",
-    "open_clip_model.bin",
-    "open_clip_model.pt",
-    "open_clip_model.pth",
-)
+_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
+_WEIGHT_FILES += ("open_clip_pytorch_model.pth", "open_clip_model.bin", "open_clip_model.pt", "open_clip_model.pth")
 
 
 def _square(value: Any, key: str) -> int:
@@ -103,7 +65,7 @@ def hf_vision_config(model_cfg: Mapping[str, Any]) -> CLIPVisionConfig:
     for key, why in refusals.items():
         if vc.get(key) not in (None, False, {}):
             raise ValueError(f"vision_cfg.{key}={vc[key]!r}: {why}")
-    for key in ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"):
+    for key in _CUSTOM_ATTENTION:
         if vc.get(key):
             raise ValueError(f"vision_cfg.{key}={vc[key]!r}: open_clip's custom attention block is not HF CLIP's")
     if vc.get("block_type") not in (None, "default"):
@@ -136,10 +98,9 @@ def hf_vision_config(model_cfg: Mapping[str, Any]) -> CLIPVisionConfig:
 
 
 def projection_refusal(model_cfg: Mapping[str, Any]) -> str | None:
-    """Why HF's pooled output (``post_layernorm`` on the CLS token, then ``visual_projection``) would differ from
-    open_clip's ``encode_image``, or ``None`` where it is the same. open_clip pools ``tok`` as ``ln_post(x)[:, 0]``
-    (or ``ln_post(x[:, 0])`` with ``final_ln_after_pool``: the same, LayerNorm is per token) and multiplies by
-    ``proj``; ``avg`` / ``none`` pooling has no HF equivalent."""
+    """Why HF's pooled output (``post_layernorm`` on the CLS token, ``visual_projection``) would differ from open_clip's
+    ``encode_image``, or ``None``. open_clip's ``tok`` pooling is the same with or without ``final_ln_after_pool``
+    (LayerNorm is per token); ``avg`` / ``none`` pooling has no HF equivalent."""
     pool = (model_cfg.get("vision_cfg") or {}).get("pool_type", "tok")
     if pool != "tok":
         return f"vision_cfg.pool_type={pool!r}: HF pools the class token only"
@@ -174,8 +135,7 @@ def convert_open_clip_visual_state_dict(
         move(old + "ln_1", new + "layer_norm1")
         # nn.MultiheadAttention packs [q; k; v] along dim 0 of in_proj_weight / in_proj_bias
         for kind in ("weight", "bias"):
-            q, k, v = take(old + f"attn.in_proj_{kind}").chunk(3, dim=0)
-            for name, t in (("q", q), ("k", k), ("v", v)):
+            for name, t in zip("qkv", take(old + f"attn.in_proj_{kind}").chunk(3, dim=0), strict=True):
                 out[pre + new + f"self_attn.{name}_proj.{kind}"] = t.clone()
         move(old + "attn.out_proj", new + "self_attn.out_proj")
         move(old + "ln_2", new + "layer_norm2")
@@ -214,8 +174,6 @@ def hf_image_processor(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str
         value = pre.get(key) or default  # open_clip: `mean or OPENAI_DATASET_MEAN`, scalars broadcast to 3 channels
         return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * 3
 
-    from transformers.image_utils import PILImageResampling
-
     return CLIPImageProcessor(
         do_resize=True,
         size={"shortest_edge": size} if mode == "shortest" else {"height": size, "width": size},
@@ -225,8 +183,8 @@ def hf_image_processor(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=per_channel("mean", _OPENAI_MEAN),
-        image_std=per_channel("std", _OPENAI_STD),
+        image_mean=per_channel("mean", OPENAI_CLIP_MEAN),
+        image_std=per_channel("std", OPENAI_CLIP_STD),
         do_convert_rgb=True,
     )
 
@@ -239,13 +197,6 @@ def _read_config(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
         raise ValueError(f"{path} lacks a 'model_cfg' object")
     return cfg["model_cfg"], cfg.get("preprocess_cfg") or {}
-
-
-def _weights_file(export_dir: Path) -> Path:
-    for name in _WEIGHT_FILES:
-        if (export_dir / name).is_file():
-            return export_dir / name
-    raise FileNotFoundError(f"{export_dir} holds none of {list(_WEIGHT_FILES)}")
 
 
 def open_clip_export_to_hf_vision(
@@ -266,7 +217,9 @@ def open_clip_export_to_hf_vision(
     except ValueError as e:
         raise ValueError(f"{export_dir}: cannot convert to an HF CLIP vision model: {e}") from e
 
-    weights = _weights_file(export_dir)
+    weights = next((export_dir / n for n in _WEIGHT_FILES if (export_dir / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{export_dir} holds none of {list(_WEIGHT_FILES)}")
     state = read_state_dict(weights)
     visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     if not visual:
