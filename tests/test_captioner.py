@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_trainer
 from PIL import Image
 
 from datamodules.chat import ConversationEncoder, llava_to_messages
@@ -480,7 +481,6 @@ def test_tiny_world_captioner_learns_to_name_attributes(tmp_path):
     A miniature of the real chain without the web-CLIP step (that is `make tiny-captioner`): a frozen random ViT tower
     (which carries colour and position, not shape -- PROTOTYPE.md) and a Llama trained on detailed descriptions.
     """
-    import lightning as L
     import pandas as pd
     from lightning.pytorch.loggers import CSVLogger
 
@@ -502,8 +502,7 @@ def test_tiny_world_captioner_learns_to_name_attributes(tmp_path):
     )  # fmt: skip
     dm = LlavaJsonDataModule(str(detail), str(world), batch_size=32, num_workers=0)
     logger = CSVLogger(tmp_path, name="cap", version=0)
-    trainer = L.Trainer(max_steps=800, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=10,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = cpu_trainer(max_steps=800, logger=logger, log_every_n_steps=10)
     trainer.fit(m, dm)
     losses = pd.read_csv(tmp_path / "cap/version_0/metrics.csv")["train/loss"].dropna().to_numpy()
     assert losses[-3:].mean() < 0.5 * losses[:2].mean()
@@ -517,8 +516,6 @@ def test_tiny_world_captioner_learns_to_name_attributes(tmp_path):
 
 def test_stage_one_on_caption_shards_through_the_caption_mix(world, tok_dir, tok, tmp_path):
     """The captioner trains on image-caption shards at any p: each caption becomes a one-turn conversation."""
-    import lightning as L
-
     from datamodules.caption_mix import CaptionMixDataModule
 
     m = module(tok_dir, tok, caption_prompts=["Describe the image concisely.", "Write a short caption."])
@@ -531,7 +528,7 @@ def test_stage_one_on_caption_shards_through_the_caption_mix(world, tok_dir, tok
         str(world / "web"), batch_size=4, sources={"original": "txt"}, source_weights={"original": 1.0}, num_workers=0
     )
     before = m.model.model.multi_modal_projector.linear_1.weight.detach().clone()
-    trainer = L.Trainer(accelerator="cpu", fast_dev_run=2, logger=False, enable_progress_bar=False)
+    trainer = cpu_trainer(fast_dev_run=2)
     trainer.fit(m, dm)
     assert trainer.global_step == 2
     assert not torch.equal(before, m.model.model.multi_modal_projector.linear_1.weight)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from conftest import cpu_trainer
 
 from datamodules.eval_sets import EvalDataModule
 from datamodules.sidecar import build_sidecars
@@ -104,7 +104,7 @@ def test_lightning_test_path_equals_in_loop_evaluation(world_root, monkeypatch):
     module = ClipModule(tiny_model("S-16", "small", 64), lr=1e-3)
     tasks = _tasks(world_root / "data/world")
     monkeypatch.chdir(world_root)  # before the Trainer: its default_root_dir is the working directory
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = cpu_trainer()
     trainer.test(module, datamodule=EvalDataModule(tasks, batch_size=20))  # batch 20 splits the sets unevenly
     got = json.loads((Path(trainer.default_root_dir) / "metrics" / "test.json").read_text())["metrics"]
     want = module.evaluate(tasks)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from conftest import cpu_trainer
 
 from datamodules.caption_mix import CaptionMixDataModule
 from datamodules.latent_cache import LatentCacheDataModule, _CacheIndex, build_cache
@@ -138,8 +138,7 @@ def test_training_updates_ema_and_checkpoints_hold_no_frozen_weights(world, tmp_
     data = make_data(world, 0.0)
     data.image_transform = module.data_transforms("fit").image
     before = [p.detach().clone() for p in module.dit.parameters()]
-    trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, accelerator="cpu")  # fmt: skip
+    trainer = cpu_trainer(max_steps=4, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     ema = [p.detach().clone() for p in module.ema.shadow_params]
     now = list(module.dit.parameters())
@@ -220,8 +219,7 @@ def test_fit_checkpoint_then_dit_eval_writes_metrics_for_both_prompt_sets(world,
     module = make_module(world)
     data = make_data(world, 0.0)
     data.image_transform = module.data_transforms("fit").image
-    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, accelerator="cpu")  # fmt: skip
+    trainer = cpu_trainer(max_steps=2, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     train_judge(world["world"], tmp_path / "judge", image_size=16, steps=5, batch_size=16, threads=1)
