@@ -1,11 +1,6 @@
-"""``LlavaJsonDataModule``: LLaVA's instruction-data formats as a Lightning DataModule.
-
-Reads LLaVA-Pretrain (LCS-558K: ``{id, image, conversations}``) and LLaVA-665K (multi-turn, ``<image>`` once in a
-human turn, text-only samples without an ``image`` key) json files with their image folders. Each sample is turned into
-chat messages and encoded by the LightningModule's conversation transform (``DataTransforms.conversation``, the LLaMA-3
-template with assistant-only labels), and images by its image transform (LLaVA-1.5 pad-to-square + CLIP
-preprocessing). Batches are padded to their longest sample; ``group_by_length`` (LLaVA's ``--group_by_length``) sorts
-samples of similar length into the same batch so that little compute goes to padding.
+"""``LlavaJsonDataModule``: LLaVA-Pretrain (LCS-558K) and LLaVA-665K json files (multi-turn, ``<image>`` once in a
+human turn, text-only samples without an ``image`` key) with their image folders, encoded by the LightningModule's
+``data_transforms`` (the chat template with assistant-only labels, the image processor) and padded per batch.
 """
 
 from __future__ import annotations
@@ -58,7 +53,7 @@ def approx_length(record: dict[str, Any], image_tokens: int) -> int:
 
 
 class LlavaJsonDataset(Dataset):
-    """One LLaVA json + image folder. Items: ``{"input_ids", "labels", "n_images", "truncated", "image"?, "id"}``."""
+    """One LLaVA json + image folder; an item is the conversation's encoding plus ``image`` (if any) and ``id``."""
 
     def __init__(
         self,
@@ -110,16 +105,13 @@ class LlavaCollate:
 
 
 class LlavaJsonDataModule(L.LightningDataModule):
-    """LLaVA-Pretrain / LLaVA-665K json files as train (and optional validation) loaders.
+    """LLaVA json files as train (and optional validation) loaders.
 
     Args:
-        train_json: LLaVA json of training conversations (path or fsspec URL).
-        image_folder: Folder that the records' ``image`` paths are relative to.
-        batch_size: Per-device batch size.
-        val_json: Optional validation json (teacher-forced loss), its images in ``val_image_folder`` (default:
-            ``image_folder``).
-        group_by_length: Batch samples of similar length together (LLaVA ``--group_by_length``); within a mega-batch
-            of 50 batches, as transformers' ``LengthGroupedSampler``.
+        train_json: LLaVA json of training conversations (path or fsspec URL); ``image_folder``: where its records'
+            ``image`` paths are. ``val_json`` / ``val_image_folder`` likewise, for a teacher-forced validation loss.
+        group_by_length: Batch samples of similar length together (LLaVA ``--group_by_length``, transformers'
+            ``LengthGroupedSampler``) so that little compute goes to padding.
         max_samples: Use only the first N records of each json (debugging).
     """
 
@@ -145,8 +137,7 @@ class LlavaJsonDataModule(L.LightningDataModule):
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
-        """Before anything is built (``experiments/validate.py``): the batch, and the local json files and image folders
-        exist."""
+        """Before anything is built (``experiments/validate.py``): the batch, and the local files and folders exist."""
         per_device_batch(args.get("batch_size"), None, run.world_size)
         check_path("train_json", args.get("train_json"), "file", what="LLaVA json of training conversations")
         check_path("image_folder", args.get("image_folder"), "dir")

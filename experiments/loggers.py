@@ -1,15 +1,6 @@
 """The suite's loggers: Lightning's ``WandbLogger`` that goes offline by itself when no W&B key is configured, and a
-``CSVLogger`` that puts each ``wandb agent`` run of a sweep in its own directory.
-
-YAML (a list of loggers; the first one's directory is the run directory for checkpoints, ``config.yaml`` and metrics)::
-
-    logger:
-      - class_path: lightning.pytorch.loggers.CSVLogger
-        init_args: {save_dir: runs, name: clip/table3/p0.8, version: stage1}
-      - class_path: experiments.loggers.RecapWandbLogger
-        init_args: {save_dir: runs, project: recap-suite, name: clip/table3/p0.8/stage1, group: clip/table3/p0.8}
-
-``experiments/configs/logging/wandb.yaml`` turns W&B on for a run whose configs log to CSV only.
+``CSVLogger`` that puts each ``wandb agent`` run of a sweep in its own directory. In a YAML's list of loggers the first
+one's directory is the run directory; ``experiments/configs/logging/wandb.yaml`` adds W&B to a CSV-only run.
 """
 
 from __future__ import annotations
@@ -50,11 +41,8 @@ class RecapWandbLogger(WandbLogger):
     saved config. Under ``wandb agent`` the run joins the agent's sweep run (W&B sets ``WANDB_RUN_ID``).
 
     Args:
-        save_dir: Folder under which W&B writes its ``wandb/`` run directories.
         project: W&B project; ``None`` uses ``WANDB_PROJECT`` (``entity``: ``WANDB_ENTITY`` or the account's default).
-        group: Groups runs in the W&B UI (e.g. both CLIPA stages of one table row).
         offline: ``True``/``False`` forces the mode; ``None``: offline without credentials or ``WANDB_MODE=offline``.
-        log_model: Upload checkpoints as W&B artifacts (Lightning's ``log_model``).
         run_id: Resume this W&B run id (``None``: a new run, or the sweep agent's run).
     """
 

@@ -1,9 +1,5 @@
-"""Sample images and captions to W&B: a callback that is a no-op unless the trainer has a ``WandbLogger``.
-
-At the first training batch and at the first batch of every validation it logs a few samples as a ``wandb.Table``
-(key, caption source, caption, image) and as ``wandb.Image`` s with their captions, so a run shows what it trained on
-at its p (CLIP, captioner, DiT). A module with ``generate(prompts)`` (the DiT) also gets a grid of generated images
-for fixed prompts after every ``dit_every_n_validations``-th validation.
+"""Sample images and captions to W&B, so a run shows what it trained on at its p: a callback that is a no-op unless
+the trainer has a ``WandbLogger``.
 """
 
 from __future__ import annotations
@@ -22,8 +18,7 @@ COLUMNS = ["key", "source", "caption", "image"]
 
 
 def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
-    """``N x C x H x W`` images -> ``H x W x C`` uint8 arrays. Float images (normalised by a model's own mean/std) are
-    min-max scaled per image for display; uint8 ones pass through."""
+    """``N x C x H x W`` images -> ``H x W x C`` uint8 arrays; float ones (normalised by a model) min-max scaled."""
     images = images.detach().cpu()
     if images.dtype != torch.uint8:
         x = images.float()
@@ -34,11 +29,8 @@ def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
 
 
 def batch_samples(batch: Mapping[str, Any], pl_module: Any, n: int) -> list[dict[str, Any]]:
-    """Up to ``n`` samples of a batch as ``{"key", "source", "caption", "image"}`` (image: uint8 HWC array or None).
-
-    Understands caption-mix batches (``image``, ``caption``, ``caption_source``, ``key``), prompt batches
-    (``prompt``) and LLaVA json batches (``pixel_values``, ``labels``, ``id``); latent-cache batches give captions only.
-    """
+    """Up to ``n`` samples of a caption-mix, prompt or LLaVA json batch as ``{"key", "source", "caption", "image"}``
+    (image: uint8 HWC array or None; latent-cache batches give captions only)."""
     if not isinstance(batch, Mapping):
         return []
     captions = batch.get("caption") or batch.get("prompt")
@@ -66,15 +58,9 @@ def batch_samples(batch: Mapping[str, Any], pl_module: Any, n: int) -> list[dict
 
 
 class WandbMediaCallback(Callback):
-    """Log sample images with their captions (and DiT samples) to every ``WandbLogger``; a no-op without one.
-
-    Args:
-        log_validation: Log the first validation batch's samples at every validation (not the sanity check).
-        dit_prompts: Prompts for generated-image grids of a module with ``generate`` (the DiT); ``None`` uses the
-            captions of the first validation batch.
-        dit_every_n_validations: Generate at every n-th validation (sampling costs ``num_inference_steps`` passes);
-            ``dit_num_inference_steps`` overrides the module's steps.
-    """
+    """A ``wandb.Table`` (key, caption source, caption, image) and the images with captions of the first training
+    batch and of the first batch of every validation. A module with ``generate(prompts)`` (the DiT) also gets a grid
+    for ``dit_prompts`` (default: the first validation captions) every ``dit_every_n_validations``-th validation."""
 
     def __init__(
         self,
@@ -98,7 +84,6 @@ class WandbMediaCallback(Callback):
         return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)] if trainer.is_global_zero else []
 
     def log_samples(self, trainer: L.Trainer, key: str, samples: list[dict[str, Any]]) -> None:
-        """One ``wandb.Table`` (key, source, caption, image) and the images with captions, at the current step."""
         import wandb
 
         if not samples:

@@ -1,13 +1,9 @@
 """``CaptionerModule``: LLaVA-1.5 (CLIP vision tower + 2-layer MLP projector + LLaMA-3) fine-tuning stages.
 
 The network is transformers' ``LlavaForConditionalGeneration`` (``components/llava.py``), LoRA is peft's, the chat
-template and the assistant-only labels are the tokenizer's (``datamodules/chat.py``). This module wires them to
-Lightning: which parts train (stage 1: projector; stage 2: projector + LLM, fully or through LoRA; the vision tower
-stays frozen unless ``train_vision``), AdamW with the projector's own learning rate, LLaVA's warm-up ratio and cosine
-schedule, gradient checkpointing, token throughput logging, greedy captioning and in-loop caption evaluation.
-
-Data: LLaVA json conversations (``datamodules.llava_json``) or image-caption shards through the caption-mix
-DataModule at any p (each caption becomes a one-turn conversation, ``CaptionConversation``).
+template and the assistant-only labels are the tokenizer's (``datamodules/chat.py``). Data: LLaVA json conversations
+(``datamodules.llava_json``) or image-caption shards through the caption-mix DataModule at any p (each caption a
+one-turn conversation).
 """
 
 from __future__ import annotations
@@ -71,32 +67,24 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
     ``--model_name_or_path``), so stacked YAMLs override one of them without restating the others.
 
     Args:
-        lr: Peak learning rate (LLaVA-1.5: 1e-3 stage 1, 2e-5 full / 2e-4 LoRA stage 2).
-        train_llm: Train the language model (stage 2). Stage 1 trains the projector only.
-        train_vision: Unfreeze the vision tower (the paper keeps it frozen "all the time").
-        lora: peft ``LoraConfig`` arguments (e.g. ``{r: 128, lora_alpha: 256, lora_dropout: 0.05}``) to train the LLM
-            through adapters instead of fully; ``target_modules`` defaults to every linear layer of the LLM.
-        projector_lr: The projector's own learning rate (LLaVA ``mm_projector_lr``); default ``lr``.
-        warmup_ratio: Linear warm-up as a fraction of all optimizer steps, then cosine to 0 (LLaVA: 0.03).
+        lr: Peak learning rate (LLaVA-1.5: 1e-3 stage 1, 2e-5 full / 2e-4 LoRA stage 2); ``projector_lr``: the
+            projector's own (LLaVA ``mm_projector_lr``). Linear warm-up over ``warmup_ratio`` of the steps, then cosine.
+        train_llm: Train the language model (stage 2). Stage 1 trains the projector only; the vision tower stays
+            frozen unless ``train_vision``.
+        lora: peft ``LoraConfig`` arguments (e.g. ``{r: 128, lora_alpha: 256}``) to train the LLM through adapters;
+            ``target_modules`` defaults to every linear layer of the LLM.
         max_length: Longest training sequence in tokens (image tokens included); longer ones are cut and counted.
-        init_from: A previous stage's Lightning checkpoint (its model weights are loaded, read with weights_only).
         save_frozen: Keep frozen weights in checkpoints. Off: checkpoints hold only what trains (LLaVA saves only
-            ``mm_projector.bin`` in stage 1); frozen weights come back from ``model`` on load, except those drawn at
-            random (a ``vision_tower`` / ``llm`` config dict), which are kept as nothing else can restore them.
+            ``mm_projector.bin`` in stage 1) plus frozen weights drawn at random (a config-dict tower), which nothing
+            else can restore.
         caption_prompts: User prompts paired with captions when training on image-caption shards.
-        caption_prompt: The prompt for generated captions (the paper's recaption prompt).
         evaluation: Caption evaluation tasks (``lightning_modules.evaluation.CaptionAttributes``), run on rank 0 at
             every ``eval_every_n_validations``-th validation and at the end; metrics JSON go to ``metrics_dir``.
         pretrained: A whole llava-hf checkpoint (name or folder); excludes ``vision_tower``/``llm``.
         vision_tower: CLIP vision tower: hub name, ``save_pretrained`` folder, an ``export-clip`` folder of this suite,
-            or a ``CLIPVisionConfig`` dict (random init).
-        llm: Causal LM: hub name, folder, or a ``LlamaConfig`` dict (random init; then ``tokenizer`` is required).
-        tokenizer: Tokenizer folder/name (default: the LLM's or the checkpoint's).
+            or a ``CLIPVisionConfig`` dict (random init). ``llm``: likewise a causal LM or a ``LlamaConfig`` dict.
         chat_template: ``llama3`` (LLaMA-3's template with generation markers), ``null`` (the tokenizer's own), a
             ``.jinja`` path or template text.
-        vision_feature_layer: Hidden state of the tower fed to the projector (LLaVA-1.5: -2).
-        vision_feature_select_strategy: ``default`` drops the class token (LLaVA-1.5 ``patch``), ``full`` keeps it.
-        image_processor: Overrides of the image processor (e.g. ``{do_pad: false}``).
         dtype: Weights dtype of the loaded towers (``bfloat16`` for frozen ones; trainable weights stay fp32 under
             ``bf16-mixed``).
         trust_remote_code: Allow model code from the checkpoint (off: only transformers' own classes run).
@@ -308,16 +296,15 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
 
     # -------------------------------------------------------------------------------------------------- export
     def merged_model(self, in_place: bool = False) -> torch.nn.Module:
-        """The plain ``LlavaForConditionalGeneration``: LoRA adapters merged into the LLM weights."""
+        """The plain ``LlavaForConditionalGeneration``, LoRA adapters merged into the LLM weights."""
         if self.hparams.lora is None:
             return self.model
         model = self.model if in_place else copy.deepcopy(self.model)
         return model.merge_and_unload()
 
     def export_pretrained(self, out_dir: str | Path, in_place: bool = False) -> Path:
-        """``save_pretrained`` of the (merged) model and its processor: a llava-hf folder. A module restored from a
-        checkpoint that lacks weights it cannot rebuild (:meth:`missing_weights`) is refused before anything is
-        written: exporting it would write freshly random weights, not the model that was trained."""
+        """A llava-hf folder of the (merged) model and its processor. A module restored from a checkpoint that lacks
+        weights it cannot rebuild is refused: exporting it would write fresh random weights, not the trained model."""
         self.llava  # noqa: B018 - builds the model if needed
         missing = self.missing_weights()
         if missing:
@@ -326,9 +313,8 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         return save_llava(parts, out_dir)
 
     def missing_weights(self) -> list[str]:
-        """Parameters (``model.*`` state-dict keys) drawn at random when this module was built and not restored: a
-        module loaded from a checkpoint that holds only trainable weights while a vision tower or LLM came from a
-        config dict (checkpoints written before such weights were kept). Empty for a module never restored."""
+        """``model.*`` keys drawn at random when this module was built and not restored from its checkpoint (one
+        written before such weights were kept). Empty for a module never restored."""
         if self._restored_keys is None or self.hparams.save_frozen:
             return []
         unsourced = [f"model.{unwrapped_name(n)}" for n in self._unsourced]
@@ -348,8 +334,8 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
 
     @classmethod
     def from_checkpoint_contents(cls, contents: Any, path: str | Path) -> CaptionerModule:
-        """The module of a Lightning checkpoint already read (safely) from ``path``: built from its hyperparameters,
-        weights loaded as ``load_from_checkpoint`` does (strict only with ``save_frozen``)."""
+        """The module of a Lightning checkpoint already read (safely) from ``path``, loaded as ``load_from_checkpoint``
+        does (strict only with ``save_frozen``)."""
         hp = contents.get("hyper_parameters") if isinstance(contents, Mapping) else None
         state = contents.get("state_dict") if isinstance(contents, Mapping) else None
         if not isinstance(hp, Mapping) or not isinstance(state, Mapping):
@@ -369,8 +355,7 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Without ``save_frozen``, only what trains is kept, plus frozen weights that were drawn at random (a config
-        dict tower): the rest comes back from ``model``'s sources on load, these could not."""
+        """Without ``save_frozen``: only what trains and the frozen weights drawn at random (see ``save_frozen``)."""
         if self.hparams.save_frozen:
             return
         unsourced = {unwrapped_name(n) for n in self._unsourced}

@@ -47,14 +47,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class StepCheckpoint(ModelCheckpoint):
     """Checkpoint every ``every_n_train_steps`` steps as ``step00001234.ckpt``, keep the ``keep_last`` newest
-    (``-1``: all), always write ``last.ckpt``, and save the final step when training ends off the grid.
-
-    Keeping the newest K is ``ModelCheckpoint``'s top-K on the global step (``monitor="step", mode="max"``), so the
-    bookkeeping survives restarts with the callback's state. With ``atomic`` (default) it installs
-    :class:`AtomicCheckpointIO` on the strategy unless another ``CheckpointIO`` was configured; strategies that write
-    sharded checkpoint folders (FSDP ``state_dict_type: sharded``, DeepSpeed) do not go through it. ``dirpath``,
-    ``filename`` and ``save_weights_only`` are ``ModelCheckpoint``'s.
-    """
+    (``-1``: all; ``ModelCheckpoint``'s top-K on the step, so it survives restarts), always write ``last.ckpt``, and
+    save the final step when training ends off the grid (``save_final``). ``atomic`` installs
+    :class:`AtomicCheckpointIO` unless another ``CheckpointIO`` was configured (sharded FSDP / DeepSpeed checkpoint
+    folders do not go through it)."""
 
     def __init__(
         self,

@@ -36,8 +36,8 @@ from lightning_modules.components.schedules import cosine_with_warmup, per_step
 
 
 def make_clip_loss(rank: int = 0, world_size: int = 1) -> ClipLoss:
-    """open_clip's distributed recipe: every rank gathers all features *with* gradients and scores its local rows
-    against all columns, which equals the single-process loss on the concatenated global batch."""
+    """open_clip's distributed loss: each rank scores its rows against all ranks' features gathered *with* gradients,
+    which equals the single-process loss on the global batch."""
     return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
 
 
@@ -45,31 +45,16 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
     """Contrastive training of an open_clip model.
 
     Args:
-        model: open_clip model name, ``recap-clip:VISION:TEXT[:STYLE]`` (paper Table 2, e.g. ``recap-clip:B-16:base``),
-            ``local-dir:PATH`` (an open_clip folder with weights, e.g. the released Recap-CLIP), a JSON config path,
-            or the config dict.
-        lr: Absolute peak learning rate. Give exactly one of ``lr`` and ``lr_per_256``.
-        lr_per_256: The paper's "base lr": peak lr per 256 samples, scaled linearly by the global batch
-            (``batch_size * devices * num_nodes * accumulate_grad_batches``), as CLIPA does.
-        weight_decay: AdamW weight decay on matrices (not on gains, biases, norms or the temperature).
-        warmup_steps: Linear warm-up in optimizer steps (or ``warmup_samples``, the paper's unit).
-        total_samples: Schedule length in samples (the cosine reaches 0 there); default ``trainer.max_steps``.
-        context_length: Text context (the paper: 128); ``None`` keeps the model config's.
-        image_size: Image side, overriding the config (CLIPA: 112 in stage 1, 224 in stage 2).
-        tokenizer: HF tokenizer name or folder replacing the config's (e.g. ``bert-base-uncased``).
-        augmentation: open_clip ``AugmentationCfg`` fields for training (CLIPA: ``scale: [0.4, 1.0]``);
-            ``train_augment: false`` trains on the eval transform.
-        init_from: Checkpoint to start from (Lightning ``.ckpt``, open_clip ``.pt``/``.bin`` or ``.safetensors``):
-            CLIPA stage 2 names stage 1's here. Position embeddings are interpolated to this model, ``logit_scale`` /
-            ``logit_bias`` reshaped to its layout.
-        nonscalar_logit_scale: open_clip's switch: ``logit_scale`` (and ``logit_bias``) of shape [1] instead of 0-dim,
-            which torch FSDP needs (``trainer/fsdp_clip.yaml`` sets it). A config dict may carry the key too, but must
-            agree. Checkpoints and ``init_from`` load across both layouts; ``export-clip`` writes the scalar one.
-        grad_checkpointing: Activation checkpointing in both towers.
-        compile: ``torch.compile`` the forward (parameters and state dict keys are unchanged).
-        evaluation: Evaluation tasks (``lightning_modules.evaluation``) run at the end of validation, on rank 0.
-        eval_every_n_validations: Run ``evaluation`` at every n-th validation; the final weights are always evaluated.
-        metrics_dir: Where evaluation metrics JSON go; default ``<log_dir>/metrics``.
+        model: open_clip model name, ``recap-clip:VISION:TEXT[:STYLE]`` (paper Table 2), ``local-dir:PATH`` (an
+            open_clip folder with weights, e.g. the released Recap-CLIP), a JSON config path, or the config dict.
+        lr_per_256: The paper's "base lr": peak lr per 256 samples, scaled by the global batch as CLIPA does (or an
+            absolute ``lr``). ``warmup_samples`` / ``total_samples`` (where the cosine reaches 0) are in samples too.
+        image_size, context_length, tokenizer: Overrides of the model config (CLIPA: 112 px in stage 1, 224 in 2).
+        init_from: Checkpoint to start from (CLIPA stage 2: stage 1's); position embeddings are interpolated.
+        nonscalar_logit_scale: open_clip's switch for a logit scale of shape [1] instead of 0-dim, which FSDP needs.
+            Checkpoints and ``init_from`` load across both layouts; ``export-clip`` writes the scalar one.
+        evaluation: Evaluation tasks (``lightning_modules.evaluation``) run on rank 0 at every
+            ``eval_every_n_validations``-th validation and on the final weights; metrics JSON go to ``metrics_dir``.
     """
 
     log_prefix = "eval/"
@@ -135,8 +120,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
-        """Before anything is built (``experiments/validate.py``): ``model`` names a known size or an existing config
-        / ``local-dir:`` folder, and ``init_from`` exists."""
+        """Before anything is built (``experiments/validate.py``): ``model`` is known, ``init_from`` exists."""
         model = args.get("model")
         if isinstance(model, str) and model.startswith("local-dir:"):
             check_path("model", model.removeprefix("local-dir:"), "dir", what="an open_clip folder")
@@ -198,9 +182,8 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             self.model.logit_scale.clamp_(0, math.log(100))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint of the other logit-scale layout loads (test / validate, resume, ``load_from_checkpoint``):
-        ``model.logit_scale`` / ``model.logit_bias`` and their optimizer state are reshaped [] <-> [1]. Nothing else
-        is relaxed: strict loading stays strict."""
+        """A checkpoint of the other logit-scale layout loads: the logit parameters and their optimizer state are
+        reshaped [] <-> [1]. Nothing else is relaxed: strict loading stays strict."""
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict) or not reshape_logit_params(state, self._nonscalar, prefix="model."):
             return
@@ -240,7 +223,6 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, tasks: Sequence[Any]) -> dict[str, float]:
-        """Run evaluation tasks with this model (eval mode, no grad) and return ``{"task/metric": value}``."""
         from lightning_modules.evaluation import run_tasks
 
         was_training = self.training

@@ -32,6 +32,7 @@ from lightning_modules.components.dit import (
     diffusion_loss,
     dit_forward,
     make_scheduler,
+    pad_text,
     parse_dit_size,
     sample,
     save_grid,
@@ -64,22 +65,15 @@ class DiTModule(L.LightningModule):
     Args:
         size: ``"DiT-B/4"``, ``"DiT-L/2"`` (DiT's depth/width/heads, ``/P`` the patch) or a dict with
             ``num_layers, hidden_size, num_attention_heads, patch_size`` (tiny models).
-        image_size: Training resolution in pixels (the paper: 256).
-        text_encoder: Frozen CLIP text tower: a HuggingFace ``CLIPTextModel`` folder / name or an open_clip folder
-            (``export-clip`` output).
-        vae: A diffusers ``AutoencoderKL`` folder / name (the paper: the LDM/SD 8x VAE), or None for pixel space;
-            ``vae_subfolder``: ``vae`` in a Stable Diffusion repository.
-        prediction_type: ``epsilon`` (DiT), ``v_prediction`` or ``sample``; ``beta_schedule``: diffusers' name.
+        text_encoder: Frozen CLIP text tower: a HuggingFace ``CLIPTextModel`` folder / name or an ``export-clip``
+            folder. ``vae``: a diffusers ``AutoencoderKL`` (the paper: LDM/SD's 8x VAE), or None for pixel space.
         min_snr_gamma: Min-SNR-γ loss weighting (None: plain MSE, as DiT).
-        lr: AdamW learning rate (the paper: constant 1e-4, no warm-up).
         cfg_dropout: Probability of training a sample on the null text (the paper's recipe: 0.1).
         random_flip: Flip half the training images horizontally (DiT's preprocessing), applied to latents/pixels so
             the cached and uncached paths augment alike. Off where captions name left and right (tiny world).
-        null_text: ``empty`` (features of the empty prompt) or ``learned`` (a parameter initialised from them).
         ema_decay: EMA decay of the sampling weights (DiT: 0.9999; short runs need less); None disables EMA.
         sampler: ``ddpm`` (the paper's, 250 steps, guidance 10), ``ddim`` or ``dpm``.
-        sample_dir: Where ``predict`` writes a PNG grid per batch.
-        seed: Seed of the sampling noise (per predict batch: ``seed + batch_idx``).
+        sample_dir: Where ``predict`` writes a PNG grid per batch (noise seeded with ``seed + batch_idx``).
     """
 
     def __init__(
@@ -124,8 +118,7 @@ class DiTModule(L.LightningModule):
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
-        """Before anything is built (``experiments/validate.py``): ``size`` is a DiT size or a complete dict, and the
-        local folders of ``text_encoder`` / ``vae`` exist (hub names are not checked)."""
+        """Before anything is built (``experiments/validate.py``): ``size`` is known, local model folders exist."""
         try:
             parse_dit_size(args.get("size"))
         except (ValueError, TypeError) as e:
@@ -180,10 +173,10 @@ class DiTModule(L.LightningModule):
     def drop_text(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
         """Replace the rows where ``drop`` is True by the null text (CFG training)."""
         n = max(text.shape[1], self.null_text.shape[1])
-        text = nn.functional.pad(text, (0, 0, 0, n - text.shape[1]))
-        mask = nn.functional.pad(mask, (0, n - mask.shape[1]))
-        null = nn.functional.pad(self.null_text, (0, 0, 0, n - self.null_text.shape[1])).to(text.dtype)
-        null_mask = nn.functional.pad(self.null_mask, (0, n - self.null_mask.shape[1]))
+        (text, mask), (null, null_mask) = (
+            pad_text(text, mask, n),
+            pad_text(self.null_text.to(text.dtype), self.null_mask, n),
+        )
         d = drop[:, None]
         return torch.where(d[..., None], null.expand_as(text), text), torch.where(d, null_mask.expand_as(mask), mask)
 
@@ -240,9 +233,8 @@ class DiTModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
-            del sd[k]
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIXES)}
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 

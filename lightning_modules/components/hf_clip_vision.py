@@ -1,11 +1,10 @@
 """An open_clip ViT image tower (an ``export-clip`` folder) as a HuggingFace ``CLIPVisionModel`` /
-``CLIPVisionModelWithProjection`` plus ``CLIPImageProcessor``, with identical outputs.
+``CLIPVisionModelWithProjection`` plus ``CLIPImageProcessor``, with identical outputs; towers HF cannot express exactly
+are refused with a ``ValueError``.
 
-Hand-written because transformers has no importable converter for open_clip: its
-``convert_clip_original_pytorch_to_hf.py`` is a script in the transformers source tree (the installed wheel ships no
-model conversion scripts) that loads OpenAI's original ``clip`` package checkpoints, not open_clip configs. The key
-mapping below follows the installed transformers (5.x: ``CLIPVisionModel`` keys have no ``vision_model.`` prefix,
-``CLIPVisionModelWithProjection`` keys do). Towers HF cannot express exactly are refused with a ``ValueError``.
+Hand-written because transformers has no importable converter for open_clip (its conversion script is not in the
+wheel, and reads OpenAI's ``clip`` checkpoints). The key mapping follows transformers 5.x: ``CLIPVisionModel`` keys
+have no ``vision_model.`` prefix, ``CLIPVisionModelWithProjection`` keys do.
 """
 
 from __future__ import annotations
@@ -110,9 +109,8 @@ def projection_refusal(model_cfg: Mapping[str, Any]) -> str | None:
 def convert_open_clip_visual_state_dict(
     visual_state: Mapping[str, torch.Tensor], config: CLIPVisionConfig, with_projection: bool = True
 ) -> dict[str, torch.Tensor]:
-    """open_clip ``VisionTransformer`` weights (``model.visual.state_dict()`` keys) renamed and reshaped into the
-    state dict of ``CLIPVisionModelWithProjection`` (``with_projection``) or ``CLIPVisionModel``. Every source key is
-    used (``proj`` is dropped without the projection); a leftover key raises ``ValueError``."""
+    """open_clip ``model.visual`` weights as the state dict of ``CLIPVisionModelWithProjection`` (``with_projection``)
+    or ``CLIPVisionModel``; a source key left over raises ``ValueError``."""
     src = dict(visual_state)
     pre = "vision_model." if with_projection else ""
     out: dict[str, torch.Tensor] = {}
@@ -151,14 +149,10 @@ def convert_open_clip_visual_state_dict(
 
 
 def hf_image_processor(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any] | None) -> CLIPImageProcessor:
-    """``CLIPImageProcessor`` for open_clip's eval transform (``open_clip.image_transform(is_train=False)``): resize
-    (shortest edge, or squash), centre crop, to [0, 1], normalise. The size is the tower's image size, as in open_clip's
-    factory; ``resize_mode='longest'`` (pad to square) has no ``CLIPImageProcessor`` equivalent and is refused.
-
-    Pixel values equal open_clip's when no resampling happens (shorter side already ``image_size``). Otherwise two
-    differences inherent to transformers' processor remain: its centre crop starts at ``floor(excess / 2)`` where
-    torchvision's ``CenterCrop`` uses ``round(excess / 2)`` (a one-pixel shift when the excess is 3 mod 4), and its
-    torchvision backend resizes uint8 tensors, which can land one uint8 level away from PIL's resize."""
+    """``CLIPImageProcessor`` for open_clip's eval transform at the tower's image size (``resize_mode='longest'``, pad
+    to square, has no equivalent). Pixel values equal open_clip's when no resampling happens; otherwise transformers'
+    centre crop can sit one pixel off torchvision's (floor vs round of half the excess) and its uint8 resize one level
+    off PIL's."""
     pre = {k: v for k, v in dict(preprocess_cfg or {}).items() if v is not None}
     size = _square((model_cfg.get("vision_cfg") or {}).get("image_size", 224), "image_size")
     mode = pre.get("resize_mode", "shortest")
@@ -202,9 +196,8 @@ def _read_config(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def open_clip_export_to_hf_vision(
     export_dir: str | os.PathLike, with_projection: bool = False
 ) -> tuple[CLIPVisionModel | CLIPVisionModelWithProjection, CLIPImageProcessor]:
-    """``(model, image_processor)`` for an ``export-clip`` folder (``open_clip_config.json`` + weights, read safely):
-    ``CLIPVisionModel``, or ``CLIPVisionModelWithProjection`` whose ``image_embeds`` equal open_clip's
-    ``encode_image`` (un-normalised). The model is in eval mode; every weight is loaded, none is missing."""
+    """``(model, image_processor)`` for an ``export-clip`` folder (weights read safely), in eval mode, every weight
+    loaded; with the projection, ``image_embeds`` equal open_clip's un-normalised ``encode_image``."""
     from lightning_modules.components.clip_model import read_state_dict
 
     export_dir = Path(export_dir)
@@ -239,10 +232,8 @@ def open_clip_export_to_hf_vision(
 def save_hf_vision(
     export_dir: str | os.PathLike, out_dir: str | os.PathLike, with_projection: bool | Literal["auto"] = True
 ) -> Path:
-    """Write ``save_pretrained`` of the converted model and its image processor to ``out_dir`` and return it; it then
-    loads offline with ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` / ``CLIPImageProcessor.from_pretrained``
-    (transformers drops the ``vision_model.`` prefix and ignores ``visual_projection`` when a with-projection folder is
-    read as ``CLIPVisionModel``). ``with_projection="auto"``: with the projection wherever it is exact."""
+    """``save_pretrained`` of the converted model and its image processor in ``out_dir`` (a with-projection folder also
+    loads as ``CLIPVisionModel``). ``with_projection="auto"``: with the projection wherever it is exact."""
     if with_projection == "auto":
         with_projection = projection_refusal(_read_config(Path(export_dir))[0]) is None
     model, processor = open_clip_export_to_hf_vision(export_dir, with_projection=bool(with_projection))

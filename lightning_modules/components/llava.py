@@ -57,19 +57,18 @@ def _vision_tower(spec: str | dict, dtype: torch.dtype | None) -> tuple[Any, Any
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     if isinstance(spec, dict):
-        model = CLIPVisionModel(CLIPVisionConfig(**spec))
-        return (model.to(dtype) if dtype else model), None
-    if (Path(spec) / "open_clip_config.json").is_file():  # an export-clip folder
+        model, image_processor = CLIPVisionModel(CLIPVisionConfig(**spec)), None
+    elif (Path(spec) / "open_clip_config.json").is_file():  # an export-clip folder
         from lightning_modules.components.hf_clip_vision import open_clip_export_to_hf_vision
 
         model, image_processor = open_clip_export_to_hf_vision(spec, with_projection=False)
-        return (model.to(dtype) if dtype else model), image_processor
-    model = CLIPVisionModel.from_pretrained(spec, dtype=dtype)
-    try:
-        image_processor = CLIPImageProcessor.from_pretrained(spec)
-    except OSError:
-        image_processor = None
-    return model, image_processor
+    else:
+        model = CLIPVisionModel.from_pretrained(spec, dtype=dtype)
+        try:
+            image_processor = CLIPImageProcessor.from_pretrained(spec)
+        except OSError:
+            image_processor = None
+    return (model.to(dtype) if dtype else model), image_processor
 
 
 def _llava_image_processor(base: Any, vision_config: Any, overrides: dict | None) -> Any:
@@ -97,8 +96,7 @@ def _prepare_tokenizer(tokenizer: Any, chat_template: str | None) -> Any:
 
 
 def num_image_tokens(vision_config: Any, strategy: str) -> int:
-    n = (vision_config.image_size // vision_config.patch_size) ** 2
-    return n + (1 if strategy == "full" else 0)
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + (1 if strategy == "full" else 0)
 
 
 def build_llava(
@@ -131,15 +129,15 @@ def build_llava(
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     torch_dtype = _DTYPES[dtype]
+    remote = {"trust_remote_code": trust_remote_code}  # off unless configured: only transformers' own classes run
+    weights = {"dtype": torch_dtype, "attn_implementation": attn_implementation, **remote}
     if pretrained is not None:
         if vision_tower is not None or llm is not None:
             raise ValueError("give either pretrained (a llava-hf checkpoint) or vision_tower + llm, not both")
-        model = LlavaForConditionalGeneration.from_pretrained(
-            pretrained, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
-        )
-        processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        model = LlavaForConditionalGeneration.from_pretrained(pretrained, **weights)
+        processor = AutoProcessor.from_pretrained(pretrained, **remote)
         if tokenizer is not None:
-            processor.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+            processor.tokenizer = AutoTokenizer.from_pretrained(tokenizer, **remote)
         _prepare_tokenizer(processor.tokenizer, chat_template)
         processor.chat_template = processor.tokenizer.chat_template
         cfg = model.config
@@ -155,10 +153,8 @@ def build_llava(
         lm = LlamaForCausalLM(LlamaConfig(**llm))
         lm = lm.to(torch_dtype) if torch_dtype else lm
     else:
-        lm = AutoModelForCausalLM.from_pretrained(
-            llm, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
-        )
-    tok = AutoTokenizer.from_pretrained(tokenizer or llm, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(llm, **weights)
+    tok = AutoTokenizer.from_pretrained(tokenizer or llm, **remote)
     _prepare_tokenizer(tok, chat_template)
     if len(tok) > lm.get_input_embeddings().num_embeddings:  # <image> (and pad) were added
         resize_embeddings_to_mean(lm, len(tok))
