@@ -1,15 +1,12 @@
 """``python -m experiments export-clip --ckpt RUN/checkpoints/last.ckpt --out DIR``: a ClipModule checkpoint as a plain
 open_clip model folder.
 
-``DIR`` gets ``open_clip_config.json`` (open_clip's ``local-dir:`` / hub layout), ``open_clip_model.safetensors``,
-``<name>.json`` (the bare model config) and, for a Hugging Face tokenizer, its files. The folder is self-contained
-(offline, without the training machine's paths) and loads with
-``open_clip.create_model_and_transforms("local-dir:DIR")`` / ``open_clip.get_tokenizer("local-dir:DIR")``, with
-``open_clip.add_model_config("DIR/<name>.json")`` and ``pretrained="DIR/open_clip_model.safetensors"``, or in this
-suite as ``model: local-dir:DIR``. A local tokenizer path in the config becomes ``"."`` (the config's folder); a hub
-id is kept. The checkpoint is read with ``weights_only=True`` and the model rebuilt from its hyperparameters; the
-folder always has open_clip's default 0-dim ``logit_scale``, also for a model trained with ``nonscalar_logit_scale``.
-``--hf-vision HF_DIR`` also writes the image tower as a HuggingFace CLIP vision folder (e.g. a LLaVA vision tower).
+``DIR`` (``open_clip_config.json``, ``open_clip_model.safetensors``, ``<name>.json``, a Hugging Face tokenizer's files)
+is self-contained: it loads offline, without the training machine's paths, as
+``open_clip.create_model_and_transforms("local-dir:DIR")``, via ``open_clip.add_model_config("DIR/<name>.json")``, or in
+this suite as ``model: local-dir:DIR``. The checkpoint is read with ``weights_only=True``; the folder always has
+open_clip's default 0-dim ``logit_scale``. ``--hf-vision HF_DIR`` also writes the image tower as a HuggingFace CLIP
+vision folder (e.g. a LLaVA vision tower).
 """
 
 from __future__ import annotations

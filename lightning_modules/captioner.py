@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,9 @@ VISION = "vision_tower"
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-class PixelTransform:
-    """PIL image -> pixel tensor (3, H, W) through the captioner's image processor (picklable)."""
-
-    def __init__(self, image_processor: Any):
-        self.image_processor = image_processor
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+def pixel_values(image: Any, image_processor: Any) -> torch.Tensor:
+    """PIL image -> pixel tensor (3, H, W) through the captioner's image processor."""
+    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 def set_trainable(model: torch.nn.Module, train_llm: bool, train_vision: bool, lora: bool) -> dict[str, int]:
@@ -150,7 +146,6 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         if isinstance(chat_template, str) and chat_template.endswith(".jinja"):
             check_path("chat_template", chat_template, "file")
 
-    # ------------------------------------------------------------------------------------------------ building
     def configure_model(self) -> None:
         if self.model is not None:
             return
@@ -212,12 +207,11 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         encoder = self.encoder()
         prompts = self.hparams.caption_prompts or [self.hparams.caption_prompt]
         return DataTransforms(
-            image=PixelTransform(self.llava.processor.image_processor),
+            image=partial(pixel_values, image_processor=self.llava.processor.image_processor),  # picklable
             text=CaptionConversation(encoder, prompts),
             conversation=encoder,
         )
 
-    # --------------------------------------------------------------------------------------------------- steps
     def _inputs(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
         """The model's inputs and the number of truncated samples in the batch."""
         if "input_ids" in batch:  # LLaVA json batches are collated already
@@ -231,11 +225,8 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
             pixels = batch["image"]
             n_trunc = sum(bool(x["truncated"]) for x in items)
         if pixels is not None:
-            inputs["pixel_values"] = pixels.to(self.dtype_of_vision())
+            inputs["pixel_values"] = pixels.to(next(self.llava.model.model.vision_tower.parameters()).dtype)
         return inputs, n_trunc
-
-    def dtype_of_vision(self) -> torch.dtype:
-        return next(self.llava.model.model.vision_tower.parameters()).dtype
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         inputs, n_truncated = self._inputs(batch)
@@ -263,7 +254,6 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         bs = self.hparams.eval_batch_size
         return {f"eval/{task.name}/{k}": v for task in tasks for k, v in task.run(self.caption, batch_size=bs).items()}
 
-    # ------------------------------------------------------------------------------------------------ captions
     @torch.no_grad()
     def caption(
         self,
@@ -294,7 +284,6 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
             model.train(was_training)
         return out
 
-    # -------------------------------------------------------------------------------------------------- export
     def merged_model(self, in_place: bool = False) -> torch.nn.Module:
         """The plain ``LlavaForConditionalGeneration``, LoRA adapters merged into the LLM weights."""
         if self.hparams.lora is None:
@@ -353,7 +342,6 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         module.load_state_dict(state, strict=module.strict_loading)
         return module
 
-    # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Without ``save_frozen``: only what trains and the frozen weights drawn at random (see ``save_frozen``)."""
         if self.hparams.save_frozen:
@@ -370,7 +358,6 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         if missing:  # resume / validate go on (with new random weights there); export refuses
             rank_zero_warn(self.missing_weights_message(missing))
 
-    # ------------------------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         hp = self.hparams
         total = int(self.trainer.estimated_stepping_batches)

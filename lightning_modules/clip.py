@@ -134,7 +134,6 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
                 raise ConfigError("model", model, conflict)
         check_path("init_from", args.get("init_from"), "file", what="the checkpoint to start from (stage 2: stage 1's)")
 
-    # ---------------------------------------------------------------------------------------------------- data
     @property
     def tokenizer(self) -> Any:
         return self._parts.tokenizer
@@ -154,7 +153,6 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             steps = math.ceil(self.hparams.total_samples / self.global_batch_size())
             self.trainer.fit_loop.epoch_loop.max_steps = steps
 
-    # ----------------------------------------------------------------------------------------------- training
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return self._forward(image, text)
 
@@ -200,7 +198,6 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
                     entry = per_param[key]  # exp_avg, exp_avg_sq; "step" is a 0-dim count in every layout
                     reshape_logit_params(entry, self._nonscalar, names=[k for k in entry if k != "step"])
 
-    # --------------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self(batch["image"], batch["text"])
         logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
@@ -272,7 +269,6 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         if self.trainer.is_global_zero:
             self.save_metrics(metrics, "test")
 
-    # ------------------------------------------------------------------------------------------- optimizer
     def global_batch_size(self) -> int:
         per_device = getattr(self.trainer.datamodule, "batch_size", None)
         if per_device is None:

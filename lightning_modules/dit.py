@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -44,19 +45,12 @@ from lightning_modules.components.schedules import constant_with_warmup, per_ste
 FROZEN_PREFIXES = ("text_encoder.", "codec.")
 
 
-class DiTImageTransform:
+def dit_image(image: Any, size: int) -> torch.Tensor:
     """DiT's preprocessing: shorter side to ``size`` (bicubic, antialiased), centre crop, scale to [-1, 1]."""
+    from torchvision.transforms import functional as TF
 
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        from torchvision.transforms import functional as TF
-
-        image = image.convert("RGB")
-        image = TF.resize(image, self.size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        image = TF.center_crop(image, [self.size, self.size])
-        return TF.to_tensor(image) * 2 - 1
+    image = TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return TF.to_tensor(TF.center_crop(image, [size, size])) * 2 - 1
 
 
 class DiTModule(L.LightningModule):
@@ -126,7 +120,6 @@ class DiTModule(L.LightningModule):
         check_path("text_encoder", args.get("text_encoder"), hub_ok=True, what="a CLIP text tower (HF or export-clip)")
         check_path("vae", args.get("vae"), hub_ok=True, what="a diffusers AutoencoderKL")
 
-    # ------------------------------------------------------------------------------------------------------ build
     def configure_model(self) -> None:
         if self.dit is not None:
             return
@@ -150,12 +143,11 @@ class DiTModule(L.LightningModule):
             self.ema = EMAModel(self.dit.parameters(), decay=h.ema_decay)
 
     def data_transforms(self, stage: str) -> DataTransforms:
-        return DataTransforms(image=DiTImageTransform(self.hparams.image_size))
+        return DataTransforms(image=partial(dit_image, size=self.hparams.image_size))  # picklable for loader workers
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(FROZEN_PREFIXES)]
 
-    # ---------------------------------------------------------------------------------------------------- encode
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.codec.encode(images.to(self.device))
@@ -195,7 +187,6 @@ class DiTModule(L.LightningModule):
         drop = torch.rand(n, device=x0.device) < self.hparams.cfg_dropout
         return noise, t, drop
 
-    # -------------------------------------------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         x0, text, mask = self.inputs(batch)
         if self.hparams.random_flip:
@@ -231,7 +222,6 @@ class DiTModule(L.LightningModule):
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=h.betas)
         return per_step(opt, lambda s: constant_with_warmup(s, h.warmup_steps)) if h.warmup_steps else opt
 
-    # ---------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIXES)}
@@ -259,7 +249,6 @@ class DiTModule(L.LightningModule):
         finally:
             self.ema.restore(self.dit.parameters())
 
-    # --------------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(
         self,

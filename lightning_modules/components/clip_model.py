@@ -1,9 +1,6 @@
-"""Build an open_clip model, its tokenizer and its image transforms from a name, a local path or a config dict.
-
-Everything goes through open_clip's own classes (``open_clip.CLIP`` / ``CustomTextCLIP``, ``SimpleTokenizer`` /
-``HFTokenizer``, ``image_transform``), so a model trained here is an ordinary open_clip model, and a released open_clip
-checkpoint (e.g. ``UCSC-VLAA/ViT-L-16-HTxt-Recap-CLIP`` downloaded to a folder) is evaluated by path:
-``model: local-dir:/path/to/ViT-L-16-HTxt-Recap-CLIP``. Nothing here downloads weights.
+"""Build an open_clip model, its tokenizer and its image transforms from a name, a local path or a config dict, with
+open_clip's own classes: a model trained here is an ordinary open_clip model, and a released one (e.g. Recap-CLIP
+downloaded to a folder) is evaluated as ``model: local-dir:/path``. Nothing here downloads weights.
 """
 
 from __future__ import annotations

@@ -80,7 +80,6 @@ def dit_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.
     )[0]
 
 
-# ------------------------------------------------------------------------------------------------------ text encoder
 class FrozenCLIPText(nn.Module):
     """Per-token features of a frozen CLIP text tower (never trained, always in eval mode), with their mask (1 up to
     and including end-of-text): a HuggingFace ``CLIPTextModel``'s last hidden states (as Stable Diffusion uses them) or
@@ -148,7 +147,6 @@ def trim_to_longest(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     return text[:, :n], mask[:, :n]
 
 
-# ------------------------------------------------------------------------------------------------------- image codec
 class PixelCodec(nn.Module):
     """Pixel space (the tiny world, where no pretrained VAE exists): images in [-1, 1] are the diffusion space."""
 
@@ -190,7 +188,6 @@ class VAECodec(nn.Module):
         return self.vae.decode(x / self.scale + self.shift).sample.clamp(-1, 1)
 
 
-# ---------------------------------------------------------------------------------------------------------- training
 def make_scheduler(kind: str = "ddpm", **config: Any) -> Any:
     """A diffusers scheduler by name (``ddpm``: training and the paper's sampling; ``ddim``, ``dpm``: fast sampling)
     from one shared noise-schedule config, so training and sampling always agree on the schedule."""
@@ -234,7 +231,6 @@ def diffusion_loss(pred, x0, noise, t, scheduler: Any, min_snr_gamma: float | No
     return per.mean()
 
 
-# ---------------------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def sample(
     model: nn.Module,
