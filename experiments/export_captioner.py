@@ -1,11 +1,9 @@
 """``python -m experiments export-captioner --ckpt RUN/checkpoints/last.ckpt --out DIR``: a llava-hf folder.
 
-The checkpoint is read with ``weights_only=True`` (one that holds pickled objects is refused as unsafe, exit code 1);
-the model is rebuilt from its hyperparameters, its trained weights loaded, LoRA adapters merged into the LLM, and
-``save_pretrained`` writes model + processor. ``LlavaForConditionalGeneration`` / ``AutoProcessor.from_pretrained``,
-vLLM and SGLang load ``DIR``; ``model: {pretrained: DIR}`` continues training from it. Every exported weight was
-trained or loaded: a checkpoint that lacks frozen weights drawn at random (a config-dict tower, written before such
-weights were kept) is refused, naming the missing tensors, rather than exported with new random ones.
+The checkpoint is read with ``weights_only=True`` (a pickled object is refused as unsafe, exit code 1), the model
+rebuilt from its hyperparameters with LoRA adapters merged; transformers, vLLM and SGLang load ``DIR``, and
+``model: {pretrained: DIR}`` continues training from it. A checkpoint that lacks frozen weights drawn at random (a
+config-dict tower) is refused, naming them, rather than exported with new random ones.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from datamodules.caption_mix import DataTransforms
 from datamodules.chat import CaptionConversation, ConversationEncoder, pad_sequences
 from datamodules.checks import RunContext, check_path
-from lightning_modules.common import InLoopEvaluation, unwrapped_name
+from lightning_modules.common import InLoopEvaluation, evaluating, unwrapped_name
 from lightning_modules.components.llava import (
     PAPER_RECAPTION_PROMPT,
     LlavaParts,
@@ -264,8 +264,6 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
     ) -> list[str]:
         """Greedy captions of PIL images (the paper's decoding: greedy, ``max_new_tokens`` 128)."""
         parts, model = self.llava, self.model
-        was_training = model.training
-        model.eval()
         text = caption_prompt_text(parts.tokenizer, prompt or self.hparams.caption_prompt)
         max_new_tokens = max_new_tokens or self.hparams.max_new_tokens
         out: list[str] = []
@@ -273,15 +271,13 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         dtypes = {p.dtype for p in model.parameters()}
         lowest = min(dtypes, key=lambda d: torch.finfo(d).bits)
         autocast = torch.autocast(self.device.type, dtype=lowest) if len(dtypes) > 1 else nullcontext()
-        try:
+        with evaluating(model):
             for i in range(0, len(images), bs):
                 with autocast:
                     generated = greedy_captions(
                         model, parts.processor, text, images[i : i + bs], max_new_tokens, self.device
                     )
                 out += [g.text for g in generated]
-        finally:
-            model.train(was_training)
         return out
 
     def merged_model(self, in_place: bool = False) -> torch.nn.Module:

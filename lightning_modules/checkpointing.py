@@ -2,14 +2,8 @@
 
 Why not Lightning's defaults alone: its local save writes to a temporary file under the system temp directory and
 ``shutil.move``s it into place. When that directory is on another filesystem than the run (the usual case on clusters)
-the move is a copy, so a job killed mid-copy leaves a truncated ``last.ckpt``: the one file a restart reads.
-
-    trainer:
-      callbacks:
-        - class_path: lightning_modules.checkpointing.StepCheckpoint
-          init_args: {every_n_train_steps: 2000, keep_last: 3}
-
-Resume with ``python -m experiments fit ... --ckpt_path last``.
+the move is a copy, so a job killed mid-copy leaves a truncated ``last.ckpt``: the one file a restart reads. Resume
+with ``python -m experiments fit ... --ckpt_path last``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from open_clip import ClipLoss
 
 from datamodules.caption_mix import DataTransforms
 from datamodules.checks import ConfigError, RunContext, check_path
-from lightning_modules.common import InLoopEvaluation, unwrapped_name
+from lightning_modules.common import InLoopEvaluation, evaluating, unwrapped_name
 from lightning_modules.components.clip_model import (
     LOGIT_PARAMS,
     TokenizeOne,
@@ -222,22 +222,18 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
     def evaluate(self, tasks: Sequence[Any]) -> dict[str, float]:
         from lightning_modules.evaluation import run_tasks
 
-        was_training = self.training
-        self.eval()
-        try:
-            with self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext():
-                return run_tasks(
-                    tasks,
-                    encode_images=self.encode_images,
-                    encode_texts=self.encode_texts,
-                    image_transform=self._parts.preprocess_val,
-                    tokenizer=self.tokenizer,
-                    context_length=self.context_length,
-                    batch_size=self.hparams.eval_batch_size,
-                    device=self.device,
-                )
-        finally:
-            self.train(was_training)
+        precision = self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
+        with evaluating(self), precision:
+            return run_tasks(
+                tasks,
+                encode_images=self.encode_images,
+                encode_texts=self.encode_texts,
+                image_transform=self._parts.preprocess_val,
+                tokenizer=self.tokenizer,
+                context_length=self.context_length,
+                batch_size=self.hparams.eval_batch_size,
+                device=self.device,
+            )
 
     # Standalone evaluation: ``python -m experiments test`` with ``datamodules.eval_sets.EvalDataModule``, whose
     # test loaders are the tasks' image sets (split across ranks); features are gathered and scored on every rank.

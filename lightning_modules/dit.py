@@ -4,9 +4,6 @@ Wiring only; the networks, loss and sampler are in ``lightning_modules.component
 loss for the same batch and noise (tested): ``CaptionMixDataModule`` batches (``image`` in [-1, 1], ``caption``),
 encoded every step, or ``LatentCacheDataModule`` batches (``latent``, ``text``, ``text_mask``) from the pre-pass
 ``python -m experiments dit-cache``, which stores every caption source so p is still drawn per sample per epoch.
-
-Classifier-free guidance: a sample's text is replaced by the null text with probability ``cfg_dropout``; the null text
-is the encoder's features of the empty prompt (Stable Diffusion's choice) or a learned embedding initialised from them.
 Checkpoints hold the DiT, the null text and the EMA (used for sampling) only: the frozen text encoder and VAE are
 loaded from their paths.
 """
@@ -25,6 +22,7 @@ from torch import nn
 
 from datamodules.caption_mix import DataTransforms
 from datamodules.checks import ConfigError, RunContext, check_path
+from lightning_modules.common import evaluating
 from lightning_modules.components.dit import (
     FrozenCLIPText,
     PixelCodec,
@@ -62,7 +60,8 @@ class DiTModule(L.LightningModule):
         text_encoder: Frozen CLIP text tower: a HuggingFace ``CLIPTextModel`` folder / name or an ``export-clip``
             folder. ``vae``: a diffusers ``AutoencoderKL`` (the paper: LDM/SD's 8x VAE), or None for pixel space.
         min_snr_gamma: Min-SNR-γ loss weighting (None: plain MSE, as DiT).
-        cfg_dropout: Probability of training a sample on the null text (the paper's recipe: 0.1).
+        cfg_dropout: Probability of training a sample on the null text (the paper's recipe: 0.1): the features of the
+            empty prompt (Stable Diffusion's choice) or, with ``null_text: learned``, a parameter initialised from them.
         random_flip: Flip half the training images horizontally (DiT's preprocessing), applied to latents/pixels so
             the cached and uncached paths augment alike. Off where captions name left and right (tiny world).
         ema_decay: EMA decay of the sampling weights (DiT: 0.9999; short runs need less); None disables EMA.
@@ -268,13 +267,8 @@ class DiTModule(L.LightningModule):
         shape = (self.codec.channels, self.latent_size, self.latent_size)
         steps = num_inference_steps or h.num_inference_steps
         scale = h.guidance_scale if guidance_scale is None else guidance_scale
-        was_training = self.dit.training
-        self.dit.eval()
-        try:
-            with self.ema_weights() if use_ema else nullcontext():
-                x = sample(self.dit, scheduler, text, mask, self.null_text, self.null_mask, shape, steps, scale, g)
-        finally:
-            self.dit.train(was_training)
+        with evaluating(self.dit), self.ema_weights() if use_ema else nullcontext():
+            x = sample(self.dit, scheduler, text, mask, self.null_text, self.null_mask, shape, steps, scale, g)
         return to_uint8(self.codec.decode(x)).cpu()
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:

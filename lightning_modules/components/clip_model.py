@@ -131,15 +131,9 @@ def build_clip(
             cfg["custom_text"] = True
     size = net.visual.image_size
     pre = {k: preprocess[k] for k in _PREPROCESS_KEYS if preprocess.get(k) is not None}
-    return ClipParts(
-        model=net,
-        tokenizer=tok,
-        preprocess_train=open_clip.image_transform(size, is_train=train_augment, aug_cfg=augmentation, **pre),
-        preprocess_val=open_clip.image_transform(size, is_train=False, **pre),
-        context_length=ctx,
-        model_cfg=cfg,
-        preprocess_cfg={"size": size, **pre},
-    )
+    train_tf = open_clip.image_transform(size, is_train=train_augment, aug_cfg=augmentation, **pre)
+    val_tf = open_clip.image_transform(size, is_train=False, **pre)
+    return ClipParts(net, tok, train_tf, val_tf, ctx, cfg, preprocess_cfg={"size": size, **pre})
 
 
 def load_checkpoint_file(path: str | Path) -> Any:

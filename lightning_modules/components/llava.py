@@ -2,11 +2,8 @@
 checkpoints load in transformers, vLLM and SGLang unchanged: from a whole llava-hf checkpoint (``pretrained``), or
 composed as LLaVA-1.5 does from a CLIP vision tower and a causal LM (each a hub name, a ``save_pretrained`` folder or a
 config dict for random init; the tower may also be an ``export-clip`` folder of this suite, converted exactly) with
-LLaVA-1.5's ``mlp2x_gelu`` projector.
-
-The processor pads images to a square with the mean colour (LLaVA-1.5's ``image_aspect_ratio: pad``) before the
-tower's resize and normalisation; the tokenizer carries the LLaMA-3 chat template with generation markers
-(``datamodules/chat.py``) and an ``<image>`` special token.
+LLaVA-1.5's ``mlp2x_gelu`` projector. The processor pads images to a square with the mean colour (LLaVA-1.5's
+``image_aspect_ratio: pad``); the tokenizer carries the chat template (``datamodules/chat.py``) and ``<image>``.
 """
 
 from __future__ import annotations
