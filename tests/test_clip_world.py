@@ -120,8 +120,10 @@ def test_short_run_learns_far_above_chance(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [
         "fit",
-        "--config", str(CONFIGS / "tiny/clip/stage1.yaml"),
-        "--config", str(CONFIGS / "tiny/clip/table3/p0.5.yaml"),
+        "--config",
+        str(CONFIGS / "tiny/clip/stage1.yaml"),
+        "--config",
+        str(CONFIGS / "tiny/clip/table3/p0.5.yaml"),
         "--data.init_args.train_shards=data/world/web/{00000..00004}.tar",
         "--data.init_args.val_shards=data/world/web/00005.tar",
         "--data.init_args.batch_size=64",
@@ -130,7 +132,7 @@ def test_short_run_learns_far_above_chance(tmp_path, monkeypatch):
         "--model.init_args.warmup_samples=3840",
         "--trainer.val_check_interval=300",
         "--trainer.limit_val_batches=1",
-    ]  # fmt: skip
+    ]
     cli_main(args)
     metrics = json.loads(sorted(Path("runs/tiny/clip/table3/p0.5/stage1/metrics").glob("step*.json"))[-1].read_text())
     m = metrics["metrics"]
