@@ -23,10 +23,7 @@ def export_captioner(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     contents = load_checkpoint_file(ckpt)  # weights_only=True; an unsafe file is refused with its path
     module = CaptionerModule.from_checkpoint_contents(contents, ckpt)
     del contents
-    missing = module.missing_weights()
-    if missing:
-        raise ValueError(module.missing_weights_message(missing, source=str(ckpt)))
-    return module.export_pretrained(out, in_place=True)
+    return module.export_pretrained(out, in_place=True, source=str(ckpt))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -287,13 +287,13 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         model = self.model if in_place else copy.deepcopy(self.model)
         return model.merge_and_unload()
 
-    def export_pretrained(self, out_dir: str | Path, in_place: bool = False) -> Path:
-        """A llava-hf folder of the (merged) model and its processor. A module restored from a checkpoint that lacks
-        weights it cannot rebuild is refused: exporting it would write fresh random weights, not the trained model."""
+    def export_pretrained(self, out_dir: str | Path, in_place: bool = False, source: str | None = None) -> Path:
+        """A llava-hf folder of the (merged) model and its processor. A module restored from a checkpoint (``source``)
+        that lacks weights it cannot rebuild is refused: it would write fresh random weights, not the trained model."""
         self.llava  # noqa: B018 - builds the model if needed
         missing = self.missing_weights()
         if missing:
-            raise ValueError(self.missing_weights_message(missing))
+            raise ValueError(self.missing_weights_message(missing, source))
         parts = LlavaParts(self.merged_model(in_place), self.llava.processor, self.llava.num_image_tokens)
         return save_llava(parts, out_dir)
 
