@@ -61,12 +61,10 @@ def hf_vision_config(model_cfg: Mapping[str, Any]) -> CLIPVisionConfig:
         "attentional_pool": "HF CLIPVisionModel has no attentional pooler",
         "act_kwargs": "HF hidden_act takes no activation arguments",
     }
+    refusals.update({key: "open_clip's custom attention block is not HF CLIP's" for key in _CUSTOM_ATTENTION})
     for key, why in refusals.items():
         if vc.get(key) not in (None, False, {}):
             raise ValueError(f"vision_cfg.{key}={vc[key]!r}: {why}")
-    for key in _CUSTOM_ATTENTION:
-        if vc.get(key):
-            raise ValueError(f"vision_cfg.{key}={vc[key]!r}: open_clip's custom attention block is not HF CLIP's")
     if vc.get("block_type") not in (None, "default"):
         raise ValueError(f"vision_cfg.block_type={vc['block_type']!r}: only open_clip's default block is HF CLIP's")
     if vc.get("pos_embed_type", "learnable") not in ("learnable", "sin_cos_2d"):  # sin_cos_2d is stored as a table
