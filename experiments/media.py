@@ -93,15 +93,12 @@ class WandbMediaCallback(Callback):
             for s in samples
         ]
         with_images = [s for s in samples if s["image"] is not None]
+        images = [s["image"] for s in with_images]
+        captions = [f"[{s['source']}] {s['caption']}" if s["source"] else s["caption"] for s in with_images]
         for logger in self.wandb_loggers(trainer):
             logger.log_table(key=f"{key}/table", columns=COLUMNS, data=rows, step=trainer.global_step)
-            if with_images:
-                logger.log_image(
-                    key=f"{key}/images",
-                    images=[s["image"] for s in with_images],
-                    caption=[f"[{s['source']}] {s['caption']}" if s["source"] else s["caption"] for s in with_images],
-                    step=trainer.global_step,
-                )
+            if images:
+                logger.log_image(key=f"{key}/images", images=images, caption=captions, step=trainer.global_step)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
         if self._train_logged or not self.log_train_start or not self.wandb_loggers(trainer):

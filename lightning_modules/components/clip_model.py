@@ -59,10 +59,8 @@ def resolve_model_config(model: str | Mapping[str, Any]) -> tuple[dict[str, Any]
             except json.JSONDecodeError as e:
                 raise ValueError(f"CLIP model config {path} is not valid JSON: {e}") from e
             folder = path.parent
-        elif (named := parse_model_name(model)) is not None:
-            model = named
-        else:
-            named = open_clip.get_model_config(model)
+        else:  # a paper size, then an open_clip name
+            named = parse_model_name(model) or open_clip.get_model_config(model)
             if named is None:
                 raise ValueError(
                     f"unknown CLIP model {model!r}: give an open_clip name ({', '.join(open_clip.list_models()[:6])}, "

@@ -270,15 +270,16 @@ def greedy_captions(
     vision_dtype = next(p.dtype for n, p in model.named_parameters() if "vision_tower" in n)
     inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype)
     eos = eos_token_ids(tok)
+    greedy = {
+        "do_sample": False,
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": eos,
+        "pad_token_id": tok.pad_token_id,
+    }
+    if repetition_penalty:
+        greedy["repetition_penalty"] = repetition_penalty
     with torch.inference_mode():
-        out = model.generate(
-            **inputs,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=tok.pad_token_id,
-            **({"repetition_penalty": repetition_penalty} if repetition_penalty else {}),
-        )
+        out = model.generate(**inputs, **greedy)
     results = []
     for ids in out[:, inputs["input_ids"].shape[1] :].tolist():
         ended = next((i for i, t in enumerate(ids) if t in eos), None)
