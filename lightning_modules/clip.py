@@ -147,7 +147,8 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         return DataTransforms(image=image, text=TokenizeOne(self._parts.tokenizer))
 
     def setup(self, stage: str) -> None:
-        self.loss_fn = make_clip_loss(self.trainer.global_rank, self.trainer.world_size)
+        if self._trainer is not None:
+            self.loss_fn = make_clip_loss(self.trainer.global_rank, self.trainer.world_size)
         if stage == "fit" and self.hparams.total_samples and self.trainer.max_steps == -1:
             # Length in samples (the paper's unit): the step count follows the global batch of this hardware.
             steps = math.ceil(self.hparams.total_samples / self.global_batch_size())
@@ -167,8 +168,9 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         if self._t0 is None:
             self._t0, self._seen = now, 0
             return loss
-        self._seen += bs * self.trainer.world_size
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        trainer = self._trainer  # None when a test or benchmark calls the step directly
+        self._seen += bs * (trainer.world_size if trainer is not None else 1)
+        if (self.global_step + 1) % (trainer.log_every_n_steps if trainer is not None else 1) == 0:
             # the temperature is [] or [1] (nonscalar_logit_scale): log it 0-dim
             self.log("train/logit_scale", out["logit_scale"].detach().reshape(()), batch_size=bs)
             self.log("train/samples_per_sec", self._seen / (now - self._t0), batch_size=bs)
