@@ -166,18 +166,12 @@ def hf_image_processor(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str
         value = pre.get(key) or default  # open_clip: `mean or OPENAI_DATASET_MEAN`, scalars broadcast to 3 channels
         return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * 3
 
-    return CLIPImageProcessor(
-        do_resize=True,
+    return CLIPImageProcessor(  # its defaults do the rest: RGB, centre crop, rescale to [0, 1], normalise
         size={"shortest_edge": size} if mode == "shortest" else {"height": size, "width": size},
         resample=PILImageResampling.BILINEAR if interpolation == "bilinear" else PILImageResampling.BICUBIC,
-        do_center_crop=True,
         crop_size={"height": size, "width": size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
         image_mean=per_channel("mean", OPENAI_CLIP_MEAN),
         image_std=per_channel("std", OPENAI_CLIP_STD),
-        do_convert_rgb=True,
     )
 
 
