@@ -97,6 +97,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             model, context_length, image_size, tokenizer, augmentation, train_augment, nonscalar_logit_scale
         )
         self.model, self._parts = parts.model, parts
+        self.tokenizer, self.context_length = parts.tokenizer, parts.context_length
         # Decided on the unwrapped model: under FSDP a rank sees flat 1-D shards (a p.ndim test would put every weight
         # in the no-decay group, and a parameter it does not own has shape [0]). open_clip's rule: no weight decay on
         # gains, biases, norms and the temperature.
@@ -133,14 +134,6 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             if conflict:
                 raise ConfigError("model", model, conflict)
         check_path("init_from", args.get("init_from"), "file", what="the checkpoint to start from (stage 2: stage 1's)")
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._parts.tokenizer
-
-    @property
-    def context_length(self) -> int:
-        return self._parts.context_length
 
     def data_transforms(self, stage: str) -> DataTransforms:
         image = self._parts.preprocess_train if stage == "fit" else self._parts.preprocess_val
