@@ -1,11 +1,6 @@
-"""``LlavaJsonDataModule``: LLaVA's instruction-data formats as a Lightning DataModule.
-
-Reads LLaVA-Pretrain (LCS-558K: ``{id, image, conversations}``) and LLaVA-665K (multi-turn, ``<image>`` once in a
-human turn, text-only samples without an ``image`` key) json files with their image folders. Each sample is turned into
-chat messages and encoded by the LightningModule's conversation transform (``DataTransforms.conversation``, the LLaMA-3
-template with assistant-only labels), and images by its image transform (LLaVA-1.5 pad-to-square + CLIP
-preprocessing). Batches are padded to their longest sample; ``group_by_length`` (LLaVA's ``--group_by_length``) sorts
-samples of similar length into the same batch so that little compute goes to padding.
+"""``LlavaJsonDataModule``: LLaVA-Pretrain (LCS-558K) and LLaVA-665K json files (multi-turn, ``<image>`` once in a
+human turn, text-only samples without an ``image`` key) with their image folders, encoded by the LightningModule's
+``data_transforms`` (the chat template with assistant-only labels, the image processor) and padded per batch.
 """
 
 from __future__ import annotations
@@ -58,7 +53,7 @@ def approx_length(record: dict[str, Any], image_tokens: int) -> int:
 
 
 class LlavaJsonDataset(Dataset):
-    """One LLaVA json + image folder. Items: ``{"input_ids", "labels", "n_images", "truncated", "image"?, "id"}``."""
+    """One LLaVA json + image folder; an item is the conversation's encoding plus ``image`` (if any) and ``id``."""
 
     def __init__(
         self,
@@ -110,20 +105,14 @@ class LlavaCollate:
 
 
 class LlavaJsonDataModule(L.LightningDataModule):
-    """LLaVA-Pretrain / LLaVA-665K json files as train (and optional validation) loaders.
+    """LLaVA json files as train (and optional validation) loaders.
 
     Args:
-        train_json: LLaVA json of training conversations (path or fsspec URL).
-        image_folder: Folder that the records' ``image`` paths are relative to.
-        batch_size: Per-device batch size.
-        val_json: Optional validation json (teacher-forced loss); defaults to its own ``val_image_folder``.
-        val_image_folder: Image folder of ``val_json`` (default: ``image_folder``).
-        num_workers: Loader workers per rank.
-        group_by_length: Batch samples of similar length together (LLaVA ``--group_by_length``); within a mega-batch
-            of 50 batches, as transformers' ``LengthGroupedSampler``.
+        train_json: LLaVA json of training conversations (path or fsspec URL); ``image_folder``: where its records'
+            ``image`` paths are. ``val_json`` / ``val_image_folder`` likewise, for a teacher-forced validation loss.
+        group_by_length: Batch samples of similar length together (LLaVA ``--group_by_length``, transformers'
+            ``LengthGroupedSampler``) so that little compute goes to padding.
         max_samples: Use only the first N records of each json (debugging).
-        seed: Shuffle seed.
-        pin_memory: Pin batches (GPU training).
     """
 
     def __init__(
@@ -142,42 +131,38 @@ class LlavaJsonDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         per_device_batch(batch_size, None, None)
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size = batch_size
         self.train_dataset: LlavaJsonDataset | None = None
         self.val_dataset: LlavaJsonDataset | None = None
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
-        """Checks before anything is built (``experiments/validate.py``): the batch and the local json files and
-        image folders exist."""
+        """Before anything is built (``experiments/validate.py``): the batch, and the local files and folders exist."""
         per_device_batch(args.get("batch_size"), None, run.world_size)
         check_path("train_json", args.get("train_json"), "file", what="LLaVA json of training conversations")
         check_path("image_folder", args.get("image_folder"), "dir")
         check_path("val_json", args.get("val_json"), "file")
         check_path("val_image_folder", args.get("val_image_folder"), "dir")
 
-    def _transforms(self, stage: str) -> Any:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        provider = getattr(module, "data_transforms", None)
-        transforms = provider(stage) if callable(provider) else None
-        if transforms is None or getattr(transforms, "conversation", None) is None:
-            raise ValueError("LlavaJsonDataModule needs a LightningModule whose data_transforms() has a conversation")
-        return transforms
-
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if stage == "fit" and self.train_dataset is None:
-            t = self._transforms("fit")
-            self.train_dataset = LlavaJsonDataset(
-                hp.train_json, hp.image_folder, t.conversation, t.image, hp.max_samples
-            )
+            self.train_dataset = self._dataset("fit", hp.train_json, hp.image_folder)
         if stage in ("fit", "validate") and hp.val_json and self.val_dataset is None:
-            t = self._transforms("validate")
-            folder = hp.val_image_folder or hp.image_folder
-            self.val_dataset = LlavaJsonDataset(hp.val_json, folder, t.conversation, t.image, hp.max_samples)
+            self.val_dataset = self._dataset("validate", hp.val_json, hp.val_image_folder or hp.image_folder)
 
-    def _collate(self, dataset: LlavaJsonDataset) -> LlavaCollate:
-        return LlavaCollate(dataset.conversation.pad_id)
+    def _dataset(self, stage: str, json_path: str, image_folder: str | None) -> LlavaJsonDataset:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        provider = getattr(module, "data_transforms", None)
+        t = provider(stage) if callable(provider) else None
+        if t is None or getattr(t, "conversation", None) is None:
+            raise ValueError("LlavaJsonDataModule needs a LightningModule whose data_transforms() has a conversation")
+        return LlavaJsonDataset(json_path, image_folder, t.conversation, t.image, self.hparams.max_samples)
+
+    def _loader(self, ds: LlavaJsonDataset, sampler: Any, train: bool = False) -> DataLoader:
+        workers, collate = self.hparams.num_workers, LlavaCollate(ds.conversation.pad_id)
+        kw = {"drop_last": train, "persistent_workers": train and workers > 0, "pin_memory": self.hparams.pin_memory}
+        return DataLoader(ds, self.batch_size, sampler=sampler, num_workers=workers, collate_fn=collate, **kw)
 
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset
@@ -192,25 +177,7 @@ class LlavaJsonDataModule(L.LightningDataModule):
             sampler = LengthGroupedSampler(self.batch_size * world, lengths=lengths, generator=generator)
         else:
             sampler = RandomSampler(ds, generator=generator)
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=self._collate(ds),
-            drop_last=True,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self._loader(ds, sampler, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        if self.val_dataset is None:
-            return []
-        return DataLoader(
-            self.val_dataset,
-            batch_size=self.batch_size,
-            sampler=SequentialSampler(self.val_dataset),
-            num_workers=self.num_workers,
-            collate_fn=self._collate(self.val_dataset),
-            pin_memory=self.hparams.pin_memory,
-        )
+        return [] if self.val_dataset is None else self._loader(self.val_dataset, SequentialSampler(self.val_dataset))

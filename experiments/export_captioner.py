@@ -1,18 +1,9 @@
 """``python -m experiments export-captioner --ckpt RUN/checkpoints/last.ckpt --out DIR``: a llava-hf folder.
 
-The checkpoint is read with ``weights_only=True`` (one that holds pickled objects is refused as unsafe, exit code 1);
-the model is rebuilt from its hyperparameters (the same vision tower, LLM and tokenizer sources), its trained weights
-are loaded, LoRA adapters are merged into the LLM, and ``save_pretrained`` writes model + processor (image processor,
-tokenizer, chat template). Then
-
-    model = LlavaForConditionalGeneration.from_pretrained(DIR); processor = AutoProcessor.from_pretrained(DIR)
-
-and vLLM / SGLang load ``DIR`` as any llava-hf model; ``model: {pretrained: DIR}`` continues training from it.
-
-Every exported weight was trained or loaded: frozen weights come back from where the model took them (a hub name or
-folder) or from the checkpoint. A vision tower or LLM built from a config dict is random; its frozen weights are kept
-in checkpoints for that reason, and a checkpoint without them (written before they were kept) is refused, naming the
-missing tensors, rather than exported with new random ones.
+The checkpoint is read with ``weights_only=True`` (a pickled object is refused as unsafe, exit code 1), the model
+rebuilt from its hyperparameters with LoRA adapters merged; transformers, vLLM and SGLang load ``DIR``, and
+``model: {pretrained: DIR}`` continues training from it. A checkpoint that lacks frozen weights drawn at random (a
+config-dict tower) is refused, naming them, rather than exported with new random ones.
 """
 
 from __future__ import annotations
@@ -32,10 +23,7 @@ def export_captioner(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     contents = load_checkpoint_file(ckpt)  # weights_only=True; an unsafe file is refused with its path
     module = CaptionerModule.from_checkpoint_contents(contents, ckpt)
     del contents
-    missing = module.missing_weights()
-    if missing:
-        raise ValueError(module.missing_weights_message(missing, source=str(ckpt)))
-    return module.export_pretrained(out, in_place=True)
+    return module.export_pretrained(out, in_place=True, source=str(ckpt))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

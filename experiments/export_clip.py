@@ -1,26 +1,12 @@
 """``python -m experiments export-clip --ckpt RUN/checkpoints/last.ckpt --out DIR``: a ClipModule checkpoint as a plain
 open_clip model folder.
 
-``DIR`` gets ``open_clip_config.json`` (``{"model_cfg", "preprocess_cfg"}``, open_clip's ``local-dir:`` / hub layout),
-``open_clip_model.safetensors``, ``<name>.json`` (the bare model config) and, for a model with a Hugging Face tokenizer,
-that tokenizer's files (``save_pretrained``). The folder is self-contained: copied to another machine it loads with
-Hugging Face offline and without the paths used in training. Then either
-
-    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:DIR")
-    tokenizer = open_clip.get_tokenizer("local-dir:DIR")
-
-or, with a registered name, ``open_clip.add_model_config("DIR/<name>.json")`` and
-``open_clip.create_model_and_transforms("<name>", pretrained="DIR/open_clip_model.safetensors")`` (the tokenizer still
-``open_clip.get_tokenizer("local-dir:DIR")``), or in this suite ``model: local-dir:DIR``. open_clip's ``local-dir:``
-reads an HF tokenizer from the folder itself whatever ``hf_tokenizer_name`` says; the config keeps a hub id as is (the
-registered-name route resolves it from the hub cache) and replaces a local tokenizer path of the training machine with
-``"."``: the folder the config file is in (this suite resolves it so; open_clip's ``local-dir:`` ignores the value).
-The checkpoint is read with ``weights_only=True``; the model is rebuilt from the hyperparameters saved in it. The
-folder always has open_clip's default 0-dim ``logit_scale`` (and no ``nonscalar_logit_scale`` in its config), also for
-a model trained with ``nonscalar_logit_scale`` (FSDP), so plain open_clip and this suite's readers load it as is.
-``--hf-vision HF_DIR`` also writes the image tower as a HuggingFace ``CLIPVisionModelWithProjection`` (plain
-``CLIPVisionModel`` weights where the pooled output has no exact HF equivalent) + ``CLIPImageProcessor`` folder, e.g.
-a LLaVA vision tower (``lightning_modules.components.hf_clip_vision``).
+``DIR`` (``open_clip_config.json``, ``open_clip_model.safetensors``, ``<name>.json``, a Hugging Face tokenizer's files)
+is self-contained: it loads offline, without the training machine's paths, as
+``open_clip.create_model_and_transforms("local-dir:DIR")``, via ``open_clip.add_model_config("DIR/<name>.json")``, or in
+this suite as ``model: local-dir:DIR``. The checkpoint is read with ``weights_only=True``; the folder always has
+open_clip's default 0-dim ``logit_scale``. ``--hf-vision HF_DIR`` also writes the image tower as a HuggingFace CLIP
+vision folder (e.g. a LLaVA vision tower).
 """
 
 from __future__ import annotations
@@ -37,28 +23,13 @@ from datamodules.io import atomic_write
 from lightning_modules.components.clip_model import (
     build_clip,
     clip_state_dict,
-    has_nonscalar_logit_scale,
     load_checkpoint_file,
     reshape_logit_params,
     resolve_model_config,
 )
 
-
-def _hparams(ckpt: Any, ckpt_path: Path) -> dict[str, Any]:
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not hp or "model" not in hp:
-        raise ValueError(f"{ckpt_path} has no ClipModule hyper_parameters (is it a ClipModule Lightning checkpoint?)")
-    return dict(hp)
-
-
 # Strings whose tokens must come out the same from the exported folder as from the training tokenizer.
 _TOKENIZER_PROBES = ("a photo of a red star on the left", "Two   BLUE circles, IMG_2031.jpg!", "", "naïve café 12:30")
-
-
-def _is_local_path(name: str) -> bool:
-    """Whether a config's ``hf_tokenizer_name`` names a folder of this machine rather than a hub id."""
-    path = Path(name).expanduser()
-    return path.is_absolute() or name.startswith(".") or path.exists()
 
 
 def _export_tokenizer(tokenizer: Any, model_cfg: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -68,12 +39,12 @@ def _export_tokenizer(tokenizer: Any, model_cfg: dict[str, Any], out: Path) -> d
     name = text_cfg.get("hf_tokenizer_name")
     if not name:  # open_clip's bundled BPE tokenizer: nothing to copy
         return model_cfg
-    save = getattr(tokenizer, "save_pretrained", None)
-    if save is None:
+    if not hasattr(tokenizer, "save_pretrained"):
         kind = type(tokenizer).__name__
         raise ValueError(f"the model's tokenizer ({kind}, {name!r}) cannot be saved into the export")
-    save(str(out))
-    if _is_local_path(str(name)):
+    tokenizer.save_pretrained(str(out))
+    path = Path(str(name)).expanduser()
+    if path.is_absolute() or str(name).startswith(".") or path.exists():  # a folder of this machine, not a hub id
         model_cfg = {**model_cfg, "text_cfg": {**text_cfg, "hf_tokenizer_name": "."}}
     return model_cfg
 
@@ -101,25 +72,22 @@ def export_clip(
     HuggingFace CLIP vision folder converted from it."""
     ckpt, out = Path(ckpt), Path(out)
     contents = load_checkpoint_file(ckpt)  # read once: hyperparameters and weights come from the same load
-    hp = _hparams(contents, ckpt)
+    hp = contents.get("hyper_parameters") if isinstance(contents, dict) else None
+    if not hp or "model" not in hp:
+        raise ValueError(f"{ckpt} has no ClipModule hyper_parameters (is it a ClipModule Lightning checkpoint?)")
     nonscalar = hp.get("nonscalar_logit_scale")
     if nonscalar is None:  # a checkpoint from before ClipModule's switch: a config dict may carry open_clip's key
         cfg, _ = resolve_model_config(hp["model"])
         nonscalar = bool((cfg or {}).get("nonscalar_logit_scale", False))
-    parts = build_clip(
-        hp["model"],
-        hp.get("context_length"),
-        hp.get("image_size"),
-        hp.get("tokenizer"),
-        nonscalar_logit_scale=nonscalar,
-    )
+    args = [hp.get(k) for k in ("context_length", "image_size", "tokenizer")]
+    parts = build_clip(hp["model"], *args, nonscalar_logit_scale=nonscalar)
     model_cfg = parts.model_cfg
     if model_cfg is None:  # a local-dir: model: its folder holds the config
         folder = Path(str(hp["model"]).removeprefix("local-dir:"))
         model_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
         model_cfg.pop("nonscalar_logit_scale", None)  # the weights below are written in the default layout
     state = clip_state_dict(contents, ckpt)
-    reshape_logit_params(state, has_nonscalar_logit_scale(parts.model))  # only [] <-> [1] of these two names
+    reshape_logit_params(state, nonscalar)  # only [] <-> [1] of the two logit parameters
     parts.model.load_state_dict(state, strict=True)  # proves the weights fit the rebuilt config
 
     from safetensors.torch import save_file

@@ -1,21 +1,11 @@
 """The suite's loggers: Lightning's ``WandbLogger`` that goes offline by itself when no W&B key is configured, and a
-``CSVLogger`` that puts each ``wandb agent`` run of a sweep in its own directory.
-
-YAML (a list of loggers; the first one's directory is the run directory for checkpoints, ``config.yaml`` and metrics)::
-
-    logger:
-      - class_path: lightning.pytorch.loggers.CSVLogger
-        init_args: {save_dir: runs, name: clip/table3/p0.8, version: stage1}
-      - class_path: experiments.loggers.RecapWandbLogger
-        init_args: {save_dir: runs, project: recap-suite, name: clip/table3/p0.8/stage1, group: clip/table3/p0.8}
-
-``experiments/configs/logging/wandb.yaml`` turns W&B on for a run whose configs log to CSV only.
+``CSVLogger`` that puts each ``wandb agent`` run of a sweep in its own directory. In a YAML's list of loggers the first
+one's directory is the run directory; ``experiments/configs/logging/wandb.yaml`` adds W&B to a CSV-only run.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
@@ -39,10 +29,8 @@ def wandb_offline_by_default() -> bool:
     """Offline when ``WANDB_MODE`` is ``offline``/``dryrun`` or when no credentials are configured (a run without a key
     then still records everything locally; ``wandb sync <run dir>`` uploads it later)."""
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    if mode in ("offline", "dryrun"):
-        return True
-    if mode in ("online", "run"):
-        return False
+    if mode in ("offline", "dryrun", "online", "run"):
+        return mode in ("offline", "dryrun")
     return not wandb_has_credentials()
 
 
@@ -53,17 +41,8 @@ class RecapWandbLogger(WandbLogger):
     saved config. Under ``wandb agent`` the run joins the agent's sweep run (W&B sets ``WANDB_RUN_ID``).
 
     Args:
-        name: Run name shown in W&B (e.g. ``clip/table3/p0.8/stage1``).
-        save_dir: Folder under which W&B writes its ``wandb/`` run directories.
-        project: W&B project; ``None`` uses ``WANDB_PROJECT``.
-        entity: W&B entity (user or team); ``None`` uses ``WANDB_ENTITY`` or the account's default.
-        group: Groups runs in the W&B UI (e.g. both CLIPA stages of one table row).
-        tags: Run tags.
-        notes: Run notes.
-        job_type: W&B job type (e.g. ``stage1``).
-        offline: ``True``/``False`` forces the mode; ``None`` picks offline when no credentials are configured or
-            ``WANDB_MODE=offline``.
-        log_model: Upload checkpoints as W&B artifacts (Lightning's ``log_model``).
+        project: W&B project; ``None`` uses ``WANDB_PROJECT`` (``entity``: ``WANDB_ENTITY`` or the account's default).
+        offline: ``True``/``False`` forces the mode; ``None``: offline without credentials or ``WANDB_MODE=offline``.
         run_id: Resume this W&B run id (``None``: a new run, or the sweep agent's run).
     """
 
@@ -82,30 +61,18 @@ class RecapWandbLogger(WandbLogger):
         run_id: str | None = None,
     ) -> None:
         self.offline_mode = wandb_offline_by_default() if offline is None else offline
-        extra: dict[str, Any] = {
-            k: v for k, v in dict(entity=entity, group=group, tags=tags, notes=notes, job_type=job_type).items() if v
-        }
+        extra = dict(entity=entity, group=group, tags=tags, notes=notes, job_type=job_type, id=run_id)
         os.makedirs(save_dir, exist_ok=True)  # wandb falls back to a temp dir when `dir` does not exist
+        kw = {k: v for k, v in extra.items() if v}
         super().__init__(
-            name=name,
-            save_dir=save_dir,
-            project=project,
-            offline=self.offline_mode,
-            id=run_id,
-            log_model=log_model,
-            **extra,
+            name=name, save_dir=save_dir, project=project, offline=self.offline_mode, log_model=log_model, **kw
         )
 
 
 class SweepCSVLogger(CSVLogger):
     """``CSVLogger`` for ``wandb agent`` runs: ``<save_dir>/<sweep id>/<run id>`` from the agent's ``WANDB_SWEEP_ID``
     and ``WANDB_RUN_ID``, so every sweep point has its own checkpoints, ``config.yaml`` and metrics. Outside an agent it
-    is a plain ``CSVLogger`` under ``<save_dir>/local/version_N``.
-
-    Args:
-        save_dir: Root of the sweep runs.
-        name: Sub-folder; ``None`` uses the sweep id (``local`` outside an agent).
-        version: Run folder; ``None`` uses the W&B run id (``version_N`` outside an agent).
+    is a plain ``CSVLogger`` under ``<save_dir>/local/version_N``. A ``name`` / ``version`` given overrides the ids.
     """
 
     def __init__(self, save_dir: str = "runs/sweeps", name: str | None = None, version: str | None = None) -> None:

@@ -1,9 +1,5 @@
-"""Sample images and captions to W&B: a callback that is a no-op unless the trainer has a ``WandbLogger``.
-
-At the first training batch and at the first batch of every validation it logs a few samples as a ``wandb.Table``
-(key, caption source, caption, image) and as ``wandb.Image`` s with their captions, so a run shows what it trained on
-at its p (CLIP, captioner, DiT). A module with ``generate(prompts)`` (the DiT) also gets a grid of generated images
-for fixed prompts after every ``dit_every_n_validations``-th validation.
+"""Sample images and captions to W&B, so a run shows what it trained on at its p: a callback that is a no-op unless
+the trainer has a ``WandbLogger``.
 """
 
 from __future__ import annotations
@@ -22,8 +18,7 @@ COLUMNS = ["key", "source", "caption", "image"]
 
 
 def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
-    """``N x C x H x W`` images -> ``H x W x C`` uint8 arrays. Float images (normalised by a model's own mean/std) are
-    min-max scaled per image for display; uint8 ones pass through."""
+    """``N x C x H x W`` images -> ``H x W x C`` uint8 arrays; float ones (normalised by a model) min-max scaled."""
     images = images.detach().cpu()
     if images.dtype != torch.uint8:
         x = images.float()
@@ -33,25 +28,15 @@ def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
     return [img.permute(1, 2, 0).numpy() for img in images]
 
 
-def _decode_targets(batch: Mapping[str, Any], tokenizer: Any) -> list[str] | None:
-    """Captions of a LLaVA json batch: the supervised (label != -100) tokens of each sample, decoded."""
-    labels = batch.get("labels")
-    if labels is None or tokenizer is None:
-        return None
-    return [tokenizer.decode(row[row != -100].tolist(), skip_special_tokens=True).strip() for row in labels]
-
-
 def batch_samples(batch: Mapping[str, Any], pl_module: Any, n: int) -> list[dict[str, Any]]:
-    """Up to ``n`` samples of a batch as ``{"key", "source", "caption", "image"}`` (image: uint8 HWC array or None).
-
-    Understands caption-mix batches (``image``, ``caption``, ``caption_source``, ``key``), prompt batches
-    (``prompt``) and LLaVA json batches (``pixel_values``, ``labels``, ``id``); latent-cache batches give captions only.
-    """
+    """Up to ``n`` samples of a caption-mix, prompt or LLaVA json batch as ``{"key", "source", "caption", "image"}``
+    (image: uint8 HWC array or None; latent-cache batches give captions only)."""
     if not isinstance(batch, Mapping):
         return []
     captions = batch.get("caption") or batch.get("prompt")
-    if captions is None:
-        captions = _decode_targets(batch, getattr(pl_module, "tokenizer", None))
+    labels, tokenizer = batch.get("labels"), getattr(pl_module, "tokenizer", None)
+    if captions is None and labels is not None and tokenizer is not None:  # LLaVA json: the supervised tokens
+        captions = [tokenizer.decode(row[row != -100].tolist(), skip_special_tokens=True).strip() for row in labels]
     images = batch.get("image")
     if not isinstance(images, torch.Tensor):
         images = batch.get("pixel_values")
@@ -65,37 +50,17 @@ def batch_samples(batch: Mapping[str, Any], pl_module: Any, n: int) -> list[dict
         arrays = list(to_uint8_images(images[:k]))
     keys = batch.get("key") or batch.get("id") or [str(i) for i in range(size)]
     sources = batch.get("caption_source") or [""] * size
+    captions = captions if captions is not None else [""] * size
     return [
-        {
-            "key": str(keys[i]),
-            "source": str(sources[i]),
-            "caption": str(captions[i]) if captions is not None else "",
-            "image": arrays[i],
-        }
+        {"key": str(keys[i]), "source": str(sources[i]), "caption": str(captions[i]), "image": arrays[i]}
         for i in range(k)
     ]
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
-    """uint8 ``N x C x H x W`` -> one uint8 ``H x W x C`` grid (torchvision's ``make_grid``)."""
-    from torchvision.utils import make_grid
-
-    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
-    return make_grid(images, nrow=nrow, padding=2).permute(1, 2, 0).numpy()
-
-
 class WandbMediaCallback(Callback):
-    """Log sample images with their captions (and DiT samples) to every ``WandbLogger``; a no-op without one.
-
-    Args:
-        num_samples: Samples per table.
-        log_train_start: Log the first training batch's samples.
-        log_validation: Log the first validation batch's samples at every validation (not the sanity check).
-        dit_prompts: Prompts for generated-image grids of a module with ``generate`` (the DiT); ``None`` uses the
-            captions of the first validation batch.
-        dit_every_n_validations: Generate at every n-th validation (sampling costs ``num_inference_steps`` passes).
-        dit_num_inference_steps: Sampler steps for these grids; ``None`` keeps the module's.
-    """
+    """A ``wandb.Table`` (key, caption source, caption, image) and the images with captions of the first training
+    batch and of the first batch of every validation. A module with ``generate(prompts)`` (the DiT) also gets a grid
+    for ``dit_prompts`` (default: the first validation captions) every ``dit_every_n_validations``-th validation."""
 
     def __init__(
         self,
@@ -106,9 +71,7 @@ class WandbMediaCallback(Callback):
         dit_every_n_validations: int = 1,
         dit_num_inference_steps: int | None = None,
     ) -> None:
-        self.num_samples = num_samples
-        self.log_train_start = log_train_start
-        self.log_validation = log_validation
+        self.num_samples, self.log_train_start, self.log_validation = num_samples, log_train_start, log_validation
         self.dit_prompts = list(dit_prompts) if dit_prompts else None
         self.dit_every_n_validations = max(1, dit_every_n_validations)
         self.dit_num_inference_steps = dit_num_inference_steps
@@ -121,25 +84,21 @@ class WandbMediaCallback(Callback):
         return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)] if trainer.is_global_zero else []
 
     def log_samples(self, trainer: L.Trainer, key: str, samples: list[dict[str, Any]]) -> None:
-        """One ``wandb.Table`` (key, source, caption, image) and the images with captions, at the current step."""
         import wandb
 
         if not samples:
             return
         rows = [
-            [s["key"], s["source"], s["caption"], wandb.Image(s["image"]) if s["image"] is not None else None]
+            [s["key"], s["source"], s["caption"], None if s["image"] is None else wandb.Image(s["image"])]
             for s in samples
         ]
         with_images = [s for s in samples if s["image"] is not None]
+        images = [s["image"] for s in with_images]
+        captions = [f"[{s['source']}] {s['caption']}" if s["source"] else s["caption"] for s in with_images]
         for logger in self.wandb_loggers(trainer):
             logger.log_table(key=f"{key}/table", columns=COLUMNS, data=rows, step=trainer.global_step)
-            if with_images:
-                logger.log_image(
-                    key=f"{key}/images",
-                    images=[s["image"] for s in with_images],
-                    caption=[f"[{s['source']}] {s['caption']}" if s["source"] else s["caption"] for s in with_images],
-                    step=trainer.global_step,
-                )
+            if images:
+                logger.log_image(key=f"{key}/images", images=images, caption=captions, step=trainer.global_step)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
         if self._train_logged or not self.log_train_start or not self.wandb_loggers(trainer):
@@ -159,21 +118,20 @@ class WandbMediaCallback(Callback):
             self.log_samples(trainer, "media/val_samples", samples)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not callable(getattr(pl_module, "generate", None)):
-            return
-        if not self.wandb_loggers(trainer):
+        generate = getattr(pl_module, "generate", None)
+        if trainer.sanity_checking or not callable(generate) or not self.wandb_loggers(trainer):
             return
         self._validations += 1
-        if self._validations % self.dit_every_n_validations:
-            return
         prompts = self.dit_prompts or self._val_prompts
-        if not prompts:
+        if self._validations % self.dit_every_n_validations or not prompts:
             return
         kwargs = {"num_inference_steps": self.dit_num_inference_steps} if self.dit_num_inference_steps else {}
-        images = pl_module.generate(prompts, **kwargs)
+        images = generate(prompts, **kwargs)
         import wandb
+        from torchvision.utils import make_grid
 
-        grid = wandb.Image(image_grid(images), caption=" | ".join(prompts))
+        grid = make_grid(images, nrow=max(1, math.ceil(math.sqrt(len(images)))), padding=2).permute(1, 2, 0).numpy()
+        grid = wandb.Image(grid, caption=" | ".join(prompts))
         samples = [
             {"key": str(i), "source": "generated", "caption": p, "image": img}
             for i, (p, img) in enumerate(zip(prompts, to_uint8_images(images), strict=True))

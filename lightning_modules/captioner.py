@@ -1,13 +1,9 @@
 """``CaptionerModule``: LLaVA-1.5 (CLIP vision tower + 2-layer MLP projector + LLaMA-3) fine-tuning stages.
 
 The network is transformers' ``LlavaForConditionalGeneration`` (``components/llava.py``), LoRA is peft's, the chat
-template and the assistant-only labels are the tokenizer's (``datamodules/chat.py``). This module wires them to
-Lightning: which parts train (stage 1: projector; stage 2: projector + LLM, fully or through LoRA; the vision tower
-stays frozen unless ``train_vision``), AdamW with the projector's own learning rate, LLaVA's warm-up ratio and cosine
-schedule, gradient checkpointing, token throughput logging, greedy captioning and in-loop caption evaluation.
-
-Data: LLaVA json conversations (``datamodules.llava_json``) or image-caption shards through the caption-mix
-DataModule at any p (each caption becomes a one-turn conversation, ``CaptionConversation``).
+template and the assistant-only labels are the tokenizer's (``datamodules/chat.py``). Data: LLaVA json conversations
+(``datamodules.llava_json``) or image-caption shards through the caption-mix DataModule at any p (each caption a
+one-turn conversation).
 """
 
 from __future__ import annotations
@@ -18,6 +14,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from datamodules.caption_mix import DataTransforms
 from datamodules.chat import CaptionConversation, ConversationEncoder, pad_sequences
 from datamodules.checks import RunContext, check_path
+from lightning_modules.common import InLoopEvaluation, evaluating, unwrapped_name
 from lightning_modules.components.llava import (
     PAPER_RECAPTION_PROMPT,
     LlavaParts,
@@ -36,102 +34,55 @@ from lightning_modules.components.llava import (
     greedy_captions,
     save_llava,
 )
-from lightning_modules.components.schedules import cosine_with_warmup
+from lightning_modules.components.schedules import cosine_with_warmup, per_step
 
 PROJECTOR = "multi_modal_projector"
 VISION = "vision_tower"
 # LLaVA's find_all_linear_names: every linear layer of the language model, not the projector, tower or lm_head.
-BUILD_ARGS = (
-    "pretrained",
-    "vision_tower",
-    "llm",
-    "tokenizer",
-    "chat_template",
-    "vision_feature_layer",
-    "vision_feature_select_strategy",
-    "image_processor",
-    "dtype",
-    "attn_implementation",
-    "trust_remote_code",
-)
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def _clean(name: str) -> str:
-    """A parameter name without the FSDP / activation-checkpointing wrappers' path parts (as in a full state dict)."""
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-
-
-class PixelTransform:
-    """PIL image -> pixel tensor (3, H, W) through the captioner's image processor (picklable)."""
-
-    def __init__(self, image_processor: Any):
-        self.image_processor = image_processor
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+def pixel_values(image: Any, image_processor: Any) -> torch.Tensor:
+    """PIL image -> pixel tensor (3, H, W) through the captioner's image processor."""
+    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 def set_trainable(model: torch.nn.Module, train_llm: bool, train_vision: bool, lora: bool) -> dict[str, int]:
     """Freeze/unfreeze by part; with LoRA, peft has already frozen the LLM and marked its adapters trainable."""
     counts = {"projector": 0, "llm": 0, "vision": 0}
     for name, p in model.named_parameters():
-        if PROJECTOR in name:
-            p.requires_grad_(True)
-            part = "projector"
-        elif VISION in name:
-            p.requires_grad_(train_vision)
-            part = "vision"
-        else:
-            if not lora:
-                p.requires_grad_(train_llm)
-            part = "llm"
+        part = "projector" if PROJECTOR in name else "vision" if VISION in name else "llm"
+        if part != "llm" or not lora:
+            p.requires_grad_({"projector": True, "vision": train_vision, "llm": train_llm}[part])
         counts[part] += p.numel() if p.requires_grad else 0
     return counts
 
 
-class CaptionerModule(L.LightningModule):
-    """LLaVA-1.5 captioner training.
-
-    The model arguments are flat (as LLaVA's ``--vision_tower`` / ``--model_name_or_path``), so stacked YAMLs
-    override one of them without restating the others.
+class CaptionerModule(InLoopEvaluation, L.LightningModule):
+    """LLaVA-1.5 captioner training. The model arguments are flat (as LLaVA's ``--vision_tower`` /
+    ``--model_name_or_path``), so stacked YAMLs override one of them without restating the others.
 
     Args:
-        lr: Peak learning rate (LLaVA-1.5: 1e-3 stage 1, 2e-5 full / 2e-4 LoRA stage 2).
-        train_llm: Train the language model (stage 2). Stage 1 trains the projector only.
-        train_vision: Unfreeze the vision tower (the paper keeps it frozen "all the time").
-        lora: peft ``LoraConfig`` arguments (e.g. ``{r: 128, lora_alpha: 256, lora_dropout: 0.05}``) to train the LLM
-            through adapters instead of fully; ``target_modules`` defaults to every linear layer of the LLM.
-        projector_lr: The projector's own learning rate (LLaVA ``mm_projector_lr``); default ``lr``.
-        weight_decay: AdamW weight decay on matrices (LLaVA-1.5: 0).
-        betas: AdamW betas.
-        warmup_ratio: Linear warm-up as a fraction of all optimizer steps, then cosine to 0 (LLaVA: 0.03).
+        lr: Peak learning rate (LLaVA-1.5: 1e-3 stage 1, 2e-5 full / 2e-4 LoRA stage 2); ``projector_lr``: the
+            projector's own (LLaVA ``mm_projector_lr``). Linear warm-up over ``warmup_ratio`` of the steps, then cosine.
+        train_llm: Train the language model (stage 2). Stage 1 trains the projector only; the vision tower stays
+            frozen unless ``train_vision``.
+        lora: peft ``LoraConfig`` arguments (e.g. ``{r: 128, lora_alpha: 256}``) to train the LLM through adapters;
+            ``target_modules`` defaults to every linear layer of the LLM.
         max_length: Longest training sequence in tokens (image tokens included); longer ones are cut and counted.
-        grad_checkpointing: Recompute activations in backward (memory for compute).
-        init_from: A previous stage's Lightning checkpoint (its model weights are loaded, read with weights_only).
         save_frozen: Keep frozen weights in checkpoints. Off: checkpoints hold only what trains (LLaVA saves only
-            ``mm_projector.bin`` in stage 1); frozen weights come back from ``model`` on load, except those drawn at
-            random (a ``vision_tower`` / ``llm`` config dict), which are kept as nothing else can restore them.
+            ``mm_projector.bin`` in stage 1) plus frozen weights drawn at random (a config-dict tower), which nothing
+            else can restore.
         caption_prompts: User prompts paired with captions when training on image-caption shards.
-        caption_prompt: The prompt for generated captions (the paper's recaption prompt).
-        max_new_tokens: Greedy decoding length for captions (the paper: 128).
-        evaluation: Caption evaluation tasks (``lightning_modules.evaluation.CaptionAttributes``), run on rank 0.
-        eval_every_n_validations: Run them every n-th validation (and always at the end of training).
-        eval_batch_size: Images per generation batch in evaluation.
-        metrics_dir: Where evaluation metrics json goes (default ``<log_dir>/metrics``).
+        evaluation: Caption evaluation tasks (``lightning_modules.evaluation.CaptionAttributes``), run on rank 0 at
+            every ``eval_every_n_validations``-th validation and at the end; metrics JSON go to ``metrics_dir``.
         pretrained: A whole llava-hf checkpoint (name or folder); excludes ``vision_tower``/``llm``.
         vision_tower: CLIP vision tower: hub name, ``save_pretrained`` folder, an ``export-clip`` folder of this suite,
-            or a ``CLIPVisionConfig`` dict (random init).
-        llm: Causal LM: hub name, folder, or a ``LlamaConfig`` dict (random init; then ``tokenizer`` is required).
-        tokenizer: Tokenizer folder/name (default: the LLM's or the checkpoint's).
+            or a ``CLIPVisionConfig`` dict (random init). ``llm``: likewise a causal LM or a ``LlamaConfig`` dict.
         chat_template: ``llama3`` (LLaMA-3's template with generation markers), ``null`` (the tokenizer's own), a
             ``.jinja`` path or template text.
-        vision_feature_layer: Hidden state of the tower fed to the projector (LLaVA-1.5: -2).
-        vision_feature_select_strategy: ``default`` drops the class token (LLaVA-1.5 ``patch``), ``full`` keeps it.
-        image_processor: Overrides of the image processor (e.g. ``{do_pad: false}``).
         dtype: Weights dtype of the loaded towers (``bfloat16`` for frozen ones; trainable weights stay fp32 under
-            ``bf16-mixed``). The projector is always created in it, too, unless it is ``null``.
-        attn_implementation: ``sdpa``, ``flash_attention_2``, ``eager`` (default: transformers' choice).
+            ``bf16-mixed``).
         trust_remote_code: Allow model code from the checkpoint (off: only transformers' own classes run).
     """
 
@@ -182,13 +133,12 @@ class CaptionerModule(L.LightningModule):
         self._unsourced: list[str] = []
         self._restored_keys: set[str] | None = None  # state-dict keys of the checkpoint this module was restored from
         self.n_truncated = 0
-        self._validations = 0
         self._t_last: float | None = None
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
-        """Checks before anything is built (``experiments/validate.py``): ``init_from`` exists, and so do the local
-        folders named by ``pretrained`` / ``vision_tower`` / ``llm`` / ``tokenizer`` (hub names are not checked)."""
+        """Before anything is built (``experiments/validate.py``): ``init_from`` and the local folders named by
+        ``pretrained`` / ``vision_tower`` / ``llm`` / ``tokenizer`` exist (hub names are not checked)."""
         check_path("init_from", args.get("init_from"), "file", what="the previous stage's checkpoint (run it first)")
         for key in ("pretrained", "vision_tower", "llm", "tokenizer"):
             check_path(key, args.get(key), hub_ok=True)
@@ -196,12 +146,12 @@ class CaptionerModule(L.LightningModule):
         if isinstance(chat_template, str) and chat_template.endswith(".jinja"):
             check_path("chat_template", chat_template, "file")
 
-    # ------------------------------------------------------------------------------------------------ building
     def configure_model(self) -> None:
         if self.model is not None:
             return
         hp = self.hparams
-        parts = build_llava(**{k: hp[k] for k in BUILD_ARGS})
+        built_from = inspect.signature(build_llava).parameters
+        parts = build_llava(**{k: v for k, v in hp.items() if k in built_from})
         model = parts.model
         random_init = set(parts.random_init)
         if hp.init_from:
@@ -223,7 +173,9 @@ class CaptionerModule(L.LightningModule):
 
     @staticmethod
     def _load_init(model: torch.nn.Module, path: str) -> set[str]:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        from lightning_modules.components.clip_model import load_checkpoint_file  # weights_only=True or safetensors
+
+        ckpt = load_checkpoint_file(path)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
             raise ValueError(f"init_from {path}: no state_dict in the checkpoint")
@@ -255,13 +207,13 @@ class CaptionerModule(L.LightningModule):
         encoder = self.encoder()
         prompts = self.hparams.caption_prompts or [self.hparams.caption_prompt]
         return DataTransforms(
-            image=PixelTransform(self.llava.processor.image_processor),
+            image=partial(pixel_values, image_processor=self.llava.processor.image_processor),  # picklable
             text=CaptionConversation(encoder, prompts),
             conversation=encoder,
         )
 
-    # --------------------------------------------------------------------------------------------------- steps
-    def _inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def _inputs(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+        """The model's inputs and the number of truncated samples in the batch."""
         if "input_ids" in batch:  # LLaVA json batches are collated already
             inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
             pixels = batch.get("pixel_values")
@@ -273,69 +225,35 @@ class CaptionerModule(L.LightningModule):
             pixels = batch["image"]
             n_trunc = sum(bool(x["truncated"]) for x in items)
         if pixels is not None:
-            inputs["pixel_values"] = pixels.to(self.dtype_of_vision())
-        return {"inputs": inputs, "n_truncated": n_trunc}
-
-    def dtype_of_vision(self) -> torch.dtype:
-        return next(self.llava.model.model.vision_tower.parameters()).dtype
+            inputs["pixel_values"] = pixels.to(next(self.llava.model.model.vision_tower.parameters()).dtype)
+        return inputs, n_trunc
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        prepared = self._inputs(batch)
-        inputs = prepared["inputs"]
+        inputs, n_truncated = self._inputs(batch)
         loss = self.model(**inputs).loss
-        self.n_truncated += prepared["n_truncated"]
+        self.n_truncated += n_truncated
         bs = inputs["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        if self._should_log_extras():  # token counts sync the device: only on logging steps
+        t = self._trainer
+        if t is not None and (t.global_step + 1) % max(1, t.log_every_n_steps) == 0:  # token counts sync the device
             now = time.perf_counter()
             n_tokens = int(inputs["attention_mask"].sum())
             if self._t_last is not None:  # this step's wall time (from the previous step's end), all ranks
-                world = self.trainer.world_size
-                self.log("train/tokens_per_s", n_tokens * world / (now - self._t_last), batch_size=bs)
+                self.log("train/tokens_per_s", n_tokens * t.world_size / (now - self._t_last), batch_size=bs)
             self.log("train/supervised_tokens", float((inputs["labels"] != -100).sum()), batch_size=bs)
             self.log("train/truncated_samples", float(self.n_truncated), batch_size=bs)
         self._t_last = time.perf_counter()
         return loss
 
-    def _should_log_extras(self) -> bool:
-        t = self._trainer
-        return t is not None and (t.global_step + 1) % max(1, t.log_every_n_steps) == 0
-
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        inputs = self._inputs(batch)["inputs"]
+        inputs, _ = self._inputs(batch)
         loss = self.model(**inputs).loss
         self.log("val/loss", loss, sync_dist=True, batch_size=inputs["input_ids"].shape[0])
 
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or not self.evaluation:
-            return
-        self._validations += 1
-        if self._validations % max(1, self.hparams.eval_every_n_validations) == 0:
-            self._evaluate_and_log(f"step{self.global_step}")
-
-    def on_train_end(self) -> None:
-        if self.evaluation:
-            self._evaluate_and_log(f"step{self.global_step}")
-
-    def _evaluate_and_log(self, tag: str) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        metrics = self.evaluate(self.evaluation)
-        for logger in self.trainer.loggers:
-            logger.log_metrics(metrics, step=self.global_step)
-        from lightning_modules.evaluation import write_metrics_json
-
-        root = self.hparams.metrics_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "metrics"
-        write_metrics_json(metrics, Path(root) / f"{tag}.json", step=self.global_step, tag=tag)
-
     def evaluate(self, tasks: Sequence[Any]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for task in tasks:
-            for k, v in task.run(self.caption, batch_size=self.hparams.eval_batch_size).items():
-                out[f"eval/{task.name}/{k}"] = v
-        return out
+        bs = self.hparams.eval_batch_size
+        return {f"eval/{task.name}/{k}": v for task in tasks for k, v in task.run(self.caption, batch_size=bs).items()}
 
-    # ------------------------------------------------------------------------------------------------ captions
     @torch.no_grad()
     def caption(
         self,
@@ -346,59 +264,46 @@ class CaptionerModule(L.LightningModule):
     ) -> list[str]:
         """Greedy captions of PIL images (the paper's decoding: greedy, ``max_new_tokens`` 128)."""
         parts, model = self.llava, self.model
-        was_training = model.training
-        model.eval()
         text = caption_prompt_text(parts.tokenizer, prompt or self.hparams.caption_prompt)
+        max_new_tokens = max_new_tokens or self.hparams.max_new_tokens
         out: list[str] = []
         bs = batch_size or len(images) or 1
         dtypes = {p.dtype for p in model.parameters()}
-        autocast = (
-            torch.autocast(self.device.type, dtype=min(dtypes, key=lambda d: torch.finfo(d).bits))
-            if len(dtypes) > 1
-            else nullcontext()
-        )
-        try:
+        lowest = min(dtypes, key=lambda d: torch.finfo(d).bits)
+        autocast = torch.autocast(self.device.type, dtype=lowest) if len(dtypes) > 1 else nullcontext()
+        with evaluating(model):
             for i in range(0, len(images), bs):
                 with autocast:
                     generated = greedy_captions(
-                        model,
-                        parts.processor,
-                        text,
-                        images[i : i + bs],
-                        max_new_tokens or self.hparams.max_new_tokens,
-                        self.device,
+                        model, parts.processor, text, images[i : i + bs], max_new_tokens, self.device
                     )
                 out += [g.text for g in generated]
-        finally:
-            model.train(was_training)
         return out
 
-    # -------------------------------------------------------------------------------------------------- export
     def merged_model(self, in_place: bool = False) -> torch.nn.Module:
-        """The plain ``LlavaForConditionalGeneration``: LoRA adapters merged into the LLM weights."""
+        """The plain ``LlavaForConditionalGeneration``, LoRA adapters merged into the LLM weights."""
         if self.hparams.lora is None:
             return self.model
         model = self.model if in_place else copy.deepcopy(self.model)
         return model.merge_and_unload()
 
-    def export_pretrained(self, out_dir: str | Path, in_place: bool = False) -> Path:
-        """``save_pretrained`` of the (merged) model and its processor: a llava-hf folder. A module restored from a
-        checkpoint that lacks weights it cannot rebuild (:meth:`missing_weights`) is refused before anything is
-        written: exporting it would write freshly random weights, not the model that was trained."""
+    def export_pretrained(self, out_dir: str | Path, in_place: bool = False, source: str | None = None) -> Path:
+        """A llava-hf folder of the (merged) model and its processor. A module restored from a checkpoint (``source``)
+        that lacks weights it cannot rebuild is refused: it would write fresh random weights, not the trained model."""
         self.llava  # noqa: B018 - builds the model if needed
         missing = self.missing_weights()
         if missing:
-            raise ValueError(self.missing_weights_message(missing))
+            raise ValueError(self.missing_weights_message(missing, source))
         parts = LlavaParts(self.merged_model(in_place), self.llava.processor, self.llava.num_image_tokens)
         return save_llava(parts, out_dir)
 
     def missing_weights(self) -> list[str]:
-        """Parameters (``model.*`` state-dict keys) drawn at random when this module was built and not restored: a
-        module loaded from a checkpoint that holds only trainable weights while a vision tower or LLM came from a
-        config dict (checkpoints written before such weights were kept). Empty for a module never restored."""
+        """``model.*`` keys drawn at random when this module was built and not restored from its checkpoint (one
+        written before such weights were kept). Empty for a module never restored."""
         if self._restored_keys is None or self.hparams.save_frozen:
             return []
-        return [f"model.{_clean(n)}" for n in self._unsourced if f"model.{_clean(n)}" not in self._restored_keys]
+        unsourced = [f"model.{unwrapped_name(n)}" for n in self._unsourced]
+        return [k for k in unsourced if k not in self._restored_keys]
 
     def missing_weights_message(self, missing: list[str], source: str | None = None) -> str:
         names = {"vision_tower": "vision tower", "language_model": "LLM", "lm_head": "LLM", PROJECTOR: "projector"}
@@ -414,8 +319,8 @@ class CaptionerModule(L.LightningModule):
 
     @classmethod
     def from_checkpoint_contents(cls, contents: Any, path: str | Path) -> CaptionerModule:
-        """The module of a Lightning checkpoint already read (safely) from ``path``: built from its hyperparameters,
-        weights loaded as ``load_from_checkpoint`` does (strict only with ``save_frozen``)."""
+        """The module of a Lightning checkpoint already read (safely) from ``path``, loaded as ``load_from_checkpoint``
+        does (strict only with ``save_frozen``)."""
         hp = contents.get("hyper_parameters") if isinstance(contents, Mapping) else None
         state = contents.get("state_dict") if isinstance(contents, Mapping) else None
         if not isinstance(hp, Mapping) or not isinstance(state, Mapping):
@@ -433,47 +338,42 @@ class CaptionerModule(L.LightningModule):
         module.load_state_dict(state, strict=module.strict_loading)
         return module
 
-    # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Without ``save_frozen``, only what trains is kept, plus frozen weights that were drawn at random (a config
-        dict tower): the rest comes back from ``model``'s sources on load, these could not."""
+        """Without ``save_frozen``: only what trains and the frozen weights drawn at random (see ``save_frozen``)."""
         if self.hparams.save_frozen:
             return
-        unsourced = {_clean(n) for n in self._unsourced}
-        keep = {
-            f"model.{_clean(n)}" for n, p in self.model.named_parameters() if p.requires_grad or _clean(n) in unsourced
-        }
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if _clean(k) in keep}
+        unsourced = {unwrapped_name(n) for n in self._unsourced}
+        named = ((unwrapped_name(n), p) for n, p in self.model.named_parameters())
+        keep = {f"model.{n}" for n, p in named if p.requires_grad or n in unsourced}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if unwrapped_name(k) in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
-        self._restored_keys = {_clean(k) for k in state} if isinstance(state, Mapping) else set()
+        self._restored_keys = {unwrapped_name(k) for k in state} if isinstance(state, Mapping) else set()
         missing = self.missing_weights()
         if missing:  # resume / validate go on (with new random weights there); export refuses
             rank_zero_warn(self.missing_weights_message(missing))
 
-    # ------------------------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         hp = self.hparams
         total = int(self.trainer.estimated_stepping_batches)
         warmup = math.ceil(hp.warmup_ratio * total)
-        groups: dict[str, list] = {"decay": [], "no_decay": [], "projector_decay": [], "projector_no_decay": []}
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            prefix = "projector_" if PROJECTOR in name else ""
-            groups[prefix + ("no_decay" if p.ndim < 2 or "bias" in name or "norm" in name else "decay")].append(p)
         projector_lr = hp.projector_lr if hp.projector_lr is not None else hp.lr
+        groups: dict[tuple[bool, bool], list] = {}  # (projector?, decay?) -> parameters
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                decay = p.ndim >= 2 and "bias" not in name and "norm" not in name
+                groups.setdefault((PROJECTOR in name, decay), []).append(p)
+        order = [(False, True), (False, False), (True, True), (True, False)]
         param_groups = [
-            {"params": groups["decay"], "weight_decay": hp.weight_decay, "lr": hp.lr},
-            {"params": groups["no_decay"], "weight_decay": 0.0, "lr": hp.lr},
-            {"params": groups["projector_decay"], "weight_decay": hp.weight_decay, "lr": projector_lr},
-            {"params": groups["projector_no_decay"], "weight_decay": 0.0, "lr": projector_lr},
+            {
+                "params": groups[k],
+                "weight_decay": hp.weight_decay if k[1] else 0.0,
+                "lr": projector_lr if k[0] else hp.lr,
+            }
+            for k in order
+            if k in groups
         ]
-        param_groups = [g for g in param_groups if g["params"]]
-        rank_zero_info(
-            f"CaptionerModule: lr {hp.lr:g} (projector {projector_lr:g}), warm-up {warmup} of {total} steps, cosine"
-        )
+        rank_zero_info(f"CaptionerModule: lr {hp.lr:g} (projector {projector_lr:g}), warm-up {warmup} of {total} steps")
         opt = torch.optim.AdamW(param_groups, betas=tuple(hp.betas))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_with_warmup(step, warmup, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return per_step(opt, lambda step: cosine_with_warmup(step, warmup, total))

@@ -1,20 +1,9 @@
 """Step checkpoints that survive preemption: every N steps, the last K kept, ``last.ckpt`` replaced atomically.
 
-Why not Lightning's defaults alone: its local save (``fabric.utilities.cloud_io._atomic_save``) serialises the whole
-checkpoint into memory, writes it to a temporary file under the system temp directory and ``shutil.move``s it into
-place. When that directory is on another filesystem than the run (the usual case on clusters: local ``/tmp``, shared
-checkpoint storage) the move is a copy, so a job killed mid-copy leaves a truncated ``last.ckpt`` -- the one file a
-restart reads. :class:`AtomicCheckpointIO` writes next to the target and ``os.replace``s it (atomic on POSIX), and
-:class:`StepCheckpoint` is ``ModelCheckpoint`` configured for step checkpoints that installs it.
-
-Usage (YAML)::
-
-    trainer:
-      callbacks:
-        - class_path: lightning_modules.checkpointing.StepCheckpoint
-          init_args: {every_n_train_steps: 2000, keep_last: 3}
-
-Resume with ``python -m experiments fit ... --ckpt_path last``.
+Why not Lightning's defaults alone: its local save writes to a temporary file under the system temp directory and
+``shutil.move``s it into place. When that directory is on another filesystem than the run (the usual case on clusters)
+the move is a copy, so a job killed mid-copy leaves a truncated ``last.ckpt``: the one file a restart reads. Resume
+with ``python -m experiments fit ... --ckpt_path last``.
 """
 
 from __future__ import annotations
@@ -33,9 +22,8 @@ from datamodules.io import atomic_write
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose local saves are rename-atomic (:func:`datamodules.io.atomic_write`: a temporary
-    file in the target's directory, fsync, ``os.replace``). A crash at any point leaves the previous file intact (at
-    worst with a stray temporary file). Remote paths (``s3://`` ...) keep Lightning's behaviour (object stores write
-    whole objects)."""
+    file beside the target, fsync, ``os.replace``): a crash leaves the previous file intact. Remote paths (``s3://``)
+    keep Lightning's behaviour (object stores write whole objects)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
@@ -48,27 +36,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
 
-        atomic_write(path, write)  # temp file beside the target, fsync, os.replace, directory fsync
+        atomic_write(path, write)
 
 
 class StepCheckpoint(ModelCheckpoint):
     """Checkpoint every ``every_n_train_steps`` steps as ``step00001234.ckpt``, keep the ``keep_last`` newest
-    (``-1``: all), always write ``last.ckpt``, and save the final step when training ends off the grid.
-
-    Keeping the newest K is ``ModelCheckpoint``'s top-K on the global step (``monitor="step", mode="max"``), so the
-    bookkeeping survives restarts with the callback's state. With ``atomic`` (default) it installs
-    :class:`AtomicCheckpointIO` on the strategy unless another ``CheckpointIO`` was configured; strategies that write
-    sharded checkpoint folders (FSDP ``state_dict_type: sharded``, DeepSpeed) do not go through it.
-
-    Args:
-        every_n_train_steps: Steps between checkpoints.
-        keep_last: How many step checkpoints to keep (``last.ckpt`` comes on top); ``-1`` keeps all.
-        dirpath: Folder; default ``<logger dir>/checkpoints`` as ``ModelCheckpoint``.
-        filename: Name pattern of step checkpoints (``ModelCheckpoint`` syntax, metric names not inserted).
-        save_weights_only: Model weights only (such a checkpoint cannot resume training).
-        save_final: Also save when training ends on a step that is not a multiple of ``every_n_train_steps``.
-        atomic: Install :class:`AtomicCheckpointIO`.
-    """
+    (``-1``: all; ``ModelCheckpoint``'s top-K on the step, so it survives restarts), always write ``last.ckpt``, and
+    save the final step when training ends off the grid (``save_final``). ``atomic`` installs
+    :class:`AtomicCheckpointIO` unless another ``CheckpointIO`` was configured (sharded FSDP / DeepSpeed checkpoint
+    folders do not go through it)."""
 
     def __init__(
         self,

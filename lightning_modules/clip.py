@@ -1,18 +1,17 @@
 """``ClipModule``: contrastive image-text training (Recap-CLIP) on the caption-mix DataModule.
 
 The network, the loss and the tokenizer are open_clip's; this module wires them to Lightning: the global-batch loss
-across ranks, AdamW with the CLIPA schedule (warm-up and length in *samples*, peak lr given per 256 samples and
-scaled by the global batch), CLIPA's two-stage resolution recipe (``init_from`` a stage-1 checkpoint, position
-embeddings interpolated), and the evaluation harness (``lightning_modules.evaluation``) in the loop and as ``test``.
+across ranks, AdamW with the CLIPA schedule (warm-up and length in *samples*, peak lr per 256 samples scaled by the
+global batch), CLIPA's two-stage resolution recipe (``init_from`` a stage-1 checkpoint, position embeddings
+interpolated), and the evaluation harness (``lightning_modules.evaluation``) in the loop and as ``test``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,64 +22,43 @@ from open_clip import ClipLoss
 
 from datamodules.caption_mix import DataTransforms
 from datamodules.checks import ConfigError, RunContext, check_path
+from lightning_modules.common import InLoopEvaluation, evaluating, unwrapped_name
 from lightning_modules.components.clip_model import (
     LOGIT_PARAMS,
     TokenizeOne,
     build_clip,
-    has_nonscalar_logit_scale,
     load_clip_weights,
     logit_layout_conflict,
     reshape_logit_params,
     resolve_model_config,
 )
-from lightning_modules.components.schedules import cosine_with_warmup
+from lightning_modules.components.schedules import cosine_with_warmup, per_step
 
 
 def make_clip_loss(rank: int = 0, world_size: int = 1) -> ClipLoss:
-    """The global-batch contrastive loss (open_clip's distributed recipe).
-
-    Every rank gathers all ranks' features *with* gradients and scores its local rows against all columns
-    (``local_loss``), which equals the single-process loss on the concatenated global batch.
-    """
+    """open_clip's distributed loss: each rank scores its rows against all ranks' features gathered *with* gradients,
+    which equals the single-process loss on the global batch."""
     return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
 
 
-class ClipModule(L.LightningModule):
+class ClipModule(InLoopEvaluation, L.LightningModule):
     """Contrastive training of an open_clip model.
 
     Args:
-        model: open_clip model name, ``recap-clip:VISION:TEXT[:STYLE]`` (paper Table 2, e.g. ``recap-clip:B-16:base``),
-            ``local-dir:PATH`` (an open_clip folder with weights, e.g. the released Recap-CLIP), a JSON config path,
-            or the config dict.
-        lr: Absolute peak learning rate. Give exactly one of ``lr`` and ``lr_per_256``.
-        lr_per_256: The paper's "base lr": peak lr per 256 samples, scaled linearly by the global batch
-            (``batch_size * devices * num_nodes * accumulate_grad_batches``), as CLIPA does.
-        weight_decay: AdamW weight decay on matrices (not on gains, biases, norms or the temperature).
-        betas: AdamW betas (CLIPA: 0.9, 0.95).
-        eps: AdamW epsilon.
-        warmup_steps: Linear warm-up in optimizer steps (use this or ``warmup_samples``).
-        warmup_samples: Linear warm-up in samples (the paper's unit), converted with the global batch.
-        total_samples: Schedule length in samples (the cosine reaches 0 there); default ``trainer.max_steps``.
-        context_length: Text context (the paper: 128); ``None`` keeps the model config's.
-        image_size: Image side, overriding the config (CLIPA: 112 in stage 1, 224 in stage 2).
-        tokenizer: HF tokenizer name or folder replacing the config's (e.g. ``bert-base-uncased``).
-        augmentation: open_clip ``AugmentationCfg`` fields for training (CLIPA: ``scale: [0.4, 1.0]``).
-        train_augment: ``False`` trains on the eval transform (no random crop).
-        init_from: Checkpoint to start from (a Lightning ``.ckpt``, an open_clip ``.pt``/``.bin`` or ``.safetensors``):
-            CLIPA stage 2 names stage 1's checkpoint here. Position embeddings are interpolated to this model, and
-            ``logit_scale`` / ``logit_bias`` reshaped to its layout (see ``nonscalar_logit_scale``).
-        nonscalar_logit_scale: open_clip's ``nonscalar_logit_scale``: ``logit_scale`` (and ``logit_bias``) of shape [1]
-            instead of 0-dim, which torch FSDP refuses (``trainer/fsdp_clip.yaml`` sets it). Applies to every form of
-            ``model``; a config dict may also carry the key, but it must then agree (else ValueError). Checkpoints
-            and ``init_from`` load across both layouts (only these two names are reshaped, [] <-> [1]), and
-            ``export-clip`` always writes open_clip's default scalar layout. The loss is the same either way.
-        grad_checkpointing: Activation checkpointing in both towers (open_clip's ``set_grad_checkpointing``).
-        compile: ``torch.compile`` the model's forward (the module's parameters and state dict keys are unchanged).
-        evaluation: Evaluation tasks (``lightning_modules.evaluation``) run at the end of validation, on rank 0.
-        eval_every_n_validations: Run ``evaluation`` at every n-th validation; the final weights are always evaluated.
-        eval_batch_size: Batch size of the evaluation loops.
-        metrics_dir: Where evaluation metrics JSON go; default ``<log_dir>/metrics``.
+        model: open_clip model name, ``recap-clip:VISION:TEXT[:STYLE]`` (paper Table 2), ``local-dir:PATH`` (an
+            open_clip folder with weights, e.g. the released Recap-CLIP), a JSON config path, or the config dict.
+        lr_per_256: The paper's "base lr": peak lr per 256 samples, scaled by the global batch as CLIPA does (or an
+            absolute ``lr``). ``warmup_samples`` / ``total_samples`` (where the cosine reaches 0) are in samples too.
+        image_size, context_length, tokenizer: Overrides of the model config (CLIPA: 112 px in stage 1, 224 in 2).
+        init_from: Checkpoint to start from (CLIPA stage 2: stage 1's); position embeddings are interpolated.
+        nonscalar_logit_scale: open_clip's switch for a logit scale of shape [1] instead of 0-dim, which FSDP needs.
+            Checkpoints and ``init_from`` load across both layouts; ``export-clip`` writes the scalar one.
+        evaluation: Evaluation tasks (``lightning_modules.evaluation``) run on rank 0 at every
+            ``eval_every_n_validations``-th validation and on the final weights; metrics JSON go to ``metrics_dir``.
     """
+
+    log_prefix = "eval/"
+    metrics_extra = ("model", "init_from")
 
     def __init__(
         self,
@@ -118,18 +96,17 @@ class ClipModule(L.LightningModule):
         parts = build_clip(
             model, context_length, image_size, tokenizer, augmentation, train_augment, nonscalar_logit_scale
         )
-        self.model = parts.model
-        # Decided on the unwrapped model (under FSDP a rank's view of a parameter it does not own has shape [0]).
-        self._nonscalar = has_nonscalar_logit_scale(self.model)
-        # open_clip's rule: no weight decay on gains, biases, norms and the temperature. Decided here, on the
-        # unwrapped model: under FSDP (use_orig_params) configure_optimizers sees flat 1-D shards, so a p.ndim test
-        # there would put every weight in the no-decay group.
+        self.model, self._parts = parts.model, parts
+        self.tokenizer, self.context_length = parts.tokenizer, parts.context_length
+        # Decided on the unwrapped model: under FSDP a rank sees flat 1-D shards (a p.ndim test would put every weight
+        # in the no-decay group, and a parameter it does not own has shape [0]). open_clip's rule: no weight decay on
+        # gains, biases, norms and the temperature.
+        self._nonscalar = self.model.logit_scale.ndim == 1
         self._no_decay = {
             name
             for name, p in self.model.named_parameters()
             if p.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name
         }
-        self._parts = parts
         if init_from:
             load_clip_weights(self.model, init_from)
             rank_zero_info(f"ClipModule: initialised from {init_from}")
@@ -139,15 +116,12 @@ class ClipModule(L.LightningModule):
         object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
         self.evaluation = list(evaluation or [])
         self.loss_fn = make_clip_loss()
-        self._validations = 0
-        self._last_eval_step = -1
         self._t0: float | None = None
         self._test_features: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
-        """Checks before anything is built (``experiments/validate.py``): ``model`` names a known size (paper Table 2,
-        open_clip) or an existing config / ``local-dir:`` folder, and ``init_from`` exists."""
+        """Before anything is built (``experiments/validate.py``): ``model`` is known, ``init_from`` exists."""
         model = args.get("model")
         if isinstance(model, str) and model.startswith("local-dir:"):
             check_path("model", model.removeprefix("local-dir:"), "dir", what="an open_clip folder")
@@ -161,30 +135,18 @@ class ClipModule(L.LightningModule):
                 raise ConfigError("model", model, conflict)
         check_path("init_from", args.get("init_from"), "file", what="the checkpoint to start from (stage 2: stage 1's)")
 
-    # ---------------------------------------------------------------------------------------------------- data
-    @property
-    def tokenizer(self) -> Any:
-        return self._parts.tokenizer
-
-    @property
-    def context_length(self) -> int:
-        return self._parts.context_length
-
     def data_transforms(self, stage: str) -> DataTransforms:
         image = self._parts.preprocess_train if stage == "fit" else self._parts.preprocess_val
         return DataTransforms(image=image, text=TokenizeOne(self._parts.tokenizer))
 
     def setup(self, stage: str) -> None:
-        world = self.trainer.world_size if self._trainer is not None else 1
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        self.loss_fn = make_clip_loss(rank, world)
+        if self._trainer is not None:
+            self.loss_fn = make_clip_loss(self.trainer.global_rank, self.trainer.world_size)
         if stage == "fit" and self.hparams.total_samples and self.trainer.max_steps == -1:
             # Length in samples (the paper's unit): the step count follows the global batch of this hardware.
-            self.trainer.fit_loop.epoch_loop.max_steps = math.ceil(
-                self.hparams.total_samples / self.global_batch_size()
-            )
+            steps = math.ceil(self.hparams.total_samples / self.global_batch_size())
+            self.trainer.fit_loop.epoch_loop.max_steps = steps
 
-    # ----------------------------------------------------------------------------------------------- training
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return self._forward(image, text)
 
@@ -195,13 +157,14 @@ class ClipModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         # The extras are logged only on the steps the loggers write (each self.log costs ~0.4 ms of bookkeeping);
         # samples/s is the global throughput since the previous logging step, so it shows the current speed.
-        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
         now = time.perf_counter()
         if self._t0 is None:
             self._t0, self._seen = now, 0
             return loss
-        self._seen += bs * (self.trainer.world_size if self._trainer is not None else 1)
-        if (self.global_step + 1) % every == 0:  # the temperature is [] or [1] (nonscalar_logit_scale): log it 0-dim
+        trainer = self._trainer  # None when a test or benchmark calls the step directly
+        self._seen += bs * (trainer.world_size if trainer is not None else 1)
+        if (self.global_step + 1) % (trainer.log_every_n_steps if trainer is not None else 1) == 0:
+            # the temperature is [] or [1] (nonscalar_logit_scale): log it 0-dim
             self.log("train/logit_scale", out["logit_scale"].detach().reshape(()), batch_size=bs)
             self.log("train/samples_per_sec", self._seen / (now - self._t0), batch_size=bs)
             self._t0, self._seen = now, 0
@@ -211,37 +174,25 @@ class ClipModule(L.LightningModule):
         with torch.no_grad():  # open_clip clamps the temperature at 100 after each step (in place: [] or [1])
             self.model.logit_scale.clamp_(0, math.log(100))
 
-    # ------------------------------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint of the other logit-scale layout loads (``test``/``validate --ckpt_path``, resume,
-        ``load_from_checkpoint``): ``model.logit_scale`` / ``model.logit_bias`` and, when resuming, their optimizer
-        state are reshaped [] <-> [1] to this model's. Nothing else is relaxed: strict loading stays strict."""
+        """A checkpoint of the other logit-scale layout loads: the logit parameters and their optimizer state are
+        reshaped [] <-> [1]. Nothing else is relaxed: strict loading stays strict."""
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict) or not reshape_logit_params(state, self._nonscalar, prefix="model."):
             return
         rank_zero_info(f"ClipModule: checkpoint logit_scale reshaped to {'[1]' if self._nonscalar else '[]'}")
-        shape = (1,) if self._nonscalar else ()
-        groups = [[name for name, _ in group] for group in self._named_param_groups()]
+        groups = self._named_param_groups()
         for opt_state in checkpoint.get("optimizer_states") or []:
-            saved_groups, per_param = opt_state.get("param_groups", []), opt_state.get("state", {})
-            if len(saved_groups) != len(groups):
-                continue  # not this module's optimizer layout: Lightning reports it when loading
-            for saved, names in zip(saved_groups, groups, strict=True):
-                if len(saved.get("params", [])) != len(names):
-                    continue
-                # the saved ids are indices (a plain optimizer) or FQNs (FSDP's full optimizer state), in the order
-                # configure_optimizers put the parameters
-                for key, name in zip(saved["params"], names, strict=True):
-                    if name not in LOGIT_PARAMS or key not in per_param:
-                        continue
-                    if isinstance(key, str) and key.rsplit(".", 1)[-1] != name:
-                        continue
-                    entry = per_param[key]
-                    for k, v in entry.items():  # exp_avg, exp_avg_sq; "step" is a 0-dim count in every layout
-                        if k != "step" and isinstance(v, torch.Tensor) and tuple(v.shape) in {(), (1,)}:
-                            entry[k] = v.reshape(shape)
+            # the saved ids are indices (a plain optimizer) or FQNs (FSDP's full optimizer state), in the order
+            # configure_optimizers put the parameters; another layout is left for Lightning to report
+            saved, per_param = opt_state.get("param_groups", []), opt_state.get("state", {})
+            if [len(g.get("params", [])) for g in saved] != [len(g) for g in groups]:
+                continue
+            for key, (name, _) in zip([k for g in saved for k in g["params"]], sum(groups, []), strict=True):
+                if name in LOGIT_PARAMS and key in per_param and (not isinstance(key, str) or key.endswith(name)):
+                    entry = per_param[key]  # exp_avg, exp_avg_sq; "step" is a 0-dim count in every layout
+                    reshape_logit_params(entry, self._nonscalar, names=[k for k in entry if k != "step"])
 
-    # --------------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self(batch["image"], batch["text"])
         logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
@@ -251,40 +202,10 @@ class ClipModule(L.LightningModule):
         self.log("val/loss", loss, batch_size=bs, sync_dist=True)
         self.log("val/i2t_in_batch_top1", (logits.argmax(1) == labels).float().mean(), batch_size=bs, sync_dist=True)
 
-    def on_validation_epoch_end(self) -> None:
-        if not self.evaluation or self.trainer.sanity_checking:
-            return
-        self._validations += 1
-        last = self.trainer.max_steps > 0 and self.global_step >= self.trainer.max_steps
-        if self._validations % self.hparams.eval_every_n_validations and not last:
-            return
-        metrics = self._evaluate_in_loop()
-        if metrics:
-            self.log_dict({f"eval/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
-
-    def on_train_end(self) -> None:
-        # The final weights are always evaluated, even when the last step is not a validation step.
-        if self.evaluation and self._last_eval_step != self.global_step:
-            metrics = self._evaluate_in_loop()
-            for logger in self.trainer.loggers:
-                logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=self.global_step)
-                logger.save()
-
-    def _evaluate_in_loop(self) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if self.trainer.is_global_zero:  # open_clip's convention: evaluation runs on the main process only
-            metrics = self.evaluate(self.evaluation)
-            self._save_metrics(metrics, f"step{self.global_step:08d}")
-        self._last_eval_step = self.global_step
-        self.trainer.strategy.barrier("clip_evaluation")
-        return metrics
-
-    # ------------------------------------------------------------------------------------------ evaluation
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.encode_image(images).float(), dim=-1)  # fp32 scores even under bf16 autocast
 
     def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
-        """L2-normalised text features of raw strings (tokenised with the model's own tokenizer)."""
         batch_size = batch_size or self.hparams.eval_batch_size
         feats = []
         for i in range(0, len(texts), batch_size):
@@ -294,26 +215,20 @@ class ClipModule(L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, tasks: Sequence[Any]) -> dict[str, float]:
-        """Run evaluation tasks with this model (eval mode, no grad) and return ``{"task/metric": value}``."""
         from lightning_modules.evaluation import run_tasks
 
-        was_training = self.training
-        self.eval()
-        try:
-            ctx = self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
-            with ctx:
-                return run_tasks(
-                    tasks,
-                    encode_images=self.encode_images,
-                    encode_texts=self.encode_texts,
-                    image_transform=self._parts.preprocess_val,
-                    tokenizer=self.tokenizer,
-                    context_length=self.context_length,
-                    batch_size=self.hparams.eval_batch_size,
-                    device=self.device,
-                )
-        finally:
-            self.train(was_training)
+        precision = self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
+        with evaluating(self), precision:
+            return run_tasks(
+                tasks,
+                encode_images=self.encode_images,
+                encode_texts=self.encode_texts,
+                image_transform=self._parts.preprocess_val,
+                tokenizer=self.tokenizer,
+                context_length=self.context_length,
+                batch_size=self.hparams.eval_batch_size,
+                device=self.device,
+            )
 
     # Standalone evaluation: ``python -m experiments test`` with ``datamodules.eval_sets.EvalDataModule``, whose
     # test loaders are the tasks' image sets (split across ranks); features are gathered and scored on every rank.
@@ -343,19 +258,10 @@ class ClipModule(L.LightningModule):
         self._test_features.clear()
         self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=False)
         if self.trainer.is_global_zero:
-            self._save_metrics(metrics, "test")
+            self.save_metrics(metrics, "test")
 
-    def _save_metrics(self, metrics: Mapping[str, float], tag: str) -> None:
-        from lightning_modules.evaluation import write_metrics_json
-
-        root = self.hparams.metrics_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "metrics"
-        extra = {"step": self.global_step, "tag": tag, "model": self.hparams.model, "init_from": self.hparams.init_from}
-        write_metrics_json(dict(metrics), Path(root) / f"{tag}.json", **extra)
-
-    # ------------------------------------------------------------------------------------------- optimizer
     def global_batch_size(self) -> int:
-        dm = self.trainer.datamodule
-        per_device = getattr(dm, "batch_size", None)
+        per_device = getattr(self.trainer.datamodule, "batch_size", None)
         if per_device is None:
             raise ValueError("lr_per_256 / *_samples need the datamodule's batch_size to know the global batch")
         return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
@@ -372,28 +278,18 @@ class ClipModule(L.LightningModule):
         else:
             total = self.trainer.estimated_stepping_batches
         warmup = math.ceil(hp.warmup_samples / global_batch) if hp.warmup_samples else hp.warmup_steps
-        rank_zero_info(
-            f"ClipModule: peak lr {peak:.4g}"
-            + (f" (= {hp.lr_per_256:g} x {global_batch} / 256)" if hp.lr_per_256 is not None else "")
-            + f", warm-up {warmup} steps, cosine to 0 at step {total}"
-        )
+        scaled = f" (= {hp.lr_per_256:g} x {global_batch} / 256)" if hp.lr_per_256 is not None else ""
+        rank_zero_info(f"ClipModule: peak lr {peak:.4g}{scaled}, warm-up {warmup} steps, cosine to 0 at step {total}")
         decay, no_decay = ([p for _, p in group] for group in self._named_param_groups())
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=peak,
-            betas=tuple(hp.betas),
-            eps=hp.eps,
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_with_warmup(step, warmup, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=peak, betas=tuple(hp.betas), eps=hp.eps)
+        return per_step(opt, lambda step: cosine_with_warmup(step, warmup, total))
 
     def _named_param_groups(self) -> list[list[tuple[str, torch.nn.Parameter]]]:
         """``[decay, no_decay]`` trainable ``(name, parameter)`` pairs, in the optimizer's order."""
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            # FSDP / activation-checkpoint wrappers report clean names; strip any prefix that remains
-            name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-            (no_decay if name in self._no_decay else decay).append((name, p))
+            if p.requires_grad:
+                name = unwrapped_name(name)
+                (no_decay if name in self._no_decay else decay).append((name, p))
         return [decay, no_decay]

@@ -1,26 +1,19 @@
 """``DiTModule``: Recap-DiT, a text-to-image DiT trained on captions mixed at the paper's p (PAPER.md §6, Table 7).
 
 Wiring only; the networks, loss and sampler are in ``lightning_modules.components.dit``. Two data paths give the same
-loss for the same batch and noise (tested):
-
-- **uncached**: ``CaptionMixDataModule`` batches (``image`` in [-1, 1], ``caption`` strings); the frozen text encoder
-  and the codec (VAE or pixels) run every step;
-- **cached**: ``datamodules.latent_cache.LatentCacheDataModule`` batches (``latent``, ``text``, ``text_mask``) from the
-  resumable pre-pass ``python -m experiments dit-cache``, which stores the latents and the text features of every
-  caption source, so p is still drawn per sample per epoch from the cache.
-
-Classifier-free guidance: each sample's text is replaced by the null text with probability ``cfg_dropout`` (paper
-recipe: 10%); the null text is the encoder's features of the empty prompt (``null_text: empty``, Stable Diffusion's
-choice) or a learned embedding initialised from them (``learned``). EMA weights (diffusers ``EMAModel``) are kept in
-the checkpoint and used for sampling. Checkpoints hold the DiT, the null text and the EMA only: the frozen text
-encoder and VAE are loaded from their paths.
+loss for the same batch and noise (tested): ``CaptionMixDataModule`` batches (``image`` in [-1, 1], ``caption``),
+encoded every step, or ``LatentCacheDataModule`` batches (``latent``, ``text``, ``text_mask``) from the pre-pass
+``python -m experiments dit-cache``, which stores every caption source so p is still drawn per sample per epoch.
+Checkpoints hold the DiT, the null text and the EMA (used for sampling) only: the frozen text encoder and VAE are
+loaded from their paths.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -29,6 +22,7 @@ from torch import nn
 
 from datamodules.caption_mix import DataTransforms
 from datamodules.checks import ConfigError, RunContext, check_path
+from lightning_modules.common import evaluating
 from lightning_modules.components.dit import (
     FrozenCLIPText,
     PixelCodec,
@@ -37,30 +31,24 @@ from lightning_modules.components.dit import (
     diffusion_loss,
     dit_forward,
     make_scheduler,
+    pad_text,
     parse_dit_size,
     sample,
     save_grid,
     to_uint8,
     trim_to_longest,
 )
-from lightning_modules.components.schedules import constant_with_warmup
+from lightning_modules.components.schedules import constant_with_warmup, per_step
 
 FROZEN_PREFIXES = ("text_encoder.", "codec.")
 
 
-class DiTImageTransform:
+def dit_image(image: Any, size: int) -> torch.Tensor:
     """DiT's preprocessing: shorter side to ``size`` (bicubic, antialiased), centre crop, scale to [-1, 1]."""
+    from torchvision.transforms import functional as TF
 
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        from torchvision.transforms import functional as TF
-
-        image = image.convert("RGB")
-        image = TF.resize(image, self.size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        image = TF.center_crop(image, [self.size, self.size])
-        return TF.to_tensor(image) * 2 - 1
+    image = TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return TF.to_tensor(TF.center_crop(image, [size, size])) * 2 - 1
 
 
 class DiTModule(L.LightningModule):
@@ -69,30 +57,16 @@ class DiTModule(L.LightningModule):
     Args:
         size: ``"DiT-B/4"``, ``"DiT-L/2"`` (DiT's depth/width/heads, ``/P`` the patch) or a dict with
             ``num_layers, hidden_size, num_attention_heads, patch_size`` (tiny models).
-        image_size: Training resolution in pixels (the paper: 256).
-        text_encoder: Frozen CLIP text tower: a HuggingFace ``CLIPTextModel`` folder / name or an open_clip folder
-            (``export-clip`` output).
-        text_max_length: Text tokens kept (default: the tower's context).
-        vae: A diffusers ``AutoencoderKL`` folder / name (the paper: the LDM/SD 8x VAE), or None for pixel space.
-        vae_subfolder: Its subfolder (``vae`` in a Stable Diffusion repository).
-        prediction_type: ``epsilon`` (DiT), ``v_prediction`` or ``sample``.
-        beta_schedule: diffusers beta schedule (``linear``: DiT's; ``squaredcos_cap_v2``: cosine).
-        num_train_timesteps: Diffusion steps of the training schedule (DiT: 1000).
+        text_encoder: Frozen CLIP text tower: a HuggingFace ``CLIPTextModel`` folder / name or an ``export-clip``
+            folder. ``vae``: a diffusers ``AutoencoderKL`` (the paper: LDM/SD's 8x VAE), or None for pixel space.
         min_snr_gamma: Min-SNR-γ loss weighting (None: plain MSE, as DiT).
-        lr: AdamW learning rate (the paper: constant 1e-4).
-        weight_decay: AdamW weight decay (the paper: 0).
-        betas: AdamW betas.
-        warmup_steps: Linear warm-up steps, then constant (the paper: 0).
-        cfg_dropout: Probability of training a sample on the null text (the paper's recipe: 0.1).
+        cfg_dropout: Probability of training a sample on the null text (the paper's recipe: 0.1): the features of the
+            empty prompt (Stable Diffusion's choice) or, with ``null_text: learned``, a parameter initialised from them.
         random_flip: Flip half the training images horizontally (DiT's preprocessing), applied to latents/pixels so
             the cached and uncached paths augment alike. Off where captions name left and right (tiny world).
-        null_text: ``empty`` (features of the empty prompt) or ``learned`` (a parameter initialised from them).
         ema_decay: EMA decay of the sampling weights (DiT: 0.9999; short runs need less); None disables EMA.
-        sampler: ``ddpm`` (the paper's), ``ddim`` or ``dpm``.
-        num_inference_steps: Sampling steps (the paper: 250 DDPM).
-        guidance_scale: CFG scale (the paper: 10).
-        sample_dir: Where ``predict`` writes PNG grids (one per batch) and the uint8 images (``.pt``).
-        seed: Seed of the sampling noise (per predict batch: ``seed + batch_idx``).
+        sampler: ``ddpm`` (the paper's, 250 steps, guidance 10), ``ddim`` or ``dpm``.
+        sample_dir: Where ``predict`` writes a PNG grid per batch (noise seeded with ``seed + batch_idx``).
     """
 
     def __init__(
@@ -131,14 +105,13 @@ class DiTModule(L.LightningModule):
         self.codec: nn.Module | None = None
         self.dit: nn.Module | None = None
         self.ema = None
-        self.schedule = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                             prediction_type=prediction_type)  # fmt: skip
+        self.schedule = {"num_train_timesteps": num_train_timesteps, "beta_schedule": beta_schedule}
+        self.schedule["prediction_type"] = prediction_type
         self.noise_scheduler = make_scheduler("ddpm", **self.schedule)
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
-        """Checks before anything is built (``experiments/validate.py``): ``size`` is a DiT size (``DiT-B/4``) or a
-        complete dict, and the local folders of ``text_encoder`` / ``vae`` exist (hub names are not checked)."""
+        """Before anything is built (``experiments/validate.py``): ``size`` is known, local model folders exist."""
         try:
             parse_dit_size(args.get("size"))
         except (ValueError, TypeError) as e:
@@ -146,7 +119,6 @@ class DiTModule(L.LightningModule):
         check_path("text_encoder", args.get("text_encoder"), hub_ok=True, what="a CLIP text tower (HF or export-clip)")
         check_path("vae", args.get("vae"), hub_ok=True, what="a diffusers AutoencoderKL")
 
-    # ------------------------------------------------------------------------------------------------------ build
     def configure_model(self) -> None:
         if self.dit is not None:
             return
@@ -170,12 +142,11 @@ class DiTModule(L.LightningModule):
             self.ema = EMAModel(self.dit.parameters(), decay=h.ema_decay)
 
     def data_transforms(self, stage: str) -> DataTransforms:
-        return DataTransforms(image=DiTImageTransform(self.hparams.image_size))
+        return DataTransforms(image=partial(dit_image, size=self.hparams.image_size))  # picklable for loader workers
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(FROZEN_PREFIXES)]
 
-    # ---------------------------------------------------------------------------------------------------- encode
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.codec.encode(images.to(self.device))
@@ -188,29 +159,19 @@ class DiTModule(L.LightningModule):
         """(x0, text, mask) from a cached batch or an uncached one."""
         if "latent" in batch:
             return batch["latent"].float(), batch["text"].float(), batch["text_mask"].long()
-        x0 = self.encode_images(batch["image"])
-        text, mask = self.encode_text(batch["caption"])
-        return x0, text, mask
+        return self.encode_images(batch["image"]), *self.encode_text(batch["caption"])
 
     def drop_text(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
         """Replace the rows where ``drop`` is True by the null text (CFG training)."""
         n = max(text.shape[1], self.null_text.shape[1])
-        text = nn.functional.pad(text, (0, 0, 0, n - text.shape[1]))
-        mask = nn.functional.pad(mask, (0, n - mask.shape[1]))
-        null = nn.functional.pad(self.null_text, (0, 0, 0, n - self.null_text.shape[1])).to(text.dtype)
-        null_mask = nn.functional.pad(self.null_mask, (0, n - self.null_mask.shape[1]))
+        (text, mask), (null, null_mask) = (
+            pad_text(text, mask, n),
+            pad_text(self.null_text.to(text.dtype), self.null_mask, n),
+        )
         d = drop[:, None]
         return torch.where(d[..., None], null.expand_as(text), text), torch.where(d, null_mask.expand_as(mask), mask)
 
-    def loss(
-        self,
-        x0: torch.Tensor,
-        text: torch.Tensor,
-        mask: torch.Tensor,
-        noise: torch.Tensor,
-        t: torch.Tensor,
-        drop: torch.Tensor,
-    ) -> torch.Tensor:
+    def loss(self, x0, text, mask, noise, t, drop: torch.Tensor) -> torch.Tensor:
         """The training loss for given noise, timesteps and CFG drops (both data paths end here)."""
         text, mask = trim_to_longest(*self.drop_text(text, mask, drop))
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
@@ -225,7 +186,6 @@ class DiTModule(L.LightningModule):
         drop = torch.rand(n, device=x0.device) < self.hparams.cfg_dropout
         return noise, t, drop
 
-    # -------------------------------------------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         x0, text, mask = self.inputs(batch)
         if self.hparams.random_flip:
@@ -259,16 +219,11 @@ class DiTModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         h = self.hparams
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=h.betas)
-        if not h.warmup_steps:
-            return opt
-        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: constant_with_warmup(s, h.warmup_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
+        return per_step(opt, lambda s: constant_with_warmup(s, h.warmup_steps)) if h.warmup_steps else opt
 
-    # ---------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
-            del sd[k]
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIXES)}
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 
@@ -280,24 +235,19 @@ class DiTModule(L.LightningModule):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 
+    @contextmanager
     def ema_weights(self):
-        """Context manager: the DiT holds the EMA weights inside, its own weights again after."""
+        """The DiT holds the EMA weights inside, its own weights again after."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.dit.parameters())
+        self.ema.copy_to(self.dit.parameters())
+        try:
+            yield
+        finally:
+            self.ema.restore(self.dit.parameters())
 
-        @contextlib.contextmanager
-        def swap():
-            if self.ema is None:
-                yield
-                return
-            self.ema.store(self.dit.parameters())
-            self.ema.copy_to(self.dit.parameters())
-            try:
-                yield
-            finally:
-                self.ema.restore(self.dit.parameters())
-
-        return swap()
-
-    # --------------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(
         self,
@@ -317,13 +267,8 @@ class DiTModule(L.LightningModule):
         shape = (self.codec.channels, self.latent_size, self.latent_size)
         steps = num_inference_steps or h.num_inference_steps
         scale = h.guidance_scale if guidance_scale is None else guidance_scale
-        was_training = self.dit.training
-        self.dit.eval()
-        try:
-            with self.ema_weights() if use_ema else contextlib.nullcontext():
-                x = sample(self.dit, scheduler, text, mask, self.null_text, self.null_mask, shape, steps, scale, g)
-        finally:
-            self.dit.train(was_training)
+        with evaluating(self.dit), self.ema_weights() if use_ema else nullcontext():
+            x = sample(self.dit, scheduler, text, mask, self.null_text, self.null_mask, shape, steps, scale, g)
         return to_uint8(self.codec.decode(x)).cpu()
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -331,7 +276,6 @@ class DiTModule(L.LightningModule):
         prompts = list(batch["prompt"] if "prompt" in batch else batch["caption"])
         images = self.generate(prompts, seed=self.hparams.seed + batch_idx)
         if self.hparams.sample_dir:
-            rank = self.global_rank
-            save_grid(images, f"{self.hparams.sample_dir}/grid_r{rank}_b{batch_idx:05d}.png",
-                      nrow=int(math.ceil(math.sqrt(len(prompts)))), captions=prompts)  # fmt: skip
+            path = f"{self.hparams.sample_dir}/grid_r{self.global_rank}_b{batch_idx:05d}.png"
+            save_grid(images, path, nrow=math.ceil(math.sqrt(len(prompts))), captions=prompts)
         return {"images": images, "prompts": prompts, **({"key": batch["key"]} if "key" in batch else {})}

@@ -152,3 +152,19 @@ def make_dm(shards: dict, **kw):
     )
     args.update(kw)
     return CaptionMixDataModule(**args)
+
+
+def cpu_trainer(**overrides):
+    """A quiet single-process CPU ``lightning.Trainer``: no logger, checkpoints, progress bar or model summary;
+    ``overrides`` replace or add any ``Trainer`` argument."""
+    import lightning as L
+
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**args, **overrides})

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_trainer
 from PIL import Image
 
 from datamodules.chat import ConversationEncoder, llava_to_messages
@@ -289,9 +290,13 @@ def test_checkpoints_hold_trainable_and_random_frozen_weights_and_init_from_rest
     torch.save(ckpt, tmp_path / "stage1.ckpt")
     torch.manual_seed(1)  # stage 2 draws other random towers, then init_from puts stage 1's back
     m2 = CaptionerModule(
-        vision_tower=VISION, llm=llm_config(tok), tokenizer=str(tok_dir), lr=1e-3, train_llm=True,
+        vision_tower=VISION,
+        llm=llm_config(tok),
+        tokenizer=str(tok_dir),
+        lr=1e-3,
+        train_llm=True,
         init_from=str(tmp_path / "stage1.ckpt"),
-    )  # fmt: skip
+    )
     m2.configure_model()
     for name, p in m.model.state_dict().items():
         assert torch.equal(m2.model.state_dict()[name], p), name
@@ -480,7 +485,6 @@ def test_tiny_world_captioner_learns_to_name_attributes(tmp_path):
     A miniature of the real chain without the web-CLIP step (that is `make tiny-captioner`): a frozen random ViT tower
     (which carries colour and position, not shape -- PROTOTYPE.md) and a Llama trained on detailed descriptions.
     """
-    import lightning as L
     import pandas as pd
     from lightning.pytorch.loggers import CSVLogger
 
@@ -497,13 +501,19 @@ def test_tiny_world_captioner_learns_to_name_attributes(tmp_path):
     vision = dict(VISION, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     llm = dict(llm_config(tok), hidden_size=96, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
     m = CaptionerModule(
-        vision_tower=vision, llm=llm, tokenizer=str(tok_dir), vision_feature_layer=-1, lr=4e-3, train_llm=True,
-        warmup_ratio=0.05, max_length=128, max_new_tokens=64,
-    )  # fmt: skip
+        vision_tower=vision,
+        llm=llm,
+        tokenizer=str(tok_dir),
+        vision_feature_layer=-1,
+        lr=4e-3,
+        train_llm=True,
+        warmup_ratio=0.05,
+        max_length=128,
+        max_new_tokens=64,
+    )
     dm = LlavaJsonDataModule(str(detail), str(world), batch_size=32, num_workers=0)
     logger = CSVLogger(tmp_path, name="cap", version=0)
-    trainer = L.Trainer(max_steps=800, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=10,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = cpu_trainer(max_steps=800, logger=logger, log_every_n_steps=10)
     trainer.fit(m, dm)
     losses = pd.read_csv(tmp_path / "cap/version_0/metrics.csv")["train/loss"].dropna().to_numpy()
     assert losses[-3:].mean() < 0.5 * losses[:2].mean()
@@ -517,8 +527,6 @@ def test_tiny_world_captioner_learns_to_name_attributes(tmp_path):
 
 def test_stage_one_on_caption_shards_through_the_caption_mix(world, tok_dir, tok, tmp_path):
     """The captioner trains on image-caption shards at any p: each caption becomes a one-turn conversation."""
-    import lightning as L
-
     from datamodules.caption_mix import CaptionMixDataModule
 
     m = module(tok_dir, tok, caption_prompts=["Describe the image concisely.", "Write a short caption."])
@@ -531,7 +539,7 @@ def test_stage_one_on_caption_shards_through_the_caption_mix(world, tok_dir, tok
         str(world / "web"), batch_size=4, sources={"original": "txt"}, source_weights={"original": 1.0}, num_workers=0
     )
     before = m.model.model.multi_modal_projector.linear_1.weight.detach().clone()
-    trainer = L.Trainer(accelerator="cpu", fast_dev_run=2, logger=False, enable_progress_bar=False)
+    trainer = cpu_trainer(fast_dev_run=2)
     trainer.fit(m, dm)
     assert trainer.global_step == 2
     assert not torch.equal(before, m.model.model.multi_modal_projector.linear_1.weight)
@@ -594,8 +602,24 @@ def test_print_config_of_the_stage_two_stack(capsys):
 def test_captioner_benchmark_reports_both_sides(tok_dir):
     from benchmarks.captioner_step import main
 
-    report = main(["--steps", "4", "--skip", "2", "--batch-size", "2", "--text-len", "8", "--tokenizer", str(tok_dir),
-                   "--device", "cpu", "--stage", "2-lora"])  # fmt: skip
+    report = main(
+        [
+            "--steps",
+            "4",
+            "--skip",
+            "2",
+            "--batch-size",
+            "2",
+            "--text-len",
+            "8",
+            "--tokenizer",
+            str(tok_dir),
+            "--device",
+            "cpu",
+            "--stage",
+            "2-lora",
+        ]
+    )
     assert report["ours_tokens_per_s"] > 0
     assert report["reference_tokens_per_s"] > 0
     assert report["tokens_per_sample"] == 1 + 64 + 8

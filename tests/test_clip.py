@@ -11,7 +11,7 @@ import lightning as L
 import open_clip
 import pytest
 import torch
-from conftest import write_shards
+from conftest import cpu_trainer, write_shards
 
 from datamodules.caption_mix import CaptionMixDataModule
 from experiments.export_clip import export_clip
@@ -48,15 +48,7 @@ def fit(module: ClipModule, shards, batch_size: int, max_steps: int = -1, root=N
     dm = CaptionMixDataModule(
         train_shards=str(shards), batch_size=batch_size, sources={"original": "txt"}, num_workers=0, shuffle_buffer=1
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    trainer = cpu_trainer(max_steps=max_steps, default_root_dir=root)
     trainer.fit(module, datamodule=dm)
     return trainer
 
@@ -83,7 +75,7 @@ def test_lr_per_256_and_sample_schedule(tmp_path):
     dm = CaptionMixDataModule(
         train_shards=str(tmp_path / "web"), batch_size=8, sources={"original": "txt"}, num_workers=0
     )
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[Spy()], max_epochs=5)
+    trainer = cpu_trainer(callbacks=[Spy()], max_epochs=5)
     trainer.fit(module, datamodule=dm)
     peak = 1e-3 * 8 / 256
     assert trainer.global_step == 8  # ceil(64 samples / 8), derived because max_steps was left at -1
@@ -267,9 +259,7 @@ def test_bf16_mixed_precision_trains(tmp_path):
     dm = CaptionMixDataModule(
         train_shards=str(tmp_path / "web"), batch_size=8, sources={"original": "txt"}, num_workers=0
     )
-    trainer = L.Trainer(
-        accelerator="cpu", precision="bf16-mixed", max_steps=3, logger=False, enable_checkpointing=False
-    )
+    trainer = cpu_trainer(precision="bf16-mixed", max_steps=3)
     trainer.fit(module, datamodule=dm)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert module.model.text_projection.dtype == torch.float32  # mixed: fp32 master weights

@@ -174,5 +174,6 @@ def test_negative_control_gather_without_grad(two_ranks):
     wrong = {n for n, d in diff.items() if d > 1e-4 * max(1.0, two_ranks["grads"][n].abs().max().item())}
     assert {"visual.conv1.weight", "visual.proj", "text_projection", "token_embedding.weight"} <= wrong
     with pytest.raises(AssertionError):
-        torch.testing.assert_close(ranks[0]["gather_without_grad"]["grads"]["text_projection"],
-                                   two_ranks["grads"]["text_projection"], **TOL)  # fmt: skip
+        torch.testing.assert_close(
+            ranks[0]["gather_without_grad"]["grads"]["text_projection"], two_ranks["grads"]["text_projection"], **TOL
+        )

@@ -15,7 +15,7 @@ import open_clip
 import pytest
 import torch
 import yaml
-from conftest import write_shards
+from conftest import cpu_trainer, write_shards
 from test_clip import tiny_cfg
 from test_configs import parser  # noqa: F401 - the module-scoped LightningCLI parser fixture
 from test_multinode import CONFIGS, _classes, _resolved
@@ -49,18 +49,7 @@ def _dm(shards) -> CaptionMixDataModule:
 
 
 def _trainer(max_steps: int, **kw) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        val_check_interval=None,
-        **kw,
-    )
+    return cpu_trainer(max_steps=max_steps, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=None, **kw)
 
 
 def _module(nonscalar: bool, **kw) -> ClipModule:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from conftest import cpu_trainer
 
 from datamodules.eval_sets import EvalDataModule
 from datamodules.sidecar import build_sidecars
@@ -108,7 +108,7 @@ def test_lightning_test_path_equals_in_loop_evaluation(world_root, monkeypatch):
     module = ClipModule(tiny_model("S-16", "small", 64), lr=1e-3)
     tasks = _tasks(world_root / "data/world")
     monkeypatch.chdir(world_root)  # before the Trainer: its default_root_dir is the working directory
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = cpu_trainer()
     trainer.test(module, datamodule=EvalDataModule(tasks, batch_size=20))  # batch 20 splits the sets unevenly
     got = json.loads((Path(trainer.default_root_dir) / "metrics" / "test.json").read_text())["metrics"]
     want = module.evaluate(tasks)
@@ -124,7 +124,8 @@ def test_short_run_learns_far_above_chance(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [
         "fit",
-        "--row", "table3/p0.5",
+        "--row",
+        "table3/p0.5",
         "--data.init_args.train_shards=data/world/web/{00000..00004}.tar",
         "--data.init_args.val_shards=data/world/web/00005.tar",
         "--data.init_args.batch_size=64",
@@ -133,7 +134,7 @@ def test_short_run_learns_far_above_chance(tmp_path, monkeypatch):
         "--model.init_args.warmup_samples=3840",
         "--trainer.val_check_interval=300",
         "--trainer.limit_val_batches=1",
-    ]  # fmt: skip
+    ]
     cli_main(args)
     metrics = json.loads(sorted(Path("runs/tiny/clip/table3/p0.5/stage1/metrics").glob("step*.json"))[-1].read_text())
     m = metrics["metrics"]

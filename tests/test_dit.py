@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from conftest import cpu_trainer
 
 from datamodules.caption_mix import CaptionMixDataModule
 from datamodules.latent_cache import LatentCacheDataModule, _CacheIndex, build_cache
@@ -27,8 +27,11 @@ def save_open_clip_text(path: Path) -> Path:
     from safetensors.torch import save_file
 
     vision = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
-    cfg = {"embed_dim": 16, "vision_cfg": vision,
-           "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}  # fmt: skip
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": vision,
+        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     torch.manual_seed(0)
     model = open_clip.CLIP(**cfg)
     path.mkdir(parents=True, exist_ok=True)
@@ -49,23 +52,46 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
 
 def make_module(world, **kw) -> DiTModule:
-    args = dict(size=TINY, image_size=16, text_encoder=str(world["text"]), ema_decay=0.9, sampler="ddim",
-                num_inference_steps=3, guidance_scale=2.0, prediction_type="v_prediction",
-                beta_schedule="squaredcos_cap_v2", min_snr_gamma=5.0, lr=1e-3)  # fmt: skip
+    args = dict(
+        size=TINY,
+        image_size=16,
+        text_encoder=str(world["text"]),
+        ema_decay=0.9,
+        sampler="ddim",
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        prediction_type="v_prediction",
+        beta_schedule="squaredcos_cap_v2",
+        min_snr_gamma=5.0,
+        lr=1e-3,
+    )
     module = DiTModule(**(args | kw))
     module.configure_model()
     return module
 
 
 def make_data(world, p: float, **kw) -> CaptionMixDataModule:
-    return CaptionMixDataModule("::".join(world["shards"]), batch_size=8, p_original=p, num_workers=0,
-                                sidecar_dir=str(world["world"] / "sidecars"), shuffle_buffer=1, shuffle_initial=1,
-                                persistent_workers=False, seed=3, **kw)  # fmt: skip
+    return CaptionMixDataModule(
+        "::".join(world["shards"]),
+        batch_size=8,
+        p_original=p,
+        num_workers=0,
+        sidecar_dir=str(world["world"] / "sidecars"),
+        shuffle_buffer=1,
+        shuffle_initial=1,
+        persistent_workers=False,
+        seed=3,
+        **kw,
+    )
 
 
 def test_named_sizes_are_dits_shapes():
-    assert parse_dit_size("DiT-B/4") == {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
-                                         "patch_size": 4}  # fmt: skip
+    assert parse_dit_size("DiT-B/4") == {
+        "num_layers": 12,
+        "hidden_size": 768,
+        "num_attention_heads": 12,
+        "patch_size": 4,
+    }
     with torch.device("meta"):
         model = build_dit("DiT-L/2", in_channels=4, sample_size=32, caption_channels=768)
     assert model.config.num_layers == 24
@@ -84,9 +110,15 @@ def test_cached_and_uncached_paths_give_the_same_draws_and_the_same_loss(world, 
     data.setup("fit")
     data.image_transform = module.data_transforms("fit").image
     batch = next(iter(make_data(world, 0.5, image_transform=module.data_transforms("fit").image).train_dataloader()))
-    totals = build_cache(module, world["shards"], tmp_path / "cache",
-                         sources={"original": "txt", "recaption": "sidecar:re_caption"},
-                         sidecar_dir=str(world["world"] / "sidecars"), batch_size=16, dtype="float32")  # fmt: skip
+    totals = build_cache(
+        module,
+        world["shards"],
+        tmp_path / "cache",
+        sources={"original": "txt", "recaption": "sidecar:re_caption"},
+        sidecar_dir=str(world["world"] / "sidecars"),
+        batch_size=16,
+        dtype="float32",
+    )
     assert totals["shards"] == 2
     assert totals["samples"] == 40
     index = _CacheIndex(tmp_path / "cache")
@@ -105,14 +137,22 @@ def test_cached_and_uncached_paths_give_the_same_draws_and_the_same_loss(world, 
     # the cached DataModule draws the same source per (seed, epoch, key) as the uncached one
     cdm = LatentCacheDataModule(str(tmp_path / "cache"), batch_size=8, p_original=0.5, seed=3)
     drawn = {k: s for b in cdm.train_dataloader() for k, s in zip(b["key"], b["caption_source"], strict=True)}
-    uncached = {k: s for b in make_data(world, 0.5).train_dataloader()
-                for k, s in zip(b["key"], b["caption_source"], strict=True)}  # fmt: skip
+    uncached = {
+        k: s
+        for b in make_data(world, 0.5).train_dataloader()
+        for k, s in zip(b["key"], b["caption_source"], strict=True)
+    }
     assert len(drawn) == 40
     assert drawn == {k: uncached[k] for k in drawn}
     with pytest.raises(ValueError, match="made differently"):  # another text length must not reuse this cache
-        build_cache(make_module(world, text_max_length=8), world["shards"], tmp_path / "cache",
-                    sources={"original": "txt", "recaption": "sidecar:re_caption"},
-                    sidecar_dir=str(world["world"] / "sidecars"), dtype="float32")  # fmt: skip
+        build_cache(
+            make_module(world, text_max_length=8),
+            world["shards"],
+            tmp_path / "cache",
+            sources={"original": "txt", "recaption": "sidecar:re_caption"},
+            sidecar_dir=str(world["world"] / "sidecars"),
+            dtype="float32",
+        )
 
 
 def test_cfg_dropout_rate_is_as_configured_and_dropped_rows_get_the_null_text(world):
@@ -138,8 +178,7 @@ def test_training_updates_ema_and_checkpoints_hold_no_frozen_weights(world, tmp_
     data = make_data(world, 0.0)
     data.image_transform = module.data_transforms("fit").image
     before = [p.detach().clone() for p in module.dit.parameters()]
-    trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, accelerator="cpu")  # fmt: skip
+    trainer = cpu_trainer(max_steps=4, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     ema = [p.detach().clone() for p in module.ema.shadow_params]
     now = list(module.dit.parameters())
@@ -184,9 +223,17 @@ def test_hf_clip_text_encoder_path_masks_and_counts_truncation(world, tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    cfg = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     CLIPTextModel(cfg).save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
     enc = FrozenCLIPText(str(tmp_path / "hf"), max_length=10)
@@ -204,8 +251,12 @@ def test_stated_truth_judges_only_what_the_prompt_asks():
     from datamodules.prompts import PromptRecord
     from experiments.dit_eval import stated_truth
 
-    objects = json.dumps([{"shape": "cross", "colour": "orange", "position": "left", "size": "large"},
-                          {"shape": "circle", "colour": "green", "position": "bottom", "size": "small"}])  # fmt: skip
+    objects = json.dumps(
+        [
+            {"shape": "cross", "colour": "orange", "position": "left", "size": "large"},
+            {"shape": "circle", "colour": "green", "position": "bottom", "size": "small"},
+        ]
+    )
     row = {"objects": objects, "background": json.dumps({"kind": "plain", "colours": ["beige"]})}
     short = PromptRecord(0, "A green circle below a large orange cross", None, row)
     assert stated_truth(short) == {"shape": "cross", "colour": "orange"}  # the main object, not the first mentioned
@@ -220,15 +271,31 @@ def test_fit_checkpoint_then_dit_eval_writes_metrics_for_both_prompt_sets(world,
     module = make_module(world)
     data = make_data(world, 0.0)
     data.image_transform = module.data_transforms("fit").image
-    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, accelerator="cpu")  # fmt: skip
+    trainer = cpu_trainer(max_steps=2, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     train_judge(world["world"], tmp_path / "judge", image_size=16, steps=5, batch_size=16, threads=1)
     prompts = world["world"] / "eval/t2i_prompts/prompts.parquet"
-    results = dit_eval(["--ckpt", str(tmp_path / "last.ckpt"), "--prompts", str(prompts), "--limit", "12",
-                        "--batch-size", "6", "--steps", "2", "--attribute-judge", str(tmp_path / "judge"),
-                        "--clip", f"tiny={world['text']}", "--out", str(tmp_path / "eval")])  # fmt: skip
+    results = dit_eval(
+        [
+            "--ckpt",
+            str(tmp_path / "last.ckpt"),
+            "--prompts",
+            str(prompts),
+            "--limit",
+            "12",
+            "--batch-size",
+            "6",
+            "--steps",
+            "2",
+            "--attribute-judge",
+            str(tmp_path / "judge"),
+            "--clip",
+            f"tiny={world['text']}",
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
     for column in ("caption", "recaption"):
         m = results[column]
         assert m["n_images"] == 12
@@ -245,8 +312,22 @@ def test_fit_checkpoint_then_dit_eval_writes_metrics_for_both_prompt_sets(world,
 def test_cache_benchmark_runs_both_paths(world):
     from benchmarks.dit_cache import main
 
-    report = main(["--preset", "tiny", "--world", str(world["world"]), "--text-encoder", str(world["text"]),
-                   "--batch-size", "8", "--steps", "2", "--skip", "1"])  # fmt: skip
+    report = main(
+        [
+            "--preset",
+            "tiny",
+            "--world",
+            str(world["world"]),
+            "--text-encoder",
+            str(world["text"]),
+            "--batch-size",
+            "8",
+            "--steps",
+            "2",
+            "--skip",
+            "1",
+        ]
+    )
     assert report["cached_samples"] == 40
     assert report["uncached_s_per_step"] > 0
     assert report["cached_s_per_step"] > 0

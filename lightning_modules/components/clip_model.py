@@ -1,9 +1,6 @@
-"""Build an open_clip model, its tokenizer and its image transforms from a name, a local path or a config dict.
-
-Everything goes through open_clip's own classes (``open_clip.CLIP`` / ``CustomTextCLIP``, ``SimpleTokenizer`` /
-``HFTokenizer``, ``image_transform``), so a model trained here is an ordinary open_clip model, and a released open_clip
-checkpoint (e.g. ``UCSC-VLAA/ViT-L-16-HTxt-Recap-CLIP`` downloaded to a folder) is evaluated by path:
-``model: local-dir:/path/to/ViT-L-16-HTxt-Recap-CLIP``. Nothing here downloads weights.
+"""Build an open_clip model, its tokenizer and its image transforms from a name, a local path or a config dict, with
+open_clip's own classes: a model trained here is an ordinary open_clip model, and a released one (e.g. Recap-CLIP
+downloaded to a folder) is evaluated as ``model: local-dir:/path``. Nothing here downloads weights.
 """
 
 from __future__ import annotations
@@ -13,7 +10,7 @@ import logging
 import math
 import pickle
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,9 +42,8 @@ class ClipParts:
 
 def resolve_model_config(model: str | Mapping[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """``(model_cfg, preprocess_cfg)`` for a config dict, an ``open_clip_config.json``-style dict or path, a JSON
-    model config path, a ``recap-clip:VISION:TEXT[:STYLE]`` name (paper Table 2) or an open_clip model name.
-    ``(None, {})`` for ``local-dir:`` (open_clip reads that folder itself). A config file's relative
-    ``hf_tokenizer_name`` (``"."``, ``"./x"``, ``"../x"``; export-clip writes ``"."``) is relative to its folder."""
+    model config path, a ``recap-clip:VISION:TEXT[:STYLE]`` name (paper Table 2) or an open_clip model name;
+    ``(None, {})`` for ``local-dir:`` (open_clip reads that folder itself)."""
     from lightning_modules.components.clip_sizes import parse_model_name
 
     folder = None  # the folder of a config file, for relative paths in it
@@ -63,10 +59,8 @@ def resolve_model_config(model: str | Mapping[str, Any]) -> tuple[dict[str, Any]
             except json.JSONDecodeError as e:
                 raise ValueError(f"CLIP model config {path} is not valid JSON: {e}") from e
             folder = path.parent
-        elif (named := parse_model_name(model)) is not None:
-            model = named
-        else:
-            named = open_clip.get_model_config(model)
+        else:  # a paper size, then an open_clip name
+            named = parse_model_name(model) or open_clip.get_model_config(model)
             if named is None:
                 raise ValueError(
                     f"unknown CLIP model {model!r}: give an open_clip name ({', '.join(open_clip.list_models()[:6])}, "
@@ -83,19 +77,9 @@ def resolve_model_config(model: str | Mapping[str, Any]) -> tuple[dict[str, Any]
             raise ValueError(f"CLIP model config lacks {key!r} (keys: {sorted(cfg)})")
     tok = (cfg.get("text_cfg") or {}).get("hf_tokenizer_name")
     if folder is not None and isinstance(tok, str) and (tok == "." or tok.startswith(("./", "../"))):
-        # a relative tokenizer folder in a config file (export-clip writes "."): relative to that file's folder
+        # a relative tokenizer folder in a config file (export-clip writes "."): relative to the file's folder
         cfg["text_cfg"]["hf_tokenizer_name"] = str((folder / tok).resolve())
     return cfg, preprocess
-
-
-def make_tokenizer(text_cfg: Mapping[str, Any], context_length: int) -> Any:
-    """open_clip's tokenizer for a text config: ``HFTokenizer`` when ``hf_tokenizer_name`` is set (a hub name that is
-    already cached, or a local folder saved with ``save_pretrained``), else the bundled BPE ``SimpleTokenizer``."""
-    name = text_cfg.get("hf_tokenizer_name")
-    if name:
-        kwargs = dict(text_cfg.get("tokenizer_kwargs") or {})
-        return open_clip.tokenizer.HFTokenizer(name, context_length=context_length, **kwargs)
-    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
 
 
 def build_clip(
@@ -107,17 +91,9 @@ def build_clip(
     train_augment: bool = True,
     nonscalar_logit_scale: bool = False,
 ) -> ClipParts:
-    """``model`` is an open_clip model name (``"ViT-B-16"``), ``"recap-clip:B-16:base"`` (paper Table 2 sizes),
-    ``"local-dir:/path"`` (open_clip's own config + weights folder; weights are loaded), a JSON config path, or the
-    config dict itself (``{"embed_dim", "vision_cfg", "text_cfg"}``, optionally wrapped as
-    ``{"model_cfg", "preprocess_cfg"}``). Overrides: ``context_length`` and ``image_size`` (the CLIPA stages),
-    ``tokenizer`` (an HF tokenizer name or folder, replacing the config's), ``augmentation`` (open_clip
-    ``AugmentationCfg`` fields for the training transform; ``train_augment=False`` trains on the eval transform).
-    ``nonscalar_logit_scale`` gives ``logit_scale`` / ``logit_bias`` shape [1] instead of [] (open_clip's own switch;
-    FSDP refuses 0-dim parameters) for every kind of ``model``. A config dict may carry open_clip's key
-    ``nonscalar_logit_scale`` too, but then it must agree with the argument (ValueError otherwise); the returned
-    ``model_cfg`` never carries it, so an exported config builds open_clip's default scalar model.
-    """
+    """The model, tokenizer and transforms for any ``model`` that ``resolve_model_config`` knows, or a ``local-dir:``
+    folder (weights loaded), with ClipModule's overrides. The returned ``model_cfg`` never carries
+    ``nonscalar_logit_scale``, so an exported config builds open_clip's default scalar model."""
     cfg, preprocess = resolve_model_config(model)
     if cfg is None:
         if image_size is not None or tokenizer is not None:
@@ -144,30 +120,24 @@ def build_clip(
         cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
         net = cls(**cfg, output_dict=True, nonscalar_logit_scale=nonscalar_logit_scale)
         ctx = text_cfg.get("context_length", 77)
-        tok = make_tokenizer(text_cfg, ctx)
+        if text_cfg.get("hf_tokenizer_name"):  # a hub name already cached, or a save_pretrained folder
+            kwargs = text_cfg.get("tokenizer_kwargs") or {}
+            tok = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=ctx, **kwargs)
+        else:
+            tok = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
         if custom:
             cfg["custom_text"] = True
     size = net.visual.image_size
     pre = {k: preprocess[k] for k in _PREPROCESS_KEYS if preprocess.get(k) is not None}
-    return ClipParts(
-        model=net,
-        tokenizer=tok,
-        preprocess_train=open_clip.image_transform(size, is_train=train_augment, aug_cfg=augmentation, **pre),
-        preprocess_val=open_clip.image_transform(size, is_train=False, **pre),
-        context_length=ctx,
-        model_cfg=cfg,
-        preprocess_cfg={"size": size, **pre},
-    )
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint that holds pickled Python objects, which a safe (``weights_only=True``) load does not run."""
+    train_tf = open_clip.image_transform(size, is_train=train_augment, aug_cfg=augmentation, **pre)
+    val_tf = open_clip.image_transform(size, is_train=False, **pre)
+    return ClipParts(net, tok, train_tf, val_tf, ctx, cfg, preprocess_cfg={"size": size, **pre})
 
 
 def load_checkpoint_file(path: str | Path) -> Any:
     """A checkpoint file's contents, loaded safely: ``.safetensors`` with safetensors, anything else with
-    ``torch.load(weights_only=True)``. A file that needs arbitrary unpickling is refused with one line naming it and
-    what it would have run (:class:`UnsafeCheckpointError`), without torch's advice to retry unsafely."""
+    ``torch.load(weights_only=True)``. A file that needs arbitrary unpickling is refused (ValueError) with one line
+    naming it and what it would have run, without torch's advice to retry unsafely."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -180,7 +150,7 @@ def load_checkpoint_file(path: str | Path) -> Any:
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"pickled object {found.group(1)}" if found else "pickled objects"
-        raise UnsafeCheckpointError(
+        raise ValueError(
             f"cannot load {path}: refused as unsafe: it holds a {what} that loading would execute (only tensors and "
             "plain containers load, weights_only=True); use a checkpoint written by this suite or safetensors"
         ) from None
@@ -203,21 +173,18 @@ def clip_state_dict(ckpt: Any, path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The CLIP weights in a Lightning ``.ckpt``, an open_clip ``.pt``/``.bin`` or a ``.safetensors`` file (safe
-    loading only)."""
     return clip_state_dict(load_checkpoint_file(path), path)
 
 
-def reshape_logit_params(state: MutableMapping[str, Any], nonscalar: bool, prefix: str = "") -> list[str]:
-    """Give ``prefix + logit_scale`` / ``prefix + logit_bias`` in ``state`` open_clip's scalar (shape [], ``nonscalar``
-    False) or ``nonscalar_logit_scale`` (shape [1]) layout, in place; return the keys changed.
-
-    Only these names and only [] <-> [1]: any other shape difference is left for strict loading to report. (open_clip's
-    ``load_checkpoint`` does the same for plain files; Lightning checkpoints and ``init_from`` do not go through it.)
-    """
+def reshape_logit_params(
+    state: MutableMapping[str, Any], nonscalar: bool, prefix: str = "", names: Sequence[str] = LOGIT_PARAMS
+) -> list[str]:
+    """Give ``prefix + name`` in ``state`` open_clip's scalar (shape [], ``nonscalar`` False) or
+    ``nonscalar_logit_scale`` (shape [1]) layout, in place; return the keys changed. Only [] <-> [1]: any other shape
+    difference is left for strict loading to report (as open_clip's ``load_checkpoint`` does for plain files)."""
     shape = (1,) if nonscalar else ()
     changed = []
-    for name in LOGIT_PARAMS:
+    for name in names:
         value = state.get(prefix + name)
         if isinstance(value, torch.Tensor) and tuple(value.shape) in {(), (1,)} and tuple(value.shape) != shape:
             state[prefix + name] = value.reshape(shape)
@@ -226,8 +193,7 @@ def reshape_logit_params(state: MutableMapping[str, Any], nonscalar: bool, prefi
 
 
 def logit_layout_conflict(in_cfg: Any, switch: bool) -> str | None:
-    """Why a model config's own ``nonscalar_logit_scale`` (``in_cfg``, None when absent) cannot be used with the
-    module's switch, or None when they agree."""
+    """Why a model config's own ``nonscalar_logit_scale`` (None when absent) disagrees with the module's switch."""
     if in_cfg is None or bool(in_cfg) == bool(switch):
         return None
     return (
@@ -236,20 +202,13 @@ def logit_layout_conflict(in_cfg: Any, switch: bool) -> str | None:
     )
 
 
-def has_nonscalar_logit_scale(model: nn.Module) -> bool:
-    """Whether ``model.logit_scale`` has open_clip's ``nonscalar_logit_scale`` shape [1] (else the default [])."""
-    return model.logit_scale.ndim == 1
-
-
 ATTNPOOL_POS_EMBED = "visual.attnpool.positional_embedding"
 
 
 def resize_attnpool_pos_embed(state: MutableMapping[str, Any], model: nn.Module) -> None:
-    """The ``ModifiedResNet`` tower's (open_clip's RN50 family) attention-pool position embedding,
-    ``[1 + grid**2, width]``, interpolated in place to ``model``'s grid (``image_size // 32``), with open_clip's own
-    ``resize_pos_embed`` (the same class-token split and bicubic interpolation as a ViT's grid). open_clip's
-    ``resize_pos_embed`` only knows the ViT key ``visual.positional_embedding``; a checkpoint of another width, or a
-    model without an attention pool, is left for strict loading to report."""
+    """The ``ModifiedResNet`` tower's (RN50 family) attention-pool position embedding, ``[1 + grid**2, width]``,
+    interpolated in place to ``model``'s grid with open_clip's ``resize_pos_embed``, which only knows the ViT key.
+    A checkpoint of another width, or a model without an attention pool, is left for strict loading to report."""
     old = state.get(ATTNPOOL_POS_EMBED)
     target = getattr(getattr(model.visual, "attnpool", None), "positional_embedding", None)
     if not isinstance(old, torch.Tensor) or target is None or old.shape == target.shape or old.ndim != 2:
@@ -263,16 +222,12 @@ def resize_attnpool_pos_embed(state: MutableMapping[str, Any], model: nn.Module)
 
 
 def load_clip_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
-    """Load CLIP weights into ``model``, interpolating the vision position embeddings to the model's grid
-    (CLIPA stage 2: a 112 px stage-1 model fine-tuned at 224 px) and the text ones to its context length, with
-    open_clip's own ``resize_pos_embed`` / ``resize_text_pos_embed``; ``logit_scale`` / ``logit_bias`` are reshaped
-    to the model's layout (scalar [] or ``nonscalar_logit_scale`` [1]: a DDP stage 1 into an FSDP stage 2).
-
-    Every vision tower open_clip builds goes through both stages: a ViT (``visual.positional_embedding``), a
-    ``ModifiedResNet`` (its attention pool's ``visual.attnpool.positional_embedding``: ``resize_attnpool_pos_embed``)
-    and a timm trunk (open_clip builds it at timm's own input size whatever ``image_size`` is: nothing to resize)."""
+    """Load CLIP weights into ``model``, the vision position embeddings interpolated to its grid (CLIPA stage 2: a
+    112 px stage 1 fine-tuned at 224 px; ViT and ModifiedResNet towers, a timm trunk has a fixed input size) and the
+    text ones to its context length, ``logit_scale`` / ``logit_bias`` reshaped to its layout (a DDP stage 1 into an
+    FSDP stage 2)."""
     sd = read_state_dict(path)
-    reshape_logit_params(sd, has_nonscalar_logit_scale(model))
+    reshape_logit_params(sd, model.logit_scale.ndim == 1)
     before = {k: tuple(sd[k].shape) for k in ("visual.positional_embedding", ATTNPOOL_POS_EMBED) if k in sd}
     try:
         resize_pos_embed(sd, model)

@@ -1,18 +1,15 @@
 """Recap-DiT's networks and losses: a text-conditioned DiT (diffusers ``PixArtTransformer2DModel``: adaLN-single
-timestep conditioning and cross-attention to the text in every block), a frozen CLIP text encoder, an image codec
-(a VAE, or pixels for the tiny world), the diffusion loss and classifier-free-guided sampling with diffusers'
-schedulers. Plain modules and functions; ``lightning_modules.dit.DiTModule`` wires them.
+timestep conditioning, cross-attention to the text in every block), a frozen CLIP text encoder, an image codec (a VAE,
+or pixels for the tiny world), the diffusion loss and classifier-free-guided sampling with diffusers' schedulers.
 
-The paper (PAPER.md §6): DiT-B/4 for every p ablation, DiT-L/2 for one run; 256 px images as 32×32×4 latents of the
-LDM/SD VAE (8× down); text from a frozen OpenAI CLIP text encoder injected by cross-attention; CFG scale 10 with 250
-DDPM steps. Which CLIP text tower and how many tokens is not stated: the configs pick OpenAI CLIP ViT-L/14's text
-tower (Stable Diffusion 1.x's choice) at its 77 tokens, per-token last hidden states, and say so.
+The paper (PAPER.md §6) does not say which CLIP text tower and how many tokens: the configs pick OpenAI CLIP ViT-L/14's
+(Stable Diffusion 1.x's choice) at its 77 tokens, per-token last hidden states, and say so.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,36 +66,24 @@ def build_dit(
         use_additional_conditions=False,
         **kwargs,
     )
-    for block in model.transformer_blocks:
-        nn.init.zeros_(block.attn2.to_out[0].weight)
-        nn.init.zeros_(block.attn2.to_out[0].bias)
-    nn.init.zeros_(model.proj_out.weight)
-    nn.init.zeros_(model.proj_out.bias)
+    for layer in [*(block.attn2.to_out[0] for block in model.transformer_blocks), model.proj_out]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
     return model
 
 
 def dit_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor):
     """The DiT's prediction for noisy ``x`` at timesteps ``t`` given text features and their 0/1 mask."""
+    text_kw = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
     return model(
-        x,
-        encoder_hidden_states=text,
-        encoder_attention_mask=mask,
-        timestep=t,
-        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        return_dict=False,
+        x, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False, **text_kw
     )[0]
 
 
-# ------------------------------------------------------------------------------------------------------ text encoder
 class FrozenCLIPText(nn.Module):
-    """Per-token features of a frozen CLIP text tower, with their mask (1 up to and including end-of-text).
-
-    ``source``: a HuggingFace ``CLIPTextModel`` folder or hub name (``openai/clip-vit-large-patch14``; features are
-    the last hidden states, as Stable Diffusion uses them), or an open_clip model folder (``export-clip`` output, the
-    suite's Recap-CLIP or the tiny world's web CLIP; features after ``ln_final``, before pooling). ``max_length``
-    caps the tokens (longer texts are cut and counted in ``n_truncated``). Never trained: ``requires_grad`` off,
-    always eval mode.
-    """
+    """Per-token features of a frozen CLIP text tower (never trained, always in eval mode), with their mask (1 up to
+    and including end-of-text): a HuggingFace ``CLIPTextModel``'s last hidden states (as Stable Diffusion uses them) or
+    an ``export-clip`` folder's after ``ln_final``. Texts over ``max_length`` tokens are cut and counted."""
 
     def __init__(self, source: str, max_length: int | None = None, trust_remote_code: bool = False):
         super().__init__()
@@ -143,12 +128,17 @@ class FrozenCLIPText(nn.Module):
         else:
             full = self.tokenizer(list(texts), padding=False, truncation=False)["input_ids"]
             self.n_truncated += sum(len(f) > self.max_length for f in full)
-            enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(device)  # fmt: skip
+            kw = {"padding": "max_length", "truncation": True, "max_length": self.max_length, "return_tensors": "pt"}
+            enc = self.tokenizer(list(texts), **kw).to(device)
             x = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
             mask = enc["attention_mask"].long()
         x, mask = x[:, : self.max_length], mask[:, : self.max_length]
         return x.float() * mask[..., None], mask
+
+
+def pad_text(text: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text features and their mask padded with zeros to ``length`` tokens."""
+    return F.pad(text, (0, 0, 0, length - text.shape[1])), F.pad(mask, (0, length - mask.shape[1]))
 
 
 def trim_to_longest(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +147,6 @@ def trim_to_longest(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     return text[:, :n], mask[:, :n]
 
 
-# ------------------------------------------------------------------------------------------------------- image codec
 class PixelCodec(nn.Module):
     """Pixel space (the tiny world, where no pretrained VAE exists): images in [-1, 1] are the diffusion space."""
 
@@ -176,7 +165,7 @@ class VAECodec(nn.Module):
     """A frozen diffusers ``AutoencoderKL`` (the paper: LDM/SD's 8× VAE): latents = posterior mean × scaling factor
     (DiT's and PixArt's training use a sample; the mean makes cached latents deterministic, which the cache needs)."""
 
-    def __init__(self, path: str, subfolder: str | None = None, sample_posterior: bool = False):
+    def __init__(self, path: str, subfolder: str | None = None):
         super().__init__()
         from diffusers import AutoencoderKL
 
@@ -186,38 +175,32 @@ class VAECodec(nn.Module):
         self.shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.channels = int(self.vae.config.latent_channels)
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.sample_posterior = sample_posterior
 
     def train(self, mode: bool = True) -> VAECodec:
         return super().train(False)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        dist = self.vae.encode(images).latent_dist
-        z = dist.sample() if self.sample_posterior else dist.mean
-        return (z - self.shift) * self.scale
+        return (self.vae.encode(images).latent_dist.mean - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(x / self.scale + self.shift).sample.clamp(-1, 1)
 
 
-# ---------------------------------------------------------------------------------------------------------- training
 def make_scheduler(kind: str = "ddpm", **config: Any) -> Any:
-    """A diffusers scheduler by name (``ddpm`` for training and the paper's sampling, ``ddim``, ``dpm`` for fast
-    sampling), from one shared noise-schedule config (``num_train_timesteps``, ``beta_schedule``,
-    ``prediction_type``, ...), so training and sampling always agree on the schedule."""
+    """A diffusers scheduler by name (``ddpm``: training and the paper's sampling; ``ddim``, ``dpm``: fast sampling)
+    from one shared noise-schedule config, so training and sampling always agree on the schedule."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
     if kind not in classes:
         raise ValueError(f"unknown scheduler {kind!r}; use one of {sorted(classes)}")
-    cfg = dict(config)
+    cfg = {"clip_sample": False, **config}
     if kind == "ddpm":
         cfg.setdefault("variance_type", "fixed_small")
     else:  # few-step samplers must start at the last training step (pure noise), not ~1000/n below it
         cfg.setdefault("timestep_spacing", "trailing")
-    cfg.setdefault("clip_sample", False)
     if kind == "ddim":
         cfg.setdefault("set_alpha_to_one", False)
     if kind == "dpm":
@@ -225,19 +208,7 @@ def make_scheduler(kind: str = "ddpm", **config: Any) -> Any:
     return classes[kind](**cfg)
 
 
-def snr(scheduler: Any, t: torch.Tensor) -> torch.Tensor:
-    a = scheduler.alphas_cumprod.to(t.device)[t].float()
-    return a / (1 - a)
-
-
-def diffusion_loss(
-    pred: torch.Tensor,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    t: torch.Tensor,
-    scheduler: Any,
-    min_snr_gamma: float | None = None,
-) -> torch.Tensor:
+def diffusion_loss(pred, x0, noise, t, scheduler: Any, min_snr_gamma: float | None = None) -> torch.Tensor:
     """MSE against the scheduler's target (``epsilon``: the noise, DiT's; ``v_prediction``: v; ``sample``: x0),
     optionally min-SNR-γ weighted (Hang et al. 2023), which spends the loss on the low-SNR steps where layout,
     colour and shape are decided instead of on denoising almost-clean images."""
@@ -252,14 +223,14 @@ def diffusion_loss(
         raise ValueError(f"unsupported prediction_type {kind!r}")
     per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
     if min_snr_gamma:
-        s = snr(scheduler, t)
+        a = scheduler.alphas_cumprod.to(t.device)[t].float()
+        s = a / (1 - a)  # the signal-to-noise ratio at t
         clipped = torch.minimum(s, torch.full_like(s, min_snr_gamma))
         weight = {"epsilon": clipped / s, "v_prediction": clipped / (s + 1), "sample": clipped}[kind]
         per = per * weight
     return per.mean()
 
 
-# ---------------------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -272,7 +243,6 @@ def sample(
     num_inference_steps: int,
     guidance_scale: float,
     generator: torch.Generator | None = None,
-    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Classifier-free guided sampling: ``pred = uncond + s * (cond - uncond)`` at every step (``s`` = 1: no
     guidance, one forward per step). ``null_text``/``null_mask`` (one row) are the unconditional text."""
@@ -283,13 +253,10 @@ def sample(
     guided = guidance_scale != 1.0
     if guided:
         length = max(text.shape[1], null_text.shape[1])
-        pad = lambda e, m: (F.pad(e, (0, 0, 0, length - e.shape[1])), F.pad(m, (0, length - m.shape[1])))  # noqa: E731
-        text, mask = pad(text, mask)
-        nt, nm = pad(null_text, null_mask)
+        (text, mask), (nt, nm) = pad_text(text, mask, length), pad_text(null_text, null_mask, length)
         text = torch.cat([text, nt.expand(n, -1, -1)])
         mask = torch.cat([mask, nm.expand(n, -1)])
-    timesteps = scheduler.timesteps
-    for i, t in enumerate(timesteps):
+    for t in scheduler.timesteps:
         inp = torch.cat([x, x]) if guided else x
         inp = scheduler.scale_model_input(inp, t)
         pred = dit_forward(model, inp, t.expand(inp.shape[0]).to(device), text, mask).float()
@@ -297,8 +264,6 @@ def sample(
             cond, uncond = pred.chunk(2)
             pred = uncond + guidance_scale * (cond - uncond)
         x = scheduler.step(pred, t, x, generator=generator).prev_sample
-        if progress is not None:
-            progress(i + 1, len(timesteps))
     return x
 
 
@@ -309,17 +274,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, captions: Sequence[str] | None = None) -> Path:
     """A PNG grid of uint8 images (N, 3, H, W) for people to look at; ``captions`` go to a ``.json`` beside it."""
-    from PIL import Image
+    from torchvision.utils import make_grid, save_image
 
-    n, _, h, w = images.shape
-    rows = -(-n // nrow)
-    grid = torch.full((3, rows * (h + 2), nrow * (w + 2)), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = images[i]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    save_image(make_grid(images.float() / 255, nrow=nrow, padding=2, pad_value=1.0), path)
     if captions is not None:
         path.with_suffix(".json").write_text(json.dumps(list(captions), indent=1))
     return path

@@ -1,11 +1,10 @@
 """An open_clip ViT image tower (an ``export-clip`` folder) as a HuggingFace ``CLIPVisionModel`` /
-``CLIPVisionModelWithProjection`` plus ``CLIPImageProcessor``, with identical outputs.
+``CLIPVisionModelWithProjection`` plus ``CLIPImageProcessor``, with identical outputs; towers HF cannot express exactly
+are refused with a ``ValueError``.
 
-Hand-written because transformers has no importable converter for open_clip: its
-``convert_clip_original_pytorch_to_hf.py`` is a script in the transformers source tree (the installed wheel ships no
-model conversion scripts) that loads OpenAI's original ``clip`` package checkpoints, not open_clip configs. The key
-mapping below follows the installed transformers (5.x: ``CLIPVisionModel`` keys have no ``vision_model.`` prefix,
-``CLIPVisionModelWithProjection`` keys do). Towers HF cannot express exactly are refused with a ``ValueError``.
+Hand-written because transformers has no importable converter for open_clip (its conversion script is not in the
+wheel, and reads OpenAI's ``clip`` checkpoints). The key mapping follows transformers 5.x: ``CLIPVisionModel`` keys
+have no ``vision_model.`` prefix, ``CLIPVisionModelWithProjection`` keys do.
 """
 
 from __future__ import annotations
@@ -18,60 +17,22 @@ from typing import Any, Literal
 
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
 # open_clip's CLIPVisionCfg defaults (open_clip/model.py) that matter here
 _HEAD_WIDTH, _MLP_RATIO, _LN_EPS = 64, 4.0, 1e-5
-# open_clip's default normalisation (open_clip.constants.OPENAI_DATASET_MEAN / _STD)
-_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # CLIPVisionCfg keys that cannot change a ViT tower's eval outputs (patch_dropout is the identity outside training,
 # the attn_pooler_* sizes and timm_* options are unused without attentional_pool / timm_model_name)
-_HARMLESS_KEYS = {
-    "patch_dropout",
-    "output_tokens",
-    "attn_pooler_queries",
-    "attn_pooler_heads",
-    "timm_model_pretrained",
-    "timm_pool",
-    "timm_proj",
-    "timm_proj_bias",
-    "timm_drop",
-    "timm_drop_path",
-}
-_HANDLED_KEYS = {
-    "layers",
-    "width",
-    "head_width",
-    "mlp_ratio",
-    "patch_size",
-    "image_size",
-    "pos_embed_type",
-    "pool_type",
-    "final_ln_after_pool",
-    "norm_kwargs",
-    "act_kwargs",
-    "no_ln_pre",
-    "ls_init_value",
-    "attentional_pool",
-    "timm_model_name",
-    "block_type",
-    "qk_norm",
-    "scaled_cosine_attn",
-    "scale_heads",
-    "scale_attn_inner",
-    "scale_attn",
-    "scale_fc",
-}
+_HARMLESS_KEYS = {"patch_dropout", "output_tokens", "attn_pooler_queries", "attn_pooler_heads"}
+_HARMLESS_KEYS |= {f"timm_{k}" for k in ("model_pretrained", "pool", "proj", "proj_bias", "drop", "drop_path")}
+# the custom attention block's switches, each refused when set
+_CUSTOM_ATTENTION = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+_HANDLED_KEYS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "pos_embed_type"}
+_HANDLED_KEYS |= {"pool_type", "final_ln_after_pool", "norm_kwargs", "act_kwargs", "no_ln_pre", "ls_init_value"}
+_HANDLED_KEYS |= {"attentional_pool", "timm_model_name", "block_type", *_CUSTOM_ATTENTION}
 # open_clip's checkpoint file names in a local-dir folder, in open_clip's own order of preference
-_WEIGHT_FILES = (
-    "open_clip_model.safetensors",
-    "open_clip_pytorch_model.safetensors",
-    "open_clip_pytorch_model.bin",
-    "open_clip_pytorch_model.pth",
-    "open_clip_model.bin",
-    "open_clip_model.pt",
-    "open_clip_model.pth",
-)
+_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
+_WEIGHT_FILES += ("open_clip_pytorch_model.pth", "open_clip_model.bin", "open_clip_model.pt", "open_clip_model.pth")
 
 
 def _square(value: Any, key: str) -> int:
@@ -100,12 +61,10 @@ def hf_vision_config(model_cfg: Mapping[str, Any]) -> CLIPVisionConfig:
         "attentional_pool": "HF CLIPVisionModel has no attentional pooler",
         "act_kwargs": "HF hidden_act takes no activation arguments",
     }
+    refusals.update({key: "open_clip's custom attention block is not HF CLIP's" for key in _CUSTOM_ATTENTION})
     for key, why in refusals.items():
         if vc.get(key) not in (None, False, {}):
             raise ValueError(f"vision_cfg.{key}={vc[key]!r}: {why}")
-    for key in ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"):
-        if vc.get(key):
-            raise ValueError(f"vision_cfg.{key}={vc[key]!r}: open_clip's custom attention block is not HF CLIP's")
     if vc.get("block_type") not in (None, "default"):
         raise ValueError(f"vision_cfg.block_type={vc['block_type']!r}: only open_clip's default block is HF CLIP's")
     if vc.get("pos_embed_type", "learnable") not in ("learnable", "sin_cos_2d"):  # sin_cos_2d is stored as a table
@@ -136,10 +95,9 @@ def hf_vision_config(model_cfg: Mapping[str, Any]) -> CLIPVisionConfig:
 
 
 def projection_refusal(model_cfg: Mapping[str, Any]) -> str | None:
-    """Why HF's pooled output (``post_layernorm`` on the CLS token, then ``visual_projection``) would differ from
-    open_clip's ``encode_image``, or ``None`` where it is the same. open_clip pools ``tok`` as ``ln_post(x)[:, 0]``
-    (or ``ln_post(x[:, 0])`` with ``final_ln_after_pool``: the same, LayerNorm is per token) and multiplies by
-    ``proj``; ``avg`` / ``none`` pooling has no HF equivalent."""
+    """Why HF's pooled output (``post_layernorm`` on the CLS token, ``visual_projection``) would differ from open_clip's
+    ``encode_image``, or ``None``. open_clip's ``tok`` pooling is the same with or without ``final_ln_after_pool``
+    (LayerNorm is per token); ``avg`` / ``none`` pooling has no HF equivalent."""
     pool = (model_cfg.get("vision_cfg") or {}).get("pool_type", "tok")
     if pool != "tok":
         return f"vision_cfg.pool_type={pool!r}: HF pools the class token only"
@@ -149,9 +107,8 @@ def projection_refusal(model_cfg: Mapping[str, Any]) -> str | None:
 def convert_open_clip_visual_state_dict(
     visual_state: Mapping[str, torch.Tensor], config: CLIPVisionConfig, with_projection: bool = True
 ) -> dict[str, torch.Tensor]:
-    """open_clip ``VisionTransformer`` weights (``model.visual.state_dict()`` keys) renamed and reshaped into the
-    state dict of ``CLIPVisionModelWithProjection`` (``with_projection``) or ``CLIPVisionModel``. Every source key is
-    used (``proj`` is dropped without the projection); a leftover key raises ``ValueError``."""
+    """open_clip ``model.visual`` weights as the state dict of ``CLIPVisionModelWithProjection`` (``with_projection``)
+    or ``CLIPVisionModel``; a source key left over raises ``ValueError``."""
     src = dict(visual_state)
     pre = "vision_model." if with_projection else ""
     out: dict[str, torch.Tensor] = {}
@@ -174,8 +131,7 @@ def convert_open_clip_visual_state_dict(
         move(old + "ln_1", new + "layer_norm1")
         # nn.MultiheadAttention packs [q; k; v] along dim 0 of in_proj_weight / in_proj_bias
         for kind in ("weight", "bias"):
-            q, k, v = take(old + f"attn.in_proj_{kind}").chunk(3, dim=0)
-            for name, t in (("q", q), ("k", k), ("v", v)):
+            for name, t in zip("qkv", take(old + f"attn.in_proj_{kind}").chunk(3, dim=0), strict=True):
                 out[pre + new + f"self_attn.{name}_proj.{kind}"] = t.clone()
         move(old + "attn.out_proj", new + "self_attn.out_proj")
         move(old + "ln_2", new + "layer_norm2")
@@ -191,14 +147,10 @@ def convert_open_clip_visual_state_dict(
 
 
 def hf_image_processor(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any] | None) -> CLIPImageProcessor:
-    """``CLIPImageProcessor`` for open_clip's eval transform (``open_clip.image_transform(is_train=False)``): resize
-    (shortest edge, or squash), centre crop, to [0, 1], normalise. The size is the tower's image size, as in open_clip's
-    factory; ``resize_mode='longest'`` (pad to square) has no ``CLIPImageProcessor`` equivalent and is refused.
-
-    Pixel values equal open_clip's when no resampling happens (shorter side already ``image_size``). Otherwise two
-    differences inherent to transformers' processor remain: its centre crop starts at ``floor(excess / 2)`` where
-    torchvision's ``CenterCrop`` uses ``round(excess / 2)`` (a one-pixel shift when the excess is 3 mod 4), and its
-    torchvision backend resizes uint8 tensors, which can land one uint8 level away from PIL's resize."""
+    """``CLIPImageProcessor`` for open_clip's eval transform at the tower's image size (``resize_mode='longest'``, pad
+    to square, has no equivalent). Pixel values equal open_clip's when no resampling happens; otherwise transformers'
+    centre crop can sit one pixel off torchvision's (floor vs round of half the excess) and its uint8 resize one level
+    off PIL's."""
     pre = {k: v for k, v in dict(preprocess_cfg or {}).items() if v is not None}
     size = _square((model_cfg.get("vision_cfg") or {}).get("image_size", 224), "image_size")
     mode = pre.get("resize_mode", "shortest")
@@ -214,20 +166,12 @@ def hf_image_processor(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str
         value = pre.get(key) or default  # open_clip: `mean or OPENAI_DATASET_MEAN`, scalars broadcast to 3 channels
         return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * 3
 
-    from transformers.image_utils import PILImageResampling
-
-    return CLIPImageProcessor(
-        do_resize=True,
+    return CLIPImageProcessor(  # its defaults do the rest: RGB, centre crop, rescale to [0, 1], normalise
         size={"shortest_edge": size} if mode == "shortest" else {"height": size, "width": size},
         resample=PILImageResampling.BILINEAR if interpolation == "bilinear" else PILImageResampling.BICUBIC,
-        do_center_crop=True,
         crop_size={"height": size, "width": size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=per_channel("mean", _OPENAI_MEAN),
-        image_std=per_channel("std", _OPENAI_STD),
-        do_convert_rgb=True,
+        image_mean=per_channel("mean", OPENAI_CLIP_MEAN),
+        image_std=per_channel("std", OPENAI_CLIP_STD),
     )
 
 
@@ -241,19 +185,11 @@ def _read_config(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return cfg["model_cfg"], cfg.get("preprocess_cfg") or {}
 
 
-def _weights_file(export_dir: Path) -> Path:
-    for name in _WEIGHT_FILES:
-        if (export_dir / name).is_file():
-            return export_dir / name
-    raise FileNotFoundError(f"{export_dir} holds none of {list(_WEIGHT_FILES)}")
-
-
 def open_clip_export_to_hf_vision(
     export_dir: str | os.PathLike, with_projection: bool = False
 ) -> tuple[CLIPVisionModel | CLIPVisionModelWithProjection, CLIPImageProcessor]:
-    """``(model, image_processor)`` for an ``export-clip`` folder (``open_clip_config.json`` + weights, read safely):
-    ``CLIPVisionModel``, or ``CLIPVisionModelWithProjection`` whose ``image_embeds`` equal open_clip's
-    ``encode_image`` (un-normalised). The model is in eval mode; every weight is loaded, none is missing."""
+    """``(model, image_processor)`` for an ``export-clip`` folder (weights read safely), in eval mode, every weight
+    loaded; with the projection, ``image_embeds`` equal open_clip's un-normalised ``encode_image``."""
     from lightning_modules.components.clip_model import read_state_dict
 
     export_dir = Path(export_dir)
@@ -266,7 +202,9 @@ def open_clip_export_to_hf_vision(
     except ValueError as e:
         raise ValueError(f"{export_dir}: cannot convert to an HF CLIP vision model: {e}") from e
 
-    weights = _weights_file(export_dir)
+    weights = next((export_dir / n for n in _WEIGHT_FILES if (export_dir / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{export_dir} holds none of {list(_WEIGHT_FILES)}")
     state = read_state_dict(weights)
     visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     if not visual:
@@ -286,10 +224,8 @@ def open_clip_export_to_hf_vision(
 def save_hf_vision(
     export_dir: str | os.PathLike, out_dir: str | os.PathLike, with_projection: bool | Literal["auto"] = True
 ) -> Path:
-    """Write ``save_pretrained`` of the converted model and its image processor to ``out_dir`` and return it; it then
-    loads offline with ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` / ``CLIPImageProcessor.from_pretrained``
-    (transformers drops the ``vision_model.`` prefix and ignores ``visual_projection`` when a with-projection folder is
-    read as ``CLIPVisionModel``). ``with_projection="auto"``: with the projection wherever it is exact."""
+    """``save_pretrained`` of the converted model and its image processor in ``out_dir`` (a with-projection folder also
+    loads as ``CLIPVisionModel``). ``with_projection="auto"``: with the projection wherever it is exact."""
     if with_projection == "auto":
         with_projection = projection_refusal(_read_config(Path(export_dir))[0]) is None
     model, processor = open_clip_export_to_hf_vision(export_dir, with_projection=bool(with_projection))

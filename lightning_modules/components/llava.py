@@ -1,17 +1,9 @@
-"""Build a LLaVA-1.5 captioner as a transformers ``LlavaForConditionalGeneration`` (llava-hf layout).
-
-Three ways in, one model class out, so that checkpoints load in transformers, vLLM and SGLang unchanged:
-
-* ``pretrained``: a whole llava-hf checkpoint (name or folder), e.g. a previous export of this suite;
-* ``vision_tower`` + ``llm``: composed, as LLaVA-1.5 does, from a CLIP vision tower and a causal LM, each a hub name,
-  a local ``save_pretrained`` folder, or a config dict (random init: tiny worlds and tests). The vision tower may also
-  be an ``export-clip`` folder of this suite's Recap-CLIP (converted exactly to an HF ``CLIPVisionModel``), which is
-  how the tiny world's "web CLIP" becomes the captioner's eye;
-* the projector is LLaVA-1.5's ``mlp2x_gelu`` (``LlavaMultiModalProjector``: linear, GELU, linear).
-
-The processor pads images to a square with the mean colour (LLaVA-1.5's ``image_aspect_ratio: pad``) and then applies
-the tower's resize and normalisation (``LlavaImageProcessor(do_pad=True)``); the tokenizer carries the LLaMA-3 chat
-template with generation markers (``datamodules/chat.py``) and an ``<image>`` special token.
+"""Build a LLaVA-1.5 captioner as a transformers ``LlavaForConditionalGeneration`` (llava-hf layout), so that
+checkpoints load in transformers, vLLM and SGLang unchanged: from a whole llava-hf checkpoint (``pretrained``), or
+composed as LLaVA-1.5 does from a CLIP vision tower and a causal LM (each a hub name, a ``save_pretrained`` folder or a
+config dict for random init; the tower may also be an ``export-clip`` folder of this suite, converted exactly) with
+LLaVA-1.5's ``mlp2x_gelu`` projector. The processor pads images to a square with the mean colour (LLaVA-1.5's
+``image_aspect_ratio: pad``); the tokenizer carries the chat template (``datamodules/chat.py``) and ``<image>``.
 """
 
 from __future__ import annotations
@@ -26,8 +18,6 @@ import torch
 from datamodules.chat import IMAGE_TOKEN, LLAMA3_LLAVA_CHAT_TEMPLATE
 
 PAPER_RECAPTION_PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
 
 
@@ -45,12 +35,6 @@ class LlavaParts:
         return self.processor.tokenizer
 
 
-def _dtype(name: str | None) -> torch.dtype | None:
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
-
-
 def resolve_chat_template(chat_template: str | None, tokenizer: Any) -> str:
     """``"llama3"`` -> our LLaMA-3 template with generation markers; ``None`` -> the tokenizer's own; a path to a
     ``.jinja`` file -> its text; anything else is taken as template text."""
@@ -65,52 +49,37 @@ def resolve_chat_template(chat_template: str | None, tokenizer: Any) -> str:
     return chat_template
 
 
-def _is_open_clip_export(spec: Any) -> bool:
-    return isinstance(spec, str) and (Path(spec) / "open_clip_config.json").is_file()
-
-
 def _vision_tower(spec: str | dict, dtype: torch.dtype | None) -> tuple[Any, Any]:
     """-> (CLIPVisionModel, CLIPImageProcessor or None)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     if isinstance(spec, dict):
-        model = CLIPVisionModel(CLIPVisionConfig(**spec))
-        return (model.to(dtype) if dtype else model), None
-    if _is_open_clip_export(spec):
+        model, image_processor = CLIPVisionModel(CLIPVisionConfig(**spec)), None
+    elif (Path(spec) / "open_clip_config.json").is_file():  # an export-clip folder
         from lightning_modules.components.hf_clip_vision import open_clip_export_to_hf_vision
 
         model, image_processor = open_clip_export_to_hf_vision(spec, with_projection=False)
-        return (model.to(dtype) if dtype else model), image_processor
-    model = CLIPVisionModel.from_pretrained(spec, dtype=dtype)
-    try:
-        image_processor = CLIPImageProcessor.from_pretrained(spec)
-    except OSError:
-        image_processor = None
-    return model, image_processor
+    else:
+        model = CLIPVisionModel.from_pretrained(spec, dtype=dtype)
+        try:
+            image_processor = CLIPImageProcessor.from_pretrained(spec)
+        except OSError:
+            image_processor = None
+    return (model.to(dtype) if dtype else model), image_processor
 
 
 def _llava_image_processor(base: Any, vision_config: Any, overrides: dict | None) -> Any:
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     from transformers.models.llava.image_processing_llava import LlavaImageProcessor
 
     size = vision_config.image_size
-    kwargs: dict[str, Any] = {
-        "size": {"shortest_edge": size},
-        "crop_size": {"height": size, "width": size},
-        "image_mean": list(OPENAI_CLIP_MEAN),
-        "image_std": list(OPENAI_CLIP_STD),
-    }
+    kwargs: dict[str, Any] = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    kwargs.update(image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_pad=True)  # LLaVA-1.5: pad
     if base is not None:
-        kwargs.update(
-            size=dict(base.size),
-            crop_size=dict(base.crop_size),
-            image_mean=list(base.image_mean),
-            image_std=list(base.image_std),
-            resample=base.resample,
-            do_center_crop=base.do_center_crop,
-        )
-    kwargs.update(overrides or {})
-    kwargs["do_pad"] = kwargs.get("do_pad", True)  # LLaVA-1.5 image_aspect_ratio: pad
-    return LlavaImageProcessor(**kwargs)
+        kwargs.update(size=dict(base.size), crop_size=dict(base.crop_size), resample=base.resample)
+        kwargs.update(image_mean=list(base.image_mean), image_std=list(base.image_std))
+        kwargs.update(do_center_crop=base.do_center_crop)
+    return LlavaImageProcessor(**{**kwargs, **(overrides or {})})
 
 
 def _prepare_tokenizer(tokenizer: Any, chat_template: str | None) -> Any:
@@ -124,8 +93,7 @@ def _prepare_tokenizer(tokenizer: Any, chat_template: str | None) -> Any:
 
 
 def num_image_tokens(vision_config: Any, strategy: str) -> int:
-    n = (vision_config.image_size // vision_config.patch_size) ** 2
-    return n + (1 if strategy == "full" else 0)
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + (1 if strategy == "full" else 0)
 
 
 def build_llava(
@@ -155,16 +123,18 @@ def build_llava(
     )
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    torch_dtype = _dtype(dtype)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    torch_dtype = _DTYPES[dtype]
+    remote = {"trust_remote_code": trust_remote_code}  # off unless configured: only transformers' own classes run
+    weights = {"dtype": torch_dtype, "attn_implementation": attn_implementation, **remote}
     if pretrained is not None:
         if vision_tower is not None or llm is not None:
             raise ValueError("give either pretrained (a llava-hf checkpoint) or vision_tower + llm, not both")
-        model = LlavaForConditionalGeneration.from_pretrained(
-            pretrained, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
-        )
-        processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        model = LlavaForConditionalGeneration.from_pretrained(pretrained, **weights)
+        processor = AutoProcessor.from_pretrained(pretrained, **remote)
         if tokenizer is not None:
-            processor.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+            processor.tokenizer = AutoTokenizer.from_pretrained(tokenizer, **remote)
         _prepare_tokenizer(processor.tokenizer, chat_template)
         processor.chat_template = processor.tokenizer.chat_template
         cfg = model.config
@@ -180,10 +150,8 @@ def build_llava(
         lm = LlamaForCausalLM(LlamaConfig(**llm))
         lm = lm.to(torch_dtype) if torch_dtype else lm
     else:
-        lm = AutoModelForCausalLM.from_pretrained(
-            llm, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
-        )
-    tok = AutoTokenizer.from_pretrained(tokenizer or llm, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(llm, **weights)
+    tok = AutoTokenizer.from_pretrained(tokenizer or llm, **remote)
     _prepare_tokenizer(tok, chat_template)
     if len(tok) > lm.get_input_embeddings().num_embeddings:  # <image> (and pad) were added
         resize_embeddings_to_mean(lm, len(tok))
@@ -209,10 +177,8 @@ def build_llava(
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = _eos_ids(tok)
-    leftovers = [n for n, p in model.named_parameters() if p.is_meta] + [
-        n for n, b in model.named_buffers() if b.is_meta
-    ]
+    model.generation_config.eos_token_id = eos_token_ids(tok)
+    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftovers:
         raise RuntimeError(f"parameters left uninitialised after composing the model: {leftovers[:5]}")
 
@@ -247,18 +213,14 @@ def resize_embeddings_to_mean(lm: Any, n_tokens: int) -> None:
             layer.weight[old:] = layer.weight[:old].mean(0, keepdim=True)
 
 
-def _eos_ids(tokenizer: Any) -> list[int]:
+def eos_token_ids(tokenizer: Any) -> list[int]:
+    """End-of-turn ids that stop generation (LLaMA-3: ``<|eot_id|>`` and ``<|end_of_text|>``)."""
     ids = [tokenizer.eos_token_id]
     for t in ("<|eot_id|>", "<|end_of_text|>"):
         i = tokenizer.convert_tokens_to_ids(t)
         if isinstance(i, int) and i != tokenizer.unk_token_id and i not in ids:
             ids.append(i)
     return [i for i in ids if i is not None]
-
-
-def eos_token_ids(tokenizer: Any) -> list[int]:
-    """End-of-turn ids that stop generation (LLaMA-3: ``<|eot_id|>`` and ``<|end_of_text|>``)."""
-    return _eos_ids(tokenizer)
 
 
 def save_llava(parts: LlavaParts, out_dir: str | Path) -> Path:
@@ -293,10 +255,8 @@ def greedy_captions(
     device: Any,
     repetition_penalty: float | None = None,
 ) -> list[Generated]:
-    """One batch of greedy captions: left padding, attention mask, KV cache, stop at the end-of-turn token.
-
-    The one decoding path of the suite: ``CaptionerModule.caption`` (evaluation) and the recaption job call it.
-    """
+    """One batch of greedy captions: left padding, attention mask, KV cache, stop at the end-of-turn token. The one
+    decoding path of the suite: ``CaptionerModule.caption`` (evaluation) and the recaption job call it."""
     tok = processor.tokenizer
     inputs = processor(
         images=list(images),
@@ -310,15 +270,16 @@ def greedy_captions(
     vision_dtype = next(p.dtype for n, p in model.named_parameters() if "vision_tower" in n)
     inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype)
     eos = eos_token_ids(tok)
+    greedy = {
+        "do_sample": False,
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": eos,
+        "pad_token_id": tok.pad_token_id,
+    }
+    if repetition_penalty:
+        greedy["repetition_penalty"] = repetition_penalty
     with torch.inference_mode():
-        out = model.generate(
-            **inputs,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=tok.pad_token_id,
-            **({"repetition_penalty": repetition_penalty} if repetition_penalty else {}),
-        )
+        out = model.generate(**inputs, **greedy)
     results = []
     for ids in out[:, inputs["input_ids"].shape[1] :].tolist():
         ended = next((i for i, t in enumerate(ids) if t in eos), None)
