@@ -303,6 +303,14 @@ def iter_tar_members(stream, where: str = "") -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
+def webdataset_tar_members(stream, where: str = "") -> Iterator[tuple[str, bytes]]:
+    """:func:`iter_tar_members` by webdataset's own tar reading (``tarfile`` in stream mode), for the benchmark."""
+    from webdataset.tariterators import tar_file_iterator
+
+    for member in tar_file_iterator(stream, skip_meta=None):
+        yield member["fname"], member["data"]
+
+
 def _member_name(header: bytes) -> str:
     name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
     if header[257:265] == _POSIX_MAGIC and header[345] != 0:
@@ -343,8 +351,9 @@ class ReadShards:
     without its image or caption).
     """
 
-    def __init__(self, handler: Callable[[Exception], bool]):
+    def __init__(self, handler: Callable[[Exception], bool], tar_reader: str = "own"):
         self.handler = handler
+        self.members = {"own": iter_tar_members, "webdataset": webdataset_tar_members}[tar_reader]
 
     def __call__(self, sources: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
         from webdataset.tariterators import base_plus_ext  # webdataset's own key/suffix split
@@ -361,7 +370,7 @@ class ReadShards:
                     continue
                 return
             try:
-                for name, data in iter_tar_members(stream, url):
+                for name, data in self.members(stream, url):
                     key, suffix = base_plus_ext(name)
                     if key is None or name.rsplit("/", 1)[-1].startswith("__"):
                         continue
