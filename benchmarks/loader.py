@@ -468,6 +468,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return {"profile": True, "shards": pattern}
         machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()}
         result = {"shards": pattern, "num_shards": len(urls), "settings": settings, "machine": machine, "sizes": {}}
+        import datamodules.caption_mix  # noqa: F401  (imports before the first run, which would pay for them)
+
+        _transforms(a.image_size[0])
         for size in a.image_size:
             result["sizes"][size] = measure_size(urls, SimpleNamespace(**settings, image_size=size), a.repeats)
         print(format_table(result), flush=True)
