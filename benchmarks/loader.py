@@ -341,7 +341,7 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def history_entry(result: dict[str, Any], load_before: tuple[float, ...] | None) -> dict:
+def history_entry(result: dict[str, Any], before: dict[str, Any]) -> dict:
     """One line of ``history/loader.jsonl``: per image size every loader's figures, the ratios and the goal; the
     commit and the machine."""
     from importlib.metadata import PackageNotFoundError, version
@@ -350,7 +350,6 @@ def history_entry(result: dict[str, Any], load_before: tuple[float, ...] | None)
     for name in ("torch", "torchvision", "pillow", "webdataset", "open_clip_torch"):
         with contextlib.suppress(PackageNotFoundError):
             versions[name] = version(name)
-    dirty = _git("status", "--porcelain", "--", *LOADER_FILES)
     sizes = {}
     for size, r in result["sizes"].items():
         keep = ("median", "min", "max", "cpu_ms_per_sample")
@@ -361,13 +360,13 @@ def history_entry(result: dict[str, Any], load_before: tuple[float, ...] | None)
         sizes[size]["target"] = r.get("target")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": (_git("rev-parse", "--short=12", "HEAD") or "").strip() or None,
-        "loader_files_modified": bool(dirty) if dirty is not None else None,
+        "commit": before["commit"],
+        "loader_files_modified": before["loader_files_modified"],
         "stored": result["settings"]["stored"],
         "settings": result["settings"],
         "shards": result["shards"],
         "sizes": sizes,
-        "machine": {**result["machine"], "load_before": load_before, "load_after": _loadavg(), **versions},
+        "machine": {**result["machine"], "load_before": before["load"], "load_after": _loadavg(), **versions},
     }
 
 
@@ -443,7 +442,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if a.history:
         print(format_history(a.history))
         return {"history": a.history}
-    load_before = _loadavg()
+    # what was measured: the commit and the loader files' state when the run starts
+    dirty = _git("status", "--porcelain", "--", *LOADER_FILES)
+    commit = (_git("rev-parse", "--short=12", "HEAD") or "").strip() or None
+    before = {"commit": commit, "loader_files_modified": None if dirty is None else bool(dirty), "load": _loadavg()}
     from datamodules.shards import expand_urls
 
     tmp = None if a.shards or a.world_dir else tempfile.mkdtemp(prefix="bench-loader-")
@@ -476,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(format_table(result), flush=True)
         if a.record:
             with open(a.record, "a", encoding="utf-8") as f:
-                f.write(json.dumps(history_entry(result, load_before)) + "\n")
+                f.write(json.dumps(history_entry(result, before)) + "\n")
             print(f"recorded in {a.record}", flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(result, indent=2))

@@ -75,13 +75,9 @@ DEFAULT_SOURCES = {"original": "txt", "recaption": "sidecar:re_caption"}
 
 @dataclass
 class DataTransforms:
-    """What a LightningModule hands the DataModule: per-sample image and text transforms (picklable callables).
-
-    A module provides them by defining ``data_transforms(self, stage: str) -> DataTransforms`` with stage in
-    ``{"fit", "validate", "test", "predict"}``; explicit ``image_transform``/``text_transform`` arguments of the
-    DataModule take precedence. ``conversation`` (chat messages -> encoded sample) is for conversation data such as
-    LLaVA's json formats (``datamodules.llava_json``); caption shards use ``text`` (caption -> encoded sample).
-    """
+    """What a LightningModule's ``data_transforms(stage)`` hands the DataModule: per-sample image and text transforms
+    (picklable callables); the DataModule's own ``image_transform``/``text_transform`` take precedence.
+    ``conversation`` (chat messages -> encoded sample) is for LLaVA's json formats (``datamodules.llava_json``)."""
 
     image: Callable | None = None
     text: Callable | None = None
@@ -127,11 +123,9 @@ def count_samples(urls: Sequence[str]) -> int:
 
 # ----------------------------------------------------------------------------------------------------------- dataset
 class SharedEpoch:
-    """The epoch number, shared with (persistent) loader workers through shared memory (open_clip's idea).
-
-    The shared value is created lazily and only travels when a process is being spawned (loader workers);
-    any other pickling (``ddp_spawn`` sending the DataModule to its ranks, deep copies) carries the plain number.
-    """
+    """The epoch number, shared with (persistent) loader workers through shared memory (open_clip's idea). The
+    shared value only travels to spawned loader workers; other pickling (``ddp_spawn``, deep copies) carries the
+    number."""
 
     def __init__(self, epoch: int = 0):
         self._epoch = epoch
@@ -189,12 +183,11 @@ class LoaderSettings:
 
 
 class CaptionMixStream(IterableDataset):
-    """An iterable of ready batches (dicts); see :class:`datamodules.wds_stages.Batch` for the fields.
+    """An iterable of ready batches (dicts; fields: :class:`datamodules.wds_stages.Batch`).
 
     ``batches_per_rank`` set: training -- the stream cycles its shards (or resamples) and every rank yields exactly
     that many batches per epoch, split over loader workers as evenly as possible (so DDP never hangs on a rank that
     ran out). ``None``: evaluation -- one pass over this rank's disjoint shard slice, last batch partial.
-    ``dedupe_index``: the duplicate index file of ``dedupe: global``.
     """
 
     def __init__(
@@ -402,12 +395,10 @@ class _EpochSampler(Sampler):
 class SkipLog:
     """The loader's skip log: one JSON line per skipped sample or shard-level event, appended as batches arrive.
 
-    A line: ``{"key", "reason", "shard", "split", "epoch", "rank", "detail"}`` (``key`` is null for shard-level
-    events: ``tar_error:*`` before any member, ``sidecar_*``). Fallbacks to another caption source and caption
-    problems of samples that were still used are counted, not logged (``wds_stages.UNRECORDED_PREFIXES``). A batch
-    whose worker left records out (over ``SkipStats.max_records`` between two batches) adds ``{"reason":
-    "records_lost", "count": N, ...}``. Memory: the records of one batch. The file is flushed after every batch,
-    opened lazily (no file when nothing was skipped) and appended to (a resumed run continues it).
+    A line: ``{"key", "reason", "shard", "split", "epoch", "rank", "detail"}`` (``key`` null for shard-level events);
+    caption problems of samples that were still used are not logged (``wds_stages.UNRECORDED_PREFIXES``); records a
+    worker left out add ``{"reason": "records_lost", "count": N, ...}``. Flushed after every batch, opened lazily (no
+    file when nothing was skipped) and appended to (a resumed run continues it).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -436,9 +427,8 @@ class SkipLog:
 
 
 def convert_batch(batch: Any) -> Any:
-    """torch's ``default_convert`` (what a ``DataLoader`` with ``batch_size=None`` applies to each item in the worker),
-    except that a list of strings is passed through instead of being walked string by string: the batch's
-    ``caption``, ``caption_source``, ``key`` and ``url`` lists made that walk ~10 us per sample."""
+    """torch's ``default_convert`` (what a ``DataLoader`` with ``batch_size=None`` applies in the worker), except that
+    a list of strings is passed through instead of being walked string by string (~10 us per sample)."""
     if isinstance(batch, dict):
         return {k: convert_batch(v) for k, v in batch.items()}
     if isinstance(batch, list) and all(type(x) is str for x in batch):
@@ -447,24 +437,19 @@ def convert_batch(batch: Any) -> Any:
 
 
 class CaptionMixLoader(DataLoader):
-    """A plain ``DataLoader`` over a :class:`CaptionMixStream` (batches are made in the workers) with ``set_epoch``
-    and a resumable position (``state_dict`` / ``load_state_dict``, which Lightning saves in checkpoints and restores
-    at the start of ``fit(ckpt_path=...)``).
+    """A plain ``DataLoader`` over a :class:`CaptionMixStream` or a ``latent_cache.LatentCacheStream`` (batches are
+    made in the workers) with ``set_epoch`` and a resumable position (``state_dict`` / ``load_state_dict``, which
+    Lightning saves in checkpoints and restores at the start of ``fit(ckpt_path=...)``).
 
-    The state: ``epoch``, ``batches`` consumed in it, and ``positions`` (rank -> per-worker stream positions; in DDP
-    gathered from all ranks, since only rank 0 writes the checkpoint), plus what must match to resume exactly
-    (``num_workers``, ``world_size``, ``batches_per_rank``, ``seed``, ``batch_size``, and the sample limits of a
-    stream that has them: ``min_image_size``, ``max_image_pixels``, ``max_caption_chars``, ``jpeg_draft``, which
-    change which samples are kept or what is decoded; the dedupe mode). A rank missing from ``positions`` still
-    resumes exactly from ``(epoch, batches)``, decoding and transforming the replayed images to find the dropped ones.
+    The state: ``epoch``, ``batches`` consumed in it, ``positions`` (rank -> per-worker stream positions, gathered
+    from all ranks in DDP), and what must match to resume exactly (workers, world size, batches per rank, seed,
+    batch size, the sample limits and dedupe mode of a stream that has them). A rank missing from ``positions``
+    still resumes exactly from ``(epoch, batches)``, decoding the replayed images to find the dropped ones.
 
-    The dataset also works with :class:`datamodules.latent_cache.LatentCacheStream` (same ``resume`` protocol).
-
-    Skips: every batch's ``skipped`` counts are summed into ``skip_counts`` (the current or last iteration), and with
-    ``skip_log`` (a path) every record is appended to that file (:class:`SkipLog`), labelled ``split``. An evaluation
-    stream (no ``batches_per_rank``) is read one batch ahead, so that skips counted after a worker's last batch
-    (:data:`datamodules.wds_stages.SKIPS_ONLY` items) join a batch the model sees; when no batch comes at all they
-    are still in ``skip_counts`` and the log, and a warning says so.
+    Skips: every batch's ``skipped`` counts are summed into ``skip_counts`` (the current or last iteration) and, with
+    ``skip_log`` (a path), written to that file (:class:`SkipLog`). An evaluation stream is read one batch ahead, so
+    that skips counted after a worker's last batch (``SKIPS_ONLY`` items) join a batch the model sees; when no batch
+    comes at all they are still counted and logged, and a warning says so.
     """
 
     def __init__(
@@ -676,7 +661,7 @@ class CaptionMixDataModule(L.LightningDataModule):
             as samples. Dropped copies are counted ``duplicate_key`` (README: "Duplicate keys").
         dedupe_max_keys: ``"worker"``: keys remembered per loader worker and epoch (~80 bytes each: ~40 MB at the
             default; past it, copies of later keys are kept, counted once as ``dedupe_window_full``). ``"global"``:
-            keys held in memory while the index is built (the rest waits in hash buckets on disk).
+            keys held in memory at a time while the index is built (the rest waits on disk, in SQLite).
         dedupe_dir: ``"global"``: the folder of index files, one per shard list (``<hash of the list>.json``);
             default ``$XDG_CACHE_HOME/recap_suite/dedupe`` (``~/.cache`` without XDG_CACHE_HOME). An index is rebuilt
             when its shard list, or a local shard's size or mtime, changes.
@@ -746,7 +731,7 @@ class CaptionMixDataModule(L.LightningDataModule):
     # -------------------------------------------------------------------------------------------------- plumbing
     def _rank_world(self) -> tuple[int, int]:
         rank, world = self._rank, self._world_size
-        trainer = self._trainer_or_none()
+        trainer = self.trainer
         if rank is None:
             rank = trainer.global_rank if trainer is not None else 0
         if world is None:
@@ -755,13 +740,10 @@ class CaptionMixDataModule(L.LightningDataModule):
             raise ValueError(f"rank {rank} is outside world_size {world}")
         return rank, world
 
-    def _trainer_or_none(self):
-        return getattr(self, "trainer", None)
-
     def _per_device_batch(self) -> int:
         """``batch_size``, or the device's share of ``global_batch_size`` once the Trainer (or override) is known."""
         if self.batch_size is None:
-            trainer = self._trainer_or_none()
+            trainer = self.trainer
             accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
             self.batch_size = per_device_batch(None, self.hparams.global_batch_size, self._rank_world()[1], accumulate)
         return self.batch_size
@@ -783,7 +765,7 @@ class CaptionMixDataModule(L.LightningDataModule):
 
     def _transforms(self, stage: str) -> DataTransforms:
         found = DataTransforms()
-        trainer = self._trainer_or_none()
+        trainer = self.trainer
         module = trainer.lightning_module if trainer is not None else None
         provider = getattr(module, "data_transforms", None)
         if callable(provider):
@@ -823,16 +805,13 @@ class CaptionMixDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self._per_device_batch()  # before the LightningModule's setup, which may read batch_size (ClipModule)
-        trainer = self._trainer_or_none()
+        trainer = self.trainer
         if trainer is not None and self.hparams.skip_log is True:
             self._log_dir = trainer.log_dir  # here, where every rank calls it (it is a broadcast from rank 0)
         if trainer is not None and stage == "fit":
-            from datamodules.monitor import CaptionMixMonitor
+            from datamodules.monitor import add_monitor
 
-            # The realised caption-source fractions are part of what a run must prove, so the DataModule brings
-            # its monitor along instead of relying on every config to list it.
-            if not any(isinstance(cb, CaptionMixMonitor) for cb in trainer.callbacks):
-                trainer.callbacks.append(CaptionMixMonitor())
+            add_monitor(trainer)
 
     def _stream(self, shards: str | list[str], stage: str, training: bool) -> CaptionMixStream:
         urls = expand_urls(shards)
@@ -874,7 +853,7 @@ class CaptionMixDataModule(L.LightningDataModule):
         if skip_log is None or skip_log is False:
             return None
         if skip_log is True:
-            trainer = self._trainer_or_none()
+            trainer = self.trainer
             if self._log_dir is None and trainer is not None:
                 self._log_dir = trainer.log_dir
             if self._log_dir is None:
