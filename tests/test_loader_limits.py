@@ -127,8 +127,9 @@ def test_a_too_long_caption_falls_back_to_the_other_source(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    dm = make_dm(shard, sources={"original": "txt", "recaption": "json:org_caption"}, p_original=1.0,
-                 max_caption_chars=500)  # fmt: skip
+    dm = make_dm(
+        shard, sources={"original": "txt", "recaption": "json:org_caption"}, p_original=1.0, max_caption_chars=500
+    )
     kept, counts = one_pass(dm.test_dataloader())
     assert kept[key]["caption"] == "short json caption"
     assert counts == {"caption_too_long": 1, "fallback:original->recaption": 1}
@@ -235,8 +236,16 @@ def _state(shards: dict, **kw) -> dict:
 
 
 def _resume_dm(shards: dict, **kw) -> CaptionMixDataModule:
-    args = dict(train_shards=str(shards["web"] / "{00000..00003}.tar"), sidecar_dir=str(shards["sidecars"]),
-                batch_size=4, p_original=0.5, num_workers=0, shuffle_buffer=8, shuffle_initial=4, seed=7)  # fmt: skip
+    args = dict(
+        train_shards=str(shards["web"] / "{00000..00003}.tar"),
+        sidecar_dir=str(shards["sidecars"]),
+        batch_size=4,
+        p_original=0.5,
+        num_workers=0,
+        shuffle_buffer=8,
+        shuffle_initial=4,
+        seed=7,
+    )
     args.update(kw)
     return CaptionMixDataModule(**args)
 
