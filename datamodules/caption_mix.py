@@ -17,6 +17,7 @@ the continued batches equal the uninterrupted run's, bit for bit.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -752,15 +753,13 @@ class CaptionMixDataModule(L.LightningDataModule):
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
         """Checks before anything is built (``experiments/validate.py``): the mix (p in [0, 1], weights), the batch
         against the world size, the sample limits, and that local shards and the sidecar folder exist."""
-        check_sample_limits(**{k: args.get(k, v) for k, v in SampleLimits().as_dict().items()})
-        check_dedupe(args.get("dedupe", "worker"), args.get("dedupe_max_keys", 500_000))
-        sources = args.get("sources") or DEFAULT_SOURCES
-        resolve_weights(list(sources), args.get("p_original"), args.get("source_weights"), args.get("mix", "sample"))
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+        settings = LoaderSettings.from_args({**defaults, **args})  # the mix, sources, sample limits and dedupe
         batch, global_batch = args.get("batch_size"), args.get("global_batch_size")
         per_device_batch(batch, global_batch, run.world_size, run.accumulate_grad_batches)
         for key in ("train_shards", "val_shards", "test_shards"):
             check_shards(key, args.get(key))
-        if any(str(where).startswith("sidecar:") for where in sources.values()):
+        if any(source.kind == "sidecar" for source in settings.sources):
             check_path("sidecar_dir", args.get("sidecar_dir"), "dir", what="per-shard sidecars (`sidecars` command)")
 
     def _transforms(self, stage: str) -> DataTransforms:
