@@ -642,24 +642,20 @@ class CaptionMixDataModule(L.LightningDataModule):
         text_transform: Per-caption transform (e.g. a tokenizer); default: the model's ``data_transforms``.
         min_image_size: Images whose shorter side is below this many pixels are skipped, counted ``tiny_image``
             (tracking pixels, spacers). ``None``: no minimum.
-        max_image_pixels: Images with more pixels (read from the header, before decoding) are skipped, counted
-            ``oversized_image`` (pixel bombs); at least ``min_image_size`` squared, at most twice
-            ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL refuses larger ones itself). ``None``: PIL's own limit.
+        max_image_pixels: Images with more pixels (read from the header) are skipped, counted ``oversized_image``;
+            at least ``min_image_size`` squared, at most twice PIL's ``MAX_IMAGE_PIXELS``. ``None``: PIL's limit.
         max_caption_chars: A caption longer than this counts as missing for its source, counted
             ``caption_too_long``; the sample then falls back to another source (``fallback:<from>-><to>``) or is
             skipped (``no_caption``). ``None``: no cap.
-        jpeg_draft: Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) when the image transform starts with a
-            torchvision ``Resize``/``RandomResizedCrop`` and that step still gets at least its output size (see
-            ``wds_stages.DecodeImage``); skips nothing. ``False``: always decode at full size.
+        jpeg_draft: Decode JPEGs at a reduced DCT scale when the image transform's first resize still gets at least
+            its output size (``wds_stages.DecodeImage``); skips nothing. ``False``: always decode at full size.
         max_consecutive_drops: Stop with an error after this many unusable samples in a row (broken or
             misconfigured data would otherwise spin forever in a cycling stream); ``None`` never stops.
-        dedupe: What happens to a key that is also in another shard (a re-downloaded or partly copied shard; keys in
-            one shard are always deduplicated): ``"worker"`` (default) drops a key this loader worker already read
-            from another shard in this epoch, remembering at most ``dedupe_max_keys`` keys per worker (copies read
-            by other workers or ranks are not seen); ``"global"`` builds a key index of the shards once
-            (``prepare_data``; one read of every shard, cached in ``dedupe_dir``) and drops every copy outside the
-            key's first shard on every worker and rank, so each key is read once per pass; ``"off"`` reads copies
-            as samples. Dropped copies are counted ``duplicate_key`` (README: "Duplicate keys").
+        dedupe: A key that is also in another shard (a re-downloaded or partly copied shard): ``"worker"`` drops a
+            key this loader worker already read from another shard this epoch; ``"global"`` indexes the shards once
+            (``prepare_data``, cached in ``dedupe_dir``) and reads each key from its first shard only, on every
+            worker and rank; ``"off"`` reads copies as samples. Counted ``duplicate_key`` (README: "Duplicate keys";
+            ``wds_stages.CrossShardDuplicates``).
         dedupe_max_keys: ``"worker"``: keys remembered per loader worker and epoch (~80 bytes each: ~40 MB at the
             default; past it, copies of later keys are kept, counted once as ``dedupe_window_full``). ``"global"``:
             keys held in memory at a time while the index is built (the rest waits on disk, in SQLite).

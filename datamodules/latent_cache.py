@@ -7,13 +7,11 @@ source had a caption); the keys and sources are in its metadata. ``<cache>/_cach
 encoder, length, VAE, image size, sources, dtype); a cache is refused by a model that would have made it differently.
 Each shard file is written to a temporary name and renamed, so a killed pre-pass redoes only unfinished shards.
 
-Because every source is cached, the paper's p is still drawn per sample and per epoch at training time, by the same
-rule as the uncached ``CaptionMixDataModule`` (``ChooseCaption``: a pure function of seed, epoch and key): the two
-paths see the same caption choices.
+Every source is cached, so the paper's p is still drawn per sample and epoch at training time by ``ChooseCaption``,
+as in the uncached ``CaptionMixDataModule``: the two paths see the same caption choices.
 
-Size: text features dominate. The tiny world (64 tokens × 64 dims, fp16) stores 8 KB per caption; OpenAI CLIP
-ViT-L/14's text (77 × 768) 118 KB per caption, so caching both sources of DataComp-1B is out of reach (~300 TB):
-at real scale cache a subset, or train uncached.
+Size: text features dominate (ViT-L/14's text: 118 KB per caption; both sources of DataComp-1B ~300 TB): at real
+scale cache a subset, or train uncached.
 """
 
 from __future__ import annotations
