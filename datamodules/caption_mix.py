@@ -5,10 +5,8 @@ several named caption sources -- the paper's p is ``p_original``, the probabilit
 (p=1: plain DataComp, p=0: recaptions only; paper §5.2). Images and text are transformed by the model that uses the
 module (see :class:`DataTransforms`), so CLIP, LLaVA and DiT each get their own preprocessing from one loader.
 
-Pipeline per loader worker (each stage in :mod:`datamodules.wds_stages`)::
-
-    ShardSchedule -> wds.tarfile_to_samples -> ExtractCaptions (+ per-shard sidecar join) -> wds.shuffle
-      -> ChooseCaption -> DecodeImage(+image transform) -> TransformText -> Batch (exact per-worker batch quota)
+The pipeline of a loader worker is one list of stages, as open_clip's ``get_wds_dataset`` builds it: see
+``CaptionMixStream._batches`` (the stages are in :mod:`datamodules.wds_stages`).
 
 Mid-epoch resume (``CaptionMixLoader.state_dict``, saved by Lightning in every checkpoint): a worker's stream is a pure
 function of ``(seed, epoch, rank, worker)``, so the state is the epoch, the batches consumed in it and, per rank and
@@ -19,6 +17,7 @@ the continued batches equal the uninterrupted run's, bit for bit.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -28,7 +27,7 @@ import random
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,13 +76,9 @@ DEFAULT_SOURCES = {"original": "txt", "recaption": "sidecar:re_caption"}
 
 @dataclass
 class DataTransforms:
-    """What a LightningModule hands the DataModule: per-sample image and text transforms (picklable callables).
-
-    A module provides them by defining ``data_transforms(self, stage: str) -> DataTransforms`` with stage in
-    ``{"fit", "validate", "test", "predict"}``; explicit ``image_transform``/``text_transform`` arguments of the
-    DataModule take precedence. ``conversation`` (chat messages -> encoded sample) is for conversation data such as
-    LLaVA's json formats (``datamodules.llava_json``); caption shards use ``text`` (caption -> encoded sample).
-    """
+    """What a LightningModule's ``data_transforms(stage)`` hands the DataModule: per-sample image and text transforms
+    (picklable callables); the DataModule's own ``image_transform``/``text_transform`` take precedence.
+    ``conversation`` (chat messages -> encoded sample) is for LLaVA's json formats (``datamodules.llava_json``)."""
 
     image: Callable | None = None
     text: Callable | None = None
@@ -129,11 +124,9 @@ def count_samples(urls: Sequence[str]) -> int:
 
 # ----------------------------------------------------------------------------------------------------------- dataset
 class SharedEpoch:
-    """The epoch number, shared with (persistent) loader workers through shared memory (open_clip's idea).
-
-    The shared value is created lazily and only travels when a process is being spawned (loader workers);
-    any other pickling (``ddp_spawn`` sending the DataModule to its ranks, deep copies) carries the plain number.
-    """
+    """The epoch number, shared with (persistent) loader workers through shared memory (open_clip's idea). The
+    shared value only travels to spawned loader workers; other pickling (``ddp_spawn``, deep copies) carries the
+    number."""
 
     def __init__(self, epoch: int = 0):
         self._epoch = epoch
@@ -158,60 +151,67 @@ class SharedEpoch:
         return {"_epoch": self.get(), "_value": self._value if spawning else None}
 
 
+@dataclass
+class LoaderSettings:
+    """The DataModule's loader settings, built once from its arguments (see there) and handed to every stream."""
+
+    sources: list[SourceSpec]
+    weights: dict[str, float]
+    mix: str = "sample"
+    concat_separator: str = " "
+    fallback: bool = True
+    sidecar_dir: str | None = None
+    seed: int = 0
+    resampled: bool = False
+    shuffle_buffer: int = 1000
+    shuffle_initial: int = 100
+    limits: SampleLimits = field(default_factory=SampleLimits)
+    max_consecutive_drops: int | None = 10_000
+    dedupe: str = "worker"
+    dedupe_max_keys: int = 500_000
+    tar_reader: str = "own"  # "webdataset": webdataset's tar reading instead (benchmarks/loader.py's A/B)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> LoaderSettings:
+        """From the DataModule's init arguments: the same names, plus the parsed sources, weights and limits."""
+        limits = {k: args[k] for k in LIMIT_KEYS}
+        check_sample_limits(**limits)
+        check_dedupe(args["dedupe"], args["dedupe_max_keys"])
+        sources = [SourceSpec.parse(n, s) for n, s in (args["sources"] or DEFAULT_SOURCES).items()]
+        weights = resolve_weights([s.name for s in sources], args["p_original"], args["source_weights"], args["mix"])
+        same = {f.name: args[f.name] for f in fields(cls) if f.name in args and f.name != "sources"}
+        return cls(sources=sources, weights=weights, limits=SampleLimits(**limits), **same)
+
+
 class CaptionMixStream(IterableDataset):
-    """An iterable of ready batches (dicts); see :class:`datamodules.wds_stages.Batch` for the fields.
+    """An iterable of ready batches (dicts; fields: :class:`datamodules.wds_stages.Batch`).
 
     ``batches_per_rank`` set: training -- the stream cycles its shards (or resamples) and every rank yields exactly
     that many batches per epoch, split over loader workers as evenly as possible (so DDP never hangs on a rank that
     ran out). ``None``: evaluation -- one pass over this rank's disjoint shard slice, last batch partial.
-    ``limits`` (:class:`datamodules.wds_stages.SampleLimits`, picklable) reach the workers' extract and decode stages.
-    ``dedupe`` (``"worker"``, ``"global"``, ``"off"``), ``dedupe_max_keys`` and ``dedupe_index`` configure each
-    worker's :class:`datamodules.wds_stages.CrossShardDuplicates`.
     """
 
     def __init__(
         self,
         urls: Sequence[str],
+        settings: LoaderSettings,
         *,
-        sources: Sequence[SourceSpec],
-        weights: dict[str, float],
-        mix: str,
-        concat_separator: str,
-        fallback: bool,
-        sidecar_dir: str | None,
         batch_size: int,
-        seed: int,
         rank: int,
         world_size: int,
         batches_per_rank: int | None,
-        resampled: bool,
-        shuffle_buffer: int,
-        shuffle_initial: int,
-        image_transform: Callable | None,
-        text_transform: Callable | None,
-        limits: SampleLimits | None = None,
-        max_consecutive_drops: int | None = 10_000,
+        transforms: DataTransforms,
         epoch: SharedEpoch | int = 0,
-        dedupe: str = "off",
-        dedupe_max_keys: int | None = 500_000,
         dedupe_index: str | None = None,
     ):
         super().__init__()
-        self.urls = list(urls)
-        self.sources, self.weights = list(sources), dict(weights)
-        self.mix, self.concat_separator, self.fallback = mix, concat_separator, fallback
-        self.sidecar_dir = sidecar_dir
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.batches_per_rank, self.resampled = batches_per_rank, resampled
-        self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
-        self.image_transform, self.text_transform = image_transform, text_transform
-        self.limits = limits if limits is not None else SampleLimits()
-        self.dedupe, self.dedupe_max_keys, self.dedupe_index = dedupe, dedupe_max_keys, dedupe_index
-        self.max_consecutive_drops = max_consecutive_drops
-        self.epoch = epoch
+        self.urls, self.settings, self.seed = list(urls), settings, settings.seed
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.batches_per_rank, self.transforms = batches_per_rank, transforms
+        self.epoch, self.dedupe_index = epoch, dedupe_index
         self.resume: dict[str, Any] | None = None  # set by CaptionMixLoader for the next iteration only
         # Put the global RNGs back after each training batch (the transforms are seeded per sample): None = only in
-        # the training process (no loader workers), see _SampleSeeds; False lets an in-process profile measure what a
+        # the training process (no loader workers), see SampleSeeds; False lets an in-process profile measure what a
         # worker runs.
         self.restore_rngs: bool | None = None
 
@@ -230,57 +230,49 @@ class CaptionMixStream(IterableDataset):
         return _rng_isolated(batches) if training and restore else batches
 
     def _batches(self) -> Iterator[dict[str, Any]]:
+        s = self.settings
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.current_epoch()
         training = self.batches_per_rank is not None
         resume, self.resume = self.resume, None  # one iteration only (this is the worker's own copy)
-        stats = SkipStats(max_consecutive_drops=self.max_consecutive_drops, record=True)
-        done, skip = 0, None
-        if resume is not None and training:
-            worker, done, skip = worker_resume_point(resume, worker, num_workers)
+        stats = SkipStats(max_consecutive_drops=s.max_consecutive_drops, record=True)
+        done, skip, limit, seeds = 0, None, None, None
         if training:
-            mode = "resample" if self.resampled else "cycle"
+            if resume is not None:
+                worker, done, skip = worker_resume_point(resume, worker, num_workers)
             base, rem = divmod(self.batches_per_rank, num_workers)
-            limit: int | None = base + (1 if worker < rem else 0) - done
-        else:
-            mode, limit = "once", None
-        schedule = ShardSchedule(
-            self.urls, self.seed, epoch, self.rank, self.world_size, worker, num_workers, mode, True, stats
-        )
-        stream: Iterator = iter(schedule)
-        stream = ReadShards(CountingHandler(stats))(stream)
-        duplicates = None
-        if self.dedupe != "off":
-            duplicates = CrossShardDuplicates(self.dedupe, self.dedupe_max_keys, self.dedupe_index)
-        stream = self.limits.extract(self.sources, self.sidecar_dir, stats, duplicates)(stream)
-        if training and self.shuffle_buffer > 1:
-            rng = random.Random(stable_int("buffer", self.seed, epoch, self.rank, worker))
-            stream = wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng)(stream)
-        chooser = ChooseCaption(self.weights, self.seed, epoch, stats, self.mix, self.concat_separator, self.fallback)
-        if not training:
-            stream = chooser(stream)
-            stream = self.limits.decode(self.image_transform, stats)(stream)
-            stream = TransformText(self.text_transform)(stream)
-            yield from Batch(self.batch_size, stats, partial=True)(stream)
-            return
-        upstream = _Counted(chooser(stream))
-        seeds = _SampleSeeds(stable_int("transform", self.seed, epoch, self.rank, worker))
-        decode = self.limits.decode(self.image_transform, stats)
-        if done:
-            if skip is not None:  # the stream position is known: replay without decoding
-                for _ in itertools.islice(upstream, skip):
-                    stats.used()  # no decode here: keep the "N unusable in a row" guard from adding up the replay
-            else:  # only the batch count is known: run the same decode stage to drop exactly the same images
-                replay = decode(seeds.track(upstream))
-                for _ in itertools.islice(replay, done * self.batch_size):
-                    pass
-                replay.close()
-            stats.drain()  # the skips of the replayed part were reported before the interruption
-        stream = decode(seeds.track(upstream))
-        stream = TransformText(self.text_transform)(stream)
-        for batch in Batch(self.batch_size, stats, partial=False, limit=limit)(stream):
-            batch[POSITION_KEY] = (worker, upstream.n)
+            limit = base + (1 if worker < rem else 0) - done
+            # the stream position of each sample seeds its transforms; a resume replays up to the recorded position
+            # without decoding, or (position unknown) decodes the replayed batches to drop exactly the same images
+            seeds = SampleSeeds(
+                stable_int("transform", s.seed, epoch, self.rank, worker), stats, skip if done else None
+            )
+        duplicates = None if s.dedupe == "off" else CrossShardDuplicates(s.dedupe, s.dedupe_max_keys, self.dedupe_index)
+        shuffle_rng = random.Random(stable_int("buffer", s.seed, epoch, self.rank, worker))
+        mode = ("resample" if s.resampled else "cycle") if training else "once"
+        shuffle = None
+        if training and s.shuffle_buffer > 1:
+            shuffle = wds.shuffle(s.shuffle_buffer, s.shuffle_initial, rng=shuffle_rng)
+        pipeline = [
+            ShardSchedule(self.urls, s.seed, epoch, self.rank, self.world_size, worker, num_workers, mode, True, stats),
+            ReadShards(CountingHandler(stats), s.tar_reader),
+            s.limits.extract(s.sources, s.sidecar_dir, stats, duplicates),
+            shuffle,
+            ChooseCaption(s.weights, s.seed, epoch, stats, s.mix, s.concat_separator, s.fallback),
+            seeds,
+            s.limits.decode(self.transforms.image, stats),
+            DropReplayed(done * self.batch_size, stats) if done and skip is None else None,
+            TransformText(self.transforms.text),
+            Batch(self.batch_size, stats, partial=not training, limit=limit),
+        ]
+        stream = iter(pipeline[0])
+        for stage in pipeline[1:]:
+            if stage is not None:
+                stream = stage(stream)
+        for batch in stream:
+            if seeds is not None:
+                batch[POSITION_KEY] = (worker, seeds.n)
             yield batch
 
 
@@ -288,11 +280,7 @@ class CaptionMixStream(IterableDataset):
 POSITION_KEY = "_stream_position"  # (worker, position) a training stream attaches to each batch; the loader pops it
 LIMIT_KEYS = tuple(SampleLimits().as_dict())
 DEDUPE_KEYS = ("dedupe", "dedupe_max_keys")
-"""Recorded in loader states since cross-shard duplicates are handled; a state without them is not compared on them
-(made by code that read cross-shard copies like any sample: the same stream unless the shards have such copies)."""
-LEGACY_LIMITS = {"min_image_size": 8, "max_caption_chars": 10_000, "jpeg_draft": True}
-"""The limits of loader states written before they were recorded: fixed in that code (``max_image_pixels`` was an
-argument already, so its value then is unknown and a state without it is not compared on it)."""
+"""Recorded in loader states since they exist; a state without them is not compared on them."""
 
 
 def worker_resume_point(resume: dict[str, Any], worker: int, num_workers: int) -> tuple[int, int, int | None]:
@@ -313,23 +301,8 @@ def worker_resume_point(resume: dict[str, Any], worker: int, num_workers: int) -
     return stream_worker, done, skip
 
 
-class _Counted:
-    """An iterator that counts the items taken from it (a worker's stream position)."""
-
-    def __init__(self, items: Iterator):
-        self.items, self.n = items, 0
-
-    def __iter__(self) -> _Counted:
-        return self
-
-    def __next__(self) -> Any:
-        item = next(self.items)
-        self.n += 1
-        return item
-
-
-class _SampleSeeds:
-    """Seeds the model's (random) transforms per sample by its stream position.
+class SampleSeeds:
+    """Stage: seeds the model's (random) transforms per sample by its stream position ``n`` (counted from 1).
 
     Torch seeds loader workers from the main process's RNG when an iterator starts, so after a resume random crops
     would differ; seeding each sample from ``(seed, epoch, rank, worker, position)`` makes them the same, and lets a
@@ -338,24 +311,45 @@ class _SampleSeeds:
     sample's image transform and then its text transform draw from there (nothing else in the stream uses the global
     RNGs: shard order and the shuffle buffer have their own).
 
+    ``replay``: pass on nothing up to that position (a resume; no decode, so the "N unusable in a row" guard must not
+    add up the replay), then drop the skips counted so far (reported before the interruption).
+
     The training process's own RNGs (dropout, noise, sampling) are kept apart by :func:`_rng_isolated` when the
-    transforms run there (``num_workers=0``): once per batch, not per transform call. An earlier version saved and
-    restored the three states around every call, also in loader workers where nothing else uses them: ~110 us per
-    call for numpy's legacy state alone, two calls per sample, which made the loader slower than open_clip's on
-    64-px images (``benchmarks/loader.py``).
+    transforms run there (``num_workers=0``): once per batch, not per transform call (saving and restoring per call
+    cost ~110 us for numpy's legacy state alone, which made the loader slower than open_clip's on 64-px images).
     """
 
-    def __init__(self, base: int):
-        self.base = base
+    def __init__(self, base: int, stats: SkipStats, replay: int | None = None):
+        self.base, self.stats, self.replay, self.n = base, stats, replay, 0
 
-    def track(self, samples: _Counted) -> Iterator[dict[str, Any]]:
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if self.replay is not None:
+            for _ in itertools.islice(samples, self.replay):
+                self.n += 1
+                self.stats.used()
+            self.stats.drain()
         gen = torch.default_generator
         for sample in samples:
-            seed = stable_int(self.base, samples.n)
+            self.n += 1
+            seed = stable_int(self.base, self.n)
             gen.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed & 0xFFFFFFFF)
             yield sample
+
+
+class DropReplayed:
+    """Stage: drops the first ``count`` decoded samples of a resumed stream whose position was not recorded (the
+    decode stage then drops exactly the images it dropped before), and the skips counted while replaying them."""
+
+    def __init__(self, count: int, stats: SkipStats):
+        self.count, self.stats = count, stats
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for _ in itertools.islice(samples, self.count):
+            pass
+        self.stats.drain()
+        yield from samples
 
 
 def _rng_isolated(items: Iterator[Any]) -> Iterator[Any]:
@@ -402,12 +396,10 @@ class _EpochSampler(Sampler):
 class SkipLog:
     """The loader's skip log: one JSON line per skipped sample or shard-level event, appended as batches arrive.
 
-    A line: ``{"key", "reason", "shard", "split", "epoch", "rank", "detail"}`` (``key`` is null for shard-level
-    events: ``tar_error:*`` before any member, ``sidecar_*``). Fallbacks to another caption source and caption
-    problems of samples that were still used are counted, not logged (``wds_stages.UNRECORDED_PREFIXES``). A batch
-    whose worker left records out (over ``SkipStats.max_records`` between two batches) adds ``{"reason":
-    "records_lost", "count": N, ...}``. Memory: the records of one batch. The file is flushed after every batch,
-    opened lazily (no file when nothing was skipped) and appended to (a resumed run continues it).
+    A line: ``{"key", "reason", "shard", "split", "epoch", "rank", "detail"}`` (``key`` null for shard-level events);
+    caption problems of samples that were still used are not logged (``wds_stages.UNRECORDED_PREFIXES``); records a
+    worker left out add ``{"reason": "records_lost", "count": N, ...}``. Flushed after every batch, opened lazily (no
+    file when nothing was skipped) and appended to (a resumed run continues it).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -436,9 +428,8 @@ class SkipLog:
 
 
 def convert_batch(batch: Any) -> Any:
-    """torch's ``default_convert`` (what a ``DataLoader`` with ``batch_size=None`` applies to each item in the worker),
-    except that a list of strings is passed through instead of being walked string by string: the batch's
-    ``caption``, ``caption_source``, ``key`` and ``url`` lists made that walk ~10 us per sample."""
+    """torch's ``default_convert`` (what a ``DataLoader`` with ``batch_size=None`` applies in the worker), except that
+    a list of strings is passed through instead of being walked string by string (~10 us per sample)."""
     if isinstance(batch, dict):
         return {k: convert_batch(v) for k, v in batch.items()}
     if isinstance(batch, list) and all(type(x) is str for x in batch):
@@ -447,27 +438,19 @@ def convert_batch(batch: Any) -> Any:
 
 
 class CaptionMixLoader(DataLoader):
-    """A plain ``DataLoader`` over a :class:`CaptionMixStream` (batches are made in the workers) with ``set_epoch``
-    and a resumable position (``state_dict`` / ``load_state_dict``, which Lightning saves in checkpoints and restores
-    at the start of ``fit(ckpt_path=...)``).
+    """A plain ``DataLoader`` over a :class:`CaptionMixStream` or a ``latent_cache.LatentCacheStream`` (batches are
+    made in the workers) with ``set_epoch`` and a resumable position (``state_dict`` / ``load_state_dict``, which
+    Lightning saves in checkpoints and restores at the start of ``fit(ckpt_path=...)``).
 
-    The state: ``epoch``, ``batches`` consumed in it, and ``positions`` (rank -> per-worker stream positions; in DDP
-    gathered from all ranks, since only rank 0 writes the checkpoint), plus what must match to resume exactly
-    (``num_workers``, ``world_size``, ``batches_per_rank``, ``seed``, ``batch_size``, and the sample limits of a
-    stream that has them: ``min_image_size``, ``max_image_pixels``, ``max_caption_chars``, ``jpeg_draft``, which
-    change which samples are kept or what is decoded). A checkpoint from before the limits were recorded is taken to
-    have the fixed values of that code (:data:`LEGACY_LIMITS`; its ``max_image_pixels`` is unknown and not
-    compared). A rank missing from
-    ``positions`` still resumes exactly from ``(epoch, batches)``, decoding and transforming the replayed images to
-    find the dropped ones.
+    The state: ``epoch``, ``batches`` consumed in it, ``positions`` (rank -> per-worker stream positions, gathered
+    from all ranks in DDP), and what must match to resume exactly (workers, world size, batches per rank, seed,
+    batch size, the sample limits and dedupe mode of a stream that has them). A rank missing from ``positions``
+    still resumes exactly from ``(epoch, batches)``, decoding the replayed images to find the dropped ones.
 
-    The dataset also works with :class:`datamodules.latent_cache.LatentCacheStream` (same ``resume`` protocol).
-
-    Skips: every batch's ``skipped`` counts are summed into ``skip_counts`` (the current or last iteration), and with
-    ``skip_log`` (a path) every record is appended to that file (:class:`SkipLog`), labelled ``split``. An evaluation
-    stream (no ``batches_per_rank``) is read one batch ahead, so that skips counted after a worker's last batch
-    (:data:`datamodules.wds_stages.SKIPS_ONLY` items) join a batch the model sees; when no batch comes at all they
-    are still in ``skip_counts`` and the log, and a warning says so.
+    Skips: every batch's ``skipped`` counts are summed into ``skip_counts`` (the current or last iteration) and, with
+    ``skip_log`` (a path), written to that file (:class:`SkipLog`). An evaluation stream is read one batch ahead, so
+    that skips counted after a worker's last batch (``SKIPS_ONLY`` items) join a batch the model sees; when no batch
+    comes at all they are still counted and logged, and a warning says so.
     """
 
     def __init__(
@@ -566,13 +549,10 @@ class CaptionMixLoader(DataLoader):
             "seed": ds.seed,
             "batch_size": ds.batch_size,
         }
-        limits = getattr(ds, "limits", None)  # a LatentCacheStream has none: its cache was filtered when built
-        if limits is not None:
-            fingerprint.update(limits.as_dict())
-        dedupe = getattr(ds, "dedupe", None)
-        if dedupe is not None:
-            fingerprint["dedupe"] = dedupe
-            fingerprint["dedupe_max_keys"] = ds.dedupe_max_keys if dedupe == "worker" else None
+        settings = getattr(ds, "settings", None)  # a LatentCacheStream has none: its cache was filtered when built
+        if settings is not None:
+            fingerprint.update(settings.limits.as_dict(), dedupe=settings.dedupe)
+            fingerprint["dedupe_max_keys"] = settings.dedupe_max_keys if settings.dedupe == "worker" else None
         return fingerprint
 
     def state_dict(self) -> dict[str, Any]:
@@ -597,18 +577,12 @@ class CaptionMixLoader(DataLoader):
         if state_dict.get("format") != 1:
             raise ValueError(f"loader state: unknown format {state_dict.get('format')!r} (expected 1)")
         mine = self._fingerprint()
-        legacy = {k: v for k, v in LEGACY_LIMITS.items() if k in mine and k not in state_dict}
-        saved = {**state_dict, **legacy}
-        optional = LIMIT_KEYS + DEDUPE_KEYS  # compared when recorded (not: max_image_pixels, dedupe of old states)
-        compared = {k: v for k, v in mine.items() if k in saved or k not in optional}
-        diff = {k: (saved.get(k), v) for k, v in compared.items() if saved.get(k) != v}
+        compared = {k: v for k, v in mine.items() if k in state_dict or k not in LIMIT_KEYS + DEDUPE_KEYS}
+        diff = {k: (state_dict.get(k), v) for k, v in compared.items() if state_dict.get(k) != v}
         if diff:
-            fields = ", ".join(
-                f"{k}: checkpoint {a!r}{' (not recorded: the fixed value then)' if k in legacy else ''}, now {b!r}"
-                for k, (a, b) in diff.items()
-            )
+            what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(
-                f"cannot resume the data loader exactly mid-epoch: {fields}. Resume with the data settings of the "
+                f"cannot resume the data loader exactly mid-epoch: {what}. Resume with the data settings of the "
                 f"interrupted run (data.num_workers, data.batch_size, data.seed, data.min_image_size, "
                 f"data.max_image_pixels, data.max_caption_chars, data.jpeg_draft, data.dedupe, data.dedupe_max_keys, "
                 f"number of devices)"
@@ -668,27 +642,23 @@ class CaptionMixDataModule(L.LightningDataModule):
         text_transform: Per-caption transform (e.g. a tokenizer); default: the model's ``data_transforms``.
         min_image_size: Images whose shorter side is below this many pixels are skipped, counted ``tiny_image``
             (tracking pixels, spacers). ``None``: no minimum.
-        max_image_pixels: Images with more pixels (read from the header, before decoding) are skipped, counted
-            ``oversized_image`` (pixel bombs); at least ``min_image_size`` squared, at most twice
-            ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL refuses larger ones itself). ``None``: PIL's own limit.
+        max_image_pixels: Images with more pixels (read from the header) are skipped, counted ``oversized_image``;
+            at least ``min_image_size`` squared, at most twice PIL's ``MAX_IMAGE_PIXELS``. ``None``: PIL's limit.
         max_caption_chars: A caption longer than this counts as missing for its source, counted
             ``caption_too_long``; the sample then falls back to another source (``fallback:<from>-><to>``) or is
             skipped (``no_caption``). ``None``: no cap.
-        jpeg_draft: Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) when the image transform starts with a
-            torchvision ``Resize``/``RandomResizedCrop`` and that step still gets at least its output size (see
-            ``wds_stages.DecodeImage``); skips nothing. ``False``: always decode at full size.
+        jpeg_draft: Decode JPEGs at a reduced DCT scale when the image transform's first resize still gets at least
+            its output size (``wds_stages.DecodeImage``); skips nothing. ``False``: always decode at full size.
         max_consecutive_drops: Stop with an error after this many unusable samples in a row (broken or
             misconfigured data would otherwise spin forever in a cycling stream); ``None`` never stops.
-        dedupe: What happens to a key that is also in another shard (a re-downloaded or partly copied shard; keys in
-            one shard are always deduplicated): ``"worker"`` (default) drops a key this loader worker already read
-            from another shard in this epoch, remembering at most ``dedupe_max_keys`` keys per worker (copies read
-            by other workers or ranks are not seen); ``"global"`` builds a key index of the shards once
-            (``prepare_data``; one read of every shard, cached in ``dedupe_dir``) and drops every copy outside the
-            key's first shard on every worker and rank, so each key is read once per pass; ``"off"`` reads copies
-            as samples. Dropped copies are counted ``duplicate_key`` (README: "Duplicate keys").
+        dedupe: A key that is also in another shard (a re-downloaded or partly copied shard): ``"worker"`` drops a
+            key this loader worker already read from another shard this epoch; ``"global"`` indexes the shards once
+            (``prepare_data``, cached in ``dedupe_dir``) and reads each key from its first shard only, on every
+            worker and rank; ``"off"`` reads copies as samples. Counted ``duplicate_key`` (README: "Duplicate keys";
+            ``wds_stages.CrossShardDuplicates``).
         dedupe_max_keys: ``"worker"``: keys remembered per loader worker and epoch (~80 bytes each: ~40 MB at the
             default; past it, copies of later keys are kept, counted once as ``dedupe_window_full``). ``"global"``:
-            keys held in memory while the index is built (the rest waits in hash buckets on disk).
+            keys held in memory at a time while the index is built (the rest waits on disk, in SQLite).
         dedupe_dir: ``"global"``: the folder of index files, one per shard list (``<hash of the list>.json``);
             default ``$XDG_CACHE_HOME/recap_suite/dedupe`` (``~/.cache`` without XDG_CACHE_HOME). An index is rebuilt
             when its shard list, or a local shard's size or mtime, changes.
@@ -743,24 +713,11 @@ class CaptionMixDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["image_transform", "text_transform"])
+        self.settings = LoaderSettings.from_args(self.hparams)
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.sources = [SourceSpec.parse(n, s) for n, s in (sources or DEFAULT_SOURCES).items()]
-        self.weights = resolve_weights([s.name for s in self.sources], p_original, source_weights, mix)
-        self.mix, self.concat_separator, self.fallback = mix, concat_separator, fallback
-        self.sidecar_dir = sidecar_dir
-        self.train_num_samples = train_num_samples
-        self.resampled, self.shuffle_buffer, self.shuffle_initial = resampled, shuffle_buffer, shuffle_initial
-        self.seed = seed
-        self.image_transform, self.text_transform = image_transform, text_transform
-        check_sample_limits(min_image_size, max_image_pixels, max_caption_chars, jpeg_draft)
-        self.limits = SampleLimits(min_image_size, max_image_pixels, max_caption_chars, jpeg_draft)
-        self.max_consecutive_drops = max_consecutive_drops
-        self.skip_log = skip_log
+        self.sources, self.sidecar_dir, self.limits = self.settings.sources, sidecar_dir, self.settings.limits
+        self.transforms = DataTransforms(image_transform, text_transform)
         self._log_dir: str | None = None
-        check_dedupe(dedupe, dedupe_max_keys)
-        self.dedupe, self.dedupe_max_keys, self.dedupe_dir = dedupe, dedupe_max_keys, dedupe_dir
-        self.persistent_workers, self.pin_memory = persistent_workers, pin_memory
         self._rank, self._world_size = rank, world_size
         self.epoch = SharedEpoch(0)
         self.batch_size = per_device_batch(batch_size, global_batch_size, world_size)  # None until the world is known
@@ -771,7 +728,7 @@ class CaptionMixDataModule(L.LightningDataModule):
     # -------------------------------------------------------------------------------------------------- plumbing
     def _rank_world(self) -> tuple[int, int]:
         rank, world = self._rank, self._world_size
-        trainer = self._trainer_or_none()
+        trainer = self.trainer
         if rank is None:
             rank = trainer.global_rank if trainer is not None else 0
         if world is None:
@@ -780,13 +737,10 @@ class CaptionMixDataModule(L.LightningDataModule):
             raise ValueError(f"rank {rank} is outside world_size {world}")
         return rank, world
 
-    def _trainer_or_none(self):
-        return getattr(self, "trainer", None)
-
     def _per_device_batch(self) -> int:
         """``batch_size``, or the device's share of ``global_batch_size`` once the Trainer (or override) is known."""
         if self.batch_size is None:
-            trainer = self._trainer_or_none()
+            trainer = self.trainer
             accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
             self.batch_size = per_device_batch(None, self.hparams.global_batch_size, self._rank_world()[1], accumulate)
         return self.batch_size
@@ -795,33 +749,31 @@ class CaptionMixDataModule(L.LightningDataModule):
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
         """Checks before anything is built (``experiments/validate.py``): the mix (p in [0, 1], weights), the batch
         against the world size, the sample limits, and that local shards and the sidecar folder exist."""
-        check_sample_limits(**{k: args.get(k, v) for k, v in SampleLimits().as_dict().items()})
-        check_dedupe(args.get("dedupe", "worker"), args.get("dedupe_max_keys", 500_000))
-        sources = args.get("sources") or DEFAULT_SOURCES
-        resolve_weights(list(sources), args.get("p_original"), args.get("source_weights"), args.get("mix", "sample"))
-        per_device_batch(args.get("batch_size"), args.get("global_batch_size"), run.world_size,
-                         run.accumulate_grad_batches)  # fmt: skip
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+        settings = LoaderSettings.from_args({**defaults, **args})  # the mix, sources, sample limits and dedupe
+        batch, global_batch = args.get("batch_size"), args.get("global_batch_size")
+        per_device_batch(batch, global_batch, run.world_size, run.accumulate_grad_batches)
         for key in ("train_shards", "val_shards", "test_shards"):
             check_shards(key, args.get(key))
-        if any(str(where).startswith("sidecar:") for where in sources.values()):
+        if any(source.kind == "sidecar" for source in settings.sources):
             check_path("sidecar_dir", args.get("sidecar_dir"), "dir", what="per-shard sidecars (`sidecars` command)")
 
     def _transforms(self, stage: str) -> DataTransforms:
         found = DataTransforms()
-        trainer = self._trainer_or_none()
+        trainer = self.trainer
         module = trainer.lightning_module if trainer is not None else None
         provider = getattr(module, "data_transforms", None)
         if callable(provider):
             found = provider(stage)
         return DataTransforms(
-            image=self.image_transform if self.image_transform is not None else found.image,
-            text=self.text_transform if self.text_transform is not None else found.text,
+            image=self.transforms.image if self.transforms.image is not None else found.image,
+            text=self.transforms.text if self.transforms.text is not None else found.text,
         )
 
     def _dedupe_index_path(self, urls: Sequence[str]) -> str:
         import hashlib
 
-        folder = self.dedupe_dir
+        folder = self.hparams.dedupe_dir
         if not folder:
             cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
             folder = os.path.join(cache, "recap_suite", "dedupe")
@@ -834,11 +786,13 @@ class CaptionMixDataModule(L.LightningDataModule):
 
         from datamodules.wds_stages import ensure_duplicate_index
 
-        return ensure_duplicate_index(urls, self._dedupe_index_path(urls), self.dedupe_max_keys, rank_zero_info)
+        return ensure_duplicate_index(
+            urls, self._dedupe_index_path(urls), self.settings.dedupe_max_keys, rank_zero_info
+        )
 
     def prepare_data(self) -> None:
         """``dedupe: global``: build the duplicate index of every shard list once per node, before ``setup``."""
-        if self.dedupe != "global":
+        if self.settings.dedupe != "global":
             return
         for spec in (self.train_shards, self.val_shards, self.test_shards):
             if spec is not None:
@@ -846,27 +800,24 @@ class CaptionMixDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self._per_device_batch()  # before the LightningModule's setup, which may read batch_size (ClipModule)
-        trainer = self._trainer_or_none()
-        if trainer is not None and self.skip_log is True:
+        trainer = self.trainer
+        if trainer is not None and self.hparams.skip_log is True:
             self._log_dir = trainer.log_dir  # here, where every rank calls it (it is a broadcast from rank 0)
         if trainer is not None and stage == "fit":
-            from datamodules.monitor import CaptionMixMonitor
+            from datamodules.monitor import add_monitor
 
-            # The realised caption-source fractions are part of what a run must prove, so the DataModule brings
-            # its monitor along instead of relying on every config to list it.
-            if not any(isinstance(cb, CaptionMixMonitor) for cb in trainer.callbacks):
-                trainer.callbacks.append(CaptionMixMonitor())
+            add_monitor(trainer)
 
     def _stream(self, shards: str | list[str], stage: str, training: bool) -> CaptionMixStream:
         urls = expand_urls(shards)
         rank, world = self._rank_world()
         self._per_device_batch()
-        transforms = self._transforms(stage)
         batches = None
-        index = self._duplicate_index(urls) if self.dedupe == "global" else None
+        index = self._duplicate_index(urls) if self.settings.dedupe == "global" else None
+        workers = max(1, self.hparams.num_workers)
         if training:
-            if self.train_num_samples is not None:
-                n = self.train_num_samples
+            if self.hparams.train_num_samples is not None:
+                n = self.hparams.train_num_samples
             else:  # the shards' sample counts include the copies that the global index drops
                 n = count_samples(urls) - (index["copies"] if index is not None else 0)
             batches = n // (self.batch_size * world)
@@ -874,62 +825,50 @@ class CaptionMixDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"{n} training samples give no full batch of {self.batch_size} x {world} ranks; lower batch_size"
                 )
-            if not self.resampled and len(urls) < world * max(1, self.num_workers):
+            if not self.settings.resampled and len(urls) < world * workers:
                 raise ValueError(
-                    f"{len(urls)} shards < {world} ranks x {max(1, self.num_workers)} workers: every worker needs a "
+                    f"{len(urls)} shards < {world} ranks x {workers} workers: every worker needs a "
                     f"shard; use fewer workers, more shards, or resampled=True"
                 )
         return CaptionMixStream(
             urls,
-            sources=self.sources,
-            weights=self.weights,
-            mix=self.mix,
-            concat_separator=self.concat_separator,
-            fallback=self.fallback,
-            sidecar_dir=self.sidecar_dir,
+            self.settings,
             batch_size=self.batch_size,
-            seed=self.seed,
             rank=rank,
             world_size=world,
             batches_per_rank=batches,
-            resampled=self.resampled,
-            shuffle_buffer=self.shuffle_buffer,
-            shuffle_initial=self.shuffle_initial,
-            image_transform=transforms.image,
-            text_transform=transforms.text,
-            limits=self.limits,
-            max_consecutive_drops=self.max_consecutive_drops,
-            dedupe=self.dedupe,
-            dedupe_max_keys=self.dedupe_max_keys,
-            dedupe_index=self._dedupe_index_path(urls) if index is not None else None,
+            transforms=self._transforms(stage),
             epoch=self.epoch if training else 0,
+            dedupe_index=self._dedupe_index_path(urls) if index is not None else None,
         )
 
     def _skip_log_path(self) -> Path | None:
         """This rank's skip log file (see ``skip_log``), or None."""
-        if self.skip_log is None or self.skip_log is False:
+        skip_log = self.hparams.skip_log
+        if skip_log is None or skip_log is False:
             return None
-        if self.skip_log is True:
-            trainer = self._trainer_or_none()
+        if skip_log is True:
+            trainer = self.trainer
             if self._log_dir is None and trainer is not None:
                 self._log_dir = trainer.log_dir
             if self._log_dir is None:
                 return None
             path = Path(self._log_dir) / "skipped.jsonl"
         else:
-            path = Path(self.skip_log)
+            path = Path(skip_log)
         rank = self._rank_world()[0]
         return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
     def _loader(self, stream: CaptionMixStream, persistent: bool, split: str) -> CaptionMixLoader:
+        workers = self.hparams.num_workers
         return CaptionMixLoader(
             stream,
             split=split,
             skip_log=self._skip_log_path(),
-            num_workers=self.num_workers,
-            persistent_workers=persistent and self.persistent_workers and self.num_workers > 0,
-            pin_memory=self.pin_memory,
-            prefetch_factor=2 if self.num_workers > 0 else None,
+            num_workers=workers,
+            persistent_workers=persistent and self.hparams.persistent_workers and workers > 0,
+            pin_memory=self.hparams.pin_memory,
+            prefetch_factor=2 if workers > 0 else None,
         )
 
     def train_dataloader(self) -> CaptionMixLoader:
@@ -990,13 +929,6 @@ def resolve_weights(
     if len(names) == 1 or mix == "concat":
         return {n: 1.0 / len(names) for n in names}
     raise ValueError(f"{len(names)} caption sources {names}: set p_original (the paper's p) or source_weights")
-
-
-def summarize_sources(batches: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Realised fraction of each caption source over some batches (helper for tests and notebooks)."""
-    counts = Counter(s for b in batches for s in b["caption_source"])
-    total = sum(counts.values())
-    return {k: v / total for k, v in counts.items()} if total else {}
 
 
 __all__ = [

@@ -7,13 +7,11 @@ source had a caption); the keys and sources are in its metadata. ``<cache>/_cach
 encoder, length, VAE, image size, sources, dtype); a cache is refused by a model that would have made it differently.
 Each shard file is written to a temporary name and renamed, so a killed pre-pass redoes only unfinished shards.
 
-Because every source is cached, the paper's p is still drawn per sample and per epoch at training time, by the same
-rule as the uncached ``CaptionMixDataModule`` (``ChooseCaption``: a pure function of seed, epoch and key): the two
-paths see the same caption choices.
+Every source is cached, so the paper's p is still drawn per sample and epoch at training time by ``ChooseCaption``,
+as in the uncached ``CaptionMixDataModule``: the two paths see the same caption choices.
 
-Size: text features dominate. The tiny world (64 tokens × 64 dims, fp16) stores 8 KB per caption; OpenAI CLIP
-ViT-L/14's text (77 × 768) 118 KB per caption, so caching both sources of DataComp-1B is out of reach (~300 TB):
-at real scale cache a subset, or train uncached.
+Size: text features dominate (ViT-L/14's text: 118 KB per caption; both sources of DataComp-1B ~300 TB): at real
+scale cache a subset, or train uncached.
 """
 
 from __future__ import annotations
@@ -135,8 +133,8 @@ def build_cache(
         if not samples:
             stats.skip("empty_shard", url)
         joined = {k: torch.cat(v) for k, v in tensors.items() if v}
-        meta = {"keys": json.dumps(keys), "sources": json.dumps(list(sources)), "url": url,
-                "skipped": json.dumps(dict(stats.counts))}  # fmt: skip
+        meta = {"keys": keys, "sources": list(sources), "skipped": dict(stats.counts)}
+        meta = {k: json.dumps(v) for k, v in meta.items()} | {"url": url}
         _write_atomic_tensors(joined, meta, out / f"{shard_stem(url)}.safetensors")
         totals["shards"] += 1
         totals["samples"] += len(samples)
@@ -201,12 +199,22 @@ class LatentCacheStream(IterableDataset):
     ``ChooseCaption`` (the uncached DataModule's rule) among the sources it has. Training streams resume mid-epoch
     through ``CaptionMixLoader``'s state (the position is a batch index here, so resuming costs no reading)."""
 
-    def __init__(self, index: _CacheIndex, batch_size: int, weights: Mapping[str, float], seed: int,
-                 epoch: SharedEpoch, rank: int, world_size: int, shuffle: bool, drop_last: bool,
-                 fallback: bool = True):  # fmt: skip
-        self.index, self.batch_size, self.weights = index, batch_size, dict(weights)
-        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world_size
-        self.shuffle, self.drop_last, self.fallback = shuffle, drop_last, fallback
+    def __init__(
+        self,
+        index: _CacheIndex,
+        batch_size: int,
+        weights: Mapping[str, float],
+        seed: int,
+        epoch: SharedEpoch,
+        rank: int,
+        world_size: int,
+        training: bool,
+        fallback: bool = True,
+    ):
+        """``training``: shuffled, full batches only, resumable; else one pass in order, the last batch partial."""
+        self.index, self.batch_size, self.weights, self.seed = index, batch_size, dict(weights), seed
+        self.epoch, self.rank, self.world = epoch, rank, world_size
+        self.training, self.fallback = training, fallback
         self.resume: dict[str, Any] | None = None  # set by CaptionMixLoader for one iteration (mid-epoch resume)
 
     @property
@@ -219,19 +227,19 @@ class LatentCacheStream(IterableDataset):
     def __len__(self) -> int:
         # Training streams are sized, so Lightning does not prefetch a batch ahead: the loader's count of handed-out
         # batches (its resume state) then equals the batches trained on.
-        if not self.drop_last:
+        if not self.training:
             raise TypeError("an evaluation stream has no length")
         return len(self.index) // self.world // self.batch_size
 
     def batches(self, epoch: int) -> list[list[int]]:
         n = len(self.index)
         order = list(range(n))
-        if self.shuffle:
+        if self.training:
             random.Random(stable_int("latent-cache", self.seed, epoch)).shuffle(order)
-        per_rank = n // self.world if self.drop_last else -(-n // self.world)
+        per_rank = n // self.world if self.training else -(-n // self.world)
         mine = order[self.rank * per_rank : (self.rank + 1) * per_rank]
         out = [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
-        return [b for b in out if len(b) == self.batch_size] if self.drop_last else out
+        return [b for b in out if len(b) == self.batch_size] if self.training else out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch.get()
@@ -241,7 +249,7 @@ class LatentCacheStream(IterableDataset):
         choose = ChooseCaption(self.weights, self.seed, epoch, stats, fallback=self.fallback)
         resume, self.resume = self.resume, None
         start = 0
-        if resume is not None and self.drop_last:  # training: resume past this worker's consumed batches (no I/O)
+        if resume is not None and self.training:  # training: resume past this worker's consumed batches (no I/O)
             wid, done, position = worker_resume_point(resume, wid, nw)
             start = position if position is not None else done
         mine = self.batches(epoch)[wid::nw]
@@ -261,9 +269,9 @@ class LatentCacheStream(IterableDataset):
             if not rows:
                 continue
             lat, text, mask = (torch.stack(x) for x in zip(*rows, strict=True))
-            batch = {"latent": lat, "text": text, "text_mask": mask, "caption_source": names, "key": keys,
-                     "skipped": stats.drain()}  # fmt: skip
-            if self.drop_last:
+            batch = {"latent": lat, "text": text, "text_mask": mask, "caption_source": names, "key": keys}
+            batch["skipped"] = stats.drain()
+            if self.training:
                 batch[POSITION_KEY] = (wid, j + 1)  # batches of this worker's list passed (an empty one is skipped)
             yield batch
 
@@ -316,13 +324,10 @@ class LatentCacheDataModule(L.LightningDataModule):
         return index, weights
 
     def setup(self, stage: str) -> None:
-        trainer = self.trainer
-        if trainer is not None and stage == "fit":
-            from datamodules.monitor import CaptionMixMonitor
+        if self.trainer is not None and stage == "fit":
+            from datamodules.monitor import add_monitor
 
-            # as CaptionMixDataModule: the realised caption-source fractions are logged by every run of this data
-            if not any(isinstance(cb, CaptionMixMonitor) for cb in trainer.callbacks):
-                trainer.callbacks.append(CaptionMixMonitor())
+            add_monitor(self.trainer)
 
     def _loader(self, path: str, training: bool) -> DataLoader:
         from datamodules.caption_mix import CaptionMixLoader
@@ -331,8 +336,8 @@ class LatentCacheDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         epoch = self.epoch if training else SharedEpoch(0)
-        stream = LatentCacheStream(index, self.hparams.batch_size, weights, self.hparams.seed, epoch, rank, world,
-                                   shuffle=training, drop_last=training, fallback=self.hparams.fallback)  # fmt: skip
+        hp = self.hparams
+        stream = LatentCacheStream(index, hp.batch_size, weights, hp.seed, epoch, rank, world, training, hp.fallback)
         nw = self.hparams.num_workers
         return CaptionMixLoader(stream, num_workers=nw, persistent_workers=nw > 0 and training)
 

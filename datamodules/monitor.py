@@ -64,3 +64,10 @@ class CaptionMixMonitor(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sources = Counter(state_dict.get("sources", {}))
         self.skipped = Counter(state_dict.get("skipped", {}))
+
+
+def add_monitor(trainer: L.Trainer) -> None:
+    """Add a :class:`CaptionMixMonitor` unless the trainer has one: the realised caption-source fractions are part
+    of what a run must prove, so the caption DataModules bring it along instead of relying on every config."""
+    if not any(isinstance(cb, CaptionMixMonitor) for cb in trainer.callbacks):
+        trainer.callbacks.append(CaptionMixMonitor())

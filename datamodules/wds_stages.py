@@ -1,10 +1,8 @@
-"""Picklable webdataset pipeline stages of the caption-mix loader.
+"""Picklable webdataset pipeline stages of the caption-mix loader (``CaptionMixStream._batches`` lists them).
 
 Every stage is a module-level class with ``__call__(iterator) -> iterator`` (open_clip's style), so the pipeline
 pickles under any worker start method. Stages never raise on one bad sample: they count a reason in a
-:class:`SkipStats` and move on. The counts (and, when recording, one record per event: reason, key, shard) travel to
-the main process inside each batch (``batch["skipped"]``); skips after a stream's last batch come in a final item
-marked :data:`SKIPS_ONLY` that holds no samples.
+:class:`SkipStats`, whose counts (and records) travel to the main process inside each batch (``batch["skipped"]``).
 
 Determinism contract (the paper's p, made reproducible):
     the caption source of a sample is a pure function of ``(seed, epoch, key)`` -- see :func:`uniform_from_key`.
@@ -66,10 +64,8 @@ class SkipStats:
     """Per-worker counters of skipped samples and caption fallbacks, drained into each batch.
 
     ``record=True`` also keeps one record per dropped sample or shard-level event (``reason``, ``key``, ``shard``,
-    ``detail``; not for :data:`UNRECORDED_PREFIXES`, whose samples were used) until the next drain: the caption-mix
-    loader writes them to its skip log. At most ``max_records`` are kept between two drains
-    (a batch normally carries a few); beyond that only the counts stay exact and the number of records left out is
-    reported as ``records_lost``.
+    ``detail``; not for :data:`UNRECORDED_PREFIXES`) until the next drain, for the skip log: at most ``max_records``
+    between two drains; beyond that only the counts stay exact and the records left out are counted ``records_lost``.
     """
 
     counts: Counter = field(default_factory=Counter)
@@ -82,15 +78,7 @@ class SkipStats:
     records: list[dict[str, Any]] = field(default_factory=list)
     records_lost: int = 0
 
-    def skip(
-        self,
-        reason: str,
-        where: str = "",
-        *,
-        key: str | None = None,
-        shard: str | None = None,
-        detail: str | None = None,
-    ) -> None:
+    def skip(self, reason: str, where: str = "", *, key=None, shard=None, detail=None) -> None:
         """Count one event; ``where`` is the human-readable example, ``key``/``shard``/``detail`` go to the record."""
         self.counts[reason] += 1
         self.examples.setdefault(reason, where)
@@ -112,12 +100,10 @@ class SkipStats:
         self.consecutive_drops = 0
 
     def pending(self) -> bool:
-        """Whether anything was counted since the last drain."""
         return bool(self.counts) or self.records_lost > 0
 
     def drain(self) -> dict[str, Any]:
-        """Return and reset the counts accumulated since the last call (so summing over batches gives totals), with
-        the records when recording (``records``; ``records_lost`` when some were left out)."""
+        """Return and reset the counts (and records) since the last call: summing over batches gives totals."""
         out: dict[str, Any] = {"counts": dict(self.counts), "examples": dict(self.examples)}
         self.counts.clear()
         self.examples.clear()
@@ -158,23 +144,21 @@ class CountingHandler:
             from webdataset.tariterators import base_plus_ext  # the key as ReadShards groups members
 
             key = base_plus_ext(member)[0]
-        self.stats.skip(f"tar_error:{type(exn).__name__}", detail, key=key, shard=getattr(exn, "shard", None),
-                        detail=detail)  # fmt: skip
+        shard = getattr(exn, "shard", None)
+        self.stats.skip(f"tar_error:{type(exn).__name__}", detail, key=key, shard=shard, detail=detail)
         return True
 
 
 # ------------------------------------------------------------------------------------------------------------ shards
 @dataclass
 class ShardSchedule:
-    """Which shards one (rank, worker) reads in one epoch.
+    """Which shards one (rank, worker) reads in one epoch. ``mode``:
 
-    ``mode``:
-      * ``"cycle"`` -- training without resampling: the shard list is shuffled by ``(seed, epoch)``, split into
-        disjoint slices by global worker index (``rank * num_workers + worker``), and each worker cycles through its
-        slice (reshuffled per round) until the caller stops it. Cycling is what lets every rank produce exactly the
-        same number of batches even when shard sizes differ.
-      * ``"resample"`` -- shards drawn with replacement from an RNG seeded by ``(seed, epoch, rank, worker)``.
-      * ``"once"`` -- evaluation: disjoint slices in file order, one pass.
+    * ``"cycle"`` (training): the shard list shuffled by ``(seed, epoch)``, split into disjoint slices by global
+      worker index, each worker cycling through its slice (reshuffled per round) until the caller stops it, so
+      every rank produces exactly the same number of batches even when shard sizes differ;
+    * ``"resample"``: shards drawn with replacement, seeded by ``(seed, epoch, rank, worker)``;
+    * ``"once"`` (evaluation): disjoint slices in file order, one pass.
     """
 
     urls: Sequence[str]
@@ -253,12 +237,11 @@ def _pax_path(data: bytes) -> str | None:
 def iter_tar_members(stream, where: str = "") -> Iterator[tuple[str, bytes]]:
     """Yield ``(name, data)`` for the regular files of a tar stream, in order.
 
-    A lean streaming reader for the one tar shape webdataset shards have (many small regular files). Why not
-    ``tarfile``: its generic header machinery is ~30% of a worker's CPU on small images (profiled: 3.4 s of 11.4 s
-    per 6k 64-px samples), which this reader cuts to a fraction. It handles ustar/POSIX prefixes, GNU long names
-    (``L``), pax ``path`` records (``x``), GNU base-256 sizes, and verifies every header checksum; anything
-    truncated or corrupt raises :class:`TarFormatError` (the caller counts it and moves to the next shard), and so
-    does an empty stream (a zero-byte file or a ``pipe:`` that printed nothing; ``tarfile`` refuses it too).
+    A lean streaming reader for webdataset shards (many small regular files): ustar/POSIX prefixes, GNU long names,
+    pax ``path`` records, GNU base-256 sizes. Why not ``tarfile`` (webdataset's reader): it was ~30% of a worker's
+    CPU on 64-px images, and in stream mode it ends a shard silently at a truncated or corrupt header after the
+    first member. Here every header checksum is verified and anything truncated or corrupt, or an empty stream,
+    raises :class:`TarFormatError` (counted, and the next shard is read).
     """
     read = stream.read
     long_name: str | None = None
@@ -303,6 +286,19 @@ def iter_tar_members(stream, where: str = "") -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
+def webdataset_tar_members(stream, where: str = "") -> Iterator[tuple[str, bytes]]:
+    """:func:`iter_tar_members` by webdataset's own tar reading (``tarfile`` in stream mode), for the benchmark."""
+    import tarfile
+
+    from webdataset.tariterators import tar_file_iterator
+
+    try:
+        for member in tar_file_iterator(stream, skip_meta=None):
+            yield member["fname"], member["data"]
+    except tarfile.ReadError as exn:
+        raise TarFormatError(f"{exn} in {where}") from exn
+
+
 def _member_name(header: bytes) -> str:
     name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
     if header[257:265] == _POSIX_MAGIC and header[345] != 0:
@@ -333,18 +329,16 @@ def open_shard(url: str):
 class ReadShards:
     """Shard URLs -> raw samples (``{"__key__", "__url__", "__visit__", <suffix>: bytes}``), shard by shard.
 
-    URLs are opened with :func:`open_shard` (files, ``pipe:``, webdataset's schemes, else fsspec). Members are grouped
-    into samples by key as webdataset does; a suffix seen twice within one key starts a new sample, which the
-    extraction stage then reports as a duplicate key. Each sample carries ``__visit__`` (the index of this shard
-    visit), so later stages can tell a new visit of the same shard from a duplicate inside one shard. Metadata
-    members (``__*__``) are skipped, as webdataset does. A truncated or corrupt shard, or a ``pipe:`` command that
-    exits with an error, is reported to ``handler``; the samples before the damage are kept, and the one being read
-    when it happened is passed on with the members read intact (the extraction stage counts it if that leaves it
-    without its image or caption).
+    URLs are opened with :func:`open_shard`. Members are grouped into samples by key as webdataset does (metadata
+    members ``__*__`` skipped); a suffix seen twice within one key starts a new sample (then a duplicate key).
+    ``__visit__`` numbers the shard visits, so a revisit of a shard is not a duplicate. A truncated or corrupt
+    shard, or a ``pipe:`` command that exits with an error, goes to ``handler``; the samples before the damage are
+    kept, the one being read is passed on with its intact members.
     """
 
-    def __init__(self, handler: Callable[[Exception], bool]):
+    def __init__(self, handler: Callable[[Exception], bool], tar_reader: str = "own"):
         self.handler = handler
+        self.members = {"own": iter_tar_members, "webdataset": webdataset_tar_members}[tar_reader]
 
     def __call__(self, sources: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
         from webdataset.tariterators import base_plus_ext  # webdataset's own key/suffix split
@@ -361,7 +355,7 @@ class ReadShards:
                     continue
                 return
             try:
-                for name, data in iter_tar_members(stream, url):
+                for name, data in self.members(stream, url):
                     key, suffix = base_plus_ext(name)
                     if key is None or name.rsplit("/", 1)[-1].startswith("__"):
                         continue
@@ -410,21 +404,17 @@ DEDUPE_MODES = ("worker", "global", "off")
 
 
 class CrossShardDuplicates:
-    """Which samples are copies of a key that belongs to another shard (a re-downloaded or partly copied shard).
+    """Which samples are copies of a key that belongs to another shard (a re-downloaded or partly copied shard);
+    a key repeated within one shard visit is dropped by :class:`ExtractCaptions`. Modes:
 
-    Within one shard visit, a repeated key is always dropped by :class:`ExtractCaptions`. Across shards, two modes:
+    * ``"worker"``: this loader worker remembers for the epoch the shard each key was first read from (``hash(key)
+      -> shard``, ~80 bytes per key; at most ``max_keys``, then counted once as ``dedupe_window_full``) and drops
+      the key read later from another shard. Revisits of a shard (a cycling schedule) are not copies; copies that
+      other workers or ranks read are not seen.
+    * ``"global"``: the index of :func:`build_duplicate_index` lists, per shard, the keys whose owner (the first
+      shard of the list that holds them) is another shard; every worker on every rank drops exactly those.
 
-    * ``"worker"``: this loader worker remembers, for the current epoch, the shard each key was first read from
-      (``hash(key) -> shard``, ~80 bytes per key) and drops a key read later from another shard. Revisits of the same
-      shard (a cycling schedule) are not copies. At most ``max_keys`` keys are remembered per worker and epoch; past
-      that new keys are not remembered (counted once as ``dedupe_window_full``), so a copy of a later key is kept.
-      Copies in shards that other workers or ranks read are not seen.
-    * ``"global"``: a shared index (:func:`build_duplicate_index`) lists, per shard, the keys whose owner -- the
-      first shard in the shard list that holds them -- is another shard; every worker on every rank drops exactly
-      those, so each key comes from its owner shard only. Memory: the index's entries (one per copy).
-
-    ``owner_if_copy`` returns the shard the key belongs to (worker: where it was first read) when this sample is a
-    copy to drop, else None.
+    ``owner_if_copy`` returns the shard the key belongs to when this sample is a copy to drop, else None.
     """
 
     def __init__(self, mode: str = "worker", max_keys: int | None = 500_000, index_path: str | None = None):
@@ -485,8 +475,7 @@ def _shard_signature(urls: Sequence[str]) -> str:
 
 
 def shard_keys(url: str, handler: Callable[[Exception], bool] | None = None) -> set[str]:
-    """The keys a shard delivers, grouped as :class:`ReadShards` groups them (a damaged shard: those read before the
-    damage). Reads the whole shard once, decodes nothing."""
+    """The keys a shard delivers (as :class:`ReadShards` groups them; a damaged shard: those before the damage)."""
     keys: set[str] = set()
     for sample in ReadShards(handler or (lambda exn: True))([{"url": url}]):
         keys.add(sample["__key__"])
@@ -499,74 +488,45 @@ def build_duplicate_index(
     """Write the duplicate index of ``urls`` (JSON) to ``out`` and return its summary; see
     :class:`CrossShardDuplicates`.
 
-    Every shard is read once (:func:`shard_keys`). ``(key, shard)`` pairs are spread over hash buckets on disk (in a
-    temporary folder beside ``out``), sized from the first shard so that a bucket holds about ``max_keys`` keys;
-    then each bucket is read alone and, per key, every shard after the first that holds it gets an entry. Memory:
-    one bucket plus the entries (one per copy). The file: ``{"format", "signature", "urls", "keys" (pairs listed),
-    "copies" (entries), "duplicated_keys", "drop": {url: {key: owner shard number}}}``.
+    Every shard is read once (:func:`shard_keys`); its ``(key, shard)`` pairs go to a temporary SQLite table beside
+    ``out``, in chunks of at most ``max_keys`` pairs, and SQLite (on disk) finds every pair whose key has an earlier
+    shard. Memory: a chunk plus the entries (one per copy). The file: ``{"format", "signature", "urls", "keys" (pairs
+    listed), "copies" (entries), "duplicated_keys", "drop": {url: {key: owner shard number}}}``.
     """
     import os
     import shutil
+    import sqlite3
     import tempfile
-    import zlib
 
     from datamodules.io import atomic_write
 
-    urls = list(urls)
-    out_path = os.fspath(out)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".dedupe-", dir=os.path.dirname(os.path.abspath(out_path)))
+    urls, folder = list(urls), os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".dedupe-", dir=folder)
+    drop: dict[str, dict[str, int]] = {}
+    total = 0
     try:
-        n_buckets, pending, n_pending, total = 0, [], 0, 0
-
-        def flush() -> None:
-            nonlocal n_pending
-            for b, lines in enumerate(pending):
-                if lines:
-                    with open(os.path.join(tmp, f"{b}.jsonl"), "a", encoding="utf-8") as f:
-                        f.writelines(lines)
-                    lines.clear()
-            n_pending = 0
-
+        db = sqlite3.connect(os.path.join(tmp, "pairs.db"))
+        db.execute("CREATE TABLE pairs (key TEXT, shard INTEGER)")
         for i, url in enumerate(urls):
-            keys = shard_keys(url)
-            if not n_buckets:
-                n_buckets = max(1, min(4096, math.ceil(len(urls) * max(1, len(keys)) / max(1, max_keys))))
-                pending = [[] for _ in range(n_buckets)]
-            for key in sorted(keys):
-                pending[zlib.crc32(key.encode()) % n_buckets].append(json.dumps([key, i]) + "\n")
-            n_pending += len(keys)
+            keys = sorted(shard_keys(url))
             total += len(keys)
-            if n_pending >= max_keys:
-                flush()
+            for start in range(0, len(keys), max_keys):
+                db.executemany("INSERT INTO pairs VALUES (?, ?)", ((k, i) for k in keys[start : start + max_keys]))
             if log is not None and (i + 1) % 100 == 0:
                 log(f"duplicate index: {i + 1}/{len(urls)} shards listed")
-        flush()
-        drop: dict[str, dict[str, int]] = {}
-        copies = duplicated = 0
-        for b in range(n_buckets):
-            path = os.path.join(tmp, f"{b}.jsonl")
-            if not os.path.exists(path):
-                continue
-            first: dict[str, int] = {}
-            counted: set[str] = set()
-            with open(path, encoding="utf-8") as f:
-                for line in f:  # lines of a bucket are in shard order: the first holder is the owner
-                    key, i = json.loads(line)
-                    owner = first.setdefault(key, i)
-                    if owner != i:
-                        drop.setdefault(urls[i], {})[key] = owner
-                        copies += 1
-                        if key not in counted:
-                            counted.add(key)
-                            duplicated += 1
-            os.remove(path)
+        owners = "SELECT key, shard, MIN(shard) OVER (PARTITION BY key) AS owner FROM pairs"
+        for key, i, owner in db.execute(f"SELECT * FROM ({owners}) WHERE shard != owner ORDER BY shard, key"):
+            drop.setdefault(urls[i], {})[key] = owner
+        db.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    index = {"format": INDEX_FORMAT, "signature": _shard_signature(urls), "urls": urls, "keys": total,
-             "copies": copies, "duplicated_keys": duplicated, "drop": drop}  # fmt: skip
-    atomic_write(out_path, json.dumps(index))
-    return {k: v for k, v in index.items() if k != "drop"}
+    copies = sum(len(keys) for keys in drop.values())
+    duplicated = len({key for keys in drop.values() for key in keys})
+    summary = {"format": INDEX_FORMAT, "signature": _shard_signature(urls), "urls": urls, "keys": total}
+    summary |= {"copies": copies, "duplicated_keys": duplicated}
+    atomic_write(out, json.dumps({**summary, "drop": drop}))
+    return summary
 
 
 def read_duplicate_index(path: str) -> dict[str, Any]:
@@ -581,7 +541,7 @@ def ensure_duplicate_index(
     urls: Sequence[str], path: str, max_keys: int = 500_000, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """The summary of the duplicate index at ``path`` for ``urls``, (re)built when missing or made for other shards
-    (another list or order, or a local shard whose size or mtime changed)."""
+    (another list or order, a local shard whose size or mtime changed)."""
     import os
 
     if os.path.isfile(path):
@@ -619,13 +579,9 @@ def _text(value: Any) -> tuple[str | None, str | None]:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """Where one named caption source lives in a sample.
-
-    Spec strings:
-      * ``"txt"`` (or any member extension such as ``"recap.txt"``): that tar member;
-      * ``"json:FIELD"``: a field of the ``.json`` member (img2dataset's ``--save_additional_columns``);
-      * ``"sidecar:COLUMN"``: a column of the per-shard sidecar parquet (Recap-DataComp-1B schema) joined by key.
-    """
+    """Where one named caption source lives in a sample: ``"txt"`` (or any member extension such as
+    ``"recap.txt"``), ``"json:FIELD"`` (a field of the ``.json`` member) or ``"sidecar:COLUMN"`` (a column of the
+    per-shard sidecar parquet, joined by key)."""
 
     name: str
     kind: str
@@ -645,18 +601,15 @@ class SourceSpec:
 
 
 class ExtractCaptions:
-    """Raw tar sample -> ``{key, url, image_bytes, captions: {source: str | None}}``.
+    """Raw tar sample -> ``{key, url, image_bytes, captions: {source: str | None}}``; before the shuffle buffer, so a
+    sidecar is loaded once per shard and the buffer holds encoded bytes.
 
-    Runs before the shuffle buffer, so sidecars are loaded once per shard (samples still arrive shard by shard) and
-    the buffer holds encoded bytes, not decoded images.
-
-    Skipped and counted: a key seen before in this shard visit, or (with ``duplicates``, a
-    :class:`CrossShardDuplicates`) a copy of a key that belongs to another shard (``duplicate_key``); no image member
-    (``missing_image``). A caption that is not UTF-8, not a string, or longer than ``max_caption_chars`` counts as
-    missing for that source (``caption_not_utf8``, ``caption_not_text``, ``caption_too_long``); an unparsable json
-    member is ``bad_json``; a missing or unreadable sidecar is ``sidecar_missing`` / ``sidecar_unreadable`` (its
-    shard is read without it). A sidecar that lacks a requested column raises (the sidecars were built for other
-    columns).
+    Skipped and counted: a key seen before in this shard visit or a copy of another shard's key (``duplicates``)
+    (``duplicate_key``), no image member (``missing_image``). A caption that is not UTF-8, not a string, or longer
+    than ``max_caption_chars`` counts as missing for its source (``caption_not_utf8``, ``caption_not_text``,
+    ``caption_too_long``); an unparsable json member is ``bad_json``; a missing or unreadable sidecar is
+    ``sidecar_missing`` / ``sidecar_unreadable`` (the shard is read without it); a sidecar without a requested
+    column raises (it was built for other columns).
     """
 
     def __init__(
@@ -754,14 +707,12 @@ class ExtractCaptions:
 class ChooseCaption:
     """Pick one caption per sample: the paper's p made exact and reproducible.
 
-    ``weights`` maps source name -> probability (they sum to 1). With ``p_original`` = p the weights are
-    ``{original: p, recaption: 1 - p}``. The draw is ``u = uniform_from_key(seed, epoch, key)`` mapped through the
-    cumulative weights in source order, so it is the same under any number of workers, ranks or restarts, and
-    differs from epoch to epoch ("each sample encounters different captions across epochs", paper §5.2).
-
-    A sample whose drawn source is missing falls back to the available source with the highest weight (then any
-    other source), counted as ``fallback:<from>-><to>``; with ``fallback=False`` it is skipped instead.
-    ``mode="concat"`` joins every available source (in source order) with ``separator`` (Table 3's "*concat").
+    ``weights``: source name -> probability (``{original: p, recaption: 1 - p}`` for ``p_original`` = p). The draw
+    ``uniform_from_key(seed, epoch, key)`` is mapped through the cumulative weights in source order: the same under
+    any number of workers, ranks or restarts, another one each epoch ("each sample encounters different captions
+    across epochs", paper §5.2). A drawn source that is missing falls back to the available source with the highest
+    weight (``fallback:<from>-><to>``), or the sample is skipped (``fallback=False``). ``mode="concat"`` joins every
+    available source in source order with ``separator`` (Table 3's "*concat").
     """
 
     def __init__(
@@ -828,18 +779,8 @@ content (img2dataset's ``min_image_size`` is the same filter, applied at downloa
 
 @dataclass(frozen=True)
 class SampleLimits:
-    """The loader's per-sample safety limits; ``None`` turns a limit off. What each one skips, and its counter:
-
-    * ``min_image_size``: images whose shorter side is below it (``tiny_image``);
-    * ``max_image_pixels``: images with more pixels, read from the header before decoding (``oversized_image``);
-    * ``max_caption_chars``: longer captions count as missing for their source (``caption_too_long``; the sample
-      then falls back to another source or is skipped as ``no_caption``);
-    * ``jpeg_draft``: decode JPEGs at a reduced DCT scale when the transform's first resize still gets at least its
-      output size (:class:`DecodeImage`); skips nothing.
-
-    The DataModules take them as init arguments (the values live in YAML); a resumed run checks them, since they
-    change which samples are kept (:class:`datamodules.caption_mix.CaptionMixLoader`).
-    """
+    """The loader's per-sample safety limits (``None`` turns one off; the DataModule's arguments say what each
+    skips). A resumed run checks them, since they change which samples are kept."""
 
     min_image_size: int | None = MIN_IMAGE_SIZE
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
@@ -849,18 +790,10 @@ class SampleLimits:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def extract(
-        self,
-        sources: Sequence[SourceSpec],
-        sidecar_dir: str | None,
-        stats: SkipStats,
-        duplicates: CrossShardDuplicates | None = None,
-    ) -> ExtractCaptions:
-        """The caption-extraction stage with these limits (and, optionally, cross-shard duplicate detection)."""
+    def extract(self, sources, sidecar_dir: str | None, stats: SkipStats, duplicates=None) -> ExtractCaptions:
         return ExtractCaptions(sources, sidecar_dir, stats, self.max_caption_chars, duplicates)
 
     def decode(self, transform: Callable | None, stats: SkipStats) -> DecodeImage:
-        """The decode stage with these limits."""
         return DecodeImage(transform, stats, self.max_image_pixels, self.min_image_size, self.jpeg_draft)
 
 
@@ -873,13 +806,9 @@ class ImageRejected(ValueError):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image -> loaded 8-bit RGB.
-
-    Unlike a bare ``convert("RGB")``: 16-bit greyscale (``I;16``, 16-bit PNG) is scaled to 8 bits instead of being
-    clipped to white; transparency (RGBA, LA, palette or colour-key) is composited on white, as img2dataset's alpha
-    matting does, instead of exposing whatever colour the transparent pixels store; an RGB image is only loaded, not
-    copied. CMYK, YCbCr, L, 1 and P convert as usual.
-    """
+    """Any PIL image -> loaded 8-bit RGB. Unlike a bare ``convert("RGB")``: 16-bit greyscale is scaled to 8 bits,
+    not clipped to white; transparency is composited on white (as img2dataset's alpha matting) instead of exposing
+    what the transparent pixels store; an RGB image is only loaded, not copied."""
     if img.mode == "RGB":
         img.load()
         return img
@@ -897,16 +826,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def draft_request(transform: Callable | None) -> tuple[int, int] | None:
     """The smallest ``(width, height)`` a decoded image may be reduced to without changing what ``transform`` sees
-    beyond resampling, or None when that is not known (then images are decoded at full size).
+    beyond resampling, or None when unknown (then images are decoded at full size).
 
-    Known: a torchvision ``Compose`` (v1 or v2) whose first step is ``Resize`` or ``RandomResizedCrop``, as in every
-    open_clip transform. ``Resize(s)`` needs a shorter side >= s (``Resize((h, w))``: w x h). ``RandomResizedCrop``
-    needs every crop it can draw to be at least its output size: a crop of area fraction ``a`` and aspect ``r`` spans
-    at least ``sqrt(a * r)`` (width) and ``sqrt(a / r)`` (height) of the shorter side, so the shorter side must be at
-    least ``size / sqrt(scale_min * min(ratio_min, 1 / ratio_max))`` (1.22 x size for open_clip's
-    ``scale=(0.9, 1.0)``; 4.1 x for torchvision's default ``scale=(0.08, 1.0)``, so that one is rarely drafted).
-    A wrapper is looked through when it is a ``functools.partial`` binding exactly one such transform or sets
-    ``__wrapped__``.
+    Known: a torchvision ``Compose`` whose first step is ``Resize`` (shorter side >= its size) or
+    ``RandomResizedCrop``, as in every open_clip transform. Every crop the latter can draw must be at least its output
+    size: a crop of area fraction ``a`` and aspect ``r`` spans ``sqrt(a * r)`` x ``sqrt(a / r)`` of the shorter side,
+    so that side must be >= ``size / sqrt(scale_min * min(ratio_min, 1 / ratio_max))`` (1.22 x size for open_clip's
+    ``scale=(0.9, 1.0)``). Looks through a ``functools.partial`` binding one such transform and ``__wrapped__``.
     """
     if isinstance(transform, functools.partial):
         found = {r for r in (draft_request(a) for a in transform.args) if r is not None}
@@ -945,12 +871,10 @@ def decode_image(
 ) -> Image.Image:
     """Open and fully decode an image (bytes, path or file) as RGB (:func:`to_rgb`).
 
-    Raises :class:`ImageRejected` for more than ``max_image_pixels`` (checked on the header, before decoding) or a
-    shorter side below ``min_image_size``; PIL's own exceptions (``UnidentifiedImageError``, ``OSError: image file is
-    truncated`` ...) for undecodable data. ``max_image_pixels`` replaces PIL's decompression-bomb warning (above
-    ``Image.MAX_IMAGE_PIXELS``), so a larger limit applies; PIL's own error at twice that still refuses (counted
-    ``oversized_image`` too), and with ``max_image_pixels=None`` PIL's warning is the limit. ``draft``: decode a
-    JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= ``draft`` (``Image.draft``).
+    Raises :class:`ImageRejected` for more than ``max_image_pixels`` (read from the header, before decoding; it
+    replaces PIL's decompression-bomb warning, and PIL's own error at twice that refuses too) or a shorter side below
+    ``min_image_size``; PIL's exceptions for undecodable data. ``draft``: decode a JPEG at the smallest DCT scale
+    (1/2, 1/4, 1/8) that keeps both sides >= ``draft``.
     """
     if isinstance(fp, bytes | bytearray | memoryview):
         fp = io.BytesIO(fp)
@@ -971,17 +895,12 @@ def decode_image(
 
 
 class DecodeImage:
-    """Decode the image bytes to RGB, refuse pixel bombs and tiny images, apply the model's transform; count failures.
+    """Decode the image bytes to RGB, apply the model's transform; count ``oversized_image``, ``tiny_image``,
+    ``bad_image`` (undecodable) and ``transform_error`` (the transform raised).
 
-    Skip reasons: ``oversized_image`` (over ``max_image_pixels``), ``tiny_image`` (shorter side under
-    ``min_image_size``), ``bad_image`` (undecodable: corrupt, truncated, not an image), ``transform_error`` (the
-    model's transform raised on this image). Colour modes are normalised by :func:`to_rgb`.
-
-    Reduced-scale decoding (``draft=True``): when the transform starts by resizing (:func:`draft_request`; all
-    open_clip transforms do), a JPEG is decoded with libjpeg's DCT scaling at the smallest 1/2, 1/4 or 1/8 scale that
-    still leaves the resize step at least as many pixels as it outputs, so it downsamples from fewer pixels (CLIPA's
-    112 px stage decodes a 384 px image at 192 px). ``draft=False`` always decodes at full size; a ``(width,
-    height)`` tuple sets the minimum directly.
+    ``draft=True``: when the transform starts by resizing (:func:`draft_request`), decode a JPEG at the smallest DCT
+    scale that still gives the resize at least its output size (CLIPA's 112 px stage decodes a 384 px image at
+    192 px); ``False``: full size; a ``(width, height)`` tuple: that minimum.
     """
 
     def __init__(
@@ -1030,7 +949,7 @@ class DecodeImage:
 
 
 class TransformText:
-    """Apply the model's text transform (e.g. a tokenizer) to the chosen caption in the worker."""
+    """Apply the model's text transform (e.g. a tokenizer) to the chosen caption."""
 
     def __init__(self, transform: Callable | None):
         self.transform = transform
@@ -1050,14 +969,12 @@ def _stack(values: list[Any]) -> Any:
 
 
 class Batch:
-    """Group samples into batch dicts and attach the skip counts accumulated since the previous batch.
+    """Group samples into batch dicts with the skips counted since the previous batch: ``image`` (stacked when the
+    transform gives equal-shaped tensors), ``text`` (with a text transform), ``caption``, ``caption_source``,
+    ``key``, ``url`` (lists), ``skipped``. At most ``limit`` batches.
 
-    Batch fields: ``image`` (stacked tensor when the transform yields equal-shaped tensors), ``text`` (when a text
-    transform is set), ``caption``, ``caption_source``, ``key``, ``url`` (lists), and ``skipped`` (counts).
-
-    ``partial=True`` (one evaluation pass): the last batch may be short, and skips counted after the last batch (a
-    damaged end of the last shard; a stream with no usable sample at all) are yielded as one more item,
-    ``{"skipped": ..., SKIPS_ONLY: True}``, which the loader folds into its batches (it never reaches a model).
+    ``partial=True`` (one evaluation pass): the last batch may be short, and skips counted after it are yielded as
+    one more item, ``{"skipped": ..., SKIPS_ONLY: True}``, which the loader folds into its batches.
     """
 
     def __init__(self, batch_size: int, stats: SkipStats, partial: bool, limit: int | None = None):

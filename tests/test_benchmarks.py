@@ -12,30 +12,32 @@ from conftest import write_shards
 from benchmarks.loader import format_table, main
 
 
-def test_loader_benchmark_reports_both_loaders(tmp_path, capsys):
+def test_loader_benchmark_reports_every_loader_at_every_size(tmp_path, capsys):
     write_shards(tmp_path / "shards", [64, 64], image_size=32)
     pattern = str(tmp_path / "shards" / "{00000..00001}.tar")
     out_json = tmp_path / "bench.json"
-    argv = ["--shards", pattern, "--workers", "0", "--batch-size", "32", "--samples", "128", "--repeats", "1",
-            "--image-size", "64", "--json", str(out_json)]  # fmt: skip
-    result = main(argv)
+    argv = ["--shards", pattern, "--workers", "0", "--batch-size", "32", "--samples", "128", "--repeats", "1"]
+    result = main([*argv, "--image-size", "64", "32", "--json", str(out_json)])
 
     printed = capsys.readouterr().out
     assert "ratio (ours/open_clip):" in printed
-    for name in ("ours", "open_clip"):
-        assert name in printed
-        s = result["summary"][name]
-        assert s["median"] > 0
-        assert s["min"] <= s["median"] <= s["max"]
-        assert s["first_batch_s"] > 0
-        (run,) = result["runs"][name]
-        assert run["samples"] >= 128
-        # same transform and tokenizer on both sides: equal batch shapes
-        assert run["shapes"] == {"image": [32, 3, 64, 64], "text": [32, 77]}
-    assert result["runs"]["ours"][0]["samples"] == result["runs"]["open_clip"][0]["samples"]
-    assert result["ratio"] > 0
-    assert format_table(result).splitlines()[0].startswith("loader")
-    assert json.loads(out_json.read_text())["ratio"] == result["ratio"]
+    assert "own tar reader vs webdataset's" in printed
+    for size in (64, 32):
+        r = result["sizes"][size]
+        for name in ("ours", "ours_wds_tar", "open_clip"):
+            assert name in printed
+            s = r["summary"][name]
+            assert s["median"] > 0
+            assert s["min"] <= s["median"] <= s["max"]
+            assert s["first_batch_s"] > 0
+            (run,) = r["runs"][name]
+            assert run["samples"] >= 128
+            # same transform and tokenizer on every side: equal batch shapes
+            assert run["shapes"] == {"image": [32, 3, size, size], "text": [32, 77]}
+            assert run["samples"] == r["runs"]["open_clip"][0]["samples"]
+        assert r["ratio"] > 0
+    assert format_table(result).splitlines()[0].startswith("|   px | loader")
+    assert json.loads(out_json.read_text())["sizes"]["64"]["ratio"] == result["sizes"][64]["ratio"]
 
 
 def test_clip_step_benchmark_reports_ratio(tmp_path, capsys):

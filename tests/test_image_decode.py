@@ -142,13 +142,13 @@ def test_loader_benchmark_generates_larger_stored_images_and_runs_the_ab(tmp_pat
     from benchmarks.loader import FullDecode, default_shards, main
 
     world = tmp_path / "world"
-    argv = ["--world-dir", str(world), "--stored-size", "96", "--world-samples", "64", "--shard-size", "32",
-            "--workers", "0", "--batch-size", "16", "--samples", "32", "--repeats", "1", "--image-size", "32",
-            "--warmup-batches", "0", "--shuffle-initial", "8", "--shuffle-buffer", "16", "--full-decode"]  # fmt: skip
+    argv = ["--world-dir", str(world), "--stored-size", "96", "--world-samples", "64", "--shard-size", "32"]
+    argv += ["--workers", "0", "--batch-size", "16", "--samples", "32", "--repeats", "1", "--image-size", "32"]
+    argv += ["--warmup-batches", "0", "--shuffle-initial", "8", "--shuffle-buffer", "16", "--full-decode"]
     result = main(argv)
     assert result["settings"]["stored"] == [96, 96]
     assert result["settings"]["full_decode"] is True
-    assert result["runs"]["ours"][0]["shapes"]["image"] == [16, 3, 32, 32]
+    assert result["sizes"][32]["runs"]["ours"][0]["shapes"]["image"] == [16, 3, 32, 32]
     assert json.loads((world / "world.json").read_text())["config"]["scene"]["image_size"] == 96
     assert "(ours: full-size decode)" in capsys.readouterr().out
     assert default_shards(world, 64, 32, stored_size=96)[1].startswith("reused")

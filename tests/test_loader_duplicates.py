@@ -116,8 +116,13 @@ def test_worker_mode_does_not_see_copies_in_another_workers_shards(copied):
 # ------------------------------------------------------------------------------------------------------- global index
 @pytest.mark.parametrize("workers", [0, 2])
 def test_global_reads_each_key_once_from_its_first_shard_over_workers(copied, workers):
-    d = dm(copied["urls"], dedupe="global", dedupe_dir=str(copied["tmp"] / "idx"), num_workers=workers,
-           persistent_workers=False)  # fmt: skip
+    d = dm(
+        copied["urls"],
+        dedupe="global",
+        dedupe_dir=str(copied["tmp"] / "idx"),
+        num_workers=workers,
+        persistent_workers=False,
+    )
     d.prepare_data()
     keys, skips, pairs = read(d.test_dataloader())
     assert keys == Counter({k: 1 for k in copied["keys"]})
@@ -129,8 +134,15 @@ def test_global_reads_each_key_once_from_its_first_shard_over_workers(copied, wo
 def test_global_over_two_ranks_and_two_workers_reads_each_key_once(copied):
     seen: Counter = Counter()
     for rank in (0, 1):
-        d = dm(copied["urls"], dedupe="global", dedupe_dir=str(copied["tmp"] / "idx"), num_workers=2, rank=rank,
-               world_size=2, persistent_workers=False)  # fmt: skip
+        d = dm(
+            copied["urls"],
+            dedupe="global",
+            dedupe_dir=str(copied["tmp"] / "idx"),
+            num_workers=2,
+            rank=rank,
+            world_size=2,
+            persistent_workers=False,
+        )
         keys, _, _ = read(d.test_dataloader())
         seen.update(keys)
     assert seen == Counter({k: 1 for k in copied["keys"]})

@@ -131,8 +131,13 @@ def test_skip_log_has_one_line_per_skipped_sample_with_reason_shard_and_split(tm
     keys, skipped = bad_shard(tmp_path / "00000.tar")
     write_tar(tmp_path / "00001.tar", 1, 8)
     log = tmp_path / "run" / "skipped.jsonl"
-    dm = dm_for([str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")], skip_log=str(log), batch_size=4,
-                train_num_samples=12, shuffle_buffer=1)  # fmt: skip
+    dm = dm_for(
+        [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")],
+        skip_log=str(log),
+        batch_size=4,
+        train_num_samples=12,
+        shuffle_buffer=1,
+    )
     list(dm.test_dataloader())
     loader = dm.train_dataloader()
     loader.set_epoch(3)
@@ -171,8 +176,12 @@ def test_a_fallback_is_counted_but_only_samples_without_any_caption_are_logged(t
         4,
         {1: {"jpg": jpeg_bytes(1, 16), "json": b'{"org_caption": "from json"}'}, 2: {"jpg": jpeg_bytes(2, 16)}},
     )
-    dm = dm_for([str(tmp_path / "00000.tar")], sources={"original": "txt", "json": "json:org_caption"},
-                source_weights={"original": 1.0, "json": 0.0}, skip_log=str(log))  # fmt: skip
+    dm = dm_for(
+        [str(tmp_path / "00000.tar")],
+        sources={"original": "txt", "json": "json:org_caption"},
+        source_weights={"original": 1.0, "json": 0.0},
+        skip_log=str(log),
+    )
     batches = list(dm.test_dataloader())
     assert counted(batches) == {"fallback:original->json": 1, "no_caption": 1}
     assert sorted(k for b in batches for k in b["key"]) == [keys[0], keys[1], keys[3]]

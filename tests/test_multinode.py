@@ -258,10 +258,18 @@ def _tiny_models() -> dict[str, tuple[torch.nn.Module, int]]:
         "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2},
     }
     dit = build_dit({"num_layers": 3, "hidden_size": 32, "num_attention_heads": 2, "patch_size": 2}, 4, 8, 16)
-    vis = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8)  # fmt: skip
-    txt = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    vis = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    txt = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vis, text_config=txt, image_token_index=63))
     return {
         "clip": (open_clip.CLIP(**clip_cfg, output_dict=True), 3 + 2),
@@ -299,7 +307,11 @@ def test_fsdp_overlays_wrap_every_transformer_block():
             assert sum(isinstance(m, FSDP) for m in wrapped.modules()) == blocks + 1, family
         # ... and refuses open_clip's default 0-dim logit_scale (the limit fsdp_clip.yaml documents)
         with pytest.raises(ValueError, match="scalar parameters"):
-            FSDP(models["clip"][0], auto_wrap_policy=ModuleWrapPolicy(set(policies["clip"])), use_orig_params=True,
-                 device_id=torch.device("cpu"))  # fmt: skip
+            FSDP(
+                models["clip"][0],
+                auto_wrap_policy=ModuleWrapPolicy(set(policies["clip"])),
+                use_orig_params=True,
+                device_id=torch.device("cpu"),
+            )
     finally:
         torch.distributed.destroy_process_group()

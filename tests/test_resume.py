@@ -160,9 +160,14 @@ class Record(L.Callback):
 
 def clip_fit(shards: Path, root: Path, record: Record, module, ckpt_path: str | None = None, max_steps: int = 13):
     dm = CaptionMixDataModule(
-        train_shards=str(shards), batch_size=8, sources={"original": "txt"}, num_workers=2, shuffle_buffer=16,
-        shuffle_initial=8, seed=3,
-    )  # fmt: skip
+        train_shards=str(shards),
+        batch_size=8,
+        sources={"original": "txt"},
+        num_workers=2,
+        shuffle_buffer=16,
+        shuffle_initial=8,
+        seed=3,
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
@@ -267,8 +272,12 @@ def test_ddp_two_ranks_resume_exactly_from_rank0s_checkpoint(tmp_path):
 
     def fit(out: Path, kill_at=None, ckpt_path=None):
         out.mkdir(exist_ok=True)
-        dm = make_dm({"web": tmp_path / "web", "sidecars": tmp_path / "side"}, image_transform=None,
-                     train_shards=str(tmp_path / "web"), num_workers=2)  # fmt: skip
+        dm = make_dm(
+            {"web": tmp_path / "web", "sidecars": tmp_path / "side"},
+            image_transform=None,
+            train_shards=str(tmp_path / "web"),
+            num_workers=2,
+        )
         trainer = L.Trainer(
             accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=16, logger=False,
             callbacks=[StepCheckpoint(every_n_train_steps=2, keep_last=1, dirpath=str(tmp_path / "ckpt" / out.name))],
