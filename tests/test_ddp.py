@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import write_shards
+from conftest import cpu_trainer, write_shards
 
 from datamodules.caption_mix import CaptionMixDataModule
 from datamodules.wds_stages import uniform_from_key
@@ -47,16 +47,7 @@ def test_ddp_two_ranks(tmp_path):
         shuffle_buffer=8,
         seed=5,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(devices=2, strategy="ddp_spawn", max_epochs=2)
     trainer.fit(RecordKeys(str(tmp_path)), datamodule=dm)
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     per_epoch = 108 // (4 * 2) * 4  # samples per rank per epoch

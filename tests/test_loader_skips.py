@@ -9,9 +9,8 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-import lightning as L
 import pytest
-from conftest import img2dataset_key, jpeg_bytes
+from conftest import cpu_trainer, img2dataset_key, jpeg_bytes
 from torchvision import transforms as T
 
 from datamodules.caption_mix import CaptionMixDataModule
@@ -157,7 +156,7 @@ def test_skip_log_goes_to_the_trainers_log_dir_one_file_per_rank(tmp_path):
     _, skipped0 = bad_shard(tmp_path / "00000.tar")
     _, skipped1 = bad_shard(tmp_path / "00001.tar", shard=1)
     shards = [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
-    trainer = L.Trainer(default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False)
+    trainer = cpu_trainer(default_root_dir=tmp_path / "run", enable_checkpointing=True)
     for rank, name, skipped in ((0, "skipped.jsonl", skipped0), (1, "skipped.rank1.jsonl", skipped1)):
         dm = dm_for(shards, skip_log=True, rank=rank, world_size=2)  # True is the default: the run's log dir
         dm.trainer = trainer

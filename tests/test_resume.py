@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import write_shards
+from conftest import cpu_trainer, write_shards
 
 from datamodules.caption_mix import POSITION_KEY, CaptionMixDataModule
 from lightning_modules.checkpointing import AtomicCheckpointIO, StepCheckpoint
@@ -168,13 +168,11 @@ def clip_fit(shards: Path, root: Path, record: Record, module, ckpt_path: str | 
         shuffle_initial=8,
         seed=3,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    checkpoint = StepCheckpoint(every_n_train_steps=2, keep_last=2, dirpath=str(root / "ckpt"))
+    trainer = cpu_trainer(
         max_steps=max_steps,
-        logger=False,
-        callbacks=[record, StepCheckpoint(every_n_train_steps=2, keep_last=2, dirpath=str(root / "ckpt"))],
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        callbacks=[record, checkpoint],
+        enable_checkpointing=True,
         deterministic=True,
         default_root_dir=str(root),
     )
@@ -278,11 +276,10 @@ def test_ddp_two_ranks_resume_exactly_from_rank0s_checkpoint(tmp_path):
             train_shards=str(tmp_path / "web"),
             num_workers=2,
         )
-        trainer = L.Trainer(
-            accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=16, logger=False,
-            callbacks=[StepCheckpoint(every_n_train_steps=2, keep_last=1, dirpath=str(tmp_path / "ckpt" / out.name))],
-            enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
+        checkpoint = StepCheckpoint(every_n_train_steps=2, keep_last=1, dirpath=str(tmp_path / "ckpt" / out.name))
+        trainer = cpu_trainer(
+            devices=2, strategy="ddp_spawn", max_steps=16, callbacks=[checkpoint], enable_checkpointing=True
+        )
         trainer.fit(KeysPerRank(str(out), kill_at), datamodule=dm, ckpt_path=ckpt_path)
 
     def keys(out: Path, rank: int) -> list:
