@@ -136,8 +136,11 @@ def one_pass(shards: str | list[str], **kw) -> tuple[dict[str, dict], Counter, d
             examples.setdefault(reason, where)
         for i, key in enumerate(batch["key"]):
             assert key not in samples, f"{key} delivered twice"
-            samples[key] = {"image": batch["image"][i], "caption": batch["caption"][i],
-                            "source": batch["caption_source"][i]}  # fmt: skip
+            samples[key] = {
+                "image": batch["image"][i],
+                "caption": batch["caption"][i],
+                "source": batch["caption_source"][i],
+            }
     return samples, counts, examples
 
 
@@ -268,8 +271,9 @@ def test_too_long_or_undecodable_caption_falls_back_to_the_other_source(tmp_path
     fallback), instead of being dropped."""
     meta = json.dumps({"org_caption": "the json caption"}).encode()
     write_shard(tmp_path / "00000.tar", [("jpg", good_jpeg(40)), ("txt", b"\xff\xfe bad"), ("json", meta)])
-    samples, counts, _ = one_pass(str(tmp_path / "00000.tar"), sources={"original": "txt", "alt": "json:org_caption"},
-                                  p_original=1.0)  # fmt: skip
+    samples, counts, _ = one_pass(
+        str(tmp_path / "00000.tar"), sources={"original": "txt", "alt": "json:org_caption"}, p_original=1.0
+    )
     assert samples[BAD]["caption"] == "the json caption"
     assert samples[BAD]["source"] == "alt"
     assert dict(counts) == {"caption_not_utf8": 1, "fallback:original->alt": 1}
@@ -419,8 +423,9 @@ def _sidecar_shard(tmp_path: Path) -> tuple[str, Path]:
 
 
 def _sidecar_pass(shard: str, side: Path, **kw) -> tuple[dict, Counter, dict]:
-    args = dict(sources={"original": "txt", "recaption": "sidecar:re_caption"}, p_original=0.0,
-                sidecar_dir=str(side.parent))  # fmt: skip
+    args = dict(
+        sources={"original": "txt", "recaption": "sidecar:re_caption"}, p_original=0.0, sidecar_dir=str(side.parent)
+    )
     args.update(kw)
     return one_pass(shard, **args)
 
@@ -428,11 +433,18 @@ def _sidecar_pass(shard: str, side: Path, **kw) -> tuple[dict, Counter, dict]:
 def test_sidecar_with_the_released_later_columns_is_read(tmp_path):
     shard, side = _sidecar_shard(tmp_path)
     keys = [GOOD[0], GOOD[1], BAD, GOOD[2]]
-    pq.write_table(pa.table({
-        "key": keys, "re_caption": [f"recap {k}" for k in keys],
-        "re_caption_condition_diverse_topk": [f"topk {k}" for k in keys], "re_condition_length": [3, 4, 5, 6],
-        "url": [None] * 4,
-    }), side)  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "key": keys,
+                "re_caption": [f"recap {k}" for k in keys],
+                "re_caption_condition_diverse_topk": [f"topk {k}" for k in keys],
+                "re_condition_length": [3, 4, 5, 6],
+                "url": [None] * 4,
+            }
+        ),
+        side,
+    )
     samples, counts, _ = _sidecar_pass(shard, side)
     assert {k: s["caption"] for k, s in samples.items()} == {k: f"recap {k}" for k in keys}
     assert not counts
@@ -474,8 +486,12 @@ def test_sidecar_null_and_blank_values_fall_back(tmp_path):
     shard, side = _sidecar_shard(tmp_path)
     pq.write_table(pa.table({"key": [GOOD[0], GOOD[1], BAD, GOOD[2]], "re_caption": ["r0", None, "  ", "r2"]}), side)
     samples, counts, _ = _sidecar_pass(shard, side)
-    assert {k: s["caption"] for k, s in samples.items()} == {GOOD[0]: "r0", GOOD[1]: f"orig {GOOD[1]}",
-                                                             BAD: f"orig {BAD}", GOOD[2]: "r2"}  # fmt: skip
+    assert {k: s["caption"] for k, s in samples.items()} == {
+        GOOD[0]: "r0",
+        GOOD[1]: f"orig {GOOD[1]}",
+        BAD: f"orig {BAD}",
+        GOOD[2]: "r2",
+    }
     assert dict(counts) == {"fallback:recaption->original": 2}
 
 
@@ -597,8 +613,7 @@ def test_recaption_duplicate_key_and_truncated_tar_are_recorded_and_merge_still_
     model.mkdir()
     (model / "config.json").write_text("{}")
     out = tmp_path / "out"
-    totals = recaption.run(str(model), str(shards / "*.tar"), out, batch_size=2, rank=0, world_size=1,
-                           progress=False)  # fmt: skip
+    totals = recaption.run(str(model), str(shards / "*.tar"), out, batch_size=2, rank=0, world_size=1, progress=False)
     assert totals["units"] == 2
     records = {r["unit"]: r for r in map(json.loads, (out / recaption.MANIFEST).read_text().splitlines())}
     assert any("duplicate key" in e and GOOD[0] in e for e in records["00000"]["input_errors"])
@@ -673,7 +688,11 @@ def test_recaption_run_takes_every_sample_fault_without_losing_work(name, recapt
         assert bad["status"] == "error"
         assert bad["error"].startswith(f"metadata: {BAD}.json ")  # names the member
         assert (bad["re_caption"], bad["n_generated_tokens"], bad["hit_token_limit"], bad["retried"]) == (
-            None, 0, False, False)  # fmt: skip
+            None,
+            0,
+            False,
+            False,
+        )
         assert bad["org_caption"] == ("alt" if name != "metadata_json_caption_not_text" else None)
         assert (bad["url"], bad["sha256"]) == (None, None)
     if name == "duplicate_key":
@@ -698,8 +717,9 @@ def test_recaption_run_takes_every_shard_fault(name, slice_size, recaption, tmp_
         stats = '{"successes": null}' if name == "stats_successes_null" else "{truncated"
         (tmp_path / "web/00000_stats.json").write_text(stats)
         kept = [GOOD[0], GOOD[1], BAD, GOOD[2], GOOD[3]]
-    out, totals, records = _run_job(recaption, monkeypatch, tmp_path, str(tmp_path / "web/*.tar"),
-                                    slice_size=slice_size, progress=True)  # fmt: skip
+    out, totals, records = _run_job(
+        recaption, monkeypatch, tmp_path, str(tmp_path / "web/*.tar"), slice_size=slice_size, progress=True
+    )
     rows = _check_units_logged(recaption, out, totals, records)
     assert sorted(rows) == sorted([*kept, *SECOND])
     assert all(r["status"] == "ok" for r in rows.values())
@@ -781,8 +801,18 @@ def test_prompt_set_with_extra_columns_and_a_corrupt_file(tmp_path):
     from datamodules.prompts import read_prompt_set
 
     path = tmp_path / "recap_coco.parquet"
-    pq.write_table(pa.table({"image_id": [1, 2], "caption": ["a", "b"], "recaption": ["ra", "rb"],
-                             "re_condition_length": [3, 4], "image": [b"\xff\xd8", b"\xff\xd8"]}), path)  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": [1, 2],
+                "caption": ["a", "b"],
+                "recaption": ["ra", "rb"],
+                "re_condition_length": [3, 4],
+                "image": [b"\xff\xd8", b"\xff\xd8"],
+            }
+        ),
+        path,
+    )
     prompts = read_prompt_set(path, column="recaption")
     assert prompts.prompts == ["ra", "rb"]
     assert prompts[0].row["re_condition_length"] == 3
@@ -801,8 +831,10 @@ def test_counting_samples_falls_back_to_the_parquet_when_the_stats_file_is_malfo
     from datamodules.caption_mix import count_samples
 
     (tmp_path / "00000_stats.json").write_text(stats)
-    pq.write_table(pa.table({"key": ["a", "b", "c"], "status": ["success", "failed_to_download", "success"]}),
-                   tmp_path / "00000.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"key": ["a", "b", "c"], "status": ["success", "failed_to_download", "success"]}),
+        tmp_path / "00000.parquet",
+    )
     assert count_samples([str(tmp_path / "00000.tar")]) == 2
     (tmp_path / "00000.parquet").unlink()
     with pytest.raises(ValueError, match=r"00000\.tar.*_stats\.json.*parquet"):

@@ -66,7 +66,11 @@ def test_quick_profile_learns_beyond_chance(tmp_path: Path):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "experiments", "reproduce", "--profile", "quick", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     check_learned(out)
