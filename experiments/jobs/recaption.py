@@ -26,6 +26,7 @@ import glob
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import os
 import re
@@ -630,10 +631,9 @@ def run(
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     claim_ttl: float = DEFAULT_CLAIM_TTL,
 ) -> dict[str, Any]:
-    """Caption unfinished units, claiming each on the output folder (``ClaimBoard``), until every unit is finished
-    (by this process or others, waiting for live claims); returns this process's totals (units, rows, errors, tokens,
-    seconds). ``rank`` / ``world_size`` (else ``RANK`` / ``WORLD_SIZE`` or SLURM's) only order the work
-    (``pending_units``). ``min_image_size`` / ``max_image_pixels``: the training loader's image limits (None = off)."""
+    """Caption unfinished units, claiming each (``ClaimBoard``), until every unit is finished by this process or
+    others; returns this process's totals. ``rank`` / ``world_size`` (else the environment's) only order the work;
+    the image limits are the training loader's (None = off)."""
     problems = run_config_problems(dict(locals()))  # locals() here: exactly the arguments (RUN_KEYS)
     if problems:  # before the model loads or `out` is created (main reports them all, with where each was set)
         raise ConfigError(*problems[0])
@@ -677,8 +677,8 @@ def run(
     who = {"rank": rank, "world_size": world, "host": board.me["host"], "pid": board.me["pid"]}
 
     def finish(unit: Unit, claim: _Claim) -> tuple[int, int, int, float] | None:
-        """Caption ``unit``, publish its output and log it in the manifest; (rows, errors, tokens, seconds), or None
-        when the claim was lost meanwhile or another copy was published first (nothing is written then)."""
+        """Caption, publish and log ``unit``: (rows, errors, tokens, seconds), or None (nothing written) when the
+        claim was lost meanwhile or another copy was published first."""
         t0 = time.perf_counter()
         table = recaption_unit(unit, engine, batch_size, provenance, advance if progress else None, limits)
         if unit.part is not None:  # a later run keeps this split (shard_units)
@@ -770,12 +770,6 @@ def _completeness(files: Sequence[Path], stems: set[str] | None) -> list[str]:
     return problems
 
 
-def duplicates_report_path(dest: str | os.PathLike) -> Path:
-    """Where ``merge --on-duplicate first`` lists the rows it dropped: ``<dest stem>.duplicates.csv`` beside it."""
-    dest = Path(dest)
-    return dest.with_name(f"{dest.stem}.duplicates.csv")
-
-
 def _unit_order(files: Sequence[Path], urls: Sequence[str] | None) -> list[Path]:
     """The unit outputs in merge order, which decides which copy of a duplicate key is "first": shard order (the order
     of ``--shards`` as expanded, globs and folders sorted; without ``--shards``, or for an output of a shard not
@@ -793,14 +787,10 @@ def _unit_order(files: Sequence[Path], urls: Sequence[str] | None) -> list[Path]
 
 
 def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_duplicate="error", log=print) -> Path:
-    """Concatenate the unit parquets into ``dest`` (default ``<out>/merged/recap.parquet``). With ``shards``, refuses
-    missing units (whole shards or slices).
-
-    A key in more than one row (a re-downloaded or partly copied shard puts a sample in two shards) is refused
-    with ``on_duplicate="error"`` (the default). With ``"first"`` the first row of each key is kept - first in shard
-    order (``_unit_order``), then in row order (tar order) - and every dropped row is listed in
-    ``duplicates_report_path(dest)`` (csv: key, dropped unit and row, kept unit and row; written, possibly empty,
-    on every such merge, so a stale list never survives) and counted on ``log``."""
+    """Concatenate the unit parquets into ``dest`` (default ``<out>/merged/recap.parquet``); with ``shards``, refuse
+    missing units. A key in several rows (a shard downloaded twice) is refused (``on_duplicate="error"``) or, with
+    ``"first"``, kept once: its first row in ``_unit_order``, then row order; every dropped row is listed in
+    ``<dest stem>.duplicates.csv`` (written, maybe empty, on every such merge: a stale list never survives)."""
     if on_duplicate not in ON_DUPLICATE:
         raise ValueError(f"on_duplicate must be one of {', '.join(ON_DUPLICATE)}, not {on_duplicate!r}")
     out = Path(out)
@@ -817,7 +807,7 @@ def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_dupli
     first: dict[str, int] = {}
     dropped = [(i, j) for i, key in enumerate(keys) if (j := first.setdefault(key, i)) != i]  # (row, row it repeats)
     dest = Path(dest) if dest is not None else out / "merged" / "recap.parquet"
-    report = duplicates_report_path(dest)
+    report = dest.with_name(f"{dest.stem}.duplicates.csv")
     if dropped and on_duplicate == "error":
         (i, j), n_keys = dropped[0], len({keys[i] for i, _ in dropped})
         raise ValueError(
@@ -829,9 +819,10 @@ def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_dupli
     dest.parent.mkdir(parents=True, exist_ok=True)
     if on_duplicate == "first":
         text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(["key", "dropped_unit", "dropped_row", "kept_unit", "kept_row"])
-        writer.writerows([keys[i], *where[i], *where[j]] for i, j in dropped)
+        csv.writer(text, lineterminator="\n").writerows(
+            [("key", "dropped_unit", "dropped_row", "kept_unit", "kept_row")]
+            + [(keys[i], *where[i], *where[j]) for i, j in dropped]
+        )
         atomic_write(report, text.getvalue())
         drop = {i for i, _ in dropped}
         table = table.filter(pa.array([i not in drop for i in range(table.num_rows)], pa.bool_()))
@@ -848,42 +839,29 @@ def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_dupli
 def _copy_shard_with_member(url: str, path: Path, captions: dict[str, str], member: str) -> tuple[int, int]:
     """Copy shard ``url`` to ``path`` member by member, adding ``KEY.<member>`` after each sample with a caption."""
     counts = [0, 0]
-    stream = open_shard(url)
-    try:
-        with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+    with contextlib.closing(open_shard(url)) as stream, tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
 
-            def add(name: str, data: bytes) -> None:
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(data), 0, 0o444
-                tar.addfile(info, io.BytesIO(data))
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            tar.addfile(info, io.BytesIO(data))
 
-            def close_sample(key: str | None) -> None:
-                if key is None:
-                    return
-                counts[0] += 1
-                if key in captions:
-                    add(f"{key}.{member}", captions[key].encode("utf-8"))
-                    counts[1] += 1
-
-            last = None
-            for name, data in iter_tar_members(stream, url):
-                key = base_plus_ext(name)[0] or name  # webdataset's key; a sample's members are contiguous
-                if key != last:
-                    close_sample(last)
-                    last = key
+        # webdataset's key; a sample's members are contiguous
+        for key, members in itertools.groupby(iter_tar_members(stream, url), lambda m: base_plus_ext(m[0])[0] or m[0]):
+            for name, data in members:
                 add(name, data)
-            close_sample(last)
-    finally:
-        stream.close()
+            counts[0] += 1
+            if key in captions:
+                add(f"{key}.{member}", captions[key].encode("utf-8"))
+                counts[1] += 1
     return counts[0], counts[1]
 
 
 def write_shards(
     out: str | os.PathLike, shards: str | Sequence[str], dest: str | os.PathLike, member: str = "recap.txt"
 ) -> dict[str, int]:
-    """New shards = the input shards with each sample's recaption as one more member (``KEY.recap.txt``), for
-    pipelines that read captions from the tar; samples without a recaption get none (the DataModule falls back to the
-    original). Other members are copied byte for byte, each shard atomically, with its ``_stats.json``."""
+    """The input shards with each sample's recaption as one more member (``KEY.recap.txt``; none without one, the
+    DataModule then falls back to the original), other members byte for byte, each shard atomically, with its stats."""
     out, dest = Path(out), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     totals = {"shards": 0, "samples": 0, "with_recaption": 0, "skipped_shards": 0}
