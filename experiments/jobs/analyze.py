@@ -4,28 +4,19 @@ r"""``python -m experiments analyze``: caption statistics of the original vs rec
     python -m experiments analyze --shards 'data/world/web/*.tar' --sidecar-dir data/world/sidecars_llava \
         --clip runs/tiny/captioner/web_clip/export --tokenizer data/world/tokenizer --out docs/analysis
 
-Inputs, streamed (each input kind is summarised on its own):
+Inputs, streamed, each summarised on its own: ``--shards`` read with the caption-mix loader's own stages (one pass,
+file order; captions from ``--sources``, the DataModule's spec strings; images decoded only for ``--clip`` and
+``--judge``) and ``--recap``, Recap-DataComp-1B-schema parquet files read batch by batch.
 
-- ``--shards``: image shards read with the caption-mix loader's own stages (``datamodules.wds_stages``: one pass, in
-  file order), captions from ``--sources`` (default ``original=txt recaption=sidecar:re_caption``, the DataModule's
-  spec strings; sidecars from ``--sidecar-dir``). Images are decoded only for ``--clip`` and ``--judge``.
-- ``--recap``: parquet files in the Recap-DataComp-1B schema (``org_caption``, ``re_caption``, optional
-  ``org_clip_score`` / ``re_clip_score``), read record batch by record batch (pyarrow ``iter_batches``).
+Outputs in ``--out``: ``lengths.png`` (Fig. 3), ``summary.json`` and ``summary.md``: per input the caption lengths
+(whitespace words; with ``--tokenizer`` also tokens), word tokens and vocabulary, the CLIP-score share (``--clip``
+on the shards' images, else the parquet's scores) and the judge's ratings (``--judge``), each defined in
+``DEFINITIONS``. The paper's "captures 82.86% tokens of the word collections from both" (§4) is the recaptions' share
+of the word tokens: its own mean lengths give 49.43 / (49.43 + 10.22) = 82.87%.
 
-Outputs in ``--out``: ``lengths.png`` (Fig. 3: words per caption, original vs recaption), ``summary.json`` and
-``summary.md``: per input the caption lengths (whitespace words, the unit of the schema's ``re_length``; with
-``--tokenizer`` also tokens), word tokens and vocabulary, the CLIP-score share (with ``--clip FOLDER`` on the shards'
-images, else from the parquet's ``org_clip_score`` / ``re_clip_score``) and the judge's ratings (``--judge``: a
-llava-hf folder as ``LlavaJudge``, or ``attributes:DIR``, :class:`AttributeRater`), each defined in ``DEFINITIONS``.
-The paper's "captures 82.86% tokens of the word collections from both" (§4) is the recaptions' share of the word
-tokens: its own mean lengths give 49.43 / (49.43 + 10.22) = 82.87%. The vocabulary coverage |V_recap| / |V_recap ∪
-V_orig| (an earlier, INFERRED reading of the sentence) is kept as a statistic. The CLIP-score share is INFERRED
-(PAPER.md §4: the paper's pairs sum to 100): per image softmax(100 * [cos(img, orig), cos(img, recap)]), averaged.
-
-Memory: bounded by the input's batch, not its length. Fixed-size length histograms (``--max-length`` + 2 bins per
-side and unit), running sums, and a vocabulary of at most ``--max-vocab`` distinct words (about 150 bytes each in
-CPython, so ~300 MB at the default 2,000,000); beyond the cap new words are counted as ``oov_tokens`` and the
-coverage is flagged as computed on a truncated vocabulary. No per-row state is kept.
+Memory: bounded by the input's batch, not its length: fixed-size length histograms, running sums and a vocabulary of
+at most ``--max-vocab`` words (~150 bytes each); past the cap new words count as ``oov_tokens`` and the coverage is
+flagged as computed on a truncated vocabulary.
 """
 
 from __future__ import annotations
@@ -104,7 +95,7 @@ class LengthHistogram:
         return self.total / self.n if self.n else None
 
     def median(self) -> float | None:
-        """The median length (mean of the two middle values for an even count); None past the last bin."""
+        """The median (mean of the two middle values for an even count); None past the last bin."""
         if not self.n:
             return None
         cum = np.cumsum(self.counts)
@@ -133,15 +124,14 @@ class Vocabulary:
 
     def add(self, side: int, tokens: Sequence[str]) -> None:
         self.tokens[side] += len(tokens)
-        counts = self.counts
         for w in tokens:
-            c = counts.get(w)
+            c = self.counts.get(w)
+            if c is None and len(self.counts) < self.max_size:
+                c = self.counts[w] = [0, 0]
             if c is None:
-                if len(counts) >= self.max_size:
-                    self.oov_tokens += 1
-                    continue
-                c = counts[w] = [0, 0]
-            c[side] += 1
+                self.oov_tokens += 1
+            else:
+                c[side] += 1
 
     def summary(self, top: int = 20) -> dict[str, Any]:
         v_orig = sum(1 for c in self.counts.values() if c[0])
@@ -189,7 +179,7 @@ class ShareStats:
     has_clip_score: bool = False
 
     def add(self, logit_original: np.ndarray, logit_recaption: np.ndarray, cos: tuple | None = None) -> None:
-        """``logit_*`` = scale * cos per pair; ``cos`` = (cos_original, cos_recaption) when known, for CLIP scores."""
+        """``logit_*`` = scale * cos per pair; ``cos`` = (cos_original, cos_recaption) when known."""
         o, r = np.asarray(logit_original, dtype=np.float64), np.asarray(logit_recaption, dtype=np.float64)
         self.n += len(o)
         self.share_recaption += float(clip_share(o, r).sum())
