@@ -749,8 +749,7 @@ def run(
 
 
 def _completeness(files: Sequence[Path], stems: set[str] | None) -> list[str]:
-    """Problems with the unit outputs: a shard with both a whole and slice outputs, an incomplete set of slices,
-    and (with ``stems``) shards without any output."""
+    """Shards with both a whole and slice outputs, an incomplete set of slices and (``stems``) no output at all."""
     whole, parts = set(), {}
     for f in files:
         m = _PART.match(f.stem)
@@ -771,9 +770,8 @@ def _completeness(files: Sequence[Path], stems: set[str] | None) -> list[str]:
 
 
 def _unit_order(files: Sequence[Path], urls: Sequence[str] | None) -> list[Path]:
-    """The unit outputs in merge order, which decides which copy of a duplicate key is "first": shard order (the order
-    of ``--shards`` as expanded, globs and folders sorted; without ``--shards``, or for an output of a shard not
-    in it, after those, by name), then slice order within a shard."""
+    """The unit outputs in merge order, which decides which copy of a duplicate key is "first": the order of
+    ``--shards`` as expanded (other shards after those, by name), then slice order within a shard."""
     rank = {}
     for i, url in enumerate(urls or []):
         rank.setdefault(shard_stem(url), i)
