@@ -371,11 +371,6 @@ class AttributeRater:
         self.judge = load_judge(folder)
         self.prefix, _, self.suffix = JUDGE_PROMPT.partition("{caption}")
 
-    def caption_of(self, prompt_text: str) -> str:
-        if not (prompt_text.startswith(self.prefix) and prompt_text.endswith(self.suffix)):
-            raise ValueError("AttributeRater expects the paper's rating prompt (generation.JUDGE_PROMPT)")
-        return prompt_text[len(self.prefix) : len(prompt_text) - len(self.suffix)]
-
     def predict(self, image: Any) -> dict[str, str]:
         from lightning_modules.evaluation.judge import HEADS
 
@@ -385,7 +380,10 @@ class AttributeRater:
     def __call__(self, image: Any, prompt_text: str) -> str:
         from lightning_modules.evaluation.caption_attributes import GENERIC_SHAPE, parse_caption
 
-        parsed, pred = parse_caption(self.caption_of(prompt_text)), self.predict(image)
+        if not (prompt_text.startswith(self.prefix) and prompt_text.endswith(self.suffix)):
+            raise ValueError("AttributeRater expects the paper's rating prompt (generation.JUDGE_PROMPT)")
+        caption = prompt_text[len(self.prefix) : len(prompt_text) - len(self.suffix)]
+        parsed, pred = parse_caption(caption), self.predict(image)
         checks = []
         main = parsed.main
         if main is not None:
@@ -459,8 +457,8 @@ def analyze_shards(stats: CaptionStats, args: argparse.Namespace, scorer: Any = 
 
 
 # -------------------------------------------------------------------------------------------------------- outputs
-def plot_lengths(results: dict[str, CaptionStats], path: Path, unit: str = "words") -> Path:
-    """Fig. 3: histogram of caption lengths, original vs recaption overlaid, one panel per input."""
+def plot_lengths(results: dict[str, CaptionStats], path: Path) -> Path:
+    """Fig. 3: histogram of caption lengths in words, original vs recaption overlaid, one panel per input."""
     os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="mpl-"))
     import matplotlib
 
@@ -469,7 +467,7 @@ def plot_lengths(results: dict[str, CaptionStats], path: Path, unit: str = "word
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.4), squeeze=False)
     for ax, (name, stats) in zip(axes[0], results.items(), strict=True):
-        hists = stats.words if unit == "words" else stats.tokens
+        hists = stats.words
         top = max((int(np.nonzero(h.counts)[0].max()) for h in hists.values() if h.n), default=1)
         edges = np.arange(0, top + 2) - 0.5
         for side, colour in zip(SIDES, ("tab:blue", "tab:orange"), strict=True):
@@ -479,7 +477,7 @@ def plot_lengths(results: dict[str, CaptionStats], path: Path, unit: str = "word
             share = h.counts[: top + 1] / h.n
             ax.stairs(share, edges, fill=True, alpha=0.45, color=colour, label=f"{side} (mean {h.mean():.2f})")
             ax.axvline(h.mean(), color=colour, ls="--", lw=1)
-        ax.set_xlabel(f"{unit} per caption" + (f" (last bin: >{stats.max_length})" if top > stats.max_length else ""))
+        ax.set_xlabel("words per caption" + (f" (last bin: >{stats.max_length})" if top > stats.max_length else ""))
         ax.set_ylabel("share of captions")
         ax.set_title(f"{name}: {stats.n_rows:,} rows", fontsize=9)
         ax.legend(fontsize=8)
