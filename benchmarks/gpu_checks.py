@@ -67,8 +67,8 @@ def card() -> dict[str, Any]:
     """The accelerator's name as ``nvidia-smi`` reports it (name, memory, driver), else torch's, else the CPU."""
     if shutil.which("nvidia-smi"):
         try:
-            out = _run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"], 30)
-            out = out.splitlines()
+            query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+            out = _run(query, 30).splitlines()
         except (subprocess.SubprocessError, OSError) as e:
             out = [f"nvidia-smi failed: {e}"]
         if out:

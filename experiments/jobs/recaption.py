@@ -347,11 +347,8 @@ def recaption_unit(
             progress(len(batch), sum(g.n_tokens for g in results))
         batch.clear()
 
-    for index, sample in enumerate(_samples(unit.url, errors)):
-        if index < unit.start:  # an earlier slice's sample: skipped without decoding
-            continue
-        if unit.stop is not None and index >= unit.stop:
-            break
+    # other slices' samples are read past without decoding
+    for index, sample in itertools.islice(enumerate(_samples(unit.url, errors)), unit.start, unit.stop):
         if sample["__key__"] in seen:
             errors.append(f"duplicate key {sample['__key__']} (sample {index}) skipped")
             continue
