@@ -12,6 +12,7 @@ forward / backward / update / other. What is held equal, how it is timed and the
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import cProfile
 import gc
@@ -293,15 +294,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------------------- profile
 def _package(filename: str) -> str:
-    if filename.startswith("~") or filename.startswith("<"):
+    if filename.startswith(("~", "<")):
         return "builtins (C calls, incl. torch ops)"
     if "site-packages/" in filename:
         return filename.split("site-packages/")[1].split("/")[0]
-    parts = Path(filename).parts
-    for top in ("lightning_modules", "benchmarks", "datamodules"):
-        if top in parts:
-            return top
-    return "python stdlib / other"
+    ours = [top for top in ("lightning_modules", "benchmarks", "datamodules") if top in Path(filename).parts]
+    return ours[0] if ours else "python stdlib / other"
 
 
 def profile_run(impl: str, cfg, state, batches, steps: int, eps: float, top: int = 25) -> str:
@@ -311,9 +309,9 @@ def profile_run(impl: str, cfg, state, batches, steps: int, eps: float, top: int
     time_run(impl, cfg, state, batches, steps, 0, eps)
     prof.disable()
     stats = pstats.Stats(prof)
-    by_pkg: dict[str, float] = {}
+    by_pkg: dict[str, float] = collections.defaultdict(float)
     for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():
-        by_pkg[_package(filename)] = by_pkg.get(_package(filename), 0.0) + tottime
+        by_pkg[_package(filename)] += tottime
     out = io.StringIO()
     out.write(f"=== {impl}: {steps} steps, {stats.total_tt:.2f} s under cProfile; own time by package ===\n")
     for pkg, t in sorted(by_pkg.items(), key=lambda kv: -kv[1])[:12]:
