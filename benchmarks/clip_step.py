@@ -12,6 +12,7 @@ forward / backward / update / other. What is held equal, how it is timed and the
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import cProfile
 import gc
@@ -73,13 +74,10 @@ def reference_state(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------------------ timing
 class StepClock:
-    """Optimizer post-step hook: wall and process-CPU time after every step, and where the step's time went.
-
-    Stamp 0 is the start of the run (``start()``), stamp ``s`` the end of optimizer step ``s``. While ``phases(model)``
-    is active, the time spent in the model's forward (its forward hooks), in ``Tensor.backward`` and in the AdamW
-    update (``torch.optim.adam.adam``, which AdamW's ``step`` calls after any closure) is summed; each stamp keeps
-    the running sums. Whatever is left of a step -- loss, data fetch, ``zero_grad``, scheduler, logging, the
-    temperature clamp, the framework's own Python -- is the **other** time, the part where the two loops can differ.
+    """Optimizer post-step hook: wall and CPU time after every step (stamp 0: ``start()``) and, while ``phases(model)``
+    is active, the running sums of the time in the model's forward, ``Tensor.backward`` and the AdamW update
+    (``torch.optim.adam.adam``). The rest of a step (loss, data, scheduler, logging, the loop's own Python) is the
+    **other** time, the part where the two loops can differ.
     """
 
     PHASES = ("forward", "backward", "update")
@@ -161,20 +159,19 @@ class StepClock:
 # ------------------------------------------------------------------------------------------------------------- ours
 @contextlib.contextmanager
 def bench_settings(threads: int):
-    """Intra-op threads (``threads > 0``) and quiet Lightning loggers (importing lightning, as benchmarks.common does,
-    sets them to INFO) for the benchmark; restored afterwards."""
+    """Intra-op threads (``threads > 0``) and quiet Lightning loggers (importing lightning sets them to INFO) for the
+    benchmark; restored afterwards."""
     saved_threads = torch.get_num_threads()
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    saved_levels = [lg.level for lg in loggers]
+    levels = {lg: lg.level for lg in map(logging.getLogger, ("lightning.pytorch", "lightning.fabric", "lightning"))}
     if threads > 0:
         torch.set_num_threads(threads)
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
     try:
+        for lg in levels:
+            lg.setLevel(logging.WARNING)
         yield
     finally:
         torch.set_num_threads(saved_threads)
-        for lg, level in zip(loggers, saved_levels, strict=True):
+        for lg, level in levels.items():
             lg.setLevel(level)
 
 
@@ -239,13 +236,12 @@ def run_open_clip(cfg, state, batches, steps: int, warmup: int, clock: StepClock
 
 # -------------------------------------------------------------------------------------------------------------- runs
 def _ours_eps() -> float:
-    """ClipModule's AdamW eps (its default, if it has the argument; torch's otherwise), so that both sides match."""
+    """ClipModule's default AdamW eps, so that both sides match."""
     import inspect
 
     from lightning_modules.clip import ClipModule
 
-    p = inspect.signature(ClipModule.__init__).parameters.get("eps")
-    return p.default if p is not None and p.default is not inspect.Parameter.empty else 1e-8
+    return inspect.signature(ClipModule.__init__).parameters["eps"].default
 
 
 def time_run(impl: str, cfg, state, batches, steps: int, skip: int, eps: float) -> tuple[dict[str, Any], Any]:
@@ -298,15 +294,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------------------- profile
 def _package(filename: str) -> str:
-    if filename.startswith("~") or filename.startswith("<"):
+    if filename.startswith(("~", "<")):
         return "builtins (C calls, incl. torch ops)"
     if "site-packages/" in filename:
         return filename.split("site-packages/")[1].split("/")[0]
-    parts = Path(filename).parts
-    for top in ("lightning_modules", "benchmarks", "datamodules"):
-        if top in parts:
-            return top
-    return "python stdlib / other"
+    ours = [top for top in ("lightning_modules", "benchmarks", "datamodules") if top in Path(filename).parts]
+    return ours[0] if ours else "python stdlib / other"
 
 
 def profile_run(impl: str, cfg, state, batches, steps: int, eps: float, top: int = 25) -> str:
@@ -316,9 +309,9 @@ def profile_run(impl: str, cfg, state, batches, steps: int, eps: float, top: int
     time_run(impl, cfg, state, batches, steps, 0, eps)
     prof.disable()
     stats = pstats.Stats(prof)
-    by_pkg: dict[str, float] = {}
+    by_pkg: dict[str, float] = collections.defaultdict(float)
     for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():
-        by_pkg[_package(filename)] = by_pkg.get(_package(filename), 0.0) + tottime
+        by_pkg[_package(filename)] += tottime
     out = io.StringIO()
     out.write(f"=== {impl}: {steps} steps, {stats.total_tt:.2f} s under cProfile; own time by package ===\n")
     for pkg, t in sorted(by_pkg.items(), key=lambda kv: -kv[1])[:12]:
@@ -337,9 +330,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-steps", type=int, help="steps left out of the timing (default min(10, steps // 3))")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="rounds; each runs both sides (order alternates)")
-    p.add_argument(
-        "--threads", type=int, default=1, help="intra-op threads, both sides (see the docstring; 0: torch's)"
-    )
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads, both sides (0: torch's)")
     p.add_argument("--distinct-batches", type=int, default=8, help="pre-built batches, cycled (default 8)")
     p.add_argument("--model", default=None, help="JSON file with an open_clip config dict (default: the tiny CLIP)")
     p.add_argument("--seed", type=int, default=0)
@@ -357,11 +348,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print the table and return the result (``summary``, ``runs``, ``ratio``, settings)."""
     a = parse_args(argv)
     with bench_settings(a.threads):
-        return _run(a)
+        return _run(a, torch.get_num_threads())
 
 
-def _run(a: argparse.Namespace) -> dict[str, Any]:
-    threads = torch.get_num_threads()
+def _run(a: argparse.Namespace, threads: int) -> dict[str, Any]:
     cfg = json.loads(Path(a.model).read_text()) if a.model else TINY_CLIP
     state = reference_state(cfg, a.seed)
     batches = make_batches(cfg, a.batch_size, a.distinct_batches, a.seed)

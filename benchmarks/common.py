@@ -19,21 +19,10 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class FixedBatches(torch.utils.data.Dataset):
-    """``length`` items cycling over pre-built batches (a map-style dataset for ``DataLoader(batch_size=None)``)."""
-
-    def __init__(self, batches: Sequence[Any], length: int):
-        self.batches, self.length = list(batches), length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> Any:
-        return self.batches[i % len(self.batches)]
-
-
 def loader(batches: Sequence[Any], length: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(FixedBatches(batches, length), batch_size=None, shuffle=False)
+    """``length`` pre-built batches, cycled (a list is a map-style dataset)."""
+    cycled = [batches[i % len(batches)] for i in range(length)]
+    return torch.utils.data.DataLoader(cycled, batch_size=None, shuffle=False)
 
 
 class StepStamps(L.Callback):
@@ -62,15 +51,9 @@ def fit(
 ) -> None:
     """``steps`` optimizer steps of ``module`` on ``batches`` (cycled) under a one-device ``Trainer`` that logs,
     checkpoints and prints nothing; ``trainer``: more ``Trainer`` arguments (accelerator, precision, strategy)."""
-    quiet = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    L.Trainer(devices=1, max_steps=steps, callbacks=list(callbacks), **quiet, **trainer).fit(
-        module, loader(batches, steps)
-    )
+    quiet = dict.fromkeys(("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary"), False)
+    trainer = L.Trainer(devices=1, max_steps=steps, callbacks=list(callbacks), **quiet, **trainer)
+    trainer.fit(module, loader(batches, steps))
 
 
 def peak_gib() -> dict[str, float]:

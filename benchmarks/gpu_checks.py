@@ -37,10 +37,9 @@ STEPS = {"steps": 20, "skip": 5}
 TINY_STEPS = {"steps": 3, "skip": 1}
 TINY_DIT = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "patch_size": 4}
 # the DiT's random text towers: OpenAI CLIP ViT-L/14's text shape, and a tiny one
-REAL_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
-REAL_TEXT["max_position_embeddings"] = 77
-TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-TINY_TEXT["max_position_embeddings"] = 16
+_TEXT = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
+REAL_TEXT = dict(zip(_TEXT, (768, 3072, 12, 12, 77), strict=True))
+TINY_TEXT = dict(zip(_TEXT, (32, 64, 1, 2, 16), strict=True))
 
 # What each check runs at: the real shapes, and the tiny ones CI runs on CPU. ``limit_s``: the most a check may take
 # (GPU, isolated); ``need_s``: the least time left for it to be started at all.
@@ -68,8 +67,8 @@ def card() -> dict[str, Any]:
     """The accelerator's name as ``nvidia-smi`` reports it (name, memory, driver), else torch's, else the CPU."""
     if shutil.which("nvidia-smi"):
         try:
-            out = _run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"], 30)
-            out = out.splitlines()
+            query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+            out = _run(query, 30).splitlines()
         except (subprocess.SubprocessError, OSError) as e:
             out = [f"nvidia-smi failed: {e}"]
         if out:
@@ -204,13 +203,8 @@ def check_dit(s: dict[str, Any], work: Path, tok: str) -> dict[str, Any]:
     ]
     n_params = sum(p.numel() for p in module.dit.parameters())
     out = _timed_fit(module, batches, d["steps"], d["skip"])
-    out |= {"samples_per_s": n / out["ms_per_step"] * 1e3, "params_m": n_params / 1e6}
-    return out | {
-        "size": d["size"] if real else "tiny",
-        "batch_size": n,
-        "image_size": d["image_size"],
-        "latent": latent[1:],
-    }
+    out |= {"samples_per_s": n / out["ms_per_step"] * 1e3, "params_m": n_params / 1e6, "latent": latent[1:]}
+    return out | {"size": d["size"] if real else "tiny", "batch_size": n, "image_size": d["image_size"]}
 
 
 CHECK_FUNCS: dict[str, Callable[[dict[str, Any], Path, str], dict[str, Any]]] = {
@@ -248,13 +242,6 @@ def _run_isolated(
     return json.loads(result.read_text())
 
 
-def _run_here(name: str, s: dict[str, Any], work: Path, tok: str) -> dict[str, Any]:
-    try:
-        return CHECK_FUNCS[name](s, work, tok)
-    except Exception as e:  # noqa: BLE001 - a failed check is a row of the report, the others still run
-        return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
-
-
 def run_checks(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     s = TINY if args.tiny else REAL
@@ -267,9 +254,8 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"card": card(), "commit": commit(), "date": datetime.date.today().isoformat()}
     report |= {"tiny": args.tiny, "settings": {k: s[k] for k in ("recaption", "clip", "dit")}, "isolated": isolate}
     report["checks"] = {}
-    print(
-        f"gpu_checks on {report['card']['name']} (commit {report['commit']}, budget {args.budget_s:.0f} s)", flush=True
-    )
+    budget = f"commit {report['commit']}, budget {args.budget_s:.0f} s"
+    print(f"gpu_checks on {report['card']['name']} ({budget})", flush=True)
     tok = tokenizer_folder(work, args.tokenizer)
     for name in args.checks:
         left = args.budget_s - (time.perf_counter() - t0)
@@ -282,7 +268,10 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
             if isolate:
                 result = _run_isolated(name, args, work, tok, min(s["limit_s"][name], left), logs=out)
             else:
-                result = _run_here(name, s, work, tok)
+                try:
+                    result = CHECK_FUNCS[name](s, work, tok)
+                except Exception as e:  # noqa: BLE001 - a failed check is a row of the report, the others still run
+                    result = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
             result["wall_s"] = time.perf_counter() - t
         report["checks"][name] = result
         print(f"  {name}: {json.dumps(result, default=str)}", flush=True)

@@ -4,28 +4,19 @@ r"""``python -m experiments analyze``: caption statistics of the original vs rec
     python -m experiments analyze --shards 'data/world/web/*.tar' --sidecar-dir data/world/sidecars_llava \
         --clip runs/tiny/captioner/web_clip/export --tokenizer data/world/tokenizer --out docs/analysis
 
-Inputs, streamed (each input kind is summarised on its own):
+Inputs, streamed, each summarised on its own: ``--shards`` read with the caption-mix loader's own stages (one pass,
+file order; captions from ``--sources``, the DataModule's spec strings; images decoded only for ``--clip`` and
+``--judge``) and ``--recap``, Recap-DataComp-1B-schema parquet files read batch by batch.
 
-- ``--shards``: image shards read with the caption-mix loader's own stages (``datamodules.wds_stages``: one pass, in
-  file order), captions from ``--sources`` (default ``original=txt recaption=sidecar:re_caption``, the DataModule's
-  spec strings; sidecars from ``--sidecar-dir``). Images are decoded only for ``--clip`` and ``--judge``.
-- ``--recap``: parquet files in the Recap-DataComp-1B schema (``org_caption``, ``re_caption``, optional
-  ``org_clip_score`` / ``re_clip_score``), read record batch by record batch (pyarrow ``iter_batches``).
+Outputs in ``--out``: ``lengths.png`` (Fig. 3), ``summary.json`` and ``summary.md``: per input the caption lengths
+(whitespace words; with ``--tokenizer`` also tokens), word tokens and vocabulary, the CLIP-score share (``--clip``
+on the shards' images, else the parquet's scores) and the judge's ratings (``--judge``), each defined in
+``DEFINITIONS``. The paper's "captures 82.86% tokens of the word collections from both" (§4) is the recaptions' share
+of the word tokens: its own mean lengths give 49.43 / (49.43 + 10.22) = 82.87%.
 
-Outputs in ``--out``: ``lengths.png`` (Fig. 3: words per caption, original vs recaption), ``summary.json`` and
-``summary.md``: per input the caption lengths (whitespace words, the unit of the schema's ``re_length``; with
-``--tokenizer`` also tokens), word tokens and vocabulary, the CLIP-score share (with ``--clip FOLDER`` on the shards'
-images, else from the parquet's ``org_clip_score`` / ``re_clip_score``) and the judge's ratings (``--judge``: a
-llava-hf folder as ``LlavaJudge``, or ``attributes:DIR``, :class:`AttributeRater`), each defined in ``DEFINITIONS``.
-The paper's "captures 82.86% tokens of the word collections from both" (§4) is the recaptions' share of the word
-tokens: its own mean lengths give 49.43 / (49.43 + 10.22) = 82.87%. The vocabulary coverage |V_recap| / |V_recap ∪
-V_orig| (an earlier, INFERRED reading of the sentence) is kept as a statistic. The CLIP-score share is INFERRED
-(PAPER.md §4: the paper's pairs sum to 100): per image softmax(100 * [cos(img, orig), cos(img, recap)]), averaged.
-
-Memory: bounded by the input's batch, not its length. Fixed-size length histograms (``--max-length`` + 2 bins per
-side and unit), running sums, and a vocabulary of at most ``--max-vocab`` distinct words (about 150 bytes each in
-CPython, so ~300 MB at the default 2,000,000); beyond the cap new words are counted as ``oov_tokens`` and the
-coverage is flagged as computed on a truncated vocabulary. No per-row state is kept.
+Memory: bounded by the input's batch, not its length: fixed-size length histograms, running sums and a vocabulary of
+at most ``--max-vocab`` words (~150 bytes each); past the cap new words count as ``oov_tokens`` and the coverage is
+flagged as computed on a truncated vocabulary.
 """
 
 from __future__ import annotations
@@ -104,7 +95,7 @@ class LengthHistogram:
         return self.total / self.n if self.n else None
 
     def median(self) -> float | None:
-        """The median length (mean of the two middle values for an even count); None past the last bin."""
+        """The median (mean of the two middle values for an even count); None past the last bin."""
         if not self.n:
             return None
         cum = np.cumsum(self.counts)
@@ -133,15 +124,14 @@ class Vocabulary:
 
     def add(self, side: int, tokens: Sequence[str]) -> None:
         self.tokens[side] += len(tokens)
-        counts = self.counts
         for w in tokens:
-            c = counts.get(w)
+            c = self.counts.get(w)
+            if c is None and len(self.counts) < self.max_size:
+                c = self.counts[w] = [0, 0]
             if c is None:
-                if len(counts) >= self.max_size:
-                    self.oov_tokens += 1
-                    continue
-                c = counts[w] = [0, 0]
-            c[side] += 1
+                self.oov_tokens += 1
+            else:
+                c[side] += 1
 
     def summary(self, top: int = 20) -> dict[str, Any]:
         v_orig = sum(1 for c in self.counts.values() if c[0])
@@ -189,7 +179,7 @@ class ShareStats:
     has_clip_score: bool = False
 
     def add(self, logit_original: np.ndarray, logit_recaption: np.ndarray, cos: tuple | None = None) -> None:
-        """``logit_*`` = scale * cos per pair; ``cos`` = (cos_original, cos_recaption) when known, for CLIP scores."""
+        """``logit_*`` = scale * cos per pair; ``cos`` = (cos_original, cos_recaption) when known."""
         o, r = np.asarray(logit_original, dtype=np.float64), np.asarray(logit_recaption, dtype=np.float64)
         self.n += len(o)
         self.share_recaption += float(clip_share(o, r).sum())
@@ -381,11 +371,6 @@ class AttributeRater:
         self.judge = load_judge(folder)
         self.prefix, _, self.suffix = JUDGE_PROMPT.partition("{caption}")
 
-    def caption_of(self, prompt_text: str) -> str:
-        if not (prompt_text.startswith(self.prefix) and prompt_text.endswith(self.suffix)):
-            raise ValueError("AttributeRater expects the paper's rating prompt (generation.JUDGE_PROMPT)")
-        return prompt_text[len(self.prefix) : len(prompt_text) - len(self.suffix)]
-
     def predict(self, image: Any) -> dict[str, str]:
         from lightning_modules.evaluation.judge import HEADS
 
@@ -395,7 +380,10 @@ class AttributeRater:
     def __call__(self, image: Any, prompt_text: str) -> str:
         from lightning_modules.evaluation.caption_attributes import GENERIC_SHAPE, parse_caption
 
-        parsed, pred = parse_caption(self.caption_of(prompt_text)), self.predict(image)
+        if not (prompt_text.startswith(self.prefix) and prompt_text.endswith(self.suffix)):
+            raise ValueError("AttributeRater expects the paper's rating prompt (generation.JUDGE_PROMPT)")
+        caption = prompt_text[len(self.prefix) : len(prompt_text) - len(self.suffix)]
+        parsed, pred = parse_caption(caption), self.predict(image)
         checks = []
         main = parsed.main
         if main is not None:
@@ -469,8 +457,8 @@ def analyze_shards(stats: CaptionStats, args: argparse.Namespace, scorer: Any = 
 
 
 # -------------------------------------------------------------------------------------------------------- outputs
-def plot_lengths(results: dict[str, CaptionStats], path: Path, unit: str = "words") -> Path:
-    """Fig. 3: histogram of caption lengths, original vs recaption overlaid, one panel per input."""
+def plot_lengths(results: dict[str, CaptionStats], path: Path) -> Path:
+    """Fig. 3: histogram of caption lengths in words, original vs recaption overlaid, one panel per input."""
     os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="mpl-"))
     import matplotlib
 
@@ -479,7 +467,7 @@ def plot_lengths(results: dict[str, CaptionStats], path: Path, unit: str = "word
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.4), squeeze=False)
     for ax, (name, stats) in zip(axes[0], results.items(), strict=True):
-        hists = stats.words if unit == "words" else stats.tokens
+        hists = stats.words
         top = max((int(np.nonzero(h.counts)[0].max()) for h in hists.values() if h.n), default=1)
         edges = np.arange(0, top + 2) - 0.5
         for side, colour in zip(SIDES, ("tab:blue", "tab:orange"), strict=True):
@@ -489,7 +477,7 @@ def plot_lengths(results: dict[str, CaptionStats], path: Path, unit: str = "word
             share = h.counts[: top + 1] / h.n
             ax.stairs(share, edges, fill=True, alpha=0.45, color=colour, label=f"{side} (mean {h.mean():.2f})")
             ax.axvline(h.mean(), color=colour, ls="--", lw=1)
-        ax.set_xlabel(f"{unit} per caption" + (f" (last bin: >{stats.max_length})" if top > stats.max_length else ""))
+        ax.set_xlabel("words per caption" + (f" (last bin: >{stats.max_length})" if top > stats.max_length else ""))
         ax.set_ylabel("share of captions")
         ax.set_title(f"{name}: {stats.n_rows:,} rows", fontsize=9)
         ax.legend(fontsize=8)

@@ -30,9 +30,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     cli = cli_main(list(rest) + ["--trainer.logger=false"], run=False)
     model, data = cli.model, cli.datamodule
-    for need in ("train_shards", "sources"):
-        if not hasattr(data, need):
-            raise ValueError(f"dit-cache needs a caption-shard DataModule (CaptionMixDataModule); got {type(data)}")
+    if not all(hasattr(data, need) for need in ("train_shards", "sources")):
+        raise ValueError(f"dit-cache needs a caption-shard DataModule (CaptionMixDataModule); got {type(data)}")
     rank, world = rank_world(args.rank, args.world_size)
     import torch
 

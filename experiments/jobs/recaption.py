@@ -11,9 +11,8 @@ where each starts. ``merge`` checks that every key occurs once and writes the da
         --out data/world/recap_llava
     python -m experiments recaption merge --out data/world/recap_llava
 
-Decoding is the paper's (greedy, at most 128 new tokens, batched, stopping at the end-of-turn token). Empty captions
-and repetition loops are decoded once more with a repetition penalty, then flagged (``status`` ``flagged``); an image
-that cannot be decoded becomes a row with ``status`` ``error`` and the reason.
+Decoding is the paper's (greedy, at most 128 new tokens, batched). Empty captions and repetition loops are decoded
+once more with a repetition penalty, then ``flagged``; an undecodable image becomes an ``error`` row with the reason.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import glob
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import os
 import re
@@ -65,15 +65,9 @@ from datamodules.wds_stages import (
     iter_tar_members,
     open_shard,
 )
-from lightning_modules.components.llava import (
-    PAPER_RECAPTION_PROMPT,
-    Generated,
-    caption_prompt_text,
-    eos_token_ids,
-    greedy_captions,
-)
+from lightning_modules.components.llava import PAPER_RECAPTION_PROMPT as PAPER_PROMPT
+from lightning_modules.components.llava import Generated, caption_prompt_text, eos_token_ids, greedy_captions
 
-PAPER_PROMPT = PAPER_RECAPTION_PROMPT
 PROVENANCE = pa.schema(
     [(name, pa.string()) for name in ("model", "model_hash", "prompt", "decoding")]
     + [("n_generated_tokens", pa.int64()), ("hit_token_limit", pa.bool_()), ("retried", pa.bool_())]
@@ -94,9 +88,8 @@ _PART = re.compile(r"^(?P<stem>.+)\.part(?P<part>\d{5})-of-(?P<parts>\d{5})$")
 
 @dataclass(frozen=True)
 class Unit:
-    """One unit of work: a whole shard (``part is None``) or slice ``part`` of ``parts`` of it, the shard's samples
-    ``[part * size, (part + 1) * size)`` in tar order; the last slice runs to the shard's end, so a sample count that
-    is off (stats files can be) never loses a sample."""
+    """A whole shard (``part is None``) or its samples ``[part * size, (part + 1) * size)`` in tar order; the last
+    slice runs to the shard's end, so a sample count that is off (stats files can be) never loses a sample."""
 
     url: str
     part: int | None = None
@@ -118,7 +111,6 @@ class Unit:
 
 
 def _slices(out: Path, stem: str) -> dict[Path, re.Match]:
-    """The slice outputs of shard ``stem`` in ``out`` (sorted), each with its parsed name."""
     found = ((p, _PART.match(p.stem)) for p in sorted(out.glob(f"{glob.escape(stem)}.part*-of-*.parquet")))
     return {p: m for p, m in found if m and m["stem"] == stem}
 
@@ -133,15 +125,8 @@ def _stats_count(url: str) -> int | None:
         return None
 
 
-def shard_sample_count(url: str) -> int:
-    """Samples in a shard: from its stats files when present, else by reading the tar once."""
-    n = _stats_count(url)
-    return n if n is not None else sum(1 for _ in _samples(url, []))
-
-
 def shard_units(url: str, out: Path, slice_size: int | None) -> list[Unit]:
-    """The units of one shard. ``slice_size`` splits huge shards; a shard already (partly) done under another split
-    keeps that split, so restarts with another ``slice_size`` never produce overlapping outputs."""
+    """The units of one shard; a shard (partly) done under another split keeps it, so outputs never overlap."""
     stem = shard_stem(url)
     slices = _slices(out, stem)
     splits = {m["parts"] for m in slices.values()}
@@ -154,23 +139,24 @@ def shard_units(url: str, out: Path, slice_size: int | None) -> list[Unit]:
     if splits:
         parts, size = int(splits.pop()), int(pq.read_schema(next(iter(slices))).metadata[SLICE_SIZE])
     else:
-        parts, size = max(1, -(-shard_sample_count(url) // slice_size)), slice_size
+        n = _stats_count(url)
+        n = n if n is not None else sum(1 for _ in _samples(url, []))  # no stats file: read the tar once
+        parts, size = max(1, -(-n // slice_size)), slice_size
         if parts == 1:
             return [Unit(url)]
     return [Unit(url, k, parts, size) for k in range(parts)]
 
 
 def pending_units(urls: Sequence[str], out: Path, rank: int, world: int, slice_size: int | None = None) -> list[Unit]:
-    """Every unfinished unit, in the order this rank tries them: first its share (every ``world``-th in sorted name
-    order, from ``rank`` on), then the other shares from their end (their own processes start at their front).
-    Rank and world size only order the work; the claims (``ClaimBoard``) decide who does a unit."""
+    """Every unfinished unit in the order this rank tries them: its share (every ``world``-th by name, from ``rank``),
+    then the others' shares from their end (their processes start at the front); the claims decide who does one."""
     units = [u for url in urls for u in shard_units(url, out, slice_size)]
     todo = sorted((u for u in units if not (out / f"{u.name}.parquet").exists()), key=lambda u: u.name)
     return todo[rank::world] + [u for i, u in reversed(list(enumerate(todo))) if i % world != rank]
 
 
 def _expected_images(units: Sequence[Unit]) -> int | None:
-    """Images in these units from the shards' stats files, for the bar's total and ETA (None when unknown)."""
+    """Images in these units from the shards' stats files, for the bar's ETA (None when unknown)."""
     total = 0
     for u in units:
         n = _stats_count(u.url)
@@ -208,11 +194,7 @@ def degenerate(text: str) -> str | None:
 class HFBackend:
     """Batched greedy captions with transformers (CPU or GPU): left padding, attention mask, KV cache."""
 
-    name = "hf"
-
-    def __init__(
-        self, model_dir: str, prompt: str, max_new_tokens: int, device=None, dtype=None, trust_remote_code=False
-    ):
+    def __init__(self, model_dir, prompt, max_new_tokens, device=None, dtype=None, trust_remote_code=False):
         import torch
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -225,36 +207,15 @@ class HFBackend:
         self.max_new_tokens = max_new_tokens
 
     def generate(self, images: Sequence[Any], repetition_penalty: float | None = None) -> list[Generated]:
-        return greedy_captions(
-            self.model, self.processor, self.prompt_text, images, self.max_new_tokens, self.device, repetition_penalty
-        )
-
-
-def vllm_prompt_text(tokenizer: Any, prompt: str) -> str:
-    """The chat-template prompt for vLLM, which tokenizes prompts with ``add_special_tokens=True``: when the tokenizer
-    adds ``<|begin_of_text|>`` itself, the template's copy is dropped, so vLLM sees exactly the tokens ``hf`` does."""
-    text = caption_prompt_text(tokenizer, prompt)
-    bos = tokenizer.bos_token
-    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
-    return text[len(bos) :] if adds_bos and text.startswith(bos) else text
+        args = (self.prompt_text, images, self.max_new_tokens, self.device, repetition_penalty)
+        return greedy_captions(self.model, self.processor, *args)
 
 
 class VLLMBackend:
     """Greedy captions with vLLM (GPU only; ``pip install 'recap-suite[vllm]'``): the same prompt tokens, stop tokens
     and token limit as ``hf``. ``LOCAL_RANK`` picks the card; ``engine``: more ``vllm.LLM`` arguments."""
 
-    name = "vllm"
-
-    def __init__(
-        self,
-        model_dir: str,
-        prompt: str,
-        max_new_tokens: int,
-        device=None,
-        dtype=None,
-        trust_remote_code=False,
-        **engine,
-    ):
+    def __init__(self, model_dir, prompt, max_new_tokens, device=None, dtype=None, trust_remote_code=False, **engine):
         try:
             import vllm
         except ImportError as exn:
@@ -266,14 +227,17 @@ class VLLMBackend:
         elif "CUDA_VISIBLE_DEVICES" not in os.environ and ("LOCAL_RANK" in os.environ or "SLURM_LOCALID" in os.environ):
             os.environ["CUDA_VISIBLE_DEVICES"] = str(local_rank())
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        self.prompt_text = vllm_prompt_text(tok, prompt)
+        # vLLM tokenizes prompts with add_special_tokens=True: when the tokenizer adds <|begin_of_text|> itself, the
+        # template's copy is dropped, so vLLM sees exactly the tokens hf does
+        text, bos = caption_prompt_text(tok, prompt), tok.bos_token
+        adds_bos = bos is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id]
+        self.prompt_text = text[len(bos) :] if adds_bos and text.startswith(bos) else text
         self.eos = eos_token_ids(tok)
         self.params = {"temperature": 0.0, "max_tokens": max_new_tokens, "stop_token_ids": self.eos}
         self._sampling = vllm.SamplingParams
         defaults = {"seed": 0, "max_num_seqs": 256, "gpu_memory_utilization": 0.9, "limit_mm_per_prompt": {"image": 1}}
-        self.llm = vllm.LLM(
-            model=model_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code, **defaults | engine
-        )
+        engine = defaults | engine
+        self.llm = vllm.LLM(model=model_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code, **engine)
 
     def generate(self, images: Sequence[Any], repetition_penalty: float | None = None) -> list[Generated]:
         params = self._sampling(**self.params, skip_special_tokens=True, repetition_penalty=repetition_penalty or 1.0)
@@ -292,17 +256,11 @@ BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
 
 def _samples(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
     """The shard's samples as the training loader reads them; read errors are appended to ``errors``."""
-
-    def handler(exn: Exception) -> bool:
-        errors.append(f"{type(exn).__name__}: {exn}")
-        return True
-
-    yield from ReadShards(handler)([{"url": url}])
+    yield from ReadShards(lambda exn: errors.append(f"{type(exn).__name__}: {exn}") or True)([{"url": url}])
 
 
 def _image(sample: dict[str, Any], limits: SampleLimits) -> Any:
-    """The sample's image as RGB, decoded as the training loader does (pixel-bomb and tiny-image limits, 16-bit and
-    transparent images normalised); raises naming what is wrong."""
+    """The sample's image as RGB, decoded (and limited) as the training loader does; raises naming what is wrong."""
     for ext in IMAGE_MEMBERS:
         if ext in sample:
             try:
@@ -317,8 +275,8 @@ def _words(s: str | None) -> int | None:
 
 
 def _metadata(raw: bytes, key: str, fields: Sequence[str]) -> dict[str, Any]:
-    """A sample's ``KEY.json`` as a dict; raises ValueError naming ``KEY.json`` and what is wrong when it is not
-    UTF-8 JSON, not an object, nested too deep to parse, or one of ``fields`` (those a row takes) is not text."""
+    """A sample's ``KEY.json``; raises ValueError naming it when it is not a UTF-8 JSON object or one of ``fields``
+    (those a row takes) is not text."""
     try:
         meta = json.loads(raw)
     except (ValueError, RecursionError) as exn:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -344,34 +302,23 @@ def _base_row(sample: dict[str, Any], provenance: dict[str, Any]) -> tuple[dict[
         except ValueError as exn:
             problem = str(exn)
     org = org if org is not None else meta.get("caption")
-    row = {
-        "url": meta.get("url"),
-        "org_caption": org,
-        "sha256": meta.get("sha256"),
-        "key": key,
-        "org_length": _words(org),
-    }
+    row = {"url": meta.get("url"), "org_caption": org, "sha256": meta.get("sha256"), "key": key}
     scores = dict.fromkeys(("re_clip_score", "org_clip_score", "re_gpt4v_score", "org_gpt4v_score"))
-    return row | scores | provenance, problem
+    return row | {"org_length": _words(org)} | scores | provenance, problem
 
 
 def _error_row(row: dict[str, Any], why: str) -> dict[str, Any]:
-    """``row`` as a complete ``error`` row (no caption, no tokens) with the reason ``why``."""
     row.update(re_caption=None, re_length=None, n_generated_tokens=0, hit_token_limit=False, retried=False)
-    row.update(status="error", error=why)
-    return row
+    return row | {"status": "error", "error": why}
 
 
 def recaption_unit(
     unit: Unit | str, backend: Any, batch_size: int, provenance: dict, progress=None, limits=None
 ) -> pa.Table:
-    """Caption one unit (a shard or a slice of one); every sample becomes exactly one row (a caption, or status
-    ``error`` and the reason). ``progress(images, generated_tokens)`` is called after each batch; ``limits``: the
-    loader's ``SampleLimits``.
-
-    What cannot be a row is listed in the table's schema metadata ``INPUT_ERRORS`` (json; ``run`` copies it into the
-    manifest): a key repeated within the shard (its later copies are skipped, so ``merge`` still sees every key once)
-    and damage that ended the shard early (truncated tar, failed ``pipe:``)."""
+    """Caption one unit; every sample becomes exactly one row (a caption, or status ``error`` and the reason).
+    ``progress(images, generated_tokens)`` is called after each batch. What cannot be a row goes to the schema
+    metadata ``INPUT_ERRORS`` (``run`` copies it into the manifest): a key repeated within the shard (later copies
+    skipped, so ``merge`` sees every key once) and damage that ended the shard early (truncated tar, failed pipe)."""
     unit = Unit(unit) if isinstance(unit, str) else unit
     limits = limits or SampleLimits()
     rows: list[dict[str, Any]] = []
@@ -400,11 +347,8 @@ def recaption_unit(
             progress(len(batch), sum(g.n_tokens for g in results))
         batch.clear()
 
-    for index, sample in enumerate(_samples(unit.url, errors)):
-        if index < unit.start:  # an earlier slice's sample: skipped without decoding
-            continue
-        if unit.stop is not None and index >= unit.stop:
-            break
+    # other slices' samples are read past without decoding
+    for index, sample in itertools.islice(enumerate(_samples(unit.url, errors)), unit.start, unit.stop):
         if sample["__key__"] in seen:
             errors.append(f"duplicate key {sample['__key__']} (sample {index}) skipped")
             continue
@@ -428,7 +372,6 @@ def recaption_unit(
 
 
 def input_errors(table: pa.Table) -> list[str]:
-    """The input problems ``recaption_unit`` recorded in a unit table's metadata (empty when none)."""
     raw = (table.schema.metadata or {}).get(INPUT_ERRORS.encode())
     return json.loads(raw) if raw else []
 
@@ -445,9 +388,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _owner_gone(node: str | None, pid: Any, start: Any) -> bool | None:
-    """Whether the process ``(node, pid, start)`` is gone: True on this node when the pid does not exist, has exited
-    or now names a process started at another time (a reused pid); False when it runs; None when that cannot be
-    told from here (another node, an old-style temporary name, no pid)."""
+    """Whether the process ``(node, pid, start)`` is gone (pid dead, exited or reused: started at another time);
+    None when that cannot be told from here (another node, an old-style temporary name, no pid)."""
     if node is None or node != node_id() or not _is_int(pid) or pid <= 0:
         return None
     try:
@@ -466,6 +408,20 @@ def _write_synced(f: Any, content: bytes) -> None:
     f.write(content)
     f.flush()
     os.fsync(f.fileno())
+
+
+def _link(tmp: Path, path: Path) -> bool | None:
+    """``link(2)`` ``tmp`` to ``path`` (never replaces a file): whether this call made ``path``; None where the file
+    system has no hard links."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:  # NFS: a retransmitted LINK can answer EEXIST although it worked (open(2))
+        return os.stat(tmp).st_nlink == 2
+    except OSError as exn:
+        if exn.errno not in _NO_HARD_LINKS:
+            raise
+        return None
 
 
 class _Claim:
@@ -492,8 +448,7 @@ class _Claim:
             with contextlib.suppress(OSError):  # the heartbeat: the file's mtime (on NFS set by the server's clock)
                 os.utime(self.path)
 
-    def held(self) -> bool:
-        """Still this process's claim (checked now, also between heartbeats)."""
+    def held(self) -> bool:  # checked now, also between heartbeats
         return not self.lost and self._mine()
 
     def release(self) -> None:
@@ -548,14 +503,9 @@ class ClaimBoard:
         try:
             with open(private, "xb") as f:
                 _write_synced(f, content)
-            try:
-                os.link(private, path)
-                return True
-            except FileExistsError:  # NFS: a retransmitted LINK can answer EEXIST although it worked (open(2))
-                return os.stat(private).st_nlink == 2
-            except OSError as exn:
-                if exn.errno not in _NO_HARD_LINKS:
-                    raise
+            made = _link(private, path)
+            if made is not None:
+                return made
             try:  # no hard links here: O_EXCL (a reader may see the file empty for a moment: read() allows it)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
@@ -583,9 +533,8 @@ class ClaimBoard:
             return False
         grave.unlink(missing_ok=True)
         if judged is not None:
-            self.log(
-                f"recaption: took over the expired claim on {path.stem} of {judged.get('host')}:{judged.get('pid')}"
-            )
+            owner = f"{judged.get('host')}:{judged.get('pid')}"
+            self.log(f"recaption: took over the expired claim on {path.stem} of {owner}")
         return True
 
     def acquire(self, unit: str) -> _Claim | None:
@@ -603,13 +552,12 @@ class ClaimBoard:
 
     def holder(self, unit: str) -> str:
         """Who holds ``unit``'s claim, for messages: ``host:pid``, or ``?``."""
-        current = self.read(self.path(unit))
-        info = current[0] if current is not None else None
+        info = (self.read(self.path(unit)) or (None,))[0]
         return f"{info.get('host')}:{info.get('pid')}" if info else "?"
 
     def sweep(self, out: Path, done: Callable[[str], bool]) -> dict[str, int]:
-        """Remove what killed processes left: temporary unit outputs and claim files whose writer is gone
-        (``temp_is_stale``), and expired claims of finished units. Returns the counts."""
+        """Remove what killed processes left: stale temporaries (unit outputs, claim files) and expired claims of
+        finished units; returns the counts."""
         counts = {"temporaries": 0, "claims": 0}
         for folder, kind in ((out, "temporaries"), (self.dir, "claims")):
             for p in folder.glob(f".*{TMP_MARK}*"):
@@ -625,10 +573,9 @@ class ClaimBoard:
         return counts
 
     def temp_is_stale(self, path: Path, owner: Any) -> bool:
-        """Whether the temporary ``path`` (written by ``owner``, a ``TempOwner``) will never be renamed into place.
-        On this node: its writer is gone (pid dead, exited or reused); a live writer's file is kept. Another node's
-        (or an old-style name's): its writer does not hold a live claim on the unit and the file is older than
-        ``ttl``; a writer always holds its unit's claim while it writes."""
+        """Whether the temporary ``path`` of ``owner`` (a ``TempOwner``) will never be renamed into place: on this
+        node, its writer is gone; another node's (or an old-style name's) is older than ``ttl`` and its writer holds
+        no live claim on the unit (a writer always holds its unit's claim while it writes)."""
         gone = _owner_gone(owner.node, owner.pid, owner.start)
         if gone is not None:
             return gone
@@ -645,26 +592,19 @@ class ClaimBoard:
 
 
 def _publish(table: pa.Table, path: Path) -> bool:
-    """Write ``table`` to ``path`` unless ``path`` exists: a temporary beside it (named after this process), fsync,
-    then ``link(2)``, which never replaces a file, so of two copies of a unit the first stays. True when this call
-    published it. Where the file system has no hard links: exists-check and rename (a narrow window remains)."""
+    """Write ``table`` to ``path`` unless it exists (a private temporary, fsync, ``link(2)``: of two copies of a unit
+    the first stays); True when this call published it."""
     tmp = temp_path(path)
     try:
         pq.write_table(table, tmp)
         _fsync_path(tmp)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            if os.stat(tmp).st_nlink < 2:  # another copy is there (or: NFS retransmitted our LINK, nlink == 2)
-                return False
-        except OSError as exn:
-            if exn.errno not in _NO_HARD_LINKS:
-                raise
-            if path.exists():
-                return False
+        made = _link(tmp, path)
+        if made is None and not path.exists():  # no hard links here: exists-check and rename (a narrow window remains)
             os.replace(tmp, path)
-        _fsync_path(path.parent, directory=True)
-        return True
+            made = True
+        if made:
+            _fsync_path(path.parent, directory=True)
+        return bool(made)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -688,10 +628,9 @@ def run(
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     claim_ttl: float = DEFAULT_CLAIM_TTL,
 ) -> dict[str, Any]:
-    """Caption unfinished units, claiming each on the output folder (``ClaimBoard``), until every unit is finished
-    (by this process or others, waiting for live claims); returns this process's totals (units, rows, errors, tokens,
-    seconds). ``rank`` / ``world_size`` (else ``RANK`` / ``WORLD_SIZE`` or SLURM's) only order the work
-    (``pending_units``). ``min_image_size`` / ``max_image_pixels``: the training loader's image limits (None = off)."""
+    """Caption unfinished units, claiming each (``ClaimBoard``), until every unit is finished by this process or
+    others; returns this process's totals. ``rank`` / ``world_size`` (else the environment's) only order the work;
+    the image limits are the training loader's (None = off)."""
     problems = run_config_problems(dict(locals()))  # locals() here: exactly the arguments (RUN_KEYS)
     if problems:  # before the model loads or `out` is created (main reports them all, with where each was set)
         raise ConfigError(*problems[0])
@@ -735,8 +674,8 @@ def run(
     who = {"rank": rank, "world_size": world, "host": board.me["host"], "pid": board.me["pid"]}
 
     def finish(unit: Unit, claim: _Claim) -> tuple[int, int, int, float] | None:
-        """Caption ``unit``, publish its output and log it in the manifest; (rows, errors, tokens, seconds), or None
-        when the claim was lost meanwhile or another copy was published first (nothing is written then)."""
+        """Caption, publish and log ``unit``: (rows, errors, tokens, seconds), or None (nothing written) when the
+        claim was lost meanwhile or another copy was published first."""
         t0 = time.perf_counter()
         table = recaption_unit(unit, engine, batch_size, provenance, advance if progress else None, limits)
         if unit.part is not None:  # a later run keeps this split (shard_units)
@@ -807,8 +746,7 @@ def run(
 
 
 def _completeness(files: Sequence[Path], stems: set[str] | None) -> list[str]:
-    """Problems with the unit outputs: a shard with both a whole and slice outputs, an incomplete set of slices,
-    and (with ``stems``) shards without any output."""
+    """Shards with both a whole and slice outputs, an incomplete set of slices and (``stems``) no output at all."""
     whole, parts = set(), {}
     for f in files:
         m = _PART.match(f.stem)
@@ -828,16 +766,9 @@ def _completeness(files: Sequence[Path], stems: set[str] | None) -> list[str]:
     return problems
 
 
-def duplicates_report_path(dest: str | os.PathLike) -> Path:
-    """Where ``merge --on-duplicate first`` lists the rows it dropped: ``<dest stem>.duplicates.csv`` beside it."""
-    dest = Path(dest)
-    return dest.with_name(f"{dest.stem}.duplicates.csv")
-
-
 def _unit_order(files: Sequence[Path], urls: Sequence[str] | None) -> list[Path]:
-    """The unit outputs in merge order, which decides which copy of a duplicate key is "first": shard order (the order
-    of ``--shards`` as expanded, globs and folders sorted; without ``--shards``, or for an output of a shard not
-    in it, after those, by name), then slice order within a shard."""
+    """The unit outputs in merge order, which decides which copy of a duplicate key is "first": the order of
+    ``--shards`` as expanded (other shards after those, by name), then slice order within a shard."""
     rank = {}
     for i, url in enumerate(urls or []):
         rank.setdefault(shard_stem(url), i)
@@ -851,14 +782,10 @@ def _unit_order(files: Sequence[Path], urls: Sequence[str] | None) -> list[Path]
 
 
 def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_duplicate="error", log=print) -> Path:
-    """Concatenate the unit parquets into ``dest`` (default ``<out>/merged/recap.parquet``). With ``shards``, refuses
-    missing units (whole shards or slices).
-
-    A key in more than one row (a re-downloaded or partly copied shard puts a sample in two shards) is refused
-    with ``on_duplicate="error"`` (the default). With ``"first"`` the first row of each key is kept - first in shard
-    order (``_unit_order``), then in row order (tar order) - and every dropped row is listed in
-    ``duplicates_report_path(dest)`` (csv: key, dropped unit and row, kept unit and row; written, possibly empty,
-    on every such merge, so a stale list never survives) and counted on ``log``."""
+    """Concatenate the unit parquets into ``dest`` (default ``<out>/merged/recap.parquet``); with ``shards``, refuse
+    missing units. A key in several rows (a shard downloaded twice) is refused (``on_duplicate="error"``) or, with
+    ``"first"``, kept once: its first row in ``_unit_order``, then row order; every dropped row is listed in
+    ``<dest stem>.duplicates.csv`` (written, maybe empty, on every such merge: a stale list never survives)."""
     if on_duplicate not in ON_DUPLICATE:
         raise ValueError(f"on_duplicate must be one of {', '.join(ON_DUPLICATE)}, not {on_duplicate!r}")
     out = Path(out)
@@ -875,7 +802,7 @@ def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_dupli
     first: dict[str, int] = {}
     dropped = [(i, j) for i, key in enumerate(keys) if (j := first.setdefault(key, i)) != i]  # (row, row it repeats)
     dest = Path(dest) if dest is not None else out / "merged" / "recap.parquet"
-    report = duplicates_report_path(dest)
+    report = dest.with_name(f"{dest.stem}.duplicates.csv")
     if dropped and on_duplicate == "error":
         (i, j), n_keys = dropped[0], len({keys[i] for i, _ in dropped})
         raise ValueError(
@@ -887,9 +814,10 @@ def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_dupli
     dest.parent.mkdir(parents=True, exist_ok=True)
     if on_duplicate == "first":
         text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(["key", "dropped_unit", "dropped_row", "kept_unit", "kept_row"])
-        writer.writerows([keys[i], *where[i], *where[j]] for i, j in dropped)
+        csv.writer(text, lineterminator="\n").writerows(
+            [("key", "dropped_unit", "dropped_row", "kept_unit", "kept_row")]
+            + [(keys[i], *where[i], *where[j]) for i, j in dropped]
+        )
         atomic_write(report, text.getvalue())
         drop = {i for i, _ in dropped}
         table = table.filter(pa.array([i not in drop for i in range(table.num_rows)], pa.bool_()))
@@ -906,42 +834,29 @@ def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_dupli
 def _copy_shard_with_member(url: str, path: Path, captions: dict[str, str], member: str) -> tuple[int, int]:
     """Copy shard ``url`` to ``path`` member by member, adding ``KEY.<member>`` after each sample with a caption."""
     counts = [0, 0]
-    stream = open_shard(url)
-    try:
-        with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+    with contextlib.closing(open_shard(url)) as stream, tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
 
-            def add(name: str, data: bytes) -> None:
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(data), 0, 0o444
-                tar.addfile(info, io.BytesIO(data))
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            tar.addfile(info, io.BytesIO(data))
 
-            def close_sample(key: str | None) -> None:
-                if key is None:
-                    return
-                counts[0] += 1
-                if key in captions:
-                    add(f"{key}.{member}", captions[key].encode("utf-8"))
-                    counts[1] += 1
-
-            last = None
-            for name, data in iter_tar_members(stream, url):
-                key = base_plus_ext(name)[0] or name  # webdataset's key; a sample's members are contiguous
-                if key != last:
-                    close_sample(last)
-                    last = key
+        # webdataset's key; a sample's members are contiguous
+        for key, members in itertools.groupby(iter_tar_members(stream, url), lambda m: base_plus_ext(m[0])[0] or m[0]):
+            for name, data in members:
                 add(name, data)
-            close_sample(last)
-    finally:
-        stream.close()
+            counts[0] += 1
+            if key in captions:
+                add(f"{key}.{member}", captions[key].encode("utf-8"))
+                counts[1] += 1
     return counts[0], counts[1]
 
 
 def write_shards(
     out: str | os.PathLike, shards: str | Sequence[str], dest: str | os.PathLike, member: str = "recap.txt"
 ) -> dict[str, int]:
-    """New shards = the input shards with each sample's recaption as one more member (``KEY.recap.txt``), for
-    pipelines that read captions from the tar; samples without a recaption get none (the DataModule falls back to the
-    original). Other members are copied byte for byte, each shard atomically, with its ``_stats.json``."""
+    """The input shards with each sample's recaption as one more member (``KEY.recap.txt``; none without one, the
+    DataModule then falls back to the original), other members byte for byte, each shard atomically, with its stats."""
     out, dest = Path(out), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     totals = {"shards": 0, "samples": 0, "with_recaption": 0, "skipped_shards": 0}
@@ -974,8 +889,7 @@ def write_shards(
 
 # ------------------------------------------------------------------------------------------- the run's settings
 class RunConfigError(ConfigError):
-    """A ``recaption run`` setting that cannot work, with where it was set (a YAML file, ``command line``):
-    ``str()`` is the line ``config error: <key> = <value>: <why> (in <where>)``."""
+    """A ``recaption run`` setting that cannot work, with where it was set (a YAML file, ``command line``)."""
 
     def __init__(self, key: str, value: Any, problem: str, where: str):
         self.where = where
@@ -991,8 +905,7 @@ RUN_KEYS = tuple(_RUN_DEFAULTS)
 
 
 def _load_config(path: str) -> dict[str, Any]:
-    """A recaption YAML (``experiments/configs/recaption/*.yaml``): the ``run`` flags as keys (``-`` or ``_``).
-    Raises :class:`RunConfigError` naming the file for an unreadable or non-mapping file and for unknown keys."""
+    """A recaption YAML (``experiments/configs/recaption/*.yaml``): the ``run`` flags as keys (``-`` or ``_``)."""
     import difflib
 
     import yaml
@@ -1007,25 +920,53 @@ def _load_config(path: str) -> dict[str, Any]:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         why = getattr(exn, "problem", None) or str(exn).splitlines()[0]
         raise RunConfigError("--config", path, f"is not valid YAML{at}: {why}", path) from None
-    if cfg is None:  # an empty file sets nothing
-        return {}
-    if not isinstance(cfg, dict):
+    if not isinstance(cfg, dict | None):  # an empty file (None) sets nothing
         why = f"must be a mapping of run flags to values, not a {type(cfg).__name__}"
         raise RunConfigError("--config", path, why, path)
     out: dict[str, Any] = {}
-    for raw, value in cfg.items():
+    for raw, value in (cfg or {}).items():
         key = str(raw).replace("-", "_")
         if key in out:
             raise RunConfigError(str(raw), value, f"is set twice (also as {key})", path)
         out[key] = value
     unknown = [k for k in out if k not in RUN_KEYS]
     if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(key, RUN_KEYS, n=1)  # stdlib's did-you-mean
+        close = difflib.get_close_matches(unknown[0], RUN_KEYS, n=1)  # stdlib's did-you-mean
         hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(RUN_KEYS)}"
         more = f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
-        raise RunConfigError(key, out[key], f"is not a recaption run key; {hint}{more}", path)
+        raise RunConfigError(unknown[0], out[unknown[0]], f"is not a recaption run key; {hint}{more}", path)
     return out
+
+
+def _at_least(low: int, unset_ok: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (unset_ok and v is None) or (_is_int(v) and v >= low)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+# run key -> (whether a value works, why not); model, shards, out, the image limits and the ranks' relation below
+_RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "prompt": (lambda v: isinstance(v, str) and v.strip(), "must be a non-empty string"),
+    "max_new_tokens": (_at_least(1), "must be an integer >= 1"),
+    "batch_size": (_at_least(1), "must be an integer >= 1"),
+    "slice_size": (_at_least(1, unset_ok=True), "must be an integer >= 1 (or unset: whole shards)"),
+    "rank": (_at_least(0, unset_ok=True), "must be an integer >= 0"),
+    "world_size": (_at_least(1, unset_ok=True), "must be an integer >= 1"),
+    "backend": (lambda v: v in BACKENDS, f"must be one of {', '.join(sorted(BACKENDS))}"),
+    "device": (
+        lambda v: v is None or (isinstance(v, str) and _DEVICE.match(v)),
+        "must be cpu, cuda, cuda:N, mps, xpu or xpu:N (or unset: this rank's GPU, else cpu)",
+    ),
+    "dtype": (lambda v: v is None or v in DTYPES, f"must be one of {', '.join(DTYPES)} (or unset: the checkpoint's)"),
+    "trust_remote_code": (_is_bool, "must be true or false"),
+    "progress": (_is_bool, "must be true or false"),
+    "claim_ttl": (
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf"),
+        "must be a number of seconds > 0 (how long a claim lives without a heartbeat)",
+    ),
+}
 
 
 def run_config_problems(args: dict[str, Any]) -> list[tuple[str, Any, str]]:
@@ -1033,118 +974,87 @@ def run_config_problems(args: dict[str, Any]) -> list[tuple[str, Any, str]]:
     model or writing anything (hub names, URLs and ``pipe:`` shards are left to the run)."""
     problems: list[tuple[str, Any, str]] = []
 
-    def add(key: str, value: Any, why: str) -> None:
-        problems.append((key, value, why))
-
     def check(rule: Callable[..., Any], *rule_args: Any, **kw: Any) -> bool:  # datamodules/checks.py's rules
         try:
             rule(*rule_args, **kw)
             return True
         except ConfigError as e:
-            add(e.key, e.value, e.problem)
+            problems.append((e.key, e.value, e.problem))
             return False
 
-    model = args.get("model")
+    model, shards, out = args.get("model"), args.get("shards"), args.get("out")
+    what = "a llava-hf checkpoint (export-captioner writes one)"
     if not isinstance(model, str | os.PathLike) or not os.fspath(model):
-        add("model", model, "must be a llava-hf folder or a hub name (org/name)")
-    else:
-        what = "a llava-hf checkpoint (export-captioner writes one)"
+        problems.append(("model", model, "must be a llava-hf folder or a hub name (org/name)"))
+    elif check(check_path, "model", model, "dir", hub_ok=True, what=what):
         folder = Path(model).expanduser()
-        found = check(check_path, "model", model, "dir", hub_ok=True, what=what)
-        if found and folder.is_dir() and not (folder / "config.json").is_file():
-            add("model", os.fspath(model), "is not a llava-hf folder (it has no config.json)")
-
-    shards = args.get("shards")
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            problems.append(("model", os.fspath(model), "is not a llava-hf folder (it has no config.json)"))
     if isinstance(shards, list | tuple) and shards and all(isinstance(s, str | os.PathLike) for s in shards):
         check(check_shards, "shards", [os.fspath(s) for s in shards])
     elif isinstance(shards, str | os.PathLike):
         check(check_shards, "shards", shards)
     else:
-        add("shards", shards, "must be a shard spec (braces, globs, a folder, '::' list) or a list of them")
-
-    out = args.get("out")
+        why = "must be a shard spec (braces, globs, a folder, '::' list) or a list of them"
+        problems.append(("shards", shards, why))
     if not isinstance(out, str | os.PathLike) or not os.fspath(out):
-        add("out", out, "must be a folder path")
+        problems.append(("out", out, "must be a folder path"))
     else:
         path = Path(out).expanduser()
         above = next((p for p in (path, *path.parents) if p.exists()), None)
         if path.exists() and not path.is_dir():
-            add("out", os.fspath(out), "must be a folder (a file is there)")
+            problems.append(("out", os.fspath(out), "must be a folder (a file is there)"))
         elif above is not None and not above.is_dir():
-            add("out", os.fspath(out), f"cannot be created: {above} is a file")
-
-    prompt = args.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        add("prompt", prompt, "must be a non-empty string")
-    for key in ("max_new_tokens", "batch_size"):
-        if not _is_int(args.get(key)) or args[key] < 1:
-            add(key, args.get(key), "must be an integer >= 1")
-    slice_size = args.get("slice_size")
-    if slice_size is not None and (not _is_int(slice_size) or slice_size < 1):
-        add("slice_size", slice_size, "must be an integer >= 1 (or unset: whole shards)")
+            problems.append(("out", os.fspath(out), f"cannot be created: {above} is a file"))
+    problems += [(key, args.get(key), why) for key, (ok, why) in _RULES.items() if not ok(args.get(key))]
     check(check_sample_limits, args.get("min_image_size"), args.get("max_image_pixels"), None)  # the loader's rules
-
-    rank, world = args.get("rank"), args.get("world_size")
-    bad_rank = rank is not None and (not _is_int(rank) or rank < 0)
-    bad_world = world is not None and (not _is_int(world) or world < 1)
-    if bad_rank:
-        add("rank", rank, "must be an integer >= 0")
-    if bad_world:
-        add("world_size", world, "must be an integer >= 1")
-    if not (bad_rank or bad_world):
+    bad = {key for key, _, _ in problems}
+    if not bad & {"rank", "world_size"}:
         try:
-            rank_world(rank, world)
+            rank_world(args.get("rank"), args.get("world_size"))
         except ValueError as exn:  # rank >= world size once $RANK / $WORLD_SIZE (or SLURM's) fill in the rest
-            add("rank", rank, f"{exn} (rank must be < world_size)")
-
-    backend, device, dtype = args.get("backend"), args.get("device"), args.get("dtype")
-    if backend not in BACKENDS:
-        add("backend", backend, f"must be one of {', '.join(sorted(BACKENDS))}")
-    if device is not None and not (isinstance(device, str) and _DEVICE.match(device)):
-        add("device", device, "must be cpu, cuda, cuda:N, mps, xpu or xpu:N (or unset: this rank's GPU, else cpu)")
-    elif backend == "vllm" and device is not None and not device.startswith("cuda"):
-        add("device", device, "must be cuda or cuda:N with backend vllm (GPU only)")
-    if dtype is not None and dtype not in DTYPES:
-        add("dtype", dtype, f"must be one of {', '.join(DTYPES)} (or unset: the checkpoint's)")
-    for key in ("trust_remote_code", "progress"):
-        if not isinstance(args.get(key), bool):
-            add(key, args.get(key), "must be true or false")
-    ttl = args.get("claim_ttl")
-    if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl < float("inf"):
-        add("claim_ttl", ttl, "must be a number of seconds > 0 (how long a claim lives without a heartbeat)")
+            problems.append(("rank", args.get("rank"), f"{exn} (rank must be < world_size)"))
+    device = args.get("device")
+    if args.get("backend") == "vllm" and "device" not in bad and device is not None and not device.startswith("cuda"):
+        problems.append(("device", device, "must be cuda or cuda:N with backend vllm (GPU only)"))
     return problems
 
 
 _UNSET = object()  # a run flag not given on the command line
+# run flag -> (type, help); the defaults are run()'s own
+_RUN_FLAGS = {
+    "model": (str, "llava-hf folder (export-captioner output) or hub name"),
+    "shards": (str, "shard paths: braces, globs, a directory or a '::' list"),
+    "out": (str, "output folder (one parquet per shard)"),
+    "prompt": (str, "default: the paper's recaption prompt"),
+    "max_new_tokens": (int, "default: 128"),
+    "batch_size": (int, "default: 32"),
+    "rank": (int, "where to start (a hint; units are claimed): $RANK / $SLURM_PROCID / 0"),
+    "world_size": (int, "default: $WORLD_SIZE / $SLURM_NTASKS / 1"),
+    "device": (str, "cpu, cuda, cuda:N, mps, xpu[:N] (default: this rank's GPU, else cpu)"),
+    "dtype": (str, f"{' | '.join(DTYPES)} (default: the checkpoint's)"),
+    "backend": (str, "hf (CPU/GPU, the default) or vllm (GPU, optional)"),
+    "slice_size": (int, "split shards into units of this many samples"),
+    "min_image_size": (int, f"skip images whose shorter side is below this (default: {MIN_IMAGE_SIZE})"),
+    "max_image_pixels": (int, f"skip images with more pixels, before decoding (default: {DEFAULT_MAX_IMAGE_PIXELS})"),
+    "claim_ttl": (
+        float,
+        f"seconds without a heartbeat before a unit's claim is taken over (default: {DEFAULT_CLAIM_TTL:g})",
+    ),
+}
 
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The ``recaption`` parser and its ``run`` subparser. ``run`` flags default to ``_UNSET`` so ``main`` knows
-    which were given; the defaults are ``run()``'s own."""
+    """The ``recaption`` parser and its ``run`` subparser, whose flags default to ``_UNSET`` (``main`` needs to know
+    which were given)."""
     parser = argparse.ArgumentParser(prog="python -m experiments recaption", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="caption the unfinished units, claiming each (resumable; any number of processes)")
     r.add_argument("--config", default=None, help="YAML with these flags as keys; flags given here override it")
-    r.add_argument("--model", help="llava-hf folder (export-captioner output) or hub name")
-    r.add_argument("--shards", help="shard paths: braces, globs, a directory or a '::' list")
-    r.add_argument("--out", help="output folder (one parquet per shard)")
-    r.add_argument("--prompt", help="default: the paper's recaption prompt")
-    r.add_argument("--max-new-tokens", type=int, help="default: 128")
-    r.add_argument("--batch-size", type=int, help="default: 32")
-    r.add_argument("--rank", type=int, help="where to start (a hint; units are claimed): $RANK / $SLURM_PROCID / 0")
-    r.add_argument("--world-size", type=int, help="default: $WORLD_SIZE / $SLURM_NTASKS / 1")
-    r.add_argument("--device", help="cpu, cuda, cuda:N, mps, xpu[:N] (default: this rank's GPU, else cpu)")
-    r.add_argument("--dtype", help=f"{' | '.join(DTYPES)} (default: the checkpoint's)")
-    r.add_argument("--backend", help="hf (CPU/GPU, the default) or vllm (GPU, optional)")
-    r.add_argument("--slice-size", type=int, help="split shards into units of this many samples")
+    for key, (kind, why) in _RUN_FLAGS.items():
+        r.add_argument("--" + key.replace("_", "-"), type=kind, help=why)
     r.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (unit lines only)")
-    why = "skip images whose shorter side is below this"
-    r.add_argument("--min-image-size", type=int, help=f"{why} (default: {MIN_IMAGE_SIZE})")
-    why = "skip images with more pixels, before decoding"
-    r.add_argument("--max-image-pixels", type=int, help=f"{why} (default: {DEFAULT_MAX_IMAGE_PIXELS})")
-    why = "seconds without a heartbeat after which a unit's claim is taken over"
-    r.add_argument("--claim-ttl", type=float, help=f"{why} (default: {DEFAULT_CLAIM_TTL:g})")
     r.set_defaults(**dict.fromkeys(RUN_KEYS, _UNSET))
     m = sub.add_parser("merge", help="check every key occurs once and write the dataset-level parquet")
     m.add_argument("--out", required=True)
