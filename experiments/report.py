@@ -384,14 +384,12 @@ def captioner_table(runs: Path) -> str | None:
 def table2_report(tiny: bool) -> Report:
     """Table 2's sizes with parameter counts of the models as built (open_clip.CLIP on the meta device)."""
     from experiments import paper_tables
-    from lightning_modules.components.clip_sizes import TABLE2, count_params, recap_clip_config
+    from lightning_modules.components.clip_sizes import count_params, recap_clip_config
 
-    text_of = {"S/16": "small", "B/16": "base", "L/16": "large", "H/14": "huge"}
-    stand_in = []
-    rows = []
-    for size, entry in TABLE2.items():
-        vision, text = size.replace("/", "-"), text_of[size]
-        paper = {f"{k}_m": float(v) for k, v in entry["params_m"].items()}
+    stand_in, rows = [], []
+    for row in paper_tables.TABLE2.rows:  # each vision size with its own row's text tower
+        size, vision, text = row.vision.replace("-", "/"), row.vision, row.text
+        paper = {k.removeprefix("params_"): float(v) for k, v in row.paper.items() if k.startswith("params_")}
         if tiny:
             if vision not in paper_tables.TINY_VISION:  # no tiny H/14 vision: its huge text on the largest one
                 vision = list(paper_tables.TINY_VISION)[-1]
@@ -399,8 +397,7 @@ def table2_report(tiny: bool) -> Report:
             cfg, spec = paper_tables.tiny_model(vision, text), f"tiny {vision} + {text}"
         else:
             cfg, spec = recap_clip_config(vision, text), f"`model: recap-clip:{vision}:{text}`"
-        row_id = f"{size.replace('/', '')}-{text}"
-        spec += f"; --row table2/{row_id}" + ("" if tiny else " --scale paper")  # trains the size at p = 0.8
+        spec += f"; --row table2/{row.id}" + ("" if tiny else " --scale paper")  # trains the size at p = 0.8
         counts = count_params(cfg)
         values = {f"{k}_m": counts[k] / 1e6 for k in ("vision", "text", "total")}
         counted = RunResult("count_params (meta device)", "computed", values, _git("rev-parse", "--short", "HEAD"), "-")
