@@ -27,6 +27,8 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from datamodules.io import atomic_write
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -273,9 +275,7 @@ def _load() -> list[float] | None:
 
 def write_timings(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(record, indent=1) + "\n")
 
 
 def _previous_timings(path: Path) -> dict[str, dict]:
@@ -340,9 +340,7 @@ def run_steps(
         return e
 
     def save() -> None:
-        record["steps"] = [e for e in record["steps"] if e["name"] == "preload"] + [
-            entries[n] for n in names if n in entries
-        ]
+        record["steps"] = [entries[n] for n in ("preload", *names) if n in entries]
         write_timings(timings_path, record)
 
     ok: set[str] = set()
@@ -363,7 +361,7 @@ def run_steps(
         seconds = time.perf_counter() - t0
         title, cpu = "import the libraries once (steps are forked)", round(time.process_time() - cpu0, 1)
         imports = {"name": "preload", "title": title, "command": "import " + ", ".join(PRELOAD), "status": "ran"}
-        record["steps"].append({**imports, "seconds": round(seconds, 1), "cpu_seconds": cpu})
+        entries["preload"] = {**imports, "seconds": round(seconds, 1), "cpu_seconds": cpu}
         say(f"[0/{len(steps)}] import the libraries once ... {fmt_seconds(seconds)}")
         if why:
             say(f"    not forking steps: {why}; each step starts a fresh interpreter")
