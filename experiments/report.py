@@ -52,49 +52,35 @@ TABLE1 = {
 }
 TABLE1_OURS = "LLaVA-1.5-LLaMA3-8B"
 
-LABELS = {
-    "imagenet_top1": "IN-1K top-1",
-    "coco_i2t_r1": "COCO I→T R@1",
-    "coco_t2i_r1": "COCO T→I R@1",
-    "flickr_i2t_r1": "Flickr I→T R@1",
-    "flickr_t2i_r1": "Flickr T→I R@1",
-    "urban1k_i2t_r1": "Urban-1K I→T R@1",
-    "urban1k_t2i_r1": "Urban-1K T→I R@1",
-    "vg_attribution": "VG-Attribution",
-    "raw_fid": "raw FID↓",
-    "raw_clip": "raw CLIP",
-    "recap_fid": "Recap FID↓",
-    "recap_clip": "Recap CLIP",
-    "recap_recap_clip": "Recap Recap-CLIP",
-    "recap_gpt4v": "Recap GPT-4V",
-    "mmmu": "MMMU",
-    "mm_vet": "MM-Vet",
-    "vision_m": "vision (M)",
-    "text_m": "text (M)",
-    "total_m": "total (M)",
+# Report column -> (label, harness key at real scale (eval/paper.yaml's task names), tiny-world key
+# (eval/tiny_world.yaml: 48-class zero-shot for ImageNet, short-caption retrieval for COCO, long-caption retrieval for
+# Urban-1K; Flickr30K and VG-Attribution have no tiny analog)).
+COLUMNS = {
+    "imagenet_top1": ("IN-1K top-1", "imagenet/top1", "classify/top1"),
+    "coco_i2t_r1": ("COCO I→T R@1", "coco/image_to_text_R@1", "retrieval/image_to_text_R@1"),
+    "coco_t2i_r1": ("COCO T→I R@1", "coco/text_to_image_R@1", "retrieval/text_to_image_R@1"),
+    "flickr_i2t_r1": ("Flickr I→T R@1", "flickr/image_to_text_R@1", None),
+    "flickr_t2i_r1": ("Flickr T→I R@1", "flickr/text_to_image_R@1", None),
+    "urban1k_i2t_r1": ("Urban-1K I→T R@1", "urban1k/image_to_text_R@1", "long_retrieval/image_to_text_R@1"),
+    "urban1k_t2i_r1": ("Urban-1K T→I R@1", "urban1k/text_to_image_R@1", "long_retrieval/text_to_image_R@1"),
+    "vg_attribution": ("VG-Attribution", None, None),
+    "raw_fid": ("raw FID↓", None, None),
+    "raw_clip": ("raw CLIP", None, None),
+    "recap_fid": ("Recap FID↓", None, None),
+    "recap_clip": ("Recap CLIP", None, None),
+    "recap_recap_clip": ("Recap Recap-CLIP", None, None),
+    "recap_gpt4v": ("Recap GPT-4V", None, None),
+    "mmmu": ("MMMU", None, None),
+    "mm_vet": ("MM-Vet", None, None),
+    "vision_m": ("vision (M)", None, None),
+    "text_m": ("text (M)", None, None),
+    "total_m": ("total (M)", None, None),
 }
+LABELS = {c: label for c, (label, _, _) in COLUMNS.items()}
+CLIP_KEYS = {c: key for c, (_, key, _) in COLUMNS.items() if key}
+CLIP_KEYS_TINY = {c: key for c, (_, _, key) in COLUMNS.items() if key}
 # The p a run trained on, read back from its own log (``experiments.tables.realised_p``): an ours-only column.
 REALISED_P = "realised p"
-
-# Paper metric -> the evaluation harness key it is read from. Real scale: the task names of eval/paper.yaml. Tiny
-# world (eval/tiny_world.yaml): 48-class zero-shot for ImageNet, short-caption retrieval for COCO, long-caption
-# retrieval for Urban-1K; Flickr30K and VG-Attribution have no tiny analog.
-CLIP_KEYS = {
-    "imagenet_top1": "imagenet/top1",
-    "coco_i2t_r1": "coco/image_to_text_R@1",
-    "coco_t2i_r1": "coco/text_to_image_R@1",
-    "flickr_i2t_r1": "flickr/image_to_text_R@1",
-    "flickr_t2i_r1": "flickr/text_to_image_R@1",
-    "urban1k_i2t_r1": "urban1k/image_to_text_R@1",
-    "urban1k_t2i_r1": "urban1k/text_to_image_R@1",
-}
-CLIP_KEYS_TINY = {
-    "imagenet_top1": "classify/top1",
-    "coco_i2t_r1": "retrieval/image_to_text_R@1",
-    "coco_t2i_r1": "retrieval/text_to_image_R@1",
-    "urban1k_i2t_r1": "long_retrieval/image_to_text_R@1",
-    "urban1k_t2i_r1": "long_retrieval/text_to_image_R@1",
-}
 # Ours-only columns of the tiny CLIP sweeps: long-caption retrieval (Urban-1K analog), what recaptions change most.
 CLIP_EXTRAS_TINY = {
     "long i2t R@1": "long_retrieval/image_to_text_R@1",

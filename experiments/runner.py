@@ -412,12 +412,8 @@ def run_steps(
                 code, cpu = job.launched.wait()
                 seconds = time.perf_counter() - job.t0
                 del running[job.step.name]
-                e = entry(
-                    job.step,
-                    seconds=round(seconds, 1),
-                    cpu_seconds=round(cpu, 1),
-                    load={"start": job.load0, "end": _load()},
-                )
+                load = {"start": job.load0, "end": _load()}
+                e = entry(job.step, seconds=round(seconds, 1), cpu_seconds=round(cpu, 1), load=load)
                 missing = [p for p in job.step.outputs if not _abs(p).exists()]
                 bar.update(1)
                 if code == 0 and not missing:
@@ -453,7 +449,7 @@ def run_steps(
     record.update(failed=failed, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     save()
     if jobs > 1:
-        preload_s = sum(e.get("seconds") or 0 for e in record["steps"] if e["name"] == "preload")
+        preload_s = entries.get("preload", {}).get("seconds") or 0
         record["wall_seconds"] = round(time.perf_counter() - t_run + preload_s, 1)
     record["total_seconds"] = round(sum(s.get("seconds") or 0 for s in record["steps"]), 1)
     record["total_cpu_seconds"] = round(sum(s.get("cpu_seconds") or 0 for s in record["steps"]), 1)
