@@ -99,18 +99,6 @@ DIT_EXTRAS_TINY = {  # the pinned judge's accuracies, shown in percent
 }
 
 
-def dit_keys(scorers: dict[str, str]) -> dict[str, str]:
-    """Table 7's columns -> ``<prompt set>/<dit-eval metric>``."""
-    return {
-        "raw_fid": "caption/fid",
-        "raw_clip": f"caption/clip_score/{scorers['clip']}",
-        "recap_fid": "recaption/fid",
-        "recap_clip": f"recaption/clip_score/{scorers['clip']}",
-        "recap_recap_clip": f"recaption/clip_score/{scorers['recap_clip']}",
-        "recap_gpt4v": "recaption/judge/mean",
-    }
-
-
 # ------------------------------------------------------------------------------------------------------ data model
 @dataclass
 class RunResult:
@@ -290,7 +278,14 @@ def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) ->
     from experiments.dit_tables import COLUMNS, TABLE7
 
     scorers = scorers or (DIT_SCORERS_TINY if tiny else DIT_SCORERS)
-    keys = dit_keys(scorers)
+    keys = {  # Table 7's columns -> "<prompt set>/<dit-eval metric>"
+        "raw_fid": "caption/fid",
+        "raw_clip": f"caption/clip_score/{scorers['clip']}",
+        "recap_fid": "recaption/fid",
+        "recap_clip": f"recaption/clip_score/{scorers['clip']}",
+        "recap_recap_clip": f"recaption/clip_score/{scorers['recap_clip']}",
+        "recap_gpt4v": "recaption/judge/mean",
+    }
     extras = {REALISED_P: "train/caption_source/original", **(DIT_EXTRAS_TINY if tiny else {})}
     rows = []
     for row in TABLE7:
