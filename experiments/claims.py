@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from experiments.tables import markdown
+from experiments.tables import markdown, mean_sd
 
 # Paper numbers quoted beside ours (PAPER.md §4).
 PAPER_LENGTH_WORDS = {"original": 10.22, "recaption": 49.43}
@@ -89,16 +89,9 @@ def _mean(v: Sequence[float]) -> float:
     return sum(v) / len(v)
 
 
-def _sd(v: Sequence[float]) -> float | None:
-    if len(v) < 2:
-        return None
-    m = _mean(v)
-    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-
-
 def _cell(v: Sequence[float]) -> str:
-    sd = _sd(v)
-    return f"{_mean(v):.1f}" + (f" ± {sd:.1f}" if sd is not None else "")
+    mean, sd = mean_sd(v)
+    return f"{mean:.1f}" + (f" ± {sd:.1f}" if sd is not None else "")
 
 
 def _series_text(series: dict[float, list[float]], trained: dict[float, float] | None = None) -> str:

@@ -1,29 +1,19 @@
 r"""``python -m experiments report``: a paper table with our runs beside it, as Markdown, CSV, JSON and PNG plots.
 
     python -m experiments report table3 --tiny --out docs/reports     # -> docs/reports/table3_tiny.{md,csv,json,png}
-    python -m experiments report table7 --tiny --out docs/reports
     python -m experiments report --write-readme                       # every table folder's README.md
     python -m experiments report --check-readme                       # exit 1 when a README.md is stale
 
-Where the numbers come from (``--runs``, default ``runs`` or ``runs/tiny``):
+Our numbers (``--runs``, default ``runs`` or ``runs/tiny``; seed reruns under ``<runs>/seed<N>/``, several runs give
+mean ± sample sd): Tables 3-6 from ``<runs>/clip/<table>/<row>/stage2`` (``experiments.tables.metrics_file``), a row
+without a run of its own from an identical row (same towers, p and mix) of another table, named; Table 7 from
+``dit-eval``'s ``<runs>/dit/eval/<row>/<prompt set>/metrics.json``; Table 2 from ``count_params``. Table 1 (MMMU /
+MM-Vet) cannot be scored offline (the tiny captioner's own caption evaluation is shown as a stand-in). A row without a
+run is "not run": numbers are never filled in. Commit: the run's recorded ``commit``, else the last commit before its
+metrics were written (marked ``*``); hardware: the run's recorded ``hardware``, else its trainer config and log.
 
-- Tables 3-6 (CLIP): ``<runs>/clip/<table>/<row>/stage2/metrics/`` (``test.json`` when the standalone evaluation ran
-  there, else the last in-loop ``step*.json``, as ``clip-table`` does) and the seed reruns of ``clip-table --seed N``
-  under ``<runs>/seed<N>/``. Several runs give mean ± sd (sample sd, n-1). A row without its own run uses the run of
-  an identical row (same towers, p and mix) of another table and names it (Table 4's B/16 rows are Table 3's runs).
-- Table 7 (DiT): ``dit-eval`` output ``<runs>/dit/eval/<row>/{caption,recaption}/metrics.json`` (raw / COCO-Recap
-  prompts), seeds likewise under ``<runs>/seed<N>/``.
-- Table 1 (MMMU / MM-Vet) cannot be scored offline; the report says so (tiny world: the captioner's own caption
-  evaluation is listed as the offline stand-in, not as Table 1's metrics).
-- Table 2: parameter counts of the named sizes, built as ``open_clip.CLIP`` on the meta device (``count_params``).
-
-A row without a run is "not run": numbers are never filled in. Commit: the run's recorded ``commit`` when its metrics
-JSON has one, else the last commit before the metrics file was written (marked ``*``; the run may have had
-uncommitted changes). Hardware: the run's recorded ``hardware``, else its trainer config and Lightning's log line.
-
-``--write-readme`` renders ``README.md`` in every table folder (``experiments/configs/{captioner/table1, clip/table2-6,
-dit/table7}`` and their ``tiny/`` twins) from the registries and the committed reports in ``docs/reports/*.json``,
-so the READMEs do not depend on git-ignored run folders; ``tests/test_report.py`` checks they are current.
+``--write-readme`` renders every table folder's ``README.md`` (``experiments/configs/[tiny/]{captioner,clip,dit}/
+table<N>``) from the registries and the committed ``docs/reports/*.json``, never from git-ignored run folders.
 """
 
 from __future__ import annotations
@@ -31,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import re
 import subprocess
@@ -44,8 +33,9 @@ from typing import Any
 
 import yaml
 
+from experiments.paper_tables import CAPTIONER_ROWS, CAPTIONER_STAGES
+from experiments.tables import captioner_eval, mean_sd, metrics_file, prompt_set_metrics, realised_p
 from experiments.tables import markdown as markdown_table
-from experiments.tables import metrics_file, realised_p
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_ROOT = REPO / "experiments" / "configs"
@@ -62,59 +52,43 @@ TABLE1 = {
 }
 TABLE1_OURS = "LLaVA-1.5-LLaMA3-8B"
 
-LABELS = {
-    "imagenet_top1": "IN-1K top-1",
-    "coco_i2t_r1": "COCO I→T R@1",
-    "coco_t2i_r1": "COCO T→I R@1",
-    "flickr_i2t_r1": "Flickr I→T R@1",
-    "flickr_t2i_r1": "Flickr T→I R@1",
-    "urban1k_i2t_r1": "Urban-1K I→T R@1",
-    "urban1k_t2i_r1": "Urban-1K T→I R@1",
-    "vg_attribution": "VG-Attribution",
-    "raw_fid": "raw FID↓",
-    "raw_clip": "raw CLIP",
-    "recap_fid": "Recap FID↓",
-    "recap_clip": "Recap CLIP",
-    "recap_recap_clip": "Recap Recap-CLIP",
-    "recap_gpt4v": "Recap GPT-4V",
-    "mmmu": "MMMU",
-    "mm_vet": "MM-Vet",
-    "vision_m": "vision (M)",
-    "text_m": "text (M)",
-    "total_m": "total (M)",
+# Report column -> (label, harness key at real scale (eval/paper.yaml's task names), tiny-world key
+# (eval/tiny_world.yaml: 48-class zero-shot for ImageNet, short-caption retrieval for COCO, long-caption retrieval for
+# Urban-1K; Flickr30K and VG-Attribution have no tiny analog)).
+COLUMNS = {
+    "imagenet_top1": ("IN-1K top-1", "imagenet/top1", "classify/top1"),
+    "coco_i2t_r1": ("COCO I→T R@1", "coco/image_to_text_R@1", "retrieval/image_to_text_R@1"),
+    "coco_t2i_r1": ("COCO T→I R@1", "coco/text_to_image_R@1", "retrieval/text_to_image_R@1"),
+    "flickr_i2t_r1": ("Flickr I→T R@1", "flickr/image_to_text_R@1", None),
+    "flickr_t2i_r1": ("Flickr T→I R@1", "flickr/text_to_image_R@1", None),
+    "urban1k_i2t_r1": ("Urban-1K I→T R@1", "urban1k/image_to_text_R@1", "long_retrieval/image_to_text_R@1"),
+    "urban1k_t2i_r1": ("Urban-1K T→I R@1", "urban1k/text_to_image_R@1", "long_retrieval/text_to_image_R@1"),
+    "vg_attribution": ("VG-Attribution", None, None),
+    "raw_fid": ("raw FID↓", None, None),
+    "raw_clip": ("raw CLIP", None, None),
+    "recap_fid": ("Recap FID↓", None, None),
+    "recap_clip": ("Recap CLIP", None, None),
+    "recap_recap_clip": ("Recap Recap-CLIP", None, None),
+    "recap_gpt4v": ("Recap GPT-4V", None, None),
+    "mmmu": ("MMMU", None, None),
+    "mm_vet": ("MM-Vet", None, None),
+    "vision_m": ("vision (M)", None, None),
+    "text_m": ("text (M)", None, None),
+    "total_m": ("total (M)", None, None),
 }
-LOWER_IS_BETTER = {"raw_fid", "recap_fid"}
+LABELS = {c: label for c, (label, _, _) in COLUMNS.items()}
+CLIP_KEYS = {c: key for c, (_, key, _) in COLUMNS.items() if key}
+CLIP_KEYS_TINY = {c: key for c, (_, _, key) in COLUMNS.items() if key}
 # The p a run trained on, read back from its own log (``experiments.tables.realised_p``): an ours-only column.
 REALISED_P = "realised p"
-
-# Paper metric -> the evaluation harness key it is read from. Real scale: the task names of eval/paper.yaml. Tiny
-# world (eval/tiny_world.yaml): 48-class zero-shot for ImageNet, short-caption retrieval for COCO, long-caption
-# retrieval for Urban-1K; Flickr30K and VG-Attribution have no tiny analog.
-CLIP_KEYS = {
-    "imagenet_top1": "imagenet/top1",
-    "coco_i2t_r1": "coco/image_to_text_R@1",
-    "coco_t2i_r1": "coco/text_to_image_R@1",
-    "flickr_i2t_r1": "flickr/image_to_text_R@1",
-    "flickr_t2i_r1": "flickr/text_to_image_R@1",
-    "urban1k_i2t_r1": "urban1k/image_to_text_R@1",
-    "urban1k_t2i_r1": "urban1k/text_to_image_R@1",
-}
-CLIP_KEYS_TINY = {
-    "imagenet_top1": "classify/top1",
-    "coco_i2t_r1": "retrieval/image_to_text_R@1",
-    "coco_t2i_r1": "retrieval/text_to_image_R@1",
-    "urban1k_i2t_r1": "long_retrieval/image_to_text_R@1",
-    "urban1k_t2i_r1": "long_retrieval/text_to_image_R@1",
-}
 # Ours-only columns of the tiny CLIP sweeps: long-caption retrieval (Urban-1K analog), what recaptions change most.
 CLIP_EXTRAS_TINY = {
     "long i2t R@1": "long_retrieval/image_to_text_R@1",
     "long t2i R@1": "long_retrieval/text_to_image_R@1",
 }
 
-# Table 7 columns -> "<prompt column>/<dit-eval metric>". The CLIP-score scorer names are whatever dit-eval's
-# --clip NAME=FOLDER used: the paper's OpenAI ViT-B/32 as `openai_b32`, its Recap-CLIP as `recap_clip`; the tiny world
-# has only its web CLIP (`web_clip`, Makefile tiny-dit).
+# Table 7's CLIP-score scorers are whatever dit-eval's --clip NAME=FOLDER named them: the paper's OpenAI ViT-B/32 as
+# `openai_b32`, its Recap-CLIP as `recap_clip`; the tiny world has only its web CLIP (`web_clip`, Makefile tiny-dit).
 DIT_SCORERS = {"clip": "openai_b32", "recap_clip": "recap_clip"}
 DIT_SCORERS_TINY = {"clip": "web_clip", "recap_clip": "recap_clip"}
 DIT_EXTRAS_TINY = {  # the pinned judge's accuracies, shown in percent
@@ -125,25 +99,12 @@ DIT_EXTRAS_TINY = {  # the pinned judge's accuracies, shown in percent
 }
 
 
-def dit_keys(scorers: dict[str, str]) -> dict[str, str]:
-    return {
-        "raw_fid": "caption/fid",
-        "raw_clip": f"caption/clip_score/{scorers['clip']}",
-        "recap_fid": "recaption/fid",
-        "recap_clip": f"recaption/clip_score/{scorers['clip']}",
-        "recap_recap_clip": f"recaption/clip_score/{scorers['recap_clip']}",
-        "recap_gpt4v": "recaption/judge/mean",
-    }
-
-
 # ------------------------------------------------------------------------------------------------------ data model
 @dataclass
 class RunResult:
-    """One run of a row: where it is, its seed, its values by report column, commit and hardware."""
-
     path: str
     seed: str
-    values: dict[str, float]
+    values: dict[str, float]  # by report column
     commit: str | None = None
     hardware: str | None = None
 
@@ -163,11 +124,7 @@ class ReportRow:
     def stats(self, column: str) -> tuple[float | None, float | None, int]:
         """(mean, sample sd or None, n) of ``column`` over the runs that measured it."""
         vals = [r.values[column] for r in self.runs if column in r.values]
-        if not vals:
-            return None, None, 0
-        mean = sum(vals) / len(vals)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
-        return mean, sd, len(vals)
+        return (*mean_sd(vals), len(vals)) if vals else (None, None, 0)
 
 
 @dataclass
@@ -207,22 +164,16 @@ def run_commit(metrics_json: dict, metrics_file: Path) -> str | None:
     return f"{sha}*" if sha else None
 
 
-def _trainer_config(run_dir: Path) -> dict:
-    for path in (run_dir / "config.yaml", run_dir / "hparams.yaml"):
-        if path.is_file():
-            try:
-                return (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}
-            except yaml.YAMLError:
-                return {}
-    return {}
-
-
 def run_hardware(metrics_json: dict, run_dir: Path, log: Path | None = None) -> str | None:
     """The run's recorded ``hardware``, else ``accelerator x devices [x nodes]`` from its saved trainer config,
     checked against Lightning's "GPU available: ..., used: ..." line of its log when there is one."""
     if metrics_json.get("hardware"):
         return str(metrics_json["hardware"])
-    trainer = _trainer_config(run_dir)
+    config = next((p for p in (run_dir / "config.yaml", run_dir / "hparams.yaml") if p.is_file()), None)
+    try:
+        trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {} if config else {}
+    except yaml.YAMLError:
+        trainer = {}
     if not trainer:
         return None
     acc = str(trainer.get("accelerator", "auto"))
@@ -230,17 +181,8 @@ def run_hardware(metrics_json: dict, run_dir: Path, log: Path | None = None) -> 
         m = re.search(r"GPU available: \w+, used: (True|False)", log.read_text(errors="replace"))
         if m:
             acc = "gpu" if m.group(1) == "True" else "cpu"
-    text = f"{acc} x{trainer.get('devices', 1)}"
     nodes = trainer.get("num_nodes", 1)
-    return text + (f" x{nodes} nodes" if nodes and int(nodes) > 1 else "")
-
-
-def _seed_of(config: Path, fallback: str) -> str:
-    if config.is_file():
-        m = re.search(r"^seed_everything:\s*(\S+)", config.read_text(), re.MULTILINE)
-        if m and m.group(1) not in ("null", "true", "false"):
-            return f"seed{m.group(1)}"
-    return fallback
+    return f"{acc} x{trainer.get('devices', 1)}" + (f" x{nodes} nodes" if nodes and int(nodes) > 1 else "")
 
 
 def _seed_roots(runs: Path) -> list[tuple[str | None, Path]]:
@@ -248,22 +190,33 @@ def _seed_roots(runs: Path) -> list[tuple[str | None, Path]]:
     return [(None, runs)] + [(d.name, d) for d in sorted(runs.glob("seed*")) if d.is_dir()]
 
 
+def _run(
+    seed: str | None, values: dict, data: dict, found: Path, shown: Path, trained: list[Path], log: Path | None = None
+) -> RunResult:
+    """One run of a row: ``values`` (by column) and the realised p of its ``trained`` runs; its seed is the rerun
+    root's name, else the first trained run's ``seed_everything``."""
+    p = realised_p(*trained)
+    values.update({REALISED_P: p} if p is not None else {})
+    config = trained[0] / "config.yaml"
+    m = re.search(r"^seed_everything:\s*(\S+)", config.read_text(), re.MULTILINE) if config.is_file() else None
+    if seed is None:
+        seed = f"seed{m.group(1)}" if m and m.group(1) not in ("null", "true", "false") else "default seed"
+    hardware = run_hardware(data, trained[-1], log)
+    return RunResult(os.path.relpath(shown, Path.cwd()), seed, values, run_commit(data, found), hardware)
+
+
 # ------------------------------------------------------------------------------------------------------ CLIP tables
 def clip_runs(runs: Path, table: str, row_id: str, keys: dict[str, str]) -> list[RunResult]:
     out = []
-    for seed_name, root in _seed_roots(runs):
+    for seed, root in _seed_roots(runs):
         row_dir = root / "clip" / table / row_id
         found = metrics_file(row_dir / "stage2")
-        if found is None:
-            continue
-        data = json.loads(found.read_text())
-        metrics = data.get("metrics", {})
-        values = {col: float(metrics[k]) for col, k in keys.items() if k in metrics}
-        p = realised_p(row_dir / "stage1", row_dir / "stage2")
-        values.update({REALISED_P: p} if p is not None else {})
-        seed = seed_name or _seed_of(row_dir / "stage1" / "config.yaml", "default seed")
-        hardware = run_hardware(data, row_dir / "stage2", row_dir.parent / "logs" / f"{row_id}_stage2.log")
-        out.append(RunResult(os.path.relpath(found, Path.cwd()), seed, values, run_commit(data, found), hardware))
+        if found is not None:
+            data = json.loads(found.read_text())
+            metrics = data.get("metrics", {})
+            values = {c: float(metrics[k]) for c, k in keys.items() if k in metrics}
+            log = row_dir.parent / "logs" / f"{row_id}_stage2.log"
+            out.append(_run(seed, values, data, found, found, [row_dir / "stage1", row_dir / "stage2"], log))
     return out
 
 
@@ -275,24 +228,21 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
     keys = {c: keys_all[c] for c in table.metrics if c in keys_all}
     extras = {REALISED_P: "train/caption_source/original"}
     extras.update(CLIP_EXTRAS_TINY if tiny and table_name != "table6" else {})
-    read = {**keys, **extras}
     rows = []
     for row in table.rows:
         cfg = f"--row {table_name}/{row.id} --stage 1|2" + ("" if tiny else " --scale paper")
         cmd = f"python -m experiments clip-table --table {table_name} --rows {row.id}" + (" --tiny" if tiny else "")
-        found = clip_runs(runs, table_name, row.id, read)
+        found = clip_runs(runs, table_name, row.id, {**keys, **extras})
         rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, found, note=row.note))
     # A row without its own run reuses an identical row's (same towers, p and mix) of another table.
     spec = {(t, r.id): (r.vision, r.text, r.p, r.mix) for t, tab in TABLES.items() for r in tab.rows}
-    for rr in rows:
-        if rr.runs:
-            continue
-        for (other, other_id), s in spec.items():
-            if other != table_name and s == spec[(table_name, rr.id)]:
-                found = clip_runs(runs, other, other_id, read)
-                if found:
-                    rr.runs, rr.source = found, f"{other}/{other_id}"
-                    break
+    for rr in (r for r in rows if not r.runs):
+        same = [key for key, s in spec.items() if key[0] != table_name and s == spec[(table_name, rr.id)]]
+        for other, other_id in same:
+            found = clip_runs(runs, other, other_id, {**keys, **extras})
+            if found:
+                rr.runs, rr.source = found, f"{other}/{other_id}"
+                break
     notes = list(table.notes)
     if tiny:
         missing = [LABELS[c] for c in table.metrics if c not in keys]
@@ -300,32 +250,27 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
         note = (
             f"Ours: the tiny world's stand-in tasks ({tasks}). Absolute numbers are not comparable with the paper's; "
         )
-        note += "the shape over rows is." + (f" No tiny analog: {', '.join(missing)}." if missing else "")
-        notes.insert(0, note)
+        notes.insert(
+            0, note + "the shape over rows is." + (f" No tiny analog: {', '.join(missing)}." if missing else "")
+        )
     return Report(table_name, table.caption, tiny, list(table.metrics), rows, keys, extras, notes)
 
 
 # ------------------------------------------------------------------------------------------------------- DiT table
 def dit_runs(runs: Path, row_id: str, keys: dict[str, str]) -> list[RunResult]:
     out = []
-    for seed_name, root in _seed_roots(runs):
+    for seed, root in _seed_roots(runs):
         eval_dir = root / "dit" / "eval" / row_id
-        merged: dict[str, float] = {}
         files = sorted(eval_dir.glob("*/metrics.json"))
-        if not files:
-            continue
-        first = json.loads(files[0].read_text())
-        for f in files:
-            for k, v in json.loads(f.read_text()).get("metrics", {}).items():
-                # attribute accuracies are fractions in dit-eval's json; percent like every other column here
-                merged[f"{f.parent.name}/{k}"] = float(v) * (100 if k.startswith("attributes/") else 1)
-        fit = root / "dit" / "table7" / row_id / "fit"
-        p = realised_p(fit)
-        merged.update({REALISED_P: p} if p is not None else {})
-        values = {c: merged[k] for c, k in {**keys, REALISED_P: REALISED_P}.items() if k in merged}
-        seed = seed_name or _seed_of(fit / "config.yaml", "default seed")
-        commit = run_commit(first, files[0])
-        out.append(RunResult(os.path.relpath(eval_dir, Path.cwd()), seed, values, commit, run_hardware(first, fit)))
+        if files:
+            # attribute accuracies are fractions in dit-eval's json; percent like every other column here
+            merged = {
+                k: float(v) * (100 if k.split("/", 1)[1].startswith("attributes/") else 1)
+                for k, v in prompt_set_metrics(eval_dir).items()
+            }
+            values = {c: merged[k] for c, k in keys.items() if k in merged}
+            first = json.loads(files[0].read_text())
+            out.append(_run(seed, values, first, files[0], eval_dir, [root / "dit" / "table7" / row_id / "fit"]))
     return out
 
 
@@ -333,7 +278,14 @@ def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) ->
     from experiments.dit_tables import COLUMNS, TABLE7
 
     scorers = scorers or (DIT_SCORERS_TINY if tiny else DIT_SCORERS)
-    keys = dit_keys(scorers)
+    keys = {  # Table 7's columns -> "<prompt set>/<dit-eval metric>"
+        "raw_fid": "caption/fid",
+        "raw_clip": f"caption/clip_score/{scorers['clip']}",
+        "recap_fid": "recaption/fid",
+        "recap_clip": f"recaption/clip_score/{scorers['clip']}",
+        "recap_recap_clip": f"recaption/clip_score/{scorers['recap_clip']}",
+        "recap_gpt4v": "recaption/judge/mean",
+    }
     extras = {REALISED_P: "train/caption_source/original", **(DIT_EXTRAS_TINY if tiny else {})}
     rows = []
     for row in TABLE7:
@@ -357,27 +309,29 @@ def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) ->
 
 
 # ------------------------------------------------------------------------------------------------ Tables 1 and 2
-TABLE1_STEM = "llava15-llama3-8b"  # the row id of paper_tables' Table 1 (--row table1/llava15-llama3-8b)
-
-
 def table1_report(tiny: bool, runs: Path) -> Report:
-    scale = "" if tiny else " --scale paper"
+    scale, stem = "" if tiny else " --scale paper", CAPTIONER_ROWS[0]
     rows = []
     for model, nums in TABLE1.items():
         ours = model == TABLE1_OURS
-        config = f"--row table1/{TABLE1_STEM} --stage 1|2|3{scale}" if ours else "-"
-        command = f"python -m experiments fit --row table1/{TABLE1_STEM} --stage 1{scale} (then 2, 3; export-captioner)"
+        config = f"--row table1/{stem} --stage 1|2|3{scale}" if ours else "-"
+        command = f"python -m experiments fit --row table1/{stem} --stage 1{scale} (then 2, 3; export-captioner)"
         status = "cannot be scored offline" if ours else "reference (not trained here)"
         rows.append(ReportRow(model, None, dict(nums), config, command if ours else "-", status=status))
     notes = [
         "MMMU and MM-Vet need their benchmark data and (MM-Vet) a GPT-4 grader; nothing here can reach them, so no row "
         "is scored. Score an `export-captioner` llava-hf folder with an external harness (lmms-eval, VLMEvalKit).",
     ]
-    sections = []
-    if tiny:
-        sections.append(_captioner_standin(runs))
+    table = captioner_table(runs) if tiny else None
+    standin = (
+        "### Tiny-world stand-in (not Table 1's metrics)\n\nThe tiny captioner's held-out caption evaluation "
+        "(attributes of the caption checked against the world's ground truth, percent; `lightning_modules/evaluation/"
+        f"caption_attributes.py`), last evaluation of each stage:\n\n{table}\n"
+        if table
+        else "### Tiny-world stand-in\n\nNo tiny captioner runs found.\n"
+    )
     title = "Performance comparison of LLaVA (MMMU, MM-Vet)."
-    return Report("table1", title, tiny, ["mmmu", "mm_vet"], rows, notes=notes, sections=sections)
+    return Report("table1", title, tiny, ["mmmu", "mm_vet"], rows, notes=notes, sections=[standin] if tiny else [])
 
 
 _CAPTION_EVAL = {
@@ -395,14 +349,12 @@ def captioner_table(runs: Path) -> str | None:
     """The tiny captioner's held-out caption evaluation, the last of each stage (percent), with the chance level of
     the last stage's; None when no stage has one (also ``reproduce``'s captioner table)."""
     rows, chance = [], None
-    for stage in ("stage1", "stage2", "caption_tune"):
-        # the table1 row's runs when they exist, else the make tiny-captioner chain's (the same recipe)
-        runs_of = (runs / "captioner" / "table1" / TABLE1_STEM / stage, runs / "captioner" / stage)
-        last = next((f for f in map(metrics_file, runs_of) if f is not None), None)
-        if last is None:
+    for stage in CAPTIONER_STAGES:
+        found = captioner_eval(runs, stage)
+        if found is None:
             rows.append([stage, *("not run" for _ in _CAPTION_EVAL), "-"])
             continue
-        m = {k.removeprefix("eval/caption_attributes/"): v for k, v in json.loads(last.read_text())["metrics"].items()}
+        last, m = found
         rows.append([stage, *(f"{m[k]:.1f}" if k in m else "-" for k in _CAPTION_EVAL.values())])
         rows[-1].append(f"`{os.path.relpath(last, Path.cwd())}`")
         chance = [f"{m['chance_' + k]:.1f}" if "chance_" + k in m else "-" for k in _CAPTION_EVAL.values()]
@@ -410,29 +362,15 @@ def captioner_table(runs: Path) -> str | None:
     return markdown_table([*rows, [*chance, "-"]], ["stage", *_CAPTION_EVAL, "metrics file"]) if chance else None
 
 
-def _captioner_standin(runs: Path) -> str:
-    """The tiny captioner's own held-out caption evaluation per stage: what the tiny world can score offline."""
-    table = captioner_table(runs)
-    if table is None:
-        return "### Tiny-world stand-in\n\nNo tiny captioner runs found.\n"
-    return (
-        "### Tiny-world stand-in (not Table 1's metrics)\n\nThe tiny captioner's held-out caption evaluation "
-        "(attributes of the caption checked against the world's ground truth, percent; `lightning_modules/evaluation/"
-        f"caption_attributes.py`), last evaluation of each stage:\n\n{table}\n"
-    )
-
-
 def table2_report(tiny: bool) -> Report:
     """Table 2's sizes with parameter counts of the models as built (open_clip.CLIP on the meta device)."""
     from experiments import paper_tables
-    from lightning_modules.components.clip_sizes import TABLE2, count_params, recap_clip_config
+    from lightning_modules.components.clip_sizes import count_params, recap_clip_config
 
-    text_of = {"S/16": "small", "B/16": "base", "L/16": "large", "H/14": "huge"}
-    stand_in = []
-    rows = []
-    for size, entry in TABLE2.items():
-        vision, text = size.replace("/", "-"), text_of[size]
-        paper = {f"{k}_m": float(v) for k, v in entry["params_m"].items()}
+    stand_in, rows = [], []
+    for row in paper_tables.TABLE2.rows:  # each vision size with its own row's text tower
+        size, vision, text = row.vision.replace("-", "/"), row.vision, row.text
+        paper = {k.removeprefix("params_"): float(v) for k, v in row.paper.items() if k.startswith("params_")}
         if tiny:
             if vision not in paper_tables.TINY_VISION:  # no tiny H/14 vision: its huge text on the largest one
                 vision = list(paper_tables.TINY_VISION)[-1]
@@ -440,8 +378,7 @@ def table2_report(tiny: bool) -> Report:
             cfg, spec = paper_tables.tiny_model(vision, text), f"tiny {vision} + {text}"
         else:
             cfg, spec = recap_clip_config(vision, text), f"`model: recap-clip:{vision}:{text}`"
-        row_id = f"{size.replace('/', '')}-{text}"
-        spec += f"; --row table2/{row_id}" + ("" if tiny else " --scale paper")  # trains the size at p = 0.8
+        spec += f"; --row table2/{row.id}" + ("" if tiny else " --scale paper")  # trains the size at p = 0.8
         counts = count_params(cfg)
         values = {f"{k}_m": counts[k] / 1e6 for k in ("vision", "text", "total")}
         counted = RunResult("count_params (meta device)", "computed", values, _git("rev-parse", "--short", "HEAD"), "-")
@@ -477,22 +414,18 @@ def build_report(table: str, tiny: bool, runs: Path | None = None, scorers: dict
 
 
 # ---------------------------------------------------------------------------------------------------------- writers
-def _fmt(v: float | None, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def _digits(report: Report, column: str) -> int:
-    return 2 if column in ("recap_gpt4v",) or report.table == "table2" else 1
+    return 2 if column == "recap_gpt4v" or report.table == "table2" else 1
 
 
 def ours_cell(report: Report, row: ReportRow, column: str) -> str:
-    mean, sd, n = row.stats(column)
+    mean, sd, _ = row.stats(column)
     if not row.runs:
         return row.status
     if mean is None:
         return "-"  # the run did not measure it
     d = _digits(report, column) if column in report.columns else 3 if column == REALISED_P else 1
-    return _fmt(mean, d) + (f" ± {sd:.{d}f}" if sd is not None else "")
+    return f"{mean:.{d}f}" + (f" ± {sd:.{d}f}" if sd is not None else "")
 
 
 def delta(row: ReportRow, column: str) -> float | None:
@@ -507,28 +440,25 @@ def _runs_cell(row: ReportRow) -> str:
     return f"{len(row.runs)} ({seeds})" + (f", run of {row.source}" if row.source else "")
 
 
-def _unique(values: Sequence[str | None]) -> str:
-    vals = list(dict.fromkeys(v for v in values if v))
-    return ", ".join(vals) if vals else "-"
+def _unique(row: ReportRow, attribute: str) -> str:
+    """The distinct ``commit`` / ``hardware`` of a row's runs."""
+    return ", ".join(dict.fromkeys(v for r in row.runs if (v := getattr(r, attribute)))) or "-"
 
 
 def table_markdown(report: Report) -> str:
     """The report's table: per row the paper's number / ours (Δ) per column, the ours-only columns, runs, commit."""
-    head = ["row", "p"]
-    for c in report.columns:
-        head.append(f"{LABELS.get(c, c)}: paper / ours" + (" (Δ)" if report.deltas else ""))
+    head = [f"{LABELS.get(c, c)}: paper / ours" + (" (Δ)" if report.deltas else "") for c in report.columns]
     rows = []
     for row in report.rows:
         cells = [row.id, "-" if row.p is None else f"{row.p:g}"]
         for c in report.columns:
             d = _digits(report, c)
-            paper = _fmt(row.paper.get(c), d) if c in row.paper else "-"
+            paper = f"{row.paper[c]:.{d}f}" if c in row.paper else "-"
             dv = delta(row, c) if report.deltas else None
             cells.append(f"{paper} / {ours_cell(report, row, c)}" + (f" ({dv:+.{d}f})" if dv is not None else ""))
         cells += [ours_cell(report, row, e) for e in report.extras]
-        cells += [_runs_cell(row), _unique([r.commit for r in row.runs]), _unique([r.hardware for r in row.runs])]
-        rows.append(cells)
-    return markdown_table(rows, [*head, *report.extras, "runs", "commit", "hardware"])
+        rows.append([*cells, _runs_cell(row), _unique(row, "commit"), _unique(row, "hardware")])
+    return markdown_table(rows, ["row", "p", *head, *report.extras, "runs", "commit", "hardware"])
 
 
 def markdown(report: Report) -> str:
@@ -536,8 +466,7 @@ def markdown(report: Report) -> str:
     lines = [f"# Paper {report.table.replace('table', 'Table ')} ({scale}): {report.title}", ""]
     if report.command:
         lines += ["```bash", report.command, "```", ""]
-    lines.append(table_markdown(report))
-    lines.append("")
+    lines += [table_markdown(report), ""]
     if report.keys:
         read = [f"{LABELS.get(c, c)} = `{k}`" for c, k in report.keys.items()]
         read += [f"{e} = `{k}`" for e, k in report.extras.items()]
@@ -571,25 +500,27 @@ def csv_text(report: Report) -> str:
             rec[f"{c}_delta"] = r4(dv)
         rec.update({e: r4(row.stats(e)[0]) for e in report.extras})
         rec.update(n_runs=len(row.runs), status="ok" if row.runs else row.status, source=row.source or "")
-        rec.update(seeds=";".join(r.seed for r in row.runs), commit=_unique([r.commit for r in row.runs]))
-        records.append({**rec, "hardware": _unique([r.hardware for r in row.runs])})
+        rec.update(seeds=";".join(r.seed for r in row.runs), commit=_unique(row, "commit"))
+        records.append({**rec, "hardware": _unique(row, "hardware")})
     return pd.DataFrame(records).to_csv(index=False, lineterminator="\n")
 
 
 def to_json(report: Report) -> dict:
     out = asdict(report)
     for row, data in zip(report.rows, out["rows"], strict=True):
-        data["mean"] = {c: row.stats(c)[0] for c in [*report.columns, *report.extras] if row.stats(c)[0] is not None}
-        data["sd"] = {c: row.stats(c)[1] for c in [*report.columns, *report.extras] if row.stats(c)[1] is not None}
+        stats = {c: row.stats(c) for c in [*report.columns, *report.extras]}
+        data["mean"] = {c: mean for c, (mean, _, _) in stats.items() if mean is not None}
+        data["sd"] = {c: sd for c, (_, sd, _) in stats.items() if sd is not None}
     return out
 
 
 def from_json(data: dict) -> Report:
-    rows = []
-    for r in data["rows"]:
-        runs = [RunResult(**x) for x in r.pop("runs")]
-        r.pop("mean", None), r.pop("sd", None)
-        rows.append(ReportRow(**r, runs=runs))
+    rows = [
+        ReportRow(
+            **{k: v for k, v in r.items() if k not in ("runs", "mean", "sd")}, runs=[RunResult(**x) for x in r["runs"]]
+        )
+        for r in data["rows"]
+    ]
     return Report(**{**data, "rows": rows})
 
 
@@ -607,23 +538,17 @@ def plot(report: Report, path: Path) -> Path | None:
     cols = [c for c in report.columns if any(c in r.paper for r in points)]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.3 * len(cols), 3.2), squeeze=False)
     for ax, c in zip(axes[0], cols, strict=True):
-        xs = [r.p for r in points if c in r.paper]
-        ax.plot(xs, [r.paper[c] for r in points if c in r.paper], "o-", color="tab:blue", label="paper")
+        ax.plot(
+            [r.p for r in points if c in r.paper], [r.paper[c] for r in points if c in r.paper], "o-", color="tab:blue"
+        )
         ax.set_xlabel("p (share of original captions)")
         ax.set_title(LABELS.get(c, c), fontsize=9)
         ax.tick_params(axis="y", labelcolor="tab:blue")
         ours = [(r.p, *r.stats(c)[:2]) for r in points if r.stats(c)[0] is not None]
         twin = ax.twinx()
         if ours:
-            twin.errorbar(
-                [o[0] for o in ours],
-                [o[1] for o in ours],
-                yerr=[o[2] or 0 for o in ours],
-                fmt="s--",
-                color="tab:orange",
-                capsize=3,
-                label="ours",
-            )
+            xs, ys, sds = zip(*ours, strict=True)
+            twin.errorbar(xs, ys, yerr=[sd or 0 for sd in sds], fmt="s--", color="tab:orange", capsize=3)
         else:
             why = "not measured" if report.keys and c not in report.keys else "not run"
             twin.text(0.5, 0.5, f"ours: {why}", transform=ax.transAxes, ha="center", color="tab:orange")
@@ -664,17 +589,14 @@ def table_folder(table: str, tiny: bool) -> Path:
     return CONFIG_ROOT / ("tiny" if tiny else "") / family / table
 
 
-def _numbers(report: Report, values: dict[str, float | str]) -> str:
+def _numbers(values: dict[str, float | str]) -> str:
     return "; ".join(f"{LABELS.get(c, c)} {v}" for c, v in values.items())
 
 
 def readme(report: Report) -> str:
     """A table folder's README: row | config | command | paper | ours | commit | hardware."""
-    scale = (
-        "tiny world (CPU stand-ins; numbers not comparable with the paper in absolute terms)"
-        if report.tiny
-        else ("real scale")
-    )
+    scale = "tiny world (CPU stand-ins; numbers not comparable with the paper in absolute terms)"
+    scale = scale if report.tiny else "real scale"
     lines = [
         f"# Paper {report.table.replace('table', 'Table ')}: {report.title}",
         "",
@@ -685,14 +607,13 @@ def readme(report: Report) -> str:
     ]
     rows = []
     for row in report.rows:
-        paper = _numbers(report, {c: f"{row.paper[c]:g}" for c in report.columns if c in row.paper})
+        paper = _numbers({c: f"{row.paper[c]:g}" for c in report.columns if c in row.paper})
         ours = row.status
         if row.runs:
-            ours = _numbers(report, {c: ours_cell(report, row, c) for c in report.columns})
+            ours = _numbers({c: ours_cell(report, row, c) for c in report.columns})
             ours += f" ({_runs_cell(row)})" if report.table != "table2" else ""
         command = f"`{row.command}`" if row.command != "-" else "-"
-        runs_meta = [_unique([getattr(r, k) for r in row.runs]) for k in ("commit", "hardware")]
-        rows.append([row.id, row.config, command, paper, ours, *runs_meta])
+        rows.append([row.id, row.config, command, paper, ours, _unique(row, "commit"), _unique(row, "hardware")])
     lines.append(markdown_table(rows, ["row", "config", "command", "paper", "ours", "commit", "hardware"]))
     lines += ["", *[f"- {n}" for n in report.notes]]
     if report.table == "table1":
@@ -762,10 +683,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path] | list[Path]:
     if args.table is None:
         parser.error("give a TABLE (table1..table7), or --write-readme / --check-readme")
     runs = Path(args.runs or ("runs/tiny" if args.tiny else "runs"))
-    scorers = None
-    if args.table == "table7" and (args.dit_clip or args.dit_recap_clip):
-        default = DIT_SCORERS_TINY if args.tiny else DIT_SCORERS
-        scorers = {"clip": args.dit_clip or default["clip"], "recap_clip": args.dit_recap_clip or default["recap_clip"]}
+    default = DIT_SCORERS_TINY if args.tiny else DIT_SCORERS
+    scorers = {"clip": args.dit_clip or default["clip"], "recap_clip": args.dit_recap_clip or default["recap_clip"]}
     report = build_report(args.table, args.tiny, runs, scorers)
     out = Path(args.out) if args.out else runs / "reports"
     shown = ["python -m experiments report", args.table] + (["--tiny"] if args.tiny else [])

@@ -6,17 +6,14 @@ r"""``python -m experiments reproduce``: the paper's whole chain in miniature on
     python -m experiments reproduce --from clip_p0.5_stage1   # rerun from a step (and everything after it)
     python -m experiments reproduce --only world web_clip     # a subset of the steps (names or prefixes)
 
-world -> "web CLIP" on alt-text (the OpenAI CLIP analog) -> tokenizer + tiny LLM -> captioner stage 1, stage 2 and
-caption tuning on the web CLIP's frozen tower -> recaption ``web/`` -> caption analysis -> Recap-CLIP at several p
-(stage 1 + 2; ``--seeds N``) -> the DiT world recaptioned -> pinned judge -> DiT at p = 0 and 1 with the web CLIP's
-text tower -> evaluation -> ``report`` tables -> ``OUT/report.md`` with the paper's claims checked on this run's
-numbers.
+world -> "web CLIP" on alt-text (the OpenAI CLIP analog) -> tokenizer + tiny LLM -> captioner (stage 1, 2, caption
+tuning) on the web CLIP's frozen tower -> recaption ``web/`` -> caption analysis -> Recap-CLIP at several p (stage 1 +
+2; ``--seeds N``) -> the DiT world recaptioned -> pinned judge -> DiT at p = 0 and 1 -> evaluation -> ``report``
+tables -> ``OUT/report.md`` with the paper's claims (``experiments/claims.py``) checked on this run's numbers.
 
-Each step is a ``python -m experiments ...`` subprocess with the profile's sizes
-(``experiments/configs/reproduce/<profile>.yaml``) as flags or LightningCLI dotted overrides and every path under
-``--out``, run by the suite's step runner (``experiments/runner.py``: logs in ``OUT/logs``, done-stamps, resume, wall
-and CPU times in ``OUT/timings.json``); the claims are checked by ``experiments/claims.py``. ``--chain NAME`` runs one
-of the Makefile's chains (``make tiny-captioner`` ...) through the same runner instead.
+Each step is a ``python -m experiments ...`` run of the suite's step runner (``experiments/runner.py``) with the
+profile's sizes (``experiments/configs/reproduce/<profile>.yaml``) and every path under ``--out``. ``--chain NAME``
+runs one of the Makefile's chains (``make tiny-captioner`` ...) through the same runner instead.
 """
 
 from __future__ import annotations
@@ -35,9 +32,9 @@ import yaml
 
 from experiments import runner
 from experiments.claims import PAPER_COVERAGE_PCT, PAPER_LENGTH_WORDS, Margins, check_claims, claims_markdown
-from experiments.paper_tables import row_args, run_args
+from experiments.paper_tables import CAPTIONER_STAGES, row_args, run_args
 from experiments.runner import REPO, Launcher, Step
-from experiments.tables import last_metrics, markdown, realised_p
+from experiments.tables import captioner_eval, last_metrics, markdown, prompt_set_metrics, realised_p
 
 CONFIGS = REPO / "experiments" / "configs"
 PROFILES = CONFIGS / "reproduce"
@@ -61,21 +58,19 @@ def load_profile(profile: str) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise KeyError(f"{path}: missing section(s) {missing}")
-    for section in ("clip", "dit"):
+    for section, table, rows in (("clip", "Table 3", TABLES["table3"].rows), ("dit", "Table 7", TABLE7)):
         if not data[section].get("ps"):
             raise KeyError(f"{path}: {section}.ps must list at least one p")
-    for section in ("world", "dit_world"):
-        for key in ("n_web", "shard_size"):
-            if key not in data[section]:
-                raise KeyError(f"{path}: {section}.{key} is required (it sets the train / val shard split)")
+        ids = [r.id for r in rows]
+        unknown = [row_id(p) for p in data[section]["ps"] if row_id(p) not in ids]
+        if unknown:
+            raise ValueError(f"{path}: {section}.ps names a row that {table} does not have ({unknown[0]}; rows: {ids})")
+    missing = [f"{s}.{k}" for s in ("world", "dit_world") for k in ("n_web", "shard_size") if k not in data[s]]
+    if missing:
+        raise KeyError(f"{path}: {missing[0]} is required (it sets the train / val shard split)")
     recap_clip_p = data["dit"].get("recap_clip_p")
     if recap_clip_p is not None and float(recap_clip_p) not in map(float, data["clip"]["ps"]):
         raise ValueError(f"{path}: dit.recap_clip_p {recap_clip_p} is not one of clip.ps")
-    for key, table, rows in (("clip.ps", "Table 3", TABLES["table3"].rows), ("dit.ps", "Table 7", TABLE7)):
-        ids = [r.id for r in rows]
-        for p in data[key.split(".")[0]]["ps"]:
-            if row_id(p) not in ids:
-                raise ValueError(f"{path}: {key} names a row that {table} does not have ({row_id(p)}; rows: {ids})")
     data["_path"] = str(path)
     return data
 
@@ -118,19 +113,13 @@ def logger(save_dir: str, name: str, version: str) -> str:
 
 
 def _clip_evaluation(world: str, tasks: int = 3) -> str:
-    ev = "lightning_modules.evaluation"
     retrieval = {"karpathy_json": f"{world}/eval/retrieval/dataset.json", "image_root": f"{world}/eval/retrieval"}
-    evaluation = [
-        {
-            "class_path": f"{ev}.ZeroShotClassification",
-            "init_args": {"root": f"{world}/eval/classify", "name": "classify"},
-        },
-        {"class_path": f"{ev}.Retrieval", "init_args": {**retrieval, "split": "test", "name": "retrieval"}},
-        {
-            "class_path": f"{ev}.LongRetrieval",
-            "init_args": {"root": f"{world}/eval/long_retrieval", "name": "long_retrieval"},
-        },
-    ]
+    init = {
+        "ZeroShotClassification": {"root": f"{world}/eval/classify", "name": "classify"},
+        "Retrieval": {**retrieval, "split": "test", "name": "retrieval"},
+        "LongRetrieval": {"root": f"{world}/eval/long_retrieval", "name": "long_retrieval"},
+    }
+    evaluation = [{"class_path": f"lightning_modules.evaluation.{k}", "init_args": v} for k, v in init.items()]
     return "--model.init_args.evaluation=" + json.dumps(evaluation[:tasks])
 
 
@@ -315,11 +304,8 @@ def make_chain(
         steps.append(Step(step, f"{name}: {step}", shlex.split(command), [output], always=always))
 
     def world_steps(w: str, tag: str, recaptions: bool = True) -> None:
-        add(
-            tag,
-            f"world --out {w} --overwrite" + (f" --config {DIT_WORLD_CONFIG}" if w == DW else ""),
-            f"{w}/world.json",
-        )
+        config = f" --config {DIT_WORLD_CONFIG}" if w == DW else ""
+        add(tag, f"world --out {w} --overwrite{config}", f"{w}/world.json")
         if recaptions:  # the world's oracle recaptions, joined to its shards as sidecars
             add(f"{tag}_truth_recaptions", f"truth-recaptions --world {w} --out {w}/recap --overwrite", f"{w}/recap")
             sidecars = f"sidecars --recap {w}/recap --shards '{w}/web/*.tar' --out {w}/sidecars --overwrite"
@@ -376,7 +362,8 @@ def run_chain(
     launcher: Launcher | None = None,
 ) -> dict[str, Any]:
     """Run a Makefile chain through the runner: the steps whose outputs do not all exist (and the always-steps)."""
-    steps = [s for s in make_chain(name, world, dit_world, dit_ps) if s.always or not all(map(_exists, s.outputs))]
+    chain = make_chain(name, world, dit_world, dit_ps)
+    steps = [s for s in chain if s.always or not all((REPO / p).exists() for p in s.outputs)]
     out = out or REPO / "runs" / "tiny" / "chains" / name
     record = runner.run_steps(steps, out, launcher=launcher)
     if record["failed"]:
@@ -384,19 +371,15 @@ def run_chain(
     return record
 
 
-def _exists(path: str) -> bool:
-    return (REPO / path).exists()
-
-
 # ------------------------------------------------------------------------------------------------------ results
 def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str, Any]:
     """This run's numbers from the steps' outputs (missing ones stay missing), with the realised p of every CLIP and
     DiT run (``realised_p``) under ``clip_p`` / ``dit_p``."""
     res: dict[str, Any] = {"captioner": {}, "analysis": None, "clip": {}, "dit": {}, "clip_p": {}, "dit_p": {}}
-    for stage in ("stage1", "stage2", "caption_tune"):
-        m = last_metrics(out / "captioner" / stage)
-        if m:
-            res["captioner"][stage] = {k.removeprefix("eval/caption_attributes/"): v for k, v in m.items()}
+    for stage in CAPTIONER_STAGES:
+        found = captioner_eval(out, stage)
+        if found and found[1]:
+            res["captioner"][stage] = found[1]
     summary = out / "analysis" / "summary.json"
     if summary.is_file():
         inputs = json.loads(summary.read_text()).get("inputs", {})
@@ -411,11 +394,7 @@ def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str,
             if rp is not None:
                 res["clip_p"].setdefault(str(float(p)), {})[f"seed{seed}"] = rp
     for p in profile["dit"]["ps"]:
-        merged = {}
-        for col in ("caption", "recaption"):
-            f = out / "dit" / "eval" / row_id(p) / col / "metrics.json"
-            if f.is_file():
-                merged.update({f"{col}/{k}": v for k, v in json.loads(f.read_text()).get("metrics", {}).items()})
+        merged = prompt_set_metrics(out / "dit" / "eval" / row_id(p))
         if merged:
             res["dit"][str(float(p))] = merged
         rp = realised_p(out / "dit" / "table7" / row_id(p) / "fit")
@@ -461,13 +440,9 @@ def _paper_table(table: str, out: Path) -> str:
 
 
 def _run_line(profile: dict, record: dict) -> str:
-    head = runner.git_head()
-    if record.get("commit"):
-        line = f"Steps run at commit `{record['commit']}`" + (
-            "" if record["commit"] == head else f", report written at `{head}`"
-        )
-    else:
-        line = f"Commit: `{head}`"
+    head, commit = runner.git_head(), record.get("commit")
+    line = f"Commit: `{head}`" if not commit else f"Steps run at commit `{commit}`"
+    line += f", report written at `{head}`" if commit and commit != head else ""
     line += f". Profile: `{os.path.relpath(profile['_path'], REPO)}`. "
     line += f"Started {record.get('started')}, {record.get('cpus')} CPUs"
     steps_total = runner.fmt_seconds(record.get("total_seconds") or 0)
@@ -559,12 +534,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add("--only", nargs="+", default=None, help="run only these steps (names or prefixes, e.g. world web_clip clip_)")
     add("--dry-run", action="store_true", help="print the steps' commands and states; run nothing")
     add("--report-only", action="store_true", help="only (re)write OUT/report.md from finished steps")
-    add(
-        "--isolated",
-        action="store_true",
-        help="start every step in a fresh interpreter (default on Linux: fork "
-        "the steps from this process after importing the libraries once)",
-    )
+    add("--isolated", action="store_true", help="a fresh interpreter per step (default on Linux: forked steps)")
     add("--jobs", type=int, default=None, help="steps run at once (default: the profile's jobs, else 1)")
     add("--chain", choices=CHAINS, default=None, help="run one of the Makefile's chains instead (make tiny-dit, ...)")
     add("--world", default="data/world", help="--chain: the tiny world's folder")

@@ -1,15 +1,12 @@
 """``python -m experiments clip-table``: train and evaluate the rows of a paper CLIP table, then print the table.
 
 Each row is CLIPA stage 1 then stage 2 (``experiments.paper_tables.row_args``, stage 2 from stage 1's ``last.ckpt``),
-run as steps of the suite's runner (``experiments/runner.py``: logs and timings in ``<save_dir>/clip/<table>/``). The
-result of a row is its last evaluation (``<run>/stage2/metrics/``). A rerun skips every stage whose metrics already
-exist, so an interrupted sweep resumes where it stopped. The table (``report``'s, with the paper's numbers) is written
-as Markdown and JSON next to the runs.
+steps of the suite's runner (logs and timings in ``<save_dir>/clip/<table>/``); a rerun skips every stage whose metrics
+exist. The table (``report``'s, with the paper's numbers, then the end of stage 1) goes to Markdown and JSON next to
+the runs. One machine; multi-node sweeps go through the cluster launcher / W&B sweeps.
 
     python -m experiments clip-table --table table3 --rows p0.0 p0.5 p0.8 p1.0 --tiny
     python -m experiments clip-table --table table3 --tiny --collect-only   # only (re)build the table
-
-Multi-node sweeps go through the cluster launcher / W&B sweeps instead; this runner is for one machine.
 """
 
 from __future__ import annotations
@@ -36,11 +33,6 @@ TINY_COLUMNS = {
     "long_retrieval/image_to_text_R@1": "long i2t R@1",
     "long_retrieval/text_to_image_R@1": "long t2i R@1",
 }
-
-
-def runs_root(tiny: bool, seed: int | None = None) -> Path:
-    """Where a table's runs go: ``runs[/tiny]``, a ``seed`` other than the rows' own in ``.../seed<N>``."""
-    return Path("runs/tiny" if tiny else "runs") / (f"seed{seed}" if seed is not None else "")
 
 
 def row_steps(
@@ -83,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown rows {unknown} of {args.table}; known: {list(by_id)}")
     rows = [by_id[r] for r in args.rows] if args.rows else list(table.rows)
-    root = runs_root(args.tiny, args.seed).resolve()  # the runner starts the steps in the repository
+    # runs[/tiny], a seed other than the rows' own in .../seed<N>; absolute: the runner starts steps in the repository
+    root = Path("runs/tiny" if args.tiny else "runs", f"seed{args.seed}" if args.seed is not None else "").resolve()
     folder = root / "clip" / args.table
     out = Path(args.out) if args.out else folder / "results"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,11 +128,8 @@ def table_text(table: str, tiny: bool, root: Path, rows: Sequence[str], results:
     stage1 = []
     for rid in rows:
         res = results.get(rid) or {}
-        seconds = res.get("seconds")
-        values = [
-            f"{(res.get('stage1_metrics') or {})[c]:.1f}" if c in (res.get("stage1_metrics") or {}) else "-"
-            for c in cols
-        ]
+        seconds, metrics = res.get("seconds"), res.get("stage1_metrics") or {}
+        values = [f"{metrics[c]:.1f}" if c in metrics else "-" for c in cols]
         stage1.append([rid, *values, f"{seconds / 60:.1f}" if seconds else "-"])
     names = ["end of stage 1", *(TINY_COLUMNS.get(c, c) for c in cols), "train min"]
     return f"{report.table_markdown(rep)}\n\n{markdown(stage1, names)}\n"

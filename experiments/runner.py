@@ -27,6 +27,8 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from datamodules.io import atomic_write
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -75,20 +77,20 @@ def is_done(out: Path, step: Step, deps: Sequence[Step] = ()) -> bool:
 
 
 def dependencies(steps: Sequence[Step]) -> dict[str, list[Step]]:
-    """For each step, the earlier steps whose folders or outputs its argv names (a path, or a path inside it)."""
+    """For each step, the earlier steps whose folders or outputs its argv names (a path, or a path inside it); an
+    ``always`` step (a report) reads every earlier one."""
     out: dict[str, list[Step]] = {}
     for j, step in enumerate(steps):
         text = "\n".join(step.argv)
         paths = [(s, [re.escape(p) + r"(?![\w.-])" for p in [*s.clean, *s.outputs]]) for s in steps[:j]]
-        out[step.name] = [s for s, patterns in paths if any(re.search(p, text) for p in patterns)]
+        out[step.name] = [s for s, patterns in paths if step.always or any(re.search(p, text) for p in patterns)]
     return out
 
 
 def chain_lengths(steps: Sequence[Step], deps: dict[str, list[Step]]) -> dict[str, int]:
-    """For each step, the number of steps on the longest chain that starts at it (itself included). The runner starts
-    the ready step with the longest chain first, so the chain that decides the run's end never waits behind a short
-    branch. Counting steps, not seconds, needs no cost estimates; on the full profile it ends the run as early as
-    ordering by the measured seconds does (a replay of its timings: 49.5 vs 49.6 min, 51.8 in the steps' order)."""
+    """For each step, the number of steps on the longest chain that starts at it (itself included): the runner starts
+    the ready step with the longest chain first. Counting steps needs no cost estimates and, replayed on the full
+    profile's timings, ends the run as early as ordering by measured seconds (49.5 vs 49.6 min; 51.8 in order)."""
     children: dict[str, list[str]] = {s.name: [] for s in steps}
     for s in steps:
         for d in deps[s.name]:
@@ -192,7 +194,7 @@ def launch_forked(cmd: Sequence[str], env: dict[str, str], threads: int | None =
     its working directory, ``sys.argv`` as the command line would, at most ``threads`` compute threads, its output on
     a pipe, and exits with the command's exit code after a normal interpreter shutdown (atexit, flushed streams)."""
     if list(cmd[:3]) != [sys.executable, "-m", "experiments"]:
-        raise ValueError(f"run_forked runs `python -m experiments ...` commands, not {list(cmd[:3])}")
+        raise ValueError(f"launch_forked runs `python -m experiments ...` commands, not {list(cmd[:3])}")
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()  # or the child inherits (and prints again) what the parent has buffered
     sys.stderr.flush()
@@ -249,42 +251,6 @@ def _last_line(pending: bytes, chunk: bytes) -> tuple[str | None, bytes]:
     return text or None, rest
 
 
-def run_logged(
-    cmd: Sequence[str],
-    log: Path,
-    on_line: Callable[[str], None],
-    env: dict[str, str],
-    launcher: Launcher = launch_fresh,
-) -> int:
-    """Run ``cmd`` with its stdout + stderr copied to ``log`` as it comes; ``on_line`` sees the newest line of each
-    chunk, then any unterminated last line. Returns the exit code."""
-    launched = launcher(cmd, env, None)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    pending = b""
-    try:
-        with open(log, "wb") as f:
-            while chunk := os.read(launched.fd, 65536):
-                f.write(chunk)
-                f.flush()
-                line, pending = _last_line(pending, chunk)
-                if line is not None:
-                    on_line(line)
-    except KeyboardInterrupt:
-        os.kill(launched.pid, signal.SIGTERM)
-        launched.wait()
-        raise
-    finally:
-        launched.close()
-    if pending:
-        on_line(pending.decode("utf-8", "replace"))
-    return launched.wait()[0]
-
-
-def run_forked(cmd: Sequence[str], log: Path, on_line: Callable[[str], None], env: dict[str, str]) -> int:
-    """``run_logged`` with the step forked from this process: it starts with the libraries loaded."""
-    return run_logged(cmd, log, on_line, env, launch_forked)
-
-
 # ---------------------------------------------------------------------------------------------------- the runner
 def fmt_seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 600 else f"{s / 60:.1f} min"
@@ -309,9 +275,7 @@ def _load() -> list[float] | None:
 
 def write_timings(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(record, indent=1) + "\n")
 
 
 def _previous_timings(path: Path) -> dict[str, dict]:
@@ -342,23 +306,18 @@ def run_steps(
     launcher: Launcher | None = None,
     cpus: int | None = None,
 ) -> dict[str, Any]:
-    """Run the steps that are not done (``plan``; all of them from ``start_from`` on), up to ``jobs`` at once: a step
-    starts when every step it reads from has finished (the ``always`` steps, the reports, wait for all earlier ones),
-    the ready step at the head of the longest chain first (``chain_lengths``), ties in the steps' order. With ``jobs``
-    > 1 each step gets ``cpus // jobs`` compute threads, all ``cpus`` when it is the only one that can run (on 2 cores
-    the tiny models use two 1-thread steps better than one 2-thread step). After a failure no new step starts and the
-    running ones finish. With ``launcher=launch_forked`` (the default) the libraries are imported once before the first
-    step that runs (a ``preload`` entry in the record), or, where forking is unsafe, each step starts a fresh
-    interpreter. Progress: a tqdm bar of the steps on a terminal, plain lines elsewhere (CI, ``| tee``)."""
+    """Run the steps that are not done (``plan``), up to ``jobs`` at once: a step starts when every step it reads from
+    has finished (``always`` steps wait for all earlier ones), the head of the longest chain first. With ``jobs`` > 1 a
+    step gets ``cpus // jobs`` compute threads, all ``cpus`` when it is the only one that can run (on 2 cores two
+    1-thread steps beat one 2-thread step). After a failure no new step starts. ``launch_forked`` (the default) imports
+    the libraries once first (a ``preload`` entry), or, where forking is unsafe, starts fresh interpreters. Progress:
+    a tqdm bar on a terminal, plain lines elsewhere (CI, ``| tee``)."""
     names = [s.name for s in steps]
     if start_from is not None and start_from not in names:
         raise ValueError(f"--from {start_from!r}: no such step; steps: {names}")
     launcher = launcher or launch_forked
     cpus = cpus or os.cpu_count() or 1
     deps = dependencies(steps)
-    for j, s in enumerate(steps):
-        if s.always:
-            deps[s.name] = list(steps[:j])
     chain = chain_lengths(steps, deps)
     to_run = plan(steps, out, start_from)
     timings_path = out / "timings.json"
@@ -381,9 +340,7 @@ def run_steps(
         return e
 
     def save() -> None:
-        record["steps"] = [e for e in record["steps"] if e["name"] == "preload"] + [
-            entries[n] for n in names if n in entries
-        ]
+        record["steps"] = [entries[n] for n in ("preload", *names) if n in entries]
         write_timings(timings_path, record)
 
     ok: set[str] = set()
@@ -404,7 +361,7 @@ def run_steps(
         seconds = time.perf_counter() - t0
         title, cpu = "import the libraries once (steps are forked)", round(time.process_time() - cpu0, 1)
         imports = {"name": "preload", "title": title, "command": "import " + ", ".join(PRELOAD), "status": "ran"}
-        record["steps"].append({**imports, "seconds": round(seconds, 1), "cpu_seconds": cpu})
+        entries["preload"] = {**imports, "seconds": round(seconds, 1), "cpu_seconds": cpu}
         say(f"[0/{len(steps)}] import the libraries once ... {fmt_seconds(seconds)}")
         if why:
             say(f"    not forking steps: {why}; each step starts a fresh interpreter")
@@ -455,12 +412,8 @@ def run_steps(
                 code, cpu = job.launched.wait()
                 seconds = time.perf_counter() - job.t0
                 del running[job.step.name]
-                e = entry(
-                    job.step,
-                    seconds=round(seconds, 1),
-                    cpu_seconds=round(cpu, 1),
-                    load={"start": job.load0, "end": _load()},
-                )
+                load = {"start": job.load0, "end": _load()}
+                e = entry(job.step, seconds=round(seconds, 1), cpu_seconds=round(cpu, 1), load=load)
                 missing = [p for p in job.step.outputs if not _abs(p).exists()]
                 bar.update(1)
                 if code == 0 and not missing:
@@ -496,7 +449,7 @@ def run_steps(
     record.update(failed=failed, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     save()
     if jobs > 1:
-        preload_s = sum(e.get("seconds") or 0 for e in record["steps"] if e["name"] == "preload")
+        preload_s = entries.get("preload", {}).get("seconds") or 0
         record["wall_seconds"] = round(time.perf_counter() - t_run + preload_s, 1)
     record["total_seconds"] = round(sum(s.get("seconds") or 0 for s in record["steps"]), 1)
     record["total_cpu_seconds"] = round(sum(s.get("cpu_seconds") or 0 for s in record["steps"]), 1)

@@ -1,21 +1,15 @@
 r"""``python -m experiments sweep SPEC.yaml``: run a W&B sweep spec's grid locally (no W&B), a whole row per point.
 
-The spec is the same file ``wandb sweep`` takes (``experiments/sweeps/*.yaml``): ``method: grid``, ``parameters``
-(LightningCLI dotted keys with ``values`` or ``value``) and a ``command`` that ends in ``${args}``:
-``python -m experiments sweep row fit --config <stage1.yaml> --config logging/wandb_sweep.yaml ${args}``. W&B's
-expansion of ``${args}`` (``--key=value``, ``wandb.sdk.launch.sweeps.utils.create_sweep_command_args``) and its grid
-order (parameters sorted by name, the last one fastest) are used as they are.
+The spec is the file ``wandb sweep`` takes (``experiments/sweeps/*.yaml``): ``method: grid``, ``parameters``
+(LightningCLI dotted keys with ``values`` or ``value``) and a ``command`` ending in ``${args}``, expanded and ordered as
+``wandb agent`` does (``--key=value``; parameters sorted by name, the last one fastest).
 
-A point runs its WHOLE row through the suite's step runner (``experiments/runner.py``), whether a ``wandb agent`` or
-this command starts it (``sweep row``): the ``fit`` as given (stage 1); where its recipe is a CLIPA ``stage1.yaml``,
-stage 2 (``stage2.yaml`` beside it, the same point values, from stage 1's ``last.ckpt``) and then the standalone
-evaluation (``test`` with ``eval/tiny_world.yaml`` or ``eval/paper.yaml`` -> ``eval/metrics/test.json``). A point's
-run dir is ``<out>/<spec stem>/<point id>`` (under an agent ``runs/sweeps/<sweep id>/<W&B run id>``) with one folder
-per stage; a point whose run dir holds ``sweep_point.json`` (written when the row finished) is done and skipped, and
-the runner's done-stamps resume a row inside it.
-
-``--dry-run`` lists the points and their state; ``--launch-lines`` prints one shell command per point (e.g. for a
-SLURM job array: ``sed -n "$((SLURM_ARRAY_TASK_ID+1))p" lines.txt | bash``).
+A point runs its WHOLE row through the suite's step runner, whether a ``wandb agent`` or this command starts it
+(``sweep row``): the ``fit`` as given (stage 1); where its recipe is a CLIPA ``stage1.yaml``, stage 2 (``stage2.yaml``
+beside it, from stage 1's ``last.ckpt``) and the standalone evaluation (``test`` -> ``eval/metrics/test.json``). Its
+run dir is ``<out>/<spec stem>/<point id>`` (under an agent ``runs/sweeps/<sweep id>/<W&B run id>``), one folder per
+stage; ``sweep_point.json`` there marks it done, the runner's done-stamps resume a row inside it. ``--launch-lines``
+prints one shell command per point (e.g. for a SLURM array: ``sed -n "$((SLURM_ARRAY_TASK_ID+1))p" lines.txt | bash``).
 """
 
 from __future__ import annotations
@@ -40,7 +34,6 @@ from datamodules.io import atomic_write
 from experiments.runner import REPO, Step, run_steps
 
 DONE_FILE = "sweep_point.json"
-ARGS_MACROS = {"${args}"}
 UNSUPPORTED_MACROS = ("${args_no_hyphens}", "${args_json}", "${args_json_file}", "${args_no_boolean_flags}")
 LAUNCHER = None  # the runner's default (forked steps); tests put a fake here
 
@@ -90,22 +83,8 @@ def grid(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """The grid's points as ``{param: value}``: parameters in sorted order, the last one varying fastest (W&B's grid
     search enumerates ``itertools.product`` over the sorted parameters the same way)."""
     names = sorted(spec["parameters"])
-    choices = [
-        spec["parameters"][n]["values"] if "values" in spec["parameters"][n] else [spec["parameters"][n]["value"]]
-        for n in names
-    ]
+    choices = [cfg["values"] if "values" in cfg else [cfg["value"]] for cfg in (spec["parameters"][n] for n in names)]
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*choices)]
-
-
-def corners(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """The grid's corners: every combination of each parameter's first and last value (deduplicated)."""
-    names = sorted(spec["parameters"])
-    ends = []
-    for n in names:
-        cfg = spec["parameters"][n]
-        values = cfg["values"] if "values" in cfg else [cfg["value"]]
-        ends.append([values[0]] if len(values) == 1 else [values[0], values[-1]])
-    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*ends)]
 
 
 def sweep_args(params: dict[str, Any]) -> list[str]:
@@ -127,7 +106,7 @@ def expand_command(spec: dict[str, Any], params: dict[str, Any], python: str = s
             out.append(python)
         elif chunk == "${program}":
             out.append(str(spec["program"]))
-        elif chunk in ARGS_MACROS:
+        elif chunk == "${args}":
             out += sweep_args(params)
         else:
             out.append(chunk)
@@ -164,22 +143,6 @@ def points(spec: dict[str, Any], out: Path, name: str) -> list[Point]:
     return pts
 
 
-def _csv(save_dir: str, version: str) -> dict:
-    init = {"save_dir": save_dir, "name": "", "version": version}
-    return {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": init}
-
-
-def _agent_loggers(stage: str) -> list[dict]:
-    """Under ``wandb agent``: ``logging/wandb_sweep.yaml``'s loggers, the CSV run dir one folder per stage."""
-    run = os.environ["WANDB_RUN_ID"]
-    csv = {"class_path": "experiments.loggers.SweepCSVLogger", "init_args": {"version": f"{run}/{stage}"}}
-    wandb = dict.fromkeys(("project", "entity", "name", "group", "offline"))  # the agent's (wandb_sweep.yaml)
-    return [
-        csv,
-        {"class_path": "experiments.loggers.RecapWandbLogger", "init_args": {"save_dir": "runs/sweeps", **wandb}},
-    ]
-
-
 def _stage2_value(arg: str, image_size: int) -> str:
     """A stage-1 point value for stage 2: a tiny model given as a config dict gets stage 2's image size."""
     key, _, value = arg.partition("=")
@@ -197,7 +160,17 @@ def row_steps(fit_args: Sequence[str], run: Path, agent: bool = False) -> list[S
     values = [a for i, a in enumerate(fit_args) if a != "--config" and (i == 0 or fit_args[i - 1] != "--config")]
 
     def logger(stage: str) -> str:
-        return "--trainer.logger=" + json.dumps(_agent_loggers(stage) if agent else _csv(str(run), stage))
+        if agent:  # ``logging/wandb_sweep.yaml``'s loggers: the agent's W&B run, one CSV folder per stage
+            csv = {"version": f"{os.environ['WANDB_RUN_ID']}/{stage}"}
+            wandb = {"save_dir": "runs/sweeps", **dict.fromkeys(("project", "entity", "name", "group", "offline"))}
+            loggers = [
+                {"class_path": "experiments.loggers.SweepCSVLogger", "init_args": csv},
+                {"class_path": "experiments.loggers.RecapWandbLogger", "init_args": wandb},
+            ]
+        else:
+            csv = {"save_dir": str(run), "name": "", "version": stage}
+            loggers = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": csv}
+        return "--trainer.logger=" + json.dumps(loggers)
 
     def step(stage: str, argv: list[str], output: str) -> Step:
         return Step(
@@ -229,11 +202,8 @@ def run_row(fit_args: Sequence[str], run: Path, agent: bool = False, jobs: int =
     record = run_steps(row_steps(fit_args, run, agent), run, jobs=jobs, launcher=LAUNCHER)
     if record["failed"]:
         return 1
-    done = {
-        "command": list(fit_args),
-        "seconds": round(time.time() - t0, 1),
-        "steps": [s["name"] for s in record["steps"]],
-    }
+    steps = [s["name"] for s in record["steps"]]
+    done = {"command": list(fit_args), "seconds": round(time.time() - t0, 1), "steps": steps}
     atomic_write(run / DONE_FILE, json.dumps(done, indent=2, default=str))
     return 0
 
@@ -250,20 +220,6 @@ def row_main(argv: Sequence[str]) -> None:
         out = f"runs/sweeps/{os.environ.get('WANDB_SWEEP_ID', 'local')}/{os.environ['WANDB_RUN_ID']}"
     # absolute: the runner starts the steps in the repository, the done-file is checked from here
     raise SystemExit(run_row(fit_args, Path(out or "runs/sweeps/local/row").resolve(), agent))
-
-
-def point_command(spec: dict[str, Any], point: Point) -> list[str]:
-    """The shell command that runs a point's whole row into its run dir."""
-    return [
-        sys.executable,
-        "-m",
-        "experiments",
-        "sweep",
-        "row",
-        "--out",
-        str(point.run_dir),
-        *lightning_args(spec, point.params),
-    ]
 
 
 def is_done(point: Point) -> bool:
@@ -290,8 +246,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     name = args.name or Path(args.spec).stem
     pts = points(spec, Path(args.out).resolve(), name)
     if args.launch_lines:
-        for p in pts:
-            print(shlex.join(point_command(spec, p)))
+        for p in pts:  # the shell command that runs a point's whole row into its run dir
+            row = [sys.executable, "-m", "experiments", "sweep", "row", "--out", str(p.run_dir)]
+            print(shlex.join(row + lightning_args(spec, p.params)))
         return
     if args.dry_run:
         for i, p in enumerate(pts):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from datamodules.io import latest_metrics_file
+from experiments.paper_tables import CAPTIONER_ROWS
 
 
 def metrics_file(run: Path) -> Path | None:
@@ -23,6 +25,27 @@ def last_metrics(run: Path) -> dict[str, float] | None:
     """The ``metrics`` of a run's last evaluation (``metrics_file``), None when it has none."""
     found = metrics_file(run)
     return json.loads(found.read_text()).get("metrics") if found else None
+
+
+def captioner_eval(runs: Path, stage: str) -> tuple[Path, dict[str, float]] | None:
+    """(file, metrics) of a captioner stage's last held-out caption evaluation, keys without
+    ``eval/caption_attributes/``: the Table 1 row's run when it exists, else the ``tiny-captioner`` chain's (the same
+    recipe). None when neither has one."""
+    for run in (runs / "captioner" / "table1" / CAPTIONER_ROWS[0] / stage, runs / "captioner" / stage):
+        found = metrics_file(run)
+        if found is not None:
+            metrics = json.loads(found.read_text()).get("metrics") or {}
+            return found, {k.removeprefix("eval/caption_attributes/"): v for k, v in metrics.items()}
+    return None
+
+
+def prompt_set_metrics(eval_dir: Path) -> dict[str, float]:
+    """A ``dit-eval`` output's metrics of every prompt set as ``<set>/<metric>`` (``<eval_dir>/<set>/metrics.json``)."""
+    return {
+        f"{f.parent.name}/{k}": v
+        for f in sorted(Path(eval_dir).glob("*/metrics.json"))
+        for k, v in json.loads(f.read_text()).get("metrics", {}).items()
+    }
 
 
 def realised_p(*runs: Path, source: str = "original") -> float | None:
@@ -49,6 +72,13 @@ def realised_p(*runs: Path, source: str = "original") -> float | None:
     if not fractions:
         return None
     return sum(f * w for f, w in zip(fractions, weights, strict=True)) / sum(weights)
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    """The mean and the sample sd (n - 1; None for a single value)."""
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return mean, sd
 
 
 def markdown(rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> str:

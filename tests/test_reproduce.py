@@ -260,9 +260,32 @@ def test_runner_records_each_steps_cpu_time(tmp_path):
     assert "CPU time" in X.summary_table(rec)
 
 
+def run_logged(cmd, log: Path, on_line, env: dict[str, str], launcher=X.launch_fresh) -> int:
+    """Run one step with the runner's launcher and line reader (``X._last_line``), its stdout + stderr copied to
+    ``log`` as it comes; ``on_line`` sees the newest line of each chunk, then any unterminated last line."""
+    launched = launcher(cmd, env, None)
+    pending = b""
+    try:
+        with open(log, "wb") as f:
+            while chunk := os.read(launched.fd, 65536):
+                f.write(chunk)
+                line, pending = X._last_line(pending, chunk)
+                if line is not None:
+                    on_line(line)
+    finally:
+        launched.close()
+    if pending:
+        on_line(pending.decode("utf-8", "replace"))
+    return launched.wait()[0]
+
+
+def run_forked(cmd, log: Path, on_line, env: dict[str, str]) -> int:
+    return run_logged(cmd, log, on_line, env, X.launch_forked)
+
+
 def test_run_logged_tees_output_and_reports_lines(tmp_path):
     lines: list[str] = []
-    code = X.run_logged(
+    code = run_logged(
         [sys.executable, "-c", "import sys; print('one'); sys.stdout.write('bar 50%\\rbar 100%\\n'); sys.exit(2)"],
         tmp_path / "l.log",
         lines.append,
@@ -491,7 +514,7 @@ def test_forked_step_behaves_like_a_fresh_interpreter(tmp_path, monkeypatch):
     for args, code in (([], 0), (["3"], 3), (["boom"], 1)):
         lines: list[str] = []
         log = tmp_path / f"{code}.log"
-        assert X.run_forked([*cmd, *args], log, lines.append, env) == code
+        assert run_forked([*cmd, *args], log, lines.append, env) == code
         text = log.read_text()
         assert f"argv={args} cwd={X.REPO} env=yes sys.argv1=probe" in text
         assert "to stderr" in text
@@ -502,11 +525,11 @@ def test_forked_step_behaves_like_a_fresh_interpreter(tmp_path, monkeypatch):
 
 def test_forked_and_fresh_runs_write_the_same_log(tmp_path):
     env = X.subprocess_env()
-    for name, runner in (("fresh", X.run_logged), ("forked", X.run_forked)):
+    for name, runner in (("fresh", run_logged), ("forked", run_forked)):
         assert runner([sys.executable, "-m", "experiments", "--help"], tmp_path / f"{name}.log", print, env) == 0
     assert (tmp_path / "fresh.log").read_bytes() == (tmp_path / "forked.log").read_bytes()
     with pytest.raises(ValueError, match="python -m experiments"):
-        X.run_forked(["ls"], tmp_path / "x.log", print, env)
+        run_forked(["ls"], tmp_path / "x.log", print, env)
 
 
 def test_runner_preloads_once_before_the_first_step_that_runs(tmp_path, monkeypatch):
