@@ -101,34 +101,19 @@ class SceneObject:
     rgb: tuple[int, int, int]
 
     @property
-    def label(self) -> int:
-        """Coarse class index (colour + shape) into ``CLASSNAMES``."""
+    def label(self) -> int:  # into CLASSNAMES
         return COLOURS.index(self.colour) * len(SHAPES) + SHAPES.index(self.shape)
 
     @property
-    def fine_label(self) -> int:
-        """Fine class index (shade + shape) into ``FINE_CLASSNAMES``."""
+    def fine_label(self) -> int:  # into FINE_CLASSNAMES
         shade_index = [name for name, _ in SHADES[self.colour]].index(self.shade)
         return (COLOURS.index(self.colour) * 2 + shade_index) * len(SHAPES) + SHAPES.index(self.shape)
-
-    def probe_point(self) -> tuple[float, float]:
-        """A point that lies inside the drawn shape (the centre, except for rings where the centre is a hole)."""
-        if self.shape == "ring":
-            return self.cx, self.cy - 0.78 * self.diameter / 2
-        return self.cx, self.cy
-
-    def bbox(self) -> tuple[float, float, float, float]:
-        r = self.diameter / 2
-        return self.cx - r, self.cy - r, self.cx + r, self.cy + r
 
 
 @dataclass(frozen=True)
 class Background:
     kind: str
     colours: tuple[str, ...]
-
-    def rgbs(self) -> list[tuple[int, int, int]]:
-        return [BACKGROUND_COLOURS[c] for c in self.colours]
 
 
 @dataclass(frozen=True)
@@ -281,7 +266,7 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
 
 
 def _draw_background(draw: ImageDraw.ImageDraw, bg: Background, side: int, stripe: int) -> None:
-    rgbs = bg.rgbs()
+    rgbs = [BACKGROUND_COLOURS[c] for c in bg.colours]
     draw.rectangle((0, 0, side, side), fill=rgbs[0])
     if bg.kind == "plain":
         return

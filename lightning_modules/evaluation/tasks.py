@@ -8,7 +8,6 @@ silently: it counts the captions longer than the text tower's context and warns.
 
 from __future__ import annotations
 
-import abc
 import json
 import logging
 import os
@@ -33,20 +32,17 @@ Template = Callable[[str], str]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's set
 
 
-class EvalTask(abc.ABC):
-    """One evaluation set; ``name`` prefixes its metrics."""
+class EvalTask:
+    """One evaluation set over the image files ``paths``; ``name`` prefixes the metrics of its ``compute``."""
 
     name: str
+    paths: list[Path]
 
-    @abc.abstractmethod
     def image_dataset(self, transform: Callable[[Image.Image], torch.Tensor]) -> Dataset:
-        """The task's images as ``(transform(image), index)``, index 0..n-1."""
-
-    @abc.abstractmethod
-    def compute(
-        self, image_features: torch.Tensor, encode_texts: TextEncoder, tokenizer: Any, context_length: int
-    ) -> dict[str, float]:
-        """Metrics from L2-normalised image features ``[n, d]`` in index order and a normalised text encoder."""
+        missing = [p for p in self.paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.name}: {len(missing)} image file(s) missing, e.g. {missing[0]}")
+        return _ImageList(self.paths, transform)
 
     def _check_features(self, image_features: torch.Tensor, n: int) -> None:
         if image_features.ndim != 2 or image_features.shape[0] != n:
@@ -195,9 +191,6 @@ class ZeroShotClassification(EvalTask):
         self.paths = [Path(p) for p, _ in samples]
         self.labels = torch.tensor([label for _, label in samples], dtype=torch.long)
 
-    def image_dataset(self, transform: Callable[[Image.Image], torch.Tensor]) -> Dataset:
-        return _ImageList(self.paths, transform)
-
     def compute(
         self, image_features: torch.Tensor, encode_texts: TextEncoder, tokenizer: Any, context_length: int
     ) -> dict[str, float]:
@@ -217,12 +210,6 @@ class _RetrievalTask(EvalTask):
         self.paths = paths
         self.texts = texts
         self.text_to_image = torch.tensor(text_to_image, dtype=torch.long)
-
-    def image_dataset(self, transform: Callable[[Image.Image], torch.Tensor]) -> Dataset:
-        missing = [p for p in self.paths if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{self.name}: {len(missing)} image file(s) missing, e.g. {missing[0]}")
-        return _ImageList(self.paths, transform)
 
     def compute(
         self, image_features: torch.Tensor, encode_texts: TextEncoder, tokenizer: Any, context_length: int
@@ -283,16 +270,6 @@ class Retrieval(_RetrievalTask):
         if not paths:
             raise ValueError(f"{source}: no images in split {split!r} (splits present: {sorted(splits)})")
         super().__init__(name, paths, texts, text_to_image, source)
-
-    @classmethod
-    def coco(cls, karpathy_json: PathLike, image_root: PathLike, split: str = "test", name: str = "coco") -> Retrieval:
-        return cls(karpathy_json, image_root, split=split, name=name)
-
-    @classmethod
-    def flickr30k(
-        cls, karpathy_json: PathLike, image_root: PathLike, split: str = "test", name: str = "flickr30k"
-    ) -> Retrieval:
-        return cls(karpathy_json, image_root, split=split, name=name)
 
 
 def _stem_order(stem: str) -> tuple[int, int, str]:
