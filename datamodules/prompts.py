@@ -43,10 +43,6 @@ class PromptSet(list[PromptRecord]):
         super().__init__(records)
         self.path, self.column, self.n_rows, self.n_empty = path, column, n_rows, n_empty
 
-    @property
-    def prompts(self) -> list[str]:
-        return [r.prompt for r in self]
-
 
 def seeded_subset(n: int, k: int | None, seed: int = 0) -> list[int]:
     """``k`` indices of ``range(n)`` drawn with ``random.Random(seed)``, in increasing order; all when ``k`` is None or

@@ -152,7 +152,7 @@ def test_read_prompt_set_columns_and_empty_prompts(tmp_path):
 
     raw = read_prompt_set(path, column="caption")
     assert (len(raw), raw.n_rows, raw.n_empty, raw.column, raw.path) == (8, 10, 2, "caption", path)
-    assert raw.prompts == [f"caption {i}" for i in range(10) if i not in (3, 5)]
+    assert [r.prompt for r in raw] == [f"caption {i}" for i in range(10) if i not in (3, 5)]
     assert [r.image_id for r in raw][:3] == ["100", "101", "102"]
     assert raw[0].row["extra_col"] == 0
     assert raw[0].row["recaption"] == "a detailed recaption 0"

@@ -784,7 +784,7 @@ def test_prompt_set_with_extra_columns_and_a_corrupt_file(tmp_path):
     pq.write_table(pa.table({"image_id": [1, 2], "caption": ["a", "b"], "recaption": ["ra", "rb"],
                              "re_condition_length": [3, 4], "image": [b"\xff\xd8", b"\xff\xd8"]}), path)  # fmt: skip
     prompts = read_prompt_set(path, column="recaption")
-    assert prompts.prompts == ["ra", "rb"]
+    assert [r.prompt for r in prompts] == ["ra", "rb"]
     assert prompts[0].row["re_condition_length"] == 3
     assert "image" not in prompts[0].row
     path.write_bytes(path.read_bytes()[:-40])

@@ -149,9 +149,6 @@ class Scene:
     def background_json(self) -> str:
         return json.dumps(asdict(self.background), separators=(",", ":"))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, objects: str, background: str, main_index: int, image_size: int = 64) -> Scene:
         """Rebuild a scene from the JSON columns of ``truth/*.parquet``."""
