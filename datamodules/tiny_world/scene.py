@@ -172,15 +172,6 @@ def _weighted(u: float, probs: tuple[float, ...]) -> int:
     return min(bisect.bisect_right(list(itertools.accumulate(probs)), u), len(probs) - 1)
 
 
-def _anchor(position: str, diameter: float, cfg: SceneConfig) -> tuple[float, float]:
-    s = cfg.image_size
-    near = cfg.edge_margin + diameter / 2
-    far = s - near
-    mid = s / 2
-    anchors = {"left": (near, mid), "right": (far, mid), "top": (mid, near), "bottom": (mid, far), "center": (mid, mid)}
-    return anchors[position]
-
-
 def sample_scene(
     rng: np.random.Generator,
     cfg: SceneConfig | None = None,
@@ -216,7 +207,10 @@ def sample_scene(
         shade_name, shade_rgb = SHADES[colour][_index(u[2], 2)]
         nominal = cfg.large_size if sizes[i] == "large" else cfg.small_size
         diameter = nominal * (1 - cfg.size_jitter + 2 * cfg.size_jitter * u[3])
-        ax, ay = _anchor(positions[i], diameter, cfg)
+        near, mid = cfg.edge_margin + diameter / 2, cfg.image_size / 2
+        far = cfg.image_size - near
+        anchors = dict(left=(near, mid), right=(far, mid), top=(mid, near), bottom=(mid, far), center=(mid, mid))
+        ax, ay = anchors[positions[i]]
         cx = ax + cfg.position_jitter * (2 * u[4] - 1)
         cy = ay + cfg.position_jitter * (2 * u[5] - 1)
         rgb = tuple(min(255, max(0, c + _index(w, 2 * j + 1) - j)) for c, w in zip(shade_rgb, u[6:], strict=True))

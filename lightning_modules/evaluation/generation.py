@@ -336,22 +336,19 @@ def clip_score(images: Images, prompts: Sequence[str], scorer: Any, batch_size: 
         raise ValueError("clip_score needs at least one (image, prompt) pair")
     if len(images) != n:
         raise ValueError(f"{len(images)} images but {n} prompts")
-    total, total_sq, clamped = 0.0, 0.0, 0
+    cosines = []
     for lo in range(0, n, batch_size):
         hi = min(lo + batch_size, n)
         img = F.normalize(scorer.encode_image(_to_float01(to_uint8_images(images[lo:hi]))).float(), dim=-1)
         txt = F.normalize(scorer.encode_text(prompts[lo:hi]).float().to(img.device), dim=-1)
         if img.shape != txt.shape:
             raise ValueError(f"image features {tuple(img.shape)} and text features {tuple(txt.shape)} differ")
-        cos = (img * txt).sum(dim=-1)
-        clamped += int((cos < 0).sum())
-        score = (100 * cos.clamp(min=0)).double()
-        total += float(score.sum())
-        total_sq += float((score**2).sum())
-    mean = total / n
+        cosines.append((img * txt).sum(dim=-1).cpu())
+    cos = torch.cat(cosines)
+    score = (100 * cos.clamp(min=0)).double()
     # standard error of the mean over pairs (what a comparison of two models' scores needs; 0 for one pair)
-    var = max(total_sq / n - mean**2, 0.0) * n / (n - 1) if n > 1 else 0.0
-    out = {"clip_score": mean, "se": math.sqrt(var / n), "n": float(n), "n_pairs_clamped": float(clamped)}
+    se = float(score.std() / math.sqrt(n)) if n > 1 else 0.0
+    out = {"clip_score": float(score.mean()), "se": se, "n": float(n), "n_pairs_clamped": float((cos < 0).sum())}
     counter = getattr(scorer, "count_over_context", None)
     if counter is not None:
         n_over = int(counter(prompts))
