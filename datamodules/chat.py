@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
@@ -124,14 +125,13 @@ class ConversationEncoder:
 
 def pad_sequences(items: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad encoded conversations into ``input_ids``/``labels``/``attention_mask`` (B, T)."""
-    n = max(len(x["input_ids"]) for x in items)
-    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), n), IGNORE_INDEX, dtype=torch.long)
-    attn = torch.zeros((len(items), n), dtype=torch.long)
-    for i, x in enumerate(items):
-        t = len(x["input_ids"])
-        ids[i, :t], labels[i, :t], attn[i, :t] = x["input_ids"], x["labels"], 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    ids = [torch.as_tensor(x["input_ids"], dtype=torch.long) for x in items]
+    labels = [torch.as_tensor(x["labels"], dtype=torch.long) for x in items]
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+        "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True),
+    }
 
 
 class CaptionConversation:
