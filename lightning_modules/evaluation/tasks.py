@@ -168,13 +168,9 @@ class ZeroShotClassification(EvalTask):
             image_root = _require_dir(root / split_dir, "classification image folder")
         else:
             image_root = root / "images" if (root / "images").is_dir() else root
-        if classnames is None:
-            if not (root / "classnames.json").is_file():
-                raise FileNotFoundError(f"no classnames given and {root / 'classnames.json'} does not exist")
-            classnames = root / "classnames.json"
         if templates is None:
             templates = root / "templates.json" if (root / "templates.json").is_file() else "openai"
-        self.classnames = resolve_classnames(classnames)
+        self.classnames = resolve_classnames(root / "classnames.json" if classnames is None else classnames)
         self.templates = resolve_templates(templates)
 
         from torchvision.datasets.folder import find_classes, make_dataset
@@ -206,9 +202,7 @@ class _RetrievalTask(EvalTask):
     def __init__(self, name: str, paths: list[Path], texts: list[str], text_to_image: list[int], source: Path) -> None:
         if not paths or not texts:
             raise ValueError(f"{source}: no images or no captions to evaluate")
-        self.name = name
-        self.paths = paths
-        self.texts = texts
+        self.name, self.paths, self.texts = name, paths, texts
         self.text_to_image = torch.tensor(text_to_image, dtype=torch.long)
 
     def compute(
@@ -244,10 +238,7 @@ class Retrieval(_RetrievalTask):
         entries = data.get("images") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             raise ValueError(f"{source}: expected an object with an 'images' list")
-        paths: list[Path] = []
-        texts: list[str] = []
-        text_to_image: list[int] = []
-        splits: set[str] = set()
+        paths, texts, text_to_image, splits = [], [], [], set()
         for i, entry in enumerate(entries):
             try:
                 splits.add(entry["split"])
@@ -290,8 +281,7 @@ class LongRetrieval(_RetrievalTask):
         if orphans:
             stem = orphans[0]
             raise FileNotFoundError(f"caption {captions[stem]} has no image {image_dir / stem}.<jpg|png|...>")
-        paths: list[Path] = []
-        texts: list[str] = []
+        paths, texts = [], []
         for stem in sorted(images, key=_stem_order):
             if stem not in captions:
                 raise FileNotFoundError(f"image {images[stem]} has no caption {caption_dir / f'{stem}.txt'}")
