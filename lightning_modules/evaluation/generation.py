@@ -140,7 +140,7 @@ class FID(nn.Module):
 
     ``feature`` is an InceptionV3 feature size (2048 is the standard FID; weights from a local file, see
     ``_inception_weights``, needs ``torch-fidelity``) or any ``nn.Module`` mapping float ``[0, 1]`` images to ``(N, D)``
-    (``num_features`` read from it, given, or probed). ``antialias=False`` keeps InceptionV3's TF1-style bilinear
+    (``num_features`` read from it, or probed). ``antialias=False`` keeps InceptionV3's TF1-style bilinear
     resize to 299, as the reference implementations do, so numbers compare with published FIDs.
     """
 
@@ -148,7 +148,6 @@ class FID(nn.Module):
         self,
         feature: int | nn.Module = 2048,
         inception_weights: PathLike | None = None,
-        num_features: int | None = None,
         antialias: bool = False,
     ) -> None:
         super().__init__()
@@ -156,7 +155,7 @@ class FID(nn.Module):
 
         if isinstance(feature, nn.Module):
             net, wants_uint8 = feature, False
-            num_features = num_features or getattr(feature, "num_features", None)
+            num_features = getattr(feature, "num_features", None)
             if num_features is None:
                 was_training = feature.training
                 probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

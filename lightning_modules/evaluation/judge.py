@@ -146,8 +146,7 @@ class JudgeFeatures(nn.Module):
         super().__init__()
         self.judge = judge
         self.num_features = int(judge.num_features)
-        self.requires_grad_(False)
-        super().train(False)
+        self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> JudgeFeatures:
         return super().train(False)
