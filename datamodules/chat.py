@@ -98,29 +98,19 @@ class ConversationEncoder:
         out = self.tokenizer.apply_chat_template(
             list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
-        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-        if not any(mask):
+        ids = torch.tensor(list(out["input_ids"]), dtype=torch.long)
+        mask = torch.tensor(list(out["assistant_masks"]), dtype=torch.bool)
+        if not mask.any():
             raise ValueError(f"{where}: conversation has no assistant reply to learn from")
-        n_images = ids.count(self.image_token_id)
-        expanded_ids, expanded_labels = [], []
-        for tok, m in zip(ids, mask, strict=True):
-            if tok == self.image_token_id:
-                expanded_ids += [tok] * self.num_image_tokens
-                expanded_labels += [IGNORE_INDEX] * self.num_image_tokens
-            else:
-                expanded_ids.append(tok)
-                expanded_labels.append(tok if m else IGNORE_INDEX)
-        truncated = len(expanded_ids) > self.max_length
-        if truncated:
-            if n_images and self.image_token_id in expanded_ids[self.max_length :]:
-                raise ValueError(f"{where}: max_length {self.max_length} cuts into the image tokens; raise max_length")
-            expanded_ids, expanded_labels = expanded_ids[: self.max_length], expanded_labels[: self.max_length]
-        return {
-            "input_ids": torch.tensor(expanded_ids, dtype=torch.long),
-            "labels": torch.tensor(expanded_labels, dtype=torch.long),
-            "n_images": n_images,
-            "truncated": truncated,
-        }
+        is_image = ids == self.image_token_id
+        labels = torch.where(mask & ~is_image, ids, IGNORE_INDEX)
+        repeats = torch.where(is_image, self.num_image_tokens, 1)
+        ids, labels = ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
+        truncated = len(ids) > self.max_length
+        if truncated and (ids[self.max_length :] == self.image_token_id).any():
+            raise ValueError(f"{where}: max_length {self.max_length} cuts into the image tokens; raise max_length")
+        n = self.max_length
+        return {"input_ids": ids[:n], "labels": labels[:n], "n_images": int(is_image.sum()), "truncated": truncated}
 
 
 def pad_sequences(items: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
