@@ -108,7 +108,6 @@ def read_prompt_set(
     except Exception as e:  # noqa: BLE001 - a damaged page or invalid UTF-8 in a string column; re-raised with the path
         raise ValueError(f"{path}: cannot read the rows ({type(e).__name__}: {e})") from e
 
-    base_dir = Path(image_root) if image_root is not None else path.parent
     root = Path(image_root) if image_root is not None else None
     records: list[PromptRecord] = []
     n_empty = 0
@@ -119,7 +118,7 @@ def read_prompt_set(
             continue
         image_path: Path | None = None
         if row.get("file_name"):
-            image_path = base_dir / row["file_name"]
+            image_path = (root or path.parent) / row["file_name"]
         elif row.get("coco_url") and root is not None:
             image_path = _coco_image_path(row["coco_url"], row["image_id"], root)
         records.append(PromptRecord(row["image_id"], str(prompt).strip(), image_path, row))
