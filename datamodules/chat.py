@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
@@ -97,41 +98,30 @@ class ConversationEncoder:
         out = self.tokenizer.apply_chat_template(
             list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
-        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-        if not any(mask):
+        ids = torch.tensor(list(out["input_ids"]), dtype=torch.long)
+        mask = torch.tensor(list(out["assistant_masks"]), dtype=torch.bool)
+        if not mask.any():
             raise ValueError(f"{where}: conversation has no assistant reply to learn from")
-        n_images = ids.count(self.image_token_id)
-        expanded_ids, expanded_labels = [], []
-        for tok, m in zip(ids, mask, strict=True):
-            if tok == self.image_token_id:
-                expanded_ids += [tok] * self.num_image_tokens
-                expanded_labels += [IGNORE_INDEX] * self.num_image_tokens
-            else:
-                expanded_ids.append(tok)
-                expanded_labels.append(tok if m else IGNORE_INDEX)
-        truncated = len(expanded_ids) > self.max_length
-        if truncated:
-            if n_images and self.image_token_id in expanded_ids[self.max_length :]:
-                raise ValueError(f"{where}: max_length {self.max_length} cuts into the image tokens; raise max_length")
-            expanded_ids, expanded_labels = expanded_ids[: self.max_length], expanded_labels[: self.max_length]
-        return {
-            "input_ids": torch.tensor(expanded_ids, dtype=torch.long),
-            "labels": torch.tensor(expanded_labels, dtype=torch.long),
-            "n_images": n_images,
-            "truncated": truncated,
-        }
+        is_image = ids == self.image_token_id
+        labels = torch.where(mask & ~is_image, ids, IGNORE_INDEX)
+        repeats = torch.where(is_image, self.num_image_tokens, 1)
+        ids, labels = ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
+        truncated = len(ids) > self.max_length
+        if truncated and (ids[self.max_length :] == self.image_token_id).any():
+            raise ValueError(f"{where}: max_length {self.max_length} cuts into the image tokens; raise max_length")
+        n = self.max_length
+        return {"input_ids": ids[:n], "labels": labels[:n], "n_images": int(is_image.sum()), "truncated": truncated}
 
 
 def pad_sequences(items: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad encoded conversations into ``input_ids``/``labels``/``attention_mask`` (B, T)."""
-    n = max(len(x["input_ids"]) for x in items)
-    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), n), IGNORE_INDEX, dtype=torch.long)
-    attn = torch.zeros((len(items), n), dtype=torch.long)
-    for i, x in enumerate(items):
-        t = len(x["input_ids"])
-        ids[i, :t], labels[i, :t], attn[i, :t] = x["input_ids"], x["labels"], 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    ids = [torch.as_tensor(x["input_ids"], dtype=torch.long) for x in items]
+    labels = [torch.as_tensor(x["labels"], dtype=torch.long) for x in items]
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+        "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True),
+    }
 
 
 class CaptionConversation:

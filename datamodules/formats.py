@@ -4,19 +4,9 @@ The chat format lives in ``datamodules/chat.py`` and the prompt-set reader in ``
 
 import pyarrow as pa
 
+# The paper-era Recap-DataComp-1B schema (PAPER.md §7), in the released column order.
 RECAP_SCHEMA = pa.schema(
-    [
-        ("url", pa.string()),
-        ("re_caption", pa.string()),
-        ("org_caption", pa.string()),
-        ("sha256", pa.string()),
-        ("key", pa.string()),
-        ("re_clip_score", pa.float64()),
-        ("org_clip_score", pa.float64()),
-        ("re_length", pa.int64()),
-        ("org_length", pa.int64()),
-        ("re_gpt4v_score", pa.int64()),
-        ("org_gpt4v_score", pa.int64()),
-    ]
+    [(c, pa.string()) for c in ("url", "re_caption", "org_caption", "sha256", "key")]
+    + [(c, pa.float64()) for c in ("re_clip_score", "org_clip_score")]
+    + [(c, pa.int64()) for c in ("re_length", "org_length", "re_gpt4v_score", "org_gpt4v_score")]
 )
-"""The paper-era Recap-DataComp-1B schema (PAPER.md §7), in the released column order."""

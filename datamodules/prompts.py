@@ -43,10 +43,6 @@ class PromptSet(list[PromptRecord]):
         super().__init__(records)
         self.path, self.column, self.n_rows, self.n_empty = path, column, n_rows, n_empty
 
-    @property
-    def prompts(self) -> list[str]:
-        return [r.prompt for r in self]
-
 
 def seeded_subset(n: int, k: int | None, seed: int = 0) -> list[int]:
     """``k`` indices of ``range(n)`` drawn with ``random.Random(seed)``, in increasing order; all when ``k`` is None or
@@ -112,7 +108,6 @@ def read_prompt_set(
     except Exception as e:  # noqa: BLE001 - a damaged page or invalid UTF-8 in a string column; re-raised with the path
         raise ValueError(f"{path}: cannot read the rows ({type(e).__name__}: {e})") from e
 
-    base_dir = Path(image_root) if image_root is not None else path.parent
     root = Path(image_root) if image_root is not None else None
     records: list[PromptRecord] = []
     n_empty = 0
@@ -123,7 +118,7 @@ def read_prompt_set(
             continue
         image_path: Path | None = None
         if row.get("file_name"):
-            image_path = base_dir / row["file_name"]
+            image_path = (root or path.parent) / row["file_name"]
         elif row.get("coco_url") and root is not None:
             image_path = _coco_image_path(row["coco_url"], row["image_id"], root)
         records.append(PromptRecord(row["image_id"], str(prompt).strip(), image_path, row))

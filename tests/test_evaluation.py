@@ -393,7 +393,7 @@ def test_coco_style_karpathy_json(tmp_path, simple_tokenizer):
     for img in images:
         write_jpeg(tmp_path / "coco" / img["filepath"] / img["filename"], img["sentences"][0]["raw"].split()[1])
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
-    task = Retrieval.coco(tmp_path / "dataset_coco.json", tmp_path / "coco")
+    task = Retrieval(tmp_path / "dataset_coco.json", tmp_path / "coco", name="coco")
     assert task.name == "coco"
     assert [p.relative_to(tmp_path / "coco").as_posix() for p in task.paths] == [
         "val2014/COCO_val2014_3.jpg",
@@ -416,7 +416,7 @@ def test_flickr_style_karpathy_json(tmp_path, simple_tokenizer):
     for img in images:
         write_jpeg(tmp_path / "flickr30k-images" / img["filename"], img["sentences"][0]["raw"].split()[1])
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
-    task = Retrieval.flickr30k(tmp_path / "dataset_flickr30k.json", tmp_path / "flickr30k-images")
+    task = Retrieval(tmp_path / "dataset_flickr30k.json", tmp_path / "flickr30k-images", name="flickr30k")
     assert [p.name for p in task.paths] == ["200.jpg", "400.jpg"]
     got = run_one(task, colour_encoder, colour_text_encoder, simple_tokenizer)
     assert got["image_to_text_R@1"] == got["text_to_image_R@1"] == 100.0

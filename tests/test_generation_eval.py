@@ -69,8 +69,8 @@ def smooth_images(n: int = 64, size: int = 32, seed: int = 0) -> torch.Tensor:
 def test_fid_self_is_zero_and_grows_with_noise():
     images = smooth_images()
     fid = FID(TinyFeatures())
-    fid.update_real(images)
-    fid.update_fake(images)
+    fid.update(images, real=True)
+    fid.update(images, real=False)
     assert abs(fid.compute()) < 1e-3
     assert fid.metric.compute().dtype == torch.float64  # float64 statistics and result
 
@@ -80,7 +80,7 @@ def test_fid_self_is_zero_and_grows_with_noise():
     for sigma in (0.05, 0.15, 0.4):
         fid.reset(keep_real=True)
         assert (fid.n_real, fid.n_fake) == (64, 0)
-        fid.update_fake((images + sigma * noise).clamp(0, 1))
+        fid.update((images + sigma * noise).clamp(0, 1), real=False)
         values.append(fid.compute())
     assert 1e-2 < values[0] < values[1] < values[2], values
 
@@ -98,8 +98,8 @@ def test_fid_uint8_float_and_pil_inputs_agree():
 
     def fid_of(real, fake) -> float:
         fid = FID(TinyFeatures())
-        fid.update_real(real)
-        fid.update_fake(fake)
+        fid.update(real, real=True)
+        fid.update(fake, real=False)
         return fid.compute()
 
     reference = fid_of(as_uint8[:24], as_uint8[24:])
@@ -107,7 +107,7 @@ def test_fid_uint8_float_and_pil_inputs_agree():
     assert fid_of(as_float[:24], as_float[24:]) == pytest.approx(reference, rel=1e-9, abs=1e-12)
     assert fid_of(as_pil[:24], as_float[24:]) == pytest.approx(reference, rel=1e-9, abs=1e-12)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        FID(TinyFeatures()).update_real(images * 2 - 1)
+        FID(TinyFeatures()).update(images * 2 - 1, real=True)
 
 
 def test_fid_infers_num_features_and_refuses_to_download(tmp_path):
@@ -152,7 +152,7 @@ def test_read_prompt_set_columns_and_empty_prompts(tmp_path):
 
     raw = read_prompt_set(path, column="caption")
     assert (len(raw), raw.n_rows, raw.n_empty, raw.column, raw.path) == (8, 10, 2, "caption", path)
-    assert raw.prompts == [f"caption {i}" for i in range(10) if i not in (3, 5)]
+    assert [r.prompt for r in raw] == [f"caption {i}" for i in range(10) if i not in (3, 5)]
     assert [r.image_id for r in raw][:3] == ["100", "101", "102"]
     assert raw[0].row["extra_col"] == 0
     assert raw[0].row["recaption"] == "a detailed recaption 0"
@@ -560,8 +560,8 @@ def test_evaluate_generation_writes_the_metrics_json(tmp_path):
 
     # FID used the reference files, resized to the generated 32x32
     direct = FID(TinyFeatures())
-    direct.update_real(load_reference_images([r.image_path for r in records], (32, 32)))
-    direct.update_fake(generated)
+    direct.update(load_reference_images([r.image_path for r in records], (32, 32)), real=True)
+    direct.update(generated, real=False)
     assert metrics["fid"] == pytest.approx(direct.compute(), rel=1e-9)
 
 

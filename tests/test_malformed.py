@@ -814,7 +814,7 @@ def test_prompt_set_with_extra_columns_and_a_corrupt_file(tmp_path):
         path,
     )
     prompts = read_prompt_set(path, column="recaption")
-    assert prompts.prompts == ["ra", "rb"]
+    assert [r.prompt for r in prompts] == ["ra", "rb"]
     assert prompts[0].row["re_condition_length"] == 3
     assert "image" not in prompts[0].row
     path.write_bytes(path.read_bytes()[:-40])

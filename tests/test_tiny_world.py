@@ -21,6 +21,7 @@ from PIL import Image
 
 from datamodules.tiny_world import WorldConfig, generate_world
 from datamodules.tiny_world.scene import (
+    BACKGROUND_COLOURS,
     CLASSNAMES,
     COLOURS,
     FINE_CLASSNAMES,
@@ -324,17 +325,27 @@ def test_renders_show_the_objects_and_background():
             arr = np.asarray(im.convert("RGB"), dtype=np.int32)
         assert arr.shape == (64, 64, 3)
         # the top-left corner is never covered (objects are edge-anchored at mid-edges) and shows colours[0]
-        bg = scene.background.rgbs()[0]
+        bg = BACKGROUND_COLOURS[scene.background.colours[0]]
         assert np.abs(arr[1, 1] - bg).mean() < 25, (scene.background, arr[1, 1])
         for k, o in enumerate(scene.objects):
-            px, py = o.probe_point()
-            if any(_inside(px, py, later.bbox()) for later in scene.objects[k + 1 :]):
+            px, py = _probe_point(o)
+            if any(_inside(px, py, _bbox(later)) for later in scene.objects[k + 1 :]):
                 continue  # occluded by a smaller object drawn on top
             got = arr[int(round(py)), int(round(px))]
             tol = 40 if o.shape == "ring" else 30  # a small ring's band is under 4 px wide
             assert np.abs(got - np.array(o.rgb)).mean() < tol, (o, got)
             checked += 1
     assert checked > 500
+
+
+def _probe_point(o) -> tuple[float, float]:
+    """A point that lies inside the drawn shape (the centre, except for rings where the centre is a hole)."""
+    return (o.cx, o.cy - 0.78 * o.diameter / 2) if o.shape == "ring" else (o.cx, o.cy)
+
+
+def _bbox(o) -> tuple[float, float, float, float]:
+    r = o.diameter / 2
+    return o.cx - r, o.cy - r, o.cx + r, o.cy + r
 
 
 def _inside(x: float, y: float, box: tuple[float, float, float, float]) -> bool:

@@ -1,10 +1,5 @@
-"""The tiny world: a seeded synthetic web of 64x64 shape scenes with noisy alt-text and full ground truth.
-
-It is written in the layouts real data uses (img2dataset webdataset shards, LLaVA json, Karpathy json, Urban1K,
-Recap-COCO-30K parquet, an ImageFolder), so the whole suite trains and is tested on CPU with no network. See
-README.md in this folder for the contents, every knob and the layout. The scenes are in ``scene.py``, the texts in
-``text.py``, the truth recaptioner in ``recaption.py`` and the writer (and readers of what it writes) in ``writer.py``.
-"""
+"""The tiny world: a seeded synthetic web of 64x64 shape scenes with noisy alt-text and full ground truth, written in
+the layouts real data uses, so the whole suite trains and is tested on CPU with no network (see README.md here)."""
 
 from .writer import WorldConfig, generate_world
 

@@ -89,12 +89,9 @@ class Perception:
     dropped: tuple[int, ...]
 
 
-def _key_hash(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
-
-
 def _rng(world_seed: int, seed: int, key: str, stream: int, variant: int) -> np.random.Generator:
-    return np.random.default_rng([_TAG, int(world_seed), int(seed), _key_hash(key), stream, variant])
+    key_hash = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng([_TAG, int(world_seed), int(seed), key_hash, stream, variant])
 
 
 def perceive(scene: Scene, noise: RecapNoise, rng: np.random.Generator) -> Perception:
@@ -129,8 +126,7 @@ def recaption_scene(
     shared = None
     for v in range(noise.n_variants):
         if noise.independent_variants or shared is None:
-            p = perceive(scene, noise, _rng(world_seed, seed, key, _NOISE_STREAM, v))
-            shared = p
+            shared = perceive(scene, noise, _rng(world_seed, seed, key, _NOISE_STREAM, v))
         text = detailed_description(shared.scene, _rng(world_seed, seed, key, _TEXT_STREAM, v))
         if mentions_shade(text):  # the world's invariant: only alt-text names a shade
             raise RuntimeError(f"recaption of {key!r} names a shade: {text!r}")
@@ -138,18 +134,11 @@ def recaption_scene(
     return out
 
 
-def _n_words(s: str | None) -> int:
-    return len(s.split()) if s else 0
-
-
 def _read_inputs(world: Path) -> tuple[dict, pa.Table, dict[str, dict]]:
-    world_json = world / "world.json"
-    truth_path = world / "truth" / "web.parquet"
-    web_dir = world / "web"
-    if not world_json.is_file():
-        raise FileNotFoundError(f"{world_json} does not exist (is {world} a tiny world? see generate_world)")
-    if not truth_path.is_file():
-        raise FileNotFoundError(f"{truth_path} does not exist (is {world} a tiny world? see generate_world)")
+    world_json, truth_path, web_dir = world / "world.json", world / "truth" / "web.parquet", world / "web"
+    for path in (world_json, truth_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist (is {world} a tiny world? see generate_world)")
     web_files = sorted(p for p in web_dir.glob("*.parquet") if not p.name.startswith((".", "_")))
     if not web_files:
         raise FileNotFoundError(f"no img2dataset shard parquets {web_dir}/*.parquet")
@@ -238,8 +227,8 @@ def truth_recaptions(
             cnt["main_misnamed"] += scene.main_index in p.colour_confused or scene.main_index in p.shape_coarsened
 
     n = len(keys)
-    re_len = [_n_words(t) for t in captions[0]]
-    org_len = [_n_words(t) for t in org]
+    re_len = [len(t.split()) if t else 0 for t in captions[0]]
+    org_len = [len(t.split()) if t else 0 for t in org]
     data = {"url": web.column("url").to_pylist(), "re_caption": captions[0], "org_caption": org}
     data |= {"sha256": web.column("sha256").to_pylist(), "key": keys, "re_length": re_len, "org_length": org_len}
     data |= {f"re_caption_{v}": captions[v] for v in range(1, n_var)}

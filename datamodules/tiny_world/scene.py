@@ -101,34 +101,19 @@ class SceneObject:
     rgb: tuple[int, int, int]
 
     @property
-    def label(self) -> int:
-        """Coarse class index (colour + shape) into ``CLASSNAMES``."""
+    def label(self) -> int:  # into CLASSNAMES
         return COLOURS.index(self.colour) * len(SHAPES) + SHAPES.index(self.shape)
 
     @property
-    def fine_label(self) -> int:
-        """Fine class index (shade + shape) into ``FINE_CLASSNAMES``."""
+    def fine_label(self) -> int:  # into FINE_CLASSNAMES
         shade_index = [name for name, _ in SHADES[self.colour]].index(self.shade)
         return (COLOURS.index(self.colour) * 2 + shade_index) * len(SHAPES) + SHAPES.index(self.shape)
-
-    def probe_point(self) -> tuple[float, float]:
-        """A point that lies inside the drawn shape (the centre, except for rings where the centre is a hole)."""
-        if self.shape == "ring":
-            return self.cx, self.cy - 0.78 * self.diameter / 2
-        return self.cx, self.cy
-
-    def bbox(self) -> tuple[float, float, float, float]:
-        r = self.diameter / 2
-        return self.cx - r, self.cy - r, self.cx + r, self.cy + r
 
 
 @dataclass(frozen=True)
 class Background:
     kind: str
     colours: tuple[str, ...]
-
-    def rgbs(self) -> list[tuple[int, int, int]]:
-        return [BACKGROUND_COLOURS[c] for c in self.colours]
 
 
 @dataclass(frozen=True)
@@ -164,9 +149,6 @@ class Scene:
     def background_json(self) -> str:
         return json.dumps(asdict(self.background), separators=(",", ":"))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, objects: str, background: str, main_index: int, image_size: int = 64) -> Scene:
         """Rebuild a scene from the JSON columns of ``truth/*.parquet``."""
@@ -188,15 +170,6 @@ def _index(u: float, n: int) -> int:
 def _weighted(u: float, probs: tuple[float, ...]) -> int:
     """The first index whose cumulative probability exceeds ``u``."""
     return min(bisect.bisect_right(list(itertools.accumulate(probs)), u), len(probs) - 1)
-
-
-def _anchor(position: str, diameter: float, cfg: SceneConfig) -> tuple[float, float]:
-    s = cfg.image_size
-    near = cfg.edge_margin + diameter / 2
-    far = s - near
-    mid = s / 2
-    anchors = {"left": (near, mid), "right": (far, mid), "top": (mid, near), "bottom": (mid, far), "center": (mid, mid)}
-    return anchors[position]
 
 
 def sample_scene(
@@ -234,7 +207,10 @@ def sample_scene(
         shade_name, shade_rgb = SHADES[colour][_index(u[2], 2)]
         nominal = cfg.large_size if sizes[i] == "large" else cfg.small_size
         diameter = nominal * (1 - cfg.size_jitter + 2 * cfg.size_jitter * u[3])
-        ax, ay = _anchor(positions[i], diameter, cfg)
+        near, mid = cfg.edge_margin + diameter / 2, cfg.image_size / 2
+        far = cfg.image_size - near
+        anchors = dict(left=(near, mid), right=(far, mid), top=(mid, near), bottom=(mid, far), center=(mid, mid))
+        ax, ay = anchors[positions[i]]
         cx = ax + cfg.position_jitter * (2 * u[4] - 1)
         cy = ay + cfg.position_jitter * (2 * u[5] - 1)
         rgb = tuple(min(255, max(0, c + _index(w, 2 * j + 1) - j)) for c, w in zip(shade_rgb, u[6:], strict=True))
@@ -281,7 +257,7 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
 
 
 def _draw_background(draw: ImageDraw.ImageDraw, bg: Background, side: int, stripe: int) -> None:
-    rgbs = bg.rgbs()
+    rgbs = [BACKGROUND_COLOURS[c] for c in bg.colours]
     draw.rectangle((0, 0, side, side), fill=rgbs[0])
     if bg.kind == "plain":
         return

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -52,11 +52,10 @@ class AltTextNoise:
         total = self.attribute + self.partial + self.wrong + self.junk
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"alt-text kind rates must sum to 1, got {total}")
-        rates = "shade_rate attribute_colour_only attribute_shape_only partial_background wrong_colour_share seo_rate"
-        for name in (*rates.split(), "case_rate", "punct_rate"):
-            v = getattr(self, name)
+        for f in fields(self)[len(ALT_KINDS) :]:  # every knob after the four kind rates is a rate
+            v = getattr(self, f.name)
             if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
+                raise ValueError(f"{f.name} must be in [0, 1], got {v}")
         if self.attribute_colour_only + self.attribute_shape_only > 1.0 + 1e-9:
             raise ValueError("attribute_colour_only + attribute_shape_only must be <= 1")
 

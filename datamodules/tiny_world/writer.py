@@ -227,14 +227,6 @@ def _jpeg(img, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _scene_and_jpeg(cfg: WorldConfig, split: str, index: int, **pin: Any) -> tuple[Scene, bytes]:
-    sid = SPLIT_IDS[split]
-    rng = item_rng(cfg.seed, sid, index, STREAM_IMAGE)
-    scene = sample_scene(rng, cfg.scene, **pin)
-    img = render_scene(scene, rng, cfg.scene)
-    return scene, _jpeg(img, cfg.jpeg_quality)
-
-
 def _text_rng(cfg: WorldConfig, split: str, index: int) -> np.random.Generator:
     return item_rng(cfg.seed, SPLIT_IDS[split], index, STREAM_TEXT)
 
@@ -328,7 +320,9 @@ def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> d
         pin = {}
         if split == "classify":
             pin = {"main_colour": COLOURS[label // len(SHAPES)], "main_shape": SHAPES[label % len(SHAPES)]}
-        scene, jpg = _scene_and_jpeg(cfg, split, i, **pin)
+        image_rng = item_rng(cfg.seed, SPLIT_IDS[split], i, STREAM_IMAGE)
+        scene = sample_scene(image_rng, cfg.scene, **pin)
+        jpg = _jpeg(render_scene(scene, image_rng, cfg.scene), cfg.jpeg_quality)
         if split in ("caption_pretrain", "instruct"):
             image = f"{split}/images/{sid}.jpg"
             if kind is None:

@@ -142,10 +142,6 @@ def _tokens(text: str) -> list[str]:
     return _TOKEN_RE.findall(t)
 
 
-def _marker_position(tok: str) -> str | None:
-    return tok[5:-2] if tok.startswith("__pos") else None
-
-
 def _mentions(toks: list[str]) -> list[_Mention]:
     out = []
     n = len(toks)
@@ -198,9 +194,9 @@ def _claim_marker(toks: list[str], indices: range, used: set[int]) -> str | None
     for i in indices:
         if toks[i] == "__rel__" or toks[i] in _SENTENCE_END:
             return None
-        if (pos := _marker_position(toks[i])) is not None and i not in used:
+        if toks[i].startswith("__pos") and i not in used:
             used.add(i)
-            return pos
+            return toks[i][5:-2]
     return None
 
 
@@ -303,10 +299,6 @@ _TUPLES = {
 }
 
 
-def _stated(key: tuple) -> bool:
-    return all(v is not None and v != GENERIC_SHAPE for v in key)
-
-
 def _per_index(value: int | Sequence[int], n: int) -> list[int]:
     return [int(value)] * n if isinstance(value, (int, np.integer)) else [int(v) for v in value]
 
@@ -342,7 +334,7 @@ def score_captions(
         objs, gold = list(parsed.objects), truth_objects(truth)
         n_unparsed += not objs
         for name, key in _TUPLES.items():
-            p = Counter(k for k in map(key, objs) if _stated(k))
+            p = Counter(k for k in map(key, objs) if all(v is not None and v != GENERIC_SHAPE for v in k))
             g = Counter(map(key, gold))
             tp[name] += sum((p & g).values())
             pred[name] += sum(p.values())

@@ -14,15 +14,9 @@ from .caption_attributes import chance_scores, parse_caption, score_captions
 
 
 class CaptionAttributes:
-    """Held-out images with ground truth: the world's ``eval/t2i_prompts`` (images + ``objects``/``background``).
-
-    Args:
-        prompts_parquet: ``eval/t2i_prompts/prompts.parquet`` (``file_name``, ``objects``, ``background``).
-        image_root: Folder that ``file_name`` is relative to (default: the parquet's folder).
-        limit: Caption only the first N images (generation dominates the cost).
-        name: Metric prefix (``eval/<name>/...``).
-        examples: Keep this many (caption, truth) examples in the last result (``last_examples``).
-    """
+    """The world's ``eval/t2i_prompts/prompts.parquet`` (``file_name`` relative to ``image_root``, default the
+    parquet's folder; ``objects``, ``background``): its first ``limit`` images (generation dominates the cost) are
+    captioned and scored, metrics under ``eval/<name>/``, the first ``examples`` kept in ``last_examples``."""
 
     def __init__(
         self,

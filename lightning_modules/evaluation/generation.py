@@ -73,23 +73,18 @@ def _to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def _batch(images: Images, lo: int, hi: int) -> torch.Tensor:
-    """Images ``lo:hi`` as a uint8 tensor: converts only that slice of a PIL list."""
-    return to_uint8_images(images[lo:hi])
-
-
-def load_reference_images(paths: Sequence[PathLike], size: tuple[int, int]) -> torch.Tensor:
-    """Reference images as ``(N, 3, H, W)`` uint8 at ``size = (H, W)``: centre crop and bicubic resize, as generated
-    images are square crops of their training images."""
-    paths = [Path(p) for p in paths]
-    missing = [p for p in paths if not p.is_file()]
+def load_reference_images(images: Sequence[PathLike | Image.Image], size: tuple[int, int]) -> torch.Tensor:
+    """Reference images (paths or PIL images) as ``(N, 3, H, W)`` uint8 at ``size = (H, W)``: centre crop and bicubic
+    resize, as generated images are square crops of their training images."""
+    missing = [p for p in images if not isinstance(p, Image.Image) and not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} reference image(s) missing, e.g. {missing[0]}")
     h, w = size
     out = []
-    for p in paths:
-        im = read_image_file(p, "reference image")  # 16-bit / transparent images as the loader reads them
-        out.append(ImageOps.fit(im, (w, h), method=Image.Resampling.BICUBIC))
+    for im in images:
+        if not isinstance(im, Image.Image):
+            im = read_image_file(im, "reference image")  # 16-bit / transparent images as the loader reads them
+        out.append(ImageOps.fit(im.convert("RGB"), (w, h), method=Image.Resampling.BICUBIC))
     return to_uint8_images(out)
 
 
@@ -145,7 +140,7 @@ class FID(nn.Module):
 
     ``feature`` is an InceptionV3 feature size (2048 is the standard FID; weights from a local file, see
     ``_inception_weights``, needs ``torch-fidelity``) or any ``nn.Module`` mapping float ``[0, 1]`` images to ``(N, D)``
-    (``num_features`` read from it, given, or probed). ``antialias=False`` keeps InceptionV3's TF1-style bilinear
+    (``num_features`` read from it, or probed). ``antialias=False`` keeps InceptionV3's TF1-style bilinear
     resize to 299, as the reference implementations do, so numbers compare with published FIDs.
     """
 
@@ -153,19 +148,17 @@ class FID(nn.Module):
         self,
         feature: int | nn.Module = 2048,
         inception_weights: PathLike | None = None,
-        num_features: int | None = None,
         antialias: bool = False,
-        probe_size: int = 64,
     ) -> None:
         super().__init__()
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         if isinstance(feature, nn.Module):
             net, wants_uint8 = feature, False
-            num_features = num_features or getattr(feature, "num_features", None)
+            num_features = getattr(feature, "num_features", None)
             if num_features is None:
                 was_training = feature.training
-                probe = torch.rand(2, 3, probe_size, probe_size, generator=torch.Generator().manual_seed(0))
+                probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
                 with torch.no_grad():
                     num_features = int(feature.eval()(probe).shape[-1])
                 feature.train(was_training)
@@ -192,23 +185,12 @@ class FID(nn.Module):
             feature=_FeatureAdapter(net, wants_uint8, int(num_features)), normalize=True, reset_real_features=True
         )
 
-    @property
-    def n_real(self) -> int:
-        return int(self.metric.real_features_num_samples)
-
-    @property
-    def n_fake(self) -> int:
-        return int(self.metric.fake_features_num_samples)
+    n_real = property(lambda self: int(self.metric.real_features_num_samples))
+    n_fake = property(lambda self: int(self.metric.fake_features_num_samples))
 
     def update(self, images: Images, real: bool) -> None:
         batch = images if isinstance(images, torch.Tensor) else to_uint8_images(images)
         self.metric.update(_check_tensor_images(batch).to(self.metric.device), real=real)
-
-    def update_real(self, images: Images) -> None:
-        self.update(images, real=True)
-
-    def update_fake(self, images: Images) -> None:
-        self.update(images, real=False)
 
     def compute(self) -> float:
         if self.n_real < 2 or self.n_fake < 2:
@@ -222,13 +204,6 @@ class FID(nn.Module):
             self.metric.reset()
         finally:
             self.metric.reset_real_features = True
-
-
-def _open_clip_spec(model: PathLike) -> str:
-    spec = os.fspath(model)
-    if not spec.startswith(("local-dir:", "hf-hub:")) and (Path(spec) / "open_clip_config.json").is_file():
-        return f"local-dir:{spec}"
-    return spec
 
 
 class OpenClipScorer:
@@ -258,7 +233,9 @@ class OpenClipScorer:
                 pre = {k: cfg[k] for k in keys if cfg.get(k) is not None}
                 preprocess = open_clip.image_transform(model.visual.image_size, is_train=False, **pre)
         else:
-            spec = _open_clip_spec(model)
+            spec = os.fspath(model)
+            if not spec.startswith(("local-dir:", "hf-hub:")) and (Path(spec) / "open_clip_config.json").is_file():
+                spec = f"local-dir:{spec}"
             if pretrained is not None:
                 if spec.startswith(("local-dir:", "hf-hub:")):
                     raise ValueError(f"{spec} carries its own weights; drop pretrained={pretrained}")
@@ -277,14 +254,11 @@ class OpenClipScorer:
         self.device = torch.device(device)
         self.context_length = int(getattr(model, "context_length", None) or tokenizer.context_length)
 
-    @property
-    def _dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         x = torch.stack([self.preprocess(im) for im in _to_pil(images)])
+        dtype = next(self.model.parameters()).dtype
         with torch.no_grad():
-            return self.model.encode_image(x.to(self.device, self._dtype), normalize=True).float()
+            return self.model.encode_image(x.to(self.device, dtype), normalize=True).float()
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(texts)).to(self.device)
@@ -361,22 +335,19 @@ def clip_score(images: Images, prompts: Sequence[str], scorer: Any, batch_size: 
         raise ValueError("clip_score needs at least one (image, prompt) pair")
     if len(images) != n:
         raise ValueError(f"{len(images)} images but {n} prompts")
-    total, total_sq, clamped = 0.0, 0.0, 0
+    cosines = []
     for lo in range(0, n, batch_size):
         hi = min(lo + batch_size, n)
-        img = F.normalize(scorer.encode_image(_to_float01(_batch(images, lo, hi))).float(), dim=-1)
+        img = F.normalize(scorer.encode_image(_to_float01(to_uint8_images(images[lo:hi]))).float(), dim=-1)
         txt = F.normalize(scorer.encode_text(prompts[lo:hi]).float().to(img.device), dim=-1)
         if img.shape != txt.shape:
             raise ValueError(f"image features {tuple(img.shape)} and text features {tuple(txt.shape)} differ")
-        cos = (img * txt).sum(dim=-1)
-        clamped += int((cos < 0).sum())
-        score = (100 * cos.clamp(min=0)).double()
-        total += float(score.sum())
-        total_sq += float((score**2).sum())
-    mean = total / n
+        cosines.append((img * txt).sum(dim=-1).cpu())
+    cos = torch.cat(cosines)
+    score = (100 * cos.clamp(min=0)).double()
     # standard error of the mean over pairs (what a comparison of two models' scores needs; 0 for one pair)
-    var = max(total_sq / n - mean**2, 0.0) * n / (n - 1) if n > 1 else 0.0
-    out = {"clip_score": mean, "se": math.sqrt(var / n), "n": float(n), "n_pairs_clamped": float(clamped)}
+    se = float(score.std() / math.sqrt(n)) if n > 1 else 0.0
+    out = {"clip_score": float(score.mean()), "se": se, "n": float(n), "n_pairs_clamped": float((cos < 0).sum())}
     counter = getattr(scorer, "count_over_context", None)
     if counter is not None:
         n_over = int(counter(prompts))
@@ -466,7 +437,7 @@ def judge_score(
     ratings: list[int | None] = []
     answers: list[str] = []
     for i, prompt in enumerate(prompts):
-        image = images[i] if isinstance(images[i], Image.Image) else _to_pil(_batch(images, i, i + 1))[0]
+        image = images[i] if isinstance(images[i], Image.Image) else _to_pil(to_uint8_images(images[i : i + 1]))[0]
         answer = judge(image, prompt_template.format(caption=prompt))
         if not isinstance(answer, str):
             raise TypeError(f"judge returned {type(answer).__name__}, expected the answer text")
@@ -519,15 +490,9 @@ def _reference_batches(
                 "read_prompt_set an image_root"
             )
         reference = [r.image_path for r in records]
-    h, w = size
     for lo in range(0, len(reference), bs):
         chunk = reference[lo : lo + bs]
-        if isinstance(chunk, torch.Tensor):
-            chunk = _to_pil(chunk)
-        if all(isinstance(c, Image.Image) for c in chunk):
-            yield to_uint8_images([ImageOps.fit(c.convert("RGB"), (w, h), Image.Resampling.BICUBIC) for c in chunk])
-        else:
-            yield load_reference_images(chunk, size)
+        yield load_reference_images(_to_pil(chunk) if isinstance(chunk, torch.Tensor) else chunk, size)
 
 
 def evaluate_generation(
@@ -558,7 +523,7 @@ def evaluate_generation(
         raise ValueError("no generated images")
     if len(records) != n:
         raise ValueError(f"{n} generated images but {len(records)} prompt records")
-    first = _batch(images, 0, 1)
+    first = to_uint8_images(images[:1])
     size = (int(first.shape[-2]), int(first.shape[-1]))
     prompts = [r.prompt for r in records]
     metrics: dict[str, float] = {"n_images": float(n)}
@@ -571,13 +536,13 @@ def evaluate_generation(
         if reference_images is not None:
             fid.reset(keep_real=False)
             for batch in _reference_batches(reference_images, records, size, batch_size):
-                fid.update_real(batch)
+                fid.update(batch, real=True)
         else:
             fid.reset(keep_real=True)
             if fid.n_real < 2:
                 raise ValueError("FID needs reference images: pass reference_images, or add real images to fid first")
         for lo in range(0, n, batch_size):
-            fid.update_fake(_batch(images, lo, min(lo + batch_size, n)))
+            fid.update(to_uint8_images(images[lo : lo + batch_size]), real=False)
         metrics.update(fid=fid.compute(), **{"fid/n_real": float(fid.n_real), "fid/n_fake": float(fid.n_fake)})
     elif reference_images is not None:
         log.warning("evaluate_generation: reference_images given without an FID; they are not used")
@@ -591,7 +556,7 @@ def evaluate_generation(
 
     if judge is not None:
         idx = seeded_subset(n, judge_limit, judge_seed)
-        subset = [_to_pil(_batch(images, i, i + 1))[0] if isinstance(images, torch.Tensor) else images[i] for i in idx]
+        subset = images[idx] if isinstance(images, torch.Tensor) else [images[i] for i in idx]
         result = judge_score(subset, [prompts[i] for i in idx], judge)
         metrics.update(result.metrics("judge"))
         payload["judge_answers"] = [

@@ -6,8 +6,6 @@ object's colour, shape and position, the object count and the background kind (`
 size; resizing and normalisation happen inside. Saved as ``judge.safetensors`` (no pickle) and ``judge.json``
 (architecture, labels, held-out accuracies, world fingerprint, recipe), written last, so it marks the folder
 complete. The held-out set is ``eval/t2i_prompts``, whose images never coincide with web images.
-
-CLI: ``python -m experiments world-judge --world DIR --out DIR [--image-size 32] [--steps N] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -58,7 +56,6 @@ DEFAULT_WIDTHS = (48, 96, 192)
 
 
 def as_float_images(images: Tensor) -> Tensor:
-    """uint8 [0, 255] or float [0, 1] images -> float32 in [0, 1]."""
     if images.dtype == torch.uint8:
         return images.float().div_(255.0)
     if not images.is_floating_point():
@@ -149,8 +146,7 @@ class JudgeFeatures(nn.Module):
         super().__init__()
         self.judge = judge
         self.num_features = int(judge.num_features)
-        self.requires_grad_(False)
-        super().train(False)
+        self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> JudgeFeatures:
         return super().train(False)
@@ -165,10 +161,8 @@ def _json(value: Any) -> Any:
 
 def truth_targets(truth: Any) -> dict[str, int | None]:
     """Class indices ``{head: index or None}`` of one image's intended content, from a truth/prompt parquet row (JSON
-    or parsed), a ``Scene`` or its dict, an ``objects`` list or its JSON, or a flat dict of attribute names (any of
+    or parsed), an ``objects`` list or its JSON, or a flat dict of attribute names (any of
     ``{"colour": "red", "shape": "star", "position": "left", "count": 2, "background": "plain"}``)."""
-    if hasattr(truth, "to_dict") and not isinstance(truth, Mapping):
-        truth = truth.to_dict()
     truth = _json(truth)
     out: dict[str, int | None] = dict.fromkeys(HEADS)
     if isinstance(truth, list):
@@ -189,8 +183,6 @@ def truth_targets(truth: Any) -> dict[str, int | None]:
     for name, labels in HEADS.items():
         value = truth.get(name)
         if value is not None:
-            if name == "background" and isinstance(value, Mapping):
-                value = value["kind"]
             out[name] = labels.index(str(value))
     return out
 

@@ -8,7 +8,6 @@ silently: it counts the captions longer than the text tower's context and warns.
 
 from __future__ import annotations
 
-import abc
 import json
 import logging
 import os
@@ -33,20 +32,17 @@ Template = Callable[[str], str]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's set
 
 
-class EvalTask(abc.ABC):
-    """One evaluation set; ``name`` prefixes its metrics."""
+class EvalTask:
+    """One evaluation set over the image files ``paths``; ``name`` prefixes the metrics of its ``compute``."""
 
     name: str
+    paths: list[Path]
 
-    @abc.abstractmethod
     def image_dataset(self, transform: Callable[[Image.Image], torch.Tensor]) -> Dataset:
-        """The task's images as ``(transform(image), index)``, index 0..n-1."""
-
-    @abc.abstractmethod
-    def compute(
-        self, image_features: torch.Tensor, encode_texts: TextEncoder, tokenizer: Any, context_length: int
-    ) -> dict[str, float]:
-        """Metrics from L2-normalised image features ``[n, d]`` in index order and a normalised text encoder."""
+        missing = [p for p in self.paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.name}: {len(missing)} image file(s) missing, e.g. {missing[0]}")
+        return _ImageList(self.paths, transform)
 
     def _check_features(self, image_features: torch.Tensor, n: int) -> None:
         if image_features.ndim != 2 or image_features.shape[0] != n:
@@ -172,13 +168,9 @@ class ZeroShotClassification(EvalTask):
             image_root = _require_dir(root / split_dir, "classification image folder")
         else:
             image_root = root / "images" if (root / "images").is_dir() else root
-        if classnames is None:
-            if not (root / "classnames.json").is_file():
-                raise FileNotFoundError(f"no classnames given and {root / 'classnames.json'} does not exist")
-            classnames = root / "classnames.json"
         if templates is None:
             templates = root / "templates.json" if (root / "templates.json").is_file() else "openai"
-        self.classnames = resolve_classnames(classnames)
+        self.classnames = resolve_classnames(root / "classnames.json" if classnames is None else classnames)
         self.templates = resolve_templates(templates)
 
         from torchvision.datasets.folder import find_classes, make_dataset
@@ -195,9 +187,6 @@ class ZeroShotClassification(EvalTask):
         self.paths = [Path(p) for p, _ in samples]
         self.labels = torch.tensor([label for _, label in samples], dtype=torch.long)
 
-    def image_dataset(self, transform: Callable[[Image.Image], torch.Tensor]) -> Dataset:
-        return _ImageList(self.paths, transform)
-
     def compute(
         self, image_features: torch.Tensor, encode_texts: TextEncoder, tokenizer: Any, context_length: int
     ) -> dict[str, float]:
@@ -213,16 +202,8 @@ class _RetrievalTask(EvalTask):
     def __init__(self, name: str, paths: list[Path], texts: list[str], text_to_image: list[int], source: Path) -> None:
         if not paths or not texts:
             raise ValueError(f"{source}: no images or no captions to evaluate")
-        self.name = name
-        self.paths = paths
-        self.texts = texts
+        self.name, self.paths, self.texts = name, paths, texts
         self.text_to_image = torch.tensor(text_to_image, dtype=torch.long)
-
-    def image_dataset(self, transform: Callable[[Image.Image], torch.Tensor]) -> Dataset:
-        missing = [p for p in self.paths if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{self.name}: {len(missing)} image file(s) missing, e.g. {missing[0]}")
-        return _ImageList(self.paths, transform)
 
     def compute(
         self, image_features: torch.Tensor, encode_texts: TextEncoder, tokenizer: Any, context_length: int
@@ -257,10 +238,7 @@ class Retrieval(_RetrievalTask):
         entries = data.get("images") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             raise ValueError(f"{source}: expected an object with an 'images' list")
-        paths: list[Path] = []
-        texts: list[str] = []
-        text_to_image: list[int] = []
-        splits: set[str] = set()
+        paths, texts, text_to_image, splits = [], [], [], set()
         for i, entry in enumerate(entries):
             try:
                 splits.add(entry["split"])
@@ -284,16 +262,6 @@ class Retrieval(_RetrievalTask):
             raise ValueError(f"{source}: no images in split {split!r} (splits present: {sorted(splits)})")
         super().__init__(name, paths, texts, text_to_image, source)
 
-    @classmethod
-    def coco(cls, karpathy_json: PathLike, image_root: PathLike, split: str = "test", name: str = "coco") -> Retrieval:
-        return cls(karpathy_json, image_root, split=split, name=name)
-
-    @classmethod
-    def flickr30k(
-        cls, karpathy_json: PathLike, image_root: PathLike, split: str = "test", name: str = "flickr30k"
-    ) -> Retrieval:
-        return cls(karpathy_json, image_root, split=split, name=name)
-
 
 def _stem_order(stem: str) -> tuple[int, int, str]:
     return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
@@ -313,8 +281,7 @@ class LongRetrieval(_RetrievalTask):
         if orphans:
             stem = orphans[0]
             raise FileNotFoundError(f"caption {captions[stem]} has no image {image_dir / stem}.<jpg|png|...>")
-        paths: list[Path] = []
-        texts: list[str] = []
+        paths, texts = [], []
         for stem in sorted(images, key=_stem_order):
             if stem not in captions:
                 raise FileNotFoundError(f"image {images[stem]} has no caption {caption_dir / f'{stem}.txt'}")
