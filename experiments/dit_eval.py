@@ -106,12 +106,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def _write_table(results: dict[str, dict[str, float]], path: Path, args: argparse.Namespace) -> None:
-    # by hand, not DataFrame.to_markdown: that pads the cells, and readers grep for "| fid |"
+    from experiments.tables import markdown
+
     lines = [f"# DiT evaluation: {args.ckpt}", "", f"prompts: {args.prompts} (limit {args.limit})", ""]
-    lines += ["| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
-    for k in sorted({k for m in results.values() for k in m}):
-        cells = ["" if results[c].get(k) is None else f"{results[c][k]:.4g}" for c in results]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    cell = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+    keys = sorted({k for m in results.values() for k in m})
+    lines.append(markdown([[k, *(cell(results[c].get(k)) for c in results)] for k in keys], ["metric", *results]))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
