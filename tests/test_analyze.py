@@ -159,9 +159,21 @@ class _FakeClip:
 def test_shards_through_the_loader_stages_with_a_clip(tmp_path, monkeypatch):
     _shard(tmp_path / "00000.tar")
     monkeypatch.setattr(analyze, "load_scorer", lambda folder: _FakeClip())
-    summary = analyze.main(["--shards", str(tmp_path / "00000.tar"), "--sources", "original=txt",
-                            "recaption=recap.txt", "--clip", "fake", "--out", str(tmp_path / "out"),
-                            "--batch-size", "2"])  # fmt: skip
+    summary = analyze.main(
+        [
+            "--shards",
+            str(tmp_path / "00000.tar"),
+            "--sources",
+            "original=txt",
+            "recaption=recap.txt",
+            "--clip",
+            "fake",
+            "--out",
+            str(tmp_path / "out"),
+            "--batch-size",
+            "2",
+        ]
+    )
     s = summary["inputs"]["shards"]
     assert s["n_rows"] == 4
     assert s["missing_caption"] == {"original": 0, "recaption": 1}
@@ -190,8 +202,13 @@ def test_attribute_rater_answers_in_the_judge_format():
 
     rater = analyze.AttributeRater.__new__(analyze.AttributeRater)  # no judge weights: predictions are given below
     rater.prefix, _, rater.suffix = JUDGE_PROMPT.partition("{caption}")
-    rater.predict = lambda image: {"colour": "red", "shape": "star", "position": "left", "count": "1",
-                                   "background": "plain"}  # fmt: skip
+    rater.predict = lambda image: {
+        "colour": "red",
+        "shape": "star",
+        "position": "left",
+        "count": "1",
+        "background": "plain",
+    }
     ask = lambda caption: parse_rating(rater(None, JUDGE_PROMPT.format(caption=caption)))  # noqa: E731
     assert ask("a red star") == 5  # colour and shape right
     assert ask("a blue star") == 3  # 1 + round(4 * 1/2)

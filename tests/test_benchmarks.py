@@ -113,8 +113,20 @@ def test_gpu_checks_isolate_each_check_in_a_process_with_a_time_limit(tmp_path, 
 
     from benchmarks.gpu_checks import _run_isolated, main
 
-    report = main(["--tiny", "--out", str(tmp_path / "out"), "--no-doc", "--tokenizer", world_tokenizer,
-                   "--isolate", "yes", "--checks", "clip"])  # fmt: skip
+    report = main(
+        [
+            "--tiny",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-doc",
+            "--tokenizer",
+            world_tokenizer,
+            "--isolate",
+            "yes",
+            "--checks",
+            "clip",
+        ]
+    )
     assert report["isolated"] is True
     assert report["checks"]["clip"]["ms_per_step"] > 0
     args = argparse.Namespace(tiny=True)

@@ -104,8 +104,10 @@ def test_position_size_colour_and_shape_vocabulary():
             CaptionObject("small", "blue", "circle", None),
             CaptionObject("large", "red", "star", None),
         )
-    for word, size in {**dict.fromkeys((*text.BIG_WORDS, "sizeable"), "large"),
-                       **dict.fromkeys((*text.SMALL_WORDS, "compact"), "small")}.items():  # fmt: skip
+    for word, size in {
+        **dict.fromkeys((*text.BIG_WORDS, "sizeable"), "large"),
+        **dict.fromkeys((*text.SMALL_WORDS, "compact"), "small"),
+    }.items():
         assert parse_caption(f"a {word} ring").objects == (CaptionObject(size, None, "ring", None),)
     for word, colour in {**{c: c for c in COLOURS}, **SHADE_TO_COLOUR}.items():
         for shape in SHAPES:
@@ -157,8 +159,9 @@ def test_one_swapped_shape_costs_exactly_one_object(world_scenes):
     s = world_scenes[k]
     present = {o.shape for o in s.objects}
     new_shape = next(sh for sh in SHAPES if sh not in present)
-    swapped = dataclasses.replace(s, objects=(s.objects[0], dataclasses.replace(s.objects[1], shape=new_shape),
-                                              *s.objects[2:]))  # fmt: skip
+    swapped = dataclasses.replace(
+        s, objects=(s.objects[0], dataclasses.replace(s.objects[1], shape=new_shape), *s.objects[2:])
+    )
     caps[k] = describe([swapped], seed=99)[0]
     r = score_captions(caps, world_scenes, [x.background for x in world_scenes])
     expected = 100.0 * (n_objects - 1) / n_objects

@@ -35,10 +35,18 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     generate_world(world, WorldConfig.tiny(seed=0, n_web=120, shard_size=20, workers=1))
     tok = train_world_tokenizer(world, root / "tok", vocab_size=400)
     torch.manual_seed(0)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)  # fmt: skip
-    llm = dict(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    llm = dict(
+        vocab_size=len(tok) + 8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     parts = build_llava(vision_tower=vision, llm=llm, tokenizer=str(root / "tok"))
     save_llava(parts, root / "model")
     return {"world": world, "model": root / "model", "root": root}
@@ -92,9 +100,29 @@ def test_pending_units_list_every_unfinished_unit_each_rank_starting_on_its_own_
 
 
 def _spawn(setup, out: Path, rank: int, world: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "experiments", "recaption", "run", "--model", str(setup["model"]),
-           "--shards", str(setup["world"] / "web"), "--out", str(out), "--max-new-tokens", "4", "--batch-size", "10",
-           "--rank", str(rank), "--world-size", str(world), "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments",
+        "recaption",
+        "run",
+        "--model",
+        str(setup["model"]),
+        "--shards",
+        str(setup["world"] / "web"),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "10",
+        "--rank",
+        str(rank),
+        "--world-size",
+        str(world),
+        "--device",
+        "cpu",
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -190,9 +218,26 @@ def test_throughput_benchmark_reports_both_and_agrees(setup):
     from benchmarks.recaption_throughput import main
 
     images = str(setup["world"] / "eval/t2i_prompts/images/*.jpg")
-    report = main(["--model", str(setup["model"]), "--images", images, "--n", "8", "--n-single", "4",
-                   "--batch-size", "4", "--max-new-tokens", "5", "--device", "cpu",
-                   "--repeats", "2"])  # fmt: skip
+    report = main(
+        [
+            "--model",
+            str(setup["model"]),
+            "--images",
+            images,
+            "--n",
+            "8",
+            "--n-single",
+            "4",
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "5",
+            "--device",
+            "cpu",
+            "--repeats",
+            "2",
+        ]
+    )
     assert len(report["round_ratios"]) == 2
     assert report["job_images_per_s"] > 0
     assert report["batch1_images_per_s"] > 0
@@ -202,9 +247,28 @@ def test_throughput_benchmark_reports_both_and_agrees(setup):
 def test_gpu_benchmark_runs_its_code_path_on_a_tiny_shape(setup, tmp_path):
     from benchmarks.recaption_gpu import main
 
-    report = main(["--model-dir", str(tmp_path / "m"), "--shape", "tiny", "--tokenizer", str(setup["root"] / "tok"),
-                   "--backends", "hf", "--n", "4", "--batch-size", "2", "--max-new-tokens", "3", "--dtype",
-                   "float32", "--device", "cpu"])  # fmt: skip
+    report = main(
+        [
+            "--model-dir",
+            str(tmp_path / "m"),
+            "--shape",
+            "tiny",
+            "--tokenizer",
+            str(setup["root"] / "tok"),
+            "--backends",
+            "hf",
+            "--n",
+            "4",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+        ]
+    )
     assert (tmp_path / "m/model.safetensors").exists()  # built once, loaded back through the job's backend
     assert report["hf"]["images_per_s"] > 0
     assert 0 < report["hf"]["mean_new_tokens"] <= 3
@@ -277,10 +341,17 @@ def test_new_shards_carry_the_recaption_as_a_member_the_datamodule_reads(setup, 
 
     from datamodules.caption_mix import CaptionMixDataModule
 
-    dm = CaptionMixDataModule(str(dest / "00000.tar"), batch_size=4, p_original=0.0, num_workers=0,
-                              sources={"original": "txt", "recaption": "recap.txt"}, shuffle_buffer=1,
-                              image_transform=lambda im: im.size, text_transform=lambda t: t,
-                              persistent_workers=False)  # fmt: skip
+    dm = CaptionMixDataModule(
+        str(dest / "00000.tar"),
+        batch_size=4,
+        p_original=0.0,
+        num_workers=0,
+        sources={"original": "txt", "recaption": "recap.txt"},
+        shuffle_buffer=1,
+        image_transform=lambda im: im.size,
+        text_transform=lambda t: t,
+        persistent_workers=False,
+    )
     dm.setup("fit")
     seen = {k: t for b in dm.train_dataloader() for k, t in zip(b["key"], b["text"], strict=True)}
     ok = {k: r["re_caption"] for k, r in rows.items() if r["status"] == "ok"}
@@ -312,8 +383,9 @@ class _FakeVLLM:
                         stop = params.kw["stop_token_ids"][0]
                         c = types.SimpleNamespace(text=" a red star ", token_ids=[5, 6, 7, stop], finish_reason="stop")
                     else:  # hit the limit
-                        c = types.SimpleNamespace(text="a b c d", token_ids=list(range(params.kw["max_tokens"])),
-                                                  finish_reason="length")  # fmt: skip
+                        c = types.SimpleNamespace(
+                            text="a b c d", token_ids=list(range(params.kw["max_tokens"])), finish_reason="length"
+                        )
                     outs.append(types.SimpleNamespace(outputs=[c]))
                 return outs
 
@@ -352,8 +424,10 @@ def test_vllm_backend_asks_vllm_for_the_hf_backend_decoding(setup, monkeypatch):
     assert fake.params[1]["repetition_penalty"] == 1.3
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
-                    reason="vLLM agreement needs a GPU and vllm installed")  # fmt: skip
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
+    reason="vLLM agreement needs a GPU and vllm installed",
+)
 def test_vllm_and_hf_greedy_captions_agree_on_a_fixed_image_set(setup):  # pragma: no cover - GPU machines only
     from PIL import Image
 

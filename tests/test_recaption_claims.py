@@ -73,18 +73,41 @@ def job(request, tmp_path, monkeypatch) -> dict:
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    return {"tmp": tmp_path, "model": str(model), "shards": str(tmp_path / "web/*.tar"), "out": tmp_path / "out",
-            "keys": sorted(truth)}  # fmt: skip
+    return {
+        "tmp": tmp_path,
+        "model": str(model),
+        "shards": str(tmp_path / "web/*.tar"),
+        "out": tmp_path / "out",
+        "keys": sorted(truth),
+    }
 
 
-def _spawn(job: dict, rank: int, world: int, *extra: str, slow_write: float = 0.0, delay: float = DELAY
-           ) -> subprocess.Popen:  # fmt: skip
-    cmd = [sys.executable, __file__, "run", "--model", job["model"], "--shards", job["shards"], "--out",
-           str(job["out"]), "--batch-size", "2", "--rank", str(rank), "--world-size", str(world), "--no-progress",
-           *extra]  # fmt: skip
+def _spawn(
+    job: dict, rank: int, world: int, *extra: str, slow_write: float = 0.0, delay: float = DELAY
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        __file__,
+        "run",
+        "--model",
+        job["model"],
+        "--shards",
+        job["shards"],
+        "--out",
+        str(job["out"]),
+        "--batch-size",
+        "2",
+        "--rank",
+        str(rank),
+        "--world-size",
+        str(world),
+        "--no-progress",
+        *extra,
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", RECAP_TEST_SLOW_WRITE=str(slow_write),
-               RECAP_TEST_DELAY=str(delay))  # fmt: skip
+    env.update(
+        PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", RECAP_TEST_SLOW_WRITE=str(slow_write), RECAP_TEST_DELAY=str(delay)
+    )
     log = open(job["tmp"] / f"worker-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log_path = log.name

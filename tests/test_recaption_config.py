@@ -40,8 +40,12 @@ def ws(tmp_path, monkeypatch):
     write_shards(tmp_path / "web", [3, 2])
     _FakeBackend.built = []
     monkeypatch.setitem(recaption.BACKENDS, "hf", _FakeBackend)
-    return {"tmp": tmp_path, "model": str(model), "shards": str(tmp_path / "web/{00000..00001}.tar"),
-            "out": str(tmp_path / "out")}  # fmt: skip
+    return {
+        "tmp": tmp_path,
+        "model": str(model),
+        "shards": str(tmp_path / "web/{00000..00001}.tar"),
+        "out": str(tmp_path / "out"),
+    }
 
 
 def _refused(argv, capsys) -> str:
@@ -158,8 +162,7 @@ def test_a_flag_fixes_a_bad_yaml_value(ws):
         ({"RANK": "3"}, ["--world-size", "2"], "--world-size = 2", "(in command line)"),
     ],
 )
-def test_a_rank_from_the_environment_is_checked_against_the_world_size(ws, capsys, monkeypatch, env, flags, key,
-                                                                        where):  # fmt: skip
+def test_a_rank_from_the_environment_is_checked_against_the_world_size(ws, capsys, monkeypatch, env, flags, key, where):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     err = _refused(["run", "--model", ws["model"], "--shards", ws["shards"], "--out", ws["out"], *flags], capsys)
@@ -235,8 +238,18 @@ def test_remote_shards_and_hub_names_are_left_to_the_run(ws):
 
 def test_a_good_config_runs_with_flags_overriding_it(ws):
     cfg = ws["tmp"] / "r.yaml"
-    cfg.write_text(yaml.safe_dump({"model": ws["model"], "shards": ws["shards"], "out": ws["out"],
-                                   "max_new_tokens": 5, "batch_size": 64, "dtype": "float32"}))  # fmt: skip
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": ws["model"],
+                "shards": ws["shards"],
+                "out": ws["out"],
+                "max_new_tokens": 5,
+                "batch_size": 64,
+                "dtype": "float32",
+            }
+        )
+    )
     totals = main(["run", "--config", str(cfg), "--batch-size", "2", "--device", "cpu", "--no-progress"])
     assert totals["units"] == 2  # both shards of the local brace range
     assert totals["rows"] == 5
@@ -260,8 +273,20 @@ def test_image_limits_are_the_training_loaders(ws):
     ok = pq.read_table(Path(ws["out"]) / "00000.parquet").to_pylist()
     assert [r["status"] for r in ok] == ["ok"] * 3
     strict = ws["tmp"] / "strict"
-    totals = main(["run", "--model", ws["model"], "--shards", ws["shards"], "--out", str(strict), "--no-progress",
-                   "--min-image-size", "20"])  # fmt: skip
+    totals = main(
+        [
+            "run",
+            "--model",
+            ws["model"],
+            "--shards",
+            ws["shards"],
+            "--out",
+            str(strict),
+            "--no-progress",
+            "--min-image-size",
+            "20",
+        ]
+    )
     assert totals["errors"] == 5
     rows = [r for f in sorted(strict.glob("0000*.parquet")) for r in pq.read_table(f).to_pylist()]
     assert len(rows) == 5

@@ -61,7 +61,11 @@ def done(tmp_path, monkeypatch) -> dict:
     run(str(model), str(tmp_path / "web/00001.tar"), out, slice_size=2, **kw)
     run(str(model), str(tmp_path / "web/*.tar"), out, **kw)
     assert sorted(p.stem for p in out.glob("*.parquet")) == [
-        "00000", "00001.part00000-of-00002", "00001.part00001-of-00002", "00002"]  # fmt: skip
+        "00000",
+        "00001.part00000-of-00002",
+        "00001.part00001-of-00002",
+        "00002",
+    ]
     return {"out": out, "web": tmp_path / "web", "spec": str(tmp_path / "web/*.tar")}
 
 
@@ -90,16 +94,31 @@ def test_merge_first_keeps_the_first_row_in_shard_order_and_lists_every_dropped_
     rows = {r["key"]: r for r in pq.read_table(dest).to_pylist()}
     assert len(rows) == pq.read_table(dest).num_rows == 6  # every key exactly once
     assert {k: r["org_caption"] for k, r in rows.items()} == {
-        "k0": "k0 from 00000", "k1": "k1 from 00000", "k2": "k2 from 00000", "k3": "k3 from 00001",
-        "k4": "k4 from 00001", "k5": "k5 from 00002"}  # fmt: skip
+        "k0": "k0 from 00000",
+        "k1": "k1 from 00000",
+        "k2": "k2 from 00000",
+        "k3": "k3 from 00001",
+        "k4": "k4 from 00001",
+        "k5": "k5 from 00002",
+    }
     report = _report(duplicates_report_path(dest))
     assert report == [
-        {"key": "k1", "dropped_unit": "00001.part00000-of-00002", "dropped_row": "1", "kept_unit": "00000",
-         "kept_row": "1"},
-        {"key": "k2", "dropped_unit": "00001.part00001-of-00002", "dropped_row": "1", "kept_unit": "00000",
-         "kept_row": "2"},
+        {
+            "key": "k1",
+            "dropped_unit": "00001.part00000-of-00002",
+            "dropped_row": "1",
+            "kept_unit": "00000",
+            "kept_row": "1",
+        },
+        {
+            "key": "k2",
+            "dropped_unit": "00001.part00001-of-00002",
+            "dropped_row": "1",
+            "kept_unit": "00000",
+            "kept_row": "2",
+        },
         {"key": "k2", "dropped_unit": "00002", "dropped_row": "0", "kept_unit": "00000", "kept_row": "2"},
-    ]  # fmt: skip
+    ]
     assert "merge: 3 duplicate rows dropped" in capsys.readouterr().out
 
 
@@ -109,8 +128,10 @@ def test_first_follows_the_order_the_shards_are_given_in(done):
     rows = {r["key"]: r["org_caption"] for r in pq.read_table(dest).to_pylist()}
     assert (rows["k1"], rows["k2"]) == ("k1 from 00001", "k2 from 00002")
     assert [(r["key"], r["dropped_unit"], r["kept_unit"]) for r in _report(duplicates_report_path(dest))] == [
-        ("k2", "00001.part00001-of-00002", "00002"), ("k1", "00000", "00001.part00000-of-00002"),
-        ("k2", "00000", "00002")]  # fmt: skip
+        ("k2", "00001.part00001-of-00002", "00002"),
+        ("k1", "00000", "00001.part00000-of-00002"),
+        ("k2", "00000", "00002"),
+    ]
 
 
 def test_merge_cli_takes_on_duplicate_and_a_clean_merge_leaves_an_empty_list(done, capsys, tmp_path):

@@ -46,11 +46,28 @@ from datamodules.tiny_world.text import (
 )
 from datamodules.tiny_world.writer import WEB_PARQUET_SCHEMA, compute_key
 
-META_FIELDS = ["org_caption", "caption", "url", "key", "status", "error_message", "width", "height",
-               "original_width", "original_height", "exif", "sha256"]  # fmt: skip
+META_FIELDS = [
+    "org_caption",
+    "caption",
+    "url",
+    "key",
+    "status",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "exif",
+    "sha256",
+]
 TIME_FIELDS = {"duration", "start_time", "end_time"}
-DESCRIPTION_OPENERS = ("This is a simple graphic", "The image shows", "In this picture", "A minimalist illustration",
-                       "The image contains")  # fmt: skip
+DESCRIPTION_OPENERS = (
+    "This is a simple graphic",
+    "The image shows",
+    "In this picture",
+    "A minimalist illustration",
+    "The image contains",
+)
 WORD = re.compile(r"[a-z]+")
 
 
@@ -97,8 +114,19 @@ def test_same_seed_is_byte_identical_across_runs_and_worker_counts(world, tmp_pa
 
 def test_different_seed_differs(world, tmp_path):
     other = tmp_path / "seed1"
-    generate_world(other, WorldConfig.tiny(seed=1, n_web=50, n_caption_pretrain=0, n_instruct=0, n_classify=0,
-                                           n_retrieval=8, n_long_retrieval=0, n_t2i=0))  # fmt: skip
+    generate_world(
+        other,
+        WorldConfig.tiny(
+            seed=1,
+            n_web=50,
+            n_caption_pretrain=0,
+            n_instruct=0,
+            n_classify=0,
+            n_retrieval=8,
+            n_long_retrieval=0,
+            n_t2i=0,
+        ),
+    )
     assert (other / "web/00000.tar").read_bytes() != (world / "web/00000.tar").read_bytes()
     caps_0 = [
         i["sentences"][0]["raw"] for i in json.loads((world / "eval/retrieval/dataset.json").read_text())["images"]
@@ -115,8 +143,17 @@ def test_refuses_non_empty_dir_and_overwrites_only_its_outputs(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):
         generate_world(out, WorldConfig.tiny(workers=1))
-    cfg = WorldConfig.tiny(n_web=10, shard_size=10, n_caption_pretrain=0, n_instruct=0, n_classify=0, n_retrieval=0,
-                           n_long_retrieval=0, n_t2i=0, workers=1)  # fmt: skip
+    cfg = WorldConfig.tiny(
+        n_web=10,
+        shard_size=10,
+        n_caption_pretrain=0,
+        n_instruct=0,
+        n_classify=0,
+        n_retrieval=0,
+        n_long_retrieval=0,
+        n_t2i=0,
+        workers=1,
+    )
     summary = generate_world(out, cfg, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
     assert summary["counts"]["web"] == 10
@@ -181,9 +218,17 @@ def test_tar_matches_img2dataset_writer(world, tmp_path):
     writer_mod = load_img2dataset_writer()
     # img2dataset's downloader schema: input columns (save_additional_columns + caption + url), then its own columns
     schema = pa.schema([("org_caption", pa.string()), ("caption", pa.string()), ("url", pa.string())])
-    for name, typ in [("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
-                      ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
-                      ("original_height", pa.int32()), ("exif", pa.string()), ("sha256", pa.string())]:  # fmt: skip
+    for name, typ in [
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("exif", pa.string()),
+        ("sha256", pa.string()),
+    ]:
         schema = schema.append(pa.field(name, typ))
     assert schema.equals(WEB_PARQUET_SCHEMA)
     ours = _tar_members(world / "web/00001.tar")
@@ -199,8 +244,18 @@ def test_tar_matches_img2dataset_writer(world, tmp_path):
 
 
 def test_failed_downloads_are_parquet_rows_without_tar_members(tmp_path):
-    cfg = WorldConfig.tiny(n_web=100, shard_size=50, fail_rate=0.3, n_caption_pretrain=0, n_instruct=0, n_classify=0,
-                           n_retrieval=0, n_long_retrieval=0, n_t2i=0, workers=1)  # fmt: skip
+    cfg = WorldConfig.tiny(
+        n_web=100,
+        shard_size=50,
+        fail_rate=0.3,
+        n_caption_pretrain=0,
+        n_instruct=0,
+        n_classify=0,
+        n_retrieval=0,
+        n_long_retrieval=0,
+        n_t2i=0,
+        workers=1,
+    )
     summary = generate_world(tmp_path / "w", cfg)
     failed = 0
     for shard in range(2):
@@ -396,8 +451,27 @@ def test_short_captions_are_mostly_distinct():
         for c in five:
             words = set(WORD.findall(c.lower()))
             assert scene.main.shape in words  # main object always named with >= 2 attributes
-            assert len(words & {scene.main.colour, "big", "large", "small", "little", "tiny", "left", "right",
-                                "top", "bottom", "center", "middle", "centre"}) >= 1  # fmt: skip
+            assert (
+                len(
+                    words
+                    & {
+                        scene.main.colour,
+                        "big",
+                        "large",
+                        "small",
+                        "little",
+                        "tiny",
+                        "left",
+                        "right",
+                        "top",
+                        "bottom",
+                        "center",
+                        "middle",
+                        "centre",
+                    }
+                )
+                >= 1
+            )
             assert not words & set(SHADE_TO_COLOUR)
         caps += five
     assert len(set(caps)) / len(caps) > 0.8
@@ -530,8 +604,12 @@ def test_world_json_and_split_separation(world):
     assert meta["counts"]["web"] == 200
     assert meta["generation_seconds"] > 0
     assert WorldConfig.from_world_json(world) == WorldConfig.tiny(seed=0, workers=2)
-    web = {hashlib.sha256(b).digest() for p in (world / "web").glob("*.tar") for n, b in _tar_members(p) if
-           n.endswith(".jpg")}  # fmt: skip
+    web = {
+        hashlib.sha256(b).digest()
+        for p in (world / "web").glob("*.tar")
+        for n, b in _tar_members(p)
+        if n.endswith(".jpg")
+    }
     evals = {hashlib.sha256(p.read_bytes()).digest() for p in (world / "eval").rglob("*.jpg")}
     assert len(web) == 200
     assert len(evals) == 96 + 48 + 32 + 32

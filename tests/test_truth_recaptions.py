@@ -217,8 +217,11 @@ def test_perceive_extremes_and_monotone():
     ]
     sc = Scene(tuple(objs), Background("plain", ("gray",)), 0)
     allin = perceive(sc, RecapNoise(1.0, 1.0, 0.0), np.random.default_rng(0))
-    assert [(o.colour, o.shape) for o in allin.scene.objects] == [("blue", "circle"), ("red", "shape"),
-                                                                   ("purple", "square")]  # fmt: skip
+    assert [(o.colour, o.shape) for o in allin.scene.objects] == [
+        ("blue", "circle"),
+        ("red", "shape"),
+        ("purple", "square"),
+    ]
     alldrop = perceive(sc, RecapNoise(0.0, 0.0, 1.0), np.random.default_rng(0))
     assert alldrop.dropped == (1, 2)
     assert [o.shape for o in alldrop.scene.objects] == ["ring"]
@@ -281,8 +284,24 @@ def test_errors_name_the_problem(world, tmp_path):
 
 def test_cli_main(world, tmp_path, capsys):
     out = tmp_path / "cli"
-    summary = main(["--world", str(world), "--out", str(out), "--seed", "3", "--files", "2",
-                    "--colour-confusion", "0", "--shape-coarsen", "1", "--drop-small", "0"])  # fmt: skip
+    summary = main(
+        [
+            "--world",
+            str(world),
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--files",
+            "2",
+            "--colour-confusion",
+            "0",
+            "--shape-coarsen",
+            "1",
+            "--drop-small",
+            "0",
+        ]
+    )
     assert json.loads(capsys.readouterr().out)["rows"] == summary["rows"]
     assert summary["files"] == 2
     assert (summary["rates"]["colour_confusion"], summary["rates"]["shape_coarsen"]) == (0, 1)

@@ -110,8 +110,11 @@ def test_save_load_round_trip_identical_logits(tmp_path):
     save_judge(judge, tmp_path, {"note": "x"})
     assert set(load_file(str(tmp_path / WEIGHTS_NAME))) == set(judge.state_dict())
     loaded = load_judge(tmp_path)
-    assert loaded.config() == judge.config() == {"image_size": 16, "widths": [8, 16, 24], "pool": "avg",
-                                                 "num_features": 24}  # fmt: skip
+    assert (
+        loaded.config()
+        == judge.config()
+        == {"image_size": 16, "widths": [8, 16, 24], "pool": "avg", "num_features": 24}
+    )
     assert loaded.info["note"] == "x"
     x = torch.rand(5, 3, 32, 32)
     with torch.no_grad():
@@ -285,9 +288,16 @@ def test_64px_input_is_the_2x2_average_the_judge_trained_on(trained):
 
 
 def test_truth_targets_forms():
-    row = {"objects": json.dumps([{"shape": "star", "colour": "cyan", "position": "left"}, {"shape": "ring",
-           "colour": "red", "position": "top"}]), "background": '{"kind":"checker","colours":["gray","navy"]}',
-           "main_index": 0}  # fmt: skip
+    row = {
+        "objects": json.dumps(
+            [
+                {"shape": "star", "colour": "cyan", "position": "left"},
+                {"shape": "ring", "colour": "red", "position": "top"},
+            ]
+        ),
+        "background": '{"kind":"checker","colours":["gray","navy"]}',
+        "main_index": 0,
+    }
     want = {"colour": 7, "shape": SHAPES.index("star"), "position": 0, "count": 1, "background": 3}
     assert truth_targets(row) == want
     assert truth_targets(row["objects"]) == {**want, "background": None}

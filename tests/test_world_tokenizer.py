@@ -21,8 +21,15 @@ from experiments.tiny_llm import STAMP_NAME, train_world_tokenizer
 from experiments.tiny_llm import tokenizer_main as main
 
 VOCAB = 512
-SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-            "<|finetune_right_pad_id|>", "<image>"]  # fmt: skip
+SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|finetune_right_pad_id|>",
+    "<image>",
+]
 
 
 @pytest.fixture(scope="module")
