@@ -26,7 +26,7 @@ def _world(argv: Sequence[str]) -> None:
 
 
 def _sidecars(argv: Sequence[str]) -> None:
-    from datamodules.sidecar import main
+    from experiments.jobs.sidecars import main
 
     main(list(argv))
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from datamodules.eval_sets import EvalDataModule
-from datamodules.sidecar import build_sidecars
+from experiments.jobs.sidecars import build_sidecars
 from datamodules.tiny_world import WorldConfig, generate_world
 from datamodules.tiny_world.recaption import truth_recaptions
 from experiments.cli import cli_main

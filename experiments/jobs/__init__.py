@@ -1,0 +1,1 @@
+"""Batch jobs: recaptioning, sidecar joins, the DiT cache."""
