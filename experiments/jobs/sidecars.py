@@ -1,20 +1,19 @@
 """``python -m experiments sidecars``: join a Recap-DataComp-1B style table onto img2dataset shards, one sidecar each.
 
-The released recaptions (HF ``UCSC-VLAA/Recap-DataComp-1B``, PAPER.md §7) are 1.24 B rows in ~3,550 parquet files in
-an order unrelated to the image shards. :func:`build_sidecars` writes ``OUT/<shard_stem>.parquet`` for every shard
-(``key`` and the requested columns, sorted by key; possibly empty, so "no recaption" differs from "not built") in
-three steps, each resumed where ``OUT/_manifest.json`` says it stopped: (1) each shard's samples (key, join value)
-from the img2dataset ``<stem>.parquet`` beside its tar (``status == "success"`` rows), else from the tar's ``.json``
-members, to ``WORK/index/``; (2) in DuckDB, the first recap row of each join value joined to them, partitioned by
-shard into ``WORK/join/``; (3) one sidecar per shard, written atomically (those already written are kept).
+The released recaptions (PAPER.md §7) are 1.24 B rows in ~3,550 parquet files, in no order of the image shards.
+:func:`build_sidecars` writes ``OUT/<shard_stem>.parquet`` for every shard (``key`` and the requested columns, sorted
+by key; possibly empty, so "no recaption" differs from "not built") in steps that ``OUT/_manifest.json`` records, so a
+rerun resumes: (1) each shard's samples from the img2dataset ``<stem>.parquet`` beside its tar (``status ==
+"success"``), else from the tar's ``.json`` members, to ``WORK/index/``; (2) the recap counts; (3) the join, sorted by
+shard, streamed into one sidecar per shard (written atomically; those already written are kept).
 
-DuckDB rather than polars: on a 2 M-row probe both joined in about the same time, but polars' streaming engine
-peaked at 1.4 GiB, above the hand-written join this replaced, while DuckDB holds its ``memory_limit`` and spills to
-``WORK/duckdb``. Join semantics: ``key`` (our recaption job keeps the shard keys), ``sha256`` (of the image bytes, the
-robust map from the release to one's own download; lower-cased, whitespace stripped) or ``url`` (exact). The first
-recap row of a join value wins (files in the order given, globs and directories sorted, rows in file order), the
-others count as ``recap_duplicates``; samples sharing a join value each get it; a key repeated in a shard is written
-once (``shard_duplicate_keys``); null or empty join values are skipped and counted on both sides.
+Steps 2 and 3 run in DuckDB rather than polars: on a 2 M-row probe both joined in about the same time, but polars'
+streaming engine peaked at 1.4 GiB, above the hand-written join it replaced, while DuckDB holds its ``memory_limit``
+and spills to ``WORK/duckdb``. Join on ``key`` (our recaption job keeps the shard keys), ``sha256`` (the robust map
+from the release to one's own download; lower-cased, whitespace stripped) or ``url`` (exact). The first recap row of
+a join value wins (files in the order given, globs and directories sorted), the others count as
+``recap_duplicates``; samples sharing a join value each get it; a key repeated in a shard is written once
+(``shard_duplicate_keys``); null or empty join values are skipped and counted on both sides.
 """
 
 from __future__ import annotations
@@ -80,21 +79,14 @@ def build_sidecars(
     memory_limit: str = "512MB",
     threads: int | None = None,
 ) -> dict:
-    """Write one recaption sidecar ``OUT/<shard_stem>.parquet`` per image shard (see the module docstring).
+    """Write ``OUT/<shard_stem>.parquet`` for every shard (see the module docstring); return the build's counts
+    and this call's (``shards_written``, ``shards_skipped``, ``elapsed_s``, ``resumed``, ``noop``).
 
-    Args:
-        recap: Recap parquet files, directories (searched recursively) or globs; local paths or fsspec URLs.
-        shards: Shard tars or brace patterns, as the DataModule takes them.
-        out_dir: Local directory for the sidecars and the manifest; not the shards' own directory.
-        columns: Recap columns to copy, each required in every recap file (``key`` is always the shard's key).
-        num_buckets, batch_rows: Ignored (the hand-written join's tuning; DuckDB sizes its own partitions).
-        work_dir: Scratch directory (default ``OUT/_work``); only the entries this job creates are ever deleted.
-        overwrite: Discard a previous build in ``out_dir`` and rebuild, instead of resuming or refusing it.
-        memory_limit, threads: DuckDB's (it spills beyond the limit; the process peaks a few hundred MB above it).
-
-    Returns:
-        The build's counts (shards, shard samples, rows matched, recap rows, duplicates, ...) and this call's
-        (``shards_written``, ``shards_skipped``, ``elapsed_s``, ``resumed``, ``noop``).
+    ``recap``: parquet files, directories or globs (local or fsspec URLs); ``shards``: as the DataModule takes them;
+    ``out_dir``: local, not the shards' directory; ``work_dir``: default ``OUT/_work``, of which only this job's
+    entries are ever deleted; ``overwrite``: rebuild instead of resuming or refusing a previous build;
+    ``memory_limit``, ``threads``: DuckDB's (the process peaks a few hundred MB above the limit);
+    ``num_buckets``, ``batch_rows``: ignored (the hand-written join's tuning).
     """
     t_start = time.time()
     say = partial(print, "[sidecars]", file=sys.stderr) if progress else lambda *_: None
@@ -165,13 +157,12 @@ def build_sidecars(
     st = manifest["stats"] | stats
     summary = {"out_dir": str(out), "join_on": join_on, "columns": columns, "shards": len(stems), **st}
     summary.update(shard_samples_without_recap=st["shard_samples"] - st["rows_matched"], recap_files=len(recap_files))
-    manifest["summary"] = summary
-    manifest["progress"]["complete"] = True
+    manifest.update(summary=summary, progress=manifest["progress"] | {"complete": True})
     _save(out, manifest)
     if not keep_work:
         _clear_work(work)
     call = {"shards_written": written, "shards_skipped": len(stems) - written, "resumed": resumed, "noop": False}
-    summary = manifest["summary"] | call | {"elapsed_s": round(time.time() - t_start, 3)}
+    summary |= call | {"elapsed_s": round(time.time() - t_start, 3)}
     counts = ("rows_matched", "shard_samples_without_recap", "recap_rows_unmatched", "recap_duplicates")
     say(f"done in {summary['elapsed_s']:.1f}s: " + ", ".join(f"{summary[k]:,} {k}" for k in counts))
     return summary
@@ -318,43 +309,31 @@ def _count_recap(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     """Step 2: recap rows with a valid join value, duplicates of an earlier row, join values matching no sample."""
     groups = "SELECT j, count(*) AS n FROM recap WHERE j <> '' GROUP BY j"
     unmatched = "count(*) FILTER (WHERE j NOT IN (SELECT j FROM idx))"
-    valid, distinct, unmatched = con.execute(
-        f"SELECT coalesce(sum(n), 0), count(*), {unmatched} FROM ({groups})"
-    ).fetchall()[0]
+    query = f"SELECT coalesce(sum(n), 0), count(*), {unmatched} FROM ({groups})"
+    valid, distinct, unmatched = con.execute(query).fetchall()[0]
     return {"recap_valid": valid, "recap_duplicates": valid - distinct, "recap_rows_unmatched": unmatched}
 
 
-def _join_and_write(
-    con, out: Path, stems: list[str], schema: pa.Schema, threads: int | None, progress: bool
-) -> tuple[int, dict]:
+def _join_and_write(con, out: Path, stems: list[str], schema: pa.Schema, threads: int | None, progress: bool):
     """Step 3: every (shard sample, recap row) pair with the same join value, sorted by shard, key and input place,
-    into one sidecar per shard (the first recap row of a key wins); written by a few threads (parquet and fsync
-    release the GIL), those of an interrupted run kept."""
+    into one sidecar per shard, written by a few threads (parquet and fsync release the GIL). Returns how many were
+    written (those of an interrupted run are kept) and the counts of sidecar rows and repeated keys."""
     cols = ", ".join(f'"{c}"' for c in schema.names[1:])
-    pairs = con.sql(
-        f"SELECT i.shard, i.key, i.r, {cols} FROM recap r JOIN idx i USING (j) ORDER BY i.shard, i.key, r.o"
-    )
+    query = f"SELECT i.shard, i.key, i.r, {cols} FROM recap r JOIN idx i USING (j) ORDER BY i.shard, i.key, r.o"
+    shards = _by_shard(con.sql(query).to_arrow_reader(65536), len(stems))
+    workers = threads or os.cpu_count() or 1
     written, stats, pending = 0, {"rows_matched": 0, "shard_duplicate_keys": 0}, deque()
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        for s, part in tqdm(
-            _by_shard(pairs.to_arrow_reader(65536), len(stems)),
-            total=len(stems),
-            desc="sidecars: write",
-            unit="shard",
-            disable=not progress,
-        ):
+    with ThreadPoolExecutor(workers) as pool:
+        for s, part in tqdm(shards, total=len(stems), desc="sidecars: write", unit="shard", disable=not progress):
             keys = part.column("key").to_numpy(zero_copy_only=False)
-            table = (
-                part.filter(np.concatenate([[True], keys[1:] != keys[:-1]])[: len(keys)])
-                .select(schema.names)
-                .cast(schema)
-            )
+            first = np.concatenate([[True], keys[1:] != keys[:-1]])[: len(keys)]  # a key's first recap row wins
+            table = part.filter(first).select(schema.names).cast(schema)
             stats["rows_matched"] += table.num_rows
             stats["shard_duplicate_keys"] += pc.count_distinct(part.column("r")).as_py() - table.num_rows
-            if not (out / f"{stems[s]}.parquet").exists():  # else written by this build before a crash
+            if not (out / f"{stems[s]}.parquet").exists():
                 pending.append(pool.submit(_write_sidecar, table, out / f"{stems[s]}.parquet"))
                 written += 1
-            while pending and (pending[0].done() or len(pending) > 4 * pool._max_workers):
+            while pending and (pending[0].done() or len(pending) > 4 * workers):
                 pending.popleft().result()
         for future in pending:
             future.result()
