@@ -77,7 +77,7 @@ def build_sidecars(
     overwrite: bool = False,
     keep_work: bool = False,
     memory_limit: str = "512MB",
-    threads: int | None = None,
+    threads: int = 1,
 ) -> dict:
     """Write ``OUT/<shard_stem>.parquet`` for every shard (see the module docstring); return the build's counts
     and this call's (``shards_written``, ``shards_skipped``, ``elapsed_s``, ``resumed``, ``noop``).
@@ -85,7 +85,8 @@ def build_sidecars(
     ``recap``: parquet files, directories or globs (local or fsspec URLs); ``shards``: as the DataModule takes them;
     ``out_dir``: local, not the shards' directory; ``work_dir``: default ``OUT/_work``, of which only this job's
     entries are ever deleted; ``overwrite``: rebuild instead of resuming or refusing a previous build;
-    ``memory_limit``, ``threads``: DuckDB's (the process peaks a few hundred MB above the limit);
+    ``memory_limit``, ``threads``: DuckDB's; its sort needs ~256 MB a thread, else it fails out of memory (20 M rows:
+    1 thread and 512 MB peaked at 924 MiB, 2 and 768 MB at 1,133 MiB; the hand-written join took 1,139 MiB);
     ``num_buckets``, ``batch_rows``: ignored (the hand-written join's tuning).
     """
     t_start = time.time()
@@ -314,14 +315,14 @@ def _count_recap(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return {"recap_valid": valid, "recap_duplicates": valid - distinct, "recap_rows_unmatched": unmatched}
 
 
-def _join_and_write(con, out: Path, stems: list[str], schema: pa.Schema, threads: int | None, progress: bool):
+def _join_and_write(con, out: Path, stems: list[str], schema: pa.Schema, threads: int, progress: bool):
     """Step 3: every (shard sample, recap row) pair with the same join value, sorted by shard, key and input place,
     into one sidecar per shard, written by a few threads (parquet and fsync release the GIL). Returns how many were
     written (those of an interrupted run are kept) and the counts of sidecar rows and repeated keys."""
     cols = ", ".join(f'"{c}"' for c in schema.names[1:])
     query = f"SELECT i.shard, i.key, i.r, {cols} FROM recap r JOIN idx i USING (j) ORDER BY i.shard, i.key, r.o"
     shards = _by_shard(con.sql(query).to_arrow_reader(65536), len(stems))
-    workers = threads or os.cpu_count() or 1
+    workers = max(2, threads)
     written, stats, pending = 0, {"rows_matched": 0, "shard_duplicate_keys": 0}, deque()
     with ThreadPoolExecutor(workers) as pool:
         for s, part in tqdm(shards, total=len(stems), desc="sidecars: write", unit="shard", disable=not progress):
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--batch-rows", type=int, default=65536, help="ignored (the old join's; DuckDB sizes its own batches)")
     add("--work-dir", default=None, help="scratch directory (default OUT/_work)")
     add("--memory-limit", default="512MB", help="DuckDB's memory limit (it spills to the work dir beyond it)")
-    add("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
+    add("--threads", type=int, default=1, help="DuckDB threads (each needs ~256 MB of the memory limit)")
     add("--overwrite", action="store_true", help="discard any previous build in OUT and rebuild")
     add("--keep-work", action="store_true", help="keep the scratch files")
     add("--quiet", dest="progress", action="store_false", help="no progress output")
