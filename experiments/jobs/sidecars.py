@@ -321,7 +321,8 @@ def _join_and_write(con, out: Path, stems: list[str], schema: pa.Schema, threads
     written (those of an interrupted run are kept) and the counts of sidecar rows and repeated keys."""
     cols = ", ".join(f'"{c}"' for c in schema.names[1:])
     query = f"SELECT i.shard, i.key, i.r, {cols} FROM recap r JOIN idx i USING (j) ORDER BY i.shard, i.key, r.o"
-    shards = _by_shard(con.sql(query).to_arrow_reader(65536), len(stems))
+    pairs = con.sql(query)  # held: a reader whose relation is gone fetches the whole result at once
+    shards = _by_shard(pairs.to_arrow_reader(65536), len(stems))
     workers = max(2, threads)
     written, stats, pending = 0, {"rows_matched": 0, "shard_duplicate_keys": 0}, deque()
     with ThreadPoolExecutor(workers) as pool:
