@@ -96,17 +96,22 @@ def _child(path: str, recap: str, shards: str, out: str, join_on: str) -> None:
     t0 = time.perf_counter()
     s = job.build_sidecars(recap, shards, out, join_on=join_on, progress=False)
     dt, use = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-    figures = {"seconds": round(dt, 2), "rows_per_s": round(s["recap_rows"] / dt), "peak_mib": use.ru_maxrss // 1024}
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak_kib = int(next(ln for ln in status if ln.startswith("VmHWM")).split()[1])
+    figures = {"seconds": round(dt, 2), "rows_per_s": round(s["recap_rows"] / dt), "peak_mib": peak_kib // 1024}
     keys = ("recap_rows", "rows_matched", "recap_duplicates", "recap_rows_unmatched", "shard_samples")
     print(json.dumps(figures | {"cpu_s": round(use.ru_utime + use.ru_stime, 1)} | {k: s[k] for k in keys}))
 
 
 def digest(out: Path) -> dict:
     """Rows and a sha256 over every sidecar (by name), each sorted by key, so identical outputs hash the same."""
-    h, tables = hashlib.sha256(), [(p.name, pq.read_table(p)) for p in sorted(out.glob("[!_]*.parquet"))]
-    for name, table in tables:
-        h.update(f"{name}{table.sort_by('key').to_pydict()}".encode())
-    return {"sidecars": len(tables), "rows": sum(t.num_rows for _, t in tables), "sha256": h.hexdigest()[:16]}
+    h, paths, rows = hashlib.sha256(), sorted(out.glob("[!_]*.parquet")), 0
+    for path in paths:  # one at a time: the parent's RSS when it starts the next join is not that join's
+        table = pq.read_table(path).sort_by("key")
+        rows += table.num_rows
+        h.update(f"{path.name}{table.to_pydict()}".encode())
+    return {"sidecars": len(paths), "rows": rows, "sha256": h.hexdigest()[:16]}
 
 
 def compare(rows: int, per_shard: int, workdir: Path, join_on: str = "sha256") -> dict:
