@@ -42,7 +42,7 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         "generate the tiny world: web shards, captioner data and evaluation sets (CPU, seeded)",
     ),
     "sidecars": (
-        _module_main("datamodules.sidecar"),
+        _module_main("experiments.jobs.sidecars"),
         "join a Recap-DataComp-1B-schema parquet to image shards as per-shard sidecars",
     ),
     "truth-recaptions": (

@@ -12,10 +12,10 @@ import torch
 from conftest import cpu_trainer
 
 from datamodules.eval_sets import EvalDataModule
-from datamodules.sidecar import build_sidecars
 from datamodules.tiny_world import WorldConfig, generate_world
 from datamodules.tiny_world.recaption import truth_recaptions
 from experiments.cli import cli_main
+from experiments.jobs.sidecars import build_sidecars
 from lightning_modules.clip import ClipModule
 from lightning_modules.evaluation import LongRetrieval, Retrieval, ZeroShotClassification
 

@@ -341,7 +341,7 @@ def test_reads_a_recap_datacomp_parquet_through_sidecars(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from datamodules.sidecar import build_sidecars
+    from experiments.jobs.sidecars import build_sidecars
 
     truth = write_shards(tmp_path / "web", [10, 10, 10])
     keys = sorted(truth, reverse=True)  # an order unrelated to the shards

@@ -13,9 +13,9 @@ from conftest import cpu_trainer
 
 from datamodules.caption_mix import CaptionMixDataModule
 from datamodules.latent_cache import LatentCacheDataModule, _CacheIndex, build_cache
-from datamodules.sidecar import build_sidecars
 from datamodules.tiny_world import WorldConfig, generate_world
 from datamodules.tiny_world.recaption import truth_recaptions
+from experiments.jobs.sidecars import build_sidecars
 from lightning_modules.components.dit import FrozenCLIPText, build_dit, parse_dit_size
 from lightning_modules.dit import DiTModule
 

@@ -501,7 +501,7 @@ def _recap_rows(keys: list[str]) -> pa.Table:
 
 
 def test_build_sidecars_refuses_a_corrupt_recap_parquet_naming_it(tmp_path):
-    from datamodules.sidecar import build_sidecars
+    from experiments.jobs.sidecars import build_sidecars
 
     shard, _ = _sidecar_shard(tmp_path)
     recap = tmp_path / "recap"
@@ -515,7 +515,8 @@ def test_build_sidecars_refuses_a_corrupt_recap_parquet_naming_it(tmp_path):
 def test_build_sidecars_reads_the_later_released_schema_and_a_damaged_index(tmp_path):
     """Later columns are ignored unless requested; a damaged img2dataset ``<stem>.parquet`` index is replaced by a
     scan of the tar (nothing lost); a damaged tar in that scan is refused naming the shard."""
-    from datamodules.sidecar import build_sidecars, load_sidecar
+    from datamodules.sidecar import load_sidecar
+    from experiments.jobs.sidecars import build_sidecars
 
     shard, _ = _sidecar_shard(tmp_path)
     keys = [GOOD[0], GOOD[1], BAD, GOOD[2]]

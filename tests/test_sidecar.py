@@ -1,4 +1,4 @@
-"""Tests for datamodules.sidecar: the bounded-memory recap -> per-shard sidecar join."""
+"""Tests for the sidecars job (experiments/jobs/sidecars.py): the recap -> per-shard sidecar join, and its reader."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import io
 import json
 import random
 import tarfile
-import zlib
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datamodules import sidecar
-from datamodules.sidecar import MANIFEST_NAME, bucket_of, build_sidecars, load_sidecar, main, sidecar_path
+from datamodules.sidecar import load_sidecar, sidecar_path
+from experiments.jobs import sidecars
+from experiments.jobs.sidecars import MANIFEST_NAME, build_sidecars, main
 
 SHARD_SIZES = (20, 20, 20, 5)  # the last shard has no recaption at all
 NO_RECAP = {(0, 3), (1, 0), (1, 19), (2, 7)}  # samples without a recaption row
@@ -165,7 +165,7 @@ def test_key_join_multi_file_shuffled(world, tmp_path: Path):
     out = tmp_path / "out"
     summary = build_sidecars(
         str(tmp_path / "recap" / "*.parquet"), f"{tmp_path}/shards/{{00000..00003}}.tar", out,
-        num_buckets=4, batch_rows=16, progress=False,
+        batch_rows=16, progress=False,
     )  # fmt: skip
     assert captions(read_all(out, shards)) == expected()
     assert summary["rows_matched"] == N_MATCHED
@@ -199,7 +199,7 @@ def test_first_duplicate_wins_by_file_order(tmp_path: Path):
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "recap" / name)
     # the order given wins, not the file names: b.parquet is listed first
     recap = [str(tmp_path / "recap" / "b.parquet"), str(tmp_path / "recap" / "a.parquet")]
-    summary = build_sidecars(recap, shards, tmp_path / "out", num_buckets=3, progress=False)
+    summary = build_sidecars(recap, shards, tmp_path / "out", progress=False)
     assert captions(read_all(tmp_path / "out", shards[:1])) == {"00000": {_key(0, 1): "first", _key(0, 2): "a"}}
     assert summary["recap_duplicates"] == 2
 
@@ -209,7 +209,7 @@ def test_join_on_sha256_and_url(join_on: str, tmp_path: Path):
     shards = make_shards(tmp_path / "shards")
     recap = write_recap(tmp_path / "recap", recap_rows(released_keys=True), n_files=4, seed=1)
     out = tmp_path / "out"
-    summary = build_sidecars(recap, shards, out, join_on=join_on, num_buckets=3, batch_rows=32, progress=False)
+    summary = build_sidecars(recap, shards, out, join_on=join_on, batch_rows=32, progress=False)
     assert captions(read_all(out, shards)) == expected()
     assert summary["rows_matched"] == N_MATCHED
     assert summary["recap_duplicates"] == len(DUPLICATED)
@@ -222,7 +222,7 @@ def test_tar_scan_without_img2dataset_parquet(join_on: str, tmp_path: Path):
     shards = make_shards(tmp_path / "shards", index_parquet=False)
     recap = write_recap(tmp_path / "recap", recap_rows(), seed=2)
     out = tmp_path / "out"
-    summary = build_sidecars(recap, shards, out, join_on=join_on, num_buckets=2, progress=False)
+    summary = build_sidecars(recap, shards, out, join_on=join_on, progress=False)
     assert summary["shards_from_tar_scan"] == len(SHARD_SIZES)
     assert summary["shards_from_parquet"] == 0
     assert captions(read_all(out, shards)) == expected()
@@ -233,7 +233,7 @@ def test_pipe_urls_tar_scan(tmp_path: Path):
     make_shards(tmp_path / "shards", index_parquet=False)
     recap = write_recap(tmp_path / "recap", recap_rows())
     pattern = f"pipe:cat {tmp_path}/shards/{{00000..00003}}.tar"
-    summary = build_sidecars(recap, pattern, tmp_path / "out", num_buckets=2, progress=False)
+    summary = build_sidecars(recap, pattern, tmp_path / "out", progress=False)
     assert summary["shards_from_tar_scan"] == len(SHARD_SIZES)
     shards = [f"pipe:cat {tmp_path}/shards/{s:05d}.tar" for s in range(len(SHARD_SIZES))]
     assert captions(read_all(tmp_path / "out", shards)) == expected()
@@ -250,7 +250,7 @@ def test_extra_and_missing_optional_columns(tmp_path: Path):
     )  # fmt: skip
     out = tmp_path / "out"
     cols = ["re_caption", "re_caption_condition_diverse_topk", "re_condition_length"]
-    build_sidecars(recap, shards, out, columns=cols, num_buckets=2, progress=False)
+    build_sidecars(recap, shards, out, columns=cols, progress=False)
     got = read_all(out, shards, cols)
     assert captions(got) == expected()
     k = _key(0, 1)
@@ -278,56 +278,52 @@ def _strip(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in volatile and k != "out_dir"}
 
 
-def _crash_on(monkeypatch, name: str, nth: int, when=lambda *a, **k: True) -> dict:
-    """Make sidecar.<name> raise on its nth matching call; return the call counter."""
-    real = getattr(sidecar, name)
-    calls = {"n": 0, "matching": 0}
+def _crash_on(monkeypatch, name: str, nth: int) -> dict:
+    """Make sidecars.<name> raise on its nth call; return the call counter."""
+    real = getattr(sidecars, name)
+    calls = {"n": 0}
 
     def wrapper(*args, **kwargs):
         calls["n"] += 1
-        if when(*args, **kwargs):
-            calls["matching"] += 1
-            if calls["matching"] == nth:
-                raise RuntimeError(f"simulated crash in {name}")
+        if calls["n"] == nth:
+            raise RuntimeError(f"simulated crash in {name}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sidecar, name, wrapper)
+    monkeypatch.setattr(sidecars, name, wrapper)
     return calls
 
 
-@pytest.mark.parametrize("crash", ["pass1", "pass2", "pass3", "pass4", "pass4_one_group"])
+@pytest.mark.parametrize("crash", ["index", "count", "write"])
 def test_resume_after_crash(crash: str, world, tmp_path: Path, monkeypatch):
     shards, recap = world
-    # with one bucket all shards form one group, so the resumed group finds shard 0's sidecar already written
-    kw = dict(num_buckets=1 if crash == "pass4_one_group" else 4, batch_rows=16, progress=False)
-    clean = build_sidecars(recap, shards, tmp_path / "clean", **kw)
+    monkeypatch.setattr(sidecars, "UNIT_ROWS", 20)  # one index unit per shard, so the index step resumes mid-way
+    clean = build_sidecars(recap, shards, tmp_path / "clean", progress=False)
     out = tmp_path / "out"
+    # index: shards 0 and 1 indexed, crash on shard 2; count: before the recap counts; write: on the second sidecar
+    name, nth = {"index": ("_shard_index", 3), "count": ("_count_recap", 1), "write": ("_write_sidecar", 2)}[crash]
     with monkeypatch.context() as m:
-        if crash.startswith("pass4"):  # first shard written, crash on the second
-            _crash_on(m, "_write_sidecar", 2)
-        elif crash == "pass3":
-            _crash_on(m, "_join_bucket", 3)
-        else:
-            sub = "recap" if crash == "pass1" else "index"
-            _crash_on(m, "_write_partitioned", 2, when=lambda path, *a: path.parent.name == sub)
+        _crash_on(m, name, nth)
         with pytest.raises(RuntimeError, match="simulated crash"):
-            build_sidecars(recap, shards, out, **kw)
+            build_sidecars(recap, shards, out, progress=False)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert not manifest["progress"]["complete"]
+    assert manifest["progress"]["counted"] == (crash == "write")
+    assert len(manifest["progress"]["index_units"]) == (2 if crash == "index" else len(SHARD_SIZES))
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("0*.parquet")}
-    assert len(done) == (1 if crash.startswith("pass4") else 0)
+    assert 1 <= len(done) < len(SHARD_SIZES) if crash == "write" else not done  # sidecars are written in parallel
+    indexed, counted = _crash_on(monkeypatch, "_shard_index", -1), _crash_on(monkeypatch, "_count_recap", -1)
     writes = _crash_on(monkeypatch, "_write_sidecar", -1)
-    resumed = build_sidecars(recap, shards, out, **kw)
+    resumed = build_sidecars(recap, shards, out, progress=False)
     assert resumed["resumed"]
+    assert indexed["n"] == (2 if crash == "index" else 0)  # finished steps are not redone
+    assert counted["n"] == (0 if crash == "write" else 1)
     assert writes["n"] == len(SHARD_SIZES) - len(done) == resumed["shards_written"]
     assert resumed["shards_skipped"] == len(done)
-    if crash.startswith("pass4"):
-        assert manifest["progress"]["buckets_done"] == kw["num_buckets"]  # the crash came after pass 3
     assert {n: (out / n).stat().st_mtime_ns for n in done} == done  # finished shards were not rewritten
     assert _strip(resumed) == _strip(clean)
     assert read_all(out, shards) == read_all(tmp_path / "clean", shards)
     # a completed build is a no-op
-    again = build_sidecars(recap, shards, out, **kw)
+    again = build_sidecars(recap, shards, out, progress=False)
     assert again["noop"]
     assert again["shards_written"] == 0
     assert writes["n"] == len(SHARD_SIZES) - len(done)
@@ -337,7 +333,7 @@ def test_resume_after_crash(crash: str, world, tmp_path: Path, monkeypatch):
 def test_rerun_with_different_config_refuses(world, tmp_path: Path):
     shards, recap = world
     out = tmp_path / "out"
-    build_sidecars(recap, shards, out, num_buckets=2, progress=False)
+    build_sidecars(recap, shards, out, progress=False)
     with pytest.raises(ValueError, match=r"different configuration.*columns"):
         build_sidecars(recap, shards, out, columns=["re_caption", "org_caption"], progress=False)
     with pytest.raises(ValueError, match=r"different configuration.*join_on"):
@@ -376,47 +372,29 @@ def test_sidecar_path(url: str, stem: str):
     assert sidecar_path("s3://b/side/", url) == f"s3://b/side/{stem}.parquet"
 
 
-def test_bounded_memory_and_stable_buckets(tmp_path: Path, monkeypatch):
-    sizes = (60, 60, 60, 60, 60, 5)
-    shards = make_shards(tmp_path / "shards", sizes=sizes)
-    rows = [r for r in recap_rows(sizes) if r["key"]]
-    recap = write_recap(tmp_path / "recap", rows, n_files=5)
-    seen = []
-    real = sidecar._join_bucket
+def test_engine_runs_under_its_memory_limit_and_spills_to_work(world, tmp_path: Path, monkeypatch):
+    """The join's memory is bounded by DuckDB's memory_limit (it spills to WORK/duckdb), not by the table's size."""
+    shards, recap = world
+    seen = {}
+    real = sidecars._connect
 
-    def spy(recap_t: pa.Table, index_t: pa.Table):
-        seen.append((recap_t.num_rows, index_t.num_rows))
-        return real(recap_t, index_t)
+    def spy(settings, files):
+        con = real(settings, files)
+        for name in ("memory_limit", "temp_directory", "threads"):
+            seen[name] = con.execute(f"SELECT current_setting('{name}')").fetchone()[0]
+        return con
 
-    monkeypatch.setattr(sidecar, "_join_bucket", spy)
-    nb = 8
-    summary = build_sidecars(recap, shards, tmp_path / "out", num_buckets=nb, batch_rows=16, progress=False)
-    n_recap, n_index = len(rows), sum(sizes)
-    assert len(seen) == nb
-    assert sum(r for r, _ in seen) == n_recap
-    assert sum(i for _, i in seen) == n_index
-    # no join ever holds more than ~one bucket (crc32 spreads 300+ keys evenly: allow 1.6x the mean)
-    assert max(r for r, _ in seen) <= 1.6 * n_recap / nb
-    assert max(i for _, i in seen) <= 1.6 * n_index / nb
-    peak = summary["peak_rows"]
-    assert peak["pass3_bucket"] <= 1.6 * (n_recap + n_index) / nb
-    assert peak["pass1_unit"] <= n_recap / nb + 40  # units are whole row groups of 40 rows
-    assert peak["pass2_unit"] <= n_index / nb + max(sizes)  # units are whole shards
-    assert peak["pass4_group"] <= n_index / nb + max(sizes)  # groups are whole shards
-    assert captions(read_all(tmp_path / "out", shards)) == expected(sizes)
-    # the bucket function is crc32 (stable across processes, hosts and Python versions), not hash()
-    assert zlib.crc32(b"hello") == 907060870
-    assert bucket_of("hello", 8) == 907060870 % 8
-    assert sidecar._buckets(pa.array(["hello", "000010003"], pa.large_string()), 8).tolist() == [
-        bucket_of("hello", 8),
-        bucket_of("000010003", 8),
-    ]
+    monkeypatch.setattr(sidecars, "_connect", spy)
+    out = tmp_path / "out"
+    build_sidecars(recap, shards, out, memory_limit="64MB", threads=1, progress=False)
+    assert seen == {"memory_limit": "61.0 MiB", "temp_directory": str(out / "_work" / "duckdb"), "threads": 1}
+    assert captions(read_all(out, shards)) == expected()
 
 
 def test_load_sidecar_errors(world, tmp_path: Path):
     shards, recap = world
     out = tmp_path / "out"
-    build_sidecars(recap, shards, out, num_buckets=1, progress=False)
+    build_sidecars(recap, shards, out, progress=False)
     path = sidecar_path(out, shards[0])
     with pytest.raises(ValueError, match=rf"{Path(path).name}.*'org_caption'"):
         load_sidecar(path, ["org_caption"])
@@ -438,21 +416,18 @@ def test_cli_main(world, tmp_path: Path, capsys):
     assert captions(read_all(out, shards)) == expected()
 
 
-def test_join_bucket_first_ordinal_wins_even_if_unsorted():
-    recap = pa.table({
-        "__j": pa.array(["a", "b", "a", "c"], pa.large_string()),
-        "re_caption": pa.array(["a-late", "b", "a-first", "c"], pa.large_string()),
-        "__ord": pa.array([7, 3, 2, 9], pa.int64()),
-    })  # fmt: skip
-    index = pa.table({
-        "__j": pa.array(["a", "b", "x", "a"], pa.large_string()),
-        "__shard": pa.array([0, 0, 1, 1], pa.int32()),
-        "__key": pa.array(["k0", "k1", "k2", "k3"], pa.large_string()),
-    })  # fmt: skip
-    joined, stats = sidecar._join_bucket(recap, index)
-    got = sorted(zip(joined.column("__key").to_pylist(), joined.column("re_caption").to_pylist(), strict=True))
-    assert got == [("k0", "a-first"), ("k1", "b"), ("k3", "a-first")]
-    assert stats == {"recap_duplicates": 1, "recap_rows_unmatched": 1}
+def test_first_row_wins_under_parallel_reads(tmp_path: Path):
+    """Row groups are read by several threads in any order: the first row in file order must still win."""
+    shards = make_shards(tmp_path / "shards", sizes=(400,))
+    keys = [_key(0, i) for i in range(400)]
+    rows = [{"key": k, "re_caption": f"first {k}"} for k in keys] + [{"key": k, "re_caption": "later"} for k in keys]
+    (tmp_path / "recap").mkdir()
+    pq.write_table(
+        pa.Table.from_pylist(rows[::-1][400:] + rows[400:]), tmp_path / "recap" / "r.parquet", row_group_size=50
+    )
+    summary = build_sidecars(str(tmp_path / "recap"), shards, tmp_path / "out", threads=4, progress=False)
+    assert captions(read_all(tmp_path / "out", shards)) == {"00000": {k: f"first {k}" for k in keys}}
+    assert summary["recap_duplicates"] == 400
 
 
 def test_custom_work_dir_only_loses_our_entries(world, tmp_path: Path):
@@ -460,7 +435,17 @@ def test_custom_work_dir_only_loses_our_entries(world, tmp_path: Path):
     work = tmp_path / "scratch"
     work.mkdir()
     (work / "unrelated.txt").write_text("keep me")
-    build_sidecars(recap, shards, tmp_path / "out", work_dir=work, num_buckets=2, progress=False)
+    build_sidecars(recap, shards, tmp_path / "out", work_dir=work, progress=False)
     assert sorted(p.name for p in work.iterdir()) == ["unrelated.txt"]
     build_sidecars(recap, shards, tmp_path / "out", work_dir=work, overwrite=True, progress=False)
     assert (work / "unrelated.txt").read_text() == "keep me"
+
+
+def test_join_benchmark_old_and_new_write_identical_sidecars(tmp_path: Path):
+    """benchmarks/sidecar_join.py at CI size: the hand-written join (5a28597) and this one agree, sidecar by sidecar."""
+    from benchmarks.sidecar_join import compare
+
+    result = compare(20_000, 2_000, tmp_path)
+    assert result["match"], result
+    assert result["new"]["output"]["rows"] == result["new"]["rows_matched"] == result["old"]["rows_matched"] > 0
+    assert result["new"]["recap_duplicates"] == result["old"]["recap_duplicates"] > 0

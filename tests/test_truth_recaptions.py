@@ -86,7 +86,7 @@ def n_small(text: str) -> int:
 # ------------------------------------------------------------------------------------------------ schema and rows
 def test_schema_rows_and_columns_match_the_release(world, recap):
     out, summary = recap
-    from datamodules.sidecar import RECAP_COLUMNS
+    from experiments.jobs.sidecars import RECAP_COLUMNS
 
     assert [n for n, _ in PAPER_SCHEMA] == list(RECAP_COLUMNS)
     files = sorted(out.glob("*.parquet"))
@@ -316,7 +316,7 @@ def test_cli_main(world, tmp_path, capsys):
 @pytest.mark.parametrize("join_on", ["key", "sha256"])
 def test_sidecars_and_datamodule_serve_the_recaptions(world, recap, tmp_path, join_on):
     from datamodules.caption_mix import CaptionMixDataModule
-    from datamodules.sidecar import build_sidecars
+    from experiments.jobs.sidecars import build_sidecars
 
     out, summary = recap
     sidecars = tmp_path / f"sidecars-{join_on}"
