@@ -62,8 +62,15 @@ def make_shards(root: Path, sizes=SHARD_SIZES, *, index_parquet: bool = True) ->
             members[f"{s['key']}.json"] = json.dumps(meta).encode()
             rows.append({k: meta[k] for k in ("key", "url", "sha256", "caption", "status")})
         # a failed download: in the parquet, not in the tar; its recap row must count as unmatched
-        rows.append({"key": _key(shard, 9000), "url": "https://x/failed.jpg", "sha256": None, "caption": "f",
-                     "status": "failed_to_download"})  # fmt: skip
+        rows.append(
+            {
+                "key": _key(shard, 9000),
+                "url": "https://x/failed.jpg",
+                "sha256": None,
+                "caption": "f",
+                "status": "failed_to_download",
+            }
+        )
         tar = root / f"{shard:05d}.tar"
         _write_tar(tar, members)
         if index_parquet:
@@ -81,30 +88,46 @@ def recap_rows(sizes=SHARD_SIZES, *, released_keys: bool = False) -> list[dict]:
             if (shard, i) in NO_RECAP:
                 continue
             s = _sample(shard, i)
-            rows.append({
-                "url": s["url"],
-                "re_caption": f"recap {s['key']}",
-                "org_caption": s["caption"],
-                "sha256": s["sha256"].upper() if i % 4 == 0 else s["sha256"],  # case must not matter
-                "key": f"r{shard}{i}" if released_keys else s["key"],  # the release's keys are its own
-                "re_clip_score": 0.0,
-                "org_clip_score": 0.0,
-                "re_length": 3,
-                "org_length": 2,
-                "re_gpt4v_score": 0,
-                "org_gpt4v_score": 0,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "url": s["url"],
+                    "re_caption": f"recap {s['key']}",
+                    "org_caption": s["caption"],
+                    "sha256": s["sha256"].upper() if i % 4 == 0 else s["sha256"],  # case must not matter
+                    "key": f"r{shard}{i}" if released_keys else s["key"],  # the release's keys are its own
+                    "re_clip_score": 0.0,
+                    "org_clip_score": 0.0,
+                    "re_length": 3,
+                    "org_length": 2,
+                    "re_gpt4v_score": 0,
+                    "org_gpt4v_score": 0,
+                }
+            )
     for shard, i in sorted(DUPLICATED):
         s = _sample(shard, i)
         dup = {**next(r for r in rows if r["url"] == s["url"]), "re_caption": f"LATER DUPLICATE {s['key']}"}
         rows.append(dup)
     for j in range(30):  # recap rows for samples that are in no shard
-        rows.append({**rows[0], "url": f"https://unknown/{j}.jpg", "sha256": f"{j:064x}", "key": f"99999{j:04d}",
-                     "re_caption": f"unknown {j}"})  # fmt: skip
+        rows.append(
+            {
+                **rows[0],
+                "url": f"https://unknown/{j}.jpg",
+                "sha256": f"{j:064x}",
+                "key": f"99999{j:04d}",
+                "re_caption": f"unknown {j}",
+            }
+        )
     rows.append({**rows[0], "url": None, "sha256": None, "key": None, "re_caption": "null join"})
     rows.append({**rows[0], "url": "", "sha256": "", "key": "", "re_caption": "empty join"})
-    rows.append({**rows[0], "url": "https://x/failed.jpg", "sha256": "f" * 64, "key": _key(0, 9000),
-                 "re_caption": "failed sample"})  # fmt: skip
+    rows.append(
+        {
+            **rows[0],
+            "url": "https://x/failed.jpg",
+            "sha256": "f" * 64,
+            "key": _key(0, 9000),
+            "re_caption": "failed sample",
+        }
+    )
     return rows
 
 
@@ -164,9 +187,12 @@ def test_key_join_multi_file_shuffled(world, tmp_path: Path):
     shards, recap = world
     out = tmp_path / "out"
     summary = build_sidecars(
-        str(tmp_path / "recap" / "*.parquet"), f"{tmp_path}/shards/{{00000..00003}}.tar", out,
-        batch_rows=16, progress=False,
-    )  # fmt: skip
+        str(tmp_path / "recap" / "*.parquet"),
+        f"{tmp_path}/shards/{{00000..00003}}.tar",
+        out,
+        batch_rows=16,
+        progress=False,
+    )
     assert captions(read_all(out, shards)) == expected()
     assert summary["rows_matched"] == N_MATCHED
     assert summary["shard_samples"] == sum(SHARD_SIZES)  # failed img2dataset rows are not samples
@@ -242,27 +268,35 @@ def test_pipe_urls_tar_scan(tmp_path: Path):
 def test_extra_and_missing_optional_columns(tmp_path: Path):
     shards = make_shards(tmp_path / "shards")
     recap = write_recap(
-        tmp_path / "recap", recap_rows(), drop=("org_clip_score", "re_gpt4v_score", "org_caption", "re_length"),
+        tmp_path / "recap",
+        recap_rows(),
+        drop=("org_clip_score", "re_gpt4v_score", "org_caption", "re_length"),
         extra={
             "re_caption_condition_diverse_topk": lambda r: "topk " + r["re_caption"],
             "re_condition_length": lambda r: len(r["re_caption"].split()),
         },
-    )  # fmt: skip
+    )
     out = tmp_path / "out"
     cols = ["re_caption", "re_caption_condition_diverse_topk", "re_condition_length"]
     build_sidecars(recap, shards, out, columns=cols, progress=False)
     got = read_all(out, shards, cols)
     assert captions(got) == expected()
     k = _key(0, 1)
-    assert got["00000"][k] == {"re_caption": f"recap {k}", "re_caption_condition_diverse_topk": f"topk recap {k}",
-                               "re_condition_length": 2}  # fmt: skip
+    assert got["00000"][k] == {
+        "re_caption": f"recap {k}",
+        "re_caption_condition_diverse_topk": f"topk recap {k}",
+        "re_condition_length": 2,
+    }
     assert pq.read_schema(sidecar_path(out, shards[0])).field("re_condition_length").type == pa.int64()
 
 
-@pytest.mark.parametrize(("join_on", "columns", "missing"), [
-    ("key", ["re_caption", "org_caption"], "org_caption"),
-    ("sha256", ["re_caption"], "sha256"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("join_on", "columns", "missing"),
+    [
+        ("key", ["re_caption", "org_caption"], "org_caption"),
+        ("sha256", ["re_caption"], "sha256"),
+    ],
+)
 def test_missing_required_column_names_file(join_on, columns, missing, tmp_path: Path):
     shards = make_shards(tmp_path / "shards")
     recap = write_recap(tmp_path / "recap", recap_rows())
@@ -357,15 +391,18 @@ def test_refuses_shard_dir_and_stray_files(world, tmp_path: Path):
         build_sidecars(recap, shards, out, progress=False)
 
 
-@pytest.mark.parametrize(("url", "stem"), [
-    ("/d/00012.tar", "00012"),
-    ("file:///d/00012.tar", "00012"),
-    ("s3://bucket/datacomp/00012.tar", "00012"),
-    ("https://host/x/00012.tar?X-Amz-Signature=abc.tar", "00012"),
-    ("pipe:aws s3 cp s3://bucket/datacomp/00012.tar -", "00012"),
-    ("pipe:curl -s -L 'https://host/x/00012.tar?sig=1' || true", "00012"),
-    ("/d/shard-000.tar.gz", "shard-000"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("url", "stem"),
+    [
+        ("/d/00012.tar", "00012"),
+        ("file:///d/00012.tar", "00012"),
+        ("s3://bucket/datacomp/00012.tar", "00012"),
+        ("https://host/x/00012.tar?X-Amz-Signature=abc.tar", "00012"),
+        ("pipe:aws s3 cp s3://bucket/datacomp/00012.tar -", "00012"),
+        ("pipe:curl -s -L 'https://host/x/00012.tar?sig=1' || true", "00012"),
+        ("/d/shard-000.tar.gz", "shard-000"),
+    ],
+)
 def test_sidecar_path(url: str, stem: str):
     assert sidecar_path("/side", url) == f"/side/{stem}.parquet"
     assert sidecar_path(Path("/side"), url) == f"/side/{stem}.parquet"
@@ -405,10 +442,23 @@ def test_load_sidecar_errors(world, tmp_path: Path):
 def test_cli_main(world, tmp_path: Path, capsys):
     shards, _ = world
     out = tmp_path / "out"
-    rc = main([
-        "--recap", str(tmp_path / "recap"), "--shards", f"{tmp_path}/shards/{{00000..00003}}.tar", "--out", str(out),
-        "--join-on", "url", "--columns", "re_caption,org_caption", "--num-buckets", "3", "--quiet",
-    ])  # fmt: skip
+    rc = main(
+        [
+            "--recap",
+            str(tmp_path / "recap"),
+            "--shards",
+            f"{tmp_path}/shards/{{00000..00003}}.tar",
+            "--out",
+            str(out),
+            "--join-on",
+            "url",
+            "--columns",
+            "re_caption,org_caption",
+            "--num-buckets",
+            "3",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows_matched"] == N_MATCHED
