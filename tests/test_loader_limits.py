@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import conftest
 import pytest
 import torch
 from conftest import img2dataset_key, jpeg_bytes
@@ -236,18 +237,7 @@ def _state(shards: dict, **kw) -> dict:
 
 
 def _resume_dm(shards: dict, **kw) -> CaptionMixDataModule:
-    args = dict(
-        train_shards=str(shards["web"] / "{00000..00003}.tar"),
-        sidecar_dir=str(shards["sidecars"]),
-        batch_size=4,
-        p_original=0.5,
-        num_workers=0,
-        shuffle_buffer=8,
-        shuffle_initial=4,
-        seed=7,
-    )
-    args.update(kw)
-    return CaptionMixDataModule(**args)
+    return conftest.make_dm(shards, **{"p_original": 0.5, **kw})
 
 
 def test_a_loader_state_records_the_limits_and_refuses_other_ones(tiny_shards):

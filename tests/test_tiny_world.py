@@ -69,6 +69,12 @@ DESCRIPTION_OPENERS = (
     "The image contains",
 )
 WORD = re.compile(r"[a-z]+")
+NO_OTHER_SPLITS = dict(n_caption_pretrain=0, n_instruct=0, n_classify=0, n_retrieval=0, n_long_retrieval=0, n_t2i=0)
+
+
+def web_only(**kw) -> WorldConfig:
+    """A tiny world with only the splits ``kw`` asks for (by default just ``web/``)."""
+    return WorldConfig.tiny(**{**NO_OTHER_SPLITS, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +122,7 @@ def test_different_seed_differs(world, tmp_path):
     other = tmp_path / "seed1"
     generate_world(
         other,
-        WorldConfig.tiny(
-            seed=1,
-            n_web=50,
-            n_caption_pretrain=0,
-            n_instruct=0,
-            n_classify=0,
-            n_retrieval=8,
-            n_long_retrieval=0,
-            n_t2i=0,
-        ),
+        web_only(seed=1, n_web=50, n_retrieval=8),
     )
     assert (other / "web/00000.tar").read_bytes() != (world / "web/00000.tar").read_bytes()
     caps_0 = [
@@ -143,17 +140,7 @@ def test_refuses_non_empty_dir_and_overwrites_only_its_outputs(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):
         generate_world(out, WorldConfig.tiny(workers=1))
-    cfg = WorldConfig.tiny(
-        n_web=10,
-        shard_size=10,
-        n_caption_pretrain=0,
-        n_instruct=0,
-        n_classify=0,
-        n_retrieval=0,
-        n_long_retrieval=0,
-        n_t2i=0,
-        workers=1,
-    )
+    cfg = web_only(n_web=10, shard_size=10, workers=1)
     summary = generate_world(out, cfg, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
     assert summary["counts"]["web"] == 10
@@ -244,18 +231,7 @@ def test_tar_matches_img2dataset_writer(world, tmp_path):
 
 
 def test_failed_downloads_are_parquet_rows_without_tar_members(tmp_path):
-    cfg = WorldConfig.tiny(
-        n_web=100,
-        shard_size=50,
-        fail_rate=0.3,
-        n_caption_pretrain=0,
-        n_instruct=0,
-        n_classify=0,
-        n_retrieval=0,
-        n_long_retrieval=0,
-        n_t2i=0,
-        workers=1,
-    )
+    cfg = web_only(n_web=100, shard_size=50, fail_rate=0.3, workers=1)
     summary = generate_world(tmp_path / "w", cfg)
     failed = 0
     for shard in range(2):
