@@ -19,19 +19,13 @@ LIGHTNING_COMMANDS = {
 }
 
 
-def _world_tokenizer(argv: Sequence[str]) -> None:
-    from experiments.tiny_llm import tokenizer_main
-
-    tokenizer_main(list(argv))
-
-
-def _module_main(module: str) -> Callable[[Sequence[str]], None]:
-    """A command that runs ``module.main(argv)``, importing the module only when the command runs."""
+def _module_main(module: str, function: str = "main") -> Callable[[Sequence[str]], None]:
+    """A command that runs ``module.<function>(argv)``, importing the module only when the command runs."""
 
     def run(argv: Sequence[str]) -> None:
         import importlib
 
-        importlib.import_module(module).main(list(argv))
+        getattr(importlib.import_module(module), function)(list(argv))
 
     return run
 
@@ -58,7 +52,7 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         "write a ClipModule checkpoint as an open_clip folder (config + safetensors)",
     ),
     "world-tokenizer": (
-        _world_tokenizer,
+        _module_main("experiments.tiny_llm", "tokenizer_main"),
         "tiny world only: train the captioner's BPE tokenizer (LLaMA-3 special tokens and chat template)",
     ),
     "world-judge": (
