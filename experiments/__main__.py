@@ -89,7 +89,7 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     ),
     "report": (
         _module_main("experiments.report"),
-        "a paper table (table1..table7) with our runs beside it: Markdown, CSV, JSON, plots; table READMEs",
+        "a paper table (table1..table8) with our runs beside it: Markdown, CSV, JSON, plots; table READMEs",
     ),
     "analyze": (
         _module_main("experiments.jobs.analyze"),

@@ -75,13 +75,16 @@ def _margin_text(diff: float, se: float | None, z: float, unit: str = "") -> str
     return f"difference {diff:+.1f}{unit}" + (f", {z:g} se = {z * se:.1f}{unit}" if se is not None else "")
 
 
+def _seed_values(by_seed: dict[str, dict], keys: Sequence[str]) -> list[float]:
+    """Per seed, the mean of ``keys`` (CLIP stage-2 metrics), over the seeds that measured all of them."""
+    return [sum(m[k] for k in keys) / len(keys) for m in by_seed.values() if all(k in m for k in keys)]
+
+
 def clip_series(results: dict, *keys: str) -> dict[float, list[float]]:
     """p -> per-seed values of the mean of ``keys`` (CLIP stage-2 metrics), seeds that measured all of them."""
-    out: dict[float, list[float]] = {}
-    for p, by_seed in (results.get("clip") or {}).items():
-        vals = [sum(m[k] for k in keys) / len(keys) for m in by_seed.values() if all(k in m for k in keys)]
-        if vals:
-            out[float(p)] = vals
+    out = {
+        float(p): vals for p, by_seed in (results.get("clip") or {}).items() if (vals := _seed_values(by_seed, keys))
+    }
     return dict(sorted(out.items()))
 
 
@@ -360,7 +363,7 @@ def claims_markdown(claims: Sequence[Claim], seeds: int, margins: Margins | None
         + (f"; {count[MISSING]} not measured" if count[MISSING] else "")
         + ". Each verdict is computed from the numbers below (`experiments/claims.py: check_claims`), and a "
         f"difference counts only when it is at least {m.z:g} standard errors: CLIP metrics against seed noise "
-        f"(sd = max({m.clip_seed_sd:g} points, the pooled sd of {seeds} seed(s) per p), accuracies against binomial "
+        f"(sd = max({m.clip_seed_sd:g} points, the pooled sd of {seeds} seed(s) per row), accuracies against binomial "
         f"noise, CLIP scores against their per-pair standard errors; FID differences count above "
         f"{m.fid_rel_margin:.0%} of the larger FID (a convention: FID has no closed-form standard error).",
         "",
@@ -370,3 +373,32 @@ def claims_markdown(claims: Sequence[Claim], seeds: int, margins: Margins | None
         ),
     ]
     return "\n".join(lines)
+
+
+# Table 8 ("beyond the paper"): each row against the paper's p = 0.8, on the tiny world's three kinds of task.
+TABLE8_TASKS = {
+    "short retrieval": ("retrieval/image_to_text_R@1", "retrieval/text_to_image_R@1"),
+    "long retrieval": ("long_retrieval/image_to_text_R@1", "long_retrieval/text_to_image_R@1"),
+    "classification": ("classify/top1",),
+}
+
+
+def check_table8(results: dict, margins: Margins | None = None, baseline: str = "p0.8") -> list[Claim]:
+    """Per Table 8 row and task (``TABLE8_TASKS``), the claim "the row beats ``baseline``" over ``results["table8"]``
+    (row id -> seed -> stage-2 metrics): the difference of seed means against seed noise, as the paper's claims are."""
+    m = margins or Margins()
+    by_row = results.get("table8") or {}
+    claims = []
+    for row in (r for r in by_row if r != baseline):
+        for task, keys in TABLE8_TASKS.items():
+            c = Claim(
+                f"table8_{row}_{task.replace(' ', '_')}",
+                f"{row} beats the paper's {baseline} on {task} (Table 8)",
+                f"mean {' / '.join(keys)}: {row} > {baseline}",
+            )
+            ours, base = (_seed_values(by_row.get(r) or {}, keys) for r in (row, baseline))
+            if ours and base:
+                c.verdict, margin = _greater(ours, base, m)
+                c.evidence = f"{row} {_cell(ours)} vs {baseline} {_cell(base)} ({margin})"
+            claims.append(c)
+    return claims

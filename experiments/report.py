@@ -40,7 +40,7 @@ from experiments.tables import markdown as markdown_table
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_ROOT = REPO / "experiments" / "configs"
 REPORTS = REPO / "docs" / "reports"
-TABLE_NAMES = tuple(f"table{i}" for i in range(1, 8))
+TABLE_NAMES = tuple(f"table{i}" for i in range(1, 9))  # table8: beyond the paper (no paper numbers)
 SWEEP_TABLES = ("table3", "table5", "table7")  # the p sweeps: plotted metric vs p
 
 # Paper Table 1 (PAPER.md §1), VERBATIM. Only the LLaVA-1.5-LLaMA3-8B row is the paper's own model.
@@ -227,15 +227,15 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
     keys_all = CLIP_KEYS_TINY if tiny else CLIP_KEYS
     keys = {c: keys_all[c] for c in table.metrics if c in keys_all}
     extras = {REALISED_P: "train/caption_source/original"}
-    extras.update(CLIP_EXTRAS_TINY if tiny and table_name != "table6" else {})
+    extras.update({e: k for e, k in CLIP_EXTRAS_TINY.items() if tiny and k not in keys.values()})
     rows = []
     for row in table.rows:
         cfg = f"--row {table_name}/{row.id} --stage 1|2" + ("" if tiny else " --scale paper")
         cmd = f"python -m experiments clip-table --table {table_name} --rows {row.id}" + (" --tiny" if tiny else "")
         found = clip_runs(runs, table_name, row.id, {**keys, **extras})
         rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, found, note=row.note))
-    # A row without its own run reuses an identical row's (same towers, p and mix) of another table.
-    spec = {(t, r.id): (r.vision, r.text, r.p, r.mix) for t, tab in TABLES.items() for r in tab.rows}
+    # A row without its own run reuses an identical row's (same towers, p, mix and objectives) of another table.
+    spec = {(t, r.id): (r.vision, r.text, r.p, r.mix, r.objectives) for t, tab in TABLES.items() for r in tab.rows}
     for rr in (r for r in rows if not r.runs):
         same = [key for key, s in spec.items() if key[0] != table_name and s == spec[(table_name, rr.id)]]
         for other, other_id in same:
@@ -253,7 +253,8 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
         notes.insert(
             0, note + "the shape over rows is." + (f" No tiny analog: {', '.join(missing)}." if missing else "")
         )
-    return Report(table_name, table.caption, tiny, list(table.metrics), rows, keys, extras, notes)
+    deltas = any(row.paper for row in table.rows)  # Table 8 is beyond the paper: no paper numbers to subtract
+    return Report(table_name, table.caption, tiny, list(table.metrics), rows, keys, extras, notes, deltas)
 
 
 # ------------------------------------------------------------------------------------------------------- DiT table
@@ -607,7 +608,7 @@ def readme(report: Report) -> str:
     ]
     rows = []
     for row in report.rows:
-        paper = _numbers({c: f"{row.paper[c]:g}" for c in report.columns if c in row.paper})
+        paper = _numbers({c: f"{row.paper[c]:g}" for c in report.columns if c in row.paper}) or "-"
         ours = row.status
         if row.runs:
             ours = _numbers({c: ours_cell(report, row, c) for c in report.columns})
@@ -616,6 +617,8 @@ def readme(report: Report) -> str:
         rows.append([row.id, row.config, command, paper, ours, _unique(row, "commit"), _unique(row, "hardware")])
     lines.append(markdown_table(rows, ["row", "config", "command", "paper", "ours", "commit", "hardware"]))
     lines += ["", *[f"- {n}" for n in report.notes]]
+    if report.table == "table8":  # its rows are objectives: say what each one is
+        lines += ["", "Rows:", "", *[f"- {r.id}: {r.note}" for r in report.rows if r.note]]
     if report.table == "table1":
         lines += [
             "",
@@ -681,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path] | list[Path]:
             raise SystemExit(1)
         return stale
     if args.table is None:
-        parser.error("give a TABLE (table1..table7), or --write-readme / --check-readme")
+        parser.error("give a TABLE (table1..table8), or --write-readme / --check-readme")
     runs = Path(args.runs or ("runs/tiny" if args.tiny else "runs"))
     default = DIT_SCORERS_TINY if args.tiny else DIT_SCORERS
     scorers = {"clip": args.dit_clip or default["clip"], "recap_clip": args.dit_recap_clip or default["recap_clip"]}

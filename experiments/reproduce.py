@@ -31,7 +31,14 @@ from typing import Any
 import yaml
 
 from experiments import runner
-from experiments.claims import PAPER_COVERAGE_PCT, PAPER_LENGTH_WORDS, Margins, check_claims, claims_markdown
+from experiments.claims import (
+    PAPER_COVERAGE_PCT,
+    PAPER_LENGTH_WORDS,
+    Margins,
+    check_claims,
+    check_table8,
+    claims_markdown,
+)
 from experiments.paper_tables import CAPTIONER_STAGES, row_args, run_args
 from experiments.runner import REPO, Launcher, Step
 from experiments.tables import captioner_eval, last_metrics, markdown, prompt_set_metrics, realised_p
@@ -41,12 +48,25 @@ PROFILES = CONFIGS / "reproduce"
 TINY_CAP = "experiments/configs/tiny/captioner"
 TINY_DIT = "experiments/configs/tiny/dit"
 DIT_WORLD_CONFIG = "experiments/configs/tiny/world/dit.yaml"
-REQUIRED = ("world", "dit_world", "web_clip", "tiny_llm", "captioner", "recaption", "clip", "judge", "dit", "claims")
+REQUIRED = ("world", "web_clip", "tiny_llm", "captioner", "recaption", "clip", "claims")
+REQUIRED_DIT = ("dit_world", "judge")  # with a dit section
 
 
 # ------------------------------------------------------------------------------------------------------ profile
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on ``base`` key by key, mappings merged recursively; a null in ``over`` removes the key."""
+    out = dict(base)
+    for k, v in over.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_profile(profile: str) -> dict[str, Any]:
-    """A profile by name (``experiments/configs/reproduce/<name>.yaml``) or path; missing sections are named."""
+    """A profile by name (``experiments/configs/reproduce/<name>.yaml``) or path; missing sections are named. A
+    profile with ``base: NAME`` is merged over that profile (``merge``): same sections, same step commands."""
     from experiments.dit_tables import TABLE7
     from experiments.paper_tables import TABLES
 
@@ -55,20 +75,32 @@ def load_profile(profile: str) -> dict[str, Any]:
         known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
         raise FileNotFoundError(f"reproduce profile {profile!r}: no file {path} (known profiles: {known})")
     data = yaml.safe_load(path.read_text()) or {}
-    missing = [k for k in REQUIRED if k not in data]
+    if data.get("base"):
+        data = merge({k: v for k, v in load_profile(data.pop("base")).items() if k != "_path"}, data)
+    missing = [k for k in REQUIRED + (REQUIRED_DIT if "dit" in data else ()) if k not in data]
     if missing:
         raise KeyError(f"{path}: missing section(s) {missing}")
-    for section, table, rows in (("clip", "Table 3", TABLES["table3"].rows), ("dit", "Table 7", TABLE7)):
-        if not data[section].get("ps"):
+    t8 = data.get("table8")
+    if t8 is not None:
+        ids = [r.id for r in TABLES["table8"].rows]
+        unknown = [r for r in [*t8.get("rows", []), *t8.get("row_overrides", {})] if r not in ids]
+        if not t8.get("rows") or unknown:
+            raise ValueError(f"{path}: table8.rows must list Table 8 rows (rows: {ids}; unknown: {unknown})")
+        if t8.get("baseline", "p0.8") not in t8["rows"]:
+            raise ValueError(f"{path}: table8.baseline {t8.get('baseline', 'p0.8')!r} is not one of table8.rows")
+    sections = [("clip", "Table 3", TABLES["table3"].rows), ("dit", "Table 7", TABLE7)]
+    for section, table, rows in sections if "dit" in data else sections[:1]:
+        if not data[section].get("ps") and not (section == "clip" and t8):  # table8 may train no Table 3 row
             raise KeyError(f"{path}: {section}.ps must list at least one p")
         ids = [r.id for r in rows]
-        unknown = [row_id(p) for p in data[section]["ps"] if row_id(p) not in ids]
+        unknown = [row_id(p) for p in data[section].get("ps") or [] if row_id(p) not in ids]
         if unknown:
             raise ValueError(f"{path}: {section}.ps names a row that {table} does not have ({unknown[0]}; rows: {ids})")
-    missing = [f"{s}.{k}" for s in ("world", "dit_world") for k in ("n_web", "shard_size") if k not in data[s]]
+    worlds = ("world", "dit_world") if "dit" in data else ("world",)
+    missing = [f"{s}.{k}" for s in worlds for k in ("n_web", "shard_size") if k not in data[s]]
     if missing:
         raise KeyError(f"{path}: {missing[0]} is required (it sets the train / val shard split)")
-    recap_clip_p = data["dit"].get("recap_clip_p")
+    recap_clip_p = data.get("dit", {}).get("recap_clip_p")
     if recap_clip_p is not None and float(recap_clip_p) not in map(float, data["clip"]["ps"]):
         raise ValueError(f"{path}: dit.recap_clip_p {recap_clip_p} is not one of clip.ps")
     data["_path"] = str(path)
@@ -144,8 +176,6 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
     W, DW = f"{o}/world", f"{o}/world_dit"
     cap, rec, wc = f"{o}/captioner", f"{o}/recaption", f"{o}/captioner/web_clip"
     train, val, web = shard_specs(profile["world"], W)
-    dit_world = {**yaml.safe_load((REPO / DIT_WORLD_CONFIG).read_text())["world"], **profile["dit_world"]}
-    dtrain, dval, dweb = shard_specs(dit_world, DW)
     steps: list[Step] = []
 
     def add(name: str, title: str, argv: list[str], outputs: str | list[str], clean: str | list[str] = ()) -> None:
@@ -154,9 +184,10 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
 
     argv = ["world", "--out", W, "--overwrite", *overrides(profile["world"], "world.")]
     add("world", "tiny world (web, captioner data, eval sets)", argv, f"{W}/world.json", W)
-    argv = ["world", "--config", DIT_WORLD_CONFIG, "--out", DW, "--overwrite"]
-    argv += overrides(profile["dit_world"], "world.")
-    add("dit_world", "DiT world (one larger object per image)", argv, f"{DW}/world.json", DW)
+    if profile.get("dit"):
+        argv = ["world", "--config", DIT_WORLD_CONFIG, "--out", DW, "--overwrite"]
+        argv += overrides(profile["dit_world"], "world.")
+        add("dit_world", "DiT world (one larger object per image)", argv, f"{DW}/world.json", DW)
 
     # The OpenAI CLIP analog: alt-text only, its image tower becomes the captioner's, its text tower the DiT's.
     data = [f"--data.init_args.train_shards={train}", f"--data.init_args.val_shards={val}"]
@@ -212,74 +243,98 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
         add(f"recaption_{tag}_sidecars", f"join {tag} recaptions to shards", argv, f"{side}/_manifest.json", side)
 
     recaption("world", web, "recaption world web/ with the captioner")
-    argv = ["analyze", "--shards", web, "--sidecar-dir", f"{rec}/world_sidecars", "--clip", export, "--tokenizer", tok]
-    analysis = f"{o}/analysis"
-    title = "caption analysis (lengths, vocabulary, CLIP share)"
-    add("analyze", title, [*argv, "--out", analysis], f"{analysis}/summary.json", analysis)
+    clip = profile["clip"]
+    n_seeds = int(seeds if seeds is not None else clip.get("seeds", 1))
+    if clip.get("ps"):
+        argv = ["analyze", "--shards", web, "--sidecar-dir", f"{rec}/world_sidecars", "--clip", export]
+        analysis = f"{o}/analysis"
+        title = "caption analysis (lengths, vocabulary, CLIP share)"
+        add("analyze", title, [*argv, "--tokenizer", tok, "--out", analysis], f"{analysis}/summary.json", analysis)
+
+    def clip_row(table: str, rid: str, seed: int, data_args: list[str], title: str, extra: dict | None = None) -> None:
+        """A paper-table row's CLIPA stage 1 then 2 at one seed, with the profile's clip.stage{1,2} overrides (then
+        ``extra``'s per stage); the report reads stage 2's final evaluation."""
+        root = seed_root(o, seed)
+        run = f"{root}/clip/{table}/{rid}"
+        seed_args = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"] if seed else []
+        for stage in (1, 2):
+            argv = ["fit", *repo_relative(row_args(table, rid, stage))]
+            argv += [logger(root, f"clip/{table}/{rid}", f"stage{stage}"), *data_args, *seed_args]
+            if stage == 2:
+                argv.append(f"--model.init_args.init_from={run}/stage1/checkpoints/last.ckpt")
+            argv += overrides(clip.get(f"stage{stage}")) + overrides((extra or {}).get(f"stage{stage}"))
+            sdir = f"{run}/stage{stage}"
+            # the final (stage-2) evaluation is what the report reads; a profile may skip stage 1's
+            outs = [f"{sdir}/checkpoints/last.ckpt"] + ([f"{sdir}/metrics"] if stage == 2 else [])
+            prefix = "clip" if table == "table3" else table
+            name = f"{prefix}_{rid}" + (f"_seed{seed}" if seed else "") + f"_stage{stage}"
+            add(name, f"{title} stage {stage}" + (f" seed {seed}" if seed else ""), argv, outs, sdir)
 
     # Recap-CLIP at each p (CLIPA stage 1 then 2, Table 3's rows), each seed.
-    clip = profile["clip"]
     clip_data = [*data, f"--data.init_args.sidecar_dir={rec}/world_sidecars", _clip_evaluation(W)]
     # p = 1 never draws a recaption, so its rows read the alt-text alone and do not wait for the captioner: the
     # runner starts them beside the web CLIP and the captioner (the longest stretch of the chain with a core free).
     # The realised p is still read back from the run's own log (train/caption_source/original = 1).
     alt_text_only = ['--data.init_args.sources={"original": "txt"}', "--data.init_args.p_original=null"]
     clip_data_original = [*data, *alt_text_only, "--data.init_args.sidecar_dir=null", _clip_evaluation(W)]
-    for seed in range(int(seeds if seeds is not None else clip.get("seeds", 1))):
-        root = seed_root(o, seed)
-        seed_args = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"] if seed else []
-        for p in clip["ps"]:
-            rid = row_id(p)
-            run = f"{root}/clip/table3/{rid}"
-            for stage in (1, 2):
-                argv = ["fit", *repo_relative(row_args("table3", rid, stage))]
-                argv += [logger(root, f"clip/table3/{rid}", f"stage{stage}")]
-                argv += [*(clip_data_original if float(p) == 1.0 else clip_data), *seed_args]
-                if stage == 2:
-                    argv.append(f"--model.init_args.init_from={run}/stage1/checkpoints/last.ckpt")
-                title = f"Recap-CLIP p={float(p):g} stage {stage}" + (f" seed {seed}" if seed else "")
-                sdir = f"{run}/stage{stage}"
-                # the final (stage-2) evaluation is what the report reads; a profile may skip stage 1's
-                outs = [f"{sdir}/checkpoints/last.ckpt"] + ([f"{sdir}/metrics"] if stage == 2 else [])
-                name = f"clip_{rid}" + (f"_seed{seed}" if seed else "") + f"_stage{stage}"
-                add(name, title, argv + overrides(clip.get(f"stage{stage}")), outs, sdir)
+    for seed in range(n_seeds):
+        for p in clip.get("ps") or []:
+            data_args = clip_data_original if float(p) == 1.0 else clip_data
+            clip_row("table3", row_id(p), seed, data_args, f"Recap-CLIP p={float(p):g}")
+    # Table 8 ("beyond the paper"): its rows with the same recipe and data, each seed.
+    t8 = profile.get("table8") or {}
+    for seed in range(n_seeds if t8 else 0):
+        for rid in t8["rows"]:
+            clip_row("table8", rid, seed, clip_data, f"Table 8 {rid}", (t8.get("row_overrides") or {}).get(rid))
 
     # The DiT: its own world, recaptioned by the same captioner, the web CLIP's text tower, a pinned judge.
-    dit = profile["dit"]
-    recap_clip = None
-    if dit.get("recap_clip_p") is not None:
-        rid = row_id(dit["recap_clip_p"])
-        recap_clip = f"{o}/clip/table3/{rid}/export"
-        argv = ["export-clip", "--ckpt", f"{o}/clip/table3/{rid}/stage2/checkpoints/last.ckpt", "--out", recap_clip]
-        title = f"export Recap-CLIP p={float(dit['recap_clip_p']):g} (Table 7's scorer)"
-        add("recap_clip_export", title, argv, f"{recap_clip}/open_clip_config.json", recap_clip)
-    recaption("world_dit", dweb, "recaption DiT world web/ with the captioner")
-    judge = f"{DW}/judge"
-    argv = ["world-judge", "--world", DW, "--out", judge, "--overwrite", *flags(profile["judge"])]
-    add("judge", "pinned attribute judge (DiT evaluation)", argv, f"{judge}/judge.json", judge)
-    text_encoder = f"--model.init_args.text_encoder={export}"
-    cache, cache_val = f"{o}/dit/cache", f"{o}/dit/cache_val"
-    argv = ["dit-cache", "--config", f"{TINY_DIT}/base.yaml", text_encoder, f"--data.init_args.train_shards={dtrain}"]
-    argv += [f"--data.init_args.val_shards={dval}", f"--data.init_args.sidecar_dir={rec}/world_dit_sidecars"]
-    argv += ["--out", cache, "--val-out", cache_val]
-    title = "DiT cache (pixels + web-CLIP text of both sources)"
-    add("dit_cache", title, argv, f"{cache}/_cache.json", [cache, cache_val])
-    clips = ["--clip", f"web_clip={export}"] + (["--clip", f"recap_clip={recap_clip}"] if recap_clip else [])
-    prompts = ["--prompts", f"{DW}/eval/t2i_prompts/prompts.parquet", "--attribute-judge", judge, *clips]
-    for p in dit["ps"]:
-        rid = row_id(p)
-        run, ev = f"{o}/dit/table7/{rid}", f"{o}/dit/eval/{rid}"
-        argv = ["fit", *repo_relative(row_args("table7", rid, 1)), "--config", f"{TINY_DIT}/cached.yaml"]
-        argv += [logger(o, f"dit/table7/{rid}", "fit"), text_encoder, f"--data.init_args.cache_dir={cache}"]
-        argv += [f"--data.init_args.val_cache_dir={cache_val}", f"--model.init_args.sample_dir={run}/samples"]
-        argv += overrides(dit.get("fit"))
-        add(f"dit_{rid}", f"Recap-DiT p={float(p):g}", argv, f"{run}/fit/checkpoints/last.ckpt", run)
-        argv = ["dit-eval", "--ckpt", f"{run}/fit/checkpoints/last.ckpt", *prompts, *flags(dit.get("eval"))]
-        argv += ["--out", ev]
-        outs = [f"{ev}/caption/metrics.json", f"{ev}/recaption/metrics.json"]
-        add(f"dit_{rid}_eval", f"evaluate DiT p={float(p):g} (both prompt sets)", argv, outs, ev)
+    dit = profile.get("dit") or {}
+    if dit:
+        dit_world = {**yaml.safe_load((REPO / DIT_WORLD_CONFIG).read_text())["world"], **profile["dit_world"]}
+        dtrain, dval, dweb = shard_specs(dit_world, DW)
+        recap_clip = None
+        if dit.get("recap_clip_p") is not None:
+            rid = row_id(dit["recap_clip_p"])
+            recap_clip = f"{o}/clip/table3/{rid}/export"
+            argv = ["export-clip", "--ckpt", f"{o}/clip/table3/{rid}/stage2/checkpoints/last.ckpt", "--out", recap_clip]
+            title = f"export Recap-CLIP p={float(dit['recap_clip_p']):g} (Table 7's scorer)"
+            add("recap_clip_export", title, argv, f"{recap_clip}/open_clip_config.json", recap_clip)
+        recaption("world_dit", dweb, "recaption DiT world web/ with the captioner")
+        judge = f"{DW}/judge"
+        argv = ["world-judge", "--world", DW, "--out", judge, "--overwrite", *flags(profile["judge"])]
+        add("judge", "pinned attribute judge (DiT evaluation)", argv, f"{judge}/judge.json", judge)
+        text_encoder = f"--model.init_args.text_encoder={export}"
+        cache, cache_val = f"{o}/dit/cache", f"{o}/dit/cache_val"
+        argv = [
+            "dit-cache",
+            "--config",
+            f"{TINY_DIT}/base.yaml",
+            text_encoder,
+            f"--data.init_args.train_shards={dtrain}",
+        ]
+        argv += [f"--data.init_args.val_shards={dval}", f"--data.init_args.sidecar_dir={rec}/world_dit_sidecars"]
+        argv += ["--out", cache, "--val-out", cache_val]
+        title = "DiT cache (pixels + web-CLIP text of both sources)"
+        add("dit_cache", title, argv, f"{cache}/_cache.json", [cache, cache_val])
+        clips = ["--clip", f"web_clip={export}"] + (["--clip", f"recap_clip={recap_clip}"] if recap_clip else [])
+        prompts = ["--prompts", f"{DW}/eval/t2i_prompts/prompts.parquet", "--attribute-judge", judge, *clips]
+        for p in dit["ps"]:
+            rid = row_id(p)
+            run, ev = f"{o}/dit/table7/{rid}", f"{o}/dit/eval/{rid}"
+            argv = ["fit", *repo_relative(row_args("table7", rid, 1)), "--config", f"{TINY_DIT}/cached.yaml"]
+            argv += [logger(o, f"dit/table7/{rid}", "fit"), text_encoder, f"--data.init_args.cache_dir={cache}"]
+            argv += [f"--data.init_args.val_cache_dir={cache_val}", f"--model.init_args.sample_dir={run}/samples"]
+            argv += overrides(dit.get("fit"))
+            add(f"dit_{rid}", f"Recap-DiT p={float(p):g}", argv, f"{run}/fit/checkpoints/last.ckpt", run)
+            argv = ["dit-eval", "--ckpt", f"{run}/fit/checkpoints/last.ckpt", *prompts, *flags(dit.get("eval"))]
+            argv += ["--out", ev]
+            outs = [f"{ev}/caption/metrics.json", f"{ev}/recaption/metrics.json"]
+            add(f"dit_{rid}_eval", f"evaluate DiT p={float(p):g} (both prompt sets)", argv, outs, ev)
 
-    for table, title in (("table1", "captioner"), ("table3", "CLIP vs p"), ("table7", "DiT")):
+    reports = {"table1": "captioner", "table3": "CLIP vs p"} if clip.get("ps") else {}
+    reports |= {"table7": "DiT"} if dit else {}
+    reports |= {"table8": "beyond the paper"} if t8 else {}
+    for table, title in reports.items():
         argv = ["report", table, "--tiny", "--runs", o, "--out", f"{o}/reports"]
         outputs = [f"{o}/reports/{table}_tiny.md"]
         steps.append(Step(f"report_{table}", f"report {table} ({title})", argv, outputs, always=True))
@@ -374,8 +429,9 @@ def run_chain(
 # ------------------------------------------------------------------------------------------------------ results
 def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str, Any]:
     """This run's numbers from the steps' outputs (missing ones stay missing), with the realised p of every CLIP and
-    DiT run (``realised_p``) under ``clip_p`` / ``dit_p``."""
+    DiT run (``realised_p``) under ``clip_p`` / ``dit_p``; Table 8's rows by row id under ``table8`` / ``table8_p``."""
     res: dict[str, Any] = {"captioner": {}, "analysis": None, "clip": {}, "dit": {}, "clip_p": {}, "dit_p": {}}
+    res.update(table8={}, table8_p={})
     for stage in CAPTIONER_STAGES:
         found = captioner_eval(out, stage)
         if found and found[1]:
@@ -384,16 +440,18 @@ def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str,
     if summary.is_file():
         inputs = json.loads(summary.read_text()).get("inputs", {})
         res["analysis"] = inputs.get("shards") or inputs.get("parquet")
-    for p in profile["clip"]["ps"]:
+    rows = [("clip", "table3", row_id(p), str(float(p))) for p in profile["clip"].get("ps") or []]
+    rows += [("table8", "table8", rid, rid) for rid in (profile.get("table8") or {}).get("rows", [])]
+    for key, table, rid, name in rows:
         for seed in range(seeds):
-            run = Path(seed_root(str(out), seed)) / "clip" / "table3" / row_id(p)
+            run = Path(seed_root(str(out), seed)) / "clip" / table / rid
             m = last_metrics(run / "stage2")
             if m:
-                res["clip"].setdefault(str(float(p)), {})[f"seed{seed}"] = m
+                res[key].setdefault(name, {})[f"seed{seed}"] = m
             rp = realised_p(run / "stage1", run / "stage2")
             if rp is not None:
-                res["clip_p"].setdefault(str(float(p)), {})[f"seed{seed}"] = rp
-    for p in profile["dit"]["ps"]:
+                res[f"{key}_p"].setdefault(name, {})[f"seed{seed}"] = rp
+    for p in (profile.get("dit") or {}).get("ps", []):
         merged = prompt_set_metrics(out / "dit" / "eval" / row_id(p))
         if merged:
             res["dit"][str(float(p))] = merged
@@ -457,18 +515,33 @@ def _run_line(profile: dict, record: dict) -> str:
     return line + f" (budget {profile.get('budget_minutes', '?')} min of wall time on 2 uncontended cores)."
 
 
+def results_dir(out: Path, profile: dict) -> Path:
+    """Where a run's report.md, results.json and timings.json go: OUT, or ``OUT/<results_dir>`` for a profile that
+    shares OUT with another run (Table 8 over a finished full run)."""
+    return out / profile.get("results_dir", "")
+
+
 def write_report(out: Path, profile: dict, seeds: int, record: dict, command: str) -> Path:
-    """``OUT/report.md``: every result of the run, the paper's claims checked, timings, command and commit."""
+    """``report.md`` (in ``results_dir``): every result of the run, the claims checked (the paper's with Table 3 rows,
+    Table 8's rows against p = 0.8), timings, command and commit."""
     from experiments import report
 
     results = collect_results(out, profile, seeds)
     margins = Margins.from_profile(profile["claims"])
-    claims = check_claims(results, margins)
+    table3, dit, t8 = bool(profile["clip"].get("ps")), bool(profile.get("dit")), profile.get("table8")
+    claims = check_claims(results, margins) if table3 else []
+    claims += check_table8(results, margins, t8.get("baseline", "p0.8")) if t8 else []
+    dest, stem = results_dir(out, profile), Path(profile["_path"]).stem
+    dest.mkdir(parents=True, exist_ok=True)
     data = {"results": results, "claims": [c.__dict__ for c in claims]}
-    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    (dest / "results.json").write_text(json.dumps(data, indent=1) + "\n")
     pngs = sorted((out / "reports").glob("*.png")) + sorted((out / "analysis").glob("*.png"))
+    stand_ins = (
+        "Tiny-world stand-ins: cls = 48-class zero-shot (ImageNet), short = 5 captions per image retrieval (COCO), "
+        "long = one long caption per image (Urban-1K). Absolute numbers are not comparable with the paper's."
+    )
     lines = [
-        f"# The paper in miniature: `reproduce --profile {Path(profile['_path']).stem}`",
+        f"# {'The' if table3 else 'Beyond the'} paper in miniature: `reproduce --profile {stem}`",
         "",
         f"{profile.get('description', '')}. Tiny world, CPU. Command and commit:",
         "",
@@ -478,36 +551,52 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
         "",
         _run_line(profile, record),
         "",
-        "## What the miniature reproduces",
+        "## What the miniature reproduces" if table3 else "## Does each objective beat the paper's p = 0.8?",
         "",
         claims_markdown(claims, seeds, margins),
-        "",
-        "## Captioner (Table 1 stand-in): held-out attribute scores, percent",
-        "",
-        report.captioner_table(out) or "not run",
-        "",
-        "## Caption analysis (§4): original alt-text vs recaptions of `web/`",
-        "",
-        _analysis_table(results["analysis"]) if results["analysis"] else "not run",
-        "",
-        "## Recap-CLIP vs p (Table 3 style; final = stage 2)",
-        "",
-        _paper_table("table3", out) if results["clip"] else "not run",
-        "",
-        "Tiny-world stand-ins: cls = 48-class zero-shot (ImageNet), short = 5 captions per image retrieval (COCO), "
-        "long = one long caption per image (Urban-1K). Absolute numbers are not comparable with the paper's.",
-        "",
-        "## Recap-DiT at p = 0 and p = 1 (Table 7 style)",
-        "",
-        _paper_table("table7", out) if results["dit"] else "not run",
-        "",
-        "Raw = the prompt set's short captions, recap = its detailed descriptions; FID on the pinned judge's features, "
-        "CLIP score with the web CLIP (alt-text trained) and with this run's Recap-CLIP.",
+    ]
+    if table3:
+        lines += [
+            "",
+            "## Captioner (Table 1 stand-in): held-out attribute scores, percent",
+            "",
+            report.captioner_table(out) or "not run",
+            "",
+            "## Caption analysis (§4): original alt-text vs recaptions of `web/`",
+            "",
+            _analysis_table(results["analysis"]) if results["analysis"] else "not run",
+            "",
+            "## Recap-CLIP vs p (Table 3 style; final = stage 2)",
+            "",
+            _paper_table("table3", out) if results["clip"] else "not run",
+            "",
+            stand_ins,
+        ]
+    if dit:
+        lines += [
+            "",
+            "## Recap-DiT at p = 0 and p = 1 (Table 7 style)",
+            "",
+            _paper_table("table7", out) if results["dit"] else "not run",
+            "",
+            "Raw = the prompt set's short captions, recap = its detailed descriptions; FID on the pinned judge's "
+            "features, CLIP score with the web CLIP (alt-text trained) and with this run's Recap-CLIP.",
+        ]
+    if t8:
+        lines += [
+            "",
+            "## Table 8, beyond the paper: each objective over the p = 0.8 recipe (final = stage 2)",
+            "",
+            _paper_table("table8", out) if results["table8"] else "not run",
+            "",
+            stand_ins + " Rows: `experiments/configs/tiny/clip/table8/README.md`.",
+        ]
+    lines += [
         "",
         "## Plots and tables",
         "",
-        *[f"- `{os.path.relpath(p, out)}`" for p in sorted((out / "reports").glob("*.md"))],
-        *[f"![{p.stem}]({os.path.relpath(p, out)})" for p in pngs],
+        *[f"- `{os.path.relpath(p, dest)}`" for p in sorted((out / "reports").glob("*.md"))],
+        *[f"![{p.stem}]({os.path.relpath(p, dest)})" for p in pngs],
         "",
         "## Timings",
         "",
@@ -518,7 +607,7 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
         "system seconds of the step's processes, which other work does not inflate: on 2 cores a step's uncontended "
         "wall time is at least half its CPU time.",
     ]
-    path = out / "report.md"
+    path = dest / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
 
@@ -529,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add = parser.add_argument
     add("--profile", default="quick", help="quick | full | a profile YAML path (default: quick)")
     add("--out", default=None, help="output folder (default: runs/reproduce/<profile>)")
-    add("--seeds", type=int, default=None, help="CLIP seeds per p (default: the profile's clip.seeds)")
+    add("--seeds", type=int, default=None, help="CLIP seeds per row (default: the profile's clip.seeds)")
     add("--from", dest="start_from", default=None, help="rerun from this step on (names: --dry-run)")
     add("--only", nargs="+", default=None, help="run only these steps (names or prefixes, e.g. world web_clip clip_)")
     add("--dry-run", action="store_true", help="print the steps' commands and states; run nothing")
@@ -568,17 +657,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return {"steps": steps}
     command = "python -m experiments reproduce " + shlex.join(argv if argv is not None else sys.argv[2:])
     out.mkdir(parents=True, exist_ok=True)
+    timings = results_dir(out, profile) / "timings.json"
     if args.report_only:
-        timings = out / "timings.json"
         record = json.loads(timings.read_text()) if timings.is_file() else {"steps": []}
         command = record.get("command") or command  # the command that ran the steps
     else:
         print(f"reproduce: profile {name}, {len(steps)} steps -> {out_str} (logs in {out_str}/logs)", flush=True)
         jobs = int(args.jobs if args.jobs is not None else profile.get("jobs", 1))
         launcher = runner.launch_fresh if args.isolated else runner.launch_forked
-        record = runner.run_steps(steps, out, args.start_from, jobs=jobs, launcher=launcher)
+        record = runner.run_steps(steps, out, args.start_from, jobs=jobs, launcher=launcher, timings=timings)
         record["command"] = command
-        runner.write_timings(out / "timings.json", record)
+        runner.write_timings(timings, record)
     print("\n" + runner.summary_table(record), flush=True)
     if record.get("failed"):
         print(f"\nstopped at {record['failed']}; fix it and rerun the same command (finished steps are skipped)")

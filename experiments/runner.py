@@ -305,6 +305,7 @@ def run_steps(
     jobs: int = 1,
     launcher: Launcher | None = None,
     cpus: int | None = None,
+    timings: Path | None = None,
 ) -> dict[str, Any]:
     """Run the steps that are not done (``plan``), up to ``jobs`` at once: a step starts when every step it reads from
     has finished (``always`` steps wait for all earlier ones), the head of the longest chain first. With ``jobs`` > 1 a
@@ -320,7 +321,7 @@ def run_steps(
     deps = dependencies(steps)
     chain = chain_lengths(steps, deps)
     to_run = plan(steps, out, start_from)
-    timings_path = out / "timings.json"
+    timings_path = timings or out / "timings.json"  # elsewhere when OUT holds another run's (reproduce's table8)
     previous = _previous_timings(timings_path)
     record: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": cpus, "jobs": jobs}
     record.update(commit=git_head(), steps=[])
