@@ -530,7 +530,7 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
     margins = Margins.from_profile(profile["claims"])
     table3, dit, t8 = bool(profile["clip"].get("ps")), bool(profile.get("dit")), profile.get("table8")
     claims = check_claims(results, margins) if table3 else []
-    claims += check_table8(results, margins, t8.get("baseline", "p0.8")) if t8 else []
+    claims += check_table8(results, margins, t8.get("baseline", "p0.8"), t8["rows"]) if t8 else []
     dest, stem = results_dir(out, profile), Path(profile["_path"]).stem
     dest.mkdir(parents=True, exist_ok=True)
     data = {"results": results, "claims": [c.__dict__ for c in claims]}

@@ -155,6 +155,6 @@ def test_cli_writes_into_out(tmp_path, monkeypatch, capsys):
 def test_table_readmes_are_current():
     """Regenerate with: python -m experiments report --write-readme"""
     files = report.readme_files()
-    assert len(files) == 14  # tables 1-7, real and tiny
+    assert len(files) == 16  # tables 1-8, real and tiny
     stale = [str(p) for p, text in files.items() if not p.is_file() or p.read_text() != text]
     assert not stale, f"stale table READMEs (python -m experiments report --write-readme): {stale}"
