@@ -182,11 +182,17 @@ def row_steps(fit_args: Sequence[str], run: Path, agent: bool = False) -> list[S
         return [step("fit", ["fit", *fit_args], "config.yaml")]
     stage2 = stage1.removesuffix("stage1.yaml") + "stage2.yaml"
     image_size = yaml.safe_load((REPO / stage2).read_text())["model"]["init_args"]["image_size"]
-    args2 = [stage2 if a == stage1 else _stage2_value(a, image_size) for a in fit_args]
+    # every stage-1 config becomes its stage-2 twin: the recipe, and an objective whose stages differ (Table 8's p
+    # schedule, objectives/p_schedule_stage{1,2}.yaml)
+    twin = {c: c.removesuffix("stage1.yaml") + "stage2.yaml" for c in configs if c.endswith("stage1.yaml")}
+    args2 = [twin.get(a, a) if a in configs else _stage2_value(a, image_size) for a in fit_args]
     args2.append(f"--model.init_args.init_from={run}/stage1/checkpoints/last.ckpt")
-    # the evaluation: stage 2's model and point values on the eval sets (its own data), in run/eval
+    # the evaluation: stage 2's model (its recipe, then the point's other configs: an objective's model, e.g. Table 8's
+    # decoder) and point values on the eval sets (its own data), in run/eval
     evaluation = "experiments/configs/eval/" + ("tiny_world.yaml" if "/tiny/" in stage1 else "paper.yaml")
-    test = ["test", "--config", stage2, "--config", evaluation, f"--ckpt_path={run}/stage2/checkpoints/last.ckpt"]
+    others = [a for c in configs if c != stage1 for a in ("--config", twin.get(c, c))]
+    test = ["test", "--config", stage2, *others, "--config", evaluation]
+    test.append(f"--ckpt_path={run}/stage2/checkpoints/last.ckpt")
     test += [_stage2_value(a, image_size) for a in values if not a.startswith("--data.")]
     ckpt = "checkpoints/last.ckpt"
     return [

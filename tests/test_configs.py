@@ -88,6 +88,8 @@ def stack_for(path: Path) -> tuple[str, list[str]]:
         if path.name == "cached.yaml":
             return "fit", row_args("table7", "p0.5", 1, scale) + configs(path)
         return "fit", configs(path)
+    if "objectives" in parts:  # a Table 8 objective goes after a CLIP row's settings
+        return "fit", row_args("table3", "p0.8", 1, "tiny" if parts[0] == "tiny" else "paper") + configs(path)
     if path.name == "baselines.yaml":
         return "test", configs(CONFIGS / "eval/paper.yaml", path)
     if parts[0] == "logging":  # a logger overlay goes last, here on a table row
@@ -151,6 +153,17 @@ def test_a_bad_row_names_the_table_and_row_and_lists_the_valid_ones():
         row_args("table7", "l2_p0.0", 1, "tiny")
 
 
+def _objectives(row: paper_tables.Row, stage: int, scale: str) -> dict[str, dict]:
+    """The model / data init_args that a row's objective configs set (Table 8), later files winning."""
+    root = CONFIGS / ("tiny" if scale == "tiny" else "") / "clip" / "objectives"
+    out: dict[str, dict] = {"model": {}, "data": {}}
+    for name in row.objectives:
+        cfg = yaml.safe_load((root / f"{name.format(stage=stage)}.yaml").read_text())
+        for group, values in out.items():
+            values.update((cfg.get(group) or {}).get("init_args") or {})
+    return out
+
+
 def _logger(dumped: dict) -> dict:
     logger = dumped["trainer"]["logger"]  # paper-scale rows log to [CSV, W&B]: the CSV logger (first) is the run dir
     return logger[0] if isinstance(logger, list) else logger
@@ -192,7 +205,10 @@ def test_every_row_composes_and_validates(parser, table, row, stage, scale):
         assert model["sample_dir"] == f"{run}/samples"
         return
     r = paper_tables.ROWS[table][row]
-    assert data.get("p_original") == r.p  # None (concat) is not dumped
+    objectives = _objectives(r, stage, scale)
+    assert data.get("p_original") == objectives["data"].get("p_original", r.p)  # None (concat) is not dumped
+    for group, values in objectives.items():  # every setting of the row's objectives, in place after the row's own
+        assert {k: dumped[group]["init_args"].get(k) for k in values} == values, group
     assert data.get("mix", "sample") == r.mix
     assert model["model"] == f"recap-clip:{r.vision}:{r.text}" + (":tiny" if scale == "tiny" else "")
     built = parse_model_name(model["model"])
@@ -220,6 +236,16 @@ def test_config_parses_in_its_stack(parser, config):
     if config.name == "cached.yaml":  # swapping in the cache keeps the row's p
         assert dumped["data"]["init_args"]["p_original"] == 0.5
         assert dumped["data"]["class_path"] == "datamodules.latent_cache.LatentCacheDataModule"
+
+
+def test_table8_p_schedule_spans_stage_1_and_stage_2_holds_its_end():
+    for scale in ("tiny", "paper"):
+        root = CONFIGS / ("tiny" if scale == "tiny" else "") / "clip"
+        stage1 = yaml.safe_load((root / "stage1.yaml").read_text())["model"]["init_args"]
+        schedule = yaml.safe_load((root / "objectives/p_schedule_stage1.yaml").read_text())["data"]["init_args"]
+        hold = yaml.safe_load((root / "objectives/p_schedule_stage2.yaml").read_text())["data"]["init_args"]
+        assert schedule["p_schedule"]["total_samples"] == stage1["total_samples"], scale
+        assert (schedule["p_schedule"]["start"], hold["p_original"]) == (1.0, schedule["p_schedule"]["end"])
 
 
 def test_stage_recipes_follow_the_paper(parser):

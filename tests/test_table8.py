@@ -22,6 +22,8 @@ from experiments.cli import cli_main
 from experiments.paper_tables import TABLES
 
 ROWS = [r.id for r in TABLES["table8"].rows]
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS = REPO / "experiments" / "sweeps"
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +205,36 @@ def test_table8_report_reads_the_run_layout(tmp_path):
     results = json.loads((out / "table8" / "results.json").read_text())
     assert results["results"]["table8"]["both"]["seed1"]["classify/top1"] == 11
     assert not (out / "report.md").exists()
+
+
+# ------------------------------------------------------------------------------------------------------- sweeps
+@pytest.mark.parametrize("scale", ["paper", "tiny"])
+def test_one_sweep_spec_per_row_runs_the_rows_objectives_at_both_stages(scale, tmp_path):
+    """Each row's spec names exactly the row's objective configs, stage 2 gets their stage-2 twins (the p schedule's
+    hold) and the evaluation builds the objective's model; the tiny twins sweep the same grid."""
+    from experiments import sweep
+    from experiments.paper_tables import row_args
+
+    folder = SWEEPS / ("tiny" if scale == "tiny" else "") / "table8_beyond"
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(ROWS)
+    for row in ROWS:
+        spec = sweep.load_spec(folder / f"{row}.yaml")
+        if scale == "tiny":
+            assert spec["parameters"] == {
+                k: v
+                for k, v in sweep.load_spec(SWEEPS / "table8_beyond" / f"{row}.yaml")["parameters"].items()
+                if k != "model.init_args.model"  # the tiny recipe's own B/16 + base
+            }
+        point = sweep.points(spec, tmp_path, row)[-1]
+        assert point.params["seed_everything"] == 2
+        steps = sweep.row_steps(sweep.lightning_args(spec, point.params), point.run_dir)
+        argv = {s.name: s.argv for s in steps}
+        for stage, name in ((1, "stage1"), (2, "stage2"), (2, "eval")):
+            configs = [a for i, a in enumerate(argv[name]) if i and argv[name][i - 1] == "--config"]
+            expected = row_args("table8", row, stage, scale)
+            objectives = [
+                a for i, a in enumerate(expected) if i and expected[i - 1] == "--config" and "objectives" in a
+            ]
+            assert [c for c in configs if "objectives" in c] == [str(Path(o).relative_to(REPO)) for o in objectives]
+        stage1 = _print_config(argv["stage1"])["data"]["init_args"]
+        assert stage1["p_original"] == spec["parameters"]["data.init_args.p_original"]["value"]
