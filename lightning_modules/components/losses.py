@@ -66,7 +66,8 @@ def caption_loss(logits: torch.Tensor, target_tokens: torch.Tensor, pad_id: int)
     """Next-token cross-entropy, pads ignored, mean over each sample's tokens then over samples: every sample weighs
     the same, so the DDP average of per-rank losses is the global batch's (a flat token mean would weigh ranks by
     their token counts). ``logits[:, t]`` predicts ``target_tokens[:, t]``."""
-    ce = F.cross_entropy(logits.transpose(1, 2).float(), target_tokens, reduction="none")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in fp32
+    ce = F.cross_entropy(logits.transpose(1, 2), target_tokens, reduction="none")
     keep = (target_tokens != pad_id).to(ce.dtype)
     return ((ce * keep).sum(1) / keep.sum(1).clamp(min=1)).mean()
 
