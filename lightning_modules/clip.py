@@ -241,6 +241,9 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             self.log_dict({f"train/loss_{v}": v_loss for v, v_loss in per_view.items()}, batch_size=bs)
         if dec:
             target = self._view_tokens(batch, dec["target"])
+            # cut the batch's all-pad tail (77-token rows, captions of ~20): the vocabulary projection is the
+            # decoder's largest cost, and pad targets add nothing to the loss nor, causally, to earlier positions
+            target = target[:, : int((target != self._pad_id).any(0).nonzero().max()) + 1]
             prefix = self._view_tokens(batch, dec["prefix"]) if dec.get("prefix") else None
             logits = self.decoder(out["image_tokens"], target[:, :-1], prefix)
             dec_loss = caption_loss(logits, target[:, 1:], self._pad_id)

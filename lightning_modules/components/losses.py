@@ -67,9 +67,10 @@ def caption_loss(logits: torch.Tensor, target_tokens: torch.Tensor, pad_id: int)
     the same, so the DDP average of per-rank losses is the global batch's (a flat token mean would weigh ranks by
     their token counts). ``logits[:, t]`` predicts ``target_tokens[:, t]``."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in fp32
-    ce = F.cross_entropy(logits.transpose(1, 2), target_tokens, reduction="none")
-    keep = (target_tokens != pad_id).to(ce.dtype)
-    return ((ce * keep).sum(1) / keep.sum(1).clamp(min=1)).mean()
+    # rows of the vocabulary contiguous: [B, V, L] (cross_entropy's own layout) is ~4x slower on CPU at V = 49408
+    ce = F.cross_entropy(logits.flatten(0, 1), target_tokens.flatten(), ignore_index=pad_id, reduction="none")
+    count = (target_tokens != pad_id).sum(1).clamp(min=1)
+    return (ce.view_as(target_tokens).sum(1) / count).mean()
 
 
 class CaptionDecoder(nn.Module):
