@@ -245,8 +245,9 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             # decoder's largest cost, and pad targets add nothing to the loss nor, causally, to earlier positions
             target = target[:, : int((target != self._pad_id).any(0).nonzero().max()) + 1]
             prefix = self._view_tokens(batch, dec["prefix"]) if dec.get("prefix") else None
-            logits = self.decoder(out["image_tokens"], target[:, :-1], prefix)
-            dec_loss = caption_loss(logits, target[:, 1:], self._pad_id)
+            target, inputs = target[:, 1:], target[:, :-1]
+            logits = self.decoder(out["image_tokens"], inputs, prefix, keep=target != self._pad_id)
+            dec_loss = caption_loss(logits, target, self._pad_id)
             self.log("train/loss_decoder", dec_loss, batch_size=bs)
             loss = loss + float(dec.get("weight", 1.0)) * dec_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)

@@ -114,6 +114,7 @@ def test_caption_loss_is_per_sample_token_mean_ignoring_pads():
         per_sample.append(sum(terms) / len(terms))
     want = sum(per_sample) / 3
     torch.testing.assert_close(caption_loss(logits, target, pad_id=0), want)
+    torch.testing.assert_close(caption_loss(logits[target != 0], target, pad_id=0), want)  # the kept rows only
     # what the logits say at pad positions cannot matter ...
     changed = logits.clone()
     changed[target == 0] = torch.randn(int((target == 0).sum()), 11, generator=g, dtype=torch.float64)
@@ -143,6 +144,8 @@ def test_decoder_masks_prefix_pads_and_is_causal():
     inp = torch.randint(1, 50, (2, 9), generator=g)
     prefix = torch.tensor([[3, 8, 12, 0, 0, 0], [5, 6, 0, 0, 0, 0]])
     out = dec(image, inp, prefix)
+    keep = inp > 25
+    torch.testing.assert_close(dec(image, inp, prefix, keep=keep), out[keep])
     # more pads on the prefix change nothing (they are masked out of the cross-attention) ...
     torch.testing.assert_close(dec(image, inp, torch.cat([prefix, torch.zeros(2, 5, dtype=torch.long)], 1)), out)
     # ... while the prefix's tokens do matter, and so does the image

@@ -65,12 +65,16 @@ def pad_token_id(tokenizer: Any) -> int:
 def caption_loss(logits: torch.Tensor, target_tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Next-token cross-entropy, pads ignored, mean over each sample's tokens then over samples: every sample weighs
     the same, so the DDP average of per-rank losses is the global batch's (a flat token mean would weigh ranks by
-    their token counts). ``logits[:, t]`` predicts ``target_tokens[:, t]``."""
+    their token counts). ``logits [B, L, V]``: ``logits[:, t]`` predicts ``target_tokens[:, t]``; or ``[N, V]``:
+    only the non-pad targets' rows, in order (``CaptionDecoder(..., keep=target_tokens != pad_id)``)."""
+    keep = target_tokens != pad_id
+    if logits.ndim == 3:
+        logits = logits[keep]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in fp32
-    # rows of the vocabulary contiguous: [B, V, L] (cross_entropy's own layout) is ~4x slower on CPU at V = 49408
-    ce = F.cross_entropy(logits.flatten(0, 1), target_tokens.flatten(), ignore_index=pad_id, reduction="none")
-    count = (target_tokens != pad_id).sum(1).clamp(min=1)
-    return (ce.view_as(target_tokens).sum(1) / count).mean()
+    ce = F.cross_entropy(logits, target_tokens[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    per_sample = torch.zeros(len(keep), dtype=ce.dtype, device=ce.device).index_add_(0, rows, ce)
+    return (per_sample / keep.sum(1).clamp(min=1)).mean()
 
 
 class CaptionDecoder(nn.Module):
@@ -97,9 +101,15 @@ class CaptionDecoder(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     def forward(
-        self, image_tokens: torch.Tensor, tokens: torch.Tensor, prefix: torch.Tensor | None = None
+        self,
+        image_tokens: torch.Tensor,
+        tokens: torch.Tensor,
+        prefix: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, L, vocab]`` for the next token after each of ``tokens [B, L]``."""
+        """Logits ``[B, L, vocab]`` for the next token after each of ``tokens [B, L]``; with ``keep [B, L]``, only the
+        kept positions' ``[N, vocab]``: the vocabulary projection is the decoder's largest cost (49408 x width), and
+        the pad targets' logits are never used."""
         memory = self.image_proj(image_tokens)
         mask = None
         if prefix is not None:
@@ -112,4 +122,4 @@ class CaptionDecoder(nn.Module):
         causal = t.attn_mask[: tokens.shape[1], : tokens.shape[1]]
         for block, cross in zip(t.resblocks, t.cross_attn, strict=True):
             x = cross(block(x, attn_mask=causal), k_x=memory, v_x=memory, attn_mask=mask)
-        return t.ln_final(x) @ t.text_projection
+        return t.ln_final(x if keep is None else x[keep]) @ t.text_projection
