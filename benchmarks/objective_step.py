@@ -70,9 +70,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--record", nargs="?", const=str(HISTORY), metavar="FILE", help="append the run to the history")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    warnings.filterwarnings("ignore")
+    threads = torch.get_num_threads()
+    try:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = run(a)
+    finally:
+        torch.set_num_threads(threads)
+    write_json(a.json, report)
+    if a.record:
+        with open(a.record, "a") as f:
+            f.write(json.dumps(report) + "\n")
+    return report
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
     import open_clip
 
     torch.manual_seed(a.seed)
@@ -102,10 +116,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "wall_s": round(time.perf_counter() - t0, 1),
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, load {_load()}",
     }
-    write_json(a.json, report)
-    if a.record:
-        with open(a.record, "a") as f:
-            f.write(json.dumps(report) + "\n")
     return report
 
 

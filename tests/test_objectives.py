@@ -3,6 +3,7 @@ and ClipModule's wiring of them: its training step, its logged names, its checkp
 
 from __future__ import annotations
 
+import json
 import math
 
 import lightning as L
@@ -257,3 +258,20 @@ def test_fit_logs_each_term_and_exports_a_plain_open_clip_model(tmp_path):
     m.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval().encode_image(images, normalize=True), m.encode_images(images))
+
+
+def test_objective_step_benchmark_times_every_objective_against_clip_loss(tmp_path, capsys):
+    from benchmarks import objective_step
+
+    threads = torch.get_num_threads()
+    history = tmp_path / "history.jsonl"
+    args = ["--steps", "2", "--skip-steps", "1", "--batch-size", "2", "--repeats", "1", "--record", str(history)]
+    report = objective_step.main(args)
+    assert set(report["results"]) == set(objective_step.OBJECTIVES)
+    clip = report["results"]["clip"]["ms_per_step"]
+    for row in report["results"].values():
+        assert row["ms_per_step"] > 0
+        assert row["ratio"] == pytest.approx(row["ms_per_step"] / clip, rel=1e-3)
+    assert json.loads(history.read_text().splitlines()[-1])["results"] == report["results"]
+    assert "views2+decoder" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads
