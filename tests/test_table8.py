@@ -79,8 +79,10 @@ def test_every_tiny_row_trains(world_root, monkeypatch, row):
     assert cli.trainer.global_step == 2
     logged = set(cli.trainer.callback_metrics)
     assert {"train/loss", *LOGGED[row]} <= logged, sorted(logged)
-    loss = cli.model.hparams.get("loss", "clip")
-    assert loss == ("siglip" if row == "siglip" else "clip")
+    assert cli.model.hparams.loss == ("siglip" if row == "siglip" else "clip")
+    if row == "siglip":  # SigLIP's initial bias, from the objective's YAML (two small steps move it a little)
+        assert cli.model.model.logit_bias.item() == pytest.approx(-10.0, abs=0.1)
+    assert (cli.model.decoder is not None) == (row == "both-partial-decoder")
 
 
 @pytest.mark.slow
