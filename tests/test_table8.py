@@ -21,7 +21,8 @@ from experiments import runner as X
 from experiments.cli import cli_main
 from experiments.paper_tables import TABLES
 
-ROWS = [r.id for r in TABLES["table8"].rows]
+TABLES_ROWS = {r.id: r for r in TABLES["table8"].rows}
+ROWS = list(TABLES_ROWS)
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "experiments" / "sweeps"
 
@@ -238,5 +239,12 @@ def test_one_sweep_spec_per_row_runs_the_rows_objectives_at_both_stages(scale, t
                 a for i, a in enumerate(expected) if i and expected[i - 1] == "--config" and "objectives" in a
             ]
             assert [c for c in configs if "objectives" in c] == [str(Path(o).relative_to(REPO)) for o in objectives]
-        stage1 = _print_config(argv["stage1"])["data"]["init_args"]
-        assert stage1["p_original"] == spec["parameters"]["data.init_args.p_original"]["value"]
+        if row != "p-schedule":  # the row's p (the recipe's own, restated)
+            assert spec["parameters"]["data.init_args.p_original"]["value"] == TABLES_ROWS[row].p
+        elif scale == "tiny":  # the schedule in stage 1, its end held in stage 2, as `--row` composes them
+            for stage, name in ((1, "stage1"), (2, "stage2")):
+                swept = _print_config(argv[name])["data"]["init_args"]
+                composed = _print_config(["fit", "--row", f"table8/{row}", "--stage", str(stage)])["data"]["init_args"]
+                assert {k: swept.get(k) for k in ("p_original", "p_schedule")} == {
+                    k: composed.get(k) for k in ("p_original", "p_schedule")
+                }
