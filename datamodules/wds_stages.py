@@ -780,7 +780,9 @@ class ChooseViews:
     whose source is missing falls back to the first available source of ``order`` (counted
     ``fallback:<view>:<from>-><to>``), or the sample is skipped (``no_view_caption``, ``fallback=False``)."""
 
-    def __init__(self, views: Sequence[Any], order: Sequence[str], seed: int, epoch: int, stats: SkipStats, fallback):
+    def __init__(
+        self, views: Sequence[Any], order: Sequence[str], seed: int, epoch: int, stats: SkipStats, fallback: bool
+    ):
         self.views, self.order, self.seed, self.epoch = list(views), list(order), seed, epoch
         self.stats, self.fallback = stats, fallback
 
