@@ -86,7 +86,6 @@ def test_every_tiny_row_trains(world_root, monkeypatch, row):
     assert (cli.model.decoder is not None) == (row == "both-partial-decoder")
 
 
-@pytest.mark.slow
 def test_the_decoder_row_trains_at_stage_2(world_root, monkeypatch):
     """Stage 2 doubles the image side: the caption decoder attends to 4x the image tokens."""
     monkeypatch.chdir(world_root)
