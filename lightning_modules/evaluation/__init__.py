@@ -2,12 +2,17 @@
 the tiny world's attribute judge. The CLIP, captioner and DiT modules and the experiments CLI call these."""
 
 from .captioning import CaptionAttributes
+from .long_caption import DCIRetrieval, DOCCIRetrieval, IIWRetrieval, ShareGPT4VRetrieval
 from .tasks import LongRetrieval, Retrieval, ZeroShotClassification, features_by_index, run_tasks, write_metrics_json
 
 __all__ = [
     "CaptionAttributes",
+    "DCIRetrieval",
+    "DOCCIRetrieval",
+    "IIWRetrieval",
     "LongRetrieval",
     "Retrieval",
+    "ShareGPT4VRetrieval",
     "ZeroShotClassification",
     "features_by_index",
     "run_tasks",
