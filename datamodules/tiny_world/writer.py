@@ -395,6 +395,26 @@ def _truth_table(rows: list[dict], id_col: str) -> pa.Table:
     return pa.Table.from_pylist(rows) if rows else pa.table({id_col: pa.array([], pa.string())})
 
 
+def _long_retrieval_as_docci(out: Path, n: int) -> None:
+    """The long-retrieval pairs again in DOCCI's released layout (``docci_descriptions.jsonlines`` with
+    ``example_id``/``split``/``image_file``/``description``, images in ``images/``), so the evaluation suite runs a
+    second long-caption reader on the same pairs. Images are hard links where the file system allows."""
+    root = out / "eval/docci"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        example_id = f"test_{i:05d}"
+        src, dst = out / f"eval/long_retrieval/image/{i + 1}.jpg", root / f"images/{example_id}.jpg"
+        try:
+            os.link(src, dst)
+        except OSError:  # no hard links here (another device, FAT, ...): a copy reads the same
+            shutil.copyfile(src, dst)
+        text = (out / f"eval/long_retrieval/caption/{i + 1}.txt").read_text(encoding="utf-8")
+        row = {"example_id": example_id, "split": "test", "image_file": dst.name, "description": text}
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    (root / "docci_descriptions.jsonlines").write_text("".join(lines), encoding="utf-8")
+
+
 def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *, overwrite: bool = False) -> dict:
     """Generate the world described by ``cfg`` (default ``WorldConfig()``) under ``out_dir``; return a summary.
 
@@ -455,6 +475,8 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
 
     t2i = [r | r["_truth"] for r in by_split["t2i_prompts"]]
     pq.write_table(pa.Table.from_pylist(t2i, schema=T2I_SCHEMA), out / "eval" / "t2i_prompts" / "prompts.parquet")
+    if cfg.n_long_retrieval:
+        _long_retrieval_as_docci(out, cfg.n_long_retrieval)
 
     seconds = time.perf_counter() - t0
     web_ok = sum(1 for r in web_truth if r["status"] == "success")
