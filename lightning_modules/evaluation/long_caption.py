@@ -55,7 +55,7 @@ class DCIRetrieval(_PairedTask):
     """DCI as ``dci.tar.gz`` unpacks (``root`` = ``densely_captioned_images/``): ``splits.json`` maps each split to
     annotation file names in ``annotations/``; each holds ``image`` (a file in ``photos/``, SA-1B's sa_000138),
     ``short_caption`` and ``extra_caption``. The long caption is ``short_caption + "\\n" + extra_caption``, as DCI's
-    ``get_formatted_complete_description`` and FLAIR's ``read_dci_pairs`` build it. FLAIR evaluates on all splits in
+    ``get_extended_caption`` and FLAIR's ``read_dci_pairs`` build it. FLAIR evaluates on all splits in
     file order (train, valid, test: 7,599 + 98 + 108 = 7,805 images), the default here."""
 
     def __init__(self, root: PathLike, splits: Sequence[str] = ("train", "valid", "test"), name: str = "dci") -> None:
