@@ -45,6 +45,8 @@ from datamodules.checks import (
     check_shards,
     per_device_batch,
 )
+from datamodules.p_schedule import PSchedule
+from datamodules.partial_captions import ViewSpec
 from datamodules.shards import expand_urls
 from datamodules.wds_stages import (
     DEDUPE_MODES,
@@ -54,14 +56,17 @@ from datamodules.wds_stages import (
     SKIPS_ONLY,
     Batch,
     ChooseCaption,
+    ChooseViews,
     CountingHandler,
     CrossShardDuplicates,
     ReadShards,
     SampleLimits,
+    ScheduledCaption,
     ShardSchedule,
     SkipStats,
     SourceSpec,
     TransformText,
+    keep_captioned,
     merge_skips,
     stable_int,
 )
@@ -170,6 +175,8 @@ class LoaderSettings:
     dedupe: str = "worker"
     dedupe_max_keys: int = 500_000
     tar_reader: str = "own"  # "webdataset": webdataset's tar reading instead (benchmarks/loader.py's A/B)
+    views: tuple[ViewSpec, ...] = ()
+    p_schedule: PSchedule | None = None
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> LoaderSettings:
@@ -178,9 +185,41 @@ class LoaderSettings:
         check_sample_limits(**limits)
         check_dedupe(args["dedupe"], args["dedupe_max_keys"])
         sources = [SourceSpec.parse(n, s) for n, s in (args["sources"] or DEFAULT_SOURCES).items()]
-        weights = resolve_weights([s.name for s in sources], args["p_original"], args["source_weights"], args["mix"])
-        same = {f.name: args[f.name] for f in fields(cls) if f.name in args and f.name != "sources"}
-        return cls(sources=sources, weights=weights, limits=SampleLimits(**limits), **same)
+        names = [s.name for s in sources]
+        schedule = parse_schedule(args.get("p_schedule"), names, args)
+        p_original = schedule(0) if schedule is not None else args["p_original"]  # validation's p: the value at 0
+        weights = resolve_weights(names, p_original, args["source_weights"], args["mix"])
+        views = parse_views(args.get("views"), names)
+        parsed = ("sources", "views", "p_schedule")
+        same = {f.name: args[f.name] for f in fields(cls) if f.name in args and f.name not in parsed}
+        return cls(
+            sources=sources, weights=weights, limits=SampleLimits(**limits), views=views, p_schedule=schedule, **same
+        )
+
+
+def parse_schedule(cfg: dict | None, names: list[str], args: dict[str, Any]) -> PSchedule | None:
+    """``p_schedule`` checked against the rest of the mix; None without one."""
+    if cfg is None:
+        return None
+    for other in ("p_original", "source_weights"):
+        if args.get(other) is not None:
+            raise ConfigError("p_schedule", cfg, f"replaces {other}: set one of them, not both")
+    if args.get("mix", "sample") != "sample":
+        raise ConfigError("p_schedule", cfg, "needs mix='sample' (concat draws no caption)")
+    if "original" not in names or len(names) != 2:
+        raise ConfigError("p_schedule", cfg, f"needs exactly two caption sources, one named 'original'; got {names}")
+    return PSchedule.parse(cfg)
+
+
+def parse_views(cfg: dict | None, names: list[str]) -> tuple[ViewSpec, ...]:
+    """``views`` as specs; ``text`` is reserved (the p-drawn ``batch["text"]`` goes by that name in a loss)."""
+    if cfg is None:
+        return ()
+    if not isinstance(cfg, dict) or not cfg:
+        raise ConfigError("views", cfg, "must be a non-empty mapping {view name: source | {source, partial}}")
+    if "text" in cfg:
+        raise ConfigError("views.text", cfg["text"], "is reserved for the p-drawn caption (batch['text'])")
+    return tuple(ViewSpec.parse(str(name), value, names) for name, value in cfg.items())
 
 
 class CaptionMixStream(IterableDataset):
@@ -248,6 +287,22 @@ class CaptionMixStream(IterableDataset):
             seeds = SampleSeeds(
                 stable_int("transform", s.seed, epoch, self.rank, worker), stats, skip if done else None
             )
+        chooser = ChooseCaption(s.weights, s.seed, epoch, stats, s.mix, s.concat_separator, s.fallback)
+        views = None
+        if s.views:
+            order = sorted(s.weights, key=lambda n: -s.weights[n])  # ChooseCaption's fallback order
+            views = ChooseViews(s.views, order, s.seed, epoch, stats, s.fallback)
+        scheduled = None
+        if training and s.p_schedule is not None:  # the draw waits for the decode, which fixes each sample's batch
+            scheduled = ScheduledCaption(
+                chooser,
+                s.p_schedule,
+                batch_size=self.batch_size,
+                offset=epoch * self.batches_per_rank + worker,
+                stride=num_workers,
+                world_size=self.world_size,
+                kept=done * self.batch_size if done and skip is not None else 0,
+            )
         duplicates = None if s.dedupe == "off" else CrossShardDuplicates(s.dedupe, s.dedupe_max_keys, self.dedupe_index)
         shuffle_rng = random.Random(stable_int("buffer", s.seed, epoch, self.rank, worker))
         mode = ("resample" if s.resampled else "cycle") if training else "once"
@@ -259,9 +314,11 @@ class CaptionMixStream(IterableDataset):
             ReadShards(CountingHandler(stats), s.tar_reader),
             s.limits.extract(s.sources, s.sidecar_dir, stats, duplicates),
             shuffle,
-            ChooseCaption(s.weights, s.seed, epoch, stats, s.mix, s.concat_separator, s.fallback),
+            chooser if scheduled is None else keep_captioned(stats),
+            views,
             seeds,
             s.limits.decode(self.transforms.image, stats),
+            scheduled,
             DropReplayed(done * self.batch_size, stats) if done and skip is None else None,
             TransformText(self.transforms.text),
             Batch(self.batch_size, stats, partial=not training, limit=limit),
@@ -673,6 +730,15 @@ class CaptionMixDataModule(L.LightningDataModule):
         global_batch_size: Samples per optimizer step over all ranks (the paper's unit, e.g. 32,768) instead of
             ``batch_size``: each device gets ``global_batch_size / (devices x num_nodes x accumulate_grad_batches)``,
             which must divide evenly (checked before the run starts).
+        views: Extra text views every training and validation sample carries beside the p-drawn caption: view name
+            -> a source name or ``{source: NAME, partial: PRESET | {mode, k, n}}`` (``datamodules.partial_captions``).
+            Batches then have ``texts`` (view -> the text transform's output, stacked) and ``view_captions`` (view ->
+            list of strings). A missing source falls back as the p draw does (``fallback:<view>:<from>-><to>``) or,
+            with ``fallback=False``, the sample is skipped (``no_view_caption``).
+        p_schedule: p as a function of the training samples seen, instead of ``p_original``:
+            ``{kind: constant|linear|cosine|step, start, end, total_samples, milestones, values}``
+            (``datamodules.p_schedule``), evaluated at each batch's global training index; batches carry their
+            ``p_target``. Validation draws with the schedule's value at 0.
     """
 
     def __init__(
@@ -710,6 +776,8 @@ class CaptionMixDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         global_batch_size: int | None = None,
+        views: dict[str, str | dict] | None = None,
+        p_schedule: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["image_transform", "text_transform"])

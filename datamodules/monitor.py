@@ -5,6 +5,8 @@ the p it trained on), ``train/skipped/<reason>`` the cumulative count of each sk
 occurrence of each reason is also reported once as a warning with the sample's shard and key. When training ends the
 exact totals of the whole run are written once more at the last step, with ``train/caption_source_samples`` (the
 number of samples they count), so that the last logged value of a run is its realised p (``reproduce`` reads it).
+At each logging step, ``train/caption_source_step/<name>`` is the fraction in that step's batch alone and, in a
+``p_schedule`` run, ``train/p_target`` the schedule's p at that step (so a log shows the realised p following it).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class CaptionMixMonitor(L.Callback):
                 self._warned.add(reason)
                 rank_zero_warn(f"caption-mix loader: skipped/fell back ({reason}), first at {where}")
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
-            metrics = self.metrics()
+            metrics = {**self.metrics(), **self.step_metrics(batch)}
             if metrics:
                 pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch["caption_source"]))
 
@@ -46,6 +48,15 @@ class CaptionMixMonitor(L.Callback):
         total = sum(self.sources.values())
         metrics = {f"train/caption_source/{k}": v / total for k, v in self.sources.items()}
         metrics.update({f"train/skipped/{k}": float(v) for k, v in self.skipped.items()})
+        return metrics
+
+    def step_metrics(self, batch: dict[str, Any]) -> dict[str, float]:
+        """This batch's source fractions (every source seen so far, 0 when absent here) and its ``p_target``."""
+        step = Counter(batch.get("caption_source", ()))
+        n = sum(step.values())
+        metrics = {f"train/caption_source_step/{k}": step[k] / n for k in self.sources} if n else {}
+        if batch.get("p_target") is not None:
+            metrics["train/p_target"] = float(batch["p_target"])
         return metrics
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -726,9 +726,13 @@ class ChooseCaption:
         fallback: bool = True,
     ):
         self.names = list(weights)
-        self.weights = [float(weights[n]) for n in self.names]
+        self.set_weights(weights)
         self.seed, self.epoch, self.stats = seed, epoch, stats
         self.mode, self.separator, self.fallback = mode, separator, fallback
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """New probabilities over the same sources (a p schedule's value at the next batch)."""
+        self.weights = [float(weights[n]) for n in self.names]
         self._fallback_order = [n for _, n in sorted(zip(self.weights, self.names, strict=True), key=lambda t: -t[0])]
 
     def choose(
@@ -767,6 +771,101 @@ class ChooseCaption:
                 self.stats.skip("no_caption", f"{url}:{key}", key=key, shard=url)
                 continue
             sample["caption"], sample["caption_source"] = caption, source
+            yield sample
+
+
+class ChooseViews:
+    """Stage: every sample also carries the caption of each configured view (``sample["view_captions"]``), made
+    partial where the view says so (``partial_captions.ViewSpec``; drawn from seed, epoch, key and view). A view
+    whose source is missing falls back to the first available source of ``order`` (counted
+    ``fallback:<view>:<from>-><to>``), or the sample is skipped (``no_view_caption``, ``fallback=False``)."""
+
+    def __init__(
+        self, views: Sequence[Any], order: Sequence[str], seed: int, epoch: int, stats: SkipStats, fallback: bool
+    ):
+        self.views, self.order, self.seed, self.epoch = list(views), list(order), seed, epoch
+        self.stats, self.fallback = stats, fallback
+
+    def _caption(self, view: Any, captions: Mapping[str, str | None], key: str, url: str) -> str | None:
+        if captions.get(view.source) or not self.fallback:
+            return captions.get(view.source)
+        other = next((n for n in self.order if n != view.source and captions.get(n)), None)
+        if other is not None:
+            self.stats.skip(f"fallback:{view.name}:{view.source}->{other}", key, key=key, shard=url)
+            return captions[other]
+        return None
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            key, url, out = sample["key"], sample["url"], {}
+            for view in self.views:
+                caption = self._caption(view, sample["captions"], key, url)
+                if caption is None:
+                    where = f"{url}:{key} ({view.name})"
+                    self.stats.skip("no_view_caption", where, key=key, shard=url, detail=view.name)
+                    break
+                out[view.name] = view.text(caption, self.seed, self.epoch, key)
+            else:
+                sample["view_captions"] = out
+                yield sample
+
+
+def keep_captioned(stats: SkipStats) -> Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]]:
+    """Stage before decode of a p-schedule run (whose draw waits for the decode): drops the samples without any
+    caption (``no_caption``), as :class:`ChooseCaption` does in a run without a schedule."""
+
+    def stage(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            if any(sample["captions"].values()):
+                yield sample
+            else:
+                key, url = sample["key"], sample["url"]
+                stats.skip("no_caption", f"{url}:{key}", key=key, shard=url)
+
+    return stage
+
+
+class ScheduledCaption:
+    """Stage after decode: the p draw of a ``p_schedule`` run, with p at the global training batch of each kept
+    sample.
+
+    Images are dropped at decode, so a sample's batch is only known after it: the ``kept``-th sample of this stream
+    worker goes to its batch ``kept // batch_size``, which is loader batch ``k * workers + worker`` of the epoch
+    (PyTorch hands out an IterableDataset's batches round-robin over workers) and global batch
+    ``epoch * batches_per_rank + that``; p is ``schedule(global batch x batch_size x world_size)``. ``kept`` starts at
+    the samples already batched when a resume skipped them undecoded (``SampleSeeds``' replay), else at 0 (a
+    ``DropReplayed`` after this stage then drops the replayed ones)."""
+
+    def __init__(
+        self,
+        chooser: ChooseCaption,
+        schedule: Callable[[int], float],
+        *,
+        batch_size: int,
+        offset: int,
+        stride: int,
+        world_size: int,
+        kept: int = 0,
+    ):
+        self.chooser, self.schedule, self.batch_size = chooser, schedule, batch_size
+        self.offset, self.stride, self.world_size, self.kept = offset, stride, world_size, kept
+
+    def p_at(self, kept: int) -> float:
+        index = self.offset + (kept // self.batch_size) * self.stride
+        return self.schedule(index * self.batch_size * self.world_size)
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        names = self.chooser.names
+        for sample in samples:
+            p = self.p_at(self.kept)
+            self.chooser.set_weights({n: p if n == "original" else 1.0 - p for n in names})
+            caption, source = self.chooser.choose(sample["key"], sample["captions"], sample["url"])
+            if caption is None:
+                key, url = sample["key"], sample["url"]
+                self.chooser.stats.skip("no_caption", f"{url}:{key}", key=key, shard=url)
+                continue
+            self.kept += 1
+            sample["caption"], sample["caption_source"], sample["p_target"] = caption, source, p
             yield sample
 
 
@@ -958,6 +1057,8 @@ class TransformText:
         for sample in samples:
             if self.transform is not None:
                 sample["text"] = self.transform(sample["caption"])
+                if "view_captions" in sample:
+                    sample["texts"] = {v: self.transform(c) for v, c in sample["view_captions"].items()}
             yield sample
 
 
@@ -990,6 +1091,13 @@ class Batch:
         }
         if "text" in samples[0]:
             batch["text"] = _stack([s["text"] for s in samples])
+        first = samples[0]
+        if "view_captions" in first:
+            batch["view_captions"] = {v: [s["view_captions"][v] for s in samples] for v in first["view_captions"]}
+        if "texts" in first:
+            batch["texts"] = {v: _stack([s["texts"][v] for s in samples]) for v in first["texts"]}
+        if "p_target" in first:  # one p per batch: every sample of it was drawn at the batch's index
+            batch["p_target"] = first["p_target"]
         batch["skipped"] = self.stats.drain()
         return batch
 
