@@ -146,7 +146,8 @@ def test_recaption_run_on_the_imported_folder_equals_llavas_forward_of_the_origi
     assert "imported" in capsys.readouterr().out
     assert {"preprocessor_config.json", "processor_config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["vision_feature_layer"] == -2 and cfg["vision_feature_select_strategy"] == "default"
+    assert cfg["vision_feature_layer"] == -2
+    assert cfg["vision_feature_select_strategy"] == "default"
     assert cfg["text_config"]["rope_parameters"]["rope_theta"] == 500000.0
 
     shard = sorted((original["world"] / "web").glob("*.tar"))[0]
@@ -192,7 +193,8 @@ def test_sharded_safetensors_and_a_bin_file_import_to_the_same_weights(original,
     torch.save(state, src / "pytorch_model.bin")
     a = load_file(str(import_llava(original["src"], tmp_path / "a", original["tower"]) / "model.safetensors"))
     b = load_file(str(import_llava(src, tmp_path / "b", original["tower"]) / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
     (key,) = [k for k in a if k.endswith("multi_modal_projector.linear_2.weight")]
     torch.testing.assert_close(a[key], original["proj"][2].weight)
 
@@ -234,7 +236,8 @@ def test_missing_tower_weights_and_shards_are_named(original, tmp_path, capsys):
         main(["import-llava", "--src", str(original["src"]), "--out", str(tmp_path / "out")])
     assert exc.value.code == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert f"mm_vision_tower is '{TOWER_NAME}'" in line and "--vision-tower" in line
+    assert f"mm_vision_tower is '{TOWER_NAME}'" in line
+    assert "--vision-tower" in line
 
     src = variant(original, tmp_path, drop="model.mm_projector.2.bias")
     with pytest.raises(ValueError, match=r"index.json: missing weights model.mm_projector.2.bias"):
