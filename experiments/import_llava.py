@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -63,8 +64,9 @@ def read_config(src: Path) -> dict:
         raise bad("mm_patch_merge_type", "expected flat (LLaVA-1.5)")
     if cfg.get("mm_use_im_start_end"):
         raise bad("mm_use_im_start_end", "llava-hf has no <im_start>/<im_end> tokens around the image")
-    if not isinstance(cfg.get("mm_vision_select_layer"), int) or not isinstance(cfg.get("mm_hidden_size"), int):
-        raise bad("mm_vision_select_layer", "expected integers in mm_vision_select_layer and mm_hidden_size")
+    for key in ("mm_vision_select_layer", "mm_hidden_size"):
+        if not isinstance(cfg.get(key), int):
+            raise bad(key, "expected an integer")
     return cfg
 
 
@@ -96,10 +98,17 @@ def weight_map(src: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def read_tensors(files: dict[str, Path], keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
     out: dict[str, torch.Tensor] = {}
     for path in sorted({files[k] for k in keys}):
-        state = load_checkpoint_file(path)
-        out.update({k: state[k] for k in keys if files[k] == path})
+        wanted = [k for k in keys if files[k] == path]
+        if path.suffix == ".safetensors":  # only these tensors, not the whole multi-GB shard
+            with safe_open(str(path), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in wanted})
+        else:
+            state = load_checkpoint_file(path)
+            out.update({k: state[k] for k in wanted})
     return out
 
 
@@ -140,10 +149,17 @@ def import_llava(
             f" checkpoint (LLaVA loads the tower by name): pass --vision-tower DIR, a local folder of that CLIP model"
             f" (config.json + weights{'' if vision_tower is None else f'; {vision_tower} has no config.json'})"
         )
-    tower_hidden = CLIPVisionConfig.from_pretrained(vision_tower).hidden_size
-    if tower_hidden != cfg["mm_hidden_size"]:
+    tower = CLIPVisionConfig.from_pretrained(vision_tower)
+    if tower.hidden_size != cfg["mm_hidden_size"]:
         raise ValueError(
-            f"{src / 'config.json'}: mm_hidden_size {cfg['mm_hidden_size']} != {vision_tower}'s {tower_hidden}"
+            f"{src / 'config.json'}: mm_hidden_size {cfg['mm_hidden_size']} != {vision_tower}'s {tower.hidden_size}"
+        )
+    # CLIP names end in the input size where it is not 224 (...-patch14-336): another size, another token count
+    named = re.search(r"-(\d+)$", str(cfg.get("mm_vision_tower", "")))
+    if named and int(named.group(1)) != tower.image_size:
+        raise ValueError(
+            f"{src / 'config.json'}: mm_vision_tower {cfg['mm_vision_tower']!r} takes {named.group(1)} px images,"
+            f" {vision_tower} takes {tower.image_size}"
         )
     if not (src / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"{src}: no tokenizer_config.json (the checkpoint's tokenizer)")

@@ -30,7 +30,8 @@ LLAMA3_PROMPT = (
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\n{}<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
-TOWER_NAME = "openai/clip-vit-large-patch14-336"
+# named as openai/clip-vit-large-patch14-336 is: the input size last
+TOWER_NAME = f"tiny/clip-vit-patch16-{WorldConfig.tiny().scene.image_size}"
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +224,8 @@ def variant(original: dict, tmp_path: Path, config: dict | None = None, drop: st
         ({"image_aspect_ratio": "anyres"}, r"config.json: image_aspect_ratio is 'anyres'"),
         ({"mm_use_im_start_end": True}, r"config.json: mm_use_im_start_end is True"),
         ({"mm_hidden_size": 1024}, r"config.json: mm_hidden_size 1024 != .*tower's 24"),
+        ({"mm_vision_tower": "openai/clip-vit-large-patch14-336"}, r"config.json: mm_vision_tower .* takes 336 px"),
+        ({"mm_vision_select_layer": None}, r"config.json: mm_vision_select_layer is None"),
     ],
 )
 def test_unsupported_configs_are_named_by_file_and_key(original, tmp_path, change, match):
