@@ -144,10 +144,11 @@ def import_llava(
     src = Path(src)
     cfg = read_config(src)
     if vision_tower is None or not (Path(vision_tower) / "config.json").is_file():
+        given = "" if vision_tower is None else f"; {vision_tower} has no config.json"
         raise FileNotFoundError(
-            f"{src / 'config.json'}: mm_vision_tower is {cfg.get('mm_vision_tower')!r}, whose weights are not in the"
-            f" checkpoint (LLaVA loads the tower by name): pass --vision-tower DIR, a local folder of that CLIP model"
-            f" (config.json + weights{'' if vision_tower is None else f'; {vision_tower} has no config.json'})"
+            f"{src / 'config.json'}: mm_vision_tower is {cfg.get('mm_vision_tower')!r}, whose config (and, as a rule,"
+            " weights) the checkpoint does not hold (LLaVA loads the tower by name): pass --vision-tower DIR, a local"
+            f" folder of that CLIP model (config.json + weights{given})"
         )
     tower = CLIPVisionConfig.from_pretrained(vision_tower)
     if tower.hidden_size != cfg["mm_hidden_size"]:
@@ -191,10 +192,17 @@ def import_llava(
     weights = read_tensors(files, [*PROJECTOR, *tower_keys])
     try:
         model.multi_modal_projector.load_state_dict({PROJECTOR[k]: weights[k] for k in PROJECTOR})
-        if tower_keys:
-            model.vision_tower.load_state_dict({k[len(TOWER_PREFIX) :]: weights[k] for k in tower_keys}, strict=False)
+        # LLaVA's transformers (4.3x) named them vision_model.*; transformers 5's CLIPVisionModel has no such level
+        own = model.vision_tower.state_dict().keys()
+        names = {k: k[len(TOWER_PREFIX) :] for k in tower_keys}
+        tower_state = {n if n in own else n.removeprefix("vision_model."): weights[k] for k, n in names.items()}
+        unexpected = model.vision_tower.load_state_dict(tower_state, strict=False).unexpected_keys
     except RuntimeError as e:  # shapes that do not fit the config
         raise ValueError(f"{listing}: {' '.join(str(e).split())}") from None
+    if unexpected:
+        raise ValueError(
+            f"{listing}: tower weights that {vision_tower}'s CLIP model has no place for: {unexpected[:5]}"
+        )
     if dtype is not None:  # LLaVA runs the whole model (tower and projector too) in the checkpoint's dtype
         parts.model.to(getattr(torch, dtype))
     out = save_llava(parts, out)

@@ -262,3 +262,24 @@ def test_a_pickled_bin_is_refused(original, tmp_path):
     torch.save({"model.embed_tokens.weight": torch.zeros(1), "x": Path("/")}, src / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"pytorch_model.bin: refused as unsafe"):
         import_llava(src, tmp_path / "out", original["tower"])
+
+
+def test_tower_weights_in_the_checkpoint_replace_the_folders(original, tmp_path):
+    """A checkpoint that trained its tower (unfreeze_mm_vision_tower; BakLLaVA) holds it under
+    model.vision_tower.vision_tower.*: those weights win over --vision-tower's, which then gives the config only."""
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModel
+
+    src = tmp_path / "trained_tower"
+    shutil.copytree(original["src"], src, ignore=shutil.ignore_patterns("*.safetensors*"))
+    torch.manual_seed(1)
+    trained = CLIPVisionModel(original["vision"].config).state_dict()
+    state = {k: v.contiguous() for k, v in original["lm"].state_dict().items()}
+    state |= {f"model.mm_projector.{k}": v for k, v in original["proj"].state_dict().items()}
+    state |= {f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in trained.items()}  # LLaVA's names
+    save_file(state, str(src / "model.safetensors"))
+    saved = load_file(str(import_llava(src, tmp_path / "out", original["tower"]) / "model.safetensors"))
+    name = "encoder.layers.0.mlp.fc1.weight"
+    (key,) = [k for k in saved if k.endswith(name)]
+    assert torch.equal(saved[key], trained[name])
+    assert not torch.equal(saved[key], original["vision"].state_dict()[name])
