@@ -14,6 +14,12 @@ on the shards' images, else the parquet's scores) and the judge's ratings (``--j
 ``DEFINITIONS``. The paper's "captures 82.86% tokens of the word collections from both" (§4) is the recaptions' share
 of the word tokens: its own mean lengths give 49.43 / (49.43 + 10.22) = 82.87%.
 
+The v2 columns of the later upload (``formats.RECAP_V2_COLUMNS``): ``re_caption_condition_diverse_topk`` is a
+further caption side (``recaption_v2``; from ``--recap`` files that have it, from shards as a further ``--sources``
+entry), measured as the recaption is and compared with the original; ``re_condition_length`` is reported as a
+distribution (from the files, or from ``--sidecar-dir``). Files with and without them mix: rows without count as
+missing.
+
 Memory: bounded by the input's batch, not its length: fixed-size length histograms, running sums and a vocabulary of
 at most ``--max-vocab`` words (~150 bytes each); past the cap new words count as ``oov_tokens`` and the coverage is
 flagged as computed on a truncated vocabulary.
@@ -657,7 +663,8 @@ DEFINITIONS = {
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m experiments analyze", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", default=None, help="image shards (paths, braces, globs, dirs)")
-    why = "NAME=SPEC for 'original' and 'recaption' (the DataModule's source specs)"
+    why = "NAME=SPEC for 'original' and 'recaption' (the DataModule's source specs); further names are analyzed beside"
+    why += " them, e.g. recaption_v2=sidecar:re_caption_condition_diverse_topk"
     parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), help=why)
     parser.add_argument("--sidecar-dir", default=None, help="per-shard sidecars for sidecar:COLUMN sources")
     parser.add_argument("--recap", nargs="+", default=None, help="Recap-DataComp-1B-schema parquet files / globs")
