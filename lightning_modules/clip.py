@@ -32,6 +32,7 @@ from lightning_modules.components.clip_model import (
     resolve_model_config,
 )
 from lightning_modules.components.losses import (
+    LOSSES,
     CaptionDecoder,
     caption_loss,
     make_clip_loss,
@@ -181,6 +182,11 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             if conflict:
                 raise ConfigError("model", model, conflict)
         check_path("init_from", args.get("init_from"), "file", what="the checkpoint to start from (stage 2: stage 1's)")
+        if args.get("loss", "clip") not in LOSSES:
+            raise ConfigError("loss", args["loss"], f"is not one of {', '.join(LOSSES)}")
+        decoder = args.get("caption_decoder")
+        if decoder and set(decoder) - _DECODER_KEYS:
+            raise ConfigError("caption_decoder", decoder, f"has keys other than {sorted(_DECODER_KEYS)}")
 
     def data_transforms(self, stage: str) -> DataTransforms:
         image = self._parts.preprocess_train if stage == "fit" else self._parts.preprocess_val

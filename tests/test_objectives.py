@@ -221,6 +221,12 @@ def test_bad_objective_settings_are_named():
         ClipModule(model=CFG, lr=1e-3, caption_decoder={"target": "text", "width": 8, "heads": 2, "depth": 1})
     with pytest.raises(ValueError, match="text_views is empty"):
         ClipModule(model=CFG, lr=1e-3, text_views={})
+    from datamodules.checks import ConfigError, RunContext
+
+    with pytest.raises(ConfigError, match="loss is not one of clip, siglip, got 'sigmoid'"):
+        ClipModule.validate_config({"model": CFG, "loss": "sigmoid"}, RunContext())
+    with pytest.raises(ConfigError, match="caption_decoder has keys other than"):
+        ClipModule.validate_config({"model": CFG, "caption_decoder": {"target": "text", "depth": 2}}, RunContext())
     m = module(text_views={"original": 1.0, "partial": 1.0})
     with pytest.raises(KeyError, match=r"view 'partial' is not in batch\['texts'\] \(\['original', 'recaption'\]\)"):
         m.training_step(double(make_batch()), 0)
