@@ -268,6 +268,8 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         if (self.global_step + 1) % (trainer.log_every_n_steps if trainer is not None else 1) == 0:
             # the temperature is [] or [1] (nonscalar_logit_scale): log it 0-dim
             self.log("train/logit_scale", out["logit_scale"].detach().reshape(()), batch_size=bs)
+            if "logit_bias" in out:  # SigLIP's
+                self.log("train/logit_bias", out["logit_bias"].detach().reshape(()), batch_size=bs)
             self.log("train/samples_per_sec", self._seen / (now - self._t0), batch_size=bs)
             self._t0, self._seen = now, 0
         return loss

@@ -246,6 +246,7 @@ def test_fit_logs_each_term_and_exports_a_plain_open_clip_model(tmp_path):
     trainer.fit(m, datamodule=HandMadeData())
     logged = set(trainer.callback_metrics)
     want = {"train/loss", "train/loss_contrastive", "train/loss_original", "train/loss_recaption", "train/loss_decoder"}
+    want.add("train/logit_bias")
     assert want <= logged, logged
     ckpt = tmp_path / "run.ckpt"
     trainer.save_checkpoint(ckpt)
