@@ -130,6 +130,8 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         self.tokenizer, self.context_length = parts.tokenizer, parts.context_length
         if loss == "siglip" and self.model.logit_bias is None:
             raise ValueError("loss: siglip needs a logit bias: set init_logit_bias (SigLIP: -10)")
+        if loss != "siglip" and init_logit_bias is not None:  # DDP stops on a parameter that gets no gradient
+            raise ValueError(f"init_logit_bias is for loss: siglip; loss: {loss} has no logit bias")
         self.decoder = self._build_decoder(caption_decoder) if caption_decoder else None
         # Decided on the unwrapped model: under FSDP a rank sees flat 1-D shards (a p.ndim test would put every weight
         # in the no-decay group, and a parameter it does not own has shape [0]). open_clip's rule: no weight decay on
@@ -165,7 +167,8 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         self._pad_id = pad_token_id(self.tokenizer)
         vocab = self.model.vocab_size
         dims = {k: int(cfg[k]) for k in ("width", "layers", "heads")}
-        return CaptionDecoder(vocab, visual.transformer.width, self.context_length, **dims, pad_id=self._pad_id)
+        width, ctx, prefix = visual.transformer.width, self.context_length, bool(cfg.get("prefix"))
+        return CaptionDecoder(vocab, width, ctx, **dims, pad_id=self._pad_id, prefix=prefix)
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
@@ -247,8 +250,8 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             self.log_dict({f"train/loss_{v}": v_loss for v, v_loss in per_view.items()}, batch_size=bs)
         if dec:
             target = self._view_tokens(batch, dec["target"])
-            # cut the batch's all-pad tail (77-token rows, captions of ~20): the vocabulary projection is the
-            # decoder's largest cost, and pad targets add nothing to the loss nor, causally, to earlier positions
+            # the decoder need not run over the batch's all-pad tail of the context: pad targets add nothing to the
+            # loss nor, causally, to earlier positions
             target = target[:, : int((target != self._pad_id).any(0).nonzero().max()) + 1]
             prefix = self._view_tokens(batch, dec["prefix"]) if dec.get("prefix") else None
             target, inputs = target[:, 1:], target[:, :-1]

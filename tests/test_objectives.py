@@ -138,7 +138,8 @@ def test_pad_token_id_from_the_tokenizer(tmp_path):
 
 def test_decoder_masks_prefix_pads_and_is_causal():
     torch.manual_seed(0)
-    dec = CaptionDecoder(vocab_size=50, image_width=24, context_length=10, width=16, layers=2, heads=2, pad_id=0)
+    dec = CaptionDecoder(vocab_size=50, image_width=24, context_length=10, width=16, layers=2, heads=2, pad_id=0,
+                         prefix=True)  # fmt: skip
     dec = dec.double().eval()
     g = torch.Generator().manual_seed(1)
     image = torch.randn(2, 4, 24, generator=g, dtype=torch.float64)
@@ -191,18 +192,21 @@ def test_training_step_is_the_objective_on_one_image_pass(objective):
     torch.testing.assert_close(loss, want)
     loss.backward()
     assert m.model.visual.conv1.weight.grad.abs().max() > 0
+    assert m.decoder is None or all(p.grad is not None for p in m.decoder.parameters())  # DDP needs every one
     # the tower's token switch is back off: encode_image (evaluation, export) gives plain features
     assert m.encode_images(batch["image"]).shape == (6, 32)
 
 
 def test_decoder_gradient_reaches_the_image_tower():
-    m, batch = module(**VIEWS, **DECODER), double(make_batch())
+    m, batch = module(caption_decoder={**DECODER["caption_decoder"], "prefix": None}), double(make_batch())
     out = m._encode_with_tokens(batch["image"], batch["text"])
     target = batch["texts"]["recaption"]
     caption_loss(m.decoder(out["image_tokens"], target[:, :-1], None), target[:, 1:], 0).backward()
     for name in ("visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight"):
         assert m.model.get_parameter(name).grad.abs().max() > 0, name
     assert m.model.text_projection.grad is None  # the decoder alone does not touch the text tower
+    # without a prefix every decoder parameter gets a gradient (DDP stops on one that does not)
+    assert all(p.grad is not None for p in m.decoder.parameters())
 
 
 def test_decoder_parameters_are_optimized_but_not_exported_model():
@@ -219,6 +223,8 @@ def test_bad_objective_settings_are_named():
         ClipModule(model=CFG, lr=1e-3, loss="siglip")
     with pytest.raises(ValueError, match=r"caption_decoder: unknown keys \['depth'\], missing \['layers'\]"):
         ClipModule(model=CFG, lr=1e-3, caption_decoder={"target": "text", "width": 8, "heads": 2, "depth": 1})
+    with pytest.raises(ValueError, match="init_logit_bias is for loss: siglip; loss: clip has no logit bias"):
+        ClipModule(model=CFG, lr=1e-3, init_logit_bias=-10.0)
     with pytest.raises(ValueError, match="text_views is empty"):
         ClipModule(model=CFG, lr=1e-3, text_views={})
     from datamodules.checks import ConfigError, RunContext

@@ -81,17 +81,27 @@ class CaptionDecoder(nn.Module):
     """A causal text decoder (open_clip's CoCa ``MultimodalTransformer``, its projection to the vocabulary) whose
     cross-attention reads the image tokens, projected to its width, and, given ``prefix`` tokens, their embeddings
     too (CLIPS: predict the recaption from the image and the original caption). Prefix pads are masked out of the
-    cross-attention; CoCa's forward passes no cross-attention mask, hence the block loop here."""
+    cross-attention; CoCa's forward passes no cross-attention mask, hence the block loop here. ``prefix``: whether
+    it reads a prefix (its prefix marker is a parameter only then: DDP stops on a parameter without a gradient)."""
 
     def __init__(
-        self, vocab_size: int, image_width: int, context_length: int, width: int, layers: int, heads: int, pad_id: int
+        self,
+        vocab_size: int,
+        image_width: int,
+        context_length: int,
+        width: int,
+        layers: int,
+        heads: int,
+        pad_id: int,
+        prefix: bool = False,
     ):
         super().__init__()
         self.heads, self.pad_id = heads, pad_id
         self.image_proj = nn.Linear(image_width, width)
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        self.prefix_embedding = nn.Parameter(torch.zeros(width))  # marks prefix tokens apart from image tokens
+        # marks prefix tokens apart from image tokens
+        self.prefix_embedding = nn.Parameter(torch.zeros(width)) if prefix else None
         self.transformer = MultimodalTransformer(
             width=width, layers=layers, heads=heads, context_length=context_length, output_dim=vocab_size
         )
@@ -113,6 +123,8 @@ class CaptionDecoder(nn.Module):
         memory = self.image_proj(image_tokens)
         mask = None
         if prefix is not None:
+            if self.prefix_embedding is None:
+                raise ValueError("this CaptionDecoder was built without a prefix (prefix=False)")
             memory = torch.cat([memory, self.token_embedding(prefix) + self.prefix_embedding], dim=1)
             pad = torch.cat([torch.zeros_like(image_tokens[..., 0], dtype=torch.bool), prefix == self.pad_id], dim=1)
             mask = torch.zeros(pad.shape, dtype=memory.dtype, device=memory.device).masked_fill(pad, float("-inf"))
