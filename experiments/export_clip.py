@@ -80,7 +80,8 @@ def export_clip(
         cfg, _ = resolve_model_config(hp["model"])
         nonscalar = bool((cfg or {}).get("nonscalar_logit_scale", False))
     args = [hp.get(k) for k in ("context_length", "image_size", "tokenizer")]
-    parts = build_clip(hp["model"], *args, nonscalar_logit_scale=nonscalar)
+    inits = {k: hp.get(k) for k in ("init_logit_scale", "init_logit_bias")}  # a SigLIP model's bias is a weight
+    parts = build_clip(hp["model"], *args, nonscalar_logit_scale=nonscalar, **inits)
     model_cfg = parts.model_cfg
     if model_cfg is None:  # a local-dir: model: its folder holds the config
         folder = Path(str(hp["model"]).removeprefix("local-dir:"))

@@ -18,7 +18,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from open_clip import ClipLoss
 
 from datamodules.caption_mix import DataTransforms
 from datamodules.checks import ConfigError, RunContext, check_path
@@ -32,13 +31,19 @@ from lightning_modules.components.clip_model import (
     reshape_logit_params,
     resolve_model_config,
 )
+from lightning_modules.components.losses import (
+    LOSSES,
+    CaptionDecoder,
+    caption_loss,
+    make_clip_loss,
+    make_contrastive_loss,
+    multi_caption_loss,
+    pad_token_id,
+)
 from lightning_modules.components.schedules import cosine_with_warmup, per_step
 
-
-def make_clip_loss(rank: int = 0, world_size: int = 1) -> ClipLoss:
-    """open_clip's distributed loss: each rank scores its rows against all ranks' features gathered *with* gradients,
-    which equals the single-process loss on the global batch."""
-    return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+__all__ = ["ClipModule", "cosine_with_warmup", "make_clip_loss"]
+_DECODER_KEYS = {"weight", "target", "prefix", "layers", "width", "heads"}
 
 
 class ClipModule(InLoopEvaluation, L.LightningModule):
@@ -55,6 +60,14 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             Checkpoints and ``init_from`` load across both layouts; ``export-clip`` writes the scalar one.
         evaluation: Evaluation tasks (``lightning_modules.evaluation``) run on rank 0 at every
             ``eval_every_n_validations``-th validation and on the final weights; metrics JSON go to ``metrics_dir``.
+        loss: ``clip`` (open_clip's ClipLoss) or ``siglip`` (its SigLipLoss; needs ``init_logit_bias``).
+        init_logit_scale, init_logit_bias: The model's initial log temperature and logit bias (open_clip's CLIP
+            kwargs; SigLIP: log(10) and -10). They go into the exported config.
+        text_views: ``{view: weight}``: the contrastive loss is the weighted sum over ``batch["texts"][view]`` (the
+            view ``text`` is the p-drawn ``batch["text"]``); None: ``batch["text"]`` alone.
+        caption_decoder: ``{weight, target, prefix, layers, width, heads}``: a caption decoder over the image tokens
+            (and the ``prefix`` view's tokens) predicting the ``target`` view, its loss added with ``weight``. It is
+            trained beside the model (checkpoint keys ``decoder.*``) and not exported.
     """
 
     log_prefix = "eval/"
@@ -84,6 +97,11 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         eval_every_n_validations: int = 1,
         eval_batch_size: int = 256,
         metrics_dir: str | None = None,
+        loss: str = "clip",
+        init_logit_scale: float | None = None,
+        init_logit_bias: float | None = None,
+        text_views: dict[str, float] | None = None,
+        caption_decoder: dict[str, Any] | None = None,
     ):
         super().__init__()
         if (lr is None) == (lr_per_256 is None):
@@ -93,11 +111,28 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         # Evaluation tasks are objects (LightningCLI saves them in config.yaml); keep them out of the checkpoint's
         # hparams so that checkpoints stay loadable with weights_only=True.
         self.save_hyperparameters(ignore=["evaluation"])
+        self.loss_fn = make_contrastive_loss(loss)
+        if text_views is not None and not text_views:
+            raise ValueError("text_views is empty: give {view: weight, ...} or leave it null for batch['text']")
+        self.text_views = dict(text_views or {"text": 1.0})
         parts = build_clip(
-            model, context_length, image_size, tokenizer, augmentation, train_augment, nonscalar_logit_scale
+            model,
+            context_length,
+            image_size,
+            tokenizer,
+            augmentation,
+            train_augment,
+            nonscalar_logit_scale,
+            init_logit_scale=init_logit_scale,
+            init_logit_bias=init_logit_bias,
         )
         self.model, self._parts = parts.model, parts
         self.tokenizer, self.context_length = parts.tokenizer, parts.context_length
+        if loss == "siglip" and self.model.logit_bias is None:
+            raise ValueError("loss: siglip needs a logit bias: set init_logit_bias (SigLIP: -10)")
+        if loss != "siglip" and init_logit_bias is not None:  # DDP stops on a parameter that gets no gradient
+            raise ValueError(f"init_logit_bias is for loss: siglip; loss: {loss} has no logit bias")
+        self.decoder = self._build_decoder(caption_decoder) if caption_decoder else None
         # Decided on the unwrapped model: under FSDP a rank sees flat 1-D shards (a p.ndim test would put every weight
         # in the no-decay group, and a parameter it does not own has shape [0]). open_clip's rule: no weight decay on
         # gains, biases, norms and the temperature.
@@ -107,6 +142,8 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             for name, p in self.model.named_parameters()
             if p.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name
         }
+        if self.decoder is not None:
+            self._no_decay |= {f"decoder.{n}" for n, p in self.decoder.named_parameters() if p.ndim < 2 or "ln" in n}
         if init_from:
             load_clip_weights(self.model, init_from)
             rank_zero_info(f"ClipModule: initialised from {init_from}")
@@ -115,9 +152,23 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         # Not registered as a submodule: checkpoints keep the plain ``model.*`` keys with or without compile.
         object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
         self.evaluation = list(evaluation or [])
-        self.loss_fn = make_clip_loss()
         self._t0: float | None = None
         self._test_features: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def _build_decoder(self, cfg: dict[str, Any]) -> CaptionDecoder:
+        unknown = sorted(set(cfg) - _DECODER_KEYS)
+        missing = sorted({"target", "layers", "width", "heads"} - set(cfg))
+        if unknown or missing:
+            keys = sorted(_DECODER_KEYS)
+            raise ValueError(f"caption_decoder: unknown keys {unknown}, missing {missing} (its keys: {keys})")
+        visual = self.model.visual
+        if not hasattr(visual, "output_tokens") or not hasattr(visual, "transformer"):
+            raise ValueError(f"caption_decoder needs open_clip's ViT image tower (tokens); got {type(visual).__name__}")
+        self._pad_id = pad_token_id(self.tokenizer)
+        vocab = self.model.vocab_size
+        dims = {k: int(cfg[k]) for k in ("width", "layers", "heads")}
+        width, ctx, prefix = visual.transformer.width, self.context_length, bool(cfg.get("prefix"))
+        return CaptionDecoder(vocab, width, ctx, **dims, pad_id=self._pad_id, prefix=prefix)
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
@@ -134,6 +185,11 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             if conflict:
                 raise ConfigError("model", model, conflict)
         check_path("init_from", args.get("init_from"), "file", what="the checkpoint to start from (stage 2: stage 1's)")
+        if args.get("loss", "clip") not in LOSSES:
+            raise ConfigError("loss", args["loss"], f"is not one of {', '.join(LOSSES)}")
+        decoder = args.get("caption_decoder")
+        if decoder and set(decoder) - _DECODER_KEYS:
+            raise ConfigError("caption_decoder", decoder, f"has keys other than {sorted(_DECODER_KEYS)}")
 
     def data_transforms(self, stage: str) -> DataTransforms:
         image = self._parts.preprocess_train if stage == "fit" else self._parts.preprocess_val
@@ -141,7 +197,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
-            self.loss_fn = make_clip_loss(self.trainer.global_rank, self.trainer.world_size)
+            self.loss_fn = make_contrastive_loss(self.hparams.loss, self.trainer.global_rank, self.trainer.world_size)
         if stage == "fit" and self.hparams.total_samples and self.trainer.max_steps == -1:
             # Length in samples (the paper's unit): the step count follows the global batch of this hardware.
             steps = math.ceil(self.hparams.total_samples / self.global_batch_size())
@@ -150,10 +206,59 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return self._forward(image, text)
 
+    def _view_tokens(self, batch: dict[str, Any], view: str) -> torch.Tensor:
+        if view == "text":
+            return batch["text"]
+        texts = batch.get("texts") or {}
+        if view not in texts:
+            raise KeyError(f"view {view!r} is not in batch['texts'] ({sorted(texts)}): add it to the data's views")
+        return texts[view]
+
+    def _encode_with_tokens(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CLIP.forward's outputs plus the image tower's tokens from the same pass (CoCa's ``output_tokens``; the
+        flag is set only for this call so that ``encode_image`` and the exported model stay plain)."""
+        visual = self.model.visual
+        visual.output_tokens = True
+        try:
+            pooled, image_tokens = visual(image)
+        finally:
+            visual.output_tokens = False
+        out = {
+            "image_features": F.normalize(pooled, dim=-1),
+            "image_tokens": image_tokens,
+            "text_features": self.model.encode_text(text, normalize=True),
+            "logit_scale": self.model.logit_scale.exp(),
+        }
+        if self.model.logit_bias is not None:
+            out["logit_bias"] = self.model.logit_bias
+        return out
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self(batch["image"], batch["text"])
-        loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        views = list(self.text_views)
+        tokens = [self._view_tokens(batch, v) for v in views]
+        text = tokens[0] if len(tokens) == 1 else torch.cat(tokens)  # every view in one text-tower pass
+        dec = self.hparams.caption_decoder
+        out = self._encode_with_tokens(batch["image"], text) if dec else self(batch["image"], text)
         bs = batch["image"].shape[0]
+        features = dict(zip(views, out["text_features"].split(bs), strict=True))
+        bias = out.get("logit_bias") if self.hparams.loss == "siglip" else None
+        loss, per_view = multi_caption_loss(
+            self.loss_fn, out["image_features"], features, self.text_views, out["logit_scale"], bias
+        )
+        if len(views) > 1 or dec:
+            self.log("train/loss_contrastive", loss, batch_size=bs)
+            self.log_dict({f"train/loss_{v}": v_loss for v, v_loss in per_view.items()}, batch_size=bs)
+        if dec:
+            target = self._view_tokens(batch, dec["target"])
+            # the decoder need not run over the batch's all-pad tail of the context: pad targets add nothing to the
+            # loss nor, causally, to earlier positions
+            target = target[:, : int((target != self._pad_id).any(0).nonzero().max()) + 1]
+            prefix = self._view_tokens(batch, dec["prefix"]) if dec.get("prefix") else None
+            target, inputs = target[:, 1:], target[:, :-1]
+            logits = self.decoder(out["image_tokens"], inputs, prefix, keep=target != self._pad_id)
+            dec_loss = caption_loss(logits, target, self._pad_id)
+            self.log("train/loss_decoder", dec_loss, batch_size=bs)
+            loss = loss + float(dec.get("weight", 1.0)) * dec_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         # The extras are logged only on the steps the loggers write (each self.log costs ~0.4 ms of bookkeeping);
         # samples/s is the global throughput since the previous logging step, so it shows the current speed.
@@ -166,6 +271,8 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         if (self.global_step + 1) % (trainer.log_every_n_steps if trainer is not None else 1) == 0:
             # the temperature is [] or [1] (nonscalar_logit_scale): log it 0-dim
             self.log("train/logit_scale", out["logit_scale"].detach().reshape(()), batch_size=bs)
+            if "logit_bias" in out:  # SigLIP's
+                self.log("train/logit_bias", out["logit_bias"].detach().reshape(()), batch_size=bs)
             self.log("train/samples_per_sec", self._seen / (now - self._t0), batch_size=bs)
             self._t0, self._seen = now, 0
         return loss
@@ -288,7 +395,10 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
     def _named_param_groups(self) -> list[list[tuple[str, torch.nn.Parameter]]]:
         """``[decay, no_decay]`` trainable ``(name, parameter)`` pairs, in the optimizer's order."""
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        named = list(self.model.named_parameters())
+        if self.decoder is not None:
+            named += [(f"decoder.{n}", p) for n, p in self.decoder.named_parameters()]
+        for name, p in named:
             if p.requires_grad:
                 name = unwrapped_name(name)
                 (no_decay if name in self._no_decay else decay).append((name, p))

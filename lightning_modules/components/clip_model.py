@@ -90,14 +90,19 @@ def build_clip(
     augmentation: Mapping[str, Any] | None = None,
     train_augment: bool = True,
     nonscalar_logit_scale: bool = False,
+    init_logit_scale: float | None = None,
+    init_logit_bias: float | None = None,
 ) -> ClipParts:
     """The model, tokenizer and transforms for any ``model`` that ``resolve_model_config`` knows, or a ``local-dir:``
     folder (weights loaded), with ClipModule's overrides. The returned ``model_cfg`` never carries
-    ``nonscalar_logit_scale``, so an exported config builds open_clip's default scalar model."""
+    ``nonscalar_logit_scale``, so an exported config builds open_clip's default scalar model; it carries the
+    ``init_logit_*`` overrides, so that a model with a logit bias is rebuilt with one."""
     cfg, preprocess = resolve_model_config(model)
+    inits = {"init_logit_scale": init_logit_scale, "init_logit_bias": init_logit_bias}
+    inits = {k: float(v) for k, v in inits.items() if v is not None}
     if cfg is None:
-        if image_size is not None or tokenizer is not None:
-            raise ValueError("image_size / tokenizer overrides need a config, not a 'local-dir:' model")
+        if image_size is not None or tokenizer is not None or inits:
+            raise ValueError("image_size / tokenizer / init_logit_* overrides need a config, not a 'local-dir:' model")
         # open_clip's load_checkpoint reshapes the folder's logit_scale to the model's ([] <-> [1]) itself
         net = open_clip.create_model(model, output_dict=True, nonscalar_logit_scale=nonscalar_logit_scale)
         ctx = net.context_length
@@ -109,6 +114,7 @@ def build_clip(
         conflict = logit_layout_conflict(cfg.pop("nonscalar_logit_scale", None), nonscalar_logit_scale)
         if conflict:
             raise ValueError(f"the CLIP model config {conflict}")
+        cfg.update(inits)
         text_cfg = cfg.setdefault("text_cfg", {})
         if context_length is not None:
             text_cfg["context_length"] = context_length

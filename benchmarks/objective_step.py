@@ -1,0 +1,130 @@
+"""Training-step time of each issue-19 objective beside plain ``ClipLoss``, in one run: ``ClipModule`` on the tiny
+Recap-CLIP under a Lightning ``Trainer`` (forward + backward + AdamW), the same seeded weights and pre-built batches
+for every objective. What each objective is and the figures: ``benchmarks/README.md``.
+
+    python -m benchmarks.objective_step                  # batch 16, 12 steps/run (3 skipped), 2 rounds, 1 thread
+    python -m benchmarks.objective_step --steps 40 --repeats 3 --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from benchmarks.clip_step import TINY_CLIP, make_batches
+from benchmarks.common import ROOT, StepStamps, fit, free_memory, write_json
+
+HISTORY = ROOT / "benchmarks" / "history" / "objective_step.jsonl"
+VIEWS = {"text_views": {"original": 1.0, "recaption": 1.0}}
+# a decoder of the text tower's size (w64, 2 heads), one layer: CLIPS's is a fraction of its text encoder
+DECODER = {"caption_decoder": {"weight": 1.0, "target": "recaption", "prefix": "original", "layers": 1, "width": 64,
+                               "heads": 2}}  # fmt: skip
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "clip": {},
+    "siglip": {"loss": "siglip", "init_logit_scale": math.log(10), "init_logit_bias": -10.0},
+    "views2": VIEWS,
+    "views2+decoder": {**VIEWS, **DECODER},
+}
+
+
+def batches(batch_size: int, n: int, seed: int) -> list[dict[str, Any]]:
+    """``{"image", "text", "texts": {original, recaption}}``: the caption-mix layout with two views."""
+    pairs = zip(
+        make_batches(TINY_CLIP, batch_size, n, seed), make_batches(TINY_CLIP, batch_size, n, seed + 1), strict=True
+    )
+    return [{"image": i, "text": t, "texts": {"original": t, "recaption": r}} for (i, t), (_, r) in pairs]
+
+
+def run_one(objective: str, state: dict[str, torch.Tensor], data: list, steps: int, skip: int) -> float:
+    from lightning_modules.clip import ClipModule
+
+    torch.manual_seed(0)  # the decoder's initial weights
+    module = ClipModule(model=TINY_CLIP, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), **OBJECTIVES[objective])
+    module.model.load_state_dict(state, strict=False)  # SigLIP adds a logit_bias the shared state lacks
+    clock = StepStamps()
+    clock.stamp()
+    fit(module, data, steps, [clock], accelerator="cpu", precision="32-true")
+    del module
+    free_memory()
+    return 1e3 * clock.seconds_per_step(skip)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.objective_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--skip-steps", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--record", nargs="?", const=str(HISTORY), metavar="FILE", help="append the run to the history")
+    a = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = run(a)
+    finally:
+        torch.set_num_threads(threads)
+    write_json(a.json, report)
+    if a.record:
+        with open(a.record, "a") as f:
+            f.write(json.dumps(report) + "\n")
+    return report
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    import open_clip
+
+    torch.manual_seed(a.seed)
+    state = open_clip.CLIP(**TINY_CLIP, output_dict=True).state_dict()
+    data = batches(a.batch_size, 4, a.seed)
+    t0 = time.perf_counter()
+    times: dict[str, list[float]] = {name: [] for name in OBJECTIVES}
+    for r in range(a.repeats):  # alternate the order so that drift in the machine's load hits every objective
+        for name in OBJECTIVES if r % 2 == 0 else reversed(OBJECTIVES):
+            times[name].append(run_one(name, state, data, a.steps, a.skip_steps))
+    ref = statistics.median(times["clip"])
+    rows = {
+        name: {"ms_per_step": statistics.median(t), "min": min(t), "max": max(t), "ratio": statistics.median(t) / ref}
+        for name, t in times.items()
+    }
+    print(f"{'objective':<15}| ms/step (median) |    min |    max | x ClipLoss")
+    print("-" * 15 + "+------------------+--------+--------+-----------")
+    for name, row in rows.items():
+        print(f"{name:<15}| {row['ms_per_step']:16.1f} | {row['min']:6.1f} | {row['max']:6.1f} | {row['ratio']:9.2f}")
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    report = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": commit.stdout.strip(),
+        "settings": {k: v for k, v in vars(a).items() if k not in ("json", "record")},
+        "objectives": {name: OBJECTIVES[name] for name in OBJECTIVES},
+        "results": {name: {k: round(v, 3) for k, v in row.items()} for name, row in rows.items()},
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, load {_load()}",
+    }
+    return report
+
+
+def _load() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()
