@@ -8,10 +8,12 @@ interpolated), and the evaluation harness (``lightning_modules.evaluation``) in 
 
 from __future__ import annotations
 
+import glob
 import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -43,7 +45,7 @@ from lightning_modules.components.losses import (
 from lightning_modules.components.schedules import cosine_with_warmup, per_step
 
 __all__ = ["ClipModule", "cosine_with_warmup", "make_clip_loss"]
-_DECODER_KEYS = {"weight", "target", "prefix", "layers", "width", "heads"}
+_DECODER_KEYS = {"weight", "target", "prefix", "layers", "width", "heads", "vocab"}
 
 
 class ClipModule(InLoopEvaluation, L.LightningModule):
@@ -67,7 +69,10 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             view ``text`` is the p-drawn ``batch["text"]``); None: ``batch["text"]`` alone.
         caption_decoder: ``{weight, target, prefix, layers, width, heads}``: a caption decoder over the image tokens
             (and the ``prefix`` view's tokens) predicting the ``target`` view, its loss added with ``weight``. It is
-            trained beside the model (checkpoint keys ``decoder.*``) and not exported.
+            trained beside the model (checkpoint keys ``decoder.*``) and not exported. ``vocab``: text files (a path or
+            glob, or a list of them) whose tokens are the only ones the decoder predicts, plus one "other" class (a
+            closed-vocabulary world; the share of "other" targets is logged as ``train/decoder_other``); unset: the
+            whole vocabulary.
     """
 
     log_prefix = "eval/"
@@ -168,7 +173,20 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         vocab = self.model.vocab_size
         dims = {k: int(cfg[k]) for k in ("width", "layers", "heads")}
         width, ctx, prefix = visual.transformer.width, self.context_length, bool(cfg.get("prefix"))
-        return CaptionDecoder(vocab, width, ctx, **dims, pad_id=self._pad_id, prefix=prefix)
+        ids = self._shortlist(cfg["vocab"]) if cfg.get("vocab") else None
+        return CaptionDecoder(vocab, width, ctx, **dims, pad_id=self._pad_id, prefix=prefix, output_ids=ids)
+
+    def _shortlist(self, vocab: str | Sequence[str]) -> list[int]:
+        """The token ids of the texts in ``vocab`` (files or globs), pads left out."""
+        files = sorted({f for pattern in ([vocab] if isinstance(vocab, str) else vocab) for f in glob.glob(pattern)})
+        if not files:
+            raise FileNotFoundError(f"caption_decoder.vocab: no file matches {vocab!r}")
+        # word by word (the tokenizer cuts a text at the context length); exact for open_clip's tokenizer, which
+        # splits on whitespace before its BPE
+        words = sorted({w for f in files for w in Path(f).read_text(encoding="utf-8").split()})
+        ids = {int(i) for i in self.tokenizer(words).unique()} - {self._pad_id}
+        rank_zero_info(f"ClipModule: the caption decoder predicts {len(ids)} token ids of {len(files)} files + other")
+        return sorted(ids)
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
@@ -256,8 +274,12 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             prefix = self._view_tokens(batch, dec["prefix"]) if dec.get("prefix") else None
             target, inputs = target[:, 1:], target[:, :-1]
             logits = self.decoder(out["image_tokens"], inputs, prefix, keep=target != self._pad_id)
-            dec_loss = caption_loss(logits, target, self._pad_id)
+            out_class = self.decoder.out_class
+            dec_loss = caption_loss(logits, target, self._pad_id, out_class)
             self.log("train/loss_decoder", dec_loss, batch_size=bs)
+            if out_class is not None:
+                other = (out_class[target[target != self._pad_id]] == len(logits[0]) - 1).float().mean()
+                self.log("train/decoder_other", other, batch_size=bs)
             loss = loss + float(dec.get("weight", 1.0)) * dec_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         # The extras are logged only on the steps the loggers write (each self.log costs ~0.4 ms of bookkeeping);

@@ -34,8 +34,16 @@ CFG = {
 }
 SIGLIP = {"loss": "siglip", "init_logit_scale": math.log(10), "init_logit_bias": -10.0}
 VIEWS = {"text_views": {"original": 1.0, "recaption": 0.5}}
-DECODER = {"caption_decoder": {"weight": 0.7, "target": "recaption", "prefix": "original", "layers": 1, "width": 32,
-                               "heads": 2}}  # fmt: skip
+DECODER = {
+    "caption_decoder": {
+        "weight": 0.7,
+        "target": "recaption",
+        "prefix": "original",
+        "layers": 1,
+        "width": 32,
+        "heads": 2,
+    }
+}
 OBJECTIVES = {"clip": {}, "siglip": SIGLIP, "views": VIEWS, "views_decoder": {**VIEWS, **DECODER}}
 
 
@@ -138,8 +146,8 @@ def test_pad_token_id_from_the_tokenizer(tmp_path):
 
 def test_decoder_masks_prefix_pads_and_is_causal():
     torch.manual_seed(0)
-    dec = CaptionDecoder(vocab_size=50, image_width=24, context_length=10, width=16, layers=2, heads=2, pad_id=0,
-                         prefix=True)  # fmt: skip
+    dims = {"vocab_size": 50, "image_width": 24, "context_length": 10, "width": 16, "layers": 2, "heads": 2}
+    dec = CaptionDecoder(**dims, pad_id=0, prefix=True)
     dec = dec.double().eval()
     g = torch.Generator().manual_seed(1)
     image = torch.randn(2, 4, 24, generator=g, dtype=torch.float64)
@@ -160,6 +168,42 @@ def test_decoder_masks_prefix_pads_and_is_causal():
     torch.testing.assert_close(changed[:, :5], out[:, :5])
     assert (changed[:, 5:] - out[:, 5:]).abs().max() > 1e-6
     assert torch.isfinite(dec.transformer.text_projection).all()  # open_clip leaves it torch.empty
+
+
+def test_shortlist_decoder_predicts_its_ids_and_one_other_class():
+    torch.manual_seed(0)
+    dims = {"vocab_size": 50, "image_width": 24, "context_length": 10, "width": 16, "layers": 1, "heads": 2}
+    dec = CaptionDecoder(**dims, pad_id=0, output_ids=[7, 3, 9, 3]).double()
+    assert dec.out_class.tolist()[:10] == [3, 3, 3, 0, 3, 3, 3, 1, 3, 2]  # ids 3, 7, 9 -> 0, 1, 2; the rest -> 3
+    g = torch.Generator().manual_seed(1)
+    image, inp = torch.randn(2, 4, 24, generator=g, dtype=torch.float64), torch.randint(1, 50, (2, 5), generator=g)
+    logits = dec(image, inp)
+    assert logits.shape == (2, 5, 4)
+    target = torch.tensor([[3, 9, 11, 0, 0], [7, 7, 0, 0, 0]])  # 11 is not in the shortlist: "other"
+    classes = torch.tensor([[0, 2, 3], [1, 1, 0]])
+    want = sum(
+        sum(-torch.log_softmax(logits[b, t], -1)[classes[b, t]] for t in range(n)) / n for b, n in ((0, 3), (1, 2))
+    )
+    torch.testing.assert_close(caption_loss(logits, target, 0, dec.out_class), want / 2)
+    with pytest.raises(ValueError, match="output_ids"):
+        CaptionDecoder(**dims, pad_id=0, output_ids=[3, 50])
+
+
+def test_module_shortlist_is_the_vocab_files_tokens(tmp_path):
+    (tmp_path / "a.txt").write_text("a red circle on the left\n")
+    (tmp_path / "b.txt").write_text("a blue square. " * 20)  # longer than the context: read in chunks
+    (tmp_path / "c.txt").write_text(" ".join(f"word{i}" for i in range(40)))
+    cfg = json.loads(json.dumps(CFG))
+    cfg["text_cfg"]["vocab_size"] = 49408  # open_clip's tokenizer
+    decoder = {**DECODER["caption_decoder"], "vocab": str(tmp_path / "*.txt")}
+    m = ClipModule(model=cfg, lr=1e-3, caption_decoder=decoder, text_views={"original": 1.0})
+    want = set(m.tokenizer(["a red circle on the left a blue square.", "word39"]).unique().tolist()) - {0}
+    shortlist = set((m.decoder.out_class < m.decoder.out_class.max()).nonzero().flatten().tolist())
+    assert want <= shortlist
+    assert 0 not in shortlist
+    assert m.decoder.transformer.text_projection.shape[-1] == len(shortlist) + 1
+    with pytest.raises(FileNotFoundError, match="caption_decoder.vocab"):
+        ClipModule(model=cfg, lr=1e-3, caption_decoder={**decoder, "vocab": str(tmp_path / "*.none")})
 
 
 # ------------------------------------------------------------------------------------------------- ClipModule wiring
