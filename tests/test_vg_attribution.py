@@ -189,3 +189,42 @@ def test_tiny_world_attribute_swaps_follow_the_ground_truth(tmp_path):
             others = [np.linalg.norm(pixel - q["rgb"]) for q in objects if q is not o]
             assert np.linalg.norm(pixel - o["rgb"]) < min(others), (it, o)
     assert orders == {"large", "small"}  # the large object is named first in some items, second in others
+
+
+def test_lightning_test_path_equals_in_loop_on_the_world_split(tmp_path, monkeypatch):
+    """The task plugs into both CLIP evaluation paths as Retrieval does: EvalDataModule + test_step + compute (ranks'
+    shares gathered) gives what ClipModule.evaluate (run_tasks) gives, with the model's own transform on the crops."""
+    from conftest import cpu_trainer
+
+    from datamodules.eval_sets import EvalDataModule
+    from experiments.paper_tables import tiny_model
+    from lightning_modules.clip import ClipModule
+
+    others = dict(n_caption_pretrain=0, n_instruct=0, n_classify=0, n_retrieval=0, n_long_retrieval=0, n_t2i=0)
+    generate_world(tmp_path / "w", WorldConfig.tiny(n_web=50, workers=1, **others))
+    torch.manual_seed(0)
+    module = ClipModule(tiny_model("S-16", "small", 64), lr=1e-3)
+    tasks = [VGAttribution(tmp_path / "w/eval/vg_attribution", min_pair_count=1)]
+    monkeypatch.chdir(tmp_path)
+    trainer = cpu_trainer()
+    trainer.test(module, datamodule=EvalDataModule(tasks, batch_size=5))
+    got = json.loads((Path(trainer.default_root_dir) / "metrics" / "test.json").read_text())["metrics"]
+    want = module.evaluate(tasks)
+    assert got == pytest.approx(want, abs=1e-6)
+    assert want["vg_attribution/n_items"] == 24
+    assert want["vg_attribution/n_texts_over_context"] == 0
+
+
+@pytest.mark.parametrize("tiny", [True, False])
+def test_table6_column_is_filled_from_the_task(tmp_path, tiny):
+    from experiments import report
+
+    long = "long_retrieval" if tiny else "urban1k"
+    metrics = {"vg_attribution/accuracy": 61.5, f"{long}/image_to_text_R@1": 9.0}
+    run = tmp_path / "clip/table6/B16-p0.8/stage2/metrics"
+    run.mkdir(parents=True)
+    (run / "step00000160.json").write_text(json.dumps({"metrics": metrics, "step": 160}))
+    row = {r.id: r for r in report.build_report("table6", tiny=tiny, runs=tmp_path).rows}["B16-p0.8"]
+    assert row.stats("vg_attribution")[0] == 61.5
+    assert row.stats("urban1k_i2t_r1")[0] == 9.0
+    assert "No tiny analog" not in report.markdown(report.build_report("table6", tiny=True, runs=tmp_path))
