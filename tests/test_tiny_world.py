@@ -588,5 +588,5 @@ def test_world_json_and_split_separation(world):
     }
     evals = {hashlib.sha256(p.read_bytes()).digest() for p in (world / "eval").rglob("*.jpg")}
     assert len(web) == 200
-    assert len(evals) == 96 + 48 + 32 + 32
+    assert len(evals) == 96 + 48 + 32 + 32 + 24  # classify, retrieval, long_retrieval, t2i, vg_attribution
     assert web.isdisjoint(evals)
