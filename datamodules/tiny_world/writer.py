@@ -55,7 +55,7 @@ from .text import (
     vocab,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the DOCCI-layout copy of the long pairs and the VG-Attribution split
 SPLITS = ("web", "caption_pretrain", "instruct", "classify", "retrieval", "long_retrieval", "t2i_prompts")
 SPLITS += ("vg_attribution",)  # added last: split ids are seeds, so the earlier splits' items stay as they were
 SPLIT_IDS: dict[str, int] = {split: i for i, split in enumerate(SPLITS)}
