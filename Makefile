@@ -31,7 +31,12 @@ test-slow: install
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# world.json is written last, so its absence means "no world or an interrupted one": (re)generate then.
+# world.json is written last, so its absence means "no world or an interrupted one": (re)generate then. A world of
+# an older format (writer.py's FORMAT_VERSION: a split added since, e.g. VG-Attribution) is regenerated too.
+WORLD_FORMAT := $(shell sed -n 's/^FORMAT_VERSION = //p' datamodules/tiny_world/writer.py)
+ifeq ($(shell grep -s -c '"format_version": $(WORLD_FORMAT),' $(WORLD)/world.json),0)
+.PHONY: $(WORLD)/world.json
+endif
 $(WORLD)/world.json: | $(VENV)/.installed
 	$(PY) -m experiments world --out $(WORLD) --overwrite
 

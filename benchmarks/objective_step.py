@@ -27,8 +27,16 @@ from benchmarks.common import ROOT, StepStamps, fit, free_memory, write_json
 HISTORY = ROOT / "benchmarks" / "history" / "objective_step.jsonl"
 VIEWS = {"text_views": {"original": 1.0, "recaption": 1.0}}
 # a decoder of the text tower's size (w64, 2 heads), one layer: CLIPS's is a fraction of its text encoder
-DECODER = {"caption_decoder": {"weight": 1.0, "target": "recaption", "prefix": "original", "layers": 1, "width": 64,
-                               "heads": 2}}  # fmt: skip
+DECODER = {
+    "caption_decoder": {
+        "weight": 1.0,
+        "target": "recaption",
+        "prefix": "original",
+        "layers": 1,
+        "width": 64,
+        "heads": 2,
+    }
+}
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "clip": {},
     "siglip": {"loss": "siglip", "init_logit_scale": math.log(10), "init_logit_bias": -10.0},

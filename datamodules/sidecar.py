@@ -17,6 +17,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datamodules.formats import RECAP_V2_COLUMNS, RECAP_V2_SCHEMA
+
 TAR_SUFFIX = re.compile(r"\.(tar|tgz|tar\.gz|tar\.bz2|tar\.xz|tar\.zst)$")
 
 
@@ -31,13 +33,14 @@ class UnreadableSidecarError(ValueError):
     """A sidecar file that exists but is not a readable parquet file (truncated copy, corrupt footer)."""
 
 
-def load_sidecar(path: str | Path, columns: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """One shard's sidecar as ``{key: {column: value}}``; samples without a recaption are absent.
+def read_sidecar(path: str | Path, columns: Sequence[str]) -> pa.Table:
+    """One shard's sidecar as a table of ``key`` and ``columns`` (any type: ``re_condition_length`` is an int). A v2
+    column (``formats.RECAP_V2_COLUMNS``) the file lacks reads as nulls: its build's recap files had none.
 
     Raises:
         FileNotFoundError: The sidecar does not exist (not built for this shard).
         UnreadableSidecarError: The file is not readable parquet; names the file.
-        ValueError: The sidecar lacks one of ``columns``; names the file and the column (extra columns are ignored).
+        ValueError: The sidecar lacks one of ``columns`` (other than a v2 one); names the file and the column.
     """
     path = os.fspath(path)
     columns = list(columns)
@@ -45,16 +48,26 @@ def load_sidecar(path: str | Path, columns: Sequence[str]) -> dict[str, dict[str
         with fsspec.open(path, "rb") as f, pq.ParquetFile(f) as pf:
             names = pf.schema_arrow.names
             for col in ["key", *columns]:
-                if col not in names:
+                if col not in names and col not in RECAP_V2_COLUMNS:
                     raise ValueError(
                         f"sidecar {path} has no column {col!r} (it has {names}); rebuild the sidecars with "
                         f"build_sidecars(..., columns=[..., {col!r}], overwrite=True)"
                     )
-            data = pf.read(columns=["key", *columns]).to_pydict()
+            table = pf.read(columns=["key", *(c for c in columns if c in names)])
     except FileNotFoundError as e:
         raise FileNotFoundError(f"sidecar {path} does not exist; build it with build_sidecars()") from e
     except (pa.ArrowException, OSError) as e:  # not parquet, truncated, bad footer or page (pyarrow's types)
         raise UnreadableSidecarError(f"sidecar {path} is not a readable parquet file: {e}") from e
+    for col in columns:
+        if col not in table.column_names:
+            table = table.append_column(col, pa.nulls(table.num_rows, RECAP_V2_SCHEMA.field(col).type))
+    return table.select(["key", *columns])
+
+
+def load_sidecar(path: str | Path, columns: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One shard's sidecar as ``{key: {column: value}}`` (raises as :func:`read_sidecar`); samples without a
+    recaption are absent."""
+    data = read_sidecar(path, columns).to_pydict()
     keys = data.pop("key")
     values = [data[c] for c in columns]
     return {k: dict(zip(columns, row, strict=True)) for k, *row in zip(keys, *values, strict=True)}

@@ -597,6 +597,10 @@ class SourceSpec:
                 f"caption source {name!r}: bad spec {spec!r}; "
                 "use 'txt' (a tar member), 'json:FIELD' or 'sidecar:COLUMN'"
             )
+        if kind == "sidecar":  # re_condition_length (an int) is no caption: a config error, not a per-sample fallback
+            from datamodules.formats import check_caption_column
+
+            check_caption_column(where, f"caption source {name!r} ({spec!r})")
         return cls(name, kind, where)
 
 

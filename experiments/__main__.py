@@ -75,6 +75,10 @@ SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         _module_main("experiments.export_captioner"),
         "write a CaptionerModule checkpoint as a llava-hf folder (LoRA merged; from_pretrained-ready)",
     ),
+    "import-llava": (
+        _module_main("experiments.import_llava"),
+        "an original-LLaVA checkpoint (llava_llama, e.g. the paper's released captioner) as a llava-hf folder",
+    ),
     "dit-cache": (
         _module_main("experiments.jobs.dit_cache"),
         "precompute the DiT's latents + text features of every caption source (resumable; same configs as fit)",

@@ -54,7 +54,7 @@ TABLE1_OURS = "LLaVA-1.5-LLaMA3-8B"
 
 # Report column -> (label, harness key at real scale (eval/paper.yaml's task names), tiny-world key
 # (eval/tiny_world.yaml: 48-class zero-shot for ImageNet, short-caption retrieval for COCO, long-caption retrieval for
-# Urban-1K; Flickr30K and VG-Attribution have no tiny analog)).
+# Urban-1K, the world's colour swaps for VG-Attribution; Flickr30K has no tiny analog)).
 COLUMNS = {
     "imagenet_top1": ("IN-1K top-1", "imagenet/top1", "classify/top1"),
     "coco_i2t_r1": ("COCO I→T R@1", "coco/image_to_text_R@1", "retrieval/image_to_text_R@1"),
@@ -63,7 +63,7 @@ COLUMNS = {
     "flickr_t2i_r1": ("Flickr T→I R@1", "flickr/text_to_image_R@1", None),
     "urban1k_i2t_r1": ("Urban-1K I→T R@1", "urban1k/image_to_text_R@1", "long_retrieval/image_to_text_R@1"),
     "urban1k_t2i_r1": ("Urban-1K T→I R@1", "urban1k/text_to_image_R@1", "long_retrieval/text_to_image_R@1"),
-    "vg_attribution": ("VG-Attribution", None, None),
+    "vg_attribution": ("VG-Attribution", "vg_attribution/accuracy", "vg_attribution/accuracy"),
     "raw_fid": ("raw FID↓", None, None),
     "raw_clip": ("raw CLIP", None, None),
     "recap_fid": ("Recap FID↓", None, None),

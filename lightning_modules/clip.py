@@ -8,10 +8,12 @@ interpolated), and the evaluation harness (``lightning_modules.evaluation``) in 
 
 from __future__ import annotations
 
+import glob
 import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -32,6 +34,7 @@ from lightning_modules.components.clip_model import (
     resolve_model_config,
 )
 from lightning_modules.components.losses import (
+    LOSSES,
     CaptionDecoder,
     caption_loss,
     make_clip_loss,
@@ -42,7 +45,7 @@ from lightning_modules.components.losses import (
 from lightning_modules.components.schedules import cosine_with_warmup, per_step
 
 __all__ = ["ClipModule", "cosine_with_warmup", "make_clip_loss"]
-_DECODER_KEYS = {"weight", "target", "prefix", "layers", "width", "heads"}
+_DECODER_KEYS = {"weight", "target", "prefix", "layers", "width", "heads", "vocab"}
 
 
 class ClipModule(InLoopEvaluation, L.LightningModule):
@@ -66,7 +69,10 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             view ``text`` is the p-drawn ``batch["text"]``); None: ``batch["text"]`` alone.
         caption_decoder: ``{weight, target, prefix, layers, width, heads}``: a caption decoder over the image tokens
             (and the ``prefix`` view's tokens) predicting the ``target`` view, its loss added with ``weight``. It is
-            trained beside the model (checkpoint keys ``decoder.*``) and not exported.
+            trained beside the model (checkpoint keys ``decoder.*``) and not exported. ``vocab``: text files (a path or
+            glob, or a list of them) whose tokens are the only ones the decoder predicts, plus one "other" class (a
+            closed-vocabulary world; the share of "other" targets is logged as ``train/decoder_other``); unset: the
+            whole vocabulary.
     """
 
     log_prefix = "eval/"
@@ -129,6 +135,8 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         self.tokenizer, self.context_length = parts.tokenizer, parts.context_length
         if loss == "siglip" and self.model.logit_bias is None:
             raise ValueError("loss: siglip needs a logit bias: set init_logit_bias (SigLIP: -10)")
+        if loss != "siglip" and init_logit_bias is not None:  # DDP stops on a parameter that gets no gradient
+            raise ValueError(f"init_logit_bias is for loss: siglip; loss: {loss} has no logit bias")
         self.decoder = self._build_decoder(caption_decoder) if caption_decoder else None
         # Decided on the unwrapped model: under FSDP a rank sees flat 1-D shards (a p.ndim test would put every weight
         # in the no-decay group, and a parameter it does not own has shape [0]). open_clip's rule: no weight decay on
@@ -164,7 +172,21 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         self._pad_id = pad_token_id(self.tokenizer)
         vocab = self.model.vocab_size
         dims = {k: int(cfg[k]) for k in ("width", "layers", "heads")}
-        return CaptionDecoder(vocab, visual.transformer.width, self.context_length, **dims, pad_id=self._pad_id)
+        width, ctx, prefix = visual.transformer.width, self.context_length, bool(cfg.get("prefix"))
+        ids = self._shortlist(cfg["vocab"]) if cfg.get("vocab") else None
+        return CaptionDecoder(vocab, width, ctx, **dims, pad_id=self._pad_id, prefix=prefix, output_ids=ids)
+
+    def _shortlist(self, vocab: str | Sequence[str]) -> list[int]:
+        """The token ids of the texts in ``vocab`` (files or globs), pads left out."""
+        files = sorted({f for pattern in ([vocab] if isinstance(vocab, str) else vocab) for f in glob.glob(pattern)})
+        if not files:
+            raise FileNotFoundError(f"caption_decoder.vocab: no file matches {vocab!r}")
+        # word by word (the tokenizer cuts a text at the context length); exact for open_clip's tokenizer, which
+        # splits on whitespace before its BPE
+        words = sorted({w for f in files for w in Path(f).read_text(encoding="utf-8").split()})
+        ids = {int(i) for i in self.tokenizer(words).unique()} - {self._pad_id}
+        rank_zero_info(f"ClipModule: the caption decoder predicts {len(ids)} token ids of {len(files)} files + other")
+        return sorted(ids)
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
@@ -181,6 +203,11 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             if conflict:
                 raise ConfigError("model", model, conflict)
         check_path("init_from", args.get("init_from"), "file", what="the checkpoint to start from (stage 2: stage 1's)")
+        if args.get("loss", "clip") not in LOSSES:
+            raise ConfigError("loss", args["loss"], f"is not one of {', '.join(LOSSES)}")
+        decoder = args.get("caption_decoder")
+        if decoder and set(decoder) - _DECODER_KEYS:
+            raise ConfigError("caption_decoder", decoder, f"has keys other than {sorted(_DECODER_KEYS)}")
 
     def data_transforms(self, stage: str) -> DataTransforms:
         image = self._parts.preprocess_train if stage == "fit" else self._parts.preprocess_val
@@ -241,14 +268,18 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             self.log_dict({f"train/loss_{v}": v_loss for v, v_loss in per_view.items()}, batch_size=bs)
         if dec:
             target = self._view_tokens(batch, dec["target"])
-            # cut the batch's all-pad tail (77-token rows, captions of ~20): the vocabulary projection is the
-            # decoder's largest cost, and pad targets add nothing to the loss nor, causally, to earlier positions
+            # the decoder need not run over the batch's all-pad tail of the context: pad targets add nothing to the
+            # loss nor, causally, to earlier positions
             target = target[:, : int((target != self._pad_id).any(0).nonzero().max()) + 1]
             prefix = self._view_tokens(batch, dec["prefix"]) if dec.get("prefix") else None
             target, inputs = target[:, 1:], target[:, :-1]
             logits = self.decoder(out["image_tokens"], inputs, prefix, keep=target != self._pad_id)
-            dec_loss = caption_loss(logits, target, self._pad_id)
+            out_class = self.decoder.out_class
+            dec_loss = caption_loss(logits, target, self._pad_id, out_class)
             self.log("train/loss_decoder", dec_loss, batch_size=bs)
+            if out_class is not None:
+                other = (out_class[target[target != self._pad_id]] == len(logits[0]) - 1).float().mean()
+                self.log("train/decoder_other", other, batch_size=bs)
             loss = loss + float(dec.get("weight", 1.0)) * dec_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         # The extras are logged only on the steps the loggers write (each self.log costs ~0.4 ms of bookkeeping);
@@ -262,6 +293,8 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         if (self.global_step + 1) % (trainer.log_every_n_steps if trainer is not None else 1) == 0:
             # the temperature is [] or [1] (nonscalar_logit_scale): log it 0-dim
             self.log("train/logit_scale", out["logit_scale"].detach().reshape(()), batch_size=bs)
+            if "logit_bias" in out:  # SigLIP's
+                self.log("train/logit_bias", out["logit_bias"].detach().reshape(()), batch_size=bs)
             self.log("train/samples_per_sec", self._seen / (now - self._t0), batch_size=bs)
             self._t0, self._seen = now, 0
         return loss

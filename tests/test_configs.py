@@ -66,7 +66,11 @@ def stack_for(path: Path) -> tuple[str, list[str]]:
     if parts[0] == "debug":
         return "fit", configs(CONFIGS / "trainer/cpu.yaml", path)
     if parts[0] == "eval":
-        model = {"paper.yaml": "clip/stage2.yaml", "tiny_world.yaml": "tiny/clip/stage2.yaml"}.get(parts[1])
+        model = {
+            "paper.yaml": "clip/stage2.yaml",
+            "long_captions.yaml": "clip/stage2.yaml",
+            "tiny_world.yaml": "tiny/clip/stage2.yaml",
+        }.get(parts[1])
         if model is None:  # a model-only eval config: layered on the paper's evaluation
             return "test", configs(CONFIGS / "eval/paper.yaml", path)
         return "test", configs(CONFIGS / model, path)

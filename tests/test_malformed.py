@@ -448,17 +448,13 @@ def test_sidecar_with_the_released_later_columns_is_read(tmp_path):
     samples, counts, _ = _sidecar_pass(shard, side)
     assert {k: s["caption"] for k, s in samples.items()} == {k: f"recap {k}" for k in keys}
     assert not counts
-    # the later column as a source works too; a numeric column is no caption (counted), never a crash
+    # the later column as a source works too; the numeric one is no caption: refused naming it (issue 20)
     samples, counts, _ = _sidecar_pass(
         shard, side, sources={"original": "txt", "recaption": "sidecar:re_caption_condition_diverse_topk"}
     )
     assert samples[BAD]["caption"] == f"topk {BAD}"
-    samples, counts, _ = _sidecar_pass(
-        shard, side, sources={"original": "txt", "recaption": "sidecar:re_condition_length"}
-    )
-    assert {s["source"] for s in samples.values()} == {"original"}
-    assert counts["caption_not_text"] == 4
-    assert counts["fallback:recaption->original"] == 4
+    with pytest.raises(ValueError, match=r"'re_condition_length' is int64, not text"):
+        _sidecar_pass(shard, side, sources={"original": "txt", "recaption": "sidecar:re_condition_length"})
 
 
 def test_sidecar_missing_the_requested_column_is_refused_naming_file_and_column(tmp_path):

@@ -34,8 +34,16 @@ CFG = {
 }
 SIGLIP = {"loss": "siglip", "init_logit_scale": math.log(10), "init_logit_bias": -10.0}
 VIEWS = {"text_views": {"original": 1.0, "recaption": 0.5}}
-DECODER = {"caption_decoder": {"weight": 0.7, "target": "recaption", "prefix": "original", "layers": 1, "width": 32,
-                               "heads": 2}}  # fmt: skip
+DECODER = {
+    "caption_decoder": {
+        "weight": 0.7,
+        "target": "recaption",
+        "prefix": "original",
+        "layers": 1,
+        "width": 32,
+        "heads": 2,
+    }
+}
 OBJECTIVES = {"clip": {}, "siglip": SIGLIP, "views": VIEWS, "views_decoder": {**VIEWS, **DECODER}}
 
 
@@ -138,7 +146,8 @@ def test_pad_token_id_from_the_tokenizer(tmp_path):
 
 def test_decoder_masks_prefix_pads_and_is_causal():
     torch.manual_seed(0)
-    dec = CaptionDecoder(vocab_size=50, image_width=24, context_length=10, width=16, layers=2, heads=2, pad_id=0)
+    dims = {"vocab_size": 50, "image_width": 24, "context_length": 10, "width": 16, "layers": 2, "heads": 2}
+    dec = CaptionDecoder(**dims, pad_id=0, prefix=True)
     dec = dec.double().eval()
     g = torch.Generator().manual_seed(1)
     image = torch.randn(2, 4, 24, generator=g, dtype=torch.float64)
@@ -159,6 +168,42 @@ def test_decoder_masks_prefix_pads_and_is_causal():
     torch.testing.assert_close(changed[:, :5], out[:, :5])
     assert (changed[:, 5:] - out[:, 5:]).abs().max() > 1e-6
     assert torch.isfinite(dec.transformer.text_projection).all()  # open_clip leaves it torch.empty
+
+
+def test_shortlist_decoder_predicts_its_ids_and_one_other_class():
+    torch.manual_seed(0)
+    dims = {"vocab_size": 50, "image_width": 24, "context_length": 10, "width": 16, "layers": 1, "heads": 2}
+    dec = CaptionDecoder(**dims, pad_id=0, output_ids=[7, 3, 9, 3]).double()
+    assert dec.out_class.tolist()[:10] == [3, 3, 3, 0, 3, 3, 3, 1, 3, 2]  # ids 3, 7, 9 -> 0, 1, 2; the rest -> 3
+    g = torch.Generator().manual_seed(1)
+    image, inp = torch.randn(2, 4, 24, generator=g, dtype=torch.float64), torch.randint(1, 50, (2, 5), generator=g)
+    logits = dec(image, inp)
+    assert logits.shape == (2, 5, 4)
+    target = torch.tensor([[3, 9, 11, 0, 0], [7, 7, 0, 0, 0]])  # 11 is not in the shortlist: "other"
+    classes = torch.tensor([[0, 2, 3], [1, 1, 0]])
+    want = sum(
+        sum(-torch.log_softmax(logits[b, t], -1)[classes[b, t]] for t in range(n)) / n for b, n in ((0, 3), (1, 2))
+    )
+    torch.testing.assert_close(caption_loss(logits, target, 0, dec.out_class), want / 2)
+    with pytest.raises(ValueError, match="output_ids"):
+        CaptionDecoder(**dims, pad_id=0, output_ids=[3, 50])
+
+
+def test_module_shortlist_is_the_vocab_files_tokens(tmp_path):
+    (tmp_path / "a.txt").write_text("a red circle on the left\n")
+    (tmp_path / "b.txt").write_text("a blue square. " * 20)  # longer than the context: read in chunks
+    (tmp_path / "c.txt").write_text(" ".join(f"word{i}" for i in range(40)))
+    cfg = json.loads(json.dumps(CFG))
+    cfg["text_cfg"]["vocab_size"] = 49408  # open_clip's tokenizer
+    decoder = {**DECODER["caption_decoder"], "vocab": str(tmp_path / "*.txt")}
+    m = ClipModule(model=cfg, lr=1e-3, caption_decoder=decoder, text_views={"original": 1.0})
+    want = set(m.tokenizer(["a red circle on the left a blue square.", "word39"]).unique().tolist()) - {0}
+    shortlist = set((m.decoder.out_class < m.decoder.out_class.max()).nonzero().flatten().tolist())
+    assert want <= shortlist
+    assert 0 not in shortlist
+    assert m.decoder.transformer.text_projection.shape[-1] == len(shortlist) + 1
+    with pytest.raises(FileNotFoundError, match="caption_decoder.vocab"):
+        ClipModule(model=cfg, lr=1e-3, caption_decoder={**decoder, "vocab": str(tmp_path / "*.none")})
 
 
 # ------------------------------------------------------------------------------------------------- ClipModule wiring
@@ -191,18 +236,21 @@ def test_training_step_is_the_objective_on_one_image_pass(objective):
     torch.testing.assert_close(loss, want)
     loss.backward()
     assert m.model.visual.conv1.weight.grad.abs().max() > 0
+    assert m.decoder is None or all(p.grad is not None for p in m.decoder.parameters())  # DDP needs every one
     # the tower's token switch is back off: encode_image (evaluation, export) gives plain features
     assert m.encode_images(batch["image"]).shape == (6, 32)
 
 
 def test_decoder_gradient_reaches_the_image_tower():
-    m, batch = module(**VIEWS, **DECODER), double(make_batch())
+    m, batch = module(caption_decoder={**DECODER["caption_decoder"], "prefix": None}), double(make_batch())
     out = m._encode_with_tokens(batch["image"], batch["text"])
     target = batch["texts"]["recaption"]
     caption_loss(m.decoder(out["image_tokens"], target[:, :-1], None), target[:, 1:], 0).backward()
     for name in ("visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight"):
         assert m.model.get_parameter(name).grad.abs().max() > 0, name
     assert m.model.text_projection.grad is None  # the decoder alone does not touch the text tower
+    # without a prefix every decoder parameter gets a gradient (DDP stops on one that does not)
+    assert all(p.grad is not None for p in m.decoder.parameters())
 
 
 def test_decoder_parameters_are_optimized_but_not_exported_model():
@@ -219,8 +267,16 @@ def test_bad_objective_settings_are_named():
         ClipModule(model=CFG, lr=1e-3, loss="siglip")
     with pytest.raises(ValueError, match=r"caption_decoder: unknown keys \['depth'\], missing \['layers'\]"):
         ClipModule(model=CFG, lr=1e-3, caption_decoder={"target": "text", "width": 8, "heads": 2, "depth": 1})
+    with pytest.raises(ValueError, match="init_logit_bias is for loss: siglip; loss: clip has no logit bias"):
+        ClipModule(model=CFG, lr=1e-3, init_logit_bias=-10.0)
     with pytest.raises(ValueError, match="text_views is empty"):
         ClipModule(model=CFG, lr=1e-3, text_views={})
+    from datamodules.checks import ConfigError, RunContext
+
+    with pytest.raises(ConfigError, match="loss is not one of clip, siglip, got 'sigmoid'"):
+        ClipModule.validate_config({"model": CFG, "loss": "sigmoid"}, RunContext())
+    with pytest.raises(ConfigError, match="caption_decoder has keys other than"):
+        ClipModule.validate_config({"model": CFG, "caption_decoder": {"target": "text", "depth": 2}}, RunContext())
     m = module(text_views={"original": 1.0, "partial": 1.0})
     with pytest.raises(KeyError, match=r"view 'partial' is not in batch\['texts'\] \(\['original', 'recaption'\]\)"):
         m.training_step(double(make_batch()), 0)
@@ -240,6 +296,7 @@ def test_fit_logs_each_term_and_exports_a_plain_open_clip_model(tmp_path):
     trainer.fit(m, datamodule=HandMadeData())
     logged = set(trainer.callback_metrics)
     want = {"train/loss", "train/loss_contrastive", "train/loss_original", "train/loss_recaption", "train/loss_decoder"}
+    want.add("train/logit_bias")
     assert want <= logged, logged
     ckpt = tmp_path / "run.ckpt"
     trainer.save_checkpoint(ckpt)

@@ -44,7 +44,7 @@ from datamodules.tiny_world.text import (
     mentions_shade,
     short_captions,
 )
-from datamodules.tiny_world.writer import WEB_PARQUET_SCHEMA, compute_key
+from datamodules.tiny_world.writer import FORMAT_VERSION, WEB_PARQUET_SCHEMA, compute_key
 
 META_FIELDS = [
     "org_caption",
@@ -572,7 +572,7 @@ def test_long_retrieval_and_t2i(world):
 
 def test_world_json_and_split_separation(world):
     meta = json.loads((world / "world.json").read_text())
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == FORMAT_VERSION
     assert meta["seed"] == 0
     assert meta["config"]["alt"]["junk"] == pytest.approx(0.2)
     assert meta["vocab"]["shapes"] == list(SHAPES)
@@ -588,5 +588,5 @@ def test_world_json_and_split_separation(world):
     }
     evals = {hashlib.sha256(p.read_bytes()).digest() for p in (world / "eval").rglob("*.jpg")}
     assert len(web) == 200
-    assert len(evals) == 96 + 48 + 32 + 32
+    assert len(evals) == 96 + 48 + 32 + 32 + 24  # classify, retrieval, long_retrieval, t2i, vg_attribution
     assert web.isdisjoint(evals)

@@ -55,8 +55,9 @@ from .text import (
     vocab,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the DOCCI-layout copy of the long pairs and the VG-Attribution split
 SPLITS = ("web", "caption_pretrain", "instruct", "classify", "retrieval", "long_retrieval", "t2i_prompts")
+SPLITS += ("vg_attribution",)  # added last: split ids are seeds, so the earlier splits' items stay as they were
 SPLIT_IDS: dict[str, int] = {split: i for i, split in enumerate(SPLITS)}
 # Two independent random streams per item: the image stream draws the scene, then (web only) the download failure,
 # then the pixel noise; the text stream draws every text. Changing a text knob never changes an image.
@@ -72,6 +73,8 @@ CLASSIFY_TEMPLATES: tuple[str, ...] = (
     "a {c}.",
 )
 DOWNLOAD_ERRORS = ("HTTP Error 404: Not Found", "HTTP Error 403: Forbidden", "<urlopen error timed out>")
+VG_ATTRIBUTION_JSON = "eval/vg_attribution/visual_genome_attribution.json"  # ARO's file name
+VG_BOX_MARGIN = 2  # px of context around the two objects in a VG-Attribution box
 _OUTPUTS = ("world.json", "web", "truth", "caption_pretrain", "instruct", "eval")
 
 
@@ -94,6 +97,7 @@ class WorldConfig:
     n_retrieval: int = 2_000  # Short-caption (COCO/Flickr-style, Karpathy json) retrieval eval images.
     n_long_retrieval: int = 2_000  # Long-caption (Urban1K-style) retrieval eval images.
     n_t2i: int = 2_000  # Text-to-image eval prompts with reference images (Recap-COCO-30K-style).
+    n_vg_attribution: int = 2_000  # Attribute-swap (ARO VG-Attribution layout) eval items, one two-object image each.
     n_short_captions: int = 5  # Human captions per retrieval image.
     # Instruct conversation kinds: detailed description, brief caption, Q/A (1..max turns), text-only.
     instruct_mix: tuple[float, float, float, float] = (0.35, 0.10, 0.45, 0.10)
@@ -129,7 +133,7 @@ class WorldConfig:
     def tiny(cls, **overrides: Any) -> WorldConfig:
         """A world small enough for unit tests (about 1-2 s on 2 CPU cores)."""
         sizes = dict(n_web=200, shard_size=50, n_caption_pretrain=48, n_instruct=64, n_classify=96, n_retrieval=48)
-        return cls(**sizes | dict(n_long_retrieval=32, n_t2i=32, chunk_size=64) | overrides)
+        return cls(**sizes | dict(n_long_retrieval=32, n_t2i=32, n_vg_attribution=24, chunk_size=64) | overrides)
 
     @classmethod
     def from_world_json(cls, path: str | os.PathLike) -> WorldConfig:
@@ -141,6 +145,7 @@ class WorldConfig:
 
     def counts(self) -> dict[str, int]:
         fields = ("n_web", "n_caption_pretrain", "n_instruct", "n_classify", "n_retrieval", "n_long_retrieval", "n_t2i")
+        fields += ("n_vg_attribution",)
         return {split: getattr(self, name) for split, name in zip(SPLITS, fields, strict=True)}
 
     @property
@@ -320,8 +325,12 @@ def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> d
         pin = {}
         if split == "classify":
             pin = {"main_colour": COLOURS[label // len(SHAPES)], "main_shape": SHAPES[label % len(SHAPES)]}
+        elif split == "vg_attribution":
+            pin = {"n_objects": 2}
         image_rng = item_rng(cfg.seed, SPLIT_IDS[split], i, STREAM_IMAGE)
         scene = sample_scene(image_rng, cfg.scene, **pin)
+        while split == "vg_attribution" and not _swappable(scene):
+            scene = sample_scene(image_rng, cfg.scene, **pin)
         jpg = _jpeg(render_scene(scene, image_rng, cfg.scene), cfg.jpeg_quality)
         if split in ("caption_pretrain", "instruct"):
             image = f"{split}/images/{sid}.jpg"
@@ -342,6 +351,9 @@ def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> d
             image = f"eval/long_retrieval/image/{i + 1}.jpg"
             (out / "eval/long_retrieval/caption" / f"{i + 1}.txt").write_text(long_caption(scene, rng))
             rec = {"_id": f"{i + 1}"}
+        elif split == "vg_attribution":
+            image = f"eval/vg_attribution/images/{sid}.jpg"
+            rec = {"image_path": f"{sid}.jpg", **_attribute_swap(scene, rng, cfg.scene.image_size), "_id": sid}
         else:
             image = f"eval/t2i_prompts/images/{i}.jpg"
             caption, recaption = short_caption(scene, rng), detailed_description(scene, rng)
@@ -350,6 +362,26 @@ def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> d
         (out / image).write_bytes(jpg)
         recs.append(rec | {"_index": i, "_truth": _truth_row(scene)})  # scenes travel back as plain (cheap) dicts
     return {"recs": recs}
+
+
+def _swappable(scene: Scene) -> bool:
+    """Two objects whose colours and shapes both differ: swapping the colours then gives a false caption."""
+    a, b = scene.objects
+    return a.colour != b.colour and a.shape != b.shape
+
+
+def _attribute_swap(scene: Scene, rng: np.random.Generator, size: int) -> dict[str, Any]:
+    """An ARO VG-Attribution item: a square box around both objects (a CLIP centre crop of it keeps them whole),
+    "the red circle and the blue square" and its colour swap, objects in random order."""
+    first, second = (scene.objects[int(k)] for k in rng.permutation(2))
+    lo = [min(o.cx - o.diameter / 2 for o in scene.objects), min(o.cy - o.diameter / 2 for o in scene.objects)]
+    hi = [max(o.cx + o.diameter / 2 for o in scene.objects), max(o.cy + o.diameter / 2 for o in scene.objects)]
+    side = min(size, math.ceil(max(h - low for low, h in zip(lo, hi, strict=True))) + 2 * VG_BOX_MARGIN)
+    x, y = (min(max(0, round((low + h - side) / 2)), size - side) for low, h in zip(lo, hi, strict=True))
+    true = f"the {first.colour} {first.shape} and the {second.colour} {second.shape}"
+    false = f"the {second.colour} {first.shape} and the {first.colour} {second.shape}"
+    box = {"bbox_x": x, "bbox_y": y, "bbox_w": side, "bbox_h": side}
+    return box | {"true_caption": true, "false_caption": false, "attributes": [first.colour, second.colour]}
 
 
 def _run_task(args: tuple) -> tuple[str, int, dict]:
@@ -381,6 +413,7 @@ def _prepare(out: Path, overwrite: bool, n_classify: int) -> None:
             elif p.exists():
                 p.unlink()
     subdirs = "web truth caption_pretrain/images instruct/images eval/retrieval/images eval/long_retrieval/image "
+    subdirs += "eval/vg_attribution/images "
     for sub in (subdirs + "eval/long_retrieval/caption eval/t2i_prompts/images eval/classify/images").split():
         (out / sub).mkdir(parents=True, exist_ok=True)
     for label in range(min(n_classify, len(CLASSNAMES))):
@@ -393,6 +426,26 @@ def _json_dump(path: Path, obj: Any, indent: int | None = None) -> None:
 
 def _truth_table(rows: list[dict], id_col: str) -> pa.Table:
     return pa.Table.from_pylist(rows) if rows else pa.table({id_col: pa.array([], pa.string())})
+
+
+def _long_retrieval_as_docci(out: Path, n: int) -> None:
+    """The long-retrieval pairs again in DOCCI's released layout (``docci_descriptions.jsonlines`` with
+    ``example_id``/``split``/``image_file``/``description``, images in ``images/``), so the evaluation suite runs a
+    second long-caption reader on the same pairs. Images are hard links where the file system allows."""
+    root = out / "eval/docci"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        example_id = f"test_{i:05d}"
+        src, dst = out / f"eval/long_retrieval/image/{i + 1}.jpg", root / f"images/{example_id}.jpg"
+        try:
+            os.link(src, dst)
+        except OSError:  # no hard links here (another device, FAT, ...): a copy reads the same
+            shutil.copyfile(src, dst)
+        text = (out / f"eval/long_retrieval/caption/{i + 1}.txt").read_text(encoding="utf-8")
+        row = {"example_id": example_id, "split": "test", "image_file": dst.name, "description": text}
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    (root / "docci_descriptions.jsonlines").write_text("".join(lines), encoding="utf-8")
 
 
 def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *, overwrite: bool = False) -> dict:
@@ -453,8 +506,13 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
         images.append(entry)
     _json_dump(out / "eval" / "retrieval" / "dataset.json", {"dataset": "tinyworld", "images": images})
 
+    vga = [{k: v for k, v in r.items() if not k.startswith("_")} for r in by_split["vg_attribution"]]
+    _json_dump(out / VG_ATTRIBUTION_JSON, vga, indent=1)
+
     t2i = [r | r["_truth"] for r in by_split["t2i_prompts"]]
     pq.write_table(pa.Table.from_pylist(t2i, schema=T2I_SCHEMA), out / "eval" / "t2i_prompts" / "prompts.parquet")
+    if cfg.n_long_retrieval:
+        _long_retrieval_as_docci(out, cfg.n_long_retrieval)
 
     seconds = time.perf_counter() - t0
     web_ok = sum(1 for r in web_truth if r["status"] == "success")

@@ -14,6 +14,12 @@ on the shards' images, else the parquet's scores) and the judge's ratings (``--j
 ``DEFINITIONS``. The paper's "captures 82.86% tokens of the word collections from both" (§4) is the recaptions' share
 of the word tokens: its own mean lengths give 49.43 / (49.43 + 10.22) = 82.87%.
 
+The v2 columns of the later upload (``formats.RECAP_V2_COLUMNS``): ``re_caption_condition_diverse_topk`` is a
+further caption side (``recaption_v2``; from ``--recap`` files that have it, from shards as a further ``--sources``
+entry), measured as the recaption is and compared with the original; ``re_condition_length`` is reported as a
+distribution (from the files, or from ``--sidecar-dir``). Files with and without them mix: rows without count as
+missing.
+
 Memory: bounded by the input's batch, not its length: fixed-size length histograms, running sums and a vocabulary of
 at most ``--max-vocab`` words (~150 bytes each); past the cap new words count as ``oov_tokens`` and the coverage is
 flagged as computed on a truncated vocabulary.
@@ -22,6 +28,7 @@ flagged as computed on a truncated vocabulary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -38,12 +45,16 @@ import numpy as np
 import pandas as pd
 
 # The loader internals this job reuses, all imported here (datamodules/ is being reshaped: fix their names here).
+from datamodules.formats import RECAP_V2_COLUMNS
 from datamodules.shards import expand_urls
-from datamodules.sidecar import _expand_recap
+from datamodules.sidecar import UnreadableSidecarError, _expand_recap, read_sidecar, sidecar_path
 from datamodules.wds_stages import CountingHandler, ExtractCaptions, ReadShards, ShardSchedule, SkipStats, SourceSpec
 
 SIDES = ("original", "recaption")
 DEFAULT_SOURCES = ("original=txt", "recaption=sidecar:re_caption")
+# The parquet columns of each caption side; the v2 one is read where a file has it (files of a run may mix).
+PARQUET_SIDES = {"original": "org_caption", "recaption": "re_caption", "recaption_v2": RECAP_V2_COLUMNS[0]}
+CONDITION_LENGTH = RECAP_V2_COLUMNS[1]
 SHARE_SCALE = 100.0  # CLIP's logit scale (OpenAI CLIP's learned value saturates at 100)
 
 # PAPER.md §4 (VERBATIM numbers; what they measure is partly INFERRED there).
@@ -115,45 +126,51 @@ class LengthHistogram:
 
 @dataclass
 class Vocabulary:
-    """word -> [count in original, count in recaption], at most ``max_size`` words (see the module doc)."""
+    """word -> [count per side] (original, recaption, then any further caption columns), at most ``max_size`` words
+    (see the module doc)."""
 
     max_size: int
+    sides: Sequence[str] = SIDES
     counts: dict[str, list[int]] = field(default_factory=dict)
     oov_tokens: int = 0
-    tokens: list[int] = field(default_factory=lambda: [0, 0])  # word tokens per side (past the cap too)
+    tokens: list[int] = field(init=False)  # word tokens per side (past the cap too)
+
+    def __post_init__(self) -> None:
+        self.tokens = [0] * len(self.sides)
 
     def add(self, side: int, tokens: Sequence[str]) -> None:
         self.tokens[side] += len(tokens)
         for w in tokens:
             c = self.counts.get(w)
             if c is None and len(self.counts) < self.max_size:
-                c = self.counts[w] = [0, 0]
+                c = self.counts[w] = [0] * len(self.sides)
             if c is None:
                 self.oov_tokens += 1
             else:
                 c[side] += 1
 
     def summary(self, top: int = 20) -> dict[str, Any]:
-        v_orig = sum(1 for c in self.counts.values() if c[0])
-        v_recap = sum(1 for c in self.counts.values() if c[1])
-        union = len(self.counts)
+        """Each side against one partner: the original against the recaption, every other side against the original
+        (``recaption_v2`` replaces ``re_caption`` in the same statistic, never changing the paper's pair)."""
+        sizes = [sum(1 for c in self.counts.values() if c[i]) for i in range(len(self.sides))]
+        coverage, share = {}, {}
+        for i, side in enumerate(self.sides):
+            j = 1 if i == 0 else 0
+            union = sum(1 for c in self.counts.values() if c[i] or c[j])
+            coverage[side] = 100.0 * sizes[i] / union if union else None
+            pair = self.tokens[i] + self.tokens[j]
+            share[side] = 100.0 * self.tokens[i] / pair if pair else None
+        union = sum(1 for c in self.counts.values() if c[0] or c[1])
         both = sum(1 for c in self.counts.values() if c[0] and c[1])
         out: dict[str, Any] = {
-            "size": {"original": v_orig, "recaption": v_recap, "union": union, "both": both},
-            "coverage_pct": {
-                "recaption": 100.0 * v_recap / union if union else None,  # the paper's 82.86% (INFERRED definition)
-                "original": 100.0 * v_orig / union if union else None,
-            },
+            "size": dict(zip(self.sides, sizes, strict=True)) | {"union": union, "both": both},
+            "coverage_pct": coverage,  # the recaption's: an earlier INFERRED reading of the paper's 82.86%
             "truncated": self.oov_tokens > 0,
             "oov_tokens": self.oov_tokens,
-            "tokens": {"original": self.tokens[0], "recaption": self.tokens[1]},
-            # the paper's 82.86%: 49.43 / (49.43 + 10.22) of its mean lengths (§4)
-            "token_share_pct": {
-                side: 100.0 * self.tokens[i] / sum(self.tokens) if sum(self.tokens) else None
-                for i, side in enumerate(SIDES)
-            },
+            "tokens": dict(zip(self.sides, self.tokens, strict=True)),
+            "token_share_pct": share,  # the recaption's: the paper's 82.86% = 49.43 / (49.43 + 10.22) (§4)
         }
-        for i, side in enumerate(SIDES):
+        for i, side in enumerate(self.sides):
             best = sorted(((c[i], w) for w, c in self.counts.items() if c[i]), key=lambda t: (-t[0], t[1]))[:top]
             out.setdefault("top_words", {})[side] = [[w, n] for n, w in best]
         return out
@@ -208,29 +225,46 @@ class ShareStats:
 
 @dataclass
 class CaptionStats:
-    """Everything one input contributes: lengths (words, tokens), vocabulary, CLIP share, judge ratings."""
+    """Everything one input contributes: lengths (words, tokens), vocabulary, CLIP share, judge ratings; per caption
+    side (original, recaption, then any further ones such as ``recaption_v2``), and the distribution of the v2
+    ``re_condition_length`` where the input has it."""
 
     max_length: int = 512
     max_vocab: int = 2_000_000
     tokenizer: Any = None
+    sides: Sequence[str] = SIDES
     words: dict[str, LengthHistogram] = field(init=False)
     tokens: dict[str, LengthHistogram] | None = field(init=False)
     vocab: Vocabulary = field(init=False)
     share: ShareStats = field(default_factory=ShareStats)
-    missing: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SIDES})
+    missing: dict[str, int] = field(init=False)
+    condition_length: LengthHistogram = field(init=False)
+    condition_missing: int = 0
     n_rows: int = 0
     judge: dict[str, list] = field(default_factory=lambda: {s: [] for s in SIDES})
     judge_examples: dict[str, list] = field(default_factory=lambda: {s: [] for s in SIDES})  # the first 3 answers
     share_source: str | None = None
 
     def __post_init__(self) -> None:
-        self.words = {s: LengthHistogram(self.max_length) for s in SIDES}
-        self.tokens = {s: LengthHistogram(self.max_length) for s in SIDES} if self.tokenizer is not None else None
-        self.vocab = Vocabulary(self.max_vocab)
+        if tuple(self.sides[:2]) != SIDES or len(set(self.sides)) != len(self.sides):
+            raise ValueError(f"caption sides must be {list(SIDES)} then further distinct names, got {self.sides}")
+        self.words = {s: LengthHistogram(self.max_length) for s in self.sides}
+        with_tokens = self.tokenizer is not None
+        self.tokens = {s: LengthHistogram(self.max_length) for s in self.sides} if with_tokens else None
+        self.vocab = Vocabulary(self.max_vocab, self.sides)
+        self.missing = dict.fromkeys(self.sides, 0)
+        self.condition_length = LengthHistogram(self.max_length)
+
+    def add_condition_length(self, value: Any) -> None:
+        """One row's ``re_condition_length``: a length (int >= 0) or missing (null, a file without it, not an int)."""
+        if isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 0:
+            self.condition_length.add(int(value))
+        else:
+            self.condition_missing += 1
 
     def add_captions(self, captions: dict[str, str | None]) -> None:
         self.n_rows += 1
-        for i, side in enumerate(SIDES):
+        for i, side in enumerate(self.sides):
             text = captions.get(side)
             text = text.strip() if isinstance(text, str) else None
             if not text:
@@ -252,6 +286,11 @@ class CaptionStats:
         }
         if self.tokens is not None:
             out["length_tokens"] = {s: h.summary() for s, h in self.tokens.items()}
+        h = self.condition_length
+        if h.n:  # reported where the input has the column at all; rows without it count as missing
+            values = {str(v): int(n) for v, n in enumerate(h.counts[:-1]) if n}
+            values |= {f">{h.max_length}": int(h.counts[-1])} if h.counts[-1] else {}
+            out["condition_length"] = h.summary() | {"missing": self.condition_missing, "distribution": values}
         if any(self.judge.values()):
             out["judge"] = {s: {**_judge_summary(r), "examples": self.judge_examples[s]} for s, r in self.judge.items()}
         return out
@@ -264,8 +303,17 @@ def _judge_summary(ratings: list[int | None]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------- inputs
+def parquet_sides(paths: Sequence[str]) -> tuple[str, ...]:
+    """The caption sides of Recap-DataComp-1B-schema files: ``recaption_v2`` too where any file has the v2 column."""
+    import pyarrow.parquet as pq
+
+    v2 = any(PARQUET_SIDES["recaption_v2"] in pq.read_schema(p).names for p in _expand_recap(list(paths)))
+    return (*SIDES, "recaption_v2") if v2 else SIDES
+
+
 def iter_parquet(paths: Sequence[str], batch_rows: int = 8192) -> Iterator[dict[str, list]]:
-    """Record batches (as column lists) of Recap-DataComp-1B-schema parquet files, one batch in memory at a time."""
+    """Record batches (as column lists) of Recap-DataComp-1B-schema parquet files, one batch in memory at a time;
+    the v2 columns only from the files that have them."""
     import pyarrow.parquet as pq
 
     for path in _expand_recap(list(paths)):
@@ -274,8 +322,8 @@ def iter_parquet(paths: Sequence[str], batch_rows: int = 8192) -> Iterator[dict[
         missing = {"org_caption", "re_caption"} - names
         if missing:
             raise ValueError(f"{path}: no column(s) {sorted(missing)} (Recap-DataComp-1B schema expected)")
-        cols = [c for c in ("org_caption", "re_caption", "org_clip_score", "re_clip_score") if c in names]
-        for batch in f.iter_batches(batch_size=batch_rows, columns=cols):
+        wanted = ("org_caption", "re_caption", "org_clip_score", "re_clip_score", *RECAP_V2_COLUMNS)
+        for batch in f.iter_batches(batch_size=batch_rows, columns=[c for c in wanted if c in names]):
             yield batch.to_pydict()
 
 
@@ -283,11 +331,15 @@ def add_parquet_batch(stats: CaptionStats, batch: dict[str, list], limit: int | 
     """Add one record batch; returns False once ``limit`` rows have been read."""
     org, rec = batch["org_caption"], batch["re_caption"]
     so, sr = batch.get("org_clip_score"), batch.get("re_clip_score")
+    n = len(org)
+    columns = {side: batch.get(PARQUET_SIDES[side], [None] * n) for side in stats.sides}
+    condition = batch.get(CONDITION_LENGTH, [None] * n)
     pairs_o, pairs_r = [], []
-    for i in range(len(org)):
+    for i in range(n):
         if limit is not None and stats.n_rows >= limit:
             break
-        stats.add_captions({"original": org[i], "recaption": rec[i]})
+        stats.add_captions({side: values[i] for side, values in columns.items()})
+        stats.add_condition_length(condition[i])
         if so is not None and sr is not None and so[i] is not None and sr[i] is not None and org[i] and rec[i]:
             pairs_o.append(so[i])
             pairs_r.append(sr[i])
@@ -297,8 +349,8 @@ def add_parquet_batch(stats: CaptionStats, batch: dict[str, list], limit: int | 
     return limit is None or stats.n_rows < limit
 
 
-def iter_shard_samples(shards: str | Sequence[str], sources: Sequence[str], sidecar_dir: str | None) -> Iterator[dict]:
-    """``{key, url, image_bytes, captions: {name: str | None}}`` in file order, through the loader's own stages."""
+def parse_sources(sources: Sequence[str]) -> list[SourceSpec]:
+    """``NAME=SPEC`` items: ``original`` and ``recaption``, then any further caption sources in the order given."""
     specs = []
     for item in sources:
         name, sep, spec = item.partition("=")
@@ -306,8 +358,30 @@ def iter_shard_samples(shards: str | Sequence[str], sources: Sequence[str], side
             raise ValueError(f"--sources wants NAME=SPEC (e.g. recaption=sidecar:re_caption), got {item!r}")
         specs.append(SourceSpec.parse(name, spec))
     names = [s.name for s in specs]
-    if sorted(names) != sorted(SIDES):
-        raise ValueError(f"--sources must name exactly {list(SIDES)}, got {names}")
+    if sorted(n for n in names if n in SIDES) != sorted(SIDES) or len(set(names)) != len(names):
+        raise ValueError(f"--sources must name exactly {list(SIDES)} once each (others beside them), got {names}")
+    return sorted(specs, key=lambda s: SIDES.index(s.name) if s.name in SIDES else len(SIDES))
+
+
+class ConditionLengths:
+    """A sample's ``re_condition_length`` from its shard's sidecar (None where the sidecar or the value is missing),
+    one sidecar in memory at a time."""
+
+    def __init__(self, sidecar_dir: str) -> None:
+        self.sidecar_dir, self.url, self.values = sidecar_dir, None, {}
+
+    def __call__(self, url: str, key: str) -> Any:
+        if url != self.url:
+            self.url, self.values = url, {}
+            with contextlib.suppress(FileNotFoundError, UnreadableSidecarError):  # the loader counts these
+                t = read_sidecar(sidecar_path(self.sidecar_dir, url), [CONDITION_LENGTH])
+                self.values = dict(zip(t["key"].to_pylist(), t[CONDITION_LENGTH].to_pylist(), strict=True))
+        return self.values.get(key)
+
+
+def iter_shard_samples(shards: str | Sequence[str], sources: Sequence[str], sidecar_dir: str | None) -> Iterator[dict]:
+    """``{key, url, image_bytes, captions: {name: str | None}}`` in file order, through the loader's own stages."""
+    specs = parse_sources(sources)
     stats = SkipStats(max_consecutive_drops=None)
     once = {"seed": 0, "epoch": 0, "rank": 0, "world_size": 1, "worker": 0, "num_workers": 1, "mode": "once"}
     schedule = ShardSchedule(expand_urls(shards), **once, shuffle=False)
@@ -418,6 +492,7 @@ def analyze_shards(stats: CaptionStats, args: argparse.Namespace, scorer: Any = 
 
     pending: list[tuple[Any, str, str]] = []
     judged = 0
+    condition_lengths = ConditionLengths(args.sidecar_dir) if args.sidecar_dir else None
 
     def flush() -> None:
         if pending and scorer is not None:
@@ -429,6 +504,8 @@ def analyze_shards(stats: CaptionStats, args: argparse.Namespace, scorer: Any = 
             break
         caps = sample["captions"]
         stats.add_captions(caps)
+        if condition_lengths is not None:
+            stats.add_condition_length(condition_lengths(sample["url"], sample["key"]))
         both = bool(caps.get("original")) and bool(caps.get("recaption"))
         if not both or (scorer is None and (judge is None or judged >= args.judge_limit)):
             continue
@@ -470,8 +547,8 @@ def plot_lengths(results: dict[str, CaptionStats], path: Path) -> Path:
         hists = stats.words
         top = max((int(np.nonzero(h.counts)[0].max()) for h in hists.values() if h.n), default=1)
         edges = np.arange(0, top + 2) - 0.5
-        for side, colour in zip(SIDES, ("tab:blue", "tab:orange"), strict=True):
-            h = hists[side]
+        for i, (side, h) in enumerate(hists.items()):
+            colour = f"C{i}"  # matplotlib's cycle: tab:blue, tab:orange, tab:green, ...
             if not h.n:
                 continue
             share = h.counts[: top + 1] / h.n
@@ -500,25 +577,27 @@ def _f(v: Any, digits: int = 2) -> str:
 def summary_markdown(summary: dict[str, Any], command: str) -> str:
     paper = summary["paper"]
     pm, pj, ps = paper["mean_words"], paper["gpt4v_rating"], paper["clip_share_pct"]
-    head = ["", "original", "recaption", "paper (original / recaption)"]
     lines = ["# Caption analysis: original vs recaption (paper §4, Fig. 3)", "", "```bash", command, "```", ""]
     lines += ["![caption length histogram](lengths.png)", ""]
     for name, s in summary["inputs"].items():
         v, c = s["vocabulary"], s["clip_share"]
+        sides = list(s["length_words"])  # original, recaption, then any further caption columns
 
-        def row(label: str, values: dict[str, Any], ref: str = "-", digits: int = 2) -> list[str]:
-            return [label, *(_f(values[side], digits) for side in SIDES), ref]
+        def row(label: str, values: dict[str, Any], ref: str = "-", digits: int = 2, sides=sides) -> list[str]:
+            return [label, *(_f(values.get(side), digits) for side in sides), ref]
 
         rows = []
         for unit, lengths in (("words", s["length_words"]), ("tokens", s.get("length_tokens"))):
             if lengths is not None:
                 ref = f"{pm['original']} / {pm['recaption']} (unit not stated)" if unit == "words" else "-"
-                rows.append(row(f"mean length ({unit})", {x: lengths[x]["mean"] for x in SIDES}, ref))
-                rows.append(row(f"median length ({unit})", {x: lengths[x]["median"] for x in SIDES}, digits=1))
+                rows.append(row(f"mean length ({unit})", {x: lengths[x]["mean"] for x in sides}, ref))
+                rows.append(row(f"median length ({unit})", {x: lengths[x]["median"] for x in sides}, digits=1))
                 if unit == "words":
-                    rows.append(row("max length (words)", {x: lengths[x]["max"] for x in SIDES}))
+                    rows.append(row("max length (words)", {x: lengths[x]["max"] for x in sides}))
         share_ref = f"- / {paper['vocab_coverage_recaption_pct']} (= 49.43 / (49.43 + 10.22))"
-        label = f"share of the word tokens of both sets, % ({_f(sum(v['tokens'].values()))} words)"
+        label = (
+            f"share of the word tokens of both sets, % ({_f(v['tokens']['original'] + v['tokens']['recaption'])} words)"
+        )
         rows.append(row(label, v["token_share_pct"], share_ref))
         rows.append(row("vocabulary (distinct words)", v["size"]))
         label = f"vocabulary coverage, % of the union ({_f(v['size']['union'])} words)"
@@ -527,17 +606,27 @@ def summary_markdown(summary: dict[str, Any], command: str) -> str:
         if c is not None:
             ref = "; ".join(f"{k}: {x['original']} / {x['recaption']}" for k, x in ps.items())
             rows.append(row("CLIP-score share, % (INFERRED: softmax per image)", c["share_pct"], ref))
-            rows.append(["recaption scores higher, % of images", "-", _f(c["recaption_wins_pct"]), "-"])
+            rows.append(row("recaption scores higher, % of images", {"recaption": c["recaption_wins_pct"]}))
             if "mean_clip_score" in c:
                 rows.append(row("mean CLIP score (100 · cos)", c["mean_clip_score"]))
         else:
-            rows.append(["CLIP-score share", "no scores (give --clip FOLDER with shards, or a parquet with scores)"])
+            why = "no scores (give --clip FOLDER with shards, or a parquet with scores)"
+            rows.append(["CLIP-score share", why, *[""] * len(sides)])
         if "judge" in s:
             cell = {k: f"{_f(x['mean'])} ({x['n_rated']}/{x['n']} parseable)" for k, x in s["judge"].items()}
             label = f"judge rating 1-5 ({summary.get('judge', '-')})"
-            rows.append([label, cell["original"], cell["recaption"], f"GPT-4V: {pj['original']} / {pj['recaption']}"])
+            rows.append([label, *(cell.get(x, "-") for x in sides), f"GPT-4V: {pj['original']} / {pj['recaption']}"])
+        head = ["", *sides, "paper (original / recaption)"]
         table = pd.DataFrame(rows, columns=head).to_markdown(index=False, disable_numparse=True, missingval="")
         lines += [f"## {name}: {s['n_rows']:,} rows", "", table, ""]
+        if len(sides) > 2:
+            lines += [f"Beside the recaption, {', '.join(sides[2:])} is compared with the original the same way.", ""]
+        if "condition_length" in s:
+            h, dist = s["condition_length"], s["condition_length"]["distribution"]
+            lines.append(f"{CONDITION_LENGTH} (v2): {_f(h['n'])} rows, mean {_f(h['mean'])}, median {_f(h['median'])},")
+            lines[-1] += f" max {_f(h['max'])}, missing {_f(h['missing'])}; counts: "
+            lines[-1] += ", ".join(f"{k}: {n:,}" for k, n in list(dist.items())[:24]) + "."
+            lines.append("")
         if c is not None:
             lines += [f"CLIP share source: {s['clip_share_source']}; {c['n_pairs']:,} image pairs.", ""]
         if v["truncated"]:
@@ -545,8 +634,11 @@ def summary_markdown(summary: dict[str, Any], command: str) -> str:
             lines.append(f"Vocabulary capped at {cap:,} words: {oov:,} word occurrences past the cap were not added; ")
             lines[-1] += "coverage is on the truncated vocabulary."
             lines.append("")
-        for side, prefix in zip(SIDES, ("Most frequent words: original — ", "recaption — "), strict=True):
-            lines += [prefix + ", ".join(f"{w} ({n:,})" for w, n in v["top_words"][side][:12]), ""]
+        for side in sides:
+            lines += [
+                f"Most frequent words, {side}: " + ", ".join(f"{w} ({n:,})" for w, n in v["top_words"][side][:12])
+            ]
+            lines.append("")
     lines += ["Definitions: " + "; ".join(f"{k}: {v}" for k, v in summary["definitions"].items()) + ".", ""]
     lines.append(f"Memory bound: {summary['memory_bound']}")
     return "\n".join(lines).rstrip() + "\n"
@@ -556,9 +648,12 @@ DEFINITIONS = {
     "length": "whitespace words (len(text.split()), the unit of the schema's re_length / org_length); tokens with the "
     "given tokenizer, no special tokens",
     "words": "lower-cased [a-z0-9]+ word tokens; share = n_side / (n_original + n_recaption), the paper's 82.86% "
-    "(§4: 49.43 / (49.43 + 10.22) of its own mean lengths)",
+    "(§4: 49.43 / (49.43 + 10.22) of its own mean lengths); a further caption column (recaption_v2) takes the "
+    "recaption's place: n_v2 / (n_original + n_v2)",
     "vocabulary": "distinct words; coverage = |V_side| / |V_original ∪ V_recaption| (an earlier INFERRED reading of "
-    "the 82.86%, kept as a statistic)",
+    "the 82.86%, kept as a statistic); for a further column |V_v2| / |V_original ∪ V_v2|",
+    "condition length": f"{CONDITION_LENGTH}, the v2 length the recaption was conditioned on, as released; rows of "
+    "files (or sidecars) without it count as missing",
     "clip share": "per image softmax(scale · [cos(img, original), cos(img, recaption)]), averaged, scale 100 "
     "(PAPER.md §4, INFERRED from the paper's pairs summing to 100); parquet scores are read as 100 · cos",
     "judge": "the paper's GPT-4V rating prompt (generation.JUDGE_PROMPT), 1-5, unparseable answers counted not scored",
@@ -568,7 +663,8 @@ DEFINITIONS = {
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m experiments analyze", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", default=None, help="image shards (paths, braces, globs, dirs)")
-    why = "NAME=SPEC for 'original' and 'recaption' (the DataModule's source specs)"
+    why = "NAME=SPEC for 'original' and 'recaption' (the DataModule's source specs); further names are analyzed beside"
+    why += " them, e.g. recaption_v2=sidecar:re_caption_condition_diverse_topk"
     parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), help=why)
     parser.add_argument("--sidecar-dir", default=None, help="per-shard sidecars for sidecar:COLUMN sources")
     parser.add_argument("--recap", nargs="+", default=None, help="Recap-DataComp-1B-schema parquet files / globs")
@@ -596,14 +692,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     results: dict[str, CaptionStats] = {}
     if args.recap:
-        stats = results["parquet"] = CaptionStats(args.max_length, args.max_vocab, tokenizer)
+        sides = parquet_sides(args.recap)
+        stats = results["parquet"] = CaptionStats(args.max_length, args.max_vocab, tokenizer, sides)
         for batch in iter_parquet(args.recap):
             if not add_parquet_batch(stats, batch, args.limit):
                 break
     if args.shards:
         scorer = load_scorer(args.clip) if args.clip else None
         judge = make_judge(args.judge) if args.judge else None
-        stats = results["shards"] = CaptionStats(args.max_length, args.max_vocab, tokenizer)
+        sides = tuple(spec.name for spec in parse_sources(args.sources))
+        stats = results["shards"] = CaptionStats(args.max_length, args.max_vocab, tokenizer, sides)
         analyze_shards(stats, args, scorer, judge)
 
     out = Path(args.out)

@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from datamodules.formats import RECAP_SCHEMA
+from datamodules.formats import RECAP_SCHEMA, RECAP_V2_COLUMNS, RECAP_V2_SCHEMA
 from datamodules.io import atomic_write
 from datamodules.shards import expand_urls
 from datamodules.sidecar import TAR_SUFFIX, _expand_recap, shard_location, sidecar_stem, strip_query
@@ -69,7 +69,7 @@ def build_sidecars(
     out_dir: str | Path,
     *,
     join_on: Literal["key", "sha256", "url"] = "key",
-    columns: list[str] | tuple[str, ...] = ("re_caption",),
+    columns: list[str] | tuple[str, ...] | None = None,
     num_buckets: int | None = None,
     work_dir: str | Path | None = None,
     batch_rows: int = 65536,
@@ -83,6 +83,8 @@ def build_sidecars(
     and this call's (``shards_written``, ``shards_skipped``, ``elapsed_s``, ``resumed``, ``noop``).
 
     ``recap``: parquet files, directories or globs (local or fsspec URLs); ``shards``: as the DataModule takes them;
+    ``columns``: default ``re_caption`` and the v2 columns (``formats.RECAP_V2_COLUMNS``) any recap file has; a v2
+    column is null where its file lacks it (files of one run may mix), every sidecar of a build has the same schema;
     ``out_dir``: local, not the shards' directory; ``work_dir``: default ``OUT/_work``, of which only this job's
     entries are ever deleted; ``overwrite``: rebuild instead of resuming or refusing a previous build;
     ``memory_limit``, ``threads``: DuckDB's; its sort needs ~256 MB a thread, else it fails out of memory (20 M rows:
@@ -91,17 +93,21 @@ def build_sidecars(
     """
     t_start = time.time()
     say = partial(print, "[sidecars]", file=sys.stderr) if progress else lambda *_: None
-    columns = list(columns)
     if num_buckets is not None or batch_rows != 65536:  # kept so old commands still run; say that they do nothing
         log.warning("sidecars: num_buckets / batch_rows are ignored (the hand-written join's; DuckDB sizes its own)")
     if join_on not in JOIN_COLUMNS:
         raise ValueError(f"join_on must be one of {JOIN_COLUMNS}, got {join_on!r}")
+    recap_files = _expand_recap(recap)
+    schemas, recap_rows = _read_footers(recap_files)
+    if columns is None:
+        columns = ["re_caption", *(c for c in RECAP_V2_COLUMNS if any(c in t.names for t in schemas))]
+    columns = list(columns)
     if len(set(columns)) != len(columns):
         raise ValueError(f"duplicate names in columns={columns}")
     if "key" in columns or any(c.startswith("__") for c in columns):
         raise ValueError(f"columns={columns}: 'key' is always the shard sample key and cannot be requested")
+    _check_recap(recap_files, schemas, join_on, columns)
     out, work = Path(out_dir), Path(work_dir) if work_dir is not None else Path(out_dir) / "_work"
-    recap_files = _expand_recap(recap)
     urls = list(dict.fromkeys(expand_urls(shards)))
     stems = [sidecar_stem(u) for u in urls]
     _check_inputs(out, urls, stems)
@@ -139,7 +145,7 @@ def build_sidecars(
             )
         _discard_build(out, work, stems)
         say(f"planning: {len(recap_files)} recap files, {len(urls)} shards, join_on={join_on}")
-        stats = {"recap_rows": _check_recap(recap_files, join_on, columns)} | dict.fromkeys(_INDEX_STATS, 0)
+        stats = {"recap_rows": recap_rows} | dict.fromkeys(_INDEX_STATS, 0)
         atomic_write(out / INPUTS_NAME, json.dumps({"recap_files": recap_files, "shards": urls, "stems": stems}))
         progress_ = {"index_units": [], "counted": False, "complete": False}
         manifest = {"config": config, "progress": progress_, "stats": stats, "summary": None}
@@ -148,14 +154,14 @@ def build_sidecars(
     _index(out, work, manifest, urls, join_on, progress)
     engine = {"memory_limit": memory_limit, "temp_directory": str(work / "duckdb"), "threads": threads}
     con = _connect(engine | {"preserve_insertion_order": False, "enable_progress_bar": progress}, recap_files)
-    _views(con, work, recap_files, join_on, columns)
+    _views(con, work, recap_files, schemas, join_on, columns)
     if not manifest["progress"]["counted"]:
         stats = _count_recap(con)
         stats["recap_null_join"] = manifest["stats"]["recap_rows"] - stats.pop("recap_valid")
         manifest["stats"].update(stats)
         manifest["progress"]["counted"] = True
         _save(out, manifest)
-    schema = _out_schema(recap_files[0], join_on, columns)
+    schema = _out_schema(schemas, join_on, columns)
     written, stats = _join_and_write(con, out, stems, schema, threads, progress)
     st = manifest["stats"] | stats
     summary = {"out_dir": str(out), "join_on": join_on, "columns": columns, "shards": len(stems), **st}
@@ -171,8 +177,8 @@ def build_sidecars(
     return summary
 
 
-def _check_recap(files: list[str], join_on: str, columns: list[str]) -> int:
-    """Read every recap file's footer: readable, with the required columns. Returns the number of rows."""
+def _read_footers(files: list[str]) -> tuple[list[pa.Schema], int]:
+    """Every recap file's schema (its footer: readable parquet) and the number of rows of all of them."""
 
     def footer(url: str) -> pq.FileMetaData:
         try:
@@ -183,15 +189,18 @@ def _check_recap(files: list[str], join_on: str, columns: list[str]) -> int:
 
     with ThreadPoolExecutor(_IO_WORKERS) as pool:
         footers = list(pool.map(footer, files))
-    for url, md in zip(files, footers, strict=True):
-        names = md.schema.to_arrow_schema().names
+    return [md.schema.to_arrow_schema() for md in footers], sum(md.num_rows for md in footers)
+
+
+def _check_recap(files: list[str], schemas: list[pa.Schema], join_on: str, columns: list[str]) -> None:
+    """Every recap file has the join column and the requested columns, except the v2 ones (null where absent)."""
+    for url, schema in zip(files, schemas, strict=True):
         for col in dict.fromkeys([join_on, *columns]):
-            if col not in names:
+            if col not in schema.names and col not in RECAP_V2_COLUMNS:
                 raise ValueError(
                     f"recap file {url} is missing required column {col!r} (join_on={join_on!r}, "
-                    f"columns={columns}); it has {names}"
+                    f"columns={columns}); it has {schema.names}"
                 )
-    return sum(md.num_rows for md in footers)
 
 
 def _index(out: Path, work: Path, manifest: dict, urls: list[str], join_on: str, progress: bool) -> None:
@@ -292,20 +301,25 @@ def _connect(settings: dict, recap_files: list[str]) -> duckdb.DuckDBPyConnectio
     return con
 
 
-def _views(con: duckdb.DuckDBPyConnection, work: Path, files: list[str], join_on: str, columns: list[str]) -> None:
-    """``recap`` (normalised join value ``j``, input place ``o``, the columns) and ``idx`` (the shard index)."""
+def _views(con, work: Path, files: list[str], schemas: list[pa.Schema], join_on: str, columns: list[str]) -> None:
+    """``recap`` (normalised join value ``j``, input place ``o``, the columns) and ``idx`` (the shard index). Files
+    lacking a v2 column are read by name (null there); a v2 column no file has is a typed null."""
     j = f'CAST("{join_on}" AS VARCHAR)'
     if join_on == "sha256":  # trim only where an end is whitespace: trim() with a character set is slow
         j = f"lower(CASE WHEN {j}[1] > ' ' AND {j}[-1] > ' ' THEN {j} ELSE trim({j}, '{_WHITESPACE}') END)"
     # a row's place in the input (o) and a shard sample's identity (r): file index high, row in the file low
     o = "(file_index::BIGINT << 40) + file_row_number"
-    cols = ", ".join(f'"{c}"' for c in columns)
-    for name, expr, paths in (
-        ("recap", f"{j} AS j, {o} AS o, {cols}", files),
-        ("idx", f"*, {o} AS r", [work / "index" / "*.parquet"]),
+    nowhere = {c for c in columns if not any(c in t.names for t in schemas)}
+    mixed = any(c not in t.names for c in set(columns) - nowhere for t in schemas)
+    sql_type = {f.name: "BIGINT" if pa.types.is_integer(f.type) else "VARCHAR" for f in RECAP_V2_SCHEMA}
+    cols = ", ".join(f'NULL::{sql_type[c]} AS "{c}"' if c in nowhere else f'"{c}"' for c in columns)
+    for name, expr, paths, union in (
+        ("recap", f"{j} AS j, {o} AS o, {cols}", files, mixed),
+        ("idx", f"*, {o} AS r", [work / "index" / "*.parquet"], False),
     ):
         paths = ", ".join("'{}'".format(str(p).replace("'", "''")) for p in paths)
-        con.execute(f"CREATE VIEW {name} AS SELECT {expr} FROM read_parquet([{paths}], file_row_number = 1)")
+        options = "file_row_number = 1" + ", union_by_name = 1" * union
+        con.execute(f"CREATE VIEW {name} AS SELECT {expr} FROM read_parquet([{paths}], {options})")
 
 
 def _count_recap(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
@@ -360,13 +374,12 @@ def _by_shard(reader: pa.RecordBatchReader, n_shards: int):
         s, parts = s + 1, []
 
 
-def _out_schema(first_file: str, join_on: str, columns: list[str]) -> pa.Schema:
-    """The sidecar's columns, typed as in the first recap file (strings as ``string``)."""
-    with fsspec.open(first_file, "rb") as f:
-        types = pq.read_schema(f)
+def _out_schema(schemas: list[pa.Schema], join_on: str, columns: list[str]) -> pa.Schema:
+    """The sidecar's columns, typed as in the first recap file that has them (strings as ``string``), else as in
+    ``formats.RECAP_V2_SCHEMA``: the same schema for every shard of a build."""
     fields = [pa.field("key", pa.string())]
     for c in columns:
-        t = types.field(c).type
+        t = next((t.field(c).type for t in schemas if c in t.names), None) or RECAP_V2_SCHEMA.field(c).type
         t = t.value_type if pa.types.is_dictionary(t) else t
         fields.append(pa.field(c, pa.string() if pa.types.is_large_string(t) or pa.types.is_string_view(t) else t))
     return pa.schema(fields, metadata={"recap_suite.sidecar": json.dumps({"format": 1, "join_on": join_on})})
@@ -444,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     add("--shards", nargs="+", required=True, help="shard tars or brace patterns")
     add("--out", dest="out_dir", required=True, help="output directory for <stem>.parquet sidecars")
     add("--join-on", choices=JOIN_COLUMNS, default="key")
-    add("--columns", nargs="+", default=["re_caption"], help="recap columns to copy (space or comma separated)")
+    why = "recap columns to copy (space or comma separated); default re_caption and the v2 columns the files have"
+    add("--columns", nargs="+", default=None, help=why)
     add("--num-buckets", type=int, default=None, help="ignored (the old join's; DuckDB partitions its own join)")
     add("--batch-rows", type=int, default=65536, help="ignored (the old join's; DuckDB sizes its own batches)")
     add("--work-dir", default=None, help="scratch directory (default OUT/_work)")
@@ -454,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     add("--keep-work", action="store_true", help="keep the scratch files")
     add("--quiet", dest="progress", action="store_false", help="no progress output")
     args = parser.parse_args(argv)
-    args.columns = [c for arg in args.columns for c in arg.split(",") if c]
+    if args.columns is not None:
+        args.columns = [c for arg in args.columns for c in arg.split(",") if c]
     print(json.dumps(build_sidecars(**vars(args)), indent=1))
     return 0
 
