@@ -262,7 +262,9 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
             argv += [logger(root, f"clip/{table}/{rid}", f"stage{stage}"), *data_args, *seed_args]
             if stage == 2:
                 argv.append(f"--model.init_args.init_from={run}/stage1/checkpoints/last.ckpt")
-            argv += overrides(clip.get(f"stage{stage}")) + overrides((extra or {}).get(f"stage{stage}"))
+            # a row's own overrides may name this run's files: {out} is the output folder
+            row_extra = json.loads(json.dumps((extra or {}).get(f"stage{stage}") or {}).replace("{out}", o))
+            argv += overrides(clip.get(f"stage{stage}")) + overrides(row_extra)
             sdir = f"{run}/stage{stage}"
             # the final (stage-2) evaluation is what the report reads; a profile may skip stage 1's
             outs = [f"{sdir}/checkpoints/last.ckpt"] + ([f"{sdir}/metrics"] if stage == 2 else [])

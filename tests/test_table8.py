@@ -177,6 +177,13 @@ def test_table8_profile_over_a_finished_full_run_runs_only_its_clip_rows(tmp_pat
     )
     assert schedule["total_samples"] == profile["clip"]["stage1"]["model.init_args.total_samples"]
     assert stage1.outputs[0] == f"{out}/seed2/clip/table8/p-schedule/stage1/checkpoints/last.ckpt"
+    # a row's overrides name this run's files: the decoder's shortlist is the words of this world's captioner data
+    decoder = {s.name: s for s in steps}["table8_both-partial-decoder_stage2"]
+    vocab = next(a for a in decoder.argv if a.startswith("--model.init_args.caption_decoder.vocab="))
+    assert json.loads(vocab.split("=", 1)[1]) == [
+        f"{out}/world/caption_pretrain/chat.json",
+        f"{out}/world/instruct/llava_instruct.json",
+    ]
     # on a fresh folder the upstream chain runs first
     assert "recaption_world" in X.plan(steps, tmp_path / "fresh")
     # its records go beside the full run's, not over them
