@@ -89,7 +89,15 @@ def default_shards(world_dir: Path, n_samples: int, shard_size: int, seed: int =
 
         t0 = time.perf_counter()
         workers = max(1, min(4, os.cpu_count() or 1))
-        counts = dict.fromkeys(("n_caption_pretrain", "n_instruct", "n_classify", "n_retrieval", "n_long_retrieval"), 0)
+        splits = (
+            "n_caption_pretrain",
+            "n_instruct",
+            "n_classify",
+            "n_retrieval",
+            "n_long_retrieval",
+            "n_vg_attribution",
+        )
+        counts = dict.fromkeys(splits, 0)
         scene = scene_config(stored_size)
         cfg = WorldConfig(
             seed=seed, n_web=n_samples, shard_size=shard_size, n_t2i=0, workers=workers, scene=scene, **counts

@@ -69,7 +69,9 @@ DESCRIPTION_OPENERS = (
     "The image contains",
 )
 WORD = re.compile(r"[a-z]+")
-NO_OTHER_SPLITS = dict(n_caption_pretrain=0, n_instruct=0, n_classify=0, n_retrieval=0, n_long_retrieval=0, n_t2i=0)
+NO_OTHER_SPLITS = dict(
+    n_caption_pretrain=0, n_instruct=0, n_classify=0, n_retrieval=0, n_long_retrieval=0, n_t2i=0, n_vg_attribution=0
+)
 
 
 def web_only(**kw) -> WorldConfig:
