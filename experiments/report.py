@@ -5,9 +5,9 @@ r"""``python -m experiments report``: a paper table with our runs beside it, as 
     python -m experiments report --check-readme                       # exit 1 when a README.md is stale
 
 Our numbers (``--runs``, default ``runs`` or ``runs/tiny``; seed reruns under ``<runs>/seed<N>/``, several runs give
-mean ± sample sd): Tables 3-6 from ``<runs>/clip/<table>/<row>/stage2`` (``experiments.tables.metrics_file``), a row
-without a run of its own from an identical row (same towers, p and mix) of another table, named; Table 7 from
-``dit-eval``'s ``<runs>/dit/eval/<row>/<prompt set>/metrics.json``; Table 2 from ``count_params``. Table 1 (MMMU /
+mean ± sample sd): Tables 3-6 and 8 from ``<runs>/clip/<table>/<row>/stage2`` (``experiments.tables.metrics_file``),
+a row without a run of its own from an identical row (same towers, p, mix, objectives) of another table, named; Table 7
+from ``dit-eval``'s ``<runs>/dit/eval/<row>/<prompt set>/metrics.json``; Table 2 from ``count_params``. Table 1 (MMMU /
 MM-Vet) cannot be scored offline (the tiny captioner's own caption evaluation is shown as a stand-in). A row without a
 run is "not run": numbers are never filled in. Commit: the run's recorded ``commit``, else the last commit before its
 metrics were written (marked ``*``); hardware: the run's recorded ``hardware``, else its trainer config and log.

@@ -5,11 +5,14 @@ r"""``python -m experiments reproduce``: the paper's whole chain in miniature on
     python -m experiments reproduce --dry-run                 # the commands, with each step's state
     python -m experiments reproduce --from clip_p0.5_stage1   # rerun from a step (and everything after it)
     python -m experiments reproduce --only world web_clip     # a subset of the steps (names or prefixes)
+    python -m experiments reproduce --profile table8 --out runs/reproduce/full  # Table 8 over a finished full run
 
 world -> "web CLIP" on alt-text (the OpenAI CLIP analog) -> tokenizer + tiny LLM -> captioner (stage 1, 2, caption
 tuning) on the web CLIP's frozen tower -> recaption ``web/`` -> caption analysis -> Recap-CLIP at several p (stage 1 +
 2; ``--seeds N``) -> the DiT world recaptioned -> pinned judge -> DiT at p = 0 and 1 -> evaluation -> ``report``
-tables -> ``OUT/report.md`` with the paper's claims (``experiments/claims.py``) checked on this run's numbers.
+tables -> ``OUT/report.md`` with the paper's claims (``experiments/claims.py``) checked on this run's numbers. The
+``table8`` profile (``base: full``) trains Table 8's rows instead of Table 3's and the DiT, and checks each against
+p = 0.8 (``OUT/table8/report.md``).
 
 Each step is a ``python -m experiments ...`` run of the suite's step runner (``experiments/runner.py``) with the
 profile's sizes (``experiments/configs/reproduce/<profile>.yaml``) and every path under ``--out``. ``--chain NAME``
