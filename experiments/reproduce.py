@@ -336,12 +336,13 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
             outs = [f"{ev}/caption/metrics.json", f"{ev}/recaption/metrics.json"]
             add(f"dit_{rid}_eval", f"evaluate DiT p={float(p):g} (both prompt sets)", argv, outs, ev)
 
-    reports = {"table1": "captioner", "table3": "CLIP vs p"} if clip.get("ps") else {}
-    reports |= {"table7": "DiT"} if dit else {}
-    reports |= {"table8": "beyond the paper"} if t8 else {}
-    for table, title in reports.items():
-        argv = ["report", table, "--tiny", "--runs", o, "--out", f"{o}/reports"]
-        outputs = [f"{o}/reports/{table}_tiny.md"]
+    tables = {"table1": "captioner", "table3": "CLIP vs p"} if clip.get("ps") else {}
+    tables |= {"table7": "DiT"} if dit else {}
+    tables |= {"table8": "beyond the paper"} if t8 else {}
+    reports = "/".join(filter(None, (o, profile.get("results_dir"), "reports")))  # beside the run's report.md
+    for table, title in tables.items():
+        argv = ["report", table, "--tiny", "--runs", o, "--out", reports]
+        outputs = [f"{reports}/{table}_tiny.md"]
         steps.append(Step(f"report_{table}", f"report {table} ({title})", argv, outputs, always=True))
     names = [s.name for s in steps]
     assert len(names) == len(set(names)), names  # step names are the resume keys
@@ -540,7 +541,7 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
     dest.mkdir(parents=True, exist_ok=True)
     data = {"results": results, "claims": [c.__dict__ for c in claims]}
     (dest / "results.json").write_text(json.dumps(data, indent=1) + "\n")
-    pngs = sorted((out / "reports").glob("*.png")) + sorted((out / "analysis").glob("*.png"))
+    pngs = sorted((dest / "reports").glob("*.png")) + sorted((out / "analysis").glob("*.png"))
     stand_ins = (
         "Tiny-world stand-ins: cls = 48-class zero-shot (ImageNet), short = 5 captions per image retrieval (COCO), "
         "long = one long caption per image (Urban-1K). Absolute numbers are not comparable with the paper's."
@@ -600,7 +601,7 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
         "",
         "## Plots and tables",
         "",
-        *[f"- `{os.path.relpath(p, dest)}`" for p in sorted((out / "reports").glob("*.md"))],
+        *[f"- `{os.path.relpath(p, dest)}`" for p in sorted((dest / "reports").glob("*.md"))],
         *[f"![{p.stem}]({os.path.relpath(p, dest)})" for p in pngs],
         "",
         "## Timings",

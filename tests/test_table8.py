@@ -186,24 +186,22 @@ def test_table8_profile_over_a_finished_full_run_runs_only_its_clip_rows(tmp_pat
     ]
     # on a fresh folder the upstream chain runs first
     assert "recaption_world" in X.plan(steps, tmp_path / "fresh")
-    # its records go beside the full run's, not over them
+    # its records (and its report's table) go beside the full run's, not over them
     assert R.results_dir(out, profile) == out / "table8"
+    assert {s.name: s for s in steps}["report_table8"].outputs == [f"{out}/table8/reports/table8_tiny.md"]
     assert R.results_dir(out, R.load_profile("full")) == out
 
 
 def test_table8_report_reads_the_run_layout(tmp_path):
     out = tmp_path / "out"
-    profile = R.load_profile("table8")
     for seed, (short, cls) in enumerate(((10, 20), (11, 21), (9, 19))):
         root = R.seed_root(str(out), seed)
         for row, gain in (("p0.8", 0), ("both", 10)):
             metrics = Path(root) / "clip" / "table8" / row / "stage2" / "metrics" / "step00000300.json"
             metrics.parent.mkdir(parents=True, exist_ok=True)
             metrics.write_text(json.dumps({"metrics": _m(short + gain, short, cls - gain)}))
-    record = {"steps": [], "total_seconds": 0.0}
-    path = R.write_report(out, profile, 3, record, "python -m experiments reproduce --profile table8")
-    assert path == out / "table8" / "report.md"
-    text = path.read_text()
+    R.main(["--profile", "table8", "--out", str(out), "--report-only"])  # the report of finished steps
+    text = (out / "table8" / "report.md").read_text()
     verdicts = {line.split("|")[1].strip(): line for line in text.splitlines() if "beats the paper's" in line}
     assert "**holds**" in verdicts["both beats the paper's p0.8 on short retrieval (Table 8)"]
     assert "**inconclusive" in verdicts["both beats the paper's p0.8 on long retrieval (Table 8)"]
