@@ -361,7 +361,7 @@ def claims_markdown(claims: Sequence[Claim], seeds: int, margins: Margins | None
         f"{_n(count[FAILS], 'does not hold', 'do not hold')} and {_n(count[NOISE], 'is', 'are')} inconclusive** "
         "(the difference is within its noise)"
         + (f"; {count[MISSING]} not measured" if count[MISSING] else "")
-        + ". Each verdict is computed from the numbers below (`experiments/claims.py: check_claims`), and a "
+        + ". Each verdict is computed from the numbers below (`experiments/claims.py`), and a "
         f"difference counts only when it is at least {m.z:g} standard errors: CLIP metrics against seed noise "
         f"(sd = max({m.clip_seed_sd:g} points, the pooled sd of {seeds} seed(s) per row), accuracies against binomial "
         f"noise, CLIP scores against their per-pair standard errors; FID differences count above "

@@ -254,7 +254,9 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
             0, note + "the shape over rows is." + (f" No tiny analog: {', '.join(missing)}." if missing else "")
         )
     deltas = any(row.paper for row in table.rows)  # Table 8 is beyond the paper: no paper numbers to subtract
-    return Report(table_name, table.caption, tiny, list(table.metrics), rows, keys, extras, notes, deltas)
+    # without paper numbers a column the tiny world cannot measure would only ever read "-"
+    columns = [c for c in table.metrics if deltas or not tiny or c in keys]
+    return Report(table_name, table.caption, tiny, columns, rows, keys, extras, notes, deltas)
 
 
 # ------------------------------------------------------------------------------------------------------- DiT table
@@ -447,16 +449,19 @@ def _unique(row: ReportRow, attribute: str) -> str:
 
 
 def table_markdown(report: Report) -> str:
-    """The report's table: per row the paper's number / ours (Δ) per column, the ours-only columns, runs, commit."""
-    head = [f"{LABELS.get(c, c)}: paper / ours" + (" (Δ)" if report.deltas else "") for c in report.columns]
+    """The report's table: per row the paper's number / ours (Δ) per column, the ours-only columns, runs, commit (a
+    table without paper numbers, Table 8, shows ours alone)."""
+    with_paper = any(row.paper for row in report.rows)
+    head = [LABELS.get(c, c) + (": paper / ours" if with_paper else "") for c in report.columns]
+    head = [h + (" (Δ)" if report.deltas else "") for h in head]
     rows = []
     for row in report.rows:
         cells = [row.id, "-" if row.p is None else f"{row.p:g}"]
         for c in report.columns:
             d = _digits(report, c)
-            paper = f"{row.paper[c]:.{d}f}" if c in row.paper else "-"
+            paper = (f"{row.paper[c]:.{d}f}" if c in row.paper else "-") + " / " if with_paper else ""
             dv = delta(row, c) if report.deltas else None
-            cells.append(f"{paper} / {ours_cell(report, row, c)}" + (f" ({dv:+.{d}f})" if dv is not None else ""))
+            cells.append(f"{paper}{ours_cell(report, row, c)}" + (f" ({dv:+.{d}f})" if dv is not None else ""))
         cells += [ours_cell(report, row, e) for e in report.extras]
         rows.append([*cells, _runs_cell(row), _unique(row, "commit"), _unique(row, "hardware")])
     return markdown_table(rows, ["row", "p", *head, *report.extras, "runs", "commit", "hardware"])
