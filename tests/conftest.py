@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing.forkserver
 import os
+import socket
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -168,3 +171,32 @@ def cpu_trainer(**overrides):
         enable_model_summary=False,
     )
     return L.Trainer(**{**args, **overrides})
+
+
+# ------------------------------------------------------------------------------------------- torch.distributed ranks
+def free_port() -> int:
+    """A free TCP port on localhost, for a test's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank: int, port: int, world: int) -> None:
+    """Join a CPU (gloo) process group on localhost, one thread per rank."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    url = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+
+def run_ranks(rank_main, out_dir: Path, world: int = 2) -> list:
+    """``rank_main(rank, port, out_dir)`` in ``world`` fresh processes; each writes ``out_dir/rank<r>.pt``, returned in
+    rank order. The processes are forked from a server that has imported lightning/open_clip once: with spawn each rank
+    re-imports them (~9 s CPU apiece). If the session's forkserver is already running, the preload does not apply and
+    the ranks import as under spawn."""
+    import torch.multiprocessing as mp
+
+    multiprocessing.forkserver.set_forkserver_preload(["lightning_modules.clip", "open_clip"])
+    mp.start_processes(rank_main, args=(free_port(), str(out_dir)), nprocs=world, join=True, start_method="forkserver")
+    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]

@@ -17,17 +17,14 @@ One start of two processes (``torch.multiprocessing``, forkserver) runs every ca
 
 from __future__ import annotations
 
-import multiprocessing.forkserver
-import socket
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import init_gloo, run_ranks
 from open_clip import ClipLoss
 
 from lightning_modules.clip import ClipModule, make_clip_loss
@@ -40,12 +37,6 @@ CFG = {
     "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
 }
 TOL = {"rtol": 1e-9, "atol": 1e-12}  # fp64 throughout; the collectives only reorder a handful of sums
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -69,9 +60,7 @@ def _ddp_average(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    url = f"tcp://127.0.0.1:{port}"
-    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    init_gloo(rank, port, WORLD)
     try:
         inputs = torch.load(Path(out_dir) / "inputs.pt")
         rows = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
@@ -119,13 +108,7 @@ def two_ranks(tmp_path_factory):
     }
     torch.save(inputs, out_dir / "inputs.pt")
 
-    # Fresh processes, like spawn, but forked from a server that has imported lightning/open_clip once: with spawn each
-    # rank re-imports them (~9 s CPU apiece, ~20 s for this fixture on 2 busy cores; ~9 s this way). If the session's
-    # forkserver is already running, the preload does not apply and the ranks import as under spawn.
-    multiprocessing.forkserver.set_forkserver_preload(["lightning_modules.clip", "open_clip"])
-    args = (_free_port(), str(out_dir))
-    mp.start_processes(_rank_main, args=args, nprocs=WORLD, join=True, start_method="forkserver")
-    ranks = [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(_rank_main, out_dir, WORLD)
 
     ref_loss, ref_grads = _loss_and_grads(_model(state), make_clip_loss(0, 1), inputs["image"], inputs["text"])
     half = GLOBAL_BATCH // WORLD

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -27,7 +26,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import write_shards
+from conftest import free_port, write_shards
 from test_configs import parser  # noqa: F401 - the module-scoped LightningCLI parser fixture
 
 from experiments.cli import cli_main
@@ -86,12 +85,6 @@ class ReplayGlobalBatches(L.LightningDataModule):
         return torch.utils.data.DataLoader(self.batches, batch_size=None)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _common_args(tmp_path: Path) -> list[str]:
     return [
         "fit",
@@ -126,7 +119,7 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path):
         f"--data.init_args.batch_size={PER_RANK_BATCH}",
         "--data.init_args.num_workers=0",
     ]
-    port = _free_port()
+    port = free_port()
     procs = []
     for node_rank in (0, 1):  # what a cluster's launcher exports on each node
         env = {
@@ -295,7 +288,7 @@ def test_fsdp_overlays_wrap_every_transformer_block():
         policies[family] = wrap
 
     # torch's FSDP on CPU (one process, gloo): the policy makes one unit per block plus the root ...
-    port = _free_port()
+    port = free_port()
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timedelta(seconds=30)
     )

@@ -20,16 +20,13 @@ through ClipLoss's gather, whose control is in ``test_clip_distributed.py``.
 
 from __future__ import annotations
 
-import multiprocessing.forkserver
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import init_gloo, run_ranks
 from test_objectives import CFG, DECODER, SIGLIP, VIEWS, make_batch
 
 from lightning_modules.clip import ClipModule
@@ -38,12 +35,6 @@ from lightning_modules.components.losses import caption_loss, make_contrastive_l
 WORLD, GLOBAL_BATCH = 2, 8
 TOL = {"rtol": 1e-9, "atol": 1e-12}
 CASES = {"siglip": SIGLIP, "views": VIEWS, "decoder": DECODER, "all": {**SIGLIP, **VIEWS, **DECODER}}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _module(case: str, state: dict[str, torch.Tensor]) -> ClipModule:
@@ -81,9 +72,7 @@ def _rows(batch: dict, rows: slice) -> dict:
 
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    url = f"tcp://127.0.0.1:{port}"
-    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    init_gloo(rank, port, WORLD)
     try:
         inputs = torch.load(Path(out_dir) / "inputs.pt")
         half = GLOBAL_BATCH // WORLD
@@ -116,10 +105,7 @@ def two_ranks(tmp_path_factory):
         states[case] = ClipModule(model=CFG, lr=1e-3, **CASES[case]).double().state_dict()
     torch.save({"batch": batch, "states": states}, out_dir / "inputs.pt")
 
-    multiprocessing.forkserver.set_forkserver_preload(["lightning_modules.clip", "open_clip"])
-    args = (_free_port(), str(out_dir))
-    mp.start_processes(_rank_main, args=args, nprocs=WORLD, join=True, start_method="forkserver")
-    ranks = [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(_rank_main, out_dir, WORLD)
     ref = {case: _step(case, states[case], batch, 0, 1) for case in CASES}
     ref["decoderflat"] = _step("decoder", states["decoder"], batch, 0, 1, "flat")
     return ranks, ref
