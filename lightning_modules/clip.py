@@ -278,7 +278,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             dec_loss = caption_loss(logits, target, self._pad_id, out_class)
             self.log("train/loss_decoder", dec_loss, batch_size=bs)
             if out_class is not None:
-                other = (out_class[target[target != self._pad_id]] == len(logits[0]) - 1).float().mean()
+                other = (out_class[target[target != self._pad_id]] == out_class.max()).float().mean()  # the last class
                 self.log("train/decoder_other", other, batch_size=bs)
             loss = loss + float(dec.get("weight", 1.0)) * dec_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
