@@ -15,17 +15,13 @@ import argparse
 import collections
 import contextlib
 import cProfile
-import gc
+import inspect
 import io
 import json
-import logging
 import os
-import platform
 import pstats
 import statistics
-import sys
 import time
-import warnings
 from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +31,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from benchmarks.common import fit, loader, write_json
+from benchmarks.common import fit, free_memory, loader, machine, parser, quiet, spread, write_json
 
 IMPLS = ("ours", "open_clip")
 # The suite's tiny CLIP (experiments/configs/debug/tiny_clip.yaml): ViT w64 L2 at 64 px + text w64 L2, ~3.4M params.
@@ -74,26 +70,19 @@ def reference_state(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------------------ timing
 class StepClock:
-    """Optimizer post-step hook: wall and CPU time after every step (stamp 0: ``start()``) and, while ``phases(model)``
-    is active, the running sums of the time in the model's forward, ``Tensor.backward`` and the AdamW update
-    (``torch.optim.adam.adam``). The rest of a step (loss, data, scheduler, logging, the loop's own Python) is the
-    **other** time, the part where the two loops can differ.
-    """
+    """Optimizer post-step hook: wall and CPU time after every step (stamp 0: its creation) and, under
+    ``phases(model)``, the running sums of the time in the model's forward, ``Tensor.backward`` and the AdamW update.
+    The rest of a step (loss, data, scheduler, logging, the loop's own Python) is the **other** time, where the two
+    loops can differ."""
 
     PHASES = ("forward", "backward", "update")
 
     def __init__(self):
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-        self.sums: list[tuple[float, ...]] = []
-        self._acc = dict.fromkeys(self.PHASES, 0.0)
-        self._fwd_t0 = 0.0
-        self.threads: int | None = None
-
-    def start(self) -> None:
         self.wall, self.cpu = [time.perf_counter()], [time.process_time()]
         self._acc = dict.fromkeys(self.PHASES, 0.0)
         self.sums = [tuple(self._acc.values())]
+        self._fwd_t0 = 0.0
+        self.threads: int | None = None
 
     def __call__(self, optimizer, args, kwargs) -> None:
         self.wall.append(time.perf_counter())
@@ -157,24 +146,6 @@ class StepClock:
 
 
 # ------------------------------------------------------------------------------------------------------------- ours
-@contextlib.contextmanager
-def bench_settings(threads: int):
-    """Intra-op threads (``threads > 0``) and quiet Lightning loggers (importing lightning sets them to INFO) for the
-    benchmark; restored afterwards."""
-    saved_threads = torch.get_num_threads()
-    levels = {lg: lg.level for lg in map(logging.getLogger, ("lightning.pytorch", "lightning.fabric", "lightning"))}
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
-        for lg in levels:
-            lg.setLevel(logging.WARNING)
-        yield
-    finally:
-        torch.set_num_threads(saved_threads)
-        for lg, level in levels.items():
-            lg.setLevel(level)
-
-
 def run_ours(cfg, state, batches, steps: int, warmup: int, clock: StepClock) -> torch.nn.Module:
     """``ClipModule`` fitted by a Lightning ``Trainer`` for ``steps`` steps; returns the trained open_clip model."""
     import lightning as L
@@ -235,27 +206,15 @@ def run_open_clip(cfg, state, batches, steps: int, warmup: int, clock: StepClock
 
 
 # -------------------------------------------------------------------------------------------------------------- runs
-def _ours_eps() -> float:
-    """ClipModule's default AdamW eps, so that both sides match."""
-    import inspect
-
-    from lightning_modules.clip import ClipModule
-
-    return inspect.signature(ClipModule.__init__).parameters["eps"].default
-
-
 def time_run(impl: str, cfg, state, batches, steps: int, skip: int, eps: float) -> tuple[dict[str, Any], Any]:
-    clock = StepClock()
     warmup = max(1, steps // 10)  # lr warm-up (10 %, as the tiny config): the same schedule on both sides
-    gc.collect()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Lightning's "no workers" / "no logger" advice
-        clock.start()
-        if impl == "ours":
-            model = run_ours(cfg, state, batches, steps, warmup, clock)
-        else:
-            model = run_open_clip(cfg, state, batches, steps, warmup, clock, eps)
-        t1 = time.perf_counter()
+    free_memory()
+    clock = StepClock()
+    if impl == "ours":
+        model = run_ours(cfg, state, batches, steps, warmup, clock)
+    else:
+        model = run_open_clip(cfg, state, batches, steps, warmup, clock, eps)
+    t1 = time.perf_counter()
     final = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return clock.summary(t1, skip), final
 
@@ -266,10 +225,9 @@ def _max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Median, min and max ms/step over runs, and the median of each other figure."""
-    ms = [r["ms_per_step"] for r in runs]
     medians = ("median_interval_ms", "cpu_ms_per_step", "forward_ms", "backward_ms", "update_ms", "other_ms")
-    spread = {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
-    return spread | {k: statistics.median(r[k] for r in runs) for k in (*medians, "first_step_s")}
+    ms = spread([r["ms_per_step"] for r in runs])
+    return ms | {k: statistics.median(r[k] for r in runs) for k in (*medians, "first_step_s")}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -324,8 +282,9 @@ def profile_run(impl: str, cfg, state, batches, steps: int, eps: float, top: int
 
 
 # -------------------------------------------------------------------------------------------------------------- main
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.clip_step", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the table and return the result (``summary``, ``runs``, ``ratio``, settings)."""
+    p = parser("clip_step", __doc__)
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
     p.add_argument("--skip-steps", type=int, help="steps left out of the timing (default min(10, steps // 3))")
     p.add_argument("--batch-size", type=int, default=64)
@@ -334,29 +293,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--distinct-batches", type=int, default=8, help="pre-built batches, cycled (default 8)")
     p.add_argument("--model", default=None, help="JSON file with an open_clip config dict (default: the tiny CLIP)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write every run, the summary and the settings here")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="cProfile one run of each instead")
     a = p.parse_args(argv)
     if a.skip_steps is None:
         a.skip_steps = min(10, a.steps // 3)
     if not 0 <= a.skip_steps < a.steps:
         p.error("need 0 <= --skip-steps < --steps")
-    return a
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; print the table and return the result (``summary``, ``runs``, ``ratio``, settings)."""
-    a = parse_args(argv)
-    with bench_settings(a.threads):
+    with quiet(a.threads):
         return _run(a, torch.get_num_threads())
 
 
 def _run(a: argparse.Namespace, threads: int) -> dict[str, Any]:
+    from lightning_modules.clip import ClipModule
+
     cfg = json.loads(Path(a.model).read_text()) if a.model else TINY_CLIP
     state = reference_state(cfg, a.seed)
     batches = make_batches(cfg, a.batch_size, a.distinct_batches, a.seed)
-    eps = _ours_eps()
-    n_params = sum(v.numel() for k, v in state.items() if k not in ("attn_mask",))
+    eps = inspect.signature(ClipModule.__init__).parameters["eps"].default  # open_clip's side uses ours
+    n_params = sum(v.numel() for k, v in state.items() if k != "attn_mask")
     if a.profile:
         for impl in IMPLS:
             print(profile_run(impl, cfg, state, batches, a.profile, eps), flush=True)
@@ -381,14 +335,13 @@ def _run(a: argparse.Namespace, threads: int) -> dict[str, Any]:
         weight_diffs.append(_max_weight_diff(finals["ours"], finals["open_clip"]))
         moved.append(_max_weight_diff(finals["ours"], state))
     summary = {impl: summarize(runs[impl]) for impl in IMPLS}
-    paired = [o["ms_per_step"] / c["ms_per_step"] for o, c in zip(runs["ours"], runs["open_clip"], strict=True)]
+    pairs = list(zip(runs["ours"], runs["open_clip"], strict=True))
+    paired = [o["ms_per_step"] / c["ms_per_step"] for o, c in pairs]
     settings = {k: getattr(a, k) for k in ("steps", "skip_steps", "batch_size", "repeats", "distinct_batches", "seed")}
-    machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__}
     result = {"settings": settings | {"threads": threads, "model": cfg, "params": n_params}}
-    result |= {"machine": machine | {"platform": platform.platform()}, "runs": runs, "summary": summary}
+    result |= {"machine": machine() | {"torch": torch.__version__}, "runs": runs, "summary": summary}
     result["ratio"] = summary["ours"]["median"] / summary["open_clip"]["median"]
     result |= {"paired_ratios": paired, "paired_ratio_median": statistics.median(paired)}
-    pairs = zip(runs["ours"], runs["open_clip"], strict=True)
     result["other_ms_diff"] = statistics.median(o["other_ms"] - c["other_ms"] for o, c in pairs)
     result |= {"weight_diffs": weight_diffs, "weights_moved": moved}
     print(format_table(result), flush=True)

@@ -1,11 +1,21 @@
-"""What the step benchmarks share: fixed batches cycled, a quiet one-device ``Trainer``, a clock after every step."""
+"""What the benchmarks share: their argument parser, fixed batches cycled through a quiet one-device ``Trainer`` with a
+clock after every step, peak memory, the commit and machine a figure was measured on, and the history files."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import gc
 import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +25,45 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def parser(module: str, doc: str, **kw: Any) -> argparse.ArgumentParser:
+    """``python -m benchmarks.<module>``'s parser (described by ``doc``'s first paragraph), with ``--json``."""
+    kw.setdefault("description", doc.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", **kw)
+    p.add_argument("--json", metavar="FILE", help="write the whole report (every run, the settings) here")
+    return p
+
+
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def quiet(threads: int = 0) -> Iterator[None]:
+    """``threads`` intra-op threads (0: torch's own), no warnings (Lightning's "no workers" advice) and Lightning's
+    loggers (importing lightning sets them to INFO) at WARNING for the block; all restored afterwards."""
+    saved = torch.get_num_threads()
+    levels = {lg: lg.level for lg in map(logging.getLogger, ("lightning.pytorch", "lightning.fabric", "lightning"))}
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        for lg in levels:
+            lg.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.set_num_threads(saved)
+        for lg, level in levels.items():
+            lg.setLevel(level)
 
 
 def loader(batches: Sequence[Any], length: int) -> torch.utils.data.DataLoader:
@@ -33,15 +80,14 @@ class StepStamps(L.Callback):
         self.times: list[float] = []
 
     def stamp(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         self.times.append(time.perf_counter())
 
     def on_train_batch_end(self, *_: Any) -> None:
         self.stamp()
 
     def seconds_per_step(self, skip: int) -> float:
-        """The mean step time after the first ``skip`` steps (all steps but the first when ``skip`` is 0)."""
+        """The mean step time after the first ``skip`` stamps (all but the first when ``skip`` is 0)."""
         t, k = self.times, max(skip, 1)
         return (t[-1] - t[k - 1]) / (len(t) - k)
 
@@ -51,9 +97,18 @@ def fit(
 ) -> None:
     """``steps`` optimizer steps of ``module`` on ``batches`` (cycled) under a one-device ``Trainer`` that logs,
     checkpoints and prints nothing; ``trainer``: more ``Trainer`` arguments (accelerator, precision, strategy)."""
-    quiet = dict.fromkeys(("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary"), False)
-    trainer = L.Trainer(devices=1, max_steps=steps, callbacks=list(callbacks), **quiet, **trainer)
+    off = dict.fromkeys(("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary"), False)
+    trainer = L.Trainer(devices=1, max_steps=steps, callbacks=list(callbacks), **off, **trainer)
     trainer.fit(module, loader(batches, steps))
+
+
+def timed_fit(module: L.LightningModule, batches: Sequence[Any], steps: int, start: bool = False, **trainer: Any):
+    """:func:`fit` with a :class:`StepStamps`, returned; ``start``: its first stamp is the start of the fit."""
+    stamps = StepStamps()
+    if start:
+        stamps.stamp()
+    fit(module, batches, steps, [stamps], **trainer)
+    return stamps
 
 
 def peak_gib() -> dict[str, float]:
@@ -71,7 +126,44 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+# ------------------------------------------------------------------------------------------- what a figure was run on
+def git(*args: str) -> str | None:
+    """``git args`` in the repository, its output stripped; None when git fails."""
+    try:
+        run = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return run.stdout.strip()
+
+
+def commit(length: int = 12) -> str:
+    return git("rev-parse", f"--short={length}", "HEAD") or ""
+
+
+def loadavg() -> tuple[float, ...] | None:
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())
+    except OSError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()}
+
+
 def write_json(path: str | Path | None, report: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(report, indent=2, default=str))
+
+
+def record(path: str | Path | None, entry: dict[str, Any]) -> None:
+    """Append ``entry`` as one line to the history file ``path`` (``--record``)."""
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(f"recorded in {path}", flush=True)

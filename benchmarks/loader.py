@@ -1,25 +1,14 @@
-"""Loader throughput at several image sizes, side by side in one run: our ``CaptionMixDataModule`` with its own tar
-reader (``ours``), the same loader with webdataset's tar reading (``ours_wds_tar``), and open_clip's training pipeline
+"""Loader throughput at several image sizes in one run: our ``CaptionMixDataModule`` with its own tar reader
+(``ours``), the same loader with webdataset's tar reading (``ours_wds_tar``) and open_clip's training pipeline
 (``open_clip``: the stages of ``open_clip_train.data.get_wds_dataset(..., is_train=True)``, built here with
-webdataset 1.0, whose ``tarfile_to_samples`` open_clip_train 3.3 cannot use as it is).
-
-All three read the SAME shards with the same workers, batch size, image transform
-(``open_clip.image_transform(size, is_train=True)``), tokenizer (``ViT-B-32``'s, context 77), sample shuffle buffer
-(open_clip's 5000, initial 1000) and epoch length; ours reads one caption source (``{"original": "txt"}``).
-
-Each run builds a fresh loader, times the first batch (worker start-up + the shuffle buffer's first fill), skips
-``--warmup-batches`` more and times ``--samples`` samples; the loaders take turns (rotated every repeat). The table
-gives the median and min/max samples/s over ``--repeats`` runs, CPU ms per sample (main process + reaped workers) and
-the paired ratio to open_clip (runs back to back cancel a shared machine's drift).
+webdataset 1.0). All three read the same shards with the same workers, batch size, image transform, tokenizer, sample
+shuffle buffer and epoch length; each run builds a fresh loader, and the loaders take turns. What is held equal, how
+it is timed, the goals (:data:`TARGETS`) and the figures: ``benchmarks/README.md``.
 
     python -m benchmarks.loader --world-dir /tmp/w384 --stored-size 384 --world-samples 4000 --samples 4096 --record
     python -m benchmarks.loader --shards 'data/world/web/{00000..00019}.tar' --image-size 64
     python -m benchmarks.loader --profile 4096      # cProfile each loader in-process (num_workers=0) instead
     python -m benchmarks.loader --history           # the recorded runs as a table
-
-Shards: ``--shards PATTERN``, or the tiny world's web split generated with ``--stored-size``-px JPEGs into
-``--world-dir`` (reused) or a temporary folder. ``--full-decode``: ours without reduced-scale JPEG decoding (A/B).
-Goals: :data:`TARGETS` (``--check`` exits 1 on a miss). ``--record`` appends the run to ``history/loader.jsonl``.
 """
 
 from __future__ import annotations
@@ -33,23 +22,23 @@ import io
 import json
 import math
 import os
-import platform
 import pstats
 import random
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
+
+from benchmarks.common import commit, git, loadavg, machine, parser, record, spread, write_json
 
 OPEN_CLIP_SAMPLE_SHUFFLE_SIZE = 5000  # open_clip_train/data.py's training-pipeline constants
 OPEN_CLIP_SAMPLE_SHUFFLE_INITIAL = 1000
@@ -66,17 +55,10 @@ def scene_config(stored_size: int):
     the same scenes, only sharper), drawn at >= 256 px before downsampling."""
     from datamodules.tiny_world.scene import SceneConfig
 
-    f = stored_size / 64
-    base = SceneConfig()
-    return SceneConfig(
-        image_size=stored_size,
-        supersample=max(1, round(base.supersample / f)),
-        small_size=base.small_size * f,
-        large_size=base.large_size * f,
-        position_jitter=base.position_jitter * f,
-        edge_margin=base.edge_margin * f,
-        stripe_width=max(1, round(base.stripe_width * f)),
-    )
+    f, base = stored_size / 64, SceneConfig()
+    lengths = {k: getattr(base, k) * f for k in ("small_size", "large_size", "position_jitter", "edge_margin")}
+    supersample, stripe_width = max(1, round(base.supersample / f)), max(1, round(base.stripe_width * f))
+    return replace(base, image_size=stored_size, supersample=supersample, stripe_width=stripe_width, **lengths)
 
 
 def default_shards(world_dir: Path, n_samples: int, shard_size: int, seed: int = 0, stored_size: int = 64):
@@ -88,21 +70,14 @@ def default_shards(world_dir: Path, n_samples: int, shard_size: int, seed: int =
         from datamodules.tiny_world import WorldConfig, generate_world
 
         t0 = time.perf_counter()
+        splits = ("caption_pretrain", "instruct", "classify", "retrieval", "long_retrieval", "vg_attribution", "t2i")
+        counts = {f"n_{split}": 0 for split in splits}
         workers = max(1, min(4, os.cpu_count() or 1))
-        splits = (
-            "n_caption_pretrain",
-            "n_instruct",
-            "n_classify",
-            "n_retrieval",
-            "n_long_retrieval",
-            "n_vg_attribution",
-        )
-        counts = dict.fromkeys(splits, 0)
         scene = scene_config(stored_size)
-        cfg = WorldConfig(
-            seed=seed, n_web=n_samples, shard_size=shard_size, n_t2i=0, workers=workers, scene=scene, **counts
+        generate_world(
+            world_dir,
+            WorldConfig(seed=seed, n_web=n_samples, shard_size=shard_size, workers=workers, scene=scene, **counts),
         )
-        generate_world(world_dir, cfg)
         how = f"tiny world web split generated in {time.perf_counter() - t0:.1f} s"
     meta = world_dir / "world.json"
     have = json.loads(meta.read_text())["config"]["scene"]["image_size"] if meta.is_file() else None
@@ -123,12 +98,12 @@ def first_image(url: str) -> tuple[float, list[int]]:
 
 
 # ----------------------------------------------------------------------------------------------------------- loaders
+@dataclass
 class FullDecode:
     """The image transform behind a plain callable: ``DecodeImage`` cannot see its resize step, so it decodes every
     image at full size (``--full-decode``: the A/B of reduced-scale decoding)."""
 
-    def __init__(self, transform: Callable):
-        self.transform = transform
+    transform: Callable
 
     def __call__(self, img: Any) -> Any:
         return self.transform(img)
@@ -205,10 +180,6 @@ def _images(batch: Any) -> Any:
     return batch["image"] if isinstance(batch, dict) else batch[0]
 
 
-def _texts(batch: Any) -> Any:
-    return batch["text"] if isinstance(batch, dict) else batch[1]
-
-
 def epoch_batches(cfg: SimpleNamespace) -> int:
     """Batches per loader epoch: first + warm-up + timed batches, rounded up to a multiple of the workers so that
     every loader's epoch arithmetic gives exactly this many."""
@@ -228,7 +199,8 @@ def time_loader(name: str, urls: Sequence[str], cfg: SimpleNamespace) -> dict[st
     it = iter(BUILDERS[name](urls, cfg, n_batches * cfg.batch_size, cfg.workers))
     first = next(it)
     first_batch_s = time.perf_counter() - t0
-    shapes = {"image": list(_images(first).shape), "text": list(_texts(first).shape)}
+    texts = first["text"] if isinstance(first, dict) else first[1]
+    shapes = {"image": list(_images(first).shape), "text": list(texts.shape)}
     delivered = len(_images(first)) + sum(len(_images(next(it))) for _ in range(cfg.warmup_batches))
     samples, t1 = 0, time.perf_counter()
     for batch in it:
@@ -251,14 +223,8 @@ def time_loader(name: str, urls: Sequence[str], cfg: SimpleNamespace) -> dict[st
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
-    rates = [r["samples_per_s"] for r in runs]
-    return {
-        "median": statistics.median(rates),
-        "min": min(rates),
-        "max": max(rates),
-        "first_batch_s": statistics.median(r["first_batch_s"] for r in runs),
-        "cpu_ms_per_sample": statistics.median(r["cpu_ms_per_sample"] for r in runs),
-    }
+    rates = spread([r["samples_per_s"] for r in runs])
+    return rates | {k: statistics.median(r[k] for r in runs) for k in ("first_batch_s", "cpu_ms_per_sample")}
 
 
 def measure_size(urls: Sequence[str], cfg: SimpleNamespace, repeats: int) -> dict[str, Any]:
@@ -341,14 +307,6 @@ def profile_loader(name: str, urls: Sequence[str], cfg: SimpleNamespace, samples
 
 
 # ----------------------------------------------------------------------------------------------------------- history
-def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def history_entry(result: dict[str, Any], before: dict[str, Any]) -> dict:
     """One line of ``history/loader.jsonl``: per image size every loader's figures, the ratios and the goal; the
     commit and the machine."""
@@ -374,15 +332,8 @@ def history_entry(result: dict[str, Any], before: dict[str, Any]) -> dict:
         "settings": result["settings"],
         "shards": result["shards"],
         "sizes": sizes,
-        "machine": {**result["machine"], "load_before": before["load"], "load_after": _loadavg(), **versions},
+        "machine": {**result["machine"], "load_before": before["load"], "load_after": loadavg(), **versions},
     }
-
-
-def _loadavg() -> tuple[float, ...] | None:
-    try:
-        return tuple(round(x, 2) for x in os.getloadavg())
-    except OSError:
-        return None
 
 
 def format_history(path: str) -> str:
@@ -406,10 +357,10 @@ def format_history(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------- main
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.loader", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the table and return the result (``settings``, ``sizes``: per size the runs,
+    ``summary``, ratios and goal)."""
+    p = parser("loader", __doc__, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", help="shard pattern to read (default: generate the tiny world's web split)")
     p.add_argument("--workers", type=int, default=2, help="loader worker processes (every loader)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -425,7 +376,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--world-dir", help="where the default shards are generated (reused); default: a temporary dir")
     p.add_argument("--world-samples", type=int, default=4000, help="web samples of the generated world")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per generated shard")
-    p.add_argument("--json", help="write the full result (every run) to this file")
     p.add_argument("--record", nargs="?", const=str(HISTORY), metavar="FILE", help="append the run to the history")
     p.add_argument("--check", action="store_true", help="exit with status 1 when a run misses its TARGETS goal")
     p.add_argument("--history", nargs="?", const=str(HISTORY), metavar="FILE", help="print the history and exit")
@@ -440,24 +390,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--workers and --warmup-batches must be >= 0")
     if a.stored_size < 16:
         p.error("--stored-size must be >= 16")
-    return a
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; print the table and return the result (``settings``, ``sizes``: per size the runs,
-    ``summary``, ratios and goal)."""
-    a = parse_args(argv)
     if a.history:
         print(format_history(a.history))
         return {"history": a.history}
     # what was measured: the commit and the loader files' state when the run starts
-    dirty = _git("status", "--porcelain", "--", *LOADER_FILES)
-    commit = (_git("rev-parse", "--short=12", "HEAD") or "").strip() or None
-    before = {"commit": commit, "loader_files_modified": None if dirty is None else bool(dirty), "load": _loadavg()}
+    dirty = git("status", "--porcelain", "--", *LOADER_FILES)
+    before = {"commit": commit() or None, "loader_files_modified": None if dirty is None else bool(dirty)}
+    before["load"] = loadavg()
     from datamodules.shards import expand_urls
 
-    tmp = None if a.shards or a.world_dir else tempfile.mkdtemp(prefix="bench-loader-")
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench-loader-", ignore_cleanup_errors=True) as tmp:
         if a.shards:
             pattern, how = a.shards, "given"
         else:
@@ -476,24 +418,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for name in LOADERS:
                 print(profile_loader(name, urls, cfg, a.profile), flush=True)
             return {"profile": True, "shards": pattern}
-        machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()}
-        result = {"shards": pattern, "num_shards": len(urls), "settings": settings, "machine": machine, "sizes": {}}
+        result = {"shards": pattern, "num_shards": len(urls), "settings": settings, "machine": machine(), "sizes": {}}
         import datamodules.caption_mix  # noqa: F401  (imports before the first run, which would pay for them)
 
         _transforms(a.image_size[0])
         for size in a.image_size:
             result["sizes"][size] = measure_size(urls, SimpleNamespace(**settings, image_size=size), a.repeats)
-        print(format_table(result), flush=True)
-        if a.record:
-            with open(a.record, "a", encoding="utf-8") as f:
-                f.write(json.dumps(history_entry(result, before)) + "\n")
-            print(f"recorded in {a.record}", flush=True)
-        if a.json:
-            Path(a.json).write_text(json.dumps(result, indent=2))
-        return result
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    print(format_table(result), flush=True)
+    if a.record:
+        record(a.record, history_entry(result, before))
+    write_json(a.json, result)
+    return result
 
 
 if __name__ == "__main__":

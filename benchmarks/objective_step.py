@@ -14,40 +14,30 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
-from benchmarks.clip_step import TINY_CLIP, make_batches
-from benchmarks.common import ROOT, StepStamps, fit, free_memory, write_json
+from benchmarks.clip_step import BETAS, LR, TINY_CLIP, WEIGHT_DECAY, make_batches
+from benchmarks.common import ROOT, commit, free_memory, loadavg, parser, quiet, record, timed_fit, write_json
 
 HISTORY = ROOT / "benchmarks" / "history" / "objective_step.jsonl"
 VIEWS = {"text_views": {"original": 1.0, "recaption": 1.0}}
 # a decoder of the text tower's size (w64, 2 heads), one layer: CLIPS's is a fraction of its text encoder
-DECODER = {
-    "caption_decoder": {
-        "weight": 1.0,
-        "target": "recaption",
-        "prefix": "original",
-        "layers": 1,
-        "width": 64,
-        "heads": 2,
-    }
-}
+DECODER = {"weight": 1.0, "target": "recaption", "prefix": "original", "layers": 1, "width": 64, "heads": 2}
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "clip": {},
     "siglip": {"loss": "siglip", "init_logit_scale": math.log(10), "init_logit_bias": -10.0},
     "views2": VIEWS,
-    "views2+decoder": {**VIEWS, **DECODER},
+    "views2+decoder": {**VIEWS, "caption_decoder": DECODER},
     # the tiny world's setting: the decoder predicts the ~320 token ids of the texts the world's captioner learned
     # from, plus "other" (caption_decoder.vocab); here 320 words of open_clip's vocabulary stand in for them
-    "views2+decoder_sl": {**VIEWS, "caption_decoder": {**DECODER["caption_decoder"], "vocab": "<shortlist>"}},
+    "views2+decoder_sl": {**VIEWS, "caption_decoder": {**DECODER, "vocab": "<shortlist>"}},
 }
 SHORTLIST_WORDS = 320
 
@@ -67,14 +57,12 @@ def run_one(objective: str, state: dict[str, torch.Tensor], data: list, steps: i
     kw = json.loads(json.dumps(OBJECTIVES[objective]))
     if kw.get("caption_decoder", {}).get("vocab") == "<shortlist>":
         kw["caption_decoder"]["vocab"] = str(shortlist_file())
-    module = ClipModule(model=TINY_CLIP, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), **kw)
+    module = ClipModule(model=TINY_CLIP, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, **kw)
     module.model.load_state_dict(state, strict=False)  # SigLIP adds a logit_bias the shared state lacks
-    clock = StepStamps()
-    clock.stamp()
-    fit(module, data, steps, [clock], accelerator="cpu", precision="32-true")
+    stamps = timed_fit(module, data, steps, start=True, accelerator="cpu", precision="32-true")
     del module
     free_memory()
-    return 1e3 * clock.seconds_per_step(skip)
+    return 1e3 * stamps.seconds_per_step(skip)
 
 
 def shortlist_file() -> Path:
@@ -91,29 +79,19 @@ def shortlist_file() -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.objective_step", description=__doc__.split("\n\n")[0])
+    p = parser("objective_step", __doc__)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--skip-steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="FILE")
     p.add_argument("--record", nargs="?", const=str(HISTORY), metavar="FILE", help="append the run to the history")
     a = p.parse_args(argv)
-    threads = torch.get_num_threads()
-    try:
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = run(a)
-    finally:
-        torch.set_num_threads(threads)
+    with quiet(a.threads):
+        report = run(a)
     write_json(a.json, report)
-    if a.record:
-        with open(a.record, "a") as f:
-            f.write(json.dumps(report) + "\n")
+    record(a.record, report)
     return report
 
 
@@ -133,28 +111,18 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         name: {"ms_per_step": statistics.median(t), "min": min(t), "max": max(t), "ratio": statistics.median(t) / ref}
         for name, t in times.items()
     }
-    print(f"{'objective':<18}| ms/step (median) |    min |    max | x ClipLoss")
-    print("-" * 18 + "+------------------+--------+--------+-----------")
-    for name, row in rows.items():
-        print(f"{name:<18}| {row['ms_per_step']:16.1f} | {row['min']:6.1f} | {row['max']:6.1f} | {row['ratio']:9.2f}")
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    report = {
+    table = pd.DataFrame(rows).T.rename(columns={"ms_per_step": "ms/step (median)", "ratio": "x ClipLoss"})
+    print(table.rename_axis("objective").to_markdown(floatfmt=("", ".1f", ".1f", ".1f", ".2f")), flush=True)
+    load = " ".join(f"{x:.2f}" for x in loadavg() or ()) or "?"
+    return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": commit.stdout.strip(),
+        "commit": commit(),
         "settings": {k: v for k, v in vars(a).items() if k not in ("json", "record")},
-        "objectives": {name: OBJECTIVES[name] for name in OBJECTIVES},
+        "objectives": OBJECTIVES,
         "results": {name: {k: round(v, 3) for k, v in row.items()} for name, row in rows.items()},
         "wall_s": round(time.perf_counter() - t0, 1),
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, load {_load()}",
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, load {load}",
     }
-    return report
-
-
-def _load() -> str:
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "?"
 
 
 if __name__ == "__main__":
