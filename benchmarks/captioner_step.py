@@ -1,9 +1,8 @@
 """Captioner training throughput: ``CaptionerModule`` under a Lightning ``Trainer`` against a plain transformers loop.
 
-Both sides train the same ``LlavaForConditionalGeneration`` (same seed, device, synthetic batches, trainable parts per
-``--stage``, AdamW, precision and dtype); ``--strategy fsdp`` takes ours from ``experiments/configs/trainer/fsdp.yaml``.
-Tokens/s counts every position (image tokens included) per optimizer step from step ``--skip`` on; peak memory is the
-accelerator's. Details and figures: ``benchmarks/README.md``, ``docs/captioner.md``.
+Both sides train the same ``LlavaForConditionalGeneration`` (same seed, device, synthetic batches, trainable parts,
+AdamW, precision and dtype). Tokens/s counts every position (image tokens included) per optimizer step from step
+``--skip`` on. Details and figures: ``benchmarks/README.md``, ``docs/captioner.md``.
 
     python -m benchmarks.captioner_step                                    # tiny shapes, CPU
     python -m benchmarks.captioner_step --shape llama3-8b --layers 4 --stage 2-lora --batch-size 8 --device cuda
@@ -14,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import warnings
 from typing import Any
 
 import torch
 
-from benchmarks.common import ROOT, StepStamps, fit, free_memory, peak_gib, write_json
+from benchmarks.common import ROOT, StepStamps, device_name, free_memory, parser, peak_gib, quiet, timed_fit, write_json
 
 # CLIP ViT-L/14-336 + LLaMA-3-8B (PAPER.md §3), with --layers of the 32 decoder layers
 VISION_L14_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
@@ -92,11 +90,9 @@ def build(args):
 
 
 def run_ours(args, data) -> StepStamps:
-    stamps = StepStamps()
     strategy = _fsdp_strategy() if args.strategy == "fsdp" else "auto"
     accelerator = "gpu" if args.device == "cuda" else "cpu"
-    fit(build(args), data, len(data), [stamps], accelerator=accelerator, strategy=strategy, precision=args.precision)
-    return stamps
+    return timed_fit(build(args), data, len(data), accelerator=accelerator, strategy=strategy, precision=args.precision)
 
 
 def run_reference(args, data) -> StepStamps:
@@ -117,7 +113,7 @@ def run_reference(args, data) -> StepStamps:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.captioner_step", description=__doc__.split("\n\n")[0])
+    p = parser("captioner_step", __doc__)
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the shape's own)")
     p.add_argument("--stage", choices=sorted(STAGES), default="1")
@@ -132,31 +128,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--tokenizer", default=str(ROOT / "data/world/tokenizer"))
     p.add_argument("--impls", default="ours,reference")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
-    warnings.filterwarnings("ignore")
-    data = batches(args, args.steps)
-    tokens = args.batch_size * data[0]["input_ids"].shape[1]
-    m = build(args)
-    trainable = sum(p.numel() for p in m.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in m.model.parameters())
-    del m
-    peak_gib()
-    report: dict[str, Any] = {
-        "shape": args.shape,
-        "layers": args.layers or SHAPES[args.shape]["llm"]["num_hidden_layers"],
-    }
-    report |= {k: getattr(args, k) for k in ("stage", "strategy", "precision", "dtype", "batch_size")}
-    report |= {"tokens_per_sample": data[0]["input_ids"].shape[1], "params": total, "trainable": trainable}
-    report["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    for impl in args.impls.split(","):
-        per_step = (run_ours if impl == "ours" else run_reference)(args, data).seconds_per_step(args.skip)
-        result = {"s_per_step": per_step, "tokens_per_s": tokens / per_step} | peak_gib()
-        report |= {f"{impl}_{k}": v for k, v in result.items()}
-        free_memory()
-    if "ours_s_per_step" in report and "reference_s_per_step" in report:
-        report["ratio_time_ours_over_reference"] = report["ours_s_per_step"] / report["reference_s_per_step"]
+    with quiet():
+        data = batches(args, args.steps)
+        per_sample = data[0]["input_ids"].shape[1]
+        m = build(args)
+        trainable = sum(p.numel() for p in m.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in m.model.parameters())
+        del m
+        peak_gib()
+        layers = args.layers or SHAPES[args.shape]["llm"]["num_hidden_layers"]
+        report: dict[str, Any] = {"shape": args.shape, "layers": layers}
+        report |= {k: getattr(args, k) for k in ("stage", "strategy", "precision", "dtype", "batch_size")}
+        report |= {"tokens_per_sample": per_sample, "params": total, "trainable": trainable}
+        report["device"] = device_name() if args.device == "cuda" else "cpu"
+        for impl in args.impls.split(","):
+            per_step = (run_ours if impl == "ours" else run_reference)(args, data).seconds_per_step(args.skip)
+            result = {"s_per_step": per_step, "tokens_per_s": args.batch_size * per_sample / per_step} | peak_gib()
+            report |= {f"{impl}_{k}": v for k, v in result.items()}
+            free_memory()
+        if "ours_s_per_step" in report and "reference_s_per_step" in report:
+            report["ratio_time_ours_over_reference"] = report["ours_s_per_step"] / report["reference_s_per_step"]
     print(json.dumps({k: round(v, 4) if isinstance(v, float) and not math.isnan(v) else v for k, v in report.items()}))
     write_json(args.json, report)
     return report

@@ -1,8 +1,7 @@
 """Training-step time: ``ClipModule`` under a Lightning ``Trainer`` against open_clip's own training loop.
 
-Both sides train the same open_clip model from the same seeded weights on the same pre-built batches (fp32, same
-loss, AdamW param groups, schedule and temperature clamp); ms/step from optimizer post-step timestamps, split into
-forward / backward / update / other. What is held equal, how it is timed and the figures: ``benchmarks/README.md``.
+Both train the same open_clip model from the same weights on the same batches; ms/step from optimizer post-step
+timestamps, split into forward / backward / update / other. What is held equal, figures: ``benchmarks/README.md``.
 
     python -m benchmarks.clip_step                        # tiny CLIP, batch 64, 60 steps/run, 3 rounds
     python -m benchmarks.clip_step --steps 100 --batch-size 128 --repeats 5 --threads 2 --json out.json
@@ -263,9 +262,7 @@ def _package(filename: str) -> str:
 def profile_run(impl: str, cfg, state, batches, steps: int, eps: float, top: int = 25) -> str:
     """cProfile one run; own (tottime) seconds grouped by package, then the top functions by cumulative time."""
     prof = cProfile.Profile()
-    prof.enable()
-    time_run(impl, cfg, state, batches, steps, 0, eps)
-    prof.disable()
+    prof.runcall(time_run, impl, cfg, state, batches, steps, 0, eps)
     stats = pstats.Stats(prof)
     by_pkg: dict[str, float] = collections.defaultdict(float)
     for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():

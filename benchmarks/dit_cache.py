@@ -3,17 +3,13 @@
     python -m benchmarks.dit_cache --preset tiny          # the tiny world's pixel DiT + web-CLIP text (data/world)
     python -m benchmarks.dit_cache --preset real-shapes   # DiT-B/4, SD-VAE-shaped VAE, CLIP-L/14-shaped text, 256 px
 
-The uncached step reads shards (JPEG decode + resize in the loader), encodes the captions with the frozen text
-encoder and the images with the VAE, then trains; the cached step reads latents and text features and trains. Both
-use ``DiTModule.training_step`` + AdamW, with loading inside the timed loop (it is part of what a step costs).
-``real-shapes`` builds random-weight models of the real architectures (nothing downloads) on a few tiny-world shards
-upscaled to 256 px: on CPU it runs a handful of steps at a small batch, enough for the ratio. Prints s/step of both
-and the ratio (goal >= 2x); the cache pre-pass time is printed too (paid once per dataset, not per epoch).
+Both paths run ``DiTModule.training_step`` + AdamW with loading inside the timed loop; ``real-shapes`` uses random
+weights (nothing downloads). Prints s/step of both, the ratio (goal >= 2x) and the cache pre-pass time; details and
+figures: ``docs/dit.md``.
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from collections.abc import Sequence
@@ -22,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ROOT, write_json
+from benchmarks.common import ROOT, parser, write_json
 
 
 def random_vae(folder: Path) -> str:
@@ -51,27 +47,17 @@ def random_text_tower(folder: Path, tokenizer: str, **sizes: Any) -> str:
     return str(folder)
 
 
-def _real_shapes(tmp: Path, tokenizer: str) -> dict[str, Any]:
-    """Random-weight folders with the real architectures' shapes: SD's VAE and OpenAI CLIP ViT-L/14's text tower."""
-    from benchmarks.gpu_checks import REAL_TEXT
-
-    folders = {"text_encoder": random_text_tower(tmp / "text", tokenizer, **REAL_TEXT), "vae": random_vae(tmp / "vae")}
-    return {"size": "DiT-B/4", "image_size": 256, "text_max_length": 77, **folders}
-
-
 def _head_shard(src: str, dest: Path, n: int) -> str:
     """The first ``n`` samples of shard ``src`` as a new shard (with its sidecar): a short real-shapes pre-pass."""
     import shutil
     import tarfile
 
-    keys: list[str] = []
+    keys: set[str] = set()
     with tarfile.open(src) as tin, tarfile.open(dest / Path(src).name, "w") as tout:
-        for m in tin.getmembers():
-            key = m.name.split(".", 1)[0]
-            if key not in keys:
-                if len(keys) == n:
-                    break
-                keys.append(key)
+        for m in tin:  # a sample's files are contiguous
+            keys.add(m.name.split(".", 1)[0])
+            if len(keys) > n:
+                break
             tout.addfile(m, tin.extractfile(m))
     side = Path(src).parent.parent / "sidecars" / (Path(src).stem + ".parquet")
     (dest / "sidecars").mkdir(exist_ok=True)
@@ -95,7 +81,7 @@ def _steps(module: Any, loader: Any, n: int, skip: int) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dit_cache", description=__doc__.split("\n\n")[0])
+    p = parser("dit_cache", __doc__)
     p.add_argument("--preset", choices=["tiny", "real-shapes"], default="tiny")
     p.add_argument("--world", default=str(ROOT / "data/world"))
     p.add_argument("--shards", default=None, help="default: 2 (tiny) or 1 (real-shapes) web shards of --world")
@@ -105,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--skip", type=int, default=2, help="warm-up steps, untimed")
     p.add_argument("--num-workers", type=int, default=0, help="loader workers of the uncached path")
     p.add_argument("--samples", type=int, default=64, help="real-shapes: samples of the one shard used")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    from benchmarks.gpu_checks import REAL_TEXT
     from datamodules.caption_mix import CaptionMixDataModule
     from datamodules.latent_cache import LatentCacheDataModule, build_cache
     from lightning_modules.dit import DiTModule
@@ -125,8 +111,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if tiny:
             size = {"num_layers": 6, "hidden_size": 128, "num_attention_heads": 4, "patch_size": 2}
             model = {"size": size, "image_size": 16, "text_encoder": args.text_encoder}
-        else:
-            model = _real_shapes(tmp, str(world / "tokenizer"))
+        else:  # random-weight folders of SD's VAE and OpenAI CLIP ViT-L/14's text tower
+            text = random_text_tower(tmp / "text", str(world / "tokenizer"), **REAL_TEXT)
+            model = {"size": "DiT-B/4", "image_size": 256, "text_max_length": 77, "text_encoder": text}
+            model["vae"] = random_vae(tmp / "vae")
         module = DiTModule(**model, ema_decay=None, cfg_dropout=0.1)
         module.configure_model()
         torch.manual_seed(0)
@@ -142,16 +130,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report: dict[str, Any] = {"preset": args.preset, "batch_size": batch, "steps": steps}
         report |= {"cache_prepass_s": prepass, "cached_samples": totals["samples"]}
         report["dit_params"] = sum(p.numel() for p in module.dit.parameters())
-        names = ("uncached", "cached")
-        for name, dm in zip(names, (uncached, cached), strict=True):
-            if name == "uncached":
-                dm.setup("fit")
-            report[f"{name}_s_per_step"] = _steps(module, dm.train_dataloader(), steps, args.skip)
-            report[f"{name}_samples_per_s"] = batch / report[f"{name}_s_per_step"]
+        uncached.setup("fit")
+        paths = []
+        for name, dm in (("uncached", uncached), ("cached", cached)):
+            sec = _steps(module, dm.train_dataloader(), steps, args.skip)
+            report |= {f"{name}_s_per_step": sec, f"{name}_samples_per_s": batch / sec}
+            paths.append(f"{name} {sec:.3f} s/step ({batch / sec:.0f} samples/s)")
         report["ratio_cached_over_uncached"] = report["uncached_s_per_step"] / report["cached_s_per_step"]
-    paths = [
-        f"{x} {report[f'{x}_s_per_step']:.3f} s/step ({report[f'{x}_samples_per_s']:.0f} samples/s)" for x in names
-    ]
     ratio = report["ratio_cached_over_uncached"]
     print(f"{args.preset}: {', '.join(paths)}: {ratio:.2f}x; pre-pass {prepass:.1f} s for {totals['samples']} samples")
     write_json(args.json, report)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -28,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
-from benchmarks.common import ROOT, StepStamps, device, fit, peak_gib
+from benchmarks.common import ROOT, commit, device, device_name, peak_gib, timed_fit
 
 DOC = ROOT / "docs" / "gpu.md"
 CHECKS = ("recaption_build", "recaption_hf", "clip", "dit", "recaption_vllm")
@@ -59,34 +61,17 @@ TINY: dict[str, Any] = {
 }
 
 
-def _run(cmd: list[str], timeout: float, **kw: Any) -> str:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True, **kw).stdout.strip()
-
-
 def card() -> dict[str, Any]:
     """The accelerator's name as ``nvidia-smi`` reports it (name, memory, driver), else torch's, else the CPU."""
-    if shutil.which("nvidia-smi"):
-        try:
-            query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
-            out = _run(query, 30).splitlines()
-        except (subprocess.SubprocessError, OSError) as e:
-            out = [f"nvidia-smi failed: {e}"]
+    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True).stdout.strip().splitlines()
         if out:
             return {"name": out[0].split(",")[0].strip(), "nvidia_smi": out[0].strip(), "count": len(out)}
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            return {"name": torch.cuda.get_device_name(), "nvidia_smi": None, "count": torch.cuda.device_count()}
+    if torch.cuda.is_available():
+        return {"name": device_name(), "nvidia_smi": None, "count": torch.cuda.device_count()}
     cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"name": cpu, "nvidia_smi": None, "count": 0}
-
-
-def commit() -> str:
-    try:
-        return _run(["git", "rev-parse", "--short", "HEAD"], 10, cwd=ROOT)
-    except (subprocess.SubprocessError, OSError):
-        return "unknown"
 
 
 def tokenizer_folder(work: Path, given: str | None) -> str:
@@ -107,8 +92,6 @@ def tokenizer_folder(work: Path, given: str | None) -> str:
 # ------------------------------------------------------------------------------------------------------ checks
 def check_recaption_build(s: dict[str, Any], work: Path, tok: str) -> dict[str, Any]:
     """The random-weight llava-hf checkpoint, built on the device the checks run on and saved once."""
-    import torch
-
     from benchmarks.recaption_gpu import build_random_checkpoint
 
     model_dir = work / f"llava-{s['recaption']['shape']}-random"
@@ -122,30 +105,24 @@ def check_recaption_build(s: dict[str, Any], work: Path, tok: str) -> dict[str, 
     return {"model_dir": str(model_dir), "build_s": time.perf_counter() - t0, "gib": size / 2**30}
 
 
-def _recaption(backend: str) -> Callable[[dict[str, Any], Path, str], dict[str, Any]]:
-    def run(s: dict[str, Any], work: Path, tok: str) -> dict[str, Any]:
-        import torch
+def check_recaption(s: dict[str, Any], work: Path, tok: str, backend: str) -> dict[str, Any]:
+    from benchmarks.recaption_gpu import throughput
 
-        from benchmarks.recaption_gpu import throughput
-
-        r = s["recaption"]
-        model_dir = work / f"llava-{r['shape']}-random"
-        if not (model_dir / "recap_suite.json").exists():
-            raise RuntimeError(f"no random checkpoint in {model_dir} (the recaption_build check did not finish)")
-        n = r["vllm_n"] if backend == "vllm" else r["n"]
-        figures = throughput(model_dir, backend, n, r["batch_size"], r["max_new_tokens"], dtype="bfloat16")
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        return {**figures, "n": n, "batch_size": r["batch_size"], "device": name}
-
-    return run
+    r = s["recaption"]
+    model_dir = work / f"llava-{r['shape']}-random"
+    if not (model_dir / "recap_suite.json").exists():
+        raise RuntimeError(f"no random checkpoint in {model_dir} (the recaption_build check did not finish)")
+    n = r["vllm_n"] if backend == "vllm" else r["n"]
+    figures = throughput(model_dir, backend, n, r["batch_size"], r["max_new_tokens"], dtype="bfloat16")
+    return {**figures, "n": n, "batch_size": r["batch_size"], "device": device_name()}
 
 
 def _timed_fit(module: Any, batches: Sequence[Any], steps: int, skip: int) -> dict[str, Any]:
-    """``steps`` optimizer steps under a one-device ``Trainer`` in ``bf16-mixed``; ms/step after ``skip``, peak
-    device memory."""
-    stamps = StepStamps()
+    """``steps`` optimizer steps in ``bf16-mixed``; ms/step after ``skip``, peak device memory."""
     peak_gib()
-    fit(module, batches, steps, [stamps], accelerator="gpu" if device() == "cuda" else "cpu", precision="bf16-mixed")
+    stamps = timed_fit(
+        module, batches, steps, accelerator="gpu" if device() == "cuda" else "cpu", precision="bf16-mixed"
+    )
     out = {"ms_per_step": stamps.seconds_per_step(skip) * 1e3, "steps": len(stamps.times), "timed_steps": steps - skip}
     return out | peak_gib()
 
@@ -180,8 +157,6 @@ def check_clip(s: dict[str, Any], work: Path, tok: str) -> dict[str, Any]:
 
 
 def check_dit(s: dict[str, Any], work: Path, tok: str) -> dict[str, Any]:
-    import torch
-
     from benchmarks.dit_cache import random_text_tower, random_vae
     from lightning_modules.dit import DiTModule
 
@@ -209,8 +184,8 @@ def check_dit(s: dict[str, Any], work: Path, tok: str) -> dict[str, Any]:
 
 CHECK_FUNCS: dict[str, Callable[[dict[str, Any], Path, str], dict[str, Any]]] = {
     "recaption_build": check_recaption_build,
-    "recaption_hf": _recaption("hf"),
-    "recaption_vllm": _recaption("vllm"),
+    "recaption_hf": functools.partial(check_recaption, backend="hf"),
+    "recaption_vllm": functools.partial(check_recaption, backend="vllm"),
     "clip": check_clip,
     "dit": check_dit,
 }
@@ -251,7 +226,7 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "recap_gpu_checks"
     work.mkdir(parents=True, exist_ok=True)
     isolate = args.isolate == "yes" or (args.isolate == "auto" and device() == "cuda")
-    report: dict[str, Any] = {"card": card(), "commit": commit(), "date": datetime.date.today().isoformat()}
+    report: dict[str, Any] = {"card": card(), "commit": commit(7) or "unknown", "date": str(datetime.date.today())}
     report |= {"tiny": args.tiny, "settings": {k: s[k] for k in ("recaption", "clip", "dit")}, "isolated": isolate}
     report["checks"] = {}
     budget = f"commit {report['commit']}, budget {args.budget_s:.0f} s"

@@ -38,7 +38,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmarks.common import commit, git, loadavg, machine, parser, record, spread, write_json
+from benchmarks.common import commit, git, loadavg, machine, parser, quiet, record, spread, write_json
 
 OPEN_CLIP_SAMPLE_SHUFFLE_SIZE = 5000  # open_clip_train/data.py's training-pipeline constants
 OPEN_CLIP_SAMPLE_SHUFFLE_INITIAL = 1000
@@ -206,9 +206,8 @@ def time_loader(name: str, urls: Sequence[str], cfg: SimpleNamespace) -> dict[st
     for batch in it:
         samples += len(_images(batch))
     seconds = time.perf_counter() - t1
-    shutdown = getattr(it, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()  # reap the workers now, before the next loader starts and before reading rusage
+    if hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()  # reap the workers now, before the next loader starts and before reading rusage
     del it
     gc.collect()
     cpu = _cpu_seconds() - cpu0
@@ -238,16 +237,13 @@ def measure_size(urls: Sequence[str], cfg: SimpleNamespace, repeats: int) -> dic
             where = f"{cfg.image_size} px run {r + 1}/{repeats} {name:<12}"
             print(f"  {where} {rate:8.0f} samples/s (first batch {first:.2f} s, {cpu:.3f} CPU ms/sample)", flush=True)
     summary = {name: summarize(runs[name]) for name in LOADERS}
-    paired = {
-        name: [o["samples_per_s"] / c["samples_per_s"] for o, c in zip(runs[name], runs["open_clip"], strict=True)]
-        for name in LOADERS[:2]
-    }
+    paired = [o["samples_per_s"] / c["samples_per_s"] for o, c in zip(runs["ours"], runs["open_clip"], strict=True)]
     result = {
         "runs": runs,
         "summary": summary,
         "ratio": summary["ours"]["median"] / summary["open_clip"]["median"],
-        "paired_ratios": paired["ours"],
-        "paired_ratio_median": statistics.median(paired["ours"]),
+        "paired_ratios": paired,
+        "paired_ratio_median": statistics.median(paired),
         "own_tar_gain": summary["ours"]["median"] / summary["ours_wds_tar"]["median"] - 1,
     }
     if cfg.image_size in TARGETS:
@@ -280,24 +276,16 @@ def _met(goal: dict[str, Any]) -> str:
 
 def profile_loader(name: str, urls: Sequence[str], cfg: SimpleNamespace, samples: int, top: int = 25) -> str:
     """cProfile one loader in-process (num_workers=0, one torch thread as in a loader worker) over ``samples``."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the default (one per core) makes tiny ops wait on thread barriers in the profile
-    try:
-        loader = BUILDERS[name](urls, cfg, (math.ceil(samples / cfg.batch_size) + 2) * cfg.batch_size, 0)
+    batches = math.ceil(samples / cfg.batch_size)
+    with quiet(threads=1):  # the default (one per core) makes tiny ops wait on thread barriers in the profile
+        loader = BUILDERS[name](urls, cfg, (batches + 2) * cfg.batch_size, 0)
         if hasattr(getattr(loader, "dataset", None), "restore_rngs"):
             loader.dataset.restore_rngs = False  # ours: profile what a loader worker runs (no RNG save/restore)
         it = iter(loader)
         next(it)
-        prof, n, t0 = cProfile.Profile(), 0, time.perf_counter()
-        prof.enable()
-        while n < samples:
-            n += len(_images(next(it)))
-        prof.disable()
+        prof, t0 = cProfile.Profile(), time.perf_counter()
+        n = prof.runcall(lambda: sum(len(_images(next(it))) for _ in range(batches)))
         dt = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
     out = io.StringIO()
     out.write(f"== {name}: {n} samples in {dt:.2f} s under cProfile ({n / dt:.0f} samples/s, num_workers=0)\n")
     stats = pstats.Stats(prof, stream=out).strip_dirs()

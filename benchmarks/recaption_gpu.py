@@ -9,7 +9,6 @@ the end-of-turn token, so the figure is a lower bound for real captions. ``--sha
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import ROOT, free_memory, write_json
+from benchmarks.common import ROOT, device_name, free_memory, parser, sync, write_json
 
 
 def build_random_checkpoint(model_dir: Path, shape: str, layers: int, tokenizer: str, dtype: str) -> None:
@@ -53,8 +52,7 @@ def throughput(model_dir: Path, backend: str, n: int, batch_size: int, max_new_t
     images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
     engine = BACKENDS[backend](str(model_dir), PAPER_PROMPT, max_new_tokens, **kw)
     engine.generate(images[: min(8, n)])  # warm-up (kernels, graphs, allocator)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     out = [g for i in range(0, n, batch_size) for g in engine.generate(images[i : i + batch_size])]
     dt = time.perf_counter() - t0
@@ -66,7 +64,7 @@ def throughput(model_dir: Path, backend: str, n: int, batch_size: int, max_new_t
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.recaption_gpu", description=__doc__.split("\n\n")[0])
+    p = parser("recaption_gpu", __doc__)
     p.add_argument("--model-dir", required=True, help="random checkpoint folder (built when missing)")
     p.add_argument("--shape", choices=["llama3-8b", "tiny"], default="llama3-8b")
     p.add_argument("--layers", type=int, default=0, help="decoder layers (0: all of the shape's)")
@@ -77,14 +75,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").exists():
         t0 = time.perf_counter()
         build_random_checkpoint(model_dir, args.shape, args.layers, args.tokenizer, args.dtype)
         print(f"built {model_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = device_name()
     report: dict[str, Any] = {"device": device, "shape": args.shape, "layers": args.layers or "all", "n": args.n}
     report |= {"dtype": args.dtype, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
     for name in args.backends:

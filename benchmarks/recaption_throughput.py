@@ -4,14 +4,12 @@ way LLaVA's own loader runs), on the same llava-hf model and the same images, wi
     python -m benchmarks.recaption_throughput --model runs/tiny/captioner/hf \
         --images 'data/world/eval/t2i_prompts/images/*.jpg'
 
-Prints images/s and generated tokens/s of both, and the ratio (goal >= 10x). Both stop at the end-of-turn token; the
-captions of the two are compared (greedy decoding: batched and one-by-one must agree, up to padding numerics). The two
-run alternately for ``--repeats`` rounds (a machine whose speed drifts then affects both); medians are reported.
+Prints the medians over alternating rounds of both images/s and generated tokens/s, their ratio (goal >= 10x) and how
+many captions agree (greedy: batched and one-by-one must, up to padding numerics). Figures: ``docs/recaption.md``.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import statistics
@@ -19,11 +17,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.common import write_json
+from benchmarks.common import parser, sync, write_json
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.recaption_throughput", description=__doc__.split("\n\n")[0])
+    p = parser("recaption_throughput", __doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--images", required=True, help="glob of image files")
     p.add_argument("--n", type=int, default=256, help="images timed with the batched job")
@@ -33,9 +31,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds (job, batch 1); medians reported")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    import torch
     from PIL import Image
 
     from experiments.jobs.recaption import PAPER_PROMPT, HFBackend
@@ -51,8 +47,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         """Images/s and generated tokens/s of captioning ``subset`` ``batch`` images at a time, and the captions."""
         t0 = time.perf_counter()
         out = [g for i in range(0, len(subset), batch) for g in backend.generate(subset[i : i + batch])]
-        if backend.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         dt = time.perf_counter() - t0
         return len(out) / dt, sum(g.n_tokens for g in out) / dt, out
 
