@@ -163,14 +163,6 @@ def run_ours(cfg, state, batches, steps: int, warmup: int, clock: StepClock) -> 
 
 
 # -------------------------------------------------------------------------------------------------------- open_clip
-def open_clip_args(batch_size: int) -> Namespace:
-    """What ``train_one_epoch`` reads from open_clip's argparse namespace (open_clip_train.params defaults)."""
-    off = dict.fromkeys(("distill", "skip_scheduler", "horovod", "wandb", "distributed"), False)
-    ranks = {"rank": 0, "local_rank": 0, "world_size": 1}
-    loop = {"accum_freq": 1, "grad_clip_norm": None, "log_every_n_steps": 100, "batch_size": batch_size}
-    return Namespace(device="cpu", precision="fp32", **off, **ranks, **loop)
-
-
 def open_clip_optimizer(model: torch.nn.Module, lr: float, wd: float, betas, eps: float) -> torch.optim.Optimizer:
     """open_clip_train.main's AdamW param groups."""
 
@@ -198,7 +190,10 @@ def run_open_clip(cfg, state, batches, steps: int, warmup: int, clock: StepClock
     batches_of = loader(batches, steps)
     batches_of.num_batches, batches_of.num_samples = steps, steps * len(batches[0][0])  # as open_clip_train.data does
     data = {"train": SimpleNamespace(dataloader=batches_of, set_epoch=lambda epoch: None)}
-    args = open_clip_args(len(batches[0][0]))
+    # what train_one_epoch reads from open_clip's argparse namespace (open_clip_train.params defaults)
+    off = dict.fromkeys(("distill", "skip_scheduler", "horovod", "wandb", "distributed"), False)
+    loop = {"accum_freq": 1, "grad_clip_norm": None, "log_every_n_steps": 100, "batch_size": len(batches[0][0])}
+    args = Namespace(device="cpu", precision="fp32", rank=0, local_rank=0, world_size=1, **off, **loop)
     with clock.phases(model):
         train_one_epoch(model, data, open_clip.ClipLoss(), 0, optimizer, None, scheduler, None, args)
     return model

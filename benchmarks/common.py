@@ -48,22 +48,19 @@ def sync() -> None:
 
 @contextlib.contextmanager
 def quiet(threads: int = 0) -> Iterator[None]:
-    """``threads`` intra-op threads (0: torch's own), no warnings (Lightning's "no workers" advice) and Lightning's
-    loggers (importing lightning sets them to INFO) at WARNING for the block; all restored afterwards."""
-    saved = torch.get_num_threads()
-    levels = {lg: lg.level for lg in map(logging.getLogger, ("lightning.pytorch", "lightning.fabric", "lightning"))}
+    """``threads`` intra-op threads (0: torch's own), no warnings (Lightning's "no workers" advice) and no INFO logs
+    (Lightning's start-up lines) for the block; all restored afterwards."""
+    saved, disabled = torch.get_num_threads(), logging.root.manager.disable
     if threads > 0:
         torch.set_num_threads(threads)
+    logging.disable(logging.INFO)
     try:
-        for lg in levels:
-            lg.setLevel(logging.WARNING)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         torch.set_num_threads(saved)
-        for lg, level in levels.items():
-            lg.setLevel(level)
+        logging.disable(disabled)
 
 
 def loader(batches: Sequence[Any], length: int) -> torch.utils.data.DataLoader:

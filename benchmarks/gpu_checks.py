@@ -117,14 +117,14 @@ def check_recaption(s: dict[str, Any], work: Path, tok: str, backend: str) -> di
     return {**figures, "n": n, "batch_size": r["batch_size"], "device": device_name()}
 
 
-def _timed_fit(module: Any, batches: Sequence[Any], steps: int, skip: int) -> dict[str, Any]:
-    """``steps`` optimizer steps in ``bf16-mixed``; ms/step after ``skip``, peak device memory."""
+def _timed_fit(module: Any, model: Any, batches: Sequence[Any], n: int, steps: int, skip: int) -> dict[str, Any]:
+    """``steps`` optimizer steps of batches of ``n`` in ``bf16-mixed`` on the default accelerator: ms/step after
+    ``skip``, samples/s, the parameters of ``model`` and peak device memory."""
     peak_gib()
-    stamps = timed_fit(
-        module, batches, steps, accelerator="gpu" if device() == "cuda" else "cpu", precision="bf16-mixed"
-    )
-    out = {"ms_per_step": stamps.seconds_per_step(skip) * 1e3, "steps": len(stamps.times), "timed_steps": steps - skip}
-    return out | peak_gib()
+    ms = timed_fit(module, batches, steps, precision="bf16-mixed").seconds_per_step(skip) * 1e3
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    out = {"ms_per_step": ms, "steps": steps, "timed_steps": steps - skip, "samples_per_s": n / ms * 1e3}
+    return out | {"params_m": params_m} | peak_gib()
 
 
 def _bert_folder(path: Path) -> str:
@@ -149,9 +149,7 @@ def check_clip(s: dict[str, Any], work: Path, tok: str) -> dict[str, Any]:
     cfg, _ = resolve_model_config(model)
     cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"] = c["image_size"], c["context_length"]
     batches = [{"image": i, "text": t} for i, t in make_batches(cfg, c["batch_size"], 4, seed=0)]
-    n_params = sum(p.numel() for p in module.model.parameters())
-    out = _timed_fit(module, batches, c["steps"], c["skip"])
-    out |= {"samples_per_s": c["batch_size"] / out["ms_per_step"] * 1e3, "params_m": n_params / 1e6}
+    out = _timed_fit(module, module.model, batches, c["batch_size"], c["steps"], c["skip"])
     model_name = c["model"] or "tiny CLIP (benchmarks.clip_step.TINY_CLIP)"
     return out | {"model": model_name} | {k: c[k] for k in ("batch_size", "image_size", "context_length")}
 
@@ -176,9 +174,7 @@ def check_dit(s: dict[str, Any], work: Path, tok: str) -> dict[str, Any]:
         | {"text_mask": torch.ones(n, length, dtype=torch.long)}
         for _ in range(4)
     ]
-    n_params = sum(p.numel() for p in module.dit.parameters())
-    out = _timed_fit(module, batches, d["steps"], d["skip"])
-    out |= {"samples_per_s": n / out["ms_per_step"] * 1e3, "params_m": n_params / 1e6, "latent": latent[1:]}
+    out = _timed_fit(module, module.dit, batches, n, d["steps"], d["skip"]) | {"latent": latent[1:]}
     return out | {"size": d["size"] if real else "tiny", "batch_size": n, "image_size": d["image_size"]}
 
 
@@ -308,7 +304,7 @@ def format_section(report: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_checks", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU, seconds): the code path, not the figures")
     p.add_argument("--out", default=str(ROOT / "runs" / "gpu_checks"), help="json + markdown section + logs here")
@@ -326,11 +322,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.doc = None
     elif args.doc is None and not args.tiny:
         args.doc = str(DOC)
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
     if args.check:  # a child: one check, its result as json
         result = CHECK_FUNCS[args.check](TINY if args.tiny else REAL, Path(args.work), args.tokenizer)
         Path(args.check_json).write_text(json.dumps(result, default=str))
