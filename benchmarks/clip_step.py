@@ -69,8 +69,8 @@ def reference_state(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------------------ timing
 class StepClock:
-    """Optimizer post-step hook: wall and CPU time after every step (stamp 0: its creation) and, under
-    ``phases(model)``, the running sums of the time in the model's forward, ``Tensor.backward`` and the AdamW update.
+    """Under ``phases(model)``, a post-step hook of every optimizer: wall and CPU time after every step (stamp 0: its
+    creation) and the running sums of the time in the model's forward, ``Tensor.backward`` and the AdamW update.
     The rest of a step (loss, data, scheduler, logging, the loop's own Python) is the **other** time, where the two
     loops can differ."""
 
@@ -93,6 +93,7 @@ class StepClock:
     @contextlib.contextmanager
     def phases(self, model: torch.nn.Module):
         import torch.optim.adam as adam_mod
+        from torch.optim.optimizer import register_optimizer_step_post_hook
 
         def fwd_pre(module, args):
             self._fwd_t0 = time.perf_counter()
@@ -111,6 +112,7 @@ class StepClock:
             return wrapper
 
         handles = [model.register_forward_pre_hook(fwd_pre), model.register_forward_hook(fwd_post)]
+        handles.append(register_optimizer_step_post_hook(self))
         backward, adam = torch.Tensor.backward, adam_mod.adam
         torch.Tensor.backward, adam_mod.adam = timed("backward", backward), timed("update", adam)
         try:
@@ -147,18 +149,12 @@ class StepClock:
 # ------------------------------------------------------------------------------------------------------------- ours
 def run_ours(cfg, state, batches, steps: int, warmup: int, clock: StepClock) -> torch.nn.Module:
     """``ClipModule`` fitted by a Lightning ``Trainer`` for ``steps`` steps; returns the trained open_clip model."""
-    import lightning as L
-
     from lightning_modules.clip import ClipModule
-
-    class _Clock(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            trainer.optimizers[0].register_step_post_hook(clock)
 
     module = ClipModule(model=cfg, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, warmup_steps=warmup)
     module.model.load_state_dict(state)
     with clock.phases(module.model):
-        fit(module, [{"image": i, "text": t} for i, t in batches], steps, [_Clock()], accelerator="cpu")
+        fit(module, [{"image": i, "text": t} for i, t in batches], steps, [], accelerator="cpu")
     return module.model
 
 
@@ -185,7 +181,6 @@ def run_open_clip(cfg, state, batches, steps: int, warmup: int, clock: StepClock
     model = open_clip.CLIP(**cfg, output_dict=True)
     model.load_state_dict(state)
     optimizer = open_clip_optimizer(model, LR, WEIGHT_DECAY, BETAS, eps)
-    optimizer.register_step_post_hook(clock)
     scheduler = cosine_lr(optimizer, LR, warmup, steps)
     batches_of = loader(batches, steps)
     batches_of.num_batches, batches_of.num_samples = steps, steps * len(batches[0][0])  # as open_clip_train.data does

@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks, ready for whatever GPU is lent (at most 8 minutes): recaption images/s per GPU on the real
-# LLaVA-LLaMA3-8B shapes (random weights, bf16, 336 px, 128 new tokens; hf, and vllm where it imports), a Recap-CLIP
-# B/16 bf16 train step and a DiT-B/4 bf16 train step. The figures, with the card's name from nvidia-smi, are appended
-# to docs/gpu.md and written to $OUT (gpu_checks.md, gpu_checks.json, one log per check). See benchmarks/gpu_checks.py.
+# The GPU checks on whatever GPU is lent (at most 8 minutes; what they measure: docs/gpu.md, which gets the figures;
+# $OUT gets gpu_checks.md, gpu_checks.json and one log per check). Arguments go to python -m benchmarks.gpu_checks:
 #   bash benchmarks/gpu_checks.sh                  # OUT=runs/gpu_checks, BUDGET_S=430 (seconds for the checks)
-#   bash benchmarks/gpu_checks.sh --checks clip    # any arguments of python -m benchmarks.gpu_checks
-# CI runs the same entry point on tiny shapes on CPU (tests/test_benchmarks.py: python -m benchmarks.gpu_checks --tiny).
-# Optional: wheels in .whl/ (packages the machine lacks, e.g. vllm) are installed to /tmp/site first.
+#   bash benchmarks/gpu_checks.sh --checks clip
+# Wheels in .whl/ (packages the machine lacks, e.g. vllm) are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_checks}
