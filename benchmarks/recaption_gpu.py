@@ -28,18 +28,15 @@ def build_random_checkpoint(model_dir: Path, shape: str, layers: int, tokenizer:
     from benchmarks.captioner_step import SHAPES
     from lightning_modules.components.llava import build_llava, save_llava
 
-    llm = dict(SHAPES[shape]["llm"])
-    if layers:
-        llm["num_hidden_layers"] = layers
+    llm = SHAPES[shape]["llm"] | ({"num_hidden_layers": layers} if layers else {})
     tok_dir = model_dir / "_tokenizer"
     tok = AutoTokenizer.from_pretrained(tokenizer)
     # every id of the LM head must decode (vLLM detokenizes as it goes): pad the vocabulary with plain tokens
     tok.add_tokens([f"<pad_{i}>" for i in range(llm["vocab_size"] - len(tok) - 8)])
     tok.save_pretrained(tok_dir)
     torch.manual_seed(0)
-    save_llava(
-        build_llava(vision_tower=SHAPES[shape]["vision"], llm=llm, tokenizer=str(tok_dir), dtype=dtype), model_dir
-    )
+    model = build_llava(vision_tower=SHAPES[shape]["vision"], llm=llm, tokenizer=str(tok_dir), dtype=dtype)
+    save_llava(model, model_dir)
 
 
 def throughput(model_dir: Path, backend: str, n: int, batch_size: int, max_new_tokens: int, **kw: Any) -> dict:
@@ -87,11 +84,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in args.backends:
         kw = {"device": args.device, "dtype": args.dtype}
         report[name] = r = throughput(model_dir, name, args.n, args.batch_size, args.max_new_tokens, **kw)
-        print(
-            f"{name}: {r['images_per_s']:.1f} images/s, {r['tokens_per_s']:,.0f} generated tokens/s (mean "
-            f"{r['mean_new_tokens']:.1f} new tokens) on {device}",
-            flush=True,
-        )
+        figures = f"{r['images_per_s']:.1f} images/s, {r['tokens_per_s']:,.0f} generated tokens/s"
+        print(f"{name}: {figures} (mean {r['mean_new_tokens']:.1f} new tokens) on {device}", flush=True)
     write_json(args.json, report)
     return report
 
