@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from benchmarks.common import fit, free_memory, loader, machine, parser, quiet, spread, write_json
+from benchmarks.common import fit, free_memory, loader, machine, parser, quiet, summarize, write_json
 
 IMPLS = ("ours", "open_clip")
 # The suite's tiny CLIP (experiments/configs/debug/tiny_clip.yaml): ViT w64 L2 at 64 px + text w64 L2, ~3.4M params.
@@ -212,13 +212,6 @@ def _max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Median, min and max ms/step over runs, and the median of each other figure."""
-    medians = ("median_interval_ms", "cpu_ms_per_step", "forward_ms", "backward_ms", "update_ms", "other_ms")
-    ms = spread([r["ms_per_step"] for r in runs])
-    return ms | {k: statistics.median(r[k] for r in runs) for k in (*medians, "first_step_s")}
-
-
 def format_table(result: dict[str, Any]) -> str:
     columns = {"median": "ms/step (median)", "min": "min", "max": "max", "median_interval_ms": "median step"}
     columns |= {"cpu_ms_per_step": "CPU ms/step", "forward_ms": "forward", "backward_ms": "backward"}
@@ -321,7 +314,8 @@ def _run(a: argparse.Namespace, threads: int) -> dict[str, Any]:
             print(f"{head} ({step}, {rest}, {run['threads_in_step']} threads)", flush=True)
         weight_diffs.append(_max_weight_diff(finals["ours"], finals["open_clip"]))
         moved.append(_max_weight_diff(finals["ours"], state))
-    summary = {impl: summarize(runs[impl]) for impl in IMPLS}
+    medians = ("median_interval_ms", "cpu_ms_per_step", "forward_ms", "backward_ms", "update_ms", "other_ms")
+    summary = {impl: summarize(runs[impl], "ms_per_step", (*medians, "first_step_s")) for impl in IMPLS}
     pairs = list(zip(runs["ours"], runs["open_clip"], strict=True))
     paired = [o["ms_per_step"] / c["ms_per_step"] for o, c in pairs]
     settings = {k: getattr(a, k) for k in ("steps", "skip_steps", "batch_size", "repeats", "distinct_batches", "seed")}

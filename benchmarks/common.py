@@ -123,8 +123,11 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def spread(values: Sequence[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+def summarize(runs: Sequence[dict[str, Any]], key: str, medians: Sequence[str]) -> dict[str, float]:
+    """Median, min and max of ``key`` over ``runs``, and the median of each of ``medians``."""
+    values = [r[key] for r in runs]
+    spread = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return spread | {k: statistics.median(r[k] for r in runs) for k in medians}
 
 
 # ------------------------------------------------------------------------------------------- what a figure was run on

@@ -38,7 +38,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmarks.common import commit, git, loadavg, machine, parser, quiet, record, spread, write_json
+from benchmarks.common import commit, git, loadavg, machine, parser, quiet, record, summarize, write_json
 
 OPEN_CLIP_SAMPLE_SHUFFLE_SIZE = 5000  # open_clip_train/data.py's training-pipeline constants
 OPEN_CLIP_SAMPLE_SHUFFLE_INITIAL = 1000
@@ -221,11 +221,6 @@ def time_loader(name: str, urls: Sequence[str], cfg: SimpleNamespace) -> dict[st
     }
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
-    rates = spread([r["samples_per_s"] for r in runs])
-    return rates | {k: statistics.median(r[k] for r in runs) for k in ("first_batch_s", "cpu_ms_per_sample")}
-
-
 def measure_size(urls: Sequence[str], cfg: SimpleNamespace, repeats: int) -> dict[str, Any]:
     """All loaders at ``cfg.image_size``, ``repeats`` runs each, in turns."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in LOADERS}
@@ -236,7 +231,8 @@ def measure_size(urls: Sequence[str], cfg: SimpleNamespace, repeats: int) -> dic
             rate, first, cpu = run["samples_per_s"], run["first_batch_s"], run["cpu_ms_per_sample"]
             where = f"{cfg.image_size} px run {r + 1}/{repeats} {name:<12}"
             print(f"  {where} {rate:8.0f} samples/s (first batch {first:.2f} s, {cpu:.3f} CPU ms/sample)", flush=True)
-    summary = {name: summarize(runs[name]) for name in LOADERS}
+    medians = ("first_batch_s", "cpu_ms_per_sample")
+    summary = {name: summarize(runs[name], "samples_per_s", medians) for name in LOADERS}
     paired = [o["samples_per_s"] / c["samples_per_s"] for o, c in zip(runs["ours"], runs["open_clip"], strict=True)]
     result = {
         "runs": runs,
