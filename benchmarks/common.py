@@ -33,10 +33,6 @@ def parser(module: str, doc: str, **kw: Any) -> argparse.ArgumentParser:
     return p
 
 
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 

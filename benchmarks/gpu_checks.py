@@ -31,7 +31,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from benchmarks.common import ROOT, commit, device, device_name, peak_gib, timed_fit
+from benchmarks.common import ROOT, commit, device_name, peak_gib, timed_fit
 
 DOC = ROOT / "docs" / "gpu.md"
 CHECKS = ("recaption_build", "recaption_hf", "clip", "dit", "recaption_vllm")
@@ -99,7 +99,7 @@ def check_recaption_build(s: dict[str, Any], work: Path, tok: str) -> dict[str, 
         return {"model_dir": str(model_dir), "build_s": 0.0, "reused": True}
     shutil.rmtree(model_dir, ignore_errors=True)  # an interrupted build
     t0 = time.perf_counter()
-    with torch.device(device()):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         build_random_checkpoint(model_dir, s["recaption"]["shape"], 0, tok, "bfloat16")
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     return {"model_dir": str(model_dir), "build_s": time.perf_counter() - t0, "gib": size / 2**30}
@@ -221,7 +221,7 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
     # scratch (the ~17 GB random checkpoint, kept for a rerun) outside OUT, which may be copied back from the machine
     work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "recap_gpu_checks"
     work.mkdir(parents=True, exist_ok=True)
-    isolate = args.isolate == "yes" or (args.isolate == "auto" and device() == "cuda")
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and torch.cuda.is_available())
     report: dict[str, Any] = {"card": card(), "commit": commit(7) or "unknown", "date": str(datetime.date.today())}
     report |= {"tiny": args.tiny, "settings": {k: s[k] for k in ("recaption", "clip", "dit")}, "isolated": isolate}
     report["checks"] = {}
