@@ -31,7 +31,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from benchmarks.common import ROOT, commit, device_name, peak_gib, timed_fit
+from benchmarks.common import ROOT, commit, device_name, peak_gib, timed_fit, write_json
 
 DOC = ROOT / "docs" / "gpu.md"
 CHECKS = ("recaption_build", "recaption_hf", "clip", "dit", "recaption_vllm")
@@ -248,7 +248,7 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {name}: {json.dumps(result, default=str)}", flush=True)
     report["total_s"] = time.perf_counter() - t0
     section = format_section(report)
-    (out / "gpu_checks.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json(out / "gpu_checks.json", report)
     (out / "gpu_checks.md").write_text(section)
     if args.doc:
         doc = Path(args.doc)

@@ -71,9 +71,8 @@ def shortlist_file() -> Path:
     if not path.exists():
         import open_clip
 
-        words = [
-            w[: -len("</w>")] for w in open_clip.tokenizer.SimpleTokenizer().decoder.values() if w.endswith("</w>")
-        ]
+        vocab = open_clip.tokenizer.SimpleTokenizer().decoder.values()
+        words = [w.removesuffix("</w>") for w in vocab if w.endswith("</w>")]
         path.write_text(" ".join(words[1000 : 1000 + SHORTLIST_WORDS]))
     return path
 
