@@ -104,28 +104,24 @@ def _pick(rng: np.random.Generator, seq: Sequence):
 def _junk(rng: np.random.Generator) -> str:
     r = int(rng.integers(8))
     y, mo, d = int(rng.integers(2008, 2024)), int(rng.integers(1, 13)), int(rng.integers(1, 29))
-    if r == 0:
-        return f"IMG_{int(rng.integers(1000, 10000))}.jpg"
-    if r == 1:
-        return f"DSC{int(rng.integers(10000, 100000))}.JPG"
-    if r == 2:
-        return f"{y}-{mo:02d}-{d:02d}"
-    if r == 3:
-        return f"photo_{y}{mo:02d}{d:02d}_{int(rng.integers(0, 240000)):06d}.jpg"
-    if r == 4:
-        return f"banner_final_v{int(rng.integers(1, 9))}.png"
-    if r == 5:
-        return f"{_pick(rng, ('product image', 'page', 'slide', 'untitled-', 'image'))}{int(rng.integers(1, 60))}"
-    return _pick(rng, _JUNK_FIXED)
+    forms = (  # lambdas: only the chosen form draws its numbers
+        lambda: f"IMG_{int(rng.integers(1000, 10000))}.jpg",
+        lambda: f"DSC{int(rng.integers(10000, 100000))}.JPG",
+        lambda: f"{y}-{mo:02d}-{d:02d}",
+        lambda: f"photo_{y}{mo:02d}{d:02d}_{int(rng.integers(0, 240000)):06d}.jpg",
+        lambda: f"banner_final_v{int(rng.integers(1, 9))}.png",
+        lambda: f"{_pick(rng, ('product image', 'page', 'slide', 'untitled-', 'image'))}{int(rng.integers(1, 60))}",
+    )
+    return forms[r]() if r < len(forms) else _pick(rng, _JUNK_FIXED)
 
 
-def _bg_short(scene: Scene) -> str:
-    bg = scene.background
-    if bg.kind == "plain":
-        return bg.colours[0]
-    if bg.kind == "checker":
-        return "checkered"
-    return "stripes" if bg.kind == "hstripes" else "striped"
+_BG_SHORT = {"checker": "checkered", "hstripes": "stripes", "vstripes": "striped"}  # plain: its colour
+_PUNCT = (  # punctuation noise: underscores, a trailing "!!", a hashtag, dashes
+    lambda text, rng: text.replace(" ", "_"),
+    lambda text, rng: text + _pick(rng, ("!", "!!", "...", " :)")),
+    lambda text, rng: "#" + text.replace(" ", ""),
+    lambda text, rng: text.replace(" ", "-"),
+)
 
 
 def alt_text(scene: Scene, rng: np.random.Generator, noise: AltTextNoise | None = None) -> AltText:
@@ -150,7 +146,8 @@ def alt_text(scene: Scene, rng: np.random.Generator, noise: AltTextNoise | None 
         phrases = [f"{colour_word} {main.shape}"] + [f"{others[int(j)].colour} {others[int(j)].shape}" for j in order]
         text = _pick(rng, _ALT_JOIN).join(phrases)
         if rng.random() < noise.partial_background:
-            text += _pick(rng, (" on ", " ", " - ")) + _bg_short(scene)
+            bg = scene.background
+            text += _pick(rng, (" on ", " ", " - ")) + _BG_SHORT.get(bg.kind, bg.colours[0])
     elif kind == "wrong":
         if rng.random() < noise.wrong_colour_share:
             c = _pick(rng, [c for c in COLOURS if c != main.colour])
@@ -167,15 +164,7 @@ def alt_text(scene: Scene, rng: np.random.Generator, noise: AltTextNoise | None 
     if rng.random() < noise.case_rate:
         text = _pick(rng, (str.upper, str.title, str.capitalize))(text)
     if rng.random() < noise.punct_rate:
-        r = int(rng.integers(4))
-        if r == 0:
-            text = text.replace(" ", "_")
-        elif r == 1:
-            text += _pick(rng, ("!", "!!", "...", " :)"))
-        elif r == 2:
-            text = "#" + text.replace(" ", "")
-        else:
-            text = text.replace(" ", "-")
+        text = _pick(rng, _PUNCT)(text, rng)
     return AltText(text=text, kind=kind, uses_shade=use_shade)
 
 
@@ -204,6 +193,11 @@ _SHORT_BG = (
     ("a {a} background", "a plain {a} background", "{a}"),
     ("a checkered background", "a {a} and {b} checkerboard", "{a} and {b} checks"),
     ("a striped background", "{a} and {b} stripes", "{o} stripes", "a {o}ly striped background"),
+)
+_LONG_BG = (  # a one-phrase tuple draws nothing: rng.integers(1) leaves the generator as it was
+    ("a uniform {a} backdrop", "a backdrop of flat {a}"),
+    ("a backdrop tiled like a chessboard in {a} and {b}",),
+    ("a backdrop striped {o}ly in {a} and {b}",),
 )
 
 
@@ -377,18 +371,10 @@ def long_caption(scene: Scene, rng: np.random.Generator) -> str:
     """Urban1K-style long caption, phrased unlike the training descriptions (different words and object order)."""
     objs = sorted(scene.objects, key=lambda o: (round(o.cy / 8), o.cx))  # reading order, not main-first
     n = len(objs)
-    bg = scene.background
     noun = _pick(rng, ("figure", "form", "motif"))
     what = _pick(rng, ("A drawing", "A rendering", "A flat composition", "An abstract sketch"))
     count = f"a single {noun}" if n == 1 else f"{NUMBER_WORDS[n]} {noun}s"
-    if bg.kind == "plain":
-        back = _pick(rng, ("a uniform {a} backdrop", "a backdrop of flat {a}")).format(a=bg.colours[0])
-    elif bg.kind == "checker":
-        back = f"a backdrop tiled like a chessboard in {bg.colours[0]} and {bg.colours[1]}"
-    else:
-        how = "horizontally" if bg.kind == "hstripes" else "vertically"
-        back = f"a backdrop striped {how} in {bg.colours[0]} and {bg.colours[1]}"
-    sents = [f"{what} of {count} over {back}."]
+    sents = [f"{what} of {count} over {_bg_phrase(scene, rng, _LONG_BG)}."]
     for o in objs:
         size = _pick(rng, ("big", "sizeable")) if o.size == "large" else _pick(rng, ("little", "compact"))
         p = _pick(rng, LONG_POSITIONS[o.position])
@@ -455,13 +441,14 @@ def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[s
     pool.append(("What does the background look like?", *looks))
     side = _pick(rng, ("left", "right", "top", "bottom"))
     there = [o for o in objs if o.position == side]
-    where = {"left": "on the left side", "right": "on the right side", "top": "at the top", "bottom": "at the bottom"}
+    where = DETAIL_POSITIONS[side][0]
     if there:
         o = there[0]
-        o_np = f"{o.colour} {o.shape}"
-        pool.append((f"What is {where[side]} of the image?", f"There is {_full_np(o)} {where[side]}.", _cap(o_np)))
+        pool.append(
+            (f"What is {where} of the image?", f"There is {_full_np(o)} {where}.", _cap(f"{o.colour} {o.shape}"))
+        )
     else:
-        pool.append((f"What is {where[side]} of the image?", f"Nothing, the {side} of the image is empty.", "Nothing"))
+        pool.append((f"What is {where} of the image?", f"Nothing, the {side} of the image is empty.", "Nothing"))
     out = []
     for j in rng.permutation(len(pool))[:n]:
         q, long_a, short_a = pool[int(j)]
