@@ -78,10 +78,6 @@ VG_BOX_MARGIN = 2  # px of context around the two objects in a VG-Attribution bo
 _OUTPUTS = ("world.json", "web", "truth", "caption_pretrain", "instruct", "eval")
 
 
-def _default_start_method() -> str:
-    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-
-
 @dataclass
 class WorldConfig:
     """Every knob of the tiny world. ``WorldConfig()`` is the default world; ``WorldConfig.tiny()`` a test world."""
@@ -112,7 +108,7 @@ class WorldConfig:
     workers: int = 2  # Processes used for generation (1 = in-process). Output does not depend on it.
     chunk_size: int = 500  # Items per task for the non-web splits (web tasks are whole shards).
     # multiprocessing start method for the workers ("fork" where available).
-    start_method: str = field(default_factory=_default_start_method)
+    start_method: str = field(default_factory=lambda: "fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
     def __post_init__(self) -> None:
         if isinstance(self.scene, dict):
@@ -144,9 +140,7 @@ class WorldConfig:
         return cls(**json.loads(p.read_text())["config"])
 
     def counts(self) -> dict[str, int]:
-        fields = ("n_web", "n_caption_pretrain", "n_instruct", "n_classify", "n_retrieval", "n_long_retrieval", "n_t2i")
-        fields += ("n_vg_attribution",)
-        return {split: getattr(self, name) for split, name in zip(SPLITS, fields, strict=True)}
+        return {split: getattr(self, f"n_{split.removesuffix('_prompts')}") for split in SPLITS}  # t2i_prompts: n_t2i
 
     @property
     def n_shards(self) -> int:
@@ -270,7 +264,7 @@ def _tar_write(tar: tarfile.TarFile, sample: dict[str, str | bytes]) -> None:
         tar.addfile(ti, io.BytesIO(data))
 
 
-def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> dict:
+def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> list[dict]:
     start_time = time.time()
     name = shard_name(shard_id, cfg.oom_shard_count)
     web = out / "web"
@@ -309,10 +303,10 @@ def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> dict:
     stats |= {"duration": end_time - start_time, "start_time": start_time, "end_time": end_time}
     stats["status_dict"] = dict(status_dict)
     (web / f"{name}_stats.json").write_text(json.dumps(stats, indent=4))
-    return {"truth": truth}
+    return truth
 
 
-def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> dict:
+def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> list[dict]:
     recs: list[dict] = []
     for i in range(lo, hi):
         rng = _text_rng(cfg, split, i)  # the image stream is separate, so drawing the scene first changes no text
@@ -361,7 +355,7 @@ def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> d
             rec["_id"] = str(i)
         (out / image).write_bytes(jpg)
         recs.append(rec | {"_index": i, "_truth": _truth_row(scene)})  # scenes travel back as plain (cheap) dicts
-    return {"recs": recs}
+    return recs
 
 
 def _swappable(scene: Scene) -> bool:
@@ -384,13 +378,12 @@ def _attribute_swap(scene: Scene, rng: np.random.Generator, size: int) -> dict[s
     return box | {"true_caption": true, "false_caption": false, "attributes": [first.colour, second.colour]}
 
 
-def _run_task(args: tuple) -> tuple[str, int, dict]:
-    cfg_dict, out, task = args
+def _run_task(args: tuple) -> tuple[str, list[dict]]:
+    cfg_dict, out, (split, *span) = args
     cfg = WorldConfig(**cfg_dict)
-    if task[0] == "web":
-        return task[0], task[1], _web_shard(cfg, Path(out), task[1])
-    split, lo, hi = task
-    return split, lo, _split_chunk(cfg, Path(out), split, lo, hi)
+    if split == "web":
+        return split, _web_shard(cfg, Path(out), *span)
+    return split, _split_chunk(cfg, Path(out), split, *span)
 
 
 def _tasks(cfg: WorldConfig) -> list[tuple]:
@@ -467,19 +460,14 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
             results = list(pool.imap(_run_task, jobs))
     t_render = time.perf_counter() - t0
 
-    by_split: dict[str, list[dict]] = {s: [] for s in SPLIT_IDS}
-    web_truth: list[dict] = []
-    for split, _, res in results:  # imap keeps task order, so records are in index order
-        if split == "web":
-            web_truth += res["truth"]
-        else:
-            by_split[split] += res["recs"]
-
+    by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}  # web: its truth rows; other splits: records
+    for split, recs in results:  # imap keeps task order, so records are in index order
+        by_split[split] += recs
+    web_truth = by_split["web"]
     pq.write_table(_truth_table(web_truth, "key"), out / "truth" / "web.parquet")
-    for split, recs in by_split.items():
-        if split != "web":
-            rows = [{"id": r["_id"], "index": r["_index"], **r["_truth"]} for r in recs if "_truth" in r]
-            pq.write_table(_truth_table(rows, "id"), out / "truth" / f"{split}.parquet")
+    for split in SPLITS[1:]:
+        rows = [{"id": r["_id"], "index": r["_index"], **r["_truth"]} for r in by_split[split] if "_truth" in r]
+        pq.write_table(_truth_table(rows, "id"), out / "truth" / f"{split}.parquet")
 
     for path in CONVERSATION_FILES:
         split = path.split("/")[0]
