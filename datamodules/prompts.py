@@ -57,11 +57,9 @@ def seeded_subset(n: int, k: int | None, seed: int = 0) -> list[int]:
 def _is_binary(dtype: Any) -> bool:
     import pyarrow as pa
 
-    if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_fixed_size_binary(dtype):
-        return True
     if pa.types.is_struct(dtype):  # e.g. an HF ``Image`` feature: {bytes, path}
-        return any(_is_binary(dtype.field(i).type) for i in range(dtype.num_fields))
-    return False
+        return any(_is_binary(f.type) for f in dtype)
+    return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_fixed_size_binary(dtype)
 
 
 def _coco_image_path(url: str, image_id: Any, image_root: Path) -> Path:
