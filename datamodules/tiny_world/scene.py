@@ -74,12 +74,10 @@ class SceneConfig:
     min_background_contrast: float = 90.0
 
     def __post_init__(self) -> None:
-        if len(self.object_count_probs) != 3 or not math.isclose(sum(self.object_count_probs), 1.0, abs_tol=1e-6):
-            raise ValueError(f"object_count_probs must be 3 probabilities summing to 1, got {self.object_count_probs}")
-        if len(self.background_kind_probs) != len(BACKGROUND_KINDS) or not math.isclose(
-            sum(self.background_kind_probs), 1.0, abs_tol=1e-6
-        ):
-            raise ValueError(f"background_kind_probs must be {len(BACKGROUND_KINDS)} probabilities summing to 1")
+        for name, n in (("object_count_probs", 3), ("background_kind_probs", len(BACKGROUND_KINDS))):
+            probs = getattr(self, name)
+            if len(probs) != n or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+                raise ValueError(f"{name} must be {n} probabilities summing to 1, got {probs}")
         if self.image_size < 16 or self.supersample < 1:
             raise ValueError("image_size must be >= 16 and supersample >= 1")
         if self.downsample not in ("lanczos", "box"):
@@ -222,12 +220,8 @@ def sample_scene(
     best_contrast = -1.0
     for _ in range(20):
         v = rng.random(2).tolist()
-        a = _index(v[0], len(names))
-        if kind == "plain":
-            bg_cols: tuple[str, ...] = (names[a],)
-        else:
-            b = _index(v[1], len(names) - 1)
-            bg_cols = (names[a], names[b + (b >= a)])
+        a, b = _index(v[0], len(names)), _index(v[1], len(names) - 1)  # b: the second colour, never a
+        bg_cols = (names[a],) if kind == "plain" else (names[a], names[b + (b >= a)])
         contrast = min(math.dist(o.rgb, BACKGROUND_COLOURS[c]) for o in objects for c in bg_cols)
         if contrast > best_contrast:
             best, best_contrast = bg_cols, contrast

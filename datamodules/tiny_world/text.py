@@ -17,6 +17,7 @@ import numpy as np
 from .scene import BACKGROUND_COLOURS, COLOURS, SHADE_TO_COLOUR, SHADES, SHAPES, Scene, SceneObject
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+ALT_KINDS = ("attribute", "partial", "wrong", "junk")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class AltTextNoise:
     punct_rate: float = 0.10
 
     def __post_init__(self) -> None:
-        total = self.attribute + self.partial + self.wrong + self.junk
+        total = sum(self.kind_probs)
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"alt-text kind rates must sum to 1, got {total}")
         for f in fields(self)[len(ALT_KINDS) :]:  # every knob after the four kind rates is a rate
@@ -60,11 +61,8 @@ class AltTextNoise:
             raise ValueError("attribute_colour_only + attribute_shape_only must be <= 1")
 
     @property
-    def kind_probs(self) -> tuple[float, float, float, float]:
-        return self.attribute, self.partial, self.wrong, self.junk
-
-
-ALT_KINDS = ("attribute", "partial", "wrong", "junk")
+    def kind_probs(self) -> list[float]:
+        return [getattr(self, kind) for kind in ALT_KINDS]
 
 
 @dataclass(frozen=True)
