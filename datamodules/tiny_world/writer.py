@@ -36,6 +36,7 @@ from .scene import (
     SHAPES,
     Scene,
     SceneConfig,
+    _index,
     item_rng,
     render_scene,
     sample_scene,
@@ -279,16 +280,14 @@ def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> list[dict]:
             scene = sample_scene(rng, cfg.scene)
             alt = alt_text(scene, _text_rng(cfg, "web", g), cfg.alt)
             u_fail, u_err = rng.random(2).tolist()  # always drawn, so fail_rate never changes the pixels
-            failed = u_fail < cfg.fail_rate
             meta: dict[str, Any] = dict.fromkeys(WEB_PARQUET_SCHEMA.names)  # the columns, in order
             meta.update(org_caption=alt.text, caption=alt.text, url=cfg.url_template.format(key=key), key=key)
-            if failed:
-                err = DOWNLOAD_ERRORS[min(int(u_err * len(DOWNLOAD_ERRORS)), len(DOWNLOAD_ERRORS) - 1)]
+            if u_fail < cfg.fail_rate:
+                err = DOWNLOAD_ERRORS[_index(u_err, len(DOWNLOAD_ERRORS))]
                 meta.update(status="failed_to_download", error_message=err)
                 status_dict[err] += 1
             else:
-                img = render_scene(scene, rng, cfg.scene)
-                jpg = _jpeg(img, cfg.jpeg_quality)
+                jpg = _jpeg(render_scene(scene, rng, cfg.scene), cfg.jpeg_quality)
                 meta.update(status="success", width=size, height=size, original_width=size, original_height=size)
                 meta["sha256"] = hashlib.sha256(jpg).hexdigest()
                 status_dict["success"] += 1
@@ -296,8 +295,7 @@ def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> list[dict]:
             metas.append(meta)
             row = {"key": key, "shard": shard_id, "index": g, "status": meta["status"], **_truth_row(scene)}
             truth.append(row | {"alt_kind": alt.kind, "alt_uses_shade": alt.uses_shade})
-    table = pa.Table.from_pylist(metas, schema=WEB_PARQUET_SCHEMA)
-    pq.write_table(table, web / f"{name}.parquet")
+    pq.write_table(pa.Table.from_pylist(metas, schema=WEB_PARQUET_SCHEMA), web / f"{name}.parquet")
     successes, end_time = status_dict["success"], time.time()
     stats = {"count": hi - lo, "successes": successes, "failed_to_download": hi - lo - successes, "failed_to_resize": 0}
     stats |= {"duration": end_time - start_time, "start_time": start_time, "end_time": end_time}
