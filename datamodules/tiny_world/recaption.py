@@ -206,17 +206,17 @@ def truth_recaptions(
         scene = Scene.from_json(row["objects"], row["background"], row["main_index"], image_size)
         for v, (text, p) in enumerate(recaption_scene(scene, key, world_seed=world_seed, seed=seed, noise=noise)):
             captions[v].append(text)
-            cnt["captions"] += 1
-            objs = scene.objects
-            dropped = set(p.dropped)
-            cnt["small_eligible"] += sum(1 for i, o in enumerate(objs) if i != scene.main_index and o.size == "small")
-            cnt["small_dropped"] += len(dropped)
-            kept = [i for i in range(len(objs)) if i not in dropped]
-            cnt["colour_eligible"] += sum(1 for i in kept if objs[i].colour in cmap)
-            cnt["colour_confused"] += len(p.colour_confused)
-            cnt["shape_eligible"] += sum(1 for i in kept if objs[i].shape in smap)
-            cnt["shape_coarsened"] += len(p.shape_coarsened)
-            cnt["main_misnamed"] += scene.main_index in p.colour_confused or scene.main_index in p.shape_coarsened
+            kept = [o for i, o in enumerate(scene.objects) if i not in p.dropped]
+            cnt.update(
+                captions=1,
+                small_eligible=sum(i != scene.main_index and o.size == "small" for i, o in enumerate(scene.objects)),
+                small_dropped=len(p.dropped),
+                colour_eligible=sum(o.colour in cmap for o in kept),
+                colour_confused=len(p.colour_confused),
+                shape_eligible=sum(o.shape in smap for o in kept),
+                shape_coarsened=len(p.shape_coarsened),
+                main_misnamed=int(scene.main_index in p.colour_confused + p.shape_coarsened),
+            )
 
     n = len(keys)
     re_len = [len(t.split()) if t else 0 for t in captions[0]]
