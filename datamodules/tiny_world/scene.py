@@ -54,8 +54,7 @@ class SceneConfig:
     """Geometry and appearance knobs of scene sampling and rendering (a slice of ``WorldConfig``)."""
 
     image_size: int = 64  # Output side length in pixels (square images).
-    # Drawing resolution multiplier; the canvas is downsampled to ``image_size`` with ``downsample``.
-    supersample: int = 4
+    supersample: int = 4  # Drawing resolution multiplier; the canvas is downsampled to ``image_size``.
     # "lanczos" (box-reduce to 2x, then LANCZOS) or "box" (area average; about 0.4 ms/image cheaper).
     downsample: str = "lanczos"
     object_count_probs: tuple[float, ...] = (0.4, 0.4, 0.2)  # P(1 object), P(2), P(3).

@@ -86,8 +86,7 @@ class WorldConfig:
     seed: int = 0  # World seed; every item is a pure function of (seed, split, index).
     n_web: int = 20_000  # Web (alt-text) images, written as img2dataset webdataset shards under ``web/``.
     shard_size: int = 1_000  # Samples per web shard (img2dataset ``number_sample_per_shard``).
-    # Digits of the shard id in shard names and keys (img2dataset ``oom_shard_count``, default 5).
-    oom_shard_count: int = 5
+    oom_shard_count: int = 5  # Digits of the shard id in shard names and keys (img2dataset ``oom_shard_count``).
     n_caption_pretrain: int = 5_000  # LCS-558K-style caption-pretraining samples.
     n_instruct: int = 5_000  # LLaVA-665K-style instruction conversations (some text-only).
     n_classify: int = 2_000  # Zero-shot classification eval images, class-balanced (label = index % 48); 0 or >= 48.
@@ -102,13 +101,11 @@ class WorldConfig:
     # Fraction of web samples that 'failed to download' (parquet row with status failed_to_download, no tar member).
     fail_rate: float = 0.0
     jpeg_quality: int = 95  # JPEG quality of every written image (img2dataset's default encode_quality is 95).
-    # URL recorded for web sample ``key`` (the .invalid TLD never resolves).
-    url_template: str = "https://tinyworld.invalid/img/{key}.jpg"
+    url_template: str = "https://tinyworld.invalid/img/{key}.jpg"  # the .invalid TLD never resolves
     scene: SceneConfig = field(default_factory=SceneConfig)  # Scene sampling and rendering knobs.
     alt: AltTextNoise = field(default_factory=AltTextNoise)  # Alt-text noise rates.
     workers: int = 2  # Processes used for generation (1 = in-process). Output does not depend on it.
     chunk_size: int = 500  # Items per task for the non-web splits (web tasks are whole shards).
-    # multiprocessing start method for the workers ("fork" where available).
     start_method: str = field(default_factory=lambda: "fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
     def __post_init__(self) -> None:
