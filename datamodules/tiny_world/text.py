@@ -555,10 +555,9 @@ def instruct_conversation(
     turns: list[tuple[str, str]]
     if kind == "text":
         turns = text_only_qa(rng, 1 + int(rng.integers(2)))
-        return [d for q, a in turns for d in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
-    if scene is None:
+    elif scene is None:
         raise ValueError(f"kind {kind!r} needs a scene")
-    if kind == "detail":
+    elif kind == "detail":
         turns = [(_pick(rng, DETAIL_PROMPTS), detailed_description(scene, rng))]
     elif kind == "brief":
         turns = [(_pick(rng, BRIEF_PROMPTS), short_caption(scene, rng))]
@@ -568,7 +567,7 @@ def instruct_conversation(
         raise ValueError(f"unknown instruct kind {kind!r}")
     conv = []
     for i, (q, a) in enumerate(turns):
-        conv.append({"from": "human", "value": _with_image(q, rng) if i == 0 else q})
+        conv.append({"from": "human", "value": _with_image(q, rng) if i == 0 and kind != "text" else q})
         conv.append({"from": "gpt", "value": a})
     return conv
 
