@@ -27,27 +27,18 @@ class AltTextNoise:
     Defaults follow the prototype (PROTOTYPE.md, "Setup" (b)), which gave a mean of about 5 BPE tokens.
     """
 
-    # One attribute of the main object: its colour ("red thing"), its shape ("star icon") or both ("crimson star").
-    attribute: float = 0.40
-    # Correct colour+shape phrases for all objects but one random non-main one ("red star and blue circle").
-    partial: float = 0.25
+    attribute: float = 0.40  # One attribute of the main object: colour ("red thing"), shape ("star icon") or both.
+    partial: float = 0.25  # Colour+shape phrases of all objects but one random non-main one ("red star, blue ring").
     wrong: float = 0.15  # The main object with a wrong colour or a wrong shape ("a green star" for a red star).
-    # Unrelated web text: file names, shop slogans, dates ("IMG_2031.jpg", "free shipping on all orders").
-    junk: float = 0.20
-    # Fraction of correct (attribute + partial) alt-texts that name the main object's shade instead of its colour.
-    shade_rate: float = 0.30
-    # Within ``attribute``: share that names only the colour (before shade forcing, see README).
-    attribute_colour_only: float = 0.35
-    # Within ``attribute``: share that names only the shape; the rest names colour and shape.
-    attribute_shape_only: float = 0.35
-    # Within ``partial``: share that appends the background ("... on gray", "... striped").
-    partial_background: float = 0.40
+    junk: float = 0.20  # Unrelated web text: file names, shop slogans, dates ("IMG_2031.jpg", "free shipping").
+    shade_rate: float = 0.30  # Share of correct (attribute, partial) texts naming the main object's shade, not colour.
+    attribute_colour_only: float = 0.35  # Within ``attribute``: share naming only the colour (see README).
+    attribute_shape_only: float = 0.35  # Within ``attribute``: share naming only the shape; the rest name both.
+    partial_background: float = 0.40  # Within ``partial``: share appending the background ("... on gray").
     wrong_colour_share: float = 0.5  # Within ``wrong``: share with a wrong colour (the rest has a wrong shape).
-    # Any alt-text: probability of a web filler prefix/suffix ("png", "clipart", "| free download").
-    seo_rate: float = 0.25
+    seo_rate: float = 0.25  # Any alt-text: probability of a web filler prefix/suffix ("png", "| free download").
     case_rate: float = 0.15  # Any alt-text: probability of casing noise (UPPER, Title Case or Capitalised).
-    # Any alt-text: probability of punctuation noise (underscores for spaces, "!!", "...", "#").
-    punct_rate: float = 0.10
+    punct_rate: float = 0.10  # Any alt-text: probability of punctuation noise ("_" for spaces, "!!", "...", "#").
 
     def __post_init__(self) -> None:
         total = sum(self.kind_probs)

@@ -1,9 +1,7 @@
-"""Write a whole tiny world to disk in the layouts real data uses (see README.md in this folder).
+"""Write a whole tiny world to disk in the layouts real data uses (README.md here: "Layout", "Determinism").
 
-``generate_world(out_dir, cfg)`` renders every split in parallel (``cfg.workers`` processes). Every item is a pure
-function of ``(cfg.seed, split id, index)``, so the output does not depend on the number of processes or on the
-order tasks finish in; only wall-clock fields (``world.json`` timing, ``web/*_stats.json`` times) differ between runs.
-Command line: ``python -m experiments world --out DIR`` (experiments/world.py).
+``generate_world(out_dir, cfg)`` renders every split in ``cfg.workers`` processes; every item is a pure function of
+``(cfg.seed, split id, index)``. Command line: ``python -m experiments world --out DIR`` (experiments/world.py).
 """
 
 from __future__ import annotations
@@ -95,11 +93,9 @@ class WorldConfig:
     n_t2i: int = 2_000  # Text-to-image eval prompts with reference images (Recap-COCO-30K-style).
     n_vg_attribution: int = 2_000  # Attribute-swap (ARO VG-Attribution layout) eval items, one two-object image each.
     n_short_captions: int = 5  # Human captions per retrieval image.
-    # Instruct conversation kinds: detailed description, brief caption, Q/A (1..max turns), text-only.
-    instruct_mix: tuple[float, float, float, float] = (0.35, 0.10, 0.45, 0.10)
+    instruct_mix: tuple[float, float, float, float] = (0.35, 0.10, 0.45, 0.10)  # Shares of INSTRUCT_KINDS.
     instruct_max_qa_turns: int = 4  # Maximum Q/A turns in one Q/A conversation.
-    # Fraction of web samples that 'failed to download' (parquet row with status failed_to_download, no tar member).
-    fail_rate: float = 0.0
+    fail_rate: float = 0.0  # Share of web samples that 'failed to download' (a parquet row, no tar member).
     jpeg_quality: int = 95  # JPEG quality of every written image (img2dataset's default encode_quality is 95).
     url_template: str = "https://tinyworld.invalid/img/{key}.jpg"  # the .invalid TLD never resolves
     scene: SceneConfig = field(default_factory=SceneConfig)  # Scene sampling and rendering knobs.
