@@ -432,10 +432,8 @@ def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[s
     there = [o for o in objs if o.position == side]
     where = DETAIL_POSITIONS[side][0]
     if there:
-        o = there[0]
-        pool.append(
-            (f"What is {where} of the image?", f"There is {_full_np(o)} {where}.", _cap(f"{o.colour} {o.shape}"))
-        )
+        o_np = f"{there[0].colour} {there[0].shape}"
+        pool.append((f"What is {where} of the image?", f"There is {_full_np(there[0])} {where}.", _cap(o_np)))
     else:
         pool.append((f"What is {where} of the image?", f"Nothing, the {side} of the image is empty.", "Nothing"))
     out = []
