@@ -45,8 +45,7 @@ class PromptSet(list[PromptRecord]):
 
 
 def seeded_subset(n: int, k: int | None, seed: int = 0) -> list[int]:
-    """``k`` indices of ``range(n)`` drawn with ``random.Random(seed)``, in increasing order; all when ``k`` is None or
-    ``>= n``. The same ``(n, k, seed)`` always gives the same subset."""
+    """``k`` indices of ``range(n)`` drawn with ``random.Random(seed)``, sorted; all when ``k`` is None or ``>= n``."""
     if k is None or k >= n:
         return list(range(n))
     if k < 1:
