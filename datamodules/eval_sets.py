@@ -1,10 +1,7 @@
-"""``EvalDataModule``: the evaluation harness's tasks as Lightning test loaders.
+"""``EvalDataModule``: the evaluation tasks (``lightning_modules.evaluation``) as Lightning test loaders, one per task.
 
-``python -m experiments test --config <model>.yaml --config experiments/configs/eval/<suite>.yaml --ckpt_path X``
-runs every task (zero-shot classification, retrieval, long-caption retrieval; ``lightning_modules.evaluation``) with
-the model's own eval transform. Each task's images are one test dataloader (split across ranks by Lightning's
-distributed sampler); the LightningModule encodes them in ``test_step`` and scores each task in
-``on_test_epoch_end`` with ``task.compute``, the same code the in-loop evaluation runs.
+``python -m experiments test --config <model>.yaml --config experiments/configs/eval/<suite>.yaml --ckpt_path X``:
+the LightningModule encodes the images in ``test_step`` and scores each task with ``task.compute`` at epoch end.
 """
 
 from __future__ import annotations
@@ -45,12 +42,5 @@ class EvalDataModule(L.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         transform = self._transform()
         return [
-            DataLoader(
-                task.image_dataset(transform),
-                batch_size=self.batch_size,
-                num_workers=self.num_workers,
-                shuffle=False,
-                persistent_workers=False,
-            )
-            for task in self.tasks
+            DataLoader(t.image_dataset(transform), self.batch_size, num_workers=self.num_workers) for t in self.tasks
         ]

@@ -45,8 +45,7 @@ class PromptSet(list[PromptRecord]):
 
 
 def seeded_subset(n: int, k: int | None, seed: int = 0) -> list[int]:
-    """``k`` indices of ``range(n)`` drawn with ``random.Random(seed)``, in increasing order; all when ``k`` is None or
-    ``>= n``. The same ``(n, k, seed)`` always gives the same subset."""
+    """``k`` indices of ``range(n)`` drawn with ``random.Random(seed)``, sorted; all when ``k`` is None or ``>= n``."""
     if k is None or k >= n:
         return list(range(n))
     if k < 1:
@@ -57,11 +56,9 @@ def seeded_subset(n: int, k: int | None, seed: int = 0) -> list[int]:
 def _is_binary(dtype: Any) -> bool:
     import pyarrow as pa
 
-    if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_fixed_size_binary(dtype):
-        return True
     if pa.types.is_struct(dtype):  # e.g. an HF ``Image`` feature: {bytes, path}
-        return any(_is_binary(dtype.field(i).type) for i in range(dtype.num_fields))
-    return False
+        return any(_is_binary(f.type) for f in dtype)
+    return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_fixed_size_binary(dtype)
 
 
 def _coco_image_path(url: str, image_id: Any, image_root: Path) -> Path:

@@ -1,11 +1,9 @@
 """The tiny world's LLaMA-3 analog: its tokenizer (``world-tokenizer``) and a text-pretrained Llama (``tiny-llm``).
 
-The tokenizer is a byte-level BPE trained on every text of one world (a 128k vocabulary would be almost all unused
-rows for a tiny model), with the LLaMA-3 special tokens, LLaVA's ``<image>`` and the LLaMA-3 LLaVA chat template
-(``datamodules/chat.py``); conversations are trained on as the template renders them. The Llama stands in for a
-pretrained LLM, which LLaVA's stage 1 (projector only) relies on: it is trained on the world's text and, like
-Meta-Llama-3-8B-Instruct, on its conversations in the chat format, then loaded by path like the real one. World
-preparation, not an experiment of the paper: short plain PyTorch, no LightningModule. See tiny_world/README.md.
+The tokenizer is a byte-level BPE trained on every text of one world, with the LLaMA-3 special tokens, ``<image>``
+and the LLaMA-3 LLaVA chat template (tiny_world/README.md, "Captioner tokenizer"). The Llama stands in for the
+pretrained LLM that LLaVA's stage 1 (projector only) relies on: trained on the world's text and, like
+Meta-Llama-3-8B-Instruct, its conversations in the chat format. World preparation: plain PyTorch, no LightningModule.
 """
 
 from __future__ import annotations
@@ -134,9 +132,8 @@ def train_world_tokenizer(
 ) -> Any:
     """Train the world's byte-level BPE, ``save_pretrained`` it to ``out_dir`` and return it.
 
-    A tokenizer already in ``out_dir`` from the same world, ``vocab_size`` and ``model_max_length`` is loaded instead,
-    unless ``overwrite``; one from anything else is an error unless ``overwrite`` (which replaces only the tokenizer
-    files). ``vocab_size`` counts the 7 special tokens and the 256 bytes; a small world may stop short of it.
+    A tokenizer already in ``out_dir`` with the same stamp (world, settings) is loaded instead, unless ``overwrite``;
+    one with another stamp is an error unless ``overwrite``. ``vocab_size`` counts the 7 special tokens and 256 bytes.
     """
     from transformers import AutoTokenizer
 
@@ -206,13 +203,13 @@ def llm_texts(world_dir: str | Path) -> list[str]:
     return [t for t in texts if t]
 
 
-def tiny_llama_config(tokenizer: Any, **overrides: Any) -> Any:
+def tiny_llama_config(tokenizer: Any) -> Any:
     from transformers import LlamaConfig
 
     sizes = dict(hidden_size=160, intermediate_size=416, num_hidden_layers=2, num_attention_heads=4)
     sizes |= dict(num_key_value_heads=4, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True)
     ids = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("bos", "eos", "pad")}
-    return LlamaConfig(**({"vocab_size": int(math.ceil(len(tokenizer) / 64) * 64)} | sizes | ids | overrides))
+    return LlamaConfig(vocab_size=math.ceil(len(tokenizer) / 64) * 64, **sizes, **ids)
 
 
 def pretrain_tiny_llm(
@@ -225,7 +222,6 @@ def pretrain_tiny_llm(
     seed: int = 0,
     log_every: int = 100,
     chat: bool = True,
-    **config_overrides: Any,
 ) -> dict[str, Any]:
     """Train and ``save_pretrained`` (model + tokenizer) into ``out_dir``; returns a small report."""
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -237,7 +233,7 @@ def pretrain_tiny_llm(
     if chat:
         chats = world_conversations(world_dir)
         docs += [tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in chats]
-    model = LlamaForCausalLM(tiny_llama_config(tok, **config_overrides))
+    model = LlamaForCausalLM(tiny_llama_config(tok))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -275,10 +271,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--world", default="data/world")
     parser.add_argument("--tokenizer", required=True, help="the world tokenizer folder")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    for flag, default in (("--steps", 800), ("--batch-size", 64), ("--lr", 2e-3), ("--seed", 0)):
+        parser.add_argument(flag, type=type(default), default=default)
     parser.add_argument("--no-chat", action="store_true", help="raw text only (no chat-formatted conversations)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)

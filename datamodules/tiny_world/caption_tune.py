@@ -25,10 +25,10 @@ SPLITS = ("caption_pretrain", "instruct")
 _STREAM = 4242  # an rng stream of its own: the descriptions differ from the instruct set's detail answers
 
 
-def detail_records(world_dir: str | os.PathLike, splits: Sequence[str] = SPLITS, seed: int = 0) -> list[dict]:
+def detail_records(world_dir: str | os.PathLike, seed: int = 0) -> list[dict]:
     world = Path(world_dir)
     records = []
-    for split in splits:
+    for split_index, split in enumerate(SPLITS):
         truth = world / "truth" / f"{split}.parquet"
         if not truth.is_file():
             raise FileNotFoundError(f"{truth} does not exist (is {world} a tiny world? see generate_world)")
@@ -36,7 +36,7 @@ def detail_records(world_dir: str | os.PathLike, splits: Sequence[str] = SPLITS,
             image = f"{split}/images/{row['id']}.jpg"
             if not (world / image).is_file():
                 raise FileNotFoundError(f"{world / image} (truth row {row['id']} of {truth}) does not exist")
-            rng = np.random.default_rng([seed, _STREAM, SPLITS.index(split) if split in SPLITS else 9, row["index"]])
+            rng = np.random.default_rng([seed, _STREAM, split_index, row["index"]])
             scene = Scene.from_json(row["objects"], row["background"], row["main_index"])
             prompt = DETAIL_PROMPTS[int(rng.integers(len(DETAIL_PROMPTS)))]
             answer = {"from": "gpt", "value": detailed_description(scene, rng)}

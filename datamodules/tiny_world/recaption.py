@@ -1,12 +1,8 @@
 """The tiny world's "truth recaptioner": an imperfect oracle that writes a Recap-DataComp-1B-schema table.
 
-Until a trained captioner recaptions the web shards, CLIP experiments need a recaption source. :func:`truth_recaptions`
-writes ``OUT/train-0000i-of-0000n.parquet`` with the released table's columns and dtypes, in a row order unrelated to
-the shards, for ``python -m experiments sidecars`` as the real table. Each ``re_caption`` is the world's detailed
-description of a *perceived* copy of the scene, with the imperfections of :class:`RecapNoise` (what LLaVA recaptions
-lose): colour confusion (orange -> "red"), shape coarsening (ring -> "circle", star -> "shape") and omission of small
-non-main objects. Shades are never named. Everything is a pure function of ``(world seed, recap seed, key)``, so the
-output is byte-identical on rerun and one image's recaption does not depend on the other images.
+Each ``re_caption`` is the world's detailed description of a *perceived* copy of the scene, with the imperfections of
+:class:`RecapNoise` (what LLaVA recaptions lose); a pure function of ``(world seed, recap seed, key)``. Layout, knobs
+and their rationale: README.md here, "Truth recaptions".
 """
 
 from __future__ import annotations
@@ -43,8 +39,7 @@ _FILE_RE = re.compile(r"^train-\d{5}-of-\d{5}\.parquet$")
 
 @dataclass(frozen=True)
 class RecapNoise:
-    """How imperfect the truth recaptioner is: per-object probabilities (README.md, "Truth recaptions", says why these
-    defaults); all 0 is a perfect captioner."""
+    """How imperfect the truth recaptioner is: per-object probabilities; all 0 is a perfect captioner."""
 
     colour_confusion: float = 0.3  # a colour_map colour is named with its mapped word (orange -> "red")
     shape_coarsen: float = 0.2  # a shape_map shape is named with its coarser word (ring -> "circle")
@@ -58,9 +53,8 @@ class RecapNoise:
 
     def __post_init__(self) -> None:
         for name in ("colour_confusion", "shape_coarsen", "drop_small"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.n_variants < 1:
             raise ValueError(f"n_variants must be >= 1, got {self.n_variants}")
         # tuples (not lists) so the dataclass stays hashable and JSON round-trips compare equal
@@ -183,10 +177,8 @@ def truth_recaptions(
 ) -> dict:
     """Write a world's recaption table (``files`` parquets plus ``_recap_config.json``) to an empty ``out_dir``.
 
-    ``seed`` draws the noise and the wording; rows are shuffled across files unless ``shuffle=False``; ``overwrite``
-    deletes only this writer's files. The summary holds ``rates``, the realised rate of each imperfection over all
-    variants plus ``main_object_misnamed`` (recaptions whose main object's colour or shape word is wrong), their
-    ``counts``, and the mean lengths.
+    ``seed`` draws the noise and the wording; ``overwrite`` deletes only this writer's files. The summary's ``rates``
+    are the realised rate of each imperfection over all variants, plus ``main_object_misnamed``.
     """
     t0 = time.perf_counter()
     noise = noise or RecapNoise()
@@ -214,17 +206,17 @@ def truth_recaptions(
         scene = Scene.from_json(row["objects"], row["background"], row["main_index"], image_size)
         for v, (text, p) in enumerate(recaption_scene(scene, key, world_seed=world_seed, seed=seed, noise=noise)):
             captions[v].append(text)
-            cnt["captions"] += 1
-            objs = scene.objects
-            dropped = set(p.dropped)
-            cnt["small_eligible"] += sum(1 for i, o in enumerate(objs) if i != scene.main_index and o.size == "small")
-            cnt["small_dropped"] += len(dropped)
-            kept = [i for i in range(len(objs)) if i not in dropped]
-            cnt["colour_eligible"] += sum(1 for i in kept if objs[i].colour in cmap)
-            cnt["colour_confused"] += len(p.colour_confused)
-            cnt["shape_eligible"] += sum(1 for i in kept if objs[i].shape in smap)
-            cnt["shape_coarsened"] += len(p.shape_coarsened)
-            cnt["main_misnamed"] += scene.main_index in p.colour_confused or scene.main_index in p.shape_coarsened
+            kept = [o for i, o in enumerate(scene.objects) if i not in p.dropped]
+            cnt.update(
+                captions=1,
+                small_eligible=sum(i != scene.main_index and o.size == "small" for i, o in enumerate(scene.objects)),
+                small_dropped=len(p.dropped),
+                colour_eligible=sum(o.colour in cmap for o in kept),
+                colour_confused=len(p.colour_confused),
+                shape_eligible=sum(o.shape in smap for o in kept),
+                shape_coarsened=len(p.shape_coarsened),
+                main_misnamed=int(scene.main_index in p.colour_confused + p.shape_coarsened),
+            )
 
     n = len(keys)
     re_len = [len(t.split()) if t else 0 for t in captions[0]]

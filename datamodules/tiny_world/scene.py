@@ -1,9 +1,7 @@
-"""Scene sampling (ground truth) and PIL rendering for the tiny world.
+"""Scene sampling (ground truth) and PIL rendering for the tiny world (README.md here, "What is in a scene").
 
-A scene is 1-3 flat-coloured shapes on a plain, striped or checkered background, drawn at ``supersample``x
-resolution with PIL and LANCZOS-downsampled to ``image_size`` (64 px by default), then given mild Gaussian pixel
-noise. Everything random comes from a ``numpy.random.Generator`` the caller passes in, so a scene (and its pixels)
-is a pure function of that generator's seed; :func:`item_rng` builds the per-item generators the writer uses.
+Everything random comes from the ``numpy.random.Generator`` the caller passes in, so a scene (and its pixels) is a
+pure function of that generator's seed; :func:`item_rng` builds the per-item generators the writer uses.
 """
 
 from __future__ import annotations
@@ -54,32 +52,25 @@ class SceneConfig:
     """Geometry and appearance knobs of scene sampling and rendering (a slice of ``WorldConfig``)."""
 
     image_size: int = 64  # Output side length in pixels (square images).
-    # Drawing resolution multiplier; the canvas is downsampled to ``image_size`` with ``downsample``.
-    supersample: int = 4
-    # "lanczos" (box-reduce to 2x, then LANCZOS) or "box" (area average; about 0.4 ms/image cheaper).
-    downsample: str = "lanczos"
+    supersample: int = 4  # Drawing resolution multiplier; the canvas is downsampled to ``image_size``.
+    downsample: str = "lanczos"  # "lanczos" (box-reduce to 2x, then LANCZOS) or "box" (area mean; ~0.4 ms cheaper).
     object_count_probs: tuple[float, ...] = (0.4, 0.4, 0.2)  # P(1 object), P(2), P(3).
     small_size: float = 16.0  # Nominal diameter (px at ``image_size``) of a small object.
     large_size: float = 28.0  # Nominal diameter of a large object.
     size_jitter: float = 0.1  # Each object's size is scaled by U(1 - size_jitter, 1 + size_jitter).
     position_jitter: float = 3.0  # Each object's centre moves by U(-j, j) px in x and y.
-    # Distance (px) between an edge-anchored object's bounding box and the image border before jitter.
-    edge_margin: float = 3.0
+    edge_margin: float = 3.0  # Px between an edge-anchored object's bounding box and the border, before jitter.
     rgb_jitter: int = 20  # Each object's shade RGB is offset by an integer in [-rgb_jitter, rgb_jitter] per channel.
     pixel_noise_sigma: float = 6.0  # Std of the Gaussian noise added to every pixel after downsampling.
-    # Probabilities of ``BACKGROUND_KINDS`` (plain, horizontal stripes, vertical stripes, checker).
-    background_kind_probs: tuple[float, ...] = (0.5, 0.2, 0.2, 0.1)
+    background_kind_probs: tuple[float, ...] = (0.5, 0.2, 0.2, 0.1)  # Probabilities of ``BACKGROUND_KINDS``.
     stripe_width: int = 8  # Width (px) of background stripes and checker squares.
-    # Background colours are re-drawn (up to 20 times) until every object's RGB is at least this far (L2).
-    min_background_contrast: float = 90.0
+    min_background_contrast: float = 90.0  # Backgrounds are redrawn (<= 20 times) until objects are this far (L2).
 
     def __post_init__(self) -> None:
-        if len(self.object_count_probs) != 3 or not math.isclose(sum(self.object_count_probs), 1.0, abs_tol=1e-6):
-            raise ValueError(f"object_count_probs must be 3 probabilities summing to 1, got {self.object_count_probs}")
-        if len(self.background_kind_probs) != len(BACKGROUND_KINDS) or not math.isclose(
-            sum(self.background_kind_probs), 1.0, abs_tol=1e-6
-        ):
-            raise ValueError(f"background_kind_probs must be {len(BACKGROUND_KINDS)} probabilities summing to 1")
+        for name, n in (("object_count_probs", 3), ("background_kind_probs", len(BACKGROUND_KINDS))):
+            probs = getattr(self, name)
+            if len(probs) != n or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+                raise ValueError(f"{name} must be {n} probabilities summing to 1, got {probs}")
         if self.image_size < 16 or self.supersample < 1:
             raise ValueError("image_size must be >= 16 and supersample >= 1")
         if self.downsample not in ("lanczos", "box"):
@@ -222,12 +213,8 @@ def sample_scene(
     best_contrast = -1.0
     for _ in range(20):
         v = rng.random(2).tolist()
-        a = _index(v[0], len(names))
-        if kind == "plain":
-            bg_cols: tuple[str, ...] = (names[a],)
-        else:
-            b = _index(v[1], len(names) - 1)
-            bg_cols = (names[a], names[b + (b >= a)])
+        a, b = _index(v[0], len(names)), _index(v[1], len(names) - 1)  # b: the second colour, never a
+        bg_cols = (names[a],) if kind == "plain" else (names[a], names[b + (b >= a)])
         contrast = min(math.dist(o.rgb, BACKGROUND_COLOURS[c]) for o in objects for c in bg_cols)
         if contrast > best_contrast:
             best, best_contrast = bg_cols, contrast

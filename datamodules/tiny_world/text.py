@@ -17,6 +17,7 @@ import numpy as np
 from .scene import BACKGROUND_COLOURS, COLOURS, SHADE_TO_COLOUR, SHADES, SHAPES, Scene, SceneObject
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+ALT_KINDS = ("attribute", "partial", "wrong", "junk")
 
 
 @dataclass(frozen=True)
@@ -26,30 +27,21 @@ class AltTextNoise:
     Defaults follow the prototype (PROTOTYPE.md, "Setup" (b)), which gave a mean of about 5 BPE tokens.
     """
 
-    # One attribute of the main object: its colour ("red thing"), its shape ("star icon") or both ("crimson star").
-    attribute: float = 0.40
-    # Correct colour+shape phrases for all objects but one random non-main one ("red star and blue circle").
-    partial: float = 0.25
+    attribute: float = 0.40  # One attribute of the main object: colour ("red thing"), shape ("star icon") or both.
+    partial: float = 0.25  # Colour+shape phrases of all objects but one random non-main one ("red star, blue ring").
     wrong: float = 0.15  # The main object with a wrong colour or a wrong shape ("a green star" for a red star).
-    # Unrelated web text: file names, shop slogans, dates ("IMG_2031.jpg", "free shipping on all orders").
-    junk: float = 0.20
-    # Fraction of correct (attribute + partial) alt-texts that name the main object's shade instead of its colour.
-    shade_rate: float = 0.30
-    # Within ``attribute``: share that names only the colour (before shade forcing, see README).
-    attribute_colour_only: float = 0.35
-    # Within ``attribute``: share that names only the shape; the rest names colour and shape.
-    attribute_shape_only: float = 0.35
-    # Within ``partial``: share that appends the background ("... on gray", "... striped").
-    partial_background: float = 0.40
+    junk: float = 0.20  # Unrelated web text: file names, shop slogans, dates ("IMG_2031.jpg", "free shipping").
+    shade_rate: float = 0.30  # Share of correct (attribute, partial) texts naming the main object's shade, not colour.
+    attribute_colour_only: float = 0.35  # Within ``attribute``: share naming only the colour (see README).
+    attribute_shape_only: float = 0.35  # Within ``attribute``: share naming only the shape; the rest name both.
+    partial_background: float = 0.40  # Within ``partial``: share appending the background ("... on gray").
     wrong_colour_share: float = 0.5  # Within ``wrong``: share with a wrong colour (the rest has a wrong shape).
-    # Any alt-text: probability of a web filler prefix/suffix ("png", "clipart", "| free download").
-    seo_rate: float = 0.25
+    seo_rate: float = 0.25  # Any alt-text: probability of a web filler prefix/suffix ("png", "| free download").
     case_rate: float = 0.15  # Any alt-text: probability of casing noise (UPPER, Title Case or Capitalised).
-    # Any alt-text: probability of punctuation noise (underscores for spaces, "!!", "...", "#").
-    punct_rate: float = 0.10
+    punct_rate: float = 0.10  # Any alt-text: probability of punctuation noise ("_" for spaces, "!!", "...", "#").
 
     def __post_init__(self) -> None:
-        total = self.attribute + self.partial + self.wrong + self.junk
+        total = sum(self.kind_probs)
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"alt-text kind rates must sum to 1, got {total}")
         for f in fields(self)[len(ALT_KINDS) :]:  # every knob after the four kind rates is a rate
@@ -60,11 +52,8 @@ class AltTextNoise:
             raise ValueError("attribute_colour_only + attribute_shape_only must be <= 1")
 
     @property
-    def kind_probs(self) -> tuple[float, float, float, float]:
-        return self.attribute, self.partial, self.wrong, self.junk
-
-
-ALT_KINDS = ("attribute", "partial", "wrong", "junk")
+    def kind_probs(self) -> list[float]:
+        return [getattr(self, kind) for kind in ALT_KINDS]
 
 
 @dataclass(frozen=True)
@@ -104,28 +93,24 @@ def _pick(rng: np.random.Generator, seq: Sequence):
 def _junk(rng: np.random.Generator) -> str:
     r = int(rng.integers(8))
     y, mo, d = int(rng.integers(2008, 2024)), int(rng.integers(1, 13)), int(rng.integers(1, 29))
-    if r == 0:
-        return f"IMG_{int(rng.integers(1000, 10000))}.jpg"
-    if r == 1:
-        return f"DSC{int(rng.integers(10000, 100000))}.JPG"
-    if r == 2:
-        return f"{y}-{mo:02d}-{d:02d}"
-    if r == 3:
-        return f"photo_{y}{mo:02d}{d:02d}_{int(rng.integers(0, 240000)):06d}.jpg"
-    if r == 4:
-        return f"banner_final_v{int(rng.integers(1, 9))}.png"
-    if r == 5:
-        return f"{_pick(rng, ('product image', 'page', 'slide', 'untitled-', 'image'))}{int(rng.integers(1, 60))}"
-    return _pick(rng, _JUNK_FIXED)
+    forms = (  # lambdas: only the chosen form draws its numbers
+        lambda: f"IMG_{int(rng.integers(1000, 10000))}.jpg",
+        lambda: f"DSC{int(rng.integers(10000, 100000))}.JPG",
+        lambda: f"{y}-{mo:02d}-{d:02d}",
+        lambda: f"photo_{y}{mo:02d}{d:02d}_{int(rng.integers(0, 240000)):06d}.jpg",
+        lambda: f"banner_final_v{int(rng.integers(1, 9))}.png",
+        lambda: f"{_pick(rng, ('product image', 'page', 'slide', 'untitled-', 'image'))}{int(rng.integers(1, 60))}",
+    )
+    return forms[r]() if r < len(forms) else _pick(rng, _JUNK_FIXED)
 
 
-def _bg_short(scene: Scene) -> str:
-    bg = scene.background
-    if bg.kind == "plain":
-        return bg.colours[0]
-    if bg.kind == "checker":
-        return "checkered"
-    return "stripes" if bg.kind == "hstripes" else "striped"
+_BG_SHORT = {"checker": "checkered", "hstripes": "stripes", "vstripes": "striped"}  # plain: its colour
+_PUNCT = (  # punctuation noise: underscores, a trailing "!!", a hashtag, dashes
+    lambda text, rng: text.replace(" ", "_"),
+    lambda text, rng: text + _pick(rng, ("!", "!!", "...", " :)")),
+    lambda text, rng: "#" + text.replace(" ", ""),
+    lambda text, rng: text.replace(" ", "-"),
+)
 
 
 def alt_text(scene: Scene, rng: np.random.Generator, noise: AltTextNoise | None = None) -> AltText:
@@ -150,7 +135,8 @@ def alt_text(scene: Scene, rng: np.random.Generator, noise: AltTextNoise | None 
         phrases = [f"{colour_word} {main.shape}"] + [f"{others[int(j)].colour} {others[int(j)].shape}" for j in order]
         text = _pick(rng, _ALT_JOIN).join(phrases)
         if rng.random() < noise.partial_background:
-            text += _pick(rng, (" on ", " ", " - ")) + _bg_short(scene)
+            bg = scene.background
+            text += _pick(rng, (" on ", " ", " - ")) + _BG_SHORT.get(bg.kind, bg.colours[0])
     elif kind == "wrong":
         if rng.random() < noise.wrong_colour_share:
             c = _pick(rng, [c for c in COLOURS if c != main.colour])
@@ -167,15 +153,7 @@ def alt_text(scene: Scene, rng: np.random.Generator, noise: AltTextNoise | None 
     if rng.random() < noise.case_rate:
         text = _pick(rng, (str.upper, str.title, str.capitalize))(text)
     if rng.random() < noise.punct_rate:
-        r = int(rng.integers(4))
-        if r == 0:
-            text = text.replace(" ", "_")
-        elif r == 1:
-            text += _pick(rng, ("!", "!!", "...", " :)"))
-        elif r == 2:
-            text = "#" + text.replace(" ", "")
-        else:
-            text = text.replace(" ", "-")
+        text = _pick(rng, _PUNCT)(text, rng)
     return AltText(text=text, kind=kind, uses_shade=use_shade)
 
 
@@ -204,6 +182,11 @@ _SHORT_BG = (
     ("a {a} background", "a plain {a} background", "{a}"),
     ("a checkered background", "a {a} and {b} checkerboard", "{a} and {b} checks"),
     ("a striped background", "{a} and {b} stripes", "{o} stripes", "a {o}ly striped background"),
+)
+_LONG_BG = (  # a one-phrase tuple draws nothing: rng.integers(1) leaves the generator as it was
+    ("a uniform {a} backdrop", "a backdrop of flat {a}"),
+    ("a backdrop tiled like a chessboard in {a} and {b}",),
+    ("a backdrop striped {o}ly in {a} and {b}",),
 )
 
 
@@ -377,18 +360,10 @@ def long_caption(scene: Scene, rng: np.random.Generator) -> str:
     """Urban1K-style long caption, phrased unlike the training descriptions (different words and object order)."""
     objs = sorted(scene.objects, key=lambda o: (round(o.cy / 8), o.cx))  # reading order, not main-first
     n = len(objs)
-    bg = scene.background
     noun = _pick(rng, ("figure", "form", "motif"))
     what = _pick(rng, ("A drawing", "A rendering", "A flat composition", "An abstract sketch"))
     count = f"a single {noun}" if n == 1 else f"{NUMBER_WORDS[n]} {noun}s"
-    if bg.kind == "plain":
-        back = _pick(rng, ("a uniform {a} backdrop", "a backdrop of flat {a}")).format(a=bg.colours[0])
-    elif bg.kind == "checker":
-        back = f"a backdrop tiled like a chessboard in {bg.colours[0]} and {bg.colours[1]}"
-    else:
-        how = "horizontally" if bg.kind == "hstripes" else "vertically"
-        back = f"a backdrop striped {how} in {bg.colours[0]} and {bg.colours[1]}"
-    sents = [f"{what} of {count} over {back}."]
+    sents = [f"{what} of {count} over {_bg_phrase(scene, rng, _LONG_BG)}."]
     for o in objs:
         size = _pick(rng, ("big", "sizeable")) if o.size == "large" else _pick(rng, ("little", "compact"))
         p = _pick(rng, LONG_POSITIONS[o.position])
@@ -455,13 +430,12 @@ def qa_pairs(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[s
     pool.append(("What does the background look like?", *looks))
     side = _pick(rng, ("left", "right", "top", "bottom"))
     there = [o for o in objs if o.position == side]
-    where = {"left": "on the left side", "right": "on the right side", "top": "at the top", "bottom": "at the bottom"}
+    where = DETAIL_POSITIONS[side][0]
     if there:
-        o = there[0]
-        o_np = f"{o.colour} {o.shape}"
-        pool.append((f"What is {where[side]} of the image?", f"There is {_full_np(o)} {where[side]}.", _cap(o_np)))
+        o_np = f"{there[0].colour} {there[0].shape}"
+        pool.append((f"What is {where} of the image?", f"There is {_full_np(there[0])} {where}.", _cap(o_np)))
     else:
-        pool.append((f"What is {where[side]} of the image?", f"Nothing, the {side} of the image is empty.", "Nothing"))
+        pool.append((f"What is {where} of the image?", f"Nothing, the {side} of the image is empty.", "Nothing"))
     out = []
     for j in rng.permutation(len(pool))[:n]:
         q, long_a, short_a = pool[int(j)]
@@ -570,10 +544,9 @@ def instruct_conversation(
     turns: list[tuple[str, str]]
     if kind == "text":
         turns = text_only_qa(rng, 1 + int(rng.integers(2)))
-        return [d for q, a in turns for d in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
-    if scene is None:
+    elif scene is None:
         raise ValueError(f"kind {kind!r} needs a scene")
-    if kind == "detail":
+    elif kind == "detail":
         turns = [(_pick(rng, DETAIL_PROMPTS), detailed_description(scene, rng))]
     elif kind == "brief":
         turns = [(_pick(rng, BRIEF_PROMPTS), short_caption(scene, rng))]
@@ -583,7 +556,7 @@ def instruct_conversation(
         raise ValueError(f"unknown instruct kind {kind!r}")
     conv = []
     for i, (q, a) in enumerate(turns):
-        conv.append({"from": "human", "value": _with_image(q, rng) if i == 0 else q})
+        conv.append({"from": "human", "value": _with_image(q, rng) if i == 0 and kind != "text" else q})
         conv.append({"from": "gpt", "value": a})
     return conv
 

@@ -1,9 +1,7 @@
-"""Write a whole tiny world to disk in the layouts real data uses (see README.md in this folder).
+"""Write a whole tiny world to disk in the layouts real data uses (README.md here: "Layout", "Determinism").
 
-``generate_world(out_dir, cfg)`` renders every split in parallel (``cfg.workers`` processes). Every item is a pure
-function of ``(cfg.seed, split id, index)``, so the output does not depend on the number of processes or on the
-order tasks finish in; only wall-clock fields (``world.json`` timing, ``web/*_stats.json`` times) differ between runs.
-Command line: ``python -m experiments world --out DIR`` (experiments/world.py).
+``generate_world(out_dir, cfg)`` renders every split in ``cfg.workers`` processes; every item is a pure function of
+``(cfg.seed, split id, index)``. Command line: ``python -m experiments world --out DIR`` (experiments/world.py).
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ from .scene import (
     SHAPES,
     Scene,
     SceneConfig,
+    _index,
     item_rng,
     render_scene,
     sample_scene,
@@ -78,10 +77,6 @@ VG_BOX_MARGIN = 2  # px of context around the two objects in a VG-Attribution bo
 _OUTPUTS = ("world.json", "web", "truth", "caption_pretrain", "instruct", "eval")
 
 
-def _default_start_method() -> str:
-    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-
-
 @dataclass
 class WorldConfig:
     """Every knob of the tiny world. ``WorldConfig()`` is the default world; ``WorldConfig.tiny()`` a test world."""
@@ -89,8 +84,7 @@ class WorldConfig:
     seed: int = 0  # World seed; every item is a pure function of (seed, split, index).
     n_web: int = 20_000  # Web (alt-text) images, written as img2dataset webdataset shards under ``web/``.
     shard_size: int = 1_000  # Samples per web shard (img2dataset ``number_sample_per_shard``).
-    # Digits of the shard id in shard names and keys (img2dataset ``oom_shard_count``, default 5).
-    oom_shard_count: int = 5
+    oom_shard_count: int = 5  # Digits of the shard id in shard names and keys (img2dataset ``oom_shard_count``).
     n_caption_pretrain: int = 5_000  # LCS-558K-style caption-pretraining samples.
     n_instruct: int = 5_000  # LLaVA-665K-style instruction conversations (some text-only).
     n_classify: int = 2_000  # Zero-shot classification eval images, class-balanced (label = index % 48); 0 or >= 48.
@@ -99,20 +93,16 @@ class WorldConfig:
     n_t2i: int = 2_000  # Text-to-image eval prompts with reference images (Recap-COCO-30K-style).
     n_vg_attribution: int = 2_000  # Attribute-swap (ARO VG-Attribution layout) eval items, one two-object image each.
     n_short_captions: int = 5  # Human captions per retrieval image.
-    # Instruct conversation kinds: detailed description, brief caption, Q/A (1..max turns), text-only.
-    instruct_mix: tuple[float, float, float, float] = (0.35, 0.10, 0.45, 0.10)
+    instruct_mix: tuple[float, float, float, float] = (0.35, 0.10, 0.45, 0.10)  # Shares of INSTRUCT_KINDS.
     instruct_max_qa_turns: int = 4  # Maximum Q/A turns in one Q/A conversation.
-    # Fraction of web samples that 'failed to download' (parquet row with status failed_to_download, no tar member).
-    fail_rate: float = 0.0
+    fail_rate: float = 0.0  # Share of web samples that 'failed to download' (a parquet row, no tar member).
     jpeg_quality: int = 95  # JPEG quality of every written image (img2dataset's default encode_quality is 95).
-    # URL recorded for web sample ``key`` (the .invalid TLD never resolves).
-    url_template: str = "https://tinyworld.invalid/img/{key}.jpg"
+    url_template: str = "https://tinyworld.invalid/img/{key}.jpg"  # the .invalid TLD never resolves
     scene: SceneConfig = field(default_factory=SceneConfig)  # Scene sampling and rendering knobs.
     alt: AltTextNoise = field(default_factory=AltTextNoise)  # Alt-text noise rates.
     workers: int = 2  # Processes used for generation (1 = in-process). Output does not depend on it.
     chunk_size: int = 500  # Items per task for the non-web splits (web tasks are whole shards).
-    # multiprocessing start method for the workers ("fork" where available).
-    start_method: str = field(default_factory=_default_start_method)
+    start_method: str = field(default_factory=lambda: "fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
     def __post_init__(self) -> None:
         if isinstance(self.scene, dict):
@@ -144,9 +134,7 @@ class WorldConfig:
         return cls(**json.loads(p.read_text())["config"])
 
     def counts(self) -> dict[str, int]:
-        fields = ("n_web", "n_caption_pretrain", "n_instruct", "n_classify", "n_retrieval", "n_long_retrieval", "n_t2i")
-        fields += ("n_vg_attribution",)
-        return {split: getattr(self, name) for split, name in zip(SPLITS, fields, strict=True)}
+        return {split: getattr(self, f"n_{split.removesuffix('_prompts')}") for split in SPLITS}  # t2i_prompts: n_t2i
 
     @property
     def n_shards(self) -> int:
@@ -270,7 +258,7 @@ def _tar_write(tar: tarfile.TarFile, sample: dict[str, str | bytes]) -> None:
         tar.addfile(ti, io.BytesIO(data))
 
 
-def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> dict:
+def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> list[dict]:
     start_time = time.time()
     name = shard_name(shard_id, cfg.oom_shard_count)
     web = out / "web"
@@ -285,16 +273,14 @@ def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> dict:
             scene = sample_scene(rng, cfg.scene)
             alt = alt_text(scene, _text_rng(cfg, "web", g), cfg.alt)
             u_fail, u_err = rng.random(2).tolist()  # always drawn, so fail_rate never changes the pixels
-            failed = u_fail < cfg.fail_rate
             meta: dict[str, Any] = dict.fromkeys(WEB_PARQUET_SCHEMA.names)  # the columns, in order
             meta.update(org_caption=alt.text, caption=alt.text, url=cfg.url_template.format(key=key), key=key)
-            if failed:
-                err = DOWNLOAD_ERRORS[min(int(u_err * len(DOWNLOAD_ERRORS)), len(DOWNLOAD_ERRORS) - 1)]
+            if u_fail < cfg.fail_rate:
+                err = DOWNLOAD_ERRORS[_index(u_err, len(DOWNLOAD_ERRORS))]
                 meta.update(status="failed_to_download", error_message=err)
                 status_dict[err] += 1
             else:
-                img = render_scene(scene, rng, cfg.scene)
-                jpg = _jpeg(img, cfg.jpeg_quality)
+                jpg = _jpeg(render_scene(scene, rng, cfg.scene), cfg.jpeg_quality)
                 meta.update(status="success", width=size, height=size, original_width=size, original_height=size)
                 meta["sha256"] = hashlib.sha256(jpg).hexdigest()
                 status_dict["success"] += 1
@@ -302,17 +288,16 @@ def _web_shard(cfg: WorldConfig, out: Path, shard_id: int) -> dict:
             metas.append(meta)
             row = {"key": key, "shard": shard_id, "index": g, "status": meta["status"], **_truth_row(scene)}
             truth.append(row | {"alt_kind": alt.kind, "alt_uses_shade": alt.uses_shade})
-    table = pa.Table.from_pylist(metas, schema=WEB_PARQUET_SCHEMA)
-    pq.write_table(table, web / f"{name}.parquet")
+    pq.write_table(pa.Table.from_pylist(metas, schema=WEB_PARQUET_SCHEMA), web / f"{name}.parquet")
     successes, end_time = status_dict["success"], time.time()
     stats = {"count": hi - lo, "successes": successes, "failed_to_download": hi - lo - successes, "failed_to_resize": 0}
     stats |= {"duration": end_time - start_time, "start_time": start_time, "end_time": end_time}
     stats["status_dict"] = dict(status_dict)
     (web / f"{name}_stats.json").write_text(json.dumps(stats, indent=4))
-    return {"truth": truth}
+    return truth
 
 
-def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> dict:
+def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> list[dict]:
     recs: list[dict] = []
     for i in range(lo, hi):
         rng = _text_rng(cfg, split, i)  # the image stream is separate, so drawing the scene first changes no text
@@ -361,7 +346,7 @@ def _split_chunk(cfg: WorldConfig, out: Path, split: str, lo: int, hi: int) -> d
             rec["_id"] = str(i)
         (out / image).write_bytes(jpg)
         recs.append(rec | {"_index": i, "_truth": _truth_row(scene)})  # scenes travel back as plain (cheap) dicts
-    return {"recs": recs}
+    return recs
 
 
 def _swappable(scene: Scene) -> bool:
@@ -384,13 +369,12 @@ def _attribute_swap(scene: Scene, rng: np.random.Generator, size: int) -> dict[s
     return box | {"true_caption": true, "false_caption": false, "attributes": [first.colour, second.colour]}
 
 
-def _run_task(args: tuple) -> tuple[str, int, dict]:
-    cfg_dict, out, task = args
+def _run_task(args: tuple) -> tuple[str, list[dict]]:
+    cfg_dict, out, (split, *span) = args
     cfg = WorldConfig(**cfg_dict)
-    if task[0] == "web":
-        return task[0], task[1], _web_shard(cfg, Path(out), task[1])
-    split, lo, hi = task
-    return split, lo, _split_chunk(cfg, Path(out), split, lo, hi)
+    if split == "web":
+        return split, _web_shard(cfg, Path(out), *span)
+    return split, _split_chunk(cfg, Path(out), split, *span)
 
 
 def _tasks(cfg: WorldConfig) -> list[tuple]:
@@ -467,19 +451,14 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *
             results = list(pool.imap(_run_task, jobs))
     t_render = time.perf_counter() - t0
 
-    by_split: dict[str, list[dict]] = {s: [] for s in SPLIT_IDS}
-    web_truth: list[dict] = []
-    for split, _, res in results:  # imap keeps task order, so records are in index order
-        if split == "web":
-            web_truth += res["truth"]
-        else:
-            by_split[split] += res["recs"]
-
+    by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}  # web: its truth rows; other splits: records
+    for split, recs in results:  # imap keeps task order, so records are in index order
+        by_split[split] += recs
+    web_truth = by_split["web"]
     pq.write_table(_truth_table(web_truth, "key"), out / "truth" / "web.parquet")
-    for split, recs in by_split.items():
-        if split != "web":
-            rows = [{"id": r["_id"], "index": r["_index"], **r["_truth"]} for r in recs if "_truth" in r]
-            pq.write_table(_truth_table(rows, "id"), out / "truth" / f"{split}.parquet")
+    for split in SPLITS[1:]:
+        rows = [{"id": r["_id"], "index": r["_index"], **r["_truth"]} for r in by_split[split] if "_truth" in r]
+        pq.write_table(_truth_table(rows, "id"), out / "truth" / f"{split}.parquet")
 
     for path in CONVERSATION_FILES:
         split = path.split("/")[0]
