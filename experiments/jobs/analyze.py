@@ -4,25 +4,10 @@ r"""``python -m experiments analyze``: caption statistics of the original vs rec
     python -m experiments analyze --shards 'data/world/web/*.tar' --sidecar-dir data/world/sidecars_llava \
         --clip runs/tiny/captioner/web_clip/export --tokenizer data/world/tokenizer --out docs/analysis
 
-Inputs, streamed, each summarised on its own: ``--shards`` read with the caption-mix loader's own stages (one pass,
-file order; captions from ``--sources``, the DataModule's spec strings; images decoded only for ``--clip`` and
-``--judge``) and ``--recap``, Recap-DataComp-1B-schema parquet files read batch by batch.
-
-Outputs in ``--out``: ``lengths.png`` (Fig. 3), ``summary.json`` and ``summary.md``: per input the caption lengths
-(whitespace words; with ``--tokenizer`` also tokens), word tokens and vocabulary, the CLIP-score share (``--clip``
-on the shards' images, else the parquet's scores) and the judge's ratings (``--judge``), each defined in
-``DEFINITIONS``. The paper's "captures 82.86% tokens of the word collections from both" (§4) is the recaptions' share
-of the word tokens: its own mean lengths give 49.43 / (49.43 + 10.22) = 82.87%.
-
-The v2 columns of the later upload (``formats.RECAP_V2_COLUMNS``): ``re_caption_condition_diverse_topk`` is a
-further caption side (``recaption_v2``; from ``--recap`` files that have it, from shards as a further ``--sources``
-entry), measured as the recaption is and compared with the original; ``re_condition_length`` is reported as a
-distribution (from the files, or from ``--sidecar-dir``). Files with and without them mix: rows without count as
-missing.
-
-Memory: bounded by the input's batch, not its length: fixed-size length histograms, running sums and a vocabulary of
-at most ``--max-vocab`` words (~150 bytes each); past the cap new words count as ``oov_tokens`` and the coverage is
-flagged as computed on a truncated vocabulary.
+Each input is summarised on its own: ``--shards`` read with the caption-mix loader's own stages, ``--recap``
+(Recap-DataComp-1B-schema parquet) batch by batch. Writes ``lengths.png`` (Fig. 3), ``summary.json`` and ``summary.md``;
+``DEFINITIONS`` defines each statistic, docs/analysis/README.md ("How it is computed") the inputs, the v2 columns and
+the memory bound.
 """
 
 from __future__ import annotations
@@ -109,15 +94,8 @@ class LengthHistogram:
         """The median (mean of the two middle values for an even count); None past the last bin."""
         if not self.n:
             return None
-        cum = np.cumsum(self.counts)
-
-        def kth(k: int) -> int:  # the k-th smallest length, 0-based
-            return int(np.searchsorted(cum, k + 1))
-
-        lo, hi = kth((self.n - 1) // 2), kth(self.n // 2)
-        if hi > self.max_length:
-            return None
-        return (lo + hi) / 2
+        lo, hi = np.searchsorted(np.cumsum(self.counts), [(self.n - 1) // 2 + 1, self.n // 2 + 1])
+        return None if hi > self.max_length else (int(lo) + int(hi)) / 2
 
     def summary(self) -> dict[str, Any]:
         summary = {"n": self.n, "mean": self.mean(), "median": self.median(), "max": self.max_seen}
@@ -170,9 +148,10 @@ class Vocabulary:
             "tokens": dict(zip(self.sides, self.tokens, strict=True)),
             "token_share_pct": share,  # the recaption's: the paper's 82.86% = 49.43 / (49.43 + 10.22) (§4)
         }
+        out["top_words"] = {}
         for i, side in enumerate(self.sides):
-            best = sorted(((c[i], w) for w, c in self.counts.items() if c[i]), key=lambda t: (-t[0], t[1]))[:top]
-            out.setdefault("top_words", {})[side] = [[w, n] for n, w in best]
+            best = sorted((-c[i], w) for w, c in self.counts.items() if c[i])[:top]
+            out["top_words"][side] = [[w, -n] for n, w in best]
         return out
 
 
@@ -458,19 +437,14 @@ class AttributeRater:
             raise ValueError("AttributeRater expects the paper's rating prompt (generation.JUDGE_PROMPT)")
         caption = prompt_text[len(self.prefix) : len(prompt_text) - len(self.suffix)]
         parsed, pred = parse_caption(caption), self.predict(image)
-        checks = []
-        main = parsed.main
+        main, background = parsed.main, parsed.background
+        stated = {"count": None if parsed.count is None else str(parsed.count)}
         if main is not None:
-            if main.colour is not None:
-                checks.append(main.colour == pred["colour"])
-            if main.shape != GENERIC_SHAPE:
-                checks.append(main.shape == pred["shape"])
-            if main.position is not None:
-                checks.append(main.position == pred["position"])
-        if parsed.count is not None:
-            checks.append(str(parsed.count) == pred["count"])
-        if parsed.background is not None and parsed.background.kind is not None:
-            kind = parsed.background.kind
+            shape = None if main.shape == GENERIC_SHAPE else main.shape
+            stated |= {"colour": main.colour, "shape": shape, "position": main.position}
+        checks = [value == pred[head] for head, value in stated.items() if value is not None]
+        if background is not None and background.kind is not None:
+            kind = background.kind
             checks.append(
                 pred["background"] in ("hstripes", "vstripes") if kind == "stripes" else kind == pred["background"]
             )
@@ -635,10 +609,8 @@ def summary_markdown(summary: dict[str, Any], command: str) -> str:
             lines[-1] += "coverage is on the truncated vocabulary."
             lines.append("")
         for side in sides:
-            lines += [
-                f"Most frequent words, {side}: " + ", ".join(f"{w} ({n:,})" for w, n in v["top_words"][side][:12])
-            ]
-            lines.append("")
+            top = ", ".join(f"{w} ({n:,})" for w, n in v["top_words"][side][:12])
+            lines += [f"Most frequent words, {side}: {top}", ""]
     lines += ["Definitions: " + "; ".join(f"{k}: {v}" for k, v in summary["definitions"].items()) + ".", ""]
     lines.append(f"Memory bound: {summary['memory_bound']}")
     return "\n".join(lines).rstrip() + "\n"

@@ -206,7 +206,16 @@ class FID(nn.Module):
             self.metric.reset_real_features = True
 
 
-class OpenClipScorer:
+class _ClipScorer:
+    """The model in eval mode on ``device``; features under ``no_grad``, as float32."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.dtype = next(self.model.parameters()).dtype
+
+
+class OpenClipScorer(_ClipScorer):
     """An open_clip model with its eval transform and tokenizer, for ``clip_score``.
 
     ``model`` is an ``export-clip`` folder (or ``local-dir:DIR``), an open_clip model name with ``pretrained`` = a
@@ -234,36 +243,34 @@ class OpenClipScorer:
                 preprocess = open_clip.image_transform(model.visual.image_size, is_train=False, **pre)
         else:
             spec = os.fspath(model)
-            if not spec.startswith(("local-dir:", "hf-hub:")) and (Path(spec) / "open_clip_config.json").is_file():
-                spec = f"local-dir:{spec}"
+            own_weights = spec.startswith(("local-dir:", "hf-hub:"))
+            if not own_weights and (Path(spec) / "open_clip_config.json").is_file():
+                spec, own_weights = f"local-dir:{spec}", True
             if pretrained is not None:
-                if spec.startswith(("local-dir:", "hf-hub:")):
+                if own_weights:
                     raise ValueError(f"{spec} carries its own weights; drop pretrained={pretrained}")
                 if not Path(pretrained).is_file():
                     raise FileNotFoundError(f"CLIP weights not found: {pretrained} (give a local file)")
-            elif not spec.startswith(("local-dir:", "hf-hub:")):
+            elif not own_weights:
                 raise ValueError(f"open_clip model {spec!r} needs pretrained=<local weight file> (or an export folder)")
             model, _, preprocess_val = open_clip.create_model_and_transforms(
                 spec, pretrained=None if pretrained is None else os.fspath(pretrained)
             )
             preprocess = preprocess or preprocess_val
             tokenizer = tokenizer or open_clip.get_tokenizer(spec)
-        self.model = model.to(device).eval()
+        super().__init__(model, device)
         self.tokenizer = tokenizer
         self.preprocess = preprocess
-        self.device = torch.device(device)
         self.context_length = int(getattr(model, "context_length", None) or tokenizer.context_length)
 
+    @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         x = torch.stack([self.preprocess(im) for im in _to_pil(images)])
-        dtype = next(self.model.parameters()).dtype
-        with torch.no_grad():
-            return self.model.encode_image(x.to(self.device, dtype), normalize=True).float()
+        return self.model.encode_image(x.to(self.device, self.dtype), normalize=True).float()
 
+    @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        with torch.no_grad():
-            return self.model.encode_text(tokens, normalize=True).float()
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device), normalize=True).float()
 
     def count_over_context(self, texts: Sequence[str]) -> int:
         from .metrics import token_lengths
@@ -271,50 +278,37 @@ class OpenClipScorer:
         return sum(n > self.context_length for n in token_lengths(self.tokenizer, texts))
 
 
-class HFClipScorer:
-    """A transformers ``CLIPModel`` and ``CLIPProcessor`` from a local folder (e.g. ``openai/clip-vit-base-patch32``),
-    or given as objects. transformers 5 returns an output object from ``get_*_features`` (the features are its
-    ``pooler_output``), which is what breaks torchmetrics 1.9's ``CLIPScore``; both forms work here."""
+class HFClipScorer(_ClipScorer):
+    """A transformers ``CLIPModel`` and ``CLIPProcessor`` from a local folder (e.g. ``openai/clip-vit-base-patch32``).
+    transformers 5 returns an output object from ``get_*_features`` (the features are its ``pooler_output``), which
+    is what breaks torchmetrics 1.9's ``CLIPScore``; both forms work here."""
 
-    def __init__(
-        self,
-        path: PathLike | None = None,
-        device: str | torch.device = "cpu",
-        model: Any = None,
-        processor: Any = None,
-    ) -> None:
-        if path is not None:
-            from transformers import CLIPModel, CLIPProcessor
+    def __init__(self, path: PathLike, device: str | torch.device = "cpu") -> None:
+        from transformers import CLIPModel, CLIPProcessor
 
-            if not Path(path).is_dir():
-                raise FileNotFoundError(f"HF CLIP folder not found: {path}")
-            model = model or CLIPModel.from_pretrained(os.fspath(path))
-            processor = processor or CLIPProcessor.from_pretrained(os.fspath(path))
-        if model is None or processor is None:
-            raise ValueError("HFClipScorer needs a folder path, or both model and processor")
-        self.model = model.to(device).eval()
-        self.processor = processor
-        self.device = torch.device(device)
-        self.context_length = int(model.config.text_config.max_position_embeddings)
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"HF CLIP folder not found: {path}")
+        super().__init__(CLIPModel.from_pretrained(os.fspath(path)), device)
+        self.processor = CLIPProcessor.from_pretrained(os.fspath(path))
+        self.context_length = int(self.model.config.text_config.max_position_embeddings)
 
     @staticmethod
     def _features(out: Any) -> torch.Tensor:
         return (out if isinstance(out, torch.Tensor) else out.pooler_output).float()
 
+    @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         pixels = self.processor.image_processor(images=_to_pil(images), return_tensors="pt")["pixel_values"]
-        dtype = next(self.model.parameters()).dtype
-        with torch.no_grad():
-            return self._features(self.model.get_image_features(pixel_values=pixels.to(self.device, dtype)))
+        return self._features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
 
+    @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         tok = self.processor.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
         ).to(self.device)
-        with torch.no_grad():
-            return self._features(
-                self.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-            )
+        return self._features(
+            self.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        )
 
     def count_over_context(self, texts: Sequence[str]) -> int:
         ids = self.processor.tokenizer(list(texts), truncation=False)["input_ids"]
