@@ -48,6 +48,17 @@ class EvalTask:
         if image_features.ndim != 2 or image_features.shape[0] != n:
             raise ValueError(f"{self.name}: expected image features [{n}, d], got {tuple(image_features.shape)}")
 
+    def _count_over_context(self, texts: Sequence[str], tokenizer: Any, context_length: int) -> dict[str, float]:
+        """The texts the text tower will truncate, counted (and warned about), never cut here."""
+        lengths = token_lengths(tokenizer, texts)
+        n_over = sum(n > context_length for n in lengths)
+        if n_over:
+            share = f"{n_over} of {len(lengths)} texts ({100 * n_over / len(lengths):.1f}%)"
+            log.warning(
+                f"{self.name}: {share} exceed the context length {context_length} (longest {max(lengths)} tokens)"
+            )
+        return {"n_texts_over_context": float(n_over), "frac_texts_over_context": n_over / len(texts)}
+
 
 class _ImageList(Dataset):
     """``(transform(image), index)`` for a list of image paths; an unreadable image is an error naming the file, never
@@ -209,22 +220,9 @@ class _RetrievalTask(EvalTask):
         self, image_features: torch.Tensor, encode_texts: TextEncoder, tokenizer: Any, context_length: int
     ) -> dict[str, float]:
         self._check_features(image_features, len(self.paths))
-        lengths = token_lengths(tokenizer, self.texts)
-        n_over = sum(n > context_length for n in lengths)
-        if n_over:
-            share = f"{n_over} of {len(lengths)} texts ({100 * n_over / len(lengths):.1f}%)"
-            log.warning(
-                f"{self.name}: {share} exceed the context length {context_length} (longest {max(lengths)} tokens)"
-            )
-        text_features = encode_texts(self.texts)
-        metrics = retrieval_metrics(image_features, text_features, self.text_to_image, ks=(1, 5, 10))
-        metrics.update(
-            n_images=float(len(self.paths)),
-            n_texts=float(len(self.texts)),
-            n_texts_over_context=float(n_over),
-            frac_texts_over_context=n_over / len(self.texts),
-        )
-        return metrics
+        over = self._count_over_context(self.texts, tokenizer, context_length)
+        metrics = retrieval_metrics(image_features, encode_texts(self.texts), self.text_to_image, ks=(1, 5, 10))
+        return metrics | {"n_images": float(len(self.paths)), "n_texts": float(len(self.texts))} | over
 
 
 class Retrieval(_RetrievalTask):
