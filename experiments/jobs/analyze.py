@@ -171,35 +171,30 @@ class ShareStats:
     share_recaption: float = 0.0
     wins_recaption: int = 0
     ties: int = 0
-    clip_score: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in SIDES})
-    has_clip_score: bool = False
+    clip_score: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SIDES, 0.0))
 
-    def add(self, logit_original: np.ndarray, logit_recaption: np.ndarray, cos: tuple | None = None) -> None:
-        """``logit_*`` = scale * cos per pair; ``cos`` = (cos_original, cos_recaption) when known."""
+    def add(self, logit_original: np.ndarray, logit_recaption: np.ndarray, cos: tuple) -> None:
+        """``logit_*`` = scale * cos per pair; ``cos`` = (cos_original, cos_recaption)."""
         o, r = np.asarray(logit_original, dtype=np.float64), np.asarray(logit_recaption, dtype=np.float64)
         self.n += len(o)
         self.share_recaption += float(clip_share(o, r).sum())
         self.wins_recaption += int((r > o).sum())
         self.ties += int((r == o).sum())
-        if cos is not None:
-            self.has_clip_score = True
-            for side, c in zip(SIDES, cos, strict=True):
-                self.clip_score[side] += float((100 * np.clip(np.asarray(c, dtype=np.float64), 0, None)).sum())
+        for side, c in zip(SIDES, cos, strict=True):
+            self.clip_score[side] += float((100 * np.clip(np.asarray(c, dtype=np.float64), 0, None)).sum())
 
     def summary(self) -> dict[str, Any] | None:
         if not self.n:
             return None
         share = 100.0 * self.share_recaption / self.n
-        out = {
+        return {
             "n_pairs": self.n,
             "share_pct": {"original": 100.0 - share, "recaption": share},
             "recaption_wins_pct": 100.0 * self.wins_recaption / self.n,
             "ties": self.ties,
             "inferred": "softmax over the two caption scores per image, averaged (PAPER.md §4, INFERRED)",
+            "mean_clip_score": {s: v / self.n for s, v in self.clip_score.items()},
         }
-        if self.has_clip_score:
-            out["mean_clip_score"] = {s: v / self.n for s, v in self.clip_score.items()}
-        return out
 
 
 @dataclass
@@ -581,8 +576,7 @@ def summary_markdown(summary: dict[str, Any], command: str) -> str:
             ref = "; ".join(f"{k}: {x['original']} / {x['recaption']}" for k, x in ps.items())
             rows.append(row("CLIP-score share, % (INFERRED: softmax per image)", c["share_pct"], ref))
             rows.append(row("recaption scores higher, % of images", {"recaption": c["recaption_wins_pct"]}))
-            if "mean_clip_score" in c:
-                rows.append(row("mean CLIP score (100 · cos)", c["mean_clip_score"]))
+            rows.append(row("mean CLIP score (100 · cos)", c["mean_clip_score"]))
         else:
             why = "no scores (give --clip FOLDER with shards, or a parquet with scores)"
             rows.append(["CLIP-score share", why, *[""] * len(sides)])
