@@ -266,14 +266,12 @@ class CaptionStats:
             values |= {f">{h.max_length}": int(h.counts[-1])} if h.counts[-1] else {}
             out["condition_length"] = h.summary() | {"missing": self.condition_missing, "distribution": values}
         if any(self.judge.values()):
-            out["judge"] = {s: {**_judge_summary(r), "examples": self.judge_examples[s]} for s, r in self.judge.items()}
+            from lightning_modules.evaluation.generation import JudgeResult
+
+            out["judge"] = {
+                s: JudgeResult(r, []).summary() | {"examples": self.judge_examples[s]} for s, r in self.judge.items()
+            }
         return out
-
-
-def _judge_summary(ratings: list[int | None]) -> dict[str, Any]:
-    rated = [r for r in ratings if r is not None]
-    mean = sum(rated) / len(rated) if rated else None
-    return {"n": len(ratings), "n_rated": len(rated), "n_unparseable": len(ratings) - len(rated), "mean": mean}
 
 
 # --------------------------------------------------------------------------------------------------------- inputs

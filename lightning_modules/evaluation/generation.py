@@ -399,25 +399,16 @@ class JudgeResult:
     ratings: list[int | None]
     answers: list[str]
 
-    @property
-    def n_rated(self) -> int:
-        return sum(r is not None for r in self.ratings)
-
-    @property
-    def n_unparseable(self) -> int:
-        return len(self.ratings) - self.n_rated
-
-    @property
-    def mean(self) -> float | None:
+    def __post_init__(self) -> None:
         rated = [r for r in self.ratings if r is not None]
-        return sum(rated) / len(rated) if rated else None
+        self.n_rated, self.n_unparseable = len(rated), len(self.ratings) - len(rated)
+        self.mean = sum(rated) / len(rated) if rated else None
+
+    def summary(self) -> dict[str, Any]:
+        return {"n": len(self.ratings), "n_rated": self.n_rated, "n_unparseable": self.n_unparseable, "mean": self.mean}
 
     def metrics(self, prefix: str = "judge") -> dict[str, float]:
-        out = {f"{prefix}/n": float(len(self.ratings)), f"{prefix}/n_rated": float(self.n_rated)}
-        out[f"{prefix}/n_unparseable"] = float(self.n_unparseable)
-        if self.mean is not None:
-            out[f"{prefix}/mean"] = self.mean
-        return out
+        return {f"{prefix}/{k}": float(v) for k, v in self.summary().items() if v is not None}
 
 
 def judge_score(
@@ -428,7 +419,6 @@ def judge_score(
     prompts = list(prompts)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    ratings: list[int | None] = []
     answers: list[str] = []
     for i, prompt in enumerate(prompts):
         image = images[i] if isinstance(images[i], Image.Image) else _to_pil(to_uint8_images(images[i : i + 1]))[0]
@@ -436,8 +426,7 @@ def judge_score(
         if not isinstance(answer, str):
             raise TypeError(f"judge returned {type(answer).__name__}, expected the answer text")
         answers.append(answer)
-        ratings.append(parse_rating(answer))
-    result = JudgeResult(ratings, answers)
+    result = JudgeResult([parse_rating(a) for a in answers], answers)
     if result.n_unparseable:
         log.warning("judge: %d of %d answers had no parseable rating", result.n_unparseable, len(prompts))
     return result
@@ -517,8 +506,7 @@ def evaluate_generation(
         raise ValueError("no generated images")
     if len(records) != n:
         raise ValueError(f"{n} generated images but {len(records)} prompt records")
-    first = to_uint8_images(images[:1])
-    size = (int(first.shape[-2]), int(first.shape[-1]))
+    size = tuple(to_uint8_images(images[:1]).shape[-2:])
     prompts = [r.prompt for r in records]
     metrics: dict[str, float] = {"n_images": float(n)}
     payload: dict[str, Any] = {}
@@ -543,10 +531,8 @@ def evaluate_generation(
 
     for name, scorer in (clip_scorers or {}).items():
         result = clip_score(images, prompts, scorer, batch_size=batch_size)
-        metrics[f"clip_score/{name}"] = result["clip_score"]
-        for key in ("se", "n_prompts_over_context", "n_pairs_clamped"):
-            if key in result:
-                metrics[f"clip_score/{name}/{key}"] = result[key]
+        metrics[f"clip_score/{name}"] = result.pop("clip_score")
+        metrics |= {f"clip_score/{name}/{key}": v for key, v in result.items() if key != "n"}
 
     if judge is not None:
         idx = seeded_subset(n, judge_limit, judge_seed)
