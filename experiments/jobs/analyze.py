@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -335,20 +336,13 @@ def parse_sources(sources: Sequence[str]) -> list[SourceSpec]:
     return sorted(specs, key=lambda s: SIDES.index(s.name) if s.name in SIDES else len(SIDES))
 
 
-class ConditionLengths:
-    """A sample's ``re_condition_length`` from its shard's sidecar (None where the sidecar or the value is missing),
-    one sidecar in memory at a time."""
-
-    def __init__(self, sidecar_dir: str) -> None:
-        self.sidecar_dir, self.url, self.values = sidecar_dir, None, {}
-
-    def __call__(self, url: str, key: str) -> Any:
-        if url != self.url:
-            self.url, self.values = url, {}
-            with contextlib.suppress(FileNotFoundError, UnreadableSidecarError):  # the loader counts these
-                t = read_sidecar(sidecar_path(self.sidecar_dir, url), [CONDITION_LENGTH])
-                self.values = dict(zip(t["key"].to_pylist(), t[CONDITION_LENGTH].to_pylist(), strict=True))
-        return self.values.get(key)
+@functools.lru_cache(maxsize=1)  # one shard's sidecar in memory at a time
+def condition_lengths(sidecar_dir: str, url: str) -> dict[str, Any]:
+    """``key -> re_condition_length`` from a shard's sidecar; empty where the sidecar is missing or unreadable."""
+    with contextlib.suppress(FileNotFoundError, UnreadableSidecarError):  # the loader counts these
+        t = read_sidecar(sidecar_path(sidecar_dir, url), [CONDITION_LENGTH])
+        return dict(zip(t["key"].to_pylist(), t[CONDITION_LENGTH].to_pylist(), strict=True))
+    return {}
 
 
 def iter_shard_samples(shards: str | Sequence[str], sources: Sequence[str], sidecar_dir: str | None) -> Iterator[dict]:
@@ -459,7 +453,7 @@ def analyze_shards(stats: CaptionStats, args: argparse.Namespace, scorer: Any = 
 
     pending: list[tuple[Any, str, str]] = []
     judged = 0
-    condition_lengths = ConditionLengths(args.sidecar_dir) if args.sidecar_dir else None
+    condition_lengths.cache_clear()  # sidecars may have been rewritten since an earlier run in this process
 
     def flush() -> None:
         if pending and scorer is not None:
@@ -471,8 +465,8 @@ def analyze_shards(stats: CaptionStats, args: argparse.Namespace, scorer: Any = 
             break
         caps = sample["captions"]
         stats.add_captions(caps)
-        if condition_lengths is not None:
-            stats.add_condition_length(condition_lengths(sample["url"], sample["key"]))
+        if args.sidecar_dir:
+            stats.add_condition_length(condition_lengths(args.sidecar_dir, sample["url"]).get(sample["key"]))
         both = bool(caps.get("original")) and bool(caps.get("recaption"))
         if not both or (scorer is None and (judge is None or judged >= args.judge_limit)):
             continue
