@@ -222,11 +222,7 @@ def _resolve(mentions: list[_Mention]) -> list[CaptionObject]:
 
 
 def _background(t: str) -> ParsedBackground | None:
-    colours: list[str] = []
-    for w in re.findall(r"[a-z]+", t):
-        c = _BG_COLOUR_WORDS.get(w)
-        if c is not None and c not in colours:
-            colours.append(c)
+    colours = list(dict.fromkeys(_BG_COLOUR_WORDS[w] for w in re.findall(r"[a-z]+", t) if w in _BG_COLOUR_WORDS))
     if re.search(r"\b(?:checker|chequer|chessboard|checks\b)", t):
         kind: str | None = "checker"
     elif re.search(r"\bstripe|\bstriped\b", t):
