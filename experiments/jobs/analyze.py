@@ -375,13 +375,12 @@ def encode_images(scorer: Any, images: Sequence[Any]) -> Any:
     import torch.nn.functional as F
 
     tensors = _image_tensors(images)
-    feats: list[Any] = [None] * len(tensors)
+    feats: dict[int, Any] = {}
     for size in dict.fromkeys(t.shape for t in tensors):
         idx = [i for i, t in enumerate(tensors) if t.shape == size]
         f = F.normalize(scorer.encode_image(torch.stack([tensors[i] for i in idx])).float(), dim=-1)
-        for j, i in enumerate(idx):
-            feats[i] = f[j]
-    return torch.stack(feats)
+        feats |= zip(idx, f, strict=True)
+    return torch.stack([feats[i] for i in range(len(tensors))])
 
 
 def score_pairs(stats: CaptionStats, scorer: Any, images: list, originals: list, recaptions: list, scale: float):
