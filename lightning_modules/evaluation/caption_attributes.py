@@ -166,12 +166,8 @@ def _mentions(toks: list[str]) -> list[_Mention]:
         if shape == GENERIC_SHAPE and colour is None:  # "a single shape", "star shape": not an object
             continue
         # "The largest one is a red star", "the biggest being a red star", "the most prominent figure is the star"
-        if (
-            det is not None
-            and j >= 1
-            and toks[j - 1] in ("is", "being")
-            and _LARGEST_CUES & set(toks[max(0, j - 5) : j - 1])
-        ):
+        after_verb = det is not None and j >= 1 and toks[j - 1] in ("is", "being")
+        if after_verb and _LARGEST_CUES & set(toks[max(0, j - 5) : j - 1]):
             size = size or "large"
         out.append(_Mention(start, end, det == "the", size, colour, shape))
     return out
