@@ -1,8 +1,8 @@
 """Long-caption retrieval on DCI, DOCCI, IIW and ShareGPT4V-1k/10k as their owners release them (FLAIR, CVPR 2025,
 and Long-CLIP evaluate on these beside Urban-1K, ``tasks.LongRetrieval``); docs/clip.md gives the layouts and sources.
 
-One long caption per image, paired by position, kept whole: ``_RetrievalTask`` counts (and warns about) those longer
-than the text context, which the text tower encodes truncated, as FLAIR and Long-CLIP do.
+One long caption per image, kept whole: ``_RetrievalTask`` counts (and warns about) those longer than the text
+context, which the text tower encodes truncated, as FLAIR and Long-CLIP do.
 """
 
 from __future__ import annotations
@@ -41,12 +41,7 @@ def _text(record: Any, key: str, where: str) -> str:
     return value.strip()
 
 
-class _PairedTask(_RetrievalTask):
-    def __init__(self, name: str, pairs: Sequence[tuple[Path, str]], source: Path) -> None:
-        super().__init__(name, [p for p, _ in pairs], [t for _, t in pairs], list(range(len(pairs))), source)
-
-
-class DCIRetrieval(_PairedTask):
+class DCIRetrieval(_RetrievalTask):
     """DCI (``root`` = ``densely_captioned_images/``): the long caption is ``short_caption + "\\n" + extra_caption``, as
     DCI's ``get_extended_caption`` and FLAIR's ``read_dci_pairs`` build it; FLAIR's default of all splits in file
     order (7,599 + 98 + 108 = 7,805 images)."""
@@ -65,11 +60,11 @@ class DCIRetrieval(_PairedTask):
                 anno = _read_json(path, f"DCI annotation (listed in {split_file} under {split!r})")
                 image = _text(anno, "image", str(path))
                 caption = f"{_text(anno, 'short_caption', str(path))}\n{_text(anno, 'extra_caption', str(path))}"
-                pairs.append((root / "photos" / image, caption))
+                pairs.append((root / "photos" / image, [caption]))
         super().__init__(name, pairs, split_file)
 
 
-class DOCCIRetrieval(_PairedTask):
+class DOCCIRetrieval(_RetrievalTask):
     """DOCCI: ``root/docci_descriptions.jsonlines`` and ``root/images/``; every record of ``split`` is one image and
     its ``description`` (test: DOCCI's 5,000 held-out images)."""
 
@@ -81,7 +76,7 @@ class DOCCIRetrieval(_PairedTask):
             splits.add(_text(record, "split", where))
             if record["split"] == split:
                 image = root / "images" / _text(record, "image_file", where)
-                pairs.append((image, _text(record, "description", where)))
+                pairs.append((image, [_text(record, "description", where)]))
         if not pairs:
             raise ValueError(f"{source}: no records in split {split!r} (splits present: {sorted(splits)})")
         super().__init__(name, pairs, source)
@@ -90,7 +85,7 @@ class DOCCIRetrieval(_PairedTask):
 IIW_SUBSETS = {"DOCCI_Test": "docci", "IIW-400": "docci_aar", "DCI_Test": "dci"}
 
 
-class IIWRetrieval(_PairedTask):
+class IIWRetrieval(_RetrievalTask):
     """ImageInWords: ``root/<subset>/data.jsonl`` per subset, its images in ``root/<subsets[subset]>`` (FLAIR's
     layout). The image is ``image`` or ``image/key`` (IIW-400), ``.jpg`` appended when it has no suffix; the caption
     is ``field``: ``IIW`` (human-authored; FLAIR's choice) or ``IIW-P5B`` (PaLI-5B's, IIW-400 only)."""
@@ -105,11 +100,11 @@ class IIWRetrieval(_PairedTask):
                 key = "image" if "image" in record else "image/key"
                 image = _text(record, key, where)
                 image += "" if Path(image).suffix else ".jpg"
-                pairs.append((root / image_dir / image, _text(record, field, where)))
+                pairs.append((root / image_dir / image, [_text(record, field, where)]))
         super().__init__(name, pairs, root)
 
 
-class ShareGPT4VRetrieval(_PairedTask):
+class ShareGPT4VRetrieval(_RetrievalTask):
     """ShareGPT4V-1k/10k: the first ``n`` items of ``share-captioner_coco_lcs_sam_1246k_1107.json``, as Long-CLIP
     and FLAIR take them; the caption is ``conversations[1]["value"]`` (the ``gpt`` turn), the image ``image_root /
     image``."""
@@ -129,5 +124,5 @@ class ShareGPT4VRetrieval(_PairedTask):
             if turns[1].get("from") != "gpt":
                 raise ValueError(f"{where}: conversations[1]['from'] is {turns[1].get('from')!r}, expected 'gpt'")
             caption = _text(turns[1], "value", f"{where} conversations[1]")
-            pairs.append((image_root / _text(item, "image", where), caption))
+            pairs.append((image_root / _text(item, "image", where), [caption]))
         super().__init__(name, pairs, source)

@@ -208,13 +208,14 @@ class ZeroShotClassification(EvalTask):
 
 
 class _RetrievalTask(EvalTask):
-    """Image <-> text retrieval over images and captions, each caption pointing at one image."""
+    """Image <-> text retrieval over ``(image path, its captions)`` pairs, the one shape every reader produces."""
 
-    def __init__(self, name: str, paths: list[Path], texts: list[str], text_to_image: list[int], source: Path) -> None:
-        if not paths or not texts:
+    def __init__(self, name: str, images: Sequence[tuple[Path, Sequence[str]]], source: Path) -> None:
+        self.name, self.paths = name, [path for path, _ in images]
+        self.texts = [text for _, texts in images for text in texts]
+        if not self.paths or not self.texts:
             raise ValueError(f"{source}: no images or no captions to evaluate")
-        self.name, self.paths, self.texts = name, paths, texts
-        self.text_to_image = torch.tensor(text_to_image, dtype=torch.long)
+        self.text_to_image = torch.tensor([i for i, (_, texts) in enumerate(images) for _ in texts], dtype=torch.long)
 
     def compute(
         self, image_features: torch.Tensor, encode_texts: TextEncoder, tokenizer: Any, context_length: int
@@ -236,7 +237,7 @@ class Retrieval(_RetrievalTask):
         entries = data.get("images") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             raise ValueError(f"{source}: expected an object with an 'images' list")
-        paths, texts, text_to_image, splits = [], [], [], set()
+        images, splits = [], set()
         for i, entry in enumerate(entries):
             try:
                 splits.add(entry["split"])
@@ -253,12 +254,10 @@ class Retrieval(_RetrievalTask):
             bad = next((j for j, c in enumerate(captions) if not isinstance(c, str) or not c.strip()), None)
             if bad is not None:
                 raise ValueError(f"{source}: images[{i}] ({path.name}) sentences[{bad}].raw is empty or not a string")
-            texts += captions
-            text_to_image += [len(paths)] * len(captions)
-            paths.append(path)
-        if not paths:
+            images.append((path, captions))
+        if not images:
             raise ValueError(f"{source}: no images in split {split!r} (splits present: {sorted(splits)})")
-        super().__init__(name, paths, texts, text_to_image, source)
+        super().__init__(name, images, source)
 
 
 def _stem_order(stem: str) -> tuple[int, int, str]:
@@ -279,7 +278,7 @@ class LongRetrieval(_RetrievalTask):
         if orphans:
             stem = orphans[0]
             raise FileNotFoundError(f"caption {captions[stem]} has no image {image_dir / stem}.<jpg|png|...>")
-        paths, texts = [], []
+        pairs = []
         for stem in sorted(images, key=_stem_order):
             if stem not in captions:
                 raise FileNotFoundError(f"image {images[stem]} has no caption {caption_dir / f'{stem}.txt'}")
@@ -289,9 +288,8 @@ class LongRetrieval(_RetrievalTask):
                 raise ValueError(f"caption {captions[stem]} is not UTF-8 text ({e})") from e
             if not text:
                 raise ValueError(f"empty caption: {captions[stem]}")
-            paths.append(images[stem])
-            texts.append(text)
-        super().__init__(name, paths, texts, list(range(len(paths))), root)
+            pairs.append((images[stem], [text]))
+        super().__init__(name, pairs, root)
 
 
 def features_by_index(name: str, n: int, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
