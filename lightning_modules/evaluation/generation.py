@@ -515,14 +515,12 @@ def evaluate_generation(
         payload["prompt_set"] = {"file": str(records.path), "column": records.column, "n_rows": records.n_rows}
 
     if fid is not None:
+        fid.reset(keep_real=reference_images is None)
         if reference_images is not None:
-            fid.reset(keep_real=False)
             for batch in _reference_batches(reference_images, records, size, batch_size):
                 fid.update(batch, real=True)
-        else:
-            fid.reset(keep_real=True)
-            if fid.n_real < 2:
-                raise ValueError("FID needs reference images: pass reference_images, or add real images to fid first")
+        elif fid.n_real < 2:
+            raise ValueError("FID needs reference images: pass reference_images, or add real images to fid first")
         for lo in range(0, n, batch_size):
             fid.update(to_uint8_images(images[lo : lo + batch_size]), real=False)
         metrics.update(fid=fid.compute(), **{"fid/n_real": float(fid.n_real), "fid/n_fake": float(fid.n_fake)})
