@@ -156,12 +156,10 @@ class FID(nn.Module):
         if isinstance(feature, nn.Module):
             net, wants_uint8 = feature, False
             num_features = getattr(feature, "num_features", None)
-            if num_features is None:
-                was_training = feature.training
+            if num_features is None:  # probed in eval mode, which _FeatureAdapter keeps it in anyway
                 probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
                 with torch.no_grad():
                     num_features = int(feature.eval()(probe).shape[-1])
-                feature.train(was_training)
         elif isinstance(feature, int) and not isinstance(feature, bool):
             if feature not in (64, 192, 768, 2048):
                 raise ValueError(f"InceptionV3 feature must be one of 64, 192, 768, 2048, got {feature}")
