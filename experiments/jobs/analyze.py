@@ -4,31 +4,17 @@ r"""``python -m experiments analyze``: caption statistics of the original vs rec
     python -m experiments analyze --shards 'data/world/web/*.tar' --sidecar-dir data/world/sidecars_llava \
         --clip runs/tiny/captioner/web_clip/export --tokenizer data/world/tokenizer --out docs/analysis
 
-Inputs, streamed, each summarised on its own: ``--shards`` read with the caption-mix loader's own stages (one pass,
-file order; captions from ``--sources``, the DataModule's spec strings; images decoded only for ``--clip`` and
-``--judge``) and ``--recap``, Recap-DataComp-1B-schema parquet files read batch by batch.
-
-Outputs in ``--out``: ``lengths.png`` (Fig. 3), ``summary.json`` and ``summary.md``: per input the caption lengths
-(whitespace words; with ``--tokenizer`` also tokens), word tokens and vocabulary, the CLIP-score share (``--clip``
-on the shards' images, else the parquet's scores) and the judge's ratings (``--judge``), each defined in
-``DEFINITIONS``. The paper's "captures 82.86% tokens of the word collections from both" (§4) is the recaptions' share
-of the word tokens: its own mean lengths give 49.43 / (49.43 + 10.22) = 82.87%.
-
-The v2 columns of the later upload (``formats.RECAP_V2_COLUMNS``): ``re_caption_condition_diverse_topk`` is a
-further caption side (``recaption_v2``; from ``--recap`` files that have it, from shards as a further ``--sources``
-entry), measured as the recaption is and compared with the original; ``re_condition_length`` is reported as a
-distribution (from the files, or from ``--sidecar-dir``). Files with and without them mix: rows without count as
-missing.
-
-Memory: bounded by the input's batch, not its length: fixed-size length histograms, running sums and a vocabulary of
-at most ``--max-vocab`` words (~150 bytes each); past the cap new words count as ``oov_tokens`` and the coverage is
-flagged as computed on a truncated vocabulary.
+Each input is summarised on its own: ``--shards`` read with the caption-mix loader's own stages, ``--recap``
+(Recap-DataComp-1B-schema parquet) batch by batch. Writes ``lengths.png`` (Fig. 3), ``summary.json`` and ``summary.md``;
+``DEFINITIONS`` defines each statistic, docs/analysis/README.md ("How it is computed") the inputs, the v2 columns and
+the memory bound.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -109,15 +95,8 @@ class LengthHistogram:
         """The median (mean of the two middle values for an even count); None past the last bin."""
         if not self.n:
             return None
-        cum = np.cumsum(self.counts)
-
-        def kth(k: int) -> int:  # the k-th smallest length, 0-based
-            return int(np.searchsorted(cum, k + 1))
-
-        lo, hi = kth((self.n - 1) // 2), kth(self.n // 2)
-        if hi > self.max_length:
-            return None
-        return (lo + hi) / 2
+        lo, hi = np.searchsorted(np.cumsum(self.counts), [(self.n - 1) // 2 + 1, self.n // 2 + 1])
+        return None if hi > self.max_length else (int(lo) + int(hi)) / 2
 
     def summary(self) -> dict[str, Any]:
         summary = {"n": self.n, "mean": self.mean(), "median": self.median(), "max": self.max_seen}
@@ -170,9 +149,10 @@ class Vocabulary:
             "tokens": dict(zip(self.sides, self.tokens, strict=True)),
             "token_share_pct": share,  # the recaption's: the paper's 82.86% = 49.43 / (49.43 + 10.22) (§4)
         }
+        out["top_words"] = {}
         for i, side in enumerate(self.sides):
-            best = sorted(((c[i], w) for w, c in self.counts.items() if c[i]), key=lambda t: (-t[0], t[1]))[:top]
-            out.setdefault("top_words", {})[side] = [[w, n] for n, w in best]
+            best = sorted((-c[i], w) for w, c in self.counts.items() if c[i])[:top]
+            out["top_words"][side] = [[w, -n] for n, w in best]
         return out
 
 
@@ -192,35 +172,30 @@ class ShareStats:
     share_recaption: float = 0.0
     wins_recaption: int = 0
     ties: int = 0
-    clip_score: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in SIDES})
-    has_clip_score: bool = False
+    clip_score: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SIDES, 0.0))
 
-    def add(self, logit_original: np.ndarray, logit_recaption: np.ndarray, cos: tuple | None = None) -> None:
-        """``logit_*`` = scale * cos per pair; ``cos`` = (cos_original, cos_recaption) when known."""
+    def add(self, logit_original: np.ndarray, logit_recaption: np.ndarray, cos: tuple) -> None:
+        """``logit_*`` = scale * cos per pair; ``cos`` = (cos_original, cos_recaption)."""
         o, r = np.asarray(logit_original, dtype=np.float64), np.asarray(logit_recaption, dtype=np.float64)
         self.n += len(o)
         self.share_recaption += float(clip_share(o, r).sum())
         self.wins_recaption += int((r > o).sum())
         self.ties += int((r == o).sum())
-        if cos is not None:
-            self.has_clip_score = True
-            for side, c in zip(SIDES, cos, strict=True):
-                self.clip_score[side] += float((100 * np.clip(np.asarray(c, dtype=np.float64), 0, None)).sum())
+        for side, c in zip(SIDES, cos, strict=True):
+            self.clip_score[side] += float((100 * np.clip(np.asarray(c, dtype=np.float64), 0, None)).sum())
 
     def summary(self) -> dict[str, Any] | None:
         if not self.n:
             return None
         share = 100.0 * self.share_recaption / self.n
-        out = {
+        return {
             "n_pairs": self.n,
             "share_pct": {"original": 100.0 - share, "recaption": share},
             "recaption_wins_pct": 100.0 * self.wins_recaption / self.n,
             "ties": self.ties,
             "inferred": "softmax over the two caption scores per image, averaged (PAPER.md §4, INFERRED)",
+            "mean_clip_score": {s: v / self.n for s, v in self.clip_score.items()},
         }
-        if self.has_clip_score:
-            out["mean_clip_score"] = {s: v / self.n for s, v in self.clip_score.items()}
-        return out
 
 
 @dataclass
@@ -292,14 +267,12 @@ class CaptionStats:
             values |= {f">{h.max_length}": int(h.counts[-1])} if h.counts[-1] else {}
             out["condition_length"] = h.summary() | {"missing": self.condition_missing, "distribution": values}
         if any(self.judge.values()):
-            out["judge"] = {s: {**_judge_summary(r), "examples": self.judge_examples[s]} for s, r in self.judge.items()}
+            from lightning_modules.evaluation.generation import JudgeResult
+
+            out["judge"] = {
+                s: JudgeResult(r, []).summary() | {"examples": self.judge_examples[s]} for s, r in self.judge.items()
+            }
         return out
-
-
-def _judge_summary(ratings: list[int | None]) -> dict[str, Any]:
-    rated = [r for r in ratings if r is not None]
-    mean = sum(rated) / len(rated) if rated else None
-    return {"n": len(ratings), "n_rated": len(rated), "n_unparseable": len(ratings) - len(rated), "mean": mean}
 
 
 # --------------------------------------------------------------------------------------------------------- inputs
@@ -363,20 +336,13 @@ def parse_sources(sources: Sequence[str]) -> list[SourceSpec]:
     return sorted(specs, key=lambda s: SIDES.index(s.name) if s.name in SIDES else len(SIDES))
 
 
-class ConditionLengths:
-    """A sample's ``re_condition_length`` from its shard's sidecar (None where the sidecar or the value is missing),
-    one sidecar in memory at a time."""
-
-    def __init__(self, sidecar_dir: str) -> None:
-        self.sidecar_dir, self.url, self.values = sidecar_dir, None, {}
-
-    def __call__(self, url: str, key: str) -> Any:
-        if url != self.url:
-            self.url, self.values = url, {}
-            with contextlib.suppress(FileNotFoundError, UnreadableSidecarError):  # the loader counts these
-                t = read_sidecar(sidecar_path(self.sidecar_dir, url), [CONDITION_LENGTH])
-                self.values = dict(zip(t["key"].to_pylist(), t[CONDITION_LENGTH].to_pylist(), strict=True))
-        return self.values.get(key)
+@functools.lru_cache(maxsize=1)  # one shard's sidecar in memory at a time
+def condition_lengths(sidecar_dir: str, url: str) -> dict[str, Any]:
+    """``key -> re_condition_length`` from a shard's sidecar; empty where the sidecar is missing or unreadable."""
+    with contextlib.suppress(FileNotFoundError, UnreadableSidecarError):  # the loader counts these
+        t = read_sidecar(sidecar_path(sidecar_dir, url), [CONDITION_LENGTH])
+        return dict(zip(t["key"].to_pylist(), t[CONDITION_LENGTH].to_pylist(), strict=True))
+    return {}
 
 
 def iter_shard_samples(shards: str | Sequence[str], sources: Sequence[str], sidecar_dir: str | None) -> Iterator[dict]:
@@ -409,13 +375,12 @@ def encode_images(scorer: Any, images: Sequence[Any]) -> Any:
     import torch.nn.functional as F
 
     tensors = _image_tensors(images)
-    feats: list[Any] = [None] * len(tensors)
+    feats: dict[int, Any] = {}
     for size in dict.fromkeys(t.shape for t in tensors):
         idx = [i for i, t in enumerate(tensors) if t.shape == size]
         f = F.normalize(scorer.encode_image(torch.stack([tensors[i] for i in idx])).float(), dim=-1)
-        for j, i in enumerate(idx):
-            feats[i] = f[j]
-    return torch.stack(feats)
+        feats |= zip(idx, f, strict=True)
+    return torch.stack([feats[i] for i in range(len(tensors))])
 
 
 def score_pairs(stats: CaptionStats, scorer: Any, images: list, originals: list, recaptions: list, scale: float):
@@ -458,19 +423,14 @@ class AttributeRater:
             raise ValueError("AttributeRater expects the paper's rating prompt (generation.JUDGE_PROMPT)")
         caption = prompt_text[len(self.prefix) : len(prompt_text) - len(self.suffix)]
         parsed, pred = parse_caption(caption), self.predict(image)
-        checks = []
-        main = parsed.main
+        main, background = parsed.main, parsed.background
+        stated = {"count": None if parsed.count is None else str(parsed.count)}
         if main is not None:
-            if main.colour is not None:
-                checks.append(main.colour == pred["colour"])
-            if main.shape != GENERIC_SHAPE:
-                checks.append(main.shape == pred["shape"])
-            if main.position is not None:
-                checks.append(main.position == pred["position"])
-        if parsed.count is not None:
-            checks.append(str(parsed.count) == pred["count"])
-        if parsed.background is not None and parsed.background.kind is not None:
-            kind = parsed.background.kind
+            shape = None if main.shape == GENERIC_SHAPE else main.shape
+            stated |= {"colour": main.colour, "shape": shape, "position": main.position}
+        checks = [value == pred[head] for head, value in stated.items() if value is not None]
+        if background is not None and background.kind is not None:
+            kind = background.kind
             checks.append(
                 pred["background"] in ("hstripes", "vstripes") if kind == "stripes" else kind == pred["background"]
             )
@@ -492,7 +452,7 @@ def analyze_shards(stats: CaptionStats, args: argparse.Namespace, scorer: Any = 
 
     pending: list[tuple[Any, str, str]] = []
     judged = 0
-    condition_lengths = ConditionLengths(args.sidecar_dir) if args.sidecar_dir else None
+    condition_lengths.cache_clear()  # sidecars may have been rewritten since an earlier run in this process
 
     def flush() -> None:
         if pending and scorer is not None:
@@ -504,8 +464,8 @@ def analyze_shards(stats: CaptionStats, args: argparse.Namespace, scorer: Any = 
             break
         caps = sample["captions"]
         stats.add_captions(caps)
-        if condition_lengths is not None:
-            stats.add_condition_length(condition_lengths(sample["url"], sample["key"]))
+        if args.sidecar_dir:
+            stats.add_condition_length(condition_lengths(args.sidecar_dir, sample["url"]).get(sample["key"]))
         both = bool(caps.get("original")) and bool(caps.get("recaption"))
         if not both or (scorer is None and (judge is None or judged >= args.judge_limit)):
             continue
@@ -607,8 +567,7 @@ def summary_markdown(summary: dict[str, Any], command: str) -> str:
             ref = "; ".join(f"{k}: {x['original']} / {x['recaption']}" for k, x in ps.items())
             rows.append(row("CLIP-score share, % (INFERRED: softmax per image)", c["share_pct"], ref))
             rows.append(row("recaption scores higher, % of images", {"recaption": c["recaption_wins_pct"]}))
-            if "mean_clip_score" in c:
-                rows.append(row("mean CLIP score (100 · cos)", c["mean_clip_score"]))
+            rows.append(row("mean CLIP score (100 · cos)", c["mean_clip_score"]))
         else:
             why = "no scores (give --clip FOLDER with shards, or a parquet with scores)"
             rows.append(["CLIP-score share", why, *[""] * len(sides)])
@@ -635,10 +594,8 @@ def summary_markdown(summary: dict[str, Any], command: str) -> str:
             lines[-1] += "coverage is on the truncated vocabulary."
             lines.append("")
         for side in sides:
-            lines += [
-                f"Most frequent words, {side}: " + ", ".join(f"{w} ({n:,})" for w, n in v["top_words"][side][:12])
-            ]
-            lines.append("")
+            top = ", ".join(f"{w} ({n:,})" for w, n in v["top_words"][side][:12])
+            lines += [f"Most frequent words, {side}: {top}", ""]
     lines += ["Definitions: " + "; ".join(f"{k}: {v}" for k, v in summary["definitions"].items()) + ".", ""]
     lines.append(f"Memory bound: {summary['memory_bound']}")
     return "\n".join(lines).rstrip() + "\n"

@@ -1,15 +1,9 @@
-"""VG-Attribution (ARO: Yuksekgonul et al., "When and why vision-language models behave like bags-of-words", ICLR
-2023; paper Table 6) as an evaluation task.
-
-The released layout (github.com/mertyg/vision-language-models-are-bows, ``dataset_zoo/aro_datasets.py``):
-``root/visual_genome_attribution.json``, a list of items with ``image_path`` (relative to ``root/images``),
-``bbox_x``/``bbox_y``/``bbox_w``/``bbox_h`` (the region the image is cropped to before the transform), ``true_caption``,
-``false_caption`` (the same caption with its two attributes swapped) and ``attributes`` (the pair, in caption order).
+"""VG-Attribution (ARO: Yuksekgonul et al., ICLR 2023; paper Table 6) as an evaluation task, read as ARO's
+``dataset_zoo/aro_datasets.py`` reads its release (docs/clip.md, "VG-Attribution", gives the layout).
 """
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .metrics import token_lengths
 from .tasks import EvalTask, PathLike, TextEncoder, _ImageList, _read_json, _require_dir, read_image_file
-
-log = logging.getLogger(__name__)
 
 ANNOTATION_FILE = "visual_genome_attribution.json"
 BOX_FIELDS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
@@ -45,19 +36,10 @@ class _CroppedImages(_ImageList):
 
 
 class VGAttribution(EvalTask):
-    """VG-Attribution: per item, is the image-text similarity of ``true_caption`` above that of ``false_caption``?
-
-    ARO scores ``argmax([sim(false), sim(true)])``, so a tie counts as wrong; so does this task. Metrics (percent):
-    ``accuracy`` is the number ARO and the paper report, the macro accuracy: the mean over attribute pairs
-    (``f"{attributes[0]}_{attributes[1]}"``) with at least ``min_pair_count`` items of each pair's accuracy.
-    ``micro_accuracy`` is over all items; ``n_pairs`` counts the pairs in the macro mean. Captions longer than the
-    text context are counted (``n_texts_over_context``), never cut here.
-
-    Args:
-        root: The folder holding ``visual_genome_attribution.json`` and ``images/``.
-        name: Metric prefix.
-        min_pair_count: Pairs with fewer items are left out of ``accuracy`` (ARO: 25).
-    """
+    """Per item, is the similarity of ``true_caption`` above that of ``false_caption`` (its two attributes swapped)?
+    A tie counts as wrong, as ARO's ``argmax([sim(false), sim(true)])`` does. ``accuracy`` (percent) is the number ARO
+    and the paper report: the mean over attribute pairs (``f"{attributes[0]}_{attributes[1]}"``) with at least
+    ``min_pair_count`` items (ARO: 25) of each pair's accuracy; ``micro_accuracy`` is over all items."""
 
     def __init__(self, root: PathLike, name: str = "vg_attribution", min_pair_count: int = ARO_MIN_PAIR_COUNT):
         root = Path(root)
@@ -67,7 +49,8 @@ class VGAttribution(EvalTask):
         if not isinstance(items, list) or not items:
             raise ValueError(f"{source}: expected a non-empty list of items")
         self.name, self.paths, self.boxes = name, [], []
-        self.true_texts, self.false_texts, self.pairs = [], [], []
+        self.true_texts, self.false_texts = [], []
+        by_pair: dict[str, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
             where = f"{source}: item {i}"
             if not isinstance(item, dict):
@@ -88,10 +71,7 @@ class VGAttribution(EvalTask):
             self.boxes.append(box)
             self.true_texts.append(item["true_caption"])
             self.false_texts.append(item["false_caption"])
-            self.pairs.append(f"{attributes[0]}_{attributes[1]}")
-        by_pair: dict[str, list[int]] = defaultdict(list)
-        for i, pair in enumerate(self.pairs):
-            by_pair[pair].append(i)
+            by_pair[f"{attributes[0]}_{attributes[1]}"].append(i)
         self.pair_items = {p: idx for p, idx in sorted(by_pair.items()) if len(idx) >= min_pair_count}
         if not self.pair_items:
             most = max(len(idx) for idx in by_pair.values())
@@ -109,9 +89,7 @@ class VGAttribution(EvalTask):
         n = len(self.paths)
         self._check_features(image_features, n)
         texts = self.true_texts + self.false_texts
-        n_over = sum(k > context_length for k in token_lengths(tokenizer, texts))
-        if n_over:
-            log.warning(f"{self.name}: {n_over} of {len(texts)} captions exceed the context length {context_length}")
+        over = self._count_over_context(texts, tokenizer, context_length)
         text_features = F.normalize(encode_texts(texts).float(), dim=-1).to(image_features.device)
         image_features = image_features.float()
         true_sim = (image_features * text_features[:n]).sum(-1)
@@ -123,6 +101,4 @@ class VGAttribution(EvalTask):
             "micro_accuracy": 100.0 * float(correct.mean()),
             "n_pairs": float(len(per_pair)),
             "n_items": float(n),
-            "n_texts_over_context": float(n_over),
-            "frac_texts_over_context": n_over / len(texts),
-        }
+        } | over

@@ -1,24 +1,9 @@
 """Read tiny-world captions back into objects and score them against the ground truth, attribute by attribute.
 
 :func:`parse_caption` finds every object as ``(size, colour, shape, position)`` (unstated attributes None), the stated
-count and the background, using the world's own phrase inventory (``datamodules/tiny_world/text.py``: position
-phrases, size words, colours, shades mapped to their colour, shapes, and "shape" for a coarsened star or cross) plus a
-few general forms ("to the right", "centered") so paraphrases still parse. How a caption is read:
-
-1. Relative phrases ("left of", "above", "under"...) become barriers that never give a position; absolute position
-   phrases become markers.
-2. Every singular shape word starts an object; size and colour words right before it (over fillers such as "lone")
-   or after it ("a star in red", "the red star is large") belong to it; "largest one is a ..." makes it large. "shape"
-   is an object only with a colour ("a single shape", "two shapes" are counts).
-3. An object takes the first free marker after it, before the next object, a relation or the sentence end; else a
-   free marker earlier in its sentence ("Near the left border, one can see a little red star.").
-4. A definite mention ("the red star is large") refers back to the first earlier compatible object and fills in what
-   it states; an indefinite one is a new object (the world never repeats a colour and shape).
-
-Scoring (:func:`score_captions`): an object is a prediction for a tuple metric only if the caption states every
-attribute of the tuple, so precision measures the claims made and recall penalises what is left out; precision with no
-predictions is 0. A caption's main object is the one it mentions first. :func:`chance_scores` scores the captions
-against a deranged truth.
+count and the background, with the world's own phrase inventory (``datamodules/tiny_world/text.py``) plus a few general
+forms, so paraphrases still parse; :func:`score_captions` scores them, :func:`chance_scores` against a deranged truth.
+docs/captioner.md ("How captions are read back") gives the reading and scoring rules.
 """
 
 from __future__ import annotations
@@ -85,6 +70,7 @@ _DETERMINERS = {"a", "an", "the", "one", "another", "this", "that"}
 _POST_TRIGGERS = {"is", ",", "in", "coloured", "colored", "tinted", "painted"}
 _LARGEST_CUES = {"largest", "biggest", "prominent", "main", "dominant"}
 _SENTENCE_END = {".", "!", "?", ";"}
+_ATTRIBUTE_WORDS = _COLOUR_WORDS.keys() | _SIZE_WORDS.keys()
 _BG_COLOUR_WORDS: dict[str, str] = {c: c for c in BACKGROUND_COLOURS} | {"grey": "gray"}
 _COUNT_WORDS: dict[str, int] = {w: i for i, w in enumerate(NUMBER_WORDS)} | dict.fromkeys(
     ("a single", "just one", "only one"), 1
@@ -142,6 +128,16 @@ def _tokens(text: str) -> list[str]:
     return _TOKEN_RE.findall(t)
 
 
+def _fill(words: Sequence[str], colour: str | None, size: str | None) -> tuple[str | None, str | None]:
+    """The first colour and the first size word among ``words``, where not already known."""
+    for w in words:
+        if w in _COLOUR_WORDS and colour is None:
+            colour = _COLOUR_WORDS[w]
+        elif w in _SIZE_WORDS and size is None:
+            size = _SIZE_WORDS[w]
+    return colour, size
+
+
 def _mentions(toks: list[str]) -> list[_Mention]:
     out = []
     n = len(toks)
@@ -149,41 +145,29 @@ def _mentions(toks: list[str]) -> list[_Mention]:
         shape = _SHAPE_WORDS.get(tok)
         if shape is None:
             continue
-        colour = size = None
         j = i - 1
-        while j >= 0 and (toks[j] in _COLOUR_WORDS or toks[j] in _SIZE_WORDS or toks[j] in _FILLERS):
-            if toks[j] in _COLOUR_WORDS and colour is None:
-                colour = _COLOUR_WORDS[toks[j]]
-            elif toks[j] in _SIZE_WORDS and size is None:
-                size = _SIZE_WORDS[toks[j]]
+        while j >= 0 and (toks[j] in _ATTRIBUTE_WORDS or toks[j] in _FILLERS):
             j -= 1
+        colour, size = _fill(toks[j + 1 : i][::-1], None, None)  # nearest the shape word first
         det = toks[j] if j >= 0 and toks[j] in _DETERMINERS else None
         start = j if det is not None else j + 1
         end = i + 1
         if end < n and toks[end] in _POST_TRIGGERS:  # "a star in red", "a star, big and red,", "the star is large"
             m = end + 1
-            while m < n and (toks[m] in _COLOUR_WORDS or toks[m] in _SIZE_WORDS or toks[m] in ("and", ",")):
+            while m < n and (toks[m] in _ATTRIBUTE_WORDS or toks[m] in ("and", ",")):
                 m += 1
-            attrs = [t for t in toks[end + 1 : m] if t in _COLOUR_WORDS or t in _SIZE_WORDS]
+            attrs = [t for t in toks[end + 1 : m] if t in _ATTRIBUTE_WORDS]
             next_is_noun = m < n and (toks[m] in _SHAPE_WORDS or toks[m] in _PLURALS)
             if toks[end] == "in":
                 attrs = [t for t in attrs if t in _COLOUR_WORDS]
             if attrs and not next_is_noun:
-                for t in attrs:
-                    if t in _COLOUR_WORDS and colour is None:
-                        colour = _COLOUR_WORDS[t]
-                    elif t in _SIZE_WORDS and size is None:
-                        size = _SIZE_WORDS[t]
+                colour, size = _fill(attrs, colour, size)
                 end = m
         if shape == GENERIC_SHAPE and colour is None:  # "a single shape", "star shape": not an object
             continue
         # "The largest one is a red star", "the biggest being a red star", "the most prominent figure is the star"
-        if (
-            det is not None
-            and j >= 1
-            and toks[j - 1] in ("is", "being")
-            and _LARGEST_CUES & set(toks[max(0, j - 5) : j - 1])
-        ):
+        after_verb = det is not None and j >= 1 and toks[j - 1] in ("is", "being")
+        if after_verb and _LARGEST_CUES & set(toks[max(0, j - 5) : j - 1]):
             size = size or "large"
         out.append(_Mention(start, end, det == "the", size, colour, shape))
     return out
@@ -234,11 +218,7 @@ def _resolve(mentions: list[_Mention]) -> list[CaptionObject]:
 
 
 def _background(t: str) -> ParsedBackground | None:
-    colours: list[str] = []
-    for w in re.findall(r"[a-z]+", t):
-        c = _BG_COLOUR_WORDS.get(w)
-        if c is not None and c not in colours:
-            colours.append(c)
+    colours = list(dict.fromkeys(_BG_COLOUR_WORDS[w] for w in re.findall(r"[a-z]+", t) if w in _BG_COLOUR_WORDS))
     if re.search(r"\b(?:checker|chequer|chessboard|checks\b)", t):
         kind: str | None = "checker"
     elif re.search(r"\bstripe|\bstriped\b", t):

@@ -156,12 +156,10 @@ class FID(nn.Module):
         if isinstance(feature, nn.Module):
             net, wants_uint8 = feature, False
             num_features = getattr(feature, "num_features", None)
-            if num_features is None:
-                was_training = feature.training
+            if num_features is None:  # probed in eval mode, which _FeatureAdapter keeps it in anyway
                 probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
                 with torch.no_grad():
                     num_features = int(feature.eval()(probe).shape[-1])
-                feature.train(was_training)
         elif isinstance(feature, int) and not isinstance(feature, bool):
             if feature not in (64, 192, 768, 2048):
                 raise ValueError(f"InceptionV3 feature must be one of 64, 192, 768, 2048, got {feature}")
@@ -206,7 +204,16 @@ class FID(nn.Module):
             self.metric.reset_real_features = True
 
 
-class OpenClipScorer:
+class _ClipScorer:
+    """The model in eval mode on ``device``; features under ``no_grad``, as float32."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.dtype = next(self.model.parameters()).dtype
+
+
+class OpenClipScorer(_ClipScorer):
     """An open_clip model with its eval transform and tokenizer, for ``clip_score``.
 
     ``model`` is an ``export-clip`` folder (or ``local-dir:DIR``), an open_clip model name with ``pretrained`` = a
@@ -234,36 +241,34 @@ class OpenClipScorer:
                 preprocess = open_clip.image_transform(model.visual.image_size, is_train=False, **pre)
         else:
             spec = os.fspath(model)
-            if not spec.startswith(("local-dir:", "hf-hub:")) and (Path(spec) / "open_clip_config.json").is_file():
-                spec = f"local-dir:{spec}"
+            own_weights = spec.startswith(("local-dir:", "hf-hub:"))
+            if not own_weights and (Path(spec) / "open_clip_config.json").is_file():
+                spec, own_weights = f"local-dir:{spec}", True
             if pretrained is not None:
-                if spec.startswith(("local-dir:", "hf-hub:")):
+                if own_weights:
                     raise ValueError(f"{spec} carries its own weights; drop pretrained={pretrained}")
                 if not Path(pretrained).is_file():
                     raise FileNotFoundError(f"CLIP weights not found: {pretrained} (give a local file)")
-            elif not spec.startswith(("local-dir:", "hf-hub:")):
+            elif not own_weights:
                 raise ValueError(f"open_clip model {spec!r} needs pretrained=<local weight file> (or an export folder)")
             model, _, preprocess_val = open_clip.create_model_and_transforms(
                 spec, pretrained=None if pretrained is None else os.fspath(pretrained)
             )
             preprocess = preprocess or preprocess_val
             tokenizer = tokenizer or open_clip.get_tokenizer(spec)
-        self.model = model.to(device).eval()
+        super().__init__(model, device)
         self.tokenizer = tokenizer
         self.preprocess = preprocess
-        self.device = torch.device(device)
         self.context_length = int(getattr(model, "context_length", None) or tokenizer.context_length)
 
+    @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         x = torch.stack([self.preprocess(im) for im in _to_pil(images)])
-        dtype = next(self.model.parameters()).dtype
-        with torch.no_grad():
-            return self.model.encode_image(x.to(self.device, dtype), normalize=True).float()
+        return self.model.encode_image(x.to(self.device, self.dtype), normalize=True).float()
 
+    @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        with torch.no_grad():
-            return self.model.encode_text(tokens, normalize=True).float()
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device), normalize=True).float()
 
     def count_over_context(self, texts: Sequence[str]) -> int:
         from .metrics import token_lengths
@@ -271,50 +276,37 @@ class OpenClipScorer:
         return sum(n > self.context_length for n in token_lengths(self.tokenizer, texts))
 
 
-class HFClipScorer:
-    """A transformers ``CLIPModel`` and ``CLIPProcessor`` from a local folder (e.g. ``openai/clip-vit-base-patch32``),
-    or given as objects. transformers 5 returns an output object from ``get_*_features`` (the features are its
-    ``pooler_output``), which is what breaks torchmetrics 1.9's ``CLIPScore``; both forms work here."""
+class HFClipScorer(_ClipScorer):
+    """A transformers ``CLIPModel`` and ``CLIPProcessor`` from a local folder (e.g. ``openai/clip-vit-base-patch32``).
+    transformers 5 returns an output object from ``get_*_features`` (the features are its ``pooler_output``), which
+    is what breaks torchmetrics 1.9's ``CLIPScore``; both forms work here."""
 
-    def __init__(
-        self,
-        path: PathLike | None = None,
-        device: str | torch.device = "cpu",
-        model: Any = None,
-        processor: Any = None,
-    ) -> None:
-        if path is not None:
-            from transformers import CLIPModel, CLIPProcessor
+    def __init__(self, path: PathLike, device: str | torch.device = "cpu") -> None:
+        from transformers import CLIPModel, CLIPProcessor
 
-            if not Path(path).is_dir():
-                raise FileNotFoundError(f"HF CLIP folder not found: {path}")
-            model = model or CLIPModel.from_pretrained(os.fspath(path))
-            processor = processor or CLIPProcessor.from_pretrained(os.fspath(path))
-        if model is None or processor is None:
-            raise ValueError("HFClipScorer needs a folder path, or both model and processor")
-        self.model = model.to(device).eval()
-        self.processor = processor
-        self.device = torch.device(device)
-        self.context_length = int(model.config.text_config.max_position_embeddings)
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"HF CLIP folder not found: {path}")
+        super().__init__(CLIPModel.from_pretrained(os.fspath(path)), device)
+        self.processor = CLIPProcessor.from_pretrained(os.fspath(path))
+        self.context_length = int(self.model.config.text_config.max_position_embeddings)
 
     @staticmethod
     def _features(out: Any) -> torch.Tensor:
         return (out if isinstance(out, torch.Tensor) else out.pooler_output).float()
 
+    @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         pixels = self.processor.image_processor(images=_to_pil(images), return_tensors="pt")["pixel_values"]
-        dtype = next(self.model.parameters()).dtype
-        with torch.no_grad():
-            return self._features(self.model.get_image_features(pixel_values=pixels.to(self.device, dtype)))
+        return self._features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
 
+    @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         tok = self.processor.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
         ).to(self.device)
-        with torch.no_grad():
-            return self._features(
-                self.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-            )
+        return self._features(
+            self.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        )
 
     def count_over_context(self, texts: Sequence[str]) -> int:
         ids = self.processor.tokenizer(list(texts), truncation=False)["input_ids"]
@@ -405,25 +397,16 @@ class JudgeResult:
     ratings: list[int | None]
     answers: list[str]
 
-    @property
-    def n_rated(self) -> int:
-        return sum(r is not None for r in self.ratings)
-
-    @property
-    def n_unparseable(self) -> int:
-        return len(self.ratings) - self.n_rated
-
-    @property
-    def mean(self) -> float | None:
+    def __post_init__(self) -> None:
         rated = [r for r in self.ratings if r is not None]
-        return sum(rated) / len(rated) if rated else None
+        self.n_rated, self.n_unparseable = len(rated), len(self.ratings) - len(rated)
+        self.mean = sum(rated) / len(rated) if rated else None
+
+    def summary(self) -> dict[str, Any]:
+        return {"n": len(self.ratings), "n_rated": self.n_rated, "n_unparseable": self.n_unparseable, "mean": self.mean}
 
     def metrics(self, prefix: str = "judge") -> dict[str, float]:
-        out = {f"{prefix}/n": float(len(self.ratings)), f"{prefix}/n_rated": float(self.n_rated)}
-        out[f"{prefix}/n_unparseable"] = float(self.n_unparseable)
-        if self.mean is not None:
-            out[f"{prefix}/mean"] = self.mean
-        return out
+        return {f"{prefix}/{k}": float(v) for k, v in self.summary().items() if v is not None}
 
 
 def judge_score(
@@ -434,7 +417,6 @@ def judge_score(
     prompts = list(prompts)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    ratings: list[int | None] = []
     answers: list[str] = []
     for i, prompt in enumerate(prompts):
         image = images[i] if isinstance(images[i], Image.Image) else _to_pil(to_uint8_images(images[i : i + 1]))[0]
@@ -442,8 +424,7 @@ def judge_score(
         if not isinstance(answer, str):
             raise TypeError(f"judge returned {type(answer).__name__}, expected the answer text")
         answers.append(answer)
-        ratings.append(parse_rating(answer))
-    result = JudgeResult(ratings, answers)
+    result = JudgeResult([parse_rating(a) for a in answers], answers)
     if result.n_unparseable:
         log.warning("judge: %d of %d answers had no parseable rating", result.n_unparseable, len(prompts))
     return result
@@ -523,8 +504,7 @@ def evaluate_generation(
         raise ValueError("no generated images")
     if len(records) != n:
         raise ValueError(f"{n} generated images but {len(records)} prompt records")
-    first = to_uint8_images(images[:1])
-    size = (int(first.shape[-2]), int(first.shape[-1]))
+    size = tuple(to_uint8_images(images[:1]).shape[-2:])
     prompts = [r.prompt for r in records]
     metrics: dict[str, float] = {"n_images": float(n)}
     payload: dict[str, Any] = {}
@@ -533,14 +513,12 @@ def evaluate_generation(
         payload["prompt_set"] = {"file": str(records.path), "column": records.column, "n_rows": records.n_rows}
 
     if fid is not None:
+        fid.reset(keep_real=reference_images is None)
         if reference_images is not None:
-            fid.reset(keep_real=False)
             for batch in _reference_batches(reference_images, records, size, batch_size):
                 fid.update(batch, real=True)
-        else:
-            fid.reset(keep_real=True)
-            if fid.n_real < 2:
-                raise ValueError("FID needs reference images: pass reference_images, or add real images to fid first")
+        elif fid.n_real < 2:
+            raise ValueError("FID needs reference images: pass reference_images, or add real images to fid first")
         for lo in range(0, n, batch_size):
             fid.update(to_uint8_images(images[lo : lo + batch_size]), real=False)
         metrics.update(fid=fid.compute(), **{"fid/n_real": float(fid.n_real), "fid/n_fake": float(fid.n_fake)})
@@ -549,10 +527,8 @@ def evaluate_generation(
 
     for name, scorer in (clip_scorers or {}).items():
         result = clip_score(images, prompts, scorer, batch_size=batch_size)
-        metrics[f"clip_score/{name}"] = result["clip_score"]
-        for key in ("se", "n_prompts_over_context", "n_pairs_clamped"):
-            if key in result:
-                metrics[f"clip_score/{name}/{key}"] = result[key]
+        metrics[f"clip_score/{name}"] = result.pop("clip_score")
+        metrics |= {f"clip_score/{name}/{key}": v for key, v in result.items() if key != "n"}
 
     if judge is not None:
         idx = seeded_subset(n, judge_limit, judge_seed)

@@ -1,11 +1,9 @@
 """The tiny world's pinned attribute judge: GenEval-like accuracy and the FID feature extractor for the DiT.
 
-:class:`AttributeJudge` is a small CNN trained on a world's ground truth (:func:`train_judge`) that predicts the main
-object's colour, shape and position, the object count and the background kind (``HEADS``). Its pooled features
-(:class:`JudgeFeatures`) stand in for Inception-v3 in FID. Inputs are uint8 or [0, 1] float images of any square
-size; resizing and normalisation happen inside. Saved as ``judge.safetensors`` (no pickle) and ``judge.json``
-(architecture, labels, held-out accuracies, world fingerprint, recipe), written last, so it marks the folder
-complete. The held-out set is ``eval/t2i_prompts``, whose images never coincide with web images.
+:class:`AttributeJudge`, a small CNN trained on a world's ground truth (:func:`train_judge`), predicts the main
+object's colour, shape and position, the object count and the background kind (``HEADS``); its pooled features
+(:class:`JudgeFeatures`) stand in for Inception-v3 in FID. Saved as ``judge.safetensors`` and ``judge.json``, written
+last, so it marks the folder complete. docs/dit.md ("The pinned attribute judge") has its design and measurements.
 """
 
 from __future__ import annotations
@@ -45,12 +43,7 @@ HEADS = {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "count": COU
 _FLIP_POSITION = [POSITIONS.index({"left": "right", "right": "left"}.get(p, p)) for p in POSITIONS]
 CHANCE_SEED_TAG = 0x6A756467  # seeds the chance derangement apart from other seeded draws
 
-# The defaults (world tooling, not a paper setting) were tuned on data/world (seed 0, 20,000 web images) with one CPU
-# thread on the shared 2-core machine, so that one training fits in about 4 minutes: 11.7 s to decode, 158.8 s for
-# 2,000 steps of batch 32. Held out (2,000 eval/t2i_prompts images at 64 px): colour 0.988, shape 0.994, both 0.982,
-# position 1.000, count 0.993, background 1.000 (deranged truths: colour 0.114, both 0.024); shrunk to 16 px: colour
-# 0.986, shape 0.974, both 0.960. Per CPU-second, batch 32 learned faster than 64 or 128 (the prototype's): at equal
-# compute held-out shape accuracy was 0.67 (128), 0.81 (64) and 0.86 (32, all with average pooling).
+# The defaults fit one training in about 4 CPU minutes (docs/dit.md, "The pinned attribute judge").
 DEFAULT_IMAGE_SIZE = 32
 DEFAULT_WIDTHS = (48, 96, 192)
 
@@ -83,14 +76,9 @@ def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class AttributeJudge(nn.Module):
-    """3x3 conv-BN-ReLU layers (a stride-2 w0 stem, a w0 conv, a stride-2 w1 pair, a stride-2 w2 conv), global
-    pooling and one linear head per attribute; about 0.32 M parameters with the default widths.
-
-    ``pool="avgmax"`` concatenates global average and max pooling; ``"avg"`` (the prototype's) averages only. With
-    the same budget max pooling lifted held-out shape accuracy from 0.86 to 0.95: a small single object fills about
-    one cell of the final 4x4 map, and an average dilutes its evidence 16-fold. ``freeze()`` (what
-    :func:`load_judge` returns) pins eval mode: a parent's ``.train()`` leaves BatchNorm alone.
-    """
+    """3x3 conv-BN-ReLU layers, global pooling (``"avgmax"``: average and max concatenated; ``"avg"``) and one linear
+    head per attribute; inputs are uint8 or [0, 1] float square images, resized and normalised inside. ``freeze()``
+    (what :func:`load_judge` returns) pins eval mode: a parent's ``.train()`` leaves BatchNorm alone."""
 
     def __init__(self, image_size: int = DEFAULT_IMAGE_SIZE, widths: Sequence[int] = DEFAULT_WIDTHS, pool="avgmax"):
         super().__init__()
@@ -390,7 +378,6 @@ def train_judge(
         warmup = max(1, steps // 20) if warmup is None else max(1, warmup)
         order, cursor = torch.randperm(n, generator=gen), 0
         t1 = time.perf_counter()
-        loss_value = float("nan")
         for step in range(steps):
             if cursor + batch_size > n:
                 order, cursor = torch.randperm(n, generator=gen), 0
@@ -408,11 +395,10 @@ def train_judge(
             loss.backward()
             opt.step()
             if log_every and (step % log_every == 0 or step == steps - 1):
-                loss_value = float(loss.detach())
                 elapsed = time.perf_counter() - t1
-                print(f"[world-judge] step {step + 1}/{steps} loss {loss_value:.4f} {elapsed:.1f}s", file=sys.stderr)
+                print(f"[world-judge] step {step + 1}/{steps} loss {loss:.4f} {elapsed:.1f}s", file=sys.stderr)
         train_seconds = time.perf_counter() - t1
-        loss_value = float(loss.detach()) if steps else loss_value
+        loss_value = float(loss.detach()) if steps else float("nan")
         judge.freeze()
         heldout = heldout_16 = None
         if (world / "eval/t2i_prompts/prompts.parquet").is_file():

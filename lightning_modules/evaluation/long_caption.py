@@ -1,13 +1,8 @@
-"""Long-caption retrieval on the field's benchmarks as their owners release them: DCI, DOCCI, IIW and ShareGPT4V-1k/10k
-(FLAIR, CVPR 2025, and Long-CLIP evaluate on these beside Urban-1K, which is ``tasks.LongRetrieval``).
+"""Long-caption retrieval on DCI, DOCCI, IIW and ShareGPT4V-1k/10k as their owners release them (FLAIR, CVPR 2025,
+and Long-CLIP evaluate on these beside Urban-1K, ``tasks.LongRetrieval``); docs/clip.md gives the layouts and sources.
 
-Every reader yields one long caption per image, paired by position. Captions are kept whole: ``_RetrievalTask`` counts
-(and warns about) those longer than the text context, and the text tower encodes them truncated, as FLAIR and
-Long-CLIP do. FLAIR also re-splits DCI, IIW and ShareGPT4V captions on ``.``/newlines and re-joins them with ``". "``
-(``split_caption``); we keep the released text, which open_clip's whitespace cleaning tokenizes almost identically.
-Field names and sub-selection rules were read from ExplainableML/flair ``src/flair/data.py``, beichenzbc/Long-CLIP
-``train/sharegpt4v.py``, facebookresearch/DCI ``dataset/densely_captioned_images`` and google/imageinwords
-``datasets/*/README.md`` + ``data.jsonl``; DOCCI's fields from google/docci's download page.
+One long caption per image, kept whole: ``_RetrievalTask`` counts (and warns about) those longer than the text
+context, which the text tower encodes truncated, as FLAIR and Long-CLIP do.
 """
 
 from __future__ import annotations
@@ -46,17 +41,10 @@ def _text(record: Any, key: str, where: str) -> str:
     return value.strip()
 
 
-class _PairedTask(_RetrievalTask):
-    def __init__(self, name: str, pairs: Sequence[tuple[Path, str]], source: Path) -> None:
-        super().__init__(name, [p for p, _ in pairs], [t for _, t in pairs], list(range(len(pairs))), source)
-
-
-class DCIRetrieval(_PairedTask):
-    """DCI as ``dci.tar.gz`` unpacks (``root`` = ``densely_captioned_images/``): ``splits.json`` maps each split to
-    annotation file names in ``annotations/``; each holds ``image`` (a file in ``photos/``, SA-1B's sa_000138),
-    ``short_caption`` and ``extra_caption``. The long caption is ``short_caption + "\\n" + extra_caption``, as DCI's
-    ``get_extended_caption`` and FLAIR's ``read_dci_pairs`` build it. FLAIR evaluates on all splits in
-    file order (train, valid, test: 7,599 + 98 + 108 = 7,805 images), the default here."""
+class DCIRetrieval(_RetrievalTask):
+    """DCI (``root`` = ``densely_captioned_images/``): the long caption is ``short_caption + "\\n" + extra_caption``, as
+    DCI's ``get_extended_caption`` and FLAIR's ``read_dci_pairs`` build it; FLAIR's default of all splits in file
+    order (7,599 + 98 + 108 = 7,805 images)."""
 
     def __init__(self, root: PathLike, splits: Sequence[str] = ("train", "valid", "test"), name: str = "dci") -> None:
         root = _require_dir(Path(root), "DCI folder (densely_captioned_images)")
@@ -72,17 +60,13 @@ class DCIRetrieval(_PairedTask):
                 anno = _read_json(path, f"DCI annotation (listed in {split_file} under {split!r})")
                 image = _text(anno, "image", str(path))
                 caption = f"{_text(anno, 'short_caption', str(path))}\n{_text(anno, 'extra_caption', str(path))}"
-                pairs.append((root / "photos" / image, caption))
+                pairs.append((root / "photos" / image, [caption]))
         super().__init__(name, pairs, split_file)
 
 
-class DOCCIRetrieval(_PairedTask):
-    """DOCCI as Google releases it: ``root/docci_descriptions.jsonlines`` (one object a line: ``example_id``,
-    ``split``, ``image_file``, ``description``) and the images of ``docci_images.tar.gz`` in ``root/images/``. Every
-    record of ``split`` is one image and its description; the test split is DOCCI's 5,000 held-out images. Not
-    confirmed from code: that the image archive unpacks into ``images/`` (FLAIR's data notes place the images there),
-    and which split FLAIR-style long retrieval uses (FLAIR itself runs DOCCI only as fine-grained retrieval over its
-    own sub-caption file)."""
+class DOCCIRetrieval(_RetrievalTask):
+    """DOCCI: ``root/docci_descriptions.jsonlines`` and ``root/images/``; every record of ``split`` is one image and
+    its ``description`` (test: DOCCI's 5,000 held-out images)."""
 
     def __init__(self, root: PathLike, split: str = "test", name: str = "docci") -> None:
         root = _require_dir(Path(root), "DOCCI folder")
@@ -92,7 +76,7 @@ class DOCCIRetrieval(_PairedTask):
             splits.add(_text(record, "split", where))
             if record["split"] == split:
                 image = root / "images" / _text(record, "image_file", where)
-                pairs.append((image, _text(record, "description", where)))
+                pairs.append((image, [_text(record, "description", where)]))
         if not pairs:
             raise ValueError(f"{source}: no records in split {split!r} (splits present: {sorted(splits)})")
         super().__init__(name, pairs, source)
@@ -101,13 +85,10 @@ class DOCCIRetrieval(_PairedTask):
 IIW_SUBSETS = {"DOCCI_Test": "docci", "IIW-400": "docci_aar", "DCI_Test": "dci"}
 
 
-class IIWRetrieval(_PairedTask):
-    """ImageInWords (google/imageinwords ``datasets/``): ``root/<subset>/data.jsonl`` per subset, its images in
-    ``root/<subsets[subset]>`` (FLAIR's layout: DOCCI test images, DOCCI AAR images, DCI photos). The image is
-    ``image`` (DOCCI_Test: ``test_00731``; DCI_Test: ``sa_1545038.jpg``) or ``image/key`` (IIW-400:
-    ``aar_test_04600``), ``.jpg`` appended when it has no suffix; the caption is ``field``: ``IIW`` (human-authored,
-    in all three subsets; FLAIR's choice), or ``IIW-P5B`` (the PaLI-5B model's, IIW-400 only). FLAIR's default is
-    all three subsets: 100 + 400 + 112 = 612 images."""
+class IIWRetrieval(_RetrievalTask):
+    """ImageInWords: ``root/<subset>/data.jsonl`` per subset, its images in ``root/<subsets[subset]>`` (FLAIR's
+    layout). The image is ``image`` or ``image/key`` (IIW-400), ``.jpg`` appended when it has no suffix; the caption
+    is ``field``: ``IIW`` (human-authored; FLAIR's choice) or ``IIW-P5B`` (PaLI-5B's, IIW-400 only)."""
 
     def __init__(
         self, root: PathLike, subsets: Mapping[str, str] = IIW_SUBSETS, field: str = "IIW", name: str = "iiw"
@@ -119,17 +100,14 @@ class IIWRetrieval(_PairedTask):
                 key = "image" if "image" in record else "image/key"
                 image = _text(record, key, where)
                 image += "" if Path(image).suffix else ".jpg"
-                pairs.append((root / image_dir / image, _text(record, field, where)))
+                pairs.append((root / image_dir / image, [_text(record, field, where)]))
         super().__init__(name, pairs, root)
 
 
-class ShareGPT4VRetrieval(_PairedTask):
-    """ShareGPT4V-1k/10k: the first ``n`` items of a ShareGPT4V caption file
-    (``share-captioner_coco_lcs_sam_1246k_1107.json``: a list of ``{"id", "image", "conversations"}``), as Long-CLIP
-    (``json.load(fp)[:1000]``) and FLAIR (``[:total_len]``, 1,000 or 10,000) take them. The caption is
-    ``conversations[1]["value"]`` (the ``gpt`` turn), the image ``image_root / image``. Not handled: FLAIR's re-saved
-    ``share4v_sam_10k.json``, whose image paths FLAIR rewrites (drops ``/images``) for its own folder layout; whether
-    its items equal the first 10,000 of the released file could not be confirmed (the file was not readable here)."""
+class ShareGPT4VRetrieval(_RetrievalTask):
+    """ShareGPT4V-1k/10k: the first ``n`` items of ``share-captioner_coco_lcs_sam_1246k_1107.json``, as Long-CLIP
+    and FLAIR take them; the caption is ``conversations[1]["value"]`` (the ``gpt`` turn), the image ``image_root /
+    image``."""
 
     def __init__(self, json_file: PathLike, image_root: PathLike, n: int = 1000, name: str = "sharegpt4v_1k") -> None:
         source, image_root = Path(json_file), Path(image_root)
@@ -146,5 +124,5 @@ class ShareGPT4VRetrieval(_PairedTask):
             if turns[1].get("from") != "gpt":
                 raise ValueError(f"{where}: conversations[1]['from'] is {turns[1].get('from')!r}, expected 'gpt'")
             caption = _text(turns[1], "value", f"{where} conversations[1]")
-            pairs.append((image_root / _text(item, "image", where), caption))
+            pairs.append((image_root / _text(item, "image", where), [caption]))
         super().__init__(name, pairs, source)

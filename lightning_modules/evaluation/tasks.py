@@ -48,6 +48,17 @@ class EvalTask:
         if image_features.ndim != 2 or image_features.shape[0] != n:
             raise ValueError(f"{self.name}: expected image features [{n}, d], got {tuple(image_features.shape)}")
 
+    def _count_over_context(self, texts: Sequence[str], tokenizer: Any, context_length: int) -> dict[str, float]:
+        """The texts the text tower will truncate, counted (and warned about), never cut here."""
+        lengths = token_lengths(tokenizer, texts)
+        n_over = sum(n > context_length for n in lengths)
+        if n_over:
+            share = f"{n_over} of {len(lengths)} texts ({100 * n_over / len(lengths):.1f}%)"
+            log.warning(
+                f"{self.name}: {share} exceed the context length {context_length} (longest {max(lengths)} tokens)"
+            )
+        return {"n_texts_over_context": float(n_over), "frac_texts_over_context": n_over / len(texts)}
+
 
 class _ImageList(Dataset):
     """``(transform(image), index)`` for a list of image paths; an unreadable image is an error naming the file, never
@@ -197,34 +208,22 @@ class ZeroShotClassification(EvalTask):
 
 
 class _RetrievalTask(EvalTask):
-    """Image <-> text retrieval over images and captions, each caption pointing at one image."""
+    """Image <-> text retrieval over ``(image path, its captions)`` pairs, the one shape every reader produces."""
 
-    def __init__(self, name: str, paths: list[Path], texts: list[str], text_to_image: list[int], source: Path) -> None:
-        if not paths or not texts:
+    def __init__(self, name: str, images: Sequence[tuple[Path, Sequence[str]]], source: Path) -> None:
+        self.name, self.paths = name, [path for path, _ in images]
+        self.texts = [text for _, texts in images for text in texts]
+        if not self.paths or not self.texts:
             raise ValueError(f"{source}: no images or no captions to evaluate")
-        self.name, self.paths, self.texts = name, paths, texts
-        self.text_to_image = torch.tensor(text_to_image, dtype=torch.long)
+        self.text_to_image = torch.tensor([i for i, (_, texts) in enumerate(images) for _ in texts], dtype=torch.long)
 
     def compute(
         self, image_features: torch.Tensor, encode_texts: TextEncoder, tokenizer: Any, context_length: int
     ) -> dict[str, float]:
         self._check_features(image_features, len(self.paths))
-        lengths = token_lengths(tokenizer, self.texts)
-        n_over = sum(n > context_length for n in lengths)
-        if n_over:
-            share = f"{n_over} of {len(lengths)} texts ({100 * n_over / len(lengths):.1f}%)"
-            log.warning(
-                f"{self.name}: {share} exceed the context length {context_length} (longest {max(lengths)} tokens)"
-            )
-        text_features = encode_texts(self.texts)
-        metrics = retrieval_metrics(image_features, text_features, self.text_to_image, ks=(1, 5, 10))
-        metrics.update(
-            n_images=float(len(self.paths)),
-            n_texts=float(len(self.texts)),
-            n_texts_over_context=float(n_over),
-            frac_texts_over_context=n_over / len(self.texts),
-        )
-        return metrics
+        over = self._count_over_context(self.texts, tokenizer, context_length)
+        metrics = retrieval_metrics(image_features, encode_texts(self.texts), self.text_to_image, ks=(1, 5, 10))
+        return metrics | {"n_images": float(len(self.paths)), "n_texts": float(len(self.texts))} | over
 
 
 class Retrieval(_RetrievalTask):
@@ -238,7 +237,7 @@ class Retrieval(_RetrievalTask):
         entries = data.get("images") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             raise ValueError(f"{source}: expected an object with an 'images' list")
-        paths, texts, text_to_image, splits = [], [], [], set()
+        images, splits = [], set()
         for i, entry in enumerate(entries):
             try:
                 splits.add(entry["split"])
@@ -255,12 +254,10 @@ class Retrieval(_RetrievalTask):
             bad = next((j for j, c in enumerate(captions) if not isinstance(c, str) or not c.strip()), None)
             if bad is not None:
                 raise ValueError(f"{source}: images[{i}] ({path.name}) sentences[{bad}].raw is empty or not a string")
-            texts += captions
-            text_to_image += [len(paths)] * len(captions)
-            paths.append(path)
-        if not paths:
+            images.append((path, captions))
+        if not images:
             raise ValueError(f"{source}: no images in split {split!r} (splits present: {sorted(splits)})")
-        super().__init__(name, paths, texts, text_to_image, source)
+        super().__init__(name, images, source)
 
 
 def _stem_order(stem: str) -> tuple[int, int, str]:
@@ -281,7 +278,7 @@ class LongRetrieval(_RetrievalTask):
         if orphans:
             stem = orphans[0]
             raise FileNotFoundError(f"caption {captions[stem]} has no image {image_dir / stem}.<jpg|png|...>")
-        paths, texts = [], []
+        pairs = []
         for stem in sorted(images, key=_stem_order):
             if stem not in captions:
                 raise FileNotFoundError(f"image {images[stem]} has no caption {caption_dir / f'{stem}.txt'}")
@@ -291,9 +288,8 @@ class LongRetrieval(_RetrievalTask):
                 raise ValueError(f"caption {captions[stem]} is not UTF-8 text ({e})") from e
             if not text:
                 raise ValueError(f"empty caption: {captions[stem]}")
-            paths.append(images[stem])
-            texts.append(text)
-        super().__init__(name, paths, texts, list(range(len(paths))), root)
+            pairs.append((images[stem], [text]))
+        super().__init__(name, pairs, root)
 
 
 def features_by_index(name: str, n: int, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
