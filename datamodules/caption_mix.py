@@ -17,6 +17,7 @@ the continued batches equal the uninterrupted run's, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import json
@@ -27,7 +28,8 @@ import random
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import KW_ONLY, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +37,7 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, Sampler, default_convert, get_worker_info
 
 from datamodules.checks import (
@@ -54,21 +57,21 @@ from datamodules.wds_stages import (
     MAX_CAPTION_CHARS,
     MIN_IMAGE_SIZE,
     SKIPS_ONLY,
-    Batch,
     ChooseCaption,
-    ChooseViews,
     CountingHandler,
     CrossShardDuplicates,
     ReadShards,
     SampleLimits,
-    ScheduledCaption,
     ShardSchedule,
     SkipStats,
     SourceSpec,
-    TransformText,
+    batched,
+    choose_views,
+    ensure_duplicate_index,
     keep_captioned,
     merge_skips,
     stable_int,
+    transform_text,
 )
 
 # Lightning warns that an IterableDataset's __len__ "could be inaccurate" with several workers; ours is exact (each
@@ -222,37 +225,34 @@ def parse_views(cfg: dict | None, names: list[str]) -> tuple[ViewSpec, ...]:
     return tuple(ViewSpec.parse(str(name), value, names) for name, value in cfg.items())
 
 
+@dataclass(eq=False)
 class CaptionMixStream(IterableDataset):
-    """An iterable of ready batches (dicts; fields: :class:`datamodules.wds_stages.Batch`).
+    """An iterable of ready batches (dicts; fields: :func:`datamodules.wds_stages.batched`).
 
     ``batches_per_rank`` set: training -- the stream cycles its shards (or resamples) and every rank yields exactly
     that many batches per epoch, split over loader workers as evenly as possible (so DDP never hangs on a rank that
     ran out). ``None``: evaluation -- one pass over this rank's disjoint shard slice, last batch partial.
     """
 
-    def __init__(
-        self,
-        urls: Sequence[str],
-        settings: LoaderSettings,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        batches_per_rank: int | None,
-        transforms: DataTransforms,
-        epoch: SharedEpoch | int = 0,
-        dedupe_index: str | None = None,
-    ):
-        super().__init__()
-        self.urls, self.settings, self.seed = list(urls), settings, settings.seed
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.batches_per_rank, self.transforms = batches_per_rank, transforms
-        self.epoch, self.dedupe_index = epoch, dedupe_index
-        self.resume: dict[str, Any] | None = None  # set by CaptionMixLoader for the next iteration only
-        # Put the global RNGs back after each training batch (the transforms are seeded per sample): None = only in
-        # the training process (no loader workers), see SampleSeeds; False lets an in-process profile measure what a
-        # worker runs.
-        self.restore_rngs: bool | None = None
+    urls: list[str]
+    settings: LoaderSettings
+    _: KW_ONLY
+    batch_size: int
+    rank: int
+    world_size: int
+    batches_per_rank: int | None
+    transforms: DataTransforms
+    epoch: SharedEpoch | int = 0
+    dedupe_index: str | None = None
+    resume: dict[str, Any] | None = field(default=None, init=False)  # set by CaptionMixLoader for one iteration
+    # Put the global RNGs back after each training batch (the transforms are seeded per sample): None = only in the
+    # training process (no loader workers), see SampleSeeds; False lets an in-process profile measure what a worker
+    # runs.
+    restore_rngs: bool | None = field(default=None, init=False)
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
 
     def __len__(self) -> int:
         if self.batches_per_rank is None:
@@ -269,59 +269,58 @@ class CaptionMixStream(IterableDataset):
         return _rng_isolated(batches) if training and restore else batches
 
     def _batches(self) -> Iterator[dict[str, Any]]:
-        s = self.settings
+        s, training = self.settings, self.batches_per_rank is not None
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.current_epoch()
-        training = self.batches_per_rank is not None
         resume, self.resume = self.resume, None  # one iteration only (this is the worker's own copy)
         stats = SkipStats(max_consecutive_drops=s.max_consecutive_drops, record=True)
-        done, skip, limit, seeds = 0, None, None, None
+        done, skip, limit, seeds, p_at = 0, None, None, None, None
         if training:
             if resume is not None:
                 worker, done, skip = worker_resume_point(resume, worker, num_workers)
-            base, rem = divmod(self.batches_per_rank, num_workers)
-            limit = base + (1 if worker < rem else 0) - done
+            limit = len(range(worker, self.batches_per_rank, num_workers)) - done  # see worker_resume_point
             # the stream position of each sample seeds its transforms; a resume replays up to the recorded position
             # without decoding, or (position unknown) decodes the replayed batches to drop exactly the same images
             seeds = SampleSeeds(
                 stable_int("transform", s.seed, epoch, self.rank, worker), stats, skip if done else None
             )
+        if training and s.p_schedule is not None:
+            # The p draw waits for the decode, which drops images: the kept-th kept sample of this stream worker goes
+            # to its batch kept // batch_size, loader batch k * num_workers + worker of the epoch (see
+            # worker_resume_point) and global batch epoch * batches_per_rank + that; p is the schedule at that
+            # global batch x batch_size x world_size. A resume with a known position starts kept at the samples it
+            # skipped undecoded; otherwise drop_replayed drops the replayed ones after this draw.
+            def p_at(kept: int) -> float:
+                index = epoch * self.batches_per_rank + worker + (kept // self.batch_size) * num_workers
+                return s.p_schedule(index * self.batch_size * self.world_size)
+
         chooser = ChooseCaption(s.weights, s.seed, epoch, stats, s.mix, s.concat_separator, s.fallback)
-        views = None
+        shuffle, views = None, None
+        if training and s.shuffle_buffer > 1:
+            rng = random.Random(stable_int("buffer", s.seed, epoch, self.rank, worker))
+            shuffle = wds.shuffle(s.shuffle_buffer, s.shuffle_initial, rng=rng)
         if s.views:
             order = sorted(s.weights, key=lambda n: -s.weights[n])  # ChooseCaption's fallback order
-            views = ChooseViews(s.views, order, s.seed, epoch, stats, s.fallback)
-        scheduled = None
-        if training and s.p_schedule is not None:  # the draw waits for the decode, which fixes each sample's batch
-            scheduled = ScheduledCaption(
-                chooser,
-                s.p_schedule,
-                batch_size=self.batch_size,
-                offset=epoch * self.batches_per_rank + worker,
-                stride=num_workers,
-                world_size=self.world_size,
-                kept=done * self.batch_size if done and skip is not None else 0,
+            views = partial(
+                choose_views, views=s.views, order=order, seed=s.seed, epoch=epoch, stats=stats, fallback=s.fallback
             )
         duplicates = None if s.dedupe == "off" else CrossShardDuplicates(s.dedupe, s.dedupe_max_keys, self.dedupe_index)
-        shuffle_rng = random.Random(stable_int("buffer", s.seed, epoch, self.rank, worker))
         mode = ("resample" if s.resampled else "cycle") if training else "once"
-        shuffle = None
-        if training and s.shuffle_buffer > 1:
-            shuffle = wds.shuffle(s.shuffle_buffer, s.shuffle_initial, rng=shuffle_rng)
+        text = self.transforms.text
         pipeline = [
             ShardSchedule(self.urls, s.seed, epoch, self.rank, self.world_size, worker, num_workers, mode, True, stats),
             ReadShards(CountingHandler(stats), s.tar_reader),
             s.limits.extract(s.sources, s.sidecar_dir, stats, duplicates),
             shuffle,
-            chooser if scheduled is None else keep_captioned(stats),
+            chooser if p_at is None else partial(keep_captioned, stats=stats),
             views,
             seeds,
             s.limits.decode(self.transforms.image, stats),
-            scheduled,
-            DropReplayed(done * self.batch_size, stats) if done and skip is None else None,
-            TransformText(self.transforms.text),
-            Batch(self.batch_size, stats, partial=not training, limit=limit),
+            partial(chooser, p_at=p_at, kept=done * self.batch_size if skip is not None else 0) if p_at else None,
+            partial(drop_replayed, count=done * self.batch_size, stats=stats) if done and skip is None else None,
+            partial(transform_text, transform=text) if text is not None else None,
+            partial(batched, batch_size=self.batch_size, stats=stats, last_partial=not training, limit=limit),
         ]
         stream = iter(pipeline[0])
         for stage in pipeline[1:]:
@@ -395,25 +394,20 @@ class SampleSeeds:
             yield sample
 
 
-class DropReplayed:
+def drop_replayed(samples: Iterator[dict[str, Any]], count: int, stats: SkipStats) -> Iterator[dict[str, Any]]:
     """Stage: drops the first ``count`` decoded samples of a resumed stream whose position was not recorded (the
     decode stage then drops exactly the images it dropped before), and the skips counted while replaying them."""
-
-    def __init__(self, count: int, stats: SkipStats):
-        self.count, self.stats = count, stats
-
-    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for _ in itertools.islice(samples, self.count):
-            pass
-        self.stats.drain()
-        yield from samples
+    for _ in itertools.islice(samples, count):
+        pass
+    stats.drain()
+    yield from samples
 
 
 def _rng_isolated(items: Iterator[Any]) -> Iterator[Any]:
     """``items``, with torch's CPU generator, ``random`` and numpy's global RNG put back after producing each item
     (so a stream that seeds them per sample leaves the consuming process's RNGs as they were)."""
     gen = torch.default_generator
-    try:
+    with contextlib.closing(items):
         while True:
             saved = gen.get_state(), random.getstate(), np.random.get_state()
             try:
@@ -425,10 +419,6 @@ def _rng_isolated(items: Iterator[Any]) -> Iterator[Any]:
                 random.setstate(saved[1])
                 np.random.set_state(saved[2])
             yield item
-    finally:
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
 
 
 class _EpochSampler(Sampler):
@@ -450,38 +440,25 @@ class _EpochSampler(Sampler):
         self.shared.set(epoch)
 
 
-class SkipLog:
-    """The loader's skip log: one JSON line per skipped sample or shard-level event, appended as batches arrive.
+def write_skip_log(path: Path, skipped: dict[str, Any], **fields: Any) -> None:
+    """Append the records of one batch's ``skipped`` to the skip log at ``path`` (created at the first record).
 
     A line: ``{"key", "reason", "shard", "split", "epoch", "rank", "detail"}`` (``key`` null for shard-level events);
     caption problems of samples that were still used are not logged (``wds_stages.UNRECORDED_PREFIXES``); records a
-    worker left out add ``{"reason": "records_lost", "count": N, ...}``. Flushed after every batch, opened lazily (no
-    file when nothing was skipped) and appended to (a resumed run continues it).
+    worker left out add ``{"reason": "records_lost", "count": N, ...}``. A resumed run appends to it.
     """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._file: Any = None
-
-    def write(self, skipped: dict[str, Any], **fields: Any) -> None:
-        records, lost = skipped.get("records") or (), skipped.get("records_lost", 0)
-        if not records and not lost:
-            return
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- held across batches, closed by close()
-        for record in records:
-            line = {"key": record.get("key"), "reason": record.get("reason"), "shard": record.get("shard"), **fields}
-            line["detail"] = record.get("detail")
-            self._file.write(json.dumps(line) + "\n")
-        if lost:
-            self._file.write(json.dumps({"key": None, "reason": "records_lost", "count": lost, **fields}) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    records, lost = skipped.get("records") or (), skipped.get("records_lost", 0)
+    if not records and not lost:
+        return
+    lines = [
+        {"key": r.get("key"), "reason": r.get("reason"), "shard": r.get("shard"), **fields, "detail": r.get("detail")}
+        for r in records
+    ]
+    if lost:
+        lines.append({"key": None, "reason": "records_lost", "count": lost, **fields})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 def convert_batch(batch: Any) -> Any:
@@ -505,9 +482,9 @@ class CaptionMixLoader(DataLoader):
     still resumes exactly from ``(epoch, batches)``, decoding the replayed images to find the dropped ones.
 
     Skips: every batch's ``skipped`` counts are summed into ``skip_counts`` (the current or last iteration) and, with
-    ``skip_log`` (a path), written to that file (:class:`SkipLog`). An evaluation stream is read one batch ahead, so
-    that skips counted after a worker's last batch (``SKIPS_ONLY`` items) join a batch the model sees; when no batch
-    comes at all they are still counted and logged, and a warning says so.
+    ``skip_log`` (a path), written to that file (:func:`write_skip_log`). An evaluation stream is read one batch
+    ahead, so that skips counted after a worker's last batch (``SKIPS_ONLY`` items) join a batch the model sees; when
+    no batch comes at all they are still counted and logged, and a warning says so.
     """
 
     def __init__(
@@ -536,8 +513,7 @@ class CaptionMixLoader(DataLoader):
 
     def _iterate(self) -> Iterator[Any]:
         ds = self.dataset
-        epoch = ds.current_epoch()
-        rank = ds.rank
+        epoch, rank = ds.current_epoch(), ds.rank
         state, self._pending = self._pending, None
         workers = max(1, self.num_workers)
         plan = None
@@ -556,46 +532,42 @@ class CaptionMixLoader(DataLoader):
         self._progress = progress
         lookahead = getattr(ds, "batches_per_rank", 0) is None  # evaluation: trailing skips join the last batch
         counts = self.skip_counts = Counter()
-        log = SkipLog(self.skip_log) if self.skip_log else None
+        log = Path(self.skip_log) if self.skip_log else None
         held: dict[str, Any] | None = None  # lookahead: the batch not yet passed on
         carry: dict[str, Any] | None = None  # skips that came before any batch could take them
-        try:
-            for batch in iterator:
-                skipped = batch.get("skipped") if isinstance(batch, dict) else None
-                if skipped:
-                    counts.update(skipped.get("counts", {}))
-                    if log is not None:
-                        log.write(skipped, split=self.split, epoch=epoch, rank=rank)
-                if isinstance(batch, dict) and batch.pop(SKIPS_ONLY, False):
-                    if held is not None:
-                        merge_skips(held["skipped"], skipped)
-                    else:
-                        carry = merge_skips(carry or {}, skipped)
+        for batch in iterator:  # a dict from either stream
+            skipped = batch.get("skipped")
+            if skipped:
+                counts.update(skipped.get("counts", {}))
+                if log is not None:
+                    write_skip_log(log, skipped, split=self.split, epoch=epoch, rank=rank)
+            if batch.pop(SKIPS_ONLY, False):
+                if held is not None:
+                    merge_skips(held["skipped"], skipped)
+                else:
+                    carry = merge_skips(carry or {}, skipped)
+                continue
+            if carry is not None:
+                batch["skipped"] = merge_skips(carry, batch.get("skipped") or {})
+                carry = None
+            where = batch.pop(POSITION_KEY, None)
+            if where is not None:
+                positions[where[0]] = where[1]
+            if lookahead:
+                held, batch = batch, held
+                if batch is None:
                     continue
-                if carry is not None and isinstance(batch, dict):
-                    batch["skipped"] = merge_skips(carry, batch.get("skipped") or {})
-                    carry = None
-                where = batch.pop(POSITION_KEY, None) if isinstance(batch, dict) else None
-                if where is not None:
-                    positions[where[0]] = where[1]
-                if lookahead:
-                    held, batch = batch, held
-                    if batch is None:
-                        continue
-                progress["batches"] += 1
-                yield batch
-            if held is not None:
-                progress["batches"] += 1
-                yield held
-            elif carry is not None:
-                warnings.warn(
-                    f"caption-mix {self.split} loader: no usable sample; skipped {carry.get('counts')}"
-                    + (f" (every skip is in {self.skip_log})" if self.skip_log else ""),
-                    stacklevel=2,
-                )
-        finally:
-            if log is not None:
-                log.close()
+            progress["batches"] += 1
+            yield batch
+        if held is not None:
+            progress["batches"] += 1
+            yield held
+        elif carry is not None:
+            warnings.warn(
+                f"caption-mix {self.split} loader: no usable sample; skipped {carry.get('counts')}"
+                + (f" (every skip is in {self.skip_log})" if self.skip_log else ""),
+                stacklevel=2,
+            )
 
     def _fingerprint(self) -> dict[str, Any]:
         ds = self.dataset
@@ -827,15 +799,12 @@ class CaptionMixDataModule(L.LightningDataModule):
             check_path("sidecar_dir", args.get("sidecar_dir"), "dir", what="per-shard sidecars (`sidecars` command)")
 
     def _transforms(self, stage: str) -> DataTransforms:
-        found = DataTransforms()
-        trainer = self.trainer
-        module = trainer.lightning_module if trainer is not None else None
-        provider = getattr(module, "data_transforms", None)
-        if callable(provider):
-            found = provider(stage)
+        provider = getattr(self.trainer.lightning_module if self.trainer else None, "data_transforms", None)
+        found = provider(stage) if callable(provider) else DataTransforms()
+        own = self.transforms
         return DataTransforms(
-            image=self.transforms.image if self.transforms.image is not None else found.image,
-            text=self.transforms.text if self.transforms.text is not None else found.text,
+            image=own.image if own.image is not None else found.image,
+            text=own.text if own.text is not None else found.text,
         )
 
     def _dedupe_index_path(self, urls: Sequence[str]) -> str:
@@ -850,13 +819,8 @@ class CaptionMixDataModule(L.LightningDataModule):
 
     def _duplicate_index(self, urls: Sequence[str]) -> dict[str, Any]:
         """The summary of the shards' duplicate index (``dedupe: global``), built first when missing or stale."""
-        from lightning.pytorch.utilities import rank_zero_info
-
-        from datamodules.wds_stages import ensure_duplicate_index
-
-        return ensure_duplicate_index(
-            urls, self._dedupe_index_path(urls), self.settings.dedupe_max_keys, rank_zero_info
-        )
+        path = self._dedupe_index_path(urls)
+        return ensure_duplicate_index(urls, path, self.settings.dedupe_max_keys, rank_zero_info)
 
     def prepare_data(self) -> None:
         """``dedupe: global``: build the duplicate index of every shard list once per node, before ``setup``."""
