@@ -432,9 +432,7 @@ class _EpochSampler(Sampler):
         self.shared = shared
 
     def __iter__(self) -> Iterator[None]:
-        # what torch's default sampler for iterable datasets yields: one None per fetch, forever
-        while True:
-            yield None
+        return itertools.repeat(None)  # what torch's default sampler for iterable datasets yields: one per fetch
 
     def set_epoch(self, epoch: int) -> None:
         self.shared.set(epoch)
@@ -507,11 +505,9 @@ class CaptionMixLoader(DataLoader):
 
     # ----------------------------------------------------------------------------------------------- resume
     def __iter__(self) -> Iterator[Any]:
-        # Lazy: the workers start (and read the epoch) at the first next(), not here. Lightning calls iter() on a
-        # resumed loader before it calls set_epoch, which would otherwise race the workers for the epoch number.
-        return self._iterate()
-
-    def _iterate(self) -> Iterator[Any]:
+        # A generator, so lazy: the workers start (and read the epoch) at the first next(), not at iter(). Lightning
+        # calls iter() on a resumed loader before it calls set_epoch, which would otherwise race the workers for the
+        # epoch number.
         ds = self.dataset
         epoch, rank = ds.current_epoch(), ds.rank
         state, self._pending = self._pending, None
@@ -642,75 +638,58 @@ class CaptionMixDataModule(L.LightningDataModule):
     """Webdataset image-caption shards with a per-sample choice among named caption sources.
 
     Args:
-        train_shards: Training shards: path, brace pattern (``web/{00000..00019}.tar``), glob, directory, fsspec
-            URL, ``pipe:`` command, a ``::``-joined list of those, or a list.
+        train_shards: Path, brace pattern (``web/{00000..00019}.tar``), glob, directory, fsspec URL, ``pipe:``
+            command, a ``::``-joined list of those, or a list.
         batch_size: Per-device batch size. Give this or ``global_batch_size``.
-        p_original: The paper's p: probability of the ``original`` source; the other source gets ``1 - p``.
-            Requires exactly two sources, one named ``original``. Mutually exclusive with ``source_weights``.
-        source_weights: Probabilities over any number of sources (e.g. a third ``re_caption_condition_diverse_topk``
-            column), summing to 1. Sources with weight 0 are only used as fallbacks.
-        sources: Caption source name -> where it lives: ``"txt"`` (tar member), ``"json:FIELD"`` (field of the
-            ``.json`` member) or ``"sidecar:COLUMN"`` (column of the per-shard sidecar parquet in ``sidecar_dir``).
-            Default ``{"original": "txt", "recaption": "sidecar:re_caption"}``.
-        mix: ``"sample"`` (one source per sample per epoch) or ``"concat"`` (all available sources joined, in source
+        p_original: The paper's p: probability of the ``original`` source (the other one gets ``1 - p``); needs
+            exactly two sources, one named ``original``. Mutually exclusive with ``source_weights``.
+        source_weights: Probabilities over any number of sources, summing to 1 (weight 0: only a fallback).
+        sources: Caption source name -> ``"txt"`` (a tar member), ``"json:FIELD"`` (a field of the ``.json`` member)
+            or ``"sidecar:COLUMN"`` (a column of the per-shard sidecar parquet in ``sidecar_dir``). Default
+            ``{"original": "txt", "recaption": "sidecar:re_caption"}``.
+        mix: ``"sample"`` (one source per sample and epoch) or ``"concat"`` (all available sources joined in source
             order, Table 3's "*concat").
         concat_separator: Separator between captions in ``"concat"`` mode.
-        fallback: When the drawn source is missing or empty, use another available source (counted as
-            ``fallback:<from>-><to>``); if False, skip the sample.
-        sidecar_dir: Directory of per-shard sidecar parquets (``<shard stem>.parquet``, built by
-            ``python -m experiments sidecars``).
-        val_shards: Validation shards (one pass, disjoint per rank, fixed caption draws of epoch 0).
+        fallback: A sample missing its drawn source uses another available one (``fallback:<from>-><to>``); False:
+            the sample is skipped.
+        sidecar_dir: Folder of per-shard sidecar parquets (``python -m experiments sidecars``).
+        val_shards: Validation shards (one pass, disjoint per rank, epoch 0's caption draws).
         test_shards: Test shards (as validation).
         train_num_samples: Samples per epoch; default: counted from img2dataset's ``*_stats.json``/``*.parquet``.
         num_workers: Loader worker processes per rank.
         resampled: Draw training shards with replacement (open_clip ``--dataset-resampled``).
-        shuffle_buffer: Sample shuffle buffer size per worker (samples held as encoded bytes).
+        shuffle_buffer: Samples (held encoded) in each worker's shuffle buffer.
         shuffle_initial: Samples buffered before the first one is yielded.
         seed: Seed of shard order, shuffle buffers and caption draws.
         image_transform: Per-sample image transform (PIL -> tensor); default: the model's ``data_transforms``.
         text_transform: Per-caption transform (e.g. a tokenizer); default: the model's ``data_transforms``.
-        min_image_size: Images whose shorter side is below this many pixels are skipped, counted ``tiny_image``
-            (tracking pixels, spacers). ``None``: no minimum.
-        max_image_pixels: Images with more pixels (read from the header) are skipped, counted ``oversized_image``;
-            at least ``min_image_size`` squared, at most twice PIL's ``MAX_IMAGE_PIXELS``. ``None``: PIL's limit.
-        max_caption_chars: A caption longer than this counts as missing for its source, counted
-            ``caption_too_long``; the sample then falls back to another source (``fallback:<from>-><to>``) or is
-            skipped (``no_caption``). ``None``: no cap.
-        jpeg_draft: Decode JPEGs at a reduced DCT scale when the image transform's first resize still gets at least
-            its output size (``wds_stages.DecodeImage``); skips nothing. ``False``: always decode at full size.
-        max_consecutive_drops: Stop with an error after this many unusable samples in a row (broken or
-            misconfigured data would otherwise spin forever in a cycling stream); ``None`` never stops.
-        dedupe: A key that is also in another shard (a re-downloaded or partly copied shard): ``"worker"`` drops a
-            key this loader worker already read from another shard this epoch; ``"global"`` indexes the shards once
-            (``prepare_data``, cached in ``dedupe_dir``) and reads each key from its first shard only, on every
-            worker and rank; ``"off"`` reads copies as samples. Counted ``duplicate_key`` (README: "Duplicate keys";
-            ``wds_stages.CrossShardDuplicates``).
-        dedupe_max_keys: ``"worker"``: keys remembered per loader worker and epoch (~80 bytes each: ~40 MB at the
-            default; past it, copies of later keys are kept, counted once as ``dedupe_window_full``). ``"global"``:
-            keys held in memory at a time while the index is built (the rest waits on disk, in SQLite).
-        dedupe_dir: ``"global"``: the folder of index files, one per shard list (``<hash of the list>.json``);
-            default ``$XDG_CACHE_HOME/recap_suite/dedupe`` (``~/.cache`` without XDG_CACHE_HOME). An index is rebuilt
-            when its shard list, or a local shard's size or mtime, changes.
-        skip_log: Where every skipped sample (and fallback) is written, one JSON line each (key, reason, shard,
-            split, epoch, rank, detail): ``True`` = ``<trainer.log_dir>/skipped.jsonl`` when a Trainer is attached
-            (nothing without one), a path = that file, ``False``/``None`` = no log. Rank r > 0 writes
-            ``skipped.rank<r>.jsonl`` beside it.
+        min_image_size: Images with a shorter side below this are skipped (``tiny_image``); ``None``: no minimum.
+        max_image_pixels: Images with more pixels (read from the header) are skipped (``oversized_image``);
+            ``None``: PIL's limit.
+        max_caption_chars: A longer caption counts as missing for its source (``caption_too_long``); ``None``: no
+            cap.
+        jpeg_draft: Decode JPEGs at a reduced DCT scale where the image transform's first resize still gets its
+            output size; ``False``: always at full size.
+        max_consecutive_drops: Stop with an error after this many unusable samples in a row; ``None``: never.
+        dedupe: A key also in another shard: ``"worker"`` (dropped when this worker read it from another shard
+            this epoch), ``"global"`` (read from its first shard only; an index built in ``prepare_data``) or
+            ``"off"`` (README: "Duplicate keys").
+        dedupe_max_keys: ``"worker"``: keys remembered per loader worker and epoch; ``"global"``: keys held in
+            memory at a time while the index is built.
+        dedupe_dir: ``"global"``: the folder of index files; default ``$XDG_CACHE_HOME/recap_suite/dedupe``.
+        skip_log: Where every skipped sample is written, one JSON line each: ``True`` =
+            ``<trainer.log_dir>/skipped.jsonl`` (nothing without a Trainer), a path, ``False``/``None`` = no log.
+            Rank r > 0 writes ``skipped.rank<r>.jsonl`` beside it (README: "Skipped samples").
         persistent_workers: Keep loader workers alive across epochs.
         pin_memory: Pin batches (GPU training).
         rank: Override the rank (simulating multi-process runs without a Trainer); default: from the Trainer.
         world_size: Override the world size; default: from the Trainer.
-        global_batch_size: Samples per optimizer step over all ranks (the paper's unit, e.g. 32,768) instead of
-            ``batch_size``: each device gets ``global_batch_size / (devices x num_nodes x accumulate_grad_batches)``,
-            which must divide evenly (checked before the run starts).
-        views: Extra text views every training and validation sample carries beside the p-drawn caption: view name
-            -> a source name or ``{source: NAME, partial: PRESET | {mode, k, n}}`` (``datamodules.partial_captions``).
-            Batches then have ``texts`` (view -> the text transform's output, stacked) and ``view_captions`` (view ->
-            list of strings). A missing source falls back as the p draw does (``fallback:<view>:<from>-><to>``) or,
-            with ``fallback=False``, the sample is skipped (``no_view_caption``).
-        p_schedule: p as a function of the training samples seen, instead of ``p_original``:
-            ``{kind: constant|linear|cosine|step, start, end, total_samples, milestones, values}``
-            (``datamodules.p_schedule``), evaluated at each batch's global training index; batches carry their
-            ``p_target``. Validation draws with the schedule's value at 0.
+        global_batch_size: Samples per optimizer step over all ranks (the paper's unit) instead of ``batch_size``;
+            must divide evenly over devices x num_nodes x accumulate_grad_batches.
+        views: Extra text views of every sample: view name -> a source name or ``{source: NAME, partial: PRESET |
+            {mode, k, n}}``; batches then carry ``texts`` and ``view_captions`` (docs/clip.md, "Views").
+        p_schedule: p as a function of the training samples seen, instead of ``p_original``
+            (``datamodules.p_schedule``); batches carry their ``p_target``; validation uses the value at 0.
     """
 
     def __init__(

@@ -183,15 +183,14 @@ class ShardSchedule:
         if self.mode == "once":
             yield from ({"url": u} for u in mine)
             return
-        last_extracted = -1
-        for round_ in range(1 << 62):
-            if self.stats is not None:
-                if self.stats.extracted == last_extracted:
-                    raise RuntimeError(
-                        f"a full pass over this worker's shards {mine[:3]}{'...' if len(mine) > 3 else ''} yielded no "
-                        f"usable sample; skip counts so far: {dict(self.stats.counts)}"
-                    )
-                last_extracted = self.stats.extracted
+        last_extracted = None
+        for round_ in itertools.count():
+            if self.stats is not None and self.stats.extracted == last_extracted:
+                raise RuntimeError(
+                    f"a full pass over this worker's shards {mine[:3]}{'...' if len(mine) > 3 else ''} yielded no "
+                    f"usable sample; skip counts so far: {dict(self.stats.counts)}"
+                )
+            last_extracted = self.stats.extracted if self.stats is not None else None
             if round_ > 0 and self.shuffle:
                 random.Random(stable_int("round", self.seed, self.epoch, gid, round_)).shuffle(mine)
             yield from ({"url": u} for u in mine)
@@ -402,10 +401,9 @@ class CrossShardDuplicates:
 
     def __init__(self, mode: str = "worker", max_keys: int | None = 500_000, index_path: str | None = None):
         self.mode, self.max_keys, self.index_path = mode, max_keys, index_path
-        self._first: dict[int, int] = {}  # worker mode: hash(key) -> shard number
-        self._shard_ids: dict[str, int] = {}
-        self._shards: list[str] = []
+        self._first: dict[int, str] = {}  # worker mode: hash(key) -> the shard it was first read from
         self._full = False
+        self._shards: list[str] = []  # global mode: the index's shard list
         self._drop: dict[str, dict[str, int]] | None = None  # global mode: shard -> {key: owner shard number}
 
     def owner_if_copy(self, key: str, url: str, stats: SkipStats | None = None) -> str | None:
@@ -415,22 +413,18 @@ class CrossShardDuplicates:
                 self._shards, self._drop = index["urls"], index["drop"]
             owner = self._drop.get(url, {}).get(key) if self._drop else None
             return None if owner is None else self._shards[owner]
-        sid = self._shard_ids.get(url)
-        if sid is None:
-            sid = self._shard_ids[url] = len(self._shards)
-            self._shards.append(url)
         h = hash(key)  # 64-bit; a collision (~n^2 / 2^65 per worker epoch) would drop one sample
         first = self._first.get(h)
         if first is None:
             if self.max_keys is None or len(self._first) < self.max_keys:
-                self._first[h] = sid
+                self._first[h] = url  # one str object per shard (ShardSchedule's), so a reference per key
             elif not self._full:
                 self._full = True
                 if stats is not None:
                     detail = f"{self.max_keys} keys remembered; later copies in this worker's epoch are not detected"
                     stats.skip("dedupe_window_full", f"{url}: {detail}", shard=url, detail=detail)
             return None
-        return None if first == sid else self._shards[first]
+        return None if first == url else first
 
 
 INDEX_FORMAT = 1
