@@ -94,16 +94,10 @@ class DataTransforms:
 
 
 # ------------------------------------------------------------------------------------------------------------ shards
-def _open_text(path: str) -> str:
-    import fsspec
-
-    with fsspec.open(path, "r") as f:
-        return f.read()
-
-
 def count_samples(urls: Sequence[str]) -> int:
     """Number of usable samples in the shards, from img2dataset's ``NNNNN_stats.json`` (``successes``) or, failing
     that, its ``NNNNN.parquet`` (rows with status ``success``). Raises naming the first shard with neither."""
+    import fsspec
     import pyarrow.parquet as pq
 
     total = 0
@@ -112,7 +106,8 @@ def count_samples(urls: Sequence[str]) -> int:
             raise ValueError(f"cannot count samples of {url!r} (a pipe: URL); set train_num_samples")
         stem = url[: -len(".tar")] if url.endswith(".tar") else url
         try:
-            total += int(json.loads(_open_text(stem + "_stats.json"))["successes"])
+            with fsspec.open(stem + "_stats.json", "r") as f:
+                total += int(json.load(f)["successes"])
             continue
         except (FileNotFoundError, KeyError, TypeError, ValueError, OSError):  # missing, or not a {"successes": N}
             pass
@@ -124,7 +119,7 @@ def count_samples(urls: Sequence[str]) -> int:
                 f"writes both) is readable; set train_num_samples"
             ) from exn
         if "status" in table.column_names:
-            total += sum(1 for s in table.column("status").to_pylist() if s == "success")
+            total += table.column("status").to_pylist().count("success")
         else:
             total += table.num_rows
     return total
@@ -161,32 +156,37 @@ class SharedEpoch:
 
 @dataclass
 class LoaderSettings:
-    """The DataModule's loader settings, built once from its arguments (see there) and handed to every stream."""
+    """The DataModule's loader settings, built once from its init arguments (the same names; their defaults and
+    meaning are there) and handed to every stream."""
 
     sources: list[SourceSpec]
     weights: dict[str, float]
-    mix: str = "sample"
-    concat_separator: str = " "
-    fallback: bool = True
-    sidecar_dir: str | None = None
-    seed: int = 0
-    resampled: bool = False
-    shuffle_buffer: int = 1000
-    shuffle_initial: int = 100
-    limits: SampleLimits = field(default_factory=SampleLimits)
-    max_consecutive_drops: int | None = 10_000
-    dedupe: str = "worker"
-    dedupe_max_keys: int = 500_000
+    limits: SampleLimits
+    views: tuple[ViewSpec, ...]
+    p_schedule: PSchedule | None
+    mix: str
+    concat_separator: str
+    fallback: bool
+    sidecar_dir: str | None
+    seed: int
+    resampled: bool
+    shuffle_buffer: int
+    shuffle_initial: int
+    max_consecutive_drops: int | None
+    dedupe: str
+    dedupe_max_keys: int
     tar_reader: str = "own"  # "webdataset": webdataset's tar reading instead (benchmarks/loader.py's A/B)
-    views: tuple[ViewSpec, ...] = ()
-    p_schedule: PSchedule | None = None
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> LoaderSettings:
-        """From the DataModule's init arguments: the same names, plus the parsed sources, weights and limits."""
+        """From the DataModule's init arguments, checked: the same names, plus the parsed sources, weights, limits."""
         limits = {k: args[k] for k in LIMIT_KEYS}
         check_sample_limits(**limits)
-        check_dedupe(args["dedupe"], args["dedupe_max_keys"])
+        if args["dedupe"] not in DEDUPE_MODES:
+            raise ConfigError("dedupe", args["dedupe"], f"must be one of {list(DEDUPE_MODES)}")
+        max_keys = args["dedupe_max_keys"]
+        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
+            raise ConfigError("dedupe_max_keys", max_keys, "must be an integer >= 1")
         sources = [SourceSpec.parse(n, s) for n, s in (args["sources"] or DEFAULT_SOURCES).items()]
         names = [s.name for s in sources]
         schedule = parse_schedule(args.get("p_schedule"), names, args)
@@ -512,12 +512,10 @@ class CaptionMixLoader(DataLoader):
         epoch, rank = ds.current_epoch(), ds.rank
         state, self._pending = self._pending, None
         workers = max(1, self.num_workers)
-        plan = None
+        plan, positions = None, [0] * workers
         if state is not None and state["epoch"] == epoch and state["batches"] > 0:
             plan = {"batches": state["batches"], "positions": state["positions"].get(str(rank))}
-        positions = list(plan["positions"]) if plan and plan["positions"] is not None else [None] * workers
-        if plan is None:
-            positions = [0] * workers
+            positions = list(plan["positions"]) if plan["positions"] is not None else [None] * workers
         progress = {"epoch": epoch, "batches": plan["batches"] if plan else 0, "positions": positions}
         ds.resume = plan
         try:
@@ -856,57 +854,40 @@ class CaptionMixDataModule(L.LightningDataModule):
     def _skip_log_path(self) -> Path | None:
         """This rank's skip log file (see ``skip_log``), or None."""
         skip_log = self.hparams.skip_log
+        if skip_log is True:
+            if self._log_dir is None and self.trainer is not None:
+                self._log_dir = self.trainer.log_dir
+            skip_log = None if self._log_dir is None else Path(self._log_dir) / "skipped.jsonl"
         if skip_log is None or skip_log is False:
             return None
-        if skip_log is True:
-            trainer = self.trainer
-            if self._log_dir is None and trainer is not None:
-                self._log_dir = trainer.log_dir
-            if self._log_dir is None:
-                return None
-            path = Path(self._log_dir) / "skipped.jsonl"
-        else:
-            path = Path(skip_log)
-        rank = self._rank_world()[0]
+        path, rank = Path(skip_log), self._rank_world()[0]
         return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
-    def _loader(self, stream: CaptionMixStream, persistent: bool, split: str) -> CaptionMixLoader:
-        workers = self.hparams.num_workers
+    def _loader(self, shards: str | list[str], stage: str, split: str) -> CaptionMixLoader:
+        training, workers = split == "train", self.hparams.num_workers
         return CaptionMixLoader(
-            stream,
+            self._stream(shards, stage, training),
             split=split,
             skip_log=self._skip_log_path(),
             num_workers=workers,
-            persistent_workers=persistent and self.hparams.persistent_workers and workers > 0,
+            persistent_workers=training and self.hparams.persistent_workers and workers > 0,
             pin_memory=self.hparams.pin_memory,
             prefetch_factor=2 if workers > 0 else None,
         )
 
     def train_dataloader(self) -> CaptionMixLoader:
         self.epoch._shared()  # create the shared value before workers start, so they all see set_epoch
-        return self._loader(self._stream(self.train_shards, "fit", training=True), persistent=True, split="train")
+        return self._loader(self.train_shards, "fit", "train")
 
     def val_dataloader(self) -> CaptionMixLoader | list:
-        if self.val_shards is None:
-            return []
-        return self._loader(self._stream(self.val_shards, "validate", training=False), persistent=False, split="val")
+        return [] if self.val_shards is None else self._loader(self.val_shards, "validate", "val")
 
     def test_dataloader(self) -> CaptionMixLoader | list:
-        if self.test_shards is None:
-            return []
-        return self._loader(self._stream(self.test_shards, "test", training=False), persistent=False, split="test")
+        return [] if self.test_shards is None else self._loader(self.test_shards, "test", "test")
 
     def set_epoch(self, epoch: int) -> None:
         """For plain training loops (Lightning calls the loader's sampler instead)."""
         self.epoch.set(epoch)
-
-
-def check_dedupe(dedupe: Any, max_keys: Any) -> None:
-    """Raise :class:`ConfigError` for a cross-shard duplicate setting that cannot work."""
-    if dedupe not in DEDUPE_MODES:
-        raise ConfigError("dedupe", dedupe, f"must be one of {list(DEDUPE_MODES)}")
-    if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
-        raise ConfigError("dedupe_max_keys", max_keys, "must be an integer >= 1")
 
 
 def resolve_weights(
@@ -925,8 +906,7 @@ def resolve_weights(
                 f"p_original needs exactly two caption sources, one named 'original'; got {names} "
                 f"(use source_weights for other layouts)"
             )
-        other = next(n for n in names if n != "original")
-        return {n: (p_original if n == "original" else 1.0 - p_original) for n in names if n in ("original", other)}
+        return {n: (p_original if n == "original" else 1.0 - p_original) for n in names}
     if source_weights is not None:
         unknown = sorted(set(source_weights) - set(names))
         if unknown:

@@ -386,15 +386,11 @@ DEDUPE_MODES = ("worker", "global", "off")
 
 
 class CrossShardDuplicates:
-    """Which samples are copies of a key that belongs to another shard (a re-downloaded or partly copied shard);
-    a key repeated within one shard visit is dropped by :class:`ExtractCaptions`. Modes:
-
-    * ``"worker"``: this loader worker remembers for the epoch the shard each key was first read from (``hash(key)
-      -> shard``, ~80 bytes per key; at most ``max_keys``, then counted once as ``dedupe_window_full``) and drops
-      the key read later from another shard. Revisits of a shard (a cycling schedule) are not copies; copies that
-      other workers or ranks read are not seen.
-    * ``"global"``: the index of :func:`build_duplicate_index` lists, per shard, the keys whose owner (the first
-      shard of the list that holds them) is another shard; every worker on every rank drops exactly those.
+    """Which samples are copies of a key that belongs to another shard (README: "Duplicate keys"); a key repeated
+    within one shard visit is dropped by :class:`ExtractCaptions`. ``"worker"``: this loader worker remembers for the
+    epoch the shard each key was first read from (at most ``max_keys``, then counted once as ``dedupe_window_full``);
+    a revisit of a shard (a cycling schedule) is no copy. ``"global"``: the index of :func:`build_duplicate_index`
+    lists, per shard, the keys whose owner (the first shard of the list that holds them) is another shard.
 
     ``owner_if_copy`` returns the shard the key belongs to when this sample is a copy to drop, else None.
     """
@@ -867,20 +863,17 @@ def draft_request(transform: Callable | None) -> tuple[int, int] | None:
     name = type(first).__name__
     if name not in ("Resize", "RandomResizedCrop") or not type(first).__module__.startswith("torchvision."):
         return None
-    size = first.size
-    if isinstance(size, int):
-        size = [size]
+    size = [first.size] if isinstance(first.size, int) else first.size
     if not isinstance(size, Sequence) or not size:
         return None
-    h, w = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    h, w = size[0], size[-1]  # (size,) or (h, w)
     if name == "Resize":
         return int(w), int(h)
     scale_min, (ratio_min, ratio_max) = float(first.scale[0]), first.ratio
     worst = min(float(ratio_min), 1.0 / float(ratio_max), 1.0)
     if scale_min <= 0 or worst <= 0:
         return None
-    k = 1.0 / math.sqrt(scale_min * worst)
-    side = math.ceil(max(h, w) * k)
+    side = math.ceil(max(h, w) * (1.0 / math.sqrt(scale_min * worst)))
     return side, side
 
 
