@@ -8,6 +8,7 @@ count a reason in a :class:`SkipStats`, whose counts (and records) travel to the
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import hashlib
@@ -115,9 +116,7 @@ class SkipStats:
 
 def merge_skips(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     """Add the drained skips ``other`` to ``into`` (both as :meth:`SkipStats.drain` returns them); returns ``into``."""
-    counts = Counter(into.get("counts", {}))
-    counts.update(other.get("counts", {}))
-    into["counts"] = dict(counts)
+    into["counts"] = dict(Counter(into.get("counts", {})) + Counter(other.get("counts", {})))
     examples = into.setdefault("examples", {})
     for reason, where in other.get("examples", {}).items():
         examples.setdefault(reason, where)
@@ -585,11 +584,8 @@ class ExtractCaptions:
         max_caption_chars: int | None = MAX_CAPTION_CHARS,
         duplicates: CrossShardDuplicates | None = None,
     ):
-        self.sources = list(sources)
-        self.duplicates = duplicates
-        self.sidecar_dir = sidecar_dir
-        self.stats = stats
-        self.max_caption_chars = max_caption_chars
+        self.sources, self.sidecar_dir, self.stats = list(sources), sidecar_dir, stats
+        self.max_caption_chars, self.duplicates = max_caption_chars, duplicates
         self.sidecar_columns = [s.where for s in self.sources if s.kind == "sidecar"]
         if self.sidecar_columns and not sidecar_dir:
             names = [s.name for s in self.sources if s.kind == "sidecar"]
@@ -695,6 +691,7 @@ class ChooseCaption:
     def set_weights(self, weights: Mapping[str, float]) -> None:
         """New probabilities over the same sources (a p schedule's value at the next batch)."""
         self.weights = [float(weights[n]) for n in self.names]
+        self._cumulative = list(itertools.accumulate(self.weights))
         self._fallback_order = [n for _, n in sorted(zip(self.weights, self.names, strict=True), key=lambda t: -t[0])]
 
     def choose(
@@ -706,15 +703,10 @@ class ChooseCaption:
             parts = [captions[n] for n in self.names if captions.get(n)]
             return (self.separator.join(parts), "concat") if parts else (None, None)
         u = uniform_from_key(self.seed, self.epoch, key)
-        acc, chosen = 0.0, self.names[-1]
-        for name, w in zip(self.names, self.weights, strict=True):
-            acc += w
-            if u < acc:
-                chosen = name
-                break
-        # guard the float tail: never pick a zero-weight source because cumulative sums ended at 0.9999999
-        if self.weights[self.names.index(chosen)] == 0.0:
-            chosen = next(n for n, w in zip(reversed(self.names), reversed(self.weights), strict=True) if w > 0)
+        i = min(bisect.bisect_right(self._cumulative, u), len(self.names) - 1)  # the first source with u < its sum
+        if self.weights[i] == 0.0:  # the float tail (sums ending at 0.9999999): never a zero-weight source
+            i = max(j for j, w in enumerate(self.weights) if w > 0)
+        chosen = self.names[i]
         if captions.get(chosen):
             return captions[chosen], chosen
         if not self.fallback:
