@@ -1,23 +1,22 @@
 """``CaptionMixDataModule``: the one DataModule that the captioner, Recap-CLIP and Recap-DiT share.
 
-It reads img2dataset webdataset shards (``KEY.jpg``/``KEY.txt``/``KEY.json``), and for each sample picks one of
-several named caption sources -- the paper's p is ``p_original``, the probability of the ORIGINAL web caption
-(p=1: plain DataComp, p=0: recaptions only; paper §5.2). Images and text are transformed by the model that uses the
-module (see :class:`DataTransforms`), so CLIP, LLaVA and DiT each get their own preprocessing from one loader.
+It reads img2dataset webdataset shards (``KEY.jpg``/``KEY.txt``/``KEY.json``) and picks one of several named caption
+sources per sample: the paper's p is ``p_original``, the probability of the ORIGINAL web caption (p=1: plain DataComp,
+p=0: recaptions only; paper §5.2). Images and text are transformed by the model that uses the module
+(:class:`DataTransforms`), so CLIP, LLaVA and DiT each get their own preprocessing from one loader. A loader worker's
+pipeline is one list of stages, as open_clip's ``get_wds_dataset`` builds it: ``CaptionMixStream._batches`` (the
+stages are in :mod:`datamodules.wds_stages`).
 
-The pipeline of a loader worker is one list of stages, as open_clip's ``get_wds_dataset`` builds it: see
-``CaptionMixStream._batches`` (the stages are in :mod:`datamodules.wds_stages`).
-
-Mid-epoch resume (``CaptionMixLoader.state_dict``, saved by Lightning in every checkpoint): a worker's stream is a pure
-function of ``(seed, epoch, rank, worker)``, so the state is the epoch, the batches consumed in it and, per rank and
-worker, how many samples left ``ChooseCaption``. A resumed worker replays its stream up to that point without decoding
-or transforming anything (only tar reading), then continues; random transforms are seeded per sample position, so
-the continued batches equal the uninterrupted run's, bit for bit.
+Mid-epoch resume (``CaptionMixLoader.state_dict``, in every checkpoint): a worker's stream is a pure function of
+``(seed, epoch, rank, worker)``, so the state is the epoch, the batches consumed in it and each worker's stream
+position. A resumed worker replays its stream to that position reading tars but decoding nothing; random transforms
+are seeded per sample position, so the continued batches equal the uninterrupted run's, bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import itertools
 import json
@@ -48,6 +47,7 @@ from datamodules.checks import (
     check_shards,
     per_device_batch,
 )
+from datamodules.monitor import add_monitor
 from datamodules.p_schedule import PSchedule
 from datamodules.partial_captions import ViewSpec
 from datamodules.shards import expand_urls
@@ -361,18 +361,14 @@ class SampleSeeds:
     """Stage: seeds the model's (random) transforms per sample by its stream position ``n`` (counted from 1).
 
     Torch seeds loader workers from the main process's RNG when an iterator starts, so after a resume random crops
-    would differ; seeding each sample from ``(seed, epoch, rank, worker, position)`` makes them the same, and lets a
-    resume skip the transforms of replayed samples. Seeds torch's CPU generator, ``random`` and numpy's global RNG
-    (what torchvision, timm and open_clip transforms draw from), once per sample as it enters the decode stage; the
-    sample's image transform and then its text transform draw from there (nothing else in the stream uses the global
-    RNGs: shard order and the shuffle buffer have their own).
+    would differ; seeding torch's CPU generator, ``random`` and numpy's global RNG (what torchvision, timm and
+    open_clip transforms draw from) from ``(seed, epoch, rank, worker, position)`` as each sample enters the decode
+    stage makes them the same, and lets a resume skip the transforms of replayed samples (nothing else in the stream
+    draws from the global RNGs). ``replay``: pass on nothing up to that position (a resume; no decode, so the "N
+    unusable in a row" guard must not add up the replay), then drop the skips counted so far (reported before).
 
-    ``replay``: pass on nothing up to that position (a resume; no decode, so the "N unusable in a row" guard must not
-    add up the replay), then drop the skips counted so far (reported before the interruption).
-
-    The training process's own RNGs (dropout, noise, sampling) are kept apart by :func:`_rng_isolated` when the
-    transforms run there (``num_workers=0``): once per batch, not per transform call (saving and restoring per call
-    cost ~110 us for numpy's legacy state alone, which made the loader slower than open_clip's on 64-px images).
+    The training process's own RNGs are kept apart by :func:`_rng_isolated` when the transforms run there
+    (``num_workers=0``): once per batch, since per transform call it cost ~110 us for numpy's legacy state alone.
     """
 
     def __init__(self, base: int, stats: SkipStats, replay: int | None = None):
@@ -784,20 +780,16 @@ class CaptionMixDataModule(L.LightningDataModule):
             text=own.text if own.text is not None else found.text,
         )
 
-    def _dedupe_index_path(self, urls: Sequence[str]) -> str:
-        import hashlib
-
+    def _duplicate_index(self, urls: Sequence[str]) -> tuple[str, dict[str, Any]]:
+        """The path and summary of the shards' duplicate index (``dedupe: global``), built first when missing or
+        stale."""
         folder = self.hparams.dedupe_dir
         if not folder:
             cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
             folder = os.path.join(cache, "recap_suite", "dedupe")
         name = hashlib.sha256("\n".join(urls).encode()).hexdigest()[:24]
-        return os.path.join(os.fspath(folder), f"{name}.json")
-
-    def _duplicate_index(self, urls: Sequence[str]) -> dict[str, Any]:
-        """The summary of the shards' duplicate index (``dedupe: global``), built first when missing or stale."""
-        path = self._dedupe_index_path(urls)
-        return ensure_duplicate_index(urls, path, self.settings.dedupe_max_keys, rank_zero_info)
+        path = os.path.join(os.fspath(folder), f"{name}.json")
+        return path, ensure_duplicate_index(urls, path, self.settings.dedupe_max_keys, rank_zero_info)
 
     def prepare_data(self) -> None:
         """``dedupe: global``: build the duplicate index of every shard list once per node, before ``setup``."""
@@ -813,16 +805,15 @@ class CaptionMixDataModule(L.LightningDataModule):
         if trainer is not None and self.hparams.skip_log is True:
             self._log_dir = trainer.log_dir  # here, where every rank calls it (it is a broadcast from rank 0)
         if trainer is not None and stage == "fit":
-            from datamodules.monitor import add_monitor
-
             add_monitor(trainer)
 
     def _stream(self, shards: str | list[str], stage: str, training: bool) -> CaptionMixStream:
         urls = expand_urls(shards)
         rank, world = self._rank_world()
         self._per_device_batch()
-        batches = None
-        index = self._duplicate_index(urls) if self.settings.dedupe == "global" else None
+        batches, (index_path, index) = None, (None, None)
+        if self.settings.dedupe == "global":
+            index_path, index = self._duplicate_index(urls)
         workers = max(1, self.hparams.num_workers)
         if training:
             if self.hparams.train_num_samples is not None:
@@ -848,7 +839,7 @@ class CaptionMixDataModule(L.LightningDataModule):
             batches_per_rank=batches,
             transforms=self._transforms(stage),
             epoch=self.epoch if training else 0,
-            dedupe_index=self._dedupe_index_path(urls) if index is not None else None,
+            dedupe_index=index_path,
         )
 
     def _skip_log_path(self) -> Path | None:
