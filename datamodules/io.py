@@ -90,17 +90,13 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
         fd = os.open(path, flags)
-    except OSError:  # some file systems (and Windows) cannot open a folder; the rename is still atomic
-        if directory:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some file systems (and Windows) cannot open or sync a folder; the rename is still atomic
         if not directory:
             raise
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], Any]) -> Path:
