@@ -658,13 +658,14 @@ class CaptionMixDataModule(L.LightningDataModule):
         image_transform: Per-sample image transform (PIL -> tensor); default: the model's ``data_transforms``.
         text_transform: Per-caption transform (e.g. a tokenizer); default: the model's ``data_transforms``.
         min_image_size: Images with a shorter side below this are skipped (``tiny_image``); ``None``: no minimum.
-        max_image_pixels: Images with more pixels (read from the header) are skipped (``oversized_image``);
-            ``None``: PIL's limit.
+        max_image_pixels: Images with more pixels (read from the header) are skipped (``oversized_image``); at
+            least ``min_image_size`` squared, at most twice PIL's ``MAX_IMAGE_PIXELS``; ``None``: PIL's limit.
         max_caption_chars: A longer caption counts as missing for its source (``caption_too_long``); ``None``: no
             cap.
         jpeg_draft: Decode JPEGs at a reduced DCT scale where the image transform's first resize still gets its
             output size; ``False``: always at full size.
-        max_consecutive_drops: Stop with an error after this many unusable samples in a row; ``None``: never.
+        max_consecutive_drops: Stop with an error after this many unusable samples in a row (broken data would
+            otherwise spin forever in a cycling stream); ``None``: never.
         dedupe: A key also in another shard: ``"worker"`` (dropped when this worker read it from another shard
             this epoch), ``"global"`` (read from its first shard only; an index built in ``prepare_data``) or
             ``"off"`` (README: "Duplicate keys").
