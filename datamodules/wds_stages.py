@@ -598,17 +598,14 @@ class ExtractCaptions:
     def _load_sidecar(self, url: str) -> None:
         from datamodules.sidecar import UnreadableSidecarError, load_sidecar, sidecar_path
 
-        self._sidecar_url = url
+        self._sidecar_url, self._sidecar = url, {}
         path = sidecar_path(self.sidecar_dir, url)
         try:
             self._sidecar = load_sidecar(path, self.sidecar_columns)
-        except FileNotFoundError:
-            # A missing sidecar is a whole shard without recaptions: count it once, fall back per sample.
+        except FileNotFoundError:  # a whole shard without recaptions: count it once, fall back per sample
             self.stats.skip("sidecar_missing", path, shard=url, detail=path)
-            self._sidecar = {}
         except UnreadableSidecarError as exn:  # truncated/corrupt file: as a missing one (a missing column raises)
             self.stats.skip("sidecar_unreadable", str(exn)[:300], shard=url, detail=str(exn)[:300])
-            self._sidecar = {}
 
     def _caption(self, value: Any, source: str, key: str, url: str) -> str | None:
         text, problem = _text(value)
@@ -654,8 +651,7 @@ class ExtractCaptions:
                             meta = {}
                     value = meta.get(src.where) if isinstance(meta, dict) else None
                 else:
-                    row = self._sidecar.get(key)
-                    value = row.get(src.where) if row is not None else None
+                    value = self._sidecar.get(key, {}).get(src.where)
                 captions[src.name] = self._caption(value, src.name, key, url)
             self.stats.extracted += 1
             yield {"key": key, "url": url, "image_bytes": image, "captions": captions}
