@@ -1,22 +1,22 @@
 """``CaptionMixDataModule``: the one DataModule that the captioner, Recap-CLIP and Recap-DiT share.
 
-It reads img2dataset webdataset shards (``KEY.jpg``/``KEY.txt``/``KEY.json``), and for each sample picks one of
-several named caption sources -- the paper's p is ``p_original``, the probability of the ORIGINAL web caption
-(p=1: plain DataComp, p=0: recaptions only; paper §5.2). Images and text are transformed by the model that uses the
-module (see :class:`DataTransforms`), so CLIP, LLaVA and DiT each get their own preprocessing from one loader.
+It reads img2dataset webdataset shards (``KEY.jpg``/``KEY.txt``/``KEY.json``) and picks one of several named caption
+sources per sample: the paper's p is ``p_original``, the probability of the ORIGINAL web caption (p=1: plain DataComp,
+p=0: recaptions only; paper §5.2). Images and text are transformed by the model that uses the module
+(:class:`DataTransforms`), so CLIP, LLaVA and DiT each get their own preprocessing from one loader. A loader worker's
+pipeline is one list of stages, as open_clip's ``get_wds_dataset`` builds it: ``CaptionMixStream._batches`` (the
+stages are in :mod:`datamodules.wds_stages`).
 
-The pipeline of a loader worker is one list of stages, as open_clip's ``get_wds_dataset`` builds it: see
-``CaptionMixStream._batches`` (the stages are in :mod:`datamodules.wds_stages`).
-
-Mid-epoch resume (``CaptionMixLoader.state_dict``, saved by Lightning in every checkpoint): a worker's stream is a pure
-function of ``(seed, epoch, rank, worker)``, so the state is the epoch, the batches consumed in it and, per rank and
-worker, how many samples left ``ChooseCaption``. A resumed worker replays its stream up to that point without decoding
-or transforming anything (only tar reading), then continues; random transforms are seeded per sample position, so
-the continued batches equal the uninterrupted run's, bit for bit.
+Mid-epoch resume (``CaptionMixLoader.state_dict``, in every checkpoint): a worker's stream is a pure function of
+``(seed, epoch, rank, worker)``, so the state is the epoch, the batches consumed in it and each worker's stream
+position. A resumed worker replays its stream to that position reading tars but decoding nothing; random transforms
+are seeded per sample position, so the continued batches equal the uninterrupted run's, bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import itertools
 import json
@@ -27,7 +27,8 @@ import random
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import KW_ONLY, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,7 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, Sampler, default_convert, get_worker_info
 
 from datamodules.checks import (
@@ -45,6 +47,7 @@ from datamodules.checks import (
     check_shards,
     per_device_batch,
 )
+from datamodules.monitor import add_monitor
 from datamodules.p_schedule import PSchedule
 from datamodules.partial_captions import ViewSpec
 from datamodules.shards import expand_urls
@@ -54,21 +57,21 @@ from datamodules.wds_stages import (
     MAX_CAPTION_CHARS,
     MIN_IMAGE_SIZE,
     SKIPS_ONLY,
-    Batch,
     ChooseCaption,
-    ChooseViews,
     CountingHandler,
     CrossShardDuplicates,
     ReadShards,
     SampleLimits,
-    ScheduledCaption,
     ShardSchedule,
     SkipStats,
     SourceSpec,
-    TransformText,
+    batched,
+    choose_views,
+    ensure_duplicate_index,
     keep_captioned,
     merge_skips,
     stable_int,
+    transform_text,
 )
 
 # Lightning warns that an IterableDataset's __len__ "could be inaccurate" with several workers; ours is exact (each
@@ -91,16 +94,10 @@ class DataTransforms:
 
 
 # ------------------------------------------------------------------------------------------------------------ shards
-def _open_text(path: str) -> str:
-    import fsspec
-
-    with fsspec.open(path, "r") as f:
-        return f.read()
-
-
 def count_samples(urls: Sequence[str]) -> int:
     """Number of usable samples in the shards, from img2dataset's ``NNNNN_stats.json`` (``successes``) or, failing
     that, its ``NNNNN.parquet`` (rows with status ``success``). Raises naming the first shard with neither."""
+    import fsspec
     import pyarrow.parquet as pq
 
     total = 0
@@ -109,7 +106,8 @@ def count_samples(urls: Sequence[str]) -> int:
             raise ValueError(f"cannot count samples of {url!r} (a pipe: URL); set train_num_samples")
         stem = url[: -len(".tar")] if url.endswith(".tar") else url
         try:
-            total += int(json.loads(_open_text(stem + "_stats.json"))["successes"])
+            with fsspec.open(stem + "_stats.json", "r") as f:
+                total += int(json.load(f)["successes"])
             continue
         except (FileNotFoundError, KeyError, TypeError, ValueError, OSError):  # missing, or not a {"successes": N}
             pass
@@ -121,7 +119,7 @@ def count_samples(urls: Sequence[str]) -> int:
                 f"writes both) is readable; set train_num_samples"
             ) from exn
         if "status" in table.column_names:
-            total += sum(1 for s in table.column("status").to_pylist() if s == "success")
+            total += table.column("status").to_pylist().count("success")
         else:
             total += table.num_rows
     return total
@@ -158,32 +156,37 @@ class SharedEpoch:
 
 @dataclass
 class LoaderSettings:
-    """The DataModule's loader settings, built once from its arguments (see there) and handed to every stream."""
+    """The DataModule's loader settings, built once from its init arguments (the same names; their defaults and
+    meaning are there) and handed to every stream."""
 
     sources: list[SourceSpec]
     weights: dict[str, float]
-    mix: str = "sample"
-    concat_separator: str = " "
-    fallback: bool = True
-    sidecar_dir: str | None = None
-    seed: int = 0
-    resampled: bool = False
-    shuffle_buffer: int = 1000
-    shuffle_initial: int = 100
-    limits: SampleLimits = field(default_factory=SampleLimits)
-    max_consecutive_drops: int | None = 10_000
-    dedupe: str = "worker"
-    dedupe_max_keys: int = 500_000
+    limits: SampleLimits
+    views: tuple[ViewSpec, ...]
+    p_schedule: PSchedule | None
+    mix: str
+    concat_separator: str
+    fallback: bool
+    sidecar_dir: str | None
+    seed: int
+    resampled: bool
+    shuffle_buffer: int
+    shuffle_initial: int
+    max_consecutive_drops: int | None
+    dedupe: str
+    dedupe_max_keys: int
     tar_reader: str = "own"  # "webdataset": webdataset's tar reading instead (benchmarks/loader.py's A/B)
-    views: tuple[ViewSpec, ...] = ()
-    p_schedule: PSchedule | None = None
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> LoaderSettings:
-        """From the DataModule's init arguments: the same names, plus the parsed sources, weights and limits."""
+        """From the DataModule's init arguments, checked: the same names, plus the parsed sources, weights, limits."""
         limits = {k: args[k] for k in LIMIT_KEYS}
         check_sample_limits(**limits)
-        check_dedupe(args["dedupe"], args["dedupe_max_keys"])
+        if args["dedupe"] not in DEDUPE_MODES:
+            raise ConfigError("dedupe", args["dedupe"], f"must be one of {list(DEDUPE_MODES)}")
+        max_keys = args["dedupe_max_keys"]
+        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
+            raise ConfigError("dedupe_max_keys", max_keys, "must be an integer >= 1")
         sources = [SourceSpec.parse(n, s) for n, s in (args["sources"] or DEFAULT_SOURCES).items()]
         names = [s.name for s in sources]
         schedule = parse_schedule(args.get("p_schedule"), names, args)
@@ -222,37 +225,34 @@ def parse_views(cfg: dict | None, names: list[str]) -> tuple[ViewSpec, ...]:
     return tuple(ViewSpec.parse(str(name), value, names) for name, value in cfg.items())
 
 
+@dataclass(eq=False)
 class CaptionMixStream(IterableDataset):
-    """An iterable of ready batches (dicts; fields: :class:`datamodules.wds_stages.Batch`).
+    """An iterable of ready batches (dicts; fields: :func:`datamodules.wds_stages.batched`).
 
     ``batches_per_rank`` set: training -- the stream cycles its shards (or resamples) and every rank yields exactly
     that many batches per epoch, split over loader workers as evenly as possible (so DDP never hangs on a rank that
     ran out). ``None``: evaluation -- one pass over this rank's disjoint shard slice, last batch partial.
     """
 
-    def __init__(
-        self,
-        urls: Sequence[str],
-        settings: LoaderSettings,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        batches_per_rank: int | None,
-        transforms: DataTransforms,
-        epoch: SharedEpoch | int = 0,
-        dedupe_index: str | None = None,
-    ):
-        super().__init__()
-        self.urls, self.settings, self.seed = list(urls), settings, settings.seed
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.batches_per_rank, self.transforms = batches_per_rank, transforms
-        self.epoch, self.dedupe_index = epoch, dedupe_index
-        self.resume: dict[str, Any] | None = None  # set by CaptionMixLoader for the next iteration only
-        # Put the global RNGs back after each training batch (the transforms are seeded per sample): None = only in
-        # the training process (no loader workers), see SampleSeeds; False lets an in-process profile measure what a
-        # worker runs.
-        self.restore_rngs: bool | None = None
+    urls: list[str]
+    settings: LoaderSettings
+    _: KW_ONLY
+    batch_size: int
+    rank: int
+    world_size: int
+    batches_per_rank: int | None
+    transforms: DataTransforms
+    epoch: SharedEpoch | int = 0
+    dedupe_index: str | None = None
+    resume: dict[str, Any] | None = field(default=None, init=False)  # set by CaptionMixLoader for one iteration
+    # Put the global RNGs back after each training batch (the transforms are seeded per sample): None = only in the
+    # training process (no loader workers), see SampleSeeds; False lets an in-process profile measure what a worker
+    # runs.
+    restore_rngs: bool | None = field(default=None, init=False)
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
 
     def __len__(self) -> int:
         if self.batches_per_rank is None:
@@ -269,59 +269,58 @@ class CaptionMixStream(IterableDataset):
         return _rng_isolated(batches) if training and restore else batches
 
     def _batches(self) -> Iterator[dict[str, Any]]:
-        s = self.settings
+        s, training = self.settings, self.batches_per_rank is not None
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.current_epoch()
-        training = self.batches_per_rank is not None
         resume, self.resume = self.resume, None  # one iteration only (this is the worker's own copy)
         stats = SkipStats(max_consecutive_drops=s.max_consecutive_drops, record=True)
-        done, skip, limit, seeds = 0, None, None, None
+        done, skip, limit, seeds, p_at = 0, None, None, None, None
         if training:
             if resume is not None:
                 worker, done, skip = worker_resume_point(resume, worker, num_workers)
-            base, rem = divmod(self.batches_per_rank, num_workers)
-            limit = base + (1 if worker < rem else 0) - done
+            limit = len(range(worker, self.batches_per_rank, num_workers)) - done  # see worker_resume_point
             # the stream position of each sample seeds its transforms; a resume replays up to the recorded position
             # without decoding, or (position unknown) decodes the replayed batches to drop exactly the same images
             seeds = SampleSeeds(
                 stable_int("transform", s.seed, epoch, self.rank, worker), stats, skip if done else None
             )
+        if training and s.p_schedule is not None:
+            # The p draw waits for the decode, which drops images: the kept-th kept sample of this stream worker goes
+            # to its batch kept // batch_size, loader batch k * num_workers + worker of the epoch (see
+            # worker_resume_point) and global batch epoch * batches_per_rank + that; p is the schedule at that
+            # global batch x batch_size x world_size. A resume with a known position starts kept at the samples it
+            # skipped undecoded; otherwise drop_replayed drops the replayed ones after this draw.
+            def p_at(kept: int) -> float:
+                index = epoch * self.batches_per_rank + worker + (kept // self.batch_size) * num_workers
+                return s.p_schedule(index * self.batch_size * self.world_size)
+
         chooser = ChooseCaption(s.weights, s.seed, epoch, stats, s.mix, s.concat_separator, s.fallback)
-        views = None
+        shuffle, views = None, None
+        if training and s.shuffle_buffer > 1:
+            rng = random.Random(stable_int("buffer", s.seed, epoch, self.rank, worker))
+            shuffle = wds.shuffle(s.shuffle_buffer, s.shuffle_initial, rng=rng)
         if s.views:
             order = sorted(s.weights, key=lambda n: -s.weights[n])  # ChooseCaption's fallback order
-            views = ChooseViews(s.views, order, s.seed, epoch, stats, s.fallback)
-        scheduled = None
-        if training and s.p_schedule is not None:  # the draw waits for the decode, which fixes each sample's batch
-            scheduled = ScheduledCaption(
-                chooser,
-                s.p_schedule,
-                batch_size=self.batch_size,
-                offset=epoch * self.batches_per_rank + worker,
-                stride=num_workers,
-                world_size=self.world_size,
-                kept=done * self.batch_size if done and skip is not None else 0,
+            views = partial(
+                choose_views, views=s.views, order=order, seed=s.seed, epoch=epoch, stats=stats, fallback=s.fallback
             )
         duplicates = None if s.dedupe == "off" else CrossShardDuplicates(s.dedupe, s.dedupe_max_keys, self.dedupe_index)
-        shuffle_rng = random.Random(stable_int("buffer", s.seed, epoch, self.rank, worker))
         mode = ("resample" if s.resampled else "cycle") if training else "once"
-        shuffle = None
-        if training and s.shuffle_buffer > 1:
-            shuffle = wds.shuffle(s.shuffle_buffer, s.shuffle_initial, rng=shuffle_rng)
+        text = self.transforms.text
         pipeline = [
             ShardSchedule(self.urls, s.seed, epoch, self.rank, self.world_size, worker, num_workers, mode, True, stats),
             ReadShards(CountingHandler(stats), s.tar_reader),
             s.limits.extract(s.sources, s.sidecar_dir, stats, duplicates),
             shuffle,
-            chooser if scheduled is None else keep_captioned(stats),
+            chooser if p_at is None else partial(keep_captioned, stats=stats),
             views,
             seeds,
             s.limits.decode(self.transforms.image, stats),
-            scheduled,
-            DropReplayed(done * self.batch_size, stats) if done and skip is None else None,
-            TransformText(self.transforms.text),
-            Batch(self.batch_size, stats, partial=not training, limit=limit),
+            partial(chooser, p_at=p_at, kept=done * self.batch_size if skip is not None else 0) if p_at else None,
+            partial(drop_replayed, count=done * self.batch_size, stats=stats) if done and skip is None else None,
+            partial(transform_text, transform=text) if text is not None else None,
+            partial(batched, batch_size=self.batch_size, stats=stats, last_partial=not training, limit=limit),
         ]
         stream = iter(pipeline[0])
         for stage in pipeline[1:]:
@@ -362,18 +361,14 @@ class SampleSeeds:
     """Stage: seeds the model's (random) transforms per sample by its stream position ``n`` (counted from 1).
 
     Torch seeds loader workers from the main process's RNG when an iterator starts, so after a resume random crops
-    would differ; seeding each sample from ``(seed, epoch, rank, worker, position)`` makes them the same, and lets a
-    resume skip the transforms of replayed samples. Seeds torch's CPU generator, ``random`` and numpy's global RNG
-    (what torchvision, timm and open_clip transforms draw from), once per sample as it enters the decode stage; the
-    sample's image transform and then its text transform draw from there (nothing else in the stream uses the global
-    RNGs: shard order and the shuffle buffer have their own).
+    would differ; seeding torch's CPU generator, ``random`` and numpy's global RNG (what torchvision, timm and
+    open_clip transforms draw from) from ``(seed, epoch, rank, worker, position)`` as each sample enters the decode
+    stage makes them the same, and lets a resume skip the transforms of replayed samples (nothing else in the stream
+    draws from the global RNGs). ``replay``: pass on nothing up to that position (a resume; no decode, so the "N
+    unusable in a row" guard must not add up the replay), then drop the skips counted so far (reported before).
 
-    ``replay``: pass on nothing up to that position (a resume; no decode, so the "N unusable in a row" guard must not
-    add up the replay), then drop the skips counted so far (reported before the interruption).
-
-    The training process's own RNGs (dropout, noise, sampling) are kept apart by :func:`_rng_isolated` when the
-    transforms run there (``num_workers=0``): once per batch, not per transform call (saving and restoring per call
-    cost ~110 us for numpy's legacy state alone, which made the loader slower than open_clip's on 64-px images).
+    The training process's own RNGs are kept apart by :func:`_rng_isolated` when the transforms run there
+    (``num_workers=0``): once per batch, since per transform call it cost ~110 us for numpy's legacy state alone.
     """
 
     def __init__(self, base: int, stats: SkipStats, replay: int | None = None):
@@ -395,25 +390,20 @@ class SampleSeeds:
             yield sample
 
 
-class DropReplayed:
+def drop_replayed(samples: Iterator[dict[str, Any]], count: int, stats: SkipStats) -> Iterator[dict[str, Any]]:
     """Stage: drops the first ``count`` decoded samples of a resumed stream whose position was not recorded (the
     decode stage then drops exactly the images it dropped before), and the skips counted while replaying them."""
-
-    def __init__(self, count: int, stats: SkipStats):
-        self.count, self.stats = count, stats
-
-    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for _ in itertools.islice(samples, self.count):
-            pass
-        self.stats.drain()
-        yield from samples
+    for _ in itertools.islice(samples, count):
+        pass
+    stats.drain()
+    yield from samples
 
 
 def _rng_isolated(items: Iterator[Any]) -> Iterator[Any]:
     """``items``, with torch's CPU generator, ``random`` and numpy's global RNG put back after producing each item
     (so a stream that seeds them per sample leaves the consuming process's RNGs as they were)."""
     gen = torch.default_generator
-    try:
+    with contextlib.closing(items):
         while True:
             saved = gen.get_state(), random.getstate(), np.random.get_state()
             try:
@@ -425,10 +415,6 @@ def _rng_isolated(items: Iterator[Any]) -> Iterator[Any]:
                 random.setstate(saved[1])
                 np.random.set_state(saved[2])
             yield item
-    finally:
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
 
 
 class _EpochSampler(Sampler):
@@ -442,46 +428,31 @@ class _EpochSampler(Sampler):
         self.shared = shared
 
     def __iter__(self) -> Iterator[None]:
-        # what torch's default sampler for iterable datasets yields: one None per fetch, forever
-        while True:
-            yield None
+        return itertools.repeat(None)  # what torch's default sampler for iterable datasets yields: one per fetch
 
     def set_epoch(self, epoch: int) -> None:
         self.shared.set(epoch)
 
 
-class SkipLog:
-    """The loader's skip log: one JSON line per skipped sample or shard-level event, appended as batches arrive.
+def write_skip_log(path: Path, skipped: dict[str, Any], **fields: Any) -> None:
+    """Append the records of one batch's ``skipped`` to the skip log at ``path`` (created at the first record).
 
     A line: ``{"key", "reason", "shard", "split", "epoch", "rank", "detail"}`` (``key`` null for shard-level events);
     caption problems of samples that were still used are not logged (``wds_stages.UNRECORDED_PREFIXES``); records a
-    worker left out add ``{"reason": "records_lost", "count": N, ...}``. Flushed after every batch, opened lazily (no
-    file when nothing was skipped) and appended to (a resumed run continues it).
+    worker left out add ``{"reason": "records_lost", "count": N, ...}``. A resumed run appends to it.
     """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._file: Any = None
-
-    def write(self, skipped: dict[str, Any], **fields: Any) -> None:
-        records, lost = skipped.get("records") or (), skipped.get("records_lost", 0)
-        if not records and not lost:
-            return
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- held across batches, closed by close()
-        for record in records:
-            line = {"key": record.get("key"), "reason": record.get("reason"), "shard": record.get("shard"), **fields}
-            line["detail"] = record.get("detail")
-            self._file.write(json.dumps(line) + "\n")
-        if lost:
-            self._file.write(json.dumps({"key": None, "reason": "records_lost", "count": lost, **fields}) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    records, lost = skipped.get("records") or (), skipped.get("records_lost", 0)
+    if not records and not lost:
+        return
+    lines = [
+        {"key": r.get("key"), "reason": r.get("reason"), "shard": r.get("shard"), **fields, "detail": r.get("detail")}
+        for r in records
+    ]
+    if lost:
+        lines.append({"key": None, "reason": "records_lost", "count": lost, **fields})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 def convert_batch(batch: Any) -> Any:
@@ -505,9 +476,9 @@ class CaptionMixLoader(DataLoader):
     still resumes exactly from ``(epoch, batches)``, decoding the replayed images to find the dropped ones.
 
     Skips: every batch's ``skipped`` counts are summed into ``skip_counts`` (the current or last iteration) and, with
-    ``skip_log`` (a path), written to that file (:class:`SkipLog`). An evaluation stream is read one batch ahead, so
-    that skips counted after a worker's last batch (``SKIPS_ONLY`` items) join a batch the model sees; when no batch
-    comes at all they are still counted and logged, and a warning says so.
+    ``skip_log`` (a path), written to that file (:func:`write_skip_log`). An evaluation stream is read one batch
+    ahead, so that skips counted after a worker's last batch (``SKIPS_ONLY`` items) join a batch the model sees; when
+    no batch comes at all they are still counted and logged, and a warning says so.
     """
 
     def __init__(
@@ -530,22 +501,17 @@ class CaptionMixLoader(DataLoader):
 
     # ----------------------------------------------------------------------------------------------- resume
     def __iter__(self) -> Iterator[Any]:
-        # Lazy: the workers start (and read the epoch) at the first next(), not here. Lightning calls iter() on a
-        # resumed loader before it calls set_epoch, which would otherwise race the workers for the epoch number.
-        return self._iterate()
-
-    def _iterate(self) -> Iterator[Any]:
+        # A generator, so lazy: the workers start (and read the epoch) at the first next(), not at iter(). Lightning
+        # calls iter() on a resumed loader before it calls set_epoch, which would otherwise race the workers for the
+        # epoch number.
         ds = self.dataset
-        epoch = ds.current_epoch()
-        rank = ds.rank
+        epoch, rank = ds.current_epoch(), ds.rank
         state, self._pending = self._pending, None
         workers = max(1, self.num_workers)
-        plan = None
+        plan, positions = None, [0] * workers
         if state is not None and state["epoch"] == epoch and state["batches"] > 0:
             plan = {"batches": state["batches"], "positions": state["positions"].get(str(rank))}
-        positions = list(plan["positions"]) if plan and plan["positions"] is not None else [None] * workers
-        if plan is None:
-            positions = [0] * workers
+            positions = list(plan["positions"]) if plan["positions"] is not None else [None] * workers
         progress = {"epoch": epoch, "batches": plan["batches"] if plan else 0, "positions": positions}
         ds.resume = plan
         try:
@@ -556,46 +522,42 @@ class CaptionMixLoader(DataLoader):
         self._progress = progress
         lookahead = getattr(ds, "batches_per_rank", 0) is None  # evaluation: trailing skips join the last batch
         counts = self.skip_counts = Counter()
-        log = SkipLog(self.skip_log) if self.skip_log else None
+        log = Path(self.skip_log) if self.skip_log else None
         held: dict[str, Any] | None = None  # lookahead: the batch not yet passed on
         carry: dict[str, Any] | None = None  # skips that came before any batch could take them
-        try:
-            for batch in iterator:
-                skipped = batch.get("skipped") if isinstance(batch, dict) else None
-                if skipped:
-                    counts.update(skipped.get("counts", {}))
-                    if log is not None:
-                        log.write(skipped, split=self.split, epoch=epoch, rank=rank)
-                if isinstance(batch, dict) and batch.pop(SKIPS_ONLY, False):
-                    if held is not None:
-                        merge_skips(held["skipped"], skipped)
-                    else:
-                        carry = merge_skips(carry or {}, skipped)
+        for batch in iterator:  # a dict from either stream
+            skipped = batch.get("skipped")
+            if skipped:
+                counts.update(skipped.get("counts", {}))
+                if log is not None:
+                    write_skip_log(log, skipped, split=self.split, epoch=epoch, rank=rank)
+            if batch.pop(SKIPS_ONLY, False):
+                if held is not None:
+                    merge_skips(held["skipped"], skipped)
+                else:
+                    carry = merge_skips(carry or {}, skipped)
+                continue
+            if carry is not None:
+                batch["skipped"] = merge_skips(carry, batch.get("skipped") or {})
+                carry = None
+            where = batch.pop(POSITION_KEY, None)
+            if where is not None:
+                positions[where[0]] = where[1]
+            if lookahead:
+                held, batch = batch, held
+                if batch is None:
                     continue
-                if carry is not None and isinstance(batch, dict):
-                    batch["skipped"] = merge_skips(carry, batch.get("skipped") or {})
-                    carry = None
-                where = batch.pop(POSITION_KEY, None) if isinstance(batch, dict) else None
-                if where is not None:
-                    positions[where[0]] = where[1]
-                if lookahead:
-                    held, batch = batch, held
-                    if batch is None:
-                        continue
-                progress["batches"] += 1
-                yield batch
-            if held is not None:
-                progress["batches"] += 1
-                yield held
-            elif carry is not None:
-                warnings.warn(
-                    f"caption-mix {self.split} loader: no usable sample; skipped {carry.get('counts')}"
-                    + (f" (every skip is in {self.skip_log})" if self.skip_log else ""),
-                    stacklevel=2,
-                )
-        finally:
-            if log is not None:
-                log.close()
+            progress["batches"] += 1
+            yield batch
+        if held is not None:
+            progress["batches"] += 1
+            yield held
+        elif carry is not None:
+            warnings.warn(
+                f"caption-mix {self.split} loader: no usable sample; skipped {carry.get('counts')}"
+                + (f" (every skip is in {self.skip_log})" if self.skip_log else ""),
+                stacklevel=2,
+            )
 
     def _fingerprint(self) -> dict[str, Any]:
         ds = self.dataset
@@ -670,75 +632,59 @@ class CaptionMixDataModule(L.LightningDataModule):
     """Webdataset image-caption shards with a per-sample choice among named caption sources.
 
     Args:
-        train_shards: Training shards: path, brace pattern (``web/{00000..00019}.tar``), glob, directory, fsspec
-            URL, ``pipe:`` command, a ``::``-joined list of those, or a list.
+        train_shards: Path, brace pattern (``web/{00000..00019}.tar``), glob, directory, fsspec URL, ``pipe:``
+            command, a ``::``-joined list of those, or a list.
         batch_size: Per-device batch size. Give this or ``global_batch_size``.
-        p_original: The paper's p: probability of the ``original`` source; the other source gets ``1 - p``.
-            Requires exactly two sources, one named ``original``. Mutually exclusive with ``source_weights``.
-        source_weights: Probabilities over any number of sources (e.g. a third ``re_caption_condition_diverse_topk``
-            column), summing to 1. Sources with weight 0 are only used as fallbacks.
-        sources: Caption source name -> where it lives: ``"txt"`` (tar member), ``"json:FIELD"`` (field of the
-            ``.json`` member) or ``"sidecar:COLUMN"`` (column of the per-shard sidecar parquet in ``sidecar_dir``).
-            Default ``{"original": "txt", "recaption": "sidecar:re_caption"}``.
-        mix: ``"sample"`` (one source per sample per epoch) or ``"concat"`` (all available sources joined, in source
+        p_original: The paper's p: probability of the ``original`` source (the other one gets ``1 - p``); needs
+            exactly two sources, one named ``original``. Mutually exclusive with ``source_weights``.
+        source_weights: Probabilities over any number of sources, summing to 1 (weight 0: only a fallback).
+        sources: Caption source name -> ``"txt"`` (a tar member), ``"json:FIELD"`` (a field of the ``.json`` member)
+            or ``"sidecar:COLUMN"`` (a column of the per-shard sidecar parquet in ``sidecar_dir``). Default
+            ``{"original": "txt", "recaption": "sidecar:re_caption"}``.
+        mix: ``"sample"`` (one source per sample and epoch) or ``"concat"`` (all available sources joined in source
             order, Table 3's "*concat").
         concat_separator: Separator between captions in ``"concat"`` mode.
-        fallback: When the drawn source is missing or empty, use another available source (counted as
-            ``fallback:<from>-><to>``); if False, skip the sample.
-        sidecar_dir: Directory of per-shard sidecar parquets (``<shard stem>.parquet``, built by
-            ``python -m experiments sidecars``).
-        val_shards: Validation shards (one pass, disjoint per rank, fixed caption draws of epoch 0).
+        fallback: A sample missing its drawn source uses another available one (``fallback:<from>-><to>``); False:
+            the sample is skipped.
+        sidecar_dir: Folder of per-shard sidecar parquets (``python -m experiments sidecars``).
+        val_shards: Validation shards (one pass, disjoint per rank, epoch 0's caption draws).
         test_shards: Test shards (as validation).
         train_num_samples: Samples per epoch; default: counted from img2dataset's ``*_stats.json``/``*.parquet``.
         num_workers: Loader worker processes per rank.
         resampled: Draw training shards with replacement (open_clip ``--dataset-resampled``).
-        shuffle_buffer: Sample shuffle buffer size per worker (samples held as encoded bytes).
+        shuffle_buffer: Samples (held encoded) in each worker's shuffle buffer.
         shuffle_initial: Samples buffered before the first one is yielded.
         seed: Seed of shard order, shuffle buffers and caption draws.
         image_transform: Per-sample image transform (PIL -> tensor); default: the model's ``data_transforms``.
         text_transform: Per-caption transform (e.g. a tokenizer); default: the model's ``data_transforms``.
-        min_image_size: Images whose shorter side is below this many pixels are skipped, counted ``tiny_image``
-            (tracking pixels, spacers). ``None``: no minimum.
-        max_image_pixels: Images with more pixels (read from the header) are skipped, counted ``oversized_image``;
-            at least ``min_image_size`` squared, at most twice PIL's ``MAX_IMAGE_PIXELS``. ``None``: PIL's limit.
-        max_caption_chars: A caption longer than this counts as missing for its source, counted
-            ``caption_too_long``; the sample then falls back to another source (``fallback:<from>-><to>``) or is
-            skipped (``no_caption``). ``None``: no cap.
-        jpeg_draft: Decode JPEGs at a reduced DCT scale when the image transform's first resize still gets at least
-            its output size (``wds_stages.DecodeImage``); skips nothing. ``False``: always decode at full size.
-        max_consecutive_drops: Stop with an error after this many unusable samples in a row (broken or
-            misconfigured data would otherwise spin forever in a cycling stream); ``None`` never stops.
-        dedupe: A key that is also in another shard (a re-downloaded or partly copied shard): ``"worker"`` drops a
-            key this loader worker already read from another shard this epoch; ``"global"`` indexes the shards once
-            (``prepare_data``, cached in ``dedupe_dir``) and reads each key from its first shard only, on every
-            worker and rank; ``"off"`` reads copies as samples. Counted ``duplicate_key`` (README: "Duplicate keys";
-            ``wds_stages.CrossShardDuplicates``).
-        dedupe_max_keys: ``"worker"``: keys remembered per loader worker and epoch (~80 bytes each: ~40 MB at the
-            default; past it, copies of later keys are kept, counted once as ``dedupe_window_full``). ``"global"``:
-            keys held in memory at a time while the index is built (the rest waits on disk, in SQLite).
-        dedupe_dir: ``"global"``: the folder of index files, one per shard list (``<hash of the list>.json``);
-            default ``$XDG_CACHE_HOME/recap_suite/dedupe`` (``~/.cache`` without XDG_CACHE_HOME). An index is rebuilt
-            when its shard list, or a local shard's size or mtime, changes.
-        skip_log: Where every skipped sample (and fallback) is written, one JSON line each (key, reason, shard,
-            split, epoch, rank, detail): ``True`` = ``<trainer.log_dir>/skipped.jsonl`` when a Trainer is attached
-            (nothing without one), a path = that file, ``False``/``None`` = no log. Rank r > 0 writes
-            ``skipped.rank<r>.jsonl`` beside it.
+        min_image_size: Images with a shorter side below this are skipped (``tiny_image``); ``None``: no minimum.
+        max_image_pixels: Images with more pixels (read from the header) are skipped (``oversized_image``); at
+            least ``min_image_size`` squared, at most twice PIL's ``MAX_IMAGE_PIXELS``; ``None``: PIL's limit.
+        max_caption_chars: A longer caption counts as missing for its source (``caption_too_long``); ``None``: no
+            cap.
+        jpeg_draft: Decode JPEGs at a reduced DCT scale where the image transform's first resize still gets its
+            output size; ``False``: always at full size.
+        max_consecutive_drops: Stop with an error after this many unusable samples in a row (broken data would
+            otherwise spin forever in a cycling stream); ``None``: never.
+        dedupe: A key also in another shard: ``"worker"`` (dropped when this worker read it from another shard
+            this epoch), ``"global"`` (read from its first shard only; an index built in ``prepare_data``) or
+            ``"off"`` (README: "Duplicate keys").
+        dedupe_max_keys: ``"worker"``: keys remembered per loader worker and epoch; ``"global"``: keys held in
+            memory at a time while the index is built.
+        dedupe_dir: ``"global"``: the folder of index files; default ``$XDG_CACHE_HOME/recap_suite/dedupe``.
+        skip_log: Where every skipped sample is written, one JSON line each: ``True`` =
+            ``<trainer.log_dir>/skipped.jsonl`` (nothing without a Trainer), a path, ``False``/``None`` = no log.
+            Rank r > 0 writes ``skipped.rank<r>.jsonl`` beside it (README: "Skipped samples").
         persistent_workers: Keep loader workers alive across epochs.
         pin_memory: Pin batches (GPU training).
         rank: Override the rank (simulating multi-process runs without a Trainer); default: from the Trainer.
         world_size: Override the world size; default: from the Trainer.
-        global_batch_size: Samples per optimizer step over all ranks (the paper's unit, e.g. 32,768) instead of
-            ``batch_size``: each device gets ``global_batch_size / (devices x num_nodes x accumulate_grad_batches)``,
-            which must divide evenly (checked before the run starts).
-        views: Extra text views every training and validation sample carries beside the p-drawn caption: view name
-            -> a source name or ``{source: NAME, partial: PRESET | {mode, k, n}}`` (``datamodules.partial_captions``).
-            Batches then have ``texts`` (view -> the text transform's output, stacked) and ``view_captions`` (view ->
-            list of strings). A missing source falls back as the p draw does (``fallback:<view>:<from>-><to>``) or,
-            with ``fallback=False``, the sample is skipped (``no_view_caption``).
-        p_schedule: p as a function of the training samples seen, instead of ``p_original``:
-            ``{kind: constant|linear|cosine|step, start, end, total_samples, milestones, values}``
-            (``datamodules.p_schedule``), evaluated at each batch's global training index; batches carry their
-            ``p_target``. Validation draws with the schedule's value at 0.
+        global_batch_size: Samples per optimizer step over all ranks (the paper's unit) instead of ``batch_size``;
+            must divide evenly over devices x num_nodes x accumulate_grad_batches.
+        views: Extra text views of every sample: view name -> a source name or ``{source: NAME, partial: PRESET |
+            {mode, k, n}}``; batches then carry ``texts`` and ``view_captions`` (docs/clip.md, "Views").
+        p_schedule: p as a function of the training samples seen, instead of ``p_original``
+            (``datamodules.p_schedule``); batches carry their ``p_target``; validation uses the value at 0.
     """
 
     def __init__(
@@ -827,36 +773,24 @@ class CaptionMixDataModule(L.LightningDataModule):
             check_path("sidecar_dir", args.get("sidecar_dir"), "dir", what="per-shard sidecars (`sidecars` command)")
 
     def _transforms(self, stage: str) -> DataTransforms:
-        found = DataTransforms()
-        trainer = self.trainer
-        module = trainer.lightning_module if trainer is not None else None
-        provider = getattr(module, "data_transforms", None)
-        if callable(provider):
-            found = provider(stage)
+        provider = getattr(self.trainer.lightning_module if self.trainer else None, "data_transforms", None)
+        found = provider(stage) if callable(provider) else DataTransforms()
+        own = self.transforms
         return DataTransforms(
-            image=self.transforms.image if self.transforms.image is not None else found.image,
-            text=self.transforms.text if self.transforms.text is not None else found.text,
+            image=own.image if own.image is not None else found.image,
+            text=own.text if own.text is not None else found.text,
         )
 
-    def _dedupe_index_path(self, urls: Sequence[str]) -> str:
-        import hashlib
-
+    def _duplicate_index(self, urls: Sequence[str]) -> tuple[str, dict[str, Any]]:
+        """The path and summary of the shards' duplicate index (``dedupe: global``), built first when missing or
+        stale."""
         folder = self.hparams.dedupe_dir
         if not folder:
             cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
             folder = os.path.join(cache, "recap_suite", "dedupe")
         name = hashlib.sha256("\n".join(urls).encode()).hexdigest()[:24]
-        return os.path.join(os.fspath(folder), f"{name}.json")
-
-    def _duplicate_index(self, urls: Sequence[str]) -> dict[str, Any]:
-        """The summary of the shards' duplicate index (``dedupe: global``), built first when missing or stale."""
-        from lightning.pytorch.utilities import rank_zero_info
-
-        from datamodules.wds_stages import ensure_duplicate_index
-
-        return ensure_duplicate_index(
-            urls, self._dedupe_index_path(urls), self.settings.dedupe_max_keys, rank_zero_info
-        )
+        path = os.path.join(os.fspath(folder), f"{name}.json")
+        return path, ensure_duplicate_index(urls, path, self.settings.dedupe_max_keys, rank_zero_info)
 
     def prepare_data(self) -> None:
         """``dedupe: global``: build the duplicate index of every shard list once per node, before ``setup``."""
@@ -872,16 +806,15 @@ class CaptionMixDataModule(L.LightningDataModule):
         if trainer is not None and self.hparams.skip_log is True:
             self._log_dir = trainer.log_dir  # here, where every rank calls it (it is a broadcast from rank 0)
         if trainer is not None and stage == "fit":
-            from datamodules.monitor import add_monitor
-
             add_monitor(trainer)
 
     def _stream(self, shards: str | list[str], stage: str, training: bool) -> CaptionMixStream:
         urls = expand_urls(shards)
         rank, world = self._rank_world()
         self._per_device_batch()
-        batches = None
-        index = self._duplicate_index(urls) if self.settings.dedupe == "global" else None
+        batches, (index_path, index) = None, (None, None)
+        if self.settings.dedupe == "global":
+            index_path, index = self._duplicate_index(urls)
         workers = max(1, self.hparams.num_workers)
         if training:
             if self.hparams.train_num_samples is not None:
@@ -907,63 +840,46 @@ class CaptionMixDataModule(L.LightningDataModule):
             batches_per_rank=batches,
             transforms=self._transforms(stage),
             epoch=self.epoch if training else 0,
-            dedupe_index=self._dedupe_index_path(urls) if index is not None else None,
+            dedupe_index=index_path,
         )
 
     def _skip_log_path(self) -> Path | None:
         """This rank's skip log file (see ``skip_log``), or None."""
         skip_log = self.hparams.skip_log
+        if skip_log is True:
+            if self._log_dir is None and self.trainer is not None:
+                self._log_dir = self.trainer.log_dir
+            skip_log = None if self._log_dir is None else Path(self._log_dir) / "skipped.jsonl"
         if skip_log is None or skip_log is False:
             return None
-        if skip_log is True:
-            trainer = self.trainer
-            if self._log_dir is None and trainer is not None:
-                self._log_dir = trainer.log_dir
-            if self._log_dir is None:
-                return None
-            path = Path(self._log_dir) / "skipped.jsonl"
-        else:
-            path = Path(skip_log)
-        rank = self._rank_world()[0]
+        path, rank = Path(skip_log), self._rank_world()[0]
         return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
-    def _loader(self, stream: CaptionMixStream, persistent: bool, split: str) -> CaptionMixLoader:
-        workers = self.hparams.num_workers
+    def _loader(self, shards: str | list[str], stage: str, split: str) -> CaptionMixLoader:
+        training, workers = split == "train", self.hparams.num_workers
         return CaptionMixLoader(
-            stream,
+            self._stream(shards, stage, training),
             split=split,
             skip_log=self._skip_log_path(),
             num_workers=workers,
-            persistent_workers=persistent and self.hparams.persistent_workers and workers > 0,
+            persistent_workers=training and self.hparams.persistent_workers and workers > 0,
             pin_memory=self.hparams.pin_memory,
             prefetch_factor=2 if workers > 0 else None,
         )
 
     def train_dataloader(self) -> CaptionMixLoader:
         self.epoch._shared()  # create the shared value before workers start, so they all see set_epoch
-        return self._loader(self._stream(self.train_shards, "fit", training=True), persistent=True, split="train")
+        return self._loader(self.train_shards, "fit", "train")
 
     def val_dataloader(self) -> CaptionMixLoader | list:
-        if self.val_shards is None:
-            return []
-        return self._loader(self._stream(self.val_shards, "validate", training=False), persistent=False, split="val")
+        return [] if self.val_shards is None else self._loader(self.val_shards, "validate", "val")
 
     def test_dataloader(self) -> CaptionMixLoader | list:
-        if self.test_shards is None:
-            return []
-        return self._loader(self._stream(self.test_shards, "test", training=False), persistent=False, split="test")
+        return [] if self.test_shards is None else self._loader(self.test_shards, "test", "test")
 
     def set_epoch(self, epoch: int) -> None:
         """For plain training loops (Lightning calls the loader's sampler instead)."""
         self.epoch.set(epoch)
-
-
-def check_dedupe(dedupe: Any, max_keys: Any) -> None:
-    """Raise :class:`ConfigError` for a cross-shard duplicate setting that cannot work."""
-    if dedupe not in DEDUPE_MODES:
-        raise ConfigError("dedupe", dedupe, f"must be one of {list(DEDUPE_MODES)}")
-    if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
-        raise ConfigError("dedupe_max_keys", max_keys, "must be an integer >= 1")
 
 
 def resolve_weights(
@@ -982,8 +898,7 @@ def resolve_weights(
                 f"p_original needs exactly two caption sources, one named 'original'; got {names} "
                 f"(use source_weights for other layouts)"
             )
-        other = next(n for n in names if n != "original")
-        return {n: (p_original if n == "original" else 1.0 - p_original) for n in names if n in ("original", other)}
+        return {n: (p_original if n == "original" else 1.0 - p_original) for n in names}
     if source_weights is not None:
         unknown = sorted(set(source_weights) - set(names))
         if unknown:

@@ -90,17 +90,13 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
         fd = os.open(path, flags)
-    except OSError:  # some file systems (and Windows) cannot open a folder; the rename is still atomic
-        if directory:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some file systems (and Windows) cannot open or sync a folder; the rename is still atomic
         if not directory:
             raise
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], Any]) -> Path:
@@ -117,14 +113,10 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], A
             data(tmp)
             if not tmp.is_file():
                 raise FileNotFoundError(f"the writer for {path} did not create {tmp}")
-            _fsync_path(tmp)
         else:
-            payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
+            with open(tmp, "xb") as f:  # exclusive create, 0o666 minus the umask
+                f.write(data.encode("utf-8") if isinstance(data, str) else bytes(data))
+        _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -136,9 +128,5 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], A
 def latest_metrics_file(folder: str | os.PathLike) -> Path | None:
     """The newest in-loop metrics file in a run's ``metrics`` folder: the ``step<N>.json`` with the largest N (CLIP
     pads N, the captioner does not, so the order is numeric), or None when there is none."""
-    ranked = []
-    for f in Path(folder).glob("step*.json"):
-        digits = re.search(r"\d+", f.stem)
-        if digits:
-            ranked.append((int(digits.group()), f.name, f))
+    ranked = [(int(m.group()), f.name, f) for f in Path(folder).glob("step*.json") if (m := re.search(r"\d+", f.stem))]
     return max(ranked)[2] if ranked else None

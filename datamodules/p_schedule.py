@@ -9,6 +9,7 @@ and after a resume.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,10 @@ from datamodules.checks import ConfigError
 
 KINDS = ("constant", "linear", "cosine", "step")
 _FIELDS = ("kind", "start", "end", "total_samples", "milestones", "values")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _probability(key: str, value: Any) -> float:
@@ -50,11 +55,7 @@ class PSchedule:
             return cls(kind, start, start)
         if kind == "step":
             milestones, values = cfg.get("milestones"), cfg.get("values")
-            if (
-                not isinstance(milestones, list)
-                or not milestones
-                or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones)
-            ):
+            if not isinstance(milestones, list) or not milestones or not all(map(_is_count, milestones)):
                 raise ConfigError(f"{key}.milestones", milestones, "must be a non-empty list of sample counts >= 1")
             if milestones != sorted(set(milestones)):
                 raise ConfigError(f"{key}.milestones", milestones, "must be strictly increasing")
@@ -63,7 +64,7 @@ class PSchedule:
             vals = tuple(_probability(f"{key}.values[{i}]", v) for i, v in enumerate(values))
             return cls(kind, start, vals[-1], milestones=tuple(milestones), values=vals)
         total = cfg.get("total_samples")
-        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        if not _is_count(total):
             raise ConfigError(f"{key}.total_samples", total, f"a {kind} schedule needs an integer >= 1")
         if "end" not in cfg:
             raise ConfigError(f"{key}.end", None, f"a {kind} schedule needs its final p")
@@ -73,8 +74,7 @@ class PSchedule:
         if self.kind == "constant":
             return self.start
         if self.kind == "step":
-            passed = sum(1 for m in self.milestones if samples >= m)
-            return self.start if passed == 0 else self.values[passed - 1]
+            return (self.start, *self.values)[bisect.bisect_right(self.milestones, samples)]
         t = min(max(samples, 0) / self.total_samples, 1.0)
         if self.kind == "cosine":
             t = (1.0 - math.cos(math.pi * t)) / 2.0

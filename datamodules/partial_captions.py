@@ -1,17 +1,12 @@
 """Partial captions: a part of a long caption fed to the text encoder (CLIPS's "inverse effect": a CLIP learns more
 from part of a long synthetic caption than from all of it; OpenVision samples parts the same way).
 
-Modes (a :class:`PartialSpec`):
-
-- ``first``: the first ``k`` sentences (OpenVision ``first``);
-- ``random``: ``k`` sentences drawn without replacement, kept in caption order (OpenVision ``random``, CLIPS's
-  sub-caption mask);
-- ``block``: ``n`` contiguous words from a random start (OpenVision ``block``; CLIPS's ``simple`` reduction mask
-  keeps a random contiguous block of ``context_length - 2`` tokens, here counted in words so the part is text that
-  every tokenizer can encode).
-
-A caption of one sentence is its own partial view in every mode. The draw is a pure function of
-``(seed, epoch, key, view)`` with its own salt, so it is the same under any worker count, rank count or resume and
+Modes (:class:`PartialSpec`): ``first``, the first ``k`` sentences (OpenVision ``first``); ``random``, ``k`` sentences
+drawn without replacement, kept in caption order (OpenVision ``random``, CLIPS's sub-caption mask); ``block``, ``n``
+contiguous words from a random start (OpenVision ``block``; CLIPS's ``simple`` reduction mask keeps a random
+contiguous block of ``context_length - 2`` tokens, here counted in words so the part is text that every tokenizer can
+encode). A caption of one sentence is its own partial view in every mode. The draw is a pure function of
+``(seed, epoch, key, view)`` with its own salt: the same under any worker count, rank count or resume, and
 independent of the p draw (``wds_stages.uniform_from_key``, salt ``caption``).
 
 CLIPS's released fork also has token-level ``random``/``shuffle``/``syntax`` masks applied inside its tokenizer

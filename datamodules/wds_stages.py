@@ -1,22 +1,22 @@
-"""Picklable webdataset pipeline stages of the caption-mix loader (``CaptionMixStream._batches`` lists them).
+"""The caption-mix loader's webdataset pipeline stages (``CaptionMixStream._batches`` lists them).
 
-Every stage is a module-level class with ``__call__(iterator) -> iterator`` (open_clip's style), so the pipeline
-pickles under any worker start method. Stages never raise on one bad sample: they count a reason in a
-:class:`SkipStats`, whose counts (and records) travel to the main process inside each batch (``batch["skipped"]``).
-
-Determinism contract (the paper's p, made reproducible):
-    the caption source of a sample is a pure function of ``(seed, epoch, key)`` -- see :func:`uniform_from_key`.
-    It does not depend on worker count, rank count, shuffle buffer, or restarts.
+A stage maps an iterator of samples to an iterator (open_clip's style). Stages never raise on one bad sample: they
+count a reason in a :class:`SkipStats`, whose counts (and records) travel to the main process inside each batch
+(``batch["skipped"]``). The caption source of a sample is a pure function of ``(seed, epoch, key)``
+(:func:`uniform_from_key`): the same under any worker count, rank count, shuffle buffer or restart.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
+import os
 import random
 import warnings
 from collections import Counter
@@ -116,9 +116,7 @@ class SkipStats:
 
 def merge_skips(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     """Add the drained skips ``other`` to ``into`` (both as :meth:`SkipStats.drain` returns them); returns ``into``."""
-    counts = Counter(into.get("counts", {}))
-    counts.update(other.get("counts", {}))
-    into["counts"] = dict(counts)
+    into["counts"] = dict(Counter(into.get("counts", {})) + Counter(other.get("counts", {})))
     examples = into.setdefault("examples", {})
     for reason, where in other.get("examples", {}).items():
         examples.setdefault(reason, where)
@@ -130,20 +128,18 @@ def merge_skips(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
+@dataclass
 class CountingHandler:
     """webdataset exception handler: count the error (broken tar, unreadable shard) and continue."""
 
-    def __init__(self, stats: SkipStats):
-        self.stats = stats
+    stats: SkipStats
 
     def __call__(self, exn: Exception) -> bool:
+        from webdataset.tariterators import base_plus_ext  # the key as ReadShards groups members
+
         detail = repr(exn)[:300]
         member = getattr(exn, "member", None)  # TarFormatError: the damaged member, when its header was readable
-        key = None
-        if isinstance(member, str) and member:
-            from webdataset.tariterators import base_plus_ext  # the key as ReadShards groups members
-
-            key = base_plus_ext(member)[0]
+        key = base_plus_ext(member)[0] if isinstance(member, str) and member else None
         shard = getattr(exn, "shard", None)
         self.stats.skip(f"tar_error:{type(exn).__name__}", detail, key=key, shard=shard, detail=detail)
         return True
@@ -186,20 +182,14 @@ class ShardSchedule:
         if self.mode == "once":
             yield from ({"url": u} for u in mine)
             return
-        if not mine:
-            raise ValueError(
-                f"{len(self.urls)} shards cannot feed {total} loader workers ({self.world_size} ranks x "
-                f"{self.num_workers} workers): use fewer workers, more shards, or resampled=True"
-            )
-        last_extracted = -1
-        for round_ in range(1 << 62):
-            if self.stats is not None:
-                if self.stats.extracted == last_extracted:
-                    raise RuntimeError(
-                        f"a full pass over this worker's shards {mine[:3]}{'...' if len(mine) > 3 else ''} yielded no "
-                        f"usable sample; skip counts so far: {dict(self.stats.counts)}"
-                    )
-                last_extracted = self.stats.extracted
+        last_extracted = None
+        for round_ in itertools.count():
+            if self.stats is not None and self.stats.extracted == last_extracted:
+                raise RuntimeError(
+                    f"a full pass over this worker's shards {mine[:3]}{'...' if len(mine) > 3 else ''} yielded no "
+                    f"usable sample; skip counts so far: {dict(self.stats.counts)}"
+                )
+            last_extracted = self.stats.extracted if self.stats is not None else None
             if round_ > 0 and self.shuffle:
                 random.Random(stable_int("round", self.seed, self.epoch, gid, round_)).shuffle(mine)
             yield from ({"url": u} for u in mine)
@@ -326,6 +316,7 @@ def open_shard(url: str):
     return stream
 
 
+@dataclass
 class ReadShards:
     """Shard URLs -> raw samples (``{"__key__", "__url__", "__visit__", <suffix>: bytes}``), shard by shard.
 
@@ -333,29 +324,36 @@ class ReadShards:
     members ``__*__`` skipped); a suffix seen twice within one key starts a new sample (then a duplicate key).
     ``__visit__`` numbers the shard visits, so a revisit of a shard is not a duplicate. A truncated or corrupt
     shard, or a ``pipe:`` command that exits with an error, goes to ``handler``; the samples before the damage are
-    kept, the one being read is passed on with its intact members.
+    kept, the one being read is passed on with its intact members. ``tar_reader="webdataset"``: webdataset's tar
+    reading (:func:`webdataset_tar_members`) instead of :func:`iter_tar_members`.
     """
 
-    def __init__(self, handler: Callable[[Exception], bool], tar_reader: str = "own"):
-        self.handler = handler
-        self.members = {"own": iter_tar_members, "webdataset": webdataset_tar_members}[tar_reader]
+    handler: Callable[[Exception], bool]
+    tar_reader: str = "own"
+
+    def _handled(self, exn: Exception, url: str) -> bool:
+        """Name the shard on ``exn`` (its last arg, and ``exn.shard`` for the skip log); the handler's verdict."""
+        exn.args = (*exn.args, url)
+        with contextlib.suppress(AttributeError):  # a type with slots: the URL is still the last of its args
+            exn.shard = url
+        return self.handler(exn)
 
     def __call__(self, sources: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
         from webdataset.tariterators import base_plus_ext  # webdataset's own key/suffix split
 
+        members = {"own": iter_tar_members, "webdataset": webdataset_tar_members}[self.tar_reader]
         for visit, source in enumerate(sources):
             url = source["url"]
-            current: dict[str, Any] | None = None
             try:
                 stream = open_shard(url)
             except Exception as exn:  # missing file, failed pipe: count and go on to the next shard
-                exn.args = (*exn.args, url)
-                _tag_shard(exn, url)
-                if self.handler(exn):
+                if self._handled(exn, url):
                     continue
                 return
+            current: dict[str, Any] | None = None
+            close_error: Exception | None = None
             try:
-                for name, data in self.members(stream, url):
+                for name, data in members(stream, url):
                     key, suffix = base_plus_ext(name)
                     if key is None or name.rsplit("/", 1)[-1].startswith("__"):
                         continue
@@ -371,32 +369,15 @@ class ReadShards:
             except Exception as exn:
                 if current is not None:
                     yield current  # its members read so far are whole; a damaged member was never added
-                exn.args = (*exn.args, url)
-                _tag_shard(exn, url)
-                if not self.handler(exn):
+                if not self._handled(exn, url):
                     return
             finally:
-                close_error = _close_quietly(stream)
-            if close_error is not None:  # e.g. a pipe: command's non-zero exit status, reported at close
-                close_error.args = (*close_error.args, url)
-                _tag_shard(close_error, url)
-                if not self.handler(close_error):
-                    return
-
-
-def _tag_shard(exn: Exception, url: str) -> None:
-    """Note on an exception which shard it came from (``exn.shard``; the skip log's ``shard``)."""
-    with contextlib.suppress(AttributeError):  # a type with slots: the URL is still the last of its args
-        exn.shard = url
-
-
-def _close_quietly(stream) -> Exception | None:
-    """Close a shard stream; return (instead of raising) what closing raised."""
-    try:
-        stream.close()
-    except Exception as exn:
-        return exn
-    return None
+                try:
+                    stream.close()
+                except Exception as exn:  # e.g. a pipe: command's non-zero exit status, reported at close
+                    close_error = exn
+            if close_error is not None and not self._handled(close_error, url):
+                return
 
 
 # ------------------------------------------------------------------------------------------ cross-shard duplicates
@@ -404,29 +385,20 @@ DEDUPE_MODES = ("worker", "global", "off")
 
 
 class CrossShardDuplicates:
-    """Which samples are copies of a key that belongs to another shard (a re-downloaded or partly copied shard);
-    a key repeated within one shard visit is dropped by :class:`ExtractCaptions`. Modes:
-
-    * ``"worker"``: this loader worker remembers for the epoch the shard each key was first read from (``hash(key)
-      -> shard``, ~80 bytes per key; at most ``max_keys``, then counted once as ``dedupe_window_full``) and drops
-      the key read later from another shard. Revisits of a shard (a cycling schedule) are not copies; copies that
-      other workers or ranks read are not seen.
-    * ``"global"``: the index of :func:`build_duplicate_index` lists, per shard, the keys whose owner (the first
-      shard of the list that holds them) is another shard; every worker on every rank drops exactly those.
+    """Which samples are copies of a key that belongs to another shard (README: "Duplicate keys"); a key repeated
+    within one shard visit is dropped by :class:`ExtractCaptions`. ``"worker"``: this loader worker remembers for the
+    epoch the shard each key was first read from (at most ``max_keys``, then counted once as ``dedupe_window_full``);
+    a revisit of a shard (a cycling schedule) is no copy. ``"global"``: the index of :func:`build_duplicate_index`
+    lists, per shard, the keys whose owner (the first shard of the list that holds them) is another shard.
 
     ``owner_if_copy`` returns the shard the key belongs to when this sample is a copy to drop, else None.
     """
 
     def __init__(self, mode: str = "worker", max_keys: int | None = 500_000, index_path: str | None = None):
-        if mode not in ("worker", "global"):
-            raise ValueError(f"cross-shard duplicate mode must be 'worker' or 'global', got {mode!r}")
-        if mode == "global" and not index_path:
-            raise ValueError("the 'global' duplicate mode needs the index file (build_duplicate_index)")
         self.mode, self.max_keys, self.index_path = mode, max_keys, index_path
-        self._first: dict[int, int] = {}  # worker mode: hash(key) -> shard number
-        self._shard_ids: dict[str, int] = {}
-        self._shards: list[str] = []
+        self._first: dict[int, str] = {}  # worker mode: hash(key) -> the shard it was first read from
         self._full = False
+        self._shards: list[str] = []  # global mode: the index's shard list
         self._drop: dict[str, dict[str, int]] | None = None  # global mode: shard -> {key: owner shard number}
 
     def owner_if_copy(self, key: str, url: str, stats: SkipStats | None = None) -> str | None:
@@ -436,22 +408,18 @@ class CrossShardDuplicates:
                 self._shards, self._drop = index["urls"], index["drop"]
             owner = self._drop.get(url, {}).get(key) if self._drop else None
             return None if owner is None else self._shards[owner]
-        sid = self._shard_ids.get(url)
-        if sid is None:
-            sid = self._shard_ids[url] = len(self._shards)
-            self._shards.append(url)
         h = hash(key)  # 64-bit; a collision (~n^2 / 2^65 per worker epoch) would drop one sample
         first = self._first.get(h)
         if first is None:
             if self.max_keys is None or len(self._first) < self.max_keys:
-                self._first[h] = sid
+                self._first[h] = url  # one str object per shard (ShardSchedule's), so a reference per key
             elif not self._full:
                 self._full = True
                 if stats is not None:
                     detail = f"{self.max_keys} keys remembered; later copies in this worker's epoch are not detected"
                     stats.skip("dedupe_window_full", f"{url}: {detail}", shard=url, detail=detail)
             return None
-        return None if first == sid else self._shards[first]
+        return None if first == url else first
 
 
 INDEX_FORMAT = 1
@@ -459,8 +427,6 @@ INDEX_FORMAT = 1
 
 def _shard_signature(urls: Sequence[str]) -> str:
     """What a duplicate index depends on: the shard list in order and, for local files, their sizes and mtimes."""
-    import os
-
     h = hashlib.sha256()
     for url in urls:
         h.update(url.encode() + b"\0")
@@ -474,12 +440,9 @@ def _shard_signature(urls: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def shard_keys(url: str, handler: Callable[[Exception], bool] | None = None) -> set[str]:
+def shard_keys(url: str) -> set[str]:
     """The keys a shard delivers (as :class:`ReadShards` groups them; a damaged shard: those before the damage)."""
-    keys: set[str] = set()
-    for sample in ReadShards(handler or (lambda exn: True))([{"url": url}]):
-        keys.add(sample["__key__"])
-    return keys
+    return {sample["__key__"] for sample in ReadShards(lambda exn: True)([{"url": url}])}
 
 
 def build_duplicate_index(
@@ -493,7 +456,6 @@ def build_duplicate_index(
     shard. Memory: a chunk plus the entries (one per copy). The file: ``{"format", "signature", "urls", "keys" (pairs
     listed), "copies" (entries), "duplicated_keys", "drop": {url: {key: owner shard number}}}``.
     """
-    import os
     import shutil
     import sqlite3
     import tempfile
@@ -542,8 +504,6 @@ def ensure_duplicate_index(
 ) -> dict[str, Any]:
     """The summary of the duplicate index at ``path`` for ``urls``, (re)built when missing or made for other shards
     (another list or order, a local shard whose size or mtime changed)."""
-    import os
-
     if os.path.isfile(path):
         try:
             index = read_duplicate_index(path)
@@ -624,11 +584,8 @@ class ExtractCaptions:
         max_caption_chars: int | None = MAX_CAPTION_CHARS,
         duplicates: CrossShardDuplicates | None = None,
     ):
-        self.sources = list(sources)
-        self.duplicates = duplicates
-        self.sidecar_dir = sidecar_dir
-        self.stats = stats
-        self.max_caption_chars = max_caption_chars
+        self.sources, self.sidecar_dir, self.stats = list(sources), sidecar_dir, stats
+        self.max_caption_chars, self.duplicates = max_caption_chars, duplicates
         self.sidecar_columns = [s.where for s in self.sources if s.kind == "sidecar"]
         if self.sidecar_columns and not sidecar_dir:
             names = [s.name for s in self.sources if s.kind == "sidecar"]
@@ -641,17 +598,14 @@ class ExtractCaptions:
     def _load_sidecar(self, url: str) -> None:
         from datamodules.sidecar import UnreadableSidecarError, load_sidecar, sidecar_path
 
-        self._sidecar_url = url
+        self._sidecar_url, self._sidecar = url, {}
         path = sidecar_path(self.sidecar_dir, url)
         try:
             self._sidecar = load_sidecar(path, self.sidecar_columns)
-        except FileNotFoundError:
-            # A missing sidecar is a whole shard without recaptions: count it once, fall back per sample.
+        except FileNotFoundError:  # a whole shard without recaptions: count it once, fall back per sample
             self.stats.skip("sidecar_missing", path, shard=url, detail=path)
-            self._sidecar = {}
         except UnreadableSidecarError as exn:  # truncated/corrupt file: as a missing one (a missing column raises)
             self.stats.skip("sidecar_unreadable", str(exn)[:300], shard=url, detail=str(exn)[:300])
-            self._sidecar = {}
 
     def _caption(self, value: Any, source: str, key: str, url: str) -> str | None:
         text, problem = _text(value)
@@ -666,11 +620,8 @@ class ExtractCaptions:
             key, url = sample.get("__key__"), sample.get("__url__", "")
             if sample.get("__visit__") != self._visit:
                 self._visit, self._seen = sample.get("__visit__"), set()
-            if url != self._sidecar_url:
-                if self.sidecar_columns:
-                    self._load_sidecar(url)
-                else:
-                    self._sidecar_url = url
+            if self.sidecar_columns and url != self._sidecar_url:
+                self._load_sidecar(url)
             where = f"{url}:{key}"
             if key in self._seen:
                 self.stats.skip("duplicate_key", where, key=key, shard=url, detail="twice in this shard")
@@ -700,8 +651,7 @@ class ExtractCaptions:
                             meta = {}
                     value = meta.get(src.where) if isinstance(meta, dict) else None
                 else:
-                    row = self._sidecar.get(key)
-                    value = row.get(src.where) if row is not None else None
+                    value = self._sidecar.get(key, {}).get(src.where)
                 captions[src.name] = self._caption(value, src.name, key, url)
             self.stats.extracted += 1
             yield {"key": key, "url": url, "image_bytes": image, "captions": captions}
@@ -737,6 +687,7 @@ class ChooseCaption:
     def set_weights(self, weights: Mapping[str, float]) -> None:
         """New probabilities over the same sources (a p schedule's value at the next batch)."""
         self.weights = [float(weights[n]) for n in self.names]
+        self._cumulative = list(itertools.accumulate(self.weights))
         self._fallback_order = [n for _, n in sorted(zip(self.weights, self.names, strict=True), key=lambda t: -t[0])]
 
     def choose(
@@ -748,15 +699,10 @@ class ChooseCaption:
             parts = [captions[n] for n in self.names if captions.get(n)]
             return (self.separator.join(parts), "concat") if parts else (None, None)
         u = uniform_from_key(self.seed, self.epoch, key)
-        acc, chosen = 0.0, self.names[-1]
-        for name, w in zip(self.names, self.weights, strict=True):
-            acc += w
-            if u < acc:
-                chosen = name
-                break
-        # guard the float tail: never pick a zero-weight source because cumulative sums ended at 0.9999999
-        if self.weights[self.names.index(chosen)] == 0.0:
-            chosen = next(n for n, w in zip(reversed(self.names), reversed(self.weights), strict=True) if w > 0)
+        i = min(bisect.bisect_right(self._cumulative, u), len(self.names) - 1)  # the first source with u < its sum
+        if self.weights[i] == 0.0:  # the float tail (sums ending at 0.9999999): never a zero-weight source
+            i = max(j for j, w in enumerate(self.weights) if w > 0)
+        chosen = self.names[i]
         if captions.get(chosen):
             return captions[chosen], chosen
         if not self.fallback:
@@ -767,109 +713,65 @@ class ChooseCaption:
                 return captions[other], other
         return None, None
 
-    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def __call__(
+        self, samples: Iterable[dict[str, Any]], p_at: Callable[[int], float] | None = None, kept: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """Stage: each sample's ``caption`` and ``caption_source``; a sample without any is dropped (``no_caption``).
+
+        ``p_at`` (a ``p_schedule`` run, after decode): p of the ``kept``-th kept sample of this stream (counted from
+        ``kept``), drawn with ``{original: p, other: 1 - p}`` and stored as ``p_target``."""
         for sample in samples:
-            caption, source = self.choose(sample["key"], sample["captions"], sample["url"])
+            key, url = sample["key"], sample["url"]
+            if p_at is not None:
+                p = sample["p_target"] = p_at(kept)
+                self.set_weights({n: p if n == "original" else 1.0 - p for n in self.names})
+            caption, source = self.choose(key, sample["captions"], url)
             if caption is None:
-                key, url = sample["key"], sample["url"]
                 self.stats.skip("no_caption", f"{url}:{key}", key=key, shard=url)
                 continue
+            kept += 1
             sample["caption"], sample["caption_source"] = caption, source
             yield sample
 
 
-class ChooseViews:
+def keep_captioned(samples: Iterable[dict[str, Any]], stats: SkipStats) -> Iterator[dict[str, Any]]:
+    """Stage before decode of a p-schedule run (whose draw waits for the decode): drops the samples without any
+    caption (``no_caption``), as :class:`ChooseCaption` does in a run without a schedule."""
+    for sample in samples:
+        if any(sample["captions"].values()):
+            yield sample
+        else:
+            key, url = sample["key"], sample["url"]
+            stats.skip("no_caption", f"{url}:{key}", key=key, shard=url)
+
+
+def choose_views(
+    samples: Iterable[dict[str, Any]],
+    views: Sequence[Any],
+    order: Sequence[str],
+    seed: int,
+    epoch: int,
+    stats: SkipStats,
+    fallback: bool,
+) -> Iterator[dict[str, Any]]:
     """Stage: every sample also carries the caption of each configured view (``sample["view_captions"]``), made
     partial where the view says so (``partial_captions.ViewSpec``; drawn from seed, epoch, key and view). A view
     whose source is missing falls back to the first available source of ``order`` (counted
     ``fallback:<view>:<from>-><to>``), or the sample is skipped (``no_view_caption``, ``fallback=False``)."""
-
-    def __init__(
-        self, views: Sequence[Any], order: Sequence[str], seed: int, epoch: int, stats: SkipStats, fallback: bool
-    ):
-        self.views, self.order, self.seed, self.epoch = list(views), list(order), seed, epoch
-        self.stats, self.fallback = stats, fallback
-
-    def _caption(self, view: Any, captions: Mapping[str, str | None], key: str, url: str) -> str | None:
-        if captions.get(view.source) or not self.fallback:
-            return captions.get(view.source)
-        other = next((n for n in self.order if n != view.source and captions.get(n)), None)
-        if other is not None:
-            self.stats.skip(f"fallback:{view.name}:{view.source}->{other}", key, key=key, shard=url)
-            return captions[other]
-        return None
-
-    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for sample in samples:
-            key, url, out = sample["key"], sample["url"], {}
-            for view in self.views:
-                caption = self._caption(view, sample["captions"], key, url)
-                if caption is None:
-                    where = f"{url}:{key} ({view.name})"
-                    self.stats.skip("no_view_caption", where, key=key, shard=url, detail=view.name)
-                    break
-                out[view.name] = view.text(caption, self.seed, self.epoch, key)
-            else:
-                sample["view_captions"] = out
-                yield sample
-
-
-def keep_captioned(stats: SkipStats) -> Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]]:
-    """Stage before decode of a p-schedule run (whose draw waits for the decode): drops the samples without any
-    caption (``no_caption``), as :class:`ChooseCaption` does in a run without a schedule."""
-
-    def stage(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for sample in samples:
-            if any(sample["captions"].values()):
-                yield sample
-            else:
-                key, url = sample["key"], sample["url"]
-                stats.skip("no_caption", f"{url}:{key}", key=key, shard=url)
-
-    return stage
-
-
-class ScheduledCaption:
-    """Stage after decode: the p draw of a ``p_schedule`` run, with p at the global training batch of each kept
-    sample.
-
-    Images are dropped at decode, so a sample's batch is only known after it: the ``kept``-th sample of this stream
-    worker goes to its batch ``kept // batch_size``, which is loader batch ``k * workers + worker`` of the epoch
-    (PyTorch hands out an IterableDataset's batches round-robin over workers) and global batch
-    ``epoch * batches_per_rank + that``; p is ``schedule(global batch x batch_size x world_size)``. ``kept`` starts at
-    the samples already batched when a resume skipped them undecoded (``SampleSeeds``' replay), else at 0 (a
-    ``DropReplayed`` after this stage then drops the replayed ones)."""
-
-    def __init__(
-        self,
-        chooser: ChooseCaption,
-        schedule: Callable[[int], float],
-        *,
-        batch_size: int,
-        offset: int,
-        stride: int,
-        world_size: int,
-        kept: int = 0,
-    ):
-        self.chooser, self.schedule, self.batch_size = chooser, schedule, batch_size
-        self.offset, self.stride, self.world_size, self.kept = offset, stride, world_size, kept
-
-    def p_at(self, kept: int) -> float:
-        index = self.offset + (kept // self.batch_size) * self.stride
-        return self.schedule(index * self.batch_size * self.world_size)
-
-    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        names = self.chooser.names
-        for sample in samples:
-            p = self.p_at(self.kept)
-            self.chooser.set_weights({n: p if n == "original" else 1.0 - p for n in names})
-            caption, source = self.chooser.choose(sample["key"], sample["captions"], sample["url"])
-            if caption is None:
-                key, url = sample["key"], sample["url"]
-                self.chooser.stats.skip("no_caption", f"{url}:{key}", key=key, shard=url)
-                continue
-            self.kept += 1
-            sample["caption"], sample["caption_source"], sample["p_target"] = caption, source, p
+    for sample in samples:
+        key, url, captions, out = sample["key"], sample["url"], sample["captions"], {}
+        for view in views:
+            caption = captions.get(view.source)
+            other = None if caption or not fallback else next((n for n in order if captions.get(n)), None)
+            if other is not None:
+                stats.skip(f"fallback:{view.name}:{view.source}->{other}", key, key=key, shard=url)
+                caption = captions[other]
+            if not caption:
+                stats.skip("no_view_caption", f"{url}:{key} ({view.name})", key=key, shard=url, detail=view.name)
+                break
+            out[view.name] = view.text(caption, seed, epoch, key)
+        else:
+            sample["view_captions"] = out
             yield sample
 
 
@@ -949,20 +851,17 @@ def draft_request(transform: Callable | None) -> tuple[int, int] | None:
     name = type(first).__name__
     if name not in ("Resize", "RandomResizedCrop") or not type(first).__module__.startswith("torchvision."):
         return None
-    size = first.size
-    if isinstance(size, int):
-        size = [size]
+    size = [first.size] if isinstance(first.size, int) else first.size
     if not isinstance(size, Sequence) or not size:
         return None
-    h, w = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    h, w = size[0], size[-1]  # (size,) or (h, w)
     if name == "Resize":
         return int(w), int(h)
     scale_min, (ratio_min, ratio_max) = float(first.scale[0]), first.ratio
     worst = min(float(ratio_min), 1.0 / float(ratio_max), 1.0)
     if scale_min <= 0 or worst <= 0:
         return None
-    k = 1.0 / math.sqrt(scale_min * worst)
-    side = math.ceil(max(h, w) * k)
+    side = math.ceil(max(h, w) * (1.0 / math.sqrt(scale_min * worst)))
     return side, side
 
 
@@ -1014,16 +913,11 @@ class DecodeImage:
         min_image_size: int | None = MIN_IMAGE_SIZE,
         draft: bool | tuple[int, int] = True,
     ):
-        self.transform = transform
-        self.stats = stats
-        self.max_image_pixels = max_image_pixels
-        self.min_image_size = min_image_size
+        self.transform, self.stats = transform, stats
+        self.max_image_pixels, self.min_image_size = max_image_pixels, min_image_size
         if draft is True:
-            self.draft = draft_request(transform)
-        elif draft is False or draft is None:
-            self.draft = None
-        else:
-            self.draft = (int(draft[0]), int(draft[1]))
+            draft = draft_request(transform)
+        self.draft = (int(draft[0]), int(draft[1])) if draft else None
 
     def _skip(self, reason: str, sample: dict[str, Any], detail: str) -> None:
         key, url = sample["key"], sample["url"]
@@ -1051,19 +945,14 @@ class DecodeImage:
             yield sample
 
 
-class TransformText:
-    """Apply the model's text transform (e.g. a tokenizer) to the chosen caption."""
-
-    def __init__(self, transform: Callable | None):
-        self.transform = transform
-
-    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for sample in samples:
-            if self.transform is not None:
-                sample["text"] = self.transform(sample["caption"])
-                if "view_captions" in sample:
-                    sample["texts"] = {v: self.transform(c) for v, c in sample["view_captions"].items()}
-            yield sample
+def transform_text(samples: Iterable[dict[str, Any]], transform: Callable) -> Iterator[dict[str, Any]]:
+    """Stage: the model's text transform (e.g. a tokenizer) of the chosen caption (``text``) and of each view's
+    (``texts``)."""
+    for sample in samples:
+        sample["text"] = transform(sample["caption"])
+        if "view_captions" in sample:
+            sample["texts"] = {v: transform(c) for v, c in sample["view_captions"].items()}
+        yield sample
 
 
 # ---------------------------------------------------------------------------------------------------------- batching
@@ -1073,50 +962,39 @@ def _stack(values: list[Any]) -> Any:
     return values
 
 
-class Batch:
-    """Group samples into batch dicts with the skips counted since the previous batch: ``image`` (stacked when the
-    transform gives equal-shaped tensors), ``text`` (with a text transform), ``caption``, ``caption_source``,
-    ``key``, ``url`` (lists), ``skipped``. At most ``limit`` batches.
+def _collate(samples: list[dict[str, Any]], stats: SkipStats) -> dict[str, Any]:
+    first = samples[0]
+    batch: dict[str, Any] = {"image": _stack([s["image"] for s in samples])}
+    batch |= {k: [s[k] for s in samples] for k in ("caption", "caption_source", "key", "url")}
+    if "text" in first:
+        batch["text"] = _stack([s["text"] for s in samples])
+    if "view_captions" in first:
+        batch["view_captions"] = {v: [s["view_captions"][v] for s in samples] for v in first["view_captions"]}
+    if "texts" in first:
+        batch["texts"] = {v: _stack([s["texts"][v] for s in samples]) for v in first["texts"]}
+    if "p_target" in first:  # one p per batch: every sample of it was drawn at the batch's index
+        batch["p_target"] = first["p_target"]
+    batch["skipped"] = stats.drain()
+    return batch
 
-    ``partial=True`` (one evaluation pass): the last batch may be short, and skips counted after it are yielded as
-    one more item, ``{"skipped": ..., SKIPS_ONLY: True}``, which the loader folds into its batches.
+
+def batched(
+    samples: Iterable[dict[str, Any]], batch_size: int, stats: SkipStats, last_partial: bool, limit: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Stage: batch dicts with the skips counted since the previous batch: ``image`` (stacked when the transform gives
+    equal-shaped tensors), ``text`` (with a text transform), ``caption``, ``caption_source``, ``key``, ``url``
+    (lists), ``skipped``. At most ``limit`` batches.
+
+    ``last_partial=True`` (one evaluation pass): the last batch may be short, and skips counted after it are yielded
+    as one more item, ``{"skipped": ..., SKIPS_ONLY: True}``, which the loader folds into its batches.
     """
-
-    def __init__(self, batch_size: int, stats: SkipStats, partial: bool, limit: int | None = None):
-        self.batch_size, self.stats, self.partial, self.limit = batch_size, stats, partial, limit
-
-    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {
-            "image": _stack([s["image"] for s in samples]),
-            "caption": [s["caption"] for s in samples],
-            "caption_source": [s["caption_source"] for s in samples],
-            "key": [s["key"] for s in samples],
-            "url": [s["url"] for s in samples],
-        }
-        if "text" in samples[0]:
-            batch["text"] = _stack([s["text"] for s in samples])
-        first = samples[0]
-        if "view_captions" in first:
-            batch["view_captions"] = {v: [s["view_captions"][v] for s in samples] for v in first["view_captions"]}
-        if "texts" in first:
-            batch["texts"] = {v: _stack([s["texts"][v] for s in samples]) for v in first["texts"]}
-        if "p_target" in first:  # one p per batch: every sample of it was drawn at the batch's index
-            batch["p_target"] = first["p_target"]
-        batch["skipped"] = self.stats.drain()
-        return batch
-
-    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        produced, buf = 0, []
-        if self.limit == 0:
+    samples = iter(samples)
+    for _ in itertools.count() if limit is None else range(limit):
+        chunk = list(itertools.islice(samples, batch_size))
+        if len(chunk) < batch_size:  # the stream ended
+            if chunk and last_partial:
+                yield _collate(chunk, stats)
+            elif last_partial and stats.pending():
+                yield {"skipped": stats.drain(), SKIPS_ONLY: True}
             return
-        for sample in samples:
-            buf.append(sample)
-            if len(buf) == self.batch_size:
-                yield self._collate(buf)
-                buf, produced = [], produced + 1
-                if self.limit is not None and produced >= self.limit:
-                    return
-        if buf and self.partial:
-            yield self._collate(buf)
-        elif self.partial and self.stats.pending():
-            yield {"skipped": self.stats.drain(), SKIPS_ONLY: True}
+        yield _collate(chunk, stats)
