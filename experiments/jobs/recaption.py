@@ -2,17 +2,13 @@
 
 The unit of work is a shard (or a slice of one, ``--slice-size``); its captions go to ``<out>/<unit>.parquet`` in the
 Recap-DataComp-1B schema plus provenance columns, published with ``link(2)``: complete or not at all, never twice.
-Processes claim units on the output folder (``<out>/_claims``, with heartbeats; expired claims are taken over), so any
-number of them, started and killed in any way, finish every unit exactly once; ``rank``/``world_size`` only decide
-where each starts. ``merge`` checks that every key occurs once and writes the dataset-level parquet, which
-``python -m experiments sidecars --recap`` joins onto the shards. The design: ``docs/recaption.md``.
+Processes claim units on the output folder (``<out>/_claims``), so any number of them, started and killed in any way,
+finish every unit exactly once. ``merge`` writes the dataset-level parquet (each key once) that ``python -m
+experiments sidecars --recap`` joins onto the shards. The design, and the paper's decoding: ``docs/recaption.md``.
 
     python -m experiments recaption run --model runs/tiny/captioner/hf --shards 'data/world/web/*.tar' \
         --out data/world/recap_llava
     python -m experiments recaption merge --out data/world/recap_llava
-
-Decoding is the paper's (greedy, at most 128 new tokens, batched). Empty captions and repetition loops are decoded
-once more with a repetition penalty, then ``flagged``; an undecodable image becomes an ``error`` row with the reason.
 """
 
 from __future__ import annotations
@@ -480,17 +476,13 @@ class ClaimBoard:
     @staticmethod
     def read(path: Path) -> tuple[dict[str, Any] | None, os.stat_result] | None:
         """A claim's content (None while it is being written, or unreadable) and stat; None when there is none."""
-        try:
-            st = os.stat(path)
-            info = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
+        with contextlib.suppress(FileNotFoundError):
             try:
-                return None, os.stat(path)
-            except FileNotFoundError:
-                return None
-        return (info if isinstance(info, dict) else None), st
+                info = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                info = None
+            return (info if isinstance(info, dict) else None), os.stat(path)
+        return None
 
     def expired(self, info: dict[str, Any] | None, st: os.stat_result) -> bool:
         if info is not None and _owner_gone(info.get("node"), info.get("pid"), info.get("start")):
@@ -673,9 +665,12 @@ def run(
     provenance = {"model": model, "model_hash": model_hash(model), "prompt": prompt, "decoding": json.dumps(decoding)}
     who = {"rank": rank, "world_size": world, "host": board.me["host"], "pid": board.me["pid"]}
 
-    def finish(unit: Unit, claim: _Claim) -> tuple[int, int, int, float] | None:
-        """Caption, publish and log ``unit``: (rows, errors, tokens, seconds), or None (nothing written) when the
-        claim was lost meanwhile or another copy was published first."""
+    totals = {"units": 0, "rows": 0, "errors": 0, "tokens": 0, "seconds": 0.0}
+
+    def finish(unit: Unit, claim: _Claim) -> bool:
+        """Caption, publish, log and count ``unit``; False (nothing written) when the claim was lost meanwhile (taken
+        over after it expired: this process was paused, or its heartbeats were lost) or another copy was published
+        first."""
         t0 = time.perf_counter()
         table = recaption_unit(unit, engine, batch_size, provenance, advance if progress else None, limits)
         if unit.part is not None:  # a later run keeps this split (shard_units)
@@ -687,21 +682,23 @@ def run(
         record = {"unit": unit.name, "url": unit.url, "rows": table.num_rows, "errors": n_err, "tokens": tokens}
         if problems := input_errors(table):
             record["input_errors"] = problems
-        if not claim.held():  # taken over after it expired (this process was paused, or its heartbeats were lost)
-            return None
         try:
-            if not _publish(table, out / f"{unit.name}.parquet"):
-                return None
+            if not claim.held() or not _publish(table, out / f"{unit.name}.parquet"):
+                return False
         except FileNotFoundError:  # the temporary was removed: another process judged this writer gone
             if claim.held():
                 raise
-            return None
-        dt = time.perf_counter() - t0
+            return False
+        dt, rows = time.perf_counter() - t0, table.num_rows
         with open(out / MANIFEST, "a") as f:  # one short O_APPEND write per finished unit
             f.write(json.dumps(record | {"seconds": round(dt, 3)} | who) + "\n")
-        return table.num_rows, n_err, tokens, dt
+        for key, value in zip(totals, (1, rows, n_err, tokens, dt), strict=True):
+            totals[key] += value
+        left = sum(not done(u.name) for u in todo)
+        rates = f"{rows / dt:.1f} img/s, {tokens / dt:.0f} tok/s"
+        log(f"recaption {tag} {unit.name}: {rows} rows, {rates}, {n_err} errors/flagged; {left} units left")
+        return True
 
-    totals = {"units": 0, "rows": 0, "errors": 0, "tokens": 0, "seconds": 0.0}
     log(f"recaption {tag}: {len(todo)} units unfinished in {out}, {len(first)} first ({backend}, batch {batch_size})")
     remaining, waiting = list(todo), False
     try:
@@ -711,23 +708,14 @@ def run(
                 if done(unit.name) or (claim := board.acquire(unit.name)) is None:  # done, or a live process on it
                     continue
                 took, waiting = True, False
-                try:
-                    if done(unit.name):  # finished (and released) between the look and the claim
-                        continue
-                    result = finish(unit, claim)
+                try:  # a unit done now was finished (and released) between the look and the claim
+                    if not done(unit.name) and not finish(unit, claim):
+                        log(
+                            f"recaption {tag} {unit.name}: finished first by another process (this claim had "
+                            "expired); that output is kept, this copy dropped"
+                        )
                 finally:
                     claim.release()
-                if result is None:
-                    log(
-                        f"recaption {tag} {unit.name}: finished first by another process (this claim had expired); "
-                        "that output is kept, this copy dropped"
-                    )
-                    continue
-                rows, n_err, tokens, dt = result
-                totals = {k: totals[k] + v for k, v in zip(totals, (1, rows, n_err, tokens, dt), strict=True)}
-                left = sum(not done(u.name) for u in remaining)
-                rates = f"{rows / dt:.1f} img/s, {tokens / dt:.0f} tok/s"
-                log(f"recaption {tag} {unit.name}: {rows} rows, {rates}, {n_err} errors/flagged; {left} units left")
             remaining = [u for u in remaining if not done(u.name)]
             if remaining and not took:
                 if not waiting:
