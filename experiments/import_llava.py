@@ -32,9 +32,8 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
 )
 PROJECTOR = {f"model.mm_projector.{i}.{p}": f"linear_{j}.{p}" for i, j in ((0, 1), (2, 2)) for p in ("weight", "bias")}
-TOWER_PREFIX = (
-    "model.vision_tower.vision_tower."  # present only where LLaVA trained the tower (unfreeze_mm_vision_tower)
-)
+# present only where LLaVA trained the tower (unfreeze_mm_vision_tower)
+TOWER_PREFIX = "model.vision_tower.vision_tower."
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}  # LLaVA's names -> transformers'
 # image_aspect_ratio -> pad to a square first (LLaVA's process_images: anything but pad/anyres is a plain preprocess)
 PAD = {"pad": True, "square": False, None: False}
