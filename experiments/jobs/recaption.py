@@ -153,13 +153,11 @@ def pending_units(urls: Sequence[str], out: Path, rank: int, world: int, slice_s
 
 def _expected_images(units: Sequence[Unit]) -> int | None:
     """Images in these units from the shards' stats files, for the bar's ETA (None when unknown)."""
-    total = 0
-    for u in units:
-        n = _stats_count(u.url)
-        if n is None:
-            return None
-        total += (n if u.stop is None else min(n, u.stop)) - u.start
-    return max(total, 0)
+    counts = [_stats_count(u.url) for u in units]
+    if None in counts:
+        return None
+    images = ((n if u.stop is None else min(n, u.stop)) - u.start for u, n in zip(units, counts, strict=True))
+    return max(sum(images), 0)
 
 
 def model_hash(model_dir: str) -> str:
@@ -311,10 +309,9 @@ def _error_row(row: dict[str, Any], why: str) -> dict[str, Any]:
 def recaption_unit(
     unit: Unit | str, backend: Any, batch_size: int, provenance: dict, progress=None, limits=None
 ) -> pa.Table:
-    """Caption one unit; every sample becomes exactly one row (a caption, or status ``error`` and the reason).
-    ``progress(images, generated_tokens)`` is called after each batch. What cannot be a row goes to the schema
-    metadata ``INPUT_ERRORS`` (``run`` copies it into the manifest): a key repeated within the shard (later copies
-    skipped, so ``merge`` sees every key once) and damage that ended the shard early (truncated tar, failed pipe)."""
+    """Caption one unit; every sample becomes exactly one row (a caption, or status ``error`` and the reason), once
+    per key. ``progress(images, generated_tokens)`` is called after each batch. Repeated keys and damage that ended
+    the shard early go to the schema metadata ``INPUT_ERRORS`` (``run`` copies it into the manifest)."""
     unit = Unit(unit) if isinstance(unit, str) else unit
     limits = limits or SampleLimits()
     rows: list[dict[str, Any]] = []
@@ -565,9 +562,8 @@ class ClaimBoard:
         return counts
 
     def temp_is_stale(self, path: Path, owner: Any) -> bool:
-        """Whether the temporary ``path`` of ``owner`` (a ``TempOwner``) will never be renamed into place: on this
-        node, its writer is gone; another node's (or an old-style name's) is older than ``ttl`` and its writer holds
-        no live claim on the unit (a writer always holds its unit's claim while it writes)."""
+        """Whether the temporary ``path`` of ``owner`` (a ``TempOwner``) will never be renamed into place (the rules:
+        docs/recaption.md, "Leftovers of killed writers")."""
         gone = _owner_gone(owner.node, owner.pid, owner.start)
         if gone is not None:
             return gone
@@ -771,9 +767,9 @@ def _unit_order(files: Sequence[Path], urls: Sequence[str] | None) -> list[Path]
 
 def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_duplicate="error", log=print) -> Path:
     """Concatenate the unit parquets into ``dest`` (default ``<out>/merged/recap.parquet``); with ``shards``, refuse
-    missing units. A key in several rows (a shard downloaded twice) is refused (``on_duplicate="error"``) or, with
-    ``"first"``, kept once: its first row in ``_unit_order``, then row order; every dropped row is listed in
-    ``<dest stem>.duplicates.csv`` (written, maybe empty, on every such merge: a stale list never survives)."""
+    missing units. A key in several rows is refused (``on_duplicate="error"``) or kept once (``"first"``): its first
+    row in ``_unit_order``, then row order, every dropped row listed in ``<dest stem>.duplicates.csv`` (written, maybe
+    empty, on every such merge; docs/recaption.md, "Duplicate keys")."""
     if on_duplicate not in ON_DUPLICATE:
         raise ValueError(f"on_duplicate must be one of {', '.join(ON_DUPLICATE)}, not {on_duplicate!r}")
     out = Path(out)
