@@ -471,18 +471,18 @@ class ClaimBoard:
         return self.dir / f"{unit}.claim"
 
     @staticmethod
-    def read(path: Path) -> tuple[dict[str, Any] | None, os.stat_result] | None:
-        """A claim's content (None while it is being written, or unreadable) and stat; None when there is none."""
+    def read(path: Path) -> tuple[dict[str, Any], os.stat_result] | None:
+        """A claim's content ({} while it is being written, or unreadable) and stat; None when there is none."""
         with contextlib.suppress(FileNotFoundError):
             try:
                 info = json.loads(path.read_bytes())
             except (OSError, ValueError):
-                info = None
-            return (info if isinstance(info, dict) else None), os.stat(path)
+                info = {}
+            return (info if isinstance(info, dict) else {}), os.stat(path)
         return None
 
-    def expired(self, info: dict[str, Any] | None, st: os.stat_result) -> bool:
-        if info is not None and _owner_gone(info.get("node"), info.get("pid"), info.get("start")):
+    def expired(self, info: dict[str, Any], st: os.stat_result) -> bool:
+        if _owner_gone(info.get("node"), info.get("pid"), info.get("start")):
             return True
         return time.time() - st.st_mtime > self.ttl  # clock skew between nodes must stay well below ttl
 
@@ -505,7 +505,7 @@ class ClaimBoard:
         finally:
             private.unlink(missing_ok=True)
 
-    def _move_aside(self, path: Path, judged: dict[str, Any] | None) -> bool:
+    def _move_aside(self, path: Path, judged: dict[str, Any]) -> bool:
         """Remove the expired claim ``judged`` from ``path``; False when ``path`` turned out to hold a live claim
         (replaced, or refreshed, since it was judged), which is then put back."""
         grave = temp_path(path)
@@ -514,14 +514,13 @@ class ClaimBoard:
         except FileNotFoundError:
             return True  # released or moved by another process meanwhile: free to claim
         moved = self.read(grave)
-        same = moved is not None and (moved[0] or {}).get("token") == (judged or {}).get("token")
-        if moved is not None and not (same and self.expired(*moved)):
+        if moved is not None and not (moved[0].get("token") == judged.get("token") and self.expired(*moved)):
             with contextlib.suppress(OSError):  # a live claim was moved: put it back, unless a new one is there
                 os.link(grave, path)
             grave.unlink(missing_ok=True)
             return False
         grave.unlink(missing_ok=True)
-        if judged is not None:
+        if judged:
             owner = f"{judged.get('host')}:{judged.get('pid')}"
             self.log(f"recaption: took over the expired claim on {path.stem} of {owner}")
         return True
@@ -541,7 +540,7 @@ class ClaimBoard:
 
     def holder(self, unit: str) -> str:
         """Who holds ``unit``'s claim, for messages: ``host:pid``, or ``?``."""
-        info = (self.read(self.path(unit)) or (None,))[0]
+        info = (self.read(self.path(unit)) or ({},))[0]
         return f"{info.get('host')}:{info.get('pid')}" if info else "?"
 
     def sweep(self, out: Path, done: Callable[[str], bool]) -> dict[str, int]:
@@ -569,10 +568,9 @@ class ClaimBoard:
             return gone
         unit = owner.target.removesuffix(".parquet")
         current = self.read(self.path(unit)) if unit != owner.target else None
-        if current is not None and current[0] is not None:
-            info = current[0]
-            if (info.get("node"), info.get("pid")) == (owner.node, owner.pid) and not self.expired(*current):
-                return False
+        writer = (current[0].get("node"), current[0].get("pid")) if current is not None else None
+        if writer == (owner.node, owner.pid) and not self.expired(*current):
+            return False
         try:
             return time.time() - path.stat().st_mtime > self.ttl
         except FileNotFoundError:
@@ -926,10 +924,6 @@ def _at_least(low: int, unset_ok: bool = False) -> Callable[[Any], bool]:
     return lambda v: (unset_ok and v is None) or (_is_int(v) and v >= low)
 
 
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
 # run key -> (whether a value works, why not); model, shards, out, the image limits and the ranks' relation below
 _RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "prompt": (lambda v: isinstance(v, str) and v.strip(), "must be a non-empty string"),
@@ -944,8 +938,8 @@ _RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
         "must be cpu, cuda, cuda:N, mps, xpu or xpu:N (or unset: this rank's GPU, else cpu)",
     ),
     "dtype": (lambda v: v is None or v in DTYPES, f"must be one of {', '.join(DTYPES)} (or unset: the checkpoint's)"),
-    "trust_remote_code": (_is_bool, "must be true or false"),
-    "progress": (_is_bool, "must be true or false"),
+    "trust_remote_code": (lambda v: isinstance(v, bool), "must be true or false"),
+    "progress": (lambda v: isinstance(v, bool), "must be true or false"),
     "claim_ttl": (
         lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf"),
         "must be a number of seconds > 0 (how long a claim lives without a heartbeat)",
