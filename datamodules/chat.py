@@ -73,11 +73,9 @@ def llava_to_messages(conversations: Sequence[Mapping[str, Any]], where: str = "
 class ConversationEncoder:
     """Chat messages -> ``{"input_ids", "labels", "n_images", "truncated"}`` (picklable; runs in loader workers).
 
-    ``<image>`` (a single special token) is expanded to ``num_image_tokens`` copies, exactly as ``LlavaProcessor``
-    expands it in text (checked by a test), so the ids line up with the projected patch features that
-    ``LlavaModel`` scatters into those positions. Labels are the ids where the assistant mask is 1, else -100.
-    Sequences longer than ``max_length`` are cut (never an ``<image>`` run: a sample whose image tokens would be cut is
-    an error, since the model needs all of them) and flagged ``truncated`` so the module can count them.
+    ``<image>`` (one special token) becomes ``num_image_tokens`` copies, as ``LlavaProcessor`` expands it (tested), so
+    the ids line up with the patch features ``LlavaModel`` scatters there. Labels are the ids under the assistant mask,
+    else -100. Sequences over ``max_length`` are cut and flagged ``truncated``; a cut into the image tokens is an error.
     """
 
     def __init__(self, tokenizer: Any, num_image_tokens: int, max_length: int, image_token: str = IMAGE_TOKEN):

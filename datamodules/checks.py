@@ -27,11 +27,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunContext:
-    """What the trainer config fixes about the run, for rules that depend on it.
-
-    ``world_size`` is ``devices x num_nodes`` when both are explicit (``None`` for ``devices: auto`` / ``-1``, which
-    only the launched processes know); ``accumulate_grad_batches`` the trainer's gradient accumulation.
-    """
+    """What the trainer config fixes about the run, for rules that depend on it: ``world_size`` is ``devices x
+    num_nodes`` when both are explicit (``None`` for ``devices: auto`` / ``-1``, which only the launched processes
+    know); ``accumulate_grad_batches`` the trainer's gradient accumulation."""
 
     world_size: int | None = None
     accumulate_grad_batches: int = 1

@@ -428,10 +428,8 @@ class _Claim:
         self._thread.start()
 
     def _mine(self) -> bool:
-        try:
-            return json.loads(self.path.read_bytes()).get("token") == self.token
-        except (OSError, ValueError, AttributeError):
-            return False
+        current = ClaimBoard.read(self.path)
+        return current is not None and current[0].get("token") == self.token
 
     def _beat(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -460,7 +458,6 @@ class ClaimBoard:
         self.dir = Path(out) / CLAIMS
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ttl = float(ttl)
-        self.heartbeat = self.ttl / 10
         self.poll = min(max(self.ttl / 60, 0.2), 10.0)  # how often a process waiting for others' claims looks again
         self.log = log or (lambda line: None)
         start = process_start(os.getpid()) or 0
@@ -535,7 +532,7 @@ class ClaimBoard:
             token = uuid.uuid4().hex
             content = json.dumps(self.me | {"unit": unit, "token": token, "claimed_at": round(time.time(), 3)})
             if self._create(path, content.encode()):
-                return _Claim(path, token, self.heartbeat)
+                return _Claim(path, token, self.ttl / 10)  # the heartbeat interval
         return None
 
     def holder(self, unit: str) -> str:
@@ -801,8 +798,7 @@ def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_dupli
             + [(keys[i], *where[i], *where[j]) for i, j in dropped]
         )
         atomic_write(report, text.getvalue())
-        drop = {i for i, _ in dropped}
-        table = table.filter(pa.array([i not in drop for i in range(table.num_rows)], pa.bool_()))
+        table = table.take(sorted(first.values()))  # each key's first row, in row order
         if log is not None:
             log(
                 f"merge: {len(dropped)} duplicate rows dropped ({len(first)} keys kept, each its first row in shard "
