@@ -153,11 +153,12 @@ def pending_units(urls: Sequence[str], out: Path, rank: int, world: int, slice_s
 
 def _expected_images(units: Sequence[Unit]) -> int | None:
     """Images in these units from the shards' stats files, for the bar's ETA (None when unknown)."""
-    counts = [_stats_count(u.url) for u in units]
-    if None in counts:
-        return None
-    images = ((n if u.stop is None else min(n, u.stop)) - u.start for u, n in zip(units, counts, strict=True))
-    return max(sum(images), 0)
+    total = 0
+    for u in units:
+        if (n := _stats_count(u.url)) is None:  # stop at the first shard without stats (remote ones cost a request)
+            return None
+        total += (n if u.stop is None else min(n, u.stop)) - u.start
+    return max(total, 0)
 
 
 def model_hash(model_dir: str) -> str:
