@@ -9,6 +9,7 @@ where whole samples were silently zero-masked).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,11 +58,8 @@ ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user"
 
 
 def llava_to_messages(conversations: Sequence[Mapping[str, Any]], where: str = "") -> list[dict[str, str]]:
-    """LLaVA json turns (``{"from": "human"|"gpt", "value"}``) -> chat messages (``{"role", "content"}``).
-
-    The ``<image>`` placeholder stays where the data put it (LLaVA-665K has both ``"<image>\\nQ"`` and
-    ``"Q\\n<image>"``); the template renders string content as is.
-    """
+    """LLaVA json turns (``{"from": "human"|"gpt", "value"}``) -> chat messages (``{"role", "content"}``); the
+    ``<image>`` placeholder stays where the data put it (LLaVA-665K has ``"<image>\\nQ"`` and ``"Q\\n<image>"``)."""
     messages = []
     for i, turn in enumerate(conversations):
         role = ROLES.get(turn.get("from", turn.get("role")))
@@ -75,11 +73,9 @@ def llava_to_messages(conversations: Sequence[Mapping[str, Any]], where: str = "
 class ConversationEncoder:
     """Chat messages -> ``{"input_ids", "labels", "n_images", "truncated"}`` (picklable; runs in loader workers).
 
-    ``<image>`` (a single special token) is expanded to ``num_image_tokens`` copies, exactly as ``LlavaProcessor``
-    expands it in text (checked by a test), so the ids line up with the projected patch features that
-    ``LlavaModel`` scatters into those positions. Labels are the ids where the assistant mask is 1, else -100.
-    Sequences longer than ``max_length`` are cut (never an ``<image>`` run: a sample whose image tokens would be cut is
-    an error, since the model needs all of them) and flagged ``truncated`` so the module can count them.
+    ``<image>`` (one special token) becomes ``num_image_tokens`` copies, as ``LlavaProcessor`` expands it (tested), so
+    the ids line up with the patch features ``LlavaModel`` scatters there. Labels are the ids under the assistant mask,
+    else -100. Sequences over ``max_length`` are cut and flagged ``truncated``; a cut into the image tokens is an error.
     """
 
     def __init__(self, tokenizer: Any, num_image_tokens: int, max_length: int, image_token: str = IMAGE_TOKEN):
@@ -125,12 +121,9 @@ def pad_sequences(items: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, 
 
 
 class CaptionConversation:
-    """Caption -> a one-turn conversation (user: ``<image>`` + a prompt, assistant: the caption), encoded.
-
-    This is how image-caption shards (the caption-mix DataModule, at any p) train the captioner, as LLaVA-Pretrain's
-    "brief caption" samples do. The prompt is drawn from ``prompts`` by a stable hash of the caption (reproducible
-    across workers and runs).
-    """
+    """Caption -> a one-turn conversation (user: ``<image>`` + a prompt, assistant: the caption), encoded: how
+    image-caption shards train the captioner, as LLaVA-Pretrain's "brief caption" samples do. The prompt is drawn from
+    ``prompts`` by a stable hash of the caption (reproducible across workers and runs)."""
 
     def __init__(self, encoder: ConversationEncoder, prompts: Sequence[str]):
         if not prompts:
@@ -138,11 +131,6 @@ class CaptionConversation:
         self.encoder, self.prompts = encoder, list(prompts)
 
     def __call__(self, caption: str) -> dict[str, Any]:
-        import zlib
-
         prompt = self.prompts[zlib.crc32(caption.encode()) % len(self.prompts)]
-        messages = [
-            {"role": "user", "content": f"{IMAGE_TOKEN}\n{prompt}"},
-            {"role": "assistant", "content": caption},
-        ]
+        messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{prompt}"}, {"role": "assistant", "content": caption}]
         return self.encoder(messages, where=f"caption {caption[:40]!r}")

@@ -4,13 +4,6 @@ A LightningModule or DataModule states its own rules in a classmethod ``validate
 its resolved ``init_args`` (a plain dict, defaults filled in), ``run`` is what the trainer config says about the
 processes (:class:`RunContext`). A broken rule raises :class:`ConfigError` naming the constructor argument; the CLI
 turns it into one line with the full dotted key and exits with code 2 before a directory is created.
-
-Paths: only local paths are checked. ``s3://``-style URLs and ``pipe:`` commands are not. For weights that may come
-from the Hugging Face hub (``hub_ok``), a string that is a valid hub repo id (``name`` or ``org/name``: at most one
-``/``, no leading ``/``, ``.`` or ``~``, no ``..``, no file suffix such as ``.ckpt``) and is not a folder here is taken
-as a hub name and left to ``from_pretrained``; anything else (``runs/x/hf``, ``./llm``, ``/models/llm``) is a local path
-and must exist. A missing two-part relative folder (``models/llm``) is therefore indistinguishable from a hub name and
-is not reported here.
 """
 
 from __future__ import annotations
@@ -21,17 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-
-__all__ = [
-    "ConfigError",
-    "RunContext",
-    "check_path",
-    "check_sample_limits",
-    "check_shards",
-    "is_remote",
-    "looks_like_hub_id",
-    "per_device_batch",
-]
 
 
 class ConfigError(ValueError):
@@ -45,11 +27,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunContext:
-    """What the trainer config fixes about the run, for rules that depend on it.
-
-    ``world_size`` is ``devices x num_nodes`` when both are explicit (``None`` for ``devices: auto`` / ``-1``, which
-    only the launched processes know); ``accumulate_grad_batches`` the trainer's gradient accumulation.
-    """
+    """What the trainer config fixes about the run, for rules that depend on it: ``world_size`` is ``devices x
+    num_nodes`` when both are explicit (``None`` for ``devices: auto`` / ``-1``, which only the launched processes
+    know); ``accumulate_grad_batches`` the trainer's gradient accumulation."""
 
     world_size: int | None = None
     accumulate_grad_batches: int = 1
@@ -65,26 +45,23 @@ def is_remote(path: str) -> bool:
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """``name`` could be a Hugging Face hub repo id (``gpt2``, ``openai/clip-vit-large-patch14``), not a path."""
+    """``name`` could be a Hugging Face hub repo id (``gpt2``, ``openai/clip-vit-large-patch14``: at most one ``/``,
+    no leading ``/``, ``.`` or ``~``, no ``..``, no file suffix such as ``.ckpt``), not a path (``runs/x/hf``,
+    ``./llm``). A missing two-part relative folder (``models/llm``) therefore reads as a hub name."""
     return bool(_HUB_ID.match(name)) and ".." not in name and not name.lower().endswith(_FILE_SUFFIXES)
 
 
 def check_path(
-    key: str,
-    value: Any,
-    kind: Literal["file", "dir", "any"] = "any",
-    hub_ok: bool = False,
-    what: str = "",
+    key: str, value: Any, kind: Literal["file", "dir", "any"] = "any", hub_ok: bool = False, what: str = ""
 ) -> None:
-    """Raise :class:`ConfigError` when the local path ``value`` (if set) is not an existing ``kind``. ``what`` says
-    what the path should hold (it goes into the message)."""
-    if value is None or not isinstance(value, str | os.PathLike):
+    """Raise :class:`ConfigError` when the local path ``value`` (if set) is not an existing ``kind``; URLs and
+    ``pipe:`` commands are not checked, nor (``hub_ok``) a hub name that is no folder here. ``what`` says what the
+    path should hold (it goes into the message)."""
+    if not isinstance(value, str | os.PathLike):
         return
     text = os.fspath(value)
-    if is_remote(text):
-        return
     path = Path(text).expanduser()
-    if (kind == "file" and path.is_file()) or (kind == "dir" and path.is_dir()) or (kind == "any" and path.exists()):
+    if is_remote(text) or {"file": path.is_file, "dir": path.is_dir, "any": path.exists}[kind]():
         return
     if hub_ok and not path.exists() and looks_like_hub_id(text):
         return
@@ -127,12 +104,9 @@ def per_device_batch(
         return None
     split = world_size * max(1, accumulate_grad_batches)
     if global_batch_size % split:
-        raise ConfigError(
-            "global_batch_size",
-            global_batch_size,
-            f"must be divisible by devices x num_nodes x accumulate_grad_batches = {world_size} x "
-            f"{max(1, accumulate_grad_batches)} (each rank takes an equal share of every optimizer step)",
-        )
+        why = f"must be divisible by devices x num_nodes x accumulate_grad_batches = {world_size} x "
+        why += f"{max(1, accumulate_grad_batches)} (each rank takes an equal share of every optimizer step)"
+        raise ConfigError("global_batch_size", global_batch_size, why)
     return global_batch_size // split
 
 
@@ -154,21 +128,14 @@ def check_sample_limits(
     _positive_int_or_none("min_image_size", min_image_size)
     _positive_int_or_none("max_image_pixels", max_image_pixels)
     _positive_int_or_none("max_caption_chars", max_caption_chars)
-    if max_image_pixels is not None and min_image_size is not None and max_image_pixels < min_image_size**2:
-        raise ConfigError(
-            "max_image_pixels",
-            max_image_pixels,
-            f"must be >= min_image_size^2 = {min_image_size**2} (every image would be skipped)",
-        )
     from PIL import Image
 
-    if max_image_pixels is not None and Image.MAX_IMAGE_PIXELS is not None:
-        ceiling = 2 * Image.MAX_IMAGE_PIXELS
-        if max_image_pixels > ceiling:
-            raise ConfigError(
-                "max_image_pixels",
-                max_image_pixels,
-                f"must be <= {ceiling} (PIL refuses larger images itself: twice PIL.Image.MAX_IMAGE_PIXELS)",
-            )
+    ceiling = None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+    if max_image_pixels is not None and min_image_size is not None and max_image_pixels < min_image_size**2:
+        why = f"must be >= min_image_size^2 = {min_image_size**2} (every image would be skipped)"
+        raise ConfigError("max_image_pixels", max_image_pixels, why)
+    if max_image_pixels is not None and ceiling is not None and max_image_pixels > ceiling:
+        why = f"must be <= {ceiling} (PIL refuses larger images itself: twice PIL.Image.MAX_IMAGE_PIXELS)"
+        raise ConfigError("max_image_pixels", max_image_pixels, why)
     if not isinstance(jpeg_draft, bool):
         raise ConfigError("jpeg_draft", jpeg_draft, "must be true or false")

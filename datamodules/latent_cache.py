@@ -5,21 +5,19 @@ Layout: ``<cache>/<shard stem>.safetensors`` per input shard with tensors ``late
 ``text.<name>`` (N×L×D, zero beyond the mask), ``mask.<name>`` (N×L, uint8) and ``has.<name>`` (N, uint8: the
 source had a caption); the keys and sources are in its metadata. ``<cache>/_cache.json`` holds what made it (text
 encoder, length, VAE, image size, sources, dtype); a cache is refused by a model that would have made it differently.
-Each shard file is written to a temporary name and renamed, so a killed pre-pass redoes only unfinished shards.
-
-Every source is cached, so the paper's p is still drawn per sample and epoch at training time by ``ChooseCaption``,
-as in the uncached ``CaptionMixDataModule``: the two paths see the same caption choices.
-
-Size: text features dominate (ViT-L/14's text: 118 KB per caption; both sources of DataComp-1B ~300 TB): at real
-scale cache a subset, or train uncached.
+Each shard file is written atomically, so a killed pre-pass redoes only unfinished shards. Every source is cached, so
+the paper's p is still drawn per sample and epoch by ``ChooseCaption``, as uncached: the two paths see the same
+caption choices. Sizes and the benchmark: ``docs/dit.md`` ("Data: uncached and cached, same draws").
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.caption_mix import DEFAULT_SOURCES, POSITION_KEY, SharedEpoch, resolve_weights, worker_resume_point
+from datamodules.io import atomic_write
 from datamodules.wds_stages import ChooseCaption, SampleLimits, SkipStats, SourceSpec, stable_int
 
 CACHE_CONFIG = "_cache.json"
@@ -66,16 +65,6 @@ def _check_signature(cache: Path, want: Mapping[str, Any]) -> None:
         raise ValueError(f"{path}: the cache was made differently ({diff}: cached, wanted); use another folder")
 
 
-def _write_atomic_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    from datamodules.io import atomic_write
-
-    atomic_write(
-        path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    )
-
-
 def build_cache(
     module: Any,
     shards: str | Sequence[str],
@@ -94,11 +83,12 @@ def build_cache(
     path would skip (no image, undecodable, outside ``limits``: the DataModule's ``SampleLimits``, default values
     when None) are skipped and counted; samples without any caption are kept (each source's ``has`` says which
     exist). The limits are part of the cache's signature."""
+    from safetensors.torch import save_file
+
     from datamodules.shards import expand_urls, shard_stem
     from datamodules.wds_stages import CountingHandler, ReadShards
 
     limits = limits if limits is not None else SampleLimits()
-
     sources = dict(sources or DEFAULT_SOURCES)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,10 +122,10 @@ def build_cache(
                 tensors.setdefault(f"has.{spec.name}", []).append(has)
         if not samples:
             stats.skip("empty_shard", url)
-        joined = {k: torch.cat(v) for k, v in tensors.items() if v}
+        joined = {k: torch.cat(v).contiguous() for k, v in tensors.items() if v}
         meta = {"keys": keys, "sources": list(sources), "skipped": dict(stats.counts)}
         meta = {k: json.dumps(v) for k, v in meta.items()} | {"url": url}
-        _write_atomic_tensors(joined, meta, out / f"{shard_stem(url)}.safetensors")
+        atomic_write(out / f"{shard_stem(url)}.safetensors", functools.partial(save_file, joined, metadata=meta))
         totals["shards"] += 1
         totals["samples"] += len(samples)
         totals["skipped"] += sum(stats.counts.values())
@@ -193,33 +183,24 @@ class _CacheIndex:
         return {**self.__dict__, "_open": {}}  # file handles do not travel to loader workers
 
 
+@dataclass(eq=False)
 class LatentCacheStream(IterableDataset):
     """Batches from a cache: per epoch a seeded permutation of all samples, split evenly over ranks (equal batch
     counts, so DDP never waits on a rank) and then over loader workers; each sample's caption source drawn by
-    ``ChooseCaption`` (the uncached DataModule's rule) among the sources it has. Training streams resume mid-epoch
-    through ``CaptionMixLoader``'s state (the position is a batch index here, so resuming costs no reading)."""
+    ``ChooseCaption`` (the uncached DataModule's rule) among the sources it has. ``training``: shuffled, full batches
+    only, and resumable mid-epoch through ``CaptionMixLoader``'s state (the position is a batch index here, so
+    resuming costs no reading); else one pass in order, the last batch partial."""
 
-    def __init__(
-        self,
-        index: _CacheIndex,
-        batch_size: int,
-        weights: Mapping[str, float],
-        seed: int,
-        epoch: SharedEpoch,
-        rank: int,
-        world_size: int,
-        training: bool,
-        fallback: bool = True,
-    ):
-        """``training``: shuffled, full batches only, resumable; else one pass in order, the last batch partial."""
-        self.index, self.batch_size, self.weights, self.seed = index, batch_size, dict(weights), seed
-        self.epoch, self.rank, self.world = epoch, rank, world_size
-        self.training, self.fallback = training, fallback
-        self.resume: dict[str, Any] | None = None  # set by CaptionMixLoader for one iteration (mid-epoch resume)
-
-    @property
-    def world_size(self) -> int:
-        return self.world
+    index: _CacheIndex
+    batch_size: int
+    weights: Mapping[str, float]
+    seed: int
+    epoch: SharedEpoch
+    rank: int
+    world_size: int
+    training: bool
+    fallback: bool = True
+    resume: dict[str, Any] | None = field(default=None, init=False)  # set by CaptionMixLoader for one iteration
 
     def current_epoch(self) -> int:
         return self.epoch.get()
@@ -229,14 +210,14 @@ class LatentCacheStream(IterableDataset):
         # batches (its resume state) then equals the batches trained on.
         if not self.training:
             raise TypeError("an evaluation stream has no length")
-        return len(self.index) // self.world // self.batch_size
+        return len(self.index) // self.world_size // self.batch_size
 
     def batches(self, epoch: int) -> list[list[int]]:
         n = len(self.index)
         order = list(range(n))
         if self.training:
             random.Random(stable_int("latent-cache", self.seed, epoch)).shuffle(order)
-        per_rank = n // self.world if self.training else -(-n // self.world)
+        per_rank = n // self.world_size if self.training else -(-n // self.world_size)
         mine = order[self.rank * per_rank : (self.rank + 1) * per_rank]
         out = [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
         return [b for b in out if len(b) == self.batch_size] if self.training else out
@@ -318,11 +299,6 @@ class LatentCacheDataModule(L.LightningDataModule):
         sources = json.loads((Path(args["cache_dir"]) / CACHE_CONFIG).read_text()).get("sources") or DEFAULT_SOURCES
         resolve_weights(list(sources), args.get("p_original"), args.get("source_weights"), "sample")
 
-    def _index(self, path: str) -> tuple[_CacheIndex, dict[str, float]]:
-        index = _CacheIndex(path)
-        weights = resolve_weights(index.sources, self.hparams.p_original, self.hparams.source_weights, "sample")
-        return index, weights
-
     def setup(self, stage: str) -> None:
         if self.trainer is not None and stage == "fit":
             from datamodules.monitor import add_monitor
@@ -332,14 +308,12 @@ class LatentCacheDataModule(L.LightningDataModule):
     def _loader(self, path: str, training: bool) -> DataLoader:
         from datamodules.caption_mix import CaptionMixLoader
 
-        index, weights = self._index(path)
-        trainer = self.trainer
+        hp, trainer, index = self.hparams, self.trainer, _CacheIndex(path)
+        weights = resolve_weights(index.sources, hp.p_original, hp.source_weights, "sample")
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         epoch = self.epoch if training else SharedEpoch(0)
-        hp = self.hparams
         stream = LatentCacheStream(index, hp.batch_size, weights, hp.seed, epoch, rank, world, training, hp.fallback)
-        nw = self.hparams.num_workers
-        return CaptionMixLoader(stream, num_workers=nw, persistent_workers=nw > 0 and training)
+        return CaptionMixLoader(stream, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0 and training)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.cache_dir, training=True)

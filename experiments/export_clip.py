@@ -1,12 +1,9 @@
 """``python -m experiments export-clip --ckpt RUN/checkpoints/last.ckpt --out DIR``: a ClipModule checkpoint as a plain
 open_clip model folder.
 
-``DIR`` (``open_clip_config.json``, ``open_clip_model.safetensors``, ``<name>.json``, a Hugging Face tokenizer's files)
-is self-contained: it loads offline, without the training machine's paths, as
-``open_clip.create_model_and_transforms("local-dir:DIR")``, via ``open_clip.add_model_config("DIR/<name>.json")``, or in
-this suite as ``model: local-dir:DIR``. The checkpoint is read with ``weights_only=True``; the folder always has
-open_clip's default 0-dim ``logit_scale``. ``--hf-vision HF_DIR`` also writes the image tower as a HuggingFace CLIP
-vision folder (e.g. a LLaVA vision tower).
+``DIR`` is self-contained and loads offline as ``open_clip.create_model_and_transforms("local-dir:DIR")`` (the other
+routes: docs/clip.md, "Export"); it always has open_clip's default 0-dim ``logit_scale``. ``--hf-vision HF_DIR`` also
+writes the image tower as a HuggingFace CLIP vision folder (e.g. a LLaVA vision tower).
 """
 
 from __future__ import annotations

@@ -32,9 +32,8 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
 )
 PROJECTOR = {f"model.mm_projector.{i}.{p}": f"linear_{j}.{p}" for i, j in ((0, 1), (2, 2)) for p in ("weight", "bias")}
-TOWER_PREFIX = (
-    "model.vision_tower.vision_tower."  # present only where LLaVA trained the tower (unfreeze_mm_vision_tower)
-)
+# present only where LLaVA trained the tower (unfreeze_mm_vision_tower)
+TOWER_PREFIX = "model.vision_tower.vision_tower."
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}  # LLaVA's names -> transformers'
 # image_aspect_ratio -> pad to a square first (LLaVA's process_images: anything but pad/anyres is a plain preprocess)
 PAD = {"pad": True, "square": False, None: False}
@@ -142,24 +141,22 @@ def import_llava(
     from lightning_modules.components.llava import build_llava, save_llava
 
     src = Path(src)
-    cfg = read_config(src)
+    cfg, where = read_config(src), src / "config.json"
     if vision_tower is None or not (Path(vision_tower) / "config.json").is_file():
         given = "" if vision_tower is None else f"; {vision_tower} has no config.json"
         raise FileNotFoundError(
-            f"{src / 'config.json'}: mm_vision_tower is {cfg.get('mm_vision_tower')!r}, whose config (and, as a rule,"
+            f"{where}: mm_vision_tower is {cfg.get('mm_vision_tower')!r}, whose config (and, as a rule,"
             " weights) the checkpoint does not hold (LLaVA loads the tower by name): pass --vision-tower DIR, a local"
             f" folder of that CLIP model (config.json + weights{given})"
         )
     tower = CLIPVisionConfig.from_pretrained(vision_tower)
     if tower.hidden_size != cfg["mm_hidden_size"]:
-        raise ValueError(
-            f"{src / 'config.json'}: mm_hidden_size {cfg['mm_hidden_size']} != {vision_tower}'s {tower.hidden_size}"
-        )
+        raise ValueError(f"{where}: mm_hidden_size {cfg['mm_hidden_size']} != {vision_tower}'s {tower.hidden_size}")
     # CLIP names end in the input size where it is not 224 (...-patch14-336): another size, another token count
     named = re.search(r"-(\d+)$", str(cfg.get("mm_vision_tower", "")))
     if named and int(named.group(1)) != tower.image_size:
         raise ValueError(
-            f"{src / 'config.json'}: mm_vision_tower {cfg['mm_vision_tower']!r} takes {named.group(1)} px images,"
+            f"{where}: mm_vision_tower {cfg['mm_vision_tower']!r} takes {named.group(1)} px images,"
             f" {vision_tower} takes {tower.image_size}"
         )
     if not (src / "tokenizer_config.json").is_file():

@@ -84,14 +84,12 @@ def _check_object(prefix: str, node: Any, run: RunContext) -> list[tuple[str, An
 def _lookup(tree: Any, dotted: str) -> tuple[bool, Any]:
     node = tree
     for part in dotted.replace("[", ".[").split("."):
-        if part.startswith("[") and part.endswith("]"):
-            index = int(part[1:-1])
-            if not isinstance(node, list) or index >= len(node):
-                return False, None
-            node = node[index]
-        elif isinstance(node, Mapping) and part in node:
-            node = node[part]
-        else:
+        index = part.startswith("[")  # a list item, `key[2]`
+        if not isinstance(node, list if index else Mapping):
+            return False, None
+        try:
+            node = node[int(part[1:-1])] if index else node[part]
+        except (KeyError, IndexError):
             return False, None
     return True, node
 

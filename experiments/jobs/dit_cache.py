@@ -24,6 +24,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--world-size", type=int, default=None)
     args, rest = p.parse_known_args(argv)
+    import torch
+
     from datamodules.latent_cache import build_cache
     from datamodules.shards import local_rank, rank_world
     from experiments.cli import cli_main
@@ -33,8 +35,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not all(hasattr(data, need) for need in ("train_shards", "sources")):
         raise ValueError(f"dit-cache needs a caption-shard DataModule (CaptionMixDataModule); got {type(data)}")
     rank, world = rank_world(args.rank, args.world_size)
-    import torch
-
     device = args.device or (f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
     model.configure_model()
     model.to(device)

@@ -2,17 +2,13 @@
 
 The unit of work is a shard (or a slice of one, ``--slice-size``); its captions go to ``<out>/<unit>.parquet`` in the
 Recap-DataComp-1B schema plus provenance columns, published with ``link(2)``: complete or not at all, never twice.
-Processes claim units on the output folder (``<out>/_claims``, with heartbeats; expired claims are taken over), so any
-number of them, started and killed in any way, finish every unit exactly once; ``rank``/``world_size`` only decide
-where each starts. ``merge`` checks that every key occurs once and writes the dataset-level parquet, which
-``python -m experiments sidecars --recap`` joins onto the shards. The design: ``docs/recaption.md``.
+Processes claim units on the output folder (``<out>/_claims``), so any number of them, started and killed in any way,
+finish every unit exactly once. ``merge`` writes the dataset-level parquet (each key once) that ``python -m
+experiments sidecars --recap`` joins onto the shards. The design, and the paper's decoding: ``docs/recaption.md``.
 
     python -m experiments recaption run --model runs/tiny/captioner/hf --shards 'data/world/web/*.tar' \
         --out data/world/recap_llava
     python -m experiments recaption merge --out data/world/recap_llava
-
-Decoding is the paper's (greedy, at most 128 new tokens, batched). Empty captions and repetition loops are decoded
-once more with a repetition penalty, then ``flagged``; an undecodable image becomes an ``error`` row with the reason.
 """
 
 from __future__ import annotations
@@ -159,8 +155,7 @@ def _expected_images(units: Sequence[Unit]) -> int | None:
     """Images in these units from the shards' stats files, for the bar's ETA (None when unknown)."""
     total = 0
     for u in units:
-        n = _stats_count(u.url)
-        if n is None:
+        if (n := _stats_count(u.url)) is None:  # stop at the first shard without stats (remote ones cost a request)
             return None
         total += (n if u.stop is None else min(n, u.stop)) - u.start
     return max(total, 0)
@@ -315,10 +310,9 @@ def _error_row(row: dict[str, Any], why: str) -> dict[str, Any]:
 def recaption_unit(
     unit: Unit | str, backend: Any, batch_size: int, provenance: dict, progress=None, limits=None
 ) -> pa.Table:
-    """Caption one unit; every sample becomes exactly one row (a caption, or status ``error`` and the reason).
-    ``progress(images, generated_tokens)`` is called after each batch. What cannot be a row goes to the schema
-    metadata ``INPUT_ERRORS`` (``run`` copies it into the manifest): a key repeated within the shard (later copies
-    skipped, so ``merge`` sees every key once) and damage that ended the shard early (truncated tar, failed pipe)."""
+    """Caption one unit; every sample becomes exactly one row (a caption, or status ``error`` and the reason), once
+    per key. ``progress(images, generated_tokens)`` is called after each batch. Repeated keys and damage that ended
+    the shard early go to the schema metadata ``INPUT_ERRORS`` (``run`` copies it into the manifest)."""
     unit = Unit(unit) if isinstance(unit, str) else unit
     limits = limits or SampleLimits()
     rows: list[dict[str, Any]] = []
@@ -435,10 +429,8 @@ class _Claim:
         self._thread.start()
 
     def _mine(self) -> bool:
-        try:
-            return json.loads(self.path.read_bytes()).get("token") == self.token
-        except (OSError, ValueError, AttributeError):
-            return False
+        current = ClaimBoard.read(self.path)
+        return current is not None and current[0].get("token") == self.token
 
     def _beat(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -467,7 +459,6 @@ class ClaimBoard:
         self.dir = Path(out) / CLAIMS
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ttl = float(ttl)
-        self.heartbeat = self.ttl / 10
         self.poll = min(max(self.ttl / 60, 0.2), 10.0)  # how often a process waiting for others' claims looks again
         self.log = log or (lambda line: None)
         start = process_start(os.getpid()) or 0
@@ -478,22 +469,18 @@ class ClaimBoard:
         return self.dir / f"{unit}.claim"
 
     @staticmethod
-    def read(path: Path) -> tuple[dict[str, Any] | None, os.stat_result] | None:
-        """A claim's content (None while it is being written, or unreadable) and stat; None when there is none."""
-        try:
-            st = os.stat(path)
-            info = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
+    def read(path: Path) -> tuple[dict[str, Any], os.stat_result] | None:
+        """A claim's content ({} while it is being written, or unreadable) and stat; None when there is none."""
+        with contextlib.suppress(FileNotFoundError):
             try:
-                return None, os.stat(path)
-            except FileNotFoundError:
-                return None
-        return (info if isinstance(info, dict) else None), st
+                info = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                info = {}
+            return (info if isinstance(info, dict) else {}), os.stat(path)
+        return None
 
-    def expired(self, info: dict[str, Any] | None, st: os.stat_result) -> bool:
-        if info is not None and _owner_gone(info.get("node"), info.get("pid"), info.get("start")):
+    def expired(self, info: dict[str, Any], st: os.stat_result) -> bool:
+        if _owner_gone(info.get("node"), info.get("pid"), info.get("start")):
             return True
         return time.time() - st.st_mtime > self.ttl  # clock skew between nodes must stay well below ttl
 
@@ -516,7 +503,7 @@ class ClaimBoard:
         finally:
             private.unlink(missing_ok=True)
 
-    def _move_aside(self, path: Path, judged: dict[str, Any] | None) -> bool:
+    def _move_aside(self, path: Path, judged: dict[str, Any]) -> bool:
         """Remove the expired claim ``judged`` from ``path``; False when ``path`` turned out to hold a live claim
         (replaced, or refreshed, since it was judged), which is then put back."""
         grave = temp_path(path)
@@ -525,14 +512,13 @@ class ClaimBoard:
         except FileNotFoundError:
             return True  # released or moved by another process meanwhile: free to claim
         moved = self.read(grave)
-        same = moved is not None and (moved[0] or {}).get("token") == (judged or {}).get("token")
-        if moved is not None and not (same and self.expired(*moved)):
+        if moved is not None and not (moved[0].get("token") == judged.get("token") and self.expired(*moved)):
             with contextlib.suppress(OSError):  # a live claim was moved: put it back, unless a new one is there
                 os.link(grave, path)
             grave.unlink(missing_ok=True)
             return False
         grave.unlink(missing_ok=True)
-        if judged is not None:
+        if judged:
             owner = f"{judged.get('host')}:{judged.get('pid')}"
             self.log(f"recaption: took over the expired claim on {path.stem} of {owner}")
         return True
@@ -547,12 +533,12 @@ class ClaimBoard:
             token = uuid.uuid4().hex
             content = json.dumps(self.me | {"unit": unit, "token": token, "claimed_at": round(time.time(), 3)})
             if self._create(path, content.encode()):
-                return _Claim(path, token, self.heartbeat)
+                return _Claim(path, token, self.ttl / 10)  # the heartbeat interval
         return None
 
     def holder(self, unit: str) -> str:
         """Who holds ``unit``'s claim, for messages: ``host:pid``, or ``?``."""
-        info = (self.read(self.path(unit)) or (None,))[0]
+        info = (self.read(self.path(unit)) or ({},))[0]
         return f"{info.get('host')}:{info.get('pid')}" if info else "?"
 
     def sweep(self, out: Path, done: Callable[[str], bool]) -> dict[str, int]:
@@ -573,18 +559,16 @@ class ClaimBoard:
         return counts
 
     def temp_is_stale(self, path: Path, owner: Any) -> bool:
-        """Whether the temporary ``path`` of ``owner`` (a ``TempOwner``) will never be renamed into place: on this
-        node, its writer is gone; another node's (or an old-style name's) is older than ``ttl`` and its writer holds
-        no live claim on the unit (a writer always holds its unit's claim while it writes)."""
+        """Whether the temporary ``path`` of ``owner`` (a ``TempOwner``) will never be renamed into place (the rules:
+        docs/recaption.md, "Leftovers of killed writers")."""
         gone = _owner_gone(owner.node, owner.pid, owner.start)
         if gone is not None:
             return gone
         unit = owner.target.removesuffix(".parquet")
         current = self.read(self.path(unit)) if unit != owner.target else None
-        if current is not None and current[0] is not None:
-            info = current[0]
-            if (info.get("node"), info.get("pid")) == (owner.node, owner.pid) and not self.expired(*current):
-                return False
+        writer = (current[0].get("node"), current[0].get("pid")) if current is not None else None
+        if writer == (owner.node, owner.pid) and not self.expired(*current):
+            return False
         try:
             return time.time() - path.stat().st_mtime > self.ttl
         except FileNotFoundError:
@@ -673,9 +657,12 @@ def run(
     provenance = {"model": model, "model_hash": model_hash(model), "prompt": prompt, "decoding": json.dumps(decoding)}
     who = {"rank": rank, "world_size": world, "host": board.me["host"], "pid": board.me["pid"]}
 
-    def finish(unit: Unit, claim: _Claim) -> tuple[int, int, int, float] | None:
-        """Caption, publish and log ``unit``: (rows, errors, tokens, seconds), or None (nothing written) when the
-        claim was lost meanwhile or another copy was published first."""
+    totals = {"units": 0, "rows": 0, "errors": 0, "tokens": 0, "seconds": 0.0}
+
+    def finish(unit: Unit, claim: _Claim) -> bool:
+        """Caption, publish, log and count ``unit``; False (nothing written) when the claim was lost meanwhile (taken
+        over after it expired: this process was paused, or its heartbeats were lost) or another copy was published
+        first."""
         t0 = time.perf_counter()
         table = recaption_unit(unit, engine, batch_size, provenance, advance if progress else None, limits)
         if unit.part is not None:  # a later run keeps this split (shard_units)
@@ -687,21 +674,23 @@ def run(
         record = {"unit": unit.name, "url": unit.url, "rows": table.num_rows, "errors": n_err, "tokens": tokens}
         if problems := input_errors(table):
             record["input_errors"] = problems
-        if not claim.held():  # taken over after it expired (this process was paused, or its heartbeats were lost)
-            return None
         try:
-            if not _publish(table, out / f"{unit.name}.parquet"):
-                return None
+            if not claim.held() or not _publish(table, out / f"{unit.name}.parquet"):
+                return False
         except FileNotFoundError:  # the temporary was removed: another process judged this writer gone
             if claim.held():
                 raise
-            return None
-        dt = time.perf_counter() - t0
+            return False
+        dt, rows = time.perf_counter() - t0, table.num_rows
         with open(out / MANIFEST, "a") as f:  # one short O_APPEND write per finished unit
             f.write(json.dumps(record | {"seconds": round(dt, 3)} | who) + "\n")
-        return table.num_rows, n_err, tokens, dt
+        for key, value in zip(totals, (1, rows, n_err, tokens, dt), strict=True):
+            totals[key] += value
+        left = sum(not done(u.name) for u in todo)
+        rates = f"{rows / dt:.1f} img/s, {tokens / dt:.0f} tok/s"
+        log(f"recaption {tag} {unit.name}: {rows} rows, {rates}, {n_err} errors/flagged; {left} units left")
+        return True
 
-    totals = {"units": 0, "rows": 0, "errors": 0, "tokens": 0, "seconds": 0.0}
     log(f"recaption {tag}: {len(todo)} units unfinished in {out}, {len(first)} first ({backend}, batch {batch_size})")
     remaining, waiting = list(todo), False
     try:
@@ -711,23 +700,14 @@ def run(
                 if done(unit.name) or (claim := board.acquire(unit.name)) is None:  # done, or a live process on it
                     continue
                 took, waiting = True, False
-                try:
-                    if done(unit.name):  # finished (and released) between the look and the claim
-                        continue
-                    result = finish(unit, claim)
+                try:  # a unit done now was finished (and released) between the look and the claim
+                    if not done(unit.name) and not finish(unit, claim):
+                        log(
+                            f"recaption {tag} {unit.name}: finished first by another process (this claim had "
+                            "expired); that output is kept, this copy dropped"
+                        )
                 finally:
                     claim.release()
-                if result is None:
-                    log(
-                        f"recaption {tag} {unit.name}: finished first by another process (this claim had expired); "
-                        "that output is kept, this copy dropped"
-                    )
-                    continue
-                rows, n_err, tokens, dt = result
-                totals = {k: totals[k] + v for k, v in zip(totals, (1, rows, n_err, tokens, dt), strict=True)}
-                left = sum(not done(u.name) for u in remaining)
-                rates = f"{rows / dt:.1f} img/s, {tokens / dt:.0f} tok/s"
-                log(f"recaption {tag} {unit.name}: {rows} rows, {rates}, {n_err} errors/flagged; {left} units left")
             remaining = [u for u in remaining if not done(u.name)]
             if remaining and not took:
                 if not waiting:
@@ -783,9 +763,9 @@ def _unit_order(files: Sequence[Path], urls: Sequence[str] | None) -> list[Path]
 
 def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_duplicate="error", log=print) -> Path:
     """Concatenate the unit parquets into ``dest`` (default ``<out>/merged/recap.parquet``); with ``shards``, refuse
-    missing units. A key in several rows (a shard downloaded twice) is refused (``on_duplicate="error"``) or, with
-    ``"first"``, kept once: its first row in ``_unit_order``, then row order; every dropped row is listed in
-    ``<dest stem>.duplicates.csv`` (written, maybe empty, on every such merge: a stale list never survives)."""
+    missing units. A key in several rows is refused (``on_duplicate="error"``) or kept once (``"first"``): its first
+    row in ``_unit_order``, then row order, every dropped row listed in ``<dest stem>.duplicates.csv`` (written, maybe
+    empty, on every such merge; docs/recaption.md, "Duplicate keys")."""
     if on_duplicate not in ON_DUPLICATE:
         raise ValueError(f"on_duplicate must be one of {', '.join(ON_DUPLICATE)}, not {on_duplicate!r}")
     out = Path(out)
@@ -819,8 +799,7 @@ def merge(out: str | os.PathLike, dest=None, shards: str | None = None, on_dupli
             + [(keys[i], *where[i], *where[j]) for i, j in dropped]
         )
         atomic_write(report, text.getvalue())
-        drop = {i for i, _ in dropped}
-        table = table.filter(pa.array([i not in drop for i in range(table.num_rows)], pa.bool_()))
+        table = table.take(sorted(first.values()))  # each key's first row, in row order
         if log is not None:
             log(
                 f"merge: {len(dropped)} duplicate rows dropped ({len(first)} keys kept, each its first row in shard "
@@ -942,10 +921,6 @@ def _at_least(low: int, unset_ok: bool = False) -> Callable[[Any], bool]:
     return lambda v: (unset_ok and v is None) or (_is_int(v) and v >= low)
 
 
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
 # run key -> (whether a value works, why not); model, shards, out, the image limits and the ranks' relation below
 _RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "prompt": (lambda v: isinstance(v, str) and v.strip(), "must be a non-empty string"),
@@ -960,8 +935,8 @@ _RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
         "must be cpu, cuda, cuda:N, mps, xpu or xpu:N (or unset: this rank's GPU, else cpu)",
     ),
     "dtype": (lambda v: v is None or v in DTYPES, f"must be one of {', '.join(DTYPES)} (or unset: the checkpoint's)"),
-    "trust_remote_code": (_is_bool, "must be true or false"),
-    "progress": (_is_bool, "must be true or false"),
+    "trust_remote_code": (lambda v: isinstance(v, bool), "must be true or false"),
+    "progress": (lambda v: isinstance(v, bool), "must be true or false"),
     "claim_ttl": (
         lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf"),
         "must be a number of seconds > 0 (how long a claim lives without a heartbeat)",
