@@ -1,17 +1,13 @@
-"""``ClipModule``: contrastive image-text training (Recap-CLIP) on the caption-mix DataModule.
-
-The network, the loss and the tokenizer are open_clip's; this module wires them to Lightning: the global-batch loss
-across ranks, AdamW with the CLIPA schedule (warm-up and length in *samples*, peak lr per 256 samples scaled by the
-global batch), CLIPA's two-stage resolution recipe (``init_from`` a stage-1 checkpoint, position embeddings
-interpolated), and the evaluation harness (``lightning_modules.evaluation``) in the loop and as ``test``.
-"""
+"""``ClipModule``: contrastive image-text training (Recap-CLIP) with open_clip's network, loss and tokenizer, the
+CLIPA schedule in samples and its two stages (``init_from``), and the evaluation harness in the loop and as ``test``
+(docs/clip.md)."""
 
 from __future__ import annotations
 
 import glob
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.caption_mix import DataTransforms
 from datamodules.checks import ConfigError, RunContext, check_path
-from lightning_modules.common import InLoopEvaluation, evaluating, unwrapped_name
+from lightning_modules.common import InLoopEvaluation, evaluating, hparams_for, unwrapped_name
 from lightning_modules.components.clip_model import (
     LOGIT_PARAMS,
     TokenizeOne,
@@ -52,27 +48,16 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
     """Contrastive training of an open_clip model.
 
     Args:
-        model: open_clip model name, ``recap-clip:VISION:TEXT[:STYLE]`` (paper Table 2), ``local-dir:PATH`` (an
-            open_clip folder with weights, e.g. the released Recap-CLIP), a JSON config path, or the config dict.
-        lr_per_256: The paper's "base lr": peak lr per 256 samples, scaled by the global batch as CLIPA does (or an
-            absolute ``lr``). ``warmup_samples`` / ``total_samples`` (where the cosine reaches 0) are in samples too.
+        model: open_clip name, ``recap-clip:VISION:TEXT[:STYLE]`` (Table 2), ``local-dir:PATH``, a JSON config path or
+            the config dict.
+        lr_per_256: The paper's base lr per 256 samples, scaled by the global batch (or an absolute ``lr``);
+            ``warmup_samples`` / ``total_samples`` (where the cosine reaches 0) are in samples too.
         image_size, context_length, tokenizer: Overrides of the model config (CLIPA: 112 px in stage 1, 224 in 2).
-        init_from: Checkpoint to start from (CLIPA stage 2: stage 1's); position embeddings are interpolated.
-        nonscalar_logit_scale: open_clip's switch for a logit scale of shape [1] instead of 0-dim, which FSDP needs.
-            Checkpoints and ``init_from`` load across both layouts; ``export-clip`` writes the scalar one.
-        evaluation: Evaluation tasks (``lightning_modules.evaluation``) run on rank 0 at every
-            ``eval_every_n_validations``-th validation and on the final weights; metrics JSON go to ``metrics_dir``.
-        loss: ``clip`` (open_clip's ClipLoss) or ``siglip`` (its SigLipLoss; needs ``init_logit_bias``).
-        init_logit_scale, init_logit_bias: The model's initial log temperature and logit bias (open_clip's CLIP
-            kwargs; SigLIP: log(10) and -10). They go into the exported config.
-        text_views: ``{view: weight}``: the contrastive loss is the weighted sum over ``batch["texts"][view]`` (the
-            view ``text`` is the p-drawn ``batch["text"]``); None: ``batch["text"]`` alone.
-        caption_decoder: ``{weight, target, prefix, layers, width, heads}``: a caption decoder over the image tokens
-            (and the ``prefix`` view's tokens) predicting the ``target`` view, its loss added with ``weight``. It is
-            trained beside the model (checkpoint keys ``decoder.*``) and not exported. ``vocab``: text files (a path or
-            glob, or a list of them) whose tokens are the only ones the decoder predicts, plus one "other" class (a
-            closed-vocabulary world; the share of "other" targets is logged as ``train/decoder_other``); unset: the
-            whole vocabulary.
+        init_from: Checkpoint to start from (stage 2: stage 1's); position embeddings are interpolated.
+        nonscalar_logit_scale: open_clip's logit scale of shape [1] (FSDP needs it); checkpoints load across layouts.
+        evaluation: Evaluation tasks, run on rank 0 at every ``eval_every_n_validations``-th validation and on the
+            final weights; metrics JSON go to ``metrics_dir``.
+        loss, init_logit_scale, init_logit_bias, text_views, caption_decoder: The Table 8 objectives (docs/clip.md).
     """
 
     log_prefix = "eval/"
@@ -120,17 +105,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         if text_views is not None and not text_views:
             raise ValueError("text_views is empty: give {view: weight, ...} or leave it null for batch['text']")
         self.text_views = dict(text_views or {"text": 1.0})
-        parts = build_clip(
-            model,
-            context_length,
-            image_size,
-            tokenizer,
-            augmentation,
-            train_augment,
-            nonscalar_logit_scale,
-            init_logit_scale=init_logit_scale,
-            init_logit_bias=init_logit_bias,
-        )
+        parts = build_clip(**hparams_for(build_clip, self.hparams))
         self.model, self._parts = parts.model, parts
         self.tokenizer, self.context_length = parts.tokenizer, parts.context_length
         if loss == "siglip" and self.model.logit_bias is None:
@@ -144,11 +119,9 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         self._nonscalar = self.model.logit_scale.ndim == 1
         self._no_decay = {
             name
-            for name, p in self.model.named_parameters()
+            for name, p in self._named_trained()
             if p.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name
         }
-        if self.decoder is not None:
-            self._no_decay |= {f"decoder.{n}" for n, p in self.decoder.named_parameters() if p.ndim < 2 or "ln" in n}
         if init_from:
             load_clip_weights(self.model, init_from)
             rank_zero_info(f"ClipModule: initialised from {init_from}")
@@ -414,13 +387,16 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         opt = torch.optim.AdamW(groups, lr=peak, betas=tuple(hp.betas), eps=hp.eps)
         return per_step(opt, lambda step: cosine_with_warmup(step, warmup, total))
 
+    def _named_trained(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """The model's parameters, then the decoder's as ``decoder.*``."""
+        yield from self.model.named_parameters()
+        if self.decoder is not None:
+            yield from self.decoder.named_parameters(prefix="decoder")
+
     def _named_param_groups(self) -> list[list[tuple[str, torch.nn.Parameter]]]:
         """``[decay, no_decay]`` trainable ``(name, parameter)`` pairs, in the optimizer's order."""
         decay, no_decay = [], []
-        named = list(self.model.named_parameters())
-        if self.decoder is not None:
-            named += [(f"decoder.{n}", p) for n, p in self.decoder.named_parameters()]
-        for name, p in named:
+        for name, p in self._named_trained():
             if p.requires_grad:
                 name = unwrapped_name(name)
                 (no_decay if name in self._no_decay else decay).append((name, p))
