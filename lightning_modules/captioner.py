@@ -179,8 +179,7 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
 
     @property
     def llava(self) -> LlavaParts:
-        if self.parts is None:
-            self.configure_model()
+        self.configure_model()  # a no-op once built
         return self.parts
 
     @property
@@ -255,19 +254,16 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         parts, model = self.llava, self.model
         text = caption_prompt_text(parts.tokenizer, prompt or self.hparams.caption_prompt)
         max_new_tokens = max_new_tokens or self.hparams.max_new_tokens
-        out: list[str] = []
         bs = batch_size or len(images) or 1
         dtypes = {p.dtype for p in model.parameters()}
         lowest = min(dtypes, key=lambda d: torch.finfo(d).bits)
         autocast = torch.autocast(self.device.type, dtype=lowest) if len(dtypes) > 1 else nullcontext()
-        with evaluating(model):
-            for i in range(0, len(images), bs):
-                with autocast:
-                    generated = greedy_captions(
-                        model, parts.processor, text, images[i : i + bs], max_new_tokens, self.device
-                    )
-                out += [g.text for g in generated]
-        return out
+        with evaluating(model), autocast:
+            batches = [
+                greedy_captions(model, parts.processor, text, images[i : i + bs], max_new_tokens, self.device)
+                for i in range(0, len(images), bs)
+            ]
+        return [g.text for generated in batches for g in generated]
 
     def merged_model(self, in_place: bool = False) -> torch.nn.Module:
         """The plain ``LlavaForConditionalGeneration``, LoRA adapters merged into the LLM weights."""
