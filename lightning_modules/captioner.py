@@ -119,8 +119,7 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         self._encoder: ConversationEncoder | None = None
         self.model: torch.nn.Module | None = None
         self.strict_loading = save_frozen
-        # Parameters drawn at random when the model was built (config-dict towers, the projector) that no init_from
-        # restored: only a checkpoint can bring them back, so checkpoints keep them (see on_save_checkpoint).
+        # Drawn at random when built (config-dict towers, the projector), not from init_from: checkpoints keep them.
         self._unsourced: list[str] = []
         self._restored_keys: set[str] | None = None  # state-dict keys of the checkpoint this module was restored from
         self.n_truncated = 0

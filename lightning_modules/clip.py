@@ -98,8 +98,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             raise ValueError("give exactly one of lr (absolute peak) and lr_per_256 (the paper's per-256 base lr)")
         if warmup_steps and warmup_samples:
             raise ValueError("give warm-up as warmup_steps or warmup_samples, not both")
-        # Evaluation tasks are objects (LightningCLI saves them in config.yaml); keep them out of the checkpoint's
-        # hparams so that checkpoints stay loadable with weights_only=True.
+        # Evaluation tasks are objects: out of the checkpoint's hparams, so that it loads with weights_only=True.
         self.save_hyperparameters(ignore=["evaluation"])
         self.loss_fn = make_contrastive_loss(loss)
         if text_views is not None and not text_views:
@@ -113,9 +112,8 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         if loss != "siglip" and init_logit_bias is not None:  # DDP stops on a parameter that gets no gradient
             raise ValueError(f"init_logit_bias is for loss: siglip; loss: {loss} has no logit bias")
         self.decoder = self._build_decoder(caption_decoder) if caption_decoder else None
-        # Decided on the unwrapped model: under FSDP a rank sees flat 1-D shards (a p.ndim test would put every weight
-        # in the no-decay group, and a parameter it does not own has shape [0]). open_clip's rule: no weight decay on
-        # gains, biases, norms and the temperature.
+        # open_clip's rule (no weight decay on gains, biases, norms, the temperature), decided on the unwrapped model:
+        # under FSDP a rank sees flat 1-D shards, and a parameter it does not own has shape [0].
         self._nonscalar = self.model.logit_scale.ndim == 1
         self._no_decay = {
             name
@@ -154,8 +152,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         files = sorted({f for pattern in ([vocab] if isinstance(vocab, str) else vocab) for f in glob.glob(pattern)})
         if not files:
             raise FileNotFoundError(f"caption_decoder.vocab: no file matches {vocab!r}")
-        # word by word (the tokenizer cuts a text at the context length); exact for open_clip's tokenizer, which
-        # splits on whitespace before its BPE
+        # word by word (a text is cut at the context length); exact for open_clip's whitespace-first BPE tokenizer
         words = sorted({w for f in files for w in Path(f).read_text(encoding="utf-8").split()})
         ids = {int(i) for i in self.tokenizer(words).unique()} - {self._pad_id}
         rank_zero_info(f"ClipModule: the caption decoder predicts {len(ids)} token ids of {len(files)} files + other")
@@ -241,8 +238,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             self.log_dict({f"train/loss_{v}": v_loss for v, v_loss in per_view.items()}, batch_size=bs)
         if dec:
             target = self._view_tokens(batch, dec["target"])
-            # the decoder need not run over the batch's all-pad tail of the context: pad targets add nothing to the
-            # loss nor, causally, to earlier positions
+            # cut the batch's all-pad tail: pad targets add nothing to the loss nor, causally, to earlier positions
             target = target[:, : int((target != self._pad_id).any(0).nonzero().max()) + 1]
             prefix = self._view_tokens(batch, dec["prefix"]) if dec.get("prefix") else None
             target, inputs = target[:, 1:], target[:, :-1]
@@ -255,8 +251,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
                 self.log("train/decoder_other", other, batch_size=bs)
             loss = loss + float(dec.get("weight", 1.0)) * dec_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        # The extras are logged only on the steps the loggers write (each self.log costs ~0.4 ms of bookkeeping);
-        # samples/s is the global throughput since the previous logging step, so it shows the current speed.
+        # Extras only on the loggers' steps (each self.log costs ~0.4 ms); samples/s since the previous such step.
         now = time.perf_counter()
         if self._t0 is None:
             self._t0, self._seen = now, 0
@@ -332,8 +327,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
                 device=self.device,
             )
 
-    # Standalone evaluation: ``python -m experiments test`` with ``datamodules.eval_sets.EvalDataModule``, whose
-    # test loaders are the tasks' image sets (split across ranks); features are gathered and scored on every rank.
+    # ``python -m experiments test`` with ``EvalDataModule``: the tasks' image sets split across ranks, then gathered.
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, index = batch
         self._test_features.setdefault(dataloader_idx, []).append((index, self.encode_images(images)))

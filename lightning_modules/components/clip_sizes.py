@@ -50,8 +50,7 @@ TEXT_SIZES: dict[str, dict[str, Any]] = {
     for name, row in _TEXT_ROW.items()
 }
 
-# The tiny world's stand-ins: the order S < B < L < H (vision) and small < base < large < huge (text) is kept, so
-# Table 4's "larger text encoder" rows remain a capacity ablation in miniature. Every tiny vision tower has patch 8.
+# The tiny world's stand-ins keep the sizes' order, so Table 4's "larger text encoder" rows stay a capacity ablation.
 TINY_VISION: dict[str, dict[str, Any]] = {
     "S-16": dict(embed_dim=48, width=48, layers=2, head_width=24, patch_size=8),
     "B-16": dict(embed_dim=64, width=64, layers=2, head_width=32, patch_size=8),
