@@ -28,7 +28,7 @@ from lightning_modules.components.dit import (
     diffusion_loss,
     dit_forward,
     make_scheduler,
-    pad_text,
+    pad_to_longest,
     parse_dit_size,
     sample,
     save_grid,
@@ -125,8 +125,7 @@ class DiTModule(L.LightningModule):
             raise ValueError(f"image_size {h.image_size} is not divisible by the VAE's factor {self.codec.factor}")
         self.latent_size = h.image_size // self.codec.factor
         self.dit = build_dit(h.size, self.codec.channels, self.latent_size, self.text_encoder.width)
-        null, null_mask = self.text_encoder([""])
-        null, null_mask = trim_to_longest(null, null_mask)
+        null, null_mask = trim_to_longest(*self.text_encoder([""]))
         if h.null_text == "learned":
             self.null_text = nn.Parameter(null.clone())
         else:
@@ -159,9 +158,7 @@ class DiTModule(L.LightningModule):
 
     def drop_text(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
         """Replace the rows where ``drop`` is True by the null text (CFG training)."""
-        n = max(text.shape[1], self.null_text.shape[1])
-        text, mask = pad_text(text, mask, n)
-        null, null_mask = pad_text(self.null_text.to(text.dtype), self.null_mask, n)
+        (text, mask), (null, null_mask) = pad_to_longest((text, mask), (self.null_text.to(text.dtype), self.null_mask))
         d = drop[:, None]
         return torch.where(d[..., None], null.expand_as(text), text), torch.where(d, null_mask.expand_as(mask), mask)
 

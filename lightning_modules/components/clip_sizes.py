@@ -132,8 +132,8 @@ def recap_clip_config(
         )
     v = _lookup(vision_sizes, vision, "vision")
     t = _lookup(text_sizes, text, "text")
-    vision_cfg = {"image_size": image_size or default_image, **{k: v[k] for k in ("layers", "width", "head_width")}}
-    vision_cfg["patch_size"] = v["patch_size"]
+    vision_cfg = {"image_size": image_size or default_image}
+    vision_cfg |= {k: v[k] for k in ("layers", "width", "head_width", "patch_size")}
     vocab = vocab_size if vocab_size is not None else (BERT_VOCAB_SIZE if tokenizer else OPENAI_VOCAB_SIZE)
     text_cfg = {"context_length": context_length or default_context, "vocab_size": vocab}
     text_cfg.update({k: t[k] for k in ("width", "heads", "layers")})

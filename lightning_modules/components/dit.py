@@ -132,9 +132,10 @@ class FrozenCLIPText(nn.Module):
         return x.float() * mask[..., None], mask
 
 
-def pad_text(text: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text features and their mask padded with zeros to ``length`` tokens."""
-    return F.pad(text, (0, 0, 0, length - text.shape[1])), F.pad(mask, (0, length - mask.shape[1]))
+def pad_to_longest(*texts: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(features, mask)`` pairs padded with zeros to the longest one's number of tokens."""
+    n = max(text.shape[1] for text, _ in texts)
+    return [(F.pad(text, (0, 0, 0, n - text.shape[1])), F.pad(mask, (0, n - mask.shape[1]))) for text, mask in texts]
 
 
 def trim_to_longest(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,8 +247,7 @@ def sample(
     scheduler.set_timesteps(num_inference_steps, device=device)
     guided = guidance_scale != 1.0
     if guided:
-        length = max(text.shape[1], null_text.shape[1])
-        (text, mask), (nt, nm) = pad_text(text, mask, length), pad_text(null_text, null_mask, length)
+        (text, mask), (nt, nm) = pad_to_longest((text, mask), (null_text, null_mask))
         text = torch.cat([text, nt.expand(n, -1, -1)])
         mask = torch.cat([mask, nm.expand(n, -1)])
     for t in scheduler.timesteps:
