@@ -26,8 +26,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+
+        atomic_write(path, write)
 
 
 class StepCheckpoint(ModelCheckpoint):
