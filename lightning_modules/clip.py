@@ -57,7 +57,11 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         nonscalar_logit_scale: open_clip's logit scale of shape [1] (FSDP needs it); checkpoints load across layouts.
         evaluation: Evaluation tasks, run on rank 0 at every ``eval_every_n_validations``-th validation and on the
             final weights; metrics JSON go to ``metrics_dir``.
-        loss, init_logit_scale, init_logit_bias, text_views, caption_decoder: The Table 8 objectives (docs/clip.md).
+        loss: ``clip`` (open_clip's ClipLoss) or ``siglip`` (its SigLipLoss; needs ``init_logit_bias``).
+        init_logit_scale, init_logit_bias: The initial log temperature and logit bias (SigLIP: log(10) and -10).
+        text_views: ``{view: weight}``: the loss is the weighted sum over ``batch["texts"][view]`` (``text``: p-drawn).
+        caption_decoder: ``{weight, target, prefix, layers, width, heads, vocab}``: an added caption decoder loss
+            (Table 8's objectives: docs/clip.md).
     """
 
     log_prefix = "eval/"
