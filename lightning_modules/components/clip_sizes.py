@@ -156,9 +156,7 @@ def tiny_model(vision: str, text: str, image_size: int = 64) -> dict[str, Any]:
 
 
 def parse_model_name(name: str) -> dict[str, Any] | None:
-    """``"recap-clip:B-16:base"``, ``"recap-clip:L-16:huge:openai"`` (a style) or ``"recap-clip:B-16:base:tiny"`` (a
-    scale) -> config dict (defaults of :func:`recap_clip_config`); ``None`` when ``name`` does not start with
-    ``recap-clip:``. Malformed -> ValueError."""
+    """``"recap-clip:VISION:TEXT[:STYLE or SCALE]"`` -> :func:`recap_clip_config`; ``None`` for any other name."""
     if not isinstance(name, str) or not name.startswith(PREFIX):
         return None
     parts = name[len(PREFIX) :].split(":")
@@ -190,9 +188,8 @@ def config_mismatches(cfg: dict[str, Any], reference: dict[str, Any] = RELEASED_
 
 
 def count_params(cfg: dict[str, Any]) -> dict[str, int]:
-    """Parameter counts of ``open_clip.CLIP(**cfg)``, built on the meta device (no memory, no init cost): ``vision`` =
-    every ``visual.*`` parameter (``visual.proj`` included), ``text`` = every other one but the logit scale / bias
-    (``text_projection`` included), ``total`` = their sum."""
+    """Parameter counts of ``open_clip.CLIP(**cfg)`` on the meta device: ``vision`` = ``visual.*`` (``visual.proj``
+    included), ``text`` = every other one but the logit scale / bias, ``total``."""
     import open_clip
     import torch
 
