@@ -1,15 +1,10 @@
-"""``CaptionerModule``: LLaVA-1.5 (CLIP vision tower + 2-layer MLP projector + LLaMA-3) fine-tuning stages.
-
-The network is transformers' ``LlavaForConditionalGeneration`` (``components/llava.py``), LoRA is peft's, the chat
-template and the assistant-only labels are the tokenizer's (``datamodules/chat.py``). Data: LLaVA json conversations
-(``datamodules.llava_json``) or image-caption shards through the caption-mix DataModule at any p (each caption a
-one-turn conversation).
-"""
+"""``CaptionerModule``: LLaVA-1.5 (CLIP vision tower + MLP projector + LLaMA-3) training stages, on transformers'
+``LlavaForConditionalGeneration`` with peft's LoRA. Data: LLaVA json conversations or image-caption shards of the
+caption-mix DataModule at any p, each caption a one-turn conversation (docs/captioner.md)."""
 
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -25,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from datamodules.caption_mix import DataTransforms
 from datamodules.chat import CaptionConversation, ConversationEncoder, pad_sequences
 from datamodules.checks import RunContext, check_path
-from lightning_modules.common import InLoopEvaluation, evaluating, unwrapped_name
+from lightning_modules.common import InLoopEvaluation, evaluating, hparams_for, unwrapped_name
 from lightning_modules.components.llava import (
     PAPER_RECAPTION_PROMPT,
     LlavaParts,
@@ -43,7 +38,7 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 
 
 def pixel_values(image: Any, image_processor: Any) -> torch.Tensor:
-    """PIL image -> pixel tensor (3, H, W) through the captioner's image processor."""
+    """PIL image -> pixel tensor (3, H, W)."""
     return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
@@ -63,26 +58,22 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
     ``--model_name_or_path``), so stacked YAMLs override one of them without restating the others.
 
     Args:
-        lr: Peak learning rate (LLaVA-1.5: 1e-3 stage 1, 2e-5 full / 2e-4 LoRA stage 2); ``projector_lr``: the
-            projector's own (LLaVA ``mm_projector_lr``). Linear warm-up over ``warmup_ratio`` of the steps, then cosine.
-        train_llm: Train the language model (stage 2). Stage 1 trains the projector only; the vision tower stays
-            frozen unless ``train_vision``.
-        lora: peft ``LoraConfig`` arguments (e.g. ``{r: 128, lora_alpha: 256}``) to train the LLM through adapters;
-            ``target_modules`` defaults to every linear layer of the LLM.
+        lr: Peak learning rate (LLaVA-1.5: 1e-3 stage 1, 2e-5 full / 2e-4 LoRA stage 2); ``projector_lr``: LLaVA's
+            ``mm_projector_lr``. Linear warm-up over ``warmup_ratio`` of the steps, then cosine.
+        train_llm: Train the LLM (stage 2); stage 1 trains the projector only (and the tower with ``train_vision``).
+        lora: peft ``LoraConfig`` arguments (e.g. ``{r: 128, lora_alpha: 256}``); ``target_modules`` defaults to every
+            linear layer of the LLM.
         max_length: Longest training sequence in tokens (image tokens included); longer ones are cut and counted.
-        save_frozen: Keep frozen weights in checkpoints. Off: checkpoints hold only what trains (LLaVA saves only
-            ``mm_projector.bin`` in stage 1) plus frozen weights drawn at random (a config-dict tower), which nothing
-            else can restore.
+        save_frozen: Keep frozen weights in checkpoints. Off: only what trains (as LLaVA's stage-1
+            ``mm_projector.bin``) plus frozen weights drawn at random (a config-dict tower), which nothing restores.
         caption_prompts: User prompts paired with captions when training on image-caption shards.
-        evaluation: Caption evaluation tasks (``lightning_modules.evaluation.CaptionAttributes``), run on rank 0 at
-            every ``eval_every_n_validations``-th validation and at the end; metrics JSON go to ``metrics_dir``.
+        evaluation: Caption evaluation tasks, run on rank 0 at every ``eval_every_n_validations``-th validation and at
+            the end; metrics JSON go to ``metrics_dir``.
         pretrained: A whole llava-hf checkpoint (name or folder); excludes ``vision_tower``/``llm``.
-        vision_tower: CLIP vision tower: hub name, ``save_pretrained`` folder, an ``export-clip`` folder of this suite,
-            or a ``CLIPVisionConfig`` dict (random init). ``llm``: likewise a causal LM or a ``LlamaConfig`` dict.
-        chat_template: ``llama3`` (LLaMA-3's template with generation markers), ``null`` (the tokenizer's own), a
-            ``.jinja`` path or template text.
-        dtype: Weights dtype of the loaded towers (``bfloat16`` for frozen ones; trainable weights stay fp32 under
-            ``bf16-mixed``).
+        vision_tower: Hub name, ``save_pretrained`` or ``export-clip`` folder, or a ``CLIPVisionConfig`` dict (random
+            init). ``llm``: likewise a causal LM or a ``LlamaConfig`` dict.
+        chat_template: ``llama3``, ``null`` (the tokenizer's own), a ``.jinja`` path or template text.
+        dtype: Weights dtype of the loaded towers (trainable weights stay fp32 under ``bf16-mixed``).
         trust_remote_code: Allow model code from the checkpoint (off: only transformers' own classes run).
     """
 
@@ -128,8 +119,7 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         self._encoder: ConversationEncoder | None = None
         self.model: torch.nn.Module | None = None
         self.strict_loading = save_frozen
-        # Parameters drawn at random when the model was built (config-dict towers, the projector) that no init_from
-        # restored: only a checkpoint can bring them back, so checkpoints keep them (see on_save_checkpoint).
+        # Drawn at random when built (config-dict towers, the projector), not from init_from: checkpoints keep them.
         self._unsourced: list[str] = []
         self._restored_keys: set[str] | None = None  # state-dict keys of the checkpoint this module was restored from
         self.n_truncated = 0
@@ -137,8 +127,7 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
-        """Before anything is built (``experiments/validate.py``): ``init_from`` and the local folders named by
-        ``pretrained`` / ``vision_tower`` / ``llm`` / ``tokenizer`` exist (hub names are not checked)."""
+        """Before anything is built (``experiments/validate.py``): the local paths named exist."""
         check_path("init_from", args.get("init_from"), "file", what="the previous stage's checkpoint (run it first)")
         for key in ("pretrained", "vision_tower", "llm", "tokenizer"):
             check_path(key, args.get(key), hub_ok=True)
@@ -150,8 +139,7 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        built_from = inspect.signature(build_llava).parameters
-        parts = build_llava(**{k: v for k, v in hp.items() if k in built_from})
+        parts = build_llava(**hparams_for(build_llava, hp))
         model = parts.model
         random_init = set(parts.random_init)
         if hp.init_from:
@@ -190,8 +178,7 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
 
     @property
     def llava(self) -> LlavaParts:
-        if self.parts is None:
-            self.configure_model()
+        self.configure_model()  # a no-op once built
         return self.parts
 
     @property
@@ -266,19 +253,16 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         parts, model = self.llava, self.model
         text = caption_prompt_text(parts.tokenizer, prompt or self.hparams.caption_prompt)
         max_new_tokens = max_new_tokens or self.hparams.max_new_tokens
-        out: list[str] = []
         bs = batch_size or len(images) or 1
         dtypes = {p.dtype for p in model.parameters()}
         lowest = min(dtypes, key=lambda d: torch.finfo(d).bits)
         autocast = torch.autocast(self.device.type, dtype=lowest) if len(dtypes) > 1 else nullcontext()
-        with evaluating(model):
-            for i in range(0, len(images), bs):
-                with autocast:
-                    generated = greedy_captions(
-                        model, parts.processor, text, images[i : i + bs], max_new_tokens, self.device
-                    )
-                out += [g.text for g in generated]
-        return out
+        with evaluating(model), autocast:
+            batches = [
+                greedy_captions(model, parts.processor, text, images[i : i + bs], max_new_tokens, self.device)
+                for i in range(0, len(images), bs)
+            ]
+        return [g.text for generated in batches for g in generated]
 
     def merged_model(self, in_place: bool = False) -> torch.nn.Module:
         """The plain ``LlavaForConditionalGeneration``, LoRA adapters merged into the LLM weights."""
@@ -288,8 +272,8 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         return model.merge_and_unload()
 
     def export_pretrained(self, out_dir: str | Path, in_place: bool = False, source: str | None = None) -> Path:
-        """A llava-hf folder of the (merged) model and its processor. A module restored from a checkpoint (``source``)
-        that lacks weights it cannot rebuild is refused: it would write fresh random weights, not the trained model."""
+        """A llava-hf folder of the (merged) model and its processor; refused when weights it cannot rebuild are
+        missing from its checkpoint (``source``): it would write fresh random weights, not the trained model."""
         self.llava  # noqa: B018 - builds the model if needed
         missing = self.missing_weights()
         if missing:
@@ -298,8 +282,7 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         return save_llava(parts, out_dir)
 
     def missing_weights(self) -> list[str]:
-        """``model.*`` keys drawn at random when this module was built and not restored from its checkpoint (one
-        written before such weights were kept). Empty for a module never restored."""
+        """``model.*`` keys drawn at random when this module was built that its checkpoint did not restore."""
         if self._restored_keys is None or self.hparams.save_frozen:
             return []
         unsourced = [f"model.{unwrapped_name(n)}" for n in self._unsourced]
@@ -319,8 +302,7 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
 
     @classmethod
     def from_checkpoint_contents(cls, contents: Any, path: str | Path) -> CaptionerModule:
-        """The module of a Lightning checkpoint already read (safely) from ``path``, loaded as ``load_from_checkpoint``
-        does (strict only with ``save_frozen``)."""
+        """The module of a Lightning checkpoint read (safely) from ``path``, as ``load_from_checkpoint`` does."""
         hp = contents.get("hyper_parameters") if isinstance(contents, Mapping) else None
         state = contents.get("state_dict") if isinstance(contents, Mapping) else None
         if not isinstance(hp, Mapping) or not isinstance(state, Mapping):
@@ -328,9 +310,8 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         class_path = hp.get("_class_path")  # LightningCLI records the module's class
         if class_path is not None and class_path != f"{cls.__module__}.{cls.__qualname__}":
             raise ValueError(f"{path} is a checkpoint of {class_path}, not of {cls.__qualname__}")
-        accepted = inspect.signature(cls.__init__).parameters
         try:
-            module = cls(**{k: v for k, v in hp.items() if k in accepted})
+            module = cls(**hparams_for(cls, hp))
         except TypeError as e:
             raise ValueError(f"{path} is not a {cls.__qualname__} checkpoint: {e}") from None
         module.configure_model()
@@ -359,20 +340,18 @@ class CaptionerModule(InLoopEvaluation, L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         warmup = math.ceil(hp.warmup_ratio * total)
         projector_lr = hp.projector_lr if hp.projector_lr is not None else hp.lr
-        groups: dict[tuple[bool, bool], list] = {}  # (projector?, decay?) -> parameters
+        groups: dict[tuple[bool, bool], list] = {}  # (projector?, no decay?) -> parameters; sorted: the saved order
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                decay = p.ndim >= 2 and "bias" not in name and "norm" not in name
-                groups.setdefault((PROJECTOR in name, decay), []).append(p)
-        order = [(False, True), (False, False), (True, True), (True, False)]
+                no_decay = p.ndim < 2 or "bias" in name or "norm" in name
+                groups.setdefault((PROJECTOR in name, no_decay), []).append(p)
         param_groups = [
             {
-                "params": groups[k],
-                "weight_decay": hp.weight_decay if k[1] else 0.0,
-                "lr": projector_lr if k[0] else hp.lr,
+                "params": params,
+                "weight_decay": 0.0 if no_decay else hp.weight_decay,
+                "lr": projector_lr if projector else hp.lr,
             }
-            for k in order
-            if k in groups
+            for (projector, no_decay), params in sorted(groups.items())
         ]
         rank_zero_info(f"CaptionerModule: lr {hp.lr:g} (projector {projector_lr:g}), warm-up {warmup} of {total} steps")
         opt = torch.optim.AdamW(param_groups, betas=tuple(hp.betas))

@@ -1,9 +1,7 @@
 """Step checkpoints that survive preemption: every N steps, the last K kept, ``last.ckpt`` replaced atomically.
 
-Why not Lightning's defaults alone: its local save writes to a temporary file under the system temp directory and
-``shutil.move``s it into place. When that directory is on another filesystem than the run (the usual case on clusters)
-the move is a copy, so a job killed mid-copy leaves a truncated ``last.ckpt``: the one file a restart reads. Resume
-with ``python -m experiments fit ... --ckpt_path last``.
+Lightning's local save ``shutil.move``s a file from the system temp directory, which on another filesystem (usual on
+clusters) is a copy: a job killed mid-copy leaves a truncated ``last.ckpt``, the one file a restart reads.
 """
 
 from __future__ import annotations
@@ -21,8 +19,7 @@ from datamodules.io import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local saves are rename-atomic (:func:`datamodules.io.atomic_write`: a temporary
-    file beside the target, fsync, ``os.replace``): a crash leaves the previous file intact. Remote paths (``s3://``)
+    """``TorchCheckpointIO`` whose local saves are rename-atomic (:func:`datamodules.io.atomic_write`); remote paths
     keep Lightning's behaviour (object stores write whole objects)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -40,11 +37,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """Checkpoint every ``every_n_train_steps`` steps as ``step00001234.ckpt``, keep the ``keep_last`` newest
-    (``-1``: all; ``ModelCheckpoint``'s top-K on the step, so it survives restarts), always write ``last.ckpt``, and
-    save the final step when training ends off the grid (``save_final``). ``atomic`` installs
-    :class:`AtomicCheckpointIO` unless another ``CheckpointIO`` was configured (sharded FSDP / DeepSpeed checkpoint
-    folders do not go through it)."""
+    """Checkpoint every ``every_n_train_steps`` steps as ``step00001234.ckpt``, keep the ``keep_last`` newest (``-1``:
+    all; top-K on the step, so it survives restarts), always write ``last.ckpt`` and, with ``save_final``, the final
+    step off the grid. ``atomic``: :class:`AtomicCheckpointIO` unless another ``CheckpointIO`` is configured."""
 
     def __init__(
         self,

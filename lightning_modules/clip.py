@@ -1,17 +1,13 @@
-"""``ClipModule``: contrastive image-text training (Recap-CLIP) on the caption-mix DataModule.
-
-The network, the loss and the tokenizer are open_clip's; this module wires them to Lightning: the global-batch loss
-across ranks, AdamW with the CLIPA schedule (warm-up and length in *samples*, peak lr per 256 samples scaled by the
-global batch), CLIPA's two-stage resolution recipe (``init_from`` a stage-1 checkpoint, position embeddings
-interpolated), and the evaluation harness (``lightning_modules.evaluation``) in the loop and as ``test``.
-"""
+"""``ClipModule``: contrastive image-text training (Recap-CLIP) with open_clip's network, loss and tokenizer, the
+CLIPA schedule in samples and its two stages (``init_from``), and the evaluation harness in the loop and as ``test``
+(docs/clip.md)."""
 
 from __future__ import annotations
 
 import glob
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.caption_mix import DataTransforms
 from datamodules.checks import ConfigError, RunContext, check_path
-from lightning_modules.common import InLoopEvaluation, evaluating, unwrapped_name
+from lightning_modules.common import InLoopEvaluation, evaluating, hparams_for, unwrapped_name
 from lightning_modules.components.clip_model import (
     LOGIT_PARAMS,
     TokenizeOne,
@@ -52,27 +48,20 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
     """Contrastive training of an open_clip model.
 
     Args:
-        model: open_clip model name, ``recap-clip:VISION:TEXT[:STYLE]`` (paper Table 2), ``local-dir:PATH`` (an
-            open_clip folder with weights, e.g. the released Recap-CLIP), a JSON config path, or the config dict.
-        lr_per_256: The paper's "base lr": peak lr per 256 samples, scaled by the global batch as CLIPA does (or an
-            absolute ``lr``). ``warmup_samples`` / ``total_samples`` (where the cosine reaches 0) are in samples too.
+        model: open_clip name, ``recap-clip:VISION:TEXT[:STYLE]`` (Table 2), ``local-dir:PATH``, a JSON config path or
+            the config dict.
+        lr_per_256: The paper's base lr per 256 samples, scaled by the global batch (or an absolute ``lr``);
+            ``warmup_samples`` / ``total_samples`` (where the cosine reaches 0) are in samples too.
         image_size, context_length, tokenizer: Overrides of the model config (CLIPA: 112 px in stage 1, 224 in 2).
-        init_from: Checkpoint to start from (CLIPA stage 2: stage 1's); position embeddings are interpolated.
-        nonscalar_logit_scale: open_clip's switch for a logit scale of shape [1] instead of 0-dim, which FSDP needs.
-            Checkpoints and ``init_from`` load across both layouts; ``export-clip`` writes the scalar one.
-        evaluation: Evaluation tasks (``lightning_modules.evaluation``) run on rank 0 at every
-            ``eval_every_n_validations``-th validation and on the final weights; metrics JSON go to ``metrics_dir``.
+        init_from: Checkpoint to start from (stage 2: stage 1's); position embeddings are interpolated.
+        nonscalar_logit_scale: open_clip's logit scale of shape [1] (FSDP needs it); checkpoints load across layouts.
+        evaluation: Evaluation tasks, run on rank 0 at every ``eval_every_n_validations``-th validation and on the
+            final weights; metrics JSON go to ``metrics_dir``.
         loss: ``clip`` (open_clip's ClipLoss) or ``siglip`` (its SigLipLoss; needs ``init_logit_bias``).
-        init_logit_scale, init_logit_bias: The model's initial log temperature and logit bias (open_clip's CLIP
-            kwargs; SigLIP: log(10) and -10). They go into the exported config.
-        text_views: ``{view: weight}``: the contrastive loss is the weighted sum over ``batch["texts"][view]`` (the
-            view ``text`` is the p-drawn ``batch["text"]``); None: ``batch["text"]`` alone.
-        caption_decoder: ``{weight, target, prefix, layers, width, heads}``: a caption decoder over the image tokens
-            (and the ``prefix`` view's tokens) predicting the ``target`` view, its loss added with ``weight``. It is
-            trained beside the model (checkpoint keys ``decoder.*``) and not exported. ``vocab``: text files (a path or
-            glob, or a list of them) whose tokens are the only ones the decoder predicts, plus one "other" class (a
-            closed-vocabulary world; the share of "other" targets is logged as ``train/decoder_other``); unset: the
-            whole vocabulary.
+        init_logit_scale, init_logit_bias: The initial log temperature and logit bias (SigLIP: log(10) and -10).
+        text_views: ``{view: weight}``: the loss is the weighted sum over ``batch["texts"][view]`` (``text``: p-drawn).
+        caption_decoder: ``{weight, target, prefix, layers, width, heads, vocab}``: an added caption decoder loss
+            (Table 8's objectives: docs/clip.md).
     """
 
     log_prefix = "eval/"
@@ -113,24 +102,13 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             raise ValueError("give exactly one of lr (absolute peak) and lr_per_256 (the paper's per-256 base lr)")
         if warmup_steps and warmup_samples:
             raise ValueError("give warm-up as warmup_steps or warmup_samples, not both")
-        # Evaluation tasks are objects (LightningCLI saves them in config.yaml); keep them out of the checkpoint's
-        # hparams so that checkpoints stay loadable with weights_only=True.
+        # Evaluation tasks are objects: out of the checkpoint's hparams, so that it loads with weights_only=True.
         self.save_hyperparameters(ignore=["evaluation"])
         self.loss_fn = make_contrastive_loss(loss)
         if text_views is not None and not text_views:
             raise ValueError("text_views is empty: give {view: weight, ...} or leave it null for batch['text']")
         self.text_views = dict(text_views or {"text": 1.0})
-        parts = build_clip(
-            model,
-            context_length,
-            image_size,
-            tokenizer,
-            augmentation,
-            train_augment,
-            nonscalar_logit_scale,
-            init_logit_scale=init_logit_scale,
-            init_logit_bias=init_logit_bias,
-        )
+        parts = build_clip(**hparams_for(build_clip, self.hparams))
         self.model, self._parts = parts.model, parts
         self.tokenizer, self.context_length = parts.tokenizer, parts.context_length
         if loss == "siglip" and self.model.logit_bias is None:
@@ -138,17 +116,14 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         if loss != "siglip" and init_logit_bias is not None:  # DDP stops on a parameter that gets no gradient
             raise ValueError(f"init_logit_bias is for loss: siglip; loss: {loss} has no logit bias")
         self.decoder = self._build_decoder(caption_decoder) if caption_decoder else None
-        # Decided on the unwrapped model: under FSDP a rank sees flat 1-D shards (a p.ndim test would put every weight
-        # in the no-decay group, and a parameter it does not own has shape [0]). open_clip's rule: no weight decay on
-        # gains, biases, norms and the temperature.
+        # open_clip's rule (no weight decay on gains, biases, norms, the temperature), decided on the unwrapped model:
+        # under FSDP a rank sees flat 1-D shards, and a parameter it does not own has shape [0].
         self._nonscalar = self.model.logit_scale.ndim == 1
         self._no_decay = {
             name
-            for name, p in self.model.named_parameters()
+            for name, p in self._named_trained()
             if p.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name
         }
-        if self.decoder is not None:
-            self._no_decay |= {f"decoder.{n}" for n, p in self.decoder.named_parameters() if p.ndim < 2 or "ln" in n}
         if init_from:
             load_clip_weights(self.model, init_from)
             rank_zero_info(f"ClipModule: initialised from {init_from}")
@@ -181,8 +156,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         files = sorted({f for pattern in ([vocab] if isinstance(vocab, str) else vocab) for f in glob.glob(pattern)})
         if not files:
             raise FileNotFoundError(f"caption_decoder.vocab: no file matches {vocab!r}")
-        # word by word (the tokenizer cuts a text at the context length); exact for open_clip's tokenizer, which
-        # splits on whitespace before its BPE
+        # word by word (a text is cut at the context length); exact for open_clip's whitespace-first BPE tokenizer
         words = sorted({w for f in files for w in Path(f).read_text(encoding="utf-8").split()})
         ids = {int(i) for i in self.tokenizer(words).unique()} - {self._pad_id}
         rank_zero_info(f"ClipModule: the caption decoder predicts {len(ids)} token ids of {len(files)} files + other")
@@ -268,8 +242,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
             self.log_dict({f"train/loss_{v}": v_loss for v, v_loss in per_view.items()}, batch_size=bs)
         if dec:
             target = self._view_tokens(batch, dec["target"])
-            # the decoder need not run over the batch's all-pad tail of the context: pad targets add nothing to the
-            # loss nor, causally, to earlier positions
+            # cut the batch's all-pad tail: pad targets add nothing to the loss nor, causally, to earlier positions
             target = target[:, : int((target != self._pad_id).any(0).nonzero().max()) + 1]
             prefix = self._view_tokens(batch, dec["prefix"]) if dec.get("prefix") else None
             target, inputs = target[:, 1:], target[:, :-1]
@@ -282,8 +255,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
                 self.log("train/decoder_other", other, batch_size=bs)
             loss = loss + float(dec.get("weight", 1.0)) * dec_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        # The extras are logged only on the steps the loggers write (each self.log costs ~0.4 ms of bookkeeping);
-        # samples/s is the global throughput since the previous logging step, so it shows the current speed.
+        # Extras only on the loggers' steps (each self.log costs ~0.4 ms); samples/s since the previous such step.
         now = time.perf_counter()
         if self._t0 is None:
             self._t0, self._seen = now, 0
@@ -359,8 +331,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
                 device=self.device,
             )
 
-    # Standalone evaluation: ``python -m experiments test`` with ``datamodules.eval_sets.EvalDataModule``, whose
-    # test loaders are the tasks' image sets (split across ranks); features are gathered and scored on every rank.
+    # ``python -m experiments test`` with ``EvalDataModule``: the tasks' image sets split across ranks, then gathered.
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, index = batch
         self._test_features.setdefault(dataloader_idx, []).append((index, self.encode_images(images)))
@@ -414,13 +385,16 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         opt = torch.optim.AdamW(groups, lr=peak, betas=tuple(hp.betas), eps=hp.eps)
         return per_step(opt, lambda step: cosine_with_warmup(step, warmup, total))
 
+    def _named_trained(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """The model's parameters, then the decoder's as ``decoder.*``."""
+        yield from self.model.named_parameters()
+        if self.decoder is not None:
+            yield from self.decoder.named_parameters(prefix="decoder")
+
     def _named_param_groups(self) -> list[list[tuple[str, torch.nn.Parameter]]]:
         """``[decay, no_decay]`` trainable ``(name, parameter)`` pairs, in the optimizer's order."""
         decay, no_decay = [], []
-        named = list(self.model.named_parameters())
-        if self.decoder is not None:
-            named += [(f"decoder.{n}", p) for n, p in self.decoder.named_parameters()]
-        for name, p in named:
+        for name, p in self._named_trained():
             if p.requires_grad:
                 name = unwrapped_name(name)
                 (no_decay if name in self._no_decay else decay).append((name, p))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,12 @@ import torch
 def unwrapped_name(name: str) -> str:
     """A parameter name without the FSDP / activation-checkpointing wrappers' path parts (as in a full state dict)."""
     return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def hparams_for(fn: Callable, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``hparams`` that ``fn`` takes (init args passed on by name to a builder)."""
+    accepted = inspect.signature(fn).parameters
+    return {k: v for k, v in hparams.items() if k in accepted}
 
 
 @contextmanager
@@ -28,9 +35,8 @@ def evaluating(module: torch.nn.Module) -> Iterator[None]:
 
 class InLoopEvaluation:
     """Mixin of a LightningModule with ``evaluation`` tasks, ``evaluate(tasks) -> {name: value}`` and the hparams
-    ``eval_every_n_validations`` and ``metrics_dir``. The tasks run on rank 0 (open_clip's convention) at every n-th
-    validation, at the last step and on the final weights; results are logged as ``log_prefix + name`` and written to
-    ``<metrics_dir>/step<N>.json`` (default ``<log_dir>/metrics``) with the hparams named in ``metrics_extra``."""
+    ``eval_every_n_validations`` and ``metrics_dir``: the tasks run on rank 0 at every n-th validation, the last step
+    and the final weights, logged as ``log_prefix + name`` and written to ``<metrics_dir>/step<N>.json``."""
 
     log_prefix = ""
     metrics_extra: tuple[str, ...] = ()

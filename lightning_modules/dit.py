@@ -1,11 +1,8 @@
 """``DiTModule``: Recap-DiT, a text-to-image DiT trained on captions mixed at the paper's p (PAPER.md §6, Table 7).
 
-Wiring only; the networks, loss and sampler are in ``lightning_modules.components.dit``. Two data paths give the same
-loss for the same batch and noise (tested): ``CaptionMixDataModule`` batches (``image`` in [-1, 1], ``caption``),
-encoded every step, or ``LatentCacheDataModule`` batches (``latent``, ``text``, ``text_mask``) from the pre-pass
-``python -m experiments dit-cache``, which stores every caption source so p is still drawn per sample per epoch.
-Checkpoints hold the DiT, the null text and the EMA (used for sampling) only: the frozen text encoder and VAE are
-loaded from their paths.
+Wiring only (networks, loss and sampler: ``components/dit.py``). Caption-mix batches (``image``, ``caption``) and
+latent-cache batches (``latent``, ``text``, ``text_mask``) give the same loss for the same noise (docs/dit.md).
+Checkpoints hold the DiT, the null text and the EMA; the frozen text encoder and VAE are loaded from their paths.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from lightning_modules.components.dit import (
     diffusion_loss,
     dit_forward,
     make_scheduler,
-    pad_text,
+    pad_to_longest,
     parse_dit_size,
     sample,
     save_grid,
@@ -55,16 +52,15 @@ class DiTModule(L.LightningModule):
     """Recap-DiT.
 
     Args:
-        size: ``"DiT-B/4"``, ``"DiT-L/2"`` (DiT's depth/width/heads, ``/P`` the patch) or a dict with
-            ``num_layers, hidden_size, num_attention_heads, patch_size`` (tiny models).
-        text_encoder: Frozen CLIP text tower: a HuggingFace ``CLIPTextModel`` folder / name or an ``export-clip``
-            folder. ``vae``: a diffusers ``AutoencoderKL`` (the paper: LDM/SD's 8x VAE), or None for pixel space.
+        size: ``"DiT-B/4"``, ``"DiT-L/2"`` or a dict of ``num_layers, hidden_size, num_attention_heads, patch_size``.
+        text_encoder: Frozen CLIP text tower: an HF ``CLIPTextModel`` folder / name or an ``export-clip`` folder.
+            ``vae``: a diffusers ``AutoencoderKL``, or None for pixel space.
         min_snr_gamma: Min-SNR-γ loss weighting (None: plain MSE, as DiT).
-        cfg_dropout: Probability of training a sample on the null text (the paper's recipe: 0.1): the features of the
-            empty prompt (Stable Diffusion's choice) or, with ``null_text: learned``, a parameter initialised from them.
-        random_flip: Flip half the training images horizontally (DiT's preprocessing), applied to latents/pixels so
-            the cached and uncached paths augment alike. Off where captions name left and right (tiny world).
-        ema_decay: EMA decay of the sampling weights (DiT: 0.9999; short runs need less); None disables EMA.
+        cfg_dropout: Probability of training a sample on the null text (the paper: 0.1): the empty prompt's features
+            or, with ``null_text: learned``, a parameter initialised from them.
+        random_flip: Flip half the training images horizontally (on latents/pixels, so both data paths augment
+            alike). Off where captions name left and right (tiny world).
+        ema_decay: EMA decay of the sampling weights (DiT: 0.9999); None disables EMA.
         sampler: ``ddpm`` (the paper's, 250 steps, guidance 10), ``ddim`` or ``dpm``.
         sample_dir: Where ``predict`` writes a PNG grid per batch (noise seeded with ``seed + batch_idx``).
     """
@@ -111,7 +107,7 @@ class DiTModule(L.LightningModule):
 
     @classmethod
     def validate_config(cls, args: dict[str, Any], run: RunContext) -> None:
-        """Before anything is built (``experiments/validate.py``): ``size`` is known, local model folders exist."""
+        """Before anything is built (``experiments/validate.py``)."""
         try:
             parse_dit_size(args.get("size"))
         except (ValueError, TypeError) as e:
@@ -129,8 +125,7 @@ class DiTModule(L.LightningModule):
             raise ValueError(f"image_size {h.image_size} is not divisible by the VAE's factor {self.codec.factor}")
         self.latent_size = h.image_size // self.codec.factor
         self.dit = build_dit(h.size, self.codec.channels, self.latent_size, self.text_encoder.width)
-        null, null_mask = self.text_encoder([""])
-        null, null_mask = trim_to_longest(null, null_mask)
+        null, null_mask = trim_to_longest(*self.text_encoder([""]))
         if h.null_text == "learned":
             self.null_text = nn.Parameter(null.clone())
         else:
@@ -163,11 +158,7 @@ class DiTModule(L.LightningModule):
 
     def drop_text(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
         """Replace the rows where ``drop`` is True by the null text (CFG training)."""
-        n = max(text.shape[1], self.null_text.shape[1])
-        (text, mask), (null, null_mask) = (
-            pad_text(text, mask, n),
-            pad_text(self.null_text.to(text.dtype), self.null_mask, n),
-        )
+        (text, mask), (null, null_mask) = pad_to_longest((text, mask), (self.null_text.to(text.dtype), self.null_mask))
         d = drop[:, None]
         return torch.where(d[..., None], null.expand_as(text), text), torch.where(d, null_mask.expand_as(mask), mask)
 

@@ -1,7 +1,5 @@
-"""Build an open_clip model, its tokenizer and its image transforms from a name, a local path or a config dict, with
-open_clip's own classes: a model trained here is an ordinary open_clip model, and a released one (e.g. Recap-CLIP
-downloaded to a folder) is evaluated as ``model: local-dir:/path``. Nothing here downloads weights.
-"""
+"""An open_clip model, its tokenizer and image transforms from a name, a local path or a config dict, with open_clip's
+own classes (a released folder is ``model: local-dir:/path``), and safe checkpoint loading. Nothing here downloads."""
 
 from __future__ import annotations
 
@@ -41,9 +39,8 @@ class ClipParts:
 
 
 def resolve_model_config(model: str | Mapping[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """``(model_cfg, preprocess_cfg)`` for a config dict, an ``open_clip_config.json``-style dict or path, a JSON
-    model config path, a ``recap-clip:VISION:TEXT[:STYLE]`` name (paper Table 2) or an open_clip model name;
-    ``(None, {})`` for ``local-dir:`` (open_clip reads that folder itself)."""
+    """``(model_cfg, preprocess_cfg)`` for a config dict or JSON path (plain or ``open_clip_config.json`` layout), a
+    ``recap-clip:`` name or an open_clip name; ``(None, {})`` for ``local-dir:`` (open_clip reads that folder)."""
     from lightning_modules.components.clip_sizes import parse_model_name
 
     folder = None  # the folder of a config file, for relative paths in it
@@ -93,10 +90,9 @@ def build_clip(
     init_logit_scale: float | None = None,
     init_logit_bias: float | None = None,
 ) -> ClipParts:
-    """The model, tokenizer and transforms for any ``model`` that ``resolve_model_config`` knows, or a ``local-dir:``
-    folder (weights loaded), with ClipModule's overrides. The returned ``model_cfg`` never carries
-    ``nonscalar_logit_scale``, so an exported config builds open_clip's default scalar model; it carries the
-    ``init_logit_*`` overrides, so that a model with a logit bias is rebuilt with one."""
+    """The parts for any ``model`` of ``resolve_model_config`` or a ``local-dir:`` folder (weights loaded), with
+    ClipModule's overrides. ``model_cfg`` keeps the ``init_logit_*`` overrides (a logit bias is rebuilt) but never
+    ``nonscalar_logit_scale`` (an exported config builds open_clip's default scalar model)."""
     cfg, preprocess = resolve_model_config(model)
     inits = {"init_logit_scale": init_logit_scale, "init_logit_bias": init_logit_bias}
     inits = {k: float(v) for k, v in inits.items() if v is not None}
@@ -141,9 +137,8 @@ def build_clip(
 
 
 def load_checkpoint_file(path: str | Path) -> Any:
-    """A checkpoint file's contents, loaded safely: ``.safetensors`` with safetensors, anything else with
-    ``torch.load(weights_only=True)``. A file that needs arbitrary unpickling is refused (ValueError) with one line
-    naming it and what it would have run, without torch's advice to retry unsafely."""
+    """A checkpoint file's contents, loaded safely (safetensors, else ``torch.load(weights_only=True)``); a file that
+    needs arbitrary unpickling is refused with one line naming it, without torch's advice to retry unsafely."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -172,9 +167,9 @@ def clip_state_dict(ckpt: Any, path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, Mapping) or not sd:
         raise ValueError(f"{path} holds no state dict")
     if any(k.startswith("model.") for k in sd):  # a Lightning checkpoint of ClipModule
-        sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+        sd = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}
     if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
     return dict(sd)
 
 
@@ -185,9 +180,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def reshape_logit_params(
     state: MutableMapping[str, Any], nonscalar: bool, prefix: str = "", names: Sequence[str] = LOGIT_PARAMS
 ) -> list[str]:
-    """Give ``prefix + name`` in ``state`` open_clip's scalar (shape [], ``nonscalar`` False) or
-    ``nonscalar_logit_scale`` (shape [1]) layout, in place; return the keys changed. Only [] <-> [1]: any other shape
-    difference is left for strict loading to report (as open_clip's ``load_checkpoint`` does for plain files)."""
+    """Reshape ``prefix + name`` in ``state`` in place to shape [] or, ``nonscalar``, [1]; return the keys changed.
+    Any other shape difference is left for strict loading to report (as open_clip's ``load_checkpoint`` does)."""
     shape = (1,) if nonscalar else ()
     changed = []
     for name in names:
@@ -212,9 +206,8 @@ ATTNPOOL_POS_EMBED = "visual.attnpool.positional_embedding"
 
 
 def resize_attnpool_pos_embed(state: MutableMapping[str, Any], model: nn.Module) -> None:
-    """The ``ModifiedResNet`` tower's (RN50 family) attention-pool position embedding, ``[1 + grid**2, width]``,
-    interpolated in place to ``model``'s grid with open_clip's ``resize_pos_embed``, which only knows the ViT key.
-    A checkpoint of another width, or a model without an attention pool, is left for strict loading to report."""
+    """The RN50 family's attention-pool position embedding ``[1 + grid**2, width]`` interpolated in place to
+    ``model``'s grid (open_clip's ``resize_pos_embed`` only knows the ViT key); other mismatches are left to loading."""
     old = state.get(ATTNPOOL_POS_EMBED)
     target = getattr(getattr(model.visual, "attnpool", None), "positional_embedding", None)
     if not isinstance(old, torch.Tensor) or target is None or old.shape == target.shape or old.ndim != 2:
@@ -228,10 +221,8 @@ def resize_attnpool_pos_embed(state: MutableMapping[str, Any], model: nn.Module)
 
 
 def load_clip_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
-    """Load CLIP weights into ``model``, the vision position embeddings interpolated to its grid (CLIPA stage 2: a
-    112 px stage 1 fine-tuned at 224 px; ViT and ModifiedResNet towers, a timm trunk has a fixed input size) and the
-    text ones to its context length, ``logit_scale`` / ``logit_bias`` reshaped to its layout (a DDP stage 1 into an
-    FSDP stage 2)."""
+    """Load CLIP weights into ``model``, position embeddings interpolated to its grid and context (CLIPA stage 2: 112
+    px -> 224 px; ViT and ModifiedResNet towers) and the logit parameters reshaped to its layout (DDP -> FSDP)."""
     sd = read_state_dict(path)
     reshape_logit_params(sd, model.logit_scale.ndim == 1)
     before = {k: tuple(sd[k].shape) for k in ("visual.positional_embedding", ATTNPOOL_POS_EMBED) if k in sd}

@@ -1,25 +1,9 @@
 """Named Recap-CLIP sizes as open_clip model configs, in the released "HTxt" (CLIPA) tower style, at two scales.
 
-Vision towers ``S-16 / B-16 / L-16 / H-14`` and text towers ``small / base / large / huge`` are the rows and the text
-columns of paper Table 2 (scale ``"paper"``); scale ``"tiny"`` names the tiny world's CPU stand-ins of the same towers
-(:data:`TINY_VISION` / :data:`TINY_TEXT`: patch 8, context 64, open_clip's bundled 49,408-token BPE so nothing
-downloads). Any vision x text pairing can be built (Table 4 pairs S/16+base, B/16+large, L/16+huge).
-
-**Documented choice -- embed dim of a pairing:** it is the *vision* row's embed dim, and the text tower's projection
-maps its width to that dim. The one released pairing, ``UCSC-VLAA/ViT-L-16-HTxt-Recap-CLIP`` (L/16 + huge text), has
-``embed_dim 768`` = the L row's, not the H row's 1024 (see :data:`RELEASED_HTXT_L16`).
-
-Styles:
-
-* ``"htxt"`` (default): the released / CLIPA style. Vision: no ``ln_pre``, global average pooling over the patch
-  tokens (the class token is still in the sequence but not pooled), LayerNorm after pooling. Text: bidirectional
-  (``no_causal_mask``), ``pool_type "last"`` (open_clip takes position ``context_length - 1``, which with the
-  ``strip_sep_token`` BERT tokenizer is always a PAD/stripped-SEP id 0 slot that attends to the whole caption),
-  BERT WordPiece tokenizer, vocabulary 32000.
-* ``"openai"``: open_clip's classic tower: ``ln_pre``, class-token vision pooling, causal text with argmax (EOT)
-  pooling and the open_clip ``SimpleTokenizer`` (an HF tokenizer is refused: argmax pooling relies on
-  SimpleTokenizer's EOT being the largest id).
-
+Vision ``S-16 / B-16 / L-16 / H-14`` x text ``small / base / large / huge`` are paper Table 2 (scale ``"paper"``);
+scale ``"tiny"`` names the tiny world's CPU stand-ins of the same towers. The embed dim of a pairing is the vision
+row's, as in the one released pairing (:data:`RELEASED_HTXT_L16`: L/16 + huge text, ``embed_dim 768``). Styles
+``"htxt"`` (default, the released one) and ``"openai"`` (open_clip's classic tower) are described in docs/clip.md.
 YAML form: ``"recap-clip:B-16:base"``, ``"recap-clip:L-16:huge:openai"``, ``"recap-clip:B-16:base:tiny"``.
 """
 
@@ -66,8 +50,7 @@ TEXT_SIZES: dict[str, dict[str, Any]] = {
     for name, row in _TEXT_ROW.items()
 }
 
-# The tiny world's stand-ins: the order S < B < L < H (vision) and small < base < large < huge (text) is kept, so
-# Table 4's "larger text encoder" rows remain a capacity ablation in miniature. Every tiny vision tower has patch 8.
+# The tiny world's stand-ins keep the sizes' order, so Table 4's "larger text encoder" rows stay a capacity ablation.
 TINY_VISION: dict[str, dict[str, Any]] = {
     "S-16": dict(embed_dim=48, width=48, layers=2, head_width=24, patch_size=8),
     "B-16": dict(embed_dim=64, width=64, layers=2, head_width=32, patch_size=8),
@@ -131,16 +114,10 @@ def recap_clip_config(
     tokenizer: str | None = "auto",
     style: str = "htxt",
 ) -> dict[str, Any]:
-    """Open_clip model config ``{"embed_dim", "vision_cfg", "text_cfg"}`` (``open_clip.CLIP(**cfg)``) for a vision x
-    text pairing at a scale; the embed dim is the vision row's (documented choice, matches the released L/16 + huge).
-
-    ``image_size`` / ``context_length`` default to the scale's (224 / 128 paper, 64 / 64 tiny). ``tokenizer``: an HF
-    tokenizer name or local dir (``text_cfg.hf_tokenizer_name``, with ``strip_sep_token`` in the htxt style), ``None``
-    for open_clip's SimpleTokenizer, ``"auto"`` for ``"bert-base-uncased"`` in the paper's htxt style, else ``None``.
-    ``style="openai"`` refuses an HF tokenizer: its argmax pooling needs the end-of-text id to be the largest id in
-    every sequence, which holds for SimpleTokenizer but not for BERT ([SEP] = 102). ``vocab_size=None``: 32000 (the BERT
-    vocabulary Table 2's text counts need) with a tokenizer, 49408 (SimpleTokenizer) without.
-    """
+    """``open_clip.CLIP(**cfg)``'s config for a vision x text pairing at a scale. ``image_size`` /
+    ``context_length`` default to the scale's. ``tokenizer``: an HF tokenizer (``text_cfg.hf_tokenizer_name``),
+    ``None`` for open_clip's SimpleTokenizer, ``"auto"``: ``bert-base-uncased`` in the paper's htxt style, else
+    ``None``. ``vocab_size=None``: 32000 (BERT, which Table 2's text counts need) with a tokenizer, else 49408."""
     if style not in STYLES:
         raise ValueError(f"unknown Recap-CLIP style {style!r}; valid: {list(STYLES)}")
     if scale not in _SCALES:
@@ -155,8 +132,8 @@ def recap_clip_config(
         )
     v = _lookup(vision_sizes, vision, "vision")
     t = _lookup(text_sizes, text, "text")
-    vision_cfg = {"image_size": image_size or default_image, **{k: v[k] for k in ("layers", "width", "head_width")}}
-    vision_cfg["patch_size"] = v["patch_size"]
+    vision_cfg = {"image_size": image_size or default_image}
+    vision_cfg |= {k: v[k] for k in ("layers", "width", "head_width", "patch_size")}
     vocab = vocab_size if vocab_size is not None else (BERT_VOCAB_SIZE if tokenizer else OPENAI_VOCAB_SIZE)
     text_cfg = {"context_length": context_length or default_context, "vocab_size": vocab}
     text_cfg.update({k: t[k] for k in ("width", "heads", "layers")})
@@ -179,9 +156,7 @@ def tiny_model(vision: str, text: str, image_size: int = 64) -> dict[str, Any]:
 
 
 def parse_model_name(name: str) -> dict[str, Any] | None:
-    """``"recap-clip:B-16:base"``, ``"recap-clip:L-16:huge:openai"`` (a style) or ``"recap-clip:B-16:base:tiny"`` (a
-    scale) -> config dict (defaults of :func:`recap_clip_config`); ``None`` when ``name`` does not start with
-    ``recap-clip:``. Malformed -> ValueError."""
+    """``"recap-clip:VISION:TEXT[:STYLE or SCALE]"`` -> :func:`recap_clip_config`; ``None`` for any other name."""
     if not isinstance(name, str) or not name.startswith(PREFIX):
         return None
     parts = name[len(PREFIX) :].split(":")
@@ -213,9 +188,8 @@ def config_mismatches(cfg: dict[str, Any], reference: dict[str, Any] = RELEASED_
 
 
 def count_params(cfg: dict[str, Any]) -> dict[str, int]:
-    """Parameter counts of ``open_clip.CLIP(**cfg)``, built on the meta device (no memory, no init cost): ``vision`` =
-    every ``visual.*`` parameter (``visual.proj`` included), ``text`` = every other one but the logit scale / bias
-    (``text_projection`` included), ``total`` = their sum."""
+    """Parameter counts of ``open_clip.CLIP(**cfg)`` on the meta device: ``vision`` = ``visual.*`` (``visual.proj``
+    included), ``text`` = every other one but the logit scale / bias, ``total``."""
     import open_clip
     import torch
 

@@ -1,9 +1,6 @@
-"""Recap-DiT's networks and losses: a text-conditioned DiT (diffusers ``PixArtTransformer2DModel``: adaLN-single
-timestep conditioning, cross-attention to the text in every block), a frozen CLIP text encoder, an image codec (a VAE,
-or pixels for the tiny world), the diffusion loss and classifier-free-guided sampling with diffusers' schedulers.
-
-The paper (PAPER.md §6) does not say which CLIP text tower and how many tokens: the configs pick OpenAI CLIP ViT-L/14's
-(Stable Diffusion 1.x's choice) at its 77 tokens, per-token last hidden states, and say so.
+"""Recap-DiT's parts: a text-conditioned DiT (diffusers ``PixArtTransformer2DModel``), a frozen CLIP text encoder, an
+image codec (a VAE, or pixels for the tiny world), the diffusion loss and CFG sampling with diffusers' schedulers.
+The paper (PAPER.md §6) names no CLIP text tower nor length: the configs pick SD 1.x's (ViT-L/14, 77 tokens).
 """
 
 from __future__ import annotations
@@ -43,9 +40,8 @@ def parse_dit_size(size: str | Mapping[str, int]) -> dict[str, int]:
 def build_dit(
     size: str | Mapping[str, int], in_channels: int, sample_size: int, caption_channels: int, **kwargs: Any
 ) -> nn.Module:
-    """A PixArt-style DiT (diffusers) of a DiT size, predicting ``in_channels`` (fixed variance, no learned sigma),
-    initialised as PixArt-α / DiT do: zero cross-attention output projections and a zero final layer, so every block
-    starts as the identity on the text path and the first prediction is 0."""
+    """A PixArt-style DiT of a DiT size with fixed variance, initialised as PixArt-α / DiT: zero cross-attention
+    output projections and final layer (every block starts as the identity on the text path, the first output 0)."""
     from diffusers import PixArtTransformer2DModel
 
     s = parse_dit_size(size)
@@ -81,9 +77,9 @@ def dit_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.
 
 
 class FrozenCLIPText(nn.Module):
-    """Per-token features of a frozen CLIP text tower (never trained, always in eval mode), with their mask (1 up to
-    and including end-of-text): a HuggingFace ``CLIPTextModel``'s last hidden states (as Stable Diffusion uses them) or
-    an ``export-clip`` folder's after ``ln_final``. Texts over ``max_length`` tokens are cut and counted."""
+    """Per-token features of a frozen CLIP text tower with their mask (1 up to and including end-of-text): an HF
+    ``CLIPTextModel``'s last hidden states (as Stable Diffusion) or an ``export-clip`` folder's after ``ln_final``.
+    Texts over ``max_length`` tokens are cut and counted."""
 
     def __init__(self, source: str, max_length: int | None = None, trust_remote_code: bool = False):
         super().__init__()
@@ -136,9 +132,10 @@ class FrozenCLIPText(nn.Module):
         return x.float() * mask[..., None], mask
 
 
-def pad_text(text: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text features and their mask padded with zeros to ``length`` tokens."""
-    return F.pad(text, (0, 0, 0, length - text.shape[1])), F.pad(mask, (0, length - mask.shape[1]))
+def pad_to_longest(*texts: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(features, mask)`` pairs padded with zeros to the longest one's number of tokens."""
+    n = max(text.shape[1] for text, _ in texts)
+    return [(F.pad(text, (0, 0, 0, n - text.shape[1])), F.pad(mask, (0, n - mask.shape[1]))) for text, mask in texts]
 
 
 def trim_to_longest(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,8 +159,8 @@ class PixelCodec(nn.Module):
 
 
 class VAECodec(nn.Module):
-    """A frozen diffusers ``AutoencoderKL`` (the paper: LDM/SD's 8× VAE): latents = posterior mean × scaling factor
-    (DiT's and PixArt's training use a sample; the mean makes cached latents deterministic, which the cache needs)."""
+    """A frozen diffusers ``AutoencoderKL``: latents = posterior mean × scaling factor (DiT and PixArt sample; the
+    mean makes cached latents deterministic, which the cache needs)."""
 
     def __init__(self, path: str, subfolder: str | None = None):
         super().__init__()
@@ -189,8 +186,7 @@ class VAECodec(nn.Module):
 
 
 def make_scheduler(kind: str = "ddpm", **config: Any) -> Any:
-    """A diffusers scheduler by name (``ddpm``: training and the paper's sampling; ``ddim``, ``dpm``: fast sampling)
-    from one shared noise-schedule config, so training and sampling always agree on the schedule."""
+    """A diffusers scheduler by name (``ddpm``, ``ddim``, ``dpm``) from the one noise-schedule config of training."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
@@ -209,9 +205,8 @@ def make_scheduler(kind: str = "ddpm", **config: Any) -> Any:
 
 
 def diffusion_loss(pred, x0, noise, t, scheduler: Any, min_snr_gamma: float | None = None) -> torch.Tensor:
-    """MSE against the scheduler's target (``epsilon``: the noise, DiT's; ``v_prediction``: v; ``sample``: x0),
-    optionally min-SNR-γ weighted (Hang et al. 2023), which spends the loss on the low-SNR steps where layout,
-    colour and shape are decided instead of on denoising almost-clean images."""
+    """MSE against the scheduler's target (``epsilon``, ``v_prediction`` or ``sample``), optionally min-SNR-γ
+    weighted (Hang et al. 2023: the loss goes to the low-SNR steps where layout, colour and shape are decided)."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise
@@ -244,16 +239,15 @@ def sample(
     guidance_scale: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Classifier-free guided sampling: ``pred = uncond + s * (cond - uncond)`` at every step (``s`` = 1: no
-    guidance, one forward per step). ``null_text``/``null_mask`` (one row) are the unconditional text."""
+    """Classifier-free guided sampling, ``uncond + s * (cond - uncond)`` (``s`` = 1: one forward per step);
+    ``null_text``/``null_mask`` (one row) are the unconditional text."""
     n = text.shape[0]
     device = text.device
     x = torch.randn((n, *shape), generator=generator, device="cpu").to(device) * scheduler.init_noise_sigma
     scheduler.set_timesteps(num_inference_steps, device=device)
     guided = guidance_scale != 1.0
     if guided:
-        length = max(text.shape[1], null_text.shape[1])
-        (text, mask), (nt, nm) = pad_text(text, mask, length), pad_text(null_text, null_mask, length)
+        (text, mask), (nt, nm) = pad_to_longest((text, mask), (null_text, null_mask))
         text = torch.cat([text, nt.expand(n, -1, -1)])
         mask = torch.cat([mask, nm.expand(n, -1)])
     for t in scheduler.timesteps:

@@ -1,10 +1,7 @@
-"""An open_clip ViT image tower (an ``export-clip`` folder) as a HuggingFace ``CLIPVisionModel`` /
-``CLIPVisionModelWithProjection`` plus ``CLIPImageProcessor``, with identical outputs; towers HF cannot express exactly
-are refused with a ``ValueError``.
-
-Hand-written because transformers has no importable converter for open_clip (its conversion script is not in the
-wheel, and reads OpenAI's ``clip`` checkpoints). The key mapping follows transformers 5.x: ``CLIPVisionModel`` keys
-have no ``vision_model.`` prefix, ``CLIPVisionModelWithProjection`` keys do.
+"""An open_clip ViT image tower (an ``export-clip`` folder) as an HF ``CLIPVisionModel`` /
+``CLIPVisionModelWithProjection`` plus ``CLIPImageProcessor`` with identical outputs; towers HF cannot express exactly
+are refused (``ValueError``). Hand-written: transformers' wheel has no open_clip converter. Keys follow transformers
+5.x: ``CLIPVisionModel``'s have no ``vision_model.`` prefix, ``CLIPVisionModelWithProjection``'s do.
 """
 
 from __future__ import annotations
@@ -25,11 +22,18 @@ _HEAD_WIDTH, _MLP_RATIO, _LN_EPS = 64, 4.0, 1e-5
 # the attn_pooler_* sizes and timm_* options are unused without attentional_pool / timm_model_name)
 _HARMLESS_KEYS = {"patch_dropout", "output_tokens", "attn_pooler_queries", "attn_pooler_heads"}
 _HARMLESS_KEYS |= {f"timm_{k}" for k in ("model_pretrained", "pool", "proj", "proj_bias", "drop", "drop_path")}
-# the custom attention block's switches, each refused when set
+# CLIPVisionCfg keys refused whenever set: HF's CLIP ViT has no equivalent
 _CUSTOM_ATTENTION = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+_REFUSED = {
+    "timm_model_name": "a timm tower is not an HF CLIP ViT",
+    "no_ln_pre": "HF CLIPVisionModel always applies pre_layrnorm",
+    "ls_init_value": "HF CLIP encoder layers have no layer scale",
+    "attentional_pool": "HF CLIPVisionModel has no attentional pooler",
+    "act_kwargs": "HF hidden_act takes no activation arguments",
+    **dict.fromkeys(_CUSTOM_ATTENTION, "open_clip's custom attention block is not HF CLIP's"),
+}
 _HANDLED_KEYS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "pos_embed_type"}
-_HANDLED_KEYS |= {"pool_type", "final_ln_after_pool", "norm_kwargs", "act_kwargs", "no_ln_pre", "ls_init_value"}
-_HANDLED_KEYS |= {"attentional_pool", "timm_model_name", "block_type", *_CUSTOM_ATTENTION}
+_HANDLED_KEYS |= {"pool_type", "final_ln_after_pool", "norm_kwargs", "block_type", *_REFUSED}
 # open_clip's checkpoint file names in a local-dir folder, in open_clip's own order of preference
 _WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
 _WEIGHT_FILES += ("open_clip_pytorch_model.pth", "open_clip_model.bin", "open_clip_model.pt", "open_clip_model.pth")
@@ -44,27 +48,17 @@ def _square(value: Any, key: str) -> int:
 
 
 def hf_vision_config(model_cfg: Mapping[str, Any]) -> CLIPVisionConfig:
-    """The ``CLIPVisionConfig`` of an open_clip model config's ViT tower; ``ValueError`` naming the config key for a
-    tower whose hidden states HF's CLIP vision model cannot reproduce."""
+    """The ``CLIPVisionConfig`` of an open_clip ViT tower; ``ValueError`` naming the key HF cannot reproduce."""
     vc = dict(model_cfg.get("vision_cfg") or {})
-    if vc.get("timm_model_name"):
-        raise ValueError(f"vision_cfg.timm_model_name={vc['timm_model_name']!r}: a timm tower is not an HF CLIP ViT")
+    for key, why in _REFUSED.items():
+        if vc.get(key) not in (None, False, {}, ""):
+            raise ValueError(f"vision_cfg.{key}={vc[key]!r}: {why}")
     layers = vc.get("layers", 12)
     if isinstance(layers, (list, tuple)):
         raise ValueError(f"vision_cfg.layers={list(layers)}: a ModifiedResNet tower is not an HF CLIP ViT")
     unknown = sorted(set(vc) - _HANDLED_KEYS - _HARMLESS_KEYS)
     if unknown:
         raise ValueError(f"vision_cfg keys {unknown} are unknown to this converter (refusing rather than guessing)")
-    refusals = {
-        "no_ln_pre": "HF CLIPVisionModel always applies pre_layrnorm",
-        "ls_init_value": "HF CLIP encoder layers have no layer scale",
-        "attentional_pool": "HF CLIPVisionModel has no attentional pooler",
-        "act_kwargs": "HF hidden_act takes no activation arguments",
-    }
-    refusals.update({key: "open_clip's custom attention block is not HF CLIP's" for key in _CUSTOM_ATTENTION})
-    for key, why in refusals.items():
-        if vc.get(key) not in (None, False, {}):
-            raise ValueError(f"vision_cfg.{key}={vc[key]!r}: {why}")
     if vc.get("block_type") not in (None, "default"):
         raise ValueError(f"vision_cfg.block_type={vc['block_type']!r}: only open_clip's default block is HF CLIP's")
     if vc.get("pos_embed_type", "learnable") not in ("learnable", "sin_cos_2d"):  # sin_cos_2d is stored as a table
@@ -95,20 +89,17 @@ def hf_vision_config(model_cfg: Mapping[str, Any]) -> CLIPVisionConfig:
 
 
 def projection_refusal(model_cfg: Mapping[str, Any]) -> str | None:
-    """Why HF's pooled output (``post_layernorm`` on the CLS token, ``visual_projection``) would differ from open_clip's
-    ``encode_image``, or ``None``. open_clip's ``tok`` pooling is the same with or without ``final_ln_after_pool``
-    (LayerNorm is per token); ``avg`` / ``none`` pooling has no HF equivalent."""
+    """Why HF's pooled output (``post_layernorm`` on the CLS token, projected) would differ from open_clip's
+    ``encode_image``, or ``None`` (``tok`` pooling: the same with or without ``final_ln_after_pool``)."""
     pool = (model_cfg.get("vision_cfg") or {}).get("pool_type", "tok")
-    if pool != "tok":
-        return f"vision_cfg.pool_type={pool!r}: HF pools the class token only"
-    return None
+    return None if pool == "tok" else f"vision_cfg.pool_type={pool!r}: HF pools the class token only"
 
 
 def convert_open_clip_visual_state_dict(
     visual_state: Mapping[str, torch.Tensor], config: CLIPVisionConfig, with_projection: bool = True
 ) -> dict[str, torch.Tensor]:
     """open_clip ``model.visual`` weights as the state dict of ``CLIPVisionModelWithProjection`` (``with_projection``)
-    or ``CLIPVisionModel``; a source key left over raises ``ValueError``."""
+    or ``CLIPVisionModel``; a weight left over is refused."""
     src = dict(visual_state)
     pre = "vision_model." if with_projection else ""
     out: dict[str, torch.Tensor] = {}
@@ -147,10 +138,8 @@ def convert_open_clip_visual_state_dict(
 
 
 def hf_image_processor(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any] | None) -> CLIPImageProcessor:
-    """``CLIPImageProcessor`` for open_clip's eval transform at the tower's image size (``resize_mode='longest'``, pad
-    to square, has no equivalent). Pixel values equal open_clip's when no resampling happens; otherwise transformers'
-    centre crop can sit one pixel off torchvision's (floor vs round of half the excess) and its uint8 resize one level
-    off PIL's."""
+    """``CLIPImageProcessor`` for open_clip's eval transform (not ``resize_mode='longest'``). Pixels equal open_clip's
+    without resampling; with it, the crop can sit one pixel off torchvision's and the uint8 resize one level off."""
     pre = {k: v for k, v in dict(preprocess_cfg or {}).items() if v is not None}
     size = _square((model_cfg.get("vision_cfg") or {}).get("image_size", 224), "image_size")
     mode = pre.get("resize_mode", "shortest")
@@ -188,8 +177,8 @@ def _read_config(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def open_clip_export_to_hf_vision(
     export_dir: str | os.PathLike, with_projection: bool = False
 ) -> tuple[CLIPVisionModel | CLIPVisionModelWithProjection, CLIPImageProcessor]:
-    """``(model, image_processor)`` for an ``export-clip`` folder (weights read safely), in eval mode, every weight
-    loaded; with the projection, ``image_embeds`` equal open_clip's un-normalised ``encode_image``."""
+    """``(model in eval mode, image_processor)`` of an ``export-clip`` folder; with the projection, ``image_embeds``
+    equal open_clip's un-normalised ``encode_image``."""
     from lightning_modules.components.clip_model import read_state_dict
 
     export_dir = Path(export_dir)
@@ -224,13 +213,10 @@ def open_clip_export_to_hf_vision(
 def save_hf_vision(
     export_dir: str | os.PathLike, out_dir: str | os.PathLike, with_projection: bool | Literal["auto"] = True
 ) -> Path:
-    """``save_pretrained`` of the converted model and its image processor in ``out_dir`` (a with-projection folder also
-    loads as ``CLIPVisionModel``). ``with_projection="auto"``: with the projection wherever it is exact."""
+    """``save_pretrained`` of the converted model and image processor; ``"auto"``: the projection wherever exact."""
     if with_projection == "auto":
         with_projection = projection_refusal(_read_config(Path(export_dir))[0]) is None
     model, processor = open_clip_export_to_hf_vision(export_dir, with_projection=bool(with_projection))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)  # creates the folder
     processor.save_pretrained(out_dir)
-    return out_dir
+    return Path(out_dir)

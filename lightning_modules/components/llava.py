@@ -1,9 +1,6 @@
-"""Build a LLaVA-1.5 captioner as a transformers ``LlavaForConditionalGeneration`` (llava-hf layout), so that
-checkpoints load in transformers, vLLM and SGLang unchanged: from a whole llava-hf checkpoint (``pretrained``), or
-composed as LLaVA-1.5 does from a CLIP vision tower and a causal LM (each a hub name, a ``save_pretrained`` folder or a
-config dict for random init; the tower may also be an ``export-clip`` folder of this suite, converted exactly) with
-LLaVA-1.5's ``mlp2x_gelu`` projector. The processor pads images to a square with the mean colour (LLaVA-1.5's
-``image_aspect_ratio: pad``); the tokenizer carries the chat template (``datamodules/chat.py``) and ``<image>``.
+"""A LLaVA-1.5 captioner as a transformers ``LlavaForConditionalGeneration`` (llava-hf layout: its checkpoints load in
+transformers, vLLM and SGLang unchanged), from a llava-hf checkpoint or composed from a CLIP vision tower and a causal
+LM with LLaVA-1.5's ``mlp2x_gelu`` projector; images are padded to a square (LLaVA-1.5's ``image_aspect_ratio: pad``).
 """
 
 from __future__ import annotations
@@ -36,8 +33,7 @@ class LlavaParts:
 
 
 def resolve_chat_template(chat_template: str | None, tokenizer: Any) -> str:
-    """``"llama3"`` -> our LLaMA-3 template with generation markers; ``None`` -> the tokenizer's own; a path to a
-    ``.jinja`` file -> its text; anything else is taken as template text."""
+    """``"llama3"``: our LLaMA-3 template; ``None``: the tokenizer's own; a ``.jinja`` path: its text; else the text."""
     if chat_template == "llama3":
         return LLAMA3_LLAVA_CHAT_TEMPLATE
     if chat_template is None:
@@ -109,8 +105,8 @@ def build_llava(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ) -> LlavaParts:
-    """Build the captioner (see the module docstring). ``tokenizer`` defaults to the ``llm`` (or ``pretrained``)
-    folder; it is required when ``llm`` is a config dict. ``image_processor`` overrides the processor's settings."""
+    """The captioner; ``tokenizer`` defaults to the ``llm`` (or ``pretrained``) folder, and is required for a config
+    dict ``llm``; ``image_processor`` overrides the processor's settings."""
     from transformers import (
         AutoModelForCausalLM,
         AutoProcessor,
@@ -201,10 +197,9 @@ def build_llava(
 
 
 def resize_embeddings_to_mean(lm: Any, n_tokens: int) -> None:
-    """Grow ``lm``'s token embeddings (and an untied output layer) to ``n_tokens`` rounded up to a multiple of 64,
-    the new rows set to the mean of the existing ones (LLaVA's ``smart_tokenizer_and_embedding_resize``). A function of
-    the loaded weights, not a random draw: the rows for ``<image>`` / pad of a frozen LLM are the same every time the
-    model is built, so a checkpoint that leaves frozen weights out restores (and exports) the model that was trained."""
+    """Grow ``lm``'s token embeddings (and an untied output layer) to ``n_tokens`` rounded up to 64, new rows the mean
+    of the old (LLaVA's ``smart_tokenizer_and_embedding_resize``): not a random draw, so a checkpoint without the frozen
+    weights still restores the trained model."""
     old = lm.get_input_embeddings().num_embeddings
     lm.resize_token_embeddings(n_tokens, pad_to_multiple_of=64, mean_resizing=False)
     with torch.no_grad():
@@ -224,7 +219,7 @@ def eos_token_ids(tokenizer: Any) -> list[int]:
 
 
 def save_llava(parts: LlavaParts, out_dir: str | Path) -> Path:
-    """``save_pretrained`` of model and processor (safetensors), loadable with ``from_pretrained``."""
+    """``save_pretrained`` of model and processor (safetensors)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts.model.save_pretrained(out, safe_serialization=True)
@@ -255,8 +250,8 @@ def greedy_captions(
     device: Any,
     repetition_penalty: float | None = None,
 ) -> list[Generated]:
-    """One batch of greedy captions: left padding, attention mask, KV cache, stop at the end-of-turn token. The one
-    decoding path of the suite: ``CaptionerModule.caption`` (evaluation) and the recaption job call it."""
+    """One batch of greedy captions (left padding, KV cache, stop at end of turn): the suite's one decoding path, for
+    ``CaptionerModule.caption`` and the recaption job."""
     tok = processor.tokenizer
     inputs = processor(
         images=list(images),
@@ -270,12 +265,7 @@ def greedy_captions(
     vision_dtype = next(p.dtype for n, p in model.named_parameters() if "vision_tower" in n)
     inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype)
     eos = eos_token_ids(tok)
-    greedy = {
-        "do_sample": False,
-        "max_new_tokens": max_new_tokens,
-        "eos_token_id": eos,
-        "pad_token_id": tok.pad_token_id,
-    }
+    greedy = dict(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id)
     if repetition_penalty:
         greedy["repetition_penalty"] = repetition_penalty
     with torch.inference_mode():

@@ -1,8 +1,6 @@
-"""Training objectives beside open_clip's ``ClipLoss``: SigLIP (open_clip's ``SigLipLoss``), the multi-caption
-contrastive sum (CLIPS / OpenVision: every step scores each configured caption view) and a caption decoder
-(open_clip's CoCa ``MultimodalTransformer``) predicting a caption from the image tokens, optionally prefixed by
-another caption (CLIPS). Each one's mean over DDP ranks equals its single-process value on the global batch
-(``tests/test_objectives_distributed.py``).
+"""Training objectives beside open_clip's ``ClipLoss``: SigLIP, the multi-caption contrastive sum (CLIPS /
+OpenVision) and a caption decoder (open_clip's CoCa ``MultimodalTransformer``, optionally prefixed by another caption as
+CLIPS). Each one's mean over DDP ranks equals its single-process value on the global batch (tested).
 """
 
 from __future__ import annotations
@@ -21,15 +19,13 @@ LOSSES = ("clip", "siglip")
 
 
 def make_clip_loss(rank: int = 0, world_size: int = 1) -> ClipLoss:
-    """open_clip's distributed loss: each rank scores its rows against all ranks' features gathered *with* gradients,
-    which equals the single-process loss on the global batch."""
+    """open_clip's loss over all ranks' features gathered *with* gradients (= the global batch's loss)."""
     return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
 
 
 def make_contrastive_loss(kind: str = "clip", rank: int = 0, world_size: int = 1) -> nn.Module:
-    """``clip``: ``make_clip_loss``. ``siglip``: open_clip's ``SigLipLoss``; each rank sums its rows' sigmoid terms
-    against every rank's texts (passed round the ring with gradients) and divides by its *local* batch, so with equal
-    per-rank batches the mean over ranks is exactly the global batch's loss (sum over B x B pairs / B)."""
+    """``clip``: ``make_clip_loss``. ``siglip``: open_clip's ``SigLipLoss``, whose per-rank sums over every rank's
+    texts divided by the *local* batch average over equal ranks to the global batch's loss."""
     if kind == "clip":
         return make_clip_loss(rank, world_size)
     if kind == "siglip":
@@ -56,7 +52,7 @@ def multi_caption_loss(
 
 
 def pad_token_id(tokenizer: Any) -> int:
-    """The id a tokenizer pads with: an HF tokenizer's ``pad_token_id``; open_clip's SimpleTokenizer pads with 0."""
+    """An HF tokenizer's ``pad_token_id``; 0 for open_clip's SimpleTokenizer."""
     hf = getattr(tokenizer, "tokenizer", None)
     pad = getattr(hf, "pad_token_id", None)
     return 0 if pad is None else int(pad)
@@ -65,11 +61,9 @@ def pad_token_id(tokenizer: Any) -> int:
 def caption_loss(
     logits: torch.Tensor, target_tokens: torch.Tensor, pad_id: int, out_class: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Next-token cross-entropy, pads ignored, mean over each sample's tokens then over samples: every sample weighs
-    the same, so the DDP average of per-rank losses is the global batch's (a flat token mean would weigh ranks by
-    their token counts). ``logits [B, L, V]``: ``logits[:, t]`` predicts ``target_tokens[:, t]``; or ``[N, V]``:
-    only the non-pad targets' rows, in order (``CaptionDecoder(..., keep=target_tokens != pad_id)``). ``out_class``:
-    a shortlist decoder's token id -> output class table (``CaptionDecoder.out_class``)."""
+    """Next-token cross-entropy, pads ignored, mean per sample then over samples (so the DDP average of per-rank
+    losses is the global batch's; a flat token mean would weigh ranks by token count). ``logits`` are ``[B, L, V]`` or
+    the non-pad targets' ``[N, V]`` (``CaptionDecoder(keep=...)``); ``out_class``: a shortlist's id -> class table."""
     keep = target_tokens != pad_id
     targets = target_tokens[keep] if out_class is None else out_class[target_tokens[keep]]
     if logits.ndim == 3:
@@ -82,11 +76,9 @@ def caption_loss(
 
 
 class CaptionDecoder(nn.Module):
-    """A causal text decoder (open_clip's CoCa ``MultimodalTransformer``, its projection to the vocabulary) whose
-    cross-attention reads the image tokens, projected to its width, and, given ``prefix`` tokens, their embeddings
-    too (CLIPS: predict the recaption from the image and the original caption). Prefix pads are masked out of the
-    cross-attention; CoCa's forward passes no cross-attention mask, hence the block loop here. ``prefix``: whether
-    it reads a prefix (its prefix marker is a parameter only then: DDP stops on a parameter without a gradient)."""
+    """CoCa's causal ``MultimodalTransformer`` cross-attending to the projected image tokens and, with ``prefix``,
+    to a prefix caption's embeddings (CLIPS), prefix pads masked (CoCa's forward takes no such mask, hence the block
+    loop). The prefix marker exists only with ``prefix``: DDP stops on a parameter without a gradient."""
 
     def __init__(
         self,
@@ -102,10 +94,8 @@ class CaptionDecoder(nn.Module):
     ):
         super().__init__()
         self.heads, self.pad_id = heads, pad_id
-        # A shortlist (``output_ids``): the decoder predicts only those token ids plus one "other" class, instead of
-        # the whole vocabulary. The vocabulary projection is nearly all of the decoder's cost (49,408 x width per
-        # target token: 8.75x a ClipLoss step at batch 128 in the tiny world); a closed-vocabulary world (the tiny
-        # one) loses nothing by it. A non-persistent buffer: it follows the device, and is rebuilt from the config.
+        # A shortlist (``output_ids``): only those ids plus one "other" class are predicted, since the vocabulary
+        # projection is nearly all of the decoder's cost (docs/clip.md). Not persistent: rebuilt from the config.
         out_class, n_out = None, vocab_size
         if output_ids is not None:
             ids = sorted(set(int(i) for i in output_ids))
@@ -135,9 +125,8 @@ class CaptionDecoder(nn.Module):
         prefix: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, L, vocab]`` for the next token after each of ``tokens [B, L]``; with ``keep [B, L]``, only the
-        kept positions' ``[N, vocab]``: the vocabulary projection is the decoder's largest cost (49408 x width), and
-        the pad targets' logits are never used."""
+        """Next-token logits ``[B, L, vocab]`` after ``tokens [B, L]``; with ``keep [B, L]`` only the kept ones'
+        ``[N, vocab]`` (the vocabulary projection is the largest cost, and pad targets' logits are never used)."""
         memory = self.image_proj(image_tokens)
         mask = None
         if prefix is not None:
