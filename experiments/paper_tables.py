@@ -26,20 +26,7 @@ from pathlib import Path
 
 from experiments.dit_tables import L2, TABLE7
 from lightning_modules.components.clip_sizes import TABLE2 as SIZES
-from lightning_modules.components.clip_sizes import TINY_VISION, tiny_model
-
-__all__ = [
-    "TABLE2",
-    "TABLES",
-    "TINY_VISION",
-    "Row",
-    "Table",
-    "ROWS",
-    "expand_row",
-    "row_args",
-    "run_args",
-    "tiny_model",
-]
+from lightning_modules.components.clip_sizes import TINY_VISION, tiny_model  # noqa: F401 (re-exported)
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 SCALES = ("tiny", "paper")
@@ -273,11 +260,7 @@ def run_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[
     name = f"{family}/{table}/{row}"
     run = f"{save_dir}/{name}"
     version = {"dit": "fit", "captioner": CAPTIONER_STAGES[stage - 1]}.get(family, f"stage{stage}")
-    loggers = [{"class_path": CSV_LOGGER, "init_args": {"save_dir": save_dir, "name": name, "version": version}}]
-    if scale == "paper":
-        wandb = {"save_dir": save_dir, "project": "recap-suite", "name": f"{name}/{version}", "group": name}
-        loggers.append({"class_path": "experiments.loggers.RecapWandbLogger", "init_args": wandb})
-    args = [f"--trainer.logger={json.dumps(loggers if scale == 'paper' else loggers[0])}"]
+    args = [logger_arg(save_dir, name, version, wandb=scale == "paper")]
     if family == "dit":
         args.append(f"--model.init_args.sample_dir={run}/samples")
     elif family == "captioner" and stage == 3 and scale == "paper":
@@ -286,6 +269,15 @@ def run_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[
         previous = CAPTIONER_STAGES[stage - 2] if family == "captioner" else f"stage{stage - 1}"
         args.append(f"--model.init_args.init_from={run}/{previous}/checkpoints/last.ckpt")
     return args
+
+
+def logger_arg(save_dir: str, name: str, version: str, wandb: bool = False) -> str:
+    """``--trainer.logger``: a CSV logger whose folder ``save_dir/name/version`` is the run dir, then (``wandb``) W&B
+    in the same run group, as the paper-scale base configs have it."""
+    csv = {"class_path": CSV_LOGGER, "init_args": {"save_dir": save_dir, "name": name, "version": version}}
+    init = {"save_dir": save_dir, "project": "recap-suite", "name": f"{name}/{version}", "group": name}
+    loggers = [csv, {"class_path": "experiments.loggers.RecapWandbLogger", "init_args": init}] if wandb else csv
+    return "--trainer.logger=" + json.dumps(loggers)
 
 
 def expand_row(argv: list[str]) -> list[str]:

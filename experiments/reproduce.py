@@ -42,7 +42,7 @@ from experiments.claims import (
     check_table8,
     claims_markdown,
 )
-from experiments.paper_tables import CAPTIONER_STAGES, row_args, run_args
+from experiments.paper_tables import CAPTIONER_STAGES, logger_arg, row_args, run_args
 from experiments.runner import REPO, Launcher, Step
 from experiments.tables import captioner_eval, last_metrics, markdown, prompt_set_metrics, realised_p
 
@@ -141,12 +141,6 @@ def shard_specs(world: dict[str, Any], root: str) -> tuple[str, str, str]:
     return f"{root}/web/{{{first}..{last}}}.tar", f"{root}/web/{val}.tar", f"{root}/web/*.tar"
 
 
-def logger(save_dir: str, name: str, version: str) -> str:
-    """The ``--trainer.logger`` of a step: a CSV logger whose folder is the run dir ``save_dir/name/version``."""
-    init = {"save_dir": save_dir, "name": name, "version": version}
-    return "--trainer.logger=" + json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": init})
-
-
 def _clip_evaluation(world: str, tasks: int = 3) -> str:
     retrieval = {"karpathy_json": f"{world}/eval/retrieval/dataset.json", "image_root": f"{world}/eval/retrieval"}
     init = {
@@ -185,16 +179,17 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
         as_list = lambda v: [v] if isinstance(v, str) else list(v)  # noqa: E731
         steps.append(Step(name, title, argv, as_list(outputs), as_list(clean)))
 
-    argv = ["world", "--out", W, "--overwrite", *overrides(profile["world"], "world.")]
-    add("world", "tiny world (web, captioner data, eval sets)", argv, f"{W}/world.json", W)
+    def world(name: str, title: str, folder: str, config: list[str]) -> None:
+        argv = ["world", *config, "--out", folder, "--overwrite", *overrides(profile[name], "world.")]
+        add(name, title, argv, f"{folder}/world.json", folder)
+
+    world("world", "tiny world (web, captioner data, eval sets)", W, [])
     if profile.get("dit"):
-        argv = ["world", "--config", DIT_WORLD_CONFIG, "--out", DW, "--overwrite"]
-        argv += overrides(profile["dit_world"], "world.")
-        add("dit_world", "DiT world (one larger object per image)", argv, f"{DW}/world.json", DW)
+        world("dit_world", "DiT world (one larger object per image)", DW, ["--config", DIT_WORLD_CONFIG])
 
     # The OpenAI CLIP analog: alt-text only, its image tower becomes the captioner's, its text tower the DiT's.
     data = [f"--data.init_args.train_shards={train}", f"--data.init_args.val_shards={val}"]
-    argv = ["fit", "--config", f"{TINY_CAP}/web_clip.yaml", logger(o, "captioner", "web_clip"), *data]
+    argv = ["fit", "--config", f"{TINY_CAP}/web_clip.yaml", logger_arg(o, "captioner", "web_clip"), *data]
     argv += [_clip_evaluation(W, tasks=1), *overrides(profile["web_clip"])]
     add("web_clip", "web CLIP on alt-text (OpenAI CLIP analog)", argv, f"{wc}/checkpoints/last.ckpt", wc)
     export, hf_vision = f"{wc}/export", f"{wc}/hf_vision"
@@ -223,7 +218,7 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
     previous = None
     for stage, (train_json, image_folder, title) in stage_data.items():
         configs += ["--config", f"{TINY_CAP}/{stage}.yaml"]
-        argv = ["fit", *configs, logger(o, "captioner", stage), f"--data.init_args.train_json={train_json}"]
+        argv = ["fit", *configs, logger_arg(o, "captioner", stage), f"--data.init_args.train_json={train_json}"]
         argv += [f"--data.init_args.image_folder={image_folder}", f"--model.init_args.vision_tower={hf_vision}"]
         argv += [f"--model.init_args.llm={llm}", "--model.init_args.evaluation=" + json.dumps(cap_eval)]
         if previous:
@@ -262,7 +257,7 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
         seed_args = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"] if seed else []
         for stage in (1, 2):
             argv = ["fit", *repo_relative(row_args(table, rid, stage))]
-            argv += [logger(root, f"clip/{table}/{rid}", f"stage{stage}"), *data_args, *seed_args]
+            argv += [logger_arg(root, f"clip/{table}/{rid}", f"stage{stage}"), *data_args, *seed_args]
             if stage == 2:
                 argv.append(f"--model.init_args.init_from={run}/stage1/checkpoints/last.ckpt")
             # a row's own overrides may name this run's files: {out} is the output folder
@@ -310,15 +305,9 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
         add("judge", "pinned attribute judge (DiT evaluation)", argv, f"{judge}/judge.json", judge)
         text_encoder = f"--model.init_args.text_encoder={export}"
         cache, cache_val = f"{o}/dit/cache", f"{o}/dit/cache_val"
-        argv = [
-            "dit-cache",
-            "--config",
-            f"{TINY_DIT}/base.yaml",
-            text_encoder,
-            f"--data.init_args.train_shards={dtrain}",
-        ]
-        argv += [f"--data.init_args.val_shards={dval}", f"--data.init_args.sidecar_dir={rec}/world_dit_sidecars"]
-        argv += ["--out", cache, "--val-out", cache_val]
+        argv = ["dit-cache", "--config", f"{TINY_DIT}/base.yaml", text_encoder]
+        argv += [f"--data.init_args.train_shards={dtrain}", f"--data.init_args.val_shards={dval}"]
+        argv += [f"--data.init_args.sidecar_dir={rec}/world_dit_sidecars", "--out", cache, "--val-out", cache_val]
         title = "DiT cache (pixels + web-CLIP text of both sources)"
         add("dit_cache", title, argv, f"{cache}/_cache.json", [cache, cache_val])
         clips = ["--clip", f"web_clip={export}"] + (["--clip", f"recap_clip={recap_clip}"] if recap_clip else [])
@@ -327,7 +316,7 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
             rid = row_id(p)
             run, ev = f"{o}/dit/table7/{rid}", f"{o}/dit/eval/{rid}"
             argv = ["fit", *repo_relative(row_args("table7", rid, 1)), "--config", f"{TINY_DIT}/cached.yaml"]
-            argv += [logger(o, f"dit/table7/{rid}", "fit"), text_encoder, f"--data.init_args.cache_dir={cache}"]
+            argv += [logger_arg(o, f"dit/table7/{rid}", "fit"), text_encoder, f"--data.init_args.cache_dir={cache}"]
             argv += [f"--data.init_args.val_cache_dir={cache_val}", f"--model.init_args.sample_dir={run}/samples"]
             argv += overrides(dit.get("fit"))
             add(f"dit_{rid}", f"Recap-DiT p={float(p):g}", argv, f"{run}/fit/checkpoints/last.ckpt", run)
@@ -546,73 +535,59 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
         "Tiny-world stand-ins: cls = 48-class zero-shot (ImageNet), short = 5 captions per image retrieval (COCO), "
         "long = one long caption per image (Urban-1K). Absolute numbers are not comparable with the paper's."
     )
+
+    def section(title: str, *body: str) -> list[str]:
+        return ["", f"## {title}", "", *body]
+
+    def table(name: str, key: str) -> str:
+        return _paper_table(name, out) if results[key] else "not run"
+
     lines = [
         f"# {'The' if table3 else 'Beyond the'} paper in miniature: `reproduce --profile {stem}`",
         "",
         f"{profile.get('description', '')}. Tiny world, CPU. Command and commit:",
         "",
-        "```bash",
-        command,
-        "```",
+        f"```bash\n{command}\n```",
         "",
         _run_line(profile, record),
-        "",
-        "## What the miniature reproduces" if table3 else "## Does each objective beat the paper's p = 0.8?",
-        "",
-        claims_markdown(claims, seeds, margins),
+        *section(
+            "What the miniature reproduces" if table3 else "Does each objective beat the paper's p = 0.8?",
+            claims_markdown(claims, seeds, margins),
+        ),
     ]
     if table3:
-        lines += [
-            "",
-            "## Captioner (Table 1 stand-in): held-out attribute scores, percent",
-            "",
-            report.captioner_table(out) or "not run",
-            "",
-            "## Caption analysis (§4): original alt-text vs recaptions of `web/`",
-            "",
-            _analysis_table(results["analysis"]) if results["analysis"] else "not run",
-            "",
-            "## Recap-CLIP vs p (Table 3 style; final = stage 2)",
-            "",
-            _paper_table("table3", out) if results["clip"] else "not run",
-            "",
-            stand_ins,
-        ]
+        lines += section(
+            "Captioner (Table 1 stand-in): held-out attribute scores, percent", report.captioner_table(out) or "not run"
+        )
+        analysis = _analysis_table(results["analysis"]) if results["analysis"] else "not run"
+        lines += section("Caption analysis (§4): original alt-text vs recaptions of `web/`", analysis)
+        lines += section("Recap-CLIP vs p (Table 3 style; final = stage 2)", table("table3", "clip"), "", stand_ins)
     if dit:
-        lines += [
-            "",
-            "## Recap-DiT at p = 0 and p = 1 (Table 7 style)",
-            "",
-            _paper_table("table7", out) if results["dit"] else "not run",
+        lines += section(
+            "Recap-DiT at p = 0 and p = 1 (Table 7 style)",
+            table("table7", "dit"),
             "",
             "Raw = the prompt set's short captions, recap = its detailed descriptions; FID on the pinned judge's "
             "features, CLIP score with the web CLIP (alt-text trained) and with this run's Recap-CLIP.",
-        ]
+        )
     if t8:
-        lines += [
-            "",
-            "## Table 8, beyond the paper: each objective over the p = 0.8 recipe (final = stage 2)",
-            "",
-            _paper_table("table8", out) if results["table8"] else "not run",
-            "",
-            stand_ins + " Rows: `experiments/configs/tiny/clip/table8/README.md`.",
-        ]
-    lines += [
-        "",
-        "## Plots and tables",
-        "",
+        title = "Table 8, beyond the paper: each objective over the p = 0.8 recipe (final = stage 2)"
+        rows_note = stand_ins + " Rows: `experiments/configs/tiny/clip/table8/README.md`."
+        lines += section(title, table("table8", "table8"), "", rows_note)
+    lines += section(
+        "Plots and tables",
         *[f"- `{os.path.relpath(p, dest)}`" for p in sorted((dest / "reports").glob("*.md"))],
         *[f"![{p.stem}]({os.path.relpath(p, dest)})" for p in pngs],
-        "",
-        "## Timings",
-        "",
+    )
+    lines += section(
+        "Timings",
         runner.summary_table(record),
         "",
         "Load average = the machine's 1-minute load when the step started and ended (2 cores: above 2 means the "
         "steps shared the CPU with other work, and the times are slower than on a quiet machine). CPU time = user + "
         "system seconds of the step's processes, which other work does not inflate: on 2 cores a step's uncontended "
         "wall time is at least half its CPU time.",
-    ]
+    )
     path = dest / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
