@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from datamodules.io import atomic_write
+from experiments.paper_tables import logger_arg
 from experiments.runner import REPO, Step, run_steps
 
 DONE_FILE = "sweep_point.json"
@@ -167,10 +168,8 @@ def row_steps(fit_args: Sequence[str], run: Path, agent: bool = False) -> list[S
                 {"class_path": "experiments.loggers.SweepCSVLogger", "init_args": csv},
                 {"class_path": "experiments.loggers.RecapWandbLogger", "init_args": wandb},
             ]
-        else:
-            csv = {"save_dir": str(run), "name": "", "version": stage}
-            loggers = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": csv}
-        return "--trainer.logger=" + json.dumps(loggers)
+            return "--trainer.logger=" + json.dumps(loggers)
+        return logger_arg(str(run), "", stage)
 
     def step(stage: str, argv: list[str], output: str) -> Step:
         return Step(
