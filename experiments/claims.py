@@ -30,20 +30,10 @@ class Claim:
 
 @dataclass(frozen=True)
 class Margins:
-    """How large a difference must be to count as a verdict (``claims:`` section of a profile).
-
-    A measured difference ``d`` (in the claim's direction) with standard error ``se`` is a verdict only when
-    ``|d| >= z * se``; below that the claim is *inconclusive*, whichever way ``d`` points. Sources of ``se``:
-
-    - CLIP metrics: seed noise. sd = the larger of ``clip_seed_sd`` (a prior: the seed sd measured in the tiny-world
-      sweep, docs/clip.md) and the pooled sd of this run's seeds; se of a difference of means over n_a, n_b seeds
-      = sd * sqrt(1/n_a + 1/n_b). One seed is never "proof" of a few-point difference.
-    - accuracies (judge, captioner attribute precision vs chance): binomial, sqrt(a(1-a)/n_a + b(1-b)/n_b).
-    - CLIP score: the per-pair standard errors that ``dit-eval`` writes (``clip_score/<name>/se``).
-    - FID has no closed-form standard error (and at a few hundred images a large bias, shared by both models since they
-      use the same prompts and references): a difference is a verdict only above ``fid_rel_margin`` of the larger FID.
-      This is a convention, stated as such in the report, not a statistic.
-    """
+    """How large a difference must be to count as a verdict (``claims:`` section of a profile): ``|d| >= z * se``, else
+    *inconclusive* whichever way ``d`` points. The sources of ``se`` (seed noise with the prior ``clip_seed_sd``,
+    binomial, dit-eval's per-pair se; FID has none, and a large bias at a few hundred images, hence the
+    ``fid_rel_margin`` convention): docs/reproduce/README.md, "The claims and their margins"."""
 
     z: float = 2.0
     clip_seed_sd: float = 1.5
@@ -62,8 +52,8 @@ class Margins:
 
 
 def verdict(diff: float, se: float | None, z: float) -> str:
-    """HOLDS / FAILS when ``diff`` (positive = the claim's direction) is at least ``z * se`` away from 0, else NOISE;
-    ``se`` None = an exact quantity (no sampling noise): the sign decides."""
+    """HOLDS / FAILS when ``diff`` (positive = the claim's direction) is at least ``z * se`` from 0, else NOISE;
+    ``se`` None (an exact quantity): the sign decides."""
     if se is None:
         return HOLDS if diff > 0 else FAILS
     if abs(diff) < z * se or diff == 0:
@@ -76,12 +66,12 @@ def _margin_text(diff: float, se: float | None, z: float, unit: str = "") -> str
 
 
 def _seed_values(by_seed: dict[str, dict], keys: Sequence[str]) -> list[float]:
-    """Per seed, the mean of ``keys`` (CLIP stage-2 metrics), over the seeds that measured all of them."""
+    """Per seed that measured all ``keys`` (CLIP stage-2 metrics), their mean."""
     return [sum(m[k] for k in keys) / len(keys) for m in by_seed.values() if all(k in m for k in keys)]
 
 
 def clip_series(results: dict, *keys: str) -> dict[float, list[float]]:
-    """p -> per-seed values of the mean of ``keys`` (CLIP stage-2 metrics), seeds that measured all of them."""
+    """p -> ``_seed_values`` of ``keys``."""
     out = {
         float(p): vals for p, by_seed in (results.get("clip") or {}).items() if (vals := _seed_values(by_seed, keys))
     }
@@ -106,8 +96,8 @@ def _series_text(series: dict[float, list[float]], trained: dict[float, float] |
 
 
 def trained_p(results: dict, kind: str = "clip") -> dict[float, float]:
-    """nominal p -> the p the runs trained on (``realised_p``, the mean over seeds) for ``kind`` "clip" or "dit"; a row
-    whose runs logged no realised p is left out (the claims then fall back to its nominal p and say so)."""
+    """nominal p -> the p the ``kind`` ("clip" / "dit") runs trained on (``realised_p``, mean over seeds); a row whose
+    runs logged none is left out (the claims then use its nominal p and say so)."""
     out = {}
     for p, v in (results.get(f"{kind}_p") or {}).items():
         vals = list(v.values()) if isinstance(v, dict) else [v]
@@ -159,8 +149,8 @@ def _dit(results: dict, p: float, key: str) -> float | None:
 
 
 def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = "web_clip") -> list[Claim]:
-    """Each of the paper's claims as a check over ``results`` (``collect_results``'s layout); nothing is assumed.
-    A difference smaller than its noise (``Margins``) gives NOISE ("inconclusive"), never a verdict."""
+    """Each of the paper's claims as a check over ``results`` (``collect_results``'s layout); a difference smaller
+    than its noise (``Margins``) is NOISE ("inconclusive"), never a verdict."""
     m = margins or Margins()
     claims = []
 
@@ -387,8 +377,7 @@ def check_table8(
     results: dict, margins: Margins | None = None, baseline: str = "p0.8", rows: Sequence[str] | None = None
 ) -> list[Claim]:
     """Per Table 8 row (``rows``, default: those in the results) and task (``TABLE8_TASKS``), the claim "the row beats
-    ``baseline``" over ``results["table8"]`` (row id -> seed -> stage-2 metrics): the difference of seed means against
-    seed noise, as the paper's claims are; a row or baseline without runs is "not measured"."""
+    ``baseline``" over ``results["table8"]`` (row id -> seed -> stage-2 metrics), against seed noise."""
     m = margins or Margins()
     by_row = results.get("table8") or {}
     claims = []

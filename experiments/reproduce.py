@@ -33,15 +33,7 @@ from typing import Any
 
 import yaml
 
-from experiments import runner
-from experiments.claims import (
-    PAPER_COVERAGE_PCT,
-    PAPER_LENGTH_WORDS,
-    Margins,
-    check_claims,
-    check_table8,
-    claims_markdown,
-)
+from experiments import claims, runner
 from experiments.paper_tables import CAPTIONER_STAGES, logger_arg, row_args, run_args
 from experiments.runner import REPO, Launcher, Step
 from experiments.tables import captioner_eval, last_metrics, markdown, prompt_set_metrics, realised_p
@@ -68,8 +60,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_profile(profile: str) -> dict[str, Any]:
-    """A profile by name (``experiments/configs/reproduce/<name>.yaml``) or path; missing sections are named. A
-    profile with ``base: NAME`` is merged over that profile (``merge``): same sections, same step commands."""
+    """A profile by name (``experiments/configs/reproduce/<name>.yaml``) or path, merged over its ``base: NAME``
+    profile; an error names the file and the missing or wrong section."""
     from experiments.dit_tables import TABLE7
     from experiments.paper_tables import TABLES
 
@@ -154,16 +146,12 @@ def _clip_evaluation(world: str, tasks: int = 3) -> str:
 
 def repo_relative(args: Sequence[str]) -> list[str]:
     """Arguments with paths inside the repository made relative to it (commands and done-stamps stay readable)."""
-    out = []
-    for a in args:
-        p = Path(a)
-        out.append(str(p.resolve().relative_to(REPO)) if p.is_absolute() and p.resolve().is_relative_to(REPO) else a)
-    return out
+    inside = lambda p: p.is_absolute() and p.resolve().is_relative_to(REPO)  # noqa: E731
+    return [str(Path(a).resolve().relative_to(REPO)) if inside(Path(a)) else a for a in args]
 
 
 def seed_root(out: str, seed: int) -> str:
-    """Where a CLIP seed's runs go: ``OUT`` for seed 0 (the configs' own seeds), ``OUT/seed<N>`` otherwise, the layout
-    ``clip-table --seed`` and ``report`` use."""
+    """A CLIP seed's runs: ``OUT`` for seed 0 (the configs' own seeds), else ``OUT/seed<N>`` (as ``clip-table``)."""
     return out if seed == 0 else f"{out}/seed{seed}"
 
 
@@ -461,7 +449,7 @@ def _analysis_table(a: dict) -> str:
     lw, lt = a.get("length_words") or {}, a.get("length_tokens") or {}
     voc, share = a.get("vocabulary") or {}, a.get("clip_share") or {}
     sources = ("original", "recaption")
-    paper_words = f"{PAPER_LENGTH_WORDS['original']} / {PAPER_LENGTH_WORDS['recaption']}"
+    paper_words = f"{claims.PAPER_LENGTH_WORDS['original']} / {claims.PAPER_LENGTH_WORDS['recaption']}"
     rows = [["mean words", *(f"{(lw.get(s) or {}).get('mean') or 0:.1f}" for s in sources), paper_words]]
     if lt:
         rows.append(["mean tokens (world tokenizer)", *(f"{(lt.get(s) or {}).get('mean') or 0:.1f}" for s in sources)])
@@ -471,7 +459,7 @@ def _analysis_table(a: dict) -> str:
     words = voc.get("token_share_pct") or {}
     if words:
         shares = (f"{words.get(s) or 0:.1f}%" for s in sources)
-        rows.append(["share of the word tokens of both sets", *shares, f"- / {PAPER_COVERAGE_PCT}%"])
+        rows.append(["share of the word tokens of both sets", *shares, f"- / {claims.PAPER_COVERAGE_PCT}%"])
     cov = (voc.get("coverage_pct") or {}).get("recaption")
     cov_text = f"{cov:.1f}%" if cov is not None else "-"
     rows.append(["distinct-word coverage of the joint vocabulary", "", cov_text, "-"])
@@ -522,13 +510,13 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
     from experiments import report
 
     results = collect_results(out, profile, seeds)
-    margins = Margins.from_profile(profile["claims"])
+    margins = claims.Margins.from_profile(profile["claims"])
     table3, dit, t8 = bool(profile["clip"].get("ps")), bool(profile.get("dit")), profile.get("table8")
-    claims = check_claims(results, margins) if table3 else []
-    claims += check_table8(results, margins, t8.get("baseline", "p0.8"), t8["rows"]) if t8 else []
+    checked = claims.check_claims(results, margins) if table3 else []
+    checked += claims.check_table8(results, margins, t8.get("baseline", "p0.8"), t8["rows"]) if t8 else []
     dest, stem = results_dir(out, profile), Path(profile["_path"]).stem
     dest.mkdir(parents=True, exist_ok=True)
-    data = {"results": results, "claims": [c.__dict__ for c in claims]}
+    data = {"results": results, "claims": [c.__dict__ for c in checked]}
     (dest / "results.json").write_text(json.dumps(data, indent=1) + "\n")
     pngs = sorted((dest / "reports").glob("*.png")) + sorted((out / "analysis").glob("*.png"))
     stand_ins = (
@@ -552,7 +540,7 @@ def write_report(out: Path, profile: dict, seeds: int, record: dict, command: st
         _run_line(profile, record),
         *section(
             "What the miniature reproduces" if table3 else "Does each objective beat the paper's p = 0.8?",
-            claims_markdown(claims, seeds, margins),
+            claims.claims_markdown(checked, seeds, margins),
         ),
     ]
     if table3:
