@@ -180,11 +180,6 @@ def run_hardware(metrics_json: dict, run_dir: Path, log: Path | None = None) -> 
     return f"{acc} x{trainer.get('devices', 1)}" + (f" x{nodes} nodes" if nodes and int(nodes) > 1 else "")
 
 
-def _seed_roots(runs: Path) -> list[tuple[str | None, Path]]:
-    """The configs' own run root, then the ``seed<N>`` rerun roots (``clip-table --seed N``)."""
-    return [(None, runs)] + [(d.name, d) for d in sorted(runs.glob("seed*")) if d.is_dir()]
-
-
 def _run(
     seed: str | None, values: dict, data: dict, found: Path, shown: Path, trained: list[Path], log: Path | None = None
 ) -> RunResult:
@@ -200,21 +195,30 @@ def _run(
     return RunResult(os.path.relpath(shown, Path.cwd()), seed, values, run_commit(data, found), hardware)
 
 
-# ------------------------------------------------------------------------------------------------------ CLIP tables
-def clip_runs(runs: Path, table: str, row_id: str, keys: dict[str, str]) -> list[RunResult]:
+def row_runs(runs: Path, table: str, row_id: str, keys: dict[str, str]) -> list[RunResult]:
+    """A row's runs (the configs' own root, then the ``seed<N>`` reruns of ``clip-table --seed N``): a CLIP row's last
+    stage-2 evaluation, a Table 7 row's dit-eval prompt sets."""
     out = []
-    for seed, root in _seed_roots(runs):
-        row_dir = root / "clip" / table / row_id
-        found = metrics_file(row_dir / "stage2")
-        if found is not None:
-            data = json.loads(found.read_text())
-            metrics = data.get("metrics", {})
-            values = {c: float(metrics[k]) for c, k in keys.items() if k in metrics}
-            log = row_dir.parent / "logs" / f"{row_id}_stage2.log"
-            out.append(_run(seed, values, data, found, found, [row_dir / "stage1", row_dir / "stage2"], log))
+    for seed, root in [(None, runs)] + [(d.name, d) for d in sorted(runs.glob("seed*")) if d.is_dir()]:
+        if table == "table7":
+            shown, trained, log = root / "dit" / "eval" / row_id, [root / "dit" / "table7" / row_id / "fit"], None
+            found = next(iter(sorted(shown.glob("*/metrics.json"))), None)
+            # attribute accuracies are fractions in dit-eval's json; percent like every other column here
+            metrics = {k: v * 100 if "/attributes/" in k else v for k, v in prompt_set_metrics(shown).items()}
+        else:
+            row_dir = root / "clip" / table / row_id
+            found = shown = metrics_file(row_dir / "stage2")
+            trained, log = [row_dir / "stage1", row_dir / "stage2"], row_dir.parent / "logs" / f"{row_id}_stage2.log"
+        if found is None:
+            continue
+        data = json.loads(found.read_text())
+        metrics = metrics if table == "table7" else data.get("metrics", {})
+        values = {c: float(metrics[k]) for c, k in keys.items() if k in metrics}
+        out.append(_run(seed, values, data, found, shown, trained, log))
     return out
 
 
+# ------------------------------------------------------------------------------------------------------ CLIP tables
 def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
     from experiments.paper_tables import TABLES
 
@@ -227,14 +231,14 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
     for row in table.rows:
         cfg = f"--row {table_name}/{row.id} --stage 1|2" + ("" if tiny else " --scale paper")
         cmd = f"python -m experiments clip-table --table {table_name} --rows {row.id}" + (" --tiny" if tiny else "")
-        found = clip_runs(runs, table_name, row.id, {**keys, **extras})
+        found = row_runs(runs, table_name, row.id, {**keys, **extras})
         rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, found, note=row.note))
     # A row without its own run reuses an identical row's (same towers, p, mix and objectives) of another table.
     spec = {(t, r.id): (r.vision, r.text, r.p, r.mix, r.objectives) for t, tab in TABLES.items() for r in tab.rows}
     for rr in (r for r in rows if not r.runs):
         same = [key for key, s in spec.items() if key[0] != table_name and s == spec[(table_name, rr.id)]]
         for other, other_id in same:
-            found = clip_runs(runs, other, other_id, {**keys, **extras})
+            found = row_runs(runs, other, other_id, {**keys, **extras})
             if found:
                 rr.runs, rr.source = found, f"{other}/{other_id}"
                 break
@@ -253,23 +257,6 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
 
 
 # ------------------------------------------------------------------------------------------------------- DiT table
-def dit_runs(runs: Path, row_id: str, keys: dict[str, str]) -> list[RunResult]:
-    out = []
-    for seed, root in _seed_roots(runs):
-        eval_dir = root / "dit" / "eval" / row_id
-        files = sorted(eval_dir.glob("*/metrics.json"))
-        if files:
-            # attribute accuracies are fractions in dit-eval's json; percent like every other column here
-            merged = {
-                k: float(v) * (100 if k.split("/", 1)[1].startswith("attributes/") else 1)
-                for k, v in prompt_set_metrics(eval_dir).items()
-            }
-            values = {c: merged[k] for c, k in keys.items() if k in merged}
-            first = json.loads(files[0].read_text())
-            out.append(_run(seed, values, first, files[0], eval_dir, [root / "dit" / "table7" / row_id / "fit"]))
-    return out
-
-
 def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) -> Report:
     from experiments.dit_tables import COLUMNS, TABLE7
 
@@ -287,7 +274,9 @@ def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) ->
     for row in TABLE7:
         cfg = f"--row table7/{row.id}" + ("" if tiny else " --scale paper")
         cmd = f"python -m experiments fit {cfg}; then dit-eval"
-        rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, dit_runs(runs, row.id, {**keys, **extras})))
+        rows.append(
+            ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, row_runs(runs, "table7", row.id, {**keys, **extras}))
+        )
     notes = [
         "Raw = prompts are the original (short) captions; Recap = their recaptions (COCO-Recap). Paper: COCO-30K, "
         "FID on 30k images, CLIP score with OpenAI ViT-B/32, GPT-4V score on 3k.",
