@@ -106,18 +106,14 @@ def trained_p(results: dict, kind: str = "clip") -> dict[float, float]:
     return out
 
 
-def _p_of(p: float, trained: dict[float, float]) -> float:
-    return trained.get(p, p)
-
-
 def _row_at(rows: Sequence[float], trained: dict[float, float], target: float, tol: float) -> float | None:
     """The row (nominal p) whose realised p is nearest ``target`` and within ``tol`` of it, else None."""
-    near = [p for p in rows if abs(_p_of(p, trained) - target) <= tol]
-    return min(near, key=lambda p: abs(_p_of(p, trained) - target)) if near else None
+    near = [p for p in rows if abs(trained.get(p, p) - target) <= tol]
+    return min(near, key=lambda p: abs(trained.get(p, p) - target)) if near else None
 
 
 def _not_trained_at(rows: Sequence[float], trained: dict[float, float], target: float) -> str:
-    got = ", ".join(f"p={p:g} realised {_p_of(p, trained):.2f}" for p in rows) or "no runs"
+    got = ", ".join(f"p={p:g} realised {trained.get(p, p):.2f}" for p in rows) or "no runs"
     return f"no run trained at p = {target:g} ({got})"
 
 
@@ -220,7 +216,7 @@ def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = 
     tol = m.p_tolerance
     fallback_note = "" if tp else " (nominal p: the runs logged no realised p)"
     lo, hi = (_row_at(list(short), tp, t, tol) for t in (0.0, 1.0))
-    mid = {p: v for p, v in short.items() if tol < _p_of(p, tp) < 1 - tol}
+    mid = {p: v for p, v in short.items() if tol < tp.get(p, p) < 1 - tol}
     if short and (lo is None or hi is None):
         c.evidence = _not_trained_at(list(short), tp, 0.0 if lo is None else 1.0)
     elif mid:
@@ -258,7 +254,7 @@ def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = 
             c.verdict = FAILS
         else:
             c.verdict = NOISE if drop > m.balance_tolerance else retr
-        at = f" (realised p {_p_of(p8, tp):.2f} vs {_p_of(p1, tp):.2f})" if tp else fallback_note
+        at = f" (realised p {tp.get(p8, p8):.2f} vs {tp.get(p1, p1):.2f})" if tp else fallback_note
         c.evidence = (
             f"retrieval {_cell(short[p8])} vs {_cell(short[p1])} ({margin}); classification "
             f"{_cell(cls[p8])} vs {_cell(cls[p1])} ({-drop:+.1f}){at}"
@@ -272,11 +268,11 @@ def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = 
         "mean long-caption R@1 (i2t, t2i) at the largest p < 1 > at p = 1",
     )
     hi = _row_at(list(long), tp, 1.0, tol)
-    below = [p for p in long if _p_of(p, tp) < 1 - tol]
+    below = [p for p in long if tp.get(p, p) < 1 - tol]
     if long and hi is None:
         c.evidence = _not_trained_at(list(long), tp, 1.0)
     elif below:
-        p = max(below, key=lambda q: _p_of(q, tp))
+        p = max(below, key=lambda q: tp.get(q, q))
         c.verdict, margin = _greater(long[p], long[hi], m)
         c.evidence = f"{_series_text(long, tp)} ({margin}){fallback_note}"
     claims.append(c)
@@ -286,7 +282,7 @@ def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = 
         """Holds when the p named ``winner`` has the better value of ``key`` by more than its noise (``kind``)."""
         c = Claim(cid, paper, check)
         v0, v1 = _dit(results, 0.0, key), _dit(results, 1.0, key)
-        off = [p for p in (0.0, 1.0) if abs(_p_of(p, dit_p) - p) > tol]
+        off = [p for p in (0.0, 1.0) if abs(dit_p.get(p, p) - p) > tol]
         if v0 is not None and v1 is not None and off:
             c.evidence = _not_trained_at([0.0, 1.0], dit_p, off[0])
         elif v0 is not None and v1 is not None:

@@ -238,8 +238,7 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
         add("analyze", title, [*argv, "--tokenizer", tok, "--out", analysis], f"{analysis}/summary.json", analysis)
 
     def clip_row(table: str, rid: str, seed: int, data_args: list[str], title: str, extra: dict | None = None) -> None:
-        """A paper-table row's CLIPA stage 1 then 2 at one seed, with the profile's clip.stage{1,2} overrides (then
-        ``extra``'s per stage); the report reads stage 2's final evaluation."""
+        """A paper-table row's CLIPA stage 1 then 2 at one seed, with the profile's, then ``extra``'s overrides."""
         root = seed_root(o, seed)
         run = f"{root}/clip/{table}/{rid}"
         seed_args = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"] if seed else []
@@ -333,8 +332,8 @@ CHAINS = ("world-recap", "tiny-captioner", "tiny-recaption", "tiny-dit")
 def make_chain(
     name: str, world: str = "data/world", dit_world: str = "data/world_dit", dit_ps: Sequence[str] = ()
 ) -> list[Step]:
-    """The Makefile's chains as steps on the configs' own sizes and paths (``make tiny-captioner`` etc.): each one
-    starts with what it needs (a step whose outputs exist is skipped, as make would), then runs its own steps."""
+    """The Makefile's chains (``make tiny-captioner`` ...) as steps on the configs' own sizes and paths: what each
+    needs, then its own steps."""
     cap, W, DW, web_clip = "runs/tiny/captioner", world, dit_world, "runs/tiny/captioner/web_clip"
     steps: list[Step] = []
 
@@ -411,8 +410,8 @@ def run_chain(
 
 # ------------------------------------------------------------------------------------------------------ results
 def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str, Any]:
-    """This run's numbers from the steps' outputs (missing ones stay missing), with the realised p of every CLIP and
-    DiT run (``realised_p``) under ``clip_p`` / ``dit_p``; Table 8's rows by row id under ``table8`` / ``table8_p``."""
+    """This run's numbers from the steps' outputs (missing ones stay missing), the realised p of every CLIP and DiT
+    run under ``clip_p`` / ``dit_p``, Table 8's rows by row id under ``table8`` / ``table8_p``."""
     res: dict[str, Any] = {"captioner": {}, "analysis": None, "clip": {}, "dit": {}, "clip_p": {}, "dit_p": {}}
     res.update(table8={}, table8_p={})
     for stage in CAPTIONER_STAGES:
@@ -499,14 +498,12 @@ def _run_line(profile: dict, record: dict) -> str:
 
 
 def results_dir(out: Path, profile: dict) -> Path:
-    """Where a run's report.md, results.json and timings.json go: OUT, or ``OUT/<results_dir>`` for a profile that
-    shares OUT with another run (Table 8 over a finished full run)."""
+    """Where report.md, results.json and timings.json go: OUT, or ``OUT/<results_dir>`` (Table 8 over a full run)."""
     return out / profile.get("results_dir", "")
 
 
 def write_report(out: Path, profile: dict, seeds: int, record: dict, command: str) -> Path:
-    """``report.md`` (in ``results_dir``): every result of the run, the claims checked (the paper's with Table 3 rows,
-    Table 8's rows against p = 0.8), timings, command and commit."""
+    """``report.md`` (in ``results_dir``): the run's results, the claims checked, timings, command and commit."""
     from experiments import report
 
     results = collect_results(out, profile, seeds)

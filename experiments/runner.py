@@ -152,14 +152,14 @@ def subprocess_env() -> dict[str, str]:
 
 @dataclass
 class Launched:
-    """A started step: its process id and the read end of its stdout + stderr."""
+    """A started step: its process id and the read end of its output."""
 
     pid: int
     fd: int
     popen: subprocess.Popen | None = None
 
     def close(self) -> None:
-        """Close the read end (through its owner: Popen's file object would close the number again later)."""
+        """Close the read end (through Popen's file object when it owns it)."""
         if self.popen is not None and self.popen.stdout is not None:
             self.popen.stdout.close()
         else:
