@@ -351,10 +351,9 @@ def make_chain(
     world_steps(W, "world", recaptions=name == "world-recap")
     if name == "world-recap":
         return steps
-    add("web_clip", f"fit --config {TINY_CAP}/web_clip.yaml", f"{web_clip}/checkpoints/last.ckpt")
-    export = (
-        f"export-clip --ckpt {web_clip}/checkpoints/last.ckpt --out {web_clip}/export --hf-vision {web_clip}/hf_vision"
-    )
+    ckpt = f"{web_clip}/checkpoints/last.ckpt"
+    add("web_clip", f"fit --config {TINY_CAP}/web_clip.yaml", ckpt)
+    export = f"export-clip --ckpt {ckpt} --out {web_clip}/export --hf-vision {web_clip}/hf_vision"
     add("web_clip_export", export, f"{web_clip}/hf_vision/config.json")
     if name == "tiny-dit":
         world_steps(DW, "dit_world")
@@ -383,10 +382,8 @@ def make_chain(
         add("recaption", "recaption run --config experiments/configs/recaption/tiny_world.yaml", recap, always=True)
         merge = f"recaption merge --out {recap} --shards {shards}"
         add("recaption_merge", merge, f"{recap}/merged/recap.parquet", always=True)
-        sidecars = (
-            f"sidecars --recap {recap}/merged/recap.parquet --shards {shards} --out {W}/sidecars_llava --overwrite"
-        )
-        add("recaption_sidecars", sidecars, f"{W}/sidecars_llava/_manifest.json", always=True)
+        sidecars = f"sidecars --recap {recap}/merged/recap.parquet --shards {shards} --out {W}/sidecars_llava"
+        add("recaption_sidecars", f"{sidecars} --overwrite", f"{W}/sidecars_llava/_manifest.json", always=True)
     return steps
 
 

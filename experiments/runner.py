@@ -58,11 +58,11 @@ def _stamp(out: Path, step: Step) -> Path:
     return out / "logs" / f"{step.name}.done"
 
 
-def _read_json(path: Path, default: Any = None) -> Any:
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return default
+        return None
 
 
 def is_done(out: Path, step: Step, deps: Sequence[Step] = ()) -> bool:
@@ -70,7 +70,7 @@ def is_done(out: Path, step: Step, deps: Sequence[Step] = ()) -> bool:
     stamp = _read_json(_stamp(out, step))
     if step.always or not stamp or stamp.get("argv") != step.argv or not all(_abs(p).exists() for p in step.outputs):
         return False
-    return all(_read_json(_stamp(out, d), {}).get("finished", 0) <= stamp.get("finished", 0) for d in deps)
+    return all((_read_json(_stamp(out, d)) or {}).get("finished", 0) <= stamp.get("finished", 0) for d in deps)
 
 
 def dependencies(steps: Sequence[Step]) -> dict[str, list[Step]]:
@@ -308,7 +308,7 @@ def run_steps(
     chain = chain_lengths(steps, deps)
     to_run = plan(steps, out, start_from)
     timings_path = timings or out / "timings.json"  # elsewhere when OUT holds another run's (reproduce's table8)
-    previous = {s["name"]: s for s in _read_json(timings_path, {}).get("steps", [])}
+    previous = {s["name"]: s for s in (_read_json(timings_path) or {}).get("steps", [])}
     record: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": cpus, "jobs": jobs}
     record.update(commit=git_head(), steps=[])
     heads = {s.name: f"[{i + 1}/{len(steps)}] {s.title}" for i, s in enumerate(steps)}
