@@ -30,20 +30,10 @@ class Claim:
 
 @dataclass(frozen=True)
 class Margins:
-    """How large a difference must be to count as a verdict (``claims:`` section of a profile).
-
-    A measured difference ``d`` (in the claim's direction) with standard error ``se`` is a verdict only when
-    ``|d| >= z * se``; below that the claim is *inconclusive*, whichever way ``d`` points. Sources of ``se``:
-
-    - CLIP metrics: seed noise. sd = the larger of ``clip_seed_sd`` (a prior: the seed sd measured in the tiny-world
-      sweep, docs/clip.md) and the pooled sd of this run's seeds; se of a difference of means over n_a, n_b seeds
-      = sd * sqrt(1/n_a + 1/n_b). One seed is never "proof" of a few-point difference.
-    - accuracies (judge, captioner attribute precision vs chance): binomial, sqrt(a(1-a)/n_a + b(1-b)/n_b).
-    - CLIP score: the per-pair standard errors that ``dit-eval`` writes (``clip_score/<name>/se``).
-    - FID has no closed-form standard error (and at a few hundred images a large bias, shared by both models since they
-      use the same prompts and references): a difference is a verdict only above ``fid_rel_margin`` of the larger FID.
-      This is a convention, stated as such in the report, not a statistic.
-    """
+    """How large a difference must be to count as a verdict (``claims:`` section of a profile): ``|d| >= z * se``, else
+    *inconclusive* whichever way ``d`` points. The sources of ``se`` (seed noise with the prior ``clip_seed_sd``,
+    binomial, dit-eval's per-pair se; FID has none, and a large bias at a few hundred images, hence the
+    ``fid_rel_margin`` convention): docs/reproduce/README.md, "The claims and their margins"."""
 
     z: float = 2.0
     clip_seed_sd: float = 1.5
@@ -62,8 +52,8 @@ class Margins:
 
 
 def verdict(diff: float, se: float | None, z: float) -> str:
-    """HOLDS / FAILS when ``diff`` (positive = the claim's direction) is at least ``z * se`` away from 0, else NOISE;
-    ``se`` None = an exact quantity (no sampling noise): the sign decides."""
+    """HOLDS / FAILS when ``diff`` (positive = the claim's direction) is at least ``z * se`` from 0, else NOISE;
+    ``se`` None (an exact quantity): the sign decides."""
     if se is None:
         return HOLDS if diff > 0 else FAILS
     if abs(diff) < z * se or diff == 0:
@@ -76,12 +66,12 @@ def _margin_text(diff: float, se: float | None, z: float, unit: str = "") -> str
 
 
 def _seed_values(by_seed: dict[str, dict], keys: Sequence[str]) -> list[float]:
-    """Per seed, the mean of ``keys`` (CLIP stage-2 metrics), over the seeds that measured all of them."""
+    """Per seed that measured all ``keys`` (CLIP stage-2 metrics), their mean."""
     return [sum(m[k] for k in keys) / len(keys) for m in by_seed.values() if all(k in m for k in keys)]
 
 
 def clip_series(results: dict, *keys: str) -> dict[float, list[float]]:
-    """p -> per-seed values of the mean of ``keys`` (CLIP stage-2 metrics), seeds that measured all of them."""
+    """p -> ``_seed_values`` of ``keys``."""
     out = {
         float(p): vals for p, by_seed in (results.get("clip") or {}).items() if (vals := _seed_values(by_seed, keys))
     }
@@ -106,8 +96,8 @@ def _series_text(series: dict[float, list[float]], trained: dict[float, float] |
 
 
 def trained_p(results: dict, kind: str = "clip") -> dict[float, float]:
-    """nominal p -> the p the runs trained on (``realised_p``, the mean over seeds) for ``kind`` "clip" or "dit"; a row
-    whose runs logged no realised p is left out (the claims then fall back to its nominal p and say so)."""
+    """nominal p -> the p the ``kind`` ("clip" / "dit") runs trained on (``realised_p``, mean over seeds); a row whose
+    runs logged none is left out (the claims then use its nominal p and say so)."""
     out = {}
     for p, v in (results.get(f"{kind}_p") or {}).items():
         vals = list(v.values()) if isinstance(v, dict) else [v]
@@ -116,18 +106,14 @@ def trained_p(results: dict, kind: str = "clip") -> dict[float, float]:
     return out
 
 
-def _p_of(p: float, trained: dict[float, float]) -> float:
-    return trained.get(p, p)
-
-
 def _row_at(rows: Sequence[float], trained: dict[float, float], target: float, tol: float) -> float | None:
     """The row (nominal p) whose realised p is nearest ``target`` and within ``tol`` of it, else None."""
-    near = [p for p in rows if abs(_p_of(p, trained) - target) <= tol]
-    return min(near, key=lambda p: abs(_p_of(p, trained) - target)) if near else None
+    near = [p for p in rows if abs(trained.get(p, p) - target) <= tol]
+    return min(near, key=lambda p: abs(trained.get(p, p) - target)) if near else None
 
 
 def _not_trained_at(rows: Sequence[float], trained: dict[float, float], target: float) -> str:
-    got = ", ".join(f"p={p:g} realised {_p_of(p, trained):.2f}" for p in rows) or "no runs"
+    got = ", ".join(f"p={p:g} realised {trained.get(p, p):.2f}" for p in rows) or "no runs"
     return f"no run trained at p = {target:g} ({got})"
 
 
@@ -159,8 +145,8 @@ def _dit(results: dict, p: float, key: str) -> float | None:
 
 
 def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = "web_clip") -> list[Claim]:
-    """Each of the paper's claims as a check over ``results`` (``collect_results``'s layout); nothing is assumed.
-    A difference smaller than its noise (``Margins``) gives NOISE ("inconclusive"), never a verdict."""
+    """Each of the paper's claims as a check over ``results`` (``collect_results``'s layout); a difference smaller
+    than its noise (``Margins``) is NOISE ("inconclusive"), never a verdict."""
     m = margins or Margins()
     claims = []
 
@@ -230,7 +216,7 @@ def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = 
     tol = m.p_tolerance
     fallback_note = "" if tp else " (nominal p: the runs logged no realised p)"
     lo, hi = (_row_at(list(short), tp, t, tol) for t in (0.0, 1.0))
-    mid = {p: v for p, v in short.items() if tol < _p_of(p, tp) < 1 - tol}
+    mid = {p: v for p, v in short.items() if tol < tp.get(p, p) < 1 - tol}
     if short and (lo is None or hi is None):
         c.evidence = _not_trained_at(list(short), tp, 0.0 if lo is None else 1.0)
     elif mid:
@@ -268,7 +254,7 @@ def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = 
             c.verdict = FAILS
         else:
             c.verdict = NOISE if drop > m.balance_tolerance else retr
-        at = f" (realised p {_p_of(p8, tp):.2f} vs {_p_of(p1, tp):.2f})" if tp else fallback_note
+        at = f" (realised p {tp.get(p8, p8):.2f} vs {tp.get(p1, p1):.2f})" if tp else fallback_note
         c.evidence = (
             f"retrieval {_cell(short[p8])} vs {_cell(short[p1])} ({margin}); classification "
             f"{_cell(cls[p8])} vs {_cell(cls[p1])} ({-drop:+.1f}){at}"
@@ -282,11 +268,11 @@ def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = 
         "mean long-caption R@1 (i2t, t2i) at the largest p < 1 > at p = 1",
     )
     hi = _row_at(list(long), tp, 1.0, tol)
-    below = [p for p in long if _p_of(p, tp) < 1 - tol]
+    below = [p for p in long if tp.get(p, p) < 1 - tol]
     if long and hi is None:
         c.evidence = _not_trained_at(list(long), tp, 1.0)
     elif below:
-        p = max(below, key=lambda q: _p_of(q, tp))
+        p = max(below, key=lambda q: tp.get(q, q))
         c.verdict, margin = _greater(long[p], long[hi], m)
         c.evidence = f"{_series_text(long, tp)} ({margin}){fallback_note}"
     claims.append(c)
@@ -296,7 +282,7 @@ def check_claims(results: dict, margins: Margins | None = None, dit_clip: str = 
         """Holds when the p named ``winner`` has the better value of ``key`` by more than its noise (``kind``)."""
         c = Claim(cid, paper, check)
         v0, v1 = _dit(results, 0.0, key), _dit(results, 1.0, key)
-        off = [p for p in (0.0, 1.0) if abs(_p_of(p, dit_p) - p) > tol]
+        off = [p for p in (0.0, 1.0) if abs(dit_p.get(p, p) - p) > tol]
         if v0 is not None and v1 is not None and off:
             c.evidence = _not_trained_at([0.0, 1.0], dit_p, off[0])
         elif v0 is not None and v1 is not None:
@@ -387,8 +373,7 @@ def check_table8(
     results: dict, margins: Margins | None = None, baseline: str = "p0.8", rows: Sequence[str] | None = None
 ) -> list[Claim]:
     """Per Table 8 row (``rows``, default: those in the results) and task (``TABLE8_TASKS``), the claim "the row beats
-    ``baseline``" over ``results["table8"]`` (row id -> seed -> stage-2 metrics): the difference of seed means against
-    seed noise, as the paper's claims are; a row or baseline without runs is "not measured"."""
+    ``baseline``" over ``results["table8"]`` (row id -> seed -> stage-2 metrics), against seed noise."""
     m = margins or Margins()
     by_row = results.get("table8") or {}
     claims = []

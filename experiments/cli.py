@@ -1,9 +1,6 @@
-"""The LightningCLI behind ``python -m experiments fit|validate|test|predict``.
-
-Subclass mode for both model and data, so one entry point runs any LightningModule / LightningDataModule pair:
-``--model ClipModule`` or ``model: {class_path: lightning_modules.clip.ClipModule, init_args: ...}`` in YAML,
-with stacked ``--config`` files (last wins) and ``--print_config``.
-"""
+"""The LightningCLI behind ``python -m experiments fit|validate|test|predict``: subclass mode for model and data, so
+one entry point runs any LightningModule / LightningDataModule pair (``--model ClipModule`` or ``class_path`` in YAML),
+stacked ``--config`` files (last wins), ``--print_config``."""
 
 from __future__ import annotations
 
@@ -48,20 +45,12 @@ _SECRET = re.compile(
     re.IGNORECASE,
 )
 # Environment variables that hold credentials; their values are scrubbed wherever they appear in a config.
-SECRET_ENV = (
-    "WANDB_API_KEY",
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-    "GITHUB_TOKEN",
-    "NEPTUNE_API_TOKEN",
-    "COMET_API_KEY",
-    "AWS_SECRET_ACCESS_KEY",
-)
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN", "NEPTUNE_API_TOKEN")
+SECRET_ENV += ("COMET_API_KEY", "AWS_SECRET_ACCESS_KEY")
 
 
 def scrub_secrets(value: Any) -> Any:
-    """Replace values under secret-looking keys, and any text containing a credential from the environment
-    (:data:`SECRET_ENV`), by ``"***"``, so W&B keys and tokens never reach a logged or saved config."""
+    """Values under secret-looking keys, and text containing a credential of :data:`SECRET_ENV`, as ``"***"``."""
     env = [v for k in SECRET_ENV if len(v := os.environ.get(k, "")) >= 8]
 
     def scrub(x: Any) -> Any:
@@ -77,8 +66,8 @@ def scrub_secrets(value: Any) -> Any:
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Save the resolved config next to the run and into every logger's hyperparameters, secrets scrubbed (Lightning's
-    own ``setup`` writes the raw config, so it is replaced: nothing unscrubbed is ever written)."""
+    """Save the resolved config next to the run and into every logger's hyperparameters, secrets scrubbed (replaces
+    Lightning's ``setup``, which writes the raw config)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning logs the module's and datamodule's init arguments to every logger after setup: scrub them first.
@@ -109,13 +98,12 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
 
 
 class RecapCLI(LightningCLI):
-    """LightningCLI with the suite's defaults: subclass mode, config saved to the loggers, secrets scrubbed, the
-    config validated before anything is built, checkpoints (``--ckpt_path``) read with ``weights_only=True``."""
+    """LightningCLI with the suite's defaults: config saved to the loggers, secrets scrubbed, the config validated
+    before anything is built, checkpoints (``--ckpt_path``) read with ``weights_only=True``."""
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
-        """Lightning's parsing, with a paper table row expanded (``--row table3/p0.8 --stage 2``,
-        :func:`experiments.paper_tables.expand_row`) and dotted keys into nested dicts merged
-        (:func:`merge_nested_dict_overrides`). ``args=None`` reads ``sys.argv``, as Lightning does."""
+        """Lightning's parsing, with a paper table row expanded (``--row table3/p0.8``, ``expand_row``) and dotted keys
+        into nested dicts merged (``merge_nested_dict_overrides``)."""
         if args is not None and not isinstance(args, list | tuple):
             return super().parse_arguments(parser, args)
         try:
@@ -183,16 +171,10 @@ def _dict_prefix(cfg: Any, parts: list[str]) -> int | None:
 
 
 def merge_nested_dict_overrides(parser: Any, argv: list[str]) -> list[str]:
-    """``argv`` with every dotted override that reaches two or more levels into a dict-valued setting rewritten as
-    the whole dict with that one key merged in, at the same position (so "last wins" keeps its order).
-
-    jsonargparse merges the first level of a dotted key into a dict (``--model.init_args.model.embed_dim=32`` keeps
-    the other keys) but replaces the sub-dict of a deeper one: ``--model.init_args.model.vision_cfg.patch_size=4``
-    left ``vision_cfg`` as ``{patch_size: 4}``, silently building another model than the one configured. Here the
-    configured ``vision_cfg`` (from the ``--config`` files and arguments before the override) keeps its other keys.
-    A key whose path runs through a value that is not a dict raises :class:`DottedKeyError` saying how to pass the
-    whole value instead. ``argv`` comes back unchanged when it has no such override (the usual case: no extra parse).
-    """
+    """``argv`` with every dotted override two or more levels into a dict-valued setting rewritten, at the same
+    position, as the whole dict with that key merged in. jsonargparse replaces the sub-dict of such a key
+    (``--model.init_args.model.vision_cfg.patch_size=4`` left ``vision_cfg`` as ``{patch_size: 4}``, silently another
+    model); here the configured one keeps its other keys. A path through a non-dict raises :class:`DottedKeyError`."""
     if not any(_DEEP_OPTION.match(a) for a in argv):
         return argv
     full = _subcommand_config(_quiet_parse(parser, argv))
@@ -242,7 +224,7 @@ def _merge_dotted(base: Any, key: str, inner: list[str], value: Any, option: str
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> RecapCLI:
-    """Run (or, with ``run=False``, only instantiate) the suite's LightningCLI. Tests call this directly."""
+    """Run (or, with ``run=False``, only instantiate) the suite's LightningCLI."""
     return RecapCLI(
         L.LightningModule,
         L.LightningDataModule,

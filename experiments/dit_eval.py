@@ -1,12 +1,10 @@
 """``python -m experiments dit-eval``: sample a trained Recap-DiT on prompt sets and score the images (Table 7).
 
-For each prompt column (``caption``: raw COCO-style prompts; ``recaption``: COCO-Recap) it samples one image per
-prompt with the checkpoint's EMA weights and sampler (``--steps``, ``--guidance``, ``--sampler`` override), writes a
-grid of the first 64 and ``<out>/<column>/metrics.json``: ``fid`` (InceptionV3 with ``--inception-weights``, or the
-tiny world judge's features with ``--attribute-judge``), ``clip_score/<name>`` per ``--clip NAME=FOLDER``,
-``judge/*`` (the paper's GPT-4V rating prompt answered by ``--llava-judge`` on ``--judge-limit`` images) and, in the
-tiny world, ``attributes/*``: the pinned judge's accuracy on what each prompt states about its main object, with
-``attributes/chance/*`` against deranged prompts. ``<out>/results.md`` puts both columns side by side.
+Per prompt column (``caption``: raw COCO-style prompts; ``recaption``: COCO-Recap) one image per prompt (EMA weights),
+a grid of the first 64 and ``<out>/<column>/metrics.json``: ``fid`` (InceptionV3, or the tiny world judge's features),
+``clip_score/<name>`` per ``--clip NAME=FOLDER``, ``judge/*`` (the paper's GPT-4V rating prompt, ``--llava-judge``)
+and in the tiny world ``attributes/*`` (the pinned judge's accuracy on what each prompt states, ``attributes/chance/*``
+against deranged prompts). ``<out>/results.md`` puts both columns side by side.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""The suite's loggers: Lightning's ``WandbLogger`` that goes offline by itself when no W&B key is configured, and a
-``CSVLogger`` that puts each ``wandb agent`` run of a sweep in its own directory. In a YAML's list of loggers the first
-one's directory is the run directory; ``experiments/configs/logging/wandb.yaml`` adds W&B to a CSV-only run.
-"""
+"""The suite's loggers: a ``WandbLogger`` that goes offline by itself without a W&B key, and a ``CSVLogger`` that
+puts each ``wandb agent`` run of a sweep in its own directory (in a YAML's list of loggers the first one's directory is
+the run directory)."""
 
 from __future__ import annotations
 
@@ -13,8 +12,8 @@ DEFAULT_WANDB_HOST = "https://api.wandb.ai"
 
 
 def wandb_has_credentials() -> bool:
-    """Whether W&B credentials are configured, checked without the network: ``WANDB_API_KEY``, an identity token
-    file, or a ``wandb login`` entry in the netrc file for ``WANDB_BASE_URL``."""
+    """Whether W&B credentials are configured (no network): ``WANDB_API_KEY``, an identity token file, or a ``wandb
+    login`` netrc entry for ``WANDB_BASE_URL``."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     try:  # wandb's own netrc reader (what `wandb login` writes); its location moved between wandb releases
@@ -26,8 +25,7 @@ def wandb_has_credentials() -> bool:
 
 
 def wandb_offline_by_default() -> bool:
-    """Offline when ``WANDB_MODE`` is ``offline``/``dryrun`` or when no credentials are configured (a run without a key
-    then still records everything locally; ``wandb sync <run dir>`` uploads it later)."""
+    """Offline when ``WANDB_MODE`` says so or no credentials are configured (``wandb sync <run dir>`` uploads later)."""
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if mode in ("offline", "dryrun", "online", "run"):
         return mode in ("offline", "dryrun")
@@ -35,10 +33,8 @@ def wandb_offline_by_default() -> bool:
 
 
 class RecapWandbLogger(WandbLogger):
-    """``WandbLogger`` with the suite's defaults: offline unless credentials are configured, runs under ``save_dir``.
-
-    The API key is never an argument: W&B reads it from ``WANDB_API_KEY`` or ``wandb login``, so it cannot end up in a
-    saved config. Under ``wandb agent`` the run joins the agent's sweep run (W&B sets ``WANDB_RUN_ID``).
+    """``WandbLogger`` offline unless credentials are configured, runs under ``save_dir``. The API key is never an
+    argument (W&B reads ``WANDB_API_KEY`` or ``wandb login``), so it cannot end up in a saved config.
 
     Args:
         project: W&B project; ``None`` uses ``WANDB_PROJECT`` (``entity``: ``WANDB_ENTITY`` or the account's default).
@@ -63,17 +59,13 @@ class RecapWandbLogger(WandbLogger):
         self.offline_mode = wandb_offline_by_default() if offline is None else offline
         extra = dict(entity=entity, group=group, tags=tags, notes=notes, job_type=job_type, id=run_id)
         os.makedirs(save_dir, exist_ok=True)  # wandb falls back to a temp dir when `dir` does not exist
-        kw = {k: v for k, v in extra.items() if v}
-        super().__init__(
-            name=name, save_dir=save_dir, project=project, offline=self.offline_mode, log_model=log_model, **kw
-        )
+        extra = {k: v for k, v in extra.items() if v}
+        super().__init__(name, save_dir, project=project, offline=self.offline_mode, log_model=log_model, **extra)
 
 
 class SweepCSVLogger(CSVLogger):
-    """``CSVLogger`` for ``wandb agent`` runs: ``<save_dir>/<sweep id>/<run id>`` from the agent's ``WANDB_SWEEP_ID``
-    and ``WANDB_RUN_ID``, so every sweep point has its own checkpoints, ``config.yaml`` and metrics. Outside an agent it
-    is a plain ``CSVLogger`` under ``<save_dir>/local/version_N``. A ``name`` / ``version`` given overrides the ids.
-    """
+    """``CSVLogger`` in ``<save_dir>/<WANDB_SWEEP_ID>/<WANDB_RUN_ID>`` under ``wandb agent`` (one folder per sweep
+    point), else ``<save_dir>/local/version_N``; a ``name`` / ``version`` given overrides the ids."""
 
     def __init__(self, save_dir: str = "runs/sweeps", name: str | None = None, version: str | None = None) -> None:
         name = name or os.environ.get("WANDB_SWEEP_ID") or "local"

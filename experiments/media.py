@@ -1,6 +1,4 @@
-"""Sample images and captions to W&B, so a run shows what it trained on at its p: a callback that is a no-op unless
-the trainer has a ``WandbLogger``.
-"""
+"""Sample images and captions to W&B, so a run shows what it trained on at its p (a no-op without a ``WandbLogger``)."""
 
 from __future__ import annotations
 
@@ -58,9 +56,9 @@ def batch_samples(batch: Mapping[str, Any], pl_module: Any, n: int) -> list[dict
 
 
 class WandbMediaCallback(Callback):
-    """A ``wandb.Table`` (key, caption source, caption, image) and the images with captions of the first training
-    batch and of the first batch of every validation. A module with ``generate(prompts)`` (the DiT) also gets a grid
-    for ``dit_prompts`` (default: the first validation captions) every ``dit_every_n_validations``-th validation."""
+    """A ``wandb.Table`` (key, caption source, caption, image) and the captioned images of the first training batch and
+    of every validation's first batch; a module with ``generate(prompts)`` (the DiT) also gets a grid for
+    ``dit_prompts`` (default: the first validation captions) every ``dit_every_n_validations``-th validation."""
 
     def __init__(
         self,

@@ -26,20 +26,7 @@ from pathlib import Path
 
 from experiments.dit_tables import L2, TABLE7
 from lightning_modules.components.clip_sizes import TABLE2 as SIZES
-from lightning_modules.components.clip_sizes import TINY_VISION, tiny_model
-
-__all__ = [
-    "TABLE2",
-    "TABLES",
-    "TINY_VISION",
-    "Row",
-    "Table",
-    "ROWS",
-    "expand_row",
-    "row_args",
-    "run_args",
-    "tiny_model",
-]
+from lightning_modules.components.clip_sizes import TINY_VISION, tiny_model  # noqa: F401 (re-exported)
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 SCALES = ("tiny", "paper")
@@ -191,8 +178,7 @@ TABLES: dict[str, Table] = {
 
 
 def _table2() -> Table:
-    """Paper Table 2 (the model-size registry, ``lightning_modules.components.clip_sizes.TABLE2``): one row per size,
-    each vision tower with the text tower of its own row (S/16 + small ... H/14 + huge), at the paper's p = 0.8."""
+    """Paper Table 2 (``clip_sizes.TABLE2``): each vision size with its own row's text tower, at the paper's p = 0.8."""
     rows = []
     for size, text in zip(SIZES, ("small", "base", "large", "huge"), strict=True):
         s = SIZES[size]
@@ -222,8 +208,7 @@ ROWS: dict[str, dict] = {
 
 
 def _check(table: str, row: str, stage: int, scale: str) -> str:
-    """The row's family (``clip`` / ``dit`` / ``captioner``); a ValueError names a bad table, row, stage or scale
-    and lists the valid ones."""
+    """The row's family (``clip`` / ``dit`` / ``captioner``); a ValueError names a bad table, row, stage or scale."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     if table not in ROWS:
@@ -244,10 +229,9 @@ def _config(scale: str, name: str) -> list[str]:
 
 
 def row_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[str]:
-    """The ``fit`` arguments that make one stage of a paper table row at a scale: the stage recipe and the row's own
-    settings (sizes, p, mix, then Table 8's objective configs, which may override p), without the run's logger, seed
-    or a later stage's start (callers add them; :func:`run_args` has the defaults). Stages: CLIP 1, 2; DiT
-    (``table7``) 1; captioner (``table1``) 1, 2, 3."""
+    """The ``fit`` arguments of one stage of a paper table row at a scale: the stage recipe and the row's settings
+    (sizes, p, mix, then Table 8's objective configs, which may override p); the run's logger, seed and a later stage's
+    start are the caller's (:func:`run_args`). Stages: CLIP 1, 2; DiT (``table7``) 1; captioner (``table1``) 1-3."""
     family = _check(table, row, stage, scale)
     if family == "captioner":
         return [a for name in CAPTIONER_STAGES[:stage] for a in _config(scale, f"captioner/{name}.yaml")]
@@ -265,19 +249,15 @@ def row_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[
 
 
 def run_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[str]:
-    """The rest of a by-hand run (``--row``): the logger (CSV, plus W&B at paper scale as the base configs have it),
-    where a later stage starts (the previous stage's ``last.ckpt``; paper-scale caption tuning from the merged stage-2
-    export, ``export-captioner --out .../stage2/hf``) and the DiT's sample folder, all under the run's directory."""
+    """The rest of a by-hand run (``--row``), under the run's directory: the logger, where a later stage starts (the
+    previous stage's ``last.ckpt``; paper-scale caption tuning from the ``export-captioner`` of stage 2 in
+    ``.../stage2/hf``) and the DiT's sample folder."""
     family = _check(table, row, stage, scale)
     save_dir = "runs/tiny" if scale == "tiny" else "runs"
     name = f"{family}/{table}/{row}"
     run = f"{save_dir}/{name}"
     version = {"dit": "fit", "captioner": CAPTIONER_STAGES[stage - 1]}.get(family, f"stage{stage}")
-    loggers = [{"class_path": CSV_LOGGER, "init_args": {"save_dir": save_dir, "name": name, "version": version}}]
-    if scale == "paper":
-        wandb = {"save_dir": save_dir, "project": "recap-suite", "name": f"{name}/{version}", "group": name}
-        loggers.append({"class_path": "experiments.loggers.RecapWandbLogger", "init_args": wandb})
-    args = [f"--trainer.logger={json.dumps(loggers if scale == 'paper' else loggers[0])}"]
+    args = [logger_arg(save_dir, name, version, wandb=scale == "paper")]
     if family == "dit":
         args.append(f"--model.init_args.sample_dir={run}/samples")
     elif family == "captioner" and stage == 3 and scale == "paper":
@@ -286,6 +266,15 @@ def run_args(table: str, row: str, stage: int = 1, scale: str = "tiny") -> list[
         previous = CAPTIONER_STAGES[stage - 2] if family == "captioner" else f"stage{stage - 1}"
         args.append(f"--model.init_args.init_from={run}/{previous}/checkpoints/last.ckpt")
     return args
+
+
+def logger_arg(save_dir: str, name: str, version: str, wandb: bool = False) -> str:
+    """``--trainer.logger``: a CSV logger whose folder ``save_dir/name/version`` is the run dir, then (``wandb``) W&B
+    in the same run group, as the paper-scale base configs have it."""
+    csv = {"class_path": CSV_LOGGER, "init_args": {"save_dir": save_dir, "name": name, "version": version}}
+    init = {"save_dir": save_dir, "project": "recap-suite", "name": f"{name}/{version}", "group": name}
+    loggers = [csv, {"class_path": "experiments.loggers.RecapWandbLogger", "init_args": init}] if wandb else csv
+    return "--trainer.logger=" + json.dumps(loggers)
 
 
 def expand_row(argv: list[str]) -> list[str]:
@@ -307,8 +296,7 @@ def expand_row(argv: list[str]) -> list[str]:
 
 
 def write_generated(files: dict[Path, str], check: bool = False) -> list[Path]:
-    """Write ``files`` (path -> text) whose content differs, or with ``check`` only list them (the table READMEs of
-    ``experiments/report.py``)."""
+    """Write the ``files`` (path -> text) whose content differs (with ``check`` only list them)."""
     stale = []
     for path, text in files.items():
         if path.exists() and path.read_text() == text:

@@ -4,16 +4,12 @@ r"""``python -m experiments report``: a paper table with our runs beside it, as 
     python -m experiments report --write-readme                       # every table folder's README.md
     python -m experiments report --check-readme                       # exit 1 when a README.md is stale
 
-Our numbers (``--runs``, default ``runs`` or ``runs/tiny``; seed reruns under ``<runs>/seed<N>/``, several runs give
-mean ± sample sd): Tables 3-6 and 8 from ``<runs>/clip/<table>/<row>/stage2`` (``experiments.tables.metrics_file``),
-a row without a run of its own from an identical row (same towers, p, mix, objectives) of another table, named; Table 7
-from ``dit-eval``'s ``<runs>/dit/eval/<row>/<prompt set>/metrics.json``; Table 2 from ``count_params``. Table 1 (MMMU /
-MM-Vet) cannot be scored offline (the tiny captioner's own caption evaluation is shown as a stand-in). A row without a
-run is "not run": numbers are never filled in. Commit: the run's recorded ``commit``, else the last commit before its
-metrics were written (marked ``*``); hardware: the run's recorded ``hardware``, else its trainer config and log.
-
-``--write-readme`` renders every table folder's ``README.md`` (``experiments/configs/[tiny/]{captioner,clip,dit}/
-table<N>``) from the registries and the committed ``docs/reports/*.json``, never from git-ignored run folders.
+Ours (``--runs``, default ``runs`` or ``runs/tiny``; seed reruns in ``<runs>/seed<N>/``: mean ± sample sd): Tables
+3-6 and 8 from ``<runs>/clip/<table>/<row>/stage2`` (or an identical row of another table, named), Table 7 from
+``<runs>/dit/eval/<row>/<prompt set>/metrics.json``, Table 2 from ``count_params``; Table 1 (MMMU / MM-Vet) cannot be
+scored offline (the tiny captioner's caption evaluation stands in). A row without a run is "not run", never filled in.
+Commit and hardware: the run's recorded ones, else the last commit before its metrics (``*``) and its trainer config.
+``--write-readme`` renders the table folders' READMEs from the registries and the committed ``docs/reports/*.json``.
 """
 
 from __future__ import annotations
@@ -52,9 +48,8 @@ TABLE1 = {
 }
 TABLE1_OURS = "LLaVA-1.5-LLaMA3-8B"
 
-# Report column -> (label, harness key at real scale (eval/paper.yaml's task names), tiny-world key
-# (eval/tiny_world.yaml: 48-class zero-shot for ImageNet, short-caption retrieval for COCO, long-caption retrieval for
-# Urban-1K, the world's colour swaps for VG-Attribution; Flickr30K has no tiny analog)).
+# Report column -> (label, harness key at real scale (eval/paper.yaml), tiny-world key (eval/tiny_world.yaml: 48-class
+# zero-shot for ImageNet, short / long-caption retrieval for COCO / Urban-1K, colour swaps for VG-Attribution)).
 COLUMNS = {
     "imagenet_top1": ("IN-1K top-1", "imagenet/top1", "classify/top1"),
     "coco_i2t_r1": ("COCO I→T R@1", "coco/image_to_text_R@1", "retrieval/image_to_text_R@1"),
@@ -165,8 +160,8 @@ def run_commit(metrics_json: dict, metrics_file: Path) -> str | None:
 
 
 def run_hardware(metrics_json: dict, run_dir: Path, log: Path | None = None) -> str | None:
-    """The run's recorded ``hardware``, else ``accelerator x devices [x nodes]`` from its saved trainer config,
-    checked against Lightning's "GPU available: ..., used: ..." line of its log when there is one."""
+    """The run's recorded ``hardware``, else ``accelerator x devices [x nodes]`` from its saved trainer config and
+    Lightning's "GPU available: ..., used: ..." log line."""
     if metrics_json.get("hardware"):
         return str(metrics_json["hardware"])
     config = next((p for p in (run_dir / "config.yaml", run_dir / "hparams.yaml") if p.is_file()), None)
@@ -185,11 +180,6 @@ def run_hardware(metrics_json: dict, run_dir: Path, log: Path | None = None) -> 
     return f"{acc} x{trainer.get('devices', 1)}" + (f" x{nodes} nodes" if nodes and int(nodes) > 1 else "")
 
 
-def _seed_roots(runs: Path) -> list[tuple[str | None, Path]]:
-    """The configs' own run root, then the ``seed<N>`` rerun roots (``clip-table --seed N``)."""
-    return [(None, runs)] + [(d.name, d) for d in sorted(runs.glob("seed*")) if d.is_dir()]
-
-
 def _run(
     seed: str | None, values: dict, data: dict, found: Path, shown: Path, trained: list[Path], log: Path | None = None
 ) -> RunResult:
@@ -205,21 +195,30 @@ def _run(
     return RunResult(os.path.relpath(shown, Path.cwd()), seed, values, run_commit(data, found), hardware)
 
 
-# ------------------------------------------------------------------------------------------------------ CLIP tables
-def clip_runs(runs: Path, table: str, row_id: str, keys: dict[str, str]) -> list[RunResult]:
+def row_runs(runs: Path, table: str, row_id: str, keys: dict[str, str]) -> list[RunResult]:
+    """A row's runs (the configs' own root, then the ``seed<N>`` reruns of ``clip-table --seed N``): a CLIP row's last
+    stage-2 evaluation, a Table 7 row's dit-eval prompt sets."""
     out = []
-    for seed, root in _seed_roots(runs):
-        row_dir = root / "clip" / table / row_id
-        found = metrics_file(row_dir / "stage2")
-        if found is not None:
-            data = json.loads(found.read_text())
-            metrics = data.get("metrics", {})
-            values = {c: float(metrics[k]) for c, k in keys.items() if k in metrics}
-            log = row_dir.parent / "logs" / f"{row_id}_stage2.log"
-            out.append(_run(seed, values, data, found, found, [row_dir / "stage1", row_dir / "stage2"], log))
+    for seed, root in [(None, runs)] + [(d.name, d) for d in sorted(runs.glob("seed*")) if d.is_dir()]:
+        if table == "table7":
+            shown, trained, log = root / "dit" / "eval" / row_id, [root / "dit" / "table7" / row_id / "fit"], None
+            found = next(iter(sorted(shown.glob("*/metrics.json"))), None)
+            # attribute accuracies are fractions in dit-eval's json; percent like every other column here
+            metrics = {k: v * 100 if "/attributes/" in k else v for k, v in prompt_set_metrics(shown).items()}
+        else:
+            row_dir = root / "clip" / table / row_id
+            found = shown = metrics_file(row_dir / "stage2")
+            trained, log = [row_dir / "stage1", row_dir / "stage2"], row_dir.parent / "logs" / f"{row_id}_stage2.log"
+        if found is None:
+            continue
+        data = json.loads(found.read_text())
+        metrics = metrics if table == "table7" else data.get("metrics", {})
+        values = {c: float(metrics[k]) for c, k in keys.items() if k in metrics}
+        out.append(_run(seed, values, data, found, shown, trained, log))
     return out
 
 
+# ------------------------------------------------------------------------------------------------------ CLIP tables
 def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
     from experiments.paper_tables import TABLES
 
@@ -232,27 +231,25 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
     for row in table.rows:
         cfg = f"--row {table_name}/{row.id} --stage 1|2" + ("" if tiny else " --scale paper")
         cmd = f"python -m experiments clip-table --table {table_name} --rows {row.id}" + (" --tiny" if tiny else "")
-        found = clip_runs(runs, table_name, row.id, {**keys, **extras})
+        found = row_runs(runs, table_name, row.id, {**keys, **extras})
         rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, found, note=row.note))
     # A row without its own run reuses an identical row's (same towers, p, mix and objectives) of another table.
     spec = {(t, r.id): (r.vision, r.text, r.p, r.mix, r.objectives) for t, tab in TABLES.items() for r in tab.rows}
     for rr in (r for r in rows if not r.runs):
         same = [key for key, s in spec.items() if key[0] != table_name and s == spec[(table_name, rr.id)]]
         for other, other_id in same:
-            found = clip_runs(runs, other, other_id, {**keys, **extras})
+            found = row_runs(runs, other, other_id, {**keys, **extras})
             if found:
                 rr.runs, rr.source = found, f"{other}/{other_id}"
                 break
     notes = list(table.notes)
     if tiny:
-        missing = [LABELS[c] for c in table.metrics if c not in keys]
+        missing = ", ".join(LABELS[c] for c in table.metrics if c not in keys)
         tasks = ", ".join(f"{LABELS[c]} <- `{k}`" for c, k in keys.items())
         note = (
             f"Ours: the tiny world's stand-in tasks ({tasks}). Absolute numbers are not comparable with the paper's; "
         )
-        notes.insert(
-            0, note + "the shape over rows is." + (f" No tiny analog: {', '.join(missing)}." if missing else "")
-        )
+        notes.insert(0, note + "the shape over rows is." + (f" No tiny analog: {missing}." if missing else ""))
     deltas = any(row.paper for row in table.rows)  # Table 8 is beyond the paper: no paper numbers to subtract
     # without paper numbers a column the tiny world cannot measure would only ever read "-"
     columns = [c for c in table.metrics if deltas or not tiny or c in keys]
@@ -260,23 +257,6 @@ def clip_report(table_name: str, tiny: bool, runs: Path) -> Report:
 
 
 # ------------------------------------------------------------------------------------------------------- DiT table
-def dit_runs(runs: Path, row_id: str, keys: dict[str, str]) -> list[RunResult]:
-    out = []
-    for seed, root in _seed_roots(runs):
-        eval_dir = root / "dit" / "eval" / row_id
-        files = sorted(eval_dir.glob("*/metrics.json"))
-        if files:
-            # attribute accuracies are fractions in dit-eval's json; percent like every other column here
-            merged = {
-                k: float(v) * (100 if k.split("/", 1)[1].startswith("attributes/") else 1)
-                for k, v in prompt_set_metrics(eval_dir).items()
-            }
-            values = {c: merged[k] for c, k in keys.items() if k in merged}
-            first = json.loads(files[0].read_text())
-            out.append(_run(seed, values, first, files[0], eval_dir, [root / "dit" / "table7" / row_id / "fit"]))
-    return out
-
-
 def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) -> Report:
     from experiments.dit_tables import COLUMNS, TABLE7
 
@@ -294,7 +274,9 @@ def dit_report(tiny: bool, runs: Path, scorers: dict[str, str] | None = None) ->
     for row in TABLE7:
         cfg = f"--row table7/{row.id}" + ("" if tiny else " --scale paper")
         cmd = f"python -m experiments fit {cfg}; then dit-eval"
-        rows.append(ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, dit_runs(runs, row.id, {**keys, **extras})))
+        rows.append(
+            ReportRow(row.id, row.p, dict(row.paper), cfg, cmd, row_runs(runs, "table7", row.id, {**keys, **extras}))
+        )
     notes = [
         "Raw = prompts are the original (short) captions; Recap = their recaptions (COCO-Recap). Paper: COCO-30K, "
         "FID on 30k images, CLIP score with OpenAI ViT-B/32, GPT-4V score on 3k.",
@@ -544,9 +526,8 @@ def plot(report: Report, path: Path) -> Path | None:
     cols = [c for c in report.columns if any(c in r.paper for r in points)]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.3 * len(cols), 3.2), squeeze=False)
     for ax, c in zip(axes[0], cols, strict=True):
-        ax.plot(
-            [r.p for r in points if c in r.paper], [r.paper[c] for r in points if c in r.paper], "o-", color="tab:blue"
-        )
+        paper = [(r.p, r.paper[c]) for r in points if c in r.paper]
+        ax.plot(*zip(*paper, strict=True), "o-", color="tab:blue")
         ax.set_xlabel("p (share of original captions)")
         ax.set_title(LABELS.get(c, c), fontsize=9)
         ax.tick_params(axis="y", labelcolor="tab:blue")
@@ -670,14 +651,15 @@ def readme_files(reports: Path = REPORTS) -> dict[Path, str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path] | list[Path]:
     parser = argparse.ArgumentParser(prog="python -m experiments report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("table", nargs="?", choices=TABLE_NAMES, help="which paper table")
-    parser.add_argument("--tiny", action="store_true", help="the tiny-world runs and configs")
-    parser.add_argument("--runs", default=None, help="runs root (default: runs, or runs/tiny with --tiny)")
-    parser.add_argument("--out", default=None, help="output folder (default: <runs>/reports)")
-    parser.add_argument("--dit-clip", default=None, help="dit-eval scorer name of Table 7's CLIP column")
-    parser.add_argument("--dit-recap-clip", default=None, help="dit-eval scorer name of the Recap-CLIP column")
-    parser.add_argument("--write-readme", action="store_true", help="(re)write every table folder's README.md")
-    parser.add_argument("--check-readme", action="store_true", help="exit 1 if a table folder's README.md is stale")
+    add = parser.add_argument
+    add("table", nargs="?", choices=TABLE_NAMES, help="which paper table")
+    add("--tiny", action="store_true", help="the tiny-world runs and configs")
+    add("--runs", default=None, help="runs root (default: runs, or runs/tiny with --tiny)")
+    add("--out", default=None, help="output folder (default: <runs>/reports)")
+    add("--dit-clip", default=None, help="dit-eval scorer name of Table 7's CLIP column")
+    add("--dit-recap-clip", default=None, help="dit-eval scorer name of the Recap-CLIP column")
+    add("--write-readme", action="store_true", help="(re)write every table folder's README.md")
+    add("--check-readme", action="store_true", help="exit 1 if a table folder's README.md is stale")
     args = parser.parse_args(argv)
 
     if args.write_readme or args.check_readme:
@@ -695,10 +677,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path] | list[Path]:
     scorers = {"clip": args.dit_clip or default["clip"], "recap_clip": args.dit_recap_clip or default["recap_clip"]}
     report = build_report(args.table, args.tiny, runs, scorers)
     out = Path(args.out) if args.out else runs / "reports"
-    shown = ["python -m experiments report", args.table] + (["--tiny"] if args.tiny else [])
-    shown += [f"--runs {args.runs}"] if args.runs else []
-    shown += [f"--out {args.out}"] if args.out else []
-    report.command = " ".join(shown)
+    shown = [args.table, "--tiny" * args.tiny, args.runs and f"--runs {args.runs}", args.out and f"--out {args.out}"]
+    report.command = " ".join(["python -m experiments report", *filter(None, shown)])
     paths = write_report(report, out)
     print(markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)

@@ -33,16 +33,8 @@ from typing import Any
 
 import yaml
 
-from experiments import runner
-from experiments.claims import (
-    PAPER_COVERAGE_PCT,
-    PAPER_LENGTH_WORDS,
-    Margins,
-    check_claims,
-    check_table8,
-    claims_markdown,
-)
-from experiments.paper_tables import CAPTIONER_STAGES, row_args, run_args
+from experiments import claims, runner
+from experiments.paper_tables import CAPTIONER_STAGES, logger_arg, row_args, run_args
 from experiments.runner import REPO, Launcher, Step
 from experiments.tables import captioner_eval, last_metrics, markdown, prompt_set_metrics, realised_p
 
@@ -68,8 +60,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_profile(profile: str) -> dict[str, Any]:
-    """A profile by name (``experiments/configs/reproduce/<name>.yaml``) or path; missing sections are named. A
-    profile with ``base: NAME`` is merged over that profile (``merge``): same sections, same step commands."""
+    """A profile by name (``experiments/configs/reproduce/<name>.yaml``) or path, merged over its ``base: NAME``
+    profile; an error names the file and the missing or wrong section."""
     from experiments.dit_tables import TABLE7
     from experiments.paper_tables import TABLES
 
@@ -141,12 +133,6 @@ def shard_specs(world: dict[str, Any], root: str) -> tuple[str, str, str]:
     return f"{root}/web/{{{first}..{last}}}.tar", f"{root}/web/{val}.tar", f"{root}/web/*.tar"
 
 
-def logger(save_dir: str, name: str, version: str) -> str:
-    """The ``--trainer.logger`` of a step: a CSV logger whose folder is the run dir ``save_dir/name/version``."""
-    init = {"save_dir": save_dir, "name": name, "version": version}
-    return "--trainer.logger=" + json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": init})
-
-
 def _clip_evaluation(world: str, tasks: int = 3) -> str:
     retrieval = {"karpathy_json": f"{world}/eval/retrieval/dataset.json", "image_root": f"{world}/eval/retrieval"}
     init = {
@@ -160,16 +146,12 @@ def _clip_evaluation(world: str, tasks: int = 3) -> str:
 
 def repo_relative(args: Sequence[str]) -> list[str]:
     """Arguments with paths inside the repository made relative to it (commands and done-stamps stay readable)."""
-    out = []
-    for a in args:
-        p = Path(a)
-        out.append(str(p.resolve().relative_to(REPO)) if p.is_absolute() and p.resolve().is_relative_to(REPO) else a)
-    return out
+    inside = lambda p: p.is_absolute() and p.resolve().is_relative_to(REPO)  # noqa: E731
+    return [str(Path(a).resolve().relative_to(REPO)) if inside(Path(a)) else a for a in args]
 
 
 def seed_root(out: str, seed: int) -> str:
-    """Where a CLIP seed's runs go: ``OUT`` for seed 0 (the configs' own seeds), ``OUT/seed<N>`` otherwise, the layout
-    ``clip-table --seed`` and ``report`` use."""
+    """A CLIP seed's runs: ``OUT`` for seed 0 (the configs' own seeds), else ``OUT/seed<N>`` (as ``clip-table``)."""
     return out if seed == 0 else f"{out}/seed{seed}"
 
 
@@ -185,16 +167,17 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
         as_list = lambda v: [v] if isinstance(v, str) else list(v)  # noqa: E731
         steps.append(Step(name, title, argv, as_list(outputs), as_list(clean)))
 
-    argv = ["world", "--out", W, "--overwrite", *overrides(profile["world"], "world.")]
-    add("world", "tiny world (web, captioner data, eval sets)", argv, f"{W}/world.json", W)
+    def world(name: str, title: str, folder: str, config: list[str]) -> None:
+        argv = ["world", *config, "--out", folder, "--overwrite", *overrides(profile[name], "world.")]
+        add(name, title, argv, f"{folder}/world.json", folder)
+
+    world("world", "tiny world (web, captioner data, eval sets)", W, [])
     if profile.get("dit"):
-        argv = ["world", "--config", DIT_WORLD_CONFIG, "--out", DW, "--overwrite"]
-        argv += overrides(profile["dit_world"], "world.")
-        add("dit_world", "DiT world (one larger object per image)", argv, f"{DW}/world.json", DW)
+        world("dit_world", "DiT world (one larger object per image)", DW, ["--config", DIT_WORLD_CONFIG])
 
     # The OpenAI CLIP analog: alt-text only, its image tower becomes the captioner's, its text tower the DiT's.
     data = [f"--data.init_args.train_shards={train}", f"--data.init_args.val_shards={val}"]
-    argv = ["fit", "--config", f"{TINY_CAP}/web_clip.yaml", logger(o, "captioner", "web_clip"), *data]
+    argv = ["fit", "--config", f"{TINY_CAP}/web_clip.yaml", logger_arg(o, "captioner", "web_clip"), *data]
     argv += [_clip_evaluation(W, tasks=1), *overrides(profile["web_clip"])]
     add("web_clip", "web CLIP on alt-text (OpenAI CLIP analog)", argv, f"{wc}/checkpoints/last.ckpt", wc)
     export, hf_vision = f"{wc}/export", f"{wc}/hf_vision"
@@ -223,7 +206,7 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
     previous = None
     for stage, (train_json, image_folder, title) in stage_data.items():
         configs += ["--config", f"{TINY_CAP}/{stage}.yaml"]
-        argv = ["fit", *configs, logger(o, "captioner", stage), f"--data.init_args.train_json={train_json}"]
+        argv = ["fit", *configs, logger_arg(o, "captioner", stage), f"--data.init_args.train_json={train_json}"]
         argv += [f"--data.init_args.image_folder={image_folder}", f"--model.init_args.vision_tower={hf_vision}"]
         argv += [f"--model.init_args.llm={llm}", "--model.init_args.evaluation=" + json.dumps(cap_eval)]
         if previous:
@@ -255,14 +238,13 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
         add("analyze", title, [*argv, "--tokenizer", tok, "--out", analysis], f"{analysis}/summary.json", analysis)
 
     def clip_row(table: str, rid: str, seed: int, data_args: list[str], title: str, extra: dict | None = None) -> None:
-        """A paper-table row's CLIPA stage 1 then 2 at one seed, with the profile's clip.stage{1,2} overrides (then
-        ``extra``'s per stage); the report reads stage 2's final evaluation."""
+        """A paper-table row's CLIPA stage 1 then 2 at one seed, with the profile's, then ``extra``'s overrides."""
         root = seed_root(o, seed)
         run = f"{root}/clip/{table}/{rid}"
         seed_args = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"] if seed else []
         for stage in (1, 2):
             argv = ["fit", *repo_relative(row_args(table, rid, stage))]
-            argv += [logger(root, f"clip/{table}/{rid}", f"stage{stage}"), *data_args, *seed_args]
+            argv += [logger_arg(root, f"clip/{table}/{rid}", f"stage{stage}"), *data_args, *seed_args]
             if stage == 2:
                 argv.append(f"--model.init_args.init_from={run}/stage1/checkpoints/last.ckpt")
             # a row's own overrides may name this run's files: {out} is the output folder
@@ -310,15 +292,9 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
         add("judge", "pinned attribute judge (DiT evaluation)", argv, f"{judge}/judge.json", judge)
         text_encoder = f"--model.init_args.text_encoder={export}"
         cache, cache_val = f"{o}/dit/cache", f"{o}/dit/cache_val"
-        argv = [
-            "dit-cache",
-            "--config",
-            f"{TINY_DIT}/base.yaml",
-            text_encoder,
-            f"--data.init_args.train_shards={dtrain}",
-        ]
-        argv += [f"--data.init_args.val_shards={dval}", f"--data.init_args.sidecar_dir={rec}/world_dit_sidecars"]
-        argv += ["--out", cache, "--val-out", cache_val]
+        argv = ["dit-cache", "--config", f"{TINY_DIT}/base.yaml", text_encoder]
+        argv += [f"--data.init_args.train_shards={dtrain}", f"--data.init_args.val_shards={dval}"]
+        argv += [f"--data.init_args.sidecar_dir={rec}/world_dit_sidecars", "--out", cache, "--val-out", cache_val]
         title = "DiT cache (pixels + web-CLIP text of both sources)"
         add("dit_cache", title, argv, f"{cache}/_cache.json", [cache, cache_val])
         clips = ["--clip", f"web_clip={export}"] + (["--clip", f"recap_clip={recap_clip}"] if recap_clip else [])
@@ -327,7 +303,7 @@ def build_steps(profile: dict[str, Any], out: str, seeds: int | None = None) -> 
             rid = row_id(p)
             run, ev = f"{o}/dit/table7/{rid}", f"{o}/dit/eval/{rid}"
             argv = ["fit", *repo_relative(row_args("table7", rid, 1)), "--config", f"{TINY_DIT}/cached.yaml"]
-            argv += [logger(o, f"dit/table7/{rid}", "fit"), text_encoder, f"--data.init_args.cache_dir={cache}"]
+            argv += [logger_arg(o, f"dit/table7/{rid}", "fit"), text_encoder, f"--data.init_args.cache_dir={cache}"]
             argv += [f"--data.init_args.val_cache_dir={cache_val}", f"--model.init_args.sample_dir={run}/samples"]
             argv += overrides(dit.get("fit"))
             add(f"dit_{rid}", f"Recap-DiT p={float(p):g}", argv, f"{run}/fit/checkpoints/last.ckpt", run)
@@ -356,8 +332,8 @@ CHAINS = ("world-recap", "tiny-captioner", "tiny-recaption", "tiny-dit")
 def make_chain(
     name: str, world: str = "data/world", dit_world: str = "data/world_dit", dit_ps: Sequence[str] = ()
 ) -> list[Step]:
-    """The Makefile's chains as steps on the configs' own sizes and paths (``make tiny-captioner`` etc.): each one
-    starts with what it needs (a step whose outputs exist is skipped, as make would), then runs its own steps."""
+    """The Makefile's chains (``make tiny-captioner`` ...) as steps on the configs' own sizes and paths: what each
+    needs, then its own steps."""
     cap, W, DW, web_clip = "runs/tiny/captioner", world, dit_world, "runs/tiny/captioner/web_clip"
     steps: list[Step] = []
 
@@ -375,10 +351,9 @@ def make_chain(
     world_steps(W, "world", recaptions=name == "world-recap")
     if name == "world-recap":
         return steps
-    add("web_clip", f"fit --config {TINY_CAP}/web_clip.yaml", f"{web_clip}/checkpoints/last.ckpt")
-    export = (
-        f"export-clip --ckpt {web_clip}/checkpoints/last.ckpt --out {web_clip}/export --hf-vision {web_clip}/hf_vision"
-    )
+    ckpt = f"{web_clip}/checkpoints/last.ckpt"
+    add("web_clip", f"fit --config {TINY_CAP}/web_clip.yaml", ckpt)
+    export = f"export-clip --ckpt {ckpt} --out {web_clip}/export --hf-vision {web_clip}/hf_vision"
     add("web_clip_export", export, f"{web_clip}/hf_vision/config.json")
     if name == "tiny-dit":
         world_steps(DW, "dit_world")
@@ -407,10 +382,8 @@ def make_chain(
         add("recaption", "recaption run --config experiments/configs/recaption/tiny_world.yaml", recap, always=True)
         merge = f"recaption merge --out {recap} --shards {shards}"
         add("recaption_merge", merge, f"{recap}/merged/recap.parquet", always=True)
-        sidecars = (
-            f"sidecars --recap {recap}/merged/recap.parquet --shards {shards} --out {W}/sidecars_llava --overwrite"
-        )
-        add("recaption_sidecars", sidecars, f"{W}/sidecars_llava/_manifest.json", always=True)
+        sidecars = f"sidecars --recap {recap}/merged/recap.parquet --shards {shards} --out {W}/sidecars_llava"
+        add("recaption_sidecars", f"{sidecars} --overwrite", f"{W}/sidecars_llava/_manifest.json", always=True)
     return steps
 
 
@@ -434,8 +407,8 @@ def run_chain(
 
 # ------------------------------------------------------------------------------------------------------ results
 def collect_results(out: Path, profile: dict[str, Any], seeds: int) -> dict[str, Any]:
-    """This run's numbers from the steps' outputs (missing ones stay missing), with the realised p of every CLIP and
-    DiT run (``realised_p``) under ``clip_p`` / ``dit_p``; Table 8's rows by row id under ``table8`` / ``table8_p``."""
+    """This run's numbers from the steps' outputs (missing ones stay missing), the realised p of every CLIP and DiT
+    run under ``clip_p`` / ``dit_p``, Table 8's rows by row id under ``table8`` / ``table8_p``."""
     res: dict[str, Any] = {"captioner": {}, "analysis": None, "clip": {}, "dit": {}, "clip_p": {}, "dit_p": {}}
     res.update(table8={}, table8_p={})
     for stage in CAPTIONER_STAGES:
@@ -472,7 +445,7 @@ def _analysis_table(a: dict) -> str:
     lw, lt = a.get("length_words") or {}, a.get("length_tokens") or {}
     voc, share = a.get("vocabulary") or {}, a.get("clip_share") or {}
     sources = ("original", "recaption")
-    paper_words = f"{PAPER_LENGTH_WORDS['original']} / {PAPER_LENGTH_WORDS['recaption']}"
+    paper_words = f"{claims.PAPER_LENGTH_WORDS['original']} / {claims.PAPER_LENGTH_WORDS['recaption']}"
     rows = [["mean words", *(f"{(lw.get(s) or {}).get('mean') or 0:.1f}" for s in sources), paper_words]]
     if lt:
         rows.append(["mean tokens (world tokenizer)", *(f"{(lt.get(s) or {}).get('mean') or 0:.1f}" for s in sources)])
@@ -482,7 +455,7 @@ def _analysis_table(a: dict) -> str:
     words = voc.get("token_share_pct") or {}
     if words:
         shares = (f"{words.get(s) or 0:.1f}%" for s in sources)
-        rows.append(["share of the word tokens of both sets", *shares, f"- / {PAPER_COVERAGE_PCT}%"])
+        rows.append(["share of the word tokens of both sets", *shares, f"- / {claims.PAPER_COVERAGE_PCT}%"])
     cov = (voc.get("coverage_pct") or {}).get("recaption")
     cov_text = f"{cov:.1f}%" if cov is not None else "-"
     rows.append(["distinct-word coverage of the joint vocabulary", "", cov_text, "-"])
@@ -522,97 +495,81 @@ def _run_line(profile: dict, record: dict) -> str:
 
 
 def results_dir(out: Path, profile: dict) -> Path:
-    """Where a run's report.md, results.json and timings.json go: OUT, or ``OUT/<results_dir>`` for a profile that
-    shares OUT with another run (Table 8 over a finished full run)."""
+    """Where report.md, results.json and timings.json go: OUT, or ``OUT/<results_dir>`` (Table 8 over a full run)."""
     return out / profile.get("results_dir", "")
 
 
 def write_report(out: Path, profile: dict, seeds: int, record: dict, command: str) -> Path:
-    """``report.md`` (in ``results_dir``): every result of the run, the claims checked (the paper's with Table 3 rows,
-    Table 8's rows against p = 0.8), timings, command and commit."""
+    """``report.md`` (in ``results_dir``): the run's results, the claims checked, timings, command and commit."""
     from experiments import report
 
     results = collect_results(out, profile, seeds)
-    margins = Margins.from_profile(profile["claims"])
+    margins = claims.Margins.from_profile(profile["claims"])
     table3, dit, t8 = bool(profile["clip"].get("ps")), bool(profile.get("dit")), profile.get("table8")
-    claims = check_claims(results, margins) if table3 else []
-    claims += check_table8(results, margins, t8.get("baseline", "p0.8"), t8["rows"]) if t8 else []
+    checked = claims.check_claims(results, margins) if table3 else []
+    checked += claims.check_table8(results, margins, t8.get("baseline", "p0.8"), t8["rows"]) if t8 else []
     dest, stem = results_dir(out, profile), Path(profile["_path"]).stem
     dest.mkdir(parents=True, exist_ok=True)
-    data = {"results": results, "claims": [c.__dict__ for c in claims]}
+    data = {"results": results, "claims": [c.__dict__ for c in checked]}
     (dest / "results.json").write_text(json.dumps(data, indent=1) + "\n")
     pngs = sorted((dest / "reports").glob("*.png")) + sorted((out / "analysis").glob("*.png"))
     stand_ins = (
         "Tiny-world stand-ins: cls = 48-class zero-shot (ImageNet), short = 5 captions per image retrieval (COCO), "
         "long = one long caption per image (Urban-1K). Absolute numbers are not comparable with the paper's."
     )
+
+    def section(title: str, *body: str) -> list[str]:
+        return ["", f"## {title}", "", *body]
+
+    def table(name: str, key: str) -> str:
+        return _paper_table(name, out) if results[key] else "not run"
+
     lines = [
         f"# {'The' if table3 else 'Beyond the'} paper in miniature: `reproduce --profile {stem}`",
         "",
         f"{profile.get('description', '')}. Tiny world, CPU. Command and commit:",
         "",
-        "```bash",
-        command,
-        "```",
+        f"```bash\n{command}\n```",
         "",
         _run_line(profile, record),
-        "",
-        "## What the miniature reproduces" if table3 else "## Does each objective beat the paper's p = 0.8?",
-        "",
-        claims_markdown(claims, seeds, margins),
+        *section(
+            "What the miniature reproduces" if table3 else "Does each objective beat the paper's p = 0.8?",
+            claims.claims_markdown(checked, seeds, margins),
+        ),
     ]
     if table3:
-        lines += [
-            "",
-            "## Captioner (Table 1 stand-in): held-out attribute scores, percent",
-            "",
-            report.captioner_table(out) or "not run",
-            "",
-            "## Caption analysis (§4): original alt-text vs recaptions of `web/`",
-            "",
-            _analysis_table(results["analysis"]) if results["analysis"] else "not run",
-            "",
-            "## Recap-CLIP vs p (Table 3 style; final = stage 2)",
-            "",
-            _paper_table("table3", out) if results["clip"] else "not run",
-            "",
-            stand_ins,
-        ]
+        lines += section(
+            "Captioner (Table 1 stand-in): held-out attribute scores, percent", report.captioner_table(out) or "not run"
+        )
+        analysis = _analysis_table(results["analysis"]) if results["analysis"] else "not run"
+        lines += section("Caption analysis (§4): original alt-text vs recaptions of `web/`", analysis)
+        lines += section("Recap-CLIP vs p (Table 3 style; final = stage 2)", table("table3", "clip"), "", stand_ins)
     if dit:
-        lines += [
-            "",
-            "## Recap-DiT at p = 0 and p = 1 (Table 7 style)",
-            "",
-            _paper_table("table7", out) if results["dit"] else "not run",
+        lines += section(
+            "Recap-DiT at p = 0 and p = 1 (Table 7 style)",
+            table("table7", "dit"),
             "",
             "Raw = the prompt set's short captions, recap = its detailed descriptions; FID on the pinned judge's "
             "features, CLIP score with the web CLIP (alt-text trained) and with this run's Recap-CLIP.",
-        ]
+        )
     if t8:
-        lines += [
-            "",
-            "## Table 8, beyond the paper: each objective over the p = 0.8 recipe (final = stage 2)",
-            "",
-            _paper_table("table8", out) if results["table8"] else "not run",
-            "",
-            stand_ins + " Rows: `experiments/configs/tiny/clip/table8/README.md`.",
-        ]
-    lines += [
-        "",
-        "## Plots and tables",
-        "",
+        title = "Table 8, beyond the paper: each objective over the p = 0.8 recipe (final = stage 2)"
+        rows_note = stand_ins + " Rows: `experiments/configs/tiny/clip/table8/README.md`."
+        lines += section(title, table("table8", "table8"), "", rows_note)
+    lines += section(
+        "Plots and tables",
         *[f"- `{os.path.relpath(p, dest)}`" for p in sorted((dest / "reports").glob("*.md"))],
         *[f"![{p.stem}]({os.path.relpath(p, dest)})" for p in pngs],
-        "",
-        "## Timings",
-        "",
+    )
+    lines += section(
+        "Timings",
         runner.summary_table(record),
         "",
         "Load average = the machine's 1-minute load when the step started and ended (2 cores: above 2 means the "
         "steps shared the CPU with other work, and the times are slower than on a quiet machine). CPU time = user + "
         "system seconds of the step's processes, which other work does not inflate: on 2 cores a step's uncontended "
         "wall time is at least half its CPU time.",
-    ]
+    )
     path = dest / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path

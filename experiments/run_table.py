@@ -16,7 +16,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.paper_tables import TABLES, row_args
+from experiments.paper_tables import TABLES, logger_arg, row_args
 from experiments.runner import Step, run_steps
 from experiments.tables import last_metrics, markdown
 
@@ -41,14 +41,8 @@ def row_steps(
     """The steps of one row: CLIPA stage 1, then stage 2 from stage 1's ``last.ckpt``, in ``stage_runs[stage]``."""
     steps = []
     for stage, run in stage_runs.items():
-        root, name = str(run.parents[3]), f"clip/{table}/{row}"
-        csv = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root, "name": name}}
-        csv["init_args"]["version"] = version = f"stage{stage}"
-        loggers: dict | list[dict] = csv
-        if scale == "paper":  # CSV first (its folder is the run dir), then W&B as the base configs have it
-            wandb = {"save_dir": root, "project": "recap-suite", "name": f"{name}/{version}", "group": name}
-            loggers = [csv, {"class_path": "experiments.loggers.RecapWandbLogger", "init_args": wandb}]
-        argv = ["fit", *row_args(table, row, stage, scale), "--trainer.logger=" + json.dumps(loggers)]
+        logger = logger_arg(str(run.parents[3]), f"clip/{table}/{row}", f"stage{stage}", wandb=scale == "paper")
+        argv = ["fit", *row_args(table, row, stage, scale), logger]
         argv += [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"] if seed is not None else []
         if stage == 2:
             argv.append(f"--model.init_args.init_from={stage_runs[1]}/checkpoints/last.ckpt")

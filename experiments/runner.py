@@ -1,11 +1,10 @@
 """The suite's one step runner: ``reproduce``, ``clip-table``, sweeps and the Makefile's chains all run through it.
 
 A ``Step`` is one ``python -m experiments <argv>`` subprocess, done when its ``outputs`` exist and
-``OUT/logs/<step>.done`` records the same argv, so a rerun skips finished steps and resumes after a failed one (a
-changed command reruns that step and every step that reads its outputs). A step reads another when its argv names that
-step's folder or outputs (``dependencies``). Up to ``jobs`` independent steps run at once, the head of the longest
-chain first; each step's output goes to ``OUT/logs/<step>.log``, wall and CPU times to ``OUT/timings.json``.
-On Linux the steps are forked from a parent that imported the heavy libraries once (``launch_forked``).
+``OUT/logs/<step>.done`` records the same argv: a rerun skips finished steps, and a changed command reruns that step and
+every step that reads its outputs (its argv names their folder or outputs). Up to ``jobs`` independent steps run at
+once, the head of the longest chain first; logs go to ``OUT/logs/<step>.log``, wall and CPU times to
+``OUT/timings.json``. On Linux the steps are forked from a parent that imported the heavy libraries once.
 """
 
 from __future__ import annotations
@@ -59,21 +58,19 @@ def _stamp(out: Path, step: Step) -> Path:
     return out / "logs" / f"{step.name}.done"
 
 
-def _stamp_data(out: Path, step: Step) -> dict | None:
+def _read_json(path: Path) -> Any:
     try:
-        return json.loads(_stamp(out, step).read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
 def is_done(out: Path, step: Step, deps: Sequence[Step] = ()) -> bool:
     """Outputs exist, the step's stamp records this exact argv, and no step it reads from finished after it."""
-    stamp = _stamp_data(out, step)
-    if step.always or not stamp or stamp.get("argv") != step.argv:
+    stamp = _read_json(_stamp(out, step))
+    if step.always or not stamp or stamp.get("argv") != step.argv or not all(_abs(p).exists() for p in step.outputs):
         return False
-    if not all(_abs(p).exists() for p in step.outputs):
-        return False
-    return all((_stamp_data(out, d) or {}).get("finished", 0) <= stamp.get("finished", 0) for d in deps)
+    return all((_read_json(_stamp(out, d)) or {}).get("finished", 0) <= stamp.get("finished", 0) for d in deps)
 
 
 def dependencies(steps: Sequence[Step]) -> dict[str, list[Step]]:
@@ -88,9 +85,9 @@ def dependencies(steps: Sequence[Step]) -> dict[str, list[Step]]:
 
 
 def chain_lengths(steps: Sequence[Step], deps: dict[str, list[Step]]) -> dict[str, int]:
-    """For each step, the number of steps on the longest chain that starts at it (itself included): the runner starts
-    the ready step with the longest chain first. Counting steps needs no cost estimates and, replayed on the full
-    profile's timings, ends the run as early as ordering by measured seconds (49.5 vs 49.6 min; 51.8 in order)."""
+    """For each step, the number of steps on the longest chain that starts at it (itself included). Replayed on the
+    full profile's timings this ends the run as early as ordering by measured seconds (49.5 vs 49.6 min; 51.8 in
+    order), with no cost estimates."""
     children: dict[str, list[str]] = {s.name: [] for s in steps}
     for s in steps:
         for d in deps[s.name]:
@@ -120,8 +117,8 @@ PRELOAD += ("experiments.cli", "experiments.__main__")
 
 
 def preload(modules: Sequence[str] = PRELOAD) -> None:
-    """Import ``modules`` into this process. Nothing here may start a thread or touch an accelerator: a fork copies
-    only the calling thread, and CUDA cannot be used in a forked child."""
+    """Import ``modules``; none may start a thread or touch an accelerator (a fork copies only the calling thread,
+    and CUDA cannot be used in a forked child)."""
     import importlib
 
     for name in modules:
@@ -149,21 +146,20 @@ def thread_env(threads: int | None) -> dict[str, str]:
 
 
 def subprocess_env() -> dict[str, str]:
-    env = os.environ.copy()
     defaults = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    return {**defaults, **env}
+    return {**defaults, **os.environ}
 
 
 @dataclass
 class Launched:
-    """A started step: its process id and the read end of its stdout + stderr."""
+    """A started step: its process id and the read end of its output."""
 
     pid: int
     fd: int
     popen: subprocess.Popen | None = None
 
     def close(self) -> None:
-        """Close the read end (through its owner: Popen's file object would close the number again later)."""
+        """Close the read end (through Popen's file object when it owns it)."""
         if self.popen is not None and self.popen.stdout is not None:
             self.popen.stdout.close()
         else:
@@ -190,9 +186,8 @@ def launch_fresh(cmd: Sequence[str], env: dict[str, str], threads: int | None = 
 
 
 def launch_forked(cmd: Sequence[str], env: dict[str, str], threads: int | None = None) -> Launched:
-    """Start ``python -m experiments <argv>`` in a fork of this process: the child gets ``env``, the repository as
-    its working directory, ``sys.argv`` as the command line would, at most ``threads`` compute threads, its output on
-    a pipe, and exits with the command's exit code after a normal interpreter shutdown (atexit, flushed streams)."""
+    """Start ``python -m experiments <argv>`` in a fork of this process, with what a fresh interpreter would have:
+    ``env``, the repository as cwd, ``sys.argv``, the thread cap, output on a pipe, atexit and the exit code."""
     if list(cmd[:3]) != [sys.executable, "-m", "experiments"]:
         raise ValueError(f"launch_forked runs `python -m experiments ...` commands, not {list(cmd[:3])}")
     read_fd, write_fd = os.pipe()
@@ -278,13 +273,6 @@ def write_timings(path: Path, record: dict) -> None:
     atomic_write(path, json.dumps(record, indent=1) + "\n")
 
 
-def _previous_timings(path: Path) -> dict[str, dict]:
-    try:
-        return {s["name"]: s for s in json.loads(path.read_text()).get("steps", [])}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        return {}
-
-
 @dataclass
 class _Job:
     step: Step
@@ -307,12 +295,10 @@ def run_steps(
     cpus: int | None = None,
     timings: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the steps that are not done (``plan``), up to ``jobs`` at once: a step starts when every step it reads from
-    has finished (``always`` steps wait for all earlier ones), the head of the longest chain first. With ``jobs`` > 1 a
-    step gets ``cpus // jobs`` compute threads, all ``cpus`` when it is the only one that can run (on 2 cores two
-    1-thread steps beat one 2-thread step). After a failure no new step starts. ``launch_forked`` (the default) imports
-    the libraries once first (a ``preload`` entry), or, where forking is unsafe, starts fresh interpreters. Progress:
-    a tqdm bar on a terminal, plain lines elsewhere (CI, ``| tee``)."""
+    """Run the steps that are not done (``plan``), up to ``jobs`` at once, each when the steps it reads from have
+    finished. With ``jobs`` > 1 a step gets ``cpus // jobs`` threads, all ``cpus`` when it is the only one that can
+    run (on 2 cores two 1-thread steps beat one 2-thread step). After a failure no new step starts. Progress: a tqdm
+    bar on a terminal, plain lines elsewhere (CI, ``| tee``)."""
     names = [s.name for s in steps]
     if start_from is not None and start_from not in names:
         raise ValueError(f"--from {start_from!r}: no such step; steps: {names}")
@@ -322,7 +308,7 @@ def run_steps(
     chain = chain_lengths(steps, deps)
     to_run = plan(steps, out, start_from)
     timings_path = timings or out / "timings.json"  # elsewhere when OUT holds another run's (reproduce's table8)
-    previous = _previous_timings(timings_path)
+    previous = {s["name"]: s for s in (_read_json(timings_path) or {}).get("steps", [])}
     record: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": cpus, "jobs": jobs}
     record.update(commit=git_head(), steps=[])
     heads = {s.name: f"[{i + 1}/{len(steps)}] {s.title}" for i, s in enumerate(steps)}

@@ -1,15 +1,11 @@
 r"""``python -m experiments sweep SPEC.yaml``: run a W&B sweep spec's grid locally (no W&B), a whole row per point.
 
 The spec is the file ``wandb sweep`` takes (``experiments/sweeps/*.yaml``): ``method: grid``, ``parameters``
-(LightningCLI dotted keys with ``values`` or ``value``) and a ``command`` ending in ``${args}``, expanded and ordered as
-``wandb agent`` does (``--key=value``; parameters sorted by name, the last one fastest).
-
-A point runs its WHOLE row through the suite's step runner, whether a ``wandb agent`` or this command starts it
-(``sweep row``): the ``fit`` as given (stage 1); where its recipe is a CLIPA ``stage1.yaml``, stage 2 (``stage2.yaml``
-beside it, from stage 1's ``last.ckpt``) and the standalone evaluation (``test`` -> ``eval/metrics/test.json``). Its
-run dir is ``<out>/<spec stem>/<point id>`` (under an agent ``runs/sweeps/<sweep id>/<W&B run id>``), one folder per
-stage; ``sweep_point.json`` there marks it done, the runner's done-stamps resume a row inside it. ``--launch-lines``
-prints one shell command per point (e.g. for a SLURM array: ``sed -n "$((SLURM_ARRAY_TASK_ID+1))p" lines.txt | bash``).
+(LightningCLI dotted keys) and a ``command`` ending in ``${args}``, expanded and ordered as ``wandb agent`` does.
+A point, whether a ``wandb agent`` or this command starts it (``sweep row``), runs its whole row through the step
+runner: the ``fit`` (stage 1); for a CLIPA ``stage1.yaml`` recipe also stage 2 and the standalone evaluation. Its run
+dir is ``<out>/<spec stem>/<point id>`` (under an agent ``runs/sweeps/<sweep id>/<W&B run id>``); ``sweep_point.json``
+there marks it done. ``--launch-lines``: one shell command per point (e.g. for a SLURM array).
 """
 
 from __future__ import annotations
@@ -31,6 +27,7 @@ from typing import Any
 import yaml
 
 from datamodules.io import atomic_write
+from experiments.paper_tables import logger_arg
 from experiments.runner import REPO, Step, run_steps
 
 DONE_FILE = "sweep_point.json"
@@ -80,8 +77,7 @@ def load_spec(path: str | Path) -> dict[str, Any]:
 
 
 def grid(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """The grid's points as ``{param: value}``: parameters in sorted order, the last one varying fastest (W&B's grid
-    search enumerates ``itertools.product`` over the sorted parameters the same way)."""
+    """The grid's points as ``{param: value}``, in W&B's order: parameters sorted, the last one varying fastest."""
     names = sorted(spec["parameters"])
     choices = [cfg["values"] if "values" in cfg else [cfg["value"]] for cfg in (spec["parameters"][n] for n in names)]
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*choices)]
@@ -96,7 +92,7 @@ def sweep_args(params: dict[str, Any]) -> list[str]:
 
 def expand_command(spec: dict[str, Any], params: dict[str, Any], python: str = sys.executable) -> list[str]:
     """The spec's ``command`` for one point, its macros replaced as ``wandb agent`` does (``${env}`` dropped: the
-    environment is inherited; ``${interpreter}`` and a literal ``python`` -> this interpreter)."""
+    environment is inherited)."""
     out: list[str] = []
     for chunk in spec["command"]:
         chunk = str(chunk)
@@ -130,8 +126,7 @@ def _slug(value: Any) -> str:
 
 
 def point_id(params: dict[str, Any]) -> str:
-    """A readable, stable id: ``<last key part>-<value>`` per parameter (``p_original-0.8_model-recap-clip-B-16-large``;
-    dict values as a short hash)."""
+    """A readable, stable id: ``<last key part>-<value>`` per parameter (``p_original-0.8_model-recap-clip-B-16``)."""
     return "_".join(f"{name.rsplit('.', 1)[-1]}-{_slug(v)}" for name, v in params.items())
 
 
@@ -153,8 +148,8 @@ def _stage2_value(arg: str, image_size: int) -> str:
 
 
 def row_steps(fit_args: Sequence[str], run: Path, agent: bool = False) -> list[Step]:
-    """A point's whole row as runner steps: the ``fit`` (stage 1), and where its recipe is a CLIPA ``stage1.yaml``,
-    stage 2 from stage 1's ``last.ckpt`` and the standalone evaluation, each logging to ``run/<stage>``."""
+    """A point's row as runner steps, each logging to ``run/<stage>``: the ``fit`` (stage 1), and for a CLIPA
+    ``stage1.yaml`` recipe stage 2 from stage 1's ``last.ckpt`` and the standalone evaluation."""
     fit_args = list(fit_args[1:] if fit_args[:1] == ["fit"] else fit_args)
     configs = [fit_args[i + 1] for i, a in enumerate(fit_args[:-1]) if a == "--config"]
     values = [a for i, a in enumerate(fit_args) if a != "--config" and (i == 0 or fit_args[i - 1] != "--config")]
@@ -167,15 +162,12 @@ def row_steps(fit_args: Sequence[str], run: Path, agent: bool = False) -> list[S
                 {"class_path": "experiments.loggers.SweepCSVLogger", "init_args": csv},
                 {"class_path": "experiments.loggers.RecapWandbLogger", "init_args": wandb},
             ]
-        else:
-            csv = {"save_dir": str(run), "name": "", "version": stage}
-            loggers = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": csv}
-        return "--trainer.logger=" + json.dumps(loggers)
+            return "--trainer.logger=" + json.dumps(loggers)
+        return logger_arg(str(run), "", stage)
 
     def step(stage: str, argv: list[str], output: str) -> Step:
-        return Step(
-            stage, f"{run.name} {stage}", [*argv, logger(stage)], [f"{run}/{stage}/{output}"], [f"{run}/{stage}"]
-        )
+        out = f"{run}/{stage}"
+        return Step(stage, f"{run.name} {stage}", [*argv, logger(stage)], [f"{out}/{output}"], [out])
 
     stage1 = next((c for c in configs if c.endswith("stage1.yaml")), None)
     if stage1 is None:  # a one-stage row (the DiT's, a debug recipe)
@@ -215,8 +207,8 @@ def run_row(fit_args: Sequence[str], run: Path, agent: bool = False, jobs: int =
 
 
 def row_main(argv: Sequence[str]) -> None:
-    """``sweep row [--out RUN_DIR] fit ARGS...``: one point's row; under ``wandb agent`` (the spec's command) the run
-    dir is ``runs/sweeps/<sweep id>/<run id>`` and the stages log to the agent's W&B run."""
+    """``sweep row [--out RUN_DIR] fit ARGS...``: one point's row; under ``wandb agent`` in
+    ``runs/sweeps/<sweep id>/<run id>``, the stages logging to the agent's W&B run."""
     argv = list(argv)
     out = argv[1] if argv[:1] == ["--out"] else None
     fit_args = argv[2:] if out else argv
@@ -236,10 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["row"]:
         return row_main(argv[1:])
-    ap = argparse.ArgumentParser(
-        prog="python -m experiments sweep",
-        description="Run a W&B sweep spec's grid locally (no W&B): a whole row per point, resumable.",
-    )
+    ap = argparse.ArgumentParser(prog="python -m experiments sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("spec", help="sweep spec YAML (experiments/sweeps/*.yaml)")
     ap.add_argument("--out", default="runs/sweeps", help="root of the run dirs: OUT/<spec stem>/<point id>")
     ap.add_argument("--name", default=None, help="sweep name (default: the spec's file stem)")

@@ -15,22 +15,19 @@ from experiments.paper_tables import CAPTIONER_ROWS
 
 
 def metrics_file(run: Path) -> Path | None:
-    """A run's last evaluation: ``<run>/metrics/test.json`` when the standalone evaluation ran there, else the newest
-    in-loop ``step*.json``."""
+    """A run's last evaluation: the standalone ``<run>/metrics/test.json``, else the newest in-loop ``step*.json``."""
     test = Path(run) / "metrics" / "test.json"
     return test if test.is_file() else latest_metrics_file(Path(run) / "metrics")
 
 
 def last_metrics(run: Path) -> dict[str, float] | None:
-    """The ``metrics`` of a run's last evaluation (``metrics_file``), None when it has none."""
     found = metrics_file(run)
     return json.loads(found.read_text()).get("metrics") if found else None
 
 
 def captioner_eval(runs: Path, stage: str) -> tuple[Path, dict[str, float]] | None:
-    """(file, metrics) of a captioner stage's last held-out caption evaluation, keys without
-    ``eval/caption_attributes/``: the Table 1 row's run when it exists, else the ``tiny-captioner`` chain's (the same
-    recipe). None when neither has one."""
+    """(file, metrics without ``eval/caption_attributes/``) of a captioner stage's last held-out evaluation: the Table 1
+    row's run, else the ``tiny-captioner`` chain's (the same recipe); None without either."""
     for run in (runs / "captioner" / "table1" / CAPTIONER_ROWS[0] / stage, runs / "captioner" / stage):
         found = metrics_file(run)
         if found is not None:
@@ -49,10 +46,9 @@ def prompt_set_metrics(eval_dir: Path) -> dict[str, float]:
 
 
 def realised_p(*runs: Path, source: str = "original") -> float | None:
-    """The fraction of ``source`` captions that the training runs (CSV logger folders) trained on, read back from
-    their own logs: the last ``train/caption_source/*`` row of each ``metrics.csv`` (the caption-mix monitor writes the
-    run's exact totals at its last step), weighted by the samples they counted (``train/caption_source_samples``;
-    equally where a log lacks it). None when no run logged it."""
+    """The fraction of ``source`` captions the training runs (CSV logger folders) trained on: the last
+    ``train/caption_source/*`` row of each ``metrics.csv`` (the caption-mix monitor's exact totals), weighted by the
+    samples counted (``train/caption_source_samples``; equally without). None when no run logged it."""
     fractions, weights = [], []
     for run in runs:
         path = Path(run) / "metrics.csv"
@@ -82,8 +78,8 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def markdown(rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> str:
-    """A Markdown (pipe) table, as ``pandas.DataFrame.to_markdown`` renders it (tabulate's ``pipe`` format, called
-    directly: no frame needed); cells are shown as given (no number parsing: "0.50" stays "0.50")."""
+    """A Markdown pipe table as ``DataFrame.to_markdown`` renders it (tabulate, no frame needed); cells as given
+    (no number parsing: "0.50" stays "0.50")."""
     from tabulate import tabulate
 
     return tabulate(

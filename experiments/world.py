@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -54,9 +55,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 def _flatten_world_flags(argv: list[str]) -> list[str]:
     """Accept ``--n_web 10`` as shorthand for ``--world.n_web 10`` (the dataclass lives under ``world``)."""
     names = {f.name for f in dataclasses.fields(WorldConfig)}
-    out = []
-    for arg in argv:
-        if arg.startswith("--") and arg[2:].split("=")[0].split(".")[0] in names:
-            arg = "--world." + arg[2:]
-        out.append(arg)
-    return out
+    return [f"--world.{a[2:]}" if a.startswith("--") and re.split(r"[=.]", a[2:])[0] in names else a for a in argv]
