@@ -434,25 +434,46 @@ class _EpochSampler(Sampler):
         self.shared.set(epoch)
 
 
-def write_skip_log(path: Path, skipped: dict[str, Any], **fields: Any) -> None:
-    """Append the records of one batch's ``skipped`` to the skip log at ``path`` (created at the first record).
+class SkipLog:
+    """The loader's skip log: one JSON line per skipped sample or shard-level event, appended as batches arrive.
 
     A line: ``{"key", "reason", "shard", "split", "epoch", "rank", "detail"}`` (``key`` null for shard-level events);
     caption problems of samples that were still used are not logged (``wds_stages.UNRECORDED_PREFIXES``); records a
-    worker left out add ``{"reason": "records_lost", "count": N, ...}``. A resumed run appends to it.
+    worker left out add ``{"reason": "records_lost", "count": N, ...}``. Opened lazily (no file when nothing was
+    skipped) and held across batches (one open per iteration, not per batch: the log often sits on a network file
+    system), flushed after every batch, appended to (a resumed run continues it).
     """
-    records, lost = skipped.get("records") or (), skipped.get("records_lost", 0)
-    if not records and not lost:
-        return
-    lines = [
-        {"key": r.get("key"), "reason": r.get("reason"), "shard": r.get("shard"), **fields, "detail": r.get("detail")}
-        for r in records
-    ]
-    if lost:
-        lines.append({"key": None, "reason": "records_lost", "count": lost, **fields})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(line) + "\n" for line in lines)
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file: Any = None
+
+    def write(self, skipped: dict[str, Any], **fields: Any) -> None:
+        records, lost = skipped.get("records") or (), skipped.get("records_lost", 0)
+        if not records and not lost:
+            return
+        lines = [
+            {
+                "key": r.get("key"),
+                "reason": r.get("reason"),
+                "shard": r.get("shard"),
+                **fields,
+                "detail": r.get("detail"),
+            }
+            for r in records
+        ]
+        if lost:
+            lines.append({"key": None, "reason": "records_lost", "count": lost, **fields})
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- held across batches, closed by close()
+        self._file.writelines(json.dumps(line) + "\n" for line in lines)
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def convert_batch(batch: Any) -> Any:
@@ -476,7 +497,7 @@ class CaptionMixLoader(DataLoader):
     still resumes exactly from ``(epoch, batches)``, decoding the replayed images to find the dropped ones.
 
     Skips: every batch's ``skipped`` counts are summed into ``skip_counts`` (the current or last iteration) and, with
-    ``skip_log`` (a path), written to that file (:func:`write_skip_log`). An evaluation stream is read one batch
+    ``skip_log`` (a path), written to that file (:class:`SkipLog`). An evaluation stream is read one batch
     ahead, so that skips counted after a worker's last batch (``SKIPS_ONLY`` items) join a batch the model sees; when
     no batch comes at all they are still counted and logged, and a warning says so.
     """
@@ -522,42 +543,46 @@ class CaptionMixLoader(DataLoader):
         self._progress = progress
         lookahead = getattr(ds, "batches_per_rank", 0) is None  # evaluation: trailing skips join the last batch
         counts = self.skip_counts = Counter()
-        log = Path(self.skip_log) if self.skip_log else None
+        log = SkipLog(self.skip_log) if self.skip_log else None
         held: dict[str, Any] | None = None  # lookahead: the batch not yet passed on
         carry: dict[str, Any] | None = None  # skips that came before any batch could take them
-        for batch in iterator:  # a dict from either stream
-            skipped = batch.get("skipped")
-            if skipped:
-                counts.update(skipped.get("counts", {}))
-                if log is not None:
-                    write_skip_log(log, skipped, split=self.split, epoch=epoch, rank=rank)
-            if batch.pop(SKIPS_ONLY, False):
-                if held is not None:
-                    merge_skips(held["skipped"], skipped)
-                else:
-                    carry = merge_skips(carry or {}, skipped)
-                continue
-            if carry is not None:
-                batch["skipped"] = merge_skips(carry, batch.get("skipped") or {})
-                carry = None
-            where = batch.pop(POSITION_KEY, None)
-            if where is not None:
-                positions[where[0]] = where[1]
-            if lookahead:
-                held, batch = batch, held
-                if batch is None:
+        try:
+            for batch in iterator:  # a dict from either stream
+                skipped = batch.get("skipped")
+                if skipped:
+                    counts.update(skipped.get("counts", {}))
+                    if log is not None:
+                        log.write(skipped, split=self.split, epoch=epoch, rank=rank)
+                if batch.pop(SKIPS_ONLY, False):
+                    if held is not None:
+                        merge_skips(held["skipped"], skipped)
+                    else:
+                        carry = merge_skips(carry or {}, skipped)
                     continue
-            progress["batches"] += 1
-            yield batch
-        if held is not None:
-            progress["batches"] += 1
-            yield held
-        elif carry is not None:
-            warnings.warn(
-                f"caption-mix {self.split} loader: no usable sample; skipped {carry.get('counts')}"
-                + (f" (every skip is in {self.skip_log})" if self.skip_log else ""),
-                stacklevel=2,
-            )
+                if carry is not None:
+                    batch["skipped"] = merge_skips(carry, batch.get("skipped") or {})
+                    carry = None
+                where = batch.pop(POSITION_KEY, None)
+                if where is not None:
+                    positions[where[0]] = where[1]
+                if lookahead:
+                    held, batch = batch, held
+                    if batch is None:
+                        continue
+                progress["batches"] += 1
+                yield batch
+            if held is not None:
+                progress["batches"] += 1
+                yield held
+            elif carry is not None:
+                warnings.warn(
+                    f"caption-mix {self.split} loader: no usable sample; skipped {carry.get('counts')}"
+                    + (f" (every skip is in {self.skip_log})" if self.skip_log else ""),
+                    stacklevel=2,
+                )
+        finally:
+            if log is not None:
+                log.close()
 
     def _fingerprint(self) -> dict[str, Any]:
         ds = self.dataset
