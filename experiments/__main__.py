@@ -30,49 +30,79 @@ def _module_main(module: str, function: str = "main") -> Callable[[Sequence[str]
     return run
 
 
-# The suite's commands: the module (``module:function``, default ``main``) that runs each, and what it does.
-_TARGETS = {
-    "world": "experiments.world",
-    "sidecars": "experiments.jobs.sidecars",
-    "truth-recaptions": "datamodules.tiny_world.recaption",
-    "clip-table": "experiments.run_table",
-    "export-clip": "experiments.export_clip",
-    "world-tokenizer": "experiments.tiny_llm:tokenizer_main",
-    "world-judge": "lightning_modules.evaluation.judge",
-    "tiny-llm": "experiments.tiny_llm",
-    "caption-tune": "datamodules.tiny_world.caption_tune",
-    "recaption": "experiments.jobs.recaption",
-    "export-captioner": "experiments.export_captioner",
-    "import-llava": "experiments.import_llava",
-    "dit-cache": "experiments.jobs.dit_cache",
-    "sweep": "experiments.sweep",
-    "dit-eval": "experiments.dit_eval",
-    "report": "experiments.report",
-    "analyze": "experiments.jobs.analyze",
-    "reproduce": "experiments.reproduce",
-}
-_HELP = {
-    "world": "generate the tiny world: web shards, captioner data and evaluation sets (CPU, seeded)",
-    "sidecars": "join a Recap-DataComp-1B-schema parquet to image shards as per-shard sidecars",
-    "truth-recaptions": "tiny world only: recaptions from ground truth (an imperfect oracle), Recap-DataComp-1B schema",
-    "clip-table": "train + evaluate the rows of a paper CLIP table (stage 1 + 2), write the table",
-    "export-clip": "write a ClipModule checkpoint as an open_clip folder (config + safetensors)",
-    "world-tokenizer": "tiny world only: train the captioner's BPE tokenizer (LLaMA-3 special tokens, chat template)",
-    "world-judge": "tiny world only: train the pinned attribute judge (GenEval-like accuracy; the DiT's FID features)",
-    "tiny-llm": "tiny world only: text-pretrain the Llama that stands in for LLaMA-3",
-    "caption-tune": "tiny world only: write the caption-tuning json (the paper's HQ-Edit step in miniature)",
-    "recaption": "recaption image shards with a llava-hf captioner (resumable, exactly once; `run`, then `merge`)",
-    "export-captioner": "write a CaptionerModule checkpoint as a llava-hf folder (LoRA merged; from_pretrained-ready)",
-    "import-llava": "an original-LLaVA checkpoint (llava_llama, e.g. the paper's captioner) as a llava-hf folder",
-    "dit-cache": "precompute the DiT's latents + text features of every caption source (resumable; fit's configs)",
-    "sweep": "a W&B sweep spec's grid, locally or as an agent's command; a point runs its row (both stages, eval)",
-    "dit-eval": "sample a DiT checkpoint on prompt sets; FID, CLIP score, judge score, tiny-world attribute accuracy",
-    "report": "a paper table (table1..table8) with our runs beside it: Markdown, CSV, JSON, plots; table READMEs",
-    "analyze": "caption statistics of shards / recaption parquets: length histogram, vocabulary coverage, CLIP share",
-    "reproduce": "the paper's whole chain in miniature on CPU (world -> captioner -> recaption -> CLIP, DiT -> report)",
-}
 SUITE_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
-    name: (_module_main(*target.split(":")), _HELP[name]) for name, target in _TARGETS.items()
+    "world": (
+        _module_main("experiments.world"),
+        "generate the tiny world: web shards, captioner data and evaluation sets (CPU, seeded)",
+    ),
+    "sidecars": (
+        _module_main("experiments.jobs.sidecars"),
+        "join a Recap-DataComp-1B-schema parquet to image shards as per-shard sidecars",
+    ),
+    "truth-recaptions": (
+        _module_main("datamodules.tiny_world.recaption"),
+        "tiny world only: recaptions from ground truth (an imperfect oracle) in the Recap-DataComp-1B schema",
+    ),
+    "clip-table": (
+        _module_main("experiments.run_table"),
+        "train + evaluate the rows of a paper CLIP table (stage 1 + 2), write the table",
+    ),
+    "export-clip": (
+        _module_main("experiments.export_clip"),
+        "write a ClipModule checkpoint as an open_clip folder (config + safetensors)",
+    ),
+    "world-tokenizer": (
+        _module_main("experiments.tiny_llm", "tokenizer_main"),
+        "tiny world only: train the captioner's BPE tokenizer (LLaMA-3 special tokens and chat template)",
+    ),
+    "world-judge": (
+        _module_main("lightning_modules.evaluation.judge"),
+        "tiny world only: train the pinned attribute judge (GenEval-like accuracy and FID features for the DiT)",
+    ),
+    "tiny-llm": (
+        _module_main("experiments.tiny_llm"),
+        "tiny world only: text-pretrain the Llama that stands in for LLaMA-3",
+    ),
+    "caption-tune": (
+        _module_main("datamodules.tiny_world.caption_tune"),
+        "tiny world only: write the caption-tuning json (the paper's HQ-Edit step in miniature)",
+    ),
+    "recaption": (
+        _module_main("experiments.jobs.recaption"),
+        "recaption image shards with a llava-hf captioner (resumable, exactly once; `run`, then `merge`)",
+    ),
+    "export-captioner": (
+        _module_main("experiments.export_captioner"),
+        "write a CaptionerModule checkpoint as a llava-hf folder (LoRA merged; from_pretrained-ready)",
+    ),
+    "import-llava": (
+        _module_main("experiments.import_llava"),
+        "an original-LLaVA checkpoint (llava_llama, e.g. the paper's released captioner) as a llava-hf folder",
+    ),
+    "dit-cache": (
+        _module_main("experiments.jobs.dit_cache"),
+        "precompute the DiT's latents + text features of every caption source (resumable; same configs as fit)",
+    ),
+    "sweep": (
+        _module_main("experiments.sweep"),
+        "a W&B sweep spec's grid, locally or as an agent's command; a point runs its whole row (both stages, eval)",
+    ),
+    "dit-eval": (
+        _module_main("experiments.dit_eval"),
+        "sample a DiT checkpoint on prompt sets; FID, CLIP score, judge score, tiny-world attribute accuracy",
+    ),
+    "report": (
+        _module_main("experiments.report"),
+        "a paper table (table1..table8) with our runs beside it: Markdown, CSV, JSON, plots; table READMEs",
+    ),
+    "analyze": (
+        _module_main("experiments.jobs.analyze"),
+        "caption statistics of shards / recaption parquets: length histogram, vocabulary coverage, CLIP share",
+    ),
+    "reproduce": (
+        _module_main("experiments.reproduce"),
+        "the paper's whole chain in miniature on CPU (world -> captioner -> recaption -> CLIP, DiT -> report)",
+    ),
 }
 
 
