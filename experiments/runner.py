@@ -308,7 +308,10 @@ def run_steps(
     chain = chain_lengths(steps, deps)
     to_run = plan(steps, out, start_from)
     timings_path = timings or out / "timings.json"  # elsewhere when OUT holds another run's (reproduce's table8)
-    previous = {s["name"]: s for s in (_read_json(timings_path) or {}).get("steps", [])}
+    try:  # earlier timings only order the steps: a file of the wrong shape is ignored, not fatal
+        previous = {s["name"]: s for s in (_read_json(timings_path) or {}).get("steps", [])}
+    except (KeyError, TypeError, AttributeError):
+        previous = {}
     record: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": cpus, "jobs": jobs}
     record.update(commit=git_head(), steps=[])
     heads = {s.name: f"[{i + 1}/{len(steps)}] {s.title}" for i, s in enumerate(steps)}
