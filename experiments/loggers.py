@@ -60,7 +60,9 @@ class RecapWandbLogger(WandbLogger):
         extra = dict(entity=entity, group=group, tags=tags, notes=notes, job_type=job_type, id=run_id)
         os.makedirs(save_dir, exist_ok=True)  # wandb falls back to a temp dir when `dir` does not exist
         extra = {k: v for k, v in extra.items() if v}
-        super().__init__(name, save_dir, project=project, offline=self.offline_mode, log_model=log_model, **extra)
+        super().__init__(
+            name=name, save_dir=save_dir, project=project, offline=self.offline_mode, log_model=log_model, **extra
+        )
 
 
 class SweepCSVLogger(CSVLogger):
