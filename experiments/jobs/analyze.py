@@ -336,7 +336,6 @@ def parse_sources(sources: Sequence[str]) -> list[SourceSpec]:
     return sorted(specs, key=lambda s: SIDES.index(s.name) if s.name in SIDES else len(SIDES))
 
 
-@functools.lru_cache(maxsize=1)  # one shard's sidecar in memory at a time
 def condition_lengths(sidecar_dir: str, url: str) -> dict[str, Any]:
     """``key -> re_condition_length`` from a shard's sidecar; empty where the sidecar is missing or unreadable."""
     with contextlib.suppress(FileNotFoundError, UnreadableSidecarError):  # the loader counts these
@@ -452,7 +451,7 @@ def analyze_shards(stats: CaptionStats, args: argparse.Namespace, scorer: Any = 
 
     pending: list[tuple[Any, str, str]] = []
     judged = 0
-    condition_lengths.cache_clear()  # sidecars may have been rewritten since an earlier run in this process
+    lengths_of = functools.lru_cache(maxsize=1)(condition_lengths)  # this run's: one shard's sidecar held at a time
 
     def flush() -> None:
         if pending and scorer is not None:
@@ -465,7 +464,7 @@ def analyze_shards(stats: CaptionStats, args: argparse.Namespace, scorer: Any = 
         caps = sample["captions"]
         stats.add_captions(caps)
         if args.sidecar_dir:
-            stats.add_condition_length(condition_lengths(args.sidecar_dir, sample["url"]).get(sample["key"]))
+            stats.add_condition_length(lengths_of(args.sidecar_dir, sample["url"]).get(sample["key"]))
         both = bool(caps.get("original")) and bool(caps.get("recaption"))
         if not both or (scorer is None and (judge is None or judged >= args.judge_limit)):
             continue
