@@ -397,10 +397,18 @@ class JudgeResult:
     ratings: list[int | None]
     answers: list[str]
 
-    def __post_init__(self) -> None:
+    @property
+    def n_rated(self) -> int:
+        return sum(r is not None for r in self.ratings)
+
+    @property
+    def n_unparseable(self) -> int:
+        return len(self.ratings) - self.n_rated
+
+    @property
+    def mean(self) -> float | None:
         rated = [r for r in self.ratings if r is not None]
-        self.n_rated, self.n_unparseable = len(rated), len(self.ratings) - len(rated)
-        self.mean = sum(rated) / len(rated) if rated else None
+        return sum(rated) / len(rated) if rated else None
 
     def summary(self) -> dict[str, Any]:
         return {"n": len(self.ratings), "n_rated": self.n_rated, "n_unparseable": self.n_unparseable, "mean": self.mean}
