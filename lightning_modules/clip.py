@@ -108,7 +108,7 @@ class ClipModule(InLoopEvaluation, L.LightningModule):
         if text_views is not None and not text_views:
             raise ValueError("text_views is empty: give {view: weight, ...} or leave it null for batch['text']")
         self.text_views = dict(text_views or {"text": 1.0})
-        parts = build_clip(**hparams_for(build_clip, self.hparams))
+        parts = build_clip(**hparams_for(build_clip, self.hparams, strict=True))
         self.model, self._parts = parts.model, parts
         self.tokenizer, self.context_length = parts.tokenizer, parts.context_length
         if loss == "siglip" and self.model.logit_bias is None:

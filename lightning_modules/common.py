@@ -16,9 +16,12 @@ def unwrapped_name(name: str) -> str:
     return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
-def hparams_for(fn: Callable, hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``hparams`` that ``fn`` takes (init args passed on by name to a builder)."""
+def hparams_for(fn: Callable, hparams: Mapping[str, Any], strict: bool = False) -> dict[str, Any]:
+    """The entries of ``hparams`` that ``fn`` takes (init args passed on by name to a builder). ``strict``: every
+    parameter of ``fn`` must be among them, so a renamed argument fails loudly instead of taking ``fn``'s default."""
     accepted = inspect.signature(fn).parameters
+    if strict and (missing := [k for k in accepted if k not in hparams]):
+        raise TypeError(f"{fn.__qualname__} takes {missing}, which the module's arguments lack")
     return {k: v for k, v in hparams.items() if k in accepted}
 
 
